@@ -1,0 +1,20 @@
+"""DeePSiM: generating images with perceptual similarity metrics based on deep networks.
+
+Dosovitskiy & Brox, 2016. The loss is
+``lambda_feat * ||C(G(x)) - C(y)||^2 + lambda_adv * L_adv + lambda_img * ||G(x) - y||^2`` with a comparator
+network C and a discriminator D trained alongside the generator G.
+
+Public API::
+
+    import deepsim
+    comparator = deepsim.Comparator("alexnet:conv3")
+    loss = deepsim.DeePSiMLoss(comparator)
+"""
+
+from deepsim.comparators import Comparator
+from deepsim.config import PRESETS, TrainConfig, get_preset
+from deepsim.losses import DeePSiMLoss, PauseRule
+
+__version__ = "0.1.0"
+
+__all__ = ["Comparator", "DeePSiMLoss", "PauseRule", "TrainConfig", "PRESETS", "get_preset", "__version__"]

@@ -1,0 +1,188 @@
+"""The ``deepsim`` command line: a thin edge over the library.
+
+    deepsim train [autoencoder] [--preset NAME] [--steps N] ...   train (default: the bundled photos)
+    deepsim reconstruct --checkpoint C IMAGE... --out DIR          autoencode images with a trained G
+    deepsim data check PATH                                        report every bad image before a run
+    deepsim presets                                                list the presets and their values
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+DEFAULT_PRESET = {"autoencoder": "autoencoder-photos"}
+
+# CLI flag -> TrainConfig field, for the flags that override a preset.
+TRAIN_FLAGS = {
+    "steps": int,
+    "batch_size": int,
+    "loss": str,
+    "comparator": str,
+    "comparator_weights": str,
+    "data": str,
+    "out": str,
+    "device": str,
+    "loader": str,
+    "compile": str,
+    "precision": str,
+    "seed": int,
+    "lr": float,
+    "lambda_feat": float,
+    "lambda_adv": float,
+    "lambda_img": float,
+    "image_size": int,
+    "log_every": int,
+    "sample_every": int,
+    "checkpoint_every": int,
+    "num_workers": int,
+}
+CHOICES = {
+    "loss": ["deepsim", "se", "l1"],
+    "loader": ["torch", "dali"],
+    "compile": ["off", "default", "max-autotune", "reduce-overhead"],
+    "precision": ["fp32", "tf32", "bf16"],
+}
+HELP = {
+    "steps": "number of training iterations",
+    "batch_size": "images per step (seed: 64)",
+    "loss": "DeePSiM, or the image-space baselines se / l1",
+    "comparator": "comparator spec '<arch>:<tap>[=w],...', e.g. alexnet:conv3, exemplar:conv3, alexnet-random:conv3",
+    "comparator_weights": "weights file for the comparator (default: torchvision's cache for alexnet/vgg16)",
+    "data": "'photos' (bundled sample photographs), a folder of images, or an STL-10 binary folder",
+    "out": "output folder: checkpoint.pt, metrics.jsonl, config.json, samples/*.png",
+    "device": "auto | cpu | cuda | cuda:N",
+    "loader": "data loader: torch (torchvision/PIL) or dali (GPU decode)",
+    "compile": "torch.compile the training step",
+    "precision": "fp32, tf32 (CUDA matmuls) or bf16 autocast",
+    "seed": "seed for initialisation, data order and augmentation",
+    "lr": "Adam learning rate (seed: 2e-4)",
+    "lambda_feat": "weight of the comparator feature term (scale convention: deepsim.losses)",
+    "lambda_adv": "weight of the adversarial term",
+    "lambda_img": "weight of the image-space term",
+    "image_size": "training crop side (autoencoder: 64)",
+    "log_every": "read metrics from the device every N steps",
+    "sample_every": "write a PNG grid of inputs and reconstructions every N steps",
+    "checkpoint_every": "write checkpoint.pt every N steps (and at the end)",
+    "num_workers": "DataLoader worker processes (torch loader)",
+}
+
+
+def _add_train_parser(sub) -> None:
+    from deepsim.config import PRESETS
+
+    p = sub.add_parser(
+        "train",
+        help="train a generator with the DeePSiM loss",
+        description="Train a DeePSiM generator. Without flags: the autoencoder on the bundled photos, a few minutes "
+        "on a laptop CPU. Flags override the preset's values.",
+    )
+    p.add_argument("task", nargs="?", default="autoencoder", choices=sorted(DEFAULT_PRESET), help="what to train")
+    p.add_argument("--preset", choices=sorted(PRESETS), help="named experiment (default: %(default)s per task)")
+    p.add_argument(
+        "--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
+        help="continue from CHECKPOINT, or from --out's checkpoint.pt when no path is given",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    for name, kind in TRAIN_FLAGS.items():
+        p.add_argument("--" + name.replace("_", "-"), type=kind, choices=CHOICES.get(name), help=HELP[name])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deepsim",
+        description="DeePSiM: generating images with perceptual similarity metrics (Dosovitskiy & Brox, 2016).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train_parser(sub)
+
+    p = sub.add_parser("reconstruct", help="autoencode images with a trained checkpoint")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
+    p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt (or its folder)")
+    p.add_argument("--out", required=True, type=Path, help="folder for <name>_reconstruction.png files")
+    p.add_argument("--size", type=int, default=None, help="resize the shorter side to SIZE first (default: as is)")
+    p.add_argument("--device", default="auto")
+
+    p = sub.add_parser("data", help="data tools")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
+    q = data_sub.add_parser("check", help="scan a folder and report every image a training run would stumble on")
+    q.add_argument("path", type=Path)
+    q.add_argument("--min-size", type=int, default=64, help="smallest usable side (the crop size)")
+    q.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    sub.add_parser("presets", help="list the presets and their values")
+    return parser
+
+
+def _cmd_train(args) -> int:
+    from deepsim.config import get_preset
+    from deepsim.train.loop import train
+
+    config = get_preset(args.preset or DEFAULT_PRESET[args.task])
+    overrides = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
+    config = config.replace(task=args.task, **overrides)
+    print(
+        f"deepsim train {config.task}: data={config.data} loss={config.loss} comparator={config.comparator} "
+        f"steps={config.steps} batch={config.batch_size} -> {config.out}",
+        file=sys.stderr,
+    )
+    result = train(config, resume=args.resume, progress=not args.no_progress)
+    last = result.history[-1] if result.history else {}
+    summary = {k: round(v, 4) for k, v in last.items() if k.startswith("Loss/")}
+    print(f"done: step {result.step}, checkpoint {result.checkpoint}, samples in {result.out / 'samples'}")
+    if summary:
+        print("last metrics: " + json.dumps(summary))
+    return 0
+
+
+def _cmd_reconstruct(args) -> int:
+    from deepsim.reconstruct import reconstruct_files
+
+    for path, error in reconstruct_files(args.checkpoint, args.images, args.out, size=args.size, device=args.device):
+        print(f"{path}: squared error per pixel {error:.5f}")
+    return 0
+
+
+def _cmd_data_check(args) -> int:
+    from deepsim.data.check import check_images, format_report
+
+    report = check_images(args.path, min_size=args.min_size)
+    print(json.dumps(dataclasses.asdict(report), indent=2, default=str) if args.json else format_report(report))
+    return 1 if report.blocking else 0
+
+
+def _cmd_presets(args) -> int:
+    from deepsim.config import PRESETS, TrainConfig
+
+    default = TrainConfig()
+    for name, preset in PRESETS.items():
+        changed = {k: v for k, v in preset.to_dict().items() if getattr(default, k) != v}
+        print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``deepsim`` command; returns the exit code. Known errors print one clear line."""
+    from deepsim.errors import USER_ERRORS
+
+    args = build_parser().parse_args(argv)
+    handler = {"train": _cmd_train, "reconstruct": _cmd_reconstruct, "presets": _cmd_presets}.get(args.command)
+    if args.command == "data":
+        handler = _cmd_data_check
+    try:
+        return handler(args)
+    except USER_ERRORS as error:
+        print(f"deepsim {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"deepsim {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,353 @@
+"""Comparator networks C: the feature extractors whose distance defines the DeePSiM loss.
+
+One entry point, :class:`Comparator`, takes a spec ``"<arch>:<tap>[=weight][,<tap>[=weight]...]"``:
+
+=================  ====================================================  ===========================
+arch               layout                                                weights
+=================  ====================================================  ===========================
+``alexnet``        torchvision's AlexNet (64-192-384-256-256)            torchvision cache or a path
+``caffenet``       Caffe's CaffeNet (96-256-384-384-256, groups, LRN)    a path (state dict, see below)
+``alexnet-random`` torchvision's AlexNet, random weights (seeded)        none
+``caffenet-random`` CaffeNet layout, random weights (seeded)             none
+``exemplar``       Exemplar-CNN (3 conv + 1 FC)                          a path
+``vgg16``          torchvision's VGG16                                   torchvision cache or a path
+``discriminator``  the discriminator's own conv features (trained)       pass ``network=D``
+=================  ====================================================  ===========================
+
+Tap names follow the paper: ``conv1``..``conv5`` are post-ReLU outputs (Caffe's in-place ReLU), ``pool1``,
+``pool2``, ``pool5``, ``fc6``, ``fc7`` (post-ReLU), ``fc8``. VGG16 taps are ``conv1_1``..``conv5_3``,
+``pool1``..``pool5``, ``fc6``..``fc8``; Exemplar-CNN taps ``conv1``..``conv3``, ``pool1``..``pool3``, ``fc4``.
+
+Input: images in [-1, 1], RGB, (B, 3, H, W). Each comparator converts them to its own input convention with
+registered buffers (torchvision: ImageNet mean/std on [0, 1]; Caffe: BGR, 0..255, minus the ImageNet mean).
+
+CaffeNet and Exemplar-CNN weights are read from a PyTorch state dict whose keys are the layer names of this
+module (``conv1.weight``, ``conv1.bias``, ..., ``fc8.bias``), with Caffe's blob shapes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["Comparator", "ComparatorWeightsError", "ARCHITECTURES", "torchvision_weights_path"]
+
+IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
+IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
+CAFFE_MEAN_BGR = (104.0, 117.0, 123.0)
+
+# torchvision's published weight files (what `torchvision.models.*_Weights.IMAGENET1K_V1` downloads).
+TORCHVISION_FILES = {
+    "alexnet": ("alexnet-owt-7be5be79.pth", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),
+    "vgg16": ("vgg16-397923af.pth", "https://download.pytorch.org/models/vgg16-397923af.pth"),
+}
+RANDOM_SEED = 1234  # the "random AlexNet" comparator is the same network on every machine
+
+
+class ComparatorWeightsError(FileNotFoundError):
+    """A comparator's weights file is missing or does not fit its layout."""
+
+
+def torchvision_weights_path(arch: str) -> Path:
+    """Where torchvision's cache keeps the weights of ``arch`` ($TORCH_HOME/hub/checkpoints/<file>)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_FILES[arch][0]
+
+
+# --------------------------------------------------------------------------------------------- layouts
+# Each builder returns (stages, input_kind): stages is an ordered list of (tap_name or None, module); the
+# output of a stage with a name can be tapped. input_kind selects the input normalization.
+
+
+def _torchvision_alexnet_stages():
+    relu = lambda: nn.ReLU(inplace=False)  # noqa: E731 - taps must not be overwritten in place
+    return [
+        ("features.0", None, nn.Conv2d(3, 64, 11, stride=4, padding=2)),
+        (None, "conv1", relu()),
+        (None, "pool1", nn.MaxPool2d(3, 2)),
+        ("features.3", None, nn.Conv2d(64, 192, 5, padding=2)),
+        (None, "conv2", relu()),
+        (None, "pool2", nn.MaxPool2d(3, 2)),
+        ("features.6", None, nn.Conv2d(192, 384, 3, padding=1)),
+        (None, "conv3", relu()),
+        ("features.8", None, nn.Conv2d(384, 256, 3, padding=1)),
+        (None, "conv4", relu()),
+        ("features.10", None, nn.Conv2d(256, 256, 3, padding=1)),
+        (None, "conv5", relu()),
+        (None, "pool5", nn.MaxPool2d(3, 2)),
+        (None, None, _FlattenTo(6)),
+        ("classifier.1", None, nn.Linear(256 * 6 * 6, 4096)),
+        (None, "fc6", relu()),
+        ("classifier.4", None, nn.Linear(4096, 4096)),
+        (None, "fc7", relu()),
+        ("classifier.6", "fc8", nn.Linear(4096, 1000)),
+    ], "imagenet"
+
+
+def _caffenet_stages():
+    return [
+        ("conv1", None, nn.Conv2d(3, 96, 11, stride=4)),
+        (None, "conv1", nn.ReLU()),
+        (None, "pool1", nn.MaxPool2d(3, 2, ceil_mode=True)),
+        (None, "norm1", nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75)),
+        ("conv2", None, nn.Conv2d(96, 256, 5, padding=2, groups=2)),
+        (None, "conv2", nn.ReLU()),
+        (None, "pool2", nn.MaxPool2d(3, 2, ceil_mode=True)),
+        (None, "norm2", nn.LocalResponseNorm(5, alpha=1e-4, beta=0.75)),
+        ("conv3", None, nn.Conv2d(256, 384, 3, padding=1)),
+        (None, "conv3", nn.ReLU()),
+        ("conv4", None, nn.Conv2d(384, 384, 3, padding=1, groups=2)),
+        (None, "conv4", nn.ReLU()),
+        ("conv5", None, nn.Conv2d(384, 256, 3, padding=1, groups=2)),
+        (None, "conv5", nn.ReLU()),
+        (None, "pool5", nn.MaxPool2d(3, 2, ceil_mode=True)),
+        (None, None, _FlattenTo(6)),
+        ("fc6", None, nn.Linear(256 * 6 * 6, 4096)),
+        (None, "fc6", nn.ReLU()),
+        ("fc7", None, nn.Linear(4096, 4096)),
+        (None, "fc7", nn.ReLU()),
+        ("fc8", "fc8", nn.Linear(4096, 1000)),
+    ], "caffe"
+
+
+def _exemplar_stages():
+    # Exemplar-CNN "64c5-128c5-256c5-512f" (Dosovitskiy et al. 2014), trained on 32x32 surrogate-class
+    # patches; ReLU after every conv, 3x3/2 max pooling (open: pooling and padding as in the common port).
+    return [
+        ("conv1", None, nn.Conv2d(3, 64, 5, padding=2)),
+        (None, "conv1", nn.ReLU()),
+        (None, "pool1", nn.MaxPool2d(3, 2, ceil_mode=True)),
+        ("conv2", None, nn.Conv2d(64, 128, 5, padding=2)),
+        (None, "conv2", nn.ReLU()),
+        (None, "pool2", nn.MaxPool2d(3, 2, ceil_mode=True)),
+        ("conv3", None, nn.Conv2d(128, 256, 5, padding=2)),
+        (None, "conv3", nn.ReLU()),
+        (None, "pool3", nn.MaxPool2d(3, 2, ceil_mode=True)),
+        (None, None, _FlattenTo(4)),
+        ("fc4", "fc4", nn.Linear(256 * 4 * 4, 512)),
+    ], "imagenet"
+
+
+def _vgg16_stages():
+    stages = []
+    cfg = [(64, 2), (128, 2), (256, 3), (512, 3), (512, 3)]
+    index, in_ch = 0, 3
+    for block, (width, convs) in enumerate(cfg, start=1):
+        for c in range(1, convs + 1):
+            stages.append((f"features.{index}", None, nn.Conv2d(in_ch, width, 3, padding=1)))
+            stages.append((None, f"conv{block}_{c}", nn.ReLU()))
+            index += 2
+            in_ch = width
+        stages.append((None, f"pool{block}", nn.MaxPool2d(2, 2)))
+        index += 1
+    stages += [
+        (None, None, _FlattenTo(7)),
+        ("classifier.0", None, nn.Linear(512 * 7 * 7, 4096)),
+        (None, "fc6", nn.ReLU()),
+        ("classifier.3", None, nn.Linear(4096, 4096)),
+        (None, "fc7", nn.ReLU()),
+        ("classifier.6", "fc8", nn.Linear(4096, 1000)),
+    ]
+    return stages, "imagenet"
+
+
+class _FlattenTo(nn.Module):
+    """Adaptive average pooling to side x side (a no-op at the network's native size), then flatten."""
+
+    def __init__(self, side: int):
+        super().__init__()
+        self.side = side
+
+    def forward(self, x):
+        if x.shape[-1] != self.side or x.shape[-2] != self.side:
+            x = F.adaptive_avg_pool2d(x, self.side)
+        return x.flatten(1)
+
+
+# arch -> (builder, weights kind: "torchvision" | "file" | "random" | "network")
+ARCHITECTURES = {
+    "alexnet": (_torchvision_alexnet_stages, "torchvision"),
+    "caffenet": (_caffenet_stages, "file"),
+    "alexnet-random": (_torchvision_alexnet_stages, "random"),
+    "caffenet-random": (_caffenet_stages, "random"),
+    "exemplar": (_exemplar_stages, "file"),
+    "vgg16": (_vgg16_stages, "torchvision"),
+    "discriminator": (None, "network"),
+}
+
+
+def parse_spec(spec: str) -> tuple[str, dict[str, float]]:
+    """``"alexnet:conv3=1,conv5=0.5"`` -> ("alexnet", {"conv3": 1.0, "conv5": 0.5})."""
+    if ":" not in spec:
+        raise ValueError(f"comparator spec {spec!r} needs '<arch>:<tap>', e.g. 'alexnet:conv3'")
+    arch, taps_text = spec.split(":", 1)
+    taps: dict[str, float] = {}
+    for item in filter(None, (t.strip() for t in taps_text.replace("+", ",").split(","))):
+        name, _, weight = item.partition("=")
+        try:
+            taps[name.strip()] = float(weight) if weight else 1.0
+        except ValueError:
+            raise ValueError(f"comparator spec {spec!r}: tap weight {weight!r} is not a number") from None
+    if not taps:
+        raise ValueError(f"comparator spec {spec!r} names no tap")
+    return arch.strip(), taps
+
+
+class Comparator(nn.Module):
+    """A comparator network C returning the features of the requested taps.
+
+    Args:
+        spec: ``"<arch>:<tap>[=w][,<tap>[=w]...]"``, e.g. ``"alexnet:conv3"`` or ``"vgg16:conv2_2,conv4_3=0.5"``.
+        weights: a weights file (state dict). ``None``: torchvision's cache for ``alexnet``/``vgg16``,
+            nothing for the random layouts; ``caffenet`` and ``exemplar`` need a path.
+        network: the :class:`~deepsim.networks.Discriminator` whose conv features are used (arch
+            ``discriminator`` only).
+        trainable: keep the parameters trainable (the paper: C "can be fixed or trained"). Default: frozen.
+        input_size: resize the images (bilinear) to this side before the network (None: as given).
+        download: fetch torchvision's file into its cache when it is missing (needs internet).
+
+    Forward: images (B, 3, H, W) in [-1, 1] -> list of tap tensors, in the order of ``tap_names``.
+    ``tap_weights`` holds the per-tap loss weights.
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        *,
+        weights: str | os.PathLike | None = None,
+        network: nn.Module | None = None,
+        trainable: bool = False,
+        input_size: int | None = None,
+        download: bool = False,
+    ):
+        super().__init__()
+        arch, taps = parse_spec(spec)
+        if arch not in ARCHITECTURES:
+            raise ValueError(f"unknown comparator architecture {arch!r}; valid: {', '.join(ARCHITECTURES)}")
+        self.spec, self.arch, self.input_size = spec, arch, input_size
+        self.tap_names = list(taps)
+        self.tap_weights = [taps[n] for n in self.tap_names]
+        builder, weights_kind = ARCHITECTURES[arch]
+
+        if weights_kind == "network":
+            if network is None or not hasattr(network, "conv_features"):
+                raise ValueError("comparator 'discriminator' needs network=<Discriminator> (it uses D's features)")
+            valid = list(network.conv_names)
+            self._check_taps(valid)
+            self.network = network  # shared with D: trained by D's optimizer, not frozen here
+            self._tap_index = [valid.index(n) for n in self.tap_names]
+            self.frozen = False
+            self.register_buffer("scale", torch.ones(1, 3, 1, 1), persistent=False)
+            self.register_buffer("shift", torch.zeros(1, 3, 1, 1), persistent=False)
+            self.bgr = False
+            return
+
+        stages, input_kind = builder()
+        valid = [tap for _, tap, _ in stages if tap]
+        self._check_taps(valid)
+        last = max(i for i, (_, tap, _) in enumerate(stages) if tap in taps)
+        stages = stages[: last + 1]  # never run layers past the deepest tap
+        self.layers = nn.ModuleList(m for _, _, m in stages)
+        self._stage_taps = [tap for _, tap, _ in stages]
+        self._param_names = {key: i for i, (key, _, _) in enumerate(stages) if key}
+
+        # Input normalization as buffers: x_net = x * scale + shift (per channel), on images in [-1, 1].
+        if input_kind == "caffe":  # BGR, 0..255, minus the mean
+            scale = torch.full((3,), 127.5)
+            shift = 127.5 - torch.tensor(CAFFE_MEAN_BGR[::-1])  # in RGB order; flipped to BGR in forward
+            self.bgr = True
+        else:  # ((x + 1) / 2 - mean) / std
+            std, mean = torch.tensor(IMAGENET_STD_RGB), torch.tensor(IMAGENET_MEAN_RGB)
+            scale, shift = 0.5 / std, (0.5 - mean) / std
+            self.bgr = False
+        self.register_buffer("scale", scale.view(1, 3, 1, 1))
+        self.register_buffer("shift", shift.view(1, 3, 1, 1))
+
+        if weights_kind == "random":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(RANDOM_SEED)
+                for m in self.layers:
+                    if isinstance(m, (nn.Conv2d, nn.Linear)):
+                        m.reset_parameters()
+        else:
+            self._load_weights(weights_kind, weights, download)
+        self.frozen = not trainable
+        if self.frozen:
+            self.requires_grad_(False)
+        self.train(False)
+
+    def _check_taps(self, valid: list[str]) -> None:
+        wrong = [n for n in self.tap_names if n not in valid]
+        if wrong:
+            raise ValueError(
+                f"comparator {self.arch!r} has no tap {', '.join(map(repr, wrong))}; valid taps: {', '.join(valid)}"
+            )
+
+    def _load_weights(self, weights_kind: str, weights, download: bool) -> None:
+        if weights is None and weights_kind == "torchvision":
+            path = torchvision_weights_path(self.arch)
+            if not path.is_file() and download:
+                torch.hub.load_state_dict_from_url(TORCHVISION_FILES[self.arch][1], progress=True)
+            if not path.is_file():
+                raise ComparatorWeightsError(
+                    f"comparator {self.arch!r} needs trained weights, and {path} does not exist. Put torchvision's "
+                    f"file {TORCHVISION_FILES[self.arch][0]} (from {TORCHVISION_FILES[self.arch][1]}) there, or pass "
+                    f"weights=PATH (CLI: --comparator-weights PATH), or download=True on a machine with internet. "
+                    f"Without trained weights, use the '{self.arch}-random' comparator."
+                    if self.arch == "alexnet"
+                    else f"comparator {self.arch!r} needs trained weights, and {path} does not exist. Put torchvision's "
+                    f"file {TORCHVISION_FILES[self.arch][0]} (from {TORCHVISION_FILES[self.arch][1]}) there, or pass "
+                    f"weights=PATH (CLI: --comparator-weights PATH), or download=True on a machine with internet."
+                )
+        elif weights is None:
+            raise ComparatorWeightsError(
+                f"comparator {self.arch!r} needs a weights file: pass weights=PATH (CLI: --comparator-weights PATH), "
+                f"a PyTorch state dict with keys {', '.join(sorted(self._param_names)[:3])}, ... "
+                f"(see deepsim.comparators' docstring)"
+            )
+        else:
+            path = Path(weights)
+            if not path.is_file():
+                raise ComparatorWeightsError(f"comparator {self.arch!r}: weights file {path} does not exist")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        own = {}
+        for key, index in self._param_names.items():
+            for kind in ("weight", "bias"):
+                name = f"{key}.{kind}"
+                if name not in state:
+                    raise ComparatorWeightsError(f"weights file {path} has no entry {name!r} for comparator {self.arch!r}")
+                own[f"layers.{index}.{kind}"] = state[name]
+        try:
+            self.load_state_dict(own, strict=False)
+        except RuntimeError as error:
+            raise ComparatorWeightsError(f"weights file {path} does not fit comparator {self.arch!r}: {error}") from None
+
+    def train(self, mode: bool = True):
+        # A frozen comparator stays in eval mode (no dropout, fixed statistics) whatever its owner does.
+        return super().train(mode and not getattr(self, "frozen", False))
+
+    def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
+        x = images
+        if self.input_size is not None and x.shape[-1] != self.input_size:
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+        x = x * self.scale + self.shift
+        if self.bgr:
+            x = x.flip(1)
+        if self.arch == "discriminator":
+            maps = self.network.conv_features(x)
+            return [maps[i] for i in self._tap_index]
+        found: dict[str, torch.Tensor] = {}
+        for layer, tap in zip(self.layers, self._stage_taps):
+            x = layer(x)
+            if tap in self.tap_names:
+                found[tap] = x
+        return [found[n] for n in self.tap_names]
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec!r}, frozen={self.frozen}"

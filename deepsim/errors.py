@@ -1,0 +1,18 @@
+"""The errors a user can cause (bad input, a missing file); the CLI prints them as one line, no traceback."""
+
+from __future__ import annotations
+
+from deepsim.comparators import ComparatorWeightsError
+from deepsim.train.checkpoint import CheckpointError
+
+__all__ = ["USER_ERRORS"]
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from deepsim.data.errors import DataError
+    from deepsim.train.loop import NonFiniteLossError
+
+    return (DataError, ComparatorWeightsError, CheckpointError, NonFiniteLossError, ValueError, KeyError, FileNotFoundError)
+
+
+USER_ERRORS = _user_errors()

@@ -1,0 +1,150 @@
+"""The DeePSiM loss, its image-space baselines, the discriminator loss and the D/G pause rule.
+
+Scale convention (see also :data:`deepsim.config.CAFFE_TO_DEEPSIM`): every term is a per-sample SUM over
+its elements, averaged over the batch, on images in [-1, 1]:
+
+    L_img  = 1/B sum_i ||G(x_i) - y_i||^2            ("se"; "l1" uses |.|)
+    L_feat = 1/B sum_i sum_l w_l ||C_l(G(x_i)) - C_l(y_i)||^2
+    L_adv  = 1/B sum_i -log D(G(x_i))                (D is a 2-way softmax; class 1 = real)
+    L_D    = 1/B sum_i -[log D(y_i) + log(1 - D(G(x_i)))]  = L_D_real + L_D_fake
+
+Caffe's EuclideanLoss (the derived code's weights) is sum / (2N) on 0..255 pixels, so its lambda_img = 2e-6
+becomes 2e-6 * 127.5^2 / 2 here and its lambda_feat = 0.01 becomes 0.005; lambda_adv = 100 is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepsim.comparators import Comparator
+from deepsim.config import CAFFE_TO_DEEPSIM
+from deepsim.kernels import feature_distance
+
+__all__ = ["DeePSiMLoss", "GeneratorLoss", "DiscriminatorLoss", "PauseRule", "image_distance"]
+
+
+class GeneratorLoss(NamedTuple):
+    """The generator objective and its terms, unweighted (``total`` is the weighted sum)."""
+
+    total: torch.Tensor
+    feat: torch.Tensor
+    adv: torch.Tensor
+    img: torch.Tensor
+
+
+class DiscriminatorLoss(NamedTuple):
+    total: torch.Tensor
+    real: torch.Tensor
+    fake: torch.Tensor
+
+
+def image_distance(fake: torch.Tensor, real: torch.Tensor, kind: str = "se") -> torch.Tensor:
+    """Per-sample sum of squared ("se") or absolute ("l1") differences, averaged over the batch."""
+    diff = fake.float() - real.float()
+    if kind == "se":
+        return diff.pow(2).sum() / fake.shape[0]
+    if kind == "l1":
+        return diff.abs().sum() / fake.shape[0]
+    raise ValueError(f"image distance must be 'se' or 'l1', got {kind!r}")
+
+
+class DeePSiMLoss(nn.Module):
+    """lambda_feat * L_feat + lambda_adv * L_adv + lambda_img * L_img, and the discriminator's loss.
+
+    Usable alone, like lpips: ``DeePSiMLoss(Comparator("alexnet:conv3"))(fake, real)`` gives the feature
+    and image terms; pass the discriminator's logits on the fakes for the adversarial term.
+
+    Args:
+        comparator: a :class:`Comparator`, a spec string for one, or None (only with loss "se"/"l1").
+        loss: "deepsim" (the weighted sum), or the baselines "se" / "l1" (image term alone, weight 1).
+        lambda_feat, lambda_adv, lambda_img: the term weights, in this module's scale convention (above).
+        image_kind: the image term of DeePSiM: "se" (paper) or "l1".
+    """
+
+    def __init__(
+        self,
+        comparator: Comparator | str | None = None,
+        *,
+        loss: str = "deepsim",
+        lambda_feat: float = 0.01 * CAFFE_TO_DEEPSIM["feat"],
+        lambda_adv: float = 100.0,
+        lambda_img: float = 2e-6 * CAFFE_TO_DEEPSIM["img"],
+        image_kind: str = "se",
+    ):
+        super().__init__()
+        if loss not in ("deepsim", "se", "l1"):
+            raise ValueError(f"loss must be 'deepsim', 'se' or 'l1', got {loss!r}")
+        if isinstance(comparator, str):
+            comparator = Comparator(comparator)
+        if loss == "deepsim" and comparator is None and lambda_feat:
+            raise ValueError("loss 'deepsim' with lambda_feat != 0 needs a comparator")
+        self.loss, self.image_kind = loss, image_kind
+        self.comparator = comparator
+        self.lambda_feat, self.lambda_adv, self.lambda_img = lambda_feat, lambda_adv, lambda_img
+
+    @property
+    def uses_discriminator(self) -> bool:
+        return self.loss == "deepsim" and self.lambda_adv != 0
+
+    def feature_loss(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """L_feat: the weighted comparator feature distance (reals carry no gradient)."""
+        with torch.no_grad():
+            real_taps = self.comparator(real)
+        fake_taps = self.comparator(fake)
+        return feature_distance(fake_taps, real_taps, self.comparator.tap_weights, reduction="mean")
+
+    def forward(self, fake: torch.Tensor, real: torch.Tensor, d_fake_logits: torch.Tensor | None = None) -> GeneratorLoss:
+        """The generator loss. fake, real: (B, 3, H, W) in [-1, 1]; d_fake_logits: D's (B, 2) on the fakes."""
+        zero = fake.new_zeros((), dtype=torch.float32)
+        if self.loss != "deepsim":
+            img = image_distance(fake, real, self.loss)
+            return GeneratorLoss(img, zero, zero, img)
+        img = image_distance(fake, real, self.image_kind) if self.lambda_img else zero
+        feat = self.feature_loss(fake, real) if self.lambda_feat else zero
+        adv = zero
+        if self.lambda_adv:
+            if d_fake_logits is None:
+                raise ValueError("DeePSiMLoss with lambda_adv != 0 needs the discriminator's logits on the fakes")
+            adv = adversarial_loss(d_fake_logits)
+        total = self.lambda_feat * feat + self.lambda_adv * adv + self.lambda_img * img
+        return GeneratorLoss(total, feat, adv, img)
+
+    @staticmethod
+    def discriminator_loss(d_real_logits: torch.Tensor, d_fake_logits: torch.Tensor) -> DiscriminatorLoss:
+        """L_D = -[log D(y) + log(1 - D(G(x)))], batch-mean; logits (B, 2), class 1 = real."""
+        real = F.cross_entropy(d_real_logits.float(), _labels(d_real_logits, 1))
+        fake = F.cross_entropy(d_fake_logits.float(), _labels(d_fake_logits, 0))
+        return DiscriminatorLoss(real + fake, real, fake)
+
+
+def adversarial_loss(d_fake_logits: torch.Tensor) -> torch.Tensor:
+    """L_adv = -log D(G(x)), batch-mean: the generator wants its fakes classified as real (class 1)."""
+    return F.cross_entropy(d_fake_logits.float(), _labels(d_fake_logits, 1))
+
+
+def _labels(logits: torch.Tensor, value: int) -> torch.Tensor:
+    return torch.full((logits.shape[0],), value, dtype=torch.long, device=logits.device)
+
+
+class PauseRule(nn.Module):
+    """The derived code's rule for pausing D or G, computed on the device (no host sync).
+
+    r = (L_D_real + L_D_fake) / L_adv. r < ``d_below`` stops D; a stopped D resumes when r > ``d_resume_above``
+    (hysteresis, kept in the buffer ``d_paused``); r > ``g_above`` stops G for that iteration.
+    """
+
+    def __init__(self, d_below: float = 0.1, d_resume_above: float = 0.5, g_above: float = 10.0):
+        super().__init__()
+        self.d_below, self.d_resume_above, self.g_above = d_below, d_resume_above, g_above
+        self.register_buffer("d_paused", torch.zeros((), dtype=torch.bool))
+
+    def forward(self, d_loss_real, d_loss_fake, g_loss_adv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Update the state; returns (train_d, train_g, r) as 0-dim device tensors."""
+        r = (d_loss_real.detach() + d_loss_fake.detach()) / g_loss_adv.detach().clamp_min(1e-12)
+        paused = torch.where(r < self.d_below, True, torch.where(r > self.d_resume_above, False, self.d_paused))
+        self.d_paused.copy_(paused)
+        return ~paused, r <= self.g_above, r

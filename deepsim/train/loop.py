@@ -1,0 +1,170 @@
+"""The training loop: data -> step -> metrics (JSON lines), progress bar, sample grids, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torchvision.utils import make_grid, save_image
+
+from deepsim.config import TrainConfig
+from deepsim.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from deepsim.train.factory import build_trainer, resolve_device
+
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "RUNTIME_FIELDS"]
+
+# Fields a resumed run takes from the command line; all others come from the checkpoint's config.
+RUNTIME_FIELDS = {"steps", "out", "device", "log_every", "sample_every", "checkpoint_every", "num_workers", "compile", "loader"}
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; training stopped and no checkpoint was written after it."""
+
+
+@dataclass
+class TrainResult:
+    step: int  # the last completed step
+    out: Path
+    checkpoint: Path | None
+    history: list[dict] = field(default_factory=list)  # the metrics rows written to metrics.jsonl
+
+
+def _task_mode(config: TrainConfig) -> str:
+    return "resize-crop" if config.task == "invert" else "crop"
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _save_grid(trainer, sample_batch: torch.Tensor, path: Path) -> None:
+    """Inputs (top rows) beside reconstructions (bottom rows), as one PNG."""
+    was_training = trainer.training
+    trainer.eval()
+    with torch.no_grad():
+        g_input, target, _ = trainer.prepare(sample_batch)
+        fake, _ = trainer.generate(g_input)
+    trainer.train(was_training)
+    pictures = torch.cat([target, fake.float()]).clamp(-1, 1).add(1).div(2).cpu()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(make_grid(pictures, nrow=len(target), padding=2), path)
+
+
+def train(config: TrainConfig, *, resume: bool | str | Path = False, progress: bool = True) -> TrainResult:
+    """Train as ``config`` says; ``resume`` = True (the checkpoint in config.out) or a checkpoint path.
+
+    Raises NonFiniteLossError when a loss becomes NaN/inf (the last good checkpoint stays as it was).
+    """
+    from deepsim.data import build_loader  # imported here: the data layer is heavy (PIL, DALI)
+
+    payload = None
+    if resume:
+        payload = load_checkpoint(Path(config.out) / CHECKPOINT_NAME if resume is True else resume)
+        saved = TrainConfig.from_dict(payload["config"])
+        config = saved.replace(**{k: getattr(config, k) for k in RUNTIME_FIELDS})
+    out = Path(config.out)
+    rank, world = _rank_world()
+    device = resolve_device(config.device)
+    if config.precision == "tf32":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    torch.manual_seed(config.seed)
+    trainer = build_trainer(config, device)
+    start = 0
+    if payload is not None:
+        trainer.load_training_state(payload["trainer"])
+        start = int(payload["step"])
+        set_rng_state(payload["rng"])
+    step_fn = trainer.step
+    if config.compile != "off":
+        from deepsim.train.compiled import compile_step
+
+        step_fn = compile_step(trainer, config.compile)
+
+    stream = build_loader(
+        config.data, batch_size=config.batch_size, crop_size=config.image_size, mode=_task_mode(config),
+        loader=config.loader, device=device, seed=config.seed, start_step=start, shard_id=rank, num_shards=world,
+        num_workers=config.num_workers,
+    )
+    sample_stream = build_loader(
+        config.data, batch_size=8, crop_size=config.image_size, mode=_task_mode(config), loader="torch",
+        device=device, seed=config.seed + 7919,
+    )
+    sample_batch = next(sample_stream)
+    sample_stream.close()
+
+    is_main = rank == 0
+    checkpoint_path = out / CHECKPOINT_NAME
+    last_good = checkpoint_path if checkpoint_path.is_file() else None
+    history: list[dict] = []
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        if start == 0:
+            _save_grid(trainer, sample_batch, out / "samples" / f"step_{0:07d}.png")
+    metrics_file = (out / "metrics.jsonl").open("a") if is_main else None
+    bar = None
+    if progress and is_main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+    trainer.train()
+    window_start, window_steps, step = time.perf_counter(), 0, start
+    try:
+        for step in range(start + 1, config.steps + 1):
+            metrics = step_fn(next(stream))
+            window_steps += 1
+            last = step == config.steps
+            ckpt_due = step % config.checkpoint_every == 0 or last
+            if step % config.log_every == 0 or ckpt_due:
+                names = list(metrics)
+                values = torch.stack([metrics[n].float() for n in names]).cpu().tolist()  # the one sync
+                row = {"step": step, **dict(zip(names, values))}
+                bad = [n for n, v in zip(names, values) if not math.isfinite(v)]
+                if bad:
+                    where = f"the last good checkpoint {last_good} is untouched" if last_good else "no checkpoint was written"
+                    raise NonFiniteLossError(
+                        f"non-finite loss at step {step} ({', '.join(f'{n} = {row[n]}' for n in bad)}); training stopped, "
+                        f"{where}. Lower the learning rate or the loss weights, or check the data."
+                    )
+                elapsed = time.perf_counter() - window_start
+                row["images_per_s"] = window_steps * config.batch_size * world / max(elapsed, 1e-9)
+                window_start, window_steps = time.perf_counter(), 0
+                history.append(row)
+                if metrics_file:
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+                if bar is not None:
+                    bar.set_postfix_str(
+                        " ".join(f"{n.split('/')[-1]}={row[n]:.3g}" for n in names if n.startswith("Loss/G"))
+                        + f" D={row.get('Loss/D/real', 0) + row.get('Loss/D/fake', 0):.3g} {row['images_per_s']:.0f} img/s"
+                    )
+            if bar is not None:
+                bar.update(1)
+            if is_main and (step % config.sample_every == 0 or last):
+                _save_grid(trainer, sample_batch, out / "samples" / f"step_{step:07d}.png")
+            if is_main and ckpt_due:
+                payload = {
+                    "step": step,
+                    "config": config.to_dict(),
+                    "trainer": trainer.training_state(),
+                    "rng": rng_state(),
+                }
+                last_good = save_checkpoint(checkpoint_path, payload)
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics_file:
+            metrics_file.close()
+        stream.close()
+    return TrainResult(step=step, out=out, checkpoint=last_good, history=history)

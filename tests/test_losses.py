@@ -1,0 +1,110 @@
+"""DeePSiM loss terms against hand computations, the baselines, and the pause rule's transitions."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from deepsim import Comparator, DeePSiMLoss, PauseRule
+from deepsim.config import CAFFE_TO_DEEPSIM
+from deepsim.losses import image_distance
+
+
+def test_image_terms_by_hand():
+    fake = torch.tensor([[[[1.0, 2.0]]], [[[0.0, -1.0]]]])  # (2, 1, 1, 2)
+    real = torch.zeros_like(fake)
+    assert image_distance(fake, real, "se").item() == pytest.approx((1 + 4 + 0 + 1) / 2)
+    assert image_distance(fake, real, "l1").item() == pytest.approx((1 + 2 + 0 + 1) / 2)
+
+
+def test_feature_term_by_hand():
+    c = Comparator("alexnet-random:conv2=1,conv3=0.5")
+    loss = DeePSiMLoss(c, lambda_adv=0, lambda_img=0, lambda_feat=1)
+    fake, real = torch.rand(3, 3, 64, 64) * 2 - 1, torch.rand(3, 3, 64, 64) * 2 - 1
+    f2, f3 = c(fake)
+    r2, r3 = c(real)
+    expected = ((f2 - r2).pow(2).sum() + 0.5 * (f3 - r3).pow(2).sum()) / 3
+    out = loss(fake, real)
+    torch.testing.assert_close(out.feat, expected, rtol=1e-5, atol=1e-3)
+    torch.testing.assert_close(out.total, expected, rtol=1e-5, atol=1e-3)
+
+
+def test_adversarial_and_total_by_hand():
+    c = Comparator("alexnet-random:conv3")
+    loss = DeePSiMLoss(c, lambda_feat=0.2, lambda_adv=3.0, lambda_img=0.1)
+    fake, real = torch.rand(2, 3, 64, 64) * 2 - 1, torch.rand(2, 3, 64, 64) * 2 - 1
+    logits = torch.tensor([[0.3, -0.2], [1.0, 2.0]])
+    out = loss(fake, real, logits)
+    p_real = torch.softmax(logits, 1)[:, 1]
+    assert out.adv.item() == pytest.approx(-torch.log(p_real).mean().item(), rel=1e-6)
+    expected = 0.2 * out.feat + 3.0 * out.adv + 0.1 * out.img
+    torch.testing.assert_close(out.total, expected)
+
+
+def test_discriminator_loss_by_hand():
+    real_logits = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    fake_logits = torch.tensor([[1.0, 0.0], [0.5, 0.5]])
+    out = DeePSiMLoss.discriminator_loss(real_logits, fake_logits)
+    p = lambda l, k: torch.softmax(l, 1)[:, k]  # noqa: E731
+    assert out.real.item() == pytest.approx(-torch.log(p(real_logits, 1)).mean().item(), rel=1e-6)
+    assert out.fake.item() == pytest.approx(-torch.log(p(fake_logits, 0)).mean().item(), rel=1e-6)
+    assert out.total.item() == pytest.approx(out.real.item() + out.fake.item(), rel=1e-6)
+
+
+def test_baselines_ignore_comparator_and_d():
+    fake, real = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    se = DeePSiMLoss(None, loss="se")(fake, real)
+    l1 = DeePSiMLoss(None, loss="l1")(fake, real)
+    assert se.total.item() == pytest.approx(F.mse_loss(fake, real, reduction="sum").item() / 2, rel=1e-5)
+    assert l1.total.item() == pytest.approx(F.l1_loss(fake, real, reduction="sum").item() / 2, rel=1e-5)
+    assert not DeePSiMLoss(None, loss="se").uses_discriminator
+
+
+def test_caffe_scale_convention():
+    # Caffe EuclideanLoss on 0..255 pixels = sum / (2B); ours on [-1, 1] = sum / B.
+    fake, real = torch.rand(4, 3, 8, 8) * 2 - 1, torch.rand(4, 3, 8, 8) * 2 - 1
+    caffe = ((fake - real) * 127.5).pow(2).sum() / (2 * 4)
+    ours = image_distance(fake, real)
+    assert (2e-6 * caffe).item() == pytest.approx((2e-6 * CAFFE_TO_DEEPSIM["img"] * ours).item(), rel=1e-5)
+
+
+def test_invalid_loss_names():
+    with pytest.raises(ValueError, match="'deepsim', 'se' or 'l1'"):
+        DeePSiMLoss(None, loss="mse")
+    with pytest.raises(ValueError, match="needs a comparator"):
+        DeePSiMLoss(None)
+
+
+def _step(rule, r):
+    # r = (real + fake) / adv with adv = 1
+    return rule(torch.tensor(r / 2), torch.tensor(r / 2), torch.tensor(1.0))
+
+
+def test_pause_rule_transitions():
+    rule = PauseRule()
+    train_d, train_g, r = _step(rule, 1.0)
+    assert train_d.item() and train_g.item() and r.item() == pytest.approx(1.0)
+    train_d, _, _ = _step(rule, 0.05)  # r < 0.1 stops D
+    assert not train_d.item()
+    train_d, _, _ = _step(rule, 0.3)  # between 0.1 and 0.5: stays stopped (hysteresis)
+    assert not train_d.item()
+    train_d, _, _ = _step(rule, 0.6)  # r > 0.5 resumes D
+    assert train_d.item()
+    train_d, _, _ = _step(rule, 0.3)  # between thresholds while running: keeps running
+    assert train_d.item()
+    train_d, train_g, _ = _step(rule, 11.0)  # r > 10 stops G
+    assert train_d.item() and not train_g.item()
+    _, train_g, _ = _step(rule, 9.0)
+    assert train_g.item()
+
+
+def test_pause_rule_is_device_tensors_and_state_is_saved():
+    rule = PauseRule()
+    train_d, train_g, r = _step(rule, 0.01)
+    assert all(isinstance(t, torch.Tensor) and t.dim() == 0 for t in (train_d, train_g, r))
+    assert rule.state_dict()["d_paused"].item() is True
+    fresh = PauseRule()
+    fresh.load_state_dict(rule.state_dict())
+    assert not _step(fresh, 0.3)[0].item()
+    assert math.isfinite(_step(PauseRule(), 1.0)[2].item())

@@ -1,0 +1,44 @@
+"""Low-level DeePSiM ops: fused Triton kernels with plain PyTorch references beside them.
+
+Installed as ``deepsim.kernels``. This package imports torch and triton only, never ``deepsim``.
+
+Backend switch, read at call time: the environment variable ``DEEPSIM_KERNELS`` =
+``auto`` (default: Triton on CUDA tensors, the PyTorch reference elsewhere), ``triton`` (always Triton; on
+CPU tensors this needs ``TRITON_INTERPRET=1`` set before triton is imported) or ``reference`` (always the
+PyTorch reference). ``use_backend("reference")`` overrides it inside a ``with`` block, and
+``backend(tensor)`` says which implementation a call on ``tensor`` would run. Where triton fails to import
+everything runs the reference (with a warning if "triton" was asked for; see ``TRITON_IMPORT_ERROR``).
+
+Every Triton op is also a ``torch.library`` custom op (``torch.ops.deepsim.*``) with a fake
+implementation and registered autograd, so ``torch.compile`` traces it without a graph break.
+"""
+
+from ._backend import BACKENDS, HAS_TRITON, TRITON_IMPORT_ERROR, backend, requested_backend, use_backend
+from .conv_lrelu import ConvLReluFunction, conv_lrelu, reference_conv_lrelu
+from .conv_transpose_lrelu import (
+    ConvTransposeLReluFunction,
+    conv_transpose_lrelu,
+    reference_conv_transpose_lrelu,
+)
+from .feature_distance import FeatureDistanceFunction, feature_distance, reference_feature_distance
+from .pairwise_distance import mean_pairwise_distance, reference_mean_pairwise_distance
+
+__all__ = [
+    "BACKENDS",
+    "HAS_TRITON",
+    "TRITON_IMPORT_ERROR",
+    "backend",
+    "requested_backend",
+    "use_backend",
+    "conv_lrelu",
+    "reference_conv_lrelu",
+    "ConvLReluFunction",
+    "conv_transpose_lrelu",
+    "reference_conv_transpose_lrelu",
+    "ConvTransposeLReluFunction",
+    "feature_distance",
+    "reference_feature_distance",
+    "FeatureDistanceFunction",
+    "mean_pairwise_distance",
+    "reference_mean_pairwise_distance",
+]

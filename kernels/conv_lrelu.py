@@ -1,0 +1,328 @@
+"""conv_lrelu: convolution + bias + LReLU in one Triton implicit-GEMM kernel.
+
+Forward (one launch):  out = lrelu(conv2d(x, W) + b),  lrelu(p) = p if p > 0 else alpha * p.
+Backward keeps only ``out`` of its own (x and W are alive anyway: x is the previous layer's output, W a
+parameter), since for alpha >= 0 the sign of ``out`` is the sign of the pre-activation:
+    grad_pre = grad_out * (1 if out > 0 else alpha)          (Triton, ``_conv_lrelu_bwd_kernel``)
+    grad_x, grad_W = aten.convolution_backward(grad_pre, x, W)  (cuDNN / aten, not Triton)
+    grad_b = sum_{n,h,w} grad_pre                              (torch reduction in fp32)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import HAS_TRITON, INTERPRET, backend, register_op, tl, triton
+
+__all__ = [
+    "conv_lrelu",
+    "reference_conv_lrelu",
+    "conv_lrelu_forward",
+    "conv_lrelu_backward",
+    "ConvLReluFunction",
+]
+
+# Autotune configs: the network's layers have C_in in {3, 8, 32, 64, 128, 256}, C_out in {32..256} and
+# N*OH*OW from 4096 (64 x 8 x 8) to 65536 (64 x 32 x 32). Small-K configs serve the 3-channel first layers.
+if INTERPRET:  # the interpreter runs each program in numpy: one small config keeps tests fast.
+    _CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+else:
+    _CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (128, 32, 16, 4, 4),  # C_in = 3 / 8, C_out = 32
+            (64, 32, 32, 4, 4),
+            (128, 64, 32, 4, 3),
+            (64, 64, 32, 4, 4),
+            (128, 128, 32, 8, 3),
+            (64, 128, 64, 4, 3),  # 128 -> 256, 256 -> 256 at 8x8 / 4x4 (small M)
+            (256, 64, 32, 8, 3),  # large M (batch 64 at 32x32)
+        ]
+    ]
+_KEY = ["N", "C_in", "H", "W", "C_out", "OH", "OW", "KH", "KW", "STRIDE", "PAD"]
+
+
+@triton.autotune(configs=_CONFIGS, key=_KEY)
+@triton.jit
+def _conv_lrelu_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr,
+    N, C_in, H, W, C_out, OH, OW,
+    sxn, sxc, sxh, sxw,
+    swo, swi, swh, sww,
+    son, soc, soh, sow,
+    alpha,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Implicit GEMM: rows m = (n, oh, ow), cols = c_out, reduction k = (kh, kw, c_in):
+    #   pre[m, co] = b[co] + sum_{kh,kw,ci} x[n, ci, oh*S - P + kh, ow*S - P + kw] * W[co, ci, kh, kw]
+    #   out = pre if pre > 0 else alpha * pre          (d out / d pre = 1 if pre > 0 else alpha)
+    # fp32 accumulation whatever the input dtype; generic strides cover NCHW and channels_last.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < N * OH * OW
+    mask_n = offs_n < C_out
+    n = offs_m // (OH * OW)
+    ohw = offs_m % (OH * OW)
+    oh = ohw // OW
+    ow = ohw % OW
+    x_base = x_ptr + n.to(tl.int64) * sxn  # (BLOCK_M,)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kh in range(KH):
+        ih = oh * STRIDE - PAD + kh
+        for kw in range(KW):
+            iw = ow * STRIDE - PAD + kw
+            valid = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_row = x_base + ih * sxh + iw * sxw  # (BLOCK_M,)
+            w_col = w_ptr + offs_n * swo + kh * swh + kw * sww  # (BLOCK_N,)
+            for c0 in range(0, C_in, BLOCK_K):
+                offs_k = c0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < C_in
+                a = tl.load(
+                    a_row[:, None] + offs_k[None, :] * sxc, mask=valid[:, None] & mask_k[None, :], other=0.0
+                )
+                b = tl.load(
+                    w_col[None, :] + offs_k[:, None] * swi, mask=mask_k[:, None] & mask_n[None, :], other=0.0
+                )
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = tl.where(acc > 0, acc, acc * alpha)
+    o_ptrs = out_ptr + (n.to(tl.int64) * son + oh * soh + ow * sow)[:, None] + offs_n[None, :] * soc
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _conv_lrelu_bwd_kernel(grad_out_ptr, out_ptr, grad_pre_ptr, numel, alpha, BLOCK: tl.constexpr):
+    # out = lrelu(pre) keeps the sign of pre (alpha >= 0), so only out is needed:
+    #   grad_pre = grad_out * (1 if out > 0 else alpha)
+    # (grad_out, out, grad_pre share one dense layout, so a flat index walks all three alike.)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    g = tl.load(grad_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(out_ptr + offs, mask=mask, other=0.0)
+    gp = tl.where(o > 0, g, g * alpha)
+    tl.store(grad_pre_ptr + offs, gp.to(grad_pre_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host helpers shared with conv_transpose_lrelu
+
+
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """channels_last if ``t`` is stored NHWC (and not also plain contiguous), else contiguous_format."""
+    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 dots use TF32 exactly when eager cuDNN convolutions would (torch.backends.cudnn.allow_tf32)."""
+    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not INTERPRET else "ieee"
+
+
+def lrelu_grad_pre(grad_out: torch.Tensor, out: torch.Tensor, alpha: float, kernel) -> torch.Tensor:
+    """grad_pre = grad_out * where(out > 0, 1, alpha), in out's layout and dtype, by the Triton ``kernel``."""
+    grad_out = grad_out.contiguous(memory_format=memory_format_of(out))
+    if grad_out.stride() != out.stride():  # odd layouts (size-1 dims): fall back to plain contiguous
+        grad_out, out = grad_out.contiguous(), out.contiguous()
+    grad_pre = torch.empty_like(out)
+    numel = out.numel()
+    BLOCK = 1024
+    kernel[(triton.cdiv(numel, BLOCK),)](grad_out, out, grad_pre, numel, float(alpha), BLOCK=BLOCK)
+    return grad_pre
+
+
+def reference_grad_pre(grad_out: torch.Tensor, out: torch.Tensor, alpha: float) -> torch.Tensor:
+    return torch.where(out > 0, grad_out, grad_out * alpha).to(out.dtype)
+
+
+def use_triton_impl(t: torch.Tensor) -> bool:
+    """Inside the custom ops: Triton where it can run (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    return HAS_TRITON and (t.is_cuda or INTERPRET)
+
+
+def as_int(value, name: str) -> int:
+    """Accept an int or a square pair (s, s); anything else is an error naming the argument."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2 or value[0] != value[1]:
+            raise ValueError(f"{name}={value!r}: only square values are supported (an int or (v, v))")
+        value = value[0]
+    return int(value)
+
+
+def check_conv_args(x, weight, bias, alpha, op: str, c_in_dim: int):
+    if x.dim() != 4 or weight.dim() != 4:
+        raise ValueError(
+            f"{op}: x and weight must be 4-D, got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
+        )
+    if x.shape[1] != weight.shape[c_in_dim]:
+        raise ValueError(f"{op}: x has {x.shape[1]} channels, weight expects {weight.shape[c_in_dim]}")
+    if alpha < 0:
+        raise ValueError(
+            f"{op}: alpha={alpha} must be >= 0 (the backward reads the LReLU slope from sign(out))"
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launchers
+
+
+def conv_lrelu_forward(x, weight, bias, stride: int, padding: int, alpha: float) -> torch.Tensor:
+    """Launch the fused kernel. x (N, C_in, H, W), weight (C_out, C_in, KH, KW) -> (N, C_out, OH, OW),
+    in x's memory format and dtype (weight and bias must have x's dtype)."""
+    N, C_in, H, W = x.shape
+    C_out, _, KH, KW = weight.shape
+    OH = (H + 2 * padding - KH) // stride + 1
+    OW = (W + 2 * padding - KW) // stride + 1
+    if OH <= 0 or OW <= 0:
+        raise ValueError(f"conv_lrelu: input {H}x{W} is smaller than kernel {KH}x{KW} with padding {padding}")
+    out = torch.empty((N, C_out, OH, OW), device=x.device, dtype=x.dtype, memory_format=memory_format_of(x))
+    if out.numel() == 0:
+        return out
+    b = bias if bias is not None else weight  # dummy pointer, never read when HAS_BIAS is False
+
+    def grid(meta):
+        return (triton.cdiv(N * OH * OW, meta["BLOCK_M"]), triton.cdiv(C_out, meta["BLOCK_N"]))
+
+    _conv_lrelu_fwd_kernel[grid](
+        x, weight, b, out,
+        N, C_in, H, W, C_out, OH, OW,
+        *x.stride(), *weight.stride(), *out.stride(),
+        float(alpha),
+        STRIDE=stride, PAD=padding, KH=KH, KW=KW,
+        HAS_BIAS=bias is not None, INPUT_PRECISION=input_precision(x.dtype),
+    )  # fmt: skip
+    return out
+
+
+def conv_lrelu_backward(grad_out, out, x, weight, has_bias: bool, stride: int, padding: int, alpha: float,
+                        output_mask: list[bool]):  # fmt: skip
+    """(grad_x, grad_weight, grad_bias); an unneeded one (output_mask False) comes back as an empty tensor."""
+    if use_triton_impl(out):
+        grad_pre = lrelu_grad_pre(grad_out, out, alpha, _conv_lrelu_bwd_kernel)
+    else:
+        grad_pre = reference_grad_pre(grad_out, out, alpha)
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        grad_pre, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1,
+        [output_mask[0], output_mask[1], False],
+    )  # fmt: skip
+    empty = grad_pre.new_empty(0)
+    gb = empty
+    if has_bias and output_mask[2]:
+        gb = grad_pre.sum((0, 2, 3), dtype=torch.float32).to(weight.dtype)
+    # Fixed layouts (x's and weight's memory format), as the fake implementation promises torch.compile.
+    gx = gx.contiguous(memory_format=memory_format_of(x)) if gx is not None else empty
+    gw = gw.contiguous(memory_format=memory_format_of(weight)) if gw is not None else empty
+    return gx, gw, gb
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.library custom ops (so torch.compile traces them with no graph break) and autograd
+
+
+def _fwd_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int,
+              alpha: float) -> torch.Tensor:  # fmt: skip
+    if use_triton_impl(x):
+        return conv_lrelu_forward(x, weight, bias, stride, padding, alpha)
+    return reference_conv_lrelu(x, weight, bias, stride, padding, alpha).contiguous(
+        memory_format=memory_format_of(x)
+    )
+
+
+def _fwd_fake(x, weight, bias, stride, padding, alpha):
+    N, _, H, W = x.shape
+    C_out, _, KH, KW = weight.shape
+    OH = (H + 2 * padding - KH) // stride + 1
+    OW = (W + 2 * padding - KW) // stride + 1
+    return torch.empty((N, C_out, OH, OW), dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+
+
+def _bwd_impl(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
+              stride: int, padding: int, alpha: float, output_mask: list[bool]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    return conv_lrelu_backward(grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask)
+
+
+def _like(t):
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=memory_format_of(t))
+
+
+def _bwd_fake(grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask):
+    empty = out.new_empty(0)
+    return (
+        _like(x) if output_mask[0] else empty,
+        _like(weight) if output_mask[1] else empty,
+        weight.new_empty(weight.shape[0]) if has_bias and output_mask[2] else empty,
+    )
+
+
+class ConvLReluFunction(torch.autograd.Function):
+    """Autograd for the fused op; the custom op ``deepsim::conv_lrelu`` reuses setup_context and backward.
+
+    Saved for backward: x (for grad_W), W (for grad_x) and out (for the LReLU slope). No pre-activation.
+    """
+
+    @staticmethod
+    def forward(x, weight, bias, stride, padding, alpha):
+        return _fwd_impl(x, weight, bias, stride, padding, alpha)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, stride, padding, alpha = inputs
+        ctx.save_for_backward(x, weight, output)
+        ctx.conf = (bias is not None, stride, padding, alpha)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, out = ctx.saved_tensors
+        has_bias, stride, padding, alpha = ctx.conf
+        mask = [bool(m) for m in ctx.needs_input_grad[:3]]
+        gx, gw, gb = _conv_lrelu_backward_op(grad_out, out, x, weight, has_bias, stride, padding, alpha, mask)
+        return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] and has_bias else None,
+                None, None, None)  # fmt: skip
+
+
+_conv_lrelu_backward_op = register_op("conv_lrelu_backward", _bwd_impl, fake=_bwd_fake)
+_conv_lrelu_op = register_op(
+    "conv_lrelu", _fwd_impl, fake=_fwd_fake,
+    setup_context=ConvLReluFunction.setup_context, backward=ConvLReluFunction.backward,
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def reference_conv_lrelu(x, weight, bias=None, stride=1, padding=0, alpha=0.3):
+    """Plain PyTorch: leaky_relu(conv2d(x, weight, bias), alpha). The CPU path and the test oracle."""
+    return F.leaky_relu(F.conv2d(x, weight, bias, stride=stride, padding=padding), alpha)
+
+
+def conv_lrelu(x, weight, bias=None, stride=1, padding=0, alpha=0.3):
+    """Fused ``leaky_relu(conv2d(x, weight, bias, stride, padding), alpha)``.
+
+    Args:
+        x: (N, C_in, H, W), NCHW or channels_last; fp32, fp16 or bf16 (fp32 accumulation).
+        weight: (C_out, C_in, KH, KW); cast to x's dtype if it differs (mixed precision).
+        bias: (C_out,) or None.
+        stride, padding: ints (or square pairs).
+        alpha: LReLU negative slope, >= 0.
+    Returns:
+        (N, C_out, OH, OW) in x's dtype and memory format.
+
+    The Triton path (see ``kernels.backend``) runs the forward in one Triton kernel and saves only its
+    output besides x and W; backward = a Triton kernel for grad_pre, then aten.convolution_backward
+    (cuDNN on CUDA) for the input and weight gradients, and a torch sum for the bias gradient.
+    """
+    stride, padding, alpha = as_int(stride, "stride"), as_int(padding, "padding"), float(alpha)
+    check_conv_args(x, weight, bias, alpha, "conv_lrelu", 1)
+    if backend(x) == "reference":
+        return reference_conv_lrelu(x, weight, bias, stride, padding, alpha)
+    weight = weight.to(x.dtype)
+    bias = bias.to(x.dtype) if bias is not None else None
+    return _conv_lrelu_op(x, weight, bias, stride, padding, alpha)

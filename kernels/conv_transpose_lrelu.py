@@ -1,0 +1,268 @@
+"""conv_transpose_lrelu: transposed convolution (the up-conv block) + bias + LReLU in one Triton kernel.
+
+Forward (one launch, gather form of the implicit GEMM):
+    pre[n, co, oh, ow] = b[co] + sum_{ci,kh,kw} x[n, ci, ih, iw] * W[ci, co, kh, kw],
+        ih = (oh + P - kh) / S, iw = (ow + P - kw) / S, taken only when divisible and in range;
+    out = lrelu(pre) = pre if pre > 0 else alpha * pre.
+Backward keeps only ``out`` of its own (x and W are alive anyway):
+    grad_pre = grad_out * (1 if out > 0 else alpha)                        (Triton)
+    grad_x, grad_W = aten.convolution_backward(grad_pre, ..., transposed=True)  (cuDNN / aten, not Triton)
+    grad_b = sum_{n,h,w} grad_pre                                          (torch reduction in fp32)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ._backend import INTERPRET, backend, register_op, tl, triton
+from .conv_lrelu import (
+    as_int,
+    check_conv_args,
+    input_precision,
+    lrelu_grad_pre,
+    memory_format_of,
+    reference_grad_pre,
+    use_triton_impl,
+)
+
+__all__ = [
+    "conv_transpose_lrelu",
+    "reference_conv_transpose_lrelu",
+    "conv_transpose_lrelu_forward",
+    "conv_transpose_lrelu_backward",
+    "ConvTransposeLReluFunction",
+]
+
+# Up-convs of the network: 128 -> 64 (8x8 -> 16x16) and 64 -> 32 (16x16 -> 32x32), k4 s2 p1, batch 64.
+if INTERPRET:
+    _CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
+else:
+    _CONFIGS = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bm, bn, bk, w, s in [
+            (64, 32, 32, 4, 4),
+            (128, 32, 32, 4, 4),
+            (128, 64, 32, 4, 3),
+            (64, 64, 64, 4, 3),
+            (256, 64, 32, 8, 3),
+        ]
+    ]
+_KEY = ["N", "C_in", "H", "W", "C_out", "OH", "OW", "KH", "KW", "STRIDE", "PAD"]
+
+
+@triton.autotune(configs=_CONFIGS, key=_KEY)
+@triton.jit
+def _conv_transpose_lrelu_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr,
+    N, C_in, H, W, C_out, OH, OW,
+    sxn, sxc, sxh, sxw,
+    swi, swo, swh, sww,
+    son, soc, soh, sow,
+    alpha,
+    STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Gather implicit GEMM, rows m = (n, oh, ow), cols = c_out, reduction k = (kh, kw, c_in):
+    #   pre[m, co] = b[co] + sum x[n, ci, (oh+P-kh)/S, (ow+P-kw)/S] * W[ci, co, kh, kw]  (divisible, in range)
+    #   out = pre if pre > 0 else alpha * pre          (d out / d pre = 1 if pre > 0 else alpha)
+    # Taps that miss (not divisible by S) are masked: (S^2 - 1)/S^2 of the loads are skipped, not free.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < N * OH * OW
+    mask_n = offs_n < C_out
+    n = offs_m // (OH * OW)
+    ohw = offs_m % (OH * OW)
+    oh = ohw // OW
+    ow = ohw % OW
+    x_base = x_ptr + n.to(tl.int64) * sxn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kh in range(KH):
+        th = oh + PAD - kh
+        ih = th // STRIDE
+        valid_h = (th >= 0) & (th % STRIDE == 0) & (ih < H)
+        for kw in range(KW):
+            tw = ow + PAD - kw
+            iw = tw // STRIDE
+            valid = mask_m & valid_h & (tw >= 0) & (tw % STRIDE == 0) & (iw < W)
+            a_row = x_base + ih * sxh + iw * sxw
+            w_col = w_ptr + offs_n * swo + kh * swh + kw * sww
+            for c0 in range(0, C_in, BLOCK_K):
+                offs_k = c0 + tl.arange(0, BLOCK_K)
+                mask_k = offs_k < C_in
+                a = tl.load(
+                    a_row[:, None] + offs_k[None, :] * sxc, mask=valid[:, None] & mask_k[None, :], other=0.0
+                )
+                b = tl.load(
+                    w_col[None, :] + offs_k[:, None] * swi, mask=mask_k[:, None] & mask_n[None, :], other=0.0
+                )
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    out = tl.where(acc > 0, acc, acc * alpha)
+    o_ptrs = out_ptr + (n.to(tl.int64) * son + oh * soh + ow * sow)[:, None] + offs_n[None, :] * soc
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def _conv_transpose_lrelu_bwd_kernel(grad_out_ptr, out_ptr, grad_pre_ptr, numel, alpha, BLOCK: tl.constexpr):
+    # grad_pre = grad_out * (1 if out > 0 else alpha)   (out = lrelu(pre) has the sign of pre for alpha >= 0)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    g = tl.load(grad_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    o = tl.load(out_ptr + offs, mask=mask, other=0.0)
+    gp = tl.where(o > 0, g, g * alpha)
+    tl.store(grad_pre_ptr + offs, gp.to(grad_pre_ptr.dtype.element_ty), mask=mask)
+
+
+def _out_size(H, W, KH, KW, stride, padding):
+    return (H - 1) * stride - 2 * padding + KH, (W - 1) * stride - 2 * padding + KW
+
+
+def conv_transpose_lrelu_forward(x, weight, bias, stride: int, padding: int, alpha: float) -> torch.Tensor:
+    """Launch the fused kernel. x (N, C_in, H, W), weight (C_in, C_out, KH, KW) -> (N, C_out, OH, OW)
+    with OH = (H - 1) * stride - 2 * padding + KH, in x's memory format and dtype."""
+    N, C_in, H, W = x.shape
+    _, C_out, KH, KW = weight.shape
+    OH, OW = _out_size(H, W, KH, KW, stride, padding)
+    if OH <= 0 or OW <= 0:
+        raise ValueError(f"conv_transpose_lrelu: padding {padding} leaves no output for {H}x{W}, kernel {KH}")
+    out = torch.empty((N, C_out, OH, OW), device=x.device, dtype=x.dtype, memory_format=memory_format_of(x))
+    if out.numel() == 0:
+        return out
+    b = bias if bias is not None else weight
+
+    def grid(meta):
+        return (triton.cdiv(N * OH * OW, meta["BLOCK_M"]), triton.cdiv(C_out, meta["BLOCK_N"]))
+
+    _conv_transpose_lrelu_fwd_kernel[grid](
+        x, weight, b, out,
+        N, C_in, H, W, C_out, OH, OW,
+        *x.stride(), *weight.stride(), *out.stride(),
+        float(alpha),
+        STRIDE=stride, PAD=padding, KH=KH, KW=KW,
+        HAS_BIAS=bias is not None, INPUT_PRECISION=input_precision(x.dtype),
+    )  # fmt: skip
+    return out
+
+
+def conv_transpose_lrelu_backward(grad_out, out, x, weight, has_bias: bool, stride: int, padding: int,
+                                  alpha: float, output_mask: list[bool]):  # fmt: skip
+    """(grad_x, grad_weight, grad_bias); an unneeded one (output_mask False) comes back as an empty tensor."""
+    if use_triton_impl(out):
+        grad_pre = lrelu_grad_pre(grad_out, out, alpha, _conv_transpose_lrelu_bwd_kernel)
+    else:
+        grad_pre = reference_grad_pre(grad_out, out, alpha)
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        grad_pre, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], True, [0, 0], 1,
+        [output_mask[0], output_mask[1], False],
+    )  # fmt: skip
+    empty = grad_pre.new_empty(0)
+    gb = empty
+    if has_bias and output_mask[2]:
+        gb = grad_pre.sum((0, 2, 3), dtype=torch.float32).to(weight.dtype)
+    # Fixed layouts (x's and weight's memory format), as the fake implementation promises torch.compile.
+    gx = gx.contiguous(memory_format=memory_format_of(x)) if gx is not None else empty
+    gw = gw.contiguous(memory_format=memory_format_of(weight)) if gw is not None else empty
+    return gx, gw, gb
+
+
+def _fwd_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int,
+              alpha: float) -> torch.Tensor:  # fmt: skip
+    if use_triton_impl(x):
+        return conv_transpose_lrelu_forward(x, weight, bias, stride, padding, alpha)
+    out = reference_conv_transpose_lrelu(x, weight, bias, stride, padding, alpha)
+    return out.contiguous(memory_format=memory_format_of(x))
+
+
+def _fwd_fake(x, weight, bias, stride, padding, alpha):
+    N, _, H, W = x.shape
+    _, C_out, KH, KW = weight.shape
+    OH, OW = _out_size(H, W, KH, KW, stride, padding)
+    return torch.empty((N, C_out, OH, OW), dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
+
+
+def _bwd_impl(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
+              stride: int, padding: int, alpha: float, output_mask: list[bool]
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    return conv_transpose_lrelu_backward(
+        grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask
+    )
+
+
+def _like(t):
+    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=memory_format_of(t))
+
+
+def _bwd_fake(grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask):
+    empty = out.new_empty(0)
+    return (
+        _like(x) if output_mask[0] else empty,
+        _like(weight) if output_mask[1] else empty,
+        weight.new_empty(weight.shape[1]) if has_bias and output_mask[2] else empty,
+    )
+
+
+class ConvTransposeLReluFunction(torch.autograd.Function):
+    """Autograd for the fused up-conv; ``deepsim::conv_transpose_lrelu`` reuses setup_context and backward.
+
+    Saved for backward: x (for grad_W), W (for grad_x) and out (for the LReLU slope). No pre-activation.
+    """
+
+    @staticmethod
+    def forward(x, weight, bias, stride, padding, alpha):
+        return _fwd_impl(x, weight, bias, stride, padding, alpha)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, stride, padding, alpha = inputs
+        ctx.save_for_backward(x, weight, output)
+        ctx.conf = (bias is not None, stride, padding, alpha)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, out = ctx.saved_tensors
+        has_bias, stride, padding, alpha = ctx.conf
+        mask = [bool(m) for m in ctx.needs_input_grad[:3]]
+        gx, gw, gb = _backward_op(grad_out, out, x, weight, has_bias, stride, padding, alpha, mask)
+        return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] and has_bias else None,
+                None, None, None)  # fmt: skip
+
+
+_backward_op = register_op("conv_transpose_lrelu_backward", _bwd_impl, fake=_bwd_fake)
+_forward_op = register_op(
+    "conv_transpose_lrelu", _fwd_impl, fake=_fwd_fake,
+    setup_context=ConvTransposeLReluFunction.setup_context, backward=ConvTransposeLReluFunction.backward,
+)  # fmt: skip
+
+
+def reference_conv_transpose_lrelu(x, weight, bias=None, stride=1, padding=0, alpha=0.3):
+    """Plain PyTorch: leaky_relu(conv_transpose2d(x, weight, bias), alpha). The CPU path and the oracle."""
+    return F.leaky_relu(F.conv_transpose2d(x, weight, bias, stride=stride, padding=padding), alpha)
+
+
+def conv_transpose_lrelu(x, weight, bias=None, stride=1, padding=0, alpha=0.3):
+    """Fused ``leaky_relu(conv_transpose2d(x, weight, bias, stride, padding), alpha)`` (the up-conv block).
+
+    Args:
+        x: (N, C_in, H, W), NCHW or channels_last; fp32, fp16 or bf16 (fp32 accumulation).
+        weight: (C_in, C_out, KH, KW), the nn.ConvTranspose2d layout; cast to x's dtype if it differs.
+        bias: (C_out,) or None.
+        stride, padding: ints (or square pairs); no output_padding, dilation or groups.
+        alpha: LReLU negative slope, >= 0.
+    Returns:
+        (N, C_out, (H-1)*stride - 2*padding + KH, ...) in x's dtype and memory format.
+
+    Triton path: forward in one Triton kernel; backward = Triton grad_pre, then aten.convolution_backward
+    (transposed=True; cuDNN on CUDA) for input and weight gradients and a torch sum for the bias gradient.
+    """
+    stride, padding, alpha = as_int(stride, "stride"), as_int(padding, "padding"), float(alpha)
+    check_conv_args(x, weight, bias, alpha, "conv_transpose_lrelu", 0)
+    if backend(x) == "reference":
+        return reference_conv_transpose_lrelu(x, weight, bias, stride, padding, alpha)
+    weight = weight.to(x.dtype)
+    bias = bias.to(x.dtype) if bias is not None else None
+    return _forward_op(x, weight, bias, stride, padding, alpha)

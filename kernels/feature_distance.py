@@ -1,0 +1,265 @@
+"""feature_distance: weighted sum of squared feature differences over all comparator taps, one launch.
+
+    L = (1 / denom) * sum_l w_l * sum_i (fake_l[i] - real_l[i])^2          denom = 1 ("sum") or batch ("mean")
+    dL/dfake_l = 2 * w_l * (fake_l - real_l) / denom                       (reals get no gradient)
+
+The forward kernel walks every layer through a pointer table (one program = one chunk of one layer),
+writes the gradient for the fakes in the same pass (saved, so backward is ``saved * grad_L``) and one
+partial sum per program into its own slot; ``_feature_distance_sum_kernel`` then adds the partials in a
+fixed order in one program. No atomics: the result is bitwise reproducible for a given input.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ._backend import HAS_TRITON, INTERPRET, backend, register_op, tl, triton
+
+__all__ = [
+    "feature_distance",
+    "reference_feature_distance",
+    "feature_distance_forward",
+    "feature_distance_backward",
+    "deterministic_sum",
+    "FeatureDistanceFunction",
+]
+
+_BLOCK = 1024
+_ITERS = 1 if INTERPRET else 8  # elements per program = _BLOCK * _ITERS (fewer, larger programs on GPU)
+_SUM_BLOCK = 1024
+_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+
+
+@triton.jit
+def _feature_distance_fwd_kernel(
+    layer_ptr, prog_ptr, wscale_ptr, gscale_ptr, partial_ptr,
+    DTYPE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+):  # fmt: skip
+    # Program p handles elements [start, start + BLOCK * ITERS) of layer l (prog table: (l, start)).
+    # layer table row l: (fake_ptr, real_ptr, grad_ptr, numel); wscale_l = w_l / denom, gscale_l = 2 w_l / denom.
+    #   partial[p] = wscale_l * sum (f - r)^2          (fp32 accumulation)
+    #   grad_f     = gscale_l * (f - r)                (= d partial / d f; stored in the fakes' dtype)
+    pid = tl.program_id(0)
+    layer = tl.load(prog_ptr + 2 * pid)
+    start = tl.load(prog_ptr + 2 * pid + 1)
+    fake = tl.load(layer_ptr + 4 * layer).to(tl.pointer_type(DTYPE))
+    real = tl.load(layer_ptr + 4 * layer + 1).to(tl.pointer_type(DTYPE))
+    numel = tl.load(layer_ptr + 4 * layer + 3)
+    wscale = tl.load(wscale_ptr + layer)
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i in range(ITERS):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        f = tl.load(fake + offs, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(real + offs, mask=mask, other=0.0).to(tl.float32)
+        d = f - r
+        acc += d * d
+        if COMPUTE_GRAD:
+            grad = tl.load(layer_ptr + 4 * layer + 2).to(tl.pointer_type(DTYPE))
+            gscale = tl.load(gscale_ptr + layer)
+            tl.store(grad + offs, (d * gscale).to(DTYPE), mask=mask)
+    tl.store(partial_ptr + pid, tl.sum(acc, axis=0) * wscale)
+
+
+@triton.jit
+def _feature_distance_sum_kernel(partial_ptr, out_ptr, n, scale, BLOCK: tl.constexpr):
+    # out = scale * sum_p partial[p], one program, fixed order (deterministic; no atomics).
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for start in range(0, n, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        acc += tl.load(partial_ptr + offs, mask=offs < n, other=0.0)
+    tl.store(out_ptr, tl.sum(acc, axis=0) * scale)
+
+
+@triton.jit
+def _feature_distance_bwd_kernel(saved_ptr, grad_loss_ptr, grad_ptr, numel, BLOCK: tl.constexpr):
+    # dL_total/dfake = (dL/dfake, saved by the forward) * dL_total/dL
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    g = tl.load(grad_loss_ptr).to(tl.float32)
+    s = tl.load(saved_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(grad_ptr + offs, (s * g).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+def deterministic_sum(partials: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """scale * partials.sum() as a 0-dim fp32 tensor, in one Triton program, in a fixed order."""
+    out = torch.empty((), device=partials.device, dtype=torch.float32)
+    _feature_distance_sum_kernel[(1,)](partials, out, partials.numel(), float(scale), BLOCK=_SUM_BLOCK)
+    return out
+
+
+def _dense_pair(f: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """f and r with one shared dense layout (f's when f is dense), so a flat index means one element."""
+    if not (f.is_contiguous() or (f.dim() == 4 and f.is_contiguous(memory_format=torch.channels_last))):
+        f = f.contiguous()
+    if r.stride() != f.stride():
+        r = torch.empty_like(f).copy_(r)
+    return f, r
+
+
+def feature_distance_forward(fakes: Sequence[torch.Tensor], reals: Sequence[torch.Tensor],
+                             weights: Sequence[float], denom: float, compute_grad: bool
+                             ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    """One launch over all layers. Returns (loss 0-dim fp32, [dL/dfake_l] if compute_grad else [])."""
+    device, dtype = fakes[0].device, fakes[0].dtype
+    pairs = [_dense_pair(f.to(dtype), r.to(dtype)) for f, r in zip(fakes, reals)]
+    grads = [torch.empty_like(f) for f, _ in pairs] if compute_grad else []  # pairs keep dense f's strides
+    chunk = _BLOCK * _ITERS
+    layer_rows, prog_rows = [], []
+    for layer, (f, r) in enumerate(pairs):
+        numel = f.numel()
+        layer_rows += [f.data_ptr(), r.data_ptr(), grads[layer].data_ptr() if compute_grad else 0, numel]
+        prog_rows += [v for start in range(0, numel, chunk) for v in (layer, start)]
+    num_progs = len(prog_rows) // 2
+    if num_progs == 0:
+        return torch.zeros((), device=device, dtype=torch.float32), grads
+    pin = device.type == "cuda"
+    layer_tab = torch.tensor(layer_rows, dtype=torch.int64, pin_memory=pin).to(device, non_blocking=True)
+    prog_tab = torch.tensor(prog_rows, dtype=torch.int64, pin_memory=pin).to(device, non_blocking=True)
+    scales = torch.tensor([[w / denom for w in weights], [2.0 * w / denom for w in weights]],
+                          dtype=torch.float32, pin_memory=pin).to(device, non_blocking=True)  # fmt: skip
+    partials = torch.empty(num_progs, device=device, dtype=torch.float32)
+    _feature_distance_fwd_kernel[(num_progs,)](
+        layer_tab, prog_tab, scales[0], scales[1], partials,
+        DTYPE=_TL_DTYPES[dtype], COMPUTE_GRAD=compute_grad, BLOCK=_BLOCK, ITERS=_ITERS,
+    )  # fmt: skip
+    loss = deterministic_sum(partials)
+    # Non-dense fakes were computed through a contiguous copy; hand back empty_like(fake) layouts (the fake
+    # implementation's promise to torch.compile).
+    grads = [g if g.stride() == torch.empty_like(f).stride() else torch.empty_like(f).copy_(g)
+             for g, f in zip(grads, fakes)]  # fmt: skip
+    return loss, grads
+
+
+def feature_distance_backward(saved: Sequence[torch.Tensor], grad_loss: torch.Tensor) -> list[torch.Tensor]:
+    """dL_total/dfake_l = saved_l * grad_loss (grad_loss a 0-dim tensor)."""
+    if not (HAS_TRITON and (grad_loss.is_cuda or INTERPRET)):
+        return [s * grad_loss.to(s.dtype) for s in saved]
+    grad_loss = grad_loss.to(torch.float32)
+    out = []
+    for s in saved:
+        g = torch.empty_like(s)
+        if s.numel():
+            _feature_distance_bwd_kernel[(triton.cdiv(s.numel(), _BLOCK),)](
+                s, grad_loss, g, s.numel(), BLOCK=_BLOCK
+            )
+        out.append(g)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch.library custom op + autograd
+
+
+def _fwd_impl(fakes: list[torch.Tensor], reals: list[torch.Tensor], weights: list[float], denom: float,
+              compute_grad: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+    if HAS_TRITON and (fakes[0].is_cuda or INTERPRET):
+        return feature_distance_forward(fakes, reals, weights, denom, compute_grad)
+    loss = fakes[0].new_zeros((), dtype=torch.float32)
+    grads = []
+    for f, r, w in zip(fakes, reals, weights):
+        d = f.float() - r.float()
+        loss = loss + (w / denom) * d.pow(2).sum()
+        if compute_grad:
+            grads.append((d * (2.0 * w / denom)).to(f.dtype))
+    return loss, grads
+
+
+def _fwd_fake(fakes, reals, weights, denom, compute_grad):
+    loss = fakes[0].new_empty((), dtype=torch.float32)
+    return loss, ([torch.empty_like(f) for f in fakes] if compute_grad else [])
+
+
+def _bwd_impl(saved: list[torch.Tensor], grad_loss: torch.Tensor) -> list[torch.Tensor]:
+    return feature_distance_backward(saved, grad_loss)
+
+
+def _bwd_fake(saved, grad_loss):
+    return [torch.empty_like(s) for s in saved]
+
+
+class FeatureDistanceFunction(torch.autograd.Function):
+    """Autograd for ``deepsim::feature_distance``: saves dL/dfake from the forward; backward is one scale."""
+
+    @staticmethod
+    def forward(fakes, reals, weights, denom, compute_grad):
+        return _fwd_impl(fakes, reals, weights, denom, compute_grad)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, grads = output
+        ctx.num_layers = len(inputs[0])
+        ctx.save_for_backward(*grads)
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_grads):
+        saved = ctx.saved_tensors
+        grads = _backward_op(list(saved), grad_loss) if saved else [None] * ctx.num_layers
+        return grads, [None] * ctx.num_layers, None, None, None
+
+
+_backward_op = register_op("feature_distance_backward", _bwd_impl, fake=_bwd_fake)
+_forward_op = register_op(
+    "feature_distance", _fwd_impl, fake=_fwd_fake,
+    setup_context=FeatureDistanceFunction.setup_context, backward=FeatureDistanceFunction.backward,
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def _check(fakes, reals, weights, reduction):
+    if len(fakes) == 0 or len(fakes) != len(reals):
+        raise ValueError(f"feature_distance: got {len(fakes)} fakes and {len(reals)} reals; need equal, >= 1")
+    for i, (f, r) in enumerate(zip(fakes, reals)):
+        if f.shape != r.shape:
+            raise ValueError(f"feature_distance: fakes[{i}] {tuple(f.shape)} != reals[{i}] {tuple(r.shape)}")
+    if weights is not None and len(weights) != len(fakes):
+        raise ValueError(f"feature_distance: {len(weights)} weights for {len(fakes)} layers")
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"feature_distance: reduction={reduction!r}, expected 'sum' or 'mean'")
+
+
+def reference_feature_distance(fakes, reals, weights=None, reduction="sum"):
+    """sum_l w_l * sum((fake_l - real_l)^2); reduction "mean" divides by the batch size fakes[0].shape[0].
+
+    Plain PyTorch, fp32 accumulation (fp64 for fp64 inputs): the CPU path and the test oracle. Reals are
+    detached.
+    """
+    fakes, reals = list(fakes), list(reals)
+    _check(fakes, reals, weights, reduction)
+    acc = torch.float64 if fakes[0].dtype == torch.float64 else torch.float32  # float64 for gradcheck
+    total = fakes[0].new_zeros((), dtype=acc)
+    for i, (f, r) in enumerate(zip(fakes, reals)):
+        w = 1.0 if weights is None else float(weights[i])
+        total = total + w * (f.to(acc) - r.detach().to(acc)).pow(2).sum()
+    if reduction == "mean":
+        total = total / fakes[0].shape[0]
+    return total
+
+
+def feature_distance(fakes, reals, weights=None, reduction="sum"):
+    """Weighted squared feature distance over all comparator taps, in one kernel launch.
+
+    Args:
+        fakes: sequence of tensors (any shapes) from the generated images; gradients flow to these.
+        reals: same shapes; no gradient (detached).
+        weights: one float per layer (default 1.0 each).
+        reduction: "sum", or "mean" to divide by the batch size ``fakes[0].shape[0]``.
+    Returns:
+        0-dim fp32 tensor. Inputs fp32/fp16/bf16 (all cast to fakes[0]'s dtype), fp32 accumulation.
+    The Triton path computes dL/dfake in the forward pass and saves it (one activation-sized buffer per
+    layer, in the fakes' dtype) when grad mode is on and any fake requires grad.
+    """
+    fakes, reals = list(fakes), list(reals)
+    _check(fakes, reals, weights, reduction)
+    if backend(fakes[0]) == "reference":
+        return reference_feature_distance(fakes, reals, weights, reduction)
+    w = [1.0] * len(fakes) if weights is None else [float(v) for v in weights]
+    denom = float(fakes[0].shape[0]) if reduction == "mean" else 1.0
+    compute_grad = torch.is_grad_enabled() and any(f.requires_grad for f in fakes)
+    loss, _ = _forward_op(fakes, [r.detach() for r in reals], w, denom, compute_grad)
+    return loss

@@ -1,0 +1,119 @@
+"""feature_distance and mean_pairwise_distance: Triton against the reference."""
+
+import pytest
+import torch
+
+from ._common import DEVICES, DTYPES, K, assert_close, skip_unsupported
+
+# Comparator-tap-like lists: odd sizes, a 1x1 map, one layer spanning several programs, channels_last.
+LAYER_SETS = [
+    pytest.param([(2, 3, 5, 5), (2, 7), (2, 1, 1, 1)], False, id="odd-sizes"),
+    pytest.param([(1, 4, 33, 17)], False, id="one-layer-multi-program"),
+    pytest.param([(2, 5, 3, 3), (2, 6, 2, 2)], True, id="channels_last"),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("shapes, channels_last", LAYER_SETS)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_feature_distance_matches_reference(device, dtype, atol, rtol, shapes, channels_last, reduction):
+    skip_unsupported(device, dtype)
+    torch.manual_seed(0)
+
+    def make(s):
+        t = torch.randn(s, device=device).to(dtype)
+        return t.to(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
+
+    fakes = [make(s).requires_grad_() for s in shapes]
+    reals = [make(s) for s in shapes]
+    weights = [0.5, 2.0, 0.1][: len(shapes)]
+    with K.use_backend("triton"):
+        loss = K.feature_distance(fakes, reals, weights, reduction)
+    fakes_ref = [f.detach().float().requires_grad_() for f in fakes]
+    loss_ref = K.reference_feature_distance(fakes_ref, [r.float() for r in reals], weights, reduction)
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert_close(loss, loss_ref, atol, rtol, "loss")
+    grad_out = torch.tensor(0.37, device=device)  # not one
+    grads = torch.autograd.grad(loss, fakes, grad_out)
+    grads_ref = torch.autograd.grad(loss_ref, fakes_ref, grad_out)
+    for i, (g, g_ref) in enumerate(zip(grads, grads_ref)):
+        assert g.shape == g_ref.shape and g.dtype == dtype
+        assert_close(g, g_ref, atol, rtol, f"grad fakes[{i}]")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_feature_distance_deterministic_and_no_grad(device):
+    torch.manual_seed(3)
+    fakes = [torch.randn(2, 3, 40, 40, device=device), torch.randn(2, 9, device=device)]
+    reals = [torch.randn_like(f) for f in fakes]
+    with K.use_backend("triton"), torch.no_grad():
+        a = K.feature_distance(fakes, reals)
+        b = K.feature_distance(fakes, reals)
+    assert torch.equal(a, b), "two runs on the same input must agree bitwise"
+    assert not a.requires_grad
+
+
+def test_feature_distance_reals_get_no_gradient():
+    fake = torch.randn(2, 3, requires_grad=True)
+    real = torch.randn(2, 3, requires_grad=True)
+    with K.use_backend("triton"):
+        K.feature_distance([fake], [real]).backward()
+    assert fake.grad is not None and real.grad is None
+
+
+def test_feature_distance_reference_gradcheck_float64():
+    f = [
+        torch.randn(2, 3, 2, 2, dtype=torch.float64, requires_grad=True),
+        torch.randn(2, 5, dtype=torch.float64, requires_grad=True),
+    ]
+    r = [torch.randn_like(t) for t in f]
+    assert torch.autograd.gradcheck(
+        lambda a, b: K.reference_feature_distance([a, b], r, [0.3, 1.5], "mean"), f
+    )
+
+
+def test_feature_distance_bad_arguments():
+    with pytest.raises(ValueError, match="reduction"):
+        K.feature_distance([torch.zeros(1)], [torch.zeros(1)], reduction="max")
+    with pytest.raises(ValueError, match=r"fakes\[0\]"):
+        K.feature_distance([torch.zeros(2)], [torch.zeros(3)])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
+@pytest.mark.parametrize("N, D", [(2, 3), (5, 7), (33, 70), (40, 1)], ids=["pair", "odd", "multi-tile", "D1"])
+def test_mean_pairwise_distance_matches_reference(device, dtype, atol, rtol, N, D):
+    skip_unsupported(device, dtype)
+    torch.manual_seed(0)
+    x = torch.randn(N, D, device=device).to(dtype)
+    with K.use_backend("triton"):
+        d = K.mean_pairwise_distance(x)
+    d_ref = K.reference_mean_pairwise_distance(x.float())
+    assert d.dtype == torch.float32 and d.dim() == 0
+    assert_close(d, d_ref, max(atol, 1e-4), max(rtol, 1e-4), "mean distance")
+
+
+def test_mean_pairwise_distance_identical_rows_and_errors():
+    x = torch.ones(6, 4)
+    with K.use_backend("triton"):
+        assert K.mean_pairwise_distance(x).item() == pytest.approx(0.0, abs=1e-6)
+        with pytest.raises(ValueError, match="N >= 2"):
+            K.mean_pairwise_distance(torch.randn(1, 3))
+
+
+def test_feature_distance_mixed_layouts():
+    """A transposed (non-contiguous) fake and a real in another layout: same values, grads in fake's layout."""
+    torch.manual_seed(4)
+    fake = torch.randn(5, 3).t().requires_grad_()  # (3, 5), strides (1, 3)
+    real = torch.randn(3, 5)
+    cl_fake = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last).requires_grad_()
+    cl_real = torch.randn(2, 3, 4, 4)
+    with K.use_backend("triton"):
+        loss = K.feature_distance([fake, cl_fake], [real, cl_real], [1.0, 0.5])
+    loss_ref = K.reference_feature_distance([fake, cl_fake], [real, cl_real], [1.0, 0.5])
+    assert_close(loss, loss_ref, 1e-4, 1e-4, "loss")
+    g = torch.autograd.grad(loss, [fake, cl_fake])
+    g_ref = torch.autograd.grad(loss_ref, [fake, cl_fake])
+    for a, b in zip(g, g_ref):
+        assert_close(a, b, 1e-5, 1e-5, "grad")

@@ -1,0 +1,174 @@
+"""``deepsim data check PATH``: scan a dataset and report files that would stop or change training.
+
+Every file is fully decoded (``Image.open(...).load()``) with truncation made strict, whatever
+``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` says elsewhere in the process.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import os
+import pathlib
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+from .errors import DataError
+from .images import list_image_files, mode_kind, strict_truncation
+from .photos import bundled_photo_paths
+from .stl10 import STL10_SPLITS, is_stl10_folder, load_stl10
+
+__all__ = ["CheckReport", "check_images", "format_report"]
+
+
+@dataclasses.dataclass
+class CheckReport:
+    """What :func:`check_images` found.
+
+    Attributes:
+        path: the folder (or "photos").
+        total: files scanned (images and non-images).
+        ok: images that decode fully, are RGB and at least ``min_size`` on both sides.
+        corrupt: files with an image extension (or header) that do not decode.
+        truncated: images whose data ends early.
+        too_small: (path, (width, height)) of images smaller than ``min_size``.
+        grayscale, cmyk, alpha: images that decode but are converted to RGB by the loader.
+        non_image: files that are not images (ignored by the loader).
+        min_size: the size threshold used.
+    """
+
+    path: str
+    total: int = 0
+    ok: int = 0
+    corrupt: list[str] = dataclasses.field(default_factory=list)
+    truncated: list[str] = dataclasses.field(default_factory=list)
+    too_small: list[tuple[str, tuple[int, int]]] = dataclasses.field(default_factory=list)
+    grayscale: list[str] = dataclasses.field(default_factory=list)
+    cmyk: list[str] = dataclasses.field(default_factory=list)
+    alpha: list[str] = dataclasses.field(default_factory=list)
+    non_image: list[str] = dataclasses.field(default_factory=list)
+    min_size: int = 64
+
+    @property
+    def num_images(self) -> int:
+        return self.total - len(self.non_image)
+
+    @property
+    def usable(self) -> int:
+        """Images the loader can train on (decodable, big enough; conversions allowed)."""
+        return self.num_images - len(self.corrupt) - len(self.truncated) - len(self.too_small)
+
+    @property
+    def blocking(self) -> bool:
+        """True when training with ``on_bad="error"`` would stop: bad files, or no image at all."""
+        return bool(self.corrupt or self.truncated or self.too_small) or self.usable <= 0
+
+
+def _check_one(path: pathlib.Path, min_size: int) -> tuple[str, object]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with strict_truncation(), Image.open(path) as img:
+                img.load()
+                kinds = mode_kind(img)
+                size = img.size
+    except UnidentifiedImageError:
+        return "corrupt", None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        return ("truncated" if "truncat" in str(e).lower() else "corrupt"), None
+    if size[0] < min_size or size[1] < min_size:
+        return "too_small", (size, kinds)
+    return "decoded", (size, kinds)
+
+
+def check_images(
+    path: str | os.PathLike, *, min_size: int = 64, num_threads: int | None = None
+) -> CheckReport:
+    """Scan every file under ``path`` (recursively), fully decoding each image.
+
+    Args:
+        path: a folder of images, ``"photos"`` for the bundled photographs, or an STL-10 folder (the
+            ``*_X.bin``/``*_y.bin`` sizes are validated; a bad file is reported as corrupt).
+        min_size: images with a side below this are reported in ``too_small`` (64 = the autoencoder crop;
+            use 227 for inversion without resizing).
+        num_threads: decoder threads (default: min(8, cpu count)).
+
+    Returns:
+        :class:`CheckReport`.
+
+    Raises:
+        DataError: ``path`` does not exist or is not a folder.
+    """
+    if isinstance(path, str) and path == "photos":
+        report = CheckReport(path="photos", min_size=min_size)
+        files, non_images = bundled_photo_paths(), []
+    else:
+        folder = pathlib.Path(path)
+        if not folder.exists():
+            raise DataError(f"{folder}: no such file or folder, expected a folder of images to check")
+        report = CheckReport(path=str(folder), min_size=min_size)
+        if is_stl10_folder(folder):
+            for split in STL10_SPLITS:
+                if (folder / f"{split}_X.bin").is_file():
+                    report.total += 1
+                    try:
+                        load_stl10(folder, split)
+                        report.ok += 1
+                    except DataError as e:
+                        report.corrupt.append(str(e))
+            return report
+        files, non_images = list_image_files(folder)
+    report.total = len(files) + len(non_images)
+    report.non_image = [str(p) for p in non_images]
+    threads = num_threads or max(1, min(8, os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        results = list(pool.map(lambda p: _check_one(p, min_size), files))
+    for p, (status, info) in zip(files, results):
+        name = str(p)
+        if status == "corrupt":
+            report.corrupt.append(name)
+            continue
+        if status == "truncated":
+            report.truncated.append(name)
+            continue
+        size, kinds = info
+        if status == "too_small":
+            report.too_small.append((name, size))
+        for kind in sorted(kinds):
+            getattr(report, kind).append(name)
+        if status == "decoded" and not kinds:
+            report.ok += 1
+    return report
+
+
+def format_report(report: CheckReport, *, max_listed: int = 20) -> str:
+    """A human-readable summary: counts, then up to ``max_listed`` files per problem."""
+    lines = [
+        f"{report.path}: {report.total} files, {report.num_images} images, {report.ok} ok, "
+        f"{report.usable} usable for training (min size {report.min_size})"
+    ]
+    sections = [
+        ("corrupt", report.corrupt, "cannot be decoded (stops training; on_bad='skip' drops them)"),
+        ("truncated", report.truncated, "data ends early (stops training; on_bad='skip' drops them)"),
+        (
+            "too_small",
+            [f"{p} ({w}x{h})" for p, (w, h) in report.too_small],
+            f"smaller than {report.min_size}x{report.min_size} (stops training; on_bad='skip' or 'pad')",
+        ),
+        ("grayscale", report.grayscale, "converted to RGB"),
+        ("cmyk", report.cmyk, "converted to RGB"),
+        ("alpha", report.alpha, "alpha channel dropped"),
+        ("non_image", report.non_image, "not images, ignored"),
+    ]
+    for name, items, what in sections:
+        if not items:
+            continue
+        lines.append(f"  {name}: {len(items)} file(s) {what}")
+        lines += [f"    {item}" for item in items[:max_listed]]
+        if len(items) > max_listed:
+            lines.append(f"    ... and {len(items) - max_listed} more")
+    if report.usable <= 0:
+        lines.append("  no usable image: training cannot start")
+    lines.append("problems found that stop training" if report.blocking else "no problem that stops training")
+    return "\n".join(lines)

@@ -1,0 +1,206 @@
+"""Listing image folders and decoding one image file into an RGB uint8 array.
+
+Every decode goes through :func:`read_image`, which is strict: a truncated file raises even when some
+other code has set ``PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True``. Grayscale, 16-bit, palette, CMYK and
+alpha images are converted to 3-channel RGB (alpha is dropped, as torchvision's ``convert("RGB")`` does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import pathlib
+import threading
+import warnings
+from collections.abc import Iterator
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from .errors import DataError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ImageReadError",
+    "list_image_files",
+    "read_image",
+    "read_image_chw",
+    "probe_image",
+    "strict_truncation",
+    "mode_kind",
+]
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
+GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
+ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+
+_truncation_lock = threading.Lock()
+_strict_depth = 0
+_saved_flag = False
+
+
+class ImageReadError(DataError):
+    """An image file could not be decoded. ``kind`` is ``"corrupt"`` or ``"truncated"``."""
+
+    def __init__(self, path: os.PathLike | str, kind: str, detail: str):
+        self.path = pathlib.Path(path)
+        self.kind = kind
+        super().__init__(f"{path}: {kind} image file, expected a decodable image ({detail})")
+
+
+@contextlib.contextmanager
+def strict_truncation() -> Iterator[None]:
+    """Make PIL raise on truncated files for the duration of the block, whatever the global says."""
+    # A depth counter (not a lock held across the decode) so that decoder threads still run in parallel;
+    # the first thread in saves the global, the last one out restores it.
+    global _strict_depth, _saved_flag
+    with _truncation_lock:
+        if _strict_depth == 0:
+            _saved_flag = ImageFile.LOAD_TRUNCATED_IMAGES
+        _strict_depth += 1
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        with _truncation_lock:
+            _strict_depth -= 1
+            if _strict_depth == 0:
+                ImageFile.LOAD_TRUNCATED_IMAGES = _saved_flag
+
+
+def mode_kind(img: Image.Image) -> set[str]:
+    """The conversions an image needs, as a subset of {"grayscale", "cmyk", "alpha"}."""
+    kinds = set()
+    mode = img.mode
+    if mode in GRAYSCALE_MODES:
+        kinds.add("grayscale")
+    if mode == "CMYK":
+        kinds.add("cmyk")
+    if mode in ALPHA_MODES or (mode == "P" and "transparency" in img.info):
+        kinds.add("alpha")
+    return kinds
+
+
+def _walk_sorted(folder: pathlib.Path) -> Iterator[pathlib.Path]:
+    # os.walk with sorted dirs/files: the sample order must not depend on the filesystem.
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        dirs.sort()
+        for name in sorted(files):
+            yield pathlib.Path(root) / name
+
+
+def _looks_like_image(path: pathlib.Path) -> bool:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path):
+                return True
+    except Exception:
+        return False
+
+
+def list_image_files(folder: os.PathLike | str) -> tuple[list[pathlib.Path], list[pathlib.Path]]:
+    """All image files under ``folder`` (recursively, sorted by path) and the non-image files.
+
+    A file counts as an image when its extension is a known image extension (the file may still be
+    corrupt: that is found when it is decoded) or, for other extensions, when PIL can identify it from
+    its header. Works for flat folders and for the ImageNet layout ``train/<wnid>/*.JPEG``.
+
+    Returns:
+        (images, non_images): two lists of paths.
+
+    Raises:
+        DataError: ``folder`` does not exist or is not a folder.
+    """
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: expected a folder of images, 'photos', or an STL-10 binary folder")
+    images, non_images = [], []
+    for path in _walk_sorted(folder):
+        if path.suffix.lower() in IMAGE_EXTENSIONS or _looks_like_image(path):
+            images.append(path)
+        else:
+            non_images.append(path)
+    return images, non_images
+
+
+def probe_image(path: os.PathLike | str) -> tuple[int, int, str]:
+    """(width, height, mode) from the header only, without decoding pixels.
+
+    Raises:
+        ImageReadError: the header cannot be parsed (kind ``"corrupt"``).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(path) as img:
+                return img.size[0], img.size[1], img.mode
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
+        raise ImageReadError(path, "corrupt", str(e) or type(e).__name__) from e
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode.startswith("I") or mode == "F":
+        # 16/32-bit grayscale: scale to 8 bits instead of clipping.
+        a = np.asarray(img, dtype=np.float64)
+        hi = float(a.max()) if a.size else 0.0
+        scale = 255.0 / (65535.0 if hi > 255 else 255.0)
+        a = np.clip(a * scale + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(a[:, :, None], 3, axis=2)
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.asarray(img)
+
+
+def read_image(path: os.PathLike | str, *, resize_shorter: int | None = None) -> np.ndarray:
+    """Decode an image file fully into RGB.
+
+    Args:
+        path: the image file.
+        resize_shorter: when given, resize (bilinear, antialiased) so the shorter side equals it,
+            keeping the aspect ratio. JPEGs are decoded at a reduced DCT scale when that is enough.
+
+    Returns:
+        np.ndarray uint8 of shape (H, W, 3), C-contiguous, RGB (use :func:`read_image_chw` for (3, H, W)).
+
+    Raises:
+        ImageReadError: the file is corrupt or truncated (names the file).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning, palette warnings
+            with strict_truncation(), Image.open(path) as img:
+                if resize_shorter is not None:
+                    w, h = img.size
+                    s = resize_shorter / min(w, h)
+                    size = (max(1, round(w * s)), max(1, round(h * s)))
+                    if img.format == "JPEG" and s < 1:
+                        img.draft("RGB", (math.ceil(w * s), math.ceil(h * s)))
+                    img.load()
+                    if img.mode not in ("RGB", "L"):
+                        img = Image.fromarray(_to_rgb(img))
+                    if img.size != size:
+                        img = img.resize(size, Image.Resampling.BILINEAR)
+                else:
+                    img.load()
+                hwc = _to_rgb(img)
+    except UnidentifiedImageError as e:
+        raise ImageReadError(path, "corrupt", "not a recognised image format") from e
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        msg = str(e) or type(e).__name__
+        kind = "truncated" if "truncat" in msg.lower() else "corrupt"
+        raise ImageReadError(path, kind, msg) from e
+    if hwc.ndim == 2:
+        hwc = np.repeat(hwc[:, :, None], 3, axis=2)
+    return np.ascontiguousarray(hwc)
+
+
+def read_image_chw(path: os.PathLike | str, *, resize_shorter: int | None = None) -> np.ndarray:
+    """:func:`read_image` in (3, H, W) layout, C-contiguous (what the loaders crop from)."""
+    return np.ascontiguousarray(read_image(path, resize_shorter=resize_shorter).transpose(2, 0, 1))

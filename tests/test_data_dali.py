@@ -1,0 +1,240 @@
+"""The DALI pipelines in CPU mode (device_id=None, CPU decoders): the same checks as the torch path."""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deepsim.data import DataError, build_loader
+from deepsim.data.dali import DaliUnavailableError, dali_available
+
+pytestmark = pytest.mark.skipif(
+    not dali_available(), reason="NVIDIA DALI is not importable (pip install nvidia-dali-cuda130)"
+)
+
+
+def coord_image(h, w, ident):
+    yy, xx = np.mgrid[0:h, 0:w]
+    return np.stack([xx, yy, np.full_like(xx, ident)], axis=2).astype(np.uint8)
+
+
+def write_coord_folder(folder, n, h=80, w=90):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        Image.fromarray(coord_image(h, w, i)).save(folder / f"img_{i:03d}.png")
+    return folder
+
+
+def to_pixels(batch):
+    return torch.round((batch.float() + 1) * 127.5).to(torch.uint8).numpy()
+
+
+def window(crop, h, w):
+    """(oy, ox, mirrored) of a coord-image crop, asserting it is a contiguous window."""
+    xs, ys = crop[0].astype(int), crop[1].astype(int)
+    assert (ys == ys[:, :1]).all() and (np.diff(ys[:, 0]) == 1).all()
+    assert (xs == xs[:1, :]).all()
+    row = xs[0]
+    mirrored = bool(row[0] > row[-1])
+    assert (np.diff(row) == (-1 if mirrored else 1)).all()
+    c = crop.shape[1]
+    assert 0 <= ys[0, 0] <= h - c and 0 <= row.min() <= w - c
+    return int(ys[0, 0]), int(row.min()), mirrored
+
+
+@pytest.fixture(scope="module")
+def coord_folder(tmp_path_factory):
+    return write_coord_folder(tmp_path_factory.mktemp("dali") / "coords", 8)
+
+
+@pytest.mark.parametrize(
+    "mode,crop,dtype,channels_last",
+    [
+        ("crop", 64, torch.float32, False),
+        ("resize-crop", 72, torch.bfloat16, True),
+        ("center", 48, torch.float32, True),
+    ],
+)
+def test_batch_convention(coord_folder, mode, crop, dtype, channels_last):
+    stream = build_loader(
+        coord_folder,
+        batch_size=4,
+        crop_size=crop,
+        mode=mode,
+        loader="dali",
+        dtype=dtype,
+        channels_last=channels_last,
+        resize_size=80,
+    )
+    x = next(stream)
+    assert x.shape == (4, 3, crop, crop) and x.dtype == dtype and x.device.type == "cpu"
+    assert x.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    assert -1 <= x.min() and x.max() <= 1
+    assert stream.num_samples == 8 and stream.steps_per_epoch == 2
+    stream.close()
+
+
+def test_photos_and_static_buffer():
+    stream = build_loader(
+        "photos", batch_size=4, crop_size=64, loader="dali", static=True, dtype=torch.bfloat16
+    )
+    a = next(stream)
+    first = a.clone()
+    b = next(stream)
+    assert a is b and b.dtype == torch.bfloat16 and b.shape == (4, 3, 64, 64)
+    assert not torch.equal(first, b)  # new content, same tensor
+    stream.close()
+
+
+def test_crops_are_windows_and_mirror(coord_folder):
+    stream = build_loader(coord_folder, batch_size=8, crop_size=48, loader="dali", seed=1)
+    flips, ids = [], []
+    for _ in range(3):
+        for crop in to_pixels(next(stream)):
+            flips.append(window(crop, 80, 90)[2])
+            ids.append(int(crop[2, 0, 0]))
+    assert any(flips) and not all(flips)
+    assert set(ids) == set(range(8))
+
+
+def test_center_mode_is_central(coord_folder):
+    stream = build_loader(coord_folder, batch_size=8, crop_size=48, mode="center", loader="dali")
+    for crop in to_pixels(next(stream)):
+        oy, ox, m = window(crop, 80, 90)
+        assert not m and abs(oy - 16) <= 1 and abs(ox - 21) <= 1
+
+
+def test_same_seed_same_stream(coord_folder):
+    def run(seed):
+        s = build_loader(coord_folder, batch_size=4, crop_size=32, loader="dali", seed=seed)
+        out = [next(s) for _ in range(3)]
+        s.close()
+        return out
+
+    a, b, c = run(5), run(5), run(6)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_shards_disjoint(tmp_path):
+    folder = write_coord_folder(tmp_path / "sh", 10, 40, 40)
+    seen = []
+    for shard in range(2):
+        s = build_loader(folder, batch_size=5, crop_size=16, loader="dali", shard_id=shard, num_shards=2)
+        assert s.samples_per_shard == 5
+        seen.append(set(to_pixels(next(s))[:, 2, 0, 0].tolist()))
+        s.close()
+    assert len(seen[0]) == 5 and len(seen[1]) == 5 and not seen[0] & seen[1]
+
+
+def write_stl10(folder, n=9):
+    folder.mkdir()
+    imgs = np.random.default_rng(0).integers(0, 256, (n, 3, 96, 96), dtype=np.uint8)
+    np.ascontiguousarray(imgs.transpose(0, 1, 3, 2)).tofile(folder / "unlabeled_X.bin")
+    return imgs
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_stl10_external_source_matches_torch_path(tmp_path, channels_last):
+    folder = tmp_path / "stl"
+    write_stl10(folder)
+    kw = dict(batch_size=4, crop_size=64, seed=3, channels_last=channels_last)
+    t = build_loader(folder, loader="torch", **kw)
+    d = build_loader(folder, loader="dali", **kw)
+    torch_batches = [next(t) for _ in range(5)]
+    dali_batches = [next(d) for _ in range(5)]
+    for a, b in zip(torch_batches, dali_batches):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+    resumed = build_loader(folder, loader="dali", start_step=3, **kw)
+    torch.testing.assert_close(next(resumed), dali_batches[3], rtol=0, atol=0)
+    d.close()
+    resumed.close()
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def bad_folder(tmp_path):
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(folder / f"good_{i}.jpg")
+    Image.fromarray(rng.integers(0, 255, (80, 80), dtype=np.uint8), "L").save(folder / "gray.png")
+    Image.fromarray(rng.integers(0, 255, (80, 80, 4), dtype=np.uint8), "CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(rng.integers(0, 255, (80, 80, 4), dtype=np.uint8), "RGBA").save(folder / "alpha.png")
+    Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(folder / "small.png")
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "corrupt.jpg").write_bytes(b"this is not a jpeg at all" * 10)
+    data = (folder / "good_0.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    return folder
+
+
+@pytest.mark.parametrize("name", ["corrupt.jpg", "small.png"])
+def test_prescan_error_names_file(bad_folder, name):
+    (bad_folder / ({"corrupt.jpg", "small.png"} - {name}).pop()).unlink()
+    with pytest.raises(DataError, match=name.replace(".", r"\.")):
+        build_loader(bad_folder, batch_size=4, loader="dali")
+
+
+def test_full_check_catches_truncated(bad_folder):
+    (bad_folder / "corrupt.jpg").unlink()
+    (bad_folder / "small.png").unlink()
+    with pytest.raises(DataError, match=r"truncated\.jpg"):
+        _build_full(bad_folder)
+
+
+def test_truncated_without_full_check_is_a_data_error(tmp_path, bad_folder):
+    sub = tmp_path / "trunc"
+    sub.mkdir()
+    for name in ["good_0.jpg", "truncated.jpg"]:
+        (sub / name).write_bytes((bad_folder / name).read_bytes())
+    s = build_loader(sub, batch_size=2, loader="dali")  # header-only pre-scan passes
+    with pytest.raises(DataError, match="full_check"):
+        next(s)
+
+
+def _build_full(folder, **kw):
+    from deepsim.data.dali import build_dali_loader
+
+    return build_dali_loader(folder, batch_size=4, full_check=True, **kw)
+
+
+def test_skip_and_conversions(bad_folder):
+    s = _build_full(bad_folder, on_bad="skip")
+    assert s.skipped == 3 and s.ignored == 1 and s.num_samples == 6  # 3 good + gray, cmyk, alpha
+    for _ in range(3):
+        assert next(s).shape == (4, 3, 64, 64)
+    s.close()
+
+
+def test_pad_keeps_small_images(tmp_path):
+    folder = tmp_path / "small"
+    folder.mkdir()
+    Image.fromarray(np.full((20, 30, 3), 200, dtype=np.uint8)).save(folder / "small.png")
+    s = build_loader(folder, batch_size=2, crop_size=32, loader="dali", on_bad="pad")
+    x = next(s)
+    assert x.shape == (2, 3, 32, 32) and s.skipped == 0
+    assert torch.isclose(x.max(), torch.tensor(200 / 127.5 - 1)) and (x < 0.5).any()  # content + padding
+    s.close()
+
+
+def test_empty_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no image files"):
+        build_loader(tmp_path / "empty", batch_size=2, loader="dali")
+
+
+def test_missing_dali_is_a_clear_error(monkeypatch, coord_folder):
+    for mod in ["nvidia.dali", "nvidia.dali.plugin.pytorch"]:
+        monkeypatch.setitem(sys.modules, mod, None)
+    with pytest.raises(
+        DaliUnavailableError, match="pip install nvidia-dali-cuda130.*placeholder.*--loader torch"
+    ):
+        build_loader(coord_folder, batch_size=2, loader="dali")

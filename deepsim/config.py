@@ -7,7 +7,7 @@ Caffe code derived from the authors' training script, "open" = our choice, docum
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = ["TrainConfig", "PRESETS", "get_preset", "CAFFE_TO_DEEPSIM"]
 
@@ -29,8 +29,11 @@ class TrainConfig:
     code_channels: int = 8  # autoencoder code: an 8-channel map 8x smaller than the input (seed)
     invert_layer: str = "fc6"  # inversion: which AlexNet layer is inverted (conv5|fc6|fc7|fc8)
     noise_dim: int = 0  # inversion: noise channels injected beside the features (pre-image sampling)
-    latent_dim: int = 4096  # VAE: size of the latent vector (open)
-    lambda_kl: float = 1.0  # VAE: weight of the KL term (open)
+    invert_network: str = "alexnet"  # inversion: the fixed network Phi: alexnet|caffenet|alexnet-random|caffenet-random
+    invert_network_weights: str | None = None  # inversion: Phi's weights file (None: torchvision cache / random)
+    fc_width: int = 4096  # inversion and VAE generators: width of the FC layers before the 256x4x4 reshape (code)
+    latent_dim: int = 4096  # VAE: size of the latent vector (open; 4096 = the fc6 input the decoder copies)
+    lambda_kl: float = 1.0  # VAE: weight of the KL term, a per-sample sum like every other term (open)
 
     # --- the loss
     loss: str = "deepsim"  # "deepsim" | "se" | "l1": DeePSiM or an image-space baseline
@@ -94,12 +97,51 @@ PRESETS: dict[str, TrainConfig] = {
     "autoencoder-photos": _preset(
         steps=600, batch_size=32, log_every=10, sample_every=100, checkpoint_every=200, out="runs/autoencoder-photos"
     ),
-    # The paper's autoencoder experiments (seed): STL-10 unlabeled, 64x64 crops, batch 64.
+    # The paper's autoencoder experiments (seed): STL-10 unlabeled (data="stl10": the STL-10 binary folder,
+    # pass --data PATH elsewhere), random 64x64 crops, an 8-channel code 8x smaller (8x8x8), batch 64, Adam
+    # 2e-4, 500k steps, D with first stride 2. The four losses compared (seed): SE, l1, DeePSiM with AlexNet
+    # CONV3, DeePSiM with Exemplar-CNN CONV3. DeePSiM weights: the derived code's (inversion script:
+    # feat 0.01, img 2e-6, adv 100 in Caffe's convention, converted by CAFFE_TO_DEEPSIM); the autoencoder's
+    # own weights are not published (open). AlexNet = torchvision's layout (the paper used Caffe's: pass
+    # --comparator caffenet:conv3 --comparator-weights FILE); Exemplar-CNN needs --comparator-weights FILE.
     "autoencoder-stl10-se": _preset(loss="se", data="stl10", out="runs/ae-se"),
     "autoencoder-stl10-l1": _preset(loss="l1", data="stl10", out="runs/ae-l1"),
     "autoencoder-stl10-alexnet": _preset(comparator="alexnet:conv3", data="stl10", out="runs/ae-alexnet"),
     "autoencoder-stl10-exemplar": _preset(comparator="exemplar:conv3", data="stl10", out="runs/ae-exemplar"),
+    # The VAE (seed: DeePSiM replaces the reconstruction term; the decoder is the fc6 inversion generator).
+    # Open, our choices: 64x64 images (the decoder's up-conv stack then has 4 stages, 4 -> 64, instead of 6),
+    # the conv encoder of deepsim.applications.generators.VAEEncoder, latent 4096 (the fc6 size the decoder
+    # copies), lambda_kl 1 (a per-sample KL sum, like every other term), STL-10 unlabeled as for the
+    # autoencoder, the autoencoder's comparator AlexNet CONV3 and D (first stride 2); DeePSiM weights: code.
+    "vae-stl10": _preset(
+        task="vae", image_size=64, latent_dim=4096, lambda_kl=1.0, comparator="alexnet:conv3", data="stl10",
+        out="runs/vae-stl10",
+    ),
+    # The VAE quickstart (the default of `deepsim train vae`): bundled photos, random-weight AlexNet (as the
+    # autoencoder quickstart), a small latent and FC width so that it runs on a laptop CPU (open).
+    "vae-photos": _preset(
+        task="vae", image_size=64, latent_dim=256, fc_width=1024, batch_size=16, steps=400, log_every=10,
+        sample_every=100, checkpoint_every=200, out="runs/vae-photos",
+    ),
 }
+
+
+def _invert_preset(layer: str) -> TrainConfig:
+    # Inverting AlexNet (seed, code): ILSVRC-2012 train (data="imagenet/train": a folder of its JPEGs, pass
+    # --data PATH), 227x227 crops after resizing the shorter side to 256, generator output 256 cropped to 227,
+    # D with first stride 4 and the feature branch, comparator pool5 (code; torchvision's AlexNet layout, the
+    # code used CaffeNet: --comparator caffenet:pool5 --comparator-weights FILE), Phi = the same AlexNet
+    # (--invert-network caffenet --invert-network-weights FILE for CaffeNet), weights feat 0.01, img 2e-6,
+    # adv 100 in Caffe's convention (code), batch 64, Adam 2e-4 (seed), 500k steps (seed: 500k to 1M).
+    # Ablations (seed): --lambda-adv 0 (no D is built), --lambda-img 0, --lambda-feat 0.
+    return _preset(
+        task="invert", invert_layer=layer, invert_network="alexnet", image_size=227, disc_first_stride=4,
+        comparator="alexnet:pool5", batch_size=64, lambda_feat=0.01 * CAFFE_TO_DEEPSIM["feat"], lambda_adv=100.0,
+        lambda_img=2e-6 * CAFFE_TO_DEEPSIM["img"], data="imagenet/train", out=f"runs/invert-{layer}",
+    )
+
+
+PRESETS.update({f"invert-{layer}": _invert_preset(layer) for layer in ("conv5", "fc6", "fc7", "fc8")})
 
 
 def get_preset(name: str) -> TrainConfig:

@@ -12,7 +12,7 @@ from deepsim.train.step import DeePSiMTrainer
 
 __all__ = ["build_trainer", "resolve_device", "TASKS"]
 
-TASKS = ("autoencoder",)
+TASKS = ("autoencoder", "vae", "invert")
 
 
 def resolve_device(name: str) -> torch.device:

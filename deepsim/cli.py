@@ -4,6 +4,12 @@
     deepsim reconstruct --checkpoint C IMAGE... --out DIR          autoencode images with a trained G
     deepsim data check PATH                                        report every bad image before a run
     deepsim presets                                                list the presets and their values
+    deepsim bench [--groups kernels,loader,step] [--quick] [--out DIR]   throughput tables (= python -m bench)
+    deepsim train vae | invert --layer conv5|fc6|fc7|fc8 ...       the VAE and AlexNet inversion (see below)
+    deepsim invert | sample-preimages | sample-vae | eval ...      see deepsim.applications.commands
+
+`deepsim train vae` also writes <out>/prior_samples.png (64 decoded prior samples) at the end.
+`deepsim train invert` without --preset takes the preset invert-<layer> (default layer: fc6).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from pathlib import Path
 
 __all__ = ["main", "build_parser"]
 
-DEFAULT_PRESET = {"autoencoder": "autoencoder-photos"}
+DEFAULT_PRESET = {"autoencoder": "autoencoder-photos", "vae": "vae-photos", "invert": "invert-fc6"}
 
 # CLI flag -> TrainConfig field, for the flags that override a preset.
 TRAIN_FLAGS = {
@@ -41,12 +47,19 @@ TRAIN_FLAGS = {
     "sample_every": int,
     "checkpoint_every": int,
     "num_workers": int,
+    "noise_dim": int,
+    "invert_network": str,
+    "invert_network_weights": str,
+    "fc_width": int,
+    "latent_dim": int,
+    "lambda_kl": float,
 }
 CHOICES = {
     "loss": ["deepsim", "se", "l1"],
     "loader": ["torch", "dali"],
     "compile": ["off", "default", "max-autotune", "reduce-overhead"],
     "precision": ["fp32", "tf32", "bf16"],
+    "invert_network": ["alexnet", "caffenet", "alexnet-random", "caffenet-random"],
 }
 HELP = {
     "steps": "number of training iterations",
@@ -70,6 +83,12 @@ HELP = {
     "sample_every": "write a PNG grid of inputs and reconstructions every N steps",
     "checkpoint_every": "write checkpoint.pt every N steps (and at the end)",
     "num_workers": "DataLoader worker processes (torch loader)",
+    "noise_dim": "invert: K noise values beside the features (extra channels for conv5), for pre-image sampling",
+    "invert_network": "invert: the fixed AlexNet whose features are inverted",
+    "invert_network_weights": "invert: weights file of that network (default: torchvision's cache)",
+    "fc_width": "invert/vae: width of the generator's FC layers (paper: 4096)",
+    "latent_dim": "vae: latent size",
+    "lambda_kl": "vae: weight of the KL term",
 }
 
 
@@ -82,13 +101,17 @@ def _add_train_parser(sub) -> None:
         description="Train a DeePSiM generator. Without flags: the autoencoder on the bundled photos, a few minutes "
         "on a laptop CPU. Flags override the preset's values.",
     )
-    p.add_argument("task", nargs="?", default="autoencoder", choices=sorted(DEFAULT_PRESET), help="what to train")
+    p.add_argument(
+        "task", nargs="?", default=None, choices=sorted(DEFAULT_PRESET),
+        help="what to train (default: the --preset's task, else autoencoder)",
+    )
     p.add_argument("--preset", choices=sorted(PRESETS), help="named experiment (default: %(default)s per task)")
     p.add_argument(
         "--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
         help="continue from CHECKPOINT, or from --out's checkpoint.pt when no path is given",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
+    p.add_argument("--layer", choices=["conv5", "fc6", "fc7", "fc8"], help="invert: the AlexNet layer to invert")
     for name, kind in TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, choices=CHOICES.get(name), help=HELP[name])
 
@@ -111,11 +134,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     q = data_sub.add_parser("check", help="scan a folder and report every image a training run would stumble on")
-    q.add_argument("path", type=Path)
+    q.add_argument("path", help="a folder of images, an STL-10 binary folder, or 'photos' (the bundled photos)")
     q.add_argument("--min-size", type=int, default=64, help="smallest usable side (the crop size)")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
 
     sub.add_parser("presets", help="list the presets and their values")
+    _add_bench_parser(sub)
+    from deepsim.applications.commands import add_subcommands
+
+    add_subcommands(sub)  # invert, sample-preimages, sample-vae, eval
     return parser
 
 
@@ -123,8 +150,13 @@ def _cmd_train(args) -> int:
     from deepsim.config import get_preset
     from deepsim.train.loop import train
 
-    config = get_preset(args.preset or DEFAULT_PRESET[args.task])
+    if args.task is None:
+        args.task = get_preset(args.preset).task if args.preset else "autoencoder"
+    by_layer = f"invert-{args.layer}" if args.task == "invert" and args.layer else None
+    config = get_preset(args.preset or by_layer or DEFAULT_PRESET[args.task])
     overrides = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
+    if args.layer:
+        overrides["invert_layer"] = args.layer
     config = config.replace(task=args.task, **overrides)
     print(
         f"deepsim train {config.task}: data={config.data} loss={config.loss} comparator={config.comparator} "
@@ -137,6 +169,10 @@ def _cmd_train(args) -> int:
     print(f"done: step {result.step}, checkpoint {result.checkpoint}, samples in {result.out / 'samples'}")
     if summary:
         print("last metrics: " + json.dumps(summary))
+    if config.task == "vae" and result.checkpoint is not None:
+        from deepsim.applications import sample_vae_prior
+
+        print(f"prior samples: {sample_vae_prior(result.checkpoint, result.out / 'prior_samples.png', device=config.device)}")
     return 0
 
 
@@ -151,9 +187,32 @@ def _cmd_reconstruct(args) -> int:
 def _cmd_data_check(args) -> int:
     from deepsim.data.check import check_images, format_report
 
-    report = check_images(args.path, min_size=args.min_size)
+    report = check_images(args.path if args.path == "photos" else Path(args.path), min_size=args.min_size)
     print(json.dumps(dataclasses.asdict(report), indent=2, default=str) if args.json else format_report(report))
     return 1 if report.blocking else 0
+
+
+def _add_bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="throughput benchmarks (kernels, loader, step); the same as python -m bench")
+    p.add_argument("--groups", default="kernels,loader,step", help="comma-separated groups (default: %(default)s)")
+    p.add_argument("--quick", action="store_true", help="fewer iterations (a few minutes on a CPU)")
+    p.add_argument("--out", type=Path, default=None, help="folder for results.json/.md (default: bench/out/<time>)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--append-results", action="store_true", help="append the table to bench/RESULTS.md")
+
+
+def _cmd_bench(args) -> int:
+    root = Path(__file__).resolve().parents[1]  # bench/ lives beside deepsim/ in a checkout, not in a wheel
+    if not (root / "bench" / "__main__.py").exists():
+        print("deepsim bench: bench/ ships with the source checkout only; run it from a clone", file=sys.stderr)
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from bench.__main__ import main as bench_main
+
+    argv = ["--groups", args.groups, "--device", args.device] + (["--quick"] if args.quick else [])
+    argv += (["--out", str(args.out)] if args.out else []) + (["--append-results"] if args.append_results else [])
+    return bench_main(argv)
 
 
 def _cmd_presets(args) -> int:
@@ -171,9 +230,13 @@ def main(argv: list[str] | None = None) -> int:
     from deepsim.errors import USER_ERRORS
 
     args = build_parser().parse_args(argv)
-    handler = {"train": _cmd_train, "reconstruct": _cmd_reconstruct, "presets": _cmd_presets}.get(args.command)
+    from deepsim.applications.commands import HANDLERS
+
+    handler = {"train": _cmd_train, "reconstruct": _cmd_reconstruct, "presets": _cmd_presets, **HANDLERS}.get(args.command)
     if args.command == "data":
         handler = _cmd_data_check
+    if args.command == "bench":
+        handler = _cmd_bench
     try:
         return handler(args)
     except USER_ERRORS as error:

@@ -28,7 +28,6 @@ module (``conv1.weight``, ``conv1.bias``, ..., ``fc8.bias``), with Caffe's blob 
 from __future__ import annotations
 
 import os
-from collections import OrderedDict
 from pathlib import Path
 
 import torch

@@ -6,7 +6,7 @@ import torch
 
 from deepsim.kernels import mean_pairwise_distance
 
-__all__ = ["normalized_error", "mean_pairwise_distance", "sharpness_ratio"]
+__all__ = ["normalized_error", "mean_pairwise_distance", "sharpness_ratio", "gradient_energy"]
 
 
 def normalized_error(a: torch.Tensor, b: torch.Tensor, reference_set: torch.Tensor | float) -> torch.Tensor:
@@ -34,8 +34,10 @@ def sharpness_ratio(reconstruction: torch.Tensor, target: torch.Tensor) -> torch
     Energy = sum of squared finite differences along H and W, over the batch. Shapes (B, C, H, W).
     """
 
-    def energy(x):
-        x = x.double()
-        return (x[..., 1:, :] - x[..., :-1, :]).pow(2).sum() + (x[..., :, 1:] - x[..., :, :-1]).pow(2).sum()
+    return (gradient_energy(reconstruction) / gradient_energy(target).clamp_min(1e-12)).float()
 
-    return (energy(reconstruction) / energy(target).clamp_min(1e-12)).float()
+
+def gradient_energy(x: torch.Tensor) -> torch.Tensor:
+    """Sum of squared finite differences of x (B, C, H, W) along H and W, in float64 (0-dim)."""
+    x = x.double()
+    return (x[..., 1:, :] - x[..., :-1, :]).pow(2).sum() + (x[..., :, 1:] - x[..., :, :-1]).pow(2).sum()

@@ -199,3 +199,13 @@ def test_markdown_and_json_tables(tmp_path):
     md, js = write_table(rows, columns, tmp_path, "t", "T")
     assert md.read_text() == text
     assert json.loads(js.read_text())["rows"][0] == {"layer": "fc6", "err": 0.51234, "n": 3}
+
+
+def test_reconstruction_error_reports_sharpness():
+    from deepsim.eval.evaluate import reconstruction_error
+
+    targets = [torch.rand(4, 3, 16, 16) * 2 - 1 for _ in range(2)]
+    same = reconstruction_error(lambda x: x, targets)
+    assert same["normalized_error"] == 0 and same["sharpness"] == pytest.approx(1.0)
+    blur = reconstruction_error(lambda x: torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1), targets)
+    assert blur["sharpness"] < 0.5 and blur["normalized_error"] > 0

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from deepsim.metrics import mean_pairwise_distance, normalized_error
+from deepsim.metrics import gradient_energy, mean_pairwise_distance, normalized_error
 
 from .svm import stl10_svm_accuracy
 from .tables import Column, markdown_table, write_table
@@ -44,6 +44,7 @@ RECONSTRUCTION_COLUMNS: list[Column] = [
     ("mean_distance", "mean ||G(x) - y||", ".4f"),
     ("reference_distance", "N (mean pair distance)", ".4f"),
     ("normalized_error", "normalized error", ".4f"),
+    ("sharpness", "sharpness", ".3f"),
     ("checkpoint", "checkpoint", ""),
 ]
 SVM_COLUMNS: list[Column] = [
@@ -73,9 +74,11 @@ def reconstruction_error(
         max_images: stop after this many images (None: all).
 
     Returns:
-        {"images", "mean_distance" (mean_i ||a_i - y_i||), "reference_distance" (N), "normalized_error"}.
+        {"images", "mean_distance" (mean_i ||a_i - y_i||), "reference_distance" (N), "normalized_error",
+        "sharpness" (gradient energy of the reconstructions / that of the targets)}.
     """
     targets, distance_sum, count = [], 0.0, 0
+    energy_fake = energy_target = 0.0
     for batch in batches:
         if max_images is not None:
             batch = batch[: max_images - count]
@@ -88,6 +91,8 @@ def reconstruction_error(
             )
         # normalized_error with N = 1 is the batch's mean distance; N is applied once, over the whole set.
         distance_sum += float(normalized_error(fake.cpu(), batch.float().cpu(), 1.0)) * len(batch)
+        energy_fake += float(gradient_energy(fake.cpu()))
+        energy_target += float(gradient_energy(batch.float().cpu()))
         targets.append(batch.float().cpu())
         count += len(batch)
         if max_images is not None and count >= max_images:
@@ -101,6 +106,8 @@ def reconstruction_error(
         "mean_distance": mean_distance,
         "reference_distance": reference,
         "normalized_error": mean_distance / reference if reference > 0 else float("nan"),
+        # energy of the image gradient of the reconstructions over that of the targets (1: as sharp)
+        "sharpness": energy_fake / energy_target if energy_target > 0 else float("nan"),
     }
 
 

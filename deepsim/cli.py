@@ -114,6 +114,10 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--layer", choices=["conv5", "fc6", "fc7", "fc8"], help="invert: the AlexNet layer to invert")
     for name, kind in TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, choices=CHOICES.get(name), help=HELP[name])
+    p.add_argument(
+        "--channels-last", action="store_true", default=None,
+        help="G, D, C and the batches in channels_last (NHWC) memory format (faster convolutions on tensor cores)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,6 +161,8 @@ def _cmd_train(args) -> int:
     overrides = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
     if args.layer:
         overrides["invert_layer"] = args.layer
+    if args.channels_last:
+        overrides["channels_last"] = True
     config = config.replace(task=args.task, **overrides)
     print(
         f"deepsim train {config.task}: data={config.data} loss={config.loss} comparator={config.comparator} "

@@ -10,17 +10,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torchvision.utils import make_grid, save_image
 
 from deepsim.config import TrainConfig
 from deepsim.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from deepsim.train.factory import build_trainer, resolve_device
+from deepsim.train.factory import build_trainer
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError", "RUNTIME_FIELDS"]
 
 # Fields a resumed run takes from the command line; all others come from the checkpoint's config.
-RUNTIME_FIELDS = {"steps", "out", "device", "log_every", "sample_every", "checkpoint_every", "num_workers", "compile", "loader"}
+RUNTIME_FIELDS = {
+    "steps", "out", "device", "log_every", "sample_every", "checkpoint_every", "num_workers", "compile", "loader",
+    "channels_last",
+}
 
 
 class NonFiniteLossError(RuntimeError):
@@ -37,12 +39,6 @@ class TrainResult:
 
 def _task_mode(config: TrainConfig) -> str:
     return "resize-crop" if config.task == "invert" else "crop"
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _save_grid(trainer, sample_batch: torch.Tensor, path: Path) -> None:
@@ -71,8 +67,44 @@ def train(config: TrainConfig, *, resume: bool | str | Path = False, progress: b
         saved = TrainConfig.from_dict(payload["config"])
         config = saved.replace(**{k: getattr(config, k) for k in RUNTIME_FIELDS})
     out = Path(config.out)
-    rank, world = _rank_world()
-    device = resolve_device(config.device)
+    from deepsim.train import distributed
+
+    context = distributed.init_from_env(config.device)  # torchrun's variables, if any; else rank 0 of 1
+    try:
+        return _train(config, payload, out, context, progress, build_loader)
+    finally:
+        distributed.cleanup(context)
+
+
+class _PendingMetrics:
+    """Metrics of one step on their way to the host: a non-blocking copy into pinned memory, started at the
+    log step and read one step later (after the next step was queued), so the device never idles on it."""
+
+    def __init__(self, step: int, metrics: dict[str, torch.Tensor], world: int):
+        self.step, self.names = step, list(metrics)
+        values = torch.stack([metrics[n].float() for n in self.names])  # a new tensor: safe from CUDA-graph reuse
+        if world > 1:  # every rank logs (and checks) the same averages, so all stop together on a NaN
+            from deepsim.train.distributed import all_reduce_mean
+
+            values = all_reduce_mean(values)
+        if values.is_cuda:
+            self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host, self.ready = values.clone(), None
+
+    def read(self) -> dict[str, float]:
+        if self.ready is not None:
+            self.ready.synchronize()  # the only host wait, every log_every steps, one step behind the device
+        return dict(zip(self.names, self.host.tolist()))
+
+
+def _train(config: TrainConfig, payload, out: Path, context, progress: bool, build_loader) -> TrainResult:
+    from deepsim.train import distributed
+
+    rank, world, device = context.rank, context.world, context.device
     if config.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -84,6 +116,13 @@ def train(config: TrainConfig, *, resume: bool | str | Path = False, progress: b
         trainer.load_training_state(payload["trainer"])
         start = int(payload["step"])
         set_rng_state(payload["rng"])
+    if world > 1:
+        distributed.wrap_ddp(trainer, device, ddp=config.compile == "off")
+        # Dropout masks differ per rank; the initial weights above were drawn before, identically.
+        torch.manual_seed(config.seed + 1_000_003 * rank + start)
+    channels_last = getattr(config, "channels_last", False)
+    if channels_last:
+        trainer.to_channels_last()
     step_fn = trainer.step
     if config.compile != "off":
         from deepsim.train.compiled import compile_step
@@ -93,7 +132,7 @@ def train(config: TrainConfig, *, resume: bool | str | Path = False, progress: b
     stream = build_loader(
         config.data, batch_size=config.batch_size, crop_size=config.image_size, mode=_task_mode(config),
         loader=config.loader, device=device, seed=config.seed, start_step=start, shard_id=rank, num_shards=world,
-        num_workers=config.num_workers,
+        num_workers=config.num_workers, channels_last=channels_last,
     )
     sample_stream = build_loader(
         config.data, batch_size=8, crop_size=config.image_size, mode=_task_mode(config), loader="torch",
@@ -120,35 +159,47 @@ def train(config: TrainConfig, *, resume: bool | str | Path = False, progress: b
 
     trainer.train()
     window_start, window_steps, step = time.perf_counter(), 0, start
+    pending: _PendingMetrics | None = None
+
+    def log(entry: _PendingMetrics) -> None:
+        nonlocal window_start, window_steps
+        values = entry.read()
+        row = {"step": entry.step, **values}
+        bad = [n for n, v in values.items() if not math.isfinite(v)]
+        if bad:
+            where = f"the last good checkpoint {last_good} is untouched" if last_good else "no checkpoint was written"
+            raise NonFiniteLossError(
+                f"non-finite loss at step {entry.step} ({', '.join(f'{n} = {row[n]}' for n in bad)}); training stopped, "
+                f"{where}. Lower the learning rate or the loss weights, or check the data."
+            )
+        elapsed = time.perf_counter() - window_start
+        row["images_per_s"] = window_steps * config.batch_size * world / max(elapsed, 1e-9)
+        window_start, window_steps = time.perf_counter(), 0
+        history.append(row)
+        if metrics_file:
+            metrics_file.write(json.dumps(row) + "\n")
+            metrics_file.flush()
+        if bar is not None:
+            names = entry.names
+            bar.set_postfix_str(
+                " ".join(f"{n.split('/')[-1]}={row[n]:.3g}" for n in names if n.startswith("Loss/G"))
+                + f" D={row.get('Loss/D/real', 0) + row.get('Loss/D/fake', 0):.3g} {row['images_per_s']:.0f} img/s"
+            )
+
     try:
         for step in range(start + 1, config.steps + 1):
             metrics = step_fn(next(stream))
             window_steps += 1
+            if pending is not None:  # the previous log step's copy, read after this step was queued
+                log(pending)
+                pending = None
             last = step == config.steps
             ckpt_due = step % config.checkpoint_every == 0 or last
             if step % config.log_every == 0 or ckpt_due:
-                names = list(metrics)
-                values = torch.stack([metrics[n].float() for n in names]).cpu().tolist()  # the one sync
-                row = {"step": step, **dict(zip(names, values))}
-                bad = [n for n, v in zip(names, values) if not math.isfinite(v)]
-                if bad:
-                    where = f"the last good checkpoint {last_good} is untouched" if last_good else "no checkpoint was written"
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {step} ({', '.join(f'{n} = {row[n]}' for n in bad)}); training stopped, "
-                        f"{where}. Lower the learning rate or the loss weights, or check the data."
-                    )
-                elapsed = time.perf_counter() - window_start
-                row["images_per_s"] = window_steps * config.batch_size * world / max(elapsed, 1e-9)
-                window_start, window_steps = time.perf_counter(), 0
-                history.append(row)
-                if metrics_file:
-                    metrics_file.write(json.dumps(row) + "\n")
-                    metrics_file.flush()
-                if bar is not None:
-                    bar.set_postfix_str(
-                        " ".join(f"{n.split('/')[-1]}={row[n]:.3g}" for n in names if n.startswith("Loss/G"))
-                        + f" D={row.get('Loss/D/real', 0) + row.get('Loss/D/fake', 0):.3g} {row['images_per_s']:.0f} img/s"
-                    )
+                pending = _PendingMetrics(step, metrics, world)
+                if ckpt_due:  # a checkpoint is only written after its step's losses were checked
+                    log(pending)
+                    pending = None
             if bar is not None:
                 bar.update(1)
             if is_main and (step % config.sample_every == 0 or last):
@@ -161,6 +212,8 @@ def train(config: TrainConfig, *, resume: bool | str | Path = False, progress: b
                     "rng": rng_state(),
                 }
                 last_good = save_checkpoint(checkpoint_path, payload)
+        if pending is not None:
+            log(pending)
     finally:
         if bar is not None:
             bar.close()

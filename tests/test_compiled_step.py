@@ -1,0 +1,158 @@
+"""The compiled training step: one graph with no break, the same parameters as the eager step, GatedAdam,
+bf16 autocast and channels_last on CPU."""
+
+import copy
+
+import pytest
+import torch
+import torch._dynamo
+import torch._inductor.config as inductor_config
+
+from deepsim.config import get_preset
+from deepsim.train.compiled import CompiledStep, count_graph_breaks
+from deepsim.train.factory import build_trainer
+from deepsim.train.optim import GatedAdam
+
+SIZE, BATCH, STEPS, LR = 32, 2, 3, 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core runner, OpenMP threads spinning against other processes make
+    a step ~50x slower; results do not depend on the thread count beyond reduction order (same in a test)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _trainer(**changes):
+    config = get_preset("autoencoder-photos").replace(
+        comparator="alexnet-random:conv2", batch_size=BATCH, image_size=SIZE, device="cpu", lr=LR, **changes
+    )
+    torch.manual_seed(0)
+    return build_trainer(config, torch.device("cpu"))
+
+
+def _batches(n=STEPS, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.rand(BATCH, 3, SIZE, SIZE, generator=gen) * 2 - 1 for _ in range(n)]
+
+
+def test_gated_adam_matches_torch_adam_and_a_closed_gate_changes_nothing():
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(7))]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    gated, adam = GatedAdam(ours, lr=1e-2), torch.optim.Adam(theirs, lr=1e-2)
+    for _ in range(5):
+        grads = [torch.randn_like(p) for p in ours]
+        for p, q, g in zip(ours, theirs, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        gated.step(torch.tensor(True))
+        adam.step()
+        before = [p.detach().clone() for p in ours] + [s[k].clone() for s in gated.state.values() for k in s]
+        gated.step(torch.tensor(False))  # paused: parameters, moments and step counts stay bit-identical
+        after = [p.detach() for p in ours] + [s[k] for s in gated.state.values() for k in s]
+        assert all(torch.equal(a, b) for a, b in zip(before, after))
+    for p, q in zip(ours, theirs):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5)  # same formula, different rounding order
+    assert gated.state[ours[0]]["step"].item() == 5
+
+
+def test_compiled_step_is_one_graph_without_break():
+    graphs, breaks, reasons = count_graph_breaks(_trainer(), _batches(1)[0])
+    assert breaks == 0, reasons
+    assert graphs == 1
+
+
+# Tolerances. "aot_eager" runs the traced graph (Dynamo + AOTAutograd: forward, both backward passes, pause
+# rule and Adam in one graph) with eager kernels: bit-identical to the eager step. "inductor" fuses and
+# reorders floating-point reductions, so gradients differ at ~1e-7 relative where they are large; G's encoder
+# gradients come back through the decoder, C and D and are tiny (near Adam's eps), so their relative error is
+# larger, and Adam (update ~ g / (sqrt(v) + eps)) passes it on to the update or flips its sign. Measured with
+# lr 1e-4, 3 steps, 1 thread: max |diff| 7e-5 (encoder only), 98.5 % of elements within 1e-6, mean |diff| =
+# 0.03 % of the mean parameter movement. Bounds: every element within lr * steps (a wrong update on a real
+# gradient reaches ~2 lr per step), >= 95 % of all elements within 1e-6, and the mean difference below 1 % of
+# the mean movement over the steps (which rules out a systematically wrong update or a skipped one).
+# Dropout: inductor's own RNG would draw other masks, so fallback_random makes it call the eager RNG ops in
+# program order (without it, compiled and eager runs differ by design).
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_step_matches_eager(backend, monkeypatch):
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    eager = _trainer()
+    compiled = copy.deepcopy(eager)
+    initial = [p.detach().clone() for p in eager.parameters()]
+    batches = _batches()
+    torch._dynamo.reset()
+    step = CompiledStep(compiled, "default", backend=backend)
+    torch.manual_seed(1)
+    eager_metrics = [eager.step(b) for b in batches]
+    torch.manual_seed(1)
+    compiled_metrics = [step(b) for b in batches]
+
+    for m_e, m_c in zip(eager_metrics, compiled_metrics):
+        assert m_e.keys() == m_c.keys()
+        for name in m_e:
+            torch.testing.assert_close(m_c[name], m_e[name], rtol=1e-4, atol=1e-6, msg=name)
+    total, close, moved, diff_sum, moved_sum = 0, 0, 0.0, 0.0, 0.0
+    for (name, p_e), p_c, p_0 in zip(eager.named_parameters(), compiled.parameters(), initial):
+        diff = (p_e - p_c).abs()
+        if backend == "aot_eager":
+            assert torch.equal(p_e, p_c), name
+        else:
+            assert diff.max() <= LR * STEPS, (name, diff.max().item())
+        total += diff.numel()
+        close += (diff <= 1e-6).sum().item()
+        moved = max(moved, (p_e - p_0).abs().max().item())
+        diff_sum, moved_sum = diff_sum + diff.sum().item(), moved_sum + (p_e - p_0).abs().sum().item()
+    assert close >= 0.95 * total, close / total
+    assert diff_sum <= 0.01 * moved_sum, diff_sum / moved_sum
+    assert moved > 0.5 * LR * STEPS  # the steps did update the parameters
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        for s_e, s_c in zip(eager.opt_d.state.values(), compiled.opt_d.state.values()):
+            torch.testing.assert_close(s_c[key], s_e[key], atol=1e-6 if key != "exp_avg_sq" else 1e-9, rtol=1e-3)
+    assert torch.equal(eager.pause.d_paused, compiled.pause.d_paused)
+
+
+def test_compiled_step_follows_the_pause_rule():
+    """A paused D (r below the threshold) is left untouched by the compiled step, decided on the device."""
+    trainer = _trainer()
+    trainer.pause.d_below = trainer.pause.d_resume_above = 1e6  # r is always below: D stops at once
+    d_before = [p.detach().clone() for p in trainer.discriminator.parameters()]
+    g_before = [p.detach().clone() for p in trainer.generator.parameters()]
+    step = CompiledStep(trainer, "eager")
+    torch._dynamo.reset()
+    metrics = torch.compile(step.iteration, backend="aot_eager", fullgraph=True)
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        out = metrics(_batches(1)[0])
+    assert out["Pause/train_d"].item() == 0.0 and out["Pause/train_g"].item() == 1.0
+    assert all(torch.equal(a, b) for a, b in zip(d_before, trainer.discriminator.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(g_before, trainer.generator.parameters()))
+    assert all(s["step"].item() == 0 for s in trainer.opt_d.state.values())
+
+
+def test_bf16_autocast_runs_on_cpu():
+    trainer = _trainer(precision="bf16")
+    seen = {}
+    hook = trainer.generator.register_forward_hook(lambda m, i, o: seen.update(dtype=o.dtype))  # returns None
+    before = [p.detach().clone() for p in trainer.generator.parameters()]
+    metrics = trainer.step(_batches(1)[0])
+    hook.remove()
+    assert seen["dtype"] == torch.bfloat16  # the forward ran under autocast
+    assert all(torch.isfinite(v) for v in metrics.values())
+    assert all(p.dtype == torch.float32 for p in trainer.parameters())  # fp32 master weights
+    assert not all(torch.equal(a, b) for a, b in zip(before, trainer.generator.parameters()))
+
+
+def test_channels_last_gives_the_same_step():
+    plain = _trainer()
+    nhwc = copy.deepcopy(plain).to_channels_last()
+    conv_weight = nhwc.generator.encoder[0].weight
+    assert conv_weight.is_contiguous(memory_format=torch.channels_last) and not conv_weight.is_contiguous()
+    batch = _batches(1)[0]
+    torch.manual_seed(1)
+    plain.step(batch)
+    torch.manual_seed(1)
+    nhwc.step(batch.contiguous(memory_format=torch.channels_last))
+    for p, q in zip(plain.parameters(), nhwc.parameters()):
+        torch.testing.assert_close(q, p, atol=2e-5, rtol=1e-4)  # same math; convolution kernels sum in another order

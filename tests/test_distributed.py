@@ -1,0 +1,143 @@
+"""Two processes with gloo on 127.0.0.1 run the real train(): after some steps both ranks hold the same
+parameters (while reading different data shards), only rank 0 writes, and the checkpoint resumes with
+world size 1."""
+
+import json
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from deepsim.config import get_preset
+from deepsim.train.checkpoint import load_checkpoint
+
+STEPS = 4
+TIMEOUT_S = 150
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core runner, OpenMP threads spinning against other processes make
+    a step ~50x slower; results do not depend on the thread count beyond reduction order (same in a test)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(out):
+    return get_preset("autoencoder-photos").replace(
+        comparator="alexnet-random:conv2", batch_size=2, image_size=32, steps=STEPS, log_every=2,
+        sample_every=1000, checkpoint_every=1000, device="cpu", out=str(out), lr=1e-3,
+    )
+
+
+def _worker(rank: int, world: int, port: int, out: str, compiled: bool) -> None:
+    # What torchrun sets; deepsim.train.distributed.init_from_env reads it inside train().
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    import deepsim.train.loop as loop
+    from deepsim.train import compiled as compiled_module
+
+    if compiled:  # the in-graph all-reduce path; aot_eager traces the same graph without inductor's compile time
+        loop_compile = compiled_module.compile_step
+
+        def compile_step(trainer, mode):
+            step = loop_compile(trainer, mode)
+            step._fn = torch.compile(step.iteration, backend="aot_eager", fullgraph=True)
+            return step
+
+        compiled_module.compile_step = compile_step
+    captured = {}
+    build = loop.build_trainer
+    loop.build_trainer = lambda config, device: captured.setdefault("trainer", build(config, device))
+    batches = []
+    real_build_loader = __import__("deepsim.data", fromlist=["build_loader"]).build_loader
+
+    def recording_loader(*args, **kwargs):
+        stream = real_build_loader(*args, **kwargs)
+        if kwargs.get("batch_size") != 8:  # the training stream, not the sample-grid one
+            first = next(stream)
+            batches.append(first.clone())
+            return _Prepend(first, stream)
+        return stream
+
+    import deepsim.data
+
+    deepsim.data.build_loader = recording_loader
+    config = _config(out).replace(compile="default" if compiled else "off")
+    result = loop.train(config, progress=False)
+    trainer = captured["trainer"]
+    torch.save(
+        {
+            "generator": trainer.generator.state_dict(),
+            "discriminator": trainer.discriminator.state_dict(),
+            "first_batch": batches[0],
+            "history": result.history,
+            "parallel": sorted(trainer._parallel),
+        },
+        os.path.join(out, f"rank{rank}.pt"),
+    )
+
+
+class _Prepend:
+    def __init__(self, first, stream):
+        self.first, self.stream = first, stream
+
+    def __next__(self):
+        if self.first is not None:
+            first, self.first = self.first, None
+            return first
+        return next(self.stream)
+
+    def close(self):
+        self.stream.close()
+
+
+def _spawn(out, compiled: bool):
+    port = _free_port()
+    context = mp.start_processes(_worker, args=(2, port, str(out), compiled), nprocs=2, join=False, start_method="spawn")
+    import time
+
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"2-process gloo run did not finish within {TIMEOUT_S} s")
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager-ddp", "compiled-allreduce"])
+def test_two_ranks_stay_identical_and_rank0_alone_writes(tmp_path, compiled):
+    ranks = _spawn(tmp_path, compiled)
+    assert not torch.equal(ranks[0]["first_batch"], ranks[1]["first_batch"])  # different shards
+    for net in ("generator", "discriminator"):
+        for name, tensor in ranks[0][net].items():
+            assert torch.equal(tensor, ranks[1][net][name]), f"{net}.{name} differs between ranks"
+    expected = ["average"] if compiled else ["average", "discriminator", "generate"]
+    assert ranks[0]["parallel"] == ranks[1]["parallel"] == expected
+    # rank 0 alone wrote the checkpoint and the metrics; both ranks logged the same (averaged) losses
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint["step"] == STEPS
+    for name, tensor in checkpoint["trainer"]["generator"].items():  # unwrapped keys (no "module.")
+        assert torch.equal(tensor, ranks[0]["generator"][name])
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]  # one writer: no duplicated lines
+    for row0, row1 in zip(ranks[0]["history"], ranks[1]["history"]):
+        assert {k: v for k, v in row0.items() if "/" in k} == {k: v for k, v in row1.items() if "/" in k}
+    if not compiled:  # the 2-rank checkpoint resumes in one process (another world size)
+        from deepsim.train.loop import train
+
+        result = train(_config(tmp_path).replace(steps=STEPS + 2), resume=True, progress=False)
+        assert result.step == STEPS + 2 and load_checkpoint(tmp_path)["step"] == STEPS + 2

@@ -1,0 +1,116 @@
+"""Reliability: bit-exact resume, a checkpoint write killed mid-way, a NaN found without a per-step sync."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepsim.config import get_preset
+from deepsim.train.checkpoint import load_checkpoint, save_checkpoint
+from deepsim.train.loop import NonFiniteLossError, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: on a shared 2-core runner, OpenMP threads spinning against other processes make
+    a step ~50x slower; results do not depend on the thread count beyond reduction order (same in a test)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(out, **changes):
+    fields = dict(
+        data="photos", comparator="alexnet-random:conv2", batch_size=4, image_size=32, log_every=5,
+        sample_every=1000, checkpoint_every=10, device="cpu", out=str(out),
+    )
+    return get_preset("autoencoder-photos").replace(**{**fields, **changes})
+
+
+def test_resume_is_bit_exact(tmp_path):
+    """20 steps in one go == 10 steps, resume, 10 steps: every parameter, Adam moment and the pause state."""
+    straight = train(_config(tmp_path / "straight", steps=20), progress=False)
+    train(_config(tmp_path / "resumed", steps=10), progress=False)
+    assert load_checkpoint(tmp_path / "resumed")["step"] == 10
+    resumed = train(_config(tmp_path / "resumed", steps=20), resume=True, progress=False)
+    a = load_checkpoint(straight.checkpoint)["trainer"]
+    b = load_checkpoint(resumed.checkpoint)["trainer"]
+    assert a.keys() == b.keys()
+    for net in ("generator", "discriminator", "pause"):
+        for name, tensor in a[net].items():
+            assert torch.equal(tensor, b[net][name]), f"{net}.{name}"
+    for opt in ("opt_g", "opt_d"):
+        for index, state in a[opt]["state"].items():
+            for key, tensor in state.items():
+                assert torch.equal(tensor, b[opt]["state"][index][key]), f"{opt}[{index}].{key}"
+    # the metrics of the steps after the resume are the same numbers too
+    assert [r for r in straight.history if r["step"] > 10] == [
+        {**r, "images_per_s": s["images_per_s"]} for r, s in zip(resumed.history, straight.history[-len(resumed.history):])
+    ]
+
+
+_KILLED_WRITER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    from deepsim.train.checkpoint import save_checkpoint
+
+    path = sys.argv[1]
+    save_checkpoint(path, {"step": 1, "config": {}, "weights": torch.zeros(10)})
+    real_save = torch.save
+
+    def save_then_die(obj, handle, *args, **kwargs):
+        handle.write(b"PK" + b"x" * (1 << 20))  # a partial, unreadable file on disk...
+        handle.flush()
+        os.kill(os.getpid(), signal.SIGKILL)  # ...and the process dies mid-write
+
+    torch.save = save_then_die
+    save_checkpoint(path, {"step": 2, "config": {}, "weights": torch.ones(1 << 22)})
+    """
+)
+
+
+def test_process_killed_while_writing_leaves_previous_checkpoint(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(path)], env=env, timeout=120, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    stale = list(tmp_path.glob(".checkpoint.pt.*.tmp"))
+    assert len(stale) == 1 and stale[0].stat().st_size > 1 << 20  # the killed writer's half-written file
+    payload = load_checkpoint(path)
+    assert payload["step"] == 1 and torch.equal(payload["weights"], torch.zeros(10))
+    save_checkpoint(path, {"step": 3, "config": {}})  # the next save removes the leftover
+    assert not list(tmp_path.glob(".checkpoint.pt.*.tmp")) and load_checkpoint(path)["step"] == 3
+
+
+def test_nan_found_at_a_log_step_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    """NaN from step 11 on; metrics are read every 3 steps (one step late, no per-step sync): the error
+    names step 12 and the term, training stops right after, and the step-10 checkpoint is untouched."""
+    config = _config(tmp_path, steps=30, log_every=3, lr=2e-4)
+    train(config.replace(steps=10), progress=False)
+    checkpoint = tmp_path / "checkpoint.pt"
+    before = checkpoint.read_bytes()
+
+    import deepsim.losses as losses
+
+    calls = []
+    real_image_distance = losses.image_distance
+
+    def poisoned(fake, real, kind="se"):
+        calls.append(1)
+        return real_image_distance(fake, real, kind) * float("nan")
+
+    monkeypatch.setattr(losses, "image_distance", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"step 12 \(.*Loss/G/img = nan.*last good checkpoint .*checkpoint\.pt is untouched"):
+        train(config, resume=True, progress=False)
+    assert len(calls) == 3  # steps 11, 12, and 13 (queued before step 12's metrics were read); no more
+    assert checkpoint.read_bytes() == before
+    assert load_checkpoint(checkpoint)["step"] == 10

@@ -41,7 +41,7 @@ RECONSTRUCTION_COLUMNS: list[Column] = [
     ("comparator", "comparator", ""),
     ("step", "steps", "d"),
     ("images", "test images", "d"),
-    ("mean_distance", "mean ||G(x) - y||", ".4f"),
+    ("mean_distance", "mean distance", ".4f"),
     ("reference_distance", "N (mean pair distance)", ".4f"),
     ("normalized_error", "normalized error", ".4f"),
     ("sharpness", "sharpness", ".3f"),

@@ -13,7 +13,13 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from deepsim.config import TrainConfig
-from deepsim.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from deepsim.train.checkpoint import (
+    CHECKPOINT_NAME,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from deepsim.train.factory import build_trainer
 
 __all__ = ["train", "TrainResult", "NonFiniteLossError", "RUNTIME_FIELDS"]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -170,6 +171,8 @@ def _cmd_train(args) -> int:
         file=sys.stderr,
     )
     result = train(config, resume=args.resume, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone reports (and writes files)
+        return 0
     last = result.history[-1] if result.history else {}
     summary = {k: round(v, 4) for k, v in last.items() if k.startswith("Loss/")}
     print(f"done: step {result.step}, checkpoint {result.checkpoint}, samples in {result.out / 'samples'}")

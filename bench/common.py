@@ -22,6 +22,7 @@ datasheet's.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import importlib
 import json
@@ -46,8 +47,10 @@ __all__ = [
     "add_roofline",
     "fill_ratios",
     "format_compact",
+    "format_group_table",
     "format_markdown",
     "gain",
+    "group_main",
     "machine_info",
     "measure_peaks",
     "run_group",
@@ -573,6 +576,46 @@ def format_compact(run: BenchRun, width: int = 56) -> str:
         lines.append(f"{r.get('group', ''):<8} {name:<{width}} {str(r.get('variant') or ''):<22} "
                      f"{value:>22} {ratio:>12} {frac:>10}")  # fmt: skip
     return "\n".join(lines)
+
+
+def format_group_table(rows: list[dict]) -> str:
+    """One group's rows as a fixed-width table, as ``python -m bench.<group>`` prints them: name, variant,
+    value, unit, ratio vs baseline, and GFLOP (per row), of peak, peak MiB where any row has them."""
+    extras = [
+        (key, title, fmt)
+        for key, title, fmt in (
+            ("flops", "GFLOP", lambda v: f"{v / 1e9:.1f}"),
+            ("peak_fraction", "of peak", lambda v: f"{100 * v:.1f}%"),
+            ("peak_memory", "peak MiB", lambda v: f"{v / 2**20:.0f}"),
+        )
+        if any(r.get(key) is not None for r in rows)
+    ]
+    name_w = max([len("name")] + [len(str(r.get("name") or "")) for r in rows])
+    variant_w = max([len("variant")] + [len(str(r.get("variant") or "")) for r in rows])
+    lines = [
+        f"{'name':<{name_w}} {'variant':<{variant_w}} {'value':>12} {'unit':<9} {'vs baseline':>11}"
+        + "".join(f" {title:>9}" for _, title, _ in extras)
+    ]
+    for r in rows:
+        ratio = "" if r.get("ratio_vs_baseline") is None else f"{r['ratio_vs_baseline']:.3g}x"
+        line = (
+            f"{str(r.get('name') or ''):<{name_w}} {str(r.get('variant') or ''):<{variant_w}} "
+            f"{_fmt(r.get('value')):>12} {r.get('unit') or '':<9} {ratio:>11}"
+        )
+        lines.append(line + "".join(f" {'' if r.get(k) is None else fmt(r[k]):>9}" for k, _, fmt in extras))
+    return "\n".join(lines)
+
+
+def group_main(run: Callable[[str, bool], list[dict]], description: str, quick_help: str,
+               argv: list[str] | None = None) -> None:  # fmt: skip
+    """``python -m bench.<group> [--device D] [--quick]``: run one group and print its table."""
+    import torch
+
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    args = parser.parse_args(argv)
+    print(format_group_table(run(args.device, args.quick)))
 
 
 def write_outputs(run: BenchRun, out: Path) -> tuple[Path, Path]:

@@ -14,9 +14,9 @@ pre-activation + output, the fused block only the output.
 
 from __future__ import annotations
 
-import argparse
-
 import torch
+
+from bench.common import group_main
 
 try:  # installed package
     import deepsim.kernels as K
@@ -191,20 +191,8 @@ def run(device: str = "cuda", quick: bool = False) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    lines = [f"{'name':<62} {'variant':<14} {'value':>14} {'unit':<6} {'vs baseline':>11}"]
-    for r in rows:
-        ratio = "" if r["ratio_vs_baseline"] is None else f"{r['ratio_vs_baseline']:.3f}x"
-        lines.append(f"{r['name']:<62} {r['variant']:<14} {r['value']:>14.4g} {r['unit']:<6} {ratio:>11}")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer iterations (and batch 4 on CPU)")
-    args = parser.parse_args(argv)
-    print(format_table(run(args.device, args.quick)))
+    group_main(run, __doc__.splitlines()[0], "fewer iterations (and batch 4 on CPU)", argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ delivered to ``device`` (with a CUDA synchronize before the clock stops).
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bench.common import group_main
 from deepsim.data import build_loader
 
 BATCH = 64
@@ -142,20 +142,8 @@ def run(device: str = "cpu", quick: bool = False) -> list[dict]:
     return rows
 
 
-def format_table(rows: list[dict]) -> str:
-    lines = [f"{'name':<62} {'variant':<22} {'value':>10} {'unit':<9} {'vs baseline':>11}"]
-    for r in rows:
-        ratio = "" if r["ratio_vs_baseline"] is None else f"{r['ratio_vs_baseline']:.2f}x"
-        lines.append(f"{r['name']:<62} {r['variant']:<22} {r['value']:>10.1f} {r['unit']:<9} {ratio:>11}")
-    return "\n".join(lines)
-
-
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="128 images, fewer batches")
-    args = parser.parse_args(argv)
-    print(format_table(run(args.device, args.quick)))
+    group_main(run, __doc__.splitlines()[0], "128 images, fewer batches", argv)
 
 
 if __name__ == "__main__":

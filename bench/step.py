@@ -32,7 +32,6 @@ Targets on an H100 (issue 5): compiled-step-cudagraphs >= 3x eager, >= 1.3x comp
 
 from __future__ import annotations
 
-import argparse
 import copy
 import time
 
@@ -40,6 +39,7 @@ import torch
 import torch._dynamo
 from deepsim.kernels import use_backend
 
+from bench.common import group_main
 from deepsim.config import get_preset
 from deepsim.train.compiled import CompiledStep, count_graph_breaks
 from deepsim.train.factory import build_trainer
@@ -213,28 +213,8 @@ def run(device: str = "cuda", quick: bool = False) -> list[dict]:
         torch.set_num_threads(threads)
 
 
-def format_table(rows: list[dict]) -> str:
-    lines = [
-        f"{'workload':<46} {'variant':<34} {'value':>10} {'unit':<7} {'vs eager':>8} {'GFLOP/step':>10} "
-        f"{'of peak':>7} {'peak MiB':>9}"
-    ]
-    for r in rows:
-        ratio = "" if r.get("ratio_vs_baseline") is None else f"{r['ratio_vs_baseline']:.2f}x"
-        gflop = "" if r.get("flops") is None else f"{r['flops'] / 1e9:.1f}"
-        frac = "" if r.get("peak_fraction") is None else f"{100 * r['peak_fraction']:.1f}%"
-        mem = "" if r.get("peak_memory") is None else f"{r['peak_memory'] / 2**20:.0f}"
-        lines.append(
-            f"{r['name']:<46} {r['variant']:<34} {r['value']:>10.4g} {r['unit']:<7} {ratio:>8} {gflop:>10} {frac:>7} {mem:>9}"
-        )
-    return "\n".join(lines)
-
-
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--quick", action="store_true", help="fewer iterations (CPU: a reduced version, ~2 min)")
-    args = parser.parse_args(argv)
-    print(format_table(run(args.device, args.quick)))
+    group_main(run, __doc__.splitlines()[0], "fewer iterations (CPU: a reduced version, ~2 min)", argv)
 
 
 if __name__ == "__main__":

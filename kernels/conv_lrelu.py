@@ -3,7 +3,7 @@
 Forward (one launch):  out = lrelu(conv2d(x, W) + b),  lrelu(p) = p if p > 0 else alpha * p.
 Backward keeps only ``out`` of its own (x and W are alive anyway: x is the previous layer's output, W a
 parameter), since for alpha >= 0 the sign of ``out`` is the sign of the pre-activation:
-    grad_pre = grad_out * (1 if out > 0 else alpha)          (Triton, ``_conv_lrelu_bwd_kernel``)
+    grad_pre = grad_out * (1 if out > 0 else alpha)          (Triton, ``_conv_common._lrelu_grad_pre_kernel``)
     grad_x, grad_W = aten.convolution_backward(grad_pre, x, W)  (cuDNN / aten, not Triton)
     grad_b = sum_{n,h,w} grad_pre                              (torch reduction in fp32)
 """
@@ -13,7 +13,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import HAS_TRITON, INTERPRET, backend, register_op, tl, triton
+from ._backend import INTERPRET, backend, register_op, tl, triton
+from ._conv_common import (
+    AUTOTUNE_KEY,
+    as_int,
+    check_conv_args,
+    conv_lrelu_grads,
+    conv_lrelu_grads_fake,
+    empty_conv_output,
+    input_precision,
+    lrelu_conv_backward,
+    memory_format_of,
+    save_for_lrelu_backward,
+    use_triton_impl,
+)
 
 __all__ = [
     "conv_lrelu",
@@ -40,10 +53,9 @@ else:
             (256, 64, 32, 8, 3),  # large M (batch 64 at 32x32)
         ]
     ]
-_KEY = ["N", "C_in", "H", "W", "C_out", "OH", "OW", "KH", "KW", "STRIDE", "PAD"]
 
 
-@triton.autotune(configs=_CONFIGS, key=_KEY)
+@triton.autotune(configs=_CONFIGS, key=AUTOTUNE_KEY)
 @triton.jit
 def _conv_lrelu_fwd_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr,
@@ -96,80 +108,12 @@ def _conv_lrelu_fwd_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
-def _conv_lrelu_bwd_kernel(grad_out_ptr, out_ptr, grad_pre_ptr, numel, alpha, BLOCK: tl.constexpr):
-    # out = lrelu(pre) keeps the sign of pre (alpha >= 0), so only out is needed:
-    #   grad_pre = grad_out * (1 if out > 0 else alpha)
-    # (grad_out, out, grad_pre share one dense layout, so a flat index walks all three alike.)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    g = tl.load(grad_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    o = tl.load(out_ptr + offs, mask=mask, other=0.0)
-    gp = tl.where(o > 0, g, g * alpha)
-    tl.store(grad_pre_ptr + offs, gp.to(grad_pre_ptr.dtype.element_ty), mask=mask)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Host helpers shared with conv_transpose_lrelu
-
-
-def memory_format_of(t: torch.Tensor) -> torch.memory_format:
-    """channels_last if ``t`` is stored NHWC (and not also plain contiguous), else contiguous_format."""
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
-
-
-def input_precision(dtype: torch.dtype) -> str:
-    """fp32 dots use TF32 exactly when eager cuDNN convolutions would (torch.backends.cudnn.allow_tf32)."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not INTERPRET else "ieee"
-
-
-def lrelu_grad_pre(grad_out: torch.Tensor, out: torch.Tensor, alpha: float, kernel) -> torch.Tensor:
-    """grad_pre = grad_out * where(out > 0, 1, alpha), in out's layout and dtype, by the Triton ``kernel``."""
-    grad_out = grad_out.contiguous(memory_format=memory_format_of(out))
-    if grad_out.stride() != out.stride():  # odd layouts (size-1 dims): fall back to plain contiguous
-        grad_out, out = grad_out.contiguous(), out.contiguous()
-    grad_pre = torch.empty_like(out)
-    numel = out.numel()
-    BLOCK = 1024
-    kernel[(triton.cdiv(numel, BLOCK),)](grad_out, out, grad_pre, numel, float(alpha), BLOCK=BLOCK)
-    return grad_pre
-
-
-def reference_grad_pre(grad_out: torch.Tensor, out: torch.Tensor, alpha: float) -> torch.Tensor:
-    return torch.where(out > 0, grad_out, grad_out * alpha).to(out.dtype)
-
-
-def use_triton_impl(t: torch.Tensor) -> bool:
-    """Inside the custom ops: Triton where it can run (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    return HAS_TRITON and (t.is_cuda or INTERPRET)
-
-
-def as_int(value, name: str) -> int:
-    """Accept an int or a square pair (s, s); anything else is an error naming the argument."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2 or value[0] != value[1]:
-            raise ValueError(f"{name}={value!r}: only square values are supported (an int or (v, v))")
-        value = value[0]
-    return int(value)
-
-
-def check_conv_args(x, weight, bias, alpha, op: str, c_in_dim: int):
-    if x.dim() != 4 or weight.dim() != 4:
-        raise ValueError(
-            f"{op}: x and weight must be 4-D, got x {tuple(x.shape)}, weight {tuple(weight.shape)}"
-        )
-    if x.shape[1] != weight.shape[c_in_dim]:
-        raise ValueError(f"{op}: x has {x.shape[1]} channels, weight expects {weight.shape[c_in_dim]}")
-    if alpha < 0:
-        raise ValueError(
-            f"{op}: alpha={alpha} must be >= 0 (the backward reads the LReLU slope from sign(out))"
-        )
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Launchers
+
+
+def _out_size(H, W, KH, KW, stride, padding):
+    return (H + 2 * padding - KH) // stride + 1, (W + 2 * padding - KW) // stride + 1
 
 
 def conv_lrelu_forward(x, weight, bias, stride: int, padding: int, alpha: float) -> torch.Tensor:
@@ -177,11 +121,10 @@ def conv_lrelu_forward(x, weight, bias, stride: int, padding: int, alpha: float)
     in x's memory format and dtype (weight and bias must have x's dtype)."""
     N, C_in, H, W = x.shape
     C_out, _, KH, KW = weight.shape
-    OH = (H + 2 * padding - KH) // stride + 1
-    OW = (W + 2 * padding - KW) // stride + 1
+    OH, OW = _out_size(H, W, KH, KW, stride, padding)
     if OH <= 0 or OW <= 0:
         raise ValueError(f"conv_lrelu: input {H}x{W} is smaller than kernel {KH}x{KW} with padding {padding}")
-    out = torch.empty((N, C_out, OH, OW), device=x.device, dtype=x.dtype, memory_format=memory_format_of(x))
+    out = empty_conv_output(x, C_out, OH, OW)
     if out.numel() == 0:
         return out
     b = bias if bias is not None else weight  # dummy pointer, never read when HAS_BIAS is False
@@ -200,25 +143,13 @@ def conv_lrelu_forward(x, weight, bias, stride: int, padding: int, alpha: float)
     return out
 
 
-def conv_lrelu_backward(grad_out, out, x, weight, has_bias: bool, stride: int, padding: int, alpha: float,
-                        output_mask: list[bool]):  # fmt: skip
+def conv_lrelu_backward(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                        has_bias: bool, stride: int, padding: int, alpha: float, output_mask: list[bool]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(grad_x, grad_weight, grad_bias); an unneeded one (output_mask False) comes back as an empty tensor."""
-    if use_triton_impl(out):
-        grad_pre = lrelu_grad_pre(grad_out, out, alpha, _conv_lrelu_bwd_kernel)
-    else:
-        grad_pre = reference_grad_pre(grad_out, out, alpha)
-    gx, gw, _ = torch.ops.aten.convolution_backward(
-        grad_pre, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], False, [0, 0], 1,
-        [output_mask[0], output_mask[1], False],
-    )  # fmt: skip
-    empty = grad_pre.new_empty(0)
-    gb = empty
-    if has_bias and output_mask[2]:
-        gb = grad_pre.sum((0, 2, 3), dtype=torch.float32).to(weight.dtype)
-    # Fixed layouts (x's and weight's memory format), as the fake implementation promises torch.compile.
-    gx = gx.contiguous(memory_format=memory_format_of(x)) if gx is not None else empty
-    gw = gw.contiguous(memory_format=memory_format_of(weight)) if gw is not None else empty
-    return gx, gw, gb
+    return conv_lrelu_grads(
+        grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask, transposed=False
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -235,30 +166,12 @@ def _fwd_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 
 
 def _fwd_fake(x, weight, bias, stride, padding, alpha):
-    N, _, H, W = x.shape
     C_out, _, KH, KW = weight.shape
-    OH = (H + 2 * padding - KH) // stride + 1
-    OW = (W + 2 * padding - KW) // stride + 1
-    return torch.empty((N, C_out, OH, OW), dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
-
-
-def _bwd_impl(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
-              stride: int, padding: int, alpha: float, output_mask: list[bool]
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    return conv_lrelu_backward(grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask)
-
-
-def _like(t):
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=memory_format_of(t))
+    return empty_conv_output(x, C_out, *_out_size(x.shape[2], x.shape[3], KH, KW, stride, padding))
 
 
 def _bwd_fake(grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask):
-    empty = out.new_empty(0)
-    return (
-        _like(x) if output_mask[0] else empty,
-        _like(weight) if output_mask[1] else empty,
-        weight.new_empty(weight.shape[0]) if has_bias and output_mask[2] else empty,
-    )
+    return conv_lrelu_grads_fake(out, x, weight, has_bias, output_mask, transposed=False)
 
 
 class ConvLReluFunction(torch.autograd.Function):
@@ -273,21 +186,14 @@ class ConvLReluFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, stride, padding, alpha = inputs
-        ctx.save_for_backward(x, weight, output)
-        ctx.conf = (bias is not None, stride, padding, alpha)
+        save_for_lrelu_backward(ctx, inputs, output)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, out = ctx.saved_tensors
-        has_bias, stride, padding, alpha = ctx.conf
-        mask = [bool(m) for m in ctx.needs_input_grad[:3]]
-        gx, gw, gb = _conv_lrelu_backward_op(grad_out, out, x, weight, has_bias, stride, padding, alpha, mask)
-        return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] and has_bias else None,
-                None, None, None)  # fmt: skip
+        return lrelu_conv_backward(ctx, grad_out, _conv_lrelu_backward_op)
 
 
-_conv_lrelu_backward_op = register_op("conv_lrelu_backward", _bwd_impl, fake=_bwd_fake)
+_conv_lrelu_backward_op = register_op("conv_lrelu_backward", conv_lrelu_backward, fake=_bwd_fake)
 _conv_lrelu_op = register_op(
     "conv_lrelu", _fwd_impl, fake=_fwd_fake,
     setup_context=ConvLReluFunction.setup_context, backward=ConvLReluFunction.backward,

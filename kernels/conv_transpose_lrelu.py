@@ -5,7 +5,7 @@ Forward (one launch, gather form of the implicit GEMM):
         ih = (oh + P - kh) / S, iw = (ow + P - kw) / S, taken only when divisible and in range;
     out = lrelu(pre) = pre if pre > 0 else alpha * pre.
 Backward keeps only ``out`` of its own (x and W are alive anyway):
-    grad_pre = grad_out * (1 if out > 0 else alpha)                        (Triton)
+    grad_pre = grad_out * (1 if out > 0 else alpha)         (Triton, ``_conv_common._lrelu_grad_pre_kernel``)
     grad_x, grad_W = aten.convolution_backward(grad_pre, ..., transposed=True)  (cuDNN / aten, not Triton)
     grad_b = sum_{n,h,w} grad_pre                                          (torch reduction in fp32)
 """
@@ -16,13 +16,17 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import INTERPRET, backend, register_op, tl, triton
-from .conv_lrelu import (
+from ._conv_common import (
+    AUTOTUNE_KEY,
     as_int,
     check_conv_args,
+    conv_lrelu_grads,
+    conv_lrelu_grads_fake,
+    empty_conv_output,
     input_precision,
-    lrelu_grad_pre,
+    lrelu_conv_backward,
     memory_format_of,
-    reference_grad_pre,
+    save_for_lrelu_backward,
     use_triton_impl,
 )
 
@@ -48,10 +52,9 @@ else:
             (256, 64, 32, 8, 3),
         ]
     ]
-_KEY = ["N", "C_in", "H", "W", "C_out", "OH", "OW", "KH", "KW", "STRIDE", "PAD"]
 
 
-@triton.autotune(configs=_CONFIGS, key=_KEY)
+@triton.autotune(configs=_CONFIGS, key=AUTOTUNE_KEY)
 @triton.jit
 def _conv_transpose_lrelu_fwd_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr,
@@ -107,17 +110,6 @@ def _conv_transpose_lrelu_fwd_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-@triton.jit
-def _conv_transpose_lrelu_bwd_kernel(grad_out_ptr, out_ptr, grad_pre_ptr, numel, alpha, BLOCK: tl.constexpr):
-    # grad_pre = grad_out * (1 if out > 0 else alpha)   (out = lrelu(pre) has the sign of pre for alpha >= 0)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    g = tl.load(grad_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    o = tl.load(out_ptr + offs, mask=mask, other=0.0)
-    gp = tl.where(o > 0, g, g * alpha)
-    tl.store(grad_pre_ptr + offs, gp.to(grad_pre_ptr.dtype.element_ty), mask=mask)
-
-
 def _out_size(H, W, KH, KW, stride, padding):
     return (H - 1) * stride - 2 * padding + KH, (W - 1) * stride - 2 * padding + KW
 
@@ -130,7 +122,7 @@ def conv_transpose_lrelu_forward(x, weight, bias, stride: int, padding: int, alp
     OH, OW = _out_size(H, W, KH, KW, stride, padding)
     if OH <= 0 or OW <= 0:
         raise ValueError(f"conv_transpose_lrelu: padding {padding} leaves no output for {H}x{W}, kernel {KH}")
-    out = torch.empty((N, C_out, OH, OW), device=x.device, dtype=x.dtype, memory_format=memory_format_of(x))
+    out = empty_conv_output(x, C_out, OH, OW)
     if out.numel() == 0:
         return out
     b = bias if bias is not None else weight
@@ -149,25 +141,14 @@ def conv_transpose_lrelu_forward(x, weight, bias, stride: int, padding: int, alp
     return out
 
 
-def conv_transpose_lrelu_backward(grad_out, out, x, weight, has_bias: bool, stride: int, padding: int,
-                                  alpha: float, output_mask: list[bool]):  # fmt: skip
+def conv_transpose_lrelu_backward(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor,
+                                  weight: torch.Tensor, has_bias: bool, stride: int, padding: int,
+                                  alpha: float, output_mask: list[bool]
+                                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """(grad_x, grad_weight, grad_bias); an unneeded one (output_mask False) comes back as an empty tensor."""
-    if use_triton_impl(out):
-        grad_pre = lrelu_grad_pre(grad_out, out, alpha, _conv_transpose_lrelu_bwd_kernel)
-    else:
-        grad_pre = reference_grad_pre(grad_out, out, alpha)
-    gx, gw, _ = torch.ops.aten.convolution_backward(
-        grad_pre, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], True, [0, 0], 1,
-        [output_mask[0], output_mask[1], False],
-    )  # fmt: skip
-    empty = grad_pre.new_empty(0)
-    gb = empty
-    if has_bias and output_mask[2]:
-        gb = grad_pre.sum((0, 2, 3), dtype=torch.float32).to(weight.dtype)
-    # Fixed layouts (x's and weight's memory format), as the fake implementation promises torch.compile.
-    gx = gx.contiguous(memory_format=memory_format_of(x)) if gx is not None else empty
-    gw = gw.contiguous(memory_format=memory_format_of(weight)) if gw is not None else empty
-    return gx, gw, gb
+    return conv_lrelu_grads(
+        grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask, transposed=True
+    )
 
 
 def _fwd_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int,
@@ -179,31 +160,12 @@ def _fwd_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, 
 
 
 def _fwd_fake(x, weight, bias, stride, padding, alpha):
-    N, _, H, W = x.shape
     _, C_out, KH, KW = weight.shape
-    OH, OW = _out_size(H, W, KH, KW, stride, padding)
-    return torch.empty((N, C_out, OH, OW), dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
-
-
-def _bwd_impl(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
-              stride: int, padding: int, alpha: float, output_mask: list[bool]
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    return conv_transpose_lrelu_backward(
-        grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask
-    )
-
-
-def _like(t):
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device, memory_format=memory_format_of(t))
+    return empty_conv_output(x, C_out, *_out_size(x.shape[2], x.shape[3], KH, KW, stride, padding))
 
 
 def _bwd_fake(grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask):
-    empty = out.new_empty(0)
-    return (
-        _like(x) if output_mask[0] else empty,
-        _like(weight) if output_mask[1] else empty,
-        weight.new_empty(weight.shape[1]) if has_bias and output_mask[2] else empty,
-    )
+    return conv_lrelu_grads_fake(out, x, weight, has_bias, output_mask, transposed=True)
 
 
 class ConvTransposeLReluFunction(torch.autograd.Function):
@@ -218,21 +180,14 @@ class ConvTransposeLReluFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        x, weight, bias, stride, padding, alpha = inputs
-        ctx.save_for_backward(x, weight, output)
-        ctx.conf = (bias is not None, stride, padding, alpha)
+        save_for_lrelu_backward(ctx, inputs, output)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, out = ctx.saved_tensors
-        has_bias, stride, padding, alpha = ctx.conf
-        mask = [bool(m) for m in ctx.needs_input_grad[:3]]
-        gx, gw, gb = _backward_op(grad_out, out, x, weight, has_bias, stride, padding, alpha, mask)
-        return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] and has_bias else None,
-                None, None, None)  # fmt: skip
+        return lrelu_conv_backward(ctx, grad_out, _backward_op)
 
 
-_backward_op = register_op("conv_transpose_lrelu_backward", _bwd_impl, fake=_bwd_fake)
+_backward_op = register_op("conv_transpose_lrelu_backward", conv_transpose_lrelu_backward, fake=_bwd_fake)
 _forward_op = register_op(
     "conv_transpose_lrelu", _fwd_impl, fake=_fwd_fake,
     setup_context=ConvTransposeLReluFunction.setup_context, backward=ConvTransposeLReluFunction.backward,

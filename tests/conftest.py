@@ -36,3 +36,16 @@ def _cuda_usable() -> bool:
 requires_cuda = pytest.mark.skipif(not cuda_present() or not _cuda_usable(), reason="needs a CUDA device")
 
 # ---- other engineers: append fixtures below this line -------------------------------------------------
+
+
+@pytest.fixture
+def one_intra_op_thread():
+    """One intra-op thread: on a shared 2-core runner, OpenMP threads spinning against other processes make
+    a step ~50x slower; results do not depend on the thread count beyond reduction order (same in a test).
+    Training-step modules take it for every test with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,14 +16,7 @@ from deepsim.train.optim import GatedAdam
 SIZE, BATCH, STEPS, LR = 32, 2, 3, 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core runner, OpenMP threads spinning against other processes make
-    a step ~50x slower; results do not depend on the thread count beyond reduction order (same in a test)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _trainer(**changes):

@@ -7,25 +7,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from deepsim.data import DataError, check_images, format_report
-
-
-def write_bad_inputs(folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(folder / f"good_{i}.jpg")
-    sub = folder / "n01440764"  # ImageNet-style subfolder: scanned recursively
-    sub.mkdir()
-    Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(sub / "x.JPEG")
-    Image.fromarray(rng.integers(0, 255, (80, 80), dtype=np.uint8), "L").save(folder / "gray.png")
-    Image.fromarray(rng.integers(0, 255, (80, 80, 4), dtype=np.uint8), "CMYK").save(folder / "cmyk.jpg")
-    Image.fromarray(rng.integers(0, 255, (80, 80, 4), dtype=np.uint8), "RGBA").save(folder / "alpha.png")
-    Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(folder / "small.png")
-    (folder / "notes.txt").write_text("not an image")
-    (folder / "corrupt.jpg").write_bytes(b"this is not a jpeg at all" * 10)
-    data = (folder / "good_0.jpg").read_bytes()
-    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
-    return folder
+from tests.image_folders import write_bad_inputs
 
 
 def names(paths):
@@ -34,7 +16,7 @@ def names(paths):
 
 @pytest.mark.parametrize("lenient_global", [False, True])
 def test_every_problem_is_reported(tmp_path, lenient_global):
-    folder = write_bad_inputs(tmp_path / "data")
+    folder = write_bad_inputs(tmp_path / "data", nested=True)
     old = ImageFile.LOAD_TRUNCATED_IMAGES
     ImageFile.LOAD_TRUNCATED_IMAGES = lenient_global
     try:
@@ -87,3 +69,18 @@ def test_stl10_folder_check(tmp_path):
     np.zeros(100, dtype=np.uint8).tofile(folder / "unlabeled_X.bin")
     report = check_images(folder)
     assert report.blocking and "unlabeled_X.bin" in report.corrupt[0]
+
+
+def test_cli_data_check_names_every_bad_file(tmp_path, capsys):
+    from deepsim.cli import main
+
+    folder = write_bad_inputs(tmp_path / "data")
+    assert main(["data", "check", str(folder), "--min-size", "64"]) == 1
+    out = capsys.readouterr().out
+    for name in ("corrupt.jpg", "truncated.jpg", "small.png", "notes.txt"):
+        assert name in out
+    good = tmp_path / "good"
+    good.mkdir()
+    Image.fromarray(np.zeros((80, 80, 3), np.uint8)).save(good / "ok.png")
+    assert main(["data", "check", str(good)]) == 0
+    assert main(["data", "check", "photos"]) == 0

@@ -11,39 +11,11 @@ from PIL import Image
 
 from deepsim.data import DataError, build_loader
 from deepsim.data.dali import DaliUnavailableError, dali_available
+from tests.image_folders import assert_window, to_pixels, write_bad_inputs, write_coord_folder
 
 pytestmark = pytest.mark.skipif(
     not dali_available(), reason="NVIDIA DALI is not importable (pip install nvidia-dali-cuda130)"
 )
-
-
-def coord_image(h, w, ident):
-    yy, xx = np.mgrid[0:h, 0:w]
-    return np.stack([xx, yy, np.full_like(xx, ident)], axis=2).astype(np.uint8)
-
-
-def write_coord_folder(folder, n, h=80, w=90):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        Image.fromarray(coord_image(h, w, i)).save(folder / f"img_{i:03d}.png")
-    return folder
-
-
-def to_pixels(batch):
-    return torch.round((batch.float() + 1) * 127.5).to(torch.uint8).numpy()
-
-
-def window(crop, h, w):
-    """(oy, ox, mirrored) of a coord-image crop, asserting it is a contiguous window."""
-    xs, ys = crop[0].astype(int), crop[1].astype(int)
-    assert (ys == ys[:, :1]).all() and (np.diff(ys[:, 0]) == 1).all()
-    assert (xs == xs[:1, :]).all()
-    row = xs[0]
-    mirrored = bool(row[0] > row[-1])
-    assert (np.diff(row) == (-1 if mirrored else 1)).all()
-    c = crop.shape[1]
-    assert 0 <= ys[0, 0] <= h - c and 0 <= row.min() <= w - c
-    return int(ys[0, 0]), int(row.min()), mirrored
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +67,7 @@ def test_crops_are_windows_and_mirror(coord_folder):
     flips, ids = [], []
     for _ in range(3):
         for crop in to_pixels(next(stream)):
-            flips.append(window(crop, 80, 90)[2])
+            flips.append(assert_window(crop, 80, 90)[2])
             ids.append(int(crop[2, 0, 0]))
     assert any(flips) and not all(flips)
     assert set(ids) == set(range(8))
@@ -104,7 +76,7 @@ def test_crops_are_windows_and_mirror(coord_folder):
 def test_center_mode_is_central(coord_folder):
     stream = build_loader(coord_folder, batch_size=8, crop_size=48, mode="center", loader="dali")
     for crop in to_pixels(next(stream)):
-        oy, ox, m = window(crop, 80, 90)
+        oy, ox, m = assert_window(crop, 80, 90)
         assert not m and abs(oy - 16) <= 1 and abs(ox - 21) <= 1
 
 
@@ -160,20 +132,7 @@ def test_stl10_external_source_matches_torch_path(tmp_path, channels_last):
 
 @pytest.fixture
 def bad_folder(tmp_path):
-    folder = tmp_path / "bad"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(folder / f"good_{i}.jpg")
-    Image.fromarray(rng.integers(0, 255, (80, 80), dtype=np.uint8), "L").save(folder / "gray.png")
-    Image.fromarray(rng.integers(0, 255, (80, 80, 4), dtype=np.uint8), "CMYK").save(folder / "cmyk.jpg")
-    Image.fromarray(rng.integers(0, 255, (80, 80, 4), dtype=np.uint8), "RGBA").save(folder / "alpha.png")
-    Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(folder / "small.png")
-    (folder / "notes.txt").write_text("not an image")
-    (folder / "corrupt.jpg").write_bytes(b"this is not a jpeg at all" * 10)
-    data = (folder / "good_0.jpg").read_bytes()
-    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
-    return folder
+    return write_bad_inputs(tmp_path / "bad")
 
 
 @pytest.mark.parametrize("name", ["corrupt.jpg", "small.png"])

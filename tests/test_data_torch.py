@@ -5,43 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFile
+from PIL import ImageFile
 
 from deepsim.data import DataError, build_loader, bundled_photo_paths, iterate_eval, to_model_batch
-
-
-def coord_image(h: int, w: int, ident: int) -> np.ndarray:
-    """(H, W, 3) uint8 image whose pixel (y, x) is (x, y, ident): crops reveal where they came from."""
-    yy, xx = np.mgrid[0:h, 0:w]
-    return np.stack([xx, yy, np.full_like(xx, ident)], axis=2).astype(np.uint8)
-
-
-def write_coord_folder(folder, n: int, h: int = 80, w: int = 90, sizes=None):
-    folder.mkdir(parents=True, exist_ok=True)
-    for i in range(n):
-        hh, ww = sizes[i] if sizes else (h, w)
-        Image.fromarray(coord_image(hh, ww, i)).save(folder / f"img_{i:03d}.png")
-    return folder
-
-
-def to_pixels(batch: torch.Tensor) -> np.ndarray:
-    """Back from [-1, 1] to uint8 pixels, (B, 3, H, W)."""
-    return torch.round((batch.float() + 1) * 127.5).to(torch.uint8).numpy()
-
-
-def assert_window(crop: np.ndarray, img_h: int, img_w: int) -> tuple[int, int, bool]:
-    """Check that a (3, c, c) crop of a coord image is a contiguous window; return (oy, ox, mirrored)."""
-    c = crop.shape[1]
-    xs, ys = crop[0].astype(int), crop[1].astype(int)
-    assert (ys == ys[:, :1]).all() and (np.diff(ys[:, 0]) == 1).all(), "rows must be consecutive"
-    assert (xs == xs[:1, :]).all(), "every row must hold the same columns"
-    row = xs[0]
-    mirrored = row[0] > row[-1]
-    step = -1 if mirrored else 1
-    assert (np.diff(row) == step).all(), "columns must be consecutive (or reversed when mirrored)"
-    oy, ox = int(ys[0, 0]), int(row.min())
-    assert 0 <= oy <= img_h - c and 0 <= ox <= img_w - c
-    return oy, ox, bool(mirrored)
+from tests.image_folders import assert_window, to_pixels, write_bad_inputs, write_coord_folder
 
 
 @pytest.fixture
@@ -207,35 +174,6 @@ def test_iterate_eval_shards_cover_everything(coord_folder):
 # ----------------------------------------------------------------------------------------------- bad input
 
 
-def write_bad_inputs(folder):
-    """One file of each kind of bad input beside 4 good RGB JPEGs; returns the paths by kind."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    paths = {}
-    for i in range(4):
-        p = folder / f"good_{i}.jpg"
-        Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(p, quality=90)
-    Image.fromarray(rng.integers(0, 255, (80, 80), dtype=np.uint8), "L").save(folder / "gray.png")
-    Image.fromarray(rng.integers(0, 255, (80, 80, 4), dtype=np.uint8), "CMYK").save(folder / "cmyk.jpg")
-    Image.fromarray(rng.integers(0, 255, (80, 80, 4), dtype=np.uint8), "RGBA").save(folder / "alpha.png")
-    Image.fromarray(rng.integers(0, 255, (20, 30, 3), dtype=np.uint8)).save(folder / "small.png")
-    (folder / "notes.txt").write_text("not an image")
-    (folder / "corrupt.jpg").write_bytes(b"this is not a jpeg at all" * 10)
-    data = (folder / "good_0.jpg").read_bytes()
-    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
-    for name in [
-        "gray.png",
-        "cmyk.jpg",
-        "alpha.png",
-        "small.png",
-        "notes.txt",
-        "corrupt.jpg",
-        "truncated.jpg",
-    ]:
-        paths[name.split(".")[0]] = folder / name
-    return paths
-
-
 def only(folder, *names):
     """A folder holding just the named files of ``folder``."""
     sub = folder.parent / ("only_" + "_".join(n.replace(".", "_") for n in names))
@@ -247,9 +185,7 @@ def only(folder, *names):
 
 @pytest.fixture
 def bad_folder(tmp_path):
-    folder = tmp_path / "bad"
-    write_bad_inputs(folder)
-    return folder
+    return write_bad_inputs(tmp_path / "bad", good=4, quality=90)
 
 
 @pytest.mark.parametrize("cache", [True, False])

@@ -17,14 +17,7 @@ from deepsim.train.loop import NonFiniteLossError, train
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a shared 2-core runner, OpenMP threads spinning against other processes make
-    a step ~50x slower; results do not depend on the thread count beyond reduction order (same in a test)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _config(out, **changes):

@@ -310,6 +310,13 @@ def build_dali_loader(
     norm = dict(mean=[127.5] * 3, std=[127.5] * 3, dtype=types.FLOAT, output_layout=layout)
     src = resolve_source(source, split)
     pipe_seed = _derived_seed(seed + 7919 * shard_id, start_step)
+    pipeline_options = dict(
+        batch_size=batch_size,
+        num_threads=threads,
+        device_id=device_id,
+        seed=pipe_seed,
+        prefetch_queue_depth=prefetch,
+    )
 
     if src.kind == "stl10":
         if resize is not None:
@@ -325,13 +332,7 @@ def build_dali_loader(
             src.array, schedule, batch_size, crop_size, seed, shard_id, start_step, random
         )
 
-        @pipeline_def(
-            batch_size=batch_size,
-            num_threads=threads,
-            device_id=device_id,
-            seed=pipe_seed,
-            prefetch_queue_depth=prefetch,
-        )
+        @pipeline_def(**pipeline_options)
         def stl10_pipeline():
             images, px, py, mirror = fn.external_source(
                 source=feed,
@@ -362,13 +363,7 @@ def build_dali_loader(
                 f"{src.name}: {len(files)} usable images cannot be split over {num_shards} shards"
             )
 
-        @pipeline_def(
-            batch_size=batch_size,
-            num_threads=threads,
-            device_id=device_id,
-            seed=pipe_seed,
-            prefetch_queue_depth=prefetch,
-        )
+        @pipeline_def(**pipeline_options)
         def file_pipeline():
             encoded, _ = fn.readers.file(
                 files=files,

@@ -12,25 +12,11 @@ Counted per single block including its input, both sides save x + one (N, C_out,
 import pytest
 import torch
 
+from bench.kernels import saved_bytes
+
 from ._common import INTERPRET, K
 
 pytestmark = pytest.mark.skipif(not INTERPRET, reason="CPU Triton needs TRITON_INTERPRET=1")
-
-
-def saved_bytes(fn, exclude=()):
-    """Bytes of unique storages autograd saves while fn() runs, minus those of the ``exclude`` tensors."""
-    storages = {}
-    skip = {t.untyped_storage().data_ptr() for t in exclude}
-
-    def pack(t):
-        s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            storages[s.data_ptr()] = s.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 def _chain(block, x, params):

@@ -48,6 +48,7 @@ TRAIN_FLAGS = {
     "sample_every": int,
     "checkpoint_every": int,
     "num_workers": int,
+    "on_bad": str,
     "noise_dim": int,
     "invert_network": str,
     "invert_network_weights": str,
@@ -56,6 +57,7 @@ TRAIN_FLAGS = {
     "lambda_kl": float,
 }
 CHOICES = {
+    "on_bad": ["error", "skip", "pad"],
     "loss": ["deepsim", "se", "l1"],
     "loader": ["torch", "dali"],
     "compile": ["off", "default", "max-autotune", "reduce-overhead"],
@@ -84,6 +86,7 @@ HELP = {
     "sample_every": "write a PNG grid of inputs and reconstructions every N steps",
     "checkpoint_every": "write checkpoint.pt every N steps (and at the end)",
     "num_workers": "DataLoader worker processes (torch loader)",
+    "on_bad": "a corrupt or too-small image: error (stop, naming the file), skip (count and go on), pad (pad small ones)",
     "noise_dim": "invert: K noise values beside the features (extra channels for conv5), for pre-image sampling",
     "invert_network": "invert: the fixed AlexNet whose features are inverted",
     "invert_network_weights": "invert: weights file of that network (default: torchvision's cache)",

@@ -59,6 +59,7 @@ class TrainConfig:
     data: str = "photos"  # "photos" (bundled), a folder of images, or an STL-10 binary folder
     loader: str = "torch"  # "torch" | "dali"
     num_workers: int = 0  # DataLoader workers on the torch path
+    on_bad: str = "error"  # a corrupt or too-small image: "error" (name it and stop), "skip" (count it), "pad"
 
     # --- running
     out: str = "runs/deepsim"  # output folder: checkpoints, metrics.jsonl, sample grids

@@ -145,3 +145,18 @@ def test_cli_help_lists_flags(capsys):
     text = capsys.readouterr().out
     for flag in ("--preset", "--steps", "--batch-size", "--loss", "--comparator", "--data", "--out", "--device", "--resume"):
         assert flag in text
+
+
+def test_cli_on_bad_skip_trains_past_bad_files(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(folder / f"ok_{i}.png")
+    Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(folder / "tiny.png")
+    (folder / "broken.jpg").write_bytes(b"not a jpeg" * 20)
+    code, err = _cli(capsys, "--data", str(folder), "--out", str(tmp_path / "run"), "--on-bad", "skip", "--loss", "se",
+                     "--log-every", "1")
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["Data/skipped"] == 2

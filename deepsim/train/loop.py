@@ -26,7 +26,7 @@ __all__ = ["train", "TrainResult", "NonFiniteLossError", "RUNTIME_FIELDS"]
 
 # Fields a resumed run takes from the command line; all others come from the checkpoint's config.
 RUNTIME_FIELDS = {
-    "steps", "out", "device", "log_every", "sample_every", "checkpoint_every", "num_workers", "compile", "loader",
+    "steps", "out", "device", "log_every", "sample_every", "checkpoint_every", "num_workers", "compile", "loader", "on_bad",
     "channels_last",
 }
 
@@ -138,11 +138,11 @@ def _train(config: TrainConfig, payload, out: Path, context, progress: bool, bui
     stream = build_loader(
         config.data, batch_size=config.batch_size, crop_size=config.image_size, mode=_task_mode(config),
         loader=config.loader, device=device, seed=config.seed, start_step=start, shard_id=rank, num_shards=world,
-        num_workers=config.num_workers, channels_last=channels_last,
+        num_workers=config.num_workers, channels_last=channels_last, on_bad=config.on_bad,
     )
     sample_stream = build_loader(
         config.data, batch_size=8, crop_size=config.image_size, mode=_task_mode(config), loader="torch",
-        device=device, seed=config.seed + 7919,
+        device=device, seed=config.seed + 7919, on_bad=config.on_bad,
     )
     sample_batch = next(sample_stream)
     sample_stream.close()
@@ -180,6 +180,7 @@ def _train(config: TrainConfig, payload, out: Path, context, progress: bool, bui
             )
         elapsed = time.perf_counter() - window_start
         row["images_per_s"] = window_steps * config.batch_size * world / max(elapsed, 1e-9)
+        row["Data/skipped"] = stream.skipped  # bad files skipped so far (on_bad="skip"), on this rank
         window_start, window_steps = time.perf_counter(), 0
         history.append(row)
         if metrics_file:

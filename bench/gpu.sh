@@ -12,9 +12,11 @@
 #   install  pip install --no-deps --no-build-isolation -e . (kernels/ is mapped to deepsim.kernels by
 #            pyproject's package-dir); where that fails (e.g. no setuptools), a sitecustomize.py on
 #            PYTHONPATH maps deepsim.kernels to ./kernels instead              -> LOGDIR/install.log
-#   kernels  python3 -m pytest -q tests/kernels, on CUDA (TRITON_INTERPRET unset) -> LOGDIR/tests-kernels.log
+#   kernels  python3 -m pytest -q tests/kernels, on CUDA (TRITON_INTERPRET unset, DEEPSIM_AUTOTUNE=0)
+#                                                                              -> LOGDIR/tests-kernels.log
 #   cuda     python3 -m pytest -q -m cuda tests --ignore=tests/kernels         -> LOGDIR/tests-cuda.log
-#   bench    python3 -m bench --out LOGDIR (full mode; results.json/.md rewritten after each group)
+#   bench    python3 -m bench --out LOGDIR --groups step,loader,kernels (full mode; results.json/.md
+#            rewritten after each group; each group at most 120 s, keeping the rows measured before)
 #   micro    pytest bench --benchmark-only, if pytest-benchmark is installed and time is left
 #   table    python3 -m bench --from-json LOGDIR --compact, and the phase table (also LOGDIR/summary.txt)
 #
@@ -138,9 +140,13 @@ phase install 90 install_deepsim
 if [ -f /tmp/deepsim-path/env ]; then
     export PYTHONPATH="/tmp/deepsim-path${PYTHONPATH:+:$PYTHONPATH}"
 fi
-phase tests-kernels 150 "$PY" -m pytest -q tests/kernels
-phase tests-cuda 60 "$PY" -m pytest -q -m cuda tests --ignore=tests/kernels
-phase bench 240 "$PY" -m bench --out "$LOG" --group-timeout 150
+# DEEPSIM_AUTOTUNE=0: one conv config in the tests (each autotune config is a Triton compile per test shape:
+# minutes over the suite); the benchmarks autotune the full lists.
+phase tests-kernels 150 env DEEPSIM_AUTOTUNE=0 "$PY" -m pytest -q tests/kernels
+phase tests-cuda 60 env DEEPSIM_AUTOTUNE=0 "$PY" -m pytest -q -m cuda tests --ignore=tests/kernels
+# step first (the headline numbers), then the quick loader group, then kernels. A group cut by
+# --group-timeout keeps the rows it measured (step and kernels report "partial: ...").
+phase bench 240 "$PY" -m bench --out "$LOG" --groups step,loader,kernels --group-timeout 120
 if "$PY" -c "import pytest_benchmark" 2>/dev/null && [ "$(left)" -ge 45 ]; then
     phase micro 60 "$PY" -m pytest -q bench --benchmark-only --benchmark-max-time=0.5 \
         --benchmark-json "$LOG/micro.json"

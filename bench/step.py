@@ -39,7 +39,7 @@ import torch
 import torch._dynamo
 from deepsim.kernels import use_backend
 
-from bench.common import group_main
+from bench.common import GroupTimeout, group_main
 from deepsim.config import get_preset
 from deepsim.train.compiled import CompiledStep, count_graph_breaks
 from deepsim.train.factory import build_trainer
@@ -123,24 +123,26 @@ def _compile_modules(trainer, mode: str):
 def _variants(device: torch.device, quick: bool):
     cuda = device.type == "cuda"
     # (variant, kernel backend, how to make the step from a fresh trainer)
+    # On CUDA the headline variants come first and max-autotune (minutes of autotuning) last, so a group
+    # cut short by --group-timeout still reports them (run() keeps the rows measured before the cut).
     variants = [("eager", "reference", lambda t: t.step)]
     if cuda:
-        variants.append(("eager-fused", "auto", lambda t: t.step))
+        variants += [
+            ("eager-fused", "auto", lambda t: t.step),
+            ("compiled-step-cudagraphs", "auto", lambda t: CompiledStep(t, "reduce-overhead")),
+            ("compiled-step-fused", "auto", lambda t: CompiledStep(t, "default")),
+        ]
+    variants.append(("compiled-step", "reference", lambda t: CompiledStep(t, "default")))
     if cuda or not quick:
         variants += [
             ("compile-modules", "reference", lambda t: _compile_modules(t, "default")),
             ("compile-modules-max-autotune", "reference", lambda t: _compile_modules(t, "max-autotune-no-cudagraphs")),
         ]
-    variants.append(("compiled-step", "reference", lambda t: CompiledStep(t, "default")))
-    if cuda:
-        variants += [
-            ("compiled-step-fused", "auto", lambda t: CompiledStep(t, "default")),
-            ("compiled-step-cudagraphs", "auto", lambda t: CompiledStep(t, "reduce-overhead")),
-        ]
     return variants
 
 
-def bench_workload(name: str, config, device: torch.device, quick: bool) -> list[dict]:
+def bench_workload(name: str, config, device: torch.device, quick: bool, rows: list[dict] | None = None) -> list[dict]:
+    """The rows of one workload, appended to ``rows`` (if given) as each is measured; returns them."""
     torch.manual_seed(0)
     reference = build_trainer(config, device)
     gen = torch.Generator(device="cpu").manual_seed(1)
@@ -153,7 +155,8 @@ def bench_workload(name: str, config, device: torch.device, quick: bool) -> list
     cuda, cpu_quick = device.type == "cuda", device.type == "cpu" and quick
     warmup, iters = (3, 5) if cpu_quick else ((3, 10) if device.type == "cpu" else (10, 30 if quick else 100))
     invert_on_cpu = config.task == "invert" and device.type == "cpu"
-    rows, base = [], None
+    rows, base = ([] if rows is None else rows), None
+    first = len(rows)
     for variant, kernels, make in _variants(device, quick):
         if invert_on_cpu and variant != "eager":
             continue  # compiling the 227x227 step on a CPU takes many minutes and says nothing about a GPU
@@ -177,9 +180,9 @@ def bench_workload(name: str, config, device: torch.device, quick: bool) -> list
             )
         )
         del trainer, step
-    by_variant = {r["variant"]: r["value"] for r in rows}
+    by_variant = {r["variant"]: r["value"] for r in rows[first:]}
     autotuned = by_variant.get("compile-modules-max-autotune")
-    for r in rows:
+    for r in rows[first:]:
         if autotuned and r["variant"].startswith("compiled-step"):
             r["ratio_vs_compile_modules_max_autotune"] = r["value"] / autotuned
     if config.task != "invert" or not invert_on_cpu:
@@ -203,11 +206,15 @@ def run(device: str = "cuda", quick: bool = False) -> list[dict]:
         torch.set_num_threads(1)
     try:
         rows = []
-        for name, config in _workloads(device, quick):
-            rows += bench_workload(name, config, device, quick)
-            if device.type == "cpu":
-                for r in rows:
-                    r["cpu_threads"] = torch.get_num_threads()
+        try:
+            for name, config in _workloads(device, quick):
+                bench_workload(name, config, device, quick, rows)
+                if device.type == "cpu":
+                    for r in rows:
+                        r["cpu_threads"] = torch.get_num_threads()
+        except GroupTimeout as e:  # keep what was measured; one row says where the group was cut
+            rows.append(dict(group="step", name="(step group)", variant="", baseline="", value=None, unit="",
+                             ratio_vs_baseline=None, status=f"partial: {e}"))  # fmt: skip
         return rows
     finally:
         torch.set_num_threads(threads)

@@ -50,6 +50,9 @@ BACKENDS = ("auto", "triton", "reference")
 ENV_VAR = "DEEPSIM_KERNELS"
 # TRITON_INTERPRET is read by triton at import time; we mirror it to pick small autotune configs.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# DEEPSIM_AUTOTUNE=0 (read at import): the conv kernels use one config instead of autotuning their list. Each
+# config is a separate Triton compile per shape, which adds up to minutes over the GPU test suite's shapes.
+AUTOTUNE = os.environ.get("DEEPSIM_AUTOTUNE", "1") != "0"
 
 _override: list[str] = []  # innermost use_backend() last
 _warned_no_triton = False

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import INTERPRET, backend, register_op, tl, triton
+from ._backend import AUTOTUNE, INTERPRET, backend, register_op, tl, triton
 from ._conv_common import (
     AUTOTUNE_KEY,
     as_int,
@@ -52,6 +52,8 @@ else:
             (256, 64, 32, 8, 3),
         ]
     ]
+    if not AUTOTUNE:  # DEEPSIM_AUTOTUNE=0: one config that is also in the list above
+        _CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4)]
 
 
 @triton.autotune(configs=_CONFIGS, key=AUTOTUNE_KEY)
@@ -205,6 +207,7 @@ def conv_transpose_lrelu(x, weight, bias=None, stride=1, padding=0, alpha=0.3):
     Args:
         x: (N, C_in, H, W), NCHW or channels_last; fp32, fp16 or bf16 (fp32 accumulation).
         weight: (C_in, C_out, KH, KW), the nn.ConvTranspose2d layout; cast to x's dtype if it differs.
+            Under torch.autocast, x is first cast to the autocast dtype (as F.conv_transpose2d's are).
         bias: (C_out,) or None.
         stride, padding: ints (or square pairs); no output_padding, dilation or groups.
         alpha: LReLU negative slope, >= 0.
@@ -218,6 +221,8 @@ def conv_transpose_lrelu(x, weight, bias=None, stride=1, padding=0, alpha=0.3):
     check_conv_args(x, weight, bias, alpha, "conv_transpose_lrelu", 0)
     if backend(x) == "reference":
         return reference_conv_transpose_lrelu(x, weight, bias, stride, padding, alpha)
+    if torch.is_autocast_enabled(x.device.type):  # custom ops skip autocast: cast as F.conv2d would
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     weight = weight.to(x.dtype)
     bias = bias.to(x.dtype) if bias is not None else None
     return _forward_op(x, weight, bias, stride, padding, alpha)

@@ -1,12 +1,14 @@
-"""feature_distance: weighted sum of squared feature differences over all comparator taps, one launch.
+"""feature_distance: weighted sum of squared feature differences over all comparator taps, one launch per tap.
 
     L = (1 / denom) * sum_l w_l * sum_i (fake_l[i] - real_l[i])^2          denom = 1 ("sum") or batch ("mean")
     dL/dfake_l = 2 * w_l * (fake_l - real_l) / denom                       (reals get no gradient)
 
-The forward kernel walks every layer through a pointer table (one program = one chunk of one layer),
-writes the gradient for the fakes in the same pass (saved, so backward is ``saved * grad_L``) and one
-partial sum per program into its own slot; ``_feature_distance_sum_kernel`` then adds the partials in a
-fixed order in one program. No atomics: the result is bitwise reproducible for a given input.
+The forward kernel runs once per layer (one program = one chunk of the layer), writes the gradient for the
+fakes in the same pass (saved, so backward is ``saved * grad_L``) and one partial sum per program into its
+own slot of a buffer shared by all layers; ``_feature_distance_sum_kernel`` then adds the partials in a
+fixed order in one program. No atomics: the result is bitwise reproducible for a given input. Every
+argument is a kernel scalar (no host-built table copied to the device per call), so the op can be captured
+in a CUDA graph (``torch.compile(mode="reduce-overhead")``).
 """
 
 from __future__ import annotations
@@ -29,37 +31,29 @@ __all__ = [
 _BLOCK = 1024
 _ITERS = 1 if INTERPRET else 8  # elements per program = _BLOCK * _ITERS (fewer, larger programs on GPU)
 _SUM_BLOCK = 1024
-_TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
 def _feature_distance_fwd_kernel(
-    layer_ptr, prog_ptr, wscale_ptr, gscale_ptr, partial_ptr,
-    DTYPE: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+    fake_ptr, real_ptr, grad_ptr, partial_ptr, numel, wscale, gscale,
+    COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
 ):  # fmt: skip
-    # Program p handles elements [start, start + BLOCK * ITERS) of layer l (prog table: (l, start)).
-    # layer table row l: (fake_ptr, real_ptr, grad_ptr, numel); wscale_l = w_l / denom, gscale_l = 2 w_l / denom.
-    #   partial[p] = wscale_l * sum (f - r)^2          (fp32 accumulation)
-    #   grad_f     = gscale_l * (f - r)                (= d partial / d f; stored in the fakes' dtype)
+    # One layer; program p handles elements [p * BLOCK * ITERS, (p + 1) * BLOCK * ITERS).
+    # wscale = w_l / denom, gscale = 2 w_l / denom:
+    #   partial[p] = wscale * sum (f - r)^2          (fp32 accumulation)
+    #   grad_f     = gscale * (f - r)                (= d partial / d f; stored in the fakes' dtype)
     pid = tl.program_id(0)
-    layer = tl.load(prog_ptr + 2 * pid)
-    start = tl.load(prog_ptr + 2 * pid + 1)
-    fake = tl.load(layer_ptr + 4 * layer).to(tl.pointer_type(DTYPE))
-    real = tl.load(layer_ptr + 4 * layer + 1).to(tl.pointer_type(DTYPE))
-    numel = tl.load(layer_ptr + 4 * layer + 3)
-    wscale = tl.load(wscale_ptr + layer)
+    start = pid.to(tl.int64) * (BLOCK * ITERS)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for i in range(ITERS):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
-        f = tl.load(fake + offs, mask=mask, other=0.0).to(tl.float32)
-        r = tl.load(real + offs, mask=mask, other=0.0).to(tl.float32)
+        f = tl.load(fake_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(real_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         d = f - r
         acc += d * d
         if COMPUTE_GRAD:
-            grad = tl.load(layer_ptr + 4 * layer + 2).to(tl.pointer_type(DTYPE))
-            gscale = tl.load(gscale_ptr + layer)
-            tl.store(grad + offs, (d * gscale).to(DTYPE), mask=mask)
+            tl.store(grad_ptr + offs, (d * gscale).to(grad_ptr.dtype.element_ty), mask=mask)
     tl.store(partial_ptr + pid, tl.sum(acc, axis=0) * wscale)
 
 
@@ -102,29 +96,25 @@ def _dense_pair(f: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def feature_distance_forward(fakes: Sequence[torch.Tensor], reals: Sequence[torch.Tensor],
                              weights: Sequence[float], denom: float, compute_grad: bool
                              ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
-    """One launch over all layers. Returns (loss 0-dim fp32, [dL/dfake_l] if compute_grad else [])."""
+    """One launch per layer, one partial-sum buffer. Returns (loss 0-dim fp32, [dL/dfake_l] if compute_grad
+    else []). Graph-safe: no host data is copied to the device."""
     device, dtype = fakes[0].device, fakes[0].dtype
     pairs = [_dense_pair(f.to(dtype), r.to(dtype)) for f, r in zip(fakes, reals)]
     grads = [torch.empty_like(f) for f, _ in pairs] if compute_grad else []  # pairs keep dense f's strides
     chunk = _BLOCK * _ITERS
-    layer_rows, prog_rows = [], []
-    for layer, (f, r) in enumerate(pairs):
-        numel = f.numel()
-        layer_rows += [f.data_ptr(), r.data_ptr(), grads[layer].data_ptr() if compute_grad else 0, numel]
-        prog_rows += [v for start in range(0, numel, chunk) for v in (layer, start)]
-    num_progs = len(prog_rows) // 2
-    if num_progs == 0:
+    progs = [triton.cdiv(f.numel(), chunk) for f, _ in pairs]
+    if sum(progs) == 0:
         return torch.zeros((), device=device, dtype=torch.float32), grads
-    pin = device.type == "cuda"
-    layer_tab = torch.tensor(layer_rows, dtype=torch.int64, pin_memory=pin).to(device, non_blocking=True)
-    prog_tab = torch.tensor(prog_rows, dtype=torch.int64, pin_memory=pin).to(device, non_blocking=True)
-    scales = torch.tensor([[w / denom for w in weights], [2.0 * w / denom for w in weights]],
-                          dtype=torch.float32, pin_memory=pin).to(device, non_blocking=True)  # fmt: skip
-    partials = torch.empty(num_progs, device=device, dtype=torch.float32)
-    _feature_distance_fwd_kernel[(num_progs,)](
-        layer_tab, prog_tab, scales[0], scales[1], partials,
-        DTYPE=_TL_DTYPES[dtype], COMPUTE_GRAD=compute_grad, BLOCK=_BLOCK, ITERS=_ITERS,
-    )  # fmt: skip
+    partials = torch.empty(sum(progs), device=device, dtype=torch.float32)
+    base = 0
+    for layer, ((f, r), n, w) in enumerate(zip(pairs, progs, weights)):
+        if n == 0:
+            continue
+        _feature_distance_fwd_kernel[(n,)](
+            f, r, grads[layer] if compute_grad else f, partials[base:], f.numel(), w / denom, 2.0 * w / denom,
+            COMPUTE_GRAD=compute_grad, BLOCK=_BLOCK, ITERS=_ITERS,
+        )  # fmt: skip
+        base += n
     loss = deterministic_sum(partials)
     # Non-dense fakes were computed through a contiguous copy; hand back empty_like(fake) layouts (the fake
     # implementation's promise to torch.compile).
@@ -242,7 +232,7 @@ def reference_feature_distance(fakes, reals, weights=None, reduction="sum"):
 
 
 def feature_distance(fakes, reals, weights=None, reduction="sum"):
-    """Weighted squared feature distance over all comparator taps, in one kernel launch.
+    """Weighted squared feature distance over all comparator taps: one kernel launch per tap plus one sum.
 
     Args:
         fakes: sequence of tensors (any shapes) from the generated images; gradients flow to these.

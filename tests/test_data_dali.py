@@ -50,6 +50,26 @@ def test_batch_convention(coord_folder, mode, crop, dtype, channels_last):
     stream.close()
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "channels_last,dtype,static", [(False, torch.float32, False), (True, torch.bfloat16, True)]
+)
+def test_gpu_pipeline_matches_cpu(coord_folder, channels_last, dtype, static):
+    """device="cuda": mixed decoding, batches on the GPU, the same pixels as the CPU pipeline (center crops)."""
+    kw = dict(batch_size=4, crop_size=48, mode="center", loader="dali", dtype=dtype, channels_last=channels_last)
+    cpu = build_loader(coord_folder, **kw)
+    gpu = build_loader(coord_folder, device="cuda", static=static, **kw)
+    a, b = next(cpu), next(gpu)
+    assert b.device.type == "cuda" and b.dtype == dtype and b.shape == a.shape == (4, 3, 48, 48)
+    assert b.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(b.float().cpu(), a.float(), atol=2 / 127.5, rtol=0)
+    c = next(gpu)
+    assert (c is b) == static and c.device.type == "cuda"
+    cpu.close()
+    gpu.close()
+
+
 def test_photos_and_static_buffer():
     stream = build_loader(
         "photos", batch_size=4, crop_size=64, loader="dali", static=True, dtype=torch.bfloat16

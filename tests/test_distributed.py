@@ -93,6 +93,10 @@ class _Prepend:
             return first
         return next(self.stream)
 
+    @property
+    def skipped(self):  # the loop logs the stream's bad-file count (Data/skipped)
+        return self.stream.skipped
+
     def close(self):
         self.stream.close()
 

@@ -226,7 +226,7 @@ class DaliBatchStream:
             else:
                 fmt = torch.channels_last if self.channels_last else torch.contiguous_format
                 self._out = torch.empty(x.shape, dtype=self.dtype, device=self.device, memory_format=fmt)
-        if self._out is not x:
+        if self._out.data_ptr() != x.data_ptr():  # fp32: x is a new view of the same buffer, no copy
             self._out.copy_(x)
         return self._out
 

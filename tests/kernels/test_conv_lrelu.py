@@ -133,3 +133,23 @@ def test_autograd_functions_apply_directly():
             torch.autograd.grad(y, (x, weight, b), g), torch.autograd.grad(y_ref, (x, weight, b), g)
         ):
             assert_close(a, r, 1e-4, 1e-4, "grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_runs_the_fused_ops_in_the_autocast_dtype(device):
+    """Custom ops are not autocast by the dispatcher; the public ops cast x like F.conv2d would."""
+    torch.manual_seed(6)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    x = torch.randn(2, 3, 6, 6, device=device, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
+    wt = torch.randn(3, 4, 4, 4, device=device, requires_grad=True)
+    for op, ref, weight in [(K.conv_lrelu, K.reference_conv_lrelu, w),
+                            (K.conv_transpose_lrelu, K.reference_conv_transpose_lrelu, wt)]:  # fmt: skip
+        with torch.autocast(device, dtype=dtype):
+            with K.use_backend("triton"):
+                y = op(x, weight, None, 2, 1)
+            y_ref = ref(x, weight, None, 2, 1)
+        assert y.dtype == y_ref.dtype == dtype
+        assert_close(y, y_ref, 5e-2, 5e-2, "output")
+        gx, gw = torch.autograd.grad(y.float().sum(), (x, weight))
+        assert gx.dtype == gw.dtype == torch.float32

@@ -3,7 +3,11 @@
 import pytest
 import torch
 
-from ._common import DEVICES, DTYPES, K, assert_close, skip_unsupported
+from ._common import DEVICES, DTYPES, INTERPRET, K, assert_close, skip_unsupported
+
+# Device of the unparametrized tests that force the Triton backend: the interpreter's CPU, else the GPU
+# (TRITON_INTERPRET is unset where a GPU is present, and Triton on a CPU tensor needs it).
+DEVICE = "cpu" if INTERPRET else "cuda"
 
 # Comparator-tap-like lists: odd sizes, a 1x1 map, one layer spanning several programs, channels_last.
 LAYER_SETS = [
@@ -55,8 +59,8 @@ def test_feature_distance_deterministic_and_no_grad(device):
 
 
 def test_feature_distance_reals_get_no_gradient():
-    fake = torch.randn(2, 3, requires_grad=True)
-    real = torch.randn(2, 3, requires_grad=True)
+    fake = torch.randn(2, 3, device=DEVICE, requires_grad=True)
+    real = torch.randn(2, 3, device=DEVICE, requires_grad=True)
     with K.use_backend("triton"):
         K.feature_distance([fake], [real]).backward()
     assert fake.grad is not None and real.grad is None
@@ -95,20 +99,20 @@ def test_mean_pairwise_distance_matches_reference(device, dtype, atol, rtol, N, 
 
 
 def test_mean_pairwise_distance_identical_rows_and_errors():
-    x = torch.ones(6, 4)
+    x = torch.ones(6, 4, device=DEVICE)
     with K.use_backend("triton"):
         assert K.mean_pairwise_distance(x).item() == pytest.approx(0.0, abs=1e-6)
         with pytest.raises(ValueError, match="N >= 2"):
-            K.mean_pairwise_distance(torch.randn(1, 3))
+            K.mean_pairwise_distance(torch.randn(1, 3, device=DEVICE))
 
 
 def test_feature_distance_mixed_layouts():
     """A transposed (non-contiguous) fake and a real in another layout: same values, grads in fake's layout."""
     torch.manual_seed(4)
-    fake = torch.randn(5, 3).t().requires_grad_()  # (3, 5), strides (1, 3)
-    real = torch.randn(3, 5)
-    cl_fake = torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last).requires_grad_()
-    cl_real = torch.randn(2, 3, 4, 4)
+    fake = torch.randn(5, 3, device=DEVICE).t().requires_grad_()  # (3, 5), strides (1, 3)
+    real = torch.randn(3, 5, device=DEVICE)
+    cl_fake = torch.randn(2, 3, 4, 4, device=DEVICE).to(memory_format=torch.channels_last).requires_grad_()
+    cl_real = torch.randn(2, 3, 4, 4, device=DEVICE)
     with K.use_backend("triton"):
         loss = K.feature_distance([fake, cl_fake], [real, cl_real], [1.0, 0.5])
     loss_ref = K.reference_feature_distance([fake, cl_fake], [real, cl_real], [1.0, 0.5])
@@ -117,3 +121,38 @@ def test_feature_distance_mixed_layouts():
     g_ref = torch.autograd.grad(loss_ref, [fake, cl_fake])
     for a, b in zip(g, g_ref):
         assert_close(a, b, 1e-5, 1e-5, "grad")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_feature_distance_cuda_graph_capture():
+    """The op captures in a CUDA graph (torch.compile "reduce-overhead" does this): a replay on new
+    inputs copied into the captured buffers gives their loss and gradients."""
+    torch.manual_seed(6)
+    shapes = [(4, 8, 16, 16), (4, 32, 8, 8), (4, 5)]
+    fakes = [torch.randn(s, device="cuda", requires_grad=True) for s in shapes]
+    reals = [torch.randn(s, device="cuda") for s in shapes]
+    weights = [1.0, 0.5, 2.0]
+
+    def step():
+        loss = K.feature_distance(fakes, reals, weights, "mean")
+        return loss.detach(), torch.autograd.grad(loss, fakes)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side), K.use_backend("triton"):
+        step()  # warm-up (compiles) outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), K.use_backend("triton"):
+        loss, grads = step()
+    with torch.no_grad():
+        for t in fakes + reals:
+            t.copy_(torch.randn_like(t))
+    graph.replay()
+    torch.cuda.synchronize()
+    fakes_ref = [f.detach().clone().requires_grad_() for f in fakes]
+    loss_ref = K.reference_feature_distance(fakes_ref, reals, weights, "mean")
+    assert_close(loss, loss_ref, 1e-4, 1e-4, "loss")
+    for g, g_ref in zip(grads, torch.autograd.grad(loss_ref, fakes_ref)):
+        assert_close(g, g_ref, 1e-4, 1e-4, "grad")

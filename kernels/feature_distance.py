@@ -1,14 +1,17 @@
-"""feature_distance: weighted sum of squared feature differences over all comparator taps, one launch per tap.
+"""feature_distance: weighted sum of squared feature differences over all comparator taps in one launch.
 
     L = (1 / denom) * sum_l w_l * sum_i (fake_l[i] - real_l[i])^2          denom = 1 ("sum") or batch ("mean")
     dL/dfake_l = 2 * w_l * (fake_l - real_l) / denom                       (reals get no gradient)
 
-The forward kernel runs once per layer (one program = one chunk of the layer), writes the gradient for the
-fakes in the same pass (saved, so backward is ``saved * grad_L``) and one partial sum per program into its
-own slot of a buffer shared by all layers; ``_feature_distance_sum_kernel`` then adds the partials in a
-fixed order in one program. No atomics: the result is bitwise reproducible for a given input. Every
-argument is a kernel scalar (no host-built table copied to the device per call), so the op can be captured
-in a CUDA graph (``torch.compile(mode="reduce-overhead")``).
+One forward launch handles up to ``MAX_LAYERS`` = 8 layers (comparator taps), each passed as its own kernel
+arguments (fake/real/grad pointers, numel, scales, first program); one program = one chunk of exactly one
+layer. It writes the gradient for the fakes in the same pass (saved, so backward is ``saved * grad_L``) and
+one partial sum per program into its own slot of one buffer; ``_feature_distance_sum_kernel`` then adds
+the partials in a fixed order in one program. More than 8 layers: successive launches of 8, writing the
+same buffer in layer order. No atomics: the result is bitwise reproducible for a given input. Every
+argument is a kernel scalar or tensor pointer (no host-built table copied to the device per call), so the
+op can be captured in a CUDA graph (``torch.compile(mode="reduce-overhead")``). Layers may differ in dtype
+(fp32/fp16/bf16); each gradient is stored in its fake's dtype.
 """
 
 from __future__ import annotations
@@ -26,35 +29,83 @@ __all__ = [
     "feature_distance_backward",
     "deterministic_sum",
     "FeatureDistanceFunction",
+    "MAX_LAYERS",
 ]
 
 _BLOCK = 1024
 _ITERS = 1 if INTERPRET else 8  # elements per program = _BLOCK * _ITERS (fewer, larger programs on GPU)
 _SUM_BLOCK = 1024
+MAX_LAYERS = 8  # layers per forward launch (kernel argument slots); more layers: successive launches of 8
 
 
 @triton.jit
-def _feature_distance_fwd_kernel(
-    fake_ptr, real_ptr, grad_ptr, partial_ptr, numel, wscale, gscale,
-    COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-):  # fmt: skip
-    # One layer; program p handles elements [p * BLOCK * ITERS, (p + 1) * BLOCK * ITERS).
-    # wscale = w_l / denom, gscale = 2 w_l / denom:
-    #   partial[p] = wscale * sum (f - r)^2          (fp32 accumulation)
-    #   grad_f     = gscale * (f - r)                (= d partial / d f; stored in the fakes' dtype)
-    pid = tl.program_id(0)
-    start = pid.to(tl.int64) * (BLOCK * ITERS)
+def _chunk(fake_ptr, real_ptr, grad_ptr, numel, wscale, gscale, block_start, pid,
+           COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):  # fmt: skip
+    # This program's contribution from one layer slot: chunk (pid - block_start) of the layer when
+    # block_start <= pid < block_start + cdiv(numel, BLOCK * ITERS), else 0 with every load/store masked off
+    # (no memory traffic). wscale = w_l / denom, gscale = 2 w_l / denom:
+    #   contribution = wscale * sum (f - r)^2          (fp32 accumulation)
+    #   grad_f       = gscale * (f - r)                (= d contribution / d f; stored in the fakes' dtype)
+    local = pid - block_start
+    nblocks = (numel + (BLOCK * ITERS - 1)) // (BLOCK * ITERS)
+    active = (local >= 0) & (local < nblocks)
+    start = local.to(tl.int64) * (BLOCK * ITERS)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for i in range(ITERS):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < numel
+        mask = active & (offs < numel)
         f = tl.load(fake_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         r = tl.load(real_ptr + offs, mask=mask, other=0.0).to(tl.float32)
         d = f - r
         acc += d * d
         if COMPUTE_GRAD:
             tl.store(grad_ptr + offs, (d * gscale).to(grad_ptr.dtype.element_ty), mask=mask)
-    tl.store(partial_ptr + pid, tl.sum(acc, axis=0) * wscale)
+    return tl.sum(acc, axis=0) * wscale
+
+
+@triton.jit
+def _feature_distance_fwd_kernel(
+    partial_ptr,
+    fake_ptr0, real_ptr0, grad_ptr0, numel0, wscale0, gscale0, block_start0,
+    fake_ptr1, real_ptr1, grad_ptr1, numel1, wscale1, gscale1, block_start1,
+    fake_ptr2, real_ptr2, grad_ptr2, numel2, wscale2, gscale2, block_start2,
+    fake_ptr3, real_ptr3, grad_ptr3, numel3, wscale3, gscale3, block_start3,
+    fake_ptr4, real_ptr4, grad_ptr4, numel4, wscale4, gscale4, block_start4,
+    fake_ptr5, real_ptr5, grad_ptr5, numel5, wscale5, gscale5, block_start5,
+    fake_ptr6, real_ptr6, grad_ptr6, numel6, wscale6, gscale6, block_start6,
+    fake_ptr7, real_ptr7, grad_ptr7, numel7, wscale7, gscale7, block_start7,
+    NUM_LAYERS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+):  # fmt: skip
+    # Up to MAX_LAYERS layers in one launch, each passed as its own kernel arguments (no device-side table).
+    # Program pid handles one chunk of exactly one layer: layer l owns programs
+    # [block_start_l, block_start_l + cdiv(numel_l, BLOCK * ITERS)). Slots >= NUM_LAYERS are not compiled;
+    # every compiled slot's code runs in every program, masked off except in the owning layer's programs.
+    # partial[pid] = that program's (weighted) partial sum.
+    pid = tl.program_id(0)
+    acc = _chunk(fake_ptr0, real_ptr0, grad_ptr0, numel0, wscale0, gscale0, block_start0, pid,
+                 COMPUTE_GRAD, BLOCK, ITERS)  # fmt: skip
+    if NUM_LAYERS > 1:
+        acc += _chunk(fake_ptr1, real_ptr1, grad_ptr1, numel1, wscale1, gscale1, block_start1, pid,
+                      COMPUTE_GRAD, BLOCK, ITERS)  # fmt: skip
+    if NUM_LAYERS > 2:
+        acc += _chunk(fake_ptr2, real_ptr2, grad_ptr2, numel2, wscale2, gscale2, block_start2, pid,
+                      COMPUTE_GRAD, BLOCK, ITERS)  # fmt: skip
+    if NUM_LAYERS > 3:
+        acc += _chunk(fake_ptr3, real_ptr3, grad_ptr3, numel3, wscale3, gscale3, block_start3, pid,
+                      COMPUTE_GRAD, BLOCK, ITERS)  # fmt: skip
+    if NUM_LAYERS > 4:
+        acc += _chunk(fake_ptr4, real_ptr4, grad_ptr4, numel4, wscale4, gscale4, block_start4, pid,
+                      COMPUTE_GRAD, BLOCK, ITERS)  # fmt: skip
+    if NUM_LAYERS > 5:
+        acc += _chunk(fake_ptr5, real_ptr5, grad_ptr5, numel5, wscale5, gscale5, block_start5, pid,
+                      COMPUTE_GRAD, BLOCK, ITERS)  # fmt: skip
+    if NUM_LAYERS > 6:
+        acc += _chunk(fake_ptr6, real_ptr6, grad_ptr6, numel6, wscale6, gscale6, block_start6, pid,
+                      COMPUTE_GRAD, BLOCK, ITERS)  # fmt: skip
+    if NUM_LAYERS > 7:
+        acc += _chunk(fake_ptr7, real_ptr7, grad_ptr7, numel7, wscale7, gscale7, block_start7, pid,
+                      COMPUTE_GRAD, BLOCK, ITERS)  # fmt: skip
+    tl.store(partial_ptr + pid, acc)
 
 
 @triton.jit
@@ -96,10 +147,12 @@ def _dense_pair(f: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.T
 def feature_distance_forward(fakes: Sequence[torch.Tensor], reals: Sequence[torch.Tensor],
                              weights: Sequence[float], denom: float, compute_grad: bool
                              ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
-    """One launch per layer, one partial-sum buffer. Returns (loss 0-dim fp32, [dL/dfake_l] if compute_grad
-    else []). Graph-safe: no host data is copied to the device."""
-    device, dtype = fakes[0].device, fakes[0].dtype
-    pairs = [_dense_pair(f.to(dtype), r.to(dtype)) for f, r in zip(fakes, reals)]
+    """One forward launch per group of up to MAX_LAYERS layers (so one launch for <= 8 taps) plus one sum,
+    all into one partial-sum buffer in layer order. Returns (loss 0-dim fp32, [dL/dfake_l] in each fake's
+    dtype if compute_grad else []). Graph-safe: every kernel argument is a scalar or a tensor pointer, no
+    host data is copied to the device."""
+    device = fakes[0].device
+    pairs = [_dense_pair(f, r) for f, r in zip(fakes, reals)]  # each layer keeps its own dtype
     grads = [torch.empty_like(f) for f, _ in pairs] if compute_grad else []  # pairs keep dense f's strides
     chunk = _BLOCK * _ITERS
     progs = [triton.cdiv(f.numel(), chunk) for f, _ in pairs]
@@ -107,14 +160,28 @@ def feature_distance_forward(fakes: Sequence[torch.Tensor], reals: Sequence[torc
         return torch.zeros((), device=device, dtype=torch.float32), grads
     partials = torch.empty(sum(progs), device=device, dtype=torch.float32)
     base = 0
-    for layer, ((f, r), n, w) in enumerate(zip(pairs, progs, weights)):
-        if n == 0:
+    for g0 in range(0, len(pairs), MAX_LAYERS):
+        layers = range(g0, min(g0 + MAX_LAYERS, len(pairs)))
+        nprog = sum(progs[i] for i in layers)
+        if nprog == 0:
             continue
-        _feature_distance_fwd_kernel[(n,)](
-            f, r, grads[layer] if compute_grad else f, partials[base:], f.numel(), w / denom, 2.0 * w / denom,
-            COMPUTE_GRAD=compute_grad, BLOCK=_BLOCK, ITERS=_ITERS,
+        args, start = [], 0
+        f0 = next(pairs[i][0] for i in layers if progs[i])
+        dummy = [f0, f0, f0, 0, 0.0, 0.0, 0]  # valid pointers, numel 0: never active
+        for i in layers:
+            f, r = pairs[i]
+            w = weights[i]
+            if progs[i] == 0:  # empty layer (its storage pointer may be null): a dummy slot
+                args += dummy
+                continue
+            args += [f, r, grads[i] if compute_grad else f, f.numel(), w / denom, 2.0 * w / denom, start]
+            start += progs[i]
+        args += dummy * (MAX_LAYERS - len(layers))  # unused slots; not compiled (NUM_LAYERS guards them)
+        _feature_distance_fwd_kernel[(nprog,)](
+            partials[base:], *args,
+            NUM_LAYERS=len(layers), COMPUTE_GRAD=compute_grad, BLOCK=_BLOCK, ITERS=_ITERS,
         )  # fmt: skip
-        base += n
+        base += nprog
     loss = deterministic_sum(partials)
     # Non-dense fakes were computed through a contiguous copy; hand back empty_like(fake) layouts (the fake
     # implementation's promise to torch.compile).
@@ -232,7 +299,8 @@ def reference_feature_distance(fakes, reals, weights=None, reduction="sum"):
 
 
 def feature_distance(fakes, reals, weights=None, reduction="sum"):
-    """Weighted squared feature distance over all comparator taps: one kernel launch per tap plus one sum.
+    """Weighted squared feature distance over all comparator taps: one kernel launch for up to 8 taps (then
+    one per further 8) plus one fixed-order sum; deterministic and CUDA-graph safe.
 
     Args:
         fakes: sequence of tensors (any shapes) from the generated images; gradients flow to these.
@@ -240,7 +308,7 @@ def feature_distance(fakes, reals, weights=None, reduction="sum"):
         weights: one float per layer (default 1.0 each).
         reduction: "sum", or "mean" to divide by the batch size ``fakes[0].shape[0]``.
     Returns:
-        0-dim fp32 tensor. Inputs fp32/fp16/bf16 (all cast to fakes[0]'s dtype), fp32 accumulation.
+        0-dim fp32 tensor. Inputs fp32/fp16/bf16 (each layer in its own dtype), fp32 accumulation.
     The Triton path computes dL/dfake in the forward pass and saves it (one activation-sized buffer per
     layer, in the fakes' dtype) when grad mode is on and any fake requires grad.
     """

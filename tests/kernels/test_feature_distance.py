@@ -1,5 +1,7 @@
 """feature_distance and mean_pairwise_distance: Triton against the reference."""
 
+import importlib
+
 import pytest
 import torch
 
@@ -156,3 +158,99 @@ def test_feature_distance_cuda_graph_capture():
     assert_close(loss, loss_ref, 1e-4, 1e-4, "loss")
     for g, g_ref in zip(grads, torch.autograd.grad(loss_ref, fakes_ref)):
         assert_close(g, g_ref, 1e-4, 1e-4, "grad")
+
+
+def _taps(n, dtypes=(torch.float32,)):
+    """n comparator-tap-like layers: varied sizes (some spanning several programs), cycling dtypes/layouts."""
+    shapes = [(2, 3, 5, 5), (2, 7), (1, 4, 33, 17), (2, 1, 1, 1), (2, 6, 4, 4), (3, 11), (2, 2, 30, 20),
+              (2, 5, 3, 3), (4, 9), (2, 8, 2, 2)]  # fmt: skip
+    fakes, reals = [], []
+    for i in range(n):
+        s = shapes[i % len(shapes)]
+        f = torch.randn(s, device=DEVICE).to(dtypes[i % len(dtypes)])
+        r = torch.randn(s, device=DEVICE).to(dtypes[(i + 1) % len(dtypes)])
+        if f.dim() == 4 and i % 3 == 1:
+            f = f.to(memory_format=torch.channels_last)  # fake channels_last, real contiguous
+        elif f.dim() == 2 and i % 3 == 2:
+            f = f.t().contiguous().t()  # non-contiguous view layout
+        fakes.append(f.requires_grad_())
+        reals.append(r)
+    return fakes, reals
+
+
+@pytest.mark.parametrize("num_layers", [1, 3, 9], ids=["1-layer", "3-layers", "9-layers-two-launches"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_feature_distance_layer_counts(num_layers, reduction):
+    """1, 3 and 9 layers (9 > MAX_LAYERS: two forward launches into one partial buffer) match the reference,
+    gradients included, with a random grad_output; two runs agree bitwise."""
+    torch.manual_seed(7 + num_layers)
+    fakes, reals = _taps(num_layers)
+    weights = [0.25 + 0.5 * i for i in range(num_layers)]
+    with K.use_backend("triton"):
+        loss = K.feature_distance(fakes, reals, weights, reduction)
+        again = K.feature_distance(fakes, reals, weights, reduction)
+    assert torch.equal(loss, again), "two runs on the same input must agree bitwise"
+    fakes_ref = [f.detach().clone().requires_grad_() for f in fakes]
+    loss_ref = K.reference_feature_distance(fakes_ref, reals, weights, reduction)
+    assert_close(loss, loss_ref, 1e-4, 1e-4, "loss")
+    grad_out = torch.rand((), device=DEVICE) + 0.5
+    grads = torch.autograd.grad(loss, fakes, grad_out)
+    grads_ref = torch.autograd.grad(loss_ref, fakes_ref, grad_out)
+    for i, (g, g_ref, f) in enumerate(zip(grads, grads_ref, fakes)):
+        assert g.dtype == f.dtype and g.stride() == f.stride()
+        assert_close(g, g_ref, 1e-4, 1e-4, f"grad fakes[{i}]")
+
+
+@pytest.mark.parametrize("num_layers", [3, 9])
+def test_feature_distance_mixed_dtypes(num_layers):
+    """Layers of different dtypes in one launch (fp32/fp16; bf16 too on a GPU): each gradient in its fake's
+    dtype, values against an fp32 reference on the same rounded inputs."""
+    torch.manual_seed(11)
+    dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if DEVICE == "cuda" else ())
+    fakes, reals = _taps(num_layers, dtypes)
+    weights = [1.0 + 0.1 * i for i in range(num_layers)]
+    with K.use_backend("triton"):
+        loss = K.feature_distance(fakes, reals, weights, "mean")
+    fakes_ref = [f.detach().float().requires_grad_() for f in fakes]
+    loss_ref = K.reference_feature_distance(fakes_ref, [r.float() for r in reals], weights, "mean")
+    assert_close(loss, loss_ref, 1e-3, 1e-3, "loss")
+    grad_out = torch.tensor(0.61, device=DEVICE)
+    grads = torch.autograd.grad(loss, fakes, grad_out)
+    grads_ref = torch.autograd.grad(loss_ref, fakes_ref, grad_out)
+    for i, (g, g_ref, f) in enumerate(zip(grads, grads_ref, fakes)):
+        assert g.dtype == f.dtype and g.shape == f.shape
+        tol = 1e-4 if f.dtype == torch.float32 else 5e-2
+        assert_close(g, g_ref, tol, tol, f"grad fakes[{i}]")
+
+
+def test_feature_distance_empty_layer():
+    """A zero-element layer among others contributes nothing and gets an empty gradient."""
+    torch.manual_seed(12)
+    fakes = [torch.randn(2, 3, device=DEVICE, requires_grad=True), torch.randn(0, 4, device=DEVICE,
+             requires_grad=True), torch.randn(2, 5, device=DEVICE, requires_grad=True)]  # fmt: skip
+    reals = [torch.randn_like(f) for f in fakes]
+    with K.use_backend("triton"):
+        loss = K.feature_distance(fakes, reals, [1.0, 2.0, 3.0])
+    loss_ref = K.reference_feature_distance(fakes, reals, [1.0, 2.0, 3.0])
+    assert_close(loss, loss_ref, 1e-5, 1e-5, "loss")
+    grads = torch.autograd.grad(loss, fakes)
+    assert grads[1].shape == (0, 4)
+
+
+@pytest.mark.parametrize("num_layers, launches", [(3, 1), (8, 1), (9, 2)])
+def test_feature_distance_forward_launch_count(monkeypatch, num_layers, launches):
+    """Up to MAX_LAYERS layers take exactly one forward launch; 9 take two."""
+    fd = importlib.import_module(K.feature_distance.__module__)
+    assert fd.MAX_LAYERS == 8
+    kernel, calls = fd._feature_distance_fwd_kernel, []
+
+    class Counting:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(fd, "_feature_distance_fwd_kernel", Counting())
+    fakes, reals = _taps(num_layers)
+    with K.use_backend("triton"):
+        K.feature_distance(fakes, reals)
+    assert len(calls) == launches

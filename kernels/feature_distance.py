@@ -42,8 +42,7 @@ MAX_LAYERS = 8  # layers per forward launch (kernel argument slots); more layers
 def _chunk(fake_ptr, real_ptr, grad_ptr, numel, wscale, gscale, block_start, pid,
            COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):  # fmt: skip
     # This program's contribution from one layer slot: chunk (pid - block_start) of the layer when
-    # block_start <= pid < block_start + cdiv(numel, BLOCK * ITERS), else 0 with every load/store masked off
-    # (no memory traffic). wscale = w_l / denom, gscale = 2 w_l / denom:
+    # block_start <= pid < block_start + cdiv(numel, BLOCK * ITERS), else 0 (its loop runs zero times). wscale = w_l / denom, gscale = 2 w_l / denom:
     #   contribution = wscale * sum (f - r)^2          (fp32 accumulation)
     #   grad_f       = gscale * (f - r)                (= d contribution / d f; stored in the fakes' dtype)
     local = pid - block_start
@@ -51,7 +50,8 @@ def _chunk(fake_ptr, real_ptr, grad_ptr, numel, wscale, gscale, block_start, pid
     active = (local >= 0) & (local < nblocks)
     start = local.to(tl.int64) * (BLOCK * ITERS)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i in range(ITERS):
+    iters = tl.where(active, ITERS, 0)  # a slot that does not own this program runs no iteration at all
+    for i in range(0, iters):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         mask = active & (offs < numel)
         f = tl.load(fake_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -79,7 +79,7 @@ def _feature_distance_fwd_kernel(
     # Up to MAX_LAYERS layers in one launch, each passed as its own kernel arguments (no device-side table).
     # Program pid handles one chunk of exactly one layer: layer l owns programs
     # [block_start_l, block_start_l + cdiv(numel_l, BLOCK * ITERS)). Slots >= NUM_LAYERS are not compiled;
-    # every compiled slot's code runs in every program, masked off except in the owning layer's programs.
+    # every compiled slot's code is reached by every program, but only the owning layer's slot iterates.
     # partial[pid] = that program's (weighted) partial sum.
     pid = tl.program_id(0)
     acc = _chunk(fake_ptr0, real_ptr0, grad_ptr0, numel0, wscale0, gscale0, block_start0, pid,

@@ -7,6 +7,7 @@
     deepsim bench [--groups kernels,loader,step] [--quick] [--out DIR]   throughput tables (= python -m bench)
     deepsim train vae | invert --layer conv5|fc6|fc7|fc8 ...       the VAE and AlexNet inversion (see below)
     deepsim invert | sample-preimages | sample-vae | eval ...      see deepsim.applications.commands
+    deepsim import-caffe MODEL.caffemodel --layer fc6|fc7|pool5|caffenet --out F.pt   the authors' Caffe models
 
 `deepsim train vae` also writes <out>/prior_samples.png (64 decoded prior samples) at the end.
 `deepsim train invert` without --preset takes the preset invert-<layer> (default layer: fc6).
@@ -151,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     from deepsim.applications.commands import add_subcommands
 
     add_subcommands(sub)  # invert, sample-preimages, sample-vae, eval
+    from deepsim.caffe.command import add_subcommand as add_import_caffe
+
+    add_import_caffe(sub)  # import-caffe
     return parser
 
 
@@ -249,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         handler = _cmd_data_check
     if args.command == "bench":
         handler = _cmd_bench
+    if args.command == "import-caffe":
+        from deepsim.caffe.command import run_import_caffe as handler
     try:
         return handler(args)
     except USER_ERRORS as error:

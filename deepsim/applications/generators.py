@@ -13,7 +13,8 @@ Layouts (PAPER.md, "code" = the derived Caffe code):
 * :class:`InversionGenerator` -- FC6/FC7 (code): FC in -> 4096 -> 4096 -> 4096, reshape 256x4x4, the
   up-conv stack, centre crop (256 -> 227). FC8: the same with 1000 inputs. CONV5: 3x3 convs 512, 512, 512
   (the last unpadded, 6x6 -> 4x4) replace the FC layers. Noise for pre-image sampling is concatenated to
-  the feature vector (FC) or added as extra 6x6 channels (CONV5).
+  the feature vector (FC) or added as extra 6x6 channels (CONV5). The authors' released Caffe generators
+  load into it with :func:`deepsim.caffe.load_generator` (which lists where the two layouts differ).
 * :class:`VariationalAutoencoder` -- a conv encoder to (mean, log-variance) and, as decoder, the FC6
   inversion generator taking the latent (seed: "the VAE decoder is the same network as the fc6 inversion
   generator"). The encoder is ours (open): strided convs 5x5/2 32, 5x5/2 64, 3x3/2 128, 3x3/2 256, (3x3/2

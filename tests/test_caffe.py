@@ -196,6 +196,8 @@ def test_mean_bgr_changes_only_the_output_offset(fc6_file):
     torch.testing.assert_close(delta.mean(dim=(0, 2, 3)), expected, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="mean_bgr"):
         load_generator(fc6_file, "fc6", mean_bgr=(1.0, 2.0))
+    with pytest.raises(ValueError, match="image_size 64: the authors' generators output 256x256"):
+        load_generator(fc6_file, "fc6", image_size=64)
 
 
 def test_stride1_deconvolution_is_a_flipped_transposed_convolution():

@@ -212,6 +212,8 @@ def generator_from_caffemodel(
         raise ValueError(f"generator layer {layer!r}: expected one of {', '.join(GENERATOR_LAYERS)}")
     ours = GENERATOR_LAYERS[layer]
     mean_bgr = _check_mean(mean_bgr)
+    if not 129 <= image_size <= 256:  # the Caffe stack always makes 256x256; we only crop it
+        raise ValueError(f"image_size {image_size}: the authors' generators output 256x256, crop to 129..256")
     head_names = CONV5_HEAD if ours == "conv5" else FC_HEAD
     for name in head_names + UP_STACK:  # every layer first, so a missing one is named before any work
         model.layer(name)
@@ -253,9 +255,10 @@ def caffenet_from_caffemodel(model: CaffeModel, *, up_to: str = "fc8") -> dict[s
     state: dict[str, torch.Tensor] = {}
     for name in CAFFENET_LAYERS[: CAFFENET_LAYERS.index(up_to) + 1]:
         if not model.has_layer(name) and name.startswith("fc") and model.has_layer("conv5"):
+            before = CAFFENET_LAYERS[CAFFENET_LAYERS.index(name) - 1]
             raise CaffeModelError(
-                f"{model.path} has no layer {name!r} (it ends before {name}); import the convolutions alone "
-                "with up_to='conv5' (CLI: --up-to conv5), enough for the pool5 tap"
+                f"{model.path} has no layer {name!r} (the net ends before it); import up to {before} with "
+                f"up_to={before!r} (CLI: --up-to {before}); conv5 is enough for the pool5 tap"
             )
         layer = model.layer(name)  # a missing one raises, listing the layers the file has
         shape = CAFFENET_WEIGHT_SHAPES[name]

@@ -106,6 +106,32 @@ def test_data_kind_looks_at_the_path(tmp_path):
     assert data_kind(tmp_path / "missing") == "folder"  # the loader names a missing folder later
 
 
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        ([], dict(compile="auto", precision="auto", loader="auto", channels_last="auto", tensorboard="auto")),
+        (["--channels-last", "--no-tensorboard"], dict(channels_last=True, tensorboard=False)),
+        (["--channels-last", "off", "--tensorboard", "--compile", "off", "--precision", "bf16", "--loader", "nvjpeg"],
+         dict(channels_last=False, tensorboard=True, compile="off", precision="bf16", loader="nvjpeg")),
+        (["--preset", "autoencoder-stl10-se", "--channels-last", "auto"], dict(channels_last="auto", loss="se")),
+    ],
+)  # fmt: skip
+def test_cli_flags_reach_the_config_and_auto_is_the_default(monkeypatch, tmp_path, flags, expected):
+    import deepsim.train.loop as loop
+    from deepsim.cli import main
+
+    seen = {}
+
+    def fake_train(config, **kwargs):
+        seen["config"] = config
+        return loop.TrainResult(step=0, out=tmp_path, checkpoint=None)
+
+    monkeypatch.setattr(loop, "train", fake_train)
+    assert main(["train", "--out", str(tmp_path)] + flags) == 0
+    for name, value in expected.items():
+        assert getattr(seen["config"], name) == value, name
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_default_run_on_cuda_takes_the_fast_path(tmp_path):

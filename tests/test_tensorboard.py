@@ -11,9 +11,6 @@ from deepsim.config import get_preset
 from deepsim.train.loop import train
 from deepsim.train.progress import TrainingProgress
 
-pytest.importorskip("tensorboard")
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
-
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 TINY = dict(batch_size=4, image_size=32, comparator="alexnet-random:conv2", device="cpu")
 
@@ -23,6 +20,9 @@ def _events(folder):
 
 
 def test_run_writes_scalars_images_and_hparams(tmp_path):
+    pytest.importorskip("tensorboard")  # in the test extras; CI has it
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     config = get_preset("autoencoder-photos").replace(
         steps=4,
         log_every=2,
@@ -93,3 +93,24 @@ def test_progress_bar_images_per_s_and_eta_from_the_step_rate(monkeypatch):
     text = str(bar)
     assert "30/100 steps [00:04, 160 img/s, ETA 00:28]" in text, text
     bar.close()
+
+
+def test_resumed_writer_hides_what_the_interrupted_run_wrote_past_its_checkpoint(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from deepsim.config import TrainConfig
+    from deepsim.train.tensorboard import TensorBoardWriter
+
+    first = TensorBoardWriter(tmp_path, TrainConfig())
+    for step in (1, 2, 3, 4):  # checkpoint at 2, then killed after logging 3 and 4
+        first.log_metrics({"step": step, "Loss/G/img": float(step)})
+    first.close()
+    # (event file names carry the second and a per-process counter, so the resumed file sorts after)
+    resumed = TensorBoardWriter(tmp_path, TrainConfig(), start_step=2)
+    resumed.log_metrics({"step": 3, "Loss/G/img": 30.0}, {"LR/G": 1e-3})
+    resumed.close()
+    board = EventAccumulator(str(tmp_path))
+    board.Reload()
+    assert [(e.step, e.value) for e in board.Scalars("Loss/G/img")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert [e.value for e in board.Scalars("LR/G")] == pytest.approx([1e-3])

@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 AUTO = "auto"
-# field -> the values it may take besides "auto" (the CLI's choices come from here too)
+# field -> the values it may take besides "auto" (deepsim.cli offers the same choices)
 RUNTIME_CHOICES: dict[str, tuple] = {
     "compile": ("off", "default", "max-autotune", "reduce-overhead"),
     "precision": ("fp32", "tf32", "bf16"),

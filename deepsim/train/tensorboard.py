@@ -49,7 +49,8 @@ class TensorBoardWriter:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step or None)
+        # A resumed run logs from start_step + 1: events the interrupted run wrote past its checkpoint are hidden.
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1 if start_step else None)
         values = config.to_dict()
         experiment, session_start, _ = hparams(
             {k: _hparam_value(v) for k, v in values.items()}, dict.fromkeys(_HPARAM_METRICS, 0.0)

@@ -3,6 +3,7 @@
     deepsim train [autoencoder] [--preset NAME] [--steps N] ...   train (default: the bundled photos)
     deepsim reconstruct --checkpoint C IMAGE... --out DIR          autoencode images with a trained G
     deepsim data check PATH                                        report every bad image before a run
+    deepsim data download stl10 DIR                                STL-10 into DIR/stl10_binary (checksums verified)
     deepsim presets                                                list the presets and their values
     deepsim bench [--groups kernels,loader,step] [--quick] [--out DIR]   throughput tables (= python -m bench)
     deepsim train vae | invert --layer conv5|fc6|fc7|fc8 ...       the VAE and AlexNet inversion (see below)
@@ -11,6 +12,8 @@
 
 `deepsim train vae` also writes <out>/prior_samples.png (64 decoded prior samples) at the end.
 `deepsim train invert` without --preset takes the preset invert-<layer> (default layer: fc6).
+--compile, --precision, --loader and --channels-last default to auto: the fast path on CUDA, the simple one on
+the CPU (deepsim.train.auto); the run's first line says what was chosen and why.
 """
 
 from __future__ import annotations
@@ -60,9 +63,9 @@ TRAIN_FLAGS = {
 CHOICES = {
     "on_bad": ["error", "skip", "pad"],
     "loss": ["deepsim", "se", "l1"],
-    "loader": ["torch", "dali"],
-    "compile": ["off", "default", "max-autotune", "reduce-overhead"],
-    "precision": ["fp32", "tf32", "bf16"],
+    "loader": ["auto", "torch", "dali", "nvjpeg"],
+    "compile": ["auto", "off", "default", "max-autotune", "reduce-overhead"],
+    "precision": ["auto", "fp32", "tf32", "bf16"],
     "invert_network": ["alexnet", "caffenet", "alexnet-random", "caffenet-random"],
 }
 HELP = {
@@ -74,9 +77,10 @@ HELP = {
     "data": "'photos' (bundled sample photographs), a folder of images, or an STL-10 binary folder",
     "out": "output folder: checkpoint.pt, metrics.jsonl, config.json, samples/*.png",
     "device": "auto | cpu | cuda | cuda:N",
-    "loader": "data loader: torch (torchvision/PIL) or dali (GPU decode)",
-    "compile": "torch.compile the training step",
-    "precision": "fp32, tf32 (CUDA matmuls) or bf16 autocast",
+    "loader": "data loader: torch (PIL), dali (DALI, GPU decode), nvjpeg (torchvision GPU decode); "
+    "auto: dali or nvjpeg on CUDA, torch on the CPU",
+    "compile": "torch.compile the training step; auto: reduce-overhead (CUDA graphs) on CUDA, off on the CPU",
+    "precision": "fp32, tf32 (CUDA matmuls) or bf16 autocast; auto: bf16 on CUDA (sm_80+), fp32 on the CPU",
     "seed": "seed for initialisation, data order and augmentation",
     "lr": "Adam learning rate (seed: 2e-4)",
     "lambda_feat": "weight of the comparator feature term (scale convention: deepsim.losses)",
@@ -120,9 +124,17 @@ def _add_train_parser(sub) -> None:
     for name, kind in TRAIN_FLAGS.items():
         p.add_argument("--" + name.replace("_", "-"), type=kind, choices=CHOICES.get(name), help=HELP[name])
     p.add_argument(
-        "--channels-last", action="store_true", default=None,
-        help="G, D, C and the batches in channels_last (NHWC) memory format (faster convolutions on tensor cores)",
+        "--channels-last", nargs="?", const="on", choices=["auto", "on", "off"], default=None,
+        help="G, D, C and the batches in channels_last (NHWC) memory format (faster convolutions on tensor cores); "
+        "auto: on for CUDA, off on the CPU",
     )
+    p.add_argument(
+        "--tensorboard", action=argparse.BooleanOptionalAction, default=None,
+        help="TensorBoard event files beside metrics.jsonl (default: on when the tensorboard package is installed)",
+    )
+    from deepsim.applications.commands import add_download_weights_flag
+
+    add_download_weights_flag(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -146,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("path", help="a folder of images, an STL-10 binary folder, or 'photos' (the bundled photos)")
     q.add_argument("--min-size", type=int, default=64, help="smallest usable side (the crop size)")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
+    q = data_sub.add_parser(
+        "download", help="download a dataset (checksums verified); STL-10 lands in DIR/stl10_binary",
+    )
+    q.add_argument("dataset", choices=["stl10"], help="the dataset (stl10: torchvision's STL-10 release)")
+    q.add_argument("dir", type=Path, metavar="DIR", help="folder to download into (created if needed)")
+    q.add_argument("--url", default=None, help="a mirror of the same archive (default: torchvision's URL)")
+    q.add_argument("--keep-archive", action="store_true", help="keep the .tar.gz beside the unpacked folder")
 
     sub.add_parser("presets", help="list the presets and their values")
     _add_bench_parser(sub)
@@ -169,15 +188,21 @@ def _cmd_train(args) -> int:
     overrides = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
     if args.layer:
         overrides["invert_layer"] = args.layer
-    if args.channels_last:
-        overrides["channels_last"] = True
+    if args.channels_last is not None:
+        overrides["channels_last"] = {"on": True, "off": False}.get(args.channels_last, "auto")
+    if args.tensorboard is not None:
+        overrides["tensorboard"] = args.tensorboard
     config = config.replace(task=args.task, **overrides)
-    print(
-        f"deepsim train {config.task}: data={config.data} loss={config.loss} comparator={config.comparator} "
-        f"steps={config.steps} batch={config.batch_size} -> {config.out}",
-        file=sys.stderr,
-    )
-    result = train(config, resume=args.resume, progress=not args.no_progress)
+
+    def announce(config, runtime: str) -> None:  # the run's first lines: the path taken and why, then the run
+        print(f"deepsim train {config.task}: {runtime}", file=sys.stderr)
+        print(
+            f"deepsim train {config.task}: data={config.data} loss={config.loss} comparator={config.comparator} "
+            f"steps={config.steps} batch={config.batch_size} -> {config.out}",
+            file=sys.stderr,
+        )
+
+    result = train(config, resume=args.resume, progress=not args.no_progress, announce=announce)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone reports (and writes files)
         return 0
     last = result.history[-1] if result.history else {}
@@ -197,6 +222,14 @@ def _cmd_reconstruct(args) -> int:
 
     for path, error in reconstruct_files(args.checkpoint, args.images, args.out, size=args.size, device=args.device):
         print(f"{path}: squared error per pixel {error:.5f}")
+    return 0
+
+
+def _cmd_data_download(args) -> int:
+    from deepsim.data.download import download_stl10
+
+    folder = download_stl10(args.dir, url=args.url, keep_archive=args.keep_archive)
+    print(f"STL-10 in {folder} (checksums verified); train on it with --data {folder}")
     return 0
 
 
@@ -250,13 +283,16 @@ def main(argv: list[str] | None = None) -> int:
 
     handler = {"train": _cmd_train, "reconstruct": _cmd_reconstruct, "presets": _cmd_presets, **HANDLERS}.get(args.command)
     if args.command == "data":
-        handler = _cmd_data_check
+        handler = _cmd_data_download if args.data_command == "download" else _cmd_data_check
     if args.command == "bench":
         handler = _cmd_bench
     if args.command == "import-caffe":
         from deepsim.caffe.command import run_import_caffe as handler
+    from deepsim.comparators import allow_weight_downloads
+
     try:
-        return handler(args)
+        with allow_weight_downloads(getattr(args, "download_weights", False)):
+            return handler(args)
     except USER_ERRORS as error:
         print(f"deepsim {args.command}: error: {error}", file=sys.stderr)
         return 2

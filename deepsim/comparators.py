@@ -27,14 +27,24 @@ module (``conv1.weight``, ``conv1.bias``, ..., ``fc8.bias``), with Caffe's blob 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
+import urllib.error
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["Comparator", "ComparatorWeightsError", "ARCHITECTURES", "torchvision_weights_path"]
+__all__ = [
+    "Comparator",
+    "ComparatorWeightsError",
+    "ARCHITECTURES",
+    "torchvision_weights_path",
+    "download_torchvision_weights",
+    "allow_weight_downloads",
+]
 
 IMAGENET_MEAN_RGB = (0.485, 0.456, 0.406)
 IMAGENET_STD_RGB = (0.229, 0.224, 0.225)
@@ -55,6 +65,51 @@ class ComparatorWeightsError(FileNotFoundError):
 def torchvision_weights_path(arch: str) -> Path:
     """Where torchvision's cache keeps the weights of ``arch`` ($TORCH_HOME/hub/checkpoints/<file>)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / TORCHVISION_FILES[arch][0]
+
+
+# Set by `allow_weight_downloads` (the CLI's --download-weights): missing torchvision files are fetched.
+_DOWNLOADS_ALLOWED = contextvars.ContextVar("deepsim_weight_downloads", default=False)
+
+
+@contextlib.contextmanager
+def allow_weight_downloads(enabled: bool = True):
+    """Within this block, a comparator (or inverted network) whose torchvision weights file is missing from
+    the cache downloads it (:func:`download_torchvision_weights`) instead of stopping with an error. This is
+    what ``--download-weights`` does for ``deepsim train``, ``invert``, ``sample-preimages`` and ``eval``."""
+    token = _DOWNLOADS_ALLOWED.set(enabled)
+    try:
+        yield
+    finally:
+        _DOWNLOADS_ALLOWED.reset(token)
+
+
+def download_torchvision_weights(arch: str, *, progress: bool = True) -> Path:
+    """Fetch torchvision's weights file of ``arch`` ("alexnet" | "vgg16") into its cache; returns the path.
+
+    The file's SHA-256 is checked against the prefix in its name (torchvision's convention, e.g.
+    ``alexnet-owt-7be5be79.pth``). The download goes to a temporary file beside the target, renamed only
+    once complete and verified (``torch.hub.download_url_to_file``): a broken or truncated download leaves
+    no file behind. An existing file is kept as it is.
+
+    Raises:
+        ComparatorWeightsError: unknown ``arch``, or the download failed (the URL and the reason named).
+    """
+    if arch not in TORCHVISION_FILES:
+        raise ComparatorWeightsError(f"no torchvision weights to download for {arch!r}; known: {', '.join(TORCHVISION_FILES)}")
+    name, url = TORCHVISION_FILES[arch]
+    path = torchvision_weights_path(arch)
+    if path.is_file():
+        return path
+    match = torch.hub.HASH_REGEX.search(name)  # the sha256 prefix in the file name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        torch.hub.download_url_to_file(url, str(path), hash_prefix=match.group(1) if match else None, progress=progress)
+    except (urllib.error.URLError, OSError, RuntimeError) as error:
+        raise ComparatorWeightsError(
+            f"downloading {arch!r} weights from {url} to {path} failed: {error}; nothing was written. Check the "
+            f"connection and retry, or put the file there yourself."
+        ) from error
+    return path
 
 
 # --------------------------------------------------------------------------------------------- layouts
@@ -207,7 +262,9 @@ class Comparator(nn.Module):
             ``discriminator`` only).
         trainable: keep the parameters trainable (the paper: C "can be fixed or trained"). Default: frozen.
         input_size: resize the images (bilinear) to this side before the network (None: as given).
-        download: fetch torchvision's file into its cache when it is missing (needs internet).
+        download: fetch torchvision's file into its cache when it is missing (needs internet; checked, see
+            :func:`download_torchvision_weights`). ``with allow_weight_downloads():`` does the same for
+            every comparator built inside the block.
 
     Forward: images (B, 3, H, W) in [-1, 1] -> list of tap tensors, in the order of ``tap_names``.
     ``tap_weights`` holds the per-tap loss weights.
@@ -289,18 +346,15 @@ class Comparator(nn.Module):
     def _load_weights(self, weights_kind: str, weights, download: bool) -> None:
         if weights is None and weights_kind == "torchvision":
             path = torchvision_weights_path(self.arch)
-            if not path.is_file() and download:
-                torch.hub.load_state_dict_from_url(TORCHVISION_FILES[self.arch][1], progress=True)
+            if not path.is_file() and (download or _DOWNLOADS_ALLOWED.get()):
+                download_torchvision_weights(self.arch)
             if not path.is_file():
                 raise ComparatorWeightsError(
-                    f"comparator {self.arch!r} needs trained weights, and {path} does not exist. Put torchvision's "
-                    f"file {TORCHVISION_FILES[self.arch][0]} (from {TORCHVISION_FILES[self.arch][1]}) there, or pass "
-                    f"weights=PATH (CLI: --comparator-weights PATH), or download=True on a machine with internet. "
-                    f"Without trained weights, use the '{self.arch}-random' comparator."
-                    if self.arch == "alexnet"
-                    else f"comparator {self.arch!r} needs trained weights, and {path} does not exist. Put torchvision's "
-                    f"file {TORCHVISION_FILES[self.arch][0]} (from {TORCHVISION_FILES[self.arch][1]}) there, or pass "
-                    f"weights=PATH (CLI: --comparator-weights PATH), or download=True on a machine with internet."
+                    f"comparator {self.arch!r} needs trained weights, and {path} does not exist. On a machine with "
+                    f"internet, add --download-weights to the command (library: download=True) to fetch "
+                    f"{TORCHVISION_FILES[self.arch][1]} there; or put that file there yourself, or pass "
+                    f"--comparator-weights PATH (library: weights=PATH)."
+                    + (f" Without trained weights, use the '{self.arch}-random' comparator." if self.arch == "alexnet" else "")
                 )
         elif weights is None:
             raise ComparatorWeightsError(

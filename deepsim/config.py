@@ -57,7 +57,7 @@ class TrainConfig:
 
     # --- data
     data: str = "photos"  # "photos" (bundled), a folder of images, or an STL-10 binary folder
-    loader: str = "torch"  # "torch" | "dali"
+    loader: str = "auto"  # "auto" | "torch" | "dali" | "nvjpeg" (auto: deepsim.train.auto)
     num_workers: int = 0  # DataLoader workers on the torch path
     on_bad: str = "error"  # a corrupt or too-small image: "error" (name it and stop), "skip" (count it), "pad"
 
@@ -65,12 +65,13 @@ class TrainConfig:
     out: str = "runs/deepsim"  # output folder: checkpoints, metrics.jsonl, sample grids
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     seed: int = 0
-    precision: str = "fp32"  # "fp32" | "tf32" | "bf16"
-    compile: str = "off"  # "off" | "default" | "max-autotune" | "reduce-overhead"
-    channels_last: bool = False  # G, D, C weights and the batches in channels_last (NHWC) memory format
+    precision: str = "auto"  # "auto" | "fp32" | "tf32" | "bf16" (auto: bf16 on CUDA, fp32 on the CPU)
+    compile: str = "auto"  # "auto" | "off" | "default" | "max-autotune" | "reduce-overhead" (auto: CUDA graphs on CUDA)
+    channels_last: bool | str = "auto"  # G, D, C and the batches in NHWC memory format; "auto": on CUDA only
     log_every: int = 10  # read metrics from the device every N steps (the only host syncs)
     sample_every: int = 200  # write a PNG grid of inputs beside reconstructions every N steps
     checkpoint_every: int = 500  # write a checkpoint every N steps (and at the end)
+    tensorboard: bool | str = "auto"  # TensorBoard event files beside metrics.jsonl; "auto": when installed
 
     def replace(self, **changes) -> TrainConfig:
         """A copy with some fields changed; unknown names raise a TypeError naming them."""
@@ -92,6 +93,9 @@ def _preset(**kw) -> TrainConfig:
     return TrainConfig(**kw)
 
 
+# Presets set what an experiment is (task, data, loss, weights, schedule). They leave the runtime fields
+# (compile, precision, loader, channels_last, tensorboard) at "auto", which deepsim.train.auto resolves per
+# device; a preset that sets one of them explicitly wins over "auto", and a CLI flag wins over the preset.
 PRESETS: dict[str, TrainConfig] = {
     # The quickstart: the bundled photos on 2 CPU cores in a few minutes. Comparator: AlexNet with random
     # weights (the paper's comparator 3), since trained weights cannot be downloaded on every machine;

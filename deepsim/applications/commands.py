@@ -13,7 +13,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["add_subcommands", "HANDLERS"]
+__all__ = ["add_subcommands", "add_download_weights_flag", "HANDLERS"]
+
+
+def add_download_weights_flag(parser) -> None:
+    """``--download-weights`` (train, invert, sample-preimages, eval): fetch missing torchvision weights (AlexNet,
+    VGG16) into torch's cache; :func:`deepsim.cli.main` runs the command inside
+    :func:`deepsim.comparators.allow_weight_downloads` when it is given."""
+    parser.add_argument(
+        "--download-weights", action="store_true",
+        help="fetch torchvision's AlexNet / VGG16 weights into torch's cache when a comparator or the inverted "
+        "network needs them and they are missing (needs internet; SHA-256 checked)",
+    )
 
 
 def add_subcommands(sub) -> None:
@@ -27,6 +38,7 @@ def add_subcommands(sub) -> None:
     )
     p.add_argument("--out", required=True, type=Path, help="folder for <name>_inversion.png (input left)")
     p.add_argument("--device", default="auto")
+    add_download_weights_flag(p)
 
     p = sub.add_parser(
         "sample-preimages",
@@ -42,6 +54,7 @@ def add_subcommands(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
     p.add_argument("--device", default="auto")
+    add_download_weights_flag(p)
 
     p = sub.add_parser(
         "sample-vae", help="decode samples from the prior N(0, I) of a trained VAE into a PNG grid"
@@ -88,6 +101,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--no-svm", action="store_true", help="skip the STL-10 SVM on the codes")
     p.add_argument("--svm-c", type=float, default=1.0, help="the linear SVM's C")
     p.add_argument("--device", default="auto")
+    add_download_weights_flag(p)
 
 
 def _cmd_invert(args) -> int:

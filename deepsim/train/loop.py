@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -13,6 +13,7 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from deepsim.config import TrainConfig
+from deepsim.train.auto import describe_runtime, resolve_runtime
 from deepsim.train.checkpoint import (
     CHECKPOINT_NAME,
     load_checkpoint,
@@ -27,7 +28,7 @@ __all__ = ["train", "TrainResult", "NonFiniteLossError", "RUNTIME_FIELDS"]
 # Fields a resumed run takes from the command line; all others come from the checkpoint's config.
 RUNTIME_FIELDS = {
     "steps", "out", "device", "log_every", "sample_every", "checkpoint_every", "num_workers", "compile", "loader", "on_bad",
-    "channels_last",
+    "channels_last", "tensorboard",
 }
 
 
@@ -47,8 +48,8 @@ def _task_mode(config: TrainConfig) -> str:
     return "resize-crop" if config.task == "invert" else "crop"
 
 
-def _save_grid(trainer, sample_batch: torch.Tensor, path: Path) -> None:
-    """Inputs (top rows) beside reconstructions (bottom rows), as one PNG."""
+def _save_grid(trainer, sample_batch: torch.Tensor, path: Path) -> torch.Tensor:
+    """Inputs (top rows) beside reconstructions (bottom rows), as one PNG; returns the grid (3, H, W) in [0, 1]."""
     was_training = trainer.training
     trainer.eval()
     with torch.no_grad():
@@ -57,11 +58,22 @@ def _save_grid(trainer, sample_batch: torch.Tensor, path: Path) -> None:
     trainer.train(was_training)
     pictures = torch.cat([target, fake.float()]).clamp(-1, 1).add(1).div(2).cpu()
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(make_grid(pictures, nrow=len(target), padding=2), path)
+    grid = make_grid(pictures, nrow=len(target), padding=2)
+    save_image(grid, path)
+    return grid
 
 
-def train(config: TrainConfig, *, resume: bool | str | Path = False, progress: bool = True) -> TrainResult:
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool | str | Path = False,
+    progress: bool = True,
+    announce: Callable[[TrainConfig, str], None] | None = None,
+) -> TrainResult:
     """Train as ``config`` says; ``resume`` = True (the checkpoint in config.out) or a checkpoint path.
+
+    ``"auto"`` runtime fields are resolved for the device first (:func:`deepsim.train.auto.resolve_runtime`);
+    ``announce(config, line)`` (rank 0) then gets the resolved config and one line naming the path and why.
 
     Raises NonFiniteLossError when a loss becomes NaN/inf (the last good checkpoint stays as it was).
     """
@@ -77,6 +89,9 @@ def train(config: TrainConfig, *, resume: bool | str | Path = False, progress: b
 
     context = distributed.init_from_env(config.device)  # torchrun's variables, if any; else rank 0 of 1
     try:
+        config, reasons = resolve_runtime(config, context.device)
+        if announce is not None and context.rank == 0:
+            announce(config, describe_runtime(config, context.device, reasons))
         return _train(config, payload, out, context, progress, build_loader)
     finally:
         distributed.cleanup(context)
@@ -154,14 +169,21 @@ def _train(config: TrainConfig, payload, out: Path, context, progress: bool, bui
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
-        if start == 0:
-            _save_grid(trainer, sample_batch, out / "samples" / f"step_{0:07d}.png")
+    board = None
+    if is_main and config.tensorboard:
+        from deepsim.train.tensorboard import TensorBoardWriter, learning_rates
+
+        board = TensorBoardWriter(out, config, start_step=start)
+    if is_main and start == 0:
+        grid = _save_grid(trainer, sample_batch, out / "samples" / f"step_{0:07d}.png")
+        if board is not None:
+            board.log_samples(grid, 0)
     metrics_file = (out / "metrics.jsonl").open("a") if is_main else None
     bar = None
     if progress and is_main:
-        from tqdm import tqdm
+        from deepsim.train.progress import TrainingProgress
 
-        bar = tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True, file=sys.stderr)
+        bar = TrainingProgress(config.steps, start, images_per_step=config.batch_size * world)
 
     trainer.train()
     window_start, window_steps, step = time.perf_counter(), 0, start
@@ -186,11 +208,13 @@ def _train(config: TrainConfig, payload, out: Path, context, progress: bool, bui
         if metrics_file:
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
+        if board is not None:
+            board.log_metrics(row, learning_rates(trainer))
         if bar is not None:
             names = entry.names
             bar.set_postfix_str(
                 " ".join(f"{n.split('/')[-1]}={row[n]:.3g}" for n in names if n.startswith("Loss/G"))
-                + f" D={row.get('Loss/D/real', 0) + row.get('Loss/D/fake', 0):.3g} {row['images_per_s']:.0f} img/s"
+                + f" D={row.get('Loss/D/real', 0) + row.get('Loss/D/fake', 0):.3g}"
             )
 
     try:
@@ -210,7 +234,9 @@ def _train(config: TrainConfig, payload, out: Path, context, progress: bool, bui
             if bar is not None:
                 bar.update(1)
             if is_main and (step % config.sample_every == 0 or last):
-                _save_grid(trainer, sample_batch, out / "samples" / f"step_{step:07d}.png")
+                grid = _save_grid(trainer, sample_batch, out / "samples" / f"step_{step:07d}.png")
+                if board is not None:
+                    board.log_samples(grid, step)
             if is_main and ckpt_due:
                 payload = {
                     "step": step,
@@ -226,5 +252,7 @@ def _train(config: TrainConfig, payload, out: Path, context, progress: bool, bui
             bar.close()
         if metrics_file:
             metrics_file.close()
+        if board is not None:
+            board.close()
         stream.close()
     return TrainResult(step=step, out=out, checkpoint=last_good, history=history)

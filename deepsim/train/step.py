@@ -49,7 +49,8 @@ class DeePSiMTrainer(nn.Module):
         loss: a :class:`DeePSiMLoss`.
         lr, betas: Adam settings for both networks (seed: 2e-4, (0.9, 0.999)).
         pause: the :class:`PauseRule` (thresholds from the config).
-        precision: "fp32" | "tf32" | "bf16" (bf16: autocast for the forward passes, fp32 losses and weights).
+        precision: "fp32" | "tf32" | "bf16" (bf16: autocast for the forward passes, fp32 losses and weights);
+            "auto" (a config that deepsim.train.auto did not resolve) runs as fp32.
     """
 
     def __init__(

@@ -1,0 +1,186 @@
+"""``auto`` runtime settings: the fast path on a CUDA device, the simple path on the CPU.
+
+Five :class:`~deepsim.config.TrainConfig` fields may be ``"auto"`` (their default): ``compile``,
+``precision``, ``loader``, ``channels_last`` and ``tensorboard``. :func:`resolve_runtime` turns each
+``"auto"`` into a concrete value for the device the run uses and says why; a field that holds anything
+else (a CLI flag, a preset value, a library caller's choice) is kept as it is and only checked.
+
+=================  ===============================================  ==========================
+field              auto on a CUDA device                            auto on the CPU
+=================  ===============================================  ==========================
+compile            ``reduce-overhead``: the compiled step under      ``off`` (eager)
+                   CUDA graphs (:mod:`deepsim.train.compiled`)
+precision          ``bf16`` autocast (sm_80 and newer; older         ``fp32``
+                   GPUs: ``fp32``)
+channels_last      on (sm_70 and newer: tensor-core convolutions)    off
+loader             ``dali`` when NVIDIA DALI is installed, else      ``torch``
+                   ``nvjpeg`` (JPEG decode on the GPU through
+                   torchvision); ``torch`` for the bundled photos
+                   (decoded once into memory) and for STL-10
+                   binaries without DALI (raw pixels: no decode)
+tensorboard        on when the ``tensorboard`` package is installed  the same
+=================  ===============================================  ==========================
+
+Presets leave these fields at ``"auto"``; a preset (or flag) that sets one explicitly wins over ``auto``,
+like any explicit value. A config that was never resolved (a trainer built directly with
+:func:`deepsim.train.factory.build_trainer`) runs ``precision="auto"`` as fp32: the plain path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from deepsim.config import TrainConfig
+
+__all__ = [
+    "AUTO",
+    "RUNTIME_CHOICES",
+    "resolve_runtime",
+    "describe_runtime",
+    "data_kind",
+    "tensorboard_available",
+]
+
+AUTO = "auto"
+# field -> the values it may take besides "auto" (deepsim.cli offers the same choices)
+RUNTIME_CHOICES: dict[str, tuple] = {
+    "compile": ("off", "default", "max-autotune", "reduce-overhead"),
+    "precision": ("fp32", "tf32", "bf16"),
+    "loader": ("torch", "dali", "nvjpeg"),
+    "channels_last": (True, False),
+    "tensorboard": (True, False),
+}
+
+
+def tensorboard_available() -> bool:
+    """True when the ``tensorboard`` package (needed by ``torch.utils.tensorboard``) can be imported."""
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+def _dali_available() -> bool:
+    from deepsim.data.dali import dali_available
+
+    return dali_available()
+
+
+def data_kind(data: str | os.PathLike) -> str:
+    """``"photos"`` (the bundled photographs), ``"stl10"`` (an STL-10 binary folder) or ``"folder"``."""
+    if str(data) == "photos":
+        return "photos"
+    from deepsim.data.stl10 import is_stl10_folder
+
+    return "stl10" if is_stl10_folder(Path(data)) else "folder"
+
+
+def _check(config: TrainConfig) -> None:
+    for name, valid in RUNTIME_CHOICES.items():
+        value = getattr(config, name)
+        if value != AUTO and value not in valid:
+            shown = ", ".join(str(v).lower() if isinstance(v, bool) else v for v in (AUTO,) + valid)
+            raise ValueError(f"{name}={value!r}: expected one of {shown}")
+
+
+def resolve_runtime(
+    config: TrainConfig,
+    device: torch.device | str,
+    *,
+    dali_available: bool | None = None,
+    tensorboard_installed: bool | None = None,
+    cuda_capability: tuple[int, int] | None = None,
+    kind: str | None = None,
+) -> tuple[TrainConfig, list[str]]:
+    """Replace every ``"auto"`` runtime field of ``config`` by the choice for ``device``.
+
+    Args:
+        config: the run's config; fields other than the five runtime ones are untouched.
+        device: the training device (only its type and, on CUDA, its compute capability matter).
+        dali_available: whether NVIDIA DALI can be imported (None: try the import, only when it matters).
+        tensorboard_installed: whether the tensorboard package is there (None: look it up).
+        cuda_capability: (major, minor) of the CUDA device (None: ask the driver); lets tests fake a GPU.
+        kind: what ``config.data`` is, as :func:`data_kind` says (None: look at the path).
+
+    Returns:
+        (the config with concrete values, one reason per field: ``"loader=dali (auto: DALI is installed)"``,
+        or ``"precision=fp32 (set)"`` for a value that was not ``auto``).
+
+    Raises:
+        ValueError: a field holds a value outside :data:`RUNTIME_CHOICES`, or ``tensorboard=True`` without
+            the tensorboard package.
+    """
+    _check(config)
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    capability = (cuda_capability or torch.cuda.get_device_capability(device)) if cuda else (0, 0)
+    where = f"CUDA device, sm_{capability[0]}{capability[1]}" if cuda else f"{device.type} device"
+    if tensorboard_installed is None:
+        tensorboard_installed = tensorboard_available()
+    if config.tensorboard is True and not tensorboard_installed:
+        raise ValueError(
+            "--tensorboard: the tensorboard package is not installed (pip install 'deepsim[tensorboard]'), "
+            "or pass --no-tensorboard"
+        )
+
+    def choose_loader() -> tuple[str, str]:
+        if not cuda:
+            return "torch", f"{where}: the PyTorch loader"
+        data = kind or data_kind(config.data)
+        if data == "photos":
+            return (
+                "torch",
+                "the bundled photos are decoded once and kept in memory: nothing to decode per step",
+            )
+        if dali_available if dali_available is not None else _dali_available():
+            return "dali", "DALI is installed: decode and crop on the GPU"
+        if data == "stl10":
+            return "torch", "DALI is not installed; STL-10 binaries are raw pixels: nothing to decode"
+        return "nvjpeg", "DALI is not installed: JPEG decode on the GPU through torchvision (nvJPEG)"
+
+    bf16, tensor_cores = capability >= (8, 0), capability >= (7, 0)
+    rules = {  # field -> () -> (value, why); called only for a field that is "auto"
+        "compile": lambda: (
+            ("reduce-overhead", f"{where}: the compiled step under CUDA graphs")
+            if cuda
+            else ("off", f"{where}: eager step")
+        ),
+        "precision": lambda: (
+            ("bf16", f"{where} has bf16 tensor cores")
+            if bf16
+            else ("fp32", where + (": no bf16" if cuda else ""))
+        ),
+        "channels_last": lambda: (
+            (True, f"{where}: NHWC tensor-core convolutions") if tensor_cores else (False, where)
+        ),
+        "loader": choose_loader,
+        "tensorboard": lambda: (
+            tensorboard_installed,
+            "the tensorboard package is " + ("installed" if tensorboard_installed else "not installed"),
+        ),
+    }
+    chosen: dict = {}
+    reasons: list[str] = []
+    for name, rule in rules.items():
+        if getattr(config, name) == AUTO:
+            chosen[name], why = rule()
+            reasons.append(f"{name}={_show(chosen[name])} (auto: {why})")
+        else:
+            reasons.append(f"{name}={_show(getattr(config, name))} (set)")
+    return config.replace(**chosen), reasons
+
+
+def _show(value) -> str:
+    return ("on" if value else "off") if isinstance(value, bool) else str(value)
+
+
+def describe_runtime(config: TrainConfig, device: torch.device | str, reasons: list[str]) -> str:
+    """One line naming the path a run takes and why: ``"fast path on cuda:0: compile=... (auto: ...), ..."``.
+
+    "fast path" = compiled step, bf16, channels_last; "simple path" = eager, fp32, NCHW; else "custom path".
+    """
+    fast = config.compile != "off" and config.precision == "bf16" and config.channels_last is True
+    simple = config.compile == "off" and config.precision == "fp32" and config.channels_last is False
+    path = "fast path" if fast else ("simple path" if simple else "custom path")
+    return f"{path} on {device}: " + ", ".join(reasons)

@@ -76,6 +76,8 @@ __all__ = [
     "cache_path",
     "choose",
     "conv_path",
+    "decision_for",
+    "decision_key",
     "decisions",
     "format_decisions",
     "prepare",
@@ -244,7 +246,7 @@ def _parse(path: Path, text: str) -> dict:
 def _read(path: Path, *, warn: bool) -> dict:
     try:
         return _parse(path, path.read_text())
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no file yet (an unwritable folder warns on writing)
         return {}
     except (OSError, ValueError) as error:  # json.JSONDecodeError is a ValueError
         if warn:
@@ -293,6 +295,7 @@ def _training_step(run: Run, path: str, x, weight, bias, stride, padding, alpha)
             out = run(path, xs, ws, bs, stride, padding, alpha)
             torch.autograd.grad(out, inputs, grad_out)
 
+    step.path = path  # which path this step runs (for a timer that wants to know, e.g. tests' fake one)
     return step
 
 
@@ -385,6 +388,14 @@ def decisions(*, cache_file: bool = False) -> list[dict]:
                 rows.append(Decision(op, text, entry["choice"], "cache file (not used by this process)", ms,
                                      context, entry.get("shape", "")).row())  # fmt: skip
     return rows
+
+
+def decision_for(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
+                 padding: int) -> dict | None:  # fmt: skip
+    """The decision (a row as :func:`decisions`) this process holds for such a call, or None (no timing)."""
+    key = decision_key(op, x, weight, bias is not None, stride, padding)
+    decision = _decided.get(key) or _defaults.get(key)
+    return decision.row() if decision is not None else None
 
 
 def format_decisions(rows: list[dict] | None = None) -> str:

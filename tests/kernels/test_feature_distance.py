@@ -254,3 +254,30 @@ def test_feature_distance_forward_launch_count(monkeypatch, num_layers, launches
     with K.use_backend("triton"):
         K.feature_distance(fakes, reals)
     assert len(calls) == launches
+
+
+@pytest.mark.parametrize("num_layers, launches", [(3, 1), (8, 1), (9, 2)])
+def test_feature_distance_backward_launch_count(monkeypatch, num_layers, launches):
+    """Backward: one launch for up to MAX_LAYERS taps (9 take two), no per-tap launch, and the gradients
+    (saved dL/dfake times a non-one grad_output) match the reference, in each fake's layout."""
+    fd = importlib.import_module(K.feature_distance.__module__)
+    kernel, calls = fd._feature_distance_bwd_kernel, []
+
+    class Counting:
+        def __getitem__(self, grid):
+            calls.append(grid)
+            return kernel[grid]
+
+    monkeypatch.setattr(fd, "_feature_distance_bwd_kernel", Counting())
+    torch.manual_seed(13)
+    fakes, reals = _taps(num_layers)
+    with K.use_backend("triton"):
+        loss = K.feature_distance(fakes, reals)
+    grad_out = torch.tensor(1.7, device=DEVICE)
+    grads = torch.autograd.grad(loss, fakes, grad_out)
+    assert len(calls) == launches
+    fakes_ref = [f.detach().clone().requires_grad_() for f in fakes]
+    grads_ref = torch.autograd.grad(K.reference_feature_distance(fakes_ref, reals), fakes_ref, grad_out)
+    for i, (g, g_ref, f) in enumerate(zip(grads, grads_ref, fakes)):
+        assert g.stride() == f.stride()
+        assert_close(g, g_ref, 1e-4, 1e-4, f"grad fakes[{i}]")

@@ -222,8 +222,9 @@ def dispatch_rows() -> list[dict]:
     for d in K.dispatch.decisions():
         times = {p: d.get(f"{p}_ms") for p in K.dispatch.PATHS}
         note = ", ".join(f"{p} {t:.4g} ms" for p, t in times.items() if t is not None) + f" ({d['source']})"
-        rows.append(_row(f"dispatch/{d['key']}", f"chose {d['choice']}", "", times.get(d["choice"]), "ms", None,
-                         note))  # fmt: skip
+        rows.append(
+            _row(f"dispatch/{d['key']}", f"chose {d['choice']}", "", times.get(d["choice"]), "ms", None, note)
+        )
     return rows
 
 
@@ -258,10 +259,24 @@ def bench_feature_distance(device: str, quick: bool, dtype=torch.bfloat16) -> li
         _row(name, "eager", "eager", eager_ms, "ms", eager_ms),
         _row(name, "triton", "eager", fused_ms, "ms", eager_ms),
         _row(name + "/bandwidth", "copy (same run)", "copy (same run)", copy / 1e9, "GB/s", copy / 1e9),
-        _row(name + "/bandwidth", "triton", "copy (same run)", moved / (fused_ms * 1e-3) / 1e9, "GB/s", copy / 1e9,
-             "ratio = fraction of the measured copy bandwidth"),
-        _row(name + "/bandwidth", "eager", "copy (same run)", moved / (eager_ms * 1e-3) / 1e9, "GB/s", copy / 1e9),
-    ]  # fmt: skip
+        _row(
+            name + "/bandwidth",
+            "triton",
+            "copy (same run)",
+            moved / (fused_ms * 1e-3) / 1e9,
+            "GB/s",
+            copy / 1e9,
+            "ratio = fraction of the measured copy bandwidth",
+        ),
+        _row(
+            name + "/bandwidth",
+            "eager",
+            "copy (same run)",
+            moved / (eager_ms * 1e-3) / 1e9,
+            "GB/s",
+            copy / 1e9,
+        ),
+    ]
 
 
 def run(device: str = "cuda", quick: bool = False) -> list[dict]:
@@ -278,8 +293,18 @@ def run(device: str = "cuda", quick: bool = False) -> list[dict]:
         rows += bench_feature_distance(device, quick=quick)
     except GroupTimeout as e:  # keep what was measured; one row says where the group was cut
         rows += dispatch_rows()
-        rows.append(dict(group="kernels", name="(kernels group)", variant="", baseline="", value=None, unit="",
-                         ratio_vs_baseline=None, status=f"partial: {e}"))  # fmt: skip
+        rows.append(
+            dict(
+                group="kernels",
+                name="(kernels group)",
+                variant="",
+                baseline="",
+                value=None,
+                unit="",
+                ratio_vs_baseline=None,
+                status=f"partial: {e}",
+            )
+        )
     return rows
 
 

@@ -105,7 +105,8 @@ def backend(tensor: torch.Tensor | None = None) -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Force ``name`` ("auto", "triton", "cudnn" or "reference") inside the block, whatever ``$DEEPSIM_KERNELS`` says."""
+    """Force ``name`` ("auto", "triton", "cudnn" or "reference") inside the block, whatever
+    ``$DEEPSIM_KERNELS`` says."""
     if name not in BACKENDS:
         raise ValueError(f"use_backend({name!r}): expected one of {', '.join(BACKENDS)}")
     _override.append(name)

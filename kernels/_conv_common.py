@@ -4,8 +4,8 @@ implementations' shapes and the autograd plumbing.
 Both ops save only (x, W, out) and differentiate the same way; they differ in the forward kernel and in
 the ``transposed`` flag handed to ``aten.convolution_backward`` (which also says where C_in / C_out sit in
 the weight: (C_out, C_in, KH, KW) for a convolution, (C_in, C_out, KH, KW) for a transposed one):
-    grad_pre = grad_out * (1 if out > 0 else alpha)    } one Triton pass, deterministic (fixed-order partial
-    grad_b   = sum_{n,h,w} grad_pre                    } channel sums, no atomics): bias_lrelu.lrelu_bias_grads
+    grad_pre = grad_out * (1 if out > 0 else alpha)   } one Triton pass, deterministic (fixed-order
+    grad_b   = sum_{n,h,w} grad_pre                   } partial channel sums, no atomics): lrelu_bias_grads
     grad_x, grad_W = aten.convolution_backward(grad_pre, x, W, transposed)    (cuDNN on CUDA, not Triton)
 
 Why dgrad/wgrad are cuDNN's and not Triton implicit GEMMs that apply the LReLU mask as they load grad_out

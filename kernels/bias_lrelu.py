@@ -49,12 +49,9 @@ _SUM_ROWS = 64  # partial rows added per step by _channel_sum_kernel
 
 
 @triton.jit
-def _bias_lrelu_fwd_kernel(
-    x_ptr, b_ptr, out_ptr, M, C, HW, s_n, s_c, s_hw, alpha,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
-    # out[m, c] = lrelu(x[m, c] + b[c]), m = (n, h, w); x and out share the strides (s_n, s_c, s_hw).
-    #   d out / d x = 1 if out > 0 else alpha;  d out / d b[c] = the same, summed over m.
+def _tile(M, C, HW, s_n, s_c, s_hw, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    # This program's (BLOCK_M rows) x (BLOCK_C channels) tile of a tensor walked as rows m = (n, h, w) by
+    # channels c: offsets n * s_n + hw * s_hw + c * s_c, the in-bounds mask, the channels and their mask.
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
@@ -62,6 +59,17 @@ def _bias_lrelu_fwd_kernel(
     n = offs_m // HW
     hw = offs_m % HW
     offs = (n.to(tl.int64) * s_n + hw * s_hw)[:, None] + (offs_c * s_c)[None, :]
+    return offs, mask, offs_c, mask_c
+
+
+@triton.jit
+def _bias_lrelu_fwd_kernel(
+    x_ptr, b_ptr, out_ptr, M, C, HW, s_n, s_c, s_hw, alpha,
+    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):  # fmt: skip
+    # out[m, c] = lrelu(x[m, c] + b[c]), m = (n, h, w); x and out share the strides (s_n, s_c, s_hw).
+    #   d out / d x = 1 if out > 0 else alpha;  d out / d b[c] = the same, summed over m.
+    offs, mask, offs_c, mask_c = _tile(M, C, HW, s_n, s_c, s_hw, BLOCK_M, BLOCK_C)
     pre = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         pre += tl.load(b_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
@@ -78,21 +86,14 @@ def _lrelu_bias_grad_kernel(
     #   grad_pre[m, c] = grad_out[m, c] * (1 if out[m, c] > 0 else alpha)
     #   partial[pid_m, c] = sum_{m in this program's rows} grad_pre[m, c]   (fp32, before rounding)
     # grad_b[c] = sum over pid_m of partial[pid_m, c] follows in _channel_sum_kernel (fixed order).
-    pid_m = tl.program_id(0)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask_c = offs_c < C
-    mask = (offs_m < M)[:, None] & mask_c[None, :]
-    n = offs_m // HW
-    hw = offs_m % HW
-    offs = (n.to(tl.int64) * s_n + hw * s_hw)[:, None] + (offs_c * s_c)[None, :]
+    offs, mask, offs_c, mask_c = _tile(M, C, HW, s_n, s_c, s_hw, BLOCK_M, BLOCK_C)
     g = tl.load(grad_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     o = tl.load(out_ptr + offs, mask=mask, other=0.0)
     gp = tl.where(o > 0, g, g * alpha)  # masked lanes: g = 0, so gp = 0 and the sums are unaffected
     if WRITE_GRAD_PRE:
         tl.store(grad_pre_ptr + offs, gp.to(grad_pre_ptr.dtype.element_ty), mask=mask)
     if BIAS_GRAD:
-        tl.store(partial_ptr + pid_m.to(tl.int64) * C + offs_c, tl.sum(gp, axis=0), mask=mask_c)
+        tl.store(partial_ptr + tl.program_id(0).to(tl.int64) * C + offs_c, tl.sum(gp, axis=0), mask=mask_c)
 
 
 @triton.jit
@@ -162,8 +163,13 @@ def bias_lrelu_forward(conv_out: torch.Tensor, bias: torch.Tensor | None, alpha:
     return out
 
 
-def lrelu_bias_grads(grad_out: torch.Tensor, out: torch.Tensor, alpha: float, need_grad_pre: bool = True,
-                     need_grad_bias: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:  # fmt: skip
+def lrelu_bias_grads(
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    alpha: float,
+    need_grad_pre: bool = True,
+    need_grad_bias: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(grad_pre, grad_bias) of out = lrelu(pre) with pre = conv_out + bias, from the saved ``out`` only.
 
     grad_pre (in out's dtype and layout) = grad_out * where(out > 0, 1, alpha); grad_bias (C,) in out's
@@ -301,7 +307,9 @@ def bias_lrelu(conv_out: torch.Tensor, bias: torch.Tensor | None = None, alpha: 
     """
     _check_4d(conv_out, "conv_out")
     if alpha < 0:
-        raise ValueError(f"bias_lrelu: alpha={alpha} must be >= 0 (the backward reads the slope from sign(out))")
+        raise ValueError(
+            f"bias_lrelu: alpha={alpha} must be >= 0 (the backward reads the slope from sign(out))"
+        )
     if bias is not None:
         if bias.shape != (conv_out.shape[1],):
             raise ValueError(

@@ -133,7 +133,10 @@ def _timer(step: Callable[[], None]) -> float:
 
 def _capturing(device: torch.device) -> bool:
     """Whether the current stream of ``device`` is capturing a CUDA graph (replaced in tests)."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
 
 
 def time_cuda_ms(step: Callable[[], None], warmup: int = WARMUP, iters: int = ITERS) -> float:
@@ -178,11 +181,28 @@ def decision_key(op: str, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
     kh, kw = int(weight.shape[2]), int(weight.shape[3])
     c_out = int(weight.shape[1] if op == "conv_transpose_lrelu" else weight.shape[0])
     m = n * _out_side(op, h, kh, stride, padding) * _out_side(op, w, kw, stride, padding)
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    channels_last = (
+        x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    )
     dtype = _compute_dtype(x)
     dtype_name = _DTYPE_NAMES[dtype] if dtype in _DTYPE_NAMES else str(dtype)
-    return (op, x.device.type, x.device.index, _bucket(m), c_in, h, w, c_out, kh, kw, int(stride), int(padding),
-            dtype_name, "channels_last" if channels_last else "contiguous", bool(has_bias))  # fmt: skip
+    return (
+        op,
+        x.device.type,
+        x.device.index,
+        _bucket(m),
+        c_in,
+        h,
+        w,
+        c_out,
+        kh,
+        kw,
+        int(stride),
+        int(padding),
+        dtype_name,
+        "channels_last" if channels_last else "contiguous",
+        bool(has_bias),
+    )
 
 
 def key_text(key: tuple) -> str:
@@ -231,8 +251,14 @@ def _warn_once(tag: str, message: str) -> None:
 def _parse(path: Path, text: str) -> dict:
     """The file's {context: {key: entry}}; raises ValueError when it is not a format-1 dispatch cache."""
     data = json.loads(text)
-    if not isinstance(data, dict) or data.get("format") != FORMAT or not isinstance(data.get("contexts"), dict):
-        raise ValueError(f"not a format-{FORMAT} dispatch cache (expected {{'format': 1, 'contexts': {{...}}}})")
+    if (
+        not isinstance(data, dict)
+        or data.get("format") != FORMAT
+        or not isinstance(data.get("contexts"), dict)
+    ):
+        raise ValueError(
+            f"not a format-{FORMAT} dispatch cache (expected {{'format': 1, 'contexts': {{...}}}})"
+        )
     contexts = {}
     for context, entries in data["contexts"].items():
         if not isinstance(entries, dict):
@@ -250,8 +276,11 @@ def _read(path: Path, *, warn: bool) -> dict:
         return {}
     except (OSError, ValueError) as error:  # json.JSONDecodeError is a ValueError
         if warn:
-            _warn_once(f"read {path}", f"deepsim dispatch cache {path} is unreadable ({type(error).__name__}: "
-                                       f"{error}); ignoring it: layers are timed again and the file rewritten")  # fmt: skip
+            _warn_once(
+                f"read {path}",
+                f"deepsim dispatch cache {path} is unreadable ({type(error).__name__}: "
+                f"{error}); ignoring it: layers are timed again and the file rewritten",
+            )
         return {}
 
 
@@ -331,10 +360,20 @@ def _decide(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> str:
         _defaults[key] = decision
         return decision.choice
     else:
-        decision = _measure(key, op, x, weight, bias, stride, padding, alpha, run)
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # time on x's card
+            decision = _measure(key, op, x, weight, bias, stride, padding, alpha, run)
         if path is not None:
-            _store(path, context, text, {"choice": decision.choice, "ms": decision.ms, "shape": decision.shape,
-                                         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})  # fmt: skip
+            _store(
+                path,
+                context,
+                text,
+                {
+                    "choice": decision.choice,
+                    "ms": decision.ms,
+                    "shape": decision.shape,
+                    "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                },
+            )
     _decided[key] = decision
     _choices[key] = decision.choice
     _defaults.pop(key, None)
@@ -404,7 +443,9 @@ def format_decisions(rows: list[dict] | None = None) -> str:
     path = cache_path()
     head = f"Kernel dispatcher decisions (cache file: {path if path is not None else 'off'})"
     if not rows:
-        return head + "\n  none: the dispatcher times conv blocks on CUDA only, on their first call under auto"
+        return (
+            head + "\n  none: the dispatcher times conv blocks on CUDA only, on their first call under auto"
+        )
     width = max(len(r["key"]) for r in rows)
 
     def ms(v):
@@ -413,8 +454,10 @@ def format_decisions(rows: list[dict] | None = None) -> str:
     lines = [head, f"  {'key':<{width}} {'choice':<7} {'triton ms':>9} {'cudnn ms':>9}  source / card"]
     for r in rows:
         card = r["context"].split(" | ")[0]
-        lines.append(f"  {r['key']:<{width}} {r['choice']:<7} {ms(r.get('triton_ms')):>9} "
-                     f"{ms(r.get('cudnn_ms')):>9}  {r['source']} / {card}" + (f" ({r['note']})" if r["note"] else ""))  # fmt: skip
+        lines.append(
+            f"  {r['key']:<{width}} {r['choice']:<7} {ms(r.get('triton_ms')):>9} "
+            f"{ms(r.get('cudnn_ms')):>9}  {r['source']} / {card}" + (f" ({r['note']})" if r["note"] else "")
+        )
     return "\n".join(lines)
 
 

@@ -247,7 +247,7 @@ def feature_distance_backward(saved: Sequence[torch.Tensor], grad_loss: torch.Te
         args, start = [], 0
         for i in layers:
             s = saved[i]
-            if s.numel() == 0 or not _is_dense(s):  # empty (its pointer may be null) / odd layout: a dummy slot
+            if s.numel() == 0 or not _is_dense(s):  # empty (pointer may be null) or odd layout: a dummy slot
                 args += [grad_loss, grad_loss, 0, 0]
                 continue
             args += [s, grads[i], s.numel(), start]

@@ -66,7 +66,9 @@ def test_timing_rows_order_and_notes(monkeypatch, tmp_path):
     dispatched = rows[3]
     assert dispatched["note"] == "chose triton; 4x the better of eager and torch.compile"
     assert dispatched["ratio_vs_baseline"] == 0.25
-    assert rows[10]["name"].startswith("dispatch/conv_lrelu|") and "triton 1 ms, cudnn 3 ms" in rows[10]["note"]
+    assert (
+        rows[10]["name"].startswith("dispatch/conv_lrelu|") and "triton 1 ms, cudnn 3 ms" in rows[10]["note"]
+    )
     monkeypatch.setattr(bk, "FEATURE_TAPS", [(2, 3, 4, 4), (2, 5)])
     monkeypatch.setattr(bk, "measure_copy_bandwidth", lambda device, quick: 1e9)
     fd = bk.bench_feature_distance("cpu", quick=True, dtype=torch.float32)

@@ -164,8 +164,13 @@ def test_conv_paths_are_decided_before_the_first_compiled_call(monkeypatch, tmp_
     from deepsim.kernels import dispatch
 
     timed = []
+
+    def fake_timer(step):  # records the path, does not run it; cuDNN + the epilogue "wins"
+        timed.append(step.path)
+        return {"triton": 2.0, "cudnn": 1.0}[step.path]
+
     monkeypatch.setattr(dispatch, "DISPATCH_DEVICES", ("cuda", "cpu"))
-    monkeypatch.setattr(dispatch, "_timer", lambda step: timed.append(step.path) or {"triton": 2.0, "cudnn": 1.0}[step.path])
+    monkeypatch.setattr(dispatch, "_timer", fake_timer)
     monkeypatch.setenv(dispatch.CACHE_ENV, str(tmp_path / "dispatch.json"))
     monkeypatch.delenv("DEEPSIM_KERNELS", raising=False)
     dispatch.reset()

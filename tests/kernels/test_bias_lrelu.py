@@ -49,7 +49,9 @@ def test_bias_lrelu_matches_reference(device, dtype, atol, rtol, N, C, H, W, cl,
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("need_pre, need_bias", [(True, False), (False, True)], ids=["frozen-bias", "fixed-input"])
+@pytest.mark.parametrize(
+    "need_pre, need_bias", [(True, False), (False, True)], ids=["frozen-bias", "fixed-input"]
+)
 def test_bias_lrelu_one_gradient_only(device, need_pre, need_bias):
     """A frozen bias, or a bias trained on a conv output that needs no gradient: the one asked for."""
     g = torch.Generator().manual_seed(1)
@@ -69,7 +71,12 @@ def test_full_size_layer(device):
     """A real layer's output at batch 64 (the autoencoder's enc1: 32 channels at 32x32), channels_last
     fp32: forward and both gradients against the reference, in the interpreter too."""
     g = torch.Generator().manual_seed(2)
-    x = torch.randn(64, 32, 32, 32, generator=g).to(device).to(memory_format=torch.channels_last).requires_grad_()
+    x = (
+        torch.randn(64, 32, 32, 32, generator=g)
+        .to(device)
+        .to(memory_format=torch.channels_last)
+        .requires_grad_()
+    )
     b = torch.randn(32, generator=g).to(device).requires_grad_()
     with K.use_backend("triton"):
         y = K.bias_lrelu(x, b, 0.3)

@@ -69,7 +69,13 @@ def _conv(batch=2, channels_last=False):
 
 def _path_of(y):
     name = y.grad_fn.name()
-    return "triton" if "conv_lrelu" in name or "conv_transpose" in name else "cudnn" if "bias_lrelu" in name else name
+    return (
+        "triton"
+        if "conv_lrelu" in name or "conv_transpose" in name
+        else "cudnn"
+        if "bias_lrelu" in name
+        else name
+    )
 
 
 def test_first_call_times_both_paths_takes_the_faster_and_caches_it(cache_file, timer):
@@ -167,7 +173,9 @@ def test_cache_off_and_default_location(cache_file, timer, monkeypatch, tmp_path
     assert dispatch.cache_path() == tmp_path / "home" / ".cache" / "deepsim" / "dispatch.json"
 
 
-@pytest.mark.parametrize("forced, path", [("triton", "triton"), ("cudnn", "cudnn"), ("reference", "LeakyReluBackward0")])
+@pytest.mark.parametrize(
+    "forced, path", [("triton", "triton"), ("cudnn", "cudnn"), ("reference", "LeakyReluBackward0")]
+)
 def test_env_var_forces_a_path_and_nothing_is_timed(cache_file, timer, monkeypatch, forced, path):
     monkeypatch.setenv("DEEPSIM_KERNELS", forced)
     x, w, b = _conv()
@@ -270,7 +278,11 @@ def test_decisions_table_lists_this_process_and_the_cache_file(cache_file, timer
     other = {"format": 1, "contexts": json.loads(cache_file.read_text())["contexts"]}
     other["contexts"]["NVIDIA H100 80GB HBM3 | torch 2.14.1 | triton 3.8.0"] = {
         "conv_lrelu|M<=65536|Cin 3 H 64 W 64|Cout 32 k5x5 s2 p2|bf16|channels_last|bias": {
-            "choice": "cudnn", "ms": {"triton": 0.5, "cudnn": 0.4}, "shape": "x 64x3x64x64 w 32x3x5x5 s2 p2"}}  # fmt: skip
+            "choice": "cudnn",
+            "ms": {"triton": 0.5, "cudnn": 0.4},
+            "shape": "x 64x3x64x64 w 32x3x5x5 s2 p2",
+        }
+    }
     cache_file.write_text(json.dumps(other))
     rows = dispatch.decisions(cache_file=True)
     assert [r["source"] for r in rows] == ["measured", "cache file (not used by this process)"]

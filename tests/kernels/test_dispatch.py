@@ -311,8 +311,10 @@ def test_cuda_times_for_real_and_captures_with_the_decision(tmp_path, monkeypatc
     x2 = torch.randn(8, 16, 8, 8, device="cuda")  # undecided
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    with torch.cuda.stream(side):  # the usual warm-up before a capture (compiles the kernels both need)
         K.conv_lrelu(x, w, b, 1, 1)
+        with K.use_backend(dispatch.DEFAULT_PATH):  # forced: runs the default path, decides nothing
+            K.conv_lrelu(x2, w, b, 1, 1)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

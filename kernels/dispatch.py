@@ -37,17 +37,12 @@ CUDA graphs and torch.compile: decisions are made before capture, never inside i
  * So call :func:`prepare` (``prepare(model, example_input)``) before compiling or capturing: it runs the
    model once on real tensors and decides every conv block it meets. ``deepsim.train.compiled`` does.
 
-Cache file: ``$DEEPSIM_DISPATCH_CACHE`` (a file path; ``off`` keeps decisions in memory only), else
-``$XDG_CACHE_HOME/deepsim/dispatch.json``, else ``~/.cache/deepsim/dispatch.json``. JSON::
-
-    {"format": 1, "contexts": {"<card> | torch <version> | triton <version>":
-        {"<key>": {"choice": "triton", "ms": {"triton": 0.41, "cudnn": 0.52}, "date": "..."}}}}
-
-A new card, torch or triton version starts a new context (times again). An unreadable or malformed file
-gives one warning naming it and is ignored (it is rewritten with the next decision); a file that cannot
-be written gives one warning, and decisions stay in memory. Writes merge with what the file holds and
-replace it atomically, so processes sharing the file (DDP ranks) do not corrupt it; each rank times on
-its own, so ranks may choose differently (same math, last-bit differences, averaged by DDP anyway).
+Cache file (kernels/dispatch_cache.py): ``$DEEPSIM_DISPATCH_CACHE`` (a file path; ``off`` keeps decisions
+in memory only), else ``$XDG_CACHE_HOME/deepsim/dispatch.json``, else ``~/.cache/deepsim/dispatch.json``;
+one context per "<card> | torch <version> | triton <version>", so a new card or version times again. An
+unreadable file warns once (naming it) and is rewritten; an unwritable one warns once. Each rank of a
+DDP run times on its own, so ranks may choose differently (same math, last-bit differences, averaged by
+DDP anyway); writes merge and replace the file atomically.
 
 This module imports torch and triton only; the conv modules hand :func:`choose` a ``run(path, ...)``
 callable, so it needs none of them.
@@ -57,16 +52,15 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
-import os
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
+from . import dispatch_cache
 from ._backend import HAS_TRITON, backend, requested_backend
+from .dispatch_cache import CACHE_ENV, cache_path
 
 __all__ = [
     "PATHS",
@@ -87,8 +81,6 @@ __all__ = [
 
 PATHS = ("triton", "cudnn")  # candidates, timed in this order
 DEFAULT_PATH = "cudnn"  # untimed choice: inside CUDA-graph capture or a torch.compile trace with no decision
-CACHE_ENV = "DEEPSIM_DISPATCH_CACHE"
-FORMAT = 1
 WARMUP, ITERS = 3, 10
 # Device types on which "auto" dispatches. Tests add "cpu" (with a fake timer) to drive the logic.
 DISPATCH_DEVICES: tuple[str, ...] = ("cuda",)
@@ -121,7 +113,6 @@ class Decision:
 _choices: dict[tuple, str] = {}  # key tuple -> path: what traced code reads (plain strings, no objects)
 _decided: dict[tuple, Decision] = {}  # key tuple -> the decision behind _choices
 _defaults: dict[tuple, Decision] = {}  # untimed defaults taken inside CUDA-graph capture (not cached)
-_files: dict[Path, dict] = {}  # cache file -> its contexts, read once per process
 _warned: set[str] = set()
 _recording: list[tuple] | None = None  # keys met while prepare() runs
 
@@ -228,86 +219,13 @@ def _context(device: torch.device) -> str:
     return f"{card} | torch {torch.__version__} | triton {triton_version}"
 
 
-# ---------------------------------------------------------------------------------------------- cache file
-
-
-def cache_path() -> Path | None:
-    """The cache file (see the module doc), or None when ``$DEEPSIM_DISPATCH_CACHE`` is ``off``."""
-    env = os.environ.get(CACHE_ENV, "").strip()
-    if env.lower() in ("off", "0", "none", "false"):
-        return None
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "deepsim" / "dispatch.json"
+# ---------------------------------------------------------------------------------------------- deciding
 
 
 def _warn_once(tag: str, message: str) -> None:
     if tag not in _warned:
         _warned.add(tag)
         warnings.warn(message, RuntimeWarning, stacklevel=3)
-
-
-def _parse(path: Path, text: str) -> dict:
-    """The file's {context: {key: entry}}; raises ValueError when it is not a format-1 dispatch cache."""
-    data = json.loads(text)
-    if (
-        not isinstance(data, dict)
-        or data.get("format") != FORMAT
-        or not isinstance(data.get("contexts"), dict)
-    ):
-        raise ValueError(
-            f"not a format-{FORMAT} dispatch cache (expected {{'format': 1, 'contexts': {{...}}}})"
-        )
-    contexts = {}
-    for context, entries in data["contexts"].items():
-        if not isinstance(entries, dict):
-            raise ValueError(f"context {context!r} is not a mapping")
-        contexts[context] = {
-            k: e for k, e in entries.items() if isinstance(e, dict) and e.get("choice") in PATHS
-        }
-    return contexts
-
-
-def _read(path: Path, *, warn: bool) -> dict:
-    try:
-        return _parse(path, path.read_text())
-    except (FileNotFoundError, NotADirectoryError):  # no file yet (an unwritable folder warns on writing)
-        return {}
-    except (OSError, ValueError) as error:  # json.JSONDecodeError is a ValueError
-        if warn:
-            _warn_once(
-                f"read {path}",
-                f"deepsim dispatch cache {path} is unreadable ({type(error).__name__}: "
-                f"{error}); ignoring it: layers are timed again and the file rewritten",
-            )
-        return {}
-
-
-def _file_contexts(path: Path) -> dict:
-    if path not in _files:
-        _files[path] = _read(path, warn=True)
-    return _files[path]
-
-
-def _store(path: Path, context: str, key: str, entry: dict) -> None:
-    """Merge one entry into the file (re-read first: other processes may have added theirs), atomically."""
-    _file_contexts(path).setdefault(context, {})[key] = entry
-    contexts = _read(path, warn=False)
-    contexts.setdefault(context, {})[key] = entry
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"format": FORMAT, "contexts": contexts}, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
-    except OSError as error:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        _warn_once(f"write {path}", f"deepsim dispatch cache {path} cannot be written ({error}); "
-                                    "decisions are kept in memory for this process only")  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------------------- deciding
 
 
 def _training_step(run: Run, path: str, x, weight, bias, stride, padding, alpha) -> Callable[[], None]:
@@ -350,7 +268,8 @@ def _measure(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> Deci
 
 def _decide(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> str:
     text, context, path = key_text(key), _context(x.device), cache_path()
-    entry = _file_contexts(path).get(context, {}).get(text) if path is not None else None
+    entry = dispatch_cache.contexts(path).get(context, {}).get(text) if path is not None else None
+    entry = entry if entry is not None and entry["choice"] in PATHS else None
     if entry is not None:
         ms = entry.get("ms") if isinstance(entry.get("ms"), dict) else {}
         decision = Decision(op, text, entry["choice"], "cache file", ms, context, entry.get("shape", ""))
@@ -363,7 +282,7 @@ def _decide(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> str:
         with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # time on x's card
             decision = _measure(key, op, x, weight, bias, stride, padding, alpha, run)
         if path is not None:
-            _store(
+            dispatch_cache.store(
                 path,
                 context,
                 text,
@@ -418,7 +337,7 @@ def decisions(*, cache_file: bool = False) -> list[dict]:
     path = cache_path() if cache_file else None
     if path is not None:
         seen = {(r["context"], r["key"]) for r in rows}
-        for context, entries in sorted(_read(path, warn=True).items()):
+        for context, entries in sorted(dispatch_cache.read(path).items()):
             for text, entry in sorted(entries.items()):
                 if (context, text) in seen:
                     continue
@@ -466,8 +385,8 @@ def reset() -> None:
     _choices.clear()
     _decided.clear()
     _defaults.clear()
-    _files.clear()
     _warned.clear()
+    dispatch_cache.reset()
 
 
 # ---------------------------------------------------------------------------------------------- warm-up

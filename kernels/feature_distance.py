@@ -9,10 +9,10 @@ layer. It writes the gradient for the fakes in the same pass (saved, so backward
 one partial sum per program into its own slot of one buffer; ``_feature_distance_sum_kernel`` then adds
 the partials in a fixed order in one program. More than 8 layers: successive launches of 8, writing the
 same buffer in layer order. Backward is one launch too (``_feature_distance_bwd_kernel``, the same slots):
-grad_fake_l = saved_l * grad_L for every layer. No atomics: the result is bitwise reproducible for a given input. Every
-argument is a kernel scalar or tensor pointer (no host-built table copied to the device per call), so the
-op can be captured in a CUDA graph (``torch.compile(mode="reduce-overhead")``). Layers may differ in dtype
-(fp32/fp16/bf16); each gradient is stored in its fake's dtype.
+grad_fake_l = saved_l * grad_L for every layer. No atomics: the result is bitwise reproducible for a given
+input. Every argument is a kernel scalar or tensor pointer (no host-built table copied to the device per
+call), so the op can be captured in a CUDA graph (``torch.compile(mode="reduce-overhead")``). Layers may
+differ in dtype (fp32/fp16/bf16); each gradient is stored in its fake's dtype.
 """
 
 from __future__ import annotations

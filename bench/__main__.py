@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
         json_path, md_path = write_outputs(run, out)
         print(f"python -m bench: wrote {json_path} and {md_path}", file=sys.stderr)
     print(format_compact(run) if args.compact else format_markdown(run))
+    kernels = sys.modules.get("bench.kernels") if args.from_json is None else None
+    if getattr(kernels, "dispatch_table", None) is not None:  # the kernel dispatcher's decisions, this run
+        print(kernels.dispatch_table())
     if args.append_results:
         append_results(run, args.results_file)
         print(f"python -m bench: appended the table to {args.results_file}", file=sys.stderr)

@@ -1,13 +1,34 @@
-"""Kernel benchmarks: fused ops vs eager PyTorch and torch.compile, on the network's layer shapes.
+"""Kernel benchmarks: the fused conv blocks and their dispatcher vs cuDNN and torch.compile, on the real
+layer shapes of the networks, then feature_distance, then (CPU runs) the activation bytes saved for backward.
 
 Rows (``run(device, quick)``) have keys group="kernels", name, variant, baseline, value, unit,
-ratio_vs_baseline. On CUDA (bf16, batch 64): conv_lrelu / conv_transpose_lrelu forward+backward vs eager
-(cuDNN conv + bias + leaky_relu) and torch.compile of the eager block; feature_distance forward+backward
-with achieved bytes/s vs the card's bandwidth. Everywhere (CPU too): activation bytes saved for backward.
+ratio_vs_baseline[, note]. In this order:
+
+1. CUDA only, per fused layer of the autoencoder G (64 px), the discriminator at 64 px (first stride 2)
+   and 227 px (first stride 4) and the fc6 inversion generator, batch 64, bf16, channels_last (input and
+   weights), forward + backward (gradients for x, W, b; grad_out random), ms, baseline "eager":
+     eager          F.conv2d(x, W, b) + F.leaky_relu: cuDNN conv with its bias, then a separate LReLU
+     triton         the fused Triton op (DEEPSIM_KERNELS=triton)
+     cudnn+epilogue cuDNN conv without bias + the Triton bias+LReLU epilogue (DEEPSIM_KERNELS=cudnn)
+     dispatched     what auto runs: the dispatcher's choice for the shape (its note: the choice and the
+                    ratio to the better of eager and torch.compile, the issue's target: >= 1.0x)
+     torch.compile  torch.compile of the eager block (last: it compiles per shape, the slow part)
+   then one row per dispatcher decision ("dispatch/<key>": the dispatcher's own timing of both paths).
+2. CUDA only: feature_distance forward + backward over comparator-like taps (batch 64, bf16), ms vs eager,
+   and its achieved bandwidth as a fraction of the copy bandwidth measured in the same run (a large
+   device-to-device tensor copy, read + write), the issue's target: >= 80 %.
+3. CPU runs only (skipped on CUDA: the figures are device-independent, fixed by what each op saves in
+   its setup_context): activation bytes saved for backward per layer, batch 64, counted on the meta
+   device (no arithmetic, so full size costs nothing). Baseline "eager"; second baseline "eager inplace":
+   ``F.leaky_relu(..., inplace=True)``, which also keeps only the output, so it saves 0.5x of eager as well;
+   the fused op and the cudnn+epilogue path match the in-place baseline, they do not beat it.
 
 Saved-bytes definition: a block whose output feeds a consumer that saves it (as the next layer does);
 unique storages that autograd saves, minus parameters and the block's input (alive anyway). Eager keeps
-pre-activation + output, the fused block only the output.
+pre-activation + output, the fused block (and the in-place eager block) only the output.
+
+Layer shapes are not hand-copied: :func:`network_layers` runs the real networks (deepsim.networks,
+deepsim.applications.generators) on the meta device and records every fused block's input.
 
     python3 -m bench.kernels [--quick] [--device cuda|cpu]
 """
@@ -15,6 +36,7 @@ pre-activation + output, the fused block only the output.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from bench.common import GroupTimeout, group_main
 
@@ -23,59 +45,78 @@ try:  # installed package
 except ImportError:  # plain checkout
     import kernels as K
 
-# (name, C_in, C_out, H_in, kernel, stride, padding); autoencoder at 64x64 input, discriminator at 64x64.
-CONV_LAYERS = [
-    ("enc1 3->32 k5s2 64", 3, 32, 64, 5, 2, 2),
-    ("enc2 32->64 k5s2 32", 32, 64, 32, 5, 2, 2),
-    ("enc3 64->128 k3s2 16", 64, 128, 16, 3, 2, 1),
-    ("dec 8->128 k3s1 8", 8, 128, 8, 3, 1, 1),
-    ("dec 64->64 k3s1 16", 64, 64, 16, 3, 1, 1),
-    ("D1 3->32 k7s2 64", 3, 32, 64, 7, 2, 3),
-    ("D2 32->64 k5s1 32", 32, 64, 32, 5, 1, 2),
-    ("D3 64->128 k3s2 32", 64, 128, 32, 3, 2, 1),
-    ("D4 128->256 k3s1 16", 128, 256, 16, 3, 1, 1),
-    ("D5 256->256 k3s2 16", 256, 256, 16, 3, 2, 1),
-]
-UPCONV_LAYERS = [
-    ("up1 128->64 k4s2 8", 128, 64, 8, 4, 2, 1),
-    ("up2 64->32 k4s2 16", 64, 32, 16, 4, 2, 1),
-]
+BATCH = 64
+ALPHA = 0.3
 # Comparator-like taps for feature_distance (batch 64).
 FEATURE_TAPS = [(64, 32, 32, 32), (64, 64, 32, 32), (64, 128, 16, 16), (64, 256, 16, 16), (64, 256, 8, 8)]
-# Peak DRAM bandwidth (bytes/s) by device-name fragment, for the roofline fraction.
-PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100": 2.0e12, "L4": 3.0e11}
 
 
-def _row(name, variant, baseline, value, unit, base_value):
+def network_layers(batch: int = BATCH) -> list[tuple]:
+    """(name, C_in, C_out, H_in, kernel, stride, padding, transposed) of every fused conv block of the
+    autoencoder G at 64 px, the discriminator at 64 px (first stride 2) and 227 px (first stride 4) and the
+    fc6 inversion generator (227 px), in network order, duplicates dropped; found by running each network
+    on the meta device with a hook on its ConvLReLU / UpConvLReLU blocks."""
+    from deepsim.applications.generators import InversionGenerator
+    from deepsim.networks import AutoencoderGenerator, ConvLReLU, Discriminator, UpConvLReLU
+
+    nets = [("G", AutoencoderGenerator, (batch, 3, 64, 64)),
+            ("D64", lambda: Discriminator(first_stride=2), (batch, 3, 64, 64)),
+            ("D227", lambda: Discriminator(first_stride=4), (batch, 3, 227, 227)),
+            ("fc6-G", lambda: InversionGenerator("fc6", image_size=227), (batch, 4096))]  # fmt: skip
+    layers, seen = [], set()
+    for net_name, build, shape in nets:
+        with torch.device("meta"):
+            net = build()
+
+        def record(module, args, net_name=net_name):
+            transposed = isinstance(module, UpConvLReLU)
+            h = args[0].shape[2]
+            spec = (module.in_channels, module.out_channels, h, module.kernel_size[0], module.stride[0],
+                    module.padding[0], transposed)  # fmt: skip
+            if spec not in seen:
+                seen.add(spec)
+                c_in, c_out, _, k, s, p, _ = spec
+                name = f"{net_name} {'up ' if transposed else ''}{c_in}->{c_out} k{k}s{s} {h}"
+                layers.append((name, *spec))
+
+        for module in net.modules():
+            if isinstance(module, (ConvLReLU, UpConvLReLU)):
+                module.register_forward_pre_hook(record)
+        with K.use_backend("reference"), torch.no_grad():
+            net(torch.empty(shape, device="meta"))
+    return layers
+
+
+# The tables bench/roofline.py reads (by layer name): (name, C_in, C_out, H_in, kernel, stride, padding).
+LAYERS = network_layers()
+CONV_LAYERS = [entry[:7] for entry in LAYERS if not entry[7]]
+UPCONV_LAYERS = [entry[:7] for entry in LAYERS if entry[7]]
+
+
+def _row(name, variant, baseline, value, unit, base_value, note=None):
     ratio = None if base_value in (None, 0) or value is None else value / base_value
-    return dict(group="kernels", name=name, variant=variant, baseline=baseline, value=value, unit=unit,
-                ratio_vs_baseline=ratio)  # fmt: skip
+    row = dict(group="kernels", name=name, variant=variant, baseline=baseline, value=value, unit=unit,
+               ratio_vs_baseline=ratio)  # fmt: skip
+    if note:
+        row["note"] = note
+    return row
 
 
 def time_cuda(fn, warmup: int, iters: int) -> float:
     """Median ms per call of fn() with torch.cuda.Event timing, after warm-up and synchronize."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return K.dispatch.time_cuda_ms(fn, warmup, iters)
 
 
 def saved_bytes(fn, exclude=()) -> int:
-    """Bytes of unique storages autograd saves while fn() runs, minus those of the ``exclude`` tensors."""
-    storages, skip = {}, {t.untyped_storage().data_ptr() for t in exclude}
+    """Bytes of unique storages autograd saves while fn() runs, minus those of the ``exclude`` tensors.
+
+    Storages are told apart by their StorageImpl (not their address), so this also counts meta tensors."""
+    storages, skip = {}, {t.untyped_storage()._cdata for t in exclude}
 
     def pack(t):
         s = t.untyped_storage()
-        if s.data_ptr() not in skip:
-            storages[s.data_ptr()] = s.nbytes()
+        if s._cdata not in skip:
+            storages[s._cdata] = s.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -83,12 +124,31 @@ def saved_bytes(fn, exclude=()) -> int:
     return sum(storages.values())
 
 
-def _conv_params(device, dtype, batch, c_in, c_out, h, k, transposed):
-    x = torch.randn(batch, c_in, h, h, device=device, dtype=dtype, requires_grad=True)
+def _conv_params(device, dtype, batch, c_in, c_out, h, k, transposed, channels_last=False):
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(batch, c_in, h, h, device=device, dtype=dtype).contiguous(memory_format=fmt)
     wshape = (c_in, c_out, k, k) if transposed else (c_out, c_in, k, k)
-    w = (torch.randn(wshape, device=device) / (c_in * k * k) ** 0.5).to(dtype).requires_grad_()
-    b = torch.zeros(c_out, device=device, dtype=dtype, requires_grad=True)
-    return x, w, b
+    w = (torch.randn(wshape, device=device) / (c_in * k * k) ** 0.5).to(dtype).contiguous(memory_format=fmt)
+    b = torch.zeros(c_out, device=device, dtype=dtype)
+    return x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
+
+
+def _eager_inplace(transposed):
+    conv = F.conv_transpose2d if transposed else F.conv2d
+
+    def block(x, w, b, s, p, alpha):
+        return F.leaky_relu(conv(x, w, b, stride=s, padding=p), alpha, inplace=True)
+
+    return block
+
+
+def _cudnn_epilogue(transposed):
+    conv = F.conv_transpose2d if transposed else F.conv2d
+
+    def block(x, w, b, s, p, alpha):
+        return K.bias_lrelu(conv(x, w, None, stride=s, padding=p), b, alpha)
+
+    return block
 
 
 def _block_then_consumer(block, args):
@@ -96,64 +156,89 @@ def _block_then_consumer(block, args):
     return lambda: block(*args).square().sum()
 
 
-def bench_saved_bytes(device: str, batch: int) -> list[dict]:
-    """Activation bytes saved per block (fused custom op vs eager), per layer shape; CPU-measurable.
-
-    The fused side calls ``torch.ops.deepsim.*`` directly: the saved set is fixed by the op's
-    setup_context whichever implementation computes the forward (on CPU without the Triton
-    interpreter the op falls back to the reference forward but saves the same tensors).
-    """
+def bench_saved_bytes(batch: int = BATCH, device: str = "meta") -> list[dict]:
+    """Activation bytes saved per block, per layer shape: eager, eager with an in-place LReLU, the fused
+    custom op and the cudnn+epilogue path. Counted on ``device`` (meta: no arithmetic; the saved set is
+    fixed by each op's setup_context, whatever computes the forward)."""
     rows = []
-    layers = [(n, ci, co, h, k, s, p, False) for n, ci, co, h, k, s, p in CONV_LAYERS]
-    layers += [(n, ci, co, h, k, s, p, True) for n, ci, co, h, k, s, p in UPCONV_LAYERS]
-    for name, c_in, c_out, h, k, s, p, transposed in layers:
+    for name, c_in, c_out, h, k, s, p, transposed in LAYERS:
         x, w, b = _conv_params(device, torch.float32, batch, c_in, c_out, h, k, transposed)
-        eager_fn = K.reference_conv_transpose_lrelu if transposed else K.reference_conv_lrelu
-        fused_fn = torch.ops.deepsim.conv_transpose_lrelu if transposed else torch.ops.deepsim.conv_lrelu
-        args = (x, w, b, s, p, 0.3)
-        eager = saved_bytes(_block_then_consumer(eager_fn, args), (x, w, b))
-        fused = saved_bytes(_block_then_consumer(fused_fn, args), (x, w, b))
+        variants = {
+            "eager": K.reference_conv_transpose_lrelu if transposed else K.reference_conv_lrelu,
+            "eager inplace": _eager_inplace(transposed),
+            "fused": torch.ops.deepsim.conv_transpose_lrelu if transposed else torch.ops.deepsim.conv_lrelu,
+            "cudnn+epilogue": _cudnn_epilogue(transposed),
+        }
         op = "conv_transpose_lrelu" if transposed else "conv_lrelu"
-        rows.append(_row(f"saved_bytes/{op}/{name}/b{batch}", "eager", "eager", float(eager), "bytes", eager))
-        rows.append(_row(f"saved_bytes/{op}/{name}/b{batch}", "fused", "eager", float(fused), "bytes", eager))
+        full = f"saved_bytes/{op}/{name}/b{batch}"
+        args = (x, w, b, s, p, ALPHA)
+        counts = {v: saved_bytes(_block_then_consumer(fn, args), (x, w, b)) for v, fn in variants.items()}
+        for variant, value in counts.items():
+            note = "in-place LReLU also keeps only the output" if variant == "eager inplace" else None
+            rows.append(_row(full, variant, "eager", float(value), "bytes", counts["eager"], note))
     return rows
 
 
 def bench_conv_timing(device: str, batch: int, quick: bool, dtype=torch.bfloat16,
                       rows: list[dict] | None = None) -> list[dict]:  # fmt: skip
-    """conv blocks forward+backward: fused Triton vs eager (cuDNN) vs torch.compile(eager), in ms; appended
-    to ``rows`` (if given) layer by layer."""
+    """Conv blocks forward + backward in ms, per real layer shape (see the module doc for the variants),
+    channels_last; appended to ``rows`` (if given) layer by layer, so a run cut short keeps them."""
     rows = [] if rows is None else rows
     warmup, iters = (3, 10) if quick else (10, 50)
-    layers = [(n, ci, co, h, k, s, p, False) for n, ci, co, h, k, s, p in CONV_LAYERS]
-    layers += [(n, ci, co, h, k, s, p, True) for n, ci, co, h, k, s, p in UPCONV_LAYERS]
-    for name, c_in, c_out, h, k, s, p, transposed in layers:
-        x, w, b = _conv_params(device, dtype, batch, c_in, c_out, h, k, transposed)
+    for name, c_in, c_out, h, k, s, p, transposed in LAYERS:
+        x, w, b = _conv_params(device, dtype, batch, c_in, c_out, h, k, transposed, channels_last=True)
+        op = "conv_transpose_lrelu" if transposed else "conv_lrelu"
         eager_fn = K.reference_conv_transpose_lrelu if transposed else K.reference_conv_lrelu
-        fused_fn = K.conv_transpose_lrelu if transposed else K.conv_lrelu
-        compiled_fn = torch.compile(eager_fn, dynamic=False)
-        args = (x, w, b, s, p, 0.3)
+        public_fn = K.conv_transpose_lrelu if transposed else K.conv_lrelu
+        args = (x, w, b, s, p, ALPHA)
         with torch.no_grad():
             g = torch.randn_like(eager_fn(*args))
 
         def step(f, args=args, g=g):
-            return lambda: torch.autograd.backward(f(*args), g)
+            return lambda: torch.autograd.grad(f(*args), args[:3], g)
 
-        op = "conv_transpose_lrelu" if transposed else "conv_lrelu"
         full = f"{op}/{name}/b{batch}/{str(dtype).removeprefix('torch.')}/fwd+bwd"
+        ms = {}
+        for variant, backend in (("eager", "reference"), ("triton", "triton"), ("cudnn+epilogue", "cudnn"),
+                                 ("dispatched", "auto")):  # fmt: skip
+            with K.use_backend(backend):
+                ms[variant] = time_cuda(step(public_fn), warmup, iters)
+        decision = K.dispatch.decision_for(op, x, w, b, s, p)
+        choice = decision["choice"] if decision else "?"
         with K.use_backend("reference"):
-            eager_ms = time_cuda(step(eager_fn), warmup, iters)
-            compile_ms = time_cuda(step(compiled_fn), warmup, iters)
-        with K.use_backend("triton"):
-            fused_ms = time_cuda(step(fused_fn), warmup, iters)
-        rows.append(_row(full, "eager", "eager", eager_ms, "ms", eager_ms))
-        rows.append(_row(full, "torch.compile", "eager", compile_ms, "ms", eager_ms))
-        rows.append(_row(full, "triton", "eager", fused_ms, "ms", eager_ms))
+            ms["torch.compile"] = time_cuda(step(torch.compile(eager_fn, dynamic=False)), warmup, iters)
+        best_baseline = min(ms["eager"], ms["torch.compile"])
+        for variant, value in ms.items():
+            note = None
+            if variant == "dispatched":
+                note = f"chose {choice}; {best_baseline / value:.3g}x the better of eager and torch.compile"
+            rows.append(_row(full, variant, "eager", value, "ms", ms["eager"], note))
     return rows
 
 
+def dispatch_rows() -> list[dict]:
+    """One row per dispatcher decision of this process: the chosen path's ms, both timings in the note."""
+    rows = []
+    for d in K.dispatch.decisions():
+        times = {p: d.get(f"{p}_ms") for p in K.dispatch.PATHS}
+        note = ", ".join(f"{p} {t:.4g} ms" for p, t in times.items() if t is not None) + f" ({d['source']})"
+        rows.append(
+            _row(f"dispatch/{d['key']}", f"chose {d['choice']}", "", times.get(d["choice"]), "ms", None, note)
+        )
+    return rows
+
+
+def measure_copy_bandwidth(device: str, quick: bool) -> float:
+    """Bytes/s of a large device-to-device copy (read + write), best of the timed repeats."""
+    numel = (256 if quick else 512) * 2**20 // 4
+    src = torch.ones(numel, device=device)
+    dst = torch.empty_like(src)
+    ms = min(time_cuda(lambda: dst.copy_(src), 2, 5) for _ in range(3))
+    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+
+
 def bench_feature_distance(device: str, quick: bool, dtype=torch.bfloat16) -> list[dict]:
-    """feature_distance forward+backward: ms vs eager, and achieved bytes/s vs the card's peak."""
+    """feature_distance forward + backward: ms vs eager, and achieved bytes/s vs measured copy bandwidth."""
     warmup, iters = (3, 10) if quick else (10, 50)
     fakes = [torch.randn(s, device=device, dtype=dtype, requires_grad=True) for s in FEATURE_TAPS]
     reals = [torch.randn(s, device=device, dtype=dtype) for s in FEATURE_TAPS]
@@ -168,37 +253,59 @@ def bench_feature_distance(device: str, quick: bool, dtype=torch.bfloat16) -> li
         fused_ms = time_cuda(step(K.feature_distance), warmup, iters)
     # fwd reads fake + real and writes dL/dfake; bwd reads it and writes the gradient: 5 passes.
     moved = 5 * sum(f.numel() * f.element_size() for f in fakes)
-    device_name = torch.cuda.get_device_name()
-    peak = next((v for k, v in PEAK_BANDWIDTH.items() if k in device_name), None)
+    copy = measure_copy_bandwidth(device, quick)
     name = f"feature_distance/{len(fakes)} taps/b64/{str(dtype).removeprefix('torch.')}/fwd+bwd"
-    achieved = moved / (fused_ms * 1e-3)
     return [
         _row(name, "eager", "eager", eager_ms, "ms", eager_ms),
         _row(name, "triton", "eager", fused_ms, "ms", eager_ms),
-        _row(name + "/bandwidth", "triton", f"peak {device_name}", achieved / 1e9, "GB/s",
-             peak / 1e9 if peak else None),
-    ]  # fmt: skip
+        _row(name + "/bandwidth", "copy (same run)", "copy (same run)", copy / 1e9, "GB/s", copy / 1e9),
+        _row(
+            name + "/bandwidth",
+            "triton",
+            "copy (same run)",
+            moved / (fused_ms * 1e-3) / 1e9,
+            "GB/s",
+            copy / 1e9,
+            "ratio = fraction of the measured copy bandwidth",
+        ),
+        _row(
+            name + "/bandwidth",
+            "eager",
+            "copy (same run)",
+            moved / (eager_ms * 1e-3) / 1e9,
+            "GB/s",
+            copy / 1e9,
+        ),
+    ]
 
 
 def run(device: str = "cuda", quick: bool = False) -> list[dict]:
-    """All kernel benchmark rows for ``device``. On CPU: saved-bytes only (timing needs CUDA)."""
+    """All kernel benchmark rows for ``device``: timings on CUDA, saved bytes on CPU (see the module doc)."""
     device = str(device)
     if not device.startswith("cuda") or not torch.cuda.is_available():
         print("bench.kernels: no CUDA device; timing skipped (Triton on CPU runs only in the interpreter, "
               "so its speed means nothing). Reporting saved-activation bytes only.")  # fmt: skip
-        return bench_saved_bytes("cpu", batch=4 if quick else 64)
-    rows = bench_saved_bytes(device, batch=64)
-    try:  # feature_distance first: it is quick; the conv layers autotune and compile, one by one
-        rows += bench_feature_distance(device, quick=quick)
-        bench_conv_timing(device, batch=64, quick=quick, rows=rows)
+        return bench_saved_bytes(batch=BATCH)
+    # feature_distance is measured first (seconds) so that a group cut short by --group-timeout during the
+    # conv layers (each autotunes and compiles) still has it; its rows are listed after the conv rows.
+    feature_rows = bench_feature_distance(device, quick=quick)
+    rows: list[dict] = []
+    try:
+        bench_conv_timing(device, batch=BATCH, quick=quick, rows=rows)
     except GroupTimeout as e:  # keep what was measured; one row says where the group was cut
         rows.append(dict(group="kernels", name="(kernels group)", variant="", baseline="", value=None, unit="",
                          ratio_vs_baseline=None, status=f"partial: {e}"))  # fmt: skip
-    return rows
+    return rows + dispatch_rows() + feature_rows
+
+
+def dispatch_table() -> str:
+    """The dispatcher's decisions (this process and the cache file) as text, for ``python -m bench``."""
+    return K.dispatch.format_decisions()
 
 
 def main(argv=None) -> None:
-    group_main(run, __doc__.splitlines()[0], "fewer iterations (and batch 4 on CPU)", argv)
+    group_main(run, __doc__.splitlines()[0], "fewer iterations", argv)
+    print(dispatch_table())
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """Backend switch and optional-triton import shared by the op files.
 
-``DEEPSIM_KERNELS`` = ``auto`` | ``triton`` | ``reference`` is read at call time (not import time), so
-tests and benchmarks can flip it; ``use_backend`` overrides it inside a ``with`` block.
+``DEEPSIM_KERNELS`` = ``auto`` | ``triton`` | ``cudnn`` | ``reference`` is read at call time (not import
+time), so tests and benchmarks can flip it; ``use_backend`` overrides it inside a ``with`` block. ``cudnn``
+forces the conv blocks onto aten/cuDNN conv + the Triton bias+LReLU epilogue; ``auto`` lets the dispatcher
+(kernels/dispatch.py) time that against the fused Triton op per layer shape on CUDA.
 """
 
 import contextlib
@@ -46,7 +48,7 @@ except Exception as exc:  # noqa: BLE001 - any import failure means "no triton"
     triton = _TritonStub()
     tl = _TlStub()
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "cudnn", "reference")
 ENV_VAR = "DEEPSIM_KERNELS"
 # TRITON_INTERPRET is read by triton at import time; we mirror it to pick small autotune configs.
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -67,16 +69,19 @@ def requested_backend() -> str:
 
 
 def backend(tensor: torch.Tensor | None = None) -> str:
-    """The implementation that runs for ``tensor``: ``"triton"`` or ``"reference"``.
+    """The implementation family that runs for ``tensor``: ``"triton"``, ``"cudnn"`` or ``"reference"``.
 
-    auto: Triton on CUDA tensors, the PyTorch reference elsewhere. triton: Triton always (a CPU tensor
-    needs ``TRITON_INTERPRET=1`` set before triton was imported). reference: the PyTorch reference.
+    auto: Triton on CUDA tensors (the conv blocks then ask the dispatcher, kernels/dispatch.py, which of
+    their Triton and cuDNN paths is faster), the PyTorch reference elsewhere. triton: Triton always (a CPU
+    tensor needs ``TRITON_INTERPRET=1`` set before triton was imported). cudnn: the conv blocks run aten
+    (cuDNN) conv + the Triton bias+LReLU epilogue (the epilogue falls back to PyTorch where Triton cannot
+    run); the other ops run as under auto. reference: the PyTorch reference.
     Where triton failed to import, "triton" falls back to the reference with a warning.
     """
     global _warned_no_triton
     choice = requested_backend()
-    if choice == "reference":
-        return "reference"
+    if choice in ("reference", "cudnn"):
+        return choice
     if not HAS_TRITON:
         if choice == "triton" and not _warned_no_triton:
             _warned_no_triton = True
@@ -100,7 +105,8 @@ def backend(tensor: torch.Tensor | None = None) -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Force ``name`` ("auto", "triton" or "reference") inside the block, whatever ``$DEEPSIM_KERNELS`` says."""
+    """Force ``name`` ("auto", "triton", "cudnn" or "reference") inside the block, whatever
+    ``$DEEPSIM_KERNELS`` says."""
     if name not in BACKENDS:
         raise ValueError(f"use_backend({name!r}): expected one of {', '.join(BACKENDS)}")
     _override.append(name)

@@ -1,35 +1,31 @@
-"""What conv_lrelu and conv_transpose_lrelu share: argument checks, layouts, the LReLU grad_pre step, the
-aten backward, the fake implementations' shapes and the autograd plumbing.
+"""What conv_lrelu and conv_transpose_lrelu share: argument checks, layouts, the backward, the fake
+implementations' shapes and the autograd plumbing.
 
 Both ops save only (x, W, out) and differentiate the same way; they differ in the forward kernel and in
 the ``transposed`` flag handed to ``aten.convolution_backward`` (which also says where C_in / C_out sit in
 the weight: (C_out, C_in, KH, KW) for a convolution, (C_in, C_out, KH, KW) for a transposed one):
-    grad_pre = grad_out * (1 if out > 0 else alpha)           (Triton, ``_lrelu_grad_pre_kernel``)
-    grad_x, grad_W = aten.convolution_backward(grad_pre, x, W, transposed)  (cuDNN / aten, not Triton)
-    grad_b = sum_{n,h,w} grad_pre                               (torch reduction in fp32)
+    grad_pre = grad_out * (1 if out > 0 else alpha)   } one Triton pass, deterministic (fixed-order
+    grad_b   = sum_{n,h,w} grad_pre                   } partial channel sums, no atomics): lrelu_bias_grads
+    grad_x, grad_W = aten.convolution_backward(grad_pre, x, W, transposed)    (cuDNN on CUDA, not Triton)
+
+Why dgrad/wgrad are cuDNN's and not Triton implicit GEMMs that apply the LReLU mask as they load grad_out
+(which would never write grad_pre): no GPU has measured either yet, cuDNN's dgrad/wgrad are tuned per
+shape for Hopper, and a Triton wgrad needs a split reduction over N*OH*OW (up to 65536 rows here) to be
+deterministic without atomics. What the Triton pass saves is real and device-independent: the separate
+bias reduction (one full read of grad_pre) is gone, and a gradient nobody asked for is never computed.
+An unneeded gradient (output_mask False) comes back as a fresh empty tensor, a distinct one per slot: a
+custom op's outputs may not alias each other (torch.library checks it, eager and fake alike).
 """
 
 from __future__ import annotations
 
 import torch
 
-from ._backend import HAS_TRITON, INTERPRET, tl, triton
+from ._backend import HAS_TRITON, INTERPRET
+from .bias_lrelu import lrelu_bias_grads
 
 # Autotune key of both forward kernels (their argument names).
 AUTOTUNE_KEY = ["N", "C_in", "H", "W", "C_out", "OH", "OW", "KH", "KW", "STRIDE", "PAD"]
-
-
-@triton.jit
-def _lrelu_grad_pre_kernel(grad_out_ptr, out_ptr, grad_pre_ptr, numel, alpha, BLOCK: tl.constexpr):
-    # out = lrelu(pre) keeps the sign of pre (alpha >= 0), so only out is needed:
-    #   grad_pre = grad_out * (1 if out > 0 else alpha)
-    # (grad_out, out, grad_pre share one dense layout, so a flat index walks all three alike.)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
-    g = tl.load(grad_out_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    o = tl.load(out_ptr + offs, mask=mask, other=0.0)
-    gp = tl.where(o > 0, g, g * alpha)
-    tl.store(grad_pre_ptr + offs, gp.to(grad_pre_ptr.dtype.element_ty), mask=mask)
 
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
@@ -78,44 +74,34 @@ def check_conv_args(x, weight, bias, alpha, op: str, c_in_dim: int):
         )
 
 
-def lrelu_grad_pre(grad_out: torch.Tensor, out: torch.Tensor, alpha: float) -> torch.Tensor:
-    """grad_pre = grad_out * where(out > 0, 1, alpha), in out's layout and dtype, by the Triton kernel."""
-    grad_out = grad_out.contiguous(memory_format=memory_format_of(out))
-    if grad_out.stride() != out.stride():  # odd layouts (size-1 dims): fall back to plain contiguous
-        grad_out, out = grad_out.contiguous(), out.contiguous()
-    grad_pre = torch.empty_like(out)
-    numel = out.numel()
-    BLOCK = 1024
-    _lrelu_grad_pre_kernel[(triton.cdiv(numel, BLOCK),)](
-        grad_out, out, grad_pre, numel, float(alpha), BLOCK=BLOCK
-    )
-    return grad_pre
-
-
-def reference_grad_pre(grad_out: torch.Tensor, out: torch.Tensor, alpha: float) -> torch.Tensor:
-    return torch.where(out > 0, grad_out, grad_out * alpha).to(out.dtype)
+def _nothing(like: torch.Tensor) -> torch.Tensor:
+    """A fresh empty tensor for a gradient nobody asked for (one per slot: outputs may not alias)."""
+    return like.new_empty(0)
 
 
 def conv_lrelu_grads(grad_out, out, x, weight, has_bias: bool, stride: int, padding: int, alpha: float,
                      output_mask: list[bool], *, transposed: bool):  # fmt: skip
     """(grad_x, grad_weight, grad_bias) of lrelu(conv(x, W) + b), or of conv_transpose when ``transposed``;
-    an unneeded one (output_mask False) comes back as an empty tensor."""
-    if use_triton_impl(out):
-        grad_pre = lrelu_grad_pre(grad_out, out, alpha)
-    else:
-        grad_pre = reference_grad_pre(grad_out, out, alpha)
-    gx, gw, _ = torch.ops.aten.convolution_backward(
-        grad_pre, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], transposed, [0, 0], 1,
-        [output_mask[0], output_mask[1], False],
-    )  # fmt: skip
-    empty = grad_pre.new_empty(0)
-    gb = empty
-    if has_bias and output_mask[2]:
-        gb = grad_pre.sum((0, 2, 3), dtype=torch.float32).to(weight.dtype)
+    an unneeded one (output_mask False, or no bias) comes back as a fresh empty tensor.
+
+    One Triton pass for grad_pre and grad_b (``lrelu_bias_grads``), then aten.convolution_backward for
+    the ones of grad_x, grad_W that are needed (skipped when neither is).
+    """
+    need_x, need_w = bool(output_mask[0]), bool(output_mask[1])
+    need_b = bool(output_mask[2]) and has_bias
+    grad_pre, gb = lrelu_bias_grads(grad_out, out, alpha, need_x or need_w, need_b)
+    gx = gw = None
+    if need_x or need_w:
+        gx, gw, _ = torch.ops.aten.convolution_backward(
+            grad_pre, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], transposed, [0, 0], 1,
+            [need_x, need_w, False],
+        )  # fmt: skip
     # Fixed layouts (x's and weight's memory format), as the fake implementation promises torch.compile.
-    gx = gx.contiguous(memory_format=memory_format_of(x)) if gx is not None else empty
-    gw = gw.contiguous(memory_format=memory_format_of(weight)) if gw is not None else empty
-    return gx, gw, gb
+    return (
+        gx.contiguous(memory_format=memory_format_of(x)) if need_x else _nothing(out),
+        gw.contiguous(memory_format=memory_format_of(weight)) if need_w else _nothing(out),
+        gb.to(weight.dtype) if need_b else _nothing(out),
+    )
 
 
 def _empty_in_layout_of(t: torch.Tensor) -> torch.Tensor:
@@ -124,12 +110,11 @@ def _empty_in_layout_of(t: torch.Tensor) -> torch.Tensor:
 
 def conv_lrelu_grads_fake(out, x, weight, has_bias: bool, output_mask: list[bool], *, transposed: bool):
     """Fake (shape, dtype, layout only) result of ``conv_lrelu_grads``, for torch.compile."""
-    empty = out.new_empty(0)
     c_out = weight.shape[1 if transposed else 0]
     return (
-        _empty_in_layout_of(x) if output_mask[0] else empty,
-        _empty_in_layout_of(weight) if output_mask[1] else empty,
-        weight.new_empty(c_out) if has_bias and output_mask[2] else empty,
+        _empty_in_layout_of(x) if output_mask[0] else _nothing(out),
+        _empty_in_layout_of(weight) if output_mask[1] else _nothing(out),
+        weight.new_empty(c_out) if has_bias and output_mask[2] else _nothing(out),
     )
 
 

@@ -3,9 +3,11 @@
 Forward (one launch):  out = lrelu(conv2d(x, W) + b),  lrelu(p) = p if p > 0 else alpha * p.
 Backward keeps only ``out`` of its own (x and W are alive anyway: x is the previous layer's output, W a
 parameter), since for alpha >= 0 the sign of ``out`` is the sign of the pre-activation:
-    grad_pre = grad_out * (1 if out > 0 else alpha)          (Triton, ``_conv_common._lrelu_grad_pre_kernel``)
-    grad_x, grad_W = aten.convolution_backward(grad_pre, x, W)  (cuDNN / aten, not Triton)
-    grad_b = sum_{n,h,w} grad_pre                              (torch reduction in fp32)
+    grad_pre = grad_out * (1 if out > 0 else alpha)   } one deterministic Triton pass
+    grad_b = sum_{n,h,w} grad_pre                     } (kernels/bias_lrelu.py, ``lrelu_bias_grads``)
+    grad_x, grad_W = aten.convolution_backward(grad_pre, x, W)  (cuDNN on CUDA; why: kernels/_conv_common.py)
+The public ``conv_lrelu`` runs this fused op or, per layer shape, cuDNN conv + the Triton bias+LReLU
+epilogue, whichever kernels/dispatch.py measured faster (same saved tensors, same backward).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import AUTOTUNE, INTERPRET, backend, register_op, tl, triton
+from ._backend import AUTOTUNE, INTERPRET, register_op, tl, triton
 from ._conv_common import (
     AUTOTUNE_KEY,
     as_int,
@@ -27,6 +29,8 @@ from ._conv_common import (
     save_for_lrelu_backward,
     use_triton_impl,
 )
+from .bias_lrelu import bias_lrelu
+from .dispatch import conv_path
 
 __all__ = [
     "conv_lrelu",
@@ -224,16 +228,28 @@ def conv_lrelu(x, weight, bias=None, stride=1, padding=0, alpha=0.3):
     Returns:
         (N, C_out, OH, OW) in x's dtype and memory format.
 
-    The Triton path (see ``kernels.backend``) runs the forward in one Triton kernel and saves only its
-    output besides x and W; backward = a Triton kernel for grad_pre, then aten.convolution_backward
-    (cuDNN on CUDA) for the input and weight gradients, and a torch sum for the bias gradient.
+    Paths (kernels/dispatch.py): "triton" runs the forward in one Triton kernel; "cudnn" runs aten
+    (cuDNN) conv2d without bias, then the Triton bias+LReLU epilogue. Both save only their output
+    besides x and W, and share the backward: one Triton pass for grad_pre and the bias gradient, then
+    aten.convolution_backward (cuDNN on CUDA) for the input and weight gradients. ``DEEPSIM_KERNELS``
+    (or ``use_backend``) = triton | cudnn | reference forces a path; under auto, CUDA calls take the one
+    the dispatcher timed faster for this shape, CPU calls the reference.
     """
     stride, padding, alpha = as_int(stride, "stride"), as_int(padding, "padding"), float(alpha)
     check_conv_args(x, weight, bias, alpha, "conv_lrelu", 1)
-    if backend(x) == "reference":
+    path = conv_path("conv_lrelu", x, weight, bias, stride, padding, alpha, _run_path)
+    return _run_path(path, x, weight, bias, stride, padding, alpha)
+
+
+def _run_path(path: str, x, weight, bias, stride: int, padding: int, alpha: float) -> torch.Tensor:
+    """One of the dispatcher's paths (kernels/dispatch.py), with autograd: "triton" (the fused custom op),
+    "cudnn" (aten conv without bias + the Triton bias+LReLU epilogue) or "reference" (eager)."""
+    if path == "reference":
         return reference_conv_lrelu(x, weight, bias, stride, padding, alpha)
     if torch.is_autocast_enabled(x.device.type):  # custom ops skip autocast: cast as F.conv2d would
         x = x.to(torch.get_autocast_dtype(x.device.type))
     weight = weight.to(x.dtype)
     bias = bias.to(x.dtype) if bias is not None else None
+    if path == "cudnn":
+        return bias_lrelu(F.conv2d(x, weight, None, stride=stride, padding=padding), bias, alpha)
     return _conv_lrelu_op(x, weight, bias, stride, padding, alpha)

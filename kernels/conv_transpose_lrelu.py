@@ -5,9 +5,11 @@ Forward (one launch, gather form of the implicit GEMM):
         ih = (oh + P - kh) / S, iw = (ow + P - kw) / S, taken only when divisible and in range;
     out = lrelu(pre) = pre if pre > 0 else alpha * pre.
 Backward keeps only ``out`` of its own (x and W are alive anyway):
-    grad_pre = grad_out * (1 if out > 0 else alpha)         (Triton, ``_conv_common._lrelu_grad_pre_kernel``)
-    grad_x, grad_W = aten.convolution_backward(grad_pre, ..., transposed=True)  (cuDNN / aten, not Triton)
-    grad_b = sum_{n,h,w} grad_pre                                          (torch reduction in fp32)
+    grad_pre = grad_out * (1 if out > 0 else alpha)   } one deterministic Triton pass
+    grad_b = sum_{n,h,w} grad_pre                     } (kernels/bias_lrelu.py, ``lrelu_bias_grads``)
+    grad_x, grad_W = aten.convolution_backward(grad_pre, ..., transposed=True)  (cuDNN on CUDA)
+The public ``conv_transpose_lrelu`` runs this fused op or, per layer shape, cuDNN conv_transpose + the
+Triton bias+LReLU epilogue, whichever kernels/dispatch.py measured faster.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import AUTOTUNE, INTERPRET, backend, register_op, tl, triton
+from ._backend import AUTOTUNE, INTERPRET, register_op, tl, triton
 from ._conv_common import (
     AUTOTUNE_KEY,
     as_int,
@@ -29,6 +31,8 @@ from ._conv_common import (
     save_for_lrelu_backward,
     use_triton_impl,
 )
+from .bias_lrelu import bias_lrelu
+from .dispatch import conv_path
 
 __all__ = [
     "conv_transpose_lrelu",
@@ -214,15 +218,25 @@ def conv_transpose_lrelu(x, weight, bias=None, stride=1, padding=0, alpha=0.3):
     Returns:
         (N, C_out, (H-1)*stride - 2*padding + KH, ...) in x's dtype and memory format.
 
-    Triton path: forward in one Triton kernel; backward = Triton grad_pre, then aten.convolution_backward
-    (transposed=True; cuDNN on CUDA) for input and weight gradients and a torch sum for the bias gradient.
+    Paths (kernels/dispatch.py), as for ``conv_lrelu``: "triton" (forward in one Triton kernel) or
+    "cudnn" (aten conv_transpose2d without bias + the Triton bias+LReLU epilogue); shared backward: one
+    Triton pass for grad_pre and the bias gradient, then aten.convolution_backward (transposed=True).
     """
     stride, padding, alpha = as_int(stride, "stride"), as_int(padding, "padding"), float(alpha)
     check_conv_args(x, weight, bias, alpha, "conv_transpose_lrelu", 0)
-    if backend(x) == "reference":
+    path = conv_path("conv_transpose_lrelu", x, weight, bias, stride, padding, alpha, _run_path)
+    return _run_path(path, x, weight, bias, stride, padding, alpha)
+
+
+def _run_path(path: str, x, weight, bias, stride: int, padding: int, alpha: float) -> torch.Tensor:
+    """One of the dispatcher's paths (kernels/dispatch.py), with autograd: "triton" (the fused custom op),
+    "cudnn" (aten conv without bias + the Triton bias+LReLU epilogue) or "reference" (eager)."""
+    if path == "reference":
         return reference_conv_transpose_lrelu(x, weight, bias, stride, padding, alpha)
-    if torch.is_autocast_enabled(x.device.type):  # custom ops skip autocast: cast as F.conv2d would
+    if torch.is_autocast_enabled(x.device.type):  # custom ops skip autocast: cast as F.conv_transpose2d would
         x = x.to(torch.get_autocast_dtype(x.device.type))
     weight = weight.to(x.dtype)
     bias = bias.to(x.dtype) if bias is not None else None
+    if path == "cudnn":
+        return bias_lrelu(F.conv_transpose2d(x, weight, None, stride=stride, padding=padding), bias, alpha)
     return _forward_op(x, weight, bias, stride, padding, alpha)

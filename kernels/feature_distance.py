@@ -8,10 +8,11 @@ arguments (fake/real/grad pointers, numel, scales, first program); one program =
 layer. It writes the gradient for the fakes in the same pass (saved, so backward is ``saved * grad_L``) and
 one partial sum per program into its own slot of one buffer; ``_feature_distance_sum_kernel`` then adds
 the partials in a fixed order in one program. More than 8 layers: successive launches of 8, writing the
-same buffer in layer order. No atomics: the result is bitwise reproducible for a given input. Every
-argument is a kernel scalar or tensor pointer (no host-built table copied to the device per call), so the
-op can be captured in a CUDA graph (``torch.compile(mode="reduce-overhead")``). Layers may differ in dtype
-(fp32/fp16/bf16); each gradient is stored in its fake's dtype.
+same buffer in layer order. Backward is one launch too (``_feature_distance_bwd_kernel``, the same slots):
+grad_fake_l = saved_l * grad_L for every layer. No atomics: the result is bitwise reproducible for a given
+input. Every argument is a kernel scalar or tensor pointer (no host-built table copied to the device per
+call), so the op can be captured in a CUDA graph (``torch.compile(mode="reduce-overhead")``). Layers may
+differ in dtype (fp32/fp16/bf16); each gradient is stored in its fake's dtype.
 """
 
 from __future__ import annotations
@@ -119,13 +120,54 @@ def _feature_distance_sum_kernel(partial_ptr, out_ptr, n, scale, BLOCK: tl.const
 
 
 @triton.jit
-def _feature_distance_bwd_kernel(saved_ptr, grad_loss_ptr, grad_ptr, numel, BLOCK: tl.constexpr):
-    # dL_total/dfake = (dL/dfake, saved by the forward) * dL_total/dL
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < numel
+def _scale_chunk(saved_ptr, grad_ptr, numel, block_start, g, pid, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    # This program's chunk (pid - block_start) of one layer slot, when it owns it (else no iteration):
+    #   grad_fake = saved * g      (saved = dL/dfake from the forward, g = dL_total/dL; fp32 multiply)
+    local = pid - block_start
+    nblocks = (numel + (BLOCK * ITERS - 1)) // (BLOCK * ITERS)
+    active = (local >= 0) & (local < nblocks)
+    start = local.to(tl.int64) * (BLOCK * ITERS)
+    iters = tl.where(active, ITERS, 0)
+    for i in range(0, iters):
+        offs = start + i * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < numel
+        s = tl.load(saved_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(grad_ptr + offs, (s * g).to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _feature_distance_bwd_kernel(
+    grad_loss_ptr,
+    saved_ptr0, grad_ptr0, numel0, block_start0,
+    saved_ptr1, grad_ptr1, numel1, block_start1,
+    saved_ptr2, grad_ptr2, numel2, block_start2,
+    saved_ptr3, grad_ptr3, numel3, block_start3,
+    saved_ptr4, grad_ptr4, numel4, block_start4,
+    saved_ptr5, grad_ptr5, numel5, block_start5,
+    saved_ptr6, grad_ptr6, numel6, block_start6,
+    saved_ptr7, grad_ptr7, numel7, block_start7,
+    NUM_LAYERS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
+):  # fmt: skip
+    # dL_total/dfake_l = (dL/dfake_l, saved by the forward) * dL_total/dL, for up to MAX_LAYERS layers in
+    # one launch, laid out as in the forward: layer l owns programs [block_start_l, + cdiv(numel_l, BLOCK *
+    # ITERS)); every argument is a scalar or a pointer (no device-side table), so the launch is graph-safe.
+    pid = tl.program_id(0)
     g = tl.load(grad_loss_ptr).to(tl.float32)
-    s = tl.load(saved_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(grad_ptr + offs, (s * g).to(grad_ptr.dtype.element_ty), mask=mask)
+    _scale_chunk(saved_ptr0, grad_ptr0, numel0, block_start0, g, pid, BLOCK, ITERS)
+    if NUM_LAYERS > 1:
+        _scale_chunk(saved_ptr1, grad_ptr1, numel1, block_start1, g, pid, BLOCK, ITERS)
+    if NUM_LAYERS > 2:
+        _scale_chunk(saved_ptr2, grad_ptr2, numel2, block_start2, g, pid, BLOCK, ITERS)
+    if NUM_LAYERS > 3:
+        _scale_chunk(saved_ptr3, grad_ptr3, numel3, block_start3, g, pid, BLOCK, ITERS)
+    if NUM_LAYERS > 4:
+        _scale_chunk(saved_ptr4, grad_ptr4, numel4, block_start4, g, pid, BLOCK, ITERS)
+    if NUM_LAYERS > 5:
+        _scale_chunk(saved_ptr5, grad_ptr5, numel5, block_start5, g, pid, BLOCK, ITERS)
+    if NUM_LAYERS > 6:
+        _scale_chunk(saved_ptr6, grad_ptr6, numel6, block_start6, g, pid, BLOCK, ITERS)
+    if NUM_LAYERS > 7:
+        _scale_chunk(saved_ptr7, grad_ptr7, numel7, block_start7, g, pid, BLOCK, ITERS)
 
 
 def deterministic_sum(partials: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -191,19 +233,47 @@ def feature_distance_forward(fakes: Sequence[torch.Tensor], reals: Sequence[torc
 
 
 def feature_distance_backward(saved: Sequence[torch.Tensor], grad_loss: torch.Tensor) -> list[torch.Tensor]:
-    """dL_total/dfake_l = saved_l * grad_loss (grad_loss a 0-dim tensor)."""
+    """dL_total/dfake_l = saved_l * grad_loss (grad_loss a 0-dim tensor), each in saved_l's dtype and layout.
+
+    One launch for up to MAX_LAYERS layers (so one for <= 8 taps; more: successive launches of 8), laid
+    out like the forward; graph-safe (scalar and pointer arguments only, no host table)."""
     if not (HAS_TRITON and (grad_loss.is_cuda or INTERPRET)):
         return [s * grad_loss.to(s.dtype) for s in saved]
     grad_loss = grad_loss.to(torch.float32)
-    out = []
-    for s in saved:
-        g = torch.empty_like(s)
-        if s.numel():
-            _feature_distance_bwd_kernel[(triton.cdiv(s.numel(), _BLOCK),)](
-                s, grad_loss, g, s.numel(), BLOCK=_BLOCK
-            )
-        out.append(g)
-    return out
+    grads = [torch.empty_like(s) for s in saved]
+    chunk = _BLOCK * _ITERS
+    for g0 in range(0, len(saved), MAX_LAYERS):
+        layers = range(g0, min(g0 + MAX_LAYERS, len(saved)))
+        args, start = [], 0
+        for i in layers:
+            s = saved[i]
+            if s.numel() == 0 or not _is_dense(s):  # empty (pointer may be null) or odd layout: a dummy slot
+                args += [grad_loss, grad_loss, 0, 0]
+                continue
+            args += [s, grads[i], s.numel(), start]
+            start += triton.cdiv(s.numel(), chunk)
+        if start == 0:
+            continue
+        args += [grad_loss, grad_loss, 0, 0] * (MAX_LAYERS - len(layers))  # unused slots, not compiled
+        _feature_distance_bwd_kernel[(start,)](grad_loss, *args, NUM_LAYERS=len(layers), BLOCK=_BLOCK,
+                                               ITERS=_ITERS)  # fmt: skip
+    for i, s in enumerate(saved):  # the forward saves dense gradients; anything else: a torch multiply
+        if s.numel() and not _is_dense(s):
+            grads[i] = s * grad_loss.to(s.dtype)
+    return grads
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """t's elements fill its storage span with no gap or overlap (some permutation of a contiguous tensor),
+    so empty_like(t) has t's strides and one flat index walks both alike."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 # ----------------------------------------------------------------------------------------------------------

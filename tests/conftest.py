@@ -49,3 +49,7 @@ def one_intra_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+# The kernel dispatcher (kernels/dispatch.py) keeps its decisions in memory during tests instead of writing
+# the user's ~/.cache/deepsim/dispatch.json; tests of the cache file point DEEPSIM_DISPATCH_CACHE elsewhere.
+os.environ.setdefault("DEEPSIM_DISPATCH_CACHE", "off")

@@ -156,3 +156,34 @@ def test_channels_last_gives_the_same_step():
     nhwc.step(batch.contiguous(memory_format=torch.channels_last))
     for p, q in zip(plain.parameters(), nhwc.parameters()):
         torch.testing.assert_close(q, p, atol=2e-5, rtol=1e-4)  # same math; convolution kernels sum in another order
+
+
+def test_conv_paths_are_decided_before_the_first_compiled_call(monkeypatch, tmp_path):
+    """The kernel dispatcher times every conv block once, eagerly, before the step is traced or captured
+    (driven on CPU tensors with a fake timer here; on CPU it is otherwise a no-op)."""
+    from deepsim.kernels import dispatch
+
+    timed = []
+
+    def fake_timer(step):  # records the path, does not run it; cuDNN + the epilogue "wins"
+        timed.append(step.path)
+        return {"triton": 2.0, "cudnn": 1.0}[step.path]
+
+    monkeypatch.setattr(dispatch, "DISPATCH_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(dispatch, "_timer", fake_timer)
+    monkeypatch.setenv(dispatch.CACHE_ENV, str(tmp_path / "dispatch.json"))
+    monkeypatch.delenv("DEEPSIM_KERNELS", raising=False)
+    dispatch.reset()
+    step, seen = CompiledStep(_trainer(), "eager"), []
+    step._fn = lambda batch: seen.append(len(timed))  # the (traced) iteration itself is not the point here
+    batches = _batches(2)
+    try:
+        step(batches[0])
+        step(batches[1])
+        rows = dispatch.decisions()
+    finally:
+        dispatch.reset()
+    ops = [r["op"] for r in rows]
+    assert ops.count("conv_transpose_lrelu") == 2 and ops.count("conv_lrelu") >= 8, ops  # G's and D's blocks
+    assert seen == [len(timed), len(timed)] == [2 * len(rows)] * 2, "all timed before the first call, once"
+    assert {r["choice"] for r in rows} == {"cudnn"}

@@ -25,6 +25,11 @@ backward passes, the pause rule and both GatedAdam updates. ``--compile off`` ke
 No host sync happens inside an iteration: the pause rule is ``torch.where`` on device tensors and the
 metrics come back as 0-dim device tensors (the loop reads them every ``log_every`` steps).
 
+Kernel dispatch: before the first call is traced, :func:`deepsim.kernels.dispatch.prepare` runs the losses
+once on the real batch (no_grad, RNG forked) so that every conv block's path (fused Triton or cuDNN + the
+Triton epilogue) is timed and decided eagerly; tracing reads the decisions and CUDA-graph capture never
+times (a no-op on CPU or with ``DEEPSIM_KERNELS`` forced).
+
 CUDA graphs: ``mode="reduce-overhead"`` (and inductor's "max-autotune", which also uses CUDA graphs) run the
 compiled step under CUDA-graph trees. The parameters, GatedAdam's moments and step counts and the pause
 buffer are marked static (``torch._dynamo.mark_static_address``), so a replay updates them in place; the
@@ -43,6 +48,8 @@ from __future__ import annotations
 import torch
 import torch._dynamo
 import torch.distributed as dist
+
+from deepsim.kernels import dispatch
 
 __all__ = ["CompiledStep", "compile_step", "count_graph_breaks", "COMPILE_MODES"]
 
@@ -89,6 +96,7 @@ class CompiledStep:
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.cuda_graphs = mode in ("reduce-overhead", "max-autotune") and self.g_params[0].is_cuda
         self._static_batch: torch.Tensor | None = None
+        self._kernels_decided = False  # dispatch.prepare ran (conv paths timed before tracing / capture)
         if self.cuda_graphs:
             for optimizer in (trainer.opt_g, trainer.opt_d):
                 if optimizer is not None:
@@ -138,6 +146,9 @@ class CompiledStep:
         return trainer.step_metrics(losses, pause, inputs)
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self._kernels_decided:  # time the conv blocks' Triton vs cuDNN paths on real tensors first:
+            dispatch.prepare(self.trainer.compute_losses, batch)  # the trace reads them, capture never times
+            self._kernels_decided = True
         if self.cuda_graphs:  # a CUDA graph reads its input from a fixed address
             if self._static_batch is None or self._static_batch.shape != batch.shape:
                 self._static_batch = torch.empty_like(batch)

@@ -72,17 +72,22 @@ def jobs(all_configs: bool):
                                   HAS_BIAS=True, INPUT_PRECISION="tf32" if dtype == "fp32" else "ieee", **cfg.kwargs)
                 label = f"{name} {dtype} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
                 yield label, tuner.fn, pointer, constexprs, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), None
-    common = importlib.import_module("deepsim.kernels._conv_common")
+    bias_act = importlib.import_module("deepsim.kernels.bias_lrelu")
     fd = importlib.import_module("deepsim.kernels.feature_distance")
     pw = importlib.import_module("deepsim.kernels.pairwise_distance")
     for dtype, pointer in DTYPES.items():
-        yield f"_lrelu_grad_pre_kernel {dtype}", common._lrelu_grad_pre_kernel, pointer, dict(BLOCK=1024), {}, None
+        for name in ("_bias_lrelu_fwd_kernel", "_lrelu_bias_grad_kernel"):  # BLOCK_M x BLOCK_C as launched at C >= 64
+            flags = dict(HAS_BIAS=True) if "fwd" in name else dict(WRITE_GRAD_PRE=True, BIAS_GRAD=True)
+            yield (f"{name} {dtype}", getattr(bias_act, name), pointer, dict(BLOCK_M=64, BLOCK_C=64, **flags), {},
+                   {"partial_ptr": "*fp32"} if "grad" in name else None)
         for layers in (1, 8):
             partial = {"partial_ptr": "*fp32"}
             yield (f"_feature_distance_fwd_kernel {dtype} layers={layers}", fd._feature_distance_fwd_kernel, pointer,
                    dict(NUM_LAYERS=layers, COMPUTE_GRAD=True, BLOCK=fd._BLOCK, ITERS=8), {}, partial)
-        yield (f"_feature_distance_bwd_kernel {dtype}", fd._feature_distance_bwd_kernel, pointer, dict(BLOCK=fd._BLOCK), {},
-               {"grad_loss_ptr": "*fp32"})
+        for layers in (1, 8):
+            yield (f"_feature_distance_bwd_kernel {dtype} layers={layers}", fd._feature_distance_bwd_kernel, pointer,
+                   dict(NUM_LAYERS=layers, BLOCK=fd._BLOCK, ITERS=8), {}, {"grad_loss_ptr": "*fp32"})
+    yield ("_channel_sum_kernel", bias_act._channel_sum_kernel, "*fp32", dict(BLOCK_R=64, BLOCK_C=64), {}, None)
     yield ("_feature_distance_sum_kernel", fd._feature_distance_sum_kernel, "*fp32", dict(BLOCK=fd._SUM_BLOCK), {}, None)
     yield ("_mean_pairwise_distance_fwd_kernel", pw._mean_pairwise_distance_fwd_kernel, "*fp32",
            dict(BLOCK_M=pw._BLOCK_M, BLOCK_D=pw._BLOCK_D), {}, {"partial_ptr": "*fp32"})

@@ -67,3 +67,14 @@ def test_import_without_triton_falls_back():
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr
+
+
+def test_cudnn_choice_is_accepted(monkeypatch):
+    """DEEPSIM_KERNELS=cudnn (conv blocks on aten/cuDNN conv + the Triton epilogue) from the environment
+    and from use_backend; backend() reports it for any device (the epilogue falls back to PyTorch)."""
+    monkeypatch.setenv("DEEPSIM_KERNELS", "cudnn")
+    assert K.requested_backend() == "cudnn" and K.backend(torch.zeros(1)) == "cudnn"
+    monkeypatch.setenv("DEEPSIM_KERNELS", "auto")
+    with K.use_backend("cudnn"):
+        assert K.backend(torch.zeros(1)) == "cudnn"
+    assert "cudnn" in K.BACKENDS

@@ -237,20 +237,46 @@ def test_feature_distance_empty_layer():
     assert grads[1].shape == (0, 4)
 
 
-@pytest.mark.parametrize("num_layers, launches", [(3, 1), (8, 1), (9, 2)])
-def test_feature_distance_forward_launch_count(monkeypatch, num_layers, launches):
-    """Up to MAX_LAYERS layers take exactly one forward launch; 9 take two."""
-    fd = importlib.import_module(K.feature_distance.__module__)
-    assert fd.MAX_LAYERS == 8
-    kernel, calls = fd._feature_distance_fwd_kernel, []
+def _count_launches(monkeypatch, module, name) -> list:
+    """Replace ``module.name`` (a Triton kernel) by a wrapper that records each launch's grid."""
+    kernel, calls = getattr(module, name), []
 
     class Counting:
         def __getitem__(self, grid):
             calls.append(grid)
             return kernel[grid]
 
-    monkeypatch.setattr(fd, "_feature_distance_fwd_kernel", Counting())
+    monkeypatch.setattr(module, name, Counting())
+    return calls
+
+
+@pytest.mark.parametrize("num_layers, launches", [(3, 1), (8, 1), (9, 2)])
+def test_feature_distance_forward_launch_count(monkeypatch, num_layers, launches):
+    """Up to MAX_LAYERS layers take exactly one forward launch; 9 take two."""
+    fd = importlib.import_module(K.feature_distance.__module__)
+    assert fd.MAX_LAYERS == 8
+    calls = _count_launches(monkeypatch, fd, "_feature_distance_fwd_kernel")
     fakes, reals = _taps(num_layers)
     with K.use_backend("triton"):
         K.feature_distance(fakes, reals)
     assert len(calls) == launches
+
+
+@pytest.mark.parametrize("num_layers, launches", [(3, 1), (8, 1), (9, 2)])
+def test_feature_distance_backward_launch_count(monkeypatch, num_layers, launches):
+    """Backward: one launch for up to MAX_LAYERS taps (9 take two), no per-tap launch, and the gradients
+    (saved dL/dfake times a non-one grad_output) match the reference, in each fake's layout."""
+    fd = importlib.import_module(K.feature_distance.__module__)
+    calls = _count_launches(monkeypatch, fd, "_feature_distance_bwd_kernel")
+    torch.manual_seed(13)
+    fakes, reals = _taps(num_layers)
+    with K.use_backend("triton"):
+        loss = K.feature_distance(fakes, reals)
+    grad_out = torch.tensor(1.7, device=DEVICE)
+    grads = torch.autograd.grad(loss, fakes, grad_out)
+    assert len(calls) == launches
+    fakes_ref = [f.detach().clone().requires_grad_() for f in fakes]
+    grads_ref = torch.autograd.grad(K.reference_feature_distance(fakes_ref, reals), fakes_ref, grad_out)
+    for i, (g, g_ref, f) in enumerate(zip(grads, grads_ref, fakes)):
+        assert g.stride() == f.stride()
+        assert_close(g, g_ref, 1e-4, 1e-4, f"grad fakes[{i}]")

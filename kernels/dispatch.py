@@ -1,0 +1,431 @@
+"""The conv-block dispatcher: per layer shape, the faster of the fused Triton op and cuDNN conv + the Triton
+bias+LReLU epilogue, timed once on CUDA and remembered (the idea of ``torch.backends.cudnn.benchmark``).
+
+Paths of ``conv_lrelu`` / ``conv_transpose_lrelu``:
+    "triton"     the fused custom op (``deepsim::conv_lrelu`` / ``deepsim::conv_transpose_lrelu``): conv +
+                 bias + LReLU in one Triton kernel; backward = one Triton pass for grad_pre and grad_b, then
+                 cuDNN dgrad/wgrad (kernels/_conv_common.py).
+    "cudnn"      aten (cuDNN) conv without bias, then ``deepsim::bias_lrelu`` (kernels/bias_lrelu.py, one
+                 Triton pass); backward = the same Triton pass + aten conv backward. Saves what "triton"
+                 saves (x, W, out): the conv output is freed once the epilogue has read it.
+    "reference"  eager F.conv2d(..., bias) + F.leaky_relu (also keeps the pre-activation for backward).
+
+Which one runs: ``DEEPSIM_KERNELS`` (or ``use_backend``) = triton | cudnn | reference forces it. Under auto
+(the default) a call on a CUDA tensor asks :func:`choose`, which answers from, in order:
+ 1. this process's table (:func:`decisions` lists it);
+ 2. the cache file, for this card, torch and triton version;
+ 3. a measurement: each path runs forward + backward as training runs them (fresh copies of x, W, b that
+    require grad, a random grad_out; ``WARMUP`` calls, then the median of ``ITERS`` CUDA-event timings),
+    the faster is taken (a tie goes to ``DEFAULT_PATH``), and it is stored in the table and the file. A
+    path that raises counts as infinitely slow (with a warning); if both raise, the error propagates.
+Elsewhere (CPU tensors) auto runs the reference; nothing is timed.
+
+Key: (op, device, M bucket, C_in, H, W, C_out, KH, KW, stride, padding, dtype, memory format, bias), with
+M = N * OH * OW rounded up to a power of two. Bucketed, not exact, so that a partial last batch (same
+bucket) reuses the decision instead of timing again, or, inside a CUDA graph, falling to the default;
+batch 1 (a much smaller M) is timed on its own, since at small M the faster path can differ. The dtype is
+the one the conv computes in (the autocast dtype under ``torch.autocast``). Decisions time training
+(forward + backward, gradients for x, W and b); an inference-only caller gets the training choice.
+
+CUDA graphs and torch.compile: decisions are made before capture, never inside it.
+ * Inside CUDA-graph capture (``torch.cuda.is_current_stream_capturing()``) nothing is timed: a missing
+   decision takes ``DEFAULT_PATH`` = "cudnn" (no Triton autotuning sweep, which would break the capture),
+   listed by :func:`decisions` as a default but not cached, so a later eager call still times it.
+ * Under ``torch.compile`` the choice is read at trace time from this process's table and becomes part of
+   the graph (a missing one takes ``DEFAULT_PATH``; a decision made after tracing takes effect only if the
+   graph is traced again).
+ * So call :func:`prepare` (``prepare(model, example_input)``) before compiling or capturing: it runs the
+   model once on real tensors and decides every conv block it meets. ``deepsim.train.compiled`` does.
+
+Cache file (kernels/dispatch_cache.py): ``$DEEPSIM_DISPATCH_CACHE`` (a file path; ``off`` keeps decisions
+in memory only), else ``$XDG_CACHE_HOME/deepsim/dispatch.json``, else ``~/.cache/deepsim/dispatch.json``;
+one context per "<card> | torch <version> | triton <version>", so a new card or version times again. An
+unreadable file warns once (naming it) and is rewritten; an unwritable one warns once. Each rank of a
+DDP run times on its own, so ranks may choose differently (same math, last-bit differences, averaged by
+DDP anyway); writes merge and replace the file atomically.
+
+This module imports torch and triton only; the conv modules hand :func:`choose` a ``run(path, ...)``
+callable, so it needs none of them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import dispatch_cache
+from ._backend import HAS_TRITON, backend, requested_backend
+from .dispatch_cache import CACHE_ENV, cache_path
+
+__all__ = [
+    "PATHS",
+    "DEFAULT_PATH",
+    "CACHE_ENV",
+    "Decision",
+    "cache_path",
+    "choose",
+    "conv_path",
+    "decision_for",
+    "decision_key",
+    "decisions",
+    "format_decisions",
+    "prepare",
+    "reset",
+    "time_cuda_ms",
+]
+
+PATHS = ("triton", "cudnn")  # candidates, timed in this order
+DEFAULT_PATH = "cudnn"  # untimed choice: inside CUDA-graph capture or a torch.compile trace with no decision
+WARMUP, ITERS = 3, 10
+# Device types on which "auto" dispatches. Tests add "cpu" (with a fake timer) to drive the logic.
+DISPATCH_DEVICES: tuple[str, ...] = ("cuda",)
+_DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+
+Run = Callable[..., torch.Tensor]  # run(path, x, weight, bias, stride, padding, alpha) -> out, with autograd
+
+
+@dataclass
+class Decision:
+    """One dispatcher decision: which path a conv block of one key takes, and why."""
+
+    op: str  # "conv_lrelu" | "conv_transpose_lrelu"
+    key: str  # the key as text (the cache file's key)
+    choice: str  # "triton" | "cudnn"
+    source: str  # "measured" | "cache file" | "default: ..." (untimed)
+    ms: dict[str, float | None] = field(default_factory=dict)  # forward + backward ms per path, if timed
+    context: str = ""  # "<card> | torch <v> | triton <v>"
+    shape: str = ""  # the call that decided it: "x 64x3x64x64 w 32x3x5x5 s2 p2"
+    note: str = ""  # e.g. the error of a path that failed while timing
+
+    def row(self) -> dict:
+        """A flat dict (the rows of :func:`decisions`)."""
+        d = asdict(self)
+        ms = d.pop("ms")
+        d.update({f"{path}_ms": ms.get(path) for path in PATHS})
+        return d
+
+
+_choices: dict[tuple, str] = {}  # key tuple -> path: what traced code reads (plain strings, no objects)
+_decided: dict[tuple, Decision] = {}  # key tuple -> the decision behind _choices
+_defaults: dict[tuple, Decision] = {}  # untimed defaults taken inside CUDA-graph capture (not cached)
+_warned: set[str] = set()
+_recording: list[tuple] | None = None  # keys met while prepare() runs
+
+
+def _timer(step: Callable[[], None]) -> float:
+    """Milliseconds of one ``step()`` (replaced in tests by a fake timer)."""
+    return time_cuda_ms(step)
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether the current stream of ``device`` is capturing a CUDA graph (replaced in tests)."""
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):
+        return torch.cuda.is_current_stream_capturing()
+
+
+def time_cuda_ms(step: Callable[[], None], warmup: int = WARMUP, iters: int = ITERS) -> float:
+    """Median ms of ``step()`` over ``iters`` CUDA-event timings, after ``warmup`` calls and a synchronize."""
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+# ---------------------------------------------------------------------------------------------------- keys
+
+
+def _out_side(op: str, size: int, k: int, stride: int, padding: int) -> int:
+    if op == "conv_transpose_lrelu":
+        return (size - 1) * stride - 2 * padding + k
+    return (size + 2 * padding - k) // stride + 1
+
+
+def _bucket(m: int) -> int:
+    return 1 if m <= 1 else 1 << (m - 1).bit_length()
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def decision_key(op: str, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, stride: int,
+                 padding: int) -> tuple:  # fmt: skip
+    """The table key of one call (see the module doc): ints and strings only, so traced code can read it."""
+    n, c_in, h, w = (int(v) for v in x.shape)
+    kh, kw = int(weight.shape[2]), int(weight.shape[3])
+    c_out = int(weight.shape[1] if op == "conv_transpose_lrelu" else weight.shape[0])
+    m = n * _out_side(op, h, kh, stride, padding) * _out_side(op, w, kw, stride, padding)
+    channels_last = (
+        x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    )
+    dtype = _compute_dtype(x)
+    dtype_name = _DTYPE_NAMES[dtype] if dtype in _DTYPE_NAMES else str(dtype)
+    return (
+        op,
+        x.device.type,
+        x.device.index,
+        _bucket(m),
+        c_in,
+        h,
+        w,
+        c_out,
+        kh,
+        kw,
+        int(stride),
+        int(padding),
+        dtype_name,
+        "channels_last" if channels_last else "contiguous",
+        bool(has_bias),
+    )
+
+
+def key_text(key: tuple) -> str:
+    """'conv_lrelu|M<=65536|Cin 3 H 64 W 64|Cout 32 k5x5 s2 p2|bf16|channels_last|bias' (device left out:
+    the cache file's context names the card)."""
+    op, _, _, m, c_in, h, w, c_out, kh, kw, s, p, dtype, layout, has_bias = key
+    return (f"{op}|M<={m}|Cin {c_in} H {h} W {w}|Cout {c_out} k{kh}x{kw} s{s} p{p}|{dtype}|{layout}|"
+            f"{'bias' if has_bias else 'no bias'}")  # fmt: skip
+
+
+def _shape_text(x, weight, stride, padding) -> str:
+    return f"x {'x'.join(map(str, x.shape))} w {'x'.join(map(str, weight.shape))} s{stride} p{padding}"
+
+
+def _context(device: torch.device) -> str:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001 - no triton: the context says so
+        triton_version = "none"
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return f"{card} | torch {torch.__version__} | triton {triton_version}"
+
+
+# ---------------------------------------------------------------------------------------------- deciding
+
+
+def _warn_once(tag: str, message: str) -> None:
+    if tag not in _warned:
+        _warned.add(tag)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _training_step(run: Run, path: str, x, weight, bias, stride, padding, alpha) -> Callable[[], None]:
+    """One forward + backward of ``path`` on fresh copies of the inputs (gradients for x, W and b)."""
+    with torch.inference_mode(False), torch.enable_grad():
+        xs = x.detach().clone().requires_grad_()
+        ws = weight.detach().clone().requires_grad_()
+        bs = bias.detach().clone().requires_grad_() if bias is not None else None
+        inputs = [t for t in (xs, ws, bs) if t is not None]
+        grad_out = torch.randn_like(run(path, xs, ws, bs, stride, padding, alpha))
+
+    def step() -> None:
+        with torch.inference_mode(False), torch.enable_grad():
+            out = run(path, xs, ws, bs, stride, padding, alpha)
+            torch.autograd.grad(out, inputs, grad_out)
+
+    step.path = path  # which path this step runs (for a timer that wants to know, e.g. tests' fake one)
+    return step
+
+
+def _measure(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> Decision:
+    ms: dict[str, float | None] = {}
+    errors: dict[str, Exception] = {}
+    for path in PATHS:
+        try:
+            ms[path] = float(_timer(_training_step(run, path, x, weight, bias, stride, padding, alpha)))
+        except Exception as error:  # noqa: BLE001 - a failing path loses; the other may still run
+            ms[path], errors[path] = None, error
+    timed = {p: t for p, t in ms.items() if t is not None}
+    if not timed:
+        raise errors[DEFAULT_PATH]
+    best = min(timed.values())
+    choice = DEFAULT_PATH if timed.get(DEFAULT_PATH) == best else min(timed, key=timed.get)
+    note = "; ".join(f"{p} failed: {type(e).__name__}: {e}" for p, e in errors.items())
+    if errors:
+        _warn_once(f"fail {key}", f"deepsim dispatch: {note} (for {key_text(key)}); using {choice}")
+    return Decision(op, key_text(key), choice, "measured", ms, _context(x.device),
+                    _shape_text(x, weight, stride, padding), note[:300])  # fmt: skip
+
+
+def _decide(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> str:
+    text, context, path = key_text(key), _context(x.device), cache_path()
+    entry = dispatch_cache.contexts(path).get(context, {}).get(text) if path is not None else None
+    entry = entry if entry is not None and entry["choice"] in PATHS else None
+    if entry is not None:
+        ms = entry.get("ms") if isinstance(entry.get("ms"), dict) else {}
+        decision = Decision(op, text, entry["choice"], "cache file", ms, context, entry.get("shape", ""))
+    elif _capturing(x.device):
+        decision = Decision(op, text, DEFAULT_PATH, "default: inside CUDA-graph capture, not timed", {},
+                            context, _shape_text(x, weight, stride, padding))  # fmt: skip
+        _defaults[key] = decision
+        return decision.choice
+    else:
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():  # time on x's card
+            decision = _measure(key, op, x, weight, bias, stride, padding, alpha, run)
+        if path is not None:
+            dispatch_cache.store(
+                path,
+                context,
+                text,
+                {
+                    "choice": decision.choice,
+                    "ms": decision.ms,
+                    "shape": decision.shape,
+                    "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                },
+            )
+    _decided[key] = decision
+    _choices[key] = decision.choice
+    _defaults.pop(key, None)
+    return decision.choice
+
+
+def choose(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
+           padding: int, alpha: float, run: Run) -> str:  # fmt: skip
+    """The faster path ("triton" or "cudnn") for this call's key, timing it on the first call (see the
+    module doc). ``run(path, x, weight, bias, stride, padding, alpha)`` runs one path with autograd."""
+    key = decision_key(op, x, weight, bias is not None, stride, padding)
+    choice = _choices.get(key)
+    if torch.compiler.is_compiling():  # trace time: read, never time (prepare() decided beforehand)
+        return choice if choice is not None else DEFAULT_PATH
+    if choice is None:
+        choice = _decide(key, op, x, weight, bias, stride, padding, alpha, run)
+    if _recording is not None:
+        _recording.append(key)
+    return choice
+
+
+def conv_path(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
+              padding: int, alpha: float, run: Run) -> str:  # fmt: skip
+    """The path a public conv op takes for this call: "triton", "cudnn" or "reference".
+
+    Forced by ``DEEPSIM_KERNELS`` / ``use_backend`` (triton | cudnn | reference); under auto, the
+    dispatcher's choice on CUDA (:func:`choose`) and the reference elsewhere (see ``kernels.backend``).
+    """
+    if requested_backend() == "auto" and HAS_TRITON and x.device.type in DISPATCH_DEVICES:
+        return choose(op, x, weight, bias, stride, padding, alpha, run)
+    return backend(x)
+
+
+# ------------------------------------------------------------------------------------------ reporting
+
+
+def decisions(*, cache_file: bool = False) -> list[dict]:
+    """This process's decisions as rows (dicts: op, key, choice, source, triton_ms, cudnn_ms, context,
+    shape, note), untimed defaults included; with ``cache_file`` also every entry of the cache file that
+    this process has not used (source "cache file (not used by this process)")."""
+    rows = [d.row() for d in _decided.values()] + [d.row() for d in _defaults.values()]
+    path = cache_path() if cache_file else None
+    if path is not None:
+        seen = {(r["context"], r["key"]) for r in rows}
+        for context, entries in sorted(dispatch_cache.read(path).items()):
+            for text, entry in sorted(entries.items()):
+                if (context, text) in seen:
+                    continue
+                ms = entry.get("ms") if isinstance(entry.get("ms"), dict) else {}
+                op = text.split("|", 1)[0]
+                rows.append(Decision(op, text, entry["choice"], "cache file (not used by this process)", ms,
+                                     context, entry.get("shape", "")).row())  # fmt: skip
+    return rows
+
+
+def decision_for(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
+                 padding: int) -> dict | None:  # fmt: skip
+    """The decision (a row as :func:`decisions`) this process holds for such a call, or None (no timing)."""
+    key = decision_key(op, x, weight, bias is not None, stride, padding)
+    decision = _decided.get(key) or _defaults.get(key)
+    return decision.row() if decision is not None else None
+
+
+def format_decisions(rows: list[dict] | None = None) -> str:
+    """The decisions as a fixed-width text table (what ``deepsim bench`` prints)."""
+    rows = decisions(cache_file=True) if rows is None else rows
+    path = cache_path()
+    head = f"Kernel dispatcher decisions (cache file: {path if path is not None else 'off'})"
+    if not rows:
+        return (
+            head + "\n  none: the dispatcher times conv blocks on CUDA only, on their first call under auto"
+        )
+    width = max(len(r["key"]) for r in rows)
+
+    def ms(v):
+        return "" if v is None else f"{v:.3f}"
+
+    lines = [head, f"  {'key':<{width}} {'choice':<7} {'triton ms':>9} {'cudnn ms':>9}  source / card"]
+    for r in rows:
+        card = r["context"].split(" | ")[0]
+        lines.append(
+            f"  {r['key']:<{width}} {r['choice']:<7} {ms(r.get('triton_ms')):>9} "
+            f"{ms(r.get('cudnn_ms')):>9}  {r['source']} / {card}" + (f" ({r['note']})" if r["note"] else "")
+        )
+    return "\n".join(lines)
+
+
+def reset() -> None:
+    """Forget this process's decisions and the cache file contents read so far (the file stays)."""
+    _choices.clear()
+    _decided.clear()
+    _defaults.clear()
+    _warned.clear()
+    dispatch_cache.reset()
+
+
+# ---------------------------------------------------------------------------------------------- warm-up
+
+
+def prepare(model: Callable, *example_inputs, **kwargs) -> list[dict]:
+    """Decide every conv block that ``model(*example_inputs, **kwargs)`` runs, before torch.compile or
+    CUDA-graph capture (which never time; see the module doc). Call it with a batch of the training shape.
+
+    Args:
+        model: an nn.Module, or any callable (e.g. a trainer's bound ``compute_losses``); the module (or
+            the bound method's owner, if it is a module) runs in eval mode (no BatchNorm statistics
+            update), restored afterwards. Runs under no_grad with the RNG state forked (the caller's RNG
+            stream is untouched).
+        example_inputs, kwargs: what ``model`` is called with; the first tensor gives the device.
+    Returns:
+        The decisions of the conv blocks met (rows as :func:`decisions`), or [] where nothing would be
+        dispatched: a forced ``DEEPSIM_KERNELS``, no triton, or inputs on a device the dispatcher does not
+        time on (CPU); the model is then not run at all.
+    """
+    global _recording
+    tensors = [t for t in (*example_inputs, *kwargs.values()) if isinstance(t, torch.Tensor)]
+    if not tensors:
+        raise ValueError("dispatch.prepare: pass at least one example input tensor (it sets the device)")
+    device = tensors[0].device
+    if requested_backend() != "auto" or not HAS_TRITON or device.type not in DISPATCH_DEVICES:
+        return []
+    owner = model if isinstance(model, torch.nn.Module) else getattr(model, "__self__", None)
+    modules = list(owner.modules()) if isinstance(owner, torch.nn.Module) else []
+    modes = [m.training for m in modules]
+    previous, _recording = _recording, []
+    try:
+        for m in modules:
+            m.training = False
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            model(*example_inputs, **kwargs)
+        keys = list(dict.fromkeys(_recording))
+    finally:
+        _recording = previous
+        for m, mode in zip(modules, modes):
+            m.training = mode
+    return [(_decided.get(k) or _defaults[k]).row() for k in keys]

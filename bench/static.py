@@ -7,11 +7,13 @@ For each conv and up-conv layer of the autoencoder G (64 px), the discriminator 
 and with every conv unpadded) and the fc6 inversion generator (227 px), at the given batch, channels_last:
   * the tile configs the tuner may pick for the shape (``eligible_configs``) and the issued-MMA efficiency
     of each: useful conv FLOPs / FLOPs issued by the grid's MMAs (arithmetic on shape and tiles, exact);
-  * each of those kernels compiled with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)``, then read:
-    registers and spill bytes (``ptxas -v``), shared memory (the compiled metadata), and counts of SASS
-    instructions (``cuobjdump -sass``): HGMMA (wgmma), LDGSTS (cp.async), UTMALDG (TMA loads) and LDG
-    (synchronous global loads: the epilogue's bias, plus the A gathers of layers whose C_in is not a
-    multiple of 16 bytes' worth of channels, i.e. the 3-channel first layers).
+  * each of those kernels compiled with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (with the
+    signature the JIT would build for the launch), then read: registers and local memory, i.e. spills
+    (``cuobjdump -res-usage`` on the cubin Triton built), shared memory (the compiled metadata), and
+    counts of PTX instructions: ``wgmma.mma_async``, ``cp.async`` (asynchronous global-to-shared copies),
+    ``cp.async.bulk.tensor`` (TMA) and ``ld.global`` (synchronous loads: the epilogue's bias, plus, in the
+    3-channel first layers, the gathers of x, whose 6-byte bf16 pixels no async copy can move; their
+    weights still arrive by cp.async).
 Layer shapes are derived from the real modules (forward hooks on a meta-device run), so a change of the
 networks shows up here. What this proves: the efficiency bar, that wgmma and asynchronous loads are
 emitted, and that nothing spills. What it cannot: speed, which needs a GPU (bench/kernels.py).
@@ -242,14 +244,14 @@ def _repo_root() -> str:
 
 def format_table(rows: list[dict]) -> str:
     """A fixed-width table, one line per layer (worst case over its eligible configs)."""
-    head = (f"{'network':<18} {'layer':<14} {'shape':<34} {'configs':>7} {'eff min':>7} {'regs':>4} "
+    head = (f"{'network':<18} {'layer':<16} {'shape':<34} {'configs':>7} {'eff min':>7} {'regs':>4} "
             f"{'spill':>5} {'smem KB':>7} {'wgmma':>5} {'async':>5} {'cp.async/ld':>11}")  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in rows:
         cp_async = min(c["cp_async"] for c in r["configs"])
         ld_global = max(c["ld_global"] for c in r["configs"])
         lines.append(
-            f"{r['network']:<18} {r['layer']:<14} {r['shape']:<34} {len(r['configs']):>7} "
+            f"{r['network']:<18} {r['layer']:<16} {r['shape']:<34} {len(r['configs']):>7} "
             f"{r['min_efficiency']:>7.3f} {r['max_registers']:>4} {r['spill_bytes']:>5} "
             f"{r['max_shared_bytes'] / 1024:>7.0f} {'yes' if r['wgmma'] else 'NO':>5} "
             f"{'yes' if r['async_loads'] else 'NO':>5} {f'{cp_async}/{ld_global}':>11}"

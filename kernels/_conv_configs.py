@@ -10,6 +10,10 @@ with, per GEMM (a conv, or one of the S*S parity classes of an up-conv; see ``_c
 M = N * rows, K = taps * C_in. Every program of the grid runs the whole K loop, so this count is exact
 for the kernel as written; it is arithmetic on the shape and the tile sizes, true on any machine.
 
+Config lists (``config_list``): GPU_CONFIGS for tensor-core dots (fp16, bf16, fp32 as TF32), FMA_CONFIGS
+for fp32 without TF32 (smaller tiles: the operands live in registers), INTERPRETER_CONFIGS under
+TRITON_INTERPRET=1.
+
 A config is *eligible* for a shape when its efficiency is >= ``MIN_EFFICIENCY`` (0.85) and its pipeline
 buffers fit in shared memory; if none qualifies, the most efficient one that fits is kept alone. The
 tuner only ever times eligible configs, so whichever it picks meets the bar (``python -m bench.static``

@@ -25,6 +25,17 @@ MMAs of the 3- and 8-channel layers are filled with (tap, ci) pairs instead of z
 
 Accumulation is fp32 whatever the input dtype; fp32 inputs use TF32 dots exactly when PyTorch's cuDNN
 convolutions would (``fp32_uses_tf32``).
+
+What is proven where. Statically, on any machine (``python -m bench.static``, tests/kernels/
+test_gpu_compile.py): per network layer and per config the tuner may run, the issued-MMA efficiency
+(>= 0.85), wgmma and cp.async in the compiled code, registers, no spills, shared memory. Only a GPU can
+say how fast it is against cuDNN (bench/kernels.py); nothing here claims a speed.
+
+Registration. The ops stay ``torch.library.custom_op`` (``deepsim::conv_lrelu``, ``deepsim::
+conv_transpose_lrelu``; opaque to inductor) rather than ``triton_op`` + ``wrap_triton``: every call does
+host work a traced graph would freeze (NCHW conversion, per-call weight-row padding, the first-call tuning
+and its capture guard). They declare no mutation (``mutates_args=()``), so inductor neither assumes
+mutated inputs nor skips CUDA graphs; the cost is that it cannot fuse neighbours into the kernel.
 """
 
 from __future__ import annotations
@@ -39,10 +50,11 @@ from ._conv_packing import activation_operand, conv_weight_operand, is_nhwc, upc
 def fp32_uses_tf32(cudnn=None) -> bool:
     """Whether fp32 convolutions may use TF32, read from PyTorch as cuDNN convolutions read it.
 
-    The current API is ``torch.backends.cudnn.conv.fp32_precision`` ("tf32" allows it; "ieee" and "none"
-    do not; torch >= 2.9, e.g. 2.11 and 2.14). Reading the legacy ``torch.backends.cudnn.allow_tf32`` raises
-    once the new API has set conv and rnn apart, so the legacy flag is read only where the new one does
-    not exist. ``cudnn`` stands in for ``torch.backends.cudnn`` (tests).
+    The current API is ``torch.backends.cudnn.conv.fp32_precision`` ("tf32" allows it; "ieee" does not,
+    nor "none", which the legacy ``allow_tf32 = False`` sets). Reading the legacy
+    ``torch.backends.cudnn.allow_tf32`` raises once the new API has set conv and rnn apart, so the legacy
+    flag is read only where the new one does not exist (older torch). ``cudnn`` stands in for
+    ``torch.backends.cudnn`` (tests).
     """
     cudnn = torch.backends.cudnn if cudnn is None else cudnn
     conv = getattr(getattr(cudnn, "conv", None), "fp32_precision", None)

@@ -188,6 +188,8 @@ def _conv_igemm_lrelu_kernel(
 # ----------------------------------------------------------------------------------------------------------
 # Launch
 
+INDEX_64_NUMEL = 2**31  # tensors from this many elements on index in int64 (int32 below: cheaper math)
+
 
 def kernel_constexprs(geom: ConvGeometry, config: ConvConfig, *, has_bias: bool, precision: str,
                       w_k_stride: int | None = None, index_64: bool = False) -> dict:  # fmt: skip
@@ -233,9 +235,9 @@ def conv_igemm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     else:
         w_op, w_k_stride = conv_weight_operand(weight)
     out_op = out if is_nhwc(out) else torch.empty_like(out, memory_format=torch.channels_last)
-    b = bias if bias is not None else w_op  # dummy pointer, never read when HAS_BIAS is False
+    b = bias.contiguous() if bias is not None else w_op  # w_op: a dummy pointer, never read without bias
     precision = input_precision(x.dtype)
-    index_64 = max(x_op.numel(), out_op.numel()) >= 2**31
+    index_64 = max(x_op.numel(), out_op.numel()) >= INDEX_64_NUMEL
 
     def launch(config: ConvConfig) -> None:
         constexprs = kernel_constexprs(geom, config, has_bias=bias is not None, precision=precision,

@@ -103,6 +103,11 @@ def _conv_jobs(all_configs: bool):
                     return facts["shared_bytes"]
 
                 yield f"_conv_igemm_lrelu_kernel {dtype} {precision} {name} {cfg.name}", run
+    g, cfg = geoms["up 128->64 k4s2"], eligible(geoms["up 128->64 k4s2"], 2, config_list(torch.bfloat16, "ieee"))[0]
+    constexprs = constexprs_of(g, cfg, has_bias=False, precision="ieee", index_64=True)
+    yield (f"_conv_igemm_lrelu_kernel bf16 int64 indices no bias {cfg.name}",
+           lambda: compile_conv_kernel(tuple(sorted(constexprs.items())), "bf16", True, cfg.num_warps,
+                                       cfg.num_stages)["shared_bytes"])
 
 
 def jobs(all_configs: bool):

@@ -136,6 +136,14 @@ def test_nchw_caller_gets_nchw_output_and_grads():
                    channels_last=False, grads=True)  # fmt: skip
 
 
+@needs_triton
+def test_int64_indexing_path(monkeypatch):
+    """Tensors of 2**31+ elements index in int64; the same kernel path, forced on a small problem."""
+    monkeypatch.setattr(IGEMM, "INDEX_64_NUMEL", 0)
+    _check_forward(ODD[0], torch.float32, DEVICE)
+    _check_forward(ODD[2], torch.float32, DEVICE)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Weights are read from the parameter's storage: always current
 

@@ -3,6 +3,7 @@
     python -m bench [--groups kernels,loader,step] [--quick] [--out DIR] [--device auto|cpu|cuda]
     python -m bench --append-results            # also append this run's table to bench/RESULTS.md
     python -m bench --from-json DIR/results.json [--compact] [--append-results]   # re-render a saved run
+    python -m bench --static                    # the conv kernels' static report (bench/static.py), no GPU
     deepsim bench ...                           # the same
 
 Each group (bench/kernels.py, bench/loader.py, bench/step.py) runs inside its own try/except: a group that
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-json", type=Path, default=None, metavar="PATH",
                    help="render (and with --append-results append) a saved results.json; runs nothing")  # fmt: skip
     p.add_argument("--compact", action="store_true", help="print the short fixed-width table instead")
+    p.add_argument("--static", action="store_true",
+                   help="print the conv kernels' static report (sm_90 compile, no GPU) and run nothing else")  # fmt: skip
     return p
 
 
@@ -66,6 +69,11 @@ def resolve_device(device: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.static:
+        from bench.static import format_table, static_report
+
+        print(format_table(static_report()))
+        return 0
     if args.from_json is not None:
         path = args.from_json / "results.json" if args.from_json.is_dir() else args.from_json
         run = BenchRun.from_dict(json.loads(path.read_text()))

@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import HAS_TRITON, INTERPRET
+from ._conv_igemm import input_precision as _igemm_input_precision
 from .bias_lrelu import lrelu_bias_grads
 
 # Autotune key of both forward kernels (their argument names).
@@ -43,8 +44,8 @@ def empty_conv_output(x: torch.Tensor, c_out: int, oh: int, ow: int) -> torch.Te
 
 
 def input_precision(dtype: torch.dtype) -> str:
-    """fp32 dots use TF32 exactly when eager cuDNN convolutions would (torch.backends.cudnn.allow_tf32)."""
-    return "tf32" if dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and not INTERPRET else "ieee"
+    """fp32 dots use TF32 exactly when eager cuDNN convolutions would (see ``_conv_igemm.fp32_uses_tf32``)."""
+    return _igemm_input_precision(dtype)
 
 
 def use_triton_impl(t: torch.Tensor) -> bool:

@@ -1,6 +1,10 @@
 """conv_lrelu: convolution + bias + LReLU in one Triton implicit-GEMM kernel.
 
 Forward (one launch):  out = lrelu(conv2d(x, W) + b),  lrelu(p) = p if p > 0 else alpha * p.
+The kernel, shared with conv_transpose_lrelu, is ``_conv_igemm._conv_igemm_lrelu_kernel``: channels_last,
+one flat pipelined K = KH*KW*C_in loop (cp.async + wgmma on sm_90), bias and LReLU in the epilogue. Operand
+layouts (weights read from the parameter's own channels_last storage, no cache): ``_conv_packing``. Tile
+configs, issued-MMA efficiency and the per-shape tuner: ``_conv_configs``.
 Backward keeps only ``out`` of its own (x and W are alive anyway: x is the previous layer's output, W a
 parameter), since for alpha >= 0 the sign of ``out`` is the sign of the pre-activation:
     grad_pre = grad_out * (1 if out > 0 else alpha)   } one deterministic Triton pass
@@ -15,20 +19,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import AUTOTUNE, INTERPRET, register_op, tl, triton
+from ._backend import register_op
 from ._conv_common import (
-    AUTOTUNE_KEY,
     as_int,
     check_conv_args,
     conv_lrelu_grads,
     conv_lrelu_grads_fake,
     empty_conv_output,
-    input_precision,
     lrelu_conv_backward,
     memory_format_of,
     save_for_lrelu_backward,
     use_triton_impl,
 )
+from ._conv_configs import ConvGeometry
+from ._conv_igemm import conv_igemm_forward
 from .bias_lrelu import bias_lrelu
 from .dispatch import conv_path
 
@@ -40,80 +44,6 @@ __all__ = [
     "ConvLReluFunction",
 ]
 
-# Autotune configs: the network's layers have C_in in {3, 8, 32, 64, 128, 256}, C_out in {32..256} and
-# N*OH*OW from 4096 (64 x 8 x 8) to 65536 (64 x 32 x 32). Small-K configs serve the 3-channel first layers.
-if INTERPRET:  # the interpreter runs each program in numpy: one small config keeps tests fast.
-    _CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-else:
-    _CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [
-            (128, 32, 16, 4, 4),  # C_in = 3 / 8, C_out = 32
-            (64, 32, 32, 4, 4),
-            (128, 64, 32, 4, 3),
-            (64, 64, 32, 4, 4),
-            (128, 128, 32, 8, 3),
-            (64, 128, 64, 4, 3),  # 128 -> 256, 256 -> 256 at 8x8 / 4x4 (small M)
-            (256, 64, 32, 8, 3),  # large M (batch 64 at 32x32)
-        ]
-    ]
-    if not AUTOTUNE:  # DEEPSIM_AUTOTUNE=0: one config that is also in the list above
-        _CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4)]
-
-
-@triton.autotune(configs=_CONFIGS, key=AUTOTUNE_KEY)
-@triton.jit
-def _conv_lrelu_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr,
-    N, C_in, H, W, C_out, OH, OW,
-    sxn, sxc, sxh, sxw,
-    swo, swi, swh, sww,
-    son, soc, soh, sow,
-    alpha,
-    STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    # Implicit GEMM: rows m = (n, oh, ow), cols = c_out, reduction k = (kh, kw, c_in):
-    #   pre[m, co] = b[co] + sum_{kh,kw,ci} x[n, ci, oh*S - P + kh, ow*S - P + kw] * W[co, ci, kh, kw]
-    #   out = pre if pre > 0 else alpha * pre          (d out / d pre = 1 if pre > 0 else alpha)
-    # fp32 accumulation whatever the input dtype; generic strides cover NCHW and channels_last.
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < N * OH * OW
-    mask_n = offs_n < C_out
-    n = offs_m // (OH * OW)
-    ohw = offs_m % (OH * OW)
-    oh = ohw // OW
-    ow = ohw % OW
-    x_base = x_ptr + n.to(tl.int64) * sxn  # (BLOCK_M,)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in range(KH):
-        ih = oh * STRIDE - PAD + kh
-        for kw in range(KW):
-            iw = ow * STRIDE - PAD + kw
-            valid = mask_m & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_row = x_base + ih * sxh + iw * sxw  # (BLOCK_M,)
-            w_col = w_ptr + offs_n * swo + kh * swh + kw * sww  # (BLOCK_N,)
-            for c0 in range(0, C_in, BLOCK_K):
-                offs_k = c0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < C_in
-                a = tl.load(
-                    a_row[:, None] + offs_k[None, :] * sxc, mask=valid[:, None] & mask_k[None, :], other=0.0
-                )
-                b = tl.load(
-                    w_col[None, :] + offs_k[:, None] * swi, mask=mask_k[:, None] & mask_n[None, :], other=0.0
-                )
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out = tl.where(acc > 0, acc, acc * alpha)
-    o_ptrs = out_ptr + (n.to(tl.int64) * son + oh * soh + ow * sow)[:, None] + offs_n[None, :] * soc
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Launchers
 
@@ -124,7 +54,12 @@ def _out_size(H, W, KH, KW, stride, padding):
 
 def conv_lrelu_forward(x, weight, bias, stride: int, padding: int, alpha: float) -> torch.Tensor:
     """Launch the fused kernel. x (N, C_in, H, W), weight (C_out, C_in, KH, KW) -> (N, C_out, OH, OW),
-    in x's memory format and dtype (weight and bias must have x's dtype)."""
+    in x's memory format and dtype (weight and bias must have x's dtype).
+
+    Fastest with channels_last x and weight (no copies; see ``_conv_packing``). On CUDA the first call of
+    a shape (batch bucketed) times the eligible tile configs (``_conv_configs``): make it before any
+    CUDA-graph capture.
+    """
     N, C_in, H, W = x.shape
     C_out, _, KH, KW = weight.shape
     OH, OW = _out_size(H, W, KH, KW, stride, padding)
@@ -133,20 +68,8 @@ def conv_lrelu_forward(x, weight, bias, stride: int, padding: int, alpha: float)
     out = empty_conv_output(x, C_out, OH, OW)
     if out.numel() == 0:
         return out
-    b = bias if bias is not None else weight  # dummy pointer, never read when HAS_BIAS is False
-
-    def grid(meta):
-        return (triton.cdiv(N * OH * OW, meta["BLOCK_M"]), triton.cdiv(C_out, meta["BLOCK_N"]))
-
-    _conv_lrelu_fwd_kernel[grid](
-        x, weight, b, out,
-        N, C_in, H, W, C_out, OH, OW,
-        *x.stride(), *weight.stride(), *out.stride(),
-        float(alpha),
-        STRIDE=stride, PAD=padding, KH=KH, KW=KW,
-        HAS_BIAS=bias is not None, INPUT_PRECISION=input_precision(x.dtype),
-    )  # fmt: skip
-    return out
+    geom = ConvGeometry(False, N, C_in, H, W, C_out, KH, KW, stride, padding)
+    return conv_igemm_forward(x, weight, bias, geom, alpha, out)
 
 
 def conv_lrelu_backward(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,

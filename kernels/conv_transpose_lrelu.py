@@ -1,9 +1,13 @@
 """conv_transpose_lrelu: transposed convolution (the up-conv block) + bias + LReLU in one Triton kernel.
 
-Forward (one launch, gather form of the implicit GEMM):
+Forward (one launch):
     pre[n, co, oh, ow] = b[co] + sum_{ci,kh,kw} x[n, ci, ih, iw] * W[ci, co, kh, kw],
         ih = (oh + P - kh) / S, iw = (ow + P - kw) / S, taken only when divisible and in range;
     out = lrelu(pre) = pre if pre > 0 else alpha * pre.
+Computed by output parity (sub-pixel decomposition): outputs with oh = S*r + ph only receive the taps
+kh = (ph + P) mod S + S*j, so each of the S*S classes is a dense ceil(KH/S) x ceil(KW/S)-tap conv (2 x 2 for
+k4 s2) and no MMA is issued on the structural zeros. The kernel is ``_conv_igemm._conv_igemm_lrelu_kernel``
+(shared with conv_lrelu; one launch, the classes on program_id(1)).
 Backward keeps only ``out`` of its own (x and W are alive anyway):
     grad_pre = grad_out * (1 if out > 0 else alpha)   } one deterministic Triton pass
     grad_b = sum_{n,h,w} grad_pre                     } (kernels/bias_lrelu.py, ``lrelu_bias_grads``)
@@ -17,20 +21,20 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import AUTOTUNE, INTERPRET, register_op, tl, triton
+from ._backend import register_op
 from ._conv_common import (
-    AUTOTUNE_KEY,
     as_int,
     check_conv_args,
     conv_lrelu_grads,
     conv_lrelu_grads_fake,
     empty_conv_output,
-    input_precision,
     lrelu_conv_backward,
     memory_format_of,
     save_for_lrelu_backward,
     use_triton_impl,
 )
+from ._conv_configs import ConvGeometry
+from ._conv_igemm import conv_igemm_forward
 from .bias_lrelu import bias_lrelu
 from .dispatch import conv_path
 
@@ -42,87 +46,17 @@ __all__ = [
     "ConvTransposeLReluFunction",
 ]
 
-# Up-convs of the network: 128 -> 64 (8x8 -> 16x16) and 64 -> 32 (16x16 -> 32x32), k4 s2 p1, batch 64.
-if INTERPRET:
-    _CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=1)]
-else:
-    _CONFIGS = [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for bm, bn, bk, w, s in [
-            (64, 32, 32, 4, 4),
-            (128, 32, 32, 4, 4),
-            (128, 64, 32, 4, 3),
-            (64, 64, 64, 4, 3),
-            (256, 64, 32, 8, 3),
-        ]
-    ]
-    if not AUTOTUNE:  # DEEPSIM_AUTOTUNE=0: one config that is also in the list above
-        _CONFIGS = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=4)]
-
-
-@triton.autotune(configs=_CONFIGS, key=AUTOTUNE_KEY)
-@triton.jit
-def _conv_transpose_lrelu_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr,
-    N, C_in, H, W, C_out, OH, OW,
-    sxn, sxc, sxh, sxw,
-    swi, swo, swh, sww,
-    son, soc, soh, sow,
-    alpha,
-    STRIDE: tl.constexpr, PAD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    # Gather implicit GEMM, rows m = (n, oh, ow), cols = c_out, reduction k = (kh, kw, c_in):
-    #   pre[m, co] = b[co] + sum x[n, ci, (oh+P-kh)/S, (ow+P-kw)/S] * W[ci, co, kh, kw]  (divisible, in range)
-    #   out = pre if pre > 0 else alpha * pre          (d out / d pre = 1 if pre > 0 else alpha)
-    # Taps that miss (not divisible by S) are masked: (S^2 - 1)/S^2 of the loads are skipped, not free.
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < N * OH * OW
-    mask_n = offs_n < C_out
-    n = offs_m // (OH * OW)
-    ohw = offs_m % (OH * OW)
-    oh = ohw // OW
-    ow = ohw % OW
-    x_base = x_ptr + n.to(tl.int64) * sxn
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for kh in range(KH):
-        th = oh + PAD - kh
-        ih = th // STRIDE
-        valid_h = (th >= 0) & (th % STRIDE == 0) & (ih < H)
-        for kw in range(KW):
-            tw = ow + PAD - kw
-            iw = tw // STRIDE
-            valid = mask_m & valid_h & (tw >= 0) & (tw % STRIDE == 0) & (iw < W)
-            a_row = x_base + ih * sxh + iw * sxw
-            w_col = w_ptr + offs_n * swo + kh * swh + kw * sww
-            for c0 in range(0, C_in, BLOCK_K):
-                offs_k = c0 + tl.arange(0, BLOCK_K)
-                mask_k = offs_k < C_in
-                a = tl.load(
-                    a_row[:, None] + offs_k[None, :] * sxc, mask=valid[:, None] & mask_k[None, :], other=0.0
-                )
-                b = tl.load(
-                    w_col[None, :] + offs_k[:, None] * swi, mask=mask_k[:, None] & mask_n[None, :], other=0.0
-                )
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    out = tl.where(acc > 0, acc, acc * alpha)
-    o_ptrs = out_ptr + (n.to(tl.int64) * son + oh * soh + ow * sow)[:, None] + offs_n[None, :] * soc
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
 def _out_size(H, W, KH, KW, stride, padding):
     return (H - 1) * stride - 2 * padding + KH, (W - 1) * stride - 2 * padding + KW
 
 
 def conv_transpose_lrelu_forward(x, weight, bias, stride: int, padding: int, alpha: float) -> torch.Tensor:
     """Launch the fused kernel. x (N, C_in, H, W), weight (C_in, C_out, KH, KW) -> (N, C_out, OH, OW)
-    with OH = (H - 1) * stride - 2 * padding + KH, in x's memory format and dtype."""
+    with OH = (H - 1) * stride - 2 * padding + KH, in x's memory format and dtype.
+
+    One launch covers the stride**2 output-parity classes (a dense ceil(KH/S) x ceil(KW/S)-tap conv
+    each). Fastest with channels_last x and weight; tuning as for ``conv_lrelu_forward``.
+    """
     N, C_in, H, W = x.shape
     _, C_out, KH, KW = weight.shape
     OH, OW = _out_size(H, W, KH, KW, stride, padding)
@@ -131,20 +65,8 @@ def conv_transpose_lrelu_forward(x, weight, bias, stride: int, padding: int, alp
     out = empty_conv_output(x, C_out, OH, OW)
     if out.numel() == 0:
         return out
-    b = bias if bias is not None else weight
-
-    def grid(meta):
-        return (triton.cdiv(N * OH * OW, meta["BLOCK_M"]), triton.cdiv(C_out, meta["BLOCK_N"]))
-
-    _conv_transpose_lrelu_fwd_kernel[grid](
-        x, weight, b, out,
-        N, C_in, H, W, C_out, OH, OW,
-        *x.stride(), *weight.stride(), *out.stride(),
-        float(alpha),
-        STRIDE=stride, PAD=padding, KH=KH, KW=KW,
-        HAS_BIAS=bias is not None, INPUT_PRECISION=input_precision(x.dtype),
-    )  # fmt: skip
-    return out
+    geom = ConvGeometry(True, N, C_in, H, W, C_out, KH, KW, stride, padding)
+    return conv_igemm_forward(x, weight, bias, geom, alpha, out)
 
 
 def conv_transpose_lrelu_backward(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor,

@@ -6,7 +6,9 @@ cannot see (tl.dot shape/dtype rules, shared-memory overflows of an autotune con
 the lowered IR) before a GPU session spends its minutes on them. It does not run the kernels.
 
 Run as a script (``python tests/kernels/gpu_compile.py [--all-configs]``) in a process where
-TRITON_INTERPRET is unset: under the interpreter ``triton.jit`` returns interpreted functions.
+TRITON_INTERPRET is unset: under the interpreter ``triton.jit`` returns interpreted functions. The conv
+forward kernel in bf16 is covered per network layer by ``python -m bench.static`` (registers, spills,
+wgmma, async loads, efficiency); here it compiles in the other dtypes (every config with --all-configs).
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ import time
 if os.environ.get("TRITON_INTERPRET") == "1":
     sys.exit("gpu_compile.py needs TRITON_INTERPRET unset")
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # bench
+
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -61,48 +66,90 @@ def compile_kernel(fn, pointer: str, constexprs: dict, *, num_warps=4, num_stage
     return compiled
 
 
+def _conv_jobs(all_configs: bool):
+    """The conv forward kernel (conv_lrelu and conv_transpose_lrelu) in fp32 (TF32 and IEEE) and fp16, on a
+    layer of each K path and an up-conv: the static pick, or every config that fits with --all-configs.
+    bf16 on every network layer and every eligible config is bench/static.py's report (test_static_report)."""
+    from bench.static import compile_conv_kernel
+
+    config_list = _kernel("_conv_configs", "config_list")
+    geometry = _kernel("_conv_configs", "ConvGeometry")
+    eligible = _kernel("_conv_configs", "eligible_configs")
+    constexprs_of = _kernel("_conv_igemm", "kernel_constexprs")
+    row_stride = _kernel("_conv_packing", "conv_weight_row_stride")
+    limit = _kernel("_conv_configs", "SHARED_MEMORY_LIMIT")
+    geoms = {
+        "conv 128->256 k3": geometry(False, 64, 128, 16, 16, 256, 3, 3, 1, 1),
+        "conv 3->32 k7s4": geometry(False, 64, 3, 227, 227, 32, 7, 7, 4, 0),
+        "conv 8->128 k3": geometry(False, 64, 8, 8, 8, 128, 3, 3, 1, 1),
+        "up 128->64 k4s2": geometry(True, 64, 128, 8, 8, 64, 4, 4, 2, 1),
+    }
+    torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+    for dtype, precision, size in (("fp32", "tf32", 4), ("fp32", "ieee", 4), ("fp16", "ieee", 2), ("bf16", "ieee", 2)):
+        if dtype == "bf16" and not all_configs:
+            continue
+        configs = config_list(torch_dtypes[dtype], precision)
+        for name, g in geoms.items():
+            fitting = [c for c in configs if c.shared_memory_bytes(size) <= limit]
+            for cfg in fitting if all_configs else eligible(g, size, configs)[:1]:
+                w_k_stride = g.k if g.transposed else row_stride(g.k, size)
+                constexprs = constexprs_of(g, cfg, has_bias=True, precision=precision, w_k_stride=w_k_stride)
+
+                def run(constexprs=constexprs, cfg=cfg, dtype=dtype, g=g):
+                    facts = compile_conv_kernel(tuple(sorted(constexprs.items())), dtype, g.C_out % 16 == 0,
+                                                cfg.num_warps, cfg.num_stages)
+                    if facts["spill_bytes"]:
+                        raise RuntimeError(f"spills {facts['spill_bytes']} bytes")
+                    return facts["shared_bytes"]
+
+                yield f"_conv_igemm_lrelu_kernel {dtype} {precision} {name} {cfg.name}", run
+    g, cfg = geoms["up 128->64 k4s2"], eligible(geoms["up 128->64 k4s2"], 2, config_list(torch.bfloat16, "ieee"))[0]
+    constexprs = constexprs_of(g, cfg, has_bias=False, precision="ieee", index_64=True)
+    yield (f"_conv_igemm_lrelu_kernel bf16 int64 indices no bias {cfg.name}",
+           lambda: compile_conv_kernel(tuple(sorted(constexprs.items())), "bf16", True, cfg.num_warps,
+                                       cfg.num_stages)["shared_bytes"])
+
+
 def jobs(all_configs: bool):
-    """(label, kernel, pointer type, constexprs, launch options, overrides) for every kernel we ship."""
-    for module, name in (("conv_lrelu", "_conv_lrelu_fwd_kernel"), ("conv_transpose_lrelu", "_conv_transpose_lrelu_fwd_kernel")):
-        tuner = _kernel(module, name)
-        for dtype, pointer in DTYPES.items():
-            configs = tuner.configs if (all_configs or dtype == "bf16") else tuner.configs[:1]
-            for cfg in configs:
-                constexprs = dict(STRIDE=2, PAD=1, KH=4 if "transpose" in module else 3, KW=4 if "transpose" in module else 3,
-                                  HAS_BIAS=True, INPUT_PRECISION="tf32" if dtype == "fp32" else "ieee", **cfg.kwargs)
-                label = f"{name} {dtype} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
-                yield label, tuner.fn, pointer, constexprs, dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages), None
+    """(label, thunk that compiles and returns the shared memory in bytes) for every kernel we ship."""
+    yield from _conv_jobs(all_configs)
+
+    def plain(fn, pointer, constexprs, options, overrides):
+        return lambda: compile_kernel(fn, pointer, constexprs, overrides=overrides, **options).metadata.shared
+
     bias_act = importlib.import_module("deepsim.kernels.bias_lrelu")
     fd = importlib.import_module("deepsim.kernels.feature_distance")
     pw = importlib.import_module("deepsim.kernels.pairwise_distance")
     for dtype, pointer in DTYPES.items():
         for name in ("_bias_lrelu_fwd_kernel", "_lrelu_bias_grad_kernel"):  # BLOCK_M x BLOCK_C as launched at C >= 64
             flags = dict(HAS_BIAS=True) if "fwd" in name else dict(WRITE_GRAD_PRE=True, BIAS_GRAD=True)
-            yield (f"{name} {dtype}", getattr(bias_act, name), pointer, dict(BLOCK_M=64, BLOCK_C=64, **flags), {},
-                   {"partial_ptr": "*fp32"} if "grad" in name else None)
+            yield (f"{name} {dtype}", plain(getattr(bias_act, name), pointer, dict(BLOCK_M=64, BLOCK_C=64, **flags), {},
+                                            {"partial_ptr": "*fp32"} if "grad" in name else None))
         for layers in (1, 8):
             partial = {"partial_ptr": "*fp32"}
-            yield (f"_feature_distance_fwd_kernel {dtype} layers={layers}", fd._feature_distance_fwd_kernel, pointer,
-                   dict(NUM_LAYERS=layers, COMPUTE_GRAD=True, BLOCK=fd._BLOCK, ITERS=8), {}, partial)
+            yield (f"_feature_distance_fwd_kernel {dtype} layers={layers}",
+                   plain(fd._feature_distance_fwd_kernel, pointer,
+                         dict(NUM_LAYERS=layers, COMPUTE_GRAD=True, BLOCK=fd._BLOCK, ITERS=8), {}, partial))
         for layers in (1, 8):
-            yield (f"_feature_distance_bwd_kernel {dtype} layers={layers}", fd._feature_distance_bwd_kernel, pointer,
-                   dict(NUM_LAYERS=layers, BLOCK=fd._BLOCK, ITERS=8), {}, {"grad_loss_ptr": "*fp32"})
-    yield ("_channel_sum_kernel", bias_act._channel_sum_kernel, "*fp32", dict(BLOCK_R=64, BLOCK_C=64), {}, None)
-    yield ("_feature_distance_sum_kernel", fd._feature_distance_sum_kernel, "*fp32", dict(BLOCK=fd._SUM_BLOCK), {}, None)
-    yield ("_mean_pairwise_distance_fwd_kernel", pw._mean_pairwise_distance_fwd_kernel, "*fp32",
-           dict(BLOCK_M=pw._BLOCK_M, BLOCK_D=pw._BLOCK_D), {}, {"partial_ptr": "*fp32"})
+            yield (f"_feature_distance_bwd_kernel {dtype} layers={layers}",
+                   plain(fd._feature_distance_bwd_kernel, pointer, dict(NUM_LAYERS=layers, BLOCK=fd._BLOCK, ITERS=8), {},
+                         {"grad_loss_ptr": "*fp32"}))
+    yield ("_channel_sum_kernel", plain(bias_act._channel_sum_kernel, "*fp32", dict(BLOCK_R=64, BLOCK_C=64), {}, None))
+    yield ("_feature_distance_sum_kernel", plain(fd._feature_distance_sum_kernel, "*fp32", dict(BLOCK=fd._SUM_BLOCK), {}, None))
+    yield ("_mean_pairwise_distance_fwd_kernel",
+           plain(pw._mean_pairwise_distance_fwd_kernel, "*fp32", dict(BLOCK_M=pw._BLOCK_M, BLOCK_D=pw._BLOCK_D), {},
+                 {"partial_ptr": "*fp32"}))
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--all-configs", action="store_true", help="every autotune config in every dtype")
+    parser.add_argument("--all-configs", action="store_true", help="every tile config in every dtype")
     args = parser.parse_args(argv)
     failures = 0
-    for label, fn, pointer, constexprs, options, overrides in jobs(args.all_configs):
+    for label, run in jobs(args.all_configs):
         start = time.perf_counter()
         try:
-            compiled = compile_kernel(fn, pointer, constexprs, overrides=overrides, **options)
-            shared = compiled.metadata.shared
+            shared = run()
             print(f"ok    {label}  shared={shared} B  {time.perf_counter() - start:.1f}s", flush=True)
         except Exception as error:  # noqa: BLE001 - report every kernel, then fail
             failures += 1

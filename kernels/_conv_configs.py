@@ -1,0 +1,304 @@
+"""Tile configs of the conv forward kernel, their issued-MMA efficiency, and the per-shape tuner.
+
+Issued-MMA efficiency of a config on a layer = useful conv FLOPs / FLOPs issued by the grid's MMAs:
+    useful = 2 * N * OH * OW * C_out * KH * KW * C_in          (conv)
+             2 * N * H * W * C_in * C_out * KH * KW            (up-conv: only the taps that are not
+                                                                structural zeros of the stride)
+    issued = 2 * classes * ceil(M / BLOCK_M) * BLOCK_M * ceil(C_out / BLOCK_N) * BLOCK_N
+               * ceil(K / BLOCK_K) * BLOCK_K
+with, per GEMM (a conv, or one of the S*S parity classes of an up-conv; see ``_conv_igemm``),
+M = N * rows, K = taps * C_in. Every program of the grid runs the whole K loop, so this count is exact
+for the kernel as written; it is arithmetic on the shape and the tile sizes, true on any machine.
+
+Config lists (``config_list``): GPU_CONFIGS for tensor-core dots (fp16, bf16, fp32 as TF32), FMA_CONFIGS
+for fp32 without TF32 (smaller tiles: the operands live in registers), INTERPRETER_CONFIGS under
+TRITON_INTERPRET=1.
+
+A config is *eligible* for a shape when its efficiency is >= ``MIN_EFFICIENCY`` (0.85) and its pipeline
+buffers fit in shared memory; if none qualifies, the most efficient one that fits is kept alone. The
+tuner only ever times eligible configs, so whichever it picks meets the bar (``python -m bench.static``
+prints the proof per layer). Among the eligible ones, a static score (below) orders them and the first
+``MAX_CANDIDATES`` are timed.
+
+Tuning (``choose_config``): on CUDA, the first call of a shape times the candidates and caches the winner
+under a key with the batch bucketed: M = N * OH * OW rounded up to a power of two, never N itself, so a
+partial last batch or a batch-1 evaluation reuses the decision of its bucket instead of re-tuning. A
+cached winner that is not eligible for the exact call (tiny M) gives way to the static pick, untimed.
+
+CUDA graphs: timing never runs while the current stream is being captured (it synchronizes, which
+would invalidate the capture); an untuned shape met during capture runs the static pick, untimed.
+Callers warm their shapes before capturing: run one step eagerly (torch.compile's "reduce-overhead"
+mode does this in its warm-up runs), or call the ``conv_lrelu_forward`` / ``conv_transpose_lrelu_forward``
+launchers on each shape. ``DEEPSIM_AUTOTUNE=0`` (and the interpreter) never time: the static pick runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ._backend import AUTOTUNE, INTERPRET
+
+MIN_EFFICIENCY = 0.85  # issued-MMA efficiency a config needs to be eligible for a shape
+MAX_CANDIDATES = 3  # eligible configs timed per shape (best static score first)
+SHARED_MEMORY_LIMIT = 200 * 1024  # bytes of pipeline buffers allowed (H100: 227 KB per block)
+SM_COUNT = 132  # streaming multiprocessors of an H100 SXM, for the wave term of the static score
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """One conv (or up-conv) problem: what the kernel's grid, constexprs and efficiency depend on.
+
+    For an up-conv (``transposed``), H x W is the input and the weight is (C_in, C_out, KH, KW).
+    """
+
+    transposed: bool
+    N: int
+    C_in: int
+    H: int
+    W: int
+    C_out: int
+    KH: int
+    KW: int
+    stride: int
+    padding: int
+
+    @property
+    def out_size(self) -> tuple[int, int]:
+        s, p = self.stride, self.padding
+        if self.transposed:
+            return (self.H - 1) * s - 2 * p + self.KH, (self.W - 1) * s - 2 * p + self.KW
+        return (self.H + 2 * p - self.KH) // s + 1, (self.W + 2 * p - self.KW) // s + 1
+
+    @property
+    def taps(self) -> tuple[int, int]:
+        """Taps per GEMM: KH x KW for a conv, ceil(KH/S) x ceil(KW/S) per parity class of an up-conv."""
+        if self.transposed:
+            return -(-self.KH // self.stride), -(-self.KW // self.stride)
+        return self.KH, self.KW
+
+    @property
+    def rows(self) -> tuple[int, int]:
+        """The output grid of one GEMM: OH x OW, or ceil(OH/S) x ceil(OW/S) per parity class."""
+        oh, ow = self.out_size
+        if self.transposed:
+            return -(-oh // self.stride), -(-ow // self.stride)
+        return oh, ow
+
+    @property
+    def classes(self) -> int:
+        return self.stride * self.stride if self.transposed else 1
+
+    @property
+    def m(self) -> int:
+        """GEMM rows per class."""
+        return self.N * self.rows[0] * self.rows[1]
+
+    @property
+    def k(self) -> int:
+        """GEMM reduction length per class: taps x C_in, flattened."""
+        return self.taps[0] * self.taps[1] * self.C_in
+
+    def useful_flops(self) -> int:
+        if self.transposed:
+            return 2 * self.N * self.H * self.W * self.C_in * self.C_out * self.KH * self.KW
+        oh, ow = self.out_size
+        return 2 * self.N * oh * ow * self.C_out * self.KH * self.KW * self.C_in
+
+    def tuning_key(self) -> tuple:
+        """Everything but the batch, plus the bucket of M = N * OH * OW (next power of two)."""
+        oh, ow = self.out_size
+        bucket = 1 << max(0, (self.N * oh * ow - 1).bit_length())
+        return (self.transposed, self.C_in, self.H, self.W, self.C_out, self.KH, self.KW, self.stride,
+                self.padding, bucket)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ConvConfig:
+    """Tile sizes and launch options of the forward kernel."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.block_m}x{self.block_n}x{self.block_k} w{self.num_warps} s{self.num_stages}"
+
+    def meta(self) -> dict:
+        """Keyword arguments of a kernel launch."""
+        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
+                    num_warps=self.num_warps, num_stages=self.num_stages)  # fmt: skip
+
+    def shared_memory_bytes(self, element_size: int) -> int:
+        """Pipeline buffers: num_stages copies of the A (BM x BK) and B (BK x BN) tiles."""
+        return self.num_stages * (self.block_m + self.block_n) * self.block_k * element_size
+
+
+# The H100 list. Every shape of the networks (C_in 3..512, C_out 32..512, M = N*OH*OW from 1024 up) finds
+# eligible configs here; BLOCK_K = 16 / 32 serve K = 72 (8-channel 3x3), 75 (3-channel 5x5) and 147
+# (3-channel 7x7), whose K a 64-wide step would pad by 25 to 33 %.
+GPU_CONFIGS = [
+    ConvConfig(bm, bn, bk, w, s)
+    for bm, bn, bk, w, s in [
+        (128, 128, 64, 8, 3),
+        (128, 256, 64, 8, 3),
+        (256, 128, 64, 8, 3),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 4),
+        (128, 32, 64, 4, 4),
+        (128, 128, 32, 8, 4),
+        (128, 64, 32, 4, 4),
+        (128, 32, 32, 4, 4),
+        (128, 128, 16, 8, 5),
+        (128, 64, 16, 4, 5),
+        (128, 32, 16, 4, 5),
+    ]
+]
+# fp32 without TF32 has no tensor-core MMA: Triton lowers the dot to FMAs with both operands in registers,
+# so the tiles are smaller: none spills on a 3-, 8- and 128-channel conv or an up-conv (tests/kernels/
+# gpu_compile.py --all-configs). PyTorch's default lets cuDNN convs use TF32, and then GPU_CONFIGS apply.
+FMA_CONFIGS = [
+    ConvConfig(bm, bn, bk, w, s)
+    for bm, bn, bk, w, s in [
+        (128, 64, 16, 8, 2),
+        (64, 128, 16, 8, 2),
+        (64, 64, 32, 4, 2),
+        (64, 64, 16, 4, 2),
+        (128, 32, 16, 4, 2),
+        (64, 32, 16, 4, 2),
+    ]
+]
+# The interpreter runs every program in numpy: few, mid-sized tiles keep the tests fast; the two BLOCK_K
+# values cover both K paths (a K tile inside one tap when C_in % BLOCK_K == 0, across taps otherwise).
+INTERPRETER_CONFIGS = [ConvConfig(64, 32, 16, 4, 1), ConvConfig(128, 64, 32, 4, 1)]
+
+
+def config_list(dtype: torch.dtype, precision: str) -> list[ConvConfig]:
+    """The configs for ``dtype`` and the dot's input precision: the interpreter's, the FMA list (fp32 IEEE)
+    or the tensor-core list (16-bit types, TF32)."""
+    if INTERPRET:
+        return INTERPRETER_CONFIGS
+    return FMA_CONFIGS if dtype == torch.float32 and precision == "ieee" else GPU_CONFIGS
+
+
+def issued_mma_efficiency(geom: ConvGeometry, config: ConvConfig) -> float:
+    """Useful conv FLOPs / FLOPs issued by the grid's MMAs (see the module docstring)."""
+    m_tiles = -(-geom.m // config.block_m)
+    n_tiles = -(-geom.C_out // config.block_n)
+    k_steps = -(-geom.k // config.block_k)
+    issued = 2 * geom.classes * m_tiles * config.block_m * n_tiles * config.block_n * k_steps * config.block_k
+    return geom.useful_flops() / issued
+
+
+def static_score(geom: ConvGeometry, config: ConvConfig) -> float:
+    """A heuristic rank (higher first), not a measurement: efficiency x wave fill x tile reuse x K depth.
+
+    Wave fill: programs / (whole waves of SM_COUNT programs). Tile reuse: BM*BN / (BM+BN), the MACs per
+    loaded element, relative to a 128 x 128 tile (capped at 1). K depth: a 16-wide K step (one wgmma per
+    loop trip, so the loop's bookkeeping weighs) counts half; 32 and more count fully.
+    """
+    programs = geom.classes * -(-geom.m // config.block_m) * -(-geom.C_out // config.block_n)
+    waves = math.ceil(programs / SM_COUNT)
+    reuse = min(1.0, config.block_m * config.block_n / (config.block_m + config.block_n) / 64)
+    depth = min(1.0, config.block_k / 32)
+    return issued_mma_efficiency(geom, config) * (programs / (waves * SM_COUNT)) * reuse * depth
+
+
+def is_eligible(geom: ConvGeometry, config: ConvConfig, element_size: int = 2) -> bool:
+    """Meets the efficiency bar and fits the shared-memory limit."""
+    return (
+        issued_mma_efficiency(geom, config) >= MIN_EFFICIENCY
+        and config.shared_memory_bytes(element_size) <= SHARED_MEMORY_LIMIT
+    )
+
+
+def eligible_configs(geom: ConvGeometry, element_size: int = 2, configs=None) -> list[ConvConfig]:
+    """Configs the tuner may pick for ``geom`` out of ``configs`` (default: ``config_list`` for 16-bit
+    types): efficiency >= MIN_EFFICIENCY and shared memory within SHARED_MEMORY_LIMIT, best static score
+    first, at most MAX_CANDIDATES; never empty (if no config qualifies, the most efficient one that fits,
+    alone)."""
+    configs = config_list(torch.bfloat16, "ieee") if configs is None else configs
+    fitting = [c for c in configs if c.shared_memory_bytes(element_size) <= SHARED_MEMORY_LIMIT] or configs
+    good = [c for c in fitting if is_eligible(geom, c, element_size)]
+    if not good:
+        return [max(fitting, key=lambda c: (issued_mma_efficiency(geom, c), static_score(geom, c)))]
+    return sorted(good, key=lambda c: -static_score(geom, c))[:MAX_CANDIDATES]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Tuner
+
+_forced: list[ConvConfig] = []  # innermost force_config() last
+_tuned: dict[tuple, ConvConfig] = {}  # (op, tuning key, dtype, device, precision) -> winner
+
+
+@contextlib.contextmanager
+def force_config(config: ConvConfig):
+    """Run every conv forward launch in the block with ``config``, eligible or not (tests, benchmarks)."""
+    _forced.append(config)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def tuned_configs() -> dict[tuple, ConvConfig]:
+    """The decisions made so far: {(op, tuning key, dtype, device, precision): config} (a copy)."""
+    return dict(_tuned)
+
+
+def clear_tuned_configs() -> None:
+    _tuned.clear()
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def default_timer(launch: Callable[[], None]) -> float:
+    """Milliseconds per launch on the current CUDA stream (triton.testing.do_bench, short)."""
+    import triton.testing
+
+    return float(triton.testing.do_bench(launch, warmup=5, rep=20))
+
+
+def choose_config(op: str, geom: ConvGeometry, x: torch.Tensor, precision: str,
+                  launch: Callable[[ConvConfig], None], *, timer: Callable | None = None,
+                  autotune: bool | None = None) -> ConvConfig:  # fmt: skip
+    """The config to run ``geom`` with: forced > cached decision > timed candidates > static pick.
+
+    Args:
+        op: "conv" or "conv_transpose" (part of the cache key).
+        x: the input (its dtype and device are part of the key; timing only on CUDA).
+        precision: the tl.dot input precision (fp32 TF32 or IEEE time differently).
+        launch: runs the kernel once with a config (used for timing; its output is overwritten later).
+        timer: ms per call of a no-argument launch; default ``default_timer`` (tests pass a fake one).
+        autotune: time candidates at all; default: DEEPSIM_AUTOTUNE and not the interpreter.
+    """
+    if _forced:
+        return _forced[-1]
+    candidates = eligible_configs(geom, x.element_size(), config_list(x.dtype, precision))
+    key = (op, geom.tuning_key(), x.dtype, str(x.device), precision)
+    cached = _tuned.get(key)
+    if cached is not None:
+        usable = cached in candidates or is_eligible(geom, cached, x.element_size())  # same list: same key
+        return cached if usable else candidates[0]
+    autotune = (AUTOTUNE and not INTERPRET) if autotune is None else autotune
+    if len(candidates) == 1 or not autotune or _capturing(x.device):
+        return candidates[0]  # untimed static pick, not cached: a later eager call may still tune
+    if timer is None:
+        if x.device.type != "cuda":
+            return candidates[0]
+        timer = default_timer
+    times = {config: timer(lambda config=config: launch(config)) for config in candidates}
+    best = min(candidates, key=lambda c: times[c])
+    _tuned[key] = best
+    return best

@@ -1,0 +1,254 @@
+"""The forward kernel of conv_lrelu and conv_transpose_lrelu: one channels_last implicit GEMM with a flat,
+software-pipelined reduction loop, bias and LReLU in the epilogue.
+
+GEMM view (rows m, columns co, reduction k):
+    conv:    m = (n, oh, ow),  k = (kh, kw, ci),  K = KH * KW * C_in
+             pre[m, co] = b[co] + sum_k x[n, oh*S - P + kh, ow*S - P + kw, ci] * W[co, ci, kh, kw]
+    up-conv (conv_transpose, weight (C_in, C_out, KH, KW)), by output parity ("sub-pixel" decomposition):
+             an output pixel oh = S*r + ph only receives the taps kh = (ph + P) mod S + S*j, from input row
+             ih = r + (ph + P) div S - j. So each of the S*S parity classes (ph, pw) is a dense stride-1
+             conv over x with TH x TW = ceil(KH/S) x ceil(KW/S) taps (2 x 2 for the k4 s2 up-convs): the
+             kernel runs one class per program_id(1), and no MMA is issued on the structural zeros that a
+             gather over all KH x KW taps multiplies (3/4 of them for k4 s2).
+    out = lrelu(pre) = pre if pre > 0 else alpha * pre    (d out / d pre = 1 if pre > 0 else alpha: the
+             backward, in _conv_common.py, reads the slope from sign(out); nothing else is saved)
+
+Operands (see ``_conv_packing``): x is dense channels_last (NHWC), so k = (tap, ci) walks C_in contiguously
+inside a tap; the weight is read in its channels_last storage: for a conv that is the (C_out, KH*KW*C_in)
+matrix whose rows are K-contiguous, i.e. the K-major B operand of a (M, K) x (K, C_out) GEMM; for an up-conv
+the (C_in, KH, KW, C_out) storage, C_out-contiguous. The reduction is ONE loop over K in BLOCK_K steps (no
+taps-outside / C_in-inside nest), so Triton's software pipeliner overlaps num_stages - 1 tiles of loads with
+the MMAs: on sm_90 the loads become cp.async copies into shared memory and the dots wgmma (what is proven,
+per layer, by ``python -m bench.static``). Where C_in % BLOCK_K == 0 a K tile sits inside one tap (the tap
+and the channel offset are scalars per step); otherwise (C_in = 3 or 8) a tile spans several taps, so the
+MMAs of the 3- and 8-channel layers are filled with (tap, ci) pairs instead of zero padding.
+
+Accumulation is fp32 whatever the input dtype; fp32 inputs use TF32 dots exactly when PyTorch's cuDNN
+convolutions would (``fp32_uses_tf32``).
+
+What is proven where. Statically, on any machine (``python -m bench.static``, tests/kernels/
+test_gpu_compile.py): per network layer and per config the tuner may run, the issued-MMA efficiency
+(>= 0.85), wgmma and cp.async in the compiled code, registers, no spills, shared memory. Only a GPU can
+say how fast it is against cuDNN (bench/kernels.py); nothing here claims a speed.
+
+Registration. The ops stay ``torch.library.custom_op`` (``deepsim::conv_lrelu``, ``deepsim::
+conv_transpose_lrelu``; opaque to inductor) rather than ``triton_op`` + ``wrap_triton``: every call does
+host work a traced graph would freeze (NCHW conversion, per-call weight-row padding, the first-call tuning
+and its capture guard). They declare no mutation (``mutates_args=()``), so inductor neither assumes
+mutated inputs nor skips CUDA graphs; the cost is that it cannot fuse neighbours into the kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._backend import INTERPRET, tl, triton
+from ._conv_configs import ConvConfig, ConvGeometry, choose_config
+from ._conv_packing import activation_operand, conv_weight_operand, is_nhwc, upconv_weight_operand
+
+
+def fp32_uses_tf32(cudnn=None) -> bool:
+    """Whether fp32 convolutions may use TF32, read from PyTorch as cuDNN convolutions read it.
+
+    The current API is ``torch.backends.cudnn.conv.fp32_precision`` ("tf32" allows it; "ieee" does not,
+    nor "none", which the legacy ``allow_tf32 = False`` sets). Reading the legacy
+    ``torch.backends.cudnn.allow_tf32`` raises once the new API has set conv and rnn apart, so the legacy
+    flag is read only where the new one does not exist (older torch). ``cudnn`` stands in for
+    ``torch.backends.cudnn`` (tests).
+    """
+    cudnn = torch.backends.cudnn if cudnn is None else cudnn
+    conv = getattr(getattr(cudnn, "conv", None), "fp32_precision", None)
+    if conv is not None:
+        return conv == "tf32"
+    return bool(cudnn.allow_tf32)
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """tl.dot input_precision for ``dtype``: "tf32" for fp32 when PyTorch allows TF32 convs, else "ieee"."""
+    return "tf32" if dtype == torch.float32 and fp32_uses_tf32() and not INTERPRET else "ieee"
+
+
+# Only what shapes the code is a compile-time constant (C_in, the kernel and tap counts, the weight row
+# stride, tiles); sizes, C_out, stride and padding are runtime arguments, so one compile serves every batch
+# and image size and every layer with the same C_in and kernel (the divisions by them run once per tile).
+# C_out keeps Triton's divisible-by-16 specialization, which the vectorized weight loads and stores use.
+_RUNTIME_SIZES = ["N", "H", "W", "OH", "OW", "ROWS_H", "ROWS_W", "STRIDE", "PAD"]
+
+
+@triton.jit(do_not_specialize=_RUNTIME_SIZES)
+def _conv_igemm_lrelu_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr,
+    N, H, W, OH, OW, ROWS_H, ROWS_W, C_OUT, STRIDE, PAD, alpha,
+    C_IN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TRANSPOSED: tl.constexpr,
+    TH: tl.constexpr, TW: tl.constexpr,
+    W_K_STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Reduction length of one GEMM (a conv, or one parity class of an up-conv): TH * TW taps x C_in.
+    K_TOTAL: tl.constexpr = TH * TW * C_IN
+    n_tiles = tl.cdiv(C_OUT, BLOCK_N)
+    pid = tl.program_id(0)
+    pid_n = pid % n_tiles  # column tiles fastest: neighbouring programs share their A rows in L2
+    pid_m = pid // n_tiles
+    if TRANSPOSED:  # parity class (ph, pw) of this program; its taps kh = KH0 + S * (TH - 1 - th)
+        cls = tl.program_id(1)
+        ph = cls // STRIDE
+        pw = cls % STRIDE
+        kh0 = (ph + PAD) % STRIDE
+        kw0 = (pw + PAD) % STRIDE
+        pad_h = TH - 1 - (ph + PAD) // STRIDE  # ih = r - pad_h + th
+        pad_w = TW - 1 - (pw + PAD) // STRIDE
+        in_step = 1
+        out_step = STRIDE
+    else:
+        ph = 0
+        pw = 0
+        pad_h = PAD
+        pad_w = PAD
+        in_step = STRIDE
+        out_step = 1
+
+    # Rows of this tile: (n, r, c) on the ROWS_H x ROWS_W grid (the output, or one parity class of it).
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    n = offs_m // (ROWS_H * ROWS_W)
+    rc = offs_m % (ROWS_H * ROWS_W)
+    oh = (rc // ROWS_W) * out_step + ph
+    ow = (rc % ROWS_W) * out_step + pw
+    row_ok = (n < N) & (oh < OH) & (ow < OW)
+    ih0 = (rc // ROWS_W) * in_step - pad_h
+    iw0 = (rc % ROWS_W) * in_step - pad_w
+    if INDEX_64:
+        n = n.to(tl.int64)
+    pix0 = (n * H + ih0) * W + iw0  # NHWC pixel index of tap (0, 0); may be out of range (masked)
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    co_ok = offs_n < C_OUT
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    K_ITERS: tl.constexpr = (K_TOTAL + BLOCK_K - 1) // BLOCK_K
+    for it in range(0, K_ITERS):
+        k0 = it * BLOCK_K
+        if C_IN % BLOCK_K == 0:
+            # The K tile lies inside one tap: tap and channel offset are scalars, the mask is per row.
+            CHUNKS: tl.constexpr = C_IN // BLOCK_K
+            tap = it // CHUNKS
+            th = tap // TW
+            tw = tap % TW
+            ci = (it % CHUNKS) * BLOCK_K + offs_k  # (BLOCK_K,)
+            ih = ih0 + th
+            iw = iw0 + tw
+            a_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_ptrs = x_ptr + ((pix0 + th * W + tw) * C_IN)[:, None] + ci[None, :]
+            a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
+            if TRANSPOSED:
+                kh = kh0 + STRIDE * (TH - 1 - th)
+                kw = kw0 + STRIDE * (TW - 1 - tw)
+                w_row = (ci * KH + kh) * KW + kw  # (C_in, KH, KW, C_out) storage
+                b_ok = co_ok[None, :] & (kh < KH) & (kw < KW)
+                b_ptrs = w_ptr + (w_row * C_OUT)[:, None] + offs_n[None, :]
+            else:
+                b_ok = co_ok[None, :]
+                b_ptrs = w_ptr + (k0 + offs_k)[:, None] + (offs_n * W_K_STRIDE)[None, :]
+            b = tl.load(b_ptrs, mask=b_ok, other=0.0)
+        else:
+            # Small C_in: one K tile spans several taps, (tap, ci) per column.
+            k = k0 + offs_k
+            k_ok = k < K_TOTAL
+            tap = k // C_IN
+            ci = k % C_IN
+            th = tap // TW
+            tw = tap % TW
+            ih = ih0[:, None] + th[None, :]
+            iw = iw0[:, None] + tw[None, :]
+            a_ok = row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            a_ptrs = x_ptr + (pix0[:, None] + (th * W + tw)[None, :]) * C_IN + ci[None, :]
+            a = tl.load(a_ptrs, mask=a_ok, other=0.0)
+            if TRANSPOSED:
+                kh = kh0 + STRIDE * (TH - 1 - th)
+                kw = kw0 + STRIDE * (TW - 1 - tw)
+                w_row = (ci * KH + kh) * KW + kw
+                b_ok = (k_ok & (kh < KH) & (kw < KW))[:, None] & co_ok[None, :]
+                b_ptrs = w_ptr + (w_row * C_OUT)[:, None] + offs_n[None, :]
+            else:
+                # Rows are zero-padded to W_K_STRIDE (16-byte multiple): masking at the padded length keeps
+                # the mask constant over 16-byte runs, so these loads stay vectorized cp.async copies.
+                b_ok = (k < W_K_STRIDE)[:, None] & co_ok[None, :]
+                b_ptrs = w_ptr + k[:, None] + (offs_n * W_K_STRIDE)[None, :]
+            b = tl.load(b_ptrs, mask=b_ok, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
+
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=co_ok, other=0.0).to(tl.float32)[None, :]
+    out = tl.where(acc > 0, acc, acc * alpha)
+    o_pix = (n * OH + oh) * OW + ow
+    o_ptrs = out_ptr + (o_pix * C_OUT)[:, None] + offs_n[None, :]
+    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & co_ok[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Launch
+
+INDEX_64_NUMEL = 2**31  # tensors from this many elements on index in int64 (int32 below: cheaper math)
+
+
+def kernel_constexprs(geom: ConvGeometry, config: ConvConfig, *, has_bias: bool, precision: str,
+                      w_k_stride: int | None = None, index_64: bool = False) -> dict:  # fmt: skip
+    """The kernel's constexpr arguments for ``geom`` and ``config`` (the launcher and bench/static.py
+    both build them here, so the static report compiles exactly what runs). Sizes that vary with the
+    batch or the image are runtime arguments (``runtime_sizes``)."""
+    th, tw = geom.taps
+    return dict(
+        C_IN=geom.C_in, KH=geom.KH, KW=geom.KW, TRANSPOSED=geom.transposed, TH=th, TW=tw,
+        W_K_STRIDE=geom.k if w_k_stride is None else w_k_stride,
+        HAS_BIAS=has_bias, INPUT_PRECISION=precision, INDEX_64=index_64,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+    )  # fmt: skip
+
+
+def runtime_sizes(geom: ConvGeometry) -> dict:
+    """The kernel's runtime size arguments: N, H, W, OH, OW, ROWS_H, ROWS_W, C_OUT, STRIDE, PAD."""
+    (oh, ow), (rows_h, rows_w) = geom.out_size, geom.rows
+    return dict(N=geom.N, H=geom.H, W=geom.W, OH=oh, OW=ow, ROWS_H=rows_h, ROWS_W=rows_w, C_OUT=geom.C_out,
+                STRIDE=geom.stride, PAD=geom.padding)  # fmt: skip
+
+
+def grid_size(geom: ConvGeometry, config: ConvConfig) -> tuple[int, int]:
+    """(M tiles x C_out tiles, parity classes)."""
+    tiles = triton.cdiv(geom.m, config.block_m) * triton.cdiv(geom.C_out, config.block_n)
+    return tiles, geom.classes
+
+
+def conv_igemm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry,
+                       alpha: float, out: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Run lrelu(conv(x, W) + b) (or the up-conv, ``geom.transposed``) into ``out`` and return it.
+
+    Args:
+        x: (N, C_in, H, W), any layout (converted to channels_last if it is not; see ``_conv_packing``).
+        weight: (C_out, C_in, KH, KW), or (C_in, C_out, KH, KW) for an up-conv; x's dtype.
+        bias: (C_out,) or None.
+        out: (N, C_out, OH, OW) in x's dtype; written directly when channels_last, else through an NHWC
+            buffer and one copy.
+    """
+    x_op = activation_operand(x)
+    if geom.transposed:
+        w_op, w_k_stride = upconv_weight_operand(weight), geom.k
+    else:
+        w_op, w_k_stride = conv_weight_operand(weight)
+    out_op = out if is_nhwc(out) else torch.empty_like(out, memory_format=torch.channels_last)
+    b = bias.contiguous() if bias is not None else w_op  # w_op: a dummy pointer, never read without bias
+    precision = input_precision(x.dtype)
+    index_64 = max(x_op.numel(), out_op.numel()) >= INDEX_64_NUMEL
+
+    def launch(config: ConvConfig) -> None:
+        constexprs = kernel_constexprs(geom, config, has_bias=bias is not None, precision=precision,
+                                       w_k_stride=w_k_stride, index_64=index_64)  # fmt: skip
+        _conv_igemm_lrelu_kernel[grid_size(geom, config)](
+            x_op, w_op, b, out_op, **runtime_sizes(geom), alpha=float(alpha), **constexprs,
+            num_warps=config.num_warps, num_stages=config.num_stages,
+        )
+
+    op = "conv_transpose" if geom.transposed else "conv"
+    launch(choose_config(op, geom, x_op, precision, launch))
+    if out_op is not out:
+        out.copy_(out_op)
+    return out

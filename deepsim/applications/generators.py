@@ -67,16 +67,25 @@ def centre_crop(images: torch.Tensor, size: int) -> torch.Tensor:
     return images[..., top : top + size, left : left + size]
 
 
+UPCONV_BIASES = ("zero", "learned")
+
+
 class UpConvDecoder(nn.Module):
     """The up-conv stack: (B, in_channels, 4, 4) -> (B, 3, out_side, out_side), out_side = 4 * 2**n <= 256.
 
     Args:
         in_channels: channels of the 4x4 input map (256 after the FC reshape, 512 after the CONV5 convs).
         out_side: 8, 16, ..., 256; it fixes the number of up-conv stages (n = log2(out_side / 4)).
+        bias: "zero" (the authors' generators: every layer of the stack is a Caffe Deconvolution whose bias
+            has lr_mult 0 and a constant-0 filler, i.e. fixed at 0) or "learned" (trained biases). Both keep a
+            ``bias`` parameter per layer (same state-dict keys, so weights load into either); "zero"
+            zeroes it and sets ``requires_grad=False``, so no optimizer or weight decay touches it.
     """
 
-    def __init__(self, in_channels: int = 256, out_side: int = 256):
+    def __init__(self, in_channels: int = 256, out_side: int = 256, *, bias: str = "learned"):
         super().__init__()
+        if bias not in UPCONV_BIASES:
+            raise ValueError(f"up-conv bias {bias!r}: expected one of {', '.join(UPCONV_BIASES)}")
         stages = out_side.bit_length() - 3  # log2(out_side / 4)
         if out_side < 8 or out_side > 256 or out_side != 4 << stages:
             raise ValueError(f"UpConvDecoder: out_side must be 4 * 2**n in 8..256, got {out_side}")
@@ -90,7 +99,12 @@ class UpConvDecoder(nn.Module):
                 c = conv
         layers.append(nn.ConvTranspose2d(c, 3, 4, stride=2, padding=1))  # linear output
         self.layers = nn.Sequential(*layers)
-        self.in_channels, self.out_side = in_channels, out_side
+        self.in_channels, self.out_side, self.bias = in_channels, out_side, bias
+        if bias == "zero":
+            for layer in self.layers:
+                with torch.no_grad():
+                    layer.bias.zero_()
+                layer.bias.requires_grad_(False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.layers(x)  # (B, 3, out_side, out_side)
@@ -107,6 +121,7 @@ class InversionGenerator(nn.Module):
             (conv5); 0 = no noise (the plain inversion).
         fc_width: width of the first two FC layers (code: 4096; the third always gives 4096 = 256x4x4).
         in_features: override the FC input size (the VAE decoder passes its latent size).
+        upconv_bias: "zero" (fixed, the authors' generators) or "learned"; see :class:`UpConvDecoder`.
 
     Forward: features (B, D) or (B, 256, 6, 6), noise (B, K) / (B, K, 6, 6) or None -> (B, 3, S, S).
     """
@@ -119,6 +134,7 @@ class InversionGenerator(nn.Module):
         noise_dim: int = 0,
         fc_width: int = 4096,
         in_features: int | None = None,
+        upconv_bias: str = "learned",
     ):
         super().__init__()
         if layer not in LAYER_FEATURE_SHAPES:
@@ -142,7 +158,14 @@ class InversionGenerator(nn.Module):
                 nn.Unflatten(1, (256, 4, 4)),  # (B, 256, 4, 4)
             )
             head_channels = 256
-        self.decoder = UpConvDecoder(head_channels, decoder_side(image_size))
+        self.decoder = UpConvDecoder(head_channels, decoder_side(image_size), bias=upconv_bias)
+
+    def code_decayed_parameters(self) -> list[nn.Parameter]:
+        """The parameters the authors' generator.prototxt decays (decay_mult 1): the weights of the conv5
+        generator's three convs (Rconv6..8); every other parameter has decay_mult 0."""
+        if self.layer != "conv5":
+            return []
+        return [m.weight for m in self.head if isinstance(m, nn.Conv2d)]
 
     def sample_noise(
         self, batch: int, *, device=None, generator: torch.Generator | None = None
@@ -169,24 +192,27 @@ class InversionGenerator(nn.Module):
 
 
 class VAEEncoder(nn.Module):
-    """Strided convs down to 4x4 (widths 32, 64, 128, 256, 256, ...), flatten, linear to (mean, log-variance).
+    """Strided convs down to at most 4x4 (widths 32, 64, 128, 256, 256, ...), flatten, linear to (mean,
+    log-variance).
 
-    Our layout (open). Input (B, 3, S, S) with S = 4 * 2**n, 8 <= S <= 256 -> (mu, logvar), each (B, latent_dim).
+    Our layout (open). Each conv (5x5 for the first two, then 3x3, padding k // 2, stride 2) halves the side,
+    rounding up: 64 -> 32 -> 16 -> 8 -> 4; 227 -> 114 -> 57 -> 29 -> 15 -> 8 -> 4.
+    Input (B, 3, S, S), 8 <= S <= 256 -> (mu, logvar), each (B, latent_dim).
     """
 
     def __init__(self, image_size: int = 64, latent_dim: int = 4096):
         super().__init__()
-        if decoder_side(image_size) != image_size:
-            raise ValueError(f"VAE image size {image_size}: expected 4 * 2**n (8, 16, 32, 64, 128 or 256)")
+        if not 8 <= image_size <= 256:
+            raise ValueError(f"VAE image size {image_size}: expected 8..256 (the decoder makes at most 256x256)")
         layers: list[nn.Module] = []
         c, side, index = 3, image_size, 0
         while side > 4:
             width = min(32 << index, 256)
             kernel = 5 if index < 2 else 3
             layers.append(ConvLReLU(c, width, kernel, stride=2, padding=kernel // 2))
-            c, side, index = width, side // 2, index + 1
-        self.convs = nn.Sequential(*layers)  # (B, c, 4, 4)
-        self.to_moments = nn.Linear(c * 16, 2 * latent_dim)  # linear: mean and log-variance
+            c, side, index = width, (side + 1) // 2, index + 1
+        self.convs = nn.Sequential(*layers)  # (B, c, side, side), side <= 4
+        self.to_moments = nn.Linear(c * side * side, 2 * latent_dim)  # linear: mean and log-variance
         self.image_size, self.latent_dim = image_size, latent_dim
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -206,13 +232,19 @@ class VariationalAutoencoder(nn.Module):
     and z = mu in eval mode. ``decode(z)`` maps latents (B, latent_dim) to images (B, 3, S, S).
     """
 
-    def __init__(self, image_size: int = 64, latent_dim: int = 4096, fc_width: int = 4096):
+    def __init__(
+        self, image_size: int = 64, latent_dim: int = 4096, fc_width: int = 4096, *, upconv_bias: str = "learned"
+    ):
         super().__init__()
         self.encoder = VAEEncoder(image_size, latent_dim)
         self.decoder = InversionGenerator(
-            "fc6", image_size=image_size, fc_width=fc_width, in_features=latent_dim
+            "fc6", image_size=image_size, fc_width=fc_width, in_features=latent_dim, upconv_bias=upconv_bias
         )
         self.image_size, self.latent_dim = image_size, latent_dim
+
+    def code_decayed_parameters(self) -> list[nn.Parameter]:
+        """None: the decoder is the fc6 generator (decay_mult 0 throughout); the encoder follows it (open)."""
+        return []
 
     def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encoder(images)

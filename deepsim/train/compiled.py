@@ -44,6 +44,8 @@ import torch
 import torch._dynamo
 import torch.distributed as dist
 
+from deepsim.train.step import StepLosses
+
 __all__ = ["CompiledStep", "compile_step", "count_graph_breaks", "COMPILE_MODES"]
 
 COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
@@ -82,10 +84,9 @@ class CompiledStep:
         if mode not in COMPILE_MODES + ("eager",):
             raise ValueError(f"--compile {mode!r}: expected one of off, {', '.join(COMPILE_MODES)}")
         self.trainer, self.mode = trainer, mode
-        self.g_params = [p for p in trainer.generator.parameters() if p.requires_grad]
-        self.d_params = (
-            [p for p in trainer.discriminator.parameters() if p.requires_grad] if trainer.uses_discriminator else []
-        )
+        # In the optimizers' order (weight-decay groups first), which is the order GatedAdam.apply expects.
+        self.g_params = trainer.opt_g.param_states()[0]
+        self.d_params = trainer.opt_d.param_states()[0] if trainer.uses_discriminator else []
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.cuda_graphs = mode in ("reduce-overhead", "max-autotune") and self.g_params[0].is_cuda
         self._static_batch: torch.Tensor | None = None
@@ -95,7 +96,8 @@ class CompiledStep:
                     for tensors in optimizer.param_states()[1:]:
                         for t in tensors:
                             torch._dynamo.mark_static_address(t)
-            torch._dynamo.mark_static_address(trainer.pause.d_paused)
+            for flag in trainer.pause.buffers():
+                torch._dynamo.mark_static_address(flag)
         if mode == "eager":
             self._fn = self.iteration
         else:
@@ -118,24 +120,38 @@ class CompiledStep:
         return out
 
     def iteration(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One functional iteration (what is compiled): losses, gradients, pause rule, gated Adam updates."""
+        """One functional iteration (what is compiled): losses, gradients, pause rule, gated Adam updates,
+        in the trainer's ``update_order`` (see :mod:`deepsim.train.step`)."""
         trainer = self.trainer
-        losses = trainer.compute_losses(batch)
-        g_total = losses.g_total
-        d_total = losses.d_loss.total if trainer.uses_discriminator else None
-        # Only detached values may outlive autograd.grad (Dynamo refuses to return a tensor whose graph
-        # the grad call consumed), so the metrics and pause inputs are taken from a detached copy.
-        losses = _detached(losses)
-        g_grads = self._average(list(torch.autograd.grad(g_total, self.g_params)))
         if not trainer.uses_discriminator:
-            trainer.opt_g.apply(g_grads, True)
+            losses = trainer.compute_losses(batch)
+            g_total = losses.g_total
+            # Only detached values may outlive autograd.grad (Dynamo refuses to return a tensor whose graph
+            # the grad call consumed), so the metrics and pause inputs are taken from a detached copy.
+            losses = _detached(losses)
+            trainer.opt_g.apply(self._average(list(torch.autograd.grad(g_total, self.g_params))), True)
             return trainer.step_metrics(losses, None, None)
-        d_grads = self._average(list(torch.autograd.grad(d_total, self.d_params)))
+        train_d, train_g = trainer.pause.gates()  # set by the previous iteration
+        if trainer.update_order == "code":
+            fakes = trainer.run_generator(batch)
+            d_loss = trainer.discriminator_loss(fakes)
+            d_total, d_loss = d_loss.total, type(d_loss)(*(t.detach() for t in d_loss))
+            d_grads = self._average(list(torch.autograd.grad(d_total, self.d_params)))
+            trainer.opt_d.apply(d_grads, train_d)
+            g_total, g_loss = trainer.generator_loss(fakes)  # from the updated D
+            losses = _detached(StepLosses(g_total, g_loss, fakes.extra, d_loss))
+            g_grads = self._average(list(torch.autograd.grad(g_total, self.g_params)))
+            trainer.opt_g.apply(g_grads, train_g)
+        else:
+            full = trainer.compute_losses(batch)
+            losses = _detached(full)
+            g_grads = self._average(list(torch.autograd.grad(full.g_total, self.g_params)))
+            d_grads = self._average(list(torch.autograd.grad(full.d_loss.total, self.d_params)))
+            trainer.opt_d.apply(d_grads, train_d)
+            trainer.opt_g.apply(g_grads, train_g)
         inputs = trainer.pause_inputs(losses)
-        pause = trainer.pause(*inputs)
-        trainer.opt_d.apply(d_grads, pause[0])
-        trainer.opt_g.apply(g_grads, pause[1])
-        return trainer.step_metrics(losses, pause, inputs)
+        _, _, ratio = trainer.pause(*inputs)  # sets the gates of the next iteration
+        return trainer.step_metrics(losses, (train_d, train_g, ratio), inputs)
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         if self.cuda_graphs:  # a CUDA graph reads its input from a fixed address

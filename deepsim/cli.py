@@ -73,6 +73,7 @@ TRAIN_FLAGS = {
     "disc_activation": str,
     "disc_init": str,
     "upconv_bias": str,
+    "gen_init": str,
     "weight_decay": float,
     "weight_decay_scope": str,
     "lr_milestones": _milestones,
@@ -90,6 +91,7 @@ CHOICES = {
     "disc_activation": ["lrelu", "relu"],
     "disc_init": ["code", "torch"],
     "upconv_bias": ["zero", "learned"],
+    "gen_init": ["code", "torch"],
     "weight_decay_scope": ["code", "all"],
 }
 HELP = {
@@ -127,6 +129,7 @@ HELP = {
     "disc_activation": "D's nonlinearity: lrelu (0.3, the paper) or relu (the derived code)",
     "disc_init": "D's initialisation: code (MSRA, coefficient 0.1 on conv1/fc1/fc2, zero biases) or torch",
     "upconv_bias": "invert/vae up-conv biases: zero (fixed, the authors' generators) or learned",
+    "gen_init": "invert/vae generator initialisation: code (MSRA with the prototxt's coefficients) or torch",
     "weight_decay": "L2 weight decay added to the gradient before Adam (derived code: 4e-4)",
     "weight_decay_scope": "which parameters decay: code (the prototxts' decay_mult: D, conv5's convs) or all",
     "lr_milestones": "steps (each network's own) at which the lr is multiplied by --lr-gamma, comma-separated, "

@@ -63,6 +63,7 @@ class TrainConfig:
     disc_activation: str = "lrelu"  # D: "lrelu" (seed: LReLU 0.3 in all networks) | "relu" (the code's D)
     disc_init: str = "code"  # D: "code" (MSRA, coefficient 0.1 on conv1/fc1/fc2, zero biases) | "torch"
     upconv_bias: str = "zero"  # inversion/VAE up-conv stack: "zero" (code: fixed 0, lr_mult 0) | "learned"
+    gen_init: str = "code"  # inversion/VAE decoder: "code" (MSRA, 1.8 on 4x4 deconvs, 0.9 on 3x3) | "torch"
     weight_decay: float = 4e-4  # code: the solver's L2 weight decay, added to the gradient before Adam (coupled)
     weight_decay_scope: str = "code"  # "code": the prototxts' decay_mult (all of D; of G only conv5's convs) | "all"
     lr_milestones: tuple[int, ...] = (300_000, 500_000, 700_000, 900_000, 1_100_000)  # code: multistep policy
@@ -123,6 +124,7 @@ LEGACY_VALUES = {
     "disc_activation": "lrelu",
     "disc_init": "torch",
     "upconv_bias": "learned",
+    "gen_init": "torch",
     "weight_decay": 0.0,
     "lr_milestones": (),
     "mirror": True,
@@ -237,6 +239,7 @@ DEFAULT_SOURCES: dict[str, str] = {
     "disc_activation": "seed: LReLU 0.3 in all networks (code: ReLU in D)",
     "disc_init": "code: MSRA, coefficient 0.1 on Dconv1/Dfc6/Dfc7 (our reading of the coefficient)",
     "upconv_bias": "code: Deconvolution biases fixed at 0 (lr_mult 0)",
+    "gen_init": "code: MSRA, 1 on FC, 1.8 on 4x4 deconvs, 0.9 on 3x3 (ours: 1 on conv5's convs)",
     "weight_decay": "code: solver weight_decay 4e-4, coupled",
     "weight_decay_scope": "code: decay_mult of the prototxts (D; G's conv5 convs)",
     "lr_milestones": "code: multistep at 300k, 500k, 700k, 900k, 1.1M",

@@ -1,4 +1,5 @@
-"""The DeePSiM loss, its image-space baselines, the discriminator loss and the D/G pause rule.
+"""The DeePSiM loss, its image-space baselines, the discriminator loss and the D/G pause rule (the derived
+code's two-flag state machine, :class:`PauseRule`).
 
 Scale convention (see also :data:`deepsim.config.CAFFE_TO_DEEPSIM`): every term is a per-sample SUM over
 its elements, averaged over the batch, on images in [-1, 1]:

@@ -1,7 +1,8 @@
 """DeePSiM networks: LReLU(0.3) conv blocks, the autoencoder generator and the discriminator.
 
 Every generator ends in a linear layer; every other layer is followed by LReLU with alpha = 0.3 (seed).
-The conv blocks call the fused ops of :mod:`deepsim.kernels` (Triton on CUDA, the PyTorch reference
+The discriminator can use plain ReLU instead (the derived code's D; ``activation="relu"``, alpha 0), and
+has the derived code's unpadded layout and MSRA initialisation (:class:`Discriminator`). The conv blocks call the fused ops of :mod:`deepsim.kernels` (Triton on CUDA, the PyTorch reference
 elsewhere; see ``DEEPSIM_KERNELS``), so a block is one kernel instead of conv + bias + activation.
 """
 
@@ -107,16 +108,18 @@ class AutoencoderGenerator(nn.Module):
         return self.decode(self.encode(x))
 
 
-def msra_init_(layer: nn.Conv2d | nn.Linear, coefficient: float = 1.0) -> None:
+def msra_init_(layer: nn.Module, coefficient: float = 1.0, fan_in: int | None = None) -> None:
     """Caffe's "msra" filler with the derived code's ``msra_coeff``, and a zero bias, in place.
 
-    weight ~ N(0, std^2), std = coefficient * sqrt(2 / fan_in), fan_in = in_channels * k * k (conv) or
-    in_features (FC), as Caffe's MSRAFiller computes it (variance_norm FAN_IN). Our reading of the coefficient
+    weight ~ N(0, std^2), std = coefficient * sqrt(2 / fan_in). Caffe's MSRAFiller (variance_norm FAN_IN)
+    takes fan_in = blob count / blob shape[0]: in_channels * k * k for a conv, in_features for an FC layer and
+    out_channels * k * k for a Deconvolution (whose blob is (in, out, k, k), like a ConvTranspose2d weight);
+    that is ``weight[0].numel()`` here unless ``fan_in`` is given. Our reading of the coefficient
     (open; the fork of Caffe that defines ``msra_coeff`` is not public): it multiplies the standard deviation,
     as the ``msra_coeff`` argument of the same first author's later TensorFlow code does
     (stddev = msra_coeff * sqrt(2 / fan_in)); on the variance it would be sqrt(0.1) = 0.32 instead of 0.1.
     """
-    fan_in = layer.weight[0].numel()
+    fan_in = layer.weight[0].numel() if fan_in is None else fan_in
     with torch.no_grad():
         layer.weight.normal_(0.0, coefficient * math.sqrt(2.0 / fan_in))
         if layer.bias is not None:

@@ -45,10 +45,12 @@ def build_generator(config: TrainConfig) -> nn.Module:
             noise_dim=config.noise_dim,
             fc_width=config.fc_width,
             upconv_bias=config.upconv_bias,
+            init=config.gen_init,
         )
     if config.task == "vae":
         return VariationalAutoencoder(
-            config.image_size, config.latent_dim, config.fc_width, upconv_bias=config.upconv_bias
+            config.image_size, config.latent_dim, config.fc_width, upconv_bias=config.upconv_bias,
+            init=config.gen_init,
         )
     if config.task == "autoencoder":
         return AutoencoderGenerator(code_channels=config.code_channels)

@@ -10,6 +10,8 @@ Layouts (PAPER.md, "code" = the derived Caffe code):
   (4 -> 8 -> 16 -> 32 -> 64 -> 128 -> 256; deconvs 4x4, stride 2, padding 1; LReLU 0.3 everywhere but the
   linear last deconv). Smaller outputs keep the first n - 1 stages and the final linear deconv to 3 channels
   (S = 64: 256/512, 256/256, 128/128, then deconv 3): our choice (open), so the VAE can run at 64x64.
+  Every layer of the stack is a Caffe Deconvolution in the authors' generators, with its bias fixed at 0
+  (lr_mult 0): ``bias="zero"`` (config ``upconv_bias``, the default) or ``"learned"``.
 * :class:`InversionGenerator` -- FC6/FC7 (code): FC in -> 4096 -> 4096 -> 4096, reshape 256x4x4, the
   up-conv stack, centre crop (256 -> 227). FC8: the same with 1000 inputs. CONV5: 3x3 convs 512, 512, 512
   (the last unpadded, 6x6 -> 4x4) replace the FC layers. Noise for pre-image sampling is concatenated to
@@ -17,7 +19,8 @@ Layouts (PAPER.md, "code" = the derived Caffe code):
 * :class:`VariationalAutoencoder` -- a conv encoder to (mean, log-variance) and, as decoder, the FC6
   inversion generator taking the latent (seed: "the VAE decoder is the same network as the fc6 inversion
   generator"). The encoder is ours (open): strided convs 5x5/2 32, 5x5/2 64, 3x3/2 128, 3x3/2 256, (3x3/2
-  256 ...) down to 4x4, then one linear layer to 2 * latent_dim.
+  256 ...) down to 4x4 (sides rounded up: 227 -> 114 -> 57 -> 29 -> 15 -> 8 -> 4), then one linear layer to
+  2 * latent_dim. At 227 (preset vae-imagenet) the decoder makes 256x256 and the centre 227 is kept (code).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from deepsim.networks import ConvLReLU, LinearLReLU, UpConvLReLU
+from deepsim.networks import ConvLReLU, LinearLReLU, UpConvLReLU, msra_init_
 
 __all__ = [
     "LAYER_FEATURE_SHAPES",
@@ -36,6 +39,7 @@ __all__ = [
     "decoder_side",
     "centre_crop",
     "kl_divergence",
+    "code_init_",
 ]
 
 # (deconv width, conv width or None) of the code's up-conv stages before the final linear deconv to 3.
@@ -68,6 +72,31 @@ def centre_crop(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 UPCONV_BIASES = ("zero", "learned")
+GENERATOR_INITS = ("code", "torch")
+# msra_coeff of the derived code's generator.prototxt: FC layers 1 (defc7, defc6, defc5), 4x4 stride-2
+# Deconvolutions 1.8 (deconv5 .. deconv0), 3x3 stride-1 Deconvolutions 0.9 (conv5_1, conv4_1, conv3_1).
+_CODE_INIT_COEFFICIENTS = {"fc": 1.0, "up": 1.8, "conv": 0.9, "head_conv": 1.0}
+
+
+def code_init_(generator: nn.Module) -> None:
+    """The derived code's initialisation of an inversion generator, in place: MSRA with the prototxt's
+    coefficients (:data:`_CODE_INIT_COEFFICIENTS`, see :func:`deepsim.networks.msra_init_`), zero biases.
+
+    The 3x3 "convN_1" layers are stride-1 Deconvolutions in Caffe, so their fan-in is out_channels * 9 (ours
+    are convolutions: the same map, another weight layout). The conv5 generator's Rconv6..8 are Caffe
+    Convolutions whose filler the released prototxt does not give: MSRA, coefficient 1 (ours).
+    """
+    for module in generator.modules():
+        if isinstance(module, nn.Linear):
+            msra_init_(module, _CODE_INIT_COEFFICIENTS["fc"])
+        elif isinstance(module, nn.ConvTranspose2d):
+            msra_init_(module, _CODE_INIT_COEFFICIENTS["up"])
+    for module in generator.decoder.layers:
+        if isinstance(module, nn.Conv2d) and not isinstance(module, nn.ConvTranspose2d):
+            msra_init_(module, _CODE_INIT_COEFFICIENTS["conv"], fan_in=module.weight[:, 0].numel())
+    for module in generator.head:
+        if isinstance(module, nn.Conv2d):
+            msra_init_(module, _CODE_INIT_COEFFICIENTS["head_conv"])
 
 
 class UpConvDecoder(nn.Module):
@@ -122,6 +151,7 @@ class InversionGenerator(nn.Module):
         fc_width: width of the first two FC layers (code: 4096; the third always gives 4096 = 256x4x4).
         in_features: override the FC input size (the VAE decoder passes its latent size).
         upconv_bias: "zero" (fixed, the authors' generators) or "learned"; see :class:`UpConvDecoder`.
+        init: "code" (the derived code's MSRA fillers, :func:`code_init_`) or "torch" (PyTorch's defaults).
 
     Forward: features (B, D) or (B, 256, 6, 6), noise (B, K) / (B, K, 6, 6) or None -> (B, 3, S, S).
     """
@@ -135,6 +165,7 @@ class InversionGenerator(nn.Module):
         fc_width: int = 4096,
         in_features: int | None = None,
         upconv_bias: str = "learned",
+        init: str = "torch",
     ):
         super().__init__()
         if layer not in LAYER_FEATURE_SHAPES:
@@ -159,6 +190,10 @@ class InversionGenerator(nn.Module):
             )
             head_channels = 256
         self.decoder = UpConvDecoder(head_channels, decoder_side(image_size), bias=upconv_bias)
+        if init not in GENERATOR_INITS:
+            raise ValueError(f"generator init {init!r}: expected one of {', '.join(GENERATOR_INITS)}")
+        if init == "code":
+            code_init_(self)
 
     def code_decayed_parameters(self) -> list[nn.Parameter]:
         """The parameters the authors' generator.prototxt decays (decay_mult 1): the weights of the conv5
@@ -233,12 +268,19 @@ class VariationalAutoencoder(nn.Module):
     """
 
     def __init__(
-        self, image_size: int = 64, latent_dim: int = 4096, fc_width: int = 4096, *, upconv_bias: str = "learned"
+        self,
+        image_size: int = 64,
+        latent_dim: int = 4096,
+        fc_width: int = 4096,
+        *,
+        upconv_bias: str = "learned",
+        init: str = "torch",
     ):
         super().__init__()
-        self.encoder = VAEEncoder(image_size, latent_dim)
+        self.encoder = VAEEncoder(image_size, latent_dim)  # ours: PyTorch's initialisation
         self.decoder = InversionGenerator(
-            "fc6", image_size=image_size, fc_width=fc_width, in_features=latent_dim, upconv_bias=upconv_bias
+            "fc6", image_size=image_size, fc_width=fc_width, in_features=latent_dim, upconv_bias=upconv_bias,
+            init=init,
         )
         self.image_size, self.latent_dim = image_size, latent_dim
 

@@ -3,8 +3,9 @@
 :class:`CompiledStep` wraps a :class:`~deepsim.train.step.DeePSiMTrainer` and compiles one function that
 does the entire iteration: G forward, C on fake and real, D on fake and real, every loss term, both
 backward passes, the pause rule and both GatedAdam updates. ``--compile off`` keeps the eager reference,
-``DeePSiMTrainer.step``; the compiled path computes the same thing (same ``compute_losses``, same
-``PauseRule``, same Adam arithmetic) with three differences that make it one graph:
+``DeePSiMTrainer.step``; the compiled path computes the same thing (the trainer's same phases -- G forward,
+D's loss, G's loss -- in the same ``update_order``, the same ``PauseRule``, the same Adam arithmetic with
+its weight decay and multistep LR factor) with three differences that make it one graph:
 
 * Gradients come from ``torch.autograd.grad`` (G's objective w.r.t. G's parameters, D's loss w.r.t. D's)
   instead of ``Tensor.backward(inputs=...)`` into ``.grad``: nothing is zeroed or accumulated, and the
@@ -22,12 +23,19 @@ backward passes, the pause rule and both GatedAdam updates. ``--compile off`` ke
   hooks, which fire on ``.grad`` accumulation that the functional step does not do. The eager path uses DDP
   (see :mod:`deepsim.train.distributed`). The pause-rule inputs are averaged over ranks in both paths.
 
-No host sync happens inside an iteration: the pause rule is ``torch.where`` on device tensors and the
-metrics come back as 0-dim device tensors (the loop reads them every ``log_every`` steps).
+No host sync happens inside an iteration: the pause rule is boolean arithmetic on device tensors, the LR
+schedule a factor computed from the device step counts (so crossing a milestone neither recompiles nor
+leaves a CUDA graph), and the metrics come back as 0-dim device tensors (the loop reads them every
+``log_every`` steps).
+
+Update order "code" in one graph: D's gradients are taken and D's (gated) update is applied in place in the
+middle of the graph; D's second pass on the fakes then reads the updated parameters (AOTAutograd
+functionalises the in-place update, so the later reads see the new values), and G's gradients are taken
+through it. tests/test_compiled_step.py checks both orders against the eager step.
 
 CUDA graphs: ``mode="reduce-overhead"`` (and inductor's "max-autotune", which also uses CUDA graphs) run the
 compiled step under CUDA-graph trees. The parameters, GatedAdam's moments and step counts and the pause
-buffer are marked static (``torch._dynamo.mark_static_address``), so a replay updates them in place; the
+flags are marked static (``torch._dynamo.mark_static_address``), so a replay updates them in place; the
 data batch is copied into a static input buffer owned by the step before each replay (the torch loader
 returns a new tensor per step). On CPU these modes compile like "default" (inductor skips CUDA graphs).
 

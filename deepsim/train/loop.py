@@ -44,7 +44,8 @@ class TrainResult:
 
 
 def _task_mode(config: TrainConfig) -> str:
-    return "resize-crop" if config.task == "invert" else "crop"
+    # ImageNet preprocessing (code) for the inversion and for 227x227 crops (vae-imagenet): shorter side to 256.
+    return "resize-crop" if config.task == "invert" or config.image_size == 227 else "crop"
 
 
 def _save_grid(trainer, sample_batch: torch.Tensor, path: Path) -> None:

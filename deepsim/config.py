@@ -156,6 +156,8 @@ PRESETS: dict[str, TrainConfig] = {
     # feat 0.01, img 2e-6, adv 100 in Caffe's convention, converted by CAFFE_TO_DEEPSIM); the autoencoder's
     # own weights are not published (open). AlexNet = torchvision's layout (the paper used Caffe's: pass
     # --comparator caffenet:conv3 --comparator-weights FILE); Exemplar-CNN needs --comparator-weights FILE.
+    # lambda_feat = 0.005 is the code's CaffeNet weight: it is NOT calibrated for torchvision's AlexNet (nor for
+    # Exemplar-CNN); measure the factor with `deepsim calibrate` (see CAFFE_TO_DEEPSIM above).
     "autoencoder-stl10-se": _preset(loss="se", data="stl10_binary", out="runs/ae-se"),
     "autoencoder-stl10-l1": _preset(loss="l1", data="stl10_binary", out="runs/ae-l1"),
     "autoencoder-stl10-alexnet": _preset(comparator="alexnet:conv3", data="stl10_binary", out="runs/ae-alexnet"),
@@ -178,8 +180,9 @@ PRESETS: dict[str, TrainConfig] = {
     # The VAE at the inversion's resolution: ILSVRC-2012 train (data="imagenet/train", pass --data PATH), 227x227
     # crops after resizing the shorter side to 256, the decoder = the fc6 inversion generator with its full
     # up-conv stack (256x256 output, centre-cropped to 227; code), D with first stride 4 (code) and no feature
-    # branch, comparator AlexNet pool5 (as the inversion; code), DeePSiM weights of the code. Open, ours: the
-    # encoder (VAEEncoder: 227 -> 114 -> 57 -> 29 -> 15 -> 8 -> 4), latent 4096, lambda_kl 1.
+    # branch, comparator AlexNet pool5 (as the inversion; code), DeePSiM weights of the code (lambda_feat NOT
+    # calibrated for torchvision's AlexNet, as for the inversion below). Open, ours: the encoder (VAEEncoder:
+    # 227 -> 114 -> 57 -> 29 -> 15 -> 8 -> 4), latent 4096, lambda_kl 1.
     "vae-imagenet": _preset(
         task="vae", image_size=227, disc_first_stride=4, latent_dim=4096, lambda_kl=1.0, comparator="alexnet:pool5",
         data="imagenet/train", out="runs/vae-imagenet",
@@ -194,6 +197,8 @@ def _invert_preset(layer: str) -> TrainConfig:
     # code used CaffeNet: --comparator caffenet:pool5 --comparator-weights FILE), Phi = the same AlexNet
     # (--invert-network caffenet --invert-network-weights FILE for CaffeNet), weights feat 0.01, img 2e-6,
     # adv 100 in Caffe's convention (code), batch 64, Adam 2e-4 (seed), 500k steps (seed: 500k to 1M).
+    # lambda_feat = 0.005 is the code's weight for CaffeNet pool5: NOT calibrated for torchvision's AlexNet,
+    # the default comparator here; `deepsim calibrate` measures the factor (or use caffenet:pool5).
     # Ablations (seed): --lambda-adv 0 (no D is built), --lambda-img 0, --lambda-feat 0.
     return _preset(
         task="invert", invert_layer=layer, invert_network="alexnet", image_size=227, disc_first_stride=4,

@@ -98,6 +98,8 @@ def test_decay_groups_follow_the_prototxts_decay_mult():
                       AutoencoderGenerator()):
         (only,) = decay_param_groups(generator, 4e-4, "code")
         assert only["weight_decay"] == 0.0  # decay_mult 0 on every parameter of the authors' generators
+    (none,) = decay_param_groups(conv5, 0.0, "code")  # no decay: one group in parameter order (old states)
+    assert [id(p) for p in none["params"]] == [id(p) for p in conv5.parameters() if p.requires_grad]
     (every,) = decay_param_groups(conv5, 4e-4, "all")
     assert every["weight_decay"] == 4e-4 and _ids(every["params"]) == _ids(
         p for p in conv5.parameters() if p.requires_grad

@@ -127,11 +127,14 @@ def decay_param_groups(module: torch.nn.Module, weight_decay: float, scope: str 
             ``code_decayed_parameters()`` lists them (a network without that method: none); "all": every one.
 
     Returns:
-        a list of parameter-group dicts (empty groups left out) for :class:`GatedAdam`.
+        a list of parameter-group dicts (empty groups left out) for :class:`GatedAdam`; one group, in
+        parameter order, when ``weight_decay`` is 0 (the layout of optimizer states saved before weight decay).
     """
     if scope not in WEIGHT_DECAY_SCOPES:
         raise ValueError(f"weight decay scope {scope!r}: expected one of {', '.join(WEIGHT_DECAY_SCOPES)}")
     trainable = [p for p in module.parameters() if p.requires_grad]
+    if not weight_decay:
+        return [dict(params=trainable, weight_decay=0.0)]
     if scope == "all":
         chosen = {id(p) for p in trainable}
     else:

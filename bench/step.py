@@ -22,7 +22,7 @@ convolutions run in (TF32 when cudnn.allow_tf32, PyTorch's default). Peak memory
 torch.cuda.max_memory_allocated over the timed iterations. Also reported (any device): graph breaks in the
 compiled step, from torch._dynamo.explain.
 
-On CPU, ``quick`` runs a reduced version (autoencoder batch 4 at 32x32, eager vs compiled step, and the
+On CPU, ``quick`` runs a reduced version (autoencoder batch 4 at 40x40, eager vs compiled step, and the
 inversion eager step with a narrower generator) in about two minutes: CPU numbers say nothing about a GPU.
 Targets on an H100 (issue 5): compiled-step-cudagraphs >= 3x eager, >= 1.3x compile-modules-max-autotune,
 >= 40,000 images/s for the autoencoder.
@@ -67,7 +67,7 @@ def _peak_tflops(device: torch.device, precision: str) -> float | None:
 def _workloads(device: torch.device, quick: bool) -> list[tuple[str, object]]:
     cpu = device.type == "cpu"
     autoencoder = get_preset("autoencoder-photos").replace(
-        batch_size=4 if cpu and quick else 64, image_size=32 if cpu and quick else 64, device=str(device)
+        batch_size=4 if cpu and quick else 64, image_size=40 if cpu and quick else 64, device=str(device)
     )
     suffix = f" ({torch.get_num_threads()} cpu thread(s))" if cpu else ""
     items = [(f"autoencoder b{autoencoder.batch_size} {autoencoder.image_size}x{autoencoder.image_size}{suffix}", autoencoder)]

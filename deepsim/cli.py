@@ -4,7 +4,8 @@
     deepsim reconstruct --checkpoint C IMAGE... --out DIR          autoencode images with a trained G
     deepsim data check PATH                                        report every bad image before a run
     deepsim data download stl10 DIR                                STL-10 into DIR/stl10_binary (checksums verified)
-    deepsim presets                                                list the presets and their values
+    deepsim presets [NAME]                                         the presets, their values and sources
+    deepsim calibrate --comparator C --reference R --data DIR      lambda_feat of C from R's (deepsim.calibrate)
     deepsim bench [--groups kernels,loader,step] [--quick] [--out DIR]   throughput tables (= python -m bench)
     deepsim train vae | invert --layer conv5|fc6|fc7|fc8 ...       the VAE and AlexNet inversion (see below)
     deepsim invert | sample-preimages | sample-vae | eval ...      see deepsim.applications.commands
@@ -28,6 +29,17 @@ from pathlib import Path
 __all__ = ["main", "build_parser"]
 
 DEFAULT_PRESET = {"autoencoder": "autoencoder-photos", "vae": "vae-photos", "invert": "invert-fc6"}
+
+
+def _milestones(text: str) -> tuple[int, ...]:
+    """'300000,500000' -> (300000, 500000); 'none' or '' -> ()."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(float(item)) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step counts or 'none', got {text!r}") from None
+
 
 # CLI flag -> TrainConfig field, for the flags that override a preset.
 TRAIN_FLAGS = {
@@ -59,6 +71,17 @@ TRAIN_FLAGS = {
     "fc_width": int,
     "latent_dim": int,
     "lambda_kl": float,
+    # training dynamics of the derived code (issue 11)
+    "update_order": str,
+    "disc_padding": str,
+    "disc_activation": str,
+    "disc_init": str,
+    "upconv_bias": str,
+    "gen_init": str,
+    "weight_decay": float,
+    "weight_decay_scope": str,
+    "lr_milestones": _milestones,
+    "lr_gamma": float,
 }
 CHOICES = {
     "on_bad": ["error", "skip", "pad"],
@@ -67,6 +90,13 @@ CHOICES = {
     "compile": ["auto", "off", "default", "max-autotune", "reduce-overhead"],
     "precision": ["auto", "fp32", "tf32", "bf16"],
     "invert_network": ["alexnet", "caffenet", "alexnet-random", "caffenet-random"],
+    "update_order": ["code", "simultaneous"],
+    "disc_padding": ["code", "padded"],
+    "disc_activation": ["lrelu", "relu"],
+    "disc_init": ["code", "torch"],
+    "upconv_bias": ["zero", "learned"],
+    "gen_init": ["code", "torch"],
+    "weight_decay_scope": ["code", "all"],
 }
 HELP = {
     "steps": "number of training iterations",
@@ -98,7 +128,20 @@ HELP = {
     "fc_width": "invert/vae: width of the generator's FC layers (paper: 4096)",
     "latent_dim": "vae: latent size",
     "lambda_kl": "vae: weight of the KL term",
+    "update_order": "code: D updates first and G's adversarial term comes from the updated D (derived code); "
+    "simultaneous: both from the same D",
+    "disc_padding": "D's convs: code (unpadded, 227 -> 56-52-25-23-11) or padded (k // 2)",
+    "disc_activation": "D's nonlinearity: lrelu (0.3, the paper) or relu (the derived code)",
+    "disc_init": "D's initialisation: code (MSRA, coefficient 0.1 on conv1/fc1/fc2, zero biases) or torch",
+    "upconv_bias": "invert/vae up-conv biases: zero (fixed, the authors' generators) or learned",
+    "gen_init": "invert/vae generator initialisation: code (MSRA with the prototxt's coefficients) or torch",
+    "weight_decay": "L2 weight decay added to the gradient before Adam (derived code: 4e-4)",
+    "weight_decay_scope": "which parameters decay: code (the prototxts' decay_mult: D, conv5's convs) or all",
+    "lr_milestones": "steps (each network's own) at which the lr is multiplied by --lr-gamma, comma-separated, "
+    "or 'none' (derived code: 300000,500000,700000,900000,1100000)",
+    "lr_gamma": "lr factor at each milestone (derived code: 0.5)",
 }
+
 
 
 def _add_train_parser(sub) -> None:
@@ -131,6 +174,10 @@ def _add_train_parser(sub) -> None:
     p.add_argument(
         "--tensorboard", action=argparse.BooleanOptionalAction, default=None,
         help="TensorBoard event files beside metrics.jsonl (default: on when the tensorboard package is installed)",
+    )
+    p.add_argument(
+        "--mirror", action=argparse.BooleanOptionalAction, default=None,
+        help="random horizontal mirroring of the training crops (the derived code does not mirror)",
     )
     from deepsim.applications.commands import add_download_weights_flag
 
@@ -166,7 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--url", default=None, help="a mirror of the same archive (default: torchvision's URL)")
     q.add_argument("--keep-archive", action="store_true", help="keep the .tar.gz beside the unpacked folder")
 
-    sub.add_parser("presets", help="list the presets and their values")
+    p = sub.add_parser(
+        "presets", help="list the presets, their values and where each comes from (seed, code or ours)",
+        description="Without NAME: the default of every field that shapes an experiment with its source, then each "
+        "preset's changes. With NAME: every field of that preset. Sources: seed = the paper, code = the derived Caffe "
+        "code or the authors' prototxts, ours = our choice (README: 'Differences from the paper and the derived code').",
+    )
+    p.add_argument("name", nargs="?", help="one preset, in full")
+    p.add_argument("--json", action="store_true", help="print {preset: {field: [value, source]}} as JSON")
+    _add_calibrate_parser(sub)
     _add_bench_parser(sub)
     from deepsim.applications.commands import add_subcommands
 
@@ -192,6 +247,8 @@ def _cmd_train(args) -> int:
         overrides["channels_last"] = {"on": True, "off": False}.get(args.channels_last, "auto")
     if args.tensorboard is not None:
         overrides["tensorboard"] = args.tensorboard
+    if args.mirror is not None:
+        overrides["mirror"] = args.mirror
     config = config.replace(task=args.task, **overrides)
 
     def announce(config, runtime: str) -> None:  # the run's first lines: the path taken and why, then the run
@@ -265,12 +322,70 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_presets(args) -> int:
-    from deepsim.config import PRESETS, TrainConfig
+    from deepsim.config import DEFAULT_SOURCES, PRESETS, TrainConfig, get_preset, value_sources
 
+    names = [args.name] if args.name else list(PRESETS)
+    if args.name:
+        get_preset(args.name)  # an unknown name lists the valid ones
+    table = {name: value_sources(name) for name in names}
+    if args.json:
+        print(json.dumps({n: {k: [v, s] for k, (v, s) in rows.items()} for n, rows in table.items()}, indent=2))
+        return 0
+    if args.name:
+        for field, (value, source) in table[args.name].items():
+            print(f"{field:<24} {value!s:<28} {source}")
+        return 0
     default = TrainConfig()
-    for name, preset in PRESETS.items():
-        changed = {k: v for k, v in preset.to_dict().items() if getattr(default, k) != v}
-        print(f"{name}: " + ", ".join(f"{k}={v}" for k, v in changed.items()))
+    print("defaults (every preset unless it changes the field):")
+    for field, source in DEFAULT_SOURCES.items():
+        print(f"  {field:<24} {getattr(default, field)!s:<28} {source}")
+    for name, rows in table.items():
+        print(f"{name}:")
+        for field, (value, source) in rows.items():
+            if value != getattr(default, field):
+                print(f"  {field:<24} {value!s:<28} {source}")
+    return 0
+
+
+def _add_calibrate_parser(sub) -> None:
+    from deepsim.calibrate import PERTURBATIONS, REFERENCE_LAMBDA_FEAT
+
+    p = sub.add_parser(
+        "calibrate", help="measure the lambda_feat that gives a comparator the reference comparator's term size",
+        description="Feature distances between real images and perturbed versions of them (noise, blur, shift, "
+        "downsampling: deepsim.calibrate), under the comparator and the reference; their ratio times the reference's "
+        "lambda_feat is the comparator's calibrated lambda_feat.",
+    )
+    p.add_argument("--comparator", default="alexnet:pool5", help="the comparator to calibrate (default: %(default)s)")
+    p.add_argument("--comparator-weights", default=None, help="its weights file (default: torchvision's cache)")
+    p.add_argument("--reference", default="caffenet:pool5", help="the comparator of known lambda_feat (%(default)s)")
+    p.add_argument("--reference-weights", default=None, help="its weights file (CaffeNet: a state dict, see comparators)")
+    p.add_argument("--data", required=True, help="real images: a folder, 'photos' or an STL-10 binary folder")
+    p.add_argument("--images", type=int, default=64, help="at most this many images (default: %(default)s)")
+    p.add_argument("--size", type=int, default=227, help="centre-crop side after resizing to 256 (default: 227)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--perturbations", default=",".join(PERTURBATIONS), help="comma-separated (default: %(default)s)"
+    )
+    p.add_argument(
+        "--reference-lambda-feat", type=float, default=REFERENCE_LAMBDA_FEAT,
+        help="the reference's lambda_feat in deepsim's scale convention (default: the code's 0.01 for CaffeNet = 0.005)",
+    )
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def _cmd_calibrate(args) -> int:
+    from deepsim.calibrate import calibrate_lambda_feat, format_report
+    from deepsim.train.factory import resolve_device
+
+    report = calibrate_lambda_feat(
+        args.comparator, args.reference, data=args.data, comparator_weights=args.comparator_weights,
+        reference_weights=args.reference_weights, images=args.images, size=args.size, batch_size=args.batch_size,
+        perturbations=[p.strip() for p in args.perturbations.split(",") if p.strip()],
+        reference_lambda_feat=args.reference_lambda_feat, device=resolve_device(args.device),
+    )
+    print(json.dumps(report.to_dict(), indent=2) if args.json else format_report(report))
     return 0
 
 
@@ -281,7 +396,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from deepsim.applications.commands import HANDLERS
 
-    handler = {"train": _cmd_train, "reconstruct": _cmd_reconstruct, "presets": _cmd_presets, **HANDLERS}.get(args.command)
+    handler = {
+        "train": _cmd_train, "reconstruct": _cmd_reconstruct, "presets": _cmd_presets, "calibrate": _cmd_calibrate,
+        **HANDLERS,
+    }.get(args.command)
     if args.command == "data":
         handler = _cmd_data_download if args.data_command == "download" else _cmd_data_check
     if args.command == "bench":

@@ -1,4 +1,5 @@
-"""The DeePSiM loss, its image-space baselines, the discriminator loss and the D/G pause rule.
+"""The DeePSiM loss, its image-space baselines, the discriminator loss and the D/G pause rule (the derived
+code's two-flag state machine, :class:`PauseRule`).
 
 Scale convention (see also :data:`deepsim.config.CAFFE_TO_DEEPSIM`): every term is a per-sample SUM over
 its elements, averaged over the batch, on images in [-1, 1]:
@@ -131,20 +132,58 @@ def _labels(logits: torch.Tensor, value: int) -> torch.Tensor:
 
 
 class PauseRule(nn.Module):
-    """The derived code's rule for pausing D or G, computed on the device (no host sync).
+    """The derived code's switch between training D and G, as a state machine on the device (no host sync).
 
-    r = (L_D_real + L_D_fake) / L_adv. r < ``d_below`` stops D; a stopped D resumes when r > ``d_resume_above``
-    (hysteresis, kept in the buffer ``d_paused``); r > ``g_above`` stops G for that iteration.
+    State: two flags, ``train_d`` and ``train_g`` (0-dim bool buffers, both True at the start). After
+    iteration t, with r = (L_D_real + L_D_fake) / L_adv of that iteration, the derived code
+    (model_training/train.py) applies, in this order::
+
+        if r < d_below and train_d:              train_d, train_g = False, True
+        if r > d_resume_above and not train_d:   train_d, train_g = True, True
+        if r > g_above and train_g:              train_g, train_d = False, True
+
+    and the flags gate iteration t + 1 (:meth:`gates` reads them before the updates, :meth:`forward`
+    applies the rule after). So a G stopped at r > 10 stays stopped until r < 0.1, which also stops D;
+    a stopped D resumes at r > 0.5. A non-finite r changes nothing (every comparison is False).
+
+    Checkpoints hold both flags. A state dict of the earlier rule (one buffer ``d_paused``, G gated by
+    r <= 10 in the same iteration, no G state) loads as ``train_d = not d_paused``, ``train_g = True``.
     """
 
     def __init__(self, d_below: float = 0.1, d_resume_above: float = 0.5, g_above: float = 10.0):
         super().__init__()
         self.d_below, self.d_resume_above, self.g_above = d_below, d_resume_above, g_above
-        self.register_buffer("d_paused", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("train_d", torch.ones((), dtype=torch.bool))
+        self.register_buffer("train_g", torch.ones((), dtype=torch.bool))
+
+    def gates(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(train_d, train_g) for the current iteration: copies of the flags the previous one set."""
+        return self.train_d.clone(), self.train_g.clone()
+
+    @staticmethod
+    def ratio(d_loss_real, d_loss_fake, g_loss_adv) -> torch.Tensor:
+        """r = (L_D_real + L_D_fake) / L_adv (L_adv clamped away from 0), detached, 0-dim."""
+        return (d_loss_real.detach() + d_loss_fake.detach()) / g_loss_adv.detach().clamp_min(1e-12)
 
     def forward(self, d_loss_real, d_loss_fake, g_loss_adv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Update the state; returns (train_d, train_g, r) as 0-dim device tensors."""
-        r = (d_loss_real.detach() + d_loss_fake.detach()) / g_loss_adv.detach().clamp_min(1e-12)
-        paused = torch.where(r < self.d_below, True, torch.where(r > self.d_resume_above, False, self.d_paused))
-        self.d_paused.copy_(paused)
-        return ~paused, r <= self.g_above, r
+        """Apply the rule to this iteration's losses; returns (train_d, train_g, r): the flags for the NEXT
+        iteration (also stored in the buffers) and r, all 0-dim device tensors."""
+        r = self.ratio(d_loss_real, d_loss_fake, g_loss_adv)
+        train_d, train_g = self.train_d, self.train_g
+        stop_d = (r < self.d_below) & train_d  # D off, G on
+        train_d, train_g = train_d & ~stop_d, train_g | stop_d
+        resume = (r > self.d_resume_above) & ~train_d  # both on
+        train_d, train_g = train_d | resume, train_g | resume
+        stop_g = (r > self.g_above) & train_g  # G off, D on
+        train_d, train_g = train_d | stop_g, train_g & ~stop_g
+        self.train_d.copy_(train_d)
+        self.train_g.copy_(train_g)
+        return train_d, train_g, r
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        legacy = prefix + "d_paused"
+        if legacy in state_dict and prefix + "train_d" not in state_dict:  # the earlier one-flag rule
+            paused = state_dict.pop(legacy)
+            state_dict[prefix + "train_d"] = ~paused.to(torch.bool)
+            state_dict[prefix + "train_g"] = torch.ones((), dtype=torch.bool)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)

@@ -43,7 +43,7 @@ def small_invert_config(layer="fc8", **changes) -> TrainConfig:
 def small_vae_config(**changes) -> TrainConfig:
     return (
         get_preset("vae-photos")
-        .replace(image_size=32, latent_dim=16, fc_width=64, batch_size=2)
+        .replace(image_size=32, latent_dim=16, fc_width=64, batch_size=2, disc_padding="padded")  # code's D: >= 35
         .replace(**changes)
     )
 
@@ -131,8 +131,8 @@ def test_vae_encoder_decoder_shapes_and_eval_mode_uses_the_mean():
     with torch.no_grad():
         assert not torch.allclose(vae(x)[0], vae(x)[0])  # z sampled
     assert vae.sample(5).shape == (5, 3, 64, 64)
-    with pytest.raises(ValueError, match="4 \\* 2\\*\\*n"):
-        VAEEncoder(image_size=96)
+    with pytest.raises(ValueError, match="expected 8..256"):
+        VAEEncoder(image_size=300)
     with pytest.raises(ValueError, match="expected \\(B, 3, 64, 64\\)"):
         vae.encode(torch.randn(1, 3, 32, 32))
 
@@ -274,3 +274,77 @@ def test_load_model_from_training_state(tmp_path, task):
         else:
             trainer.generator.eval()
             assert torch.allclose(model(x)[0], trainer.generator(x)[0], atol=1e-6)
+
+
+@pytest.mark.slow
+def test_vae_imagenet_preset_builds_and_steps_at_227(one_intra_op_thread):
+    """The 227 px VAE: stride-4 unpadded D (227 -> 56 -> 52 -> 25 -> 23 -> 11), decoder = the fc6 generator
+    with the full up-conv stack (256, cropped to 227), ImageNet preprocessing; one step at batch 2."""
+    from deepsim.train.loop import _task_mode
+
+    config = get_preset("vae-imagenet").replace(comparator="alexnet-random:pool5", batch_size=2, device="cpu")
+    assert (config.task, config.image_size, config.disc_first_stride, config.latent_dim) == ("vae", 227, 4, 4096)
+    assert _task_mode(config) == "resize-crop"
+    torch.manual_seed(0)
+    trainer = build_trainer(config, torch.device("cpu"))
+    vae = trainer.generator
+    assert vae.decoder.decoder.out_side == 256 and vae.decoder.head[0].in_features == 4096
+    assert [t.shape[-1] for t in trainer.discriminator.conv_features(torch.zeros(1, 3, 227, 227))] == [56, 52, 25, 23, 11]
+    assert all(not layer.bias.requires_grad for layer in vae.decoder.decoder.layers)  # fixed zero biases (code)
+    batch = torch.rand(2, 3, 227, 227) * 2 - 1
+    before = [p.detach().clone() for p in vae.parameters()]
+    metrics = trainer.step(batch)
+    assert all(torch.isfinite(v) for v in metrics.values())
+    assert "Loss/G/kl" in metrics
+    moved = [not torch.equal(a, b) for a, b in zip(before, vae.parameters())]
+    frozen = [not p.requires_grad for p in vae.parameters()]
+    assert all(m != f for m, f in zip(moved, frozen))  # every trained parameter moved, no fixed bias did
+    with torch.no_grad():
+        vae.eval()
+        assert vae(batch)[0].shape == (2, 3, 227, 227)
+
+
+@pytest.mark.parametrize("bias", ["zero", "learned"])
+def test_upconv_bias_fixed_at_zero_or_learned_with_the_same_keys(bias):
+    """The authors' up-conv stack has Deconvolution biases fixed at 0 (lr_mult 0): "zero" keeps them as
+    frozen zero parameters under the same state-dict keys as "learned", so weights load into either."""
+    torch.manual_seed(0)
+    g = InversionGenerator("fc8", image_size=32, fc_width=16, upconv_bias=bias)
+    other = InversionGenerator("fc8", image_size=32, fc_width=16, upconv_bias="learned" if bias == "zero" else "zero")
+    assert g.state_dict().keys() == other.state_dict().keys()
+    stack = [layer for layer in g.decoder.layers]
+    assert all(layer.bias is not None for layer in stack)
+    if bias == "zero":
+        assert all(not layer.bias.requires_grad and torch.count_nonzero(layer.bias) == 0 for layer in stack)
+    else:
+        assert all(layer.bias.requires_grad for layer in stack)
+    assert all(p.requires_grad for p in g.head.parameters())  # the FC biases train (lr_mult 1) either way
+    other.load_state_dict(g.state_dict())
+    with pytest.raises(ValueError, match="up-conv bias 'none'"):
+        InversionGenerator("fc8", upconv_bias="none")
+
+
+def test_generator_code_init_uses_the_prototxt_fillers():
+    """msra with msra_coeff 1 (FC), 1.8 (4x4 deconvs, Caffe fan-in out * 16), 0.9 (3x3 stride-1
+    Deconvolutions, fan-in out * 9 although ours are convs), zero biases."""
+    import math
+
+    torch.manual_seed(0)
+    g = InversionGenerator("fc6", image_size=64, fc_width=256, init="code")
+    checks = []
+    for layer in g.head:
+        if isinstance(layer, torch.nn.Linear):
+            checks.append((layer, math.sqrt(2 / layer.in_features)))
+    for layer in g.decoder.layers:
+        if isinstance(layer, torch.nn.ConvTranspose2d):
+            checks.append((layer, 1.8 * math.sqrt(2 / (layer.out_channels * 16))))
+        else:
+            checks.append((layer, 0.9 * math.sqrt(2 / (layer.out_channels * 9))))
+    assert len(checks) == 3 + 7  # defc7..5; deconv5, conv5_1, deconv4, conv4_1, deconv3, conv3_1, deconv0 at 64
+    for layer, expected in checks:
+        assert abs(layer.weight.std().item() / expected - 1) < 0.1, (layer, expected)
+        assert torch.count_nonzero(layer.bias) == 0
+    conv5_1 = g.decoder.layers[1]
+    assert (conv5_1.in_channels, conv5_1.out_channels) == (256, 512)  # where the fan-in conventions differ
+    with pytest.raises(ValueError, match="generator init 'xavier'"):
+        InversionGenerator("fc6", image_size=64, fc_width=8, init="xavier")

@@ -41,7 +41,7 @@ def photos(tmp_path_factory):
 def vae_run(tmp_path_factory, photos):
     out = tmp_path_factory.mktemp("vae")
     code = main(["train", "vae", "--steps", "2", "--data", str(photos), "--out", str(out), "--image-size", "32",
-                 "--latent-dim", "16", "--lambda-kl", "0.5"] + SMALL)  # fmt: skip
+                 "--disc-padding", "padded", "--latent-dim", "16", "--lambda-kl", "0.5"] + SMALL)  # fmt: skip
     assert code == 0
     return out
 

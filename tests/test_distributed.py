@@ -28,7 +28,7 @@ def _free_port() -> int:
 
 def _config(out):
     return get_preset("autoencoder-photos").replace(
-        comparator="alexnet-random:conv2", batch_size=2, image_size=32, steps=STEPS, log_every=2,
+        comparator="alexnet-random:conv2", batch_size=2, image_size=32, disc_padding="padded", steps=STEPS, log_every=2,
         sample_every=1000, checkpoint_every=1000, device="cpu", out=str(out), lr=1e-3,
     )
 

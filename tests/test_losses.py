@@ -81,30 +81,84 @@ def _step(rule, r):
     return rule(torch.tensor(r / 2), torch.tensor(r / 2), torch.tensor(1.0))
 
 
+def _train_py_rule(ratio, train_discr, train_gen):
+    """model_training/train.py's switch, transcribed line by line (plain Python, the oracle)."""
+    if ratio < 1e-1 and train_discr:
+        train_discr = False
+        train_gen = True
+    if ratio > 5e-1 and not train_discr:
+        train_discr = True
+        train_gen = True
+    if ratio > 1e1 and train_gen:
+        train_gen = False
+        train_discr = True
+    return train_discr, train_gen
+
+
+def test_pause_rule_replays_the_derived_code_state_machine():
+    """A long random r sequence (log-uniform over 1e-3..1e3, so every threshold is crossed both ways many
+    times, plus exact threshold values): every state of the device rule equals the transcription's."""
+    gen = torch.Generator().manual_seed(0)
+    ratios = torch.pow(10.0, torch.rand(5000, generator=gen) * 6 - 3).tolist()
+    ratios[::97] = [0.1, 0.5, 10.0] * (len(ratios[::97]) // 3) + [0.1] * (len(ratios[::97]) % 3)
+    rule = PauseRule()
+    train_d, train_g = True, True
+    visited = set()
+    for t, r in enumerate(ratios):
+        gates = rule.gates()  # what gates iteration t: the state after iteration t - 1
+        assert (gates[0].item(), gates[1].item()) == (train_d, train_g), t
+        new_d, new_g, ratio = rule(torch.tensor(r), torch.tensor(0.0), torch.tensor(1.0))
+        train_d, train_g = _train_py_rule(ratio.item(), train_d, train_g)
+        assert (new_d.item(), new_g.item()) == (train_d, train_g), (t, r)
+        assert (rule.train_d.item(), rule.train_g.item()) == (train_d, train_g)
+        visited.add((train_d, train_g))
+    assert visited == {(True, True), (False, True), (True, False)}  # (False, False) is unreachable
+
+
 def test_pause_rule_transitions():
     rule = PauseRule()
+    assert [t.item() for t in rule.gates()] == [True, True]  # both train at the start
     train_d, train_g, r = _step(rule, 1.0)
     assert train_d.item() and train_g.item() and r.item() == pytest.approx(1.0)
-    train_d, _, _ = _step(rule, 0.05)  # r < 0.1 stops D
-    assert not train_d.item()
+    train_d, train_g, _ = _step(rule, 0.05)  # r < 0.1 stops D (from the next iteration on), G trains
+    assert not train_d.item() and train_g.item()
+    assert [t.item() for t in rule.gates()] == [False, True]
     train_d, _, _ = _step(rule, 0.3)  # between 0.1 and 0.5: stays stopped (hysteresis)
     assert not train_d.item()
     train_d, _, _ = _step(rule, 0.6)  # r > 0.5 resumes D
     assert train_d.item()
-    train_d, _, _ = _step(rule, 0.3)  # between thresholds while running: keeps running
-    assert train_d.item()
-    train_d, train_g, _ = _step(rule, 11.0)  # r > 10 stops G
+    train_d, train_g, _ = _step(rule, 11.0)  # r > 10 stops G, D trains
     assert train_d.item() and not train_g.item()
-    _, train_g, _ = _step(rule, 9.0)
-    assert train_g.item()
+    _, train_g, _ = _step(rule, 9.0)  # G stays stopped below 10 ...
+    assert not train_g.item()
+    _, train_g, _ = _step(rule, 0.5)
+    assert not train_g.item()
+    train_d, train_g, _ = _step(rule, 0.05)  # ... until r < 0.1, which also stops D
+    assert not train_d.item() and train_g.item()
+    train_d, train_g, _ = _step(rule, float("nan"))  # a non-finite r changes nothing
+    assert not train_d.item() and train_g.item()
 
 
 def test_pause_rule_is_device_tensors_and_state_is_saved():
     rule = PauseRule()
     train_d, train_g, r = _step(rule, 0.01)
     assert all(isinstance(t, torch.Tensor) and t.dim() == 0 for t in (train_d, train_g, r))
-    assert rule.state_dict()["d_paused"].item() is True
+    _step(rule, 20.0)  # D resumes (r > 0.5) and G stops (r > 10)
+    state = rule.state_dict()
+    assert (state["train_d"].item(), state["train_g"].item()) == (True, False)
     fresh = PauseRule()
-    fresh.load_state_dict(rule.state_dict())
-    assert not _step(fresh, 0.3)[0].item()
+    fresh.load_state_dict(state)
+    assert [t.item() for t in fresh.gates()] == [True, False]
+    assert not _step(fresh, 0.3)[1].item()  # G stays stopped: the state came back
     assert math.isfinite(_step(PauseRule(), 1.0)[2].item())
+
+
+@pytest.mark.parametrize("d_paused", [True, False])
+def test_pause_rule_loads_the_earlier_one_flag_state(d_paused):
+    """Checkpoints of the earlier rule hold only d_paused: D's flag is its negation, G trains (the earlier
+    rule kept no G state and resumed G whenever r <= 10)."""
+    rule = PauseRule()
+    rule.load_state_dict({"d_paused": torch.tensor(d_paused)})
+    assert [t.item() for t in rule.gates()] == [not d_paused, True]
+    with pytest.raises(RuntimeError, match="train_g"):  # anything else is still checked
+        PauseRule().load_state_dict({"train_d": torch.tensor(True)})

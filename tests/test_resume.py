@@ -22,7 +22,7 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 def _config(out, **changes):
     fields = dict(
-        data="photos", comparator="alexnet-random:conv2", batch_size=4, image_size=32, log_every=5,
+        data="photos", comparator="alexnet-random:conv2", batch_size=4, image_size=32, disc_padding="padded", log_every=5,
         sample_every=1000, checkpoint_every=10, device="cpu", out=str(out),
     )
     return get_preset("autoencoder-photos").replace(**{**fields, **changes})

@@ -9,10 +9,9 @@ import torch
 from torch import nn
 
 from deepsim.config import TrainConfig
-from deepsim.losses import PauseRule
-from deepsim.networks import AutoencoderGenerator, Discriminator
+from deepsim.networks import AutoencoderGenerator
 from deepsim.train.checkpoint import CheckpointError, load_checkpoint
-from deepsim.train.factory import build_loss
+from deepsim.train.factory import build_discriminator, build_loss, trainer_options
 from deepsim.train.step import DeePSiMTrainer
 
 from .generators import InversionGenerator, VariationalAutoencoder
@@ -45,9 +44,14 @@ def build_generator(config: TrainConfig) -> nn.Module:
             image_size=config.image_size,
             noise_dim=config.noise_dim,
             fc_width=config.fc_width,
+            upconv_bias=config.upconv_bias,
+            init=config.gen_init,
         )
     if config.task == "vae":
-        return VariationalAutoencoder(config.image_size, config.latent_dim, config.fc_width)
+        return VariationalAutoencoder(
+            config.image_size, config.latent_dim, config.fc_width, upconv_bias=config.upconv_bias,
+            init=config.gen_init,
+        )
     if config.task == "autoencoder":
         return AutoencoderGenerator(code_channels=config.code_channels)
     raise ValueError(f"task {config.task!r}: expected autoencoder, vae or invert")
@@ -79,20 +83,11 @@ def build_trainer(config: TrainConfig, device: torch.device) -> DeePSiMTrainer:
     extractor = None
     if config.task == "invert":
         extractor = build_extractor(config)
-        discriminator = (
-            Discriminator(first_stride=config.disc_first_stride, feature_dim=extractor.flat_dim)
-            if needs_d
-            else None
-        )
+        discriminator = build_discriminator(config, extractor.flat_dim) if needs_d else None
     else:
-        discriminator = Discriminator(first_stride=config.disc_first_stride) if needs_d else None
+        discriminator = build_discriminator(config) if needs_d else None
     loss = build_loss(config, discriminator)
-    common = dict(
-        lr=config.lr,
-        betas=(config.beta1, config.beta2),
-        pause=PauseRule(config.pause_d_below, config.pause_d_resume_above, config.pause_g_above),
-        precision=config.precision,
-    )
+    common = trainer_options(config)
     if config.task == "invert":
         trainer = InversionTrainer(extractor, generator, discriminator, loss, **common)
     else:

@@ -162,7 +162,7 @@ def evaluate_checkpoint(
     if config.task == "invert":
         size, mode, reconstruct, encode = config.image_size, "resize-center", model.reconstruct, None
     elif config.task == "vae":
-        size, mode = config.image_size, "center"
+        size, mode = config.image_size, "resize-center" if config.image_size == 227 else "center"  # as trained
 
         def reconstruct(x):
             return model(x)[0]  # eval mode: z = mu

@@ -3,8 +3,9 @@
 :class:`CompiledStep` wraps a :class:`~deepsim.train.step.DeePSiMTrainer` and compiles one function that
 does the entire iteration: G forward, C on fake and real, D on fake and real, every loss term, both
 backward passes, the pause rule and both GatedAdam updates. ``--compile off`` keeps the eager reference,
-``DeePSiMTrainer.step``; the compiled path computes the same thing (same ``compute_losses``, same
-``PauseRule``, same Adam arithmetic) with three differences that make it one graph:
+``DeePSiMTrainer.step``; the compiled path computes the same thing (the trainer's same phases -- G forward,
+D's loss, G's loss -- in the same ``update_order``, the same ``PauseRule``, the same Adam arithmetic with
+its weight decay and multistep LR factor) with three differences that make it one graph:
 
 * Gradients come from ``torch.autograd.grad`` (G's objective w.r.t. G's parameters, D's loss w.r.t. D's)
   instead of ``Tensor.backward(inputs=...)`` into ``.grad``: nothing is zeroed or accumulated, and the
@@ -22,8 +23,15 @@ backward passes, the pause rule and both GatedAdam updates. ``--compile off`` ke
   hooks, which fire on ``.grad`` accumulation that the functional step does not do. The eager path uses DDP
   (see :mod:`deepsim.train.distributed`). The pause-rule inputs are averaged over ranks in both paths.
 
-No host sync happens inside an iteration: the pause rule is ``torch.where`` on device tensors and the
-metrics come back as 0-dim device tensors (the loop reads them every ``log_every`` steps).
+No host sync happens inside an iteration: the pause rule is boolean arithmetic on device tensors, the LR
+schedule a factor computed from the device step counts (so crossing a milestone neither recompiles nor
+leaves a CUDA graph), and the metrics come back as 0-dim device tensors (the loop reads them every
+``log_every`` steps).
+
+Update order "code" in one graph: D's gradients are taken and D's (gated) update is applied in place in the
+middle of the graph; D's second pass on the fakes then reads the updated parameters (AOTAutograd
+functionalises the in-place update, so the later reads see the new values), and G's gradients are taken
+through it. tests/test_compiled_step.py checks both orders against the eager step.
 
 Kernel dispatch: before the first call is traced, :func:`deepsim.kernels.dispatch.prepare` runs the losses
 once on the real batch (no_grad, RNG forked) so that every conv block's path (fused Triton or cuDNN + the
@@ -32,7 +40,7 @@ times (a no-op on CPU or with ``DEEPSIM_KERNELS`` forced).
 
 CUDA graphs: ``mode="reduce-overhead"`` (and inductor's "max-autotune", which also uses CUDA graphs) run the
 compiled step under CUDA-graph trees. The parameters, GatedAdam's moments and step counts and the pause
-buffer are marked static (``torch._dynamo.mark_static_address``), so a replay updates them in place; the
+flags are marked static (``torch._dynamo.mark_static_address``), so a replay updates them in place; the
 data batch is copied into a static input buffer owned by the step before each replay (the torch loader
 returns a new tensor per step). On CPU these modes compile like "default" (inductor skips CUDA graphs).
 
@@ -50,6 +58,7 @@ import torch._dynamo
 import torch.distributed as dist
 
 from deepsim.kernels import dispatch
+from deepsim.train.step import StepLosses
 
 __all__ = ["CompiledStep", "compile_step", "count_graph_breaks", "COMPILE_MODES"]
 
@@ -89,10 +98,9 @@ class CompiledStep:
         if mode not in COMPILE_MODES + ("eager",):
             raise ValueError(f"--compile {mode!r}: expected one of off, {', '.join(COMPILE_MODES)}")
         self.trainer, self.mode = trainer, mode
-        self.g_params = [p for p in trainer.generator.parameters() if p.requires_grad]
-        self.d_params = (
-            [p for p in trainer.discriminator.parameters() if p.requires_grad] if trainer.uses_discriminator else []
-        )
+        # In the optimizers' order (weight-decay groups first), which is the order GatedAdam.apply expects.
+        self.g_params = trainer.opt_g.param_states()[0]
+        self.d_params = trainer.opt_d.param_states()[0] if trainer.uses_discriminator else []
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.cuda_graphs = mode in ("reduce-overhead", "max-autotune") and self.g_params[0].is_cuda
         self._static_batch: torch.Tensor | None = None
@@ -103,7 +111,8 @@ class CompiledStep:
                     for tensors in optimizer.param_states()[1:]:
                         for t in tensors:
                             torch._dynamo.mark_static_address(t)
-            torch._dynamo.mark_static_address(trainer.pause.d_paused)
+            for flag in trainer.pause.buffers():
+                torch._dynamo.mark_static_address(flag)
         if mode == "eager":
             self._fn = self.iteration
         else:
@@ -126,24 +135,38 @@ class CompiledStep:
         return out
 
     def iteration(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One functional iteration (what is compiled): losses, gradients, pause rule, gated Adam updates."""
+        """One functional iteration (what is compiled): losses, gradients, pause rule, gated Adam updates,
+        in the trainer's ``update_order`` (see :mod:`deepsim.train.step`)."""
         trainer = self.trainer
-        losses = trainer.compute_losses(batch)
-        g_total = losses.g_total
-        d_total = losses.d_loss.total if trainer.uses_discriminator else None
-        # Only detached values may outlive autograd.grad (Dynamo refuses to return a tensor whose graph
-        # the grad call consumed), so the metrics and pause inputs are taken from a detached copy.
-        losses = _detached(losses)
-        g_grads = self._average(list(torch.autograd.grad(g_total, self.g_params)))
         if not trainer.uses_discriminator:
-            trainer.opt_g.apply(g_grads, True)
+            losses = trainer.compute_losses(batch)
+            g_total = losses.g_total
+            # Only detached values may outlive autograd.grad (Dynamo refuses to return a tensor whose graph
+            # the grad call consumed), so the metrics and pause inputs are taken from a detached copy.
+            losses = _detached(losses)
+            trainer.opt_g.apply(self._average(list(torch.autograd.grad(g_total, self.g_params))), True)
             return trainer.step_metrics(losses, None, None)
-        d_grads = self._average(list(torch.autograd.grad(d_total, self.d_params)))
+        train_d, train_g = trainer.pause.gates()  # set by the previous iteration
+        if trainer.update_order == "code":
+            fakes = trainer.run_generator(batch)
+            d_loss = trainer.discriminator_loss(fakes)
+            d_total, d_loss = d_loss.total, type(d_loss)(*(t.detach() for t in d_loss))
+            d_grads = self._average(list(torch.autograd.grad(d_total, self.d_params)))
+            trainer.opt_d.apply(d_grads, train_d)
+            g_total, g_loss = trainer.generator_loss(fakes)  # from the updated D
+            losses = _detached(StepLosses(g_total, g_loss, fakes.extra, d_loss))
+            g_grads = self._average(list(torch.autograd.grad(g_total, self.g_params)))
+            trainer.opt_g.apply(g_grads, train_g)
+        else:
+            full = trainer.compute_losses(batch)
+            losses = _detached(full)
+            g_grads = self._average(list(torch.autograd.grad(full.g_total, self.g_params)))
+            d_grads = self._average(list(torch.autograd.grad(full.d_loss.total, self.d_params)))
+            trainer.opt_d.apply(d_grads, train_d)
+            trainer.opt_g.apply(g_grads, train_g)
         inputs = trainer.pause_inputs(losses)
-        pause = trainer.pause(*inputs)
-        trainer.opt_d.apply(d_grads, pause[0])
-        trainer.opt_g.apply(g_grads, pause[1])
-        return trainer.step_metrics(losses, pause, inputs)
+        _, _, ratio = trainer.pause(*inputs)  # sets the gates of the next iteration
+        return trainer.step_metrics(losses, (train_d, train_g, ratio), inputs)
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self._kernels_decided:  # time the conv blocks' Triton vs cuDNN paths on real tensors first:

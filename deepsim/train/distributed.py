@@ -20,8 +20,11 @@ How the two backward passes meet DDP (eager step, ``--compile off``):
   runs under ``D.no_sync()``: that graph is differentiated only for G (``inputs=`` excludes D's
   parameters), so D's reducer must not expect gradients from it. The two passes of D's own loss (reals,
   detached fakes) run with sync on, and D's single backward (``inputs=`` D's parameters) all-reduces D's
-  gradients once. Every parameter of both networks gets a gradient every step, so the graphs are static and
-  ``find_unused_parameters`` stays off.
+  gradients once. In the default update order ("code") that backward and D's update come first, and the
+  no_sync pass runs afterwards on the updated D (identical on every rank, as its gradients were averaged);
+  in "simultaneous" the no_sync pass runs first. Every trainable parameter of both networks gets a gradient
+  every step (fixed up-conv biases have ``requires_grad=False`` and DDP skips them), so the graphs are
+  static and ``find_unused_parameters`` stays off.
 * The pause rule's inputs (L_D_real, L_D_fake, L_adv) are averaged over the ranks with an all-reduce (a
   device collective, not a host sync), so every rank takes the same pause decision and the replicas stay
   identical. The logged metrics are the same averages (the loop also averages G's terms when it reads them).

@@ -10,7 +10,7 @@ from deepsim.losses import DeePSiMLoss, PauseRule
 from deepsim.networks import AutoencoderGenerator, Discriminator
 from deepsim.train.step import DeePSiMTrainer
 
-__all__ = ["build_trainer", "resolve_device", "TASKS"]
+__all__ = ["build_trainer", "build_discriminator", "trainer_options", "resolve_device", "TASKS"]
 
 TASKS = ("autoencoder", "vae", "invert")
 
@@ -41,6 +41,29 @@ def build_loss(config: TrainConfig, discriminator=None) -> DeePSiMLoss:
     )
 
 
+def build_discriminator(config: TrainConfig, feature_dim: int | None = None) -> Discriminator:
+    """D as the config describes it (first stride, padding, activation, initialisation; feature branch)."""
+    return Discriminator(
+        first_stride=config.disc_first_stride, feature_dim=feature_dim, padding=config.disc_padding,
+        activation=config.disc_activation, init=config.disc_init,
+    )
+
+
+def trainer_options(config: TrainConfig) -> dict:
+    """The :class:`DeePSiMTrainer` keyword arguments of a config: solver, pause rule, precision, update order."""
+    return dict(
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        pause=PauseRule(config.pause_d_below, config.pause_d_resume_above, config.pause_g_above),
+        precision=config.precision,
+        update_order=config.update_order,
+        weight_decay=config.weight_decay,
+        weight_decay_scope=config.weight_decay_scope,
+        lr_milestones=tuple(config.lr_milestones),
+        lr_gamma=config.lr_gamma,
+    )
+
+
 def build_trainer(config: TrainConfig, device: torch.device) -> DeePSiMTrainer:
     """Networks initialised from the current RNG state (seed it first), moved to ``device``."""
     if config.task != "autoencoder":
@@ -51,11 +74,7 @@ def build_trainer(config: TrainConfig, device: torch.device) -> DeePSiMTrainer:
         raise ValueError(f"--image-size {config.image_size}: the autoencoder needs a multiple of 8")
     generator = AutoencoderGenerator(code_channels=config.code_channels)
     needs_d = config.loss == "deepsim" and (config.lambda_adv != 0 or config.comparator.startswith("discriminator"))
-    discriminator = Discriminator(first_stride=config.disc_first_stride) if needs_d else None
+    discriminator = build_discriminator(config) if needs_d else None
     loss = build_loss(config, discriminator)
-    pause = PauseRule(config.pause_d_below, config.pause_d_resume_above, config.pause_g_above)
-    trainer = DeePSiMTrainer(
-        generator, discriminator, loss, lr=config.lr, betas=(config.beta1, config.beta2), pause=pause,
-        precision=config.precision,
-    )
+    trainer = DeePSiMTrainer(generator, discriminator, loss, **trainer_options(config))
     return trainer.to(device)

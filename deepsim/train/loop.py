@@ -45,7 +45,8 @@ class TrainResult:
 
 
 def _task_mode(config: TrainConfig) -> str:
-    return "resize-crop" if config.task == "invert" else "crop"
+    # ImageNet preprocessing (code) for the inversion and for 227x227 crops (vae-imagenet): shorter side to 256.
+    return "resize-crop" if config.task == "invert" or config.image_size == 227 else "crop"
 
 
 def _save_grid(trainer, sample_batch: torch.Tensor, path: Path) -> torch.Tensor:
@@ -171,7 +172,7 @@ def _train(config: TrainConfig, payload, out: Path, context, progress: bool, bui
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     board = None
     if is_main and config.tensorboard:
-        from deepsim.train.tensorboard import TensorBoardWriter, learning_rates
+        from deepsim.train.tensorboard import TensorBoardWriter
 
         board = TensorBoardWriter(out, config, start_step=start)
     if is_main and start == 0:
@@ -209,7 +210,7 @@ def _train(config: TrainConfig, payload, out: Path, context, progress: bool, bui
             metrics_file.write(json.dumps(row) + "\n")
             metrics_file.flush()
         if board is not None:
-            board.log_metrics(row, learning_rates(trainer))
+            board.log_metrics(row)
         if bar is not None:
             names = entry.names
             bar.set_postfix_str(

@@ -1,5 +1,14 @@
 """One DeePSiM training iteration: G forward, C and D on fake and real, every loss term, both backward
 passes, both optimizer steps and the pause rule, with no host sync (everything stays a device tensor).
+
+Two update orders (``update_order``):
+
+* ``"code"`` (default; the derived code's train.py): G makes the fakes; D runs on the reals and the detached
+  fakes, and its update is applied (when the pause rule lets D train); THEN D runs on the fakes again, and
+  G's adversarial term, its gradient and the L_adv entering the pause ratio r all come from the updated D.
+* ``"simultaneous"`` (our earlier order): every loss from the same, pre-update D; both updates at the end.
+
+In both, the pause rule's flags set after iteration t gate iteration t + 1 (:class:`~deepsim.losses.PauseRule`).
 """
 
 from __future__ import annotations
@@ -11,10 +20,13 @@ import torch
 from torch import nn
 from torch.profiler import record_function
 
+from deepsim.config import TrainConfig
 from deepsim.losses import DeePSiMLoss, DiscriminatorLoss, GeneratorLoss, PauseRule
-from deepsim.train.optim import GatedAdam
+from deepsim.train.optim import GatedAdam, decay_param_groups
 
-__all__ = ["DeePSiMTrainer", "METRIC_NAMES", "StepLosses"]
+__all__ = ["DeePSiMTrainer", "METRIC_NAMES", "StepLosses", "Fakes", "UPDATE_ORDERS"]
+
+UPDATE_ORDERS = ("code", "simultaneous")
 
 METRIC_NAMES = (
     "Loss/G/total",
@@ -26,6 +38,8 @@ METRIC_NAMES = (
     "Pause/r",
     "Pause/train_d",
     "Pause/train_g",
+    "Opt/lr_g",
+    "Opt/lr_d",
 )
 
 
@@ -36,6 +50,15 @@ class StepLosses(NamedTuple):
     g_loss: GeneratorLoss
     extra: dict[str, torch.Tensor]  # extra weighted G terms (VAE: "kl")
     d_loss: DiscriminatorLoss | None  # None without a discriminator
+
+
+class Fakes(NamedTuple):
+    """G's forward pass of one iteration, shared by D's loss and G's loss."""
+
+    target: torch.Tensor  # (B, 3, H, W) the real images
+    condition: torch.Tensor | None  # what D sees beside the image (inversion: the features), or None
+    fake: torch.Tensor  # (B, 3, H, W) G's output (with its graph)
+    extra: dict[str, torch.Tensor]  # extra weighted G terms (VAE: "kl")
 
 
 class DeePSiMTrainer(nn.Module):
@@ -51,6 +74,10 @@ class DeePSiMTrainer(nn.Module):
         pause: the :class:`PauseRule` (thresholds from the config).
         precision: "fp32" | "tf32" | "bf16" (bf16: autocast for the forward passes, fp32 losses and weights);
             "auto" (a config that deepsim.train.auto did not resolve) runs as fp32.
+        update_order: "code" | "simultaneous" (module docstring).
+        weight_decay, weight_decay_scope: Caffe-style coupled L2 and which parameters get it
+            (:func:`~deepsim.train.optim.decay_param_groups`).
+        lr_milestones, lr_gamma: the multistep LR policy (:class:`~deepsim.train.optim.GatedAdam`).
     """
 
     def __init__(
@@ -63,14 +90,26 @@ class DeePSiMTrainer(nn.Module):
         betas: tuple[float, float] = (0.9, 0.999),
         pause: PauseRule | None = None,
         precision: str = "fp32",
+        update_order: str = TrainConfig.update_order,
+        weight_decay: float = TrainConfig.weight_decay,
+        weight_decay_scope: str = TrainConfig.weight_decay_scope,
+        lr_milestones: tuple[int, ...] = TrainConfig.lr_milestones,
+        lr_gamma: float = TrainConfig.lr_gamma,
     ):
         super().__init__()
+        if update_order not in UPDATE_ORDERS:
+            raise ValueError(f"update order {update_order!r}: expected one of {', '.join(UPDATE_ORDERS)}")
         self.generator, self.discriminator, self.loss = generator, discriminator, loss
         self.pause = pause if pause is not None else PauseRule()
-        self.precision = precision
+        self.precision, self.update_order = precision, update_order
         self.uses_discriminator = discriminator is not None and loss.uses_discriminator
-        self.opt_g = GatedAdam(generator.parameters(), lr=lr, betas=betas)
-        self.opt_d = GatedAdam(discriminator.parameters(), lr=lr, betas=betas) if self.uses_discriminator else None
+        solver = dict(lr=lr, betas=betas, lr_milestones=lr_milestones, lr_gamma=lr_gamma)
+        self.opt_g = GatedAdam(decay_param_groups(generator, weight_decay, weight_decay_scope), **solver)
+        self.opt_d = (
+            GatedAdam(decay_param_groups(discriminator, weight_decay, weight_decay_scope), **solver)
+            if self.uses_discriminator
+            else None
+        )
         # Set by deepsim.train.distributed.wrap_ddp: "generate" / "discriminator" (DDP-wrapped callables) and
         # "average" (all-reduce mean of a tensor). A plain dict, so the wrappers are not registered submodules
         # (state dicts stay those of the unwrapped networks).
@@ -85,40 +124,54 @@ class DeePSiMTrainer(nn.Module):
         """G forward -> (fake image, extra generator loss terms already weighted, e.g. the VAE's KL)."""
         return self.generator(g_input), {}
 
-    # ------------------------------------------------------------------------------------- the step
+    # ------------------------------------------------------------------------------- the phases
     def _autocast(self, device_type: str):
         if self.precision == "bf16":
             return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def compute_losses(self, batch: torch.Tensor) -> StepLosses:
-        """The forward half of :meth:`step`: G forward, C and D on fake and real, every loss term.
+    def _discriminator(self):
+        return self._parallel.get("discriminator", self.discriminator)
 
-        Shared by the eager step and the compiled one (:mod:`deepsim.train.compiled`). Under
-        DistributedDataParallel (:func:`deepsim.train.distributed.wrap_ddp`) G and D are called through
-        their DDP wrappers; D's pass on the fakes for G's adversarial term runs under ``no_sync`` (that graph
-        is only differentiated for G, so D's reducer must not wait for it).
-        """
-        device_type = batch.device.type
+    def run_generator(self, batch: torch.Tensor) -> Fakes:
+        """G's forward pass (through its DDP wrapper when distributed)."""
         g_input, target, condition = self.prepare(batch)
         generate = self._parallel.get("generate", self.generate)
-        discriminator = self._parallel.get("discriminator", self.discriminator)
-        with self._autocast(device_type):
-            with record_function("Gmain"):
-                fake, extra = generate(g_input)
-                d_fake_for_g = None
-                if self.uses_discriminator:
-                    with discriminator.no_sync() if hasattr(discriminator, "no_sync") else contextlib.nullcontext():
-                        d_fake_for_g = discriminator(fake, condition)
-                g_loss = self.loss(fake, target, d_fake_for_g)
-                g_total = g_loss.total + sum(extra.values()) if extra else g_loss.total
-            d_loss = None
+        with self._autocast(batch.device.type), record_function("Gmain"):
+            fake, extra = generate(g_input)
+        return Fakes(target, condition, fake, extra)
+
+    def discriminator_loss(self, fakes: Fakes) -> DiscriminatorLoss:
+        """D on the reals and on the detached fakes: L_D = L_D_real + L_D_fake."""
+        discriminator = self._discriminator()
+        with self._autocast(fakes.fake.device.type), record_function("Dmain"):
+            d_real = discriminator(fakes.target, fakes.condition)
+            d_fake = discriminator(fakes.fake.detach(), fakes.condition)
+            return self.loss.discriminator_loss(d_real, d_fake)
+
+    def generator_loss(self, fakes: Fakes) -> tuple[torch.Tensor, GeneratorLoss]:
+        """(G's objective with the extra terms, its terms): C on fake and real, D on the fakes for L_adv.
+
+        D's pass runs under DDP's ``no_sync`` when distributed: that graph is differentiated for G only, so
+        D's reducer must not wait for it.
+        """
+        discriminator = self._discriminator()
+        with self._autocast(fakes.fake.device.type), record_function("Gmain"):
+            d_fake_for_g = None
             if self.uses_discriminator:
-                with record_function("Dmain"):
-                    d_real = discriminator(target, condition)
-                    d_fake = discriminator(fake.detach(), condition)
-                    d_loss = self.loss.discriminator_loss(d_real, d_fake)
-        return StepLosses(g_total, g_loss, extra, d_loss)
+                with discriminator.no_sync() if hasattr(discriminator, "no_sync") else contextlib.nullcontext():
+                    d_fake_for_g = discriminator(fakes.fake, fakes.condition)
+            g_loss = self.loss(fakes.fake, fakes.target, d_fake_for_g)
+            g_total = g_loss.total + sum(fakes.extra.values()) if fakes.extra else g_loss.total
+        return g_total, g_loss
+
+    def compute_losses(self, batch: torch.Tensor) -> StepLosses:
+        """Every loss of an iteration from the same (pre-update) D: the forward half of the "simultaneous"
+        order (and of every step without a discriminator). Shared by the eager and the compiled step."""
+        fakes = self.run_generator(batch)
+        g_total, g_loss = self.generator_loss(fakes)
+        d_loss = self.discriminator_loss(fakes) if self.uses_discriminator else None
+        return StepLosses(g_total, g_loss, fakes.extra, d_loss)
 
     def pause_inputs(self, losses: StepLosses) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(L_D_real, L_D_fake, L_adv) for the pause rule: averaged over the ranks when distributed (an
@@ -131,7 +184,8 @@ class DeePSiMTrainer(nn.Module):
         return averaged[0], averaged[1], averaged[2]
 
     def step_metrics(self, losses: StepLosses, pause: tuple | None, pause_inputs: tuple | None) -> dict[str, torch.Tensor]:
-        """The metrics dict of one step (detached 0-dim device tensors)."""
+        """The metrics dict of one step (detached 0-dim device tensors). ``pause`` = (train_d, train_g, r):
+        the gates this step ran under and the ratio it measured."""
         metrics = {
             "Loss/G/total": losses.g_total.detach(),
             "Loss/G/feat": losses.g_loss.feat.detach(),
@@ -151,26 +205,46 @@ class DeePSiMTrainer(nn.Module):
                     "Pause/train_g": train_g.float(),
                 }
             )
+        metrics["Opt/lr_g"] = self.opt_g.current_lr()
+        if self.opt_d is not None:
+            metrics["Opt/lr_d"] = self.opt_d.current_lr()
         return metrics
+
+    def _trainable(self, network: nn.Module) -> list[nn.Parameter]:
+        return [p for p in network.parameters() if p.requires_grad]
 
     def step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """One iteration. Returns detached 0-dim device tensors keyed by :data:`METRIC_NAMES` (+ extras)."""
-        losses = self.compute_losses(batch)
-        g_params = [p for p in self.generator.parameters() if p.requires_grad]
+        g_params = self._trainable(self.generator)
+        if not self.uses_discriminator:
+            losses = self.compute_losses(batch)
+            self.opt_g.zero_grad(set_to_none=False)
+            losses.g_total.backward(inputs=g_params)
+            self.opt_g.step(True)
+            return self.step_metrics(losses, None, None)
+        d_params = self._trainable(self.discriminator)
+        train_d, train_g = self.pause.gates()  # set by the previous iteration
         # `inputs=` keeps G's loss from accumulating into D's gradients (and D's loss out of G's).
         self.opt_g.zero_grad(set_to_none=False)
-        losses.g_total.backward(inputs=g_params)
-        if self.uses_discriminator:
-            d_params = [p for p in self.discriminator.parameters() if p.requires_grad]
-            self.opt_d.zero_grad(set_to_none=False)
+        self.opt_d.zero_grad(set_to_none=False)
+        if self.update_order == "code":
+            fakes = self.run_generator(batch)
+            d_loss = self.discriminator_loss(fakes)
+            d_loss.total.backward(inputs=d_params)
+            self.opt_d.step(train_d)
+            g_total, g_loss = self.generator_loss(fakes)  # from the updated D
+            g_total.backward(inputs=g_params)
+            self.opt_g.step(train_g)
+            losses = StepLosses(g_total, g_loss, fakes.extra, d_loss)
+        else:
+            losses = self.compute_losses(batch)
+            losses.g_total.backward(inputs=g_params)
             losses.d_loss.total.backward(inputs=d_params)
-            inputs = self.pause_inputs(losses)
-            pause = self.pause(*inputs)
-            self.opt_d.step(pause[0])
-            self.opt_g.step(pause[1])
-            return self.step_metrics(losses, pause, inputs)
-        self.opt_g.step(True)
-        return self.step_metrics(losses, None, None)
+            self.opt_d.step(train_d)
+            self.opt_g.step(train_g)
+        inputs = self.pause_inputs(losses)
+        _, _, ratio = self.pause(*inputs)  # sets the gates of the next iteration
+        return self.step_metrics(losses, (train_d, train_g, ratio), inputs)
 
     def to_channels_last(self) -> DeePSiMTrainer:
         """G, D and C (every 4-D weight) and the optimizers' moments in channels_last memory format.

@@ -22,10 +22,12 @@ import torch
 
 from deepsim.config import TrainConfig
 
-__all__ = ["TensorBoardWriter", "SCALAR_TAGS", "learning_rates"]
+__all__ = ["TensorBoardWriter", "SCALAR_TAGS"]
 
 # metrics.jsonl key -> TensorBoard tag, where they differ (other keys are used as they are; "step" is the x axis)
-SCALAR_TAGS = {"images_per_s": "Speed/images_per_s"}
+# The learning rates are the step's own device values (GatedAdam.current_lr: base lr x the multistep factor),
+# read with the other metrics, so a milestone shows where it happened and no extra host sync is made.
+SCALAR_TAGS = {"images_per_s": "Speed/images_per_s", "Opt/lr_g": "LR/G", "Opt/lr_d": "LR/D"}
 # Metrics listed in the HParams tab beside the config values.
 _HPARAM_METRICS = ("Loss/G/total", "Loss/G/feat", "Loss/G/adv", "Loss/G/img", "Loss/D/real", "Loss/D/fake")
 
@@ -76,12 +78,3 @@ class TensorBoardWriter:
     def close(self) -> None:
         """Flush and close the event file."""
         self.writer.close()
-
-
-def learning_rates(trainer) -> dict[str, float]:
-    """``{"LR/G": ..., "LR/D": ...}``: the current learning rate of each optimizer of the trainer."""
-    rates = {}
-    for tag, optimizer in (("LR/G", trainer.opt_g), ("LR/D", trainer.opt_d)):
-        if optimizer is not None:
-            rates[tag] = float(optimizer.param_groups[0]["lr"])
-    return rates

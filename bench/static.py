@@ -3,8 +3,8 @@ machine (no GPU needed).
 
     python -m bench.static [--batch 64] [--dtype bf16] [--json]
 
-For each conv and up-conv layer of the autoencoder G (64 px), the discriminator (64 and 227 px, as built
-and with every conv unpadded) and the fc6 inversion generator (227 px), at the given batch, channels_last:
+For each conv and up-conv layer of the autoencoder G (64 px), the discriminator (64 and 227 px, in both
+layouts of disc_padding: "padded" and "code" = unpadded) and the fc6 inversion generator (227 px), at the given batch, channels_last:
   * the tile configs the tuner may pick for the shape (``eligible_configs``) and the issued-MMA efficiency
     of each: useful conv FLOPs / FLOPs issued by the grid's MMAs (arithmetic on shape and tiles, exact);
   * each of those kernels compiled with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (with the
@@ -72,14 +72,6 @@ class Layer:
                 f"{g.H}x{g.W}->{oh}x{ow}")  # fmt: skip
 
 
-def _unpadded(module: torch.nn.Module) -> torch.nn.Module:
-    """Every conv of ``module`` with padding 0 (the unpadded discriminator)."""
-    for m in module.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            m.padding = (0, 0)
-    return module
-
-
 def _networks(batch: int):
     """(network label, module builder, input builder), all on the meta device."""
     from deepsim.applications.generators import InversionGenerator
@@ -90,10 +82,11 @@ def _networks(batch: int):
 
     return [
         ("G autoencoder 64px", AutoencoderGenerator, image(64)),
-        ("D 64px", lambda: Discriminator(first_stride=2), image(64)),
-        ("D 227px", lambda: Discriminator(first_stride=4), image(227)),
-        ("D 64px unpadded", lambda: _unpadded(Discriminator(first_stride=2)), image(64)),
-        ("D 227px unpadded", lambda: _unpadded(Discriminator(first_stride=4)), image(227)),
+        # D in both layouts (config disc_padding): "code" (unpadded convs, the default) and "padded"
+        ("D 64px", lambda: Discriminator(first_stride=2, padding="padded"), image(64)),
+        ("D 227px", lambda: Discriminator(first_stride=4, padding="padded"), image(227)),
+        ("D 64px unpadded", lambda: Discriminator(first_stride=2, padding="code"), image(64)),
+        ("D 227px unpadded", lambda: Discriminator(first_stride=4, padding="code"), image(227)),
         ("G fc6 227px", lambda: InversionGenerator("fc6", image_size=227),
          lambda: (torch.empty(batch, 4096, device="meta"),)),
     ]  # fmt: skip

@@ -13,7 +13,7 @@ def test_layer_table_comes_from_the_four_networks():
     assert len(names) == len(set(names)) == 26
     for prefix, count in (("G ", 8), ("D64 ", 5), ("D227 ", 5), ("fc6-G ", 8)):
         assert sum(n.startswith(prefix) for n in names) == count, prefix
-    assert ("D227 3->32 k7s4 227", 3, 32, 227, 7, 4, 3, False) in bk.LAYERS
+    assert ("D227 3->32 k7s4 227", 3, 32, 227, 7, 4, 0, False) in bk.LAYERS  # disc_padding "code": unpadded
     assert ("fc6-G up 64->32 k4s2 64", 64, 32, 64, 4, 2, 1, True) in bk.LAYERS
     assert len(bk.CONV_LAYERS) + len(bk.UPCONV_LAYERS) == 26
 

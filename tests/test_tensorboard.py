@@ -12,7 +12,7 @@ from deepsim.train.loop import train
 from deepsim.train.progress import TrainingProgress
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-TINY = dict(batch_size=4, image_size=32, comparator="alexnet-random:conv2", device="cpu")
+TINY = dict(batch_size=4, image_size=32, disc_padding="padded", comparator="alexnet-random:conv2", device="cpu")
 
 
 def _events(folder):
@@ -63,7 +63,7 @@ def test_run_writes_scalars_images_and_hparams(tmp_path):
 
 
 def test_no_tensorboard_writes_no_events_and_the_bar_shows_images_per_s_and_eta(tmp_path, capsys):
-    code = main(["train", "--steps", "3", "--batch-size", "4", "--image-size", "32", "--comparator",
+    code = main(["train", "--steps", "3", "--batch-size", "4", "--image-size", "32", "--disc-padding", "padded", "--comparator",
                  "alexnet-random:conv2", "--device", "cpu", "--log-every", "1", "--sample-every", "100",
                  "--out", str(tmp_path), "--no-tensorboard", "--channels-last", "off", "--compile", "auto"])  # fmt: skip
     assert code == 0

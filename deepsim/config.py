@@ -60,6 +60,7 @@ class TrainConfig:
     loader: str = "torch"  # "torch" | "dali"
     num_workers: int = 0  # DataLoader workers on the torch path
     on_bad: str = "error"  # a corrupt or too-small image: "error" (name it and stop), "skip" (count it), "pad"
+    mirror: bool = True  # random horizontal mirror (the derived code does not mirror)
 
     # --- running
     out: str = "runs/deepsim"  # output folder: checkpoints, metrics.jsonl, sample grids
@@ -71,6 +72,8 @@ class TrainConfig:
     log_every: int = 10  # read metrics from the device every N steps (the only host syncs)
     sample_every: int = 200  # write a PNG grid of inputs beside reconstructions every N steps
     checkpoint_every: int = 500  # write a checkpoint every N steps (and at the end)
+    keep_checkpoints: int = 2  # checkpoints kept in out: checkpoint.pt and the K-1 before it (a corrupt one falls back)
+    stop_signals: str = "SIGTERM,SIGINT,SIGUSR1"  # finish the step, checkpoint, exit 75 ("" = none; deepsim.train.preemption)
 
     def replace(self, **changes) -> TrainConfig:
         """A copy with some fields changed; unknown names raise a TypeError naming them."""

@@ -53,7 +53,7 @@ def _worker(rank: int, world: int, port: int, out: str, compiled: bool) -> None:
         compiled_module.compile_step = compile_step
     captured = {}
     build = loop.build_trainer
-    loop.build_trainer = lambda config, device: captured.setdefault("trainer", build(config, device))
+    loop.build_trainer = lambda config, device, tasks=None: captured.setdefault("trainer", build(config, device, tasks))
     batches = []
     real_build_loader = __import__("deepsim.data", fromlist=["build_loader"]).build_loader
 
@@ -96,6 +96,13 @@ class _Prepend:
     @property
     def skipped(self):  # the loop logs the stream's bad-file count (Data/skipped)
         return self.stream.skipped
+
+    @property
+    def num_samples(self):
+        return self.stream.num_samples
+
+    def state_dict(self):  # the checkpoint's data cursor (the first batch was drawn ahead, once: same count)
+        return self.stream.state_dict()
 
     def close(self):
         self.stream.close()

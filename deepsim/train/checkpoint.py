@@ -137,15 +137,22 @@ def find_checkpoints(folder: str | os.PathLike, name: str = CHECKPOINT_NAME) -> 
 
 
 class _HashingWriter:
-    """A write-only file object that hashes and counts what torch.save writes through it."""
+    """A write-only file object that hashes and counts what torch.save writes through it. It keeps the first
+    OSError a write raised: torch.save's zip writer then fails again while closing the archive and raises a
+    RuntimeError of its own, which would otherwise hide that the disk was full."""
 
     def __init__(self, handle):
         self.handle, self.hash, self.size = handle, hashlib.sha256(), 0
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
         self.hash.update(data)
         self.size += len(data)
-        return self.handle.write(data)
+        try:
+            return self.handle.write(data)
+        except OSError as error:
+            self.error = self.error or error
+            raise
 
     def flush(self) -> None:
         self.handle.flush()
@@ -218,6 +225,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict, *, keep: int | None 
     except OSError as error:
         raise _write_error(path, error) from error
     tmp = Path(tmp_name)
+    writer = None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(b"\0" * _HEADER.size)
@@ -234,8 +242,9 @@ def save_checkpoint(path: str | os.PathLike, payload: dict, *, keep: int | None 
         os.replace(tmp, path)
     except BaseException as error:
         tmp.unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            raise _write_error(path, error) from error
+        os_error = writer.error if writer is not None and writer.error is not None else error
+        if isinstance(os_error, OSError):
+            raise _write_error(path, os_error) from error
         raise
     _fsync_folder(path.parent)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer
@@ -312,8 +321,9 @@ def _read_verified(path: Path, map_location) -> dict:
         else:
             found = os.fstat(handle.fileno()).st_size - _HEADER.size
             if found != header.payload_bytes:
+                what = "truncated" if found < header.payload_bytes else "longer than written"
                 raise CorruptCheckpointError(
-                    path, f"{found} payload bytes, its header says {header.payload_bytes} (truncated or cut short)"
+                    path, f"{what}: {found} payload bytes where its header says {header.payload_bytes}"
                 )
             digest = hashlib.sha256()
             handle.seek(_HEADER.size)

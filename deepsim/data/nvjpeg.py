@@ -16,6 +16,9 @@ moved to the device: a fallback, counted in ``.cpu_decoded`` (distinct files) an
 warning. A JPEG that nvJPEG refuses is retried the same way. STL-10 (raw pixels, nothing to decode) is an
 error that points at the other loaders.
 
+torchvision 0.29 deprecates its image decoders in favour of TorchCodec (they still work; the warning is
+silenced here). :meth:`NvjpegBatchStream._decode_jpeg` is the one call to change when they go.
+
 Bad input: the file list is pre-scanned by header (:func:`deepsim.data.images.scan_image_files`), as for
 DALI. A file that passed the scan but does not decode: ``on_bad="error"`` raises :class:`DataError` naming
 it; ``"skip"``/``"pad"`` substitute the next good sample (i -> i+1, ... mod N, deterministic) and count it
@@ -108,15 +111,15 @@ class NvjpegBatchStream(ScheduledStream):
     # ----------------------------------------------------------------------------------------- decoding
     def _decode_cpu(self, i: int) -> torch.Tensor:
         """(3, H, W) uint8 on the device, decoded by the torch path's reader (PIL)."""
+        hwc = read_image(self.files[i])  # raises ImageReadError naming the file
         if not self._warned:
             self._warned = True
             warnings.warn(
                 f"loader='nvjpeg': {self.files[i]} is not a baseline RGB/grayscale JPEG (or the device decoder "
                 "refused it); such files are decoded on the CPU (counted in .cpu_decoded)",
-                stacklevel=3,
+                stacklevel=4,
             )
         self._cpu.add(i)
-        hwc = read_image(self.files[i])  # raises ImageReadError naming the file
         return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1))).to(self.device)
 
     def _decode_one(self, i: int, data: torch.Tensor) -> torch.Tensor:
@@ -130,7 +133,9 @@ class NvjpegBatchStream(ScheduledStream):
     def _decode_jpeg(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
         from torchvision.io import ImageReadMode, decode_jpeg
 
-        return decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (see the module docstring)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
 
     def _decode(self, idx: np.ndarray, datas: list[torch.Tensor]) -> tuple[list[torch.Tensor], np.ndarray]:
         """Decoded (3, H, W) uint8 images on the device and the sample index each one is (a bad file is

@@ -1,6 +1,6 @@
 """Two processes with gloo on 127.0.0.1 run the real train(): after some steps both ranks hold the same
-parameters (while reading different data shards), only rank 0 writes, and the checkpoint resumes with
-world size 1."""
+parameters (while reading different data shards), only rank 0 writes (with both ranks' parameter
+fingerprints and the global data cursor), and the checkpoint resumes with world size 1."""
 
 import json
 import os
@@ -134,6 +134,9 @@ def test_two_ranks_stay_identical_and_rank0_alone_writes(tmp_path, compiled):
     # rank 0 alone wrote the checkpoint and the metrics; both ranks logged the same (averaged) losses
     checkpoint = load_checkpoint(tmp_path)
     assert checkpoint["step"] == STEPS
+    # every rank's parameter fingerprint, equal; the data cursor counts both ranks' samples (2 ranks x B x steps)
+    assert len(checkpoint["replicas"]) == 2 and checkpoint["replicas"][0] == checkpoint["replicas"][1]
+    assert checkpoint["data"]["cursor"] == STEPS * 2 * 2 and checkpoint["world_size"] == 2
     for name, tensor in checkpoint["trainer"]["generator"].items():  # unwrapped keys (no "module.")
         assert torch.equal(tensor, ranks[0]["generator"][name])
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

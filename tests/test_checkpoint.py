@@ -20,7 +20,7 @@ from deepsim.train.checkpoint import (
     CorruptCheckpointError,
     find_checkpoints,
     load_checkpoint,
-    read_header,
+    read_footer,
     save_checkpoint,
 )
 from deepsim.train.loop import train
@@ -50,8 +50,9 @@ def test_keep_3_of_5_saves_newest_first_with_checksums(tmp_path):
     assert [p.name for p in find_checkpoints(tmp_path)] == [
         "checkpoint.pt", "checkpoint.step0000040.pt", "checkpoint.step0000030.pt",
     ]  # fmt: skip
-    header = read_header(path)
-    assert header.step == 50 and header.payload_bytes == path.stat().st_size - 64 and len(header.sha256) == 64
+    footer = read_footer(path)
+    assert footer.step == 50 and footer.checked_bytes == path.stat().st_size - 58 and len(footer.sha256) == 64
+    assert torch.load(path, weights_only=False)["step"] == 50  # still a plain torch.save file for everyone else
     assert load_checkpoint(tmp_path)["step"] == 50
     assert load_checkpoint(tmp_path / "checkpoint.step0000030.pt")["step"] == 30
     save_checkpoint(path, _payload(60))  # keep=None: replace only, older files untouched
@@ -64,7 +65,7 @@ def test_corrupt_newest_of_2_falls_back_to_the_previous_and_names_both(tmp_path,
     for step in (5, 10):
         save_checkpoint(path, _payload(step), keep=2)
     _corrupt(path, how)
-    reason = "truncated: " if how == "truncated" else "checksum mismatch"
+    reason = "truncated or not a checkpoint" if how == "truncated" else "checksum mismatch"
     with pytest.raises(CorruptCheckpointError, match=f"checkpoint {path} is corrupt: .*{reason}"):
         load_checkpoint(path)  # a file asked for by name: no fallback
     with pytest.warns(CheckpointWarning) as caught:

@@ -71,7 +71,7 @@ def test_two_nodes_lose_a_worker_to_sigkill_and_max_restarts_1_resumes_from_the_
     torchrun restarts the job, which resumes from the newest checkpoint (no step lost beyond it) and finishes
     16 steps with equal parameters on both ranks and the data cursor at 16 x 2 x B."""
     port = free_port()
-    argv = readme_command("torchrun --nnodes")
+    env, argv = readme_command("torchrun --nnodes")
     argv = replace_flag(argv, "--nproc-per-node", "1")
     argv = replace_flag(argv, "--rdzv-endpoint", f"127.0.0.1:{port}")
     argv = replace_flag(argv, "--rdzv-id", f"deepsim-test-{port}")
@@ -81,7 +81,8 @@ def test_two_nodes_lose_a_worker_to_sigkill_and_max_restarts_1_resumes_from_the_
     cmd = torchrun(train_args_after(argv, tiny))
     logs = [tmp_path / f"node{n}.log" for n in range(2)]
     agents = [
-        subprocess.Popen(cmd, env=subprocess_env(), stdout=log.open("w"), stderr=subprocess.STDOUT) for log in logs
+        subprocess.Popen(cmd, env=subprocess_env(**env), stdout=log.open("w"), stderr=subprocess.STDOUT)
+        for log in logs
     ]
     started = set()
     try:
@@ -114,16 +115,16 @@ def test_single_node_command_resumes_a_2_rank_run_on_1_rank(tmp_path):
     """README single-node command with 2 processes for 6 steps, then the same command on 1 process to step 9:
     it resumes at step 6 and data cursor 6 x 2 x B, says so, and ends at cursor 6 x 2 x B + 3 x B."""
     out = tmp_path / "run"
-    argv = readme_command("torchrun --standalone")
+    env, argv = readme_command("torchrun --standalone")
     base = [*TINY_TRAIN_FLAGS, "--log-every", "3", "--checkpoint-every", "3", "--out", str(out)]
     two = torchrun(train_args_after(replace_flag(argv, "--nproc-per-node", "2"), [*base, "--steps", "6"]))
-    first = run(two, 600, env=subprocess_env())
+    first = run(two, 600, env=subprocess_env(**env))
     assert first.returncode == 0, first.stderr[-4000:]
     payload = load_checkpoint(out)
     assert payload["step"] == 6 and payload["world_size"] == 2 and payload["data"]["cursor"] == 6 * 2 * BATCH
     _assert_replicas_equal(payload, 2)
     one = torchrun(train_args_after(replace_flag(argv, "--nproc-per-node", "1"), [*base, "--steps", "9"]))
-    second = run(one, 600, env=subprocess_env())
+    second = run(one, 600, env=subprocess_env(**env))
     assert second.returncode == 0, second.stderr[-4000:]
     assert f"(step 6, data cursor {6 * 2 * BATCH}" in second.stderr
     assert "resuming a 2-rank run on 1 rank(s)" in second.stderr

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from deepsim.train.checkpoint import read_header
+from deepsim.train.checkpoint import read_footer
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -50,17 +50,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def readme_command(prefix: str) -> list[str]:
-    """The command of the README's "Training at scale" section that starts with ``prefix`` (backslash line
-    continuations joined), split like a shell would (``$HEAD`` stays a literal word)."""
+def readme_command(prefix: str) -> tuple[dict[str, str], list[str]]:
+    """The command of the README's "Training at scale" section that starts with ``prefix`` (after its leading
+    ``NAME=value`` environment assignments; backslash line continuations joined), split like a shell would
+    (``$HEAD`` stays a literal word). Returns (the environment assignments, the command)."""
     text = README.read_text()
     section = text[text.index("## Training at scale") :]
     section = section[: section.index("\n## ", 1)]
     for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
         joined = block.replace("\\\n", " ")
         for line in joined.splitlines():
-            if line.strip().startswith(prefix):
-                return shlex.split(line)
+            words = shlex.split(line) if line.strip() and not line.lstrip().startswith("#") else []
+            n = 0
+            while n < len(words) and re.fullmatch(r"[A-Z_][A-Z0-9_]*=\S*", words[n]):
+                n += 1
+            if " ".join(words[n:]).startswith(prefix):
+                return dict(w.split("=", 1) for w in words[:n]), words[n:]
     raise AssertionError(f"README 'Training at scale' has no command starting with {prefix!r}")
 
 
@@ -102,13 +107,13 @@ def metrics_steps(out: Path) -> list[int]:
 
 
 def checkpoint_step(out: Path) -> int:
-    """The step in ``out/checkpoint.pt``'s header (-1 when there is none yet)."""
+    """The step recorded beside ``out/checkpoint.pt``'s checksum (-1 when there is none yet)."""
     path = out / "checkpoint.pt"
     try:
-        header = read_header(path)
+        footer = read_footer(path)
     except OSError:
         return -1
-    return -1 if header is None else header.step
+    return -1 if footer is None else footer.step
 
 
 def wait_for(condition, timeout_s: float, what: str, processes=(), interval_s: float = 0.05):

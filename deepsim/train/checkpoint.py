@@ -8,16 +8,16 @@ another name) and is removed by the next successful save. With ``keep=K`` the ch
 first renamed ``<stem>.step<NNNNNNN><suffix>`` (``checkpoint.step0000500.pt``), and only the K-1 newest of
 those are kept: ``checkpoint.pt`` is always the newest, the older ones sit beside it.
 
-File format. A 64-byte header, then the payload exactly as ``torch.save`` writes it::
+File format. Exactly what ``torch.save`` writes (a zip archive: ``torch.load`` reads it as any checkpoint),
+with the checksum in the archive's comment, the last 56 bytes of the file::
 
-    bytes  0-15  b"DEEPSIM-CKPT-V2\\n"     magic
-    bytes 16-23  uint64 little-endian     payload length in bytes
-    bytes 24-31  int64 little-endian      the payload's "step" (-1 if it has none)
-    bytes 32-63  SHA-256 of the payload
+    bytes 0-15   b"DEEPSIM-CKPT-V2\n"     magic
+    bytes 16-23  int64 little-endian     the payload's "step" (-1 if it has none)
+    bytes 24-55  SHA-256 of every byte of the file before the zip comment-length field
 
-Reading (:func:`load_checkpoint`) checks the length and the SHA-256 before unpickling anything: a truncated
-file or flipped bytes raise :class:`CorruptCheckpointError` naming the file. A file without the header (a
-plain ``torch.save`` file, as written before checksums existed) is loaded with a :class:`CheckpointWarning`.
+Reading (:func:`load_checkpoint`) checks the SHA-256 before unpickling anything: a truncated file or flipped
+bytes raise :class:`CorruptCheckpointError` naming the file. A file without the checksum (a plain
+``torch.save`` file, as written before checksums existed) is loaded with a :class:`CheckpointWarning`.
 Given a folder, :func:`load_checkpoint` takes the newest checkpoint that passes the check and warns, naming
 both files, when it had to fall back past a corrupt one (:func:`load_latest` does the same and returns what
 it skipped).
@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hashlib
-import io
 import os
 import random
 import re
@@ -45,7 +44,7 @@ __all__ = [
     "load_checkpoint",
     "load_latest",
     "find_checkpoints",
-    "read_header",
+    "read_footer",
     "quarantine",
     "fallback_message",
     "rng_state",
@@ -54,13 +53,15 @@ __all__ = [
     "CheckpointWriteError",
     "CorruptCheckpointError",
     "CheckpointWarning",
-    "CheckpointHeader",
+    "CheckpointFooter",
     "CHECKPOINT_NAME",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
 _MAGIC = b"DEEPSIM-CKPT-V2\n"
-_HEADER = struct.Struct("<16sQq32s")  # magic, payload length, step, sha256 -> 64 bytes
+_FOOTER = struct.Struct("<16sq32s")  # magic, step, sha256 -> 56 bytes: the zip comment
+_EOCD = struct.Struct("<4s16xH")  # the zip end-of-central-directory record: signature ... comment length
+_EOCD_SIGNATURE = b"PK\x05\x06"
 _CHUNK = 16 << 20
 
 
@@ -85,10 +86,10 @@ class CheckpointWarning(UserWarning):
 
 
 @dataclasses.dataclass(frozen=True)
-class CheckpointHeader:
+class CheckpointFooter:
     step: int  # the payload's step (-1: none)
-    payload_bytes: int  # length of the torch.save payload after the 64-byte header
-    sha256: str  # hex digest of the payload
+    checked_bytes: int  # the bytes the checksum covers (the file up to the zip comment-length field)
+    sha256: str  # their hex digest
 
 
 def rng_state() -> dict:
@@ -137,22 +138,33 @@ def find_checkpoints(folder: str | os.PathLike, name: str = CHECKPOINT_NAME) -> 
 
 
 class _HashingWriter:
-    """A write-only file object that hashes and counts what torch.save writes through it. It keeps the first
-    OSError a write raised: torch.save's zip writer then fails again while closing the archive and raises a
-    RuntimeError of its own, which would otherwise hide that the disk was full."""
+    """A write-only file object that hashes what torch.save writes through it, except the last 2 bytes (the
+    zip comment length, rewritten afterwards). It keeps the first OSError a write raised: torch.save's zip
+    writer then fails again while closing the archive and raises a RuntimeError of its own, which would
+    otherwise hide that the disk was full."""
 
     def __init__(self, handle):
         self.handle, self.hash, self.size = handle, hashlib.sha256(), 0
+        self.held = b""  # the last 2 bytes so far, not hashed yet
         self.error: OSError | None = None
 
     def write(self, data) -> int:
-        self.hash.update(data)
-        self.size += len(data)
+        view = memoryview(data).cast("B")
         try:
-            return self.handle.write(data)
+            written = self.handle.write(view)
         except OSError as error:
             self.error = self.error or error
             raise
+        if len(view) >= 2:
+            self.hash.update(self.held)
+            self.hash.update(view[:-2])
+            self.held = bytes(view[-2:])
+        else:
+            joined = self.held + bytes(view)
+            self.hash.update(joined[:-2])
+            self.held = joined[-2:]
+        self.size += len(view)
+        return written
 
     def flush(self) -> None:
         self.handle.flush()
@@ -174,8 +186,8 @@ def _fsync_folder(folder: Path) -> None:
 def _previous_state(path: Path) -> str:
     if not path.is_file():
         return "no earlier checkpoint exists there"
-    header = read_header(path)
-    step = f" (step {header.step})" if header is not None and header.step >= 0 else ""
+    footer = read_footer(path)
+    step = f" (step {footer.step})" if footer is not None and footer.step >= 0 else ""
     return f"the previous checkpoint {path}{step} is intact"
 
 
@@ -187,10 +199,10 @@ def _write_error(path: Path, error: OSError) -> CheckpointWriteError:
 
 
 def _step_of(path: Path) -> int | None:
-    """The step of an existing checkpoint (header, or a legacy file's payload); None if unreadable."""
-    header = read_header(path)
-    if header is not None:
-        return header.step if header.step >= 0 else None
+    """The step of an existing checkpoint (its footer, or a legacy file's payload); None if unreadable."""
+    footer = read_footer(path)
+    if footer is not None:
+        return footer.step if footer.step >= 0 else None
     try:
         return int(torch.load(path, map_location="cpu", weights_only=False)["step"])
     except Exception:  # noqa: BLE001 - an unreadable legacy file is simply replaced
@@ -202,7 +214,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict, *, keep: int | None 
 
     Args:
         path: the checkpoint file (``<out>/checkpoint.pt`` in a run).
-        payload: a dict (``torch.save``-able); its ``"step"``, if any, is recorded in the header.
+        payload: a dict (``torch.save``-able); its ``"step"``, if any, is recorded beside the checksum.
         keep: None (default): replace ``path`` and touch nothing else. K >= 1: keep the K newest checkpoints:
             the one being replaced is renamed ``<stem>.step<N><suffix>`` first, and the older renamed ones
             beyond K-1 are deleted.
@@ -227,12 +239,15 @@ def save_checkpoint(path: str | os.PathLike, payload: dict, *, keep: int | None 
     tmp = Path(tmp_name)
     writer = None
     try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(b"\0" * _HEADER.size)
+        with os.fdopen(fd, "w+b") as handle:
             writer = _HashingWriter(handle)
             torch.save(payload, writer)
-            handle.seek(0)
-            handle.write(_HEADER.pack(_MAGIC, writer.size, step, writer.hash.digest()))
+            handle.seek(-_EOCD.size, os.SEEK_END)
+            signature, comment_length = _EOCD.unpack(handle.read(_EOCD.size))
+            if signature != _EOCD_SIGNATURE or comment_length != 0:
+                raise CheckpointError(f"torch.save wrote no zip end record to {tmp}: cannot add the checksum")
+            handle.seek(-2, os.SEEK_END)
+            handle.write(struct.pack("<H", _FOOTER.size) + _FOOTER.pack(_MAGIC, step, writer.hash.digest()))
             handle.flush()
             os.fsync(handle.fileno())
         if keep is not None and keep > 1 and path.is_file():
@@ -261,80 +276,63 @@ def save_checkpoint(path: str | os.PathLike, payload: dict, *, keep: int | None 
 # ------------------------------------------------------------------------------------------------ reading
 
 
-class _Window(io.RawIOBase):
-    """The bytes [offset, offset + length) of an open file, as a seekable file of its own (for torch.load)."""
-
-    def __init__(self, handle, offset: int, length: int):
-        self.handle, self.offset, self.length, self.pos = handle, offset, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self.pos
-
-    def seek(self, pos: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self.pos, io.SEEK_END: self.length}[whence]
-        self.pos = max(0, base + pos)
-        return self.pos
-
-    def readinto(self, buffer) -> int:
-        count = max(0, min(len(buffer), self.length - self.pos))
-        self.handle.seek(self.offset + self.pos)
-        data = self.handle.read(count)
-        buffer[: len(data)] = data
-        self.pos += len(data)
-        return len(data)
-
-
-def read_header(path: str | os.PathLike) -> CheckpointHeader | None:
-    """The header of a checksummed checkpoint (nothing is unpickled); None for a file without one."""
+def read_footer(path: str | os.PathLike) -> CheckpointFooter | None:
+    """The checksum record of a checkpoint (nothing is unpickled); None for a file without one."""
     with open(path, "rb") as handle:
-        head = handle.read(_HEADER.size)
-    if len(head) < _HEADER.size or head[: len(_MAGIC)] != _MAGIC:
+        size = os.fstat(handle.fileno()).st_size
+        tail_size = _EOCD.size + _FOOTER.size
+        if size < tail_size:
+            return None
+        handle.seek(size - tail_size)
+        tail = handle.read(tail_size)
+    signature, comment_length = _EOCD.unpack(tail[: _EOCD.size])
+    magic, step, digest = _FOOTER.unpack(tail[_EOCD.size :])
+    if signature != _EOCD_SIGNATURE or comment_length != _FOOTER.size or magic != _MAGIC:
         return None
-    _, length, step, digest = _HEADER.unpack(head)
-    return CheckpointHeader(step=step, payload_bytes=length, sha256=digest.hex())
+    return CheckpointFooter(step=step, checked_bytes=size - _FOOTER.size - 2, sha256=digest.hex())
 
 
-def _unpickle(handle, path: Path, map_location):
+def _unpickle(path: Path, map_location):
     try:
-        return torch.load(handle, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means the same thing to the user
         raise CorruptCheckpointError(path, f"it cannot be read ({type(error).__name__}: {error})") from error
 
 
-def _read_verified(path: Path, map_location) -> dict:
-    header = read_header(path)
+def _plain_zip_end(path: Path) -> bool:
+    """True when ``path`` ends like a plain torch.save file (a zip end record with no comment)."""
     with open(path, "rb") as handle:
-        if header is None:
-            warnings.warn(
-                f"checkpoint {path} has no checksum (written before checkpoints had one): loaded without an "
-                "integrity check",
-                CheckpointWarning,
-                stacklevel=3,
-            )
-            payload = _unpickle(handle, path, map_location)
-        else:
-            found = os.fstat(handle.fileno()).st_size - _HEADER.size
-            if found != header.payload_bytes:
-                what = "truncated" if found < header.payload_bytes else "longer than written"
-                raise CorruptCheckpointError(
-                    path, f"{what}: {found} payload bytes where its header says {header.payload_bytes}"
-                )
-            digest = hashlib.sha256()
-            handle.seek(_HEADER.size)
-            while chunk := handle.read(_CHUNK):
+        size = os.fstat(handle.fileno()).st_size
+        if size < _EOCD.size:
+            return False
+        handle.seek(size - _EOCD.size)
+        signature, comment_length = _EOCD.unpack(handle.read(_EOCD.size))
+    return signature == _EOCD_SIGNATURE and comment_length == 0
+
+
+def _read_verified(path: Path, map_location) -> dict:
+    footer = read_footer(path)
+    if footer is None:
+        if not _plain_zip_end(path):  # not even a complete zip: cut short, or not a checkpoint at all
+            raise CorruptCheckpointError(path, "truncated or not a checkpoint (no zip end record, no checksum)")
+        warnings.warn(
+            f"checkpoint {path} has no checksum (written before checkpoints had one): loaded without an "
+            "integrity check",
+            CheckpointWarning,
+            stacklevel=3,
+        )
+    else:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            remaining = footer.checked_bytes
+            while remaining > 0 and (chunk := handle.read(min(_CHUNK, remaining))):
                 digest.update(chunk)
-            if digest.hexdigest() != header.sha256:
-                raise CorruptCheckpointError(
-                    path, "checksum mismatch (the payload's SHA-256 differs from the one recorded when it was written)"
-                )
-            window = io.BufferedReader(_Window(handle, _HEADER.size, header.payload_bytes), buffer_size=1 << 20)
-            payload = _unpickle(window, path, map_location)
+                remaining -= len(chunk)
+        if digest.hexdigest() != footer.sha256:
+            raise CorruptCheckpointError(
+                path, "checksum mismatch (the file's SHA-256 differs from the one recorded when it was written)"
+            )
+    payload = _unpickle(path, map_location)
     if not isinstance(payload, dict) or "config" not in payload or "step" not in payload:
         raise CheckpointError(f"{path} is not a DeePSiM checkpoint (no 'config'/'step')")
     return payload

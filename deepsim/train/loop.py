@@ -25,6 +25,7 @@ from deepsim.train.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
     fallback_message,
+    find_checkpoints,
     load_checkpoint,
     load_latest,
     quarantine,
@@ -145,6 +146,8 @@ def _resume_payload(config: TrainConfig, resume, context) -> dict | None:
                 payload = load_checkpoint(resume)
                 choice = ("path", str(resume))
             else:
+                if not isinstance(resume, bool) and resume != "auto" and not folder.exists():
+                    raise CheckpointError(f"--resume {resume}: no such checkpoint file or folder")
                 found = load_latest(folder) if folder.is_dir() else None
                 if found is None:
                     if resume != "auto":
@@ -253,7 +256,7 @@ def _run(config, payload, out, context, progress, build_loader, tasks, stopper: 
 
     is_main = rank == 0
     checkpoint_path = out / CHECKPOINT_NAME
-    last_good = checkpoint_path if checkpoint_path.is_file() else None
+    last_good = next(iter(find_checkpoints(out)), None)  # the newest one already there (what a NaN leaves)
     stopper.checkpoint = last_good
     history: list[dict] = []
     if is_main:

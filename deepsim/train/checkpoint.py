@@ -11,7 +11,7 @@ those are kept: ``checkpoint.pt`` is always the newest, the older ones sit besid
 File format. Exactly what ``torch.save`` writes (a zip archive: ``torch.load`` reads it as any checkpoint),
 with the checksum in the archive's comment, the last 56 bytes of the file::
 
-    bytes 0-15   b"DEEPSIM-CKPT-V2\n"     magic
+    bytes 0-15   b"DEEPSIM-CKPT-V2\\n"    magic
     bytes 16-23  int64 little-endian     the payload's "step" (-1 if it has none)
     bytes 24-55  SHA-256 of every byte of the file before the zip comment-length field
 

@@ -87,6 +87,7 @@ def test_signal_at_step_7_stops_after_step_7_with_a_checkpoint_there(tmp_path, m
     assert [row["step"] for row in result.history] == [5, 7]
 
 
+@pytest.mark.slow
 def test_sigterm_mid_run_then_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
     """A real `deepsim train` process gets SIGTERM after step >= 6 of 60: it exits with status 75 and a checkpoint
     at the step it was in; the same command line (--resume auto) finishes the run; its final parameters, Adam

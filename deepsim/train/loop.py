@@ -206,7 +206,9 @@ class _PendingMetrics:
 
 
 def _train(config: TrainConfig, payload, out: Path, context, progress: bool, build_loader, tasks) -> TrainResult:
-    stop_signals = StopSignals(config.stop_signals)
+    if config.keep_checkpoints < 1:
+        raise ValueError(f"--keep-checkpoints {config.keep_checkpoints}: expected at least 1")
+    stop_signals = StopSignals(config.stop_signals)  # checks --stop-signals before anything is built
     with stop_signals:  # from here on a stop signal is a request, not a kill
         return _run(config, payload, out, context, progress, build_loader, tasks, stop_signals)
 

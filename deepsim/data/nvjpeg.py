@@ -41,7 +41,7 @@ from .images import ImageReadError, read_image, scan_image_files
 from .sampling import EpochSchedule, ScheduledStream
 from .sources import resolve_source
 
-__all__ = ["NvjpegBatchStream", "build_nvjpeg_loader", "is_jpeg"]
+__all__ = ["NvjpegBatchStream", "DeviceJpegDecoder", "build_nvjpeg_loader", "is_jpeg"]
 
 _DEVICE_MODES = ("RGB", "L")  # JPEG colour modes decoded on the device; others go to the CPU reader
 
@@ -50,6 +50,102 @@ def is_jpeg(data: torch.Tensor | bytes) -> bool:
     """True when the encoded bytes start with a JPEG SOI marker (FF D8 FF)."""
     head = bytes(data[:3].tolist()) if isinstance(data, torch.Tensor) else bytes(data[:3])
     return head == b"\xff\xd8\xff"
+
+
+def _resize(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, height, width) uint8, bilinear and antialiased, on the image's device."""
+    if tuple(img.shape[1:]) == (height, width):
+        return img
+    x = torch.nn.functional.interpolate(
+        img[None].float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False
+    )
+    return x[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _pad(img: torch.Tensor, crop_size: int) -> torch.Tensor:
+    """Reflect-pad an image smaller than the crop as the torch path does (:func:`deepsim.data.augment.pad_to`)."""
+    if img.shape[1] >= crop_size and img.shape[2] >= crop_size:
+        return img
+    return torch.from_numpy(np.ascontiguousarray(pad_to(img.cpu().numpy(), crop_size))).to(img.device)
+
+
+class DeviceJpegDecoder:
+    """Encoded files -> (3, H, W) uint8 images on ``device``: baseline JPEGs in one batched ``decode_jpeg``
+    call, everything else (and any JPEG the device refuses) with the torch path's CPU reader; a file that
+    decodes nowhere is named (``on_bad="error"``) or substituted by the next good sample.
+
+    Attributes:
+        bad: files that failed to decode; cpu: indices of the files decoded on the CPU.
+    """
+
+    def __init__(self, files: list[str], modes: list[str], device: torch.device, on_bad: str):
+        self.files, self.device, self.on_bad = files, device, on_bad
+        self.on_device = [m in _DEVICE_MODES for m in modes]
+        self.bad: set[str] = set()
+        self.cpu: set[int] = set()
+        self._warned = False
+
+    def read(self, i: int) -> torch.Tensor:
+        """The encoded bytes of file ``i`` (uint8, 1-D, on the CPU)."""
+        return torch.from_numpy(np.fromfile(self.files[i], dtype=np.uint8))
+
+    def _decode_jpeg(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (see the module docstring)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
+
+    def _decode_cpu(self, i: int) -> torch.Tensor:
+        hwc = read_image(self.files[i])  # raises ImageReadError naming the file
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"loader='nvjpeg': {self.files[i]} is not a baseline RGB/grayscale JPEG (or the device decoder "
+                "refused it); such files are decoded on the CPU (counted in .cpu_decoded)",
+                stacklevel=5,
+            )
+        self.cpu.add(i)
+        return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1))).to(self.device)
+
+    def _decode_one(self, i: int, data: torch.Tensor) -> torch.Tensor:
+        if self.on_device[i] and is_jpeg(data):
+            try:
+                return self._decode_jpeg([data])[0]
+            except RuntimeError:
+                pass
+        return self._decode_cpu(i)
+
+    def _decode_or_substitute(self, i: int, data: torch.Tensor) -> tuple[torch.Tensor, int]:
+        n = len(self.files)
+        for attempt in range(n):
+            j = (i + attempt) % n
+            try:
+                return self._decode_one(j, data if attempt == 0 else self.read(j)), j
+            except (ImageReadError, RuntimeError) as error:
+                if self.on_bad == "error":
+                    raise DataError(
+                        f"{self.files[j]}: cannot be decoded ({str(error).strip().splitlines()[-1][:300]}); "
+                        "use on_bad='skip', or find every bad file with `deepsim data check`"
+                    ) from error
+                self.bad.add(self.files[j])
+        raise DataError(f"no decodable image left after skipping {len(self.bad)} files")
+
+    def decode(self, idx: np.ndarray, datas: list[torch.Tensor]) -> tuple[list[torch.Tensor], np.ndarray]:
+        """The images of samples ``idx`` (encoded ``datas``) and the sample index each one really is."""
+        used = np.array(idx, dtype=np.int64)
+        out: list[torch.Tensor | None] = [None] * len(idx)
+        batch = [b for b, i in enumerate(idx) if self.on_device[i] and is_jpeg(datas[b])]
+        if batch:
+            try:  # one batched call: nvJPEG decodes the whole batch at once
+                for b, img in zip(batch, self._decode_jpeg([datas[b] for b in batch])):
+                    out[b] = img
+            except RuntimeError:
+                pass  # a bad file in the batch: decode one by one below to find it
+        for b, i in enumerate(idx):
+            if out[b] is None:
+                out[b], used[b] = self._decode_or_substitute(int(i), datas[b])
+        return out, used
 
 
 class NvjpegBatchStream(ScheduledStream):
@@ -64,134 +160,46 @@ class NvjpegBatchStream(ScheduledStream):
     """
 
     def __init__(
-        self, *, files, sizes, modes, schedule, batch_size, crop_size, resize, random, mirror, seed, shard_id,
-        num_shards, start_sample, device, dtype, channels_last, on_bad, threads, skipped, ignored, source_name,
+        self, *, decoder, sizes, schedule, batch_size, crop_size, resize, random, mirror, seed, shard_id,
+        num_shards, start_sample, dtype, channels_last, threads, skipped, ignored, source_name,
     ):  # fmt: skip
         self._init_schedule(
-            schedule,
-            batch_size=batch_size,
-            shard_id=shard_id,
-            num_shards=num_shards,
-            start_sample=start_sample,
-        )
-        self.files, self._sizes = files, sizes
-        self._on_device = [m in _DEVICE_MODES for m in modes]
+            schedule, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, start_sample=start_sample
+        )  # fmt: skip
+        self._decoder, self._sizes = decoder, sizes
         self.crop_size, self._resize_shorter = crop_size, resize
         self._random, self._mirror, self._seed = random, mirror, seed
-        self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
-        self._on_bad = on_bad
+        self.device, self.dtype, self.channels_last = decoder.device, dtype, channels_last
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, threads))
-        self._bad: set[str] = set(skipped)
-        self._cpu: set[int] = set()
-        self._warned = False
+        self._skipped_at_scan = len(skipped)
         self.ignored = ignored
         self.source = source_name
         self._ahead = self._read_ahead(0)
 
     @property
     def skipped(self) -> int:
-        return len(self._bad)
+        return self._skipped_at_scan + len(self._decoder.bad)
 
     @property
     def cpu_decoded(self) -> int:
-        return len(self._cpu)
+        return len(self._decoder.cpu)
 
     def __iter__(self):
         return self
 
-    # ------------------------------------------------------------------------------------------ reading
-    def _read(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.fromfile(self.files[i], dtype=np.uint8))
-
     def _read_ahead(self, t: int):
         """Futures of the encoded bytes of batch ``t`` (read while the device decodes batch t-1)."""
         idx = self._schedule.indices(self.positions(t))
-        return [self._pool.submit(self._read, int(i)) for i in idx]
-
-    # ----------------------------------------------------------------------------------------- decoding
-    def _decode_cpu(self, i: int) -> torch.Tensor:
-        """(3, H, W) uint8 on the device, decoded by the torch path's reader (PIL)."""
-        hwc = read_image(self.files[i])  # raises ImageReadError naming the file
-        if not self._warned:
-            self._warned = True
-            warnings.warn(
-                f"loader='nvjpeg': {self.files[i]} is not a baseline RGB/grayscale JPEG (or the device decoder "
-                "refused it); such files are decoded on the CPU (counted in .cpu_decoded)",
-                stacklevel=4,
-            )
-        self._cpu.add(i)
-        return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1))).to(self.device)
-
-    def _decode_one(self, i: int, data: torch.Tensor) -> torch.Tensor:
-        if self._on_device[i] and is_jpeg(data):
-            try:
-                return self._decode_jpeg([data])[0]
-            except RuntimeError:
-                pass
-        return self._decode_cpu(i)
-
-    def _decode_jpeg(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
-        from torchvision.io import ImageReadMode, decode_jpeg
-
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (see the module docstring)
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
-
-    def _decode(self, idx: np.ndarray, datas: list[torch.Tensor]) -> tuple[list[torch.Tensor], np.ndarray]:
-        """Decoded (3, H, W) uint8 images on the device and the sample index each one is (a bad file is
-        substituted by the next good one, or raises)."""
-        used = np.array(idx, dtype=np.int64)
-        out: list[torch.Tensor | None] = [None] * len(idx)
-        batch = [b for b, i in enumerate(idx) if self._on_device[i] and is_jpeg(datas[b])]
-        if batch:
-            try:  # one batched call: nvJPEG decodes the whole batch at once
-                for b, img in zip(batch, self._decode_jpeg([datas[b] for b in batch])):
-                    out[b] = img
-            except RuntimeError:
-                pass  # a bad file in the batch: decode one by one below to find it
-        for b, i in enumerate(idx):
-            if out[b] is None:
-                out[b], used[b] = self._decode_or_substitute(int(i), datas[b])
-        return out, used
-
-    def _decode_or_substitute(self, i: int, data: torch.Tensor) -> tuple[torch.Tensor, int]:
-        n = len(self.files)
-        for attempt in range(n):
-            j = (i + attempt) % n
-            try:
-                return self._decode_one(j, data if attempt == 0 else self._read(j)), j
-            except (ImageReadError, RuntimeError) as error:
-                if self._on_bad == "error":
-                    raise DataError(
-                        f"{self.files[j]}: cannot be decoded ({str(error).strip().splitlines()[-1][:300]}); "
-                        "use on_bad='skip', or find every bad file with `deepsim data check`"
-                    ) from error
-                self._bad.add(self.files[j])
-        raise DataError(f"{self.source}: no decodable image left after skipping {len(self._bad)} files")
-
-    # --------------------------------------------------------------------------------------- transforms
-    def _resize(self, img: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        if tuple(img.shape[1:]) == (height, width):
-            return img
-        x = torch.nn.functional.interpolate(
-            img[None].float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False
-        )
-        return x[0].round_().clamp_(0, 255).to(torch.uint8)
-
-    def _pad(self, img: torch.Tensor) -> torch.Tensor:
-        c = self.crop_size
-        if img.shape[1] >= c and img.shape[2] >= c:
-            return img
-        return torch.from_numpy(np.ascontiguousarray(pad_to(img.cpu().numpy(), c))).to(self.device)
+        return [self._pool.submit(self._decoder.read, int(i)) for i in idx]
 
     def __next__(self) -> torch.Tensor:
         pos, idx = self._take_positions()
         datas = [future.result() for future in self._ahead]
         self._ahead = self._read_ahead(self._taken)
-        images, used = self._decode(idx, datas)
+        images, used = self._decoder.decode(idx, datas)
         if self._resize_shorter is not None:
-            images = [self._resize(img, int(h), int(w)) for img, (h, w) in zip(images, self._sizes[used])]
-        images = [self._pad(img) for img in images]
+            images = [_resize(img, int(h), int(w)) for img, (h, w) in zip(images, self._sizes[used])]
+        images = [_pad(img, self.crop_size) for img in images]
         h = np.array([img.shape[1] for img in images], dtype=np.int64)
         w = np.array([img.shape[2] for img in images], dtype=np.int64)
         c = self.crop_size
@@ -254,9 +262,9 @@ def build_nvjpeg_loader(
         )
     threads = num_workers if num_workers > 0 else max(1, min(4, os.cpu_count() or 1))
     return NvjpegBatchStream(
-        files=scan.files, sizes=scan.sizes, modes=scan.modes, schedule=EpochSchedule(len(scan.files), seed, src.name),
-        batch_size=batch_size, crop_size=crop_size, resize=resize, random=mode in ("crop", "resize-crop"),
-        mirror=mirror, seed=seed, shard_id=shard_id, num_shards=num_shards, start_sample=start_sample,
-        device=device, dtype=dtype, channels_last=channels_last, on_bad=on_bad, threads=threads,
-        skipped=scan.bad, ignored=len(src.non_images), source_name=src.name,
+        decoder=DeviceJpegDecoder(scan.files, scan.modes, torch.device(device), on_bad), sizes=scan.sizes,
+        schedule=EpochSchedule(len(scan.files), seed, src.name), batch_size=batch_size, crop_size=crop_size,
+        resize=resize, random=mode in ("crop", "resize-crop"), mirror=mirror, seed=seed, shard_id=shard_id,
+        num_shards=num_shards, start_sample=start_sample, dtype=dtype, channels_last=channels_last,
+        threads=threads, skipped=scan.bad, ignored=len(src.non_images), source_name=src.name,
     )  # fmt: skip

@@ -213,7 +213,9 @@ def _train(config: TrainConfig, payload, out: Path, context, progress: bool, bui
         return _run(config, payload, out, context, progress, build_loader, tasks, stop_signals)
 
 
-def _run(config, payload, out, context, progress, build_loader, tasks, stopper: StopSignals) -> TrainResult:
+def _prepare_trainer(config: TrainConfig, payload, context, tasks):
+    """The trainer (restored from ``payload`` if any, wrapped for DDP, channels_last), its step function, the
+    step it starts after and the data cursor it starts at."""
     from deepsim.train import distributed
 
     rank, world, device = context.rank, context.world, context.device
@@ -234,15 +236,22 @@ def _run(config, payload, out, context, progress, build_loader, tasks, stopper: 
         distributed.wrap_ddp(trainer, device, ddp=config.compile == "off")
         # Dropout masks differ per rank; the initial weights above were drawn before, identically.
         torch.manual_seed(config.seed + 1_000_003 * rank + start)
-    channels_last = getattr(config, "channels_last", False)
-    if channels_last:
+    if getattr(config, "channels_last", False):
         trainer.to_channels_last()
     step_fn = trainer.step
     if config.compile != "off":
         from deepsim.train.compiled import compile_step
 
         step_fn = compile_step(trainer, config.compile)
+    return trainer, step_fn, start, cursor
 
+
+def _run(config, payload, out, context, progress, build_loader, tasks, stopper: StopSignals) -> TrainResult:
+    from deepsim.train import distributed
+
+    rank, world, device = context.rank, context.world, context.device
+    trainer, step_fn, start, cursor = _prepare_trainer(config, payload, context, tasks)
+    channels_last = getattr(config, "channels_last", False)
     stream = build_loader(
         config.data, batch_size=config.batch_size, crop_size=config.image_size, mode=_task_mode(config),
         mirror=config.mirror, loader=config.loader, device=device, seed=config.seed, start_sample=cursor,

@@ -15,6 +15,10 @@
 `deepsim train invert` without --preset takes the preset invert-<layer> (default layer: fc6).
 --compile, --precision, --loader and --channels-last default to auto: the fast path on CUDA, the simple one on
 the CPU (deepsim.train.auto); the run's first line says what was chosen and why.
+
+Exit statuses: 0 done; 2 bad input (one line naming the file, flag or tensor); 75 stopped by a stop signal
+(SIGTERM, SIGINT, SIGUSR1: --stop-signals) after writing a checkpoint -- run the same command with
+`--resume auto` to continue; 128 + N killed by a second signal N (e.g. 143), the previous checkpoint intact.
 """
 
 from __future__ import annotations
@@ -63,6 +67,8 @@ TRAIN_FLAGS = {
     "log_every": int,
     "sample_every": int,
     "checkpoint_every": int,
+    "keep_checkpoints": int,
+    "stop_signals": str,
     "num_workers": int,
     "on_bad": str,
     "noise_dim": int,
@@ -105,10 +111,10 @@ HELP = {
     "comparator": "comparator spec '<arch>:<tap>[=w],...', e.g. alexnet:conv3, exemplar:conv3, alexnet-random:conv3",
     "comparator_weights": "weights file for the comparator (default: torchvision's cache for alexnet/vgg16)",
     "data": "'photos' (bundled sample photographs), a folder of images, or an STL-10 binary folder",
-    "out": "output folder: checkpoint.pt, metrics.jsonl, config.json, samples/*.png",
+    "out": "output folder: checkpoint.pt (+ the previous ones), metrics.jsonl, config.json, samples/*.png",
     "device": "auto | cpu | cuda | cuda:N",
-    "loader": "data loader: torch (PIL), dali (DALI, GPU decode), nvjpeg (torchvision GPU decode); "
-    "auto: dali or nvjpeg on CUDA, torch on the CPU",
+    "loader": "data loader: torch (PIL in DataLoader workers), dali (NVIDIA DALI) or nvjpeg (torchvision JPEG decode "
+    "on the device); auto: dali or nvjpeg on CUDA, torch on the CPU",
     "compile": "torch.compile the training step; auto: reduce-overhead (CUDA graphs) on CUDA, off on the CPU",
     "precision": "fp32, tf32 (CUDA matmuls) or bf16 autocast; auto: bf16 on CUDA (sm_80+), fp32 on the CPU",
     "seed": "seed for initialisation, data order and augmentation",
@@ -119,7 +125,9 @@ HELP = {
     "image_size": "training crop side (autoencoder: 64)",
     "log_every": "read metrics from the device every N steps",
     "sample_every": "write a PNG grid of inputs and reconstructions every N steps",
-    "checkpoint_every": "write checkpoint.pt every N steps (and at the end)",
+    "checkpoint_every": "write checkpoint.pt every N steps (and at the end, and on a stop signal)",
+    "keep_checkpoints": "keep the K newest checkpoints (checkpoint.pt, checkpoint.step<N>.pt...): a corrupt newest one falls back",
+    "stop_signals": "signals that stop training cleanly: finish the step, write a checkpoint, exit with status 75 ('' = none)",
     "num_workers": "DataLoader worker processes (torch loader)",
     "on_bad": "a corrupt or too-small image: error (stop, naming the file), skip (count and go on), pad (pad small ones)",
     "noise_dim": "invert: K noise values beside the features (extra channels for conv5), for pre-image sampling",
@@ -159,8 +167,10 @@ def _add_train_parser(sub) -> None:
     )
     p.add_argument("--preset", choices=sorted(PRESETS), help="named experiment (default: %(default)s per task)")
     p.add_argument(
-        "--resume", nargs="?", const=True, default=False, metavar="CHECKPOINT",
-        help="continue from CHECKPOINT, or from --out's checkpoint.pt when no path is given",
+        "--resume", nargs="?", const=True, default=False, metavar="auto|CHECKPOINT",
+        help="'auto': continue from --out's newest valid checkpoint if there is one, else start fresh (the same "
+        "command for the first start and every restart); a file or folder: continue from it; no value: from --out "
+        "(an error if it has no checkpoint)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
     p.add_argument("--layer", choices=["conv5", "fc6", "fc7", "fc8"], help="invert: the AlexNet layer to invert")
@@ -234,7 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _cmd_train(args) -> int:
     from deepsim.config import get_preset
+    from deepsim.tasks import TASKS
     from deepsim.train.loop import train
+    from deepsim.train.preemption import PREEMPTED_EXIT_CODE
 
     if args.task is None:
         args.task = get_preset(args.preset).task if args.preset else "autoencoder"
@@ -259,7 +271,17 @@ def _cmd_train(args) -> int:
             file=sys.stderr,
         )
 
-    result = train(config, resume=args.resume, progress=not args.no_progress, announce=announce)
+    result = train(
+        config, resume=args.resume, progress=not args.no_progress, tasks=TASKS, resume_overrides=set(overrides),
+        announce=announce,
+    )
+    if result.stopped_by:  # a stop signal: the checkpoint is written; run the same command to continue
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(
+                f"stopped by {result.stopped_by} at step {result.step}: checkpoint {result.checkpoint}; "
+                f"continue with the same command and --resume auto (exit status {PREEMPTED_EXIT_CODE})"
+            )
+        return PREEMPTED_EXIT_CODE
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 alone reports (and writes files)
         return 0
     last = result.history[-1] if result.history else {}

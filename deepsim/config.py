@@ -82,6 +82,7 @@ class TrainConfig:
     loader: str = "auto"  # "auto" | "torch" | "dali" | "nvjpeg" (auto: deepsim.train.auto)
     num_workers: int = 0  # DataLoader workers on the torch path
     on_bad: str = "error"  # a corrupt or too-small image: "error" (name it and stop), "skip" (count it), "pad"
+    mirror: bool = True  # random horizontal mirror (the derived code does not mirror)
 
     # --- running
     out: str = "runs/deepsim"  # output folder: checkpoints, metrics.jsonl, sample grids
@@ -94,6 +95,8 @@ class TrainConfig:
     sample_every: int = 200  # write a PNG grid of inputs beside reconstructions every N steps
     checkpoint_every: int = 500  # write a checkpoint every N steps (and at the end)
     tensorboard: bool | str = "auto"  # TensorBoard event files beside metrics.jsonl; "auto": when installed
+    keep_checkpoints: int = 2  # checkpoints kept in out: checkpoint.pt and the K-1 before it (a corrupt one falls back)
+    stop_signals: str = "SIGTERM,SIGINT,SIGUSR1"  # finish the step, checkpoint, exit 75 ("" = none; deepsim.train.preemption)
 
     def replace(self, **changes) -> TrainConfig:
         """A copy with some fields changed; unknown names raise a TypeError naming them."""

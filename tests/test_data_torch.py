@@ -148,19 +148,19 @@ def test_every_sample_once_per_epoch(coord_folder):
         assert sorted(ids.tolist()) == list(range(10))
 
 
-def test_shards_are_disjoint_within_an_epoch(tmp_path):
-    folder = write_coord_folder(tmp_path / "shards", 11, h=40, w=40)  # 11 = 2 * 5 + 1 dropped
-    seen = []
+def test_two_shards_split_each_epoch_of_11_without_dropping_any(tmp_path):
+    """11 samples, 2 ranks x 5: steps 1-2 cover global positions 0-19; the first 11 (epoch 0) hold every sample
+    once, split between the ranks (nothing dropped to even out the shards)."""
+    folder = write_coord_folder(tmp_path / "shards", 11, h=40, w=40)
+    per_rank = []
     for shard in range(2):
         stream = build_loader(folder, batch_size=5, crop_size=16, shard_id=shard, num_shards=2, seed=9)
         assert stream.samples_per_shard == 5 and stream.num_samples == 11
-        epoch0 = set(to_pixels(next(stream))[:, 2, 0, 0].tolist())
-        epoch1 = set(to_pixels(next(stream))[:, 2, 0, 0].tolist())
-        assert len(epoch0) == 5 and len(epoch1) == 5
-        seen.append((epoch0, epoch1))
+        per_rank.append([to_pixels(next(stream))[:, 2, 0, 0].tolist() for _ in range(2)])
+        assert stream.state_dict()["cursor"] == 20
         stream.close()
-    assert not seen[0][0] & seen[1][0] and not seen[0][1] & seen[1][1]
-    assert len(seen[0][0] | seen[1][0]) == 10
+    job_order = per_rank[0][0] + per_rank[1][0] + per_rank[0][1] + per_rank[1][1]  # positions 0..19
+    assert sorted(job_order[:11]) == list(range(11)) and len(set(job_order[11:])) == 9
 
 
 def test_iterate_eval_shards_cover_everything(coord_folder):

@@ -1,6 +1,6 @@
 """Two processes with gloo on 127.0.0.1 run the real train(): after some steps both ranks hold the same
-parameters (while reading different data shards), only rank 0 writes, and the checkpoint resumes with
-world size 1."""
+parameters (while reading different data shards), only rank 0 writes (with both ranks' parameter
+fingerprints and the global data cursor), and the checkpoint resumes with world size 1."""
 
 import json
 import os
@@ -53,7 +53,7 @@ def _worker(rank: int, world: int, port: int, out: str, compiled: bool) -> None:
         compiled_module.compile_step = compile_step
     captured = {}
     build = loop.build_trainer
-    loop.build_trainer = lambda config, device: captured.setdefault("trainer", build(config, device))
+    loop.build_trainer = lambda config, device, tasks=None: captured.setdefault("trainer", build(config, device, tasks))
     batches = []
     real_build_loader = __import__("deepsim.data", fromlist=["build_loader"]).build_loader
 
@@ -97,13 +97,21 @@ class _Prepend:
     def skipped(self):  # the loop logs the stream's bad-file count (Data/skipped)
         return self.stream.skipped
 
+    @property
+    def num_samples(self):
+        return self.stream.num_samples
+
+    def state_dict(self):  # the checkpoint's data cursor (the first batch was drawn ahead, once: same count)
+        return self.stream.state_dict()
+
     def close(self):
         self.stream.close()
 
 
-def _spawn(out, compiled: bool):
+def _spawn(out, compiled: bool, worker=None):
     port = _free_port()
-    context = mp.start_processes(_worker, args=(2, port, str(out), compiled), nprocs=2, join=False, start_method="spawn")
+    worker = worker or _worker
+    context = mp.start_processes(worker, args=(2, port, str(out), compiled), nprocs=2, join=False, start_method="spawn")
     import time
 
     deadline = time.monotonic() + TIMEOUT_S
@@ -113,6 +121,49 @@ def _spawn(out, compiled: bool):
                 process.kill()
             pytest.fail(f"2-process gloo run did not finish within {TIMEOUT_S} s")
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+def _stop_worker(rank: int, world: int, port: int, out: str, _compiled: bool) -> None:
+    """Rank 1 alone gets SIGUSR1, while it draws step 3's batch."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    import signal
+
+    import deepsim.data
+    import deepsim.train.loop as loop
+
+    real_build_loader = deepsim.data.build_loader
+
+    def build_loader(*args, **kwargs):
+        stream = real_build_loader(*args, **kwargs)
+        if rank == 1 and kwargs.get("batch_size") != 8:
+            real_next = type(stream).__next__
+
+            class Signalling(type(stream)):
+                def __next__(self):
+                    if self.cursor == 2 * world * self.batch_size:  # drawing step 3's batch
+                        os.kill(os.getpid(), signal.SIGUSR1)
+                    return real_next(self)
+
+            stream.__class__ = Signalling
+        return stream
+
+    deepsim.data.build_loader = build_loader
+    result = loop.train(_config(out).replace(steps=40, log_every=2), progress=False)
+    torch.save({"step": result.step, "stopped_by": result.stopped_by}, os.path.join(out, f"rank{rank}.pt"))
+
+
+def test_sigusr1_on_rank_1_at_step_3_stops_both_ranks_at_step_5_with_one_checkpoint(tmp_path):
+    """The stop request rides on the metrics all-reduce of log step 4 (log_every 2), read one step later: both
+    ranks stop after step 5, rank 0 writes the checkpoint of step 5, and no rank runs a step more."""
+    ranks = _spawn(tmp_path, False, _stop_worker)
+    assert [r["step"] for r in ranks] == [5, 5]
+    assert [r["stopped_by"] for r in ranks] == ["a stop signal on another rank", "SIGUSR1"]
+    checkpoint = load_checkpoint(tmp_path)
+    assert checkpoint["step"] == 5 and checkpoint["data"]["cursor"] == 5 * 2 * 2
+    assert len(set(checkpoint["replicas"])) == 1
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager-ddp", "compiled-allreduce"])
@@ -127,6 +178,9 @@ def test_two_ranks_stay_identical_and_rank0_alone_writes(tmp_path, compiled):
     # rank 0 alone wrote the checkpoint and the metrics; both ranks logged the same (averaged) losses
     checkpoint = load_checkpoint(tmp_path)
     assert checkpoint["step"] == STEPS
+    # every rank's parameter fingerprint, equal; the data cursor counts both ranks' samples (2 ranks x B x steps)
+    assert len(checkpoint["replicas"]) == 2 and checkpoint["replicas"][0] == checkpoint["replicas"][1]
+    assert checkpoint["data"]["cursor"] == STEPS * 2 * 2 and checkpoint["world_size"] == 2
     for name, tensor in checkpoint["trainer"]["generator"].items():  # unwrapped keys (no "module.")
         assert torch.equal(tensor, ranks[0]["generator"][name])
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]

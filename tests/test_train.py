@@ -9,7 +9,7 @@ from PIL import Image
 
 from deepsim.cli import main
 from deepsim.config import get_preset
-from deepsim.train.checkpoint import load_checkpoint, save_checkpoint
+from deepsim.train.checkpoint import CheckpointWriteError, load_checkpoint, save_checkpoint
 from deepsim.train.loop import NonFiniteLossError, train
 
 TINY = dict(batch_size=4, log_every=5, sample_every=1000, checkpoint_every=1000, device="cpu")
@@ -86,7 +86,7 @@ def test_atomic_save_keeps_old_checkpoint_when_write_fails(tmp_path, monkeypatch
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(CheckpointWriteError, match=r"disk full; the previous checkpoint .*checkpoint\.pt \(step 1\) is intact"):
         save_checkpoint(path, {"step": 2, "config": {}})
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1

@@ -7,7 +7,7 @@
     deepsim invert --checkpoint C IMAGE... --out DIR      reconstruct images from their features
     deepsim sample-preimages --checkpoint C IMAGE...      pre-images from features + noise (--noise-dim K)
 
-Library entry points: :func:`build_trainer` (called by :func:`deepsim.train.factory.build_trainer` for
+Library entry points: :func:`build_trainer` (the builder :data:`deepsim.tasks.TASKS` holds for
 tasks other than "autoencoder"), :func:`load_model`, and the networks in :mod:`.generators`.
 """
 

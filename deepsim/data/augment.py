@@ -2,11 +2,11 @@
 
 Reproducibility rests on two pure functions:
   * :func:`epoch_permutation` ``(seed, epoch, n)`` -> the order of all n samples in that epoch;
-  * :func:`crop_params` ``(seed, shard_id, positions, ...)`` -> crop offsets and mirror flags, where
-    ``positions`` are the sample positions in the shard's stream (batch t holds positions
-    ``t*B .. t*B+B-1``).
-Neither depends on worker count or on what was consumed before, which is what makes ``start_step`` and
-bit-exact resume possible. The hash is splitmix64 (Steele et al. 2014), evaluated with numpy uint64
+  * :func:`crop_params` ``(seed, positions, ...)`` -> crop offsets and mirror flags, where ``positions`` are
+    positions in the job's sample stream (:mod:`deepsim.data.sampling`: global, the same whichever rank
+    reads them).
+Neither depends on the worker count, the world size or on what was consumed before, which is what makes
+resuming at a sample cursor (bit-exact, at any world size) possible. The hash is splitmix64 (Steele et al. 2014), evaluated with numpy uint64
 arithmetic, so a batch's parameters cost a few vector ops and no per-sample generator.
 """
 
@@ -53,21 +53,22 @@ def _uniform_int(u: np.ndarray, high: np.ndarray) -> np.ndarray:
 
 def crop_params(
     seed: int,
-    shard_id: int,
     positions: np.ndarray,
     heights: np.ndarray,
     widths: np.ndarray,
     crop_size: int,
     random: bool = True,
+    mirror: bool = True,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Crop offsets and mirror flags for the samples at ``positions`` of a shard's stream.
+    """Crop offsets and mirror flags for the samples at ``positions`` of the job's sample stream.
 
     Args:
-        seed, shard_id: the stream's seed and shard (each shard gets its own augmentation stream).
-        positions: int64 (B,) sample positions in the stream.
+        seed: the stream's seed.
+        positions: int64 (B,) global sample positions (:mod:`deepsim.data.sampling`).
         heights, widths: int64 (B,) sizes of the images drawn at those positions (>= crop_size).
         crop_size: side of the square crop.
         random: False gives the centre crop without mirroring.
+        mirror: False never mirrors (the random crop offsets stay as they are).
 
     Returns:
         (oy, ox, flip): int64 (B,), int64 (B,), bool (B,). Offsets lie in [0, H - crop_size].
@@ -76,14 +77,14 @@ def crop_params(
     widths = np.asarray(widths, dtype=np.int64)
     if not random:
         return (heights - crop_size) // 2, (widths - crop_size) // 2, np.zeros(len(heights), dtype=bool)
-    base = splitmix64(np.asarray(positions, dtype=np.uint64) ^ _key(seed, shard_id))
+    base = splitmix64(np.asarray(positions, dtype=np.uint64) ^ _key(seed))
     with np.errstate(over="ignore"):
         u_y = splitmix64(base + np.uint64(1))
         u_x = splitmix64(base + np.uint64(2))
         u_f = splitmix64(base + np.uint64(3))
     oy = _uniform_int(u_y, heights - crop_size + 1)
     ox = _uniform_int(u_x, widths - crop_size + 1)
-    flip = (u_f >> np.uint64(63)).astype(bool)
+    flip = (u_f >> np.uint64(63)).astype(bool) if mirror else np.zeros(len(heights), dtype=bool)
     return oy, ox, flip
 
 

@@ -1,4 +1,4 @@
-"""NVIDIA DALI data path (``build_loader(..., loader="dali")``).
+"""NVIDIA DALI data path (``build_loader(..., loader="dali")``), on the shared epoch schedule.
 
 Batches follow the library convention: torch.Tensor (B, 3, c, c), RGB, float32 (or the requested dtype;
 bfloat16 is a cast after DALI's float output), values in [-1, 1] = (pixel - 127.5) / 127.5 computed by
@@ -7,47 +7,42 @@ channels_last once viewed as NCHW), on the training device: CUDA when a GPU is u
 ``fn.decoders.image(device="mixed")``, i.e. nvJPEG), the CPU in CPU mode (``device="cpu"``: the pipeline
 is built with ``device_id=None`` and CPU decoders; this is how the tests run on machines without a GPU).
 
-Pipelines:
-  * image folders and the bundled photos: ``fn.readers.file`` over an explicit file list (sharded with
-    ``shard_id``/``num_shards``, ``random_shuffle`` with a seeded shuffle buffer, ``pad_last_batch=False``:
-    the reader wraps into the next epoch, so the infinite training stream has no partial batch) ->
-    decode -> [``fn.resize(resize_shorter=...)``] -> ``crop_mirror_normalize`` with
-    ``crop_pos_x/y = fn.random.uniform`` and ``mirror = fn.random.coin_flip``.
-  * STL-10: ``fn.external_source`` yielding whole batches (one (B, 3, 96, 96) uint8 array plus the crop
-    positions and mirror flags per batch; no per-image Python work) -> ``crop_mirror_normalize``. The
-    sample order and crop parameters are the torch path's (:mod:`deepsim.data.augment`), so STL-10
-    batches equal the torch loader's up to float rounding, and ``start_step`` is exact.
+Pipelines. Both feed DALI with ``fn.external_source`` callbacks that follow :mod:`deepsim.data.sampling`:
+batch t of this rank holds the global positions :func:`~deepsim.data.sampling.rank_positions` gives, their
+samples come from the epoch permutation and their crop offsets and mirror flags from
+:func:`deepsim.data.augment.crop_params` (passed to ``crop_mirror_normalize`` as exact anchors). So DALI's
+sample order, crops and resume point are the torch path's: a stream started at a cursor (a checkpoint's,
+at any world size) continues exactly, and on lossless files (PNG) and STL-10 its batches equal the torch
+loader's.
+  * image folders and the bundled photos: the callback reads the encoded bytes of the batch's files (a
+    thread pool) -> ``fn.decoders.image`` -> [``fn.resize(resize_shorter=...)``] -> crop_mirror_normalize.
+  * STL-10: the callback yields one (B, 3, 96, 96) uint8 array per batch (no per-image Python work).
 
-Determinism and resume. For STL-10, as above. For files, DALI's reader shuffles with a buffer (not the
-torch path's full permutation) and DALI draws the crops, so batches differ from the torch path; a given
-seed and thread count repeat the same stream. ``start_step=k`` cannot fast-forward DALI's reader without
-decoding, so it re-seeds the reader and the augmentation with (seed, k): a resumed run sees a fresh,
-reproducible stream, not the exact continuation. Use ``loader="torch"`` for bit-exact resume.
-
-Bad input. DALI cannot skip a corrupt file inside the pipeline cheaply (a decode error stops it), so
-the file list is pre-scanned before the pipeline starts: headers only, with PIL (format, size), or a
-full decode when ``full_check=True`` (catches truncated data too; slower, same as ``deepsim data check``).
-Per ``on_bad``: ``"error"`` raises :class:`DataError` naming the first bad file; ``"skip"`` drops bad files
-and counts them in ``.skipped``; ``"pad"`` keeps images smaller than the crop and lets DALI zero-pad them
-(``out_of_bounds_policy="pad"``). Grayscale, CMYK and alpha images are decoded to RGB by DALI.
-Non-image files are ignored and counted in ``.ignored``.
+Bad input. DALI cannot skip a corrupt file inside the pipeline cheaply (a decode error stops it), so the file
+list is pre-scanned before the pipeline starts (:func:`deepsim.data.images.scan_image_files`: headers only,
+which also gives every image's size for the crop anchors, or a full decode when ``full_check=True``, which
+catches truncated data too; slower, same as ``deepsim data check``). Per ``on_bad``: ``"error"`` raises
+:class:`DataError` naming the first bad file; ``"skip"`` drops bad files and counts them in ``.skipped``;
+``"pad"`` keeps images smaller than the crop and lets DALI zero-pad them, centred
+(``out_of_bounds_policy="pad"``). Grayscale, CMYK and alpha images are decoded to RGB by DALI. Non-image
+files are ignored and counted in ``.ignored``.
 """
 
 from __future__ import annotations
 
-import math
+import concurrent.futures
 import os
 
 import numpy as np
 import torch
 
-from .augment import crop_params, splitmix64
+from .augment import crop_params
 from .errors import DataError
-from .images import ImageReadError, probe_image, read_image
+from .images import scan_image_files
+from .sampling import EpochSchedule, ScheduledStream, rank_positions
 from .sources import resolve_source
-from .torch_loader import MODES, ON_BAD, _Schedule
 
-__all__ = ["DaliUnavailableError", "DaliBatchStream", "build_dali_loader", "prescan_files", "dali_available"]
+__all__ = ["DaliUnavailableError", "DaliBatchStream", "build_dali_loader", "dali_available"]
 
 _INSTALL_HINT = (
     "loader='dali' needs NVIDIA DALI: `pip install nvidia-dali-cuda130` (the PyPI name `nvidia-dali` is "
@@ -76,121 +71,112 @@ def _import_dali():
     return dali, dali_torch
 
 
-def prescan_files(
-    paths, *, crop_size: int, resize: int | None, on_bad: str, full_check: bool = False
-) -> tuple[list[str], list[str]]:
-    """Sort files into (usable, bad) before a DALI pipeline starts.
-
-    Headers only (PIL) unless ``full_check``. An image smaller than the crop (after the resize, if any)
-    is bad unless ``on_bad="pad"``.
-
-    Raises:
-        DataError: with ``on_bad="error"``, naming the first bad file and what was expected.
-    """
-    good, bad = [], []
-    for p in paths:
-        try:
-            w, h, _ = probe_image(p)
-            if full_check:
-                read_image(p)
-        except ImageReadError as e:
-            if on_bad == "error":
-                raise DataError(str(e)) from e
-            bad.append(str(p))
-            continue
-        if resize is not None:
-            s = resize / min(w, h)
-            w, h = round(w * s), round(h * s)
-        if (w < crop_size or h < crop_size) and on_bad != "pad":
-            if on_bad == "error":
-                raise DataError(
-                    f"{p}: image is {w}x{h}, expected at least {crop_size}x{crop_size} for the crop "
-                    "(use on_bad='skip' or 'pad')"
-                )
-            bad.append(str(p))
-            continue
-        good.append(str(p))
-    return good, bad
+def crop_anchors(offsets: np.ndarray, extents: np.ndarray, crop_size: int) -> np.ndarray:
+    """DALI's ``crop_pos`` (anchor = crop_pos * (extent - crop)) for integer ``offsets``: float32 fractions
+    nudged by a quarter pixel, so that DALI lands on the same pixel whether it rounds or truncates. An image
+    no larger than the crop (padded) is centred."""
+    room = extents - crop_size
+    frac = np.minimum(1.0, (offsets + 0.25) / np.maximum(room, 1))
+    return np.where(room > 0, frac, 0.5).astype(np.float32)
 
 
-def _derived_seed(seed: int, start_step: int) -> int:
-    if start_step == 0:
-        return seed & 0x7FFFFFFF
-    return int(splitmix64(np.uint64(seed) ^ splitmix64(np.uint64(start_step)))) & 0x7FFFFFFF
+class _Feed:
+    """The schedule part every external_source callback shares: positions and sample indices of batch t."""
+
+    def __init__(
+        self, schedule, *, start_sample, shard_id, num_shards, batch_size, crop_size, seed, random, mirror
+    ):
+        self.schedule, self.start_sample = schedule, start_sample
+        self.shard_id, self.num_shards, self.batch_size = shard_id, num_shards, batch_size
+        self.crop_size, self.seed, self.random, self.mirror = crop_size, seed, random, mirror
+
+    def positions(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        pos = rank_positions(
+            self.start_sample,
+            t,
+            shard_id=self.shard_id,
+            num_shards=self.num_shards,
+            batch_size=self.batch_size,
+        )
+        return pos, self.schedule.indices(pos)
+
+    def anchors(self, pos, heights, widths):
+        """(crop_pos_x, crop_pos_y, mirror) for DALI, from the shared crop parameters."""
+        c = self.crop_size
+        oy, ox, flip = crop_params(
+            self.seed, pos, np.maximum(heights, c), np.maximum(widths, c), c, self.random, self.mirror
+        )
+        return crop_anchors(ox, widths, c), crop_anchors(oy, heights, c), flip.astype(np.int32)
 
 
-class _Stl10BatchSource:
-    """external_source callback: batch ``start_step + iteration`` as one array plus crop parameters."""
+class _Stl10Feed(_Feed):
+    """external_source callback: batch t as one (B, 3, 96, 96) array plus its crop anchors."""
 
-    def __init__(self, array, schedule, batch_size, crop_size, seed, shard_id, start_step, random):
-        self.array, self.schedule = array, schedule
-        self.batch_size, self.crop_size = batch_size, crop_size
-        self.seed, self.shard_id, self.start_step, self.random = seed, shard_id, start_step, random
+    def __init__(self, array, **kw):
+        super().__init__(**kw)
+        self.array = array
 
     def __call__(self, info):
-        t = self.start_step + info.iteration
-        b = self.batch_size
-        pos = np.arange(t * b, (t + 1) * b, dtype=np.int64)
-        idx = self.schedule.indices(pos)
+        pos, idx = self.positions(info.iteration)
         order = np.argsort(idx, kind="stable")  # read the memmap in file order, then restore batch order
-        images = np.empty((b, *self.array.shape[1:]), dtype=np.uint8)
+        images = np.empty((len(idx), *self.array.shape[1:]), dtype=np.uint8)
         images[order] = self.array[idx[order]]  # (B, 3, 96, 96)
         _, _, h, w = self.array.shape
-        hh = np.full(b, h, dtype=np.int64)
-        ww = np.full(b, w, dtype=np.int64)
-        oy, ox, flip = crop_params(self.seed, self.shard_id, pos, hh, ww, self.crop_size, self.random)
-        # DALI's anchor is crop_pos * (extent - crop): pass the exact fractions.
-        px = (ox / max(1, w - self.crop_size)).astype(np.float32)
-        py = (oy / max(1, h - self.crop_size)).astype(np.float32)
-        return images, px, py, flip.astype(np.int32)
+        px, py, mirror = self.anchors(pos, np.full(len(idx), h), np.full(len(idx), w))
+        return images, px, py, mirror
 
 
-class DaliBatchStream:
+class _FileFeed(_Feed):
+    """external_source callback: the encoded bytes of batch t's files plus their crop anchors."""
+
+    def __init__(self, files, sizes, threads, **kw):
+        super().__init__(**kw)
+        self.files, self.sizes = files, sizes  # sizes: (N, 2) (height, width) after the resize
+        self.pool = concurrent.futures.ThreadPoolExecutor(max(1, threads))
+
+    def _read(self, i: int) -> np.ndarray:
+        return np.fromfile(self.files[i], dtype=np.uint8)
+
+    def __call__(self, info):
+        pos, idx = self.positions(info.iteration)
+        encoded = list(self.pool.map(self._read, idx))
+        px, py, mirror = self.anchors(pos, self.sizes[idx, 0], self.sizes[idx, 1])
+        return encoded, px, py, mirror
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False)
+
+
+class DaliBatchStream(ScheduledStream):
     """An infinite iterator of batches from a DALI pipeline; the same interface as ``BatchStream``.
 
     Attributes:
-        steps_per_epoch, num_samples, samples_per_shard, skipped, ignored, step: as in BatchStream.
+        cursor, step, epoch, state_dict(), num_samples, samples_per_shard, steps_per_epoch, skipped,
+            ignored: as in BatchStream.
         static: when True, ``next()`` copies into one preallocated tensor and returns that same tensor
             object every step (for CUDA graphs); the caller must use it before the next call.
     """
 
     def __init__(
-        self,
-        pipe,
-        *,
-        batch_size,
-        device,
-        dtype,
-        channels_last,
-        static,
-        num_samples,
-        samples_per_shard,
-        skipped,
-        ignored,
-        start_step,
-        source_name,
-    ):
+        self, pipe, feed, schedule, *, batch_size, shard_id, num_shards, start_sample, device, dtype, channels_last,
+        static, skipped, ignored, source_name,
+    ):  # fmt: skip
         _, dali_torch = _import_dali()
-        self._feed_ndarray = dali_torch.feed_ndarray
-        self._pipe = pipe
-        self.batch_size = batch_size
-        self.device, self.dtype, self.channels_last, self.static = (
-            torch.device(device),
-            dtype,
-            channels_last,
-            static,
+        self._init_schedule(
+            schedule,
+            batch_size=batch_size,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            start_sample=start_sample,
         )
-        self.num_samples, self.samples_per_shard = num_samples, samples_per_shard
-        self.steps_per_epoch = max(1, math.ceil(samples_per_shard / batch_size))
+        self._feed_ndarray = dali_torch.feed_ndarray
+        self._pipe, self._feed = pipe, feed
+        self.device, self.dtype = torch.device(device), dtype
+        self.channels_last, self.static = channels_last, static
         self.skipped, self.ignored = skipped, ignored
-        self.step = start_step
         self.source = source_name
         self._raw = None  # float32 buffer in DALI's layout (B, 3, c, c) or (B, c, c, 3)
         self._out = None  # the tensor returned when static
-
-    @property
-    def epoch(self) -> float:
-        return self.step * self.batch_size / max(1, self.samples_per_shard)
 
     def __iter__(self):
         return self
@@ -212,12 +198,12 @@ class DaliBatchStream:
                 "only; run `deepsim data check` on the folder, or build with full_check=True): "
                 + str(e).strip().splitlines()[-1][:500]
             ) from e
+        self._take_positions()  # the feed computed the same positions for this iteration
         dense = out.as_tensor()  # (B, 3, c, c) or (B, c, c, 3), float32
         raw = self._raw_buffer(dense.shape())
         stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else None
         self._feed_ndarray(dense, raw, cuda_stream=stream)
         x = raw.permute(0, 3, 1, 2) if self.channels_last else raw  # HWC buffer == channels_last NCHW
-        self.step += 1
         if not self.static:
             return x if self.dtype == torch.float32 else x.to(self.dtype)
         if self._out is None:
@@ -235,6 +221,9 @@ class DaliBatchStream:
         pipe, self._pipe = self._pipe, None
         if pipe is not None:
             del pipe
+        feed, self._feed = self._feed, None
+        if feed is not None and hasattr(feed, "close"):
+            feed.close()
 
     def __enter__(self):
         return self
@@ -245,7 +234,7 @@ class DaliBatchStream:
     def __repr__(self) -> str:
         return (
             f"DaliBatchStream(source={self.source!r}, num_samples={self.num_samples}, "
-            f"batch_size={self.batch_size}, device={self.device}, step={self.step}, skipped={self.skipped})"
+            f"batch_size={self.batch_size}, device={self.device}, cursor={self.cursor}, skipped={self.skipped})"
         )
 
 
@@ -255,10 +244,11 @@ def build_dali_loader(
     batch_size: int,
     crop_size: int = 64,
     mode: str = "crop",
+    mirror: bool = True,
     device="cpu",
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
-    start_step: int = 0,
+    start_sample: int = 0,
     shard_id: int = 0,
     num_shards: int = 1,
     num_workers: int = 0,
@@ -270,10 +260,10 @@ def build_dali_loader(
     full_check: bool = False,
     prefetch: int = 2,
 ) -> DaliBatchStream:
-    """Build a DALI batch stream; arguments as :func:`deepsim.data.build_loader`, plus:
+    """Build a DALI batch stream; arguments as :func:`deepsim.data.build_loader` (checked there), plus:
 
     Args:
-        num_workers: DALI CPU threads (0 = min(4, cpu count)).
+        num_workers: DALI CPU threads and file-reading threads (0 = min(4, cpu count)).
         static: return one preallocated tensor every step (CUDA graphs).
         full_check: pre-scan by fully decoding every file instead of reading headers.
         prefetch: DALI prefetch queue depth.
@@ -283,17 +273,11 @@ def build_dali_loader(
 
     Raises:
         DaliUnavailableError: DALI is not installed (says what to pip install).
-        DataError: bad arguments or bad input (see the module docstring).
+        DataError: bad input (see the module docstring).
     """
-    dali, _ = _import_dali()
+    _import_dali()
     from nvidia.dali import fn, pipeline_def, types
 
-    if mode not in MODES:
-        raise DataError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
-    if on_bad not in ON_BAD:
-        raise DataError(f"on_bad={on_bad!r}: expected one of {', '.join(ON_BAD)}")
-    if not 0 <= shard_id < num_shards:
-        raise DataError(f"shard_id={shard_id}, num_shards={num_shards}: expected 0 <= shard_id < num_shards")
     device = torch.device(device)
     if device.type == "cuda":
         device_id = device.index if device.index is not None else torch.cuda.current_device()
@@ -309,14 +293,14 @@ def build_dali_loader(
     layout = "HWC" if channels_last else "CHW"
     norm = dict(mean=[127.5] * 3, std=[127.5] * 3, dtype=types.FLOAT, output_layout=layout)
     src = resolve_source(source, split)
-    pipe_seed = _derived_seed(seed + 7919 * shard_id, start_step)
     pipeline_options = dict(
-        batch_size=batch_size,
-        num_threads=threads,
-        device_id=device_id,
-        seed=pipe_seed,
+        batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed & 0x7FFFFFFF,
         prefetch_queue_depth=prefetch,
-    )
+    )  # fmt: skip
+    feed_options = dict(
+        start_sample=start_sample, shard_id=shard_id, num_shards=num_shards, batch_size=batch_size,
+        crop_size=crop_size, seed=seed, random=random, mirror=mirror,
+    )  # fmt: skip
 
     if src.kind == "stl10":
         if resize is not None:
@@ -327,91 +311,43 @@ def build_dali_loader(
             raise DataError(
                 f"{src.location}: STL-10 images are 96x96, expected crop_size <= 96 (got {crop_size})"
             )
-        schedule = _Schedule(src.array.shape[0], seed, shard_id, num_shards, src.name)
-        feed = _Stl10BatchSource(
-            src.array, schedule, batch_size, crop_size, seed, shard_id, start_step, random
-        )
-
-        @pipeline_def(**pipeline_options)
-        def stl10_pipeline():
-            images, px, py, mirror = fn.external_source(
-                source=feed,
-                num_outputs=4,
-                batch=True,
-                batch_info=True,
-                layout=["CHW", "", "", ""],
-                dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32],
-            )
-            if gpu:
-                images = images.gpu()
-            return fn.crop_mirror_normalize(
-                images, crop=(crop_size, crop_size), crop_pos_x=px, crop_pos_y=py, mirror=mirror, **norm
-            )
-
-        pipe = stl10_pipeline()
-        num_samples, per_shard, skipped, ignored = schedule.n, schedule.per_shard, 0, 0
+        schedule = EpochSchedule(src.array.shape[0], seed, src.name)
+        feed = _Stl10Feed(src.array, schedule=schedule, **feed_options)
+        skipped, ignored, image_layout = 0, 0, "CHW"
     else:
-        files, bad = prescan_files(
+        scan = scan_image_files(
             src.paths, crop_size=crop_size, resize=resize, on_bad=on_bad, full_check=full_check
         )
-        if not files:
+        if not scan.files:
             raise DataError(
                 f"{src.name}: all {len(src.paths)} image files are unusable (corrupt or smaller than the crop)"
             )
-        if len(files) < num_shards:
-            raise DataError(
-                f"{src.name}: {len(files)} usable images cannot be split over {num_shards} shards"
-            )
+        schedule = EpochSchedule(len(scan.files), seed, src.name)
+        feed = _FileFeed(scan.files, scan.sizes, threads, schedule=schedule, **feed_options)
+        skipped, ignored, image_layout = len(scan.bad), len(src.non_images), None
 
-        @pipeline_def(**pipeline_options)
-        def file_pipeline():
-            encoded, _ = fn.readers.file(
-                files=files,
-                shard_id=shard_id,
-                num_shards=num_shards,
-                random_shuffle=random,
-                seed=pipe_seed,
-                pad_last_batch=False,
-                stick_to_shard=False,
-                name="Reader",
-            )
-            images = fn.decoders.image(encoded, device="mixed" if gpu else "cpu", output_type=types.RGB)
+    @pipeline_def(**pipeline_options)
+    def pipeline():
+        images, px, py, flip = fn.external_source(
+            source=feed, num_outputs=4, batch=True, batch_info=True,
+            layout=[image_layout or "", "", "", ""],
+            dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32],
+        )  # fmt: skip
+        if image_layout is None:  # encoded files
+            images = fn.decoders.image(images, device="mixed" if gpu else "cpu", output_type=types.RGB)
             if resize is not None:
                 images = fn.resize(images, resize_shorter=resize, antialias=True)
-            if random:
-                pos = dict(
-                    crop_pos_x=fn.random.uniform(range=(0.0, 1.0)),
-                    crop_pos_y=fn.random.uniform(range=(0.0, 1.0)),
-                    mirror=fn.random.coin_flip(probability=0.5),
-                )
-            else:
-                pos = dict(crop_pos_x=0.5, crop_pos_y=0.5, mirror=0)
-            return fn.crop_mirror_normalize(
-                images,
-                crop=(crop_size, crop_size),
-                out_of_bounds_policy="pad" if on_bad == "pad" else "error",
-                fill_values=0.0,
-                **pos,
-                **norm,
-            )
+        elif gpu:
+            images = images.gpu()
+        return fn.crop_mirror_normalize(
+            images, crop=(crop_size, crop_size), crop_pos_x=px, crop_pos_y=py, mirror=flip,
+            out_of_bounds_policy="pad" if on_bad == "pad" else "error", fill_values=0.0, **norm,
+        )  # fmt: skip
 
-        pipe = file_pipeline()
-        num_samples = len(files)
-        # DALI shards are contiguous chunks of the list: shard s holds N*(s+1)//S - N*s//S files.
-        per_shard = num_samples * (shard_id + 1) // num_shards - num_samples * shard_id // num_shards
-        skipped, ignored = len(bad), len(src.non_images)
+    pipe = pipeline()
     pipe.build()
     return DaliBatchStream(
-        pipe,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-        channels_last=channels_last,
-        static=static,
-        num_samples=num_samples,
-        samples_per_shard=per_shard,
-        skipped=skipped,
-        ignored=ignored,
-        start_step=start_step,
-        source_name=src.name,
-    )
+        pipe, feed, schedule, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
+        start_sample=start_sample, device=device, dtype=dtype, channels_last=channels_last, static=static,
+        skipped=skipped, ignored=ignored, source_name=src.name,
+    )  # fmt: skip

@@ -8,6 +8,7 @@ alpha images are converted to 3-channel RGB (alpha is dropped, as torchvision's 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import pathlib
@@ -29,6 +30,9 @@ __all__ = [
     "probe_image",
     "strict_truncation",
     "mode_kind",
+    "resized_size",
+    "scan_image_files",
+    "ScannedFiles",
 ]
 
 IMAGE_EXTENSIONS = frozenset(
@@ -204,3 +208,66 @@ def read_image(path: os.PathLike | str, *, resize_shorter: int | None = None) ->
 def read_image_chw(path: os.PathLike | str, *, resize_shorter: int | None = None) -> np.ndarray:
     """:func:`read_image` in (3, H, W) layout, C-contiguous (what the loaders crop from)."""
     return np.ascontiguousarray(read_image(path, resize_shorter=resize_shorter).transpose(2, 0, 1))
+
+
+def resized_size(width: int, height: int, resize_shorter: int | None) -> tuple[int, int]:
+    """(width, height) after :func:`read_image`'s ``resize_shorter`` (unchanged when None)."""
+    if resize_shorter is None:
+        return width, height
+    s = resize_shorter / min(width, height)
+    return max(1, round(width * s)), max(1, round(height * s))
+
+
+@dataclasses.dataclass
+class ScannedFiles:
+    """What :func:`scan_image_files` found.
+
+    Attributes:
+        files: the usable files, in source order.
+        sizes: int64 (N, 2): each usable image's (height, width) after the resize.
+        modes: each usable image's PIL mode ("RGB", "L", "CMYK", ...), from its header.
+        bad: the files left out (``on_bad="skip"``/``"pad"``).
+    """
+
+    files: list[str]
+    sizes: np.ndarray
+    modes: list[str]
+    bad: list[str]
+
+
+def scan_image_files(
+    paths, *, crop_size: int, resize: int | None, on_bad: str, full_check: bool = False
+) -> ScannedFiles:
+    """Sort files into usable and bad before a pipeline that cannot skip a file mid-stream starts (DALI, the
+    GPU decoder), reading every usable image's size and mode from its header.
+
+    Headers only (PIL) unless ``full_check`` (a full decode: catches truncated data too). An image smaller
+    than the crop (after the resize, if any) is bad unless ``on_bad="pad"``.
+
+    Raises:
+        DataError: with ``on_bad="error"``, naming the first bad file and what was expected.
+    """
+    good, sizes, modes, bad = [], [], [], []
+    for p in paths:
+        try:
+            w, h, mode = probe_image(p)
+            if full_check:
+                read_image(p)
+        except ImageReadError as e:
+            if on_bad == "error":
+                raise DataError(str(e)) from e
+            bad.append(str(p))
+            continue
+        w, h = resized_size(w, h, resize)
+        if (w < crop_size or h < crop_size) and on_bad != "pad":
+            if on_bad == "error":
+                raise DataError(
+                    f"{p}: image is {w}x{h}, expected at least {crop_size}x{crop_size} for the crop "
+                    "(use on_bad='skip' or 'pad')"
+                )
+            bad.append(str(p))
+            continue
+        good.append(str(p))
+        sizes.append((h, w))
+        modes.append(mode)
+    return ScannedFiles(good, np.array(sizes, dtype=np.int64).reshape(-1, 2), modes, bad)

@@ -1,26 +1,95 @@
-"""Checkpoints written atomically: a temporary file in the same folder, fsync, then rename.
+"""Checkpoints: written atomically, checksummed, and the last K kept.
 
-A process killed while writing leaves the previous checkpoint untouched and loadable; a half-written
-temporary file is never read (it has another name) and is removed by the next successful save.
+Writing (:func:`save_checkpoint`). The payload goes to a temporary file in the same folder, then fsync, then
+``os.replace`` onto the checkpoint's name (and an fsync of the folder). A process killed while writing, or a
+write that fails (a full disk), leaves the previous checkpoint untouched and loadable: the failure raises
+:class:`CheckpointWriteError`, whose message says so; a half-written temporary file is never read (it has
+another name) and is removed by the next successful save. With ``keep=K`` the checkpoint being replaced is
+first renamed ``<stem>.step<NNNNNNN><suffix>`` (``checkpoint.step0000500.pt``), and only the K-1 newest of
+those are kept: ``checkpoint.pt`` is always the newest, the older ones sit beside it.
+
+File format. Exactly what ``torch.save`` writes (a zip archive: ``torch.load`` reads it as any checkpoint),
+with the checksum in the archive's comment, the last 56 bytes of the file::
+
+    bytes 0-15   b"DEEPSIM-CKPT-V2\\n"    magic
+    bytes 16-23  int64 little-endian     the payload's "step" (-1 if it has none)
+    bytes 24-55  SHA-256 of every byte of the file before the zip comment-length field
+
+Reading (:func:`load_checkpoint`) checks the SHA-256 before unpickling anything: a truncated file or flipped
+bytes raise :class:`CorruptCheckpointError` naming the file. A file without the checksum (a plain
+``torch.save`` file, as written before checksums existed) is loaded with a :class:`CheckpointWarning`.
+Given a folder, :func:`load_checkpoint` takes the newest checkpoint that passes the check and warns, naming
+both files, when it had to fall back past a corrupt one (:func:`load_latest` does the same and returns what
+it skipped).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import hashlib
 import os
 import random
+import re
+import struct
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["save_checkpoint", "load_checkpoint", "rng_state", "set_rng_state", "CheckpointError", "CHECKPOINT_NAME"]
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_latest",
+    "find_checkpoints",
+    "read_footer",
+    "quarantine",
+    "fallback_message",
+    "rng_state",
+    "set_rng_state",
+    "CheckpointError",
+    "CheckpointWriteError",
+    "CorruptCheckpointError",
+    "CheckpointWarning",
+    "CheckpointFooter",
+    "CHECKPOINT_NAME",
+]
 
 CHECKPOINT_NAME = "checkpoint.pt"
+_MAGIC = b"DEEPSIM-CKPT-V2\n"
+_FOOTER = struct.Struct("<16sq32s")  # magic, step, sha256 -> 56 bytes: the zip comment
+_EOCD = struct.Struct("<4s16xH")  # the zip end-of-central-directory record: signature ... comment length
+_EOCD_SIGNATURE = b"PK\x05\x06"
+_CHUNK = 16 << 20
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or does not fit the run."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file is damaged (truncated, flipped bytes, not a checkpoint at all)."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason = Path(path), reason
+        super().__init__(f"checkpoint {path} is corrupt: {reason}")
+
+
+class CheckpointWriteError(CheckpointError):
+    """Writing a checkpoint failed (e.g. the disk is full); the previous checkpoint is untouched."""
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was loaded without its checksum, or in place of a corrupt newer one."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointFooter:
+    step: int  # the payload's step (-1: none)
+    checked_bytes: int  # the bytes the checksum covers (the file up to the zip comment-length field)
+    sha256: str  # their hex digest
 
 
 def rng_state() -> dict:
@@ -39,36 +108,295 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict) -> Path:
-    """Write ``payload`` to ``path`` atomically (temp file + fsync + os.replace). Returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+# ------------------------------------------------------------------------------------------------ names
+
+
+def _step_name(path: Path, step: int) -> Path:
+    return path.with_name(f"{path.stem}.step{step:07d}{path.suffix}")
+
+
+def _step_files(path: Path) -> list[tuple[int, Path]]:
+    """The kept older checkpoints of ``path`` as (step, file), newest first."""
+    pattern = re.compile(rf"^{re.escape(path.stem)}\.step(\d+){re.escape(path.suffix)}$")
+    found = []
+    if path.parent.is_dir():
+        for candidate in path.parent.iterdir():
+            match = pattern.match(candidate.name)
+            if match and candidate.is_file():
+                found.append((int(match.group(1)), candidate))
+    return sorted(found, key=lambda item: item[0], reverse=True)
+
+
+def find_checkpoints(folder: str | os.PathLike, name: str = CHECKPOINT_NAME) -> list[Path]:
+    """The checkpoints in ``folder``, newest first: ``name`` (the newest by construction), then the kept
+    older ones (``<stem>.step<N><suffix>``) by decreasing step."""
+    path = Path(folder) / name
+    return ([path] if path.is_file() else []) + [p for _, p in _step_files(path)]
+
+
+# ------------------------------------------------------------------------------------------------ writing
+
+
+class _HashingWriter:
+    """A write-only file object that hashes what torch.save writes through it, except the last 2 bytes (the
+    zip comment length, rewritten afterwards). It keeps the first OSError a write raised: torch.save's zip
+    writer then fails again while closing the archive and raises a RuntimeError of its own, which would
+    otherwise hide that the disk was full."""
+
+    def __init__(self, handle):
+        self.handle, self.hash, self.size = handle, hashlib.sha256(), 0
+        self.held = b""  # the last 2 bytes so far, not hashed yet
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        try:
+            written = self.handle.write(view)
+        except OSError as error:
+            self.error = self.error or error
+            raise
+        if len(view) >= 2:
+            self.hash.update(self.held)
+            self.hash.update(view[:-2])
+            self.held = bytes(view[-2:])
+        else:
+            joined = self.held + bytes(view)
+            self.hash.update(joined[:-2])
+            self.held = joined[-2:]
+        self.size += len(view)
+        return written
+
+    def flush(self) -> None:
+        self.handle.flush()
+
+
+def _fsync_folder(folder: Path) -> None:
     try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # not every filesystem syncs a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def _previous_state(path: Path) -> str:
+    if not path.is_file():
+        return "no earlier checkpoint exists there"
+    footer = read_footer(path)
+    step = f" (step {footer.step})" if footer is not None and footer.step >= 0 else ""
+    return f"the previous checkpoint {path}{step} is intact"
+
+
+def _write_error(path: Path, error: OSError) -> CheckpointWriteError:
+    code = errno.errorcode.get(error.errno, "") if error.errno else ""
+    what = f"{error.strerror or error}" + (f" ({code})" if code else "")
+    hint = " Free some space (or choose another --out) and resume." if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""
+    return CheckpointWriteError(f"could not write checkpoint {path}: {what}; {_previous_state(path)}.{hint}")
+
+
+def _step_of(path: Path) -> int | None:
+    """The step of an existing checkpoint (its footer, or a legacy file's payload); None if unreadable."""
+    footer = read_footer(path)
+    if footer is not None:
+        return footer.step if footer.step >= 0 else None
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False)["step"])
+    except Exception:  # noqa: BLE001 - an unreadable legacy file is simply replaced
+        return None
+
+
+def save_checkpoint(path: str | os.PathLike, payload: dict, *, keep: int | None = None) -> Path:
+    """Write ``payload`` to ``path`` atomically, with a checksum.
+
+    Args:
+        path: the checkpoint file (``<out>/checkpoint.pt`` in a run).
+        payload: a dict (``torch.save``-able); its ``"step"``, if any, is recorded beside the checksum.
+        keep: None (default): replace ``path`` and touch nothing else. K >= 1: keep the K newest checkpoints:
+            the one being replaced is renamed ``<stem>.step<N><suffix>`` first, and the older renamed ones
+            beyond K-1 are deleted.
+
+    Returns:
+        ``path``.
+
+    Raises:
+        CheckpointWriteError: the write failed (full disk, quota, I/O error); the message names the file
+            and says that the previous checkpoint is intact.
+    """
+    path = Path(path)
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep={keep}: expected at least 1 checkpoint to keep (--keep-checkpoints)")
+    step = payload.get("step") if isinstance(payload, dict) else None
+    step = int(step) if isinstance(step, (int, np.integer)) else -1
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise _write_error(path, error) from error
+    tmp = Path(tmp_name)
+    writer = None
+    try:
+        with os.fdopen(fd, "w+b") as handle:
+            writer = _HashingWriter(handle)
+            torch.save(payload, writer)
+            handle.seek(-_EOCD.size, os.SEEK_END)
+            signature, comment_length = _EOCD.unpack(handle.read(_EOCD.size))
+            if signature != _EOCD_SIGNATURE or comment_length != 0:
+                raise CheckpointError(f"torch.save wrote no zip end record to {tmp}: cannot add the checksum")
+            handle.seek(-2, os.SEEK_END)
+            handle.write(struct.pack("<H", _FOOTER.size) + _FOOTER.pack(_MAGIC, step, writer.hash.digest()))
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
+        if keep is not None and keep > 1 and path.is_file():
+            old_step = _step_of(path)
+            if old_step is not None and old_step != step:
+                os.replace(path, _step_name(path, old_step))
+        os.replace(tmp, path)
+    except BaseException as error:
+        tmp.unlink(missing_ok=True)
+        os_error = writer.error if writer is not None and writer.error is not None else error
+        if isinstance(os_error, OSError):
+            raise _write_error(path, os_error) from error
         raise
+    _fsync_folder(path.parent)
     for stale in path.parent.glob(f".{path.name}.*.tmp"):  # left by a killed writer
         stale.unlink(missing_ok=True)
+    if keep is not None:
+        for _, old in _step_files(path)[keep - 1 :]:
+            try:
+                old.unlink()
+            except OSError as error:
+                warnings.warn(f"could not delete old checkpoint {old}: {error}", CheckpointWarning, stacklevel=2)
     return path
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
-    """Read a checkpoint written by :func:`save_checkpoint`; errors name the file."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise CheckpointError(f"no checkpoint at {path}")
+# ------------------------------------------------------------------------------------------------ reading
+
+
+def read_footer(path: str | os.PathLike) -> CheckpointFooter | None:
+    """The checksum record of a checkpoint (nothing is unpickled); None for a file without one."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        tail_size = _EOCD.size + _FOOTER.size
+        if size < tail_size:
+            return None
+        handle.seek(size - tail_size)
+        tail = handle.read(tail_size)
+    signature, comment_length = _EOCD.unpack(tail[: _EOCD.size])
+    magic, step, digest = _FOOTER.unpack(tail[_EOCD.size :])
+    if signature != _EOCD_SIGNATURE or comment_length != _FOOTER.size or magic != _MAGIC:
+        return None
+    return CheckpointFooter(step=step, checked_bytes=size - _FOOTER.size - 2, sha256=digest.hex())
+
+
+def _unpickle(path: Path, map_location):
     try:
-        payload = torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise CheckpointError(f"checkpoint {path} cannot be read: {error}") from error
+        raise CorruptCheckpointError(path, f"it cannot be read ({type(error).__name__}: {error})") from error
+
+
+def _plain_zip_end(path: Path) -> bool:
+    """True when ``path`` ends like a plain torch.save file (a zip end record with no comment)."""
+    with open(path, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size < _EOCD.size:
+            return False
+        handle.seek(size - _EOCD.size)
+        signature, comment_length = _EOCD.unpack(handle.read(_EOCD.size))
+    return signature == _EOCD_SIGNATURE and comment_length == 0
+
+
+def _read_verified(path: Path, map_location) -> dict:
+    footer = read_footer(path)
+    if footer is None:
+        if not _plain_zip_end(path):  # not even a complete zip: cut short, or not a checkpoint at all
+            raise CorruptCheckpointError(path, "truncated or not a checkpoint (no zip end record, no checksum)")
+        warnings.warn(
+            f"checkpoint {path} has no checksum (written before checkpoints had one): loaded without an "
+            "integrity check",
+            CheckpointWarning,
+            stacklevel=3,
+        )
+    else:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            remaining = footer.checked_bytes
+            while remaining > 0 and (chunk := handle.read(min(_CHUNK, remaining))):
+                digest.update(chunk)
+                remaining -= len(chunk)
+        if digest.hexdigest() != footer.sha256:
+            raise CorruptCheckpointError(
+                path, "checksum mismatch (the file's SHA-256 differs from the one recorded when it was written)"
+            )
+    payload = _unpickle(path, map_location)
     if not isinstance(payload, dict) or "config" not in payload or "step" not in payload:
         raise CheckpointError(f"{path} is not a DeePSiM checkpoint (no 'config'/'step')")
     return payload
+
+
+def load_latest(folder: str | os.PathLike, map_location="cpu") -> tuple[Path, dict, list[tuple[Path, str]]] | None:
+    """The newest checkpoint in ``folder`` that passes its checksum.
+
+    Returns:
+        (its path, its payload, [(corrupt newer file, why), ...] skipped on the way), or None when the folder
+        holds no checkpoint at all.
+
+    Raises:
+        CorruptCheckpointError: there are checkpoints, and every one of them is corrupt (names them all).
+    """
+    skipped: list[tuple[Path, str]] = []
+    for candidate in find_checkpoints(folder):
+        try:
+            return candidate, _read_verified(candidate, map_location), skipped
+        except CorruptCheckpointError as error:
+            skipped.append((candidate, error.reason))
+    if skipped:
+        raise CorruptCheckpointError(
+            Path(folder), "every checkpoint in it is damaged: " + "; ".join(f"{p.name}: {why}" for p, why in skipped)
+        )
+    return None
+
+
+def fallback_message(chosen: Path, payload: dict, skipped: list[tuple[Path, str]]) -> str:
+    """'checkpoint A is corrupt (why); using B (step N) instead' for the files :func:`load_latest` skipped."""
+    corrupt = "; ".join(f"checkpoint {p} is corrupt ({why})" for p, why in skipped)
+    return f"{corrupt}; using the previous one, {chosen} (step {payload.get('step')}), instead"
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+    """Read a checkpoint written by :func:`save_checkpoint` (or an older one without a checksum).
+
+    Args:
+        path: a checkpoint file (read exactly, its checksum checked), or a folder: its newest checkpoint that
+            passes the check (a :class:`CheckpointWarning` names the corrupt newer ones it fell back past).
+        map_location: as for ``torch.load``.
+
+    Raises:
+        CheckpointError: no checkpoint there, or not a DeePSiM checkpoint; CorruptCheckpointError: damaged.
+    """
+    path = Path(path)
+    if path.is_dir():
+        found = load_latest(path, map_location)
+        if found is None:
+            raise CheckpointError(f"no checkpoint in {path} (expected {CHECKPOINT_NAME})")
+        chosen, payload, skipped = found
+        if skipped:
+            warnings.warn(fallback_message(chosen, payload, skipped), CheckpointWarning, stacklevel=2)
+        return payload
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    return _read_verified(path, map_location)
+
+
+def quarantine(path: str | os.PathLike) -> Path:
+    """Rename a corrupt checkpoint to ``<name>.corrupt`` (kept for inspection, never loaded or counted again)."""
+    path = Path(path)
+    target, n = path.with_name(path.name + ".corrupt"), 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.corrupt{n}"), n + 1
+    os.replace(path, target)
+    return target

@@ -34,12 +34,16 @@ accumulation, which the functional step does not do); it all-reduces a flat grad
 inside the graph with functional collectives. Both paths average gradients over the ranks, so a step with
 world size W and per-rank batch B is one Adam step on the mean gradient of W*B images.
 
-Checkpoints hold the unwrapped networks' state dicts (rank 0 writes them), so a run resumes with another
-world size. The data stream position is the step: rank r of W reads shard r of W of batch ``step``
-(deepsim.data's stream is deterministic per (seed, step, shard)); which samples a step sees therefore
-depends on the world size, and a resumed run with another W continues from the same step on other
-samples (not bit-exact with the run it resumes, but statistically the same training). Dropout masks differ
-per rank (the torch RNG is offset by the rank after the networks are built).
+Checkpoints hold the unwrapped networks' state dicts (rank 0 writes them) and the data stream's global
+sample cursor (deepsim.data.sampling), so a run resumes with another world size: the cursor says which
+sample comes next in the job's stream, whatever the number of ranks that read it, and W ranks of B samples
+read the same samples and crops as one process of W*B. At each checkpoint every rank reports a fingerprint
+of its parameters (:func:`replica_fingerprints`); the checkpoint records them, and differing replicas are
+reported. Dropout masks differ per rank (the torch RNG is offset by the rank after the networks are built).
+
+Restarts: with ``torchrun --max-restarts N`` and ``deepsim train --resume auto`` a lost worker (or node)
+brings the whole job back to its newest valid checkpoint; rank 0 picks that checkpoint and broadcasts its
+path (:func:`broadcast_object`), so every rank loads the same file.
 """
 
 from __future__ import annotations
@@ -53,7 +57,18 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-__all__ = ["DistributedContext", "init_from_env", "wrap_ddp", "all_reduce_mean", "broadcast_state", "barrier", "cleanup", "rank_world"]
+__all__ = [
+    "DistributedContext",
+    "init_from_env",
+    "wrap_ddp",
+    "all_reduce_mean",
+    "broadcast_state",
+    "broadcast_object",
+    "replica_fingerprints",
+    "barrier",
+    "cleanup",
+    "rank_world",
+]
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
@@ -146,6 +161,47 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     import torch.distributed._functional_collectives as funcol
 
     return funcol.all_reduce(tensor.detach(), "sum", dist.group.WORLD) / dist.get_world_size()
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s (picklable) ``obj`` on every rank; ``obj`` itself without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src)
+    return box[0]
+
+
+def _fingerprint(modules, device: torch.device) -> torch.Tensor:
+    """An int64 0-dim tensor that changes with any bit of the modules' parameters and buffers: the bit patterns
+    of each tensor summed (wrapping), weighted by the tensor's place. Equal replicas give equal values."""
+    bits_of = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
+    total = torch.zeros((), dtype=torch.int64, device=device)
+    place = 0
+    for module in modules:
+        for tensor in module.state_dict().values():
+            place += 1
+            t = tensor.detach().contiguous()
+            if t.dtype.is_floating_point or t.dtype.is_complex:
+                t = t.view(bits_of[t.element_size()])
+            total += t.to(torch.int64).sum() * (2 * place + 1)
+    return total
+
+
+def replica_fingerprints(trainer) -> list[int]:
+    """Every rank's fingerprint of G, D and the pause state (one all-gather; call it on all ranks at once).
+
+    Returns:
+        [fingerprint of rank 0, rank 1, ...]; one entry without a process group.
+    """
+    modules = [m for m in (trainer.generator, trainer.discriminator, trainer.pause) if m is not None]
+    device = next(trainer.generator.parameters()).device
+    mine = _fingerprint(modules, device)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [int(mine)]
+    gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, mine)
+    return [int(t) for t in gathered]
 
 
 def broadcast_state(module: nn.Module, src: int = 0) -> None:

@@ -1,6 +1,14 @@
-"""Build the networks, loss and trainer that a :class:`~deepsim.config.TrainConfig` describes."""
+"""Build the networks, loss and trainer that a :class:`~deepsim.config.TrainConfig` describes.
+
+Which builder makes which task's trainer is a table handed in (``tasks``), not imported: this module knows
+the autoencoder; the VAE and inversion builders live in :mod:`deepsim.applications`, above this layer, and
+:data:`deepsim.tasks.TASKS` is the one table with every task (what ``deepsim train`` hands to
+:func:`deepsim.train.loop.train`).
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Mapping
 
 import torch
 
@@ -10,9 +18,18 @@ from deepsim.losses import DeePSiMLoss, PauseRule
 from deepsim.networks import AutoencoderGenerator, Discriminator
 from deepsim.train.step import DeePSiMTrainer
 
-__all__ = ["build_trainer", "build_discriminator", "trainer_options", "resolve_device", "TASKS"]
+__all__ = [
+    "build_trainer",
+    "build_autoencoder_trainer",
+    "build_loss",
+    "build_discriminator",
+    "trainer_options",
+    "resolve_device",
+    "TrainerBuilder",
+    "AUTOENCODER_TASKS",
+]
 
-TASKS = ("autoencoder", "vae", "invert")
+TrainerBuilder = Callable[[TrainConfig, torch.device], DeePSiMTrainer]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,12 +81,8 @@ def trainer_options(config: TrainConfig) -> dict:
     )
 
 
-def build_trainer(config: TrainConfig, device: torch.device) -> DeePSiMTrainer:
-    """Networks initialised from the current RNG state (seed it first), moved to ``device``."""
-    if config.task != "autoencoder":
-        from deepsim import applications  # the VAE and inversion tasks
-
-        return applications.build_trainer(config, device)
+def build_autoencoder_trainer(config: TrainConfig, device: torch.device) -> DeePSiMTrainer:
+    """The autoencoder's trainer; networks initialised from the current RNG state (seed it first)."""
     if config.image_size % 8:
         raise ValueError(f"--image-size {config.image_size}: the autoencoder needs a multiple of 8")
     generator = AutoencoderGenerator(code_channels=config.code_channels)
@@ -78,3 +91,29 @@ def build_trainer(config: TrainConfig, device: torch.device) -> DeePSiMTrainer:
     loss = build_loss(config, discriminator)
     trainer = DeePSiMTrainer(generator, discriminator, loss, **trainer_options(config))
     return trainer.to(device)
+
+
+AUTOENCODER_TASKS: dict[str, TrainerBuilder] = {"autoencoder": build_autoencoder_trainer}
+
+
+def build_trainer(
+    config: TrainConfig, device: torch.device, tasks: Mapping[str, TrainerBuilder] | None = None
+) -> DeePSiMTrainer:
+    """The trainer of ``config.task``, made by the builder the task table ``tasks`` holds for it.
+
+    Args:
+        config: the run's config; networks are initialised from the current RNG state (seed it first).
+        device: where the trainer lives.
+        tasks: task name -> builder. None: :data:`AUTOENCODER_TASKS` (this layer's own); pass
+            :data:`deepsim.tasks.TASKS` for the VAE and inversion too.
+
+    Raises:
+        ValueError: the table has no builder for ``config.task`` (lists the tasks it has).
+    """
+    table = AUTOENCODER_TASKS if tasks is None else tasks
+    if config.task not in table:
+        raise ValueError(
+            f"task {config.task!r}: the task table handed to build_trainer has {', '.join(sorted(table))}; "
+            "deepsim.tasks.TASKS holds every task (autoencoder, vae, invert)"
+        )
+    return table[config.task](config, device)

@@ -1,9 +1,18 @@
-"""The training loop: data -> step -> metrics (JSON lines), progress bar, sample grids, checkpoints."""
+"""The training loop: data -> step -> metrics (JSON lines), progress bar, sample grids, checkpoints.
+
+Long runs (see README "Training at scale"): ``resume="auto"`` continues from the newest valid checkpoint in
+``out`` or starts fresh, so one command line serves the first start and every restart (torchrun
+``--max-restarts``, job arrays, requeued jobs); a stop signal finishes the step, writes a checkpoint and
+returns with ``TrainResult.stopped_by`` set (:mod:`deepsim.train.preemption`); checkpoints carry a checksum
+and the last ``keep_checkpoints`` are kept (:mod:`deepsim.train.checkpoint`); the data stream resumes at the
+checkpoint's global sample cursor, at any world size (:mod:`deepsim.data.sampling`).
+"""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -16,20 +25,30 @@ from deepsim.config import TrainConfig
 from deepsim.train.auto import describe_runtime, resolve_runtime
 from deepsim.train.checkpoint import (
     CHECKPOINT_NAME,
+    CheckpointError,
+    fallback_message,
+    find_checkpoints,
     load_checkpoint,
+    load_latest,
+    quarantine,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
 from deepsim.train.factory import build_trainer
+from deepsim.train.preemption import StopSignals
 
-__all__ = ["train", "TrainResult", "NonFiniteLossError", "RUNTIME_FIELDS"]
+__all__ = ["train", "TrainResult", "NonFiniteLossError", "RUNTIME_FIELDS", "RESUME_OVERRIDABLE"]
 
 # Fields a resumed run takes from the command line; all others come from the checkpoint's config.
 RUNTIME_FIELDS = {
     "steps", "out", "device", "log_every", "sample_every", "checkpoint_every", "num_workers", "compile", "loader", "on_bad",
-    "channels_last", "tensorboard",
+    "channels_last", "tensorboard", "keep_checkpoints", "stop_signals",
 }
+# Fields a resumed run takes from the command line only when they were given there (``resume_overrides``):
+# the per-rank batch size, to keep the global batch when resuming on another number of GPUs.
+RESUME_OVERRIDABLE = {"batch_size"}
+_STOP_METRIC = "Run/stop"  # carried through the metrics all-reduce, never logged
 
 
 class NonFiniteLossError(RuntimeError):
@@ -42,6 +61,7 @@ class TrainResult:
     out: Path
     checkpoint: Path | None
     history: list[dict] = field(default_factory=list)  # the metrics rows written to metrics.jsonl
+    stopped_by: str | None = None  # "SIGTERM" etc. when a stop signal ended the run early (checkpoint written)
 
 
 def _task_mode(config: TrainConfig) -> str:
@@ -69,45 +89,119 @@ def train(
     *,
     resume: bool | str | Path = False,
     progress: bool = True,
+    tasks=None,
+    resume_overrides=(),
     announce: Callable[[TrainConfig, str], None] | None = None,
 ) -> TrainResult:
-    """Train as ``config`` says; ``resume`` = True (the checkpoint in config.out) or a checkpoint path.
+    """Train as ``config`` says.
 
-    ``"auto"`` runtime fields are resolved for the device first (:func:`deepsim.train.auto.resolve_runtime`);
-    ``announce(config, line)`` (rank 0) then gets the resolved config and one line naming the path and why.
+    Args:
+        config: the run (a preset with fields replaced).
+        resume: False: start fresh. ``"auto"``: from the newest valid checkpoint in ``config.out`` if there is
+            one, else fresh (one command line for the first start and every restart). True: from the newest
+            valid checkpoint in ``config.out`` (an error if there is none). A path: that checkpoint file, or
+            the newest valid one in that folder. A corrupt newest checkpoint falls back to the previous one
+            with a warning naming both (and is renamed ``*.corrupt``). The run's config is the checkpoint's,
+            except :data:`RUNTIME_FIELDS` (and ``resume_overrides``), taken from ``config``.
+        progress: show a progress bar (rank 0).
+        tasks: the task table (task -> trainer builder), e.g. :data:`deepsim.tasks.TASKS`; None: the
+            autoencoder only.
+        resume_overrides: fields of :data:`RESUME_OVERRIDABLE` that ``config`` sets on purpose (the CLI passes
+            the flags given on its command line).
+        announce: called on rank 0 as ``announce(config, line)`` once the ``"auto"`` runtime fields are resolved
+            for the device (:func:`deepsim.train.auto.resolve_runtime`), with the resolved config and one line
+            naming the path taken and why.
 
-    Raises NonFiniteLossError when a loss becomes NaN/inf (the last good checkpoint stays as it was).
+    Returns:
+        :class:`TrainResult`; ``stopped_by`` is set when a stop signal ended the run early (after a checkpoint).
+
+    Raises:
+        NonFiniteLossError: a loss became NaN/inf (the last good checkpoint stays as it was).
+        CheckpointError: the checkpoint to resume from is missing or damaged, or a checkpoint write failed
+            (the previous checkpoint is intact; the message says so).
     """
     from deepsim.data import build_loader  # imported here: the data layer is heavy (PIL, DALI)
-
-    payload = None
-    if resume:
-        payload = load_checkpoint(Path(config.out) / CHECKPOINT_NAME if resume is True else resume)
-        saved = TrainConfig.from_dict(payload["config"])
-        config = saved.replace(**{k: getattr(config, k) for k in RUNTIME_FIELDS})
-    out = Path(config.out)
     from deepsim.train import distributed
 
     context = distributed.init_from_env(config.device)  # torchrun's variables, if any; else rank 0 of 1
     try:
+        payload = None
+        if resume:
+            payload = _resume_payload(config, resume, context)
+        if payload is not None:
+            saved = TrainConfig.from_dict(payload["config"])
+            keep = RUNTIME_FIELDS | (RESUME_OVERRIDABLE & set(resume_overrides))
+            config = saved.replace(**{k: getattr(config, k) for k in keep})
         config, reasons = resolve_runtime(config, context.device)
         if announce is not None and context.rank == 0:
             announce(config, describe_runtime(config, context.device, reasons))
-        return _train(config, payload, out, context, progress, build_loader)
+        return _train(config, payload, Path(config.out), context, progress, build_loader, tasks)
     finally:
         distributed.cleanup(context)
+
+
+def _say(text: str) -> None:
+    print(f"deepsim train: {text}", file=sys.stderr, flush=True)
+
+
+def _resume_payload(config: TrainConfig, resume, context) -> dict | None:
+    """The checkpoint payload to resume from (None: start fresh). Rank 0 picks the file and broadcasts its
+    path, so every rank loads the same checkpoint even if another file appears meanwhile."""
+    from deepsim.train import distributed
+
+    explicit_file = not isinstance(resume, bool) and resume != "auto" and Path(resume).is_file()
+    folder = Path(config.out) if isinstance(resume, bool) or resume == "auto" else Path(resume)
+    payload, choice = None, ("fresh", None)
+    if context.is_main:
+        try:
+            if explicit_file:
+                payload = load_checkpoint(resume)
+                choice = ("path", str(resume))
+            else:
+                if not isinstance(resume, bool) and resume != "auto" and not folder.exists():
+                    raise CheckpointError(f"--resume {resume}: no such checkpoint file or folder")
+                found = load_latest(folder) if folder.is_dir() else None
+                if found is None:
+                    if resume != "auto":
+                        raise CheckpointError(
+                            f"--resume: no checkpoint in {folder}; use --resume auto to start fresh when there is none"
+                        )
+                    _say(f"no checkpoint in {folder}: starting fresh (--resume auto)")
+                else:
+                    path, payload, skipped = found
+                    if skipped:
+                        _say("warning: " + fallback_message(path, payload, skipped))
+                        for bad, _ in skipped:
+                            _say(f"renamed the corrupt {bad.name} to {quarantine(bad).name}")
+                    choice = ("path", str(path))
+        except CheckpointError as error:
+            choice = ("error", str(error))
+    choice = distributed.broadcast_object(choice)
+    if choice[0] == "error":
+        raise CheckpointError(choice[1])
+    if choice[0] == "fresh":
+        return None
+    if payload is None:  # another rank: the file rank 0 chose
+        payload = load_checkpoint(choice[1])
+    if context.is_main:
+        data = payload.get("data", {})
+        where = f", data cursor {data['cursor']} (epoch {data['epoch']}, sample {data['offset']})" if data else ""
+        _say(f"resuming from {choice[1]} (step {payload['step']}{where})")
+    return payload
 
 
 class _PendingMetrics:
     """Metrics of one step on their way to the host: a non-blocking copy into pinned memory, started at the
     log step and read one step later (after the next step was queued), so the device never idles on it."""
 
-    def __init__(self, step: int, metrics: dict[str, torch.Tensor], world: int):
+    def __init__(self, step: int, metrics: dict[str, torch.Tensor], world: int, stop: torch.Tensor | None = None):
         self.step, self.names = step, list(metrics)
         values = torch.stack([metrics[n].float() for n in self.names])  # a new tensor: safe from CUDA-graph reuse
         if world > 1:  # every rank logs (and checks) the same averages, so all stop together on a NaN
             from deepsim.train.distributed import all_reduce_mean
 
+            if stop is not None:  # this rank's stop request (0/1) rides along: > 0 after the mean = some rank
+                values, self.names = torch.cat([values, stop.reshape(1)]), self.names + [_STOP_METRIC]
             values = all_reduce_mean(values)
         if values.is_cuda:
             self.host = torch.empty(values.shape, dtype=values.dtype, pin_memory=True)
@@ -123,7 +217,17 @@ class _PendingMetrics:
         return dict(zip(self.names, self.host.tolist()))
 
 
-def _train(config: TrainConfig, payload, out: Path, context, progress: bool, build_loader) -> TrainResult:
+def _train(config: TrainConfig, payload, out: Path, context, progress: bool, build_loader, tasks) -> TrainResult:
+    if config.keep_checkpoints < 1:
+        raise ValueError(f"--keep-checkpoints {config.keep_checkpoints}: expected at least 1")
+    stop_signals = StopSignals(config.stop_signals)  # checks --stop-signals before anything is built
+    with stop_signals:  # from here on a stop signal is a request, not a kill
+        return _run(config, payload, out, context, progress, build_loader, tasks, stop_signals)
+
+
+def _prepare_trainer(config: TrainConfig, payload, context, tasks):
+    """The trainer (restored from ``payload`` if any, wrapped for DDP, channels_last), its step function, the
+    step it starts after and the data cursor it starts at."""
     from deepsim.train import distributed
 
     rank, world, device = context.rank, context.world, context.device
@@ -132,44 +236,66 @@ def _train(config: TrainConfig, payload, out: Path, context, progress: bool, bui
         torch.backends.cudnn.allow_tf32 = True
 
     torch.manual_seed(config.seed)
-    trainer = build_trainer(config, device)
-    start = 0
+    trainer = build_trainer(config, device, tasks)
+    start, cursor = 0, 0
     if payload is not None:
         trainer.load_training_state(payload["trainer"])
         start = int(payload["step"])
         set_rng_state(payload["rng"])
+        # the data stream's global sample cursor; a checkpoint from before cursors existed: this world size's
+        cursor = int(payload.get("data", {}).get("cursor", start * config.batch_size * world))
     if world > 1:
         distributed.wrap_ddp(trainer, device, ddp=config.compile == "off")
         # Dropout masks differ per rank; the initial weights above were drawn before, identically.
         torch.manual_seed(config.seed + 1_000_003 * rank + start)
-    channels_last = getattr(config, "channels_last", False)
-    if channels_last:
+    if getattr(config, "channels_last", False):
         trainer.to_channels_last()
     step_fn = trainer.step
     if config.compile != "off":
         from deepsim.train.compiled import compile_step
 
         step_fn = compile_step(trainer, config.compile)
+    return trainer, step_fn, start, cursor
 
+
+def _run(config, payload, out, context, progress, build_loader, tasks, stopper: StopSignals) -> TrainResult:
+    from deepsim.train import distributed
+
+    rank, world, device = context.rank, context.world, context.device
+    trainer, step_fn, start, cursor = _prepare_trainer(config, payload, context, tasks)
+    channels_last = getattr(config, "channels_last", False)
     stream = build_loader(
         config.data, batch_size=config.batch_size, crop_size=config.image_size, mode=_task_mode(config),
-        loader=config.loader, device=device, seed=config.seed, start_step=start, shard_id=rank, num_shards=world,
-        num_workers=config.num_workers, channels_last=channels_last, on_bad=config.on_bad,
+        mirror=config.mirror, loader=config.loader, device=device, seed=config.seed, start_sample=cursor,
+        shard_id=rank, num_shards=world, num_workers=config.num_workers, channels_last=channels_last,
+        on_bad=config.on_bad,
     )
     sample_stream = build_loader(
-        config.data, batch_size=8, crop_size=config.image_size, mode=_task_mode(config), loader="torch",
-        device=device, seed=config.seed + 7919, on_bad=config.on_bad,
+        config.data, batch_size=8, crop_size=config.image_size, mode=_task_mode(config), mirror=config.mirror,
+        loader="torch", device=device, seed=config.seed + 7919, on_bad=config.on_bad,
     )
     sample_batch = next(sample_stream)
     sample_stream.close()
 
     is_main = rank == 0
     checkpoint_path = out / CHECKPOINT_NAME
-    last_good = checkpoint_path if checkpoint_path.is_file() else None
+    last_good = next(iter(find_checkpoints(out)), None)  # the newest one already there (what a NaN leaves)
+    stopper.checkpoint = last_good
     history: list[dict] = []
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
+        saved_data = (payload or {}).get("data")
+        if saved_data and saved_data.get("num_samples") != stream.num_samples:
+            _say(
+                f"warning: the checkpoint's dataset had {saved_data.get('num_samples')} samples, {config.data} has "
+                f"{stream.num_samples} now: the data continues at sample cursor {cursor} of a different order"
+            )
+        if payload is not None and payload.get("world_size", world) != world:
+            _say(
+                f"resuming a {payload['world_size']}-rank run on {world} rank(s): the data continues at sample "
+                f"cursor {cursor}; the global batch is now {world} x {config.batch_size}"
+            )
     board = None
     if is_main and config.tensorboard:
         from deepsim.train.tensorboard import TensorBoardWriter
@@ -189,10 +315,13 @@ def _train(config: TrainConfig, payload, out: Path, context, progress: bool, bui
     trainer.train()
     window_start, window_steps, step = time.perf_counter(), 0, start
     pending: _PendingMetrics | None = None
+    stop_flags = (torch.zeros((), device=device), torch.ones((), device=device)) if world > 1 else None
+    stop_agreed = False  # world > 1: some rank asked to stop, as read from the last all-reduced metrics
 
     def log(entry: _PendingMetrics) -> None:
-        nonlocal window_start, window_steps
+        nonlocal window_start, window_steps, stop_agreed
         values = entry.read()
+        stop_agreed = stop_agreed or values.pop(_STOP_METRIC, 0.0) > 0
         row = {"step": entry.step, **values}
         bad = [n for n, v in values.items() if not math.isfinite(v)]
         if bad:
@@ -218,6 +347,27 @@ def _train(config: TrainConfig, payload, out: Path, context, progress: bool, bui
                 + f" D={row.get('Loss/D/real', 0) + row.get('Loss/D/fake', 0):.3g}"
             )
 
+    def write_checkpoint(step: int) -> None:
+        nonlocal last_good
+        replicas = distributed.replica_fingerprints(trainer) if world > 1 else None  # every rank takes part
+        if not is_main:
+            stopper.checkpoint = checkpoint_path  # rank 0 writes it
+            return
+        payload = {
+            "step": step,
+            "config": config.to_dict(),
+            "trainer": trainer.training_state(),
+            "rng": rng_state(),
+            "data": stream.state_dict(),  # the global sample cursor: resume at any world size
+            "world_size": world,
+        }
+        if replicas is not None:
+            payload["replicas"] = replicas
+            if len(set(replicas)) > 1:
+                _say(f"warning: the ranks' parameters differ at step {step} (fingerprints per rank: {replicas})")
+        last_good = stopper.checkpoint = save_checkpoint(checkpoint_path, payload, keep=config.keep_checkpoints)
+
+    stopped_by = None
     try:
         for step in range(start + 1, config.steps + 1):
             metrics = step_fn(next(stream))
@@ -225,27 +375,32 @@ def _train(config: TrainConfig, payload, out: Path, context, progress: bool, bui
             if pending is not None:  # the previous log step's copy, read after this step was queued
                 log(pending)
                 pending = None
+            # world 1: the signal flag itself; several ranks: what the last metrics all-reduce said, the same
+            # answer on every rank at the same step (no extra collective, no per-step sync)
+            stop = stopper.requested is not None if world == 1 else stop_agreed
             last = step == config.steps
-            ckpt_due = step % config.checkpoint_every == 0 or last
+            ckpt_due = step % config.checkpoint_every == 0 or last or stop
             if step % config.log_every == 0 or ckpt_due:
-                pending = _PendingMetrics(step, metrics, world)
+                flag = None if stop_flags is None else stop_flags[stopper.requested is not None]
+                pending = _PendingMetrics(step, metrics, world, flag)
                 if ckpt_due:  # a checkpoint is only written after its step's losses were checked
                     log(pending)
                     pending = None
+                    stop = stop or stop_agreed
             if bar is not None:
                 bar.update(1)
-            if is_main and (step % config.sample_every == 0 or last):
+            if is_main and (step % config.sample_every == 0 or last) and not stop:
                 grid = _save_grid(trainer, sample_batch, out / "samples" / f"step_{step:07d}.png")
                 if board is not None:
                     board.log_samples(grid, step)
-            if is_main and ckpt_due:
-                payload = {
-                    "step": step,
-                    "config": config.to_dict(),
-                    "trainer": trainer.training_state(),
-                    "rng": rng_state(),
-                }
-                last_good = save_checkpoint(checkpoint_path, payload)
+            if ckpt_due:
+                write_checkpoint(step)
+            if stop and not last:
+                stopped_by = stopper.requested or "a stop signal on another rank"
+                distributed.barrier()  # no rank exits (and gets torchrun to kill the others) before the write
+                if is_main:
+                    _say(f"stopped by {stopped_by} at step {step}: checkpoint {last_good}")
+                break
         if pending is not None:
             log(pending)
     finally:
@@ -256,4 +411,4 @@ def _train(config: TrainConfig, payload, out: Path, context, progress: bool, bui
         if board is not None:
             board.close()
         stream.close()
-    return TrainResult(step=step, out=out, checkpoint=last_good, history=history)
+    return TrainResult(step=step, out=out, checkpoint=last_good, history=history, stopped_by=stopped_by)

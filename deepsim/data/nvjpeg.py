@@ -1,0 +1,270 @@
+"""The GPU-decode data path (``build_loader(..., loader="nvjpeg")``): JPEGs decoded on the training device with
+``torchvision.io.decode_jpeg(..., device=device)`` (nvJPEG on CUDA, libjpeg-turbo on the CPU), resized and
+cropped there, on the shared epoch schedule (:mod:`deepsim.data.sampling`).
+
+What it needs from the host is only the encoded bytes of each batch's files, read by a thread pool one batch
+ahead; no decoded pixel crosses PCIe. Sample order, crop offsets and mirror flags are those of the torch and
+DALI loaders (the same positions, the same :func:`~deepsim.data.augment.crop_params`), so it shares their
+determinism, sharding and resume at a cursor; a JPEG decoded on the CPU gives the torch loader's pixels
+exactly (both use libjpeg-turbo), nvJPEG on a GPU may differ by a level or so, and the resize modes resize
+on the device (bilinear, antialiased) rather than with PIL, so their pixels differ slightly from the torch
+path's.
+
+Files that are not baseline RGB/grayscale JPEGs -- PNG and every other format, and CMYK/YCCK JPEGs, which
+nvJPEG does not convert -- are decoded on the CPU with the torch path's reader (:func:`read_image`, PIL) and
+moved to the device: a fallback, counted in ``.cpu_decoded`` (distinct files) and announced once with a
+warning. A JPEG that nvJPEG refuses is retried the same way. STL-10 (raw pixels, nothing to decode) is an
+error that points at the other loaders.
+
+torchvision 0.29 deprecates its image decoders in favour of TorchCodec (they still work; the warning is
+silenced here). :meth:`NvjpegBatchStream._decode_jpeg` is the one call to change when they go.
+
+Bad input: the file list is pre-scanned by header (:func:`deepsim.data.images.scan_image_files`), as for
+DALI. A file that passed the scan but does not decode: ``on_bad="error"`` raises :class:`DataError` naming
+it; ``"skip"``/``"pad"`` substitute the next good sample (i -> i+1, ... mod N, deterministic) and count it
+in ``.skipped``. ``"pad"`` reflect-pads images smaller than the crop, as the torch path does.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from .augment import crop_params, pad_to
+from .convention import to_model_batch
+from .errors import DataError
+from .images import ImageReadError, read_image, scan_image_files
+from .sampling import EpochSchedule, ScheduledStream
+from .sources import resolve_source
+
+__all__ = ["NvjpegBatchStream", "DeviceJpegDecoder", "build_nvjpeg_loader", "is_jpeg"]
+
+_DEVICE_MODES = ("RGB", "L")  # JPEG colour modes decoded on the device; others go to the CPU reader
+
+
+def is_jpeg(data: torch.Tensor | bytes) -> bool:
+    """True when the encoded bytes start with a JPEG SOI marker (FF D8 FF)."""
+    head = bytes(data[:3].tolist()) if isinstance(data, torch.Tensor) else bytes(data[:3])
+    return head == b"\xff\xd8\xff"
+
+
+def _resize(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(3, H, W) uint8 -> (3, height, width) uint8, bilinear and antialiased, on the image's device."""
+    if tuple(img.shape[1:]) == (height, width):
+        return img
+    x = torch.nn.functional.interpolate(
+        img[None].float(), size=(height, width), mode="bilinear", antialias=True, align_corners=False
+    )
+    return x[0].round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _pad(img: torch.Tensor, crop_size: int) -> torch.Tensor:
+    """Reflect-pad an image smaller than the crop as the torch path does (:func:`deepsim.data.augment.pad_to`)."""
+    if img.shape[1] >= crop_size and img.shape[2] >= crop_size:
+        return img
+    return torch.from_numpy(np.ascontiguousarray(pad_to(img.cpu().numpy(), crop_size))).to(img.device)
+
+
+class DeviceJpegDecoder:
+    """Encoded files -> (3, H, W) uint8 images on ``device``: baseline JPEGs in one batched ``decode_jpeg``
+    call, everything else (and any JPEG the device refuses) with the torch path's CPU reader; a file that
+    decodes nowhere is named (``on_bad="error"``) or substituted by the next good sample.
+
+    Attributes:
+        bad: files that failed to decode; cpu: indices of the files decoded on the CPU.
+    """
+
+    def __init__(self, files: list[str], modes: list[str], device: torch.device, on_bad: str):
+        self.files, self.device, self.on_bad = files, device, on_bad
+        self.on_device = [m in _DEVICE_MODES for m in modes]
+        self.bad: set[str] = set()
+        self.cpu: set[int] = set()
+        self._warned = False
+
+    def read(self, i: int) -> torch.Tensor:
+        """The encoded bytes of file ``i`` (uint8, 1-D, on the CPU)."""
+        return torch.from_numpy(np.fromfile(self.files[i], dtype=np.uint8))
+
+    def _decode_jpeg(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (see the module docstring)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
+
+    def _decode_cpu(self, i: int) -> torch.Tensor:
+        hwc = read_image(self.files[i])  # raises ImageReadError naming the file
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"loader='nvjpeg': {self.files[i]} is not a baseline RGB/grayscale JPEG (or the device decoder "
+                "refused it); such files are decoded on the CPU (counted in .cpu_decoded)",
+                stacklevel=5,
+            )
+        self.cpu.add(i)
+        return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1))).to(self.device)
+
+    def _decode_one(self, i: int, data: torch.Tensor) -> torch.Tensor:
+        if self.on_device[i] and is_jpeg(data):
+            try:
+                return self._decode_jpeg([data])[0]
+            except RuntimeError:
+                pass
+        return self._decode_cpu(i)
+
+    def _decode_or_substitute(self, i: int, data: torch.Tensor) -> tuple[torch.Tensor, int]:
+        n = len(self.files)
+        for attempt in range(n):
+            j = (i + attempt) % n
+            try:
+                return self._decode_one(j, data if attempt == 0 else self.read(j)), j
+            except (ImageReadError, RuntimeError) as error:
+                if self.on_bad == "error":
+                    raise DataError(
+                        f"{self.files[j]}: cannot be decoded ({str(error).strip().splitlines()[-1][:300]}); "
+                        "use on_bad='skip', or find every bad file with `deepsim data check`"
+                    ) from error
+                self.bad.add(self.files[j])
+        raise DataError(f"no decodable image left after skipping {len(self.bad)} files")
+
+    def decode(self, idx: np.ndarray, datas: list[torch.Tensor]) -> tuple[list[torch.Tensor], np.ndarray]:
+        """The images of samples ``idx`` (encoded ``datas``) and the sample index each one really is."""
+        used = np.array(idx, dtype=np.int64)
+        out: list[torch.Tensor | None] = [None] * len(idx)
+        batch = [b for b, i in enumerate(idx) if self.on_device[i] and is_jpeg(datas[b])]
+        if batch:
+            try:  # one batched call: nvJPEG decodes the whole batch at once
+                for b, img in zip(batch, self._decode_jpeg([datas[b] for b in batch])):
+                    out[b] = img
+            except RuntimeError:
+                pass  # a bad file in the batch: decode one by one below to find it
+        for b, i in enumerate(idx):
+            if out[b] is None:
+                out[b], used[b] = self._decode_or_substitute(int(i), datas[b])
+        return out, used
+
+
+class NvjpegBatchStream(ScheduledStream):
+    """An infinite iterator of batches decoded on ``device``; the same interface as ``BatchStream``.
+
+    Attributes:
+        cursor, step, epoch, state_dict(), num_samples, samples_per_shard, steps_per_epoch, ignored: as in
+            BatchStream.
+        skipped: files left out by the pre-scan plus files that failed to decode (substituted).
+        cpu_decoded: distinct files decoded on the CPU (not a baseline RGB/grayscale JPEG, or refused by
+            the device decoder).
+    """
+
+    def __init__(
+        self, *, decoder, sizes, schedule, batch_size, crop_size, resize, random, mirror, seed, shard_id,
+        num_shards, start_sample, dtype, channels_last, threads, skipped, ignored, source_name,
+    ):  # fmt: skip
+        self._init_schedule(
+            schedule, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, start_sample=start_sample
+        )  # fmt: skip
+        self._decoder, self._sizes = decoder, sizes
+        self.crop_size, self._resize_shorter = crop_size, resize
+        self._random, self._mirror, self._seed = random, mirror, seed
+        self.device, self.dtype, self.channels_last = decoder.device, dtype, channels_last
+        self._pool = concurrent.futures.ThreadPoolExecutor(max(1, threads))
+        self._skipped_at_scan = len(skipped)
+        self.ignored = ignored
+        self.source = source_name
+        self._ahead = self._read_ahead(0)
+
+    @property
+    def skipped(self) -> int:
+        return self._skipped_at_scan + len(self._decoder.bad)
+
+    @property
+    def cpu_decoded(self) -> int:
+        return len(self._decoder.cpu)
+
+    def __iter__(self):
+        return self
+
+    def _read_ahead(self, t: int):
+        """Futures of the encoded bytes of batch ``t`` (read while the device decodes batch t-1)."""
+        idx = self._schedule.indices(self.positions(t))
+        return [self._pool.submit(self._decoder.read, int(i)) for i in idx]
+
+    def __next__(self) -> torch.Tensor:
+        pos, idx = self._take_positions()
+        datas = [future.result() for future in self._ahead]
+        self._ahead = self._read_ahead(self._taken)
+        images, used = self._decoder.decode(idx, datas)
+        if self._resize_shorter is not None:
+            images = [_resize(img, int(h), int(w)) for img, (h, w) in zip(images, self._sizes[used])]
+        images = [_pad(img, self.crop_size) for img in images]
+        h = np.array([img.shape[1] for img in images], dtype=np.int64)
+        w = np.array([img.shape[2] for img in images], dtype=np.int64)
+        c = self.crop_size
+        oy, ox, flip = crop_params(self._seed, pos, h, w, c, self._random, self._mirror)
+        crops = []
+        for img, y, x, f in zip(images, oy.tolist(), ox.tolist(), flip.tolist()):
+            crop = img[:, y : y + c, x : x + c]
+            crops.append(crop.flip(-1) if f else crop)
+        return to_model_batch(torch.stack(crops), self.device, self.dtype, self.channels_last)  # (B, 3, c, c)
+
+    def close(self) -> None:
+        """Stop the reading threads. Idempotent."""
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self) -> str:
+        return (
+            f"NvjpegBatchStream(source={self.source!r}, num_samples={self.num_samples}, batch_size={self.batch_size}, "
+            f"device={self.device}, cursor={self.cursor}, skipped={self.skipped}, cpu_decoded={self.cpu_decoded})"
+        )
+
+
+def build_nvjpeg_loader(
+    source: str | os.PathLike,
+    *,
+    batch_size: int,
+    crop_size: int,
+    mode: str,
+    mirror: bool,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    seed: int,
+    start_sample: int,
+    shard_id: int,
+    num_shards: int,
+    num_workers: int,
+    channels_last: bool,
+    on_bad: str,
+    split: str | None,
+    resize_size: int,
+) -> NvjpegBatchStream:
+    """The GPU-decode stream; arguments as :func:`deepsim.data.build_loader` (checked there);
+    ``num_workers``: file-reading threads (0 = min(4, cpu count))."""
+    src = resolve_source(source, split)
+    if src.kind == "stl10":
+        raise DataError(
+            f"{src.location}: loader='nvjpeg' decodes JPEG files, but STL-10 is raw pixels (nothing to decode); "
+            "use --loader torch or dali"
+        )
+    resize = resize_size if mode.startswith("resize") else None
+    scan = scan_image_files(src.paths, crop_size=crop_size, resize=resize, on_bad=on_bad)
+    if not scan.files:
+        raise DataError(
+            f"{src.name}: all {len(src.paths)} image files are unusable (corrupt or smaller than the crop)"
+        )
+    threads = num_workers if num_workers > 0 else max(1, min(4, os.cpu_count() or 1))
+    return NvjpegBatchStream(
+        decoder=DeviceJpegDecoder(scan.files, scan.modes, torch.device(device), on_bad), sizes=scan.sizes,
+        schedule=EpochSchedule(len(scan.files), seed, src.name), batch_size=batch_size, crop_size=crop_size,
+        resize=resize, random=mode in ("crop", "resize-crop"), mirror=mirror, seed=seed, shard_id=shard_id,
+        num_shards=num_shards, start_sample=start_sample, dtype=dtype, channels_last=channels_last,
+        threads=threads, skipped=scan.bad, ignored=len(src.non_images), source_name=src.name,
+    )  # fmt: skip

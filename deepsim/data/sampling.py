@@ -1,0 +1,193 @@
+"""The epoch schedule every training loader shares: which sample (and which crop) each position of the job's
+sample stream holds, and which positions one rank's batch takes.
+
+The job's stream. Let N be the number of usable samples. The stream is the concatenation of epochs 0, 1, 2,
+...; epoch e is ``epoch_permutation(seed, e, N)``, all N samples, none dropped. Position p of the stream holds
+sample ``perm(p // N)[p % N]``; its crop offsets and mirror flag are a hash of (seed, p)
+(:func:`deepsim.data.augment.crop_params`), so they do not depend on which rank reads it.
+
+The cursor. A run reads the stream from a global sample cursor c (0 for a fresh run). With W ranks
+(``num_shards``) of B samples each (``batch_size``), one step takes positions c .. c + W*B - 1: rank r takes
+the contiguous slice c + r*B .. c + r*B + B - 1, and the cursor moves on by W*B. A checkpoint records the
+cursor (:meth:`ScheduledStream.state_dict`), so a run that resumes -- with any W and any B -- goes on at
+exactly the next position: no sample of the current epoch is seen twice and none is skipped. Since samples
+and crops depend on the position alone, the job's stream is the same for every W: W ranks of B samples read
+what one process of W*B samples reads.
+
+A step may span an epoch boundary (positions of epoch e and e+1 in one global batch); the training stream
+therefore never has a partial batch. ``start_step=k`` (the older way to resume) means the cursor k*W*B.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .augment import epoch_permutation
+from .errors import DataError
+
+__all__ = [
+    "MODES",
+    "ON_BAD",
+    "LOADERS",
+    "EpochSchedule",
+    "ScheduledStream",
+    "check_loader_args",
+    "rank_positions",
+    "start_cursor",
+]
+
+MODES = ("crop", "resize-crop", "center", "resize-center")
+ON_BAD = ("error", "skip", "pad")
+LOADERS = ("torch", "dali", "nvjpeg")
+
+
+def check_loader_args(
+    *,
+    batch_size: int,
+    crop_size: int,
+    mode: str,
+    on_bad: str,
+    shard_id: int,
+    num_shards: int,
+    resize_size: int,
+) -> None:
+    """The checks every loader makes on its arguments; a :class:`DataError` names the argument at fault."""
+    if mode not in MODES:
+        raise DataError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
+    if on_bad not in ON_BAD:
+        raise DataError(f"on_bad={on_bad!r}: expected one of {', '.join(ON_BAD)}")
+    if batch_size < 1 or crop_size < 1:
+        raise DataError(f"batch_size={batch_size}, crop_size={crop_size}: expected positive integers")
+    if not 0 <= shard_id < num_shards:
+        raise DataError(f"shard_id={shard_id}, num_shards={num_shards}: expected 0 <= shard_id < num_shards")
+    if mode.startswith("resize") and crop_size > resize_size:
+        raise DataError(f"crop_size={crop_size} > resize_size={resize_size} in mode {mode!r}")
+
+
+def start_cursor(*, start_step: int, start_sample: int | None, batch_size: int, num_shards: int) -> int:
+    """The global cursor a stream starts at: ``start_sample`` when given, else ``start_step * W * B``."""
+    if start_sample is not None:
+        if start_sample < 0:
+            raise DataError(f"start_sample={start_sample}: expected >= 0")
+        return int(start_sample)
+    if start_step < 0:
+        raise DataError(f"start_step={start_step}: expected >= 0")
+    return int(start_step) * num_shards * batch_size
+
+
+def rank_positions(
+    start_sample: int, t: int, *, shard_id: int, num_shards: int, batch_size: int
+) -> np.ndarray:
+    """Global positions (int64, (B,)) of rank ``shard_id``'s ``t``-th batch of a stream started at
+    ``start_sample``: ``c + r*B .. c + r*B + B - 1`` with ``c = start_sample + t*W*B``."""
+    first = start_sample + (t * num_shards + shard_id) * batch_size
+    return np.arange(first, first + batch_size, dtype=np.int64)
+
+
+class EpochSchedule:
+    """Global stream position -> sample index (see the module docstring).
+
+    Args:
+        n: N, the number of usable samples.
+        seed: the stream seed (epoch permutations are drawn from it).
+        name: the source, for error messages.
+    """
+
+    def __init__(self, n: int, seed: int, name: str = "dataset"):
+        if n < 1:
+            raise DataError(f"{name}: no usable sample")
+        self.n, self.seed = n, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def perm(self, epoch: int) -> np.ndarray:
+        """The order of all N samples in ``epoch`` (the two most recent epochs are kept)."""
+        if epoch not in self._perms:
+            if len(self._perms) >= 2:
+                self._perms.pop(min(self._perms))
+            self._perms[epoch] = epoch_permutation(self.seed, epoch, self.n)
+        return self._perms[epoch]
+
+    def indices(self, positions: np.ndarray) -> np.ndarray:
+        """Sample indices (int64, same shape) of global stream ``positions``."""
+        positions = np.asarray(positions, dtype=np.int64)
+        epochs, offsets = np.divmod(positions, self.n)
+        out = np.empty(len(positions), dtype=np.int64)
+        for e in np.unique(epochs):
+            m = epochs == e
+            out[m] = self.perm(int(e))[offsets[m]]
+        return out
+
+
+class ScheduledStream:
+    """What every training batch stream shares: its place in the job's sample stream.
+
+    A loader's stream calls :meth:`_init_schedule` once and :meth:`_take_positions` for each batch it delivers.
+
+    Attributes:
+        num_samples: N, usable samples in the dataset (all ranks).
+        batch_size: B, samples per batch on this rank.
+        shard_id, num_shards: this rank and the world size W.
+        samples_per_shard: N // W, the share of one epoch each rank reads.
+        steps_per_epoch: ceil(N / (W*B)), steps per pass over the dataset.
+        start_sample: the cursor the stream started at.
+        last_positions, last_indices: global positions and sample indices of the batch delivered last.
+    """
+
+    def _init_schedule(
+        self, schedule: EpochSchedule, *, batch_size: int, shard_id: int, num_shards: int, start_sample: int
+    ) -> None:
+        self._schedule = schedule
+        self.num_samples = schedule.n
+        self.batch_size, self.shard_id, self.num_shards = batch_size, shard_id, num_shards
+        self.samples_per_shard = schedule.n // num_shards
+        self.steps_per_epoch = max(1, math.ceil(schedule.n / (num_shards * batch_size)))
+        self.start_sample = start_sample
+        self._taken = 0  # batches delivered
+        self.last_positions = np.empty(0, dtype=np.int64)
+        self.last_indices = np.empty(0, dtype=np.int64)
+
+    def positions(self, t: int) -> np.ndarray:
+        """Global positions (int64, (B,)) of this rank's ``t``-th batch counted from the stream's start."""
+        return rank_positions(
+            self.start_sample,
+            t,
+            shard_id=self.shard_id,
+            num_shards=self.num_shards,
+            batch_size=self.batch_size,
+        )
+
+    def _take_positions(self) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, sample indices) of the next batch; advances the stream by one step."""
+        positions = self.positions(self._taken)
+        indices = self._schedule.indices(positions)
+        self._taken += 1
+        self.last_positions, self.last_indices = positions, indices
+        return positions, indices
+
+    @property
+    def cursor(self) -> int:
+        """The global sample cursor after the batches delivered so far (samples read by all ranks)."""
+        return self.start_sample + self._taken * self.num_shards * self.batch_size
+
+    @property
+    def step(self) -> int:
+        """The index of the next batch, counting from cursor 0 at this stream's W*B."""
+        return self.cursor // (self.num_shards * self.batch_size)
+
+    @property
+    def epoch(self) -> float:
+        """Fractional epoch of the next step (cursor / N)."""
+        return self.cursor / self.num_samples
+
+    def state_dict(self) -> dict:
+        """The stream's position, for a checkpoint: ``build_loader(..., start_sample=state["cursor"])`` goes on
+        from it at any world size. ``epoch`` and ``offset`` (cursor = epoch * N + offset) are for people."""
+        cursor = self.cursor
+        return {
+            "cursor": cursor,
+            "num_samples": self.num_samples,
+            "epoch": cursor // self.num_samples,
+            "offset": cursor % self.num_samples,
+        }

@@ -1,0 +1,92 @@
+"""The GPU-decode loader (loader="nvjpeg") on the CPU: decode_jpeg(device="cpu") gives the torch loader's
+pixels exactly; non-JPEG files fall back to the CPU reader (counted, warned once); bad files are named."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from deepsim.data import DataError, build_loader
+from tests.conftest import requires_cuda
+from tests.image_folders import write_bad_inputs
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory):
+    """12 smooth RGB JPEGs (quality 90) of 3 sizes, one grayscale JPEG and one CMYK JPEG."""
+    folder = tmp_path_factory.mktemp("nvjpeg") / "jpegs"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        h, w = [(72, 80), (64, 96), (90, 70)][i % 3]
+        small = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
+        Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC).save(folder / f"img_{i:02d}.jpg", quality=90)
+    Image.fromarray(rng.integers(0, 255, (70, 70), dtype=np.uint8), "L").save(folder / "gray.jpg")
+    Image.fromarray(rng.integers(0, 255, (70, 70, 4), dtype=np.uint8), "CMYK").save(folder / "cmyk.jpg")
+    return folder
+
+
+def _take(stream, k):
+    out = [next(stream) for _ in range(k)]
+    stream.close()
+    return out
+
+
+@pytest.mark.parametrize("mode", ["crop", "center"])
+def test_cpu_decode_equals_torch_loader_bit_for_bit_on_14_jpegs(jpeg_folder, mode):
+    kw = dict(batch_size=5, crop_size=48, mode=mode, seed=4, start_sample=7, shard_id=1, num_shards=2)
+    with pytest.warns(UserWarning, match=r"cmyk\.jpg is not a baseline RGB/grayscale JPEG"):
+        stream = build_loader(jpeg_folder, loader="nvjpeg", **kw)
+        ours = [next(stream) for _ in range(6)]
+    assert stream.cpu_decoded == 1 and stream.skipped == 0  # the CMYK file; gray.jpg decodes on the device path
+    stream.close()
+    theirs = _take(build_loader(jpeg_folder, loader="torch", **kw), 6)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
+def test_batch_convention_and_resize_crop_close_to_pil(jpeg_folder):
+    kw = dict(batch_size=4, crop_size=56, mode="resize-crop", resize_size=64, seed=2)
+    with pytest.warns(UserWarning):
+        x = _take(build_loader(jpeg_folder, loader="nvjpeg", dtype=torch.bfloat16, channels_last=True, **kw), 3)
+    ref = _take(build_loader(jpeg_folder, loader="torch", **kw), 3)
+    for a, b in zip(x, ref):
+        assert a.shape == (4, 3, 56, 56) and a.dtype == torch.bfloat16
+        assert a.is_contiguous(memory_format=torch.channels_last) and -1 <= a.min() and a.max() <= 1
+        # same windows of the same images; the device resize differs from PIL's by rounding only
+        assert (a.float() - b).abs().mean() < 3 / 127.5
+
+
+def test_truncated_jpeg_is_named_or_substituted(tmp_path):
+    folder = write_bad_inputs(tmp_path / "bad", good=3)
+    for name in ("gray.png", "cmyk.jpg", "alpha.png", "small.png", "corrupt.jpg"):
+        (folder / name).unlink()  # keep good_0..2.jpg, truncated.jpg (passes the header scan) and notes.txt
+    with pytest.raises(DataError, match=r"truncated\.jpg: cannot be decoded"):
+        _take(build_loader(folder, loader="nvjpeg", batch_size=4, crop_size=64), 2)
+    stream = build_loader(folder, loader="nvjpeg", batch_size=4, crop_size=64, on_bad="skip")
+    for _ in range(3):
+        assert next(stream).shape == (4, 3, 64, 64)
+    assert stream.skipped == 1 and stream.ignored == 1 and stream.cpu_decoded == 0
+    stream.close()
+
+
+def test_stl10_is_an_error_that_points_at_the_other_loaders(tmp_path):
+    folder = tmp_path / "stl"
+    folder.mkdir()
+    np.zeros((2, 3, 96, 96), np.uint8).tofile(folder / "unlabeled_X.bin")
+    with pytest.raises(DataError, match="STL-10 is raw pixels.*--loader torch or dali"):
+        build_loader(folder, loader="nvjpeg", batch_size=2)
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_gpu_decode_matches_cpu_decode(jpeg_folder):
+    kw = dict(batch_size=6, crop_size=48, seed=3)
+    with pytest.warns(UserWarning):
+        gpu = _take(build_loader(jpeg_folder, loader="nvjpeg", device="cuda", **kw), 3)
+        cpu = _take(build_loader(jpeg_folder, loader="nvjpeg", device="cpu", **kw), 3)
+    for a, b in zip(gpu, cpu):
+        assert a.device.type == "cuda"
+        torch.testing.assert_close(a.cpu(), b, rtol=0, atol=4 / 127.5)  # nvJPEG vs libjpeg-turbo IDCT rounding

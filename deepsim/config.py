@@ -82,7 +82,6 @@ class TrainConfig:
     loader: str = "auto"  # "auto" | "torch" | "dali" | "nvjpeg" (auto: deepsim.train.auto)
     num_workers: int = 0  # DataLoader workers on the torch path
     on_bad: str = "error"  # a corrupt or too-small image: "error" (name it and stop), "skip" (count it), "pad"
-    mirror: bool = True  # random horizontal mirror (the derived code does not mirror)
 
     # --- running
     out: str = "runs/deepsim"  # output folder: checkpoints, metrics.jsonl, sample grids

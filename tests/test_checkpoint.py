@@ -95,7 +95,7 @@ def test_checkpoint_without_checksum_loads_with_a_warning(tmp_path):
 def _tiny(out, **changes):
     return get_preset("autoencoder-photos").replace(
         **{
-            **dict(data="photos", comparator="alexnet-random:conv2", batch_size=4, image_size=32, log_every=5,
+            **dict(data="photos", comparator="alexnet-random:conv2", batch_size=4, image_size=40, log_every=5,
                    sample_every=1000, checkpoint_every=5, device="cpu", out=str(out)),
             **changes,
         }
@@ -186,7 +186,7 @@ def test_full_disk_at_the_step_10_checkpoint_stops_the_run_with_exit_2_and_step_
     monkeypatch.setattr(checkpoint._HashingWriter, "write", write)
     code = main([
         "train", "--preset", "autoencoder-photos", "--comparator", "alexnet-random:conv2", "--batch-size", "4",
-        "--image-size", "32", "--steps", "12", "--checkpoint-every", "5", "--log-every", "5", "--sample-every",
+        "--image-size", "40", "--steps", "12", "--checkpoint-every", "5", "--log-every", "5", "--sample-every",
         "1000", "--device", "cpu", "--no-progress", "--out", str(tmp_path),
     ])  # fmt: skip
     err = capsys.readouterr().err

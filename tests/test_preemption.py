@@ -50,7 +50,7 @@ def test_first_signal_is_a_request_a_repeat_within_the_window_is_the_same_reques
 def _tiny(out, **changes):
     return get_preset("autoencoder-photos").replace(
         **{
-            **dict(data="photos", comparator="alexnet-random:conv2", batch_size=4, image_size=32, log_every=5,
+            **dict(data="photos", comparator="alexnet-random:conv2", batch_size=4, image_size=40, log_every=5,
                    sample_every=1000, checkpoint_every=1000, device="cpu", out=str(out)),
             **changes,
         }

@@ -26,7 +26,7 @@ README = ROOT / "README.md"
 # A run small enough for a loaded 2-core machine: 32x32 crops of the bundled photos, batch 4, conv2 comparator.
 TINY_TRAIN_FLAGS = [
     "--preset", "autoencoder-photos", "--data", "photos", "--comparator", "alexnet-random:conv2",
-    "--batch-size", "4", "--image-size", "32", "--sample-every", "1000", "--device", "cpu", "--no-progress",
+    "--batch-size", "4", "--image-size", "40", "--sample-every", "1000", "--device", "cpu", "--no-progress",
 ]  # fmt: skip
 
 

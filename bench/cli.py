@@ -24,8 +24,9 @@ from pathlib import Path
 
 from bench.dryrun import DRY_RUN_ENV
 from bench.machine import COMMIT_STAMP, REPO_ROOT, commit_label, machine_info, write_commit_stamp
+from bench.outputs import write_outputs
 from bench.peaks import measure_peaks
-from bench.results import load_run, write_outputs
+from bench.results import load_run
 from bench.runner import GROUPS, run_groups
 from bench.tables import append_results, format_compact, format_group_table, format_markdown
 

@@ -8,15 +8,17 @@ New code imports each name from the module that owns it:
     bench/peaks.py      the measured peaks
     bench/timelimit.py  GroupTimeout (a BaseException) and the per-group time limit
     bench/runner.py     running groups (live rows, never raising)
-    bench/results.py    BenchRun, results.json / results.md
+    bench/results.py    BenchRun (a run's rows and groups; reading results.json back)
+    bench/outputs.py    writing results.json / results.md
     bench/tables.py     Markdown / compact / per-group tables, extra report sections
     bench/cli.py        python -m bench, and group_main for python -m bench.<group>
 """
 
 from bench.cli import group_main
 from bench.machine import REPO_ROOT, commit_label, git_state, machine_info, machine_label
+from bench.outputs import write_outputs
 from bench.peaks import measure_peaks
-from bench.results import BenchRun, write_outputs
+from bench.results import BenchRun
 from bench.roofline import add_roofline
 from bench.rows import ROW_KEYS, fill_ratios, gain, time_seconds
 from bench.runner import GROUPS, run_group, run_groups

@@ -35,8 +35,9 @@
 #   total             378 s
 # A phase's limit is cut to what the budget has left after reserving min(estimate, 20 s) for each later
 # phase; a phase with under 10 s left is skipped. Every phase runs under `timeout --kill-after=5` (a hard
-# kill). The bench phases also pass --group-timeout (limit - 15 s): the group stops itself (a
-# BaseException, which torch.compile cannot swallow) and keeps the rows it measured, marked partial.
+# kill). The bench phases also pass --group-timeout (limit - 20 s: Python, CUDA and the peaks start first):
+# the group stops itself (a BaseException, which torch.compile cannot swallow) and keeps the rows it
+# measured, marked partial.
 # bench-step runs with DEEPSIM_AUTOTUNE=${GPU_SH_STEP_AUTOTUNE:-0} (one conv config: autotuning every
 # layer's kernels would take minutes; the kernels group times them tuned).
 #
@@ -112,7 +113,8 @@ collect() {
     "$PY" - "$OUT" <<'EOF' > /dev/null 2>> "$LOG/collect.log"
 import sys
 from pathlib import Path
-from bench.results import load_run, write_outputs
+from bench.outputs import write_outputs
+from bench.results import load_run
 out = Path(sys.argv[1])
 if (out / "results.json").exists():  # a group left "running" by a killed process becomes partial here
     write_outputs(load_run(out), out)
@@ -240,9 +242,9 @@ pytest_phase() {
     "$PY" -m pytest -q -rfE -p no:cacheprovider "${timeout_args[@]}" --junitxml "$LOG/$junit.xml" "$@"
 }
 
-bench_group() {  # bench_group GROUP: python -m bench for one group, into OUT (merged), its limit - 15 s
+bench_group() {  # bench_group GROUP: python -m bench for one group, into OUT (merged), its limit - 20 s
     # shellcheck disable=SC2086 # BENCH_MODE is two words on purpose (an array does not export)
-    "$PY" -m bench --groups "$1" --out "$OUT" --merge --group-timeout "$((PHASE_LIMIT - 15))" --compact $BENCH_MODE
+    "$PY" -m bench --groups "$1" --out "$OUT" --merge --group-timeout "$((PHASE_LIMIT - 20))" --compact $BENCH_MODE
 }
 
 export -f env_report install_dali install_deepsim pytest_phase bench_group

@@ -1,8 +1,8 @@
-"""The record of a benchmark run (:class:`BenchRun`) and its files, results.json and results.md.
+"""The record of a benchmark run (:class:`BenchRun`), as saved in results.json (bench/outputs.py writes it).
 
 A run holds the machine info (``meta``), the measured peaks, one info dict per group (status, seconds, row
 count) and the rows of every group, in the order the groups ran. It is written after every row
-(:func:`write_outputs`, each file replaced atomically), so a run that is cut short keeps what it measured:
+(bench/outputs.py, each file replaced atomically), so a run that is cut short keeps what it measured:
 
 * a group stopped by its time limit keeps its rows, and its status says "partial: ...";
 * a process killed in a group leaves that group's status "running" in results.json; reading the file back
@@ -15,14 +15,12 @@ process and phase, all into one file). Imports no torch.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from bench.roofline import add_roofline
 from bench.rows import fill_ratios, status_row
-from bench.tables import format_markdown
 
-__all__ = ["BenchRun", "KILLED", "load_run", "write_outputs"]
+__all__ = ["BenchRun", "KILLED", "load_run"]
 
 RUNNING = "running"
 KILLED = "partial: the process ended before the group finished (killed at its phase's limit, or crashed)"
@@ -109,20 +107,3 @@ def load_run(path: Path) -> BenchRun:
         return BenchRun.from_dict(json.loads(path.read_text()))
     except (OSError, ValueError) as e:
         raise ValueError(f"{path}: not a readable bench results.json ({type(e).__name__}: {e})") from None
-
-
-def _replace(path: Path, text: str) -> None:
-    """Write ``path`` through a temporary file and a rename: a reader (or a kill) never sees half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def write_outputs(run: BenchRun, out: Path) -> tuple[Path, Path]:
-    """Write ``out/results.json`` and ``out/results.md``; returns both paths."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    json_path, md_path = out / "results.json", out / "results.md"
-    _replace(json_path, json.dumps(run.to_dict(), indent=2, default=str) + "\n")
-    _replace(md_path, format_markdown(run))
-    return json_path, md_path

@@ -12,12 +12,16 @@ from __future__ import annotations
 import datetime as _dt
 import importlib
 import inspect
+import os
 import sys
 import time
 import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from bench.machine import machine_info
+from bench.outputs import write_outputs
+from bench.results import BenchRun
 from bench.roofline import attach_work
 from bench.rows import normalise_rows, status_row
 from bench.timelimit import GroupTimeout, time_limit
@@ -25,6 +29,8 @@ from bench.timelimit import GroupTimeout, time_limit
 __all__ = ["GROUPS", "LiveRows", "run_group", "run_groups"]
 
 GROUPS = ("kernels", "loader", "step")
+# Environment settings that change what a group measures; each group's info records those that are set.
+SETTINGS = ("DEEPSIM_KERNELS", "DEEPSIM_AUTOTUNE", "TORCHINDUCTOR_CUDAGRAPH_OR_ERROR", "TRITON_INTERPRET")
 
 
 class LiveRows(list):
@@ -150,9 +156,6 @@ def run_groups(groups: Iterable[str], device: str, quick: bool, *, modules: dict
     Returns:
         the :class:`~bench.results.BenchRun`.
     """
-    from bench.machine import machine_info
-    from bench.results import BenchRun, write_outputs
-
     run = into if into is not None else BenchRun(meta if meta is not None else machine_info(device), peaks, quick, mode)
 
     def save() -> None:
@@ -168,7 +171,8 @@ def run_groups(groups: Iterable[str], device: str, quick: bool, *, modules: dict
             save()
 
         rows, info = run_group(group, device, quick, (modules or {}).get(group), timeout_s, on_rows=live)
-        run.add(group, rows, info)
+        settings = {k: os.environ[k] for k in SETTINGS if k in os.environ}
+        run.add(group, rows, dict(info, settings=settings) if settings else info)
         save()
         if on_group is not None:
             on_group(run)

@@ -114,7 +114,8 @@ def header_lines(run: BenchRun) -> list[str]:
     for g, info in run.groups.items():
         seconds = info.get("seconds")
         took = "" if seconds is None else f", {seconds:.1f} s"
-        lines.append(f"- group {g}: {info.get('status')} ({info.get('rows', 0)} rows{took})")
+        settings = "".join(f"; {k}={v}" for k, v in (info.get("settings") or {}).items())
+        lines.append(f"- group {g}: {info.get('status')} ({info.get('rows', 0)} rows{took}{settings})")
     return lines
 
 

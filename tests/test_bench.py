@@ -14,7 +14,8 @@ import pytest
 
 from bench import cli as bench_main
 from bench.machine import commit_label, git_state, tree_fingerprint, write_commit_stamp
-from bench.results import KILLED, BenchRun, load_run, write_outputs
+from bench.outputs import write_outputs
+from bench.results import KILLED, BenchRun, load_run
 from bench.roofline import add_roofline, attach_work, conv_work
 from bench.rows import fill_ratios, time_seconds
 from bench.runner import run_group, run_groups

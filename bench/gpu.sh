@@ -82,6 +82,8 @@ else
     BENCH_MODE="--device cuda"
 fi
 export BENCH_MODE
+# A fresh run: no results of an earlier run in OUT to merge into (the device tool empties $OUT anyway).
+for f in commit.txt logs.tar.gz phases.tsv results.json results.md summary.txt; do rm -f "$OUT/$f" "$OUT/$f.tmp"; done
 printf 'phase\trc\tseconds\testimate_s\tlimit_s\tnote\n' > "$PHASES"
 
 # The plan: name and estimate (seconds), in order; a phase's reserve for the phases after it comes from here.
@@ -243,8 +245,10 @@ pytest_phase() {
 }
 
 bench_group() {  # bench_group GROUP: python -m bench for one group, into OUT (merged), its limit - 20 s
+    local group_limit=$((PHASE_LIMIT - 20))
+    [ "$group_limit" -lt 5 ] && group_limit=5
     # shellcheck disable=SC2086 # BENCH_MODE is two words on purpose (an array does not export)
-    "$PY" -m bench --groups "$1" --out "$OUT" --merge --group-timeout "$((PHASE_LIMIT - 20))" --compact $BENCH_MODE
+    "$PY" -m bench --groups "$1" --out "$OUT" --merge --group-timeout "$group_limit" --compact $BENCH_MODE
 }
 
 export -f env_report install_dali install_deepsim pytest_phase bench_group
@@ -271,6 +275,10 @@ phase bench-step 170 env DEEPSIM_AUTOTUNE="${GPU_SH_STEP_AUTOTUNE:-0}" bash -c '
 phase bench-loader 40 bash -c 'bench_group loader'
 
 CURRENT="finished"
+if [ ! -s "$OUT/commit.txt" ]; then  # the env phase did not get to write it
+    "$PY" -c "from bench.machine import commit_label, git_state; print(commit_label(git_state()))" \
+        > "$OUT/commit.txt" 2> /dev/null || echo "unknown (bench.machine failed; DEEPSIM_COMMIT=${DEEPSIM_COMMIT:-unset})" > "$OUT/commit.txt"
+fi
 failed=$(awk -F'\t' 'NR > 1 && $2 != "-" && $2 != 0 && $2 != 5 {print $1}' "$PHASES" | tr '\n' ' ')
 printf '%s\t%s\t%s\t%s\t%s\t%s\n' finish 0 0 "$(estimate_of finish)" 10 "failed phases: ${failed:-none}" >> "$PHASES"
 collect

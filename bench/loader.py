@@ -8,7 +8,8 @@ decoding every sample from JPEG (no in-memory cache), in this order:
     RandomCrop + RandomHorizontalFlip + ToDtype/Normalize to [-1, 1], in a DataLoader with workers;
   * ``torchvision decode_jpeg (<device>)``: workers only read the files' bytes; the batch is decoded by
     ``torchvision.io.decode_jpeg(list, device=<device>)`` (nvJPEG on CUDA: needs nothing beyond torchvision),
-    then cropped, mirrored and scaled on the device;
+    then cropped, mirrored and scaled on the device (torchvision 0.29 deprecates its decoders in favour of
+    TorchCodec, with a warning; the GPU machine has 0.26);
   * ``deepsim-torch``: ``build_loader(..., loader="torch", cache=False)`` with the same workers;
   * ``dali``: ``build_loader(..., loader="dali")``: CPU decoders in CPU mode, nvJPEG ("mixed") on CUDA;
     where DALI is not installed (the GPU machine has none unless bench/gpu.sh unpacked carried pieces)
@@ -25,6 +26,7 @@ failed row and the next one runs. A dry run (bench/dryrun.py): 32 JPEGs of 64x48
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -202,6 +204,7 @@ def run(device: str = "cpu", quick: bool = False, rows: list[dict] | None = None
             if skipped:
                 rows.append(dict(row, value=None, ratio_vs_baseline=None, status=skipped))
                 continue
+            print(f"bench.loader: {variant} ...", file=sys.stderr, flush=True)
             try:
                 batches, closer = make()
                 value = _time(batches, device, warmup, iters)

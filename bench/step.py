@@ -49,6 +49,7 @@ autoencoder.
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from collections.abc import Callable
 
@@ -226,6 +227,9 @@ class Workload:
     def measure(self, variant: Variant) -> dict:
         """Time ``variant`` on a fresh copy of the initial trainer; returns its row."""
         device, cuda = self.device, self.device.type == "cuda"
+        left = seconds_left()
+        print(f"bench.step: {self.name}: {variant.name} ..." + ("" if left is None else f" ({left:.0f} s left)"),
+              file=sys.stderr, flush=True)  # fmt: skip
         t0 = time.perf_counter()
         trainer = copy.deepcopy(self.reference)
         torch._dynamo.reset()
@@ -236,6 +240,8 @@ class Workload:
             warmup = 1 if variant.name == "eager" and device.type == "cpu" else self.warmup
             first, seconds = _time(step, self.batches, device, warmup, self.iters)
         images_per_s = self.config.batch_size / seconds
+        print(f"bench.step: {self.name}: {variant.name}: {images_per_s:.4g} img/s, first call {first:.1f} s, "
+              f"{time.perf_counter() - t0:.1f} s in all", file=sys.stderr, flush=True)  # fmt: skip
         if variant.name == "eager":
             self.base = images_per_s
         achieved = self.flops / seconds / 1e12

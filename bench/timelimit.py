@@ -40,7 +40,7 @@ def seconds_left() -> float | None:
 class time_limit:
     """``with time_limit(seconds, "group step"):`` raises :class:`GroupTimeout` in the block once
     ``seconds`` have passed (again every :data:`REPEAT_S` s while it goes on). ``seconds`` None or 0: no
-    limit. Not re-entrant across threads; an inner limit replaces the outer one until it ends."""
+    limit; negative: the limit is already spent. Not re-entrant across threads; an inner limit replaces the outer one until it ends."""
 
     def __init__(self, seconds: float | None, what: str = "block"):
         self.seconds, self.what = seconds, what
@@ -56,12 +56,13 @@ class time_limit:
         global _deadline
         if not self.seconds:
             return self
+        seconds = max(float(self.seconds), 1e-3)  # a limit already spent fires at once
         self.outer_deadline, self.started = _deadline, time.monotonic()
-        _deadline = self.started + float(self.seconds)
+        _deadline = self.started + seconds
         if hasattr(signal, "SIGALRM"):
             try:
                 self.previous = signal.signal(signal.SIGALRM, self._fire)
-                self.previous_timer = signal.setitimer(signal.ITIMER_REAL, float(self.seconds), REPEAT_S)
+                self.previous_timer = signal.setitimer(signal.ITIMER_REAL, seconds, REPEAT_S)
                 self.armed = True
             except ValueError:  # not the main thread: the deadline is still readable
                 pass

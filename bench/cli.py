@@ -6,6 +6,7 @@
     python -m bench --groups step --out DIR --merge --group-timeout 150   # add a group to DIR's run
     python -m bench --dry-run --out DIR         # CPU stand-ins at tiny sizes (bench/dryrun.py)
     python -m bench --stamp-commit              # write bench/COMMIT for a copy without .git
+    python -m bench --static                    # the conv kernels' static report (bench/static.py), no GPU
     deepsim bench ...                           # the same
 
 Each group (bench/kernels.py, bench/loader.py, bench/step.py) runs under its own time limit and
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-json", type=Path, default=None, metavar="PATH",
                    help="render (and with --append-results append) a saved results.json; runs nothing")  # fmt: skip
     p.add_argument("--compact", action="store_true", help="print the short fixed-width table instead")
+    p.add_argument("--static", action="store_true",
+                   help="print the conv kernels' static report (sm_90 compile, no GPU) and run nothing else")  # fmt: skip
     p.add_argument("--stamp-commit", action="store_true",
                    help=f"write {COMMIT_STAMP.relative_to(REPO_ROOT)} (commit, uncommitted changes, a "
                    "fingerprint of the files) from git, for a copy without .git; runs nothing")  # fmt: skip
@@ -89,6 +92,11 @@ def _measure(args, device: str, existing) -> dict | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.static:
+        from bench.static import format_table, static_report
+
+        print(format_table(static_report()))
+        return 0
     if args.stamp_commit:
         stamp = write_commit_stamp()
         print(f"python -m bench: wrote {COMMIT_STAMP}: {commit_label(stamp)}, fingerprint {stamp['fingerprint']}")
@@ -124,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
         json_path, md_path = write_outputs(run, out)
         print(f"python -m bench: wrote {json_path} and {md_path}", file=sys.stderr)
     print(format_compact(run) if args.compact else format_markdown(run))
+    kernels = sys.modules.get("bench.kernels") if args.from_json is None else None
+    if getattr(kernels, "dispatch_table", None) is not None:  # the kernel dispatcher's decisions, this run
+        print(kernels.dispatch_table())
     if args.append_results:
         append_results(run, args.results_file)
         print(f"python -m bench: appended the table to {args.results_file}", file=sys.stderr)

@@ -3,7 +3,7 @@
 # everything. That machine comes for 15 minutes of device time in all (its start-up included), its copy of
 # the project has no .git, it reaches no network, and only 8 files come back from $OUT (at most 2 folders
 # deep). So: full logs go to a scratch folder, and after EVERY phase the output folder OUT gets
-#     logs.tar.gz   every phase's full log (+ pytest's JUnit XML)
+#     logs.tar.gz   every phase's full log (+ pytest's JUnit XML, the kernel dispatcher's dispatch.json)
 #     summary.txt   the phase table (seconds against the estimates below) and the compact results table
 #     phases.tsv    phase, rc, seconds, estimate_s, limit_s, note
 #     results.json  every benchmark row (rewritten by the bench processes after EVERY row)
@@ -247,6 +247,9 @@ pytest_phase() {
 bench_group() {  # bench_group GROUP: python -m bench for one group, into OUT (merged), its limit - 20 s
     local group_limit=$((PHASE_LIMIT - 20))
     [ "$group_limit" -lt 5 ] && group_limit=5
+    # The kernel dispatcher's decisions (kernels/dispatch.py) go to a file in the logs: shared by the bench
+    # phases (the step group reuses the kernels group's timings, as a user's runs would) and brought back.
+    export DEEPSIM_DISPATCH_CACHE="${DEEPSIM_DISPATCH_CACHE:-$LOG/dispatch.json}"
     # shellcheck disable=SC2086 # BENCH_MODE is two words on purpose (an array does not export)
     "$PY" -m bench --groups "$1" --out "$OUT" --merge --group-timeout "$group_limit" --compact $BENCH_MODE
 }

@@ -1,14 +1,24 @@
-"""Loader benchmark: images/s of 64x64 random crops + mirror from a folder of JPEGs.
+"""Loader benchmark: images/s of 64x64 random crops + mirror from a folder of JPEGs, delivered to the device.
 
-Rows (``run(device, quick)``) have keys group="loader", name, variant, baseline, value, unit="images/s",
-ratio_vs_baseline. Variants, all decoding every sample from JPEG (no in-memory cache):
+Rows (``run(device, quick, rows)``) have keys group="loader", name, variant, baseline, value,
+unit="images/s", ratio_vs_baseline, each appended to ``rows`` as soon as it is measured. Variants, all
+decoding every sample from JPEG (no in-memory cache), in this order:
+
   * ``torchvision+PIL`` (the baseline): a Dataset opening each file with PIL, torchvision.transforms.v2
     RandomCrop + RandomHorizontalFlip + ToDtype/Normalize to [-1, 1], in a DataLoader with workers;
+  * ``torchvision decode_jpeg (<device>)``: workers only read the files' bytes; the batch is decoded by
+    ``torchvision.io.decode_jpeg(list, device=<device>)`` (nvJPEG on CUDA: needs nothing beyond torchvision),
+    then cropped, mirrored and scaled on the device (torchvision 0.29 deprecates its decoders in favour of
+    TorchCodec, with a warning; the GPU machine has 0.26);
   * ``deepsim-torch``: ``build_loader(..., loader="torch", cache=False)`` with the same workers;
-  * ``dali``: ``build_loader(..., loader="dali")``: CPU decoders in CPU mode, nvJPEG ("mixed") on CUDA.
+  * ``dali``: ``build_loader(..., loader="dali")``: CPU decoders in CPU mode, nvJPEG ("mixed") on CUDA;
+    where DALI is not installed (the GPU machine has none unless bench/gpu.sh unpacked carried pieces)
+    the row says "skipped".
+
 The folder (256 JPEGs of 128x96, or 128 in quick mode) is generated in a temporary directory. Each
 variant is warmed up (its workers/pipeline started, a few batches drawn) before timing; batches are
-delivered to ``device`` (with a CUDA synchronize before the clock stops).
+delivered to ``device`` (with a CUDA synchronize before the clock stops). A variant that fails becomes a
+failed row and the next one runs. A dry run (bench/dryrun.py): 32 JPEGs of 64x48, 32x32 crops, batch 8.
 
     python3 -m bench.loader [--quick] [--device cpu|cuda]
 """
@@ -16,18 +26,23 @@ delivered to ``device`` (with a CUDA synchronize before the clock stops).
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import group_main
+from bench.cli import group_main
+from bench.dryrun import dry_run
 from deepsim.data import build_loader
 
 BATCH = 64
 CROP = 64
+BASELINE = "torchvision+PIL"
+LOADER_TIMEOUT_S = 120  # a DataLoader batch that takes longer means a dead worker: fail the variant, not hang
 
 
 def write_jpegs(folder: str, n: int, size=(128, 96)) -> None:
@@ -42,15 +57,19 @@ def write_jpegs(folder: str, n: int, size=(128, 96)) -> None:
         Image.fromarray(arr).save(os.path.join(folder, f"img_{i:04d}.jpg"), quality=90)
 
 
+def _paths(folder: str) -> list[str]:
+    return sorted(os.path.join(folder, f) for f in os.listdir(folder))
+
+
 class _PILFolder(torch.utils.data.Dataset):
-    def __init__(self, folder):
+    def __init__(self, folder: str, crop: int):
         from torchvision.transforms import v2
 
-        self.paths = sorted(os.path.join(folder, f) for f in os.listdir(folder))
+        self.paths = _paths(folder)
         self.transform = v2.Compose(
             [
                 v2.PILToTensor(),
-                v2.RandomCrop(CROP),
+                v2.RandomCrop(crop),
                 v2.RandomHorizontalFlip(),
                 v2.ToDtype(torch.float32, scale=True),
                 v2.Normalize([0.5] * 3, [0.5] * 3),
@@ -65,15 +84,54 @@ class _PILFolder(torch.utils.data.Dataset):
             return self.transform(img.convert("RGB"))
 
 
+class _JpegBytes(torch.utils.data.Dataset):
+    """Each sample is the file's bytes (decoding happens on the device). Plain bytes cross from the workers
+    through the pipe: small files gain nothing from shared memory, which also failed here for
+    torchvision.io.read_file's tensors ("Bad file descriptor" in the worker)."""
+
+    def __init__(self, folder: str):
+        self.paths = _paths(folder)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        with open(self.paths[i], "rb") as f:
+            return f.read()
+
+
+def _as_tensors(samples: list[bytes]) -> list[torch.Tensor]:
+    return [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in samples]
+
+
+def decode_on_device(files: list[torch.Tensor], device: torch.device, crop: int,
+                     gen: torch.Generator) -> torch.Tensor:  # fmt: skip
+    """JPEG bytes -> (B, 3, crop, crop) float32 in [-1, 1] on ``device``: ``decode_jpeg(device=...)`` (nvJPEG
+    on CUDA), a random crop and a random horizontal mirror per image (offsets drawn from ``gen``)."""
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    images = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)  # list of (3, H, W) uint8
+    crops = []
+    for img in images:
+        h, w = img.shape[-2:]
+        y = int(torch.randint(0, h - crop + 1, (1,), generator=gen))
+        x = int(torch.randint(0, w - crop + 1, (1,), generator=gen))
+        crops.append(img[:, y : y + crop, x : x + crop])
+    batch = torch.stack(crops)  # (B, 3, crop, crop) uint8
+    mirror = (torch.rand(batch.shape[0], generator=gen) < 0.5).to(device).view(-1, 1, 1, 1)
+    batch = torch.where(mirror, batch.flip(-1), batch)
+    return batch.float().div_(127.5).sub_(1.0)
+
+
 def _infinite(loader):
     while True:
         yield from loader
 
 
-def _time(batches, device, warmup: int, iters: int) -> float:
+def _time(batches: Iterator[torch.Tensor], device: torch.device, warmup: int, iters: int) -> float:
     """images/s of drawing ``iters`` batches after ``warmup`` batches."""
     for _ in range(warmup):
-        x = next(batches)
+        next(batches)
     if device.type == "cuda":
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -86,59 +144,81 @@ def _time(batches, device, warmup: int, iters: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def run(device: str = "cpu", quick: bool = False) -> list[dict]:
-    """Loader throughput rows (images/s) for ``device``."""
-    device = torch.device(device)
-    workers = max(1, min(8, os.cpu_count() or 1))
-    warmup, iters = (2, 6) if quick else (4, 30)
-    rows, base = [], None
-    with tempfile.TemporaryDirectory() as folder:
-        write_jpegs(folder, 128 if quick else 256)
+def _dali_missing() -> str | None:
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any import failure means no DALI row
+        return f"skipped: DALI not importable ({type(e).__name__}); bench/gpu.sh unpacks carried .dali* pieces"
+    return None
 
-        def baseline():
+
+def run(device: str = "cpu", quick: bool = False, rows: list[dict] | None = None) -> list[dict]:
+    """Loader throughput rows (images/s) for ``device``, appended to ``rows`` one by one."""
+    device = torch.device(device)
+    rows = [] if rows is None else rows
+    tiny = dry_run()
+    workers = 1 if tiny else max(1, min(8, os.cpu_count() or 1))
+    batch, crop = (8, 32) if tiny else (BATCH, CROP)
+    warmup, iters = (1, 2) if tiny else ((2, 6) if quick else (4, 30))
+    count, size = (32, (64, 48)) if tiny else (128 if quick else 256, (128, 96))
+    base = None
+    with tempfile.TemporaryDirectory() as folder:
+        write_jpegs(folder, count, size)
+        pin = device.type == "cuda"
+
+        def pil():
             loader = torch.utils.data.DataLoader(
-                _PILFolder(folder), batch_size=BATCH, shuffle=True, num_workers=workers, drop_last=True,
-                pin_memory=device.type == "cuda", persistent_workers=True,
+                _PILFolder(folder, crop), batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                pin_memory=pin, persistent_workers=True, timeout=LOADER_TIMEOUT_S,
             )  # fmt: skip
-            it = _infinite(loader)
-            return (x.to(device, non_blocking=True) for x in it), None
+            return (x.to(device, non_blocking=True) for x in _infinite(loader)), None
+
+        def gpu_decode():
+            loader = torch.utils.data.DataLoader(
+                _JpegBytes(folder), batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+                collate_fn=list, persistent_workers=True, timeout=LOADER_TIMEOUT_S,
+            )  # fmt: skip
+            gen = torch.Generator().manual_seed(0)
+            return (decode_on_device(_as_tensors(files), device, crop, gen) for files in _infinite(loader)), None
 
         def deepsim_torch():
-            s = build_loader(
-                folder, batch_size=BATCH, crop_size=CROP, device=device, num_workers=workers, cache=False
-            )
+            s = build_loader(folder, batch_size=batch, crop_size=crop, device=device, num_workers=workers,
+                             cache=False)  # fmt: skip
             return s, s
 
         def dali():
-            s = build_loader(folder, batch_size=BATCH, crop_size=CROP, device=device, loader="dali",
+            s = build_loader(folder, batch_size=batch, crop_size=crop, device=device, loader="dali",
                              num_workers=workers)  # fmt: skip
             return s, s
 
-        name = f"random-crop {CROP}x{CROP} + mirror, JPEG 128x96, batch {BATCH}, {workers} workers"
-        for variant, make in [
-            ("torchvision+PIL", baseline),
-            ("deepsim-torch", deepsim_torch),
-            ("dali", dali),
-        ]:
+        decode = "mixed" if device.type == "cuda" else "cpu"
+        name = f"random-crop {crop}x{crop} + mirror, JPEG {size[0]}x{size[1]}, batch {batch}, {workers} workers"
+        variants: list[tuple[str, Callable, str | None]] = [
+            (BASELINE, pil, None),
+            (f"torchvision decode_jpeg ({device.type})", gpu_decode, None),
+            ("deepsim-torch", deepsim_torch, None),
+            (f"dali ({decode} decode)", dali, _dali_missing()),
+        ]
+        for variant, make, skipped in variants:
+            row = dict(group="loader", name=name, variant=variant, baseline=BASELINE, unit="images/s")
+            if skipped:
+                rows.append(dict(row, value=None, ratio_vs_baseline=None, status=skipped))
+                continue
+            print(f"bench.loader: {variant} ...", file=sys.stderr, flush=True)
             try:
                 batches, closer = make()
                 value = _time(batches, device, warmup, iters)
                 if closer is not None:
                     closer.close()
-            except Exception as e:  # e.g. DALI not installed: report and go on
-                print(f"bench.loader: {variant} skipped: {type(e).__name__}: {e}")
+                del batches  # closes the generator: its DataLoader's workers end now, not at exit
+            except Exception as e:  # noqa: BLE001 - reported as the variant's row; the next one runs
+                reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+                rows.append(dict(row, value=None, ratio_vs_baseline=None, status=f"failed: {reason}"))
                 continue
-            if variant == "torchvision+PIL":
+            if variant == BASELINE:
                 base = value
-            label = (
-                f"{variant} ({'mixed' if device.type == 'cuda' else 'cpu'} decode)"
-                if variant == "dali"
-                else variant
-            )
-            rows.append(
-                dict(group="loader", name=name, variant=label, baseline="torchvision+PIL", value=value,
-                     unit="images/s", ratio_vs_baseline=None if base is None else value / base)
-            )  # fmt: skip
+            note = "dry run: tiny sizes" if tiny else None
+            rows.append(dict(row, value=value, ratio_vs_baseline=None if base is None else value / base, note=note))
     return rows
 
 

@@ -1,4 +1,10 @@
-"""FLOP and byte counts for the kernel benchmarks, so every timed kernel row gets roofline columns.
+"""The roofline: FLOP and byte counts for the kernel benchmarks, and the roofline columns of any row.
+
+:func:`add_roofline` places a row with ``flops`` and/or ``bytes`` and the time they took (a ``time_s`` key, a
+value in a time unit such as s, ms, us, ms/step, or achieved ``tflops`` beside ``flops``) against the peaks
+measured at the start of the run (bench/peaks.py): ``flop_floor_s`` = flops / peak FLOP/s,
+``byte_floor_s`` = bytes / peak bytes/s, and ``roofline_fraction`` = max(floors) / measured time (1.0 = at
+the roofline).
 
 A row that already carries ``flops`` / ``bytes`` keeps them; otherwise :func:`attach_work` derives them from
 the row's name and the shape tables of its group module (``CONV_LAYERS``, ``UPCONV_LAYERS``,
@@ -16,7 +22,9 @@ feature_distance, forward + backward over taps of N elements each:
 
 from __future__ import annotations
 
-__all__ = ["attach_work", "conv_work", "feature_distance_work"]
+from bench.rows import finite, row_seconds
+
+__all__ = ["add_roofline", "attach_work", "conv_work", "feature_distance_work"]
 
 ELEMENT_SIZE = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2, "bf16": 2}
 
@@ -81,3 +89,22 @@ def attach_work(rows: list[dict], module) -> list[dict]:
         elif op == "feature_distance" and taps:
             row["flops"], row["bytes"] = feature_distance_work(taps, elem)
     return rows
+
+
+def add_roofline(row: dict, peaks: dict | None) -> dict:
+    """Add flop_floor_s, byte_floor_s, roofline_fraction to ``row`` (in place) where it has the inputs."""
+    row.setdefault("flop_floor_s", None)
+    row.setdefault("byte_floor_s", None)
+    row.setdefault("roofline_fraction", None)
+    if not peaks or row.get("status", "ok") != "ok":
+        return row
+    t = row_seconds(row)
+    flops, nbytes = row.get("flops"), row.get("bytes")
+    if finite(flops) and finite(peaks.get("flops_per_s")) and peaks["flops_per_s"] > 0:
+        row["flop_floor_s"] = flops / peaks["flops_per_s"]
+    if finite(nbytes) and finite(peaks.get("bytes_per_s")) and peaks["bytes_per_s"] > 0:
+        row["byte_floor_s"] = nbytes / peaks["bytes_per_s"]
+    floors = [f for f in (row["flop_floor_s"], row["byte_floor_s"]) if f is not None]
+    if floors and t is not None and t > 0:
+        row["roofline_fraction"] = max(floors) / t
+    return row

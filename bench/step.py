@@ -1,31 +1,47 @@
 """Full training-step benchmark: images/s of one DeePSiM iteration (G, C, D, both backwards, both Adams).
 
-Rows (``run(device, quick)``): group="step", name (workload), variant, baseline, value, unit,
-ratio_vs_baseline, and where known flops (per step), tflops, peak_fraction, peak_memory (bytes).
+Rows (``run(device, quick, rows)``): group="step", name (workload), variant, baseline, value, unit,
+ratio_vs_baseline, and where known flops (per step), tflops, peak_fraction, peak_memory (bytes),
+first_call_s (the first step: the compile, for compiled variants) and wall_s (the whole variant). Each row
+is appended to ``rows`` as soon as it is measured, so a group stopped by its time limit keeps it.
 
-Workloads: the autoencoder (batch 64, 64x64, comparator AlexNet conv3 with random weights: same FLOPs as
-the trained one) and the fc6 inversion (batch 64, 227x227, Phi and comparator AlexNet with random weights).
-Variants, each on a fresh trainer with the same initial weights, synthetic batches already on the device
-(the loader is bench/loader.py's business):
+Workloads, in this order: the autoencoder (batch 64, 64x64, comparator AlexNet conv3 with random weights:
+same FLOPs as the trained one), then the fc6 inversion (batch 64, 227x227, Phi and comparator AlexNet with
+random weights). Variants, each on a fresh copy of the same initial trainer, synthetic batches already on
+the device (the loader is bench/loader.py's business):
 
     eager                      DeePSiMTrainer.step, plain aten ops (DEEPSIM_KERNELS=reference)   <- baseline
     eager-fused                DeePSiMTrainer.step with the fused Triton kernels (CUDA only)
-    compile-modules            torch.compile(G), (D), (C) ("default" mode), plain aten ops, eager step around
-    compile-modules-max-autotune   the same with mode="max-autotune-no-cudagraphs"
     compiled-step              the whole step as one graph (deepsim.train.compiled), plain aten ops
     compiled-step-fused        the same with the fused kernels (CUDA only)
     compiled-step-cudagraphs   the fused compiled step under CUDA graphs ("reduce-overhead", CUDA only)
+    compile-modules-max-autotune   torch.compile(G), (D), (C) with mode="max-autotune-no-cudagraphs",
+                               plain aten ops, eager step around: only while the group's time limit leaves
+                               room for it (minutes of autotuning), after both workloads' other variants
+
+Checks recorded as rows:
+
+* graph breaks: the compiled steps use ``fullgraph=True`` (a break is an error, so a compiled-step row at
+  all means 0 breaks); the row counts Dynamo's graph-break counter and the graphs compiled (unique_graphs).
+* CUDA graphs: inductor skips CUDA graphs silently where a graph cannot be captured (a CPU op, a mutated
+  input...), and the "cudagraphs" variant is then just the compiled step. Its row records inductor's
+  ``cudagraph_skips`` counter over the variant, and the variant is compiled once with
+  ``torch._inductor.config.triton.cudagraph_or_error = True`` (what ``TORCHINDUCTOR_CUDAGRAPH_OR_ERROR=1``
+  sets) so that a fallback becomes an error: the check row passes, or fails with inductor's reason (the
+  variant is then timed again as inductor falls back, so its figure is still there, marked).
 
 FLOPs per step are counted once with torch.utils.flop_counter.FlopCounterMode on the eager step (matmuls and
 convolutions, forward and backward); the fraction of peak uses the card's dense peak for the precision the
 convolutions run in (TF32 when cudnn.allow_tf32, PyTorch's default). Peak memory is
-torch.cuda.max_memory_allocated over the timed iterations. Also reported (any device): graph breaks in the
-compiled step, from torch._dynamo.explain.
+torch.cuda.max_memory_allocated over the variant.
 
 On CPU, ``quick`` runs a reduced version (autoencoder batch 4 at 40x40, eager vs compiled step, and the
-inversion eager step with a narrower generator) in about two minutes: CPU numbers say nothing about a GPU.
-Targets on an H100 (issue 5): compiled-step-cudagraphs >= 3x eager, >= 1.3x compile-modules-max-autotune,
->= 40,000 images/s for the autoencoder.
+inversion eager step with a narrower generator): CPU numbers say nothing about a GPU. A dry run
+(bench/dryrun.py) runs every autoencoder variant at batch 2, 40x40, and the inversion's eager step at
+64x64, with CPU stand-ins that compile nothing (the compiled variants run the same functional step
+uncompiled; tests/test_compiled_step.py checks the compiled step itself). Targets on an H100 (issue 5):
+compiled-step-cudagraphs >= 3x eager, >= 1.3x compile-modules-max-autotune, >= 40,000 images/s for the
+autoencoder.
 
     python3 -m bench.step [--quick] [--device cuda|cpu]
 """
@@ -33,15 +49,21 @@ Targets on an H100 (issue 5): compiled-step-cudagraphs >= 3x eager, >= 1.3x comp
 from __future__ import annotations
 
 import copy
+import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch._dynamo
+import torch._inductor.config as inductor_config
 from deepsim.kernels import use_backend
+from torch._dynamo.utils import counters
 
-from bench.common import GroupTimeout, group_main
+from bench.cli import group_main
+from bench.dryrun import dry_run
+from bench.timelimit import seconds_left
 from deepsim.config import get_preset
-from deepsim.train.compiled import CompiledStep, count_graph_breaks
+from deepsim.train.compiled import CompiledStep
 from deepsim.train.factory import build_trainer
 
 # Dense peak TFLOPS by device-name fragment and math mode (NVIDIA data sheets, SXM parts).
@@ -51,6 +73,9 @@ PEAK_TFLOPS = {
     "H100": {"fp32": 67.0, "tf32": 494.7, "bf16": 989.4},
     "A100": {"fp32": 19.5, "tf32": 156.0, "bf16": 312.0},
 }
+# Seconds that compile-modules-max-autotune is expected to need per workload (autotuning every conv and
+# matmul of G, D and C, forward and backward); it runs only where the group's limit leaves that much.
+MAX_AUTOTUNE_NEEDS_S = {"cuda": 180.0, "cpu": 900.0, "dry-run": 2.0}
 
 
 def _peak_tflops(device: torch.device, precision: str) -> float | None:
@@ -65,12 +90,16 @@ def _peak_tflops(device: torch.device, precision: str) -> float | None:
 
 
 def _workloads(device: torch.device, quick: bool) -> list[tuple[str, object]]:
-    cpu = device.type == "cpu"
+    cpu, tiny = device.type == "cpu", dry_run()
+    suffix = f" ({torch.get_num_threads()} cpu thread(s))" if cpu else ""
+    # 40 px on a CPU: the smallest multiple of 8 that the derived code's unpadded D takes (35)
     autoencoder = get_preset("autoencoder-photos").replace(
         batch_size=4 if cpu and quick else 64, image_size=40 if cpu and quick else 64, device=str(device)
     )
-    suffix = f" ({torch.get_num_threads()} cpu thread(s))" if cpu else ""
-    items = [(f"autoencoder b{autoencoder.batch_size} {autoencoder.image_size}x{autoencoder.image_size}{suffix}", autoencoder)]
+    if tiny:
+        autoencoder = autoencoder.replace(batch_size=2, comparator="alexnet-random:conv2")
+    size = f"{autoencoder.image_size}x{autoencoder.image_size}"
+    items = [(f"autoencoder b{autoencoder.batch_size} {size}{suffix}", autoencoder)]
     try:
         import deepsim.applications  # noqa: F401 - the inversion trainer lives there
     except ImportError:
@@ -78,8 +107,12 @@ def _workloads(device: torch.device, quick: bool) -> list[tuple[str, object]]:
     invert = get_preset("invert-fc6").replace(
         invert_network="alexnet-random", comparator="alexnet-random:pool5", device=str(device),
         batch_size=2 if cpu else 64, fc_width=1024 if cpu and quick else 4096,
-    )
-    items.append((f"invert-fc6 b{invert.batch_size} 227x227" + (f" fc{invert.fc_width}" if invert.fc_width != 4096 else "") + suffix, invert))
+    )  # fmt: skip
+    if tiny:  # 64x64: the smallest size at which the comparator's pool5 is defined; Phi still sees 227x227
+        invert = invert.replace(image_size=64, fc_width=64, batch_size=1)
+    size = f"{invert.image_size}x{invert.image_size}"
+    width = f" fc{invert.fc_width}" if invert.fc_width != 4096 else ""
+    items.append((f"invert-fc6 b{invert.batch_size} {size}{width}{suffix}", invert))
     return items
 
 
@@ -88,16 +121,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _time(step, batches, device, warmup: int, iters: int) -> float:
-    """Seconds per step (mean over ``iters`` after ``warmup``), synchronised at both ends."""
-    for i in range(warmup):
+def _time(step, batches, device, warmup: int, iters: int) -> tuple[float, float]:
+    """(seconds of the first call, seconds per step over ``iters`` after ``warmup`` calls in all)."""
+    t0 = time.perf_counter()
+    step(batches[0])
+    _sync(device)
+    first = time.perf_counter() - t0
+    for i in range(1, warmup):
         step(batches[i % len(batches)])
     _sync(device)
     start = time.perf_counter()
     for i in range(iters):
         step(batches[i % len(batches)])
     _sync(device)
-    return (time.perf_counter() - start) / iters
+    return first, (time.perf_counter() - start) / iters
 
 
 def _count_flops(trainer, batch) -> int:
@@ -109,9 +146,9 @@ def _count_flops(trainer, batch) -> int:
     return int(counter.get_total_flops())
 
 
-def _compile_modules(trainer, mode: str):
+def _compile_modules(trainer, mode: str, backend: str = "inductor"):
     """torch.compile each network (G, D and the comparator) in place; the step stays eager."""
-    options = dict(mode=mode)
+    options = dict(mode=mode) if backend == "inductor" else dict(backend=backend)
     trainer.generator.compile(**options)
     if trainer.discriminator is not None:
         trainer.discriminator.compile(**options)
@@ -120,101 +157,212 @@ def _compile_modules(trainer, mode: str):
     return trainer.step
 
 
-def _variants(device: torch.device, quick: bool):
-    cuda = device.type == "cuda"
-    # (variant, kernel backend, how to make the step from a fresh trainer)
-    # On CUDA the headline variants come first and max-autotune (minutes of autotuning) last, so a group
-    # cut short by --group-timeout still reports them (run() keeps the rows measured before the cut).
-    variants = [("eager", "reference", lambda t: t.step)]
-    if cuda:
+class Variant:
+    """One way to run the step: its kernel backend and how to build the step from a fresh trainer.
+
+    ``stand_in`` (dry runs and CPU runs of a CUDA-only variant) says what runs instead, for the row's note.
+    """
+
+    def __init__(self, name: str, kernels: str, make: Callable, stand_in: str | None = None):
+        self.name, self.kernels, self.make, self.stand_in = name, kernels, make, stand_in
+
+
+def _variants(device: torch.device, quick: bool) -> list[Variant]:
+    """The main variants, in the order they run (max-autotune is separate: see :func:`run`)."""
+    if dry_run():  # every variant, each through a stand-in that keeps its code path but compiles nothing
+        uncompiled = "the functional step uncompiled (CompiledStep mode 'eager') instead of inductor"
+        return [
+            Variant("eager", "reference", lambda t: t.step),
+            Variant("eager-fused", "auto", lambda t: t.step, "fused kernels run their reference on CPU tensors"),
+            Variant("compiled-step", "reference", lambda t: CompiledStep(t, "eager"), uncompiled),
+            Variant("compiled-step-fused", "auto", lambda t: CompiledStep(t, "eager"), uncompiled),
+            Variant("compiled-step-cudagraphs", "auto", lambda t: CompiledStep(t, "eager"),
+                    uncompiled + "; no CUDA graphs on a CPU"),
+        ]  # fmt: skip
+    variants = [Variant("eager", "reference", lambda t: t.step)]
+    if device.type == "cuda":
+        variants.append(Variant("eager-fused", "auto", lambda t: t.step))
+    variants.append(Variant("compiled-step", "reference", lambda t: CompiledStep(t, "default")))
+    if device.type == "cuda":
         variants += [
-            ("eager-fused", "auto", lambda t: t.step),
-            ("compiled-step-cudagraphs", "auto", lambda t: CompiledStep(t, "reduce-overhead")),
-            ("compiled-step-fused", "auto", lambda t: CompiledStep(t, "default")),
-        ]
-    variants.append(("compiled-step", "reference", lambda t: CompiledStep(t, "default")))
-    if cuda or not quick:
-        variants += [
-            ("compile-modules", "reference", lambda t: _compile_modules(t, "default")),
-            ("compile-modules-max-autotune", "reference", lambda t: _compile_modules(t, "max-autotune-no-cudagraphs")),
+            Variant("compiled-step-fused", "auto", lambda t: CompiledStep(t, "default")),
+            Variant("compiled-step-cudagraphs", "auto", lambda t: CompiledStep(t, "reduce-overhead")),
         ]
     return variants
 
 
-def bench_workload(name: str, config, device: torch.device, quick: bool, rows: list[dict] | None = None) -> list[dict]:
-    """The rows of one workload, appended to ``rows`` (if given) as each is measured; returns them."""
-    torch.manual_seed(0)
-    reference = build_trainer(config, device)
-    gen = torch.Generator(device="cpu").manual_seed(1)
-    batches = [
-        (torch.rand(config.batch_size, 3, config.image_size, config.image_size, generator=gen) * 2 - 1).to(device)
-        for _ in range(2)
-    ]
-    flops = _count_flops(reference, batches[0])
-    peak = _peak_tflops(device, config.precision)
-    cuda, cpu_quick = device.type == "cuda", device.type == "cpu" and quick
-    warmup, iters = (3, 5) if cpu_quick else ((3, 10) if device.type == "cpu" else (10, 30 if quick else 100))
-    invert_on_cpu = config.task == "invert" and device.type == "cpu"
-    rows, base = ([] if rows is None else rows), None
-    first = len(rows)
-    for variant, kernels, make in _variants(device, quick):
-        if invert_on_cpu and variant != "eager":
-            continue  # compiling the 227x227 step on a CPU takes many minutes and says nothing about a GPU
-        trainer = copy.deepcopy(reference)
+def _max_autotune_variant() -> Variant:
+    if dry_run():
+        return Variant("compile-modules-max-autotune", "reference", lambda t: t.step,
+                       "the eager step instead of compiling and autotuning each module")  # fmt: skip
+    return Variant("compile-modules-max-autotune", "reference",
+                   lambda t: _compile_modules(t, "max-autotune-no-cudagraphs"))  # fmt: skip
+
+
+class Workload:
+    """One workload's shared state: initial trainer, batches, FLOPs per step, baseline, timing counts."""
+
+    def __init__(self, name: str, config, device: torch.device, quick: bool):
+        self.name, self.config, self.device = name, config, device
+        torch.manual_seed(0)
+        self.reference = build_trainer(config, device)
+        gen = torch.Generator(device="cpu").manual_seed(1)
+        self.batches = [
+            (torch.rand(config.batch_size, 3, config.image_size, config.image_size, generator=gen) * 2 - 1).to(device)
+            for _ in range(2)
+        ]
+        self.flops = _count_flops(self.reference, self.batches[0])
+        self.peak = _peak_tflops(device, config.precision)
+        cpu_quick = device.type == "cpu" and quick
+        if dry_run():  # the first call, then one timed call
+            self.warmup, self.iters = 1, 1
+        elif device.type == "cpu":
+            self.warmup, self.iters = (3, 5) if cpu_quick else (3, 10)
+        else:  # a few calls for CUDA-graph trees to warm up, record and replay
+            self.warmup, self.iters = 5, 30 if quick else 50
+        self.base: float | None = None  # the eager row's images/s
+
+    def row(self, variant: str, **values) -> dict:
+        return {"group": "step", "name": self.name, "variant": variant, "baseline": "eager", **values}
+
+    def measure(self, variant: Variant) -> dict:
+        """Time ``variant`` on a fresh copy of the initial trainer; returns its row."""
+        device, cuda = self.device, self.device.type == "cuda"
+        left = seconds_left()
+        print(f"bench.step: {self.name}: {variant.name} ..." + ("" if left is None else f" ({left:.0f} s left)"),
+              file=sys.stderr, flush=True)  # fmt: skip
+        t0 = time.perf_counter()
+        trainer = copy.deepcopy(self.reference)
         torch._dynamo.reset()
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
-        with use_backend(kernels):
-            step = make(trainer)
-            seconds = _time(step, batches, device, warmup if variant != "eager" or not cpu_quick else 1, iters)
-        images_per_s = config.batch_size / seconds
-        if base is None:
-            base = images_per_s
-        achieved = flops / seconds / 1e12
-        rows.append(
-            dict(
-                group="step", name=name, variant=variant, baseline="eager", value=images_per_s, unit="img/s",
-                ratio_vs_baseline=images_per_s / base, flops=flops, tflops=achieved,
-                peak_fraction=None if peak is None else achieved / peak,
-                peak_memory=torch.cuda.max_memory_allocated(device) if cuda else None,
-            )
-        )
-        del trainer, step
-    by_variant = {r["variant"]: r["value"] for r in rows[first:]}
-    autotuned = by_variant.get("compile-modules-max-autotune")
-    for r in rows[first:]:
-        if autotuned and r["variant"].startswith("compiled-step"):
-            r["ratio_vs_compile_modules_max_autotune"] = r["value"] / autotuned
-    if config.task != "invert" or not invert_on_cpu:
-        graphs, breaks, _ = count_graph_breaks(copy.deepcopy(reference), batches[0])
-        rows.append(
-            dict(group="step", name=name, variant="graph breaks in the compiled step", baseline="0", value=breaks,
-                 unit="breaks", ratio_vs_baseline=None, graphs=graphs)  # fmt: skip
-        )
-    return rows
+        with use_backend(variant.kernels):
+            step = variant.make(trainer)
+            warmup = 1 if variant.name == "eager" and device.type == "cpu" else self.warmup
+            first, seconds = _time(step, self.batches, device, warmup, self.iters)
+        images_per_s = self.config.batch_size / seconds
+        print(f"bench.step: {self.name}: {variant.name}: {images_per_s:.4g} img/s, first call {first:.1f} s, "
+              f"{time.perf_counter() - t0:.1f} s in all", file=sys.stderr, flush=True)  # fmt: skip
+        if variant.name == "eager":
+            self.base = images_per_s
+        achieved = self.flops / seconds / 1e12
+        return self.row(
+            variant.name, value=images_per_s, unit="img/s",
+            ratio_vs_baseline=None if self.base is None else images_per_s / self.base,
+            flops=self.flops, tflops=achieved, peak_fraction=None if self.peak is None else achieved / self.peak,
+            peak_memory=torch.cuda.max_memory_allocated(device) if cuda else None,
+            first_call_s=first, wall_s=time.perf_counter() - t0,
+            note=None if variant.stand_in is None else f"stand-in: {variant.stand_in}",
+        )  # fmt: skip
 
 
-def run(device: str = "cuda", quick: bool = False) -> list[dict]:
-    """Every step-benchmark row for ``device`` (see the module docstring)."""
+def _graph_break_row(workload: Workload, breaks: int, graphs: int, stand_in: str | None) -> dict:
+    note = f"{graphs} graph(s) compiled with fullgraph=True" if stand_in is None else "stand-in: nothing compiled"
+    return workload.row("graph breaks in the compiled step", value=breaks, unit="breaks", baseline="0",
+                        ratio_vs_baseline=None, graphs=graphs, note=note)  # fmt: skip
+
+
+def _measure_cudagraphs(workload: Workload, variant: Variant, rows: list[dict]) -> None:
+    """The cudagraphs variant, compiled with cudagraph_or_error so that a silent fallback fails the check
+    row; after a failure it is timed again the way inductor falls back. Appends the check row, then the
+    timing row (with ``cudagraph_skips``: inductor's skip counter over the variant)."""
+    skips = counters["inductor"]["cudagraph_skips"]
+    check = workload.row("cudagraphs OR_ERROR check", baseline="0", unit="skips", ratio_vs_baseline=None)
+    try:
+        with inductor_config.patch({"triton.cudagraph_or_error": True}):
+            row = workload.measure(variant)
+        check.update(value=counters["inductor"]["cudagraph_skips"] - skips,
+                     note="compiled with TORCHINDUCTOR_CUDAGRAPH_OR_ERROR's setting: no fallback")  # fmt: skip
+    except Exception as e:  # noqa: BLE001 - inductor's reason for the fallback is the finding
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        check.update(value=counters["inductor"]["cudagraph_skips"] - skips, status=f"failed: {reason}")
+        rows.append(check)
+        row = workload.measure(variant)
+        row["note"] = "; ".join(filter(None, [row.get("note"), "CUDA graphs fell back (see the check row)"]))
+        row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
+        rows.append(row)
+        return
+    row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
+    rows.append(check)
+    rows.append(row)
+
+
+def _failed(workload: Workload, variant: str, error: Exception) -> dict:
+    reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+    return workload.row(variant, value=None, unit="img/s", ratio_vs_baseline=None, status=f"failed: {reason}")
+
+
+def bench_workload(workload: Workload, quick: bool, rows: list[dict]) -> None:
+    """The main variants of one workload, each row appended to ``rows`` as it is measured. A variant that
+    fails becomes a failed row and the next one runs (a time limit still stops the group)."""
+    invert_on_cpu = workload.config.task == "invert" and workload.device.type == "cpu"
+    for variant in _variants(workload.device, quick):
+        if invert_on_cpu and variant.name != "eager":
+            continue  # compiling the 227x227 step on a CPU takes many minutes and says nothing about a GPU
+        try:
+            if variant.name == "compiled-step-cudagraphs":
+                _measure_cudagraphs(workload, variant, rows)
+                continue
+            breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
+            rows.append(workload.measure(variant))
+            if variant.name == "compiled-step":
+                rows.append(_graph_break_row(workload, sum(counters["graph_break"].values()) - breaks,
+                                             counters["stats"]["unique_graphs"] - graphs, variant.stand_in))  # fmt: skip
+        except Exception as e:  # noqa: BLE001 - one broken variant must not hide the others
+            rows.append(_failed(workload, variant.name, e))
+
+
+def _max_autotune(workload: Workload, rows: list[dict]) -> None:
+    """compile-modules-max-autotune where the group's time limit leaves room, else a row saying why not."""
+    variant = _max_autotune_variant()
+    kind = "dry-run" if dry_run() else workload.device.type
+    needs, left = MAX_AUTOTUNE_NEEDS_S[kind], seconds_left()
+    if workload.config.task == "invert" and workload.device.type == "cpu":
+        return
+    if left is not None and left < needs:
+        rows.append(workload.row(variant.name, value=None, unit="img/s", ratio_vs_baseline=None,
+                                 status=f"skipped: needs about {needs:.0f} s, {max(left, 0):.0f} s left "
+                                 "in the group's limit"))  # fmt: skip
+        return
+    try:
+        row = workload.measure(variant)
+    except Exception as e:  # noqa: BLE001 - reported as the variant's row
+        rows.append(_failed(workload, variant.name, e))
+        return
+    rows.append(row)
+    for r in rows:
+        if r.get("name") == workload.name and str(r.get("variant")).startswith("compiled-step") and r.get("value"):
+            r["ratio_vs_compile_modules_max_autotune"] = r["value"] / row["value"]
+
+
+def run(device: str = "cuda", quick: bool = False, rows: list[dict] | None = None) -> list[dict]:
+    """Every step-benchmark row for ``device`` (see the module docstring), appended to ``rows`` one by one.
+
+    On CPU quick mode skips max-autotune; elsewhere it runs last and only with time left in the limit.
+    """
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("bench.step: --device cuda asked for, but torch sees no CUDA device")
+    rows = [] if rows is None else rows
     threads = torch.get_num_threads()
-    if device.type == "cpu" and quick:
+    if device.type == "cpu" and (quick or dry_run()):
         # One intra-op thread: reproducible on shared CI runners, where OpenMP threads spinning against other
         # processes can make a step 50x slower. The row names say so.
         torch.set_num_threads(1)
     try:
-        rows = []
-        try:
-            for name, config in _workloads(device, quick):
-                bench_workload(name, config, device, quick, rows)
-                if device.type == "cpu":
-                    for r in rows:
-                        r["cpu_threads"] = torch.get_num_threads()
-        except GroupTimeout as e:  # keep what was measured; one row says where the group was cut
-            rows.append(dict(group="step", name="(step group)", variant="", baseline="", value=None, unit="",
-                             ratio_vs_baseline=None, status=f"partial: {e}"))  # fmt: skip
+        workloads = []
+        for name, config in _workloads(device, quick):
+            try:
+                workload = Workload(name, config, device, quick)
+            except Exception as e:  # noqa: BLE001 - e.g. out of memory building it: the next workload runs
+                rows.append(dict(group="step", name=name, variant="", baseline="", value=None, unit="",
+                                 ratio_vs_baseline=None, status=f"failed: {type(e).__name__}: {e}"[:300]))  # fmt: skip
+                continue
+            workloads.append(workload)
+            bench_workload(workload, quick, rows)
+        if device.type == "cuda" or not quick or dry_run():
+            for workload in workloads:
+                _max_autotune(workload, rows)
         return rows
     finally:
         torch.set_num_threads(threads)

@@ -327,6 +327,9 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="folder for results.json/.md (default: bench/out/<time>)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--append-results", action="store_true", help="append the table to bench/RESULTS.md")
+    p.add_argument("--static", action="store_true",
+                   help="the conv kernels' static report instead (sm_90 compile on any machine: registers, spills, "
+                   "shared memory, wgmma/async loads, issued-MMA efficiency per layer)")  # fmt: skip
 
 
 def _cmd_bench(args) -> int:
@@ -340,6 +343,7 @@ def _cmd_bench(args) -> int:
 
     argv = ["--groups", args.groups, "--device", args.device] + (["--quick"] if args.quick else [])
     argv += (["--out", str(args.out)] if args.out else []) + (["--append-results"] if args.append_results else [])
+    argv += ["--static"] if args.static else []
     return bench_main(argv)
 
 

@@ -26,6 +26,20 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+# triton <= 3.6's interpreter vs numpy >= 2.4: see tests/triton_compat.py (a no-op elsewhere).
+_TRITON_COMPAT = None
+if os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        from tests.triton_compat import fix_interpreter_scalar_index
+
+        _TRITON_COMPAT = fix_interpreter_scalar_index()
+    except ImportError:  # no triton: the kernels run their references (deepsim.kernels says so)
+        pass
+
+
+def pytest_report_header(config):
+    return _TRITON_COMPAT
+
 
 def _cuda_usable() -> bool:
     import torch

@@ -1,6 +1,8 @@
-"""The benchmark harness (bench/common.py, python -m bench): fake groups, constructed numbers, no timing."""
+"""The benchmark harness (bench/rows, roofline, runner, results, tables, cli, machine, timelimit;
+python -m bench): fake groups, constructed numbers, no timing."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,18 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from bench import __main__ as bench_main
-from bench.common import (
-    BenchRun,
-    add_roofline,
-    fill_ratios,
-    format_compact,
-    format_markdown,
-    run_group,
-    run_groups,
-    time_seconds,
-)
-from bench.roofline import attach_work, conv_work
+from bench import cli as bench_main
+from bench.machine import commit_label, git_state, tree_fingerprint, write_commit_stamp
+from bench.outputs import write_outputs
+from bench.results import KILLED, BenchRun, load_run
+from bench.roofline import add_roofline, attach_work, conv_work
+from bench.rows import fill_ratios, time_seconds
+from bench.runner import run_group, run_groups
+from bench.tables import REPORT_SECTIONS, format_compact, format_markdown, report_section
+from bench.timelimit import GroupTimeout, seconds_left, time_limit
 
 ROOT = Path(__file__).resolve().parents[1]
 META = {"date": "2026-01-01 00:00 UTC", "cpu": "test CPU", "cpu_cores": 2, "card": "none (CPU run)",
@@ -138,14 +137,85 @@ def test_failing_and_missing_groups_become_rows(tmp_path):
     assert bad[1]["status"].startswith("failed: TypeError")
 
 
-def test_group_timeout():
-    def slow(device, quick):
-        time.sleep(5)
-        return []
+def test_group_timeout_is_not_swallowed_and_keeps_the_rows():
+    """torch.compile catches Exception in many places; the timeout is a BaseException, so a group that
+    swallows every Exception (as inductor does) still stops, and keeps the rows it had measured."""
+    assert issubclass(GroupTimeout, BaseException) and not issubclass(GroupTimeout, Exception)
+    seen = []
+
+    def swallowing(device, quick, rows):
+        rows.append(row("conv", "eager", 4.0, "ms"))
+        seen.append(seconds_left())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                time.sleep(0.02)
+            except Exception:  # noqa: BLE001 - what inductor's compile workers and probes do
+                pass
+        rows.append(row("conv", "never", 1.0, "ms"))
 
     t0 = time.perf_counter()
-    rows, info = run_group("step", "cpu", True, module=types.SimpleNamespace(run=slow), timeout_s=0.2)
-    assert info["status"].startswith("failed: GroupTimeout") and time.perf_counter() - t0 < 3
+    rows, info = run_group("step", "cpu", True, module=types.SimpleNamespace(run=swallowing), timeout_s=0.3)
+    assert time.perf_counter() - t0 < 3
+    assert info["status"].startswith("partial: group step ran past its 0.3 s limit") and info["rows"] == 1
+    assert [r["variant"] for r in rows] == ["eager", ""] and rows[1]["status"] == info["status"]
+    assert 0 < seen[0] <= 0.3 and seconds_left() is None  # the limit is gone once the group ended
+
+
+def test_time_limit_repeats_until_the_block_ends():
+    """A block that swallows even the first BaseException gets another one a few seconds later."""
+    import bench.timelimit as timelimit
+
+    fired = 0
+    t0 = time.perf_counter()
+    old_repeat, timelimit.REPEAT_S = timelimit.REPEAT_S, 0.1
+    try:
+        with pytest.raises(GroupTimeout):
+            with time_limit(0.1, "block"):
+                while time.perf_counter() - t0 < 5:
+                    try:
+                        time.sleep(0.02)
+                    except GroupTimeout:
+                        fired += 1
+                        if fired == 1:
+                            continue  # swallowed once; the next alarm must still come
+                        raise
+    finally:
+        timelimit.REPEAT_S = old_repeat
+    assert fired == 2 and time.perf_counter() - t0 < 3
+
+
+def test_rows_are_saved_as_they_are_measured(tmp_path):
+    """results.json holds each row as soon as the group appends it, before the group ends."""
+    on_disk = []
+
+    def measuring(device, quick, rows):
+        for i, variant in enumerate(["eager", "fused"]):
+            rows.append(row("conv", variant, 4.0 - i, "ms"))
+            on_disk.append(json.loads((tmp_path / "results.json").read_text()))
+        raise RuntimeError("crashed after two rows")
+
+    run = run_groups(["step"], "cpu", True, modules={"step": types.SimpleNamespace(run=measuring)}, peaks=PEAKS,
+                     meta=META, out=tmp_path)  # fmt: skip
+    assert [len(d["rows"]) for d in on_disk] == [1, 2]
+    assert on_disk[0]["groups"]["step"]["status"] == "running"
+    assert run.groups["step"]["status"] == "failed: RuntimeError: crashed after two rows"
+    assert [r["variant"] for r in run.rows] == ["eager", "fused", ""]  # the rows before the crash are kept
+    assert run.rows[1]["gain"] == pytest.approx(4 / 3)
+
+
+def test_a_killed_group_reads_back_as_partial(tmp_path):
+    """A process killed inside a group leaves it "running" in results.json; read back, it is partial."""
+    run = BenchRun(META, PEAKS, quick=False)
+    run.add("kernels", [dict(row("conv", "eager", 4.0, "ms"), group="kernels", status="ok")],
+            {"status": "ok", "rows": 1})  # fmt: skip
+    run.begin_group("step")
+    run.set_rows("step", [dict(row("step", "eager", 100.0, "img/s"), group="step", status="ok")])
+    write_outputs(run, tmp_path)  # what the file holds when the kill comes
+    again = load_run(tmp_path)
+    assert again.groups["kernels"]["status"] == "ok" and again.groups["step"]["status"] == KILLED
+    assert [r["status"] for r in again.rows] == ["ok", "ok", KILLED]
+    assert KILLED in format_markdown(again)
 
 
 def test_writes_json_and_markdown(tmp_path):
@@ -168,6 +238,62 @@ def test_writes_json_and_markdown(tmp_path):
     assert "gain 2x" in format_compact(again)
 
 
+def test_merge_adds_groups_to_an_existing_run(tmp_path, monkeypatch):
+    """bench/gpu.sh runs each group in its own process into one results.json (--merge)."""
+    monkeypatch.setitem(sys.modules, "bench.kernels", fake_module(FAKE_ROWS[:2]))
+    monkeypatch.setitem(sys.modules, "bench.loader", fake_module(FAKE_ROWS[2:4]))
+    monkeypatch.setattr(bench_main, "machine_info", lambda device: dict(META))
+    args = ["--no-peaks", "--device", "cpu", "--out", str(tmp_path), "--merge"]
+    assert bench_main.main(["--groups", "kernels"] + args) == 0
+    assert bench_main.main(["--groups", "loader"] + args) == 0
+    assert bench_main.main(["--groups", "kernels"] + args) == 0  # run again: replaces its rows
+    run = load_run(tmp_path)
+    assert list(run.groups) == ["loader", "kernels"] and len(run.rows) == 4  # in the order they last ran
+    assert all(info["status"] == "ok" for info in run.groups.values())
+
+
+def test_report_sections_follow_the_main_table(tmp_path):
+    @report_section
+    def dispatcher(run):
+        chosen = [r for r in run.rows if r.get("dispatch")]
+        return "### Dispatcher\n\n" + "\n".join(f"- {r['name']}: {r['dispatch']}" for r in chosen) if chosen else None
+
+    try:
+        run = BenchRun(META, None, quick=True)
+        run.add("kernels", [dict(row("conv", "eager", 4.0, "ms", dispatch="cudnn"), status="ok")], {"status": "ok"})
+        md = format_markdown(run)
+        assert md.index("| group |") < md.index("### Dispatcher") and "- conv: cudnn" in md
+        assert "- conv: cudnn" in format_compact(run)
+        assert "Dispatcher" not in format_markdown(BenchRun(META, None, quick=True))  # None: no section
+    finally:
+        REPORT_SECTIONS.remove(dispatcher)
+
+
+def test_commit_from_git_env_or_stamp(tmp_path, monkeypatch):
+    """A copy without .git names the commit from $DEEPSIM_COMMIT, else from bench/COMMIT, and says so when
+    its files are not the stamped ones."""
+    root = Path(__file__).resolve().parents[1]
+    state = git_state(root)
+    if state["commit_source"] != "git":
+        pytest.skip("this checkout has no git metadata")
+    copy = tmp_path / "copy"
+    for top in ("deepsim", "kernels", "bench", "tests"):
+        shutil.copytree(root / top, copy / top, ignore=shutil.ignore_patterns("__pycache__", "out"))
+    stamp = write_commit_stamp(copy / "bench" / "COMMIT", root)
+    assert stamp["commit"] == state["commit"] and stamp["fingerprint"] == tree_fingerprint(copy)
+    monkeypatch.delenv("DEEPSIM_COMMIT", raising=False)
+    from_stamp = git_state(copy)
+    assert from_stamp["commit"] == state["commit"] and from_stamp["stamp_matches_tree"]
+    assert "NOT the code that ran" not in commit_label(from_stamp)
+    (copy / "bench" / "rows.py").write_text("# edited after stamping\n")
+    assert "NOT the code that ran" in commit_label(git_state(copy))
+    monkeypatch.setenv("DEEPSIM_COMMIT", "abc1234")
+    assert git_state(copy)["commit"] == "abc1234"  # still honoured, and first
+    monkeypatch.delenv("DEEPSIM_COMMIT")
+    (copy / "bench" / "COMMIT").unlink()
+    assert git_state(copy)["commit"] == "unknown"
+
+
 def test_main_with_fake_groups_and_append(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "bench.kernels", fake_module(FAKE_ROWS))
     monkeypatch.setitem(sys.modules, "bench.loader", types.SimpleNamespace(run=failing_module))
@@ -185,14 +311,47 @@ def test_main_with_fake_groups_and_append(tmp_path, monkeypatch):
 
 
 def test_measured_peaks_are_positive():
-    from bench.common import measure_peaks
+    from bench.peaks import measure_peaks
 
     peaks = measure_peaks("cpu", quick=True)
     assert peaks["flops_per_s"] > 1e8 and peaks["bytes_per_s"] > 1e8 and peaks["dtype"] == "float32"
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_gpu_script_parses():
-    script = ROOT / "bench" / "gpu.sh"
-    assert script.exists()
-    subprocess.run(["bash", "-n", str(script)], check=True)
+GPU_PHASES = ["env", "install", "tests-kernels", "tests-step", "bench-kernels", "bench-step", "bench-loader", "finish"]
+OUT_FILES = {"commit.txt", "logs.tar.gz", "phases.tsv", "results.json", "results.md", "summary.txt"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
+def test_gpu_script_dry_run_brings_back_at_most_8_files(tmp_path):
+    """bench/gpu.sh --dry-run: every phase of the GPU run with CPU stand-ins (about a minute on 2 cores);
+    what the device tool would bring back is at most 8 plain files, results.json among them."""
+    import tarfile
+
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "DEEPSIM_COMMIT"}
+    env["PYTHON"] = sys.executable
+    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", str(out)], env=env,
+                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    entries = list(out.iterdir())
+    assert len(entries) <= 8 and all(p.is_file() for p in entries)
+    assert {p.name for p in entries} == OUT_FILES
+    phases = [line.split("\t") for line in (out / "phases.tsv").read_text().splitlines()]
+    assert phases[0][:5] == ["phase", "rc", "seconds", "estimate_s", "limit_s"]
+    assert [p[0] for p in phases[1:]] == GPU_PHASES and all(p[1] == "0" for p in phases[1:]), phases
+    data = json.loads((out / "results.json").read_text())
+    assert data["mode"] == "dry-run" and list(data["groups"]) == ["kernels", "step", "loader"]
+    assert all(info["status"] == "ok" for info in data["groups"].values()), data["groups"]
+    step = {r["variant"] for r in data["rows"] if r["group"] == "step" and r["status"] == "ok"}
+    assert {"eager", "eager-fused", "compiled-step", "compiled-step-fused", "compiled-step-cudagraphs",
+            "cudagraphs OR_ERROR check", "graph breaks in the compiled step"} <= step  # fmt: skip
+    loader = {r["variant"] for r in data["rows"] if r["group"] == "loader" and r["status"] == "ok"}
+    assert {"torchvision+PIL", "torchvision decode_jpeg (cpu)"} <= loader
+    with tarfile.open(out / "logs.tar.gz") as tar:
+        logs = {Path(name).name for name in tar.getnames()}
+    assert {f"{name}.log" for name in GPU_PHASES[:-1]} <= logs
+    commit = git_state(ROOT)
+    assert (out / "commit.txt").read_text().strip() == commit_label(commit)
+    summary = (out / "summary.txt").read_text()
+    assert "dry-run" in summary and "bench-step" in summary and "compiled-step-cudagraphs" in summary

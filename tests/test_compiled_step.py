@@ -114,9 +114,18 @@ def test_compiled_step_matches_eager(backend, order, eager_rng_in_inductor):
     assert close >= 0.95 * total, close / total
     assert diff_sum <= 0.01 * moved_sum, diff_sum / moved_sum
     assert moved > 0.5 * LR * STEPS  # the steps did update the parameters
-    for key in ("exp_avg", "exp_avg_sq", "step"):
-        for s_e, s_c in zip(eager.opt_d.state.values(), compiled.opt_d.state.values()):
-            torch.testing.assert_close(s_c[key], s_e[key], atol=1e-6 if key != "exp_avg_sq" else 1e-9, rtol=1e-3)
+    # D's Adam moments, each tensor against its own scale. Inductor reorders the sums of D's backward (a bias
+    # or weight gradient is a sum over batch x H x W terms of both signs), and the first layers' gradients come
+    # last in the chain and cancel most: an element near 0 can be off by more than its own size, so a bound
+    # per element (the earlier atol 1e-6) measures luck. Measured (lr 1e-4, 3 steps, 1 thread), max |diff| /
+    # max |moment| of a tensor: 1.5e-6 on torch 2.14.1; on torch 2.11.0 3.8e-3 for exp_avg (D's second conv
+    # bias: 2.2e-6 against 5.9e-4, which failed atol 1e-6) and 3.0e-3 for exp_avg_sq. Bound: 2 % of the
+    # tensor's largest moment, 5x the worst measured; a wrong or skipped update moves a moment by its whole size.
+    for s_e, s_c in zip(eager.opt_d.state.values(), compiled.opt_d.state.values()):
+        for key in ("exp_avg", "exp_avg_sq"):
+            scale = s_e[key].abs().max().item()
+            torch.testing.assert_close(s_c[key], s_e[key], atol=0.02 * scale, rtol=1e-3)
+        assert torch.equal(s_c["step"], s_e["step"])
     assert torch.equal(eager.pause.train_d, compiled.pause.train_d)
     assert torch.equal(eager.pause.train_g, compiled.pause.train_g)
 

@@ -56,7 +56,7 @@ from collections.abc import Callable
 import torch
 import torch._dynamo
 import torch._inductor.config as inductor_config
-from deepsim.kernels import use_backend
+from deepsim.kernels import fp32_uses_tf32, use_backend
 from torch._dynamo.utils import counters
 
 from bench.cli import group_main
@@ -82,7 +82,7 @@ def _peak_tflops(device: torch.device, precision: str) -> float | None:
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    mode = precision if precision == "bf16" else ("tf32" if torch.backends.cudnn.allow_tf32 else "fp32")
+    mode = precision if precision == "bf16" else ("tf32" if fp32_uses_tf32() else "fp32")
     for fragment, peaks in PEAK_TFLOPS.items():
         if fragment in name:
             return peaks[mode]

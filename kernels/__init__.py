@@ -19,6 +19,7 @@ implementation and registered autograd, so ``torch.compile`` traces it without a
 
 from . import dispatch
 from ._backend import BACKENDS, HAS_TRITON, TRITON_IMPORT_ERROR, backend, requested_backend, use_backend
+from ._conv_igemm import fp32_uses_tf32
 from .bias_lrelu import BiasLReluFunction, bias_lrelu, reference_bias_lrelu
 from .conv_lrelu import ConvLReluFunction, conv_lrelu, reference_conv_lrelu
 from .conv_transpose_lrelu import (
@@ -36,6 +37,7 @@ __all__ = [
     "backend",
     "requested_backend",
     "use_backend",
+    "fp32_uses_tf32",
     "dispatch",
     "bias_lrelu",
     "reference_bias_lrelu",

@@ -160,3 +160,27 @@ def test_cli_on_bad_skip_trains_past_bad_files(tmp_path, capsys):
     assert code == 0, err
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["Data/skipped"] == 2
+
+
+def test_tf32_precision_goes_through_the_current_api_even_after_it_was_used():
+    """precision "tf32" turns TF32 on for fp32 matmuls and convs through torch.backends.*.fp32_precision where
+    torch has it (setting the legacy allow_tf32 flags after the new API was used raises on recent torch), and
+    the fused conv kernels read the same setting (deepsim.kernels.fp32_uses_tf32)."""
+    import torch
+    from deepsim.kernels import fp32_uses_tf32
+
+    from deepsim.train.loop import _allow_tf32
+
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if not hasattr(conv, "fp32_precision"):
+        pytest.skip("this torch has only the legacy allow_tf32 flags")
+    matmul = torch.backends.cuda.matmul
+    saved = (matmul.fp32_precision, conv.fp32_precision)
+    try:
+        matmul.fp32_precision, conv.fp32_precision = "ieee", "ieee"  # the new API in use, TF32 off
+        assert not fp32_uses_tf32()
+        _allow_tf32()
+        assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
+        assert fp32_uses_tf32()
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = saved

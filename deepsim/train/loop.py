@@ -225,6 +225,19 @@ def _train(config: TrainConfig, payload, out: Path, context, progress: bool, bui
         return _run(config, payload, out, context, progress, build_loader, tasks, stop_signals)
 
 
+def _allow_tf32() -> None:
+    """Precision "tf32": TF32 for fp32 matmuls and convolutions, through the current API where this torch has
+    it (``torch.backends.cuda.matmul.fp32_precision``, ``torch.backends.cudnn.conv.fp32_precision``), else the
+    legacy ``allow_tf32`` flags (on recent torch, touching those once the new API is in use raises)."""
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        matmul.fp32_precision = "tf32"
+        conv.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def _prepare_trainer(config: TrainConfig, payload, context, tasks):
     """The trainer (restored from ``payload`` if any, wrapped for DDP, channels_last), its step function, the
     step it starts after and the data cursor it starts at."""
@@ -232,8 +245,7 @@ def _prepare_trainer(config: TrainConfig, payload, context, tasks):
 
     rank, world, device = context.rank, context.world, context.device
     if config.precision == "tf32":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        _allow_tf32()
 
     torch.manual_seed(config.seed)
     trainer = build_trainer(config, device, tasks)

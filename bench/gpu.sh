@@ -203,16 +203,22 @@ install_dali() {
 install_deepsim() {
     install_dali || echo "DALI pieces did not unpack: going on without DALI"
     rm -rf /tmp/deepsim-path  # a fallback left by an earlier run may point at another checkout
-    if [ "$DRY_RUN" = 1 ]; then
-        echo "dry run: no pip install (this checkout is already installed here); checking the import"
-        (cd /tmp && "$PY" -c "import deepsim.kernels as K; print('deepsim.kernels from', K.__file__)")
-        return
-    fi
-    if "$PY" -m pip install --no-deps --no-build-isolation -e . && (cd /tmp && "$PY" -c "import deepsim.kernels"); then
+    if [ "$DRY_RUN" = 1 ]; then  # no pip install in a dry run: this checkout as installed, else the fallback
+        local where
+        where=$(cd /tmp && "$PY" -c "import deepsim.kernels as K; print(K.__file__)" 2> /dev/null)
+        if [ -n "$where" ] && [ "${where#"$ROOT"/}" != "$where" ]; then
+            echo "dry run: no pip install; deepsim.kernels from $where (this checkout, installed)"
+            return 0
+        fi
+        echo "dry run: no pip install; deepsim ${where:+is installed from elsewhere ($where)}${where:-is not installed}" \
+            "for $PY: the sitecustomize fallback below maps it to this checkout"
+    elif "$PY" -m pip install --no-deps --no-build-isolation -e . && (cd /tmp && "$PY" -c "import deepsim.kernels"); then
         echo "installed: pip install --no-deps --no-build-isolation -e ."
         return 0
+    else
+        echo "pip install -e . failed"
     fi
-    echo "pip install -e . failed; mapping deepsim.kernels -> $ROOT/kernels with a sitecustomize.py on PYTHONPATH"
+    echo "mapping deepsim -> $ROOT/deepsim and deepsim.kernels -> $ROOT/kernels with a sitecustomize.py on PYTHONPATH"
     mkdir -p /tmp/deepsim-path
     cat > /tmp/deepsim-path/sitecustomize.py <<EOF
 # Written by bench/gpu.sh: what pyproject's package-dir does for an install, for a plain checkout.

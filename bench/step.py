@@ -63,6 +63,7 @@ from bench.cli import group_main
 from bench.dryrun import dry_run
 from bench.timelimit import seconds_left
 from deepsim.config import get_preset
+from deepsim.tasks import TASKS
 from deepsim.train.compiled import CompiledStep
 from deepsim.train.factory import build_trainer
 
@@ -205,7 +206,7 @@ class Workload:
     def __init__(self, name: str, config, device: torch.device, quick: bool):
         self.name, self.config, self.device = name, config, device
         torch.manual_seed(0)
-        self.reference = build_trainer(config, device)
+        self.reference = build_trainer(config, device, TASKS)
         gen = torch.Generator(device="cpu").manual_seed(1)
         self.batches = [
             (torch.rand(config.batch_size, 3, config.image_size, config.image_size, generator=gen) * 2 - 1).to(device)

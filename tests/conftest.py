@@ -67,3 +67,23 @@ def one_intra_op_thread():
 # The kernel dispatcher (kernels/dispatch.py) keeps its decisions in memory during tests instead of writing
 # the user's ~/.cache/deepsim/dispatch.json; tests of the cache file point DEEPSIM_DISPATCH_CACHE elsewhere.
 os.environ.setdefault("DEEPSIM_DISPATCH_CACHE", "off")
+
+
+@pytest.fixture
+def ieee_fp32():
+    """IEEE fp32 on both sides of a comparison: no TF32 in matmuls or convolutions (the Triton convs follow
+    PyTorch's fp32 conv setting as cuDNN does). Through torch.backends.*.fp32_precision where torch has it
+    (once that API is used, the legacy allow_tf32 flags raise), else the legacy flags; restored afterwards."""
+    import torch
+
+    conv, matmul = getattr(torch.backends.cudnn, "conv", None), torch.backends.cuda.matmul
+    if hasattr(conv, "fp32_precision") and hasattr(matmul, "fp32_precision"):
+        saved = conv.fp32_precision, matmul.fp32_precision
+        conv.fp32_precision = matmul.fp32_precision = "ieee"
+        yield
+        conv.fp32_precision, matmul.fp32_precision = saved
+        return
+    saved = torch.backends.cudnn.allow_tf32, matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved

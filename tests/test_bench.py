@@ -343,6 +343,10 @@ def test_gpu_script_dry_run_brings_back_at_most_8_files(tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert data["mode"] == "dry-run" and list(data["groups"]) == ["kernels", "step", "loader"]
     assert all(info["status"] == "ok" for info in data["groups"].values()), data["groups"]
+    failed = [(r["group"], r["name"], r["status"]) for r in data["rows"] if r["status"].startswith("failed")]
+    assert not failed, failed  # a row that failed is a figure the GPU run would not bring back
+    workloads = {r["name"].split(" ")[0] for r in data["rows"] if r["group"] == "step" and r["status"] == "ok"}
+    assert {"autoencoder", "invert-fc6"} <= workloads, workloads
     step = {r["variant"] for r in data["rows"] if r["group"] == "step" and r["status"] == "ok"}
     assert {"eager", "eager-fused", "compiled-step", "compiled-step-fused", "compiled-step-cudagraphs",
             "cudagraphs OR_ERROR check", "graph breaks in the compiled step"} <= step  # fmt: skip

@@ -31,6 +31,7 @@ import torch
 from deepsim.kernels import use_backend
 
 from deepsim.config import get_preset
+from deepsim.tasks import TASKS
 from deepsim.train.factory import build_trainer
 
 STEPS = 2
@@ -92,7 +93,7 @@ def compare_backends(config, device, kernels: str = "triton", tamper=None) -> No
     ``tamper(trainer)`` (CPU tests) plants an error in the second run's trainer before its steps.
     """
     torch.manual_seed(0)
-    initial_trainer = build_trainer(config, torch.device(device))
+    initial_trainer = build_trainer(config, torch.device(device), TASKS)  # the fc6 inversion too
     batches = make_batches(config, device)
     reference, fused = copy.deepcopy(initial_trainer), copy.deepcopy(initial_trainer)
     initial = [p.detach().clone() for p in initial_trainer.parameters()]
@@ -101,15 +102,6 @@ def compare_backends(config, device, kernels: str = "triton", tamper=None) -> No
     ref_metrics = run_steps(reference, batches, "reference")
     fused_metrics = run_steps(fused, batches, kernels)
     assert_steps_match(initial, reference, fused, ref_metrics, fused_metrics, config.lr)
-
-
-@pytest.fixture
-def ieee_fp32():
-    """No TF32 on either side (the Triton convs follow cudnn.allow_tf32 like cuDNN does)."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 @pytest.mark.cuda
@@ -128,6 +120,11 @@ def small_autoencoder(one_intra_op_thread):
 
 def test_comparison_accepts_identical_runs(small_autoencoder):
     compare_backends(small_autoencoder, "cpu", kernels="reference")
+
+
+def test_comparison_runs_the_fc6_inversion_on_cpu(one_intra_op_thread):
+    """The fc6 workload of the CUDA test builds and steps through the same comparison (small, on the CPU)."""
+    compare_backends(invert_fc6_config("cpu", batch=2, size=64, fc_width=64), "cpu", kernels="reference")
 
 
 def _scale_first_conv(trainer, factor=1 + 1e-3):

@@ -98,7 +98,7 @@ def dataset_bytes(src: ResolvedSource, resize: int | None) -> int:
 def _loaders_that_fit(kind: str) -> str:
     from .dali import dali_available
 
-    names = ["torch"] + (["dali"] if dali_available() else []) + (["nvjpeg"] if kind == "folder" else [])
+    names = ["torch"] + (["dali"] if dali_available() else []) + (["nvjpeg"] if kind != "stl10" else [])
     return ", ".join(f"--loader {n}" for n in names)
 
 

@@ -119,10 +119,13 @@ def check_fits(nbytes: int, device: torch.device, *, name: str, kind: str, free_
 def resident_fits(source: str | os.PathLike, device: torch.device | str, mode: str = "crop") -> bool:
     """Whether ``source`` decoded would fit on ``device`` now (what ``--loader auto`` asks on CUDA)."""
     resize = 256 if mode.startswith("resize") else None
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return False
     try:
         src = resolve_source(source)
-        check_fits(dataset_bytes(src, resize), torch.device(device), name=src.name, kind=src.kind)
-    except DataError:
+        check_fits(dataset_bytes(src, resize), device, name=src.name, kind=src.kind)
+    except (DataError, RuntimeError):  # RuntimeError: the device cannot be asked
         return False
     return True
 

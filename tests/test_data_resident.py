@@ -25,8 +25,12 @@ def stl10_coords(tmp_path_factory):
     folder = tmp_path_factory.mktemp("resident") / "stl10"
     folder.mkdir()
     yy, xx = np.mgrid[0:96, 0:96]
-    images = np.stack([np.stack([xx, yy, np.full_like(xx, i)]) for i in range(7)]).astype(np.uint8)  # (7,3,96,96)
-    np.ascontiguousarray(images.transpose(0, 1, 3, 2)).tofile(folder / "unlabeled_X.bin")  # column-major planes
+    images = np.stack([np.stack([xx, yy, np.full_like(xx, i)]) for i in range(7)]).astype(
+        np.uint8
+    )  # (7,3,96,96)
+    np.ascontiguousarray(images.transpose(0, 1, 3, 2)).tofile(
+        folder / "unlabeled_X.bin"
+    )  # column-major planes
     return folder
 
 
@@ -83,7 +87,9 @@ def test_padded_channels_are_zeros_beside_the_3_channel_batch(stl10_coords, pad,
     for loader in ("resident", "torch"):
         padded = next(build_loader(stl10_coords, loader=loader, pad_channels=pad, **kw))
         assert padded.shape == (6, pad, 48, 48) and padded.dtype == torch.bfloat16
-        assert padded.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        assert padded.is_contiguous(
+            memory_format=torch.channels_last if channels_last else torch.contiguous_format
+        )
         torch.testing.assert_close(padded[:, :3], plain, rtol=0, atol=0)
         assert (padded[:, 3:] == 0).all()
 
@@ -110,5 +116,7 @@ def test_a_data_set_larger_than_the_free_memory_stops_in_one_line_naming_the_loa
     assert resident.resident_fits(stl10_coords, "cpu")
     assert next(build_loader(stl10_coords, loader="resident", batch_size=2)).shape == (2, 3, 64, 64)
     monkeypatch.setattr(resident, "device_free_bytes", lambda device: 2**20)
-    with pytest.raises(DataError, match=r"^photos .*: --loader resident needs .*use --loader torch.*--loader nvjpeg$"):
+    with pytest.raises(
+        DataError, match=r"^photos .*: --loader resident needs .*use --loader torch.*--loader nvjpeg$"
+    ):
         build_loader("photos", loader="resident", batch_size=2)

@@ -50,7 +50,9 @@ def test_the_padded_weight_is_made_once_per_parameter_version(monkeypatch):
             loss = conv(x4).square().mean()
             loss.backward()
         assert len(pads) == step + 1
-        torch.testing.assert_close(conv(x4), conv(x), rtol=1e-5, atol=1e-5)  # the new version, not a stale pad
+        torch.testing.assert_close(
+            conv(x4), conv(x), rtol=1e-5, atol=1e-5
+        )  # the new version, not a stale pad
         opt.step()
         opt.zero_grad()
 

@@ -102,7 +102,9 @@ def _loaders_that_fit(kind: str) -> str:
     return ", ".join(f"--loader {n}" for n in names)
 
 
-def check_fits(nbytes: int, device: torch.device, *, name: str, kind: str, free_bytes: int | None = None) -> None:
+def check_fits(
+    nbytes: int, device: torch.device, *, name: str, kind: str, free_bytes: int | None = None
+) -> None:
     """Raise a one-line :class:`DataError` when ``nbytes`` of data do not fit in ``device``'s free memory
     (:func:`device_free_bytes`, or ``free_bytes``) less a reserve for the step, naming the loaders that fit."""
     free = device_free_bytes(device) if free_bytes is None else int(free_bytes)
@@ -149,7 +151,11 @@ class ResidentBatchStream(ScheduledStream):
         source_name,
     ):  # fmt: skip
         self._init_schedule(
-            schedule, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, start_sample=start_sample
+            schedule,
+            batch_size=batch_size,
+            shard_id=shard_id,
+            num_shards=num_shards,
+            start_sample=start_sample,
         )
         self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
         self.crop_size, self.pad_channels = crop_size, pad_channels
@@ -209,7 +215,9 @@ class ResidentBatchStream(ScheduledStream):
         b4 = (-1, 1, 1, 1)
         cols = self._rx if flip is None else torch.where(flip.view(b4), c - 1 - self._rx, self._rx)
         w = self._widths[idx].view(b4)
-        flat = self._offsets[idx].view(b4) + ((oy.view(b4) + self._ry) * w + ox.view(b4) + cols) * 3 + self._ch
+        flat = (
+            self._offsets[idx].view(b4) + ((oy.view(b4) + self._ry) * w + ox.view(b4) + cols) * 3 + self._ch
+        )
         x = (self._data.take(flat).to(torch.float32) / self._div - self._sub).to(self.dtype)
         self._taken += 1
         self.last_device_indices = idx

@@ -3,7 +3,7 @@ uint8 on the training device, cropped, mirrored and converted there in one gathe
 
 Each step's sample indices, crop offsets and mirror flags are computed on the device from the stream position
 (the epoch permutation is uploaded once per epoch; the splitmix64 hash of :mod:`deepsim.data.augment` runs
-on int64 tensors), so a step costs a few kernel launches, no host work per sample and no host sync. The
+on int64 tensors), then one gather of 3-byte pixel rows and the conversion, so a step costs a few kernel launches, no host work per sample and no host sync. The
 batches are those of the torch loader for the same arguments (same positions, same crops, bit-exact in
 float32): sharding, the global cursor and resume at any world size are :mod:`deepsim.data.sampling`'s.
 
@@ -13,7 +13,6 @@ Storage: one flat uint8 buffer holding every image in HWC order, with per-image 
 
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
@@ -160,23 +159,15 @@ class ResidentBatchStream(ScheduledStream):
         self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
         self.crop_size, self.pad_channels = crop_size, pad_channels
         self._random, self._mirror, self._key = random, mirror, _signed(int(_key(seed)))
-        self._data, self._offsets, self._heights, self._widths = data, offsets, heights, widths
+        self._data, self._heights, self._widths = data, heights, widths
         self.nbytes = data.numel()
         self.skipped, self.ignored, self.source = skipped, ignored, source_name
         self._perms: dict[tuple[int, int], torch.Tensor] = {}
         self.last_device_indices: torch.Tensor | None = None
-        d = self.device
-        c, cp = crop_size, pad_channels
-        r = torch.arange(c, device=d)
-        self._arange_b = torch.arange(batch_size, device=d)
-        # index shapes: channels_last gathers (B, c, c, C); contiguous gathers (B, C, c, c)
-        shape_y, shape_x, shape_c = ((1, c, 1, 1), (1, 1, c, 1), (1, 1, 1, cp)) if channels_last else (
-            (1, 1, c, 1), (1, 1, 1, c), (1, cp, 1, 1))  # fmt: skip
-        self._ry, self._rx = r.view(shape_y), r.view(shape_x)
-        self._ch = torch.arange(cp, device=d).clamp(max=2).view(shape_c)  # pad channels read channel 2 ...
-        real = torch.arange(cp, device=d) < 3  # ... and are zeroed: u8 / inf - 0 = 0
-        self._div = torch.where(real, 127.5, math.inf).to(torch.float32).view(shape_c)
-        self._sub = real.to(torch.float32).view(shape_c)
+        self._pixels = data.view(-1, 3)  # (P, 3): one row per pixel, HWC order
+        self._pixel_offsets = offsets // 3
+        self._arange_b = torch.arange(batch_size, device=self.device)
+        self._r = torch.arange(crop_size, device=self.device)
 
     def __iter__(self):
         return self
@@ -211,21 +202,28 @@ class ResidentBatchStream(ScheduledStream):
             raise StopIteration
         first = self.start_sample + (self._taken * self.num_shards + self.shard_id) * self.batch_size
         idx, oy, ox, flip = self._sample_params(first)
-        c = self.crop_size
-        b4 = (-1, 1, 1, 1)
-        cols = self._rx if flip is None else torch.where(flip.view(b4), c - 1 - self._rx, self._rx)
-        w = self._widths[idx].view(b4)
-        flat = (
-            self._offsets[idx].view(b4) + ((oy.view(b4) + self._ry) * w + ox.view(b4) + cols) * 3 + self._ch
-        )
-        x = (self._data.take(flat).to(torch.float32) / self._div - self._sub).to(self.dtype)
+        b, c, cp = self.batch_size, self.crop_size, self.pad_channels
+        r = self._r
+        cols = ox[:, None] + (r if flip is None else torch.where(flip[:, None], c - 1 - r, r))  # (B, c)
+        rows = self._pixel_offsets[idx][:, None] + (oy[:, None] + r) * self._widths[idx][:, None]  # (B, c)
+        pixels = (rows[:, :, None] + cols[:, None, :]).view(-1)  # (B*c*c,) pixel rows, (y, x) order
+        u8 = self._pixels.index_select(0, pixels).view(b, c, c, 3).permute(0, 3, 1, 2)  # (B, 3, c, c), NHWC
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        x = u8.contiguous(memory_format=fmt).to(torch.float32).div_(127.5).sub_(1.0)  # the convention, in fp32
+        if cp > 3:  # zero channels written beside the converted ones
+            out = torch.empty((b, cp, c, c), dtype=self.dtype, device=self.device).contiguous(memory_format=fmt)
+            out[:, 3:] = 0
+            out[:, :3] = x
+            x = out
+        elif self.dtype != torch.float32:
+            x = x.to(self.dtype)
         self._taken += 1
         self.last_device_indices = idx
-        return x.permute(0, 3, 1, 2) if self.channels_last else x  # (B, C, c, c); NHWC storage when asked
+        return x
 
     def close(self) -> None:
         """Release the device data. Idempotent."""
-        self._data = self._offsets = self._heights = self._widths = None
+        self._data = self._pixels = self._pixel_offsets = self._heights = self._widths = None
         self._perms = {}
 
     def __enter__(self):

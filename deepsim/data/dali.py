@@ -15,7 +15,10 @@ sample order, crops and resume point are the torch path's: a stream started at a
 at any world size) continues exactly, and on lossless files (PNG) and STL-10 its batches equal the torch
 loader's.
   * image folders and the bundled photos: the callback reads the encoded bytes of the batch's files (a
-    thread pool) -> ``fn.decoders.image`` -> [``fn.resize(resize_shorter=...)``] -> crop_mirror_normalize.
+    thread pool) and each crop's window -> ``fn.decoders.image_slice`` (only the window is decoded) ->
+    [``fn.resize`` of the window on the full resize's grid] -> crop_mirror_normalize; with ``roi=False``
+    ``fn.decoders.image`` -> [``fn.resize(resize_shorter=...)``] -> crop_mirror_normalize
+    (docs/loaders.md: where the two differ).
   * STL-10: the callback yields one (B, 3, 96, 96) uint8 array per batch (no per-image Python work).
 
 Bad input. DALI cannot skip a corrupt file inside the pipeline cheaply (a decode error stops it), so the file

@@ -162,7 +162,7 @@ class ResidentBatchStream(ScheduledStream):
         self._data, self._heights, self._widths = data, heights, widths
         self.nbytes = data.numel()
         self.skipped, self.ignored, self.source = skipped, ignored, source_name
-        self._perms: dict[tuple[int, int], torch.Tensor] = {}
+        self._perms: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (device, host) orders
         self.last_device_indices: torch.Tensor | None = None
         self._pixels = data.view(-1, 3)  # (P, 3): one row per pixel, HWC order
         self._pixel_offsets = offsets // 3
@@ -178,9 +178,11 @@ class ResidentBatchStream(ScheduledStream):
         if key not in self._perms:
             if len(self._perms) >= 2:
                 self._perms.pop(min(self._perms))
-            perm = np.concatenate([self._schedule.perm(e) for e in range(e0, e1 + 1)])
-            self._perms[key] = torch.from_numpy(perm).to(self.device, non_blocking=True)
-        return self._perms[key]
+            host = torch.from_numpy(np.concatenate([self._schedule.perm(e) for e in range(e0, e1 + 1)]))
+            if self.device.type == "cuda":
+                host = host.pin_memory()  # an asynchronous copy; kept alive beside its device copy
+            self._perms[key] = (host.to(self.device, non_blocking=True), host)
+        return self._perms[key][0]
 
     def _sample_params(self, first: int):
         """Device tensors (B,): sample indices and crop (oy, ox, flip) of positions first .. first + B - 1."""

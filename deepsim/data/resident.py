@@ -185,29 +185,30 @@ class ResidentBatchStream(ScheduledStream):
         return self._perms[key][0]
 
     def _sample_params(self, first: int):
-        """Device tensors (B,): sample indices and crop (oy, ox, flip) of positions first .. first + B - 1."""
+        """Device tensors (B,) for positions first .. first + B - 1: sample index, crop (oy, ox, flip or None),
+        image width."""
         n, c = self.num_samples, self.crop_size
         e0, e1 = first // n, (first + self.batch_size - 1) // n
         pos = self._arange_b + first  # (B,) global positions, int64 on the device
         idx = self._table(e0, e1)[pos - e0 * n]
         h, w = self._heights[idx], self._widths[idx]
         if not self._random:
-            return idx, (h - c) // 2, (w - c) // 2, None
+            return idx, (h - c) // 2, (w - c) // 2, None, w
         base = splitmix64_device(pos ^ self._key)
         oy = _uniform_int(splitmix64_device(base + 1), h - c + 1)
         ox = _uniform_int(splitmix64_device(base + 2), w - c + 1)
         flip = splitmix64_device(base + 3) < 0 if self._mirror else None  # the hash's top bit
-        return idx, oy, ox, flip
+        return idx, oy, ox, flip, w
 
     def __next__(self) -> torch.Tensor:
         if self._data is None:
             raise StopIteration
         first = self.start_sample + (self._taken * self.num_shards + self.shard_id) * self.batch_size
-        idx, oy, ox, flip = self._sample_params(first)
+        idx, oy, ox, flip, w = self._sample_params(first)
         b, c, cp = self.batch_size, self.crop_size, self.pad_channels
         r = self._r
         cols = ox[:, None] + (r if flip is None else torch.where(flip[:, None], c - 1 - r, r))  # (B, c)
-        rows = self._pixel_offsets[idx][:, None] + (oy[:, None] + r) * self._widths[idx][:, None]  # (B, c)
+        rows = self._pixel_offsets[idx][:, None] + (oy[:, None] + r) * w[:, None]  # (B, c)
         pixels = (rows[:, :, None] + cols[:, None, :]).view(-1)  # (B*c*c,) pixel rows, (y, x) order
         u8 = self._pixels.index_select(0, pixels).view(b, c, c, 3).permute(0, 3, 1, 2)  # (B, 3, c, c), NHWC
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format

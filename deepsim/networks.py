@@ -121,6 +121,10 @@ class AutoencoderGenerator(nn.Module):
     x may also be a loader's zero-padded (B, 4 or 8, H, W) batch (:class:`ConvLReLU`); the output is the same.
     """
 
+    # Channels the first conv is fed per pixel. 4 or 8: the training loop asks its loader for zero-padded
+    # batches (8- or 16-byte bf16 pixels, which a kernel can copy asynchronously); 3: plain RGB batches.
+    input_channels: int = 3
+
     def __init__(self, code_channels: int = 8, width: int = 32):
         super().__init__()
         w = width

@@ -29,10 +29,11 @@
 #   bench-step        150 s  170 s  python -m bench --groups step: autoencoder then fc6 inversion (eager,
 #                                   eager-fused, compiled-step, compiled-step-fused, compiled-step-cudagraphs
 #                                   + the cudagraphs OR_ERROR check); max-autotune only with time left
-#   bench-loader       25 s   40 s  python -m bench --groups loader: PIL DataLoader vs decode_jpeg on the GPU
-#                                   vs deepsim's torch loader vs DALI (if carried)
+#   bench-loader       40 s   60 s  python -m bench --groups loader: PIL DataLoader vs decode_jpeg on the GPU
+#                                   vs deepsim's torch loader vs DALI (if carried) vs resident; DALI full
+#                                   vs ROI decode on 500x375 JPEGs (64 crop; resize 256 + 227 crop)
 #   finish              3 s   10 s  results.json/.md re-read, summary.txt, the compact table printed last
-#   total             378 s
+#   total             393 s
 # A phase's limit is cut to what the budget has left after reserving min(estimate, 20 s) for each later
 # phase; a phase with under 10 s left is skipped. Every phase runs under `timeout --kill-after=5` (a hard
 # kill). The bench phases also pass --group-timeout (limit - 20 s: Python, CUDA and the peaks start first):
@@ -88,7 +89,7 @@ printf 'phase\trc\tseconds\testimate_s\tlimit_s\tnote\n' > "$PHASES"
 
 # The plan: name and estimate (seconds), in order; a phase's reserve for the phases after it comes from here.
 PLAN_NAMES=(env install tests-kernels tests-step bench-kernels bench-step bench-loader finish)
-PLAN_ESTIMATES=(5 20 80 50 45 150 25 3)
+PLAN_ESTIMATES=(5 20 80 50 45 150 40 3)
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 
@@ -281,7 +282,7 @@ else
 fi
 phase bench-kernels 60 bash -c 'bench_group kernels'
 phase bench-step 170 env DEEPSIM_AUTOTUNE="${GPU_SH_STEP_AUTOTUNE:-0}" bash -c 'bench_group step'
-phase bench-loader 40 bash -c 'bench_group loader'
+phase bench-loader 60 bash -c 'bench_group loader'
 
 CURRENT="finished"
 if [ ! -s "$OUT/commit.txt" ]; then  # the env phase did not get to write it

@@ -13,7 +13,17 @@ decoding every sample from JPEG (no in-memory cache), in this order:
   * ``deepsim-torch``: ``build_loader(..., loader="torch", cache=False)`` with the same workers;
   * ``dali``: ``build_loader(..., loader="dali")``: CPU decoders in CPU mode, nvJPEG ("mixed") on CUDA;
     where DALI is not installed (the GPU machine has none unless bench/gpu.sh unpacked carried pieces)
-    the row says "skipped".
+    the row says "skipped";
+  * ``deepsim-resident``: ``build_loader(..., loader="resident")``: the folder decoded once onto the device,
+    each batch gathered there (no decode per step; its build is not timed).
+
+A second workload times DALI on ImageNet-size JPEGs (500x375; 160x120 in a dry run), with ``dali full
+decode`` (the whole file decoded, then cropped: the baseline) beside ``dali ROI decode`` (only the crop's
+window), for a 64x64 crop and for the inversion's 256-shorter-side resize + 227x227 crop.
+
+Every row also carries ``host_cpu_us_per_image``: host CPU time per delivered image (``time.process_time``
+of this process, DALI's threads included, plus the DataLoader worker processes' CPU from /proc), shown in
+the row's note.
 
 The folder (256 JPEGs of 128x96, or 128 in quick mode) is generated in a temporary directory. Each
 variant is warmed up (its workers/pipeline started, a few batches drawn) before timing; batches are
@@ -128,12 +138,38 @@ def _infinite(loader):
         yield from loader
 
 
-def _time(batches: Iterator[torch.Tensor], device: torch.device, warmup: int, iters: int) -> float:
-    """images/s of drawing ``iters`` batches after ``warmup`` batches."""
+def _children_cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process's live child processes (DataLoader workers), from /proc;
+    0 where /proc is not there."""
+    tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    total = 0.0
+    try:
+        tasks = os.listdir("/proc/self/task")
+    except OSError:
+        return 0.0
+    for tid in tasks:
+        try:
+            with open(f"/proc/self/task/{tid}/children") as f:
+                pids = f.read().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14, 15)
+            except (OSError, IndexError, ValueError):
+                continue
+    return total
+
+
+def _time(batches: Iterator[torch.Tensor], device: torch.device, warmup: int, iters: int) -> tuple[float, float]:
+    """(images/s, host CPU microseconds per image) of drawing ``iters`` batches after ``warmup`` batches."""
     for _ in range(warmup):
         next(batches)
     if device.type == "cuda":
         torch.cuda.synchronize()
+    cpu0 = time.process_time() + _children_cpu_seconds()
     t0 = time.perf_counter()
     n = 0
     for _ in range(iters):
@@ -141,7 +177,9 @@ def _time(batches: Iterator[torch.Tensor], device: torch.device, warmup: int, it
         n += x.shape[0]
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return n / (time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    cpu = time.process_time() + _children_cpu_seconds() - cpu0
+    return n / seconds, 1e6 * cpu / n
 
 
 def _dali_missing() -> str | None:
@@ -161,65 +199,116 @@ def run(device: str = "cpu", quick: bool = False, rows: list[dict] | None = None
     batch, crop = (8, 32) if tiny else (BATCH, CROP)
     warmup, iters = (1, 2) if tiny else ((2, 6) if quick else (4, 30))
     count, size = (32, (64, 48)) if tiny else (128 if quick else 256, (128, 96))
-    base = None
     with tempfile.TemporaryDirectory() as folder:
         write_jpegs(folder, count, size)
-        pin = device.type == "cuda"
-
-        def pil():
-            loader = torch.utils.data.DataLoader(
-                _PILFolder(folder, crop), batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                pin_memory=pin, persistent_workers=True, timeout=LOADER_TIMEOUT_S,
-            )  # fmt: skip
-            return (x.to(device, non_blocking=True) for x in _infinite(loader)), None
-
-        def gpu_decode():
-            loader = torch.utils.data.DataLoader(
-                _JpegBytes(folder), batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-                collate_fn=list, persistent_workers=True, timeout=LOADER_TIMEOUT_S,
-            )  # fmt: skip
-            gen = torch.Generator().manual_seed(0)
-            return (decode_on_device(_as_tensors(files), device, crop, gen) for files in _infinite(loader)), None
-
-        def deepsim_torch():
-            s = build_loader(folder, batch_size=batch, crop_size=crop, device=device, num_workers=workers,
-                             cache=False)  # fmt: skip
-            return s, s
-
-        def dali():
-            s = build_loader(folder, batch_size=batch, crop_size=crop, device=device, loader="dali",
-                             num_workers=workers)  # fmt: skip
-            return s, s
-
-        decode = "mixed" if device.type == "cuda" else "cpu"
-        name = f"random-crop {crop}x{crop} + mirror, JPEG {size[0]}x{size[1]}, batch {batch}, {workers} workers"
-        variants: list[tuple[str, Callable, str | None]] = [
-            (BASELINE, pil, None),
-            (f"torchvision decode_jpeg ({device.type})", gpu_decode, None),
-            ("deepsim-torch", deepsim_torch, None),
-            (f"dali ({decode} decode)", dali, _dali_missing()),
-        ]
-        for variant, make, skipped in variants:
-            row = dict(group="loader", name=name, variant=variant, baseline=BASELINE, unit="images/s")
-            if skipped:
-                rows.append(dict(row, value=None, ratio_vs_baseline=None, status=skipped))
-                continue
-            print(f"bench.loader: {variant} ...", file=sys.stderr, flush=True)
-            try:
-                batches, closer = make()
-                value = _time(batches, device, warmup, iters)
-                if closer is not None:
-                    closer.close()
-                del batches  # closes the generator: its DataLoader's workers end now, not at exit
-            except Exception as e:  # noqa: BLE001 - reported as the variant's row; the next one runs
-                reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
-                rows.append(dict(row, value=None, ratio_vs_baseline=None, status=f"failed: {reason}"))
-                continue
-            if variant == BASELINE:
-                base = value
-            note = "dry run: tiny sizes" if tiny else None
-            rows.append(dict(row, value=value, ratio_vs_baseline=None if base is None else value / base, note=note))
+        _folder_rows(folder, device, rows, tiny=tiny, workers=workers, batch=batch, crop=crop, warmup=warmup,
+                     iters=iters, size=size)  # fmt: skip
+    with tempfile.TemporaryDirectory() as folder:
+        big = (160, 120) if tiny else (500, 375)
+        write_jpegs(folder, 8 if tiny else (32 if quick else 128), big)
+        _roi_rows(folder, device, rows, tiny=tiny, workers=workers, batch=batch, warmup=warmup, iters=iters, size=big)
     return rows
+
+
+def _measure(rows, row, make, device, warmup, iters, base, tiny) -> float | None:
+    """Time one variant into ``rows`` (a failed or skipped row when it cannot run); returns its images/s."""
+    print(f"bench.loader: {row['variant']} ...", file=sys.stderr, flush=True)
+    try:
+        batches, closer = make()
+        value, cpu_us = _time(batches, device, warmup, iters)
+        if closer is not None:
+            closer.close()
+        del batches  # closes the generator: its DataLoader's workers end now, not at exit
+    except Exception as e:  # noqa: BLE001 - reported as the variant's row; the next one runs
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
+        rows.append(dict(row, value=None, ratio_vs_baseline=None, status=f"failed: {reason}"))
+        return None
+    note = f"host CPU {cpu_us:.3g} us/image" + ("; dry run: tiny sizes" if tiny else "")
+    ratio = None if base is None else value / base
+    rows.append(dict(row, value=value, ratio_vs_baseline=ratio, host_cpu_us_per_image=cpu_us, note=note))
+    return value
+
+
+def _roi_rows(folder, device, rows, *, tiny, workers, batch, warmup, iters, size) -> None:
+    """DALI full decode (baseline) vs ROI decode, for a 64x64 crop and a resize-256 + 227x227 crop."""
+    decode = "mixed" if device.type == "cuda" else "cpu"
+    missing = _dali_missing()
+    settings = [("crop", 32 if tiny else 64, 96 if tiny else 256)] + [("resize-crop", 80 if tiny else 227, 96 if tiny else 256)]
+    for mode, crop, resize in settings:
+        what = f"{crop}x{crop}" if mode == "crop" else f"resize {resize} + {crop}x{crop}"
+        name = f"DALI random-crop {what} + mirror, JPEG {size[0]}x{size[1]}, batch {batch}, {workers} workers"
+        baseline = f"dali full decode ({decode})"
+        base = None
+        for roi in (False, True):
+            variant = f"dali ROI decode ({decode})" if roi else baseline
+            row = dict(group="loader", name=name, variant=variant, baseline=baseline, unit="images/s")
+            if missing:
+                rows.append(dict(row, value=None, ratio_vs_baseline=None, status=missing))
+                continue
+
+            def make(roi=roi, mode=mode, crop=crop, resize=resize):
+                from deepsim.data.dali import build_dali_loader
+
+                s = build_dali_loader(folder, batch_size=batch, crop_size=crop, mode=mode, resize_size=resize,
+                                      device=device, num_workers=workers, roi=roi)  # fmt: skip
+                return s, s
+
+            value = _measure(rows, row, make, device, warmup, iters, base, tiny)
+            base = value if not roi else base
+
+
+def _folder_rows(folder, device, rows, *, tiny, workers, batch, crop, warmup, iters, size) -> None:
+    """The small-JPEG workload: PIL (baseline), decode_jpeg, deepsim-torch, DALI, resident."""
+    base = None
+    pin = device.type == "cuda"
+
+    def pil():
+        loader = torch.utils.data.DataLoader(
+            _PILFolder(folder, crop), batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+            pin_memory=pin, persistent_workers=True, timeout=LOADER_TIMEOUT_S,
+        )  # fmt: skip
+        return (x.to(device, non_blocking=True) for x in _infinite(loader)), None
+
+    def gpu_decode():
+        loader = torch.utils.data.DataLoader(
+            _JpegBytes(folder), batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
+            collate_fn=list, persistent_workers=True, timeout=LOADER_TIMEOUT_S,
+        )  # fmt: skip
+        gen = torch.Generator().manual_seed(0)
+        return (decode_on_device(_as_tensors(files), device, crop, gen) for files in _infinite(loader)), None
+
+    def deepsim_torch():
+        s = build_loader(folder, batch_size=batch, crop_size=crop, device=device, num_workers=workers,
+                         cache=False)  # fmt: skip
+        return s, s
+
+    def dali():
+        s = build_loader(folder, batch_size=batch, crop_size=crop, device=device, loader="dali",
+                         num_workers=workers)  # fmt: skip
+        return s, s
+
+    def resident():
+        s = build_loader(folder, batch_size=batch, crop_size=crop, device=device, loader="resident")
+        return s, s
+
+    decode = "mixed" if device.type == "cuda" else "cpu"
+    name = f"random-crop {crop}x{crop} + mirror, JPEG {size[0]}x{size[1]}, batch {batch}, {workers} workers"
+    variants: list[tuple[str, Callable, str | None]] = [
+        (BASELINE, pil, None),
+        (f"torchvision decode_jpeg ({device.type})", gpu_decode, None),
+        ("deepsim-torch", deepsim_torch, None),
+        (f"dali ({decode} decode)", dali, _dali_missing()),
+        ("deepsim-resident", resident, None),
+    ]
+    for variant, make, skipped in variants:
+        row = dict(group="loader", name=name, variant=variant, baseline=BASELINE, unit="images/s")
+        if skipped:
+            rows.append(dict(row, value=None, ratio_vs_baseline=None, status=skipped))
+            continue
+        n = iters * 10 if variant == "deepsim-resident" else iters  # fast: more batches for a steady figure
+        value = _measure(rows, row, make, device, warmup, n, base, tiny)
+        if variant == BASELINE:
+            base = value
 
 
 def main(argv=None) -> None:

@@ -92,7 +92,7 @@ TRAIN_FLAGS = {
 CHOICES = {
     "on_bad": ["error", "skip", "pad"],
     "loss": ["deepsim", "se", "l1"],
-    "loader": ["auto", "torch", "dali", "nvjpeg"],
+    "loader": ["auto", "torch", "dali", "nvjpeg", "resident"],
     "compile": ["auto", "off", "default", "max-autotune", "reduce-overhead"],
     "precision": ["auto", "fp32", "tf32", "bf16"],
     "invert_network": ["alexnet", "caffenet", "alexnet-random", "caffenet-random"],
@@ -113,8 +113,9 @@ HELP = {
     "data": "'photos' (bundled sample photographs), a folder of images, or an STL-10 binary folder",
     "out": "output folder: checkpoint.pt (+ the previous ones), metrics.jsonl, config.json, samples/*.png",
     "device": "auto | cpu | cuda | cuda:N",
-    "loader": "data loader: torch (PIL in DataLoader workers), dali (NVIDIA DALI) or nvjpeg (torchvision JPEG decode "
-    "on the device); auto: dali or nvjpeg on CUDA, torch on the CPU",
+    "loader": "data loader: torch (PIL in DataLoader workers), dali (NVIDIA DALI), nvjpeg (torchvision JPEG decode "
+    "on the device) or resident (the decoded data set on the device); auto: resident for STL-10 and the photos "
+    "on CUDA when they fit, else dali or nvjpeg, torch on the CPU",
     "compile": "torch.compile the training step; auto: reduce-overhead (CUDA graphs) on CUDA, off on the CPU",
     "precision": "fp32, tf32 (CUDA matmuls) or bf16 autocast; auto: bf16 on CUDA (sm_80+), fp32 on the CPU",
     "seed": "seed for initialisation, data order and augmentation",

@@ -79,7 +79,7 @@ class TrainConfig:
 
     # --- data
     data: str = "photos"  # "photos" (bundled), a folder of images, or an STL-10 binary folder
-    loader: str = "auto"  # "auto" | "torch" | "dali" | "nvjpeg" (auto: deepsim.train.auto)
+    loader: str = "auto"  # "auto" | "torch" | "dali" | "nvjpeg" | "resident" (auto: deepsim.train.auto)
     num_workers: int = 0  # DataLoader workers on the torch path
     on_bad: str = "error"  # a corrupt or too-small image: "error" (name it and stop), "skip" (count it), "pad"
 

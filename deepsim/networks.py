@@ -24,20 +24,62 @@ __all__ = [
     "AutoencoderGenerator",
     "Discriminator",
     "msra_init_",
+    "pad_input_channels",
 ]
 
 LRELU_ALPHA = 0.3
 
 
+class _ZeroPaddedWeight(torch.autograd.Function):
+    """``padded`` (the weight with zero input channels appended) in the forward; the backward keeps the
+    gradient of the weight's own channels: d/dW conv(x, [W, 0]) = (d/dW' conv(x, W'))[:, :C_in]."""
+
+    @staticmethod
+    def forward(ctx, weight, padded):
+        ctx.channels = weight.shape[1]
+        return padded
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[:, : ctx.channels], None
+
+
+def pad_input_channels(weight: torch.Tensor, channels: int, cache: dict | None = None) -> torch.Tensor:
+    """(O, C, k, k) -> (O, channels, k, k) with zero weights for channels C.., differentiable w.r.t. ``weight``.
+
+    With ``cache`` (a dict the caller keeps), the padded copy is made once per parameter version (an optimizer
+    step or a load bumps ``weight._version``) and reused until then; under torch.compile it is a plain pad
+    (the compiled graph fuses it).
+    """
+    extra = channels - weight.shape[1]
+    if extra == 0:
+        return weight
+    if cache is None or torch.compiler.is_compiling():
+        return F.pad(weight, (0, 0, 0, 0, 0, extra))
+    key = (weight._version, weight.data_ptr(), channels, weight.dtype, weight.device)
+    if cache.get("key") != key:
+        cache["key"], cache["padded"] = key, F.pad(weight.detach(), (0, 0, 0, 0, 0, extra))
+    return _ZeroPaddedWeight.apply(weight, cache["padded"])
+
+
 class ConvLReLU(nn.Conv2d):
-    """Conv2d + bias + LReLU(alpha) as one fused op. Square kernels, one stride and padding."""
+    """Conv2d + bias + LReLU(alpha) as one fused op. Square kernels, one stride and padding.
+
+    An input with more channels than ``in_channels`` (a loader's ``pad_channels=4`` or 8 batch, whose pixels
+    a kernel streams as 8 or 16 bytes) meets a weight padded with zeros to match (:func:`pad_input_channels`):
+    the output and the weight's gradient are those of the first ``in_channels`` channels.
+    """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, alpha=LRELU_ALPHA):
         super().__init__(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
         self.alpha = alpha
+        self._padded_weight: dict = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return conv_lrelu(x, self.weight, self.bias, self.stride[0], self.padding[0], self.alpha)
+        weight = self.weight
+        if x.ndim == 4 and x.shape[1] > self.in_channels:
+            weight = pad_input_channels(weight, x.shape[1], self._padded_weight)
+        return conv_lrelu(x, weight, self.bias, self.stride[0], self.padding[0], self.alpha)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", alpha={self.alpha}"
@@ -76,7 +118,12 @@ class AutoencoderGenerator(nn.Module):
     3x3 code; decoder 3x3 128, then three 4x4/2 up-convs (64, 32, 3) with a 3x3 conv after the first two.
 
     Shapes: x (B, 3, H, W) with H, W divisible by 8 -> code (B, code_channels, H/8, W/8) -> (B, 3, H, W).
+    x may also be a loader's zero-padded (B, 4 or 8, H, W) batch (:class:`ConvLReLU`); the output is the same.
     """
+
+    # Channels the first conv is fed per pixel. 4 or 8: the training loop asks its loader for zero-padded
+    # batches (8- or 16-byte bf16 pixels, which a kernel can copy asynchronously); 3: plain RGB batches.
+    input_channels: int = 3
 
     def __init__(self, code_channels: int = 8, width: int = 32):
         super().__init__()

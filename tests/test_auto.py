@@ -28,7 +28,7 @@ def test_cpu_takes_the_simple_path():
     [
         ("folder", True, "dali"),
         ("folder", False, "nvjpeg"),
-        ("stl10", True, "dali"),
+        ("stl10", True, "dali"),  # too big for the device's free memory (faked below)
         ("stl10", False, "torch"),  # raw pixels: nothing to decode
         ("photos", True, "torch"),  # decoded once into memory
         ("photos", False, "torch"),
@@ -36,14 +36,26 @@ def test_cpu_takes_the_simple_path():
 )
 def test_faked_cuda_device_takes_the_fast_path(kind, dali, loader):
     config, reasons = resolve_runtime(
-        TrainConfig(data="/data/x"), torch.device("cuda", 0), dali_available=dali, kind=kind, **H100
-    )
+        TrainConfig(data="/data/x"), torch.device("cuda", 0), dali_available=dali, kind=kind,
+        resident_fits=False, **H100,
+    )  # fmt: skip
     assert config.compile == "reduce-overhead" and config.precision == "bf16" and config.channels_last is True
     assert config.loader == loader and config.tensorboard is True
     line = describe_runtime(config, torch.device("cuda", 0), reasons)
     assert line.startswith("fast path on cuda:0: compile=reduce-overhead (auto: CUDA device, sm_90")
     assert f"loader={loader} (auto: " in line
     assert ("DALI is installed" in line) == (loader == "dali")
+
+
+@pytest.mark.parametrize("kind, fits, loader", [
+    ("stl10", True, "resident"), ("photos", True, "resident"), ("folder", True, "dali"), ("stl10", False, "dali"),
+])  # fmt: skip
+def test_auto_keeps_stl10_and_the_photos_on_the_gpu_when_they_fit(kind, fits, loader):
+    config, reasons = resolve_runtime(
+        TrainConfig(), "cuda", dali_available=True, kind=kind, resident_fits=fits, **H100
+    )
+    assert config.loader == loader
+    assert ("loader=resident (auto: the decoded data set fits on the GPU" in " ".join(reasons)) == (loader == "resident")
 
 
 def test_older_gpus_get_what_their_tensor_cores_do():
@@ -136,7 +148,7 @@ def test_cli_flags_reach_the_config_and_auto_is_the_default(monkeypatch, tmp_pat
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_default_run_on_cuda_takes_the_fast_path(tmp_path):
     """On a GPU: a default-config run resolves to the compiled step under CUDA graphs, bf16, channels_last
-    (the bundled photos keep the PyTorch loader), trains 3 steps with finite losses and records the choice."""
+    (the bundled photos go resident on the GPU), trains 3 steps with finite losses and records the choice."""
     import json
 
     from deepsim.train.loop import train
@@ -154,6 +166,6 @@ def test_default_run_on_cuda_takes_the_fast_path(tmp_path):
     result = train(config, progress=False, announce=lambda cfg, line: lines.append(line))
     assert lines[0].startswith("fast path on cuda"), lines
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert (saved["compile"], saved["channels_last"], saved["loader"]) == ("reduce-overhead", True, "torch")
+    assert (saved["compile"], saved["channels_last"], saved["loader"]) == ("reduce-overhead", True, "resident")
     assert saved["precision"] == ("bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp32")
     assert result.step == 3 and all(np.isfinite(v) for v in result.history[-1].values())

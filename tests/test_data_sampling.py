@@ -20,6 +20,7 @@ LOADERS = [
         dict(loader="dali"), id="dali", marks=pytest.mark.skipif(not dali_available(), reason="DALI not importable")
     ),
     pytest.param(dict(loader="nvjpeg"), id="nvjpeg"),
+    pytest.param(dict(loader="resident"), id="resident"),
 ]
 
 
@@ -93,7 +94,7 @@ def test_30_samples_read_2x3_then_resumed_3x2_then_1x5_see_each_sample_once_per_
         _accounting(coord_folder, kw)
 
 
-@pytest.mark.parametrize("loader", ["torch", pytest.param("dali", marks=LOADERS[2].marks)])
+@pytest.mark.parametrize("loader", ["torch", "resident", pytest.param("dali", marks=LOADERS[2].marks)])
 def test_stl10_30_samples_resumed_at_another_world_size_see_each_once(stl10_folder, loader):
     _accounting(stl10_folder, dict(loader=loader))
 

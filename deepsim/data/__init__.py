@@ -3,8 +3,9 @@
 Every loader delivers batches as torch.Tensor (B, 3, H, W), RGB, contiguous (or channels_last when
 asked), float32 (or the requested dtype, e.g. bfloat16), values in [-1, 1] = ``pixel / 127.5 - 1``, on
 the requested device (:mod:`deepsim.data.convention`). :func:`build_loader` (:mod:`deepsim.data.loader`)
-picks the loader: the PyTorch path (:mod:`deepsim.data.torch_loader`), NVIDIA DALI (:mod:`deepsim.data.dali`)
-or GPU JPEG decoding (:mod:`deepsim.data.nvjpeg`); all three follow the epoch schedule of
+picks the loader: the PyTorch path (:mod:`deepsim.data.torch_loader`), NVIDIA DALI (:mod:`deepsim.data.dali`),
+GPU JPEG decoding (:mod:`deepsim.data.nvjpeg`) or the data set resident on the device
+(:mod:`deepsim.data.resident`); all four follow the epoch schedule of
 :mod:`deepsim.data.sampling` (deterministic, sharded, resumable at a sample cursor at any world size).
 """
 

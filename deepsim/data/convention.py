@@ -17,11 +17,13 @@ def to_model_batch(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     channels_last: bool = False,
+    pad_channels: int = 3,
 ) -> torch.Tensor:
     """uint8 (B, 3, H, W) -> the library's batch convention: ``pixel / 127.5 - 1`` in [-1, 1].
 
     The uint8 tensor is moved first (4x fewer bytes over PCIe), then converted on the device. A float32
-    input is taken as already normalised and only moved / cast.
+    input is taken as already normalised and only moved / cast. ``pad_channels`` > 3 appends zero channels
+    (B, pad_channels, H, W), for a first conv that streams 8- or 16-byte pixels.
     """
     device = torch.device(device)
     if u8.dtype == torch.uint8:
@@ -32,6 +34,13 @@ def to_model_batch(
         x = u8.to(device, non_blocking=True)
     if dtype != torch.float32:
         x = x.to(dtype)
+    if pad_channels > x.shape[1]:
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        shape = (x.shape[0], pad_channels, *x.shape[2:])
+        out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt)
+        out[:, x.shape[1] :] = 0
+        out[:, : x.shape[1]] = x
+        return out
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     return x

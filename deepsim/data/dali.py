@@ -15,7 +15,10 @@ sample order, crops and resume point are the torch path's: a stream started at a
 at any world size) continues exactly, and on lossless files (PNG) and STL-10 its batches equal the torch
 loader's.
   * image folders and the bundled photos: the callback reads the encoded bytes of the batch's files (a
-    thread pool) -> ``fn.decoders.image`` -> [``fn.resize(resize_shorter=...)``] -> crop_mirror_normalize.
+    thread pool) and each crop's window -> ``fn.decoders.image_slice`` (only the window is decoded) ->
+    [``fn.resize`` of the window on the full resize's grid] -> crop_mirror_normalize; with ``roi=False``
+    ``fn.decoders.image`` -> [``fn.resize(resize_shorter=...)``] -> crop_mirror_normalize
+    (docs/loaders.md: where the two differ).
   * STL-10: the callback yields one (B, 3, 96, 96) uint8 array per batch (no per-image Python work).
 
 Bad input. DALI cannot skip a corrupt file inside the pipeline cheaply (a decode error stops it), so the file
@@ -31,7 +34,9 @@ files are ignored and counted in ``.ignored``.
 from __future__ import annotations
 
 import concurrent.futures
+import importlib.metadata
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -42,7 +47,18 @@ from .images import scan_image_files
 from .sampling import EpochSchedule, ScheduledStream, rank_positions
 from .sources import resolve_source
 
-__all__ = ["DaliUnavailableError", "DaliBatchStream", "build_dali_loader", "dali_available"]
+__all__ = [
+    "DaliUnavailableError",
+    "DaliBatchStream",
+    "build_dali_loader",
+    "dali_available",
+    "gpu_roi_decode_ok",
+    "nvimgcodec_version",
+    "roi_windows",
+    "use_roi_decode",
+]
+
+HW_DECODER_LOAD = 0.65  # share of JPEGs the A100/H100 hardware decoder takes (DALI's default and sweet spot)
 
 _INSTALL_HINT = (
     "loader='dali' needs NVIDIA DALI: `pip install nvidia-dali-cuda130` (the PyPI name `nvidia-dali` is "
@@ -78,6 +94,63 @@ def crop_anchors(offsets: np.ndarray, extents: np.ndarray, crop_size: int) -> np
     room = extents - crop_size
     frac = np.minimum(1.0, (offsets + 0.25) / np.maximum(room, 1))
     return np.where(room > 0, frac, 0.5).astype(np.float32)
+
+
+def nvimgcodec_version() -> str | None:
+    """The installed nvImageCodec wheel's version (DALI decodes through it), or None."""
+    for dist in importlib.metadata.distributions():
+        if (dist.metadata["Name"] or "").lower().startswith("nvidia-nvimgcodec"):
+            return dist.version
+    return None
+
+
+def gpu_roi_decode_ok(version: str | None) -> bool:
+    """False for nvImageCodec 0.9.0.*, whose GPU JPEG ROI decode fails on in-bounds windows (INTERNAL_ERROR or
+    SIGSEGV; NVIDIA/nvImageCodec issue 55, 0.8.0 worked)."""
+    return not (version or "").startswith("0.9.0")
+
+
+def use_roi_decode(roi: bool, gpu: bool) -> bool:
+    """Whether to decode crops only: ``roi``, unless the GPU decoder is nvImageCodec 0.9.0 (a warning says so
+    and the whole images are decoded)."""
+    version = nvimgcodec_version()
+    if roi and gpu and not gpu_roi_decode_ok(version):
+        warnings.warn(
+            f"nvImageCodec {version}: its GPU ROI decode fails in 0.9.0 (NVIDIA/nvImageCodec#55); the DALI loader "
+            "decodes whole images and crops them (install another nvImageCodec version to decode only the crops)",
+            stacklevel=3,
+        )
+        return False
+    return roi
+
+
+def roi_windows(oy, ox, heights, widths, source_heights, source_widths, crop_size: int):
+    """The part of each file to decode for a crop at (oy, ox) of the (resized) image.
+
+    Without a resize (source size == size) the window is the crop itself, clipped to an image smaller than the
+    crop (which the crop step then pads, centred). With one, it is the crop mapped back to the file's pixels,
+    widened by the antialiasing filter's reach, and ``roi`` is the crop's exact sub-pixel extent inside it.
+
+    Returns:
+        (anchor, shape, roi_start, roi_end): int32 (B, 2) and float32 (B, 2), each (y, x) / (h, w).
+    """
+    size = np.stack([heights, widths], 1).astype(np.int64)  # (B, 2)
+    source = np.stack([source_heights, source_widths], 1).astype(np.int64)
+    offset = np.stack([oy, ox], 1).astype(np.int64)
+    if (size == source).all():
+        start = np.where(size < crop_size, 0, offset)
+        shape = np.minimum(size, crop_size)
+        return start.astype(np.int32), shape.astype(np.int32), np.zeros_like(start, np.float32), shape.astype(np.float32)
+    # fn.resize(resize_shorter=r) scales both axes by r / shorter side; the longer side's output is rounded and
+    # the input extent shrunk (or grown) to match, centred (DALI's subpixel_scale)
+    scale = np.repeat((size.min(1) / source.min(1))[:, None], 2, axis=1)  # resized pixels per file pixel
+    origin = (source - size / scale) / 2  # (B, 2) file coordinate of the resized image's corner
+    lo, hi = origin + offset / scale, origin + (offset + crop_size) / scale
+    reach = np.ceil(1.0 / np.minimum(scale, 1.0)).astype(np.int64) + 1
+    start = np.maximum(0, np.floor(lo).astype(np.int64) - reach)
+    end = np.minimum(source, np.ceil(hi).astype(np.int64) + reach)
+    return (start.astype(np.int32), (end - start).astype(np.int32), (lo - start).astype(np.float32),
+            (hi - start).astype(np.float32))  # fmt: skip
 
 
 class _Feed:
@@ -127,11 +200,14 @@ class _Stl10Feed(_Feed):
 
 
 class _FileFeed(_Feed):
-    """external_source callback: the encoded bytes of batch t's files plus their crop anchors."""
+    """external_source callback: the encoded bytes of batch t's files plus their crop anchors; with
+    ``source_sizes`` (ROI decode) also each file's decode window (:func:`roi_windows`)."""
 
-    def __init__(self, files, sizes, threads, **kw):
+    def __init__(self, files, sizes, threads, source_sizes=None, resize=False, **kw):
         super().__init__(**kw)
+        self.resize = resize  # ROI decode: also give the window's resampling extent
         self.files, self.sizes = files, sizes  # sizes: (N, 2) (height, width) after the resize
+        self.source_sizes = source_sizes  # (N, 2) in the files, or None: decode whole files
         self.pool = concurrent.futures.ThreadPoolExecutor(max(1, threads))
 
     def _read(self, i: int) -> np.ndarray:
@@ -140,8 +216,18 @@ class _FileFeed(_Feed):
     def __call__(self, info):
         pos, idx = self.positions(info.iteration)
         encoded = list(self.pool.map(self._read, idx))
-        px, py, mirror = self.anchors(pos, self.sizes[idx, 0], self.sizes[idx, 1])
-        return encoded, px, py, mirror
+        h, w = self.sizes[idx, 0], self.sizes[idx, 1]
+        if self.source_sizes is None:
+            px, py, mirror = self.anchors(pos, h, w)
+            return encoded, px, py, mirror
+        c = self.crop_size
+        oy, ox, flip = crop_params(self.seed, pos, np.maximum(h, c), np.maximum(w, c), c, self.random, self.mirror)
+        anchor, shape, roi_start, roi_end = roi_windows(
+            oy, ox, h, w, self.source_sizes[idx, 0], self.source_sizes[idx, 1], c
+        )
+        centre = np.full(len(idx), 0.5, dtype=np.float32)  # the window is the crop (or smaller: pad it, centred)
+        resampled = (roi_start, roi_end) if self.resize else ()
+        return (encoded, anchor, shape, *resampled, centre, centre, flip.astype(np.int32))
 
     def close(self) -> None:
         self.pool.shutdown(wait=False)
@@ -259,6 +345,9 @@ def build_dali_loader(
     static: bool = False,
     full_check: bool = False,
     prefetch: int = 2,
+    roi: bool = True,
+    hw_decoder_load: float = HW_DECODER_LOAD,
+    pad_channels: int = 3,
 ) -> DaliBatchStream:
     """Build a DALI batch stream; arguments as :func:`deepsim.data.build_loader` (checked there), plus:
 
@@ -267,6 +356,12 @@ def build_dali_loader(
         static: return one preallocated tensor every step (CUDA graphs).
         full_check: pre-scan by fully decoding every file instead of reading headers.
         prefetch: DALI prefetch queue depth.
+        roi: image files: decode only each crop's window (``fn.decoders.image_slice``), not the whole file.
+            Off on the GPU with nvImageCodec 0.9.0 (:func:`gpu_roi_decode_ok`; a warning says so). In the
+            resize modes the window is resized to the crop, which gives pixels close to but not equal to
+            resizing the whole image first (docs/loaders.md).
+        hw_decoder_load: share of JPEGs sent to the GPU's hardware JPEG decoder (mixed backend only).
+        pad_channels: 3, or 4 for a batch with a zero fourth channel (``crop_mirror_normalize(pad_output)``).
 
     Returns:
         :class:`DaliBatchStream` yielding (B, 3, c, c) tensors in [-1, 1] on ``device``.
@@ -287,11 +382,16 @@ def build_dali_loader(
     else:
         raise DataError(f"device={device}: the DALI loader delivers to 'cpu' or 'cuda[:i]'")
     gpu = device_id is not None
+    if pad_channels not in (3, 4):
+        raise DataError(f"pad_channels={pad_channels}: the DALI loader pads to 4 channels only (or 3: none)")
+    if not 0.0 <= hw_decoder_load <= 1.0:
+        raise DataError(f"hw_decoder_load={hw_decoder_load}: expected a share in [0, 1]")
+    roi = use_roi_decode(roi, gpu)
     resize = resize_size if mode.startswith("resize") else None
     random = mode in ("crop", "resize-crop")
     threads = num_workers if num_workers > 0 else max(1, min(4, os.cpu_count() or 1))
     layout = "HWC" if channels_last else "CHW"
-    norm = dict(mean=[127.5] * 3, std=[127.5] * 3, dtype=types.FLOAT, output_layout=layout)
+    norm = dict(mean=[127.5] * 3, std=[127.5] * 3, dtype=types.FLOAT, output_layout=layout, pad_output=pad_channels == 4)
     src = resolve_source(source, split)
     pipeline_options = dict(
         batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed & 0x7FFFFFFF,
@@ -323,8 +423,34 @@ def build_dali_loader(
                 f"{src.name}: all {len(src.paths)} image files are unusable (corrupt or smaller than the crop)"
             )
         schedule = EpochSchedule(len(scan.files), seed, src.name)
-        feed = _FileFeed(scan.files, scan.sizes, threads, schedule=schedule, **feed_options)
+        feed = _FileFeed(
+            scan.files, scan.sizes, threads, source_sizes=scan.source_sizes if roi else None,
+            resize=resize is not None, schedule=schedule, **feed_options,
+        )  # fmt: skip
         skipped, ignored, image_layout = len(scan.bad), len(src.non_images), None
+    roi = roi and image_layout is None
+    decoder = dict(device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False)
+    if gpu:
+        decoder["hw_decoder_load"] = hw_decoder_load
+
+    @pipeline_def(**pipeline_options)
+    def roi_pipeline():
+        resampled = [types.FLOAT, types.FLOAT] if resize is not None else []
+        encoded, anchor, shape, *roi_extent, px, py, flip = fn.external_source(
+            source=feed, num_outputs=6 + len(resampled), batch=True, batch_info=True,
+            dtype=[types.UINT8, types.INT32, types.INT32, *resampled, types.FLOAT, types.FLOAT, types.INT32],
+        )  # fmt: skip
+        images = fn.decoders.image_slice(encoded, anchor, shape, axis_names="HW", **decoder)  # the window only
+        if resize is not None:
+            roi_start, roi_end = roi_extent
+            images = fn.resize(
+                images, size=[crop_size, crop_size], roi_start=roi_start, roi_end=roi_end, roi_relative=False,
+                antialias=True,
+            )  # fmt: skip
+        return fn.crop_mirror_normalize(
+            images, crop=(crop_size, crop_size), crop_pos_x=px, crop_pos_y=py, mirror=flip,
+            out_of_bounds_policy="pad", fill_values=0.0, **norm,
+        )  # fmt: skip
 
     @pipeline_def(**pipeline_options)
     def pipeline():
@@ -344,10 +470,12 @@ def build_dali_loader(
             out_of_bounds_policy="pad" if on_bad == "pad" else "error", fill_values=0.0, **norm,
         )  # fmt: skip
 
-    pipe = pipeline()
+    pipe = roi_pipeline() if roi else pipeline()
     pipe.build()
-    return DaliBatchStream(
+    stream = DaliBatchStream(
         pipe, feed, schedule, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
         start_sample=start_sample, device=device, dtype=dtype, channels_last=channels_last, static=static,
         skipped=skipped, ignored=ignored, source_name=src.name,
     )  # fmt: skip
+    stream.roi_decode = roi
+    return stream

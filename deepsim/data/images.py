@@ -227,12 +227,14 @@ class ScannedFiles:
         sizes: int64 (N, 2): each usable image's (height, width) after the resize.
         modes: each usable image's PIL mode ("RGB", "L", "CMYK", ...), from its header.
         bad: the files left out (``on_bad="skip"``/``"pad"``).
+        source_sizes: int64 (N, 2): each usable image's (height, width) in the file (before the resize).
     """
 
     files: list[str]
     sizes: np.ndarray
     modes: list[str]
     bad: list[str]
+    source_sizes: np.ndarray | None = None
 
 
 def scan_image_files(
@@ -247,7 +249,7 @@ def scan_image_files(
     Raises:
         DataError: with ``on_bad="error"``, naming the first bad file and what was expected.
     """
-    good, sizes, modes, bad = [], [], [], []
+    good, sizes, modes, bad, source_sizes = [], [], [], [], []
     for p in paths:
         try:
             w, h, mode = probe_image(p)
@@ -258,6 +260,7 @@ def scan_image_files(
                 raise DataError(str(e)) from e
             bad.append(str(p))
             continue
+        source_sizes.append((h, w))
         w, h = resized_size(w, h, resize)
         if (w < crop_size or h < crop_size) and on_bad != "pad":
             if on_bad == "error":
@@ -266,8 +269,11 @@ def scan_image_files(
                     "(use on_bad='skip' or 'pad')"
                 )
             bad.append(str(p))
+            source_sizes.pop()
             continue
         good.append(str(p))
         sizes.append((h, w))
         modes.append(mode)
-    return ScannedFiles(good, np.array(sizes, dtype=np.int64).reshape(-1, 2), modes, bad)
+    return ScannedFiles(
+        good, np.array(sizes, dtype=np.int64).reshape(-1, 2), modes, bad, np.array(source_sizes, dtype=np.int64).reshape(-1, 2)
+    )

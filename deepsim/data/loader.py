@@ -1,8 +1,8 @@
 """The front of the data layer: :func:`build_loader` checks the arguments, places the stream at its cursor
 and picks the loader. One way through::
 
-    loader.py  ->  torch_loader.py (stores.py, workers.py)  |  dali.py  |  nvjpeg.py
-                        all three on sampling.py (the epoch schedule) and augment.py (crop parameters)
+    loader.py  ->  torch_loader.py (stores.py, workers.py)  |  dali.py  |  nvjpeg.py  |  resident.py
+                        all four on sampling.py (the epoch schedule) and augment.py (crop parameters)
 
 Every loader delivers the batch convention of :mod:`deepsim.data.convention` and reads the job's sample
 stream as :mod:`deepsim.data.sampling` describes, so they are interchangeable mid-run: a checkpoint's
@@ -45,6 +45,7 @@ def build_loader(
     cache: bool | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     static: bool = False,
+    pad_channels: int = 3,
 ):
     """Build an infinite, deterministic, sharded, resumable stream of training batches.
 
@@ -60,7 +61,8 @@ def build_loader(
             code does not mirror).
         loader: ``"torch"`` (PIL decode in DataLoader workers, :mod:`.torch_loader`), ``"dali"`` (NVIDIA
             DALI, nvJPEG on CUDA, :mod:`.dali`) or ``"nvjpeg"`` (torchvision's ``decode_jpeg`` on the
-            device, :mod:`.nvjpeg`).
+            device, :mod:`.nvjpeg`) or ``"resident"`` (the decoded data set kept as uint8 on ``device``,
+            cropped there per batch, :mod:`.resident`; docs/loaders.md says which to use when).
         device, dtype, channels_last: where and how batches are delivered.
         seed: stream seed (epoch permutations, crops, mirror flags).
         start_sample: the global sample cursor to start at (a checkpoint's ``state_dict()["cursor"]``): the
@@ -76,6 +78,8 @@ def build_loader(
         cache, cache_bytes: torch only: force (True) or forbid (False) decoding everything into memory; None
             decides by size against ``cache_bytes``.
         static: DALI only: return the same preallocated tensor each step (for CUDA graphs).
+        pad_channels: 3, or 4 / 8 to append zero channels (a first conv that streams 8- or 16-byte pixels,
+            :class:`deepsim.networks.ConvLReLU`); torch and resident loaders, and DALI for 4.
 
     Returns:
         a stream (:class:`~deepsim.data.torch_loader.BatchStream`, ``DaliBatchStream`` or
@@ -100,14 +104,21 @@ def build_loader(
         start_sample=cursor, shard_id=shard_id, num_shards=num_shards, num_workers=num_workers,
         channels_last=channels_last, on_bad=on_bad, split=split, resize_size=resize_size,
     )  # fmt: skip
+    if pad_channels not in (3, 4, 8) or (pad_channels > 3 and loader == "nvjpeg"):
+        raise DataError(f"pad_channels={pad_channels} with loader={loader!r}: expected 3, 4 or 8 (3 for nvjpeg)")
+    padding = {} if pad_channels == 3 else {"pad_channels": pad_channels}
+    if loader == "resident":
+        from .resident import build_resident_loader
+
+        return build_resident_loader(source, **padding, **common)
     if loader == "dali":
         from .dali import build_dali_loader
 
-        return build_dali_loader(source, static=static, **common)
+        return build_dali_loader(source, static=static, **padding, **common)
     if loader == "nvjpeg":
         from .nvjpeg import build_nvjpeg_loader
 
         return build_nvjpeg_loader(source, **common)
     from .torch_loader import build_torch_loader
 
-    return build_torch_loader(source, cache=cache, cache_bytes=cache_bytes, **common)
+    return build_torch_loader(source, cache=cache, cache_bytes=cache_bytes, **padding, **common)

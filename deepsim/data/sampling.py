@@ -40,7 +40,7 @@ __all__ = [
 
 MODES = ("crop", "resize-crop", "center", "resize-center")
 ON_BAD = ("error", "skip", "pad")
-LOADERS = ("torch", "dali", "nvjpeg")
+LOADERS = ("torch", "dali", "nvjpeg", "resident")
 
 
 def check_loader_args(

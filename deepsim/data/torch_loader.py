@@ -48,7 +48,7 @@ class BatchStream(ScheduledStream):
 
     def __init__(
         self, *, store, schedule, batch_size, crop_size, random, mirror, seed, shard_id, num_shards, start_sample,
-        device, dtype, channels_last, num_workers, skipped, ignored, source_name,
+        device, dtype, channels_last, num_workers, skipped, ignored, source_name, pad_channels=3,
     ):  # fmt: skip
         self._init_schedule(
             schedule,
@@ -61,6 +61,7 @@ class BatchStream(ScheduledStream):
         self.crop_size = crop_size
         self._random, self._mirror, self._seed = random, mirror, seed
         self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
+        self.pad_channels = pad_channels
         self.ignored = ignored
         self.source = source_name
         self._bad: set = set(skipped)
@@ -103,7 +104,7 @@ class BatchStream(ScheduledStream):
         )
 
     def __next__(self) -> torch.Tensor:
-        return to_model_batch(self._next_raw(), self.device, self.dtype, self.channels_last)
+        return to_model_batch(self._next_raw(), self.device, self.dtype, self.channels_last, self.pad_channels)
 
     def close(self) -> None:
         """Stop the DataLoader workers, if any. Idempotent."""
@@ -151,6 +152,7 @@ def build_torch_loader(
     resize_size: int,
     cache: bool | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
+    pad_channels: int = 3,
 ) -> BatchStream:
     """The torch stream; arguments as :func:`deepsim.data.build_loader` (checked there)."""
     resize = resize_size if mode.startswith("resize") else None
@@ -164,4 +166,5 @@ def build_torch_loader(
         random=random, mirror=mirror, seed=seed, shard_id=shard_id, num_shards=num_shards,
         start_sample=start_sample, device=device, dtype=dtype, channels_last=channels_last,
         num_workers=num_workers, skipped=bad, ignored=len(src.non_images), source_name=src.name,
+        pad_channels=pad_channels,
     )  # fmt: skip

@@ -13,11 +13,13 @@ compile            ``reduce-overhead``: the compiled step under      ``off`` (ea
 precision          ``bf16`` autocast (sm_80 and newer; older         ``fp32``
                    GPUs: ``fp32``)
 channels_last      on (sm_70 and newer: tensor-core convolutions)    off
-loader             ``dali`` when NVIDIA DALI is installed, else      ``torch``
+loader             ``resident`` for the bundled photos and STL-10    ``torch``
+                   binaries when they fit in the device's free
+                   memory (decoded once onto the GPU); else
+                   ``dali`` when NVIDIA DALI is installed, else
                    ``nvjpeg`` (JPEG decode on the GPU through
-                   torchvision); ``torch`` for the bundled photos
-                   (decoded once into memory) and for STL-10
-                   binaries without DALI (raw pixels: no decode)
+                   torchvision); ``torch`` for the photos and for
+                   STL-10 without DALI (raw pixels: no decode)
 tensorboard        on when the ``tensorboard`` package is installed  the same
 =================  ===============================================  ==========================
 
@@ -50,7 +52,7 @@ AUTO = "auto"
 RUNTIME_CHOICES: dict[str, tuple] = {
     "compile": ("off", "default", "max-autotune", "reduce-overhead"),
     "precision": ("fp32", "tf32", "bf16"),
-    "loader": ("torch", "dali", "nvjpeg"),
+    "loader": ("torch", "dali", "nvjpeg", "resident"),
     "channels_last": (True, False),
     "tensorboard": (True, False),
 }
@@ -92,6 +94,7 @@ def resolve_runtime(
     tensorboard_installed: bool | None = None,
     cuda_capability: tuple[int, int] | None = None,
     kind: str | None = None,
+    resident_fits: bool | None = None,
 ) -> tuple[TrainConfig, list[str]]:
     """Replace every ``"auto"`` runtime field of ``config`` by the choice for ``device``.
 
@@ -102,6 +105,8 @@ def resolve_runtime(
         tensorboard_installed: whether the tensorboard package is there (None: look it up).
         cuda_capability: (major, minor) of the CUDA device (None: ask the driver); lets tests fake a GPU.
         kind: what ``config.data`` is, as :func:`data_kind` says (None: look at the path).
+        resident_fits: whether the photos / STL-10 decoded fit in the device's free memory (None: ask the
+            device, :func:`deepsim.data.resident.resident_fits`, only when it matters).
 
     Returns:
         (the config with concrete values, one reason per field: ``"loader=dali (auto: DALI is installed)"``,
@@ -128,6 +133,14 @@ def resolve_runtime(
         if not cuda:
             return "torch", f"{where}: the PyTorch loader"
         data = kind or data_kind(config.data)
+        if data in ("photos", "stl10"):
+            fits = resident_fits
+            if fits is None:
+                from deepsim.data.resident import resident_fits as ask
+
+                fits = ask(config.data, device)
+            if fits:
+                return "resident", "the decoded data set fits on the GPU: crops gathered there, no host work"
         if data == "photos":
             return (
                 "torch",

@@ -270,6 +270,12 @@ def _prepare_trainer(config: TrainConfig, payload, context, tasks):
     return trainer, step_fn, start, cursor
 
 
+def _pad_channels(trainer, loader: str) -> int:
+    """The channels the generator asks its batches to carry (zero-padded), where the loader can pad them."""
+    asked = getattr(trainer.generator, "input_channels", 3)
+    return asked if loader in ("torch", "resident") or (loader == "dali" and asked == 4) else 3
+
+
 def _run(config, payload, out, context, progress, build_loader, tasks, stopper: StopSignals) -> TrainResult:
     from deepsim.train import distributed
 
@@ -280,7 +286,7 @@ def _run(config, payload, out, context, progress, build_loader, tasks, stopper: 
         config.data, batch_size=config.batch_size, crop_size=config.image_size, mode=_task_mode(config),
         mirror=config.mirror, loader=config.loader, device=device, seed=config.seed, start_sample=cursor,
         shard_id=rank, num_shards=world, num_workers=config.num_workers, channels_last=channels_last,
-        on_bad=config.on_bad,
+        on_bad=config.on_bad, pad_channels=_pad_channels(trainer, config.loader),
     )
     sample_stream = build_loader(
         config.data, batch_size=8, crop_size=config.image_size, mode=_task_mode(config), mirror=config.mirror,

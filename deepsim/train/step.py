@@ -117,8 +117,9 @@ class DeePSiMTrainer(nn.Module):
 
     # ------------------------------------------------------------------------------------ task hooks
     def prepare(self, batch: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """batch -> (generator input, target image, condition for D or None). Autoencoder: x = y = batch."""
-        return batch, batch, None
+        """batch -> (generator input, target image, condition for D or None). Autoencoder: x = y = batch (the
+        target without the zero channels of a padded batch, see ``AutoencoderGenerator.input_channels``)."""
+        return batch, (batch[:, :3] if batch.shape[1] > 3 else batch), None
 
     def generate(self, g_input: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """G forward -> (fake image, extra generator loss terms already weighted, e.g. the VAE's KL)."""

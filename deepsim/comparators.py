@@ -251,6 +251,19 @@ def parse_spec(spec: str) -> tuple[str, dict[str, float]]:
     return arch.strip(), taps
 
 
+def _read_weights(path: Path, arch: str):
+    """A weights file's contents, read without running any code of it (safetensors or weights-only pickle)."""
+    from deepsim.train.checkpoint import CheckpointError, CorruptCheckpointError, safe_torch_load
+    from deepsim.train.tensorfile import is_safetensors, read_safetensors
+
+    try:
+        return read_safetensors(path) if is_safetensors(path) else safe_torch_load(path, trust=False)
+    except CorruptCheckpointError as error:
+        raise ComparatorWeightsError(f"comparator {arch!r}: weights file {path} is unreadable: {error.reason}") from None
+    except CheckpointError as error:
+        raise ComparatorWeightsError(f"comparator {arch!r}: weights file {error}") from None
+
+
 class Comparator(nn.Module):
     """A comparator network C returning the features of the requested taps.
 
@@ -366,15 +379,19 @@ class Comparator(nn.Module):
             path = Path(weights)
             if not path.is_file():
                 raise ComparatorWeightsError(f"comparator {self.arch!r}: weights file {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _read_weights(path, self.arch)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ComparatorWeightsError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
         own = {}
         for key, index in self._param_names.items():
             for kind in ("weight", "bias"):
                 name = f"{key}.{kind}"
                 if name not in state:
                     raise ComparatorWeightsError(f"weights file {path} has no entry {name!r} for comparator {self.arch!r}")
+                if not isinstance(state[name], torch.Tensor):
+                    raise ComparatorWeightsError(f"weights file {path}: entry {name!r} is not a tensor")
                 own[f"layers.{index}.{kind}"] = state[name]
         try:
             self.load_state_dict(own, strict=False)

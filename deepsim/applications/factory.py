@@ -105,7 +105,7 @@ def model_from_payload(
     generator = build_generator(config)
     try:
         generator.load_state_dict(payload["trainer"]["generator"])
-    except RuntimeError as error:
+    except (RuntimeError, TypeError) as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
         raise CheckpointError(f"{source} does not fit the {config.task!r} generator: {' '.join(lines[:3])}") from None
     model = Inverter(build_extractor(config), generator) if config.task == "invert" else generator

@@ -242,7 +242,9 @@ def _step_of(path: Path) -> int | None:
         return None
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict, *, keep: int | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike, payload: dict, *, keep: int | None = None, replaced_step: int | None = None
+) -> Path:
     """Write ``payload`` to ``path`` atomically, with a checksum.
 
     Args:
@@ -251,6 +253,8 @@ def save_checkpoint(path: str | os.PathLike, payload: dict, *, keep: int | None 
         keep: None (default): replace ``path`` and touch nothing else. K >= 1: keep the K newest checkpoints:
             the one being replaced is renamed ``<stem>.step<N><suffix>`` first, and the older renamed ones
             beyond K-1 are deleted.
+        replaced_step: the step of the checkpoint now at ``path``, when the caller knows it (a run resumed
+            from that file), so a file without a checksum record is not read a second time to learn it.
 
     Returns:
         ``path``.
@@ -284,7 +288,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict, *, keep: int | None 
             handle.flush()
             os.fsync(handle.fileno())
         if keep is not None and keep > 1 and path.is_file():
-            old_step = _step_of(path)
+            old_step = replaced_step if replaced_step is not None else _step_of(path)
             if old_step is not None and old_step != step:
                 os.replace(path, _step_name(path, old_step))
         os.replace(tmp, path)
@@ -375,6 +379,9 @@ def safe_torch_load(path, map_location="cpu", *, trust: bool | None = None, mmap
     """
     path = Path(path)
     trust = _TRUSTED[0] if trust is None else trust
+    if mmap:  # torch maps zip archives only (the legacy torch.save format is read in full)
+        with open(path, "rb") as handle:
+            mmap = handle.read(4) == b"PK\x03\x04"
     try:
         with torch.serialization.safe_globals(_legacy_globals()):
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
@@ -386,7 +393,7 @@ def safe_torch_load(path, map_location="cpu", *, trust: bool | None = None, mmap
             raise UnsafeCheckpointError(path, needs) from None
     except Exception as error:  # noqa: BLE001 - any other failure to read means the same thing to the user
         raise CorruptCheckpointError(path, f"it cannot be read ({type(error).__name__}: {_first_line(error)})") from None
-    warnings.warn(f"{path}: fully unpickled (--trust-checkpoint): its code ran", CheckpointWarning, stacklevel=2)
+    warnings.warn(f"{path}: fully unpickled (--trust-checkpoint): any code its pickle holds has run", CheckpointWarning, stacklevel=2)
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # noqa: BLE001

@@ -143,6 +143,7 @@ def train(
             _check_fits(config, payload, tasks)
             if context.is_main:
                 _say_resuming(payload)
+        _check_weight_files(config)
         config, reasons = resolve_runtime(config, context.device)
         if announce is not None and context.rank == 0:
             announce(config, describe_runtime(config, context.device, reasons))
@@ -219,6 +220,19 @@ def _check_conflicts(config: TrainConfig, saved: TrainConfig, given, source) -> 
             f"{flags}: resuming {source} continues its run as it was configured; drop the flag to continue it, "
             "or start a new run with a fresh --out"
         )
+
+
+def _check_weight_files(config: TrainConfig) -> None:
+    """The weights files the run names open safely (header only: cheap), so a bad one is one line before
+    the run starts."""
+    from deepsim.comparators import check_weights_file
+
+    for flag, path in (
+        ("--comparator-weights", config.comparator_weights),
+        ("--invert-network-weights", config.invert_network_weights),
+    ):
+        if path:
+            check_weights_file(path, flag)
 
 
 def _check_fits(config: TrainConfig, payload: dict, tasks) -> None:
@@ -508,8 +522,15 @@ def _run(config, payload, out, context, progress, build_loader, tasks, stopper: 
             payload["replicas"] = replicas
             if len(set(replicas)) > 1:
                 _say(f"warning: the ranks' parameters differ at step {step} (fingerprints per rank: {replicas})")
-        last_good = stopper.checkpoint = save_checkpoint(checkpoint_path, payload, keep=config.keep_checkpoints)
+        nonlocal resumed_from
+        replaced = resumed_from[1] if resumed_from and resumed_from[0] == checkpoint_path.resolve() else None
+        last_good = stopper.checkpoint = save_checkpoint(
+            checkpoint_path, payload, keep=config.keep_checkpoints, replaced_step=replaced
+        )
+        resumed_from = None
 
+    # the file resumed from and its step: replacing it needs no second read of it
+    resumed_from = (Path(payload["_source"]).resolve(), start) if payload and "_source" in payload else None
     stopped_by = None
     try:
         for step in range(start + 1, config.steps + 1):

@@ -8,7 +8,8 @@ and everything else as JSON in the metadata (docs/files.md has the layout):
     deepsim.payload     the payload with each tensor replaced by {"$tensor": name}
     deepsim.config      the run's config (the same as payload["config"]; readable by any safetensors tool)
     deepsim.provenance  {"preset", "step", "commit", "task", "exported_from", ...}
-    deepsim.sha256      SHA-256 over every tensor's name, dtype, shape and bytes (integrity, not origin)
+    deepsim.sha256      SHA-256 over the metadata above and every tensor's name, dtype, shape and bytes
+                        (integrity, not origin)
 
 Reading is bounded by the file: the safetensors parser checks every offset against the file's size.
 """
@@ -108,8 +109,10 @@ def decode(value, tensors: dict[str, torch.Tensor], where: str = "payload"):
     raise ValueError(f"{where}: unexpected {type(value).__name__}")
 
 
-def _digest(tensors: dict[str, torch.Tensor]) -> str:
+def _digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     digest = hashlib.sha256()
+    for key in ("deepsim.format", "deepsim.payload", "deepsim.config", "deepsim.provenance"):
+        digest.update(json.dumps([key, metadata.get(key)]).encode())
     for name in sorted(tensors):
         tensor = tensors[name]
         digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
@@ -141,8 +144,8 @@ def write_safetensors(
         "deepsim.payload": json.dumps(skeleton),
         "deepsim.config": json.dumps(payload.get("config")),
         "deepsim.provenance": json.dumps(provenance or {}),
-        "deepsim.sha256": _digest(tensors),
     }
+    metadata["deepsim.sha256"] = _digest(tensors, metadata)
     data = save(tensors, metadata=metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -201,8 +204,8 @@ def read_safetensors(path: str | os.PathLike) -> dict:
         if "deepsim.format" in metadata:
             raise _corrupt(path, f"format {metadata['deepsim.format']!r}, expected {FORMAT!r}")
         return {"state_dict": tensors}
-    if metadata.get("deepsim.sha256") != _digest(tensors):
-        raise _corrupt(path, "checksum mismatch (the tensors' SHA-256 differs from the one recorded when written)")
+    if metadata.get("deepsim.sha256") != _digest(tensors, metadata):
+        raise _corrupt(path, "checksum mismatch (the file's SHA-256 differs from the one recorded when written)")
     try:
         skeleton = json.loads(metadata.get("deepsim.payload", ""))
         payload = decode(skeleton, tensors)

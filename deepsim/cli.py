@@ -318,7 +318,8 @@ def _cmd_train(args) -> int:
     preset = args.preset or by_layer or DEFAULT_PRESET[args.task]
     result = train(
         config, resume=args.resume, progress=not args.no_progress, tasks=TASKS,
-        resume_overrides=set(overrides) | ({"task"} if task_given else set()), announce=announce,
+        resume_overrides=set(overrides) | ({"task"} if task_given else set()) | ({"preset"} if args.preset else set()),
+        announce=announce,
         provenance={"preset": preset},
     )
     if result.stopped_by:  # a stop signal: the checkpoint is written; run the same command to continue

@@ -226,3 +226,14 @@ def test_resume_auto_reads_an_older_checkpoint_once_safely_and_continues(files, 
     assert any("has no checksum" in line for line in err)
     assert sorted(p.name for p in run.glob("checkpoint*.pt")) == ["checkpoint.pt", "checkpoint.step0000002.pt"]
     assert load_checkpoint(run)["step"] == 3
+
+
+def test_a_preset_given_on_resume_is_a_warning_and_the_checkpoint_wins(files, capsys, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(files["run"], run)
+    code, err, _ = run_cli(["train", "--preset", "autoencoder-stl10-se", "--resume", "auto", "--out", run,
+                            "--steps", "3", *RUNTIME], capsys)  # fmt: skip
+    assert code == 0, err
+    warning = [line for line in err if "warning: --preset autoencoder-stl10-se" in line]
+    assert len(warning) == 1 and "preset autoencoder-photos" in warning[0], err
+    assert load_checkpoint(run)["config"]["data"] == "photos"  # the checkpoint's, not the preset's

@@ -138,6 +138,7 @@ def train(
         if payload is not None:
             saved = _resumable(payload, resume if not isinstance(resume, bool) else config.out)
             _check_conflicts(config, saved, resume_overrides, payload.get("_source", "the checkpoint"))
+            _warn_preset(resume_overrides, provenance, payload, context)
             keep = RUNTIME_FIELDS | (RESUME_OVERRIDABLE & set(resume_overrides))
             config = saved.replace(**{k: getattr(config, k) for k in keep})
             _check_fits(config, payload, tasks)
@@ -209,7 +210,7 @@ def _resumable(payload: dict, source) -> TrainConfig:
 
 def _check_conflicts(config: TrainConfig, saved: TrainConfig, given, source) -> None:
     """A flag given on the command line that the resumed run would ignore is an error naming both values."""
-    ignored = sorted(set(given) - RUNTIME_FIELDS - RESUME_OVERRIDABLE)
+    ignored = sorted(set(given) - RUNTIME_FIELDS - RESUME_OVERRIDABLE - {"preset"})
     clashes = [(n, getattr(config, n), getattr(saved, n)) for n in ignored if getattr(config, n) != getattr(saved, n)]
     if clashes:
         flags = "; ".join(
@@ -233,6 +234,17 @@ def _check_weight_files(config: TrainConfig) -> None:
     ):
         if path:
             check_weights_file(path, flag)
+
+
+def _warn_preset(given, provenance: dict | None, payload: dict, context) -> None:
+    """``--preset`` on a resumed run: the checkpoint's config wins (the preset was only its starting point)."""
+    mine = (provenance or {}).get("preset")
+    theirs = (payload.get("provenance") or {}).get("preset")
+    if "preset" in set(given) and context.is_main and mine and theirs and mine != theirs:
+        _say(
+            f"warning: --preset {mine}: resuming {payload.get('_source')} continues its own config (it started "
+            f"from preset {theirs}); the preset is not applied"
+        )
 
 
 def _check_fits(config: TrainConfig, payload: dict, tasks) -> None:

@@ -259,7 +259,7 @@ def check_weights_file(path, flag: str = "--comparator-weights") -> None:
 
     path = Path(path)
     if not path.is_file():
-        raise ComparatorWeightsError(f"{flag} {path}: no such file")
+        raise ComparatorWeightsError(f"{flag}: weights file {path} does not exist")
     try:
         if is_safetensors(path):
             read_metadata(path)

@@ -237,3 +237,15 @@ def test_a_preset_given_on_resume_is_a_warning_and_the_checkpoint_wins(files, ca
     warning = [line for line in err if "warning: --preset autoencoder-stl10-se" in line]
     assert len(warning) == 1 and "preset autoencoder-photos" in warning[0], err
     assert load_checkpoint(run)["config"]["data"] == "photos"  # the checkpoint's, not the preset's
+
+
+def test_force_replaces_the_file_that_import_caffe_and_export_refuse(files, capsys, tmp_path):
+    target = tmp_path / "fc6.pt"
+    target.write_bytes(b"an earlier import")
+    code, err, _ = run_cli(["import-caffe", files["bad"] / "fc6.caffemodel", "--layer", "fc6", "--out", target,
+                            "--force"], capsys)  # fmt: skip
+    assert code == 0 and load_checkpoint(target)["config"]["invert_layer"] == "fc6", err
+    export = tmp_path / "G.safetensors"
+    export.write_bytes(b"an earlier export")
+    code, err, _ = run_cli(["export", "--checkpoint", target, "--out", export, "--force"], capsys)
+    assert code == 0 and load_checkpoint(export)["config"]["invert_layer"] == "fc6", err

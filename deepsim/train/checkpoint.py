@@ -387,10 +387,10 @@ def safe_torch_load(path, map_location="cpu", *, trust: bool | None = None, mmap
             return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as error:
         needs = _unsafe_globals(path)
-        if not needs and "weights only" not in str(error).lower():
-            raise CorruptCheckpointError(path, f"it cannot be read ({type(error).__name__}: {_first_line(error)})") from None
-        if not trust:
+        if not trust and needs:
             raise UnsafeCheckpointError(path, needs) from None
+        if not trust:  # no global to blame: a damaged pickle, or opcodes a weights-only pickle never has
+            raise CorruptCheckpointError(path, f"its pickle cannot be read safely ({_unpickler_reason(error)})") from None
     except Exception as error:  # noqa: BLE001 - any other failure to read means the same thing to the user
         raise CorruptCheckpointError(path, f"it cannot be read ({type(error).__name__}: {_first_line(error)})") from None
     warnings.warn(f"{path}: fully unpickled (--trust-checkpoint): any code its pickle holds has run", CheckpointWarning, stacklevel=2)
@@ -398,6 +398,13 @@ def safe_torch_load(path, map_location="cpu", *, trust: bool | None = None, mmap
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # noqa: BLE001
         raise CorruptCheckpointError(path, f"it cannot be read ({type(error).__name__}: {_first_line(error)})") from None
+
+
+def _unpickler_reason(error: BaseException) -> str:
+    """The line of torch's weights-only error that says what it met (its message is many lines of advice)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    said = [line for line in lines if "WeightsUnpickler error" in line or "Unsupported" in line]
+    return (said[0] if said else lines[-1] if lines else type(error).__name__)[:300]
 
 
 def _first_line(error: BaseException) -> str:

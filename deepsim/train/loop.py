@@ -213,9 +213,9 @@ def _check_conflicts(config: TrainConfig, saved: TrainConfig, given, source) -> 
     ignored = sorted(set(given) - RUNTIME_FIELDS - RESUME_OVERRIDABLE - {"preset"})
     clashes = [(n, getattr(config, n), getattr(saved, n)) for n in ignored if getattr(config, n) != getattr(saved, n)]
     if clashes:
+        names = {"task": "task", "invert_layer": "--layer"}
         flags = "; ".join(
-            f"{'task' if n == 'task' else '--' + n.replace('_', '-')} {mine} (the checkpoint's: {theirs})"
-            for n, mine, theirs in clashes
+            f"{names.get(n, '--' + n.replace('_', '-'))} {mine} (the checkpoint's: {theirs})" for n, mine, theirs in clashes
         )
         raise CheckpointError(
             f"{flags}: resuming {source} continues its run as it was configured; drop the flag to continue it, "

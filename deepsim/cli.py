@@ -17,6 +17,10 @@
 --compile, --precision, --loader and --channels-last default to auto: the fast path on CUDA, the simple one on
 the CPU (deepsim.train.auto); the run's first line says what was chosen and why.
 
+Files: every checkpoint is opened without running code (weights-only pickle or safetensors); a file whose pickle
+needs more is refused unless --trust-checkpoint is given (README: "Files you did not make"). `deepsim train`
+without --resume refuses an --out that holds a run; import-caffe and export refuse to replace a file without --force.
+
 Exit statuses: 0 done; 2 bad input (one line naming the file, flag or tensor); 75 stopped by a stop signal
 (SIGTERM, SIGINT, SIGUSR1: --stop-signals) after writing a checkpoint -- run the same command with
 `--resume auto` to continue; 128 + N killed by a second signal N (e.g. 143), the previous checkpoint intact.
@@ -113,7 +117,8 @@ HELP = {
     "comparator": "comparator spec '<arch>:<tap>[=w],...', e.g. alexnet:conv3, exemplar:conv3, alexnet-random:conv3",
     "comparator_weights": "weights file for the comparator (default: torchvision's cache for alexnet/vgg16)",
     "data": "'photos' (bundled sample photographs), a folder of images, or an STL-10 binary folder",
-    "out": "output folder: checkpoint.pt (+ the previous ones), metrics.jsonl, config.json, samples/*.png",
+    "out": "output folder: checkpoint.pt (+ the previous ones), metrics.jsonl, config.json, samples/*.png; one that "
+    "already holds a run is refused without --resume",
     "device": "auto | cpu | cuda | cuda:N",
     "loader": "data loader: torch (PIL in DataLoader workers), dali (NVIDIA DALI) or nvjpeg (torchvision JPEG decode "
     "on the device); auto: dali or nvjpeg on CUDA, torch on the CPU",

@@ -180,8 +180,18 @@ def _refuse_existing_run(out: Path, context) -> None:
 
 def _refuse_mixing(out: Path, chosen: Path) -> None:
     """Resuming a checkpoint of another folder into an ``out`` that holds a run of its own would rotate and
-    append to that run's files."""
-    if chosen.resolve().parent == out.resolve() or not out.is_dir():
+    append to that run's files; resuming an older checkpoint of ``out`` itself would rotate away the newer
+    ones."""
+    if not out.is_dir():
+        return
+    if chosen.resolve().parent == out.resolve():
+        newest = next(iter(find_checkpoints(out)), None)
+        if newest is not None and newest.resolve() != chosen.resolve():
+            raise CheckpointError(
+                f"--resume {chosen}: {out} holds a newer checkpoint, {newest.name}, which continuing there would "
+                "rotate away; resume it into a fresh --out (or --resume auto to continue the newest); nothing in "
+                "it was changed"
+            )
         return
     held = [p.name for p in find_checkpoints(out)] + [n for n in _RUN_FILES if (out / n).exists()]
     if held:

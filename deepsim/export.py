@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deepsim.train.checkpoint import CheckpointError, load_checkpoint, read_footer, safe_torch_load
+from deepsim.train.checkpoint import CheckpointError, find_checkpoints, load_checkpoint, read_footer, safe_torch_load
 
 __all__ = ["ExportResult", "export_checkpoint", "load_generator", "read_source"]
 
@@ -104,7 +104,10 @@ def export_checkpoint(
                 written[key] = payload[key]
     config = payload["config"] if isinstance(payload.get("config"), dict) else {}
     trained = payload.get("provenance") if isinstance(payload.get("provenance"), dict) else {}
-    footer = read_footer(source) if source.is_file() and not str(source).endswith(".safetensors") else None
+    read_from = source if source.is_file() else next(iter(find_checkpoints(source)), None)
+    footer = read_footer(read_from) if read_from is not None else None
+    if footer is not None and footer.step != int(payload["step"]):  # a folder whose newest was skipped
+        footer = None
     provenance = {
         "preset": trained.get("preset"),
         "step": int(payload["step"]),

@@ -253,3 +253,15 @@ def test_force_replaces_the_file_that_import_caffe_and_export_refuse(files, caps
     export.write_bytes(b"an earlier export")
     code, err, _ = run_cli(["export", "--checkpoint", target, "--out", export, "--force"], capsys)
     assert code == 0 and load_checkpoint(export)["config"]["invert_layer"] == "fc6", err
+
+
+@pytest.mark.parametrize("which", ["plain", "summed", "their_layout"])
+def test_load_generator_does_not_run_a_pickle(files, tmp_path, which):
+    import deepsim
+    from deepsim.train.checkpoint import UnsafeCheckpointError
+
+    marker = tmp_path / "ran"
+    plain, summed, their_layout = _evil_files(files["run"], tmp_path, marker)
+    with pytest.raises(UnsafeCheckpointError, match="posix.system|os.system"):
+        deepsim.load_generator({"plain": plain, "summed": summed, "their_layout": their_layout}[which])
+    assert not marker.exists()

@@ -14,7 +14,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deepsim.train.checkpoint import CheckpointError, find_checkpoints, load_checkpoint, read_footer, safe_torch_load
+from deepsim.train.checkpoint import (
+    CheckpointError,
+    find_checkpoints,
+    load_checkpoint,
+    read_footer,
+    safe_torch_load,
+)
 
 __all__ = ["ExportResult", "export_checkpoint", "load_generator", "read_source"]
 

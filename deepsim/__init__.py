@@ -9,12 +9,16 @@ Public API::
     import deepsim
     comparator = deepsim.Comparator("alexnet:conv3")
     loss = deepsim.DeePSiMLoss(comparator)
+    generator = deepsim.load_generator("G.safetensors")   # a `deepsim export` file, checkpoint or run folder
 """
 
 from deepsim.comparators import Comparator
 from deepsim.config import PRESETS, TrainConfig, get_preset
+from deepsim.export import load_generator
 from deepsim.losses import DeePSiMLoss, PauseRule
 
 __version__ = "0.1.0"
 
-__all__ = ["Comparator", "DeePSiMLoss", "PauseRule", "TrainConfig", "PRESETS", "get_preset", "__version__"]
+__all__ = [
+    "Comparator", "DeePSiMLoss", "PauseRule", "TrainConfig", "PRESETS", "get_preset", "load_generator", "__version__",
+]

@@ -10,11 +10,16 @@
     deepsim train vae | invert --layer conv5|fc6|fc7|fc8 ...       the VAE and AlexNet inversion (see below)
     deepsim invert | sample-preimages | sample-vae | eval ...      see deepsim.applications.commands
     deepsim import-caffe MODEL.caffemodel --layer fc6|fc7|pool5|caffenet --out F.pt   the authors' Caffe models
+    deepsim export --checkpoint RUN_OR_FILE --out G.safetensors    a generator (or checkpoint) as safetensors
 
 `deepsim train vae` also writes <out>/prior_samples.png (64 decoded prior samples) at the end.
 `deepsim train invert` without --preset takes the preset invert-<layer> (default layer: fc6).
 --compile, --precision, --loader and --channels-last default to auto: the fast path on CUDA, the simple one on
 the CPU (deepsim.train.auto); the run's first line says what was chosen and why.
+
+Files: every checkpoint is opened without running code (weights-only pickle or safetensors); a file whose pickle
+needs more is refused unless --trust-checkpoint is given (README: "Files you did not make"). `deepsim train`
+without --resume refuses an --out that holds a run; import-caffe and export refuse to replace a file without --force.
 
 Exit statuses: 0 done; 2 bad input (one line naming the file, flag or tensor); 75 stopped by a stop signal
 (SIGTERM, SIGINT, SIGUSR1: --stop-signals) after writing a checkpoint -- run the same command with
@@ -28,6 +33,7 @@ import dataclasses
 import json
 import os
 import sys
+import warnings
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
@@ -111,7 +117,8 @@ HELP = {
     "comparator": "comparator spec '<arch>:<tap>[=w],...', e.g. alexnet:conv3, exemplar:conv3, alexnet-random:conv3",
     "comparator_weights": "weights file for the comparator (default: torchvision's cache for alexnet/vgg16)",
     "data": "'photos' (bundled sample photographs), a folder of images, or an STL-10 binary folder",
-    "out": "output folder: checkpoint.pt (+ the previous ones), metrics.jsonl, config.json, samples/*.png",
+    "out": "output folder: checkpoint.pt (+ the previous ones), metrics.jsonl, config.json, samples/*.png; one that "
+    "already holds a run is refused without --resume",
     "device": "auto | cpu | cuda | cuda:N",
     "loader": "data loader: torch (PIL in DataLoader workers), dali (NVIDIA DALI), nvjpeg (torchvision JPEG decode "
     "on the device) or resident (the decoded data set on the device); auto: resident for STL-10 and the photos "
@@ -190,9 +197,10 @@ def _add_train_parser(sub) -> None:
         "--mirror", action=argparse.BooleanOptionalAction, default=None,
         help="random horizontal mirroring of the training crops (the derived code does not mirror)",
     )
-    from deepsim.applications.commands import add_download_weights_flag
+    from deepsim.applications.commands import add_download_weights_flag, add_trust_flag
 
     add_download_weights_flag(p)
+    add_trust_flag(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -209,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="folder for <name>_reconstruction.png files")
     p.add_argument("--size", type=int, default=None, help="resize the shorter side to SIZE first (default: as is)")
     p.add_argument("--device", default="auto")
+    _add_trust_flag(p)
+    _add_export_parser(sub)
 
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
@@ -243,12 +253,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_trust_flag(parser) -> None:
+    from deepsim.applications.commands import add_trust_flag
+
+    add_trust_flag(parser)
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser(
+        "export", help="write a trained generator (or a whole checkpoint) as safetensors, a file that runs no code",
+        description="Write the generator's weights of a checkpoint as safetensors, with its config and provenance "
+        "(preset, step, commit) as JSON metadata. Every command that takes --checkpoint reads the file; in Python: "
+        "deepsim.load_generator(PATH). Also takes the published PyTorch port of the authors' generators "
+        "(upconvGAN state dicts, see docs/files.md).",
+    )
+    p.add_argument("--checkpoint", required=True, type=Path, help="a run folder, checkpoint.pt, or an upconvGAN .pt")
+    p.add_argument("--out", required=True, type=Path, help="the file to write, e.g. G.safetensors")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--with-discriminator", action="store_true", help="also the discriminator's weights")
+    what.add_argument(
+        "--training-state", action="store_true",
+        help="the whole training checkpoint (optimizers, RNG, data cursor): train --resume takes it",
+    )
+    p.add_argument("--layer", choices=["pool5", "fc6", "fc7", "fc8"], help="upconvGAN files: the layer (default: from the keys)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    _add_trust_flag(p)
+
+
+def _cmd_export(args) -> int:
+    from deepsim.export import export_checkpoint
+
+    result = export_checkpoint(
+        args.checkpoint, args.out, with_discriminator=args.with_discriminator, training_state=args.training_state,
+        layer=args.layer, force=args.force,
+    )
+    print(f"{args.checkpoint} -> {result.out}: {result.description}")
+    return 0
+
+
 def _cmd_train(args) -> int:
     from deepsim.config import get_preset
     from deepsim.tasks import TASKS
     from deepsim.train.loop import train
     from deepsim.train.preemption import PREEMPTED_EXIT_CODE
 
+    task_given = args.task is not None
     if args.task is None:
         args.task = get_preset(args.preset).task if args.preset else "autoencoder"
     by_layer = f"invert-{args.layer}" if args.task == "invert" and args.layer else None
@@ -272,9 +321,12 @@ def _cmd_train(args) -> int:
             file=sys.stderr,
         )
 
+    preset = args.preset or by_layer or DEFAULT_PRESET[args.task]
     result = train(
-        config, resume=args.resume, progress=not args.no_progress, tasks=TASKS, resume_overrides=set(overrides),
+        config, resume=args.resume, progress=not args.no_progress, tasks=TASKS,
+        resume_overrides=set(overrides) | ({"task"} if task_given else set()) | ({"preset"} if args.preset else set()),
         announce=announce,
+        provenance={"preset": preset},
     )
     if result.stopped_by:  # a stop signal: the checkpoint is written; run the same command to continue
         if int(os.environ.get("RANK", "0")) == 0:
@@ -416,6 +468,10 @@ def _cmd_calibrate(args) -> int:
     return 0
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"deepsim: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``deepsim`` command; returns the exit code. Known errors print one clear line."""
     from deepsim.errors import USER_ERRORS
@@ -425,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
 
     handler = {
         "train": _cmd_train, "reconstruct": _cmd_reconstruct, "presets": _cmd_presets, "calibrate": _cmd_calibrate,
+        "export": _cmd_export,
         **HANDLERS,
     }.get(args.command)
     if args.command == "data":
@@ -434,12 +491,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "import-caffe":
         from deepsim.caffe.command import run_import_caffe as handler
     from deepsim.comparators import allow_weight_downloads
+    from deepsim.train.checkpoint import trust_checkpoints
 
     try:
-        with allow_weight_downloads(getattr(args, "download_weights", False)):
-            return handler(args)
+        with allow_weight_downloads(getattr(args, "download_weights", False)), warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            with trust_checkpoints(getattr(args, "trust_checkpoint", False)):
+                return handler(args)
     except USER_ERRORS as error:
-        print(f"deepsim {args.command}: error: {error}", file=sys.stderr)
+        text = error.args[0] if isinstance(error, KeyError) and error.args else str(error)  # KeyError quotes it
+        lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+        print(f"deepsim {args.command}: error: {' '.join(lines) or type(error).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"deepsim {args.command}: interrupted", file=sys.stderr)

@@ -251,6 +251,44 @@ def parse_spec(spec: str) -> tuple[str, dict[str, float]]:
     return arch.strip(), taps
 
 
+def check_weights_file(path, flag: str = "--comparator-weights") -> None:
+    """Raise :class:`ComparatorWeightsError` naming ``flag`` and the file unless ``path`` is a file that opens
+    safely (only its header and pickle are read: tensors stay on disk)."""
+    from deepsim.train.checkpoint import CheckpointError, safe_torch_load
+    from deepsim.train.tensorfile import is_safetensors, read_metadata
+
+    path = Path(path)
+    if not path.is_file():
+        raise ComparatorWeightsError(f"{flag}: weights file {path} does not exist")
+    try:
+        if is_safetensors(path):
+            read_metadata(path)
+        else:
+            safe_torch_load(path, trust=False, mmap=True)
+    except CheckpointError as error:
+        raise ComparatorWeightsError(f"{flag} {path}: {_why(error)}") from None
+
+
+def _why(error) -> str:
+    """Why a weights file was not read: its corruption, or what its pickle needs (never fully unpickled)."""
+    needs = getattr(error, "needs", None)
+    if needs is not None:
+        what = ", ".join(needs[:4]) or "objects other than tensors"
+        return f"its pickle needs {what}, which could run code when unpickled; a weights file holds tensors only"
+    return getattr(error, "reason", None) or str(error)
+
+
+def _read_weights(path: Path, arch: str):
+    """A weights file's contents, read without running any code of it (safetensors or weights-only pickle)."""
+    from deepsim.train.checkpoint import CheckpointError, safe_torch_load
+    from deepsim.train.tensorfile import is_safetensors, read_safetensors
+
+    try:
+        return read_safetensors(path) if is_safetensors(path) else safe_torch_load(path, trust=False)
+    except CheckpointError as error:
+        raise ComparatorWeightsError(f"comparator {arch!r}: weights file {path}: {_why(error)}") from None
+
+
 class Comparator(nn.Module):
     """A comparator network C returning the features of the requested taps.
 
@@ -366,15 +404,19 @@ class Comparator(nn.Module):
             path = Path(weights)
             if not path.is_file():
                 raise ComparatorWeightsError(f"comparator {self.arch!r}: weights file {path} does not exist")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = _read_weights(path, self.arch)
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise ComparatorWeightsError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
         own = {}
         for key, index in self._param_names.items():
             for kind in ("weight", "bias"):
                 name = f"{key}.{kind}"
                 if name not in state:
                     raise ComparatorWeightsError(f"weights file {path} has no entry {name!r} for comparator {self.arch!r}")
+                if not isinstance(state[name], torch.Tensor):
+                    raise ComparatorWeightsError(f"weights file {path}: entry {name!r} is not a tensor")
                 own[f"layers.{index}.{kind}"] = state[name]
         try:
             self.load_state_dict(own, strict=False)

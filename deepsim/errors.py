@@ -12,7 +12,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from deepsim.data.errors import DataError
     from deepsim.train.loop import NonFiniteLossError
 
-    return (DataError, ComparatorWeightsError, CheckpointError, NonFiniteLossError, ValueError, KeyError, FileNotFoundError)
+    return (DataError, ComparatorWeightsError, CheckpointError, NonFiniteLossError, ValueError, KeyError, FileNotFoundError, FileExistsError)
 
 
 USER_ERRORS = _user_errors()

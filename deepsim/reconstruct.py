@@ -18,20 +18,18 @@ __all__ = ["load_generator", "reconstruct_files", "image_to_tensor"]
 
 def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, TrainConfig]:
     """The trained generator of a checkpoint, in eval mode, and the run's config."""
-    from deepsim.networks import AutoencoderGenerator
+    from deepsim.applications.factory import model_from_payload
 
     payload = load_checkpoint(checkpoint)
     config = TrainConfig.from_dict(payload["config"])
     if config.task != "autoencoder":
         raise ValueError(f"checkpoint {checkpoint} is a {config.task!r} run; 'reconstruct' takes an autoencoder")
-    generator = AutoencoderGenerator(code_channels=config.code_channels)
-    generator.load_state_dict(payload["trainer"]["generator"])
-    return generator.to(device).eval(), config
+    return model_from_payload(payload, device, f"checkpoint {checkpoint}")
 
 
 def image_to_tensor(pixels: np.ndarray) -> torch.Tensor:
     """(H, W, 3) uint8 -> (1, 3, H, W) float in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].float().div(127.5).sub(1)
+    return torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1)[None].float().div(127.5).sub(1)
 
 
 def reconstruct_files(checkpoint, images, out, *, size: int | None = None, device="auto") -> Iterator[tuple[Path, float]]:

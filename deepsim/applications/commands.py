@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["add_subcommands", "add_download_weights_flag", "HANDLERS"]
+__all__ = ["add_subcommands", "add_download_weights_flag", "add_trust_flag", "HANDLERS"]
 
 
 def add_download_weights_flag(parser) -> None:
@@ -24,6 +24,15 @@ def add_download_weights_flag(parser) -> None:
         "--download-weights", action="store_true",
         help="fetch torchvision's AlexNet / VGG16 weights into torch's cache when a comparator or the inverted "
         "network needs them and they are missing (needs internet; SHA-256 checked)",
+    )
+
+
+def add_trust_flag(parser) -> None:
+    """``--trust-checkpoint``, for every command that opens a checkpoint."""
+    parser.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="open a checkpoint whose pickle needs more than tensors (a file from an older version, or from "
+        "elsewhere): unpickling it can run any code it holds, so only for files whose origin you trust",
     )
 
 
@@ -39,6 +48,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--out", required=True, type=Path, help="folder for <name>_inversion.png (input left)")
     p.add_argument("--device", default="auto")
     add_download_weights_flag(p)
+    add_trust_flag(p)
 
     p = sub.add_parser(
         "sample-preimages",
@@ -55,6 +65,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
     p.add_argument("--device", default="auto")
     add_download_weights_flag(p)
+    add_trust_flag(p)
 
     p = sub.add_parser(
         "sample-vae", help="decode samples from the prior N(0, I) of a trained VAE into a PNG grid"
@@ -67,6 +78,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--nrow", type=int, default=8, help="samples per grid row")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
+    add_trust_flag(p)
 
     p = sub.add_parser(
         "eval",
@@ -102,6 +114,7 @@ def add_subcommands(sub) -> None:
     p.add_argument("--svm-c", type=float, default=1.0, help="the linear SVM's C")
     p.add_argument("--device", default="auto")
     add_download_weights_flag(p)
+    add_trust_flag(p)
 
 
 def _cmd_invert(args) -> int:

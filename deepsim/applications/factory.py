@@ -100,13 +100,14 @@ def model_from_payload(
 ) -> tuple[nn.Module, TrainConfig]:
     """:func:`load_model` on an already-read checkpoint payload (``source`` names it in errors)."""
     config = TrainConfig.from_dict(payload["config"])
-    if "trainer" not in payload or "generator" not in payload["trainer"]:
+    if not isinstance(payload.get("trainer"), dict) or "generator" not in payload["trainer"]:
         raise CheckpointError(f"{source} holds no trained generator (payload['trainer']['generator'])")
     generator = build_generator(config)
     try:
         generator.load_state_dict(payload["trainer"]["generator"])
-    except RuntimeError as error:
-        raise CheckpointError(f"{source} does not fit the {config.task!r} generator: {error}") from None
+    except (RuntimeError, TypeError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise CheckpointError(f"{source} does not fit the {config.task!r} generator: {' '.join(lines[:3])}") from None
     model = Inverter(build_extractor(config), generator) if config.task == "invert" else generator
     return model.to(device).eval(), config
 

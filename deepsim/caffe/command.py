@@ -42,6 +42,7 @@ def add_subcommand(sub) -> None:
         help="the inverted CaffeNet layer of a generator (conv5 = pool5), or 'caffenet' for BVLC's CaffeNet",
     )  # fmt: skip
     p.add_argument("--out", required=True, type=Path, help="the file to write (e.g. fc6.pt)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument(
         "--invert-network-weights", type=Path, default=None, metavar="CAFFENET.pt",
         help="generators: the imported CaffeNet (import-caffe --layer caffenet) that deepsim invert feeds "
@@ -67,6 +68,7 @@ def run_import_caffe(args) -> int:
         invert_network_weights=args.invert_network_weights,
         mean_bgr=args.mean_bgr,
         up_to=args.up_to,
+        force=args.force,
     )
     what = f"CaffeNet conv1..{args.up_to}" if result.layer == "caffenet" else f"the {result.layer} generator"
     width = f", FC width {result.fc_width}" if result.fc_width else ""

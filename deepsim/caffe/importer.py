@@ -29,7 +29,7 @@ from deepsim.train.checkpoint import save_checkpoint
 from .caffemodel import read_caffemodel
 from .convert import GENERATOR_LAYERS, caffenet_from_caffemodel, generator_from_caffemodel
 
-__all__ = ["IMPORT_LAYERS", "ImportResult", "import_caffemodel"]
+__all__ = ["IMPORT_LAYERS", "ImportResult", "import_caffemodel", "imported_generator_payload"]
 
 IMPORT_LAYERS = (*GENERATOR_LAYERS, "caffenet")
 PHI_IMAGE_SIZE = 227  # CaffeNet's input; the generators' 256x256 output is centre-cropped to it (code)
@@ -55,6 +55,7 @@ def import_caffemodel(
     invert_network_weights: str | Path | None = None,
     mean_bgr=CAFFE_MEAN_BGR,
     up_to: str = "fc8",
+    force: bool = False,
 ) -> ImportResult:
     """Read ``caffemodel`` and write it to ``out`` in deepsim's format (see the module docstring).
 
@@ -68,9 +69,12 @@ def import_caffemodel(
             inverted tap). Stored as an absolute path.
         mean_bgr: generators: the per-channel mean the Caffe output is relative to (B, G, R on 0..255).
         up_to: CaffeNet: the last layer imported (conv5 is enough for pool5 taps).
+        force: replace ``out`` if it exists (otherwise FileExistsError, before anything is read).
     """
     if layer not in IMPORT_LAYERS:
         raise ValueError(f"--layer {layer!r}: expected one of {', '.join(IMPORT_LAYERS)}")
+    if Path(out).exists() and not force:
+        raise FileExistsError(f"--out {out} exists; pass --force to replace it (library: force=True)")
     model = read_caffemodel(caffemodel)
     meta = {
         "source": str(Path(caffemodel).resolve()),
@@ -92,23 +96,30 @@ def import_caffemodel(
 
         phi_weights = str(Path(invert_network_weights).resolve())
         FeatureExtractor("caffenet", inverted, phi_weights)  # fails now, naming the file, if Phi cannot load
+    meta["mean_bgr"] = [float(v) for v in mean_bgr]
+    payload = imported_generator_payload(generator, phi_weights=phi_weights, out_folder=Path(out).parent, meta=meta)
+    fc_width = generator.head[0].out_features if inverted != "conv5" else None
+    path = save_checkpoint(out, payload)
+    return ImportResult(path, layer, model.format, len(model.layers), fc_width, phi_weights)
+
+
+def imported_generator_payload(generator, *, phi_weights: str | None, out_folder, meta: dict) -> dict:
+    """The "invert" checkpoint payload of an imported generator of the authors (Phi = CaffeNet, 227 px)."""
+    inverted = generator.layer
     fc_width = generator.head[0].out_features if inverted != "conv5" else None
     config = get_preset(f"invert-{inverted}").replace(
         invert_network="caffenet",
         invert_network_weights=phi_weights,
         comparator="caffenet:pool5",  # the code's comparator, should the generator be trained further
         comparator_weights=phi_weights,
-        image_size=PHI_IMAGE_SIZE,
+        image_size=generator.image_size,
         fc_width=fc_width or 4096,
         noise_dim=0,
-        out=str(Path(out).parent),
+        out=str(out_folder),
     )
-    meta["mean_bgr"] = [float(v) for v in mean_bgr]
-    payload = {
+    return {
         "config": config.to_dict(),
         "step": 0,
         "trainer": {"generator": generator.state_dict()},
         "caffe_import": meta,
     }
-    path = save_checkpoint(out, payload)
-    return ImportResult(path, layer, model.format, len(model.layers), fc_width, phi_weights)

@@ -18,6 +18,12 @@ with the checksum in the archive's comment, the last 56 bytes of the file::
 Reading (:func:`load_checkpoint`) checks the SHA-256 before unpickling anything: a truncated file or flipped
 bytes raise :class:`CorruptCheckpointError` naming the file. A file without the checksum (a plain
 ``torch.save`` file, as written before checksums existed) is loaded with a :class:`CheckpointWarning`.
+Every file is unpickled with ``torch.load(weights_only=True)``: tensors, numbers, strings, lists, tuples and
+dicts (and, for checkpoints written before the NumPy RNG state was stored as a tensor, NumPy arrays). A file
+whose pickle needs anything else is refused with :class:`UnsafeCheckpointError` unless the caller trusts it
+(``trust=True``, :func:`trust_checkpoints`, CLI ``--trust-checkpoint``). The checksum proves integrity (the
+file is what was written), not origin: anyone can write a file with a valid checksum. A ``.safetensors``
+file written by ``deepsim export`` (:mod:`deepsim.train.tensorfile`) is read without any pickle.
 Given a folder, :func:`load_checkpoint` takes the newest checkpoint that passes the check and warns, naming
 both files, when it had to fall back past a corrupt one (:func:`load_latest` does the same and returns what
 it skipped).
@@ -25,10 +31,12 @@ it skipped).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import hashlib
 import os
+import pickle
 import random
 import re
 import struct
@@ -54,6 +62,9 @@ __all__ = [
     "CorruptCheckpointError",
     "CheckpointWarning",
     "CheckpointFooter",
+    "UnsafeCheckpointError",
+    "trust_checkpoints",
+    "safe_torch_load",
     "CHECKPOINT_NAME",
 ]
 
@@ -81,6 +92,18 @@ class CheckpointWriteError(CheckpointError):
     """Writing a checkpoint failed (e.g. the disk is full); the previous checkpoint is untouched."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A file's pickle needs more than tensors and plain containers (it could run code): refused."""
+
+    def __init__(self, path: Path, needs: list[str]):
+        self.path, self.needs = Path(path), needs
+        what = ", ".join(needs[:4]) + (", ..." if len(needs) > 4 else "") if needs else "objects other than tensors"
+        super().__init__(
+            f"{path} was not opened: its pickle needs {what}, which could run code when unpickled; open it only "
+            "if you trust where it came from, with --trust-checkpoint (library: trust=True)"
+        )
+
+
 class CheckpointWarning(UserWarning):
     """A checkpoint was loaded without its checksum, or in place of a corrupt newer one."""
 
@@ -93,16 +116,26 @@ class CheckpointFooter:
 
 
 def rng_state() -> dict:
-    """Every RNG a run draws from: Python, NumPy, torch CPU and (when present) CUDA."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG a run draws from: Python, NumPy, torch CPU and (when present) CUDA, as tensors, numbers,
+    strings and tuples only (what ``torch.load(weights_only=True)`` reads)."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Restore :func:`rng_state` (also its older form with a NumPy array, and lists in place of tuples)."""
+    random.setstate(_as_tuple(state["python"]))
+    kind, keys, *rest = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((kind, keys.astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -204,12 +237,14 @@ def _step_of(path: Path) -> int | None:
     if footer is not None:
         return footer.step if footer.step >= 0 else None
     try:
-        return int(torch.load(path, map_location="cpu", weights_only=False)["step"])
-    except Exception:  # noqa: BLE001 - an unreadable legacy file is simply replaced
+        return int(safe_torch_load(path, trust=False, mmap=True)["step"])
+    except Exception:  # noqa: BLE001 - an unreadable (or unsafe) legacy file is simply replaced
         return None
 
 
-def save_checkpoint(path: str | os.PathLike, payload: dict, *, keep: int | None = None) -> Path:
+def save_checkpoint(
+    path: str | os.PathLike, payload: dict, *, keep: int | None = None, replaced_step: int | None = None
+) -> Path:
     """Write ``payload`` to ``path`` atomically, with a checksum.
 
     Args:
@@ -218,6 +253,8 @@ def save_checkpoint(path: str | os.PathLike, payload: dict, *, keep: int | None 
         keep: None (default): replace ``path`` and touch nothing else. K >= 1: keep the K newest checkpoints:
             the one being replaced is renamed ``<stem>.step<N><suffix>`` first, and the older renamed ones
             beyond K-1 are deleted.
+        replaced_step: the step of the checkpoint now at ``path``, when the caller knows it (a run resumed
+            from that file), so a file without a checksum record is not read a second time to learn it.
 
     Returns:
         ``path``.
@@ -251,7 +288,7 @@ def save_checkpoint(path: str | os.PathLike, payload: dict, *, keep: int | None 
             handle.flush()
             os.fsync(handle.fileno())
         if keep is not None and keep > 1 and path.is_file():
-            old_step = _step_of(path)
+            old_step = replaced_step if replaced_step is not None else _step_of(path)
             if old_step is not None and old_step != step:
                 os.replace(path, _step_name(path, old_step))
         os.replace(tmp, path)
@@ -292,11 +329,91 @@ def read_footer(path: str | os.PathLike) -> CheckpointFooter | None:
     return CheckpointFooter(step=step, checked_bytes=size - _FOOTER.size - 2, sha256=digest.hex())
 
 
-def _unpickle(path: Path, map_location):
+_TRUSTED = [False]  # set by trust_checkpoints(); a list, so the context manager can restore it
+
+
+@contextlib.contextmanager
+def trust_checkpoints(trust: bool = True):
+    """Within the block, files that need a full unpickle are opened (``--trust-checkpoint``): their pickle can
+    run any code, so only for files whose origin you trust. Safe files are read the same way either way."""
+    before = _TRUSTED[0]
+    _TRUSTED[0] = bool(trust)
+    try:
+        yield
+    finally:
+        _TRUSTED[0] = before
+
+
+def _legacy_globals() -> list:
+    """What checkpoints written before :func:`rng_state` stored tensors need beyond weights_only's defaults: the
+    NumPy RNG state's uint32 array (rebuilt from its raw bytes; no code of the file runs)."""
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # NumPy < 2
+        from numpy.core.multiarray import _reconstruct
+    return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The globals a torch.save file's pickle names beyond what :func:`safe_torch_load` allows (read without
+    unpickling)."""
+    allowed = {f"{g.__module__}.{g.__name__}" for g in _legacy_globals()}
+    allowed |= {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"}
+    try:
+        return [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(path) if name not in allowed]
+    except Exception:  # noqa: BLE001 - not a readable zip/pickle: the caller reports it as corrupt
+        return []
+
+
+def safe_torch_load(path, map_location="cpu", *, trust: bool | None = None, mmap: bool = False):
+    """``torch.load`` that runs no code of the file: ``weights_only=True`` (plus the NumPy array of older
+    checkpoints' RNG state).
+
+    Args:
+        trust: open a file that needs more with a full unpickle (it can run code); None: as
+            :func:`trust_checkpoints` says (default: no).
+
+    Raises:
+        UnsafeCheckpointError: the file needs more, and it is not trusted (nothing of it ran).
+        CorruptCheckpointError: it cannot be read at all.
+    """
+    path = Path(path)
+    trust = _TRUSTED[0] if trust is None else trust
+    if mmap:  # torch maps zip archives only (the legacy torch.save format is read in full)
+        with open(path, "rb") as handle:
+            mmap = handle.read(4) == b"PK\x03\x04"
+    try:
+        with torch.serialization.safe_globals(_legacy_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as error:
+        needs = _unsafe_globals(path)
+        if not trust and needs:
+            raise UnsafeCheckpointError(path, needs) from None
+        if not trust:  # no global to blame: a damaged pickle, or opcodes a weights-only pickle never has
+            raise CorruptCheckpointError(path, f"its pickle cannot be read safely ({_unpickler_reason(error)})") from None
+    except Exception as error:  # noqa: BLE001 - any other failure to read means the same thing to the user
+        raise CorruptCheckpointError(path, f"it cannot be read ({type(error).__name__}: {_first_line(error)})") from None
+    warnings.warn(f"{path}: fully unpickled (--trust-checkpoint): any code its pickle holds has run", CheckpointWarning, stacklevel=2)
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as error:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise CorruptCheckpointError(path, f"it cannot be read ({type(error).__name__}: {error})") from error
+    except Exception as error:  # noqa: BLE001
+        raise CorruptCheckpointError(path, f"it cannot be read ({type(error).__name__}: {_first_line(error)})") from None
+
+
+def _unpickler_reason(error: BaseException) -> str:
+    """The line of torch's weights-only error that says what it met (its message is many lines of advice)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    said = [line for line in lines if "WeightsUnpickler error" in line or "Unsupported" in line]
+    return (said[0] if said else lines[-1] if lines else type(error).__name__)[:300]
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0][:300] if text else ""
+
+
+def _unpickle(path: Path, map_location):
+    return safe_torch_load(path, map_location)
 
 
 def _plain_zip_end(path: Path) -> bool:
@@ -311,16 +428,17 @@ def _plain_zip_end(path: Path) -> bool:
 
 
 def _read_verified(path: Path, map_location) -> dict:
+    from deepsim.train.tensorfile import is_safetensors, read_safetensors
+
+    if is_safetensors(path):
+        payload = read_safetensors(path)
+        if "config" not in payload or "step" not in payload:
+            raise CheckpointError(f"{path} is not a DeePSiM checkpoint (no 'config'/'step')")
+        return payload
     footer = read_footer(path)
     if footer is None:
         if not _plain_zip_end(path):  # not even a complete zip: cut short, or not a checkpoint at all
             raise CorruptCheckpointError(path, "truncated or not a checkpoint (no zip end record, no checksum)")
-        warnings.warn(
-            f"checkpoint {path} has no checksum (written before checkpoints had one): loaded without an "
-            "integrity check",
-            CheckpointWarning,
-            stacklevel=3,
-        )
     else:
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
@@ -335,6 +453,13 @@ def _read_verified(path: Path, map_location) -> dict:
     payload = _unpickle(path, map_location)
     if not isinstance(payload, dict) or "config" not in payload or "step" not in payload:
         raise CheckpointError(f"{path} is not a DeePSiM checkpoint (no 'config'/'step')")
+    if footer is None:
+        warnings.warn(
+            f"checkpoint {path} has no checksum (written before checkpoints had one): loaded without an "
+            "integrity check",
+            CheckpointWarning,
+            stacklevel=3,
+        )
     return payload
 
 
@@ -367,17 +492,23 @@ def fallback_message(chosen: Path, payload: dict, skipped: list[tuple[Path, str]
     return f"{corrupt}; using the previous one, {chosen} (step {payload.get('step')}), instead"
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", *, trust: bool | None = None) -> dict:
     """Read a checkpoint written by :func:`save_checkpoint` (or an older one without a checksum).
 
     Args:
         path: a checkpoint file (read exactly, its checksum checked), or a folder: its newest checkpoint that
             passes the check (a :class:`CheckpointWarning` names the corrupt newer ones it fell back past).
         map_location: as for ``torch.load``.
+        trust: True: open a file whose pickle needs more than tensors and plain containers (it can run code);
+            None: as :func:`trust_checkpoints` says (default: refuse it with :class:`UnsafeCheckpointError`).
 
     Raises:
-        CheckpointError: no checkpoint there, or not a DeePSiM checkpoint; CorruptCheckpointError: damaged.
+        CheckpointError: no checkpoint there, or not a DeePSiM checkpoint; CorruptCheckpointError: damaged;
+        UnsafeCheckpointError: it needs a full unpickle and is not trusted.
     """
+    if trust is not None:
+        with trust_checkpoints(trust):
+            return load_checkpoint(path, map_location)
     path = Path(path)
     if path.is_dir():
         found = load_latest(path, map_location)

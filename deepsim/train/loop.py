@@ -92,6 +92,7 @@ def train(
     tasks=None,
     resume_overrides=(),
     announce: Callable[[TrainConfig, str], None] | None = None,
+    provenance: dict | None = None,
 ) -> TrainResult:
     """Train as ``config`` says.
 
@@ -106,8 +107,11 @@ def train(
         progress: show a progress bar (rank 0).
         tasks: the task table (task -> trainer builder), e.g. :data:`deepsim.tasks.TASKS`; None: the
             autoencoder only.
-        resume_overrides: fields of :data:`RESUME_OVERRIDABLE` that ``config`` sets on purpose (the CLI passes
-            the flags given on its command line).
+        resume_overrides: the fields ``config`` sets on purpose (the CLI passes the flags given on its command
+            line): those in :data:`RESUME_OVERRIDABLE` replace the checkpoint's value; any other one that
+            differs from the checkpoint's (not a :data:`RUNTIME_FIELDS` one) is an error naming both values.
+        provenance: recorded in every checkpoint (``{"preset": ...}``; the code's commit is added); a resumed
+            run keeps the checkpoint's preset.
         announce: called on rank 0 as ``announce(config, line)`` once the ``"auto"`` runtime fields are resolved
             for the device (:func:`deepsim.train.auto.resolve_runtime`), with the resolved config and one line
             naming the path taken and why.
@@ -117,8 +121,9 @@ def train(
 
     Raises:
         NonFiniteLossError: a loss became NaN/inf (the last good checkpoint stays as it was).
-        CheckpointError: the checkpoint to resume from is missing or damaged, or a checkpoint write failed
-            (the previous checkpoint is intact; the message says so).
+        CheckpointError: the checkpoint to resume from is missing, damaged or does not fit the run, a flag
+            conflicts with it, ``config.out`` already holds another run (without ``resume``), or a checkpoint
+            write failed (the previous checkpoint is intact; the message says so).
     """
     from deepsim.data import build_loader  # imported here: the data layer is heavy (PIL, DALI)
     from deepsim.train import distributed
@@ -128,16 +133,167 @@ def train(
         payload = None
         if resume:
             payload = _resume_payload(config, resume, context)
+        else:
+            _refuse_existing_run(Path(config.out), context)
         if payload is not None:
-            saved = TrainConfig.from_dict(payload["config"])
+            saved = _resumable(payload, resume if not isinstance(resume, bool) else config.out)
+            _check_conflicts(config, saved, resume_overrides, payload.get("_source", "the checkpoint"))
+            _warn_preset(resume_overrides, provenance, payload, context)
             keep = RUNTIME_FIELDS | (RESUME_OVERRIDABLE & set(resume_overrides))
             config = saved.replace(**{k: getattr(config, k) for k in keep})
+            _check_fits(config, payload, tasks)
+            if context.is_main:
+                _say_resuming(payload)
+        _check_weight_files(config)
         config, reasons = resolve_runtime(config, context.device)
         if announce is not None and context.rank == 0:
             announce(config, describe_runtime(config, context.device, reasons))
+        run_provenance = {**(provenance or {}), **((payload or {}).get("provenance") or {})}
+        run_provenance["commit"] = source_commit()
+        _RUN_PROVENANCE.clear()
+        _RUN_PROVENANCE.update(run_provenance)
         return _train(config, payload, Path(config.out), context, progress, build_loader, tasks)
     finally:
         distributed.cleanup(context)
+
+
+_RUN_PROVENANCE: dict = {}  # what write_checkpoint records under "provenance" for the run in progress
+_RUN_FILES = ("config.json", "metrics.jsonl")
+
+
+def _refuse_existing_run(out: Path, context) -> None:
+    """A fresh run never writes into a folder that holds a run: that run's checkpoints, metrics and config
+    would be rotated, appended to and overwritten. Checked on rank 0, its answer broadcast."""
+    from deepsim.train import distributed
+
+    found = None
+    if context.is_main and out.is_dir():
+        held = [p.name for p in find_checkpoints(out)] + [n for n in _RUN_FILES if (out / n).exists()]
+        found = ", ".join(held[:3]) if held else None
+    found = distributed.broadcast_object(found)
+    if found:
+        raise CheckpointError(
+            f"--out {out} already holds a run ({found}): continue it with --resume auto, or choose a fresh "
+            "--out folder; nothing in it was changed"
+        )
+
+
+def _refuse_mixing(out: Path, chosen: Path) -> None:
+    """Resuming a checkpoint of another folder into an ``out`` that holds a run of its own would rotate and
+    append to that run's files; resuming an older checkpoint of ``out`` itself would rotate away the newer
+    ones."""
+    if not out.is_dir():
+        return
+    if chosen.resolve().parent == out.resolve():
+        newest = next(iter(find_checkpoints(out)), None)
+        if newest is not None and newest.resolve() != chosen.resolve():
+            raise CheckpointError(
+                f"--resume {chosen}: {out} holds a newer checkpoint, {newest.name}, which continuing there would "
+                "rotate away; resume it into a fresh --out (or --resume auto to continue the newest); nothing in "
+                "it was changed"
+            )
+        return
+    held = [p.name for p in find_checkpoints(out)] + [n for n in _RUN_FILES if (out / n).exists()]
+    if held:
+        raise CheckpointError(
+            f"--resume {chosen}: --out {out} holds another run ({', '.join(held[:3])}); resume into a fresh "
+            "--out folder (or that run's own folder); nothing in it was changed"
+        )
+
+
+def _resumable(payload: dict, source) -> TrainConfig:
+    """The saved config of a payload that holds what resuming needs (one line naming the file otherwise)."""
+    source = payload.get("_source", source)
+    missing = [k for k in ("trainer", "rng") if not isinstance(payload.get(k), dict)]
+    if not missing:
+        missing = [f"trainer.{k}" for k in ("generator", "opt_g") if k not in payload["trainer"]]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {source} cannot be resumed: it has no {', '.join(repr(m) for m in missing)} (training "
+            "state); an imported or exported generator trains no further (deepsim export --training-state keeps it)"
+        )
+    try:
+        return TrainConfig.from_dict(payload["config"])
+    except (TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"checkpoint {source}: its config cannot be read ({error})") from None
+
+
+def _check_conflicts(config: TrainConfig, saved: TrainConfig, given, source) -> None:
+    """A flag given on the command line that the resumed run would ignore is an error naming both values."""
+    ignored = sorted(set(given) - RUNTIME_FIELDS - RESUME_OVERRIDABLE - {"preset"})
+    clashes = [(n, getattr(config, n), getattr(saved, n)) for n in ignored if getattr(config, n) != getattr(saved, n)]
+    if clashes:
+        names = {"task": "task", "invert_layer": "--layer"}
+        flags = "; ".join(
+            f"{names.get(n, '--' + n.replace('_', '-'))} {mine} (the checkpoint's: {theirs})" for n, mine, theirs in clashes
+        )
+        raise CheckpointError(
+            f"{flags}: resuming {source} continues its run as it was configured; drop the flag to continue it, "
+            "or start a new run with a fresh --out"
+        )
+
+
+def _check_weight_files(config: TrainConfig) -> None:
+    """The weights files the run names open safely (header only: cheap), so a bad one is one line before
+    the run starts."""
+    from deepsim.comparators import check_weights_file
+
+    for flag, path in (
+        ("--comparator-weights", config.comparator_weights),
+        ("--invert-network-weights", config.invert_network_weights),
+    ):
+        if path:
+            check_weights_file(path, flag)
+
+
+def _warn_preset(given, provenance: dict | None, payload: dict, context) -> None:
+    """``--preset`` on a resumed run: the checkpoint's config wins (the preset was only its starting point)."""
+    mine = (provenance or {}).get("preset")
+    theirs = (payload.get("provenance") or {}).get("preset")
+    if "preset" in set(given) and context.is_main and mine and theirs and mine != theirs:
+        _say(
+            f"warning: --preset {mine}: resuming {payload.get('_source')} continues its own config (it started "
+            f"from preset {theirs}); the preset is not applied"
+        )
+
+
+def _check_fits(config: TrainConfig, payload: dict, tasks) -> None:
+    """The checkpoint's generator tensors against the generator its config builds (on the meta device: no
+    memory, no compute), so a mismatch is one line before anything runs."""
+    from deepsim.applications.factory import build_generator
+
+    try:
+        with torch.device("meta"):
+            expected = build_generator(config).state_dict()
+    except Exception:  # noqa: BLE001 - a task this cannot build: the full load below still checks
+        return
+    saved = payload["trainer"]["generator"]
+    source = payload.get("_source", "the checkpoint")
+    for name, tensor in expected.items():
+        if name not in saved:
+            raise CheckpointError(f"checkpoint {source} does not fit its {config.task!r} generator: no tensor {name}")
+        got = getattr(saved[name], "shape", None)
+        if got != tensor.shape:
+            raise CheckpointError(
+                f"checkpoint {source} does not fit its {config.task!r} generator: tensor {name} has shape "
+                f"{tuple(got) if got is not None else type(saved[name]).__name__}, the config builds {tuple(tensor.shape)}"
+            )
+
+
+def source_commit() -> str | None:
+    """The git commit of this code (None outside a checkout or without git)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists():
+        return None
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
 
 
 def _say(text: str) -> None:
@@ -174,6 +330,8 @@ def _resume_payload(config: TrainConfig, resume, context) -> dict | None:
                         for bad, _ in skipped:
                             _say(f"renamed the corrupt {bad.name} to {quarantine(bad).name}")
                     choice = ("path", str(path))
+            if choice[0] == "path":
+                _refuse_mixing(Path(config.out), Path(choice[1]))
         except CheckpointError as error:
             choice = ("error", str(error))
     choice = distributed.broadcast_object(choice)
@@ -183,11 +341,14 @@ def _resume_payload(config: TrainConfig, resume, context) -> dict | None:
         return None
     if payload is None:  # another rank: the file rank 0 chose
         payload = load_checkpoint(choice[1])
-    if context.is_main:
-        data = payload.get("data", {})
-        where = f", data cursor {data['cursor']} (epoch {data['epoch']}, sample {data['offset']})" if data else ""
-        _say(f"resuming from {choice[1]} (step {payload['step']}{where})")
+    payload["_source"] = choice[1]  # names the file in errors; never written back
     return payload
+
+
+def _say_resuming(payload: dict) -> None:
+    data = payload.get("data") or {}
+    where = f", data cursor {data['cursor']} (epoch {data['epoch']}, sample {data['offset']})" if data else ""
+    _say(f"resuming from {payload['_source']} (step {payload['step']}{where})")
 
 
 class _PendingMetrics:
@@ -251,7 +412,12 @@ def _prepare_trainer(config: TrainConfig, payload, context, tasks):
     trainer = build_trainer(config, device, tasks)
     start, cursor = 0, 0
     if payload is not None:
-        trainer.load_training_state(payload["trainer"])
+        try:
+            trainer.load_training_state(payload["trainer"])
+        except (RuntimeError, KeyError) as error:
+            raise CheckpointError(
+                f"checkpoint {payload.get('_source', '')} does not fit this run: {str(error).strip().splitlines()[0]}"
+            ) from None
         start = int(payload["step"])
         set_rng_state(payload["rng"])
         # the data stream's global sample cursor; a checkpoint from before cursors existed: this world size's
@@ -378,13 +544,21 @@ def _run(config, payload, out, context, progress, build_loader, tasks, stopper: 
             "rng": rng_state(),
             "data": stream.state_dict(),  # the global sample cursor: resume at any world size
             "world_size": world,
+            "provenance": dict(_RUN_PROVENANCE),
         }
         if replicas is not None:
             payload["replicas"] = replicas
             if len(set(replicas)) > 1:
                 _say(f"warning: the ranks' parameters differ at step {step} (fingerprints per rank: {replicas})")
-        last_good = stopper.checkpoint = save_checkpoint(checkpoint_path, payload, keep=config.keep_checkpoints)
+        nonlocal resumed_from
+        replaced = resumed_from[1] if resumed_from and resumed_from[0] == checkpoint_path.resolve() else None
+        last_good = stopper.checkpoint = save_checkpoint(
+            checkpoint_path, payload, keep=config.keep_checkpoints, replaced_step=replaced
+        )
+        resumed_from = None
 
+    # the file resumed from and its step: replacing it needs no second read of it
+    resumed_from = (Path(payload["_source"]).resolve(), start) if payload and "_source" in payload else None
     stopped_by = None
     try:
         for step in range(start + 1, config.steps + 1):

@@ -4,8 +4,8 @@ import warnings
 
 import pytest
 import torch
-
 from deepsim.kernels import lpips_distance, reference_lpips_distance, use_backend
+
 from deepsim.metrics import LPIPS, lpips
 from deepsim.perceptual import PerceptualLoss
 

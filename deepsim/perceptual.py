@@ -158,9 +158,9 @@ def lpips_weights_path(net: str, version: str = "0.1") -> Path | None:
 class LPIPS(nn.Module):
     """LPIPS (Zhang et al. 2018, version 0.1) with one fused, NaN-safe distance kernel for all five taps.
 
-    Equal to ``lpips.LPIPS(net=net)`` on the same backbone and linear weights (to about 1e-6 relative, value
-    and input gradient), except that the channel norm puts its eps inside the square root: all-zero
-    features give finite gradients where lpips gives NaN.
+    Equal to ``lpips.LPIPS(net=net)`` on the same backbone and linear weights (within 1e-5 relative, value
+    and input gradient, as tested), except that the channel norm puts its eps inside the square root:
+    all-zero features give finite gradients where lpips gives NaN.
 
     Args:
         net: "alex" or "vgg".

@@ -84,3 +84,14 @@ def test_deepsim_loss_lpips_feature_metric():
     assert torch.isfinite(fake.grad).all() and fake.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="feature_metric='lpips' takes comparator=None"):
         DeePSiMLoss(SPEC, feature_metric="lpips")
+
+
+def test_config_feature_metric_reaches_the_loss(tmp_path, monkeypatch):
+    from deepsim.comparators import ComparatorWeightsError
+    from deepsim.config import TrainConfig
+    from deepsim.train.factory import build_loss
+
+    assert build_loss(TrainConfig()).feature_metric == "squared"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # no torchvision AlexNet: LPIPS' backbone is asked for
+    with pytest.raises((ComparatorWeightsError, FileNotFoundError), match="alexnet-owt-7be5be79.pth|lpips"):
+        build_loss(TrainConfig(feature_metric="lpips"))

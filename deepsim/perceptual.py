@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from deepsim.comparators import Comparator
+from deepsim.comparators import TORCHVISION_FILES, Comparator
 from deepsim.kernels import feature_distance, lpips_distance
 
 __all__ = ["PerceptualLoss", "LPIPS", "lpips", "check_images", "lpips_weights_path", "LPIPS_TAPS"]
@@ -197,6 +197,10 @@ class LPIPS(nn.Module):
         arch, taps = LPIPS_TAPS[net]
         if backbone_weights == "random":
             arch, backbone_weights = f"{arch}-random", None
+        elif backbone_weights is not None and not Path(backbone_weights).is_file():
+            name, url = TORCHVISION_FILES[arch]
+            raise FileNotFoundError(f"LPIPS backbone_weights file {backbone_weights} does not exist; it is a "
+                                    f"torchvision-format state dict such as {name} ({url})")  # fmt: skip
         self.comparator = Comparator(f"{arch}:{','.join(taps)}", weights=backbone_weights)
         for i, w in enumerate(_load_lin_weights(net, version, lin_weights)):
             self.register_buffer(f"lin{i}", w)

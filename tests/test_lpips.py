@@ -108,6 +108,12 @@ def test_missing_lin_weights_file_is_one_line_error(tmp_path):
     assert "\n" not in str(e.value)
 
 
+def test_missing_backbone_file_is_one_line_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"backbone_weights file .*gone\.pth does not exist.*alexnet-owt") as e:
+        LPIPS("alex", backbone_weights=tmp_path / "gone.pth")
+    assert "\n" not in str(e.value)
+
+
 def test_lin_weights_load_weights_only(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"lin0.model.1.weight": torch.ones(1, 64, 1, 1), "x": object()}, path)

@@ -80,3 +80,18 @@ def test_lpips_distance_rejects_bad_input():
         K.lpips_distance([a], [a], [torch.ones(4)])
     with pytest.raises(ValueError, match=r"f0s\[0\] \(2, 3, 4, 4\) != f1s\[0\] \(2, 3, 4, 5\)"):
         K.lpips_distance([a], [torch.rand(2, 3, 4, 5)], [torch.ones(3)])
+
+
+def test_lpips_distance_traces_under_compile():
+    """The custom op's fake implementation and autograd: fullgraph compile (aot_eager) matches eager."""
+    torch.manual_seed(5)
+    f0s = [torch.rand(2, 5, 3, 4, device=DEVICE, requires_grad=True), torch.rand(2, 7, 2, 2, device=DEVICE, requires_grad=True)]
+    f1s = [torch.rand(2, 5, 3, 4, device=DEVICE), torch.rand(2, 7, 2, 2, device=DEVICE)]
+    w = [torch.rand(5, device=DEVICE), torch.rand(7, device=DEVICE)]
+    with K.use_backend("triton"):
+        eager = K.lpips_distance(f0s, f1s, w)
+        compiled = torch.compile(lambda a, b: K.lpips_distance([a, b], f1s, w), backend="aot_eager", fullgraph=True)
+        out = compiled(*f0s)
+    torch.testing.assert_close(out, eager)
+    for g, g_eager in zip(torch.autograd.grad(out.sum(), f0s), torch.autograd.grad(eager.sum(), f0s)):
+        torch.testing.assert_close(g, g_eager)

@@ -235,7 +235,7 @@ def _lpips_metric(device, backbone_weights) -> tuple[torch.nn.Module | None, str
     from deepsim.metrics import LPIPS
 
     try:
-        return LPIPS("alex", backbone_weights=backbone_weights).to(device), None
+        return LPIPS("alex", backbone_weights=backbone_weights, check_range=False).to(device), None  # G may overshoot
     except FileNotFoundError as error:  # ComparatorWeightsError too: a missing backbone or lin-weights file
         return None, str(error)
 

@@ -1,6 +1,6 @@
 """Run the DeePSiM benchmarks and print one table: every variant against its baseline from the same run.
 
-    python -m bench [--groups kernels,loader,step] [--quick] [--out DIR] [--device auto|cpu|cuda]
+    python -m bench [--groups kernels,loader,step,lpips] [--quick] [--out DIR] [--device auto|cpu|cuda]
     python -m bench --append-results            # also append this run's table to bench/RESULTS.md
     python -m bench --from-json DIR/results.json [--compact] [--append-results]   # re-render a saved run
     python -m bench --groups step --out DIR --merge --group-timeout 150   # add a group to DIR's run
@@ -9,7 +9,7 @@
     python -m bench --static                    # the conv kernels' static report (bench/static.py), no GPU
     deepsim bench ...                           # the same
 
-Each group (bench/kernels.py, bench/loader.py, bench/step.py) runs under its own time limit and
+Each group (bench/kernels.py, bench/loader.py, bench/step.py, bench/lpips.py) runs under its own time limit and
 try/except: a group that is missing or fails becomes one row saying so, and the others still run. Results
 go to DIR/results.json and DIR/results.md (default DIR: bench/out/<timestamp>), rewritten after every row.
 """

@@ -32,8 +32,10 @@
 #   bench-loader       40 s   60 s  python -m bench --groups loader: PIL DataLoader vs decode_jpeg on the GPU
 #                                   vs deepsim's torch loader vs DALI (if carried) vs resident; DALI full
 #                                   vs ROI decode on 500x375 JPEGs (64 crop; resize 256 + 227 crop)
+#   bench-lpips        25 s   40 s  python -m bench --groups lpips: deepsim LPIPS vs the lpips package (alex,
+#                                   batch 64, 64x64 and 256x256, bf16; lpips from a carried .lpips-site/)
 #   finish              3 s   10 s  results.json/.md re-read, summary.txt, the compact table printed last
-#   total             393 s
+#   total             418 s
 # A phase's limit is cut to what the budget has left after reserving min(estimate, 20 s) for each later
 # phase; a phase with under 10 s left is skipped. Every phase runs under `timeout --kill-after=5` (a hard
 # kill). The bench phases also pass --group-timeout (limit - 20 s: Python, CUDA and the peaks start first):
@@ -47,7 +49,7 @@
 #   here:    bash ../shared/tools/dali-for-device.sh   (optional; writes .dali1 .. .daliN, 55 MiB each)
 #   device:  run  command "true"  carry [".dali1"]   ... one call per piece but the last, back to back
 #            (a machine left idle for 30 s is given back, and the pieces with it)
-#   device:  run  command "bash bench/gpu.sh $OUT"  carry ["bench/COMMIT", ".daliN"]  timeout_s 540
+#   device:  run  command "bash bench/gpu.sh $OUT"  carry ["bench/COMMIT", ".daliN", ".lpips-site"]  timeout_s 540
 #   device:  give_back (unless rerunning at once); then here:
 #            python -m bench --from-json <files_at> --append-results   (the run's table into RESULTS.md)
 set -uo pipefail
@@ -88,8 +90,8 @@ for f in commit.txt logs.tar.gz phases.tsv results.json results.md summary.txt; 
 printf 'phase\trc\tseconds\testimate_s\tlimit_s\tnote\n' > "$PHASES"
 
 # The plan: name and estimate (seconds), in order; a phase's reserve for the phases after it comes from here.
-PLAN_NAMES=(env install tests-kernels tests-step bench-kernels bench-step bench-loader finish)
-PLAN_ESTIMATES=(5 20 80 50 45 150 40 3)
+PLAN_NAMES=(env install tests-kernels tests-step bench-kernels bench-step bench-loader bench-lpips finish)
+PLAN_ESTIMATES=(5 20 80 50 45 150 40 25 3)
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 
@@ -283,6 +285,12 @@ fi
 phase bench-kernels 60 bash -c 'bench_group kernels'
 phase bench-step 170 env DEEPSIM_AUTOTUNE="${GPU_SH_STEP_AUTOTUNE:-0}" bash -c 'bench_group step'
 phase bench-loader 60 bash -c 'bench_group loader'
+# The lpips package (pure Python + its lin weights; the machine has no network): carried as .lpips-site/lpips
+# (here: mkdir -p .lpips-site && cp -r "$(python -c 'import lpips, os; print(os.path.dirname(lpips.__file__))')" .lpips-site/).
+if [ -d "$ROOT/.lpips-site/lpips" ]; then
+    export PYTHONPATH="$ROOT/.lpips-site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+phase bench-lpips 40 bash -c 'bench_group lpips'
 
 CURRENT="finished"
 if [ ! -s "$OUT/commit.txt" ]; then  # the env phase did not get to write it

@@ -28,7 +28,7 @@ from bench.timelimit import GroupTimeout, time_limit
 
 __all__ = ["GROUPS", "LiveRows", "run_group", "run_groups"]
 
-GROUPS = ("kernels", "loader", "step")
+GROUPS = ("kernels", "loader", "step", "lpips")
 # Environment settings that change what a group measures; each group's info records those that are set.
 SETTINGS = ("DEEPSIM_KERNELS", "DEEPSIM_AUTOTUNE", "TORCHINDUCTOR_CUDAGRAPH_OR_ERROR", "TRITON_INTERPRET")
 

@@ -8,7 +8,8 @@ Public API::
 
     import deepsim
     comparator = deepsim.Comparator("alexnet:conv3")
-    loss = deepsim.DeePSiMLoss(comparator)
+    loss = deepsim.DeePSiMLoss(comparator)          # the paper's three terms (needs D's logits)
+    distance = deepsim.PerceptualLoss(comparator)   # the feature term alone, like lpips
     generator = deepsim.load_generator("G.safetensors")   # a `deepsim export` file, checkpoint or run folder
 """
 
@@ -16,9 +17,18 @@ from deepsim.comparators import Comparator
 from deepsim.config import PRESETS, TrainConfig, get_preset
 from deepsim.export import load_generator
 from deepsim.losses import DeePSiMLoss, PauseRule
+from deepsim.perceptual import PerceptualLoss
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Comparator", "DeePSiMLoss", "PauseRule", "TrainConfig", "PRESETS", "get_preset", "load_generator", "__version__",
+    "Comparator",
+    "DeePSiMLoss",
+    "PerceptualLoss",
+    "PauseRule",
+    "TrainConfig",
+    "PRESETS",
+    "get_preset",
+    "load_generator",
+    "__version__",
 ]

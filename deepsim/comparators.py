@@ -11,6 +11,7 @@ arch               layout                                                weights
 ``caffenet-random`` CaffeNet layout, random weights (seeded)             none
 ``exemplar``       Exemplar-CNN (3 conv + 1 FC)                          a path
 ``vgg16``          torchvision's VGG16                                   torchvision cache or a path
+``vgg16-random``   torchvision's VGG16, random weights (seeded)          none
 ``discriminator``  the discriminator's own conv features (trained)       pass ``network=D``
 =================  ====================================================  ===========================
 
@@ -222,6 +223,22 @@ class _FlattenTo(nn.Module):
         return x.flatten(1)
 
 
+def _output_side(layers, side: int) -> int:
+    """The spatial side after ``layers`` (convs and max pools; other layers keep it) for an input side."""
+    for m in layers:
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
+            k, s, p, d = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.stride, m.padding, m.dilation))
+            span = side + 2 * p - d * (k - 1) - 1
+            ceil = isinstance(m, nn.MaxPool2d) and m.ceil_mode
+            out = (-(-span // s) if ceil else span // s) + 1
+            if ceil and (out - 1) * s >= side + p:  # PyTorch's rule: the last window starts inside the input
+                out -= 1
+            if out < 1:
+                return 0
+            side = out
+    return side
+
+
 # arch -> (builder, weights kind: "torchvision" | "file" | "random" | "network")
 ARCHITECTURES = {
     "alexnet": (_torchvision_alexnet_stages, "torchvision"),
@@ -230,6 +247,7 @@ ARCHITECTURES = {
     "caffenet-random": (_caffenet_stages, "random"),
     "exemplar": (_exemplar_stages, "file"),
     "vgg16": (_vgg16_stages, "torchvision"),
+    "vgg16-random": (_vgg16_stages, "random"),
     "discriminator": (None, "network"),
 }
 
@@ -443,6 +461,17 @@ class Comparator(nn.Module):
             if tap in self.tap_names:
                 found[tap] = x
         return [found[n] for n in self.tap_names]
+
+    @property
+    def min_side(self) -> int:
+        """The smallest input side (H and W) whose deepest tap is at least 1x1 (1 with ``input_size`` set or
+        for the discriminator, whose features take any size its convs accept)."""
+        if self.input_size is not None or self.arch == "discriminator":
+            return 1
+        for side in range(1, 4097):
+            if _output_side(self.layers, side) >= 1:
+                return side
+        raise ValueError(f"comparator {self.spec!r}: no input side up to 4096 reaches its deepest tap")
 
     def extra_repr(self) -> str:
         return f"spec={self.spec!r}, frozen={self.frozen}"

@@ -51,6 +51,7 @@ class TrainConfig:
     lambda_adv: float = 100.0  # code
     lambda_img: float = 2e-6 * CAFFE_TO_DEEPSIM["img"]  # code: 2e-6 in Caffe's convention
     image_distance: str = "se"  # the image term of DeePSiM: "se" (paper) or "l1"
+    feature_metric: str = "squared"  # feature term: "squared" (paper) or "lpips" (ours: LPIPS alex, comparator unused)
     pause_d_below: float = 0.1  # code: r = (L_D_real + L_D_fake) / L_adv < 0.1 stops D
     pause_d_resume_above: float = 0.5  # code: r > 0.5 resumes D
     pause_g_above: float = 10.0  # code: r > 10 stops G
@@ -241,6 +242,7 @@ DEFAULT_SOURCES: dict[str, str] = {
     "lambda_adv": "code: 100",
     "lambda_img": "code: Caffe's 2e-6",
     "image_distance": "seed: squared Euclidean",
+    "feature_metric": "seed: squared Euclidean feature distance (lpips: ours, not the paper's)",
     "pause_d_below": "code: r < 0.1 stops D (seed: 0.1)",
     "pause_d_resume_above": "code: r > 0.5 resumes D",
     "pause_g_above": "code: r > 10 stops G",

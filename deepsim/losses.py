@@ -54,16 +54,29 @@ def image_distance(fake: torch.Tensor, real: torch.Tensor, kind: str = "se") -> 
 
 
 class DeePSiMLoss(nn.Module):
-    """lambda_feat * L_feat + lambda_adv * L_adv + lambda_img * L_img, and the discriminator's loss.
+    """lambda_feat * L_feat + lambda_adv * L_adv + lambda_img * L_img (the paper's three terms), and the
+    discriminator's loss.
 
-    Usable alone, like lpips: ``DeePSiMLoss(Comparator("alexnet:conv3"))(fake, real)`` gives the feature
-    and image terms; pass the discriminator's logits on the fakes for the adversarial term.
+    It needs the discriminator's logits on the fakes unless ``lambda_adv=0`` (the default is 100). For a
+    perceptual distance alone, like lpips, use :class:`deepsim.PerceptualLoss` (the feature term only,
+    per image with ``reduction="none"``) or :class:`deepsim.metrics.LPIPS`: with ``lambda_adv=0`` this
+    loss still adds the pixel term, which at the default weights dominates the total.
 
     Args:
-        comparator: a :class:`Comparator`, a spec string for one, or None (only with loss "se"/"l1").
+        comparator: a :class:`Comparator`, a spec string for one, or None (only with loss "se"/"l1"); with
+            ``feature_metric="lpips"``, an :class:`~deepsim.metrics.LPIPS` or None (LPIPS("alex")).
         loss: "deepsim" (the weighted sum), or the baselines "se" / "l1" (image term alone, weight 1).
         lambda_feat, lambda_adv, lambda_img: the term weights, in this module's scale convention (above).
         image_kind: the image term of DeePSiM: "se" (paper) or "l1".
+        feature_metric: "squared" (the paper: weighted squared feature distance) or "lpips" (our extension,
+            not the paper's: L_feat = the batch mean of LPIPS, about 0..1 per image; set lambda_feat for it).
+
+    >>> import torch
+    >>> from deepsim import DeePSiMLoss
+    >>> loss = DeePSiMLoss("alexnet-random:conv3", lambda_adv=0)
+    >>> x = torch.rand(2, 3, 64, 64) * 2 - 1
+    >>> loss(x, x).total.item()
+    0.0
     """
 
     def __init__(
@@ -75,11 +88,22 @@ class DeePSiMLoss(nn.Module):
         lambda_adv: float = 100.0,
         lambda_img: float = 2e-6 * CAFFE_TO_DEEPSIM["img"],
         image_kind: str = "se",
+        feature_metric: str = "squared",
     ):
         super().__init__()
         if loss not in ("deepsim", "se", "l1"):
             raise ValueError(f"loss must be 'deepsim', 'se' or 'l1', got {loss!r}")
-        if isinstance(comparator, str):
+        if feature_metric not in ("squared", "lpips"):
+            raise ValueError(f"feature_metric must be 'squared' or 'lpips', got {feature_metric!r}")
+        self.feature_metric, self.lpips = feature_metric, None
+        if feature_metric == "lpips" and loss == "deepsim" and lambda_feat:
+            from deepsim.perceptual import LPIPS
+
+            if comparator is not None and not isinstance(comparator, LPIPS):
+                raise ValueError("feature_metric='lpips' takes comparator=None (LPIPS('alex')) or an LPIPS module")
+            self.lpips = comparator if comparator is not None else LPIPS("alex")
+            comparator = self.lpips.comparator
+        elif isinstance(comparator, str):
             comparator = Comparator(comparator)
         if loss == "deepsim" and comparator is None and lambda_feat:
             raise ValueError("loss 'deepsim' with lambda_feat != 0 needs a comparator")
@@ -92,14 +116,17 @@ class DeePSiMLoss(nn.Module):
         return self.loss == "deepsim" and self.lambda_adv != 0
 
     def feature_loss(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """L_feat: the weighted comparator feature distance (reals carry no gradient)."""
+        """L_feat: the weighted comparator feature distance, or the LPIPS batch mean (reals carry no gradient)."""
+        if self.lpips is not None:
+            return self.lpips.distance(fake, real.detach()).mean()
         with torch.no_grad():
             real_taps = self.comparator(real)
         fake_taps = self.comparator(fake)
         return feature_distance(fake_taps, real_taps, self.comparator.tap_weights, reduction="mean")
 
     def forward(self, fake: torch.Tensor, real: torch.Tensor, d_fake_logits: torch.Tensor | None = None) -> GeneratorLoss:
-        """The generator loss. fake, real: (B, 3, H, W) in [-1, 1]; d_fake_logits: D's (B, 2) on the fakes."""
+        """The generator loss. fake, real: (B, 3, H, W) in [-1, 1]; d_fake_logits: D's (B, 2) on the fakes,
+        required when lambda_adv != 0."""
         zero = fake.new_zeros((), dtype=torch.float32)
         if self.loss != "deepsim":
             img = image_distance(fake, real, self.loss)
@@ -109,7 +136,10 @@ class DeePSiMLoss(nn.Module):
         adv = zero
         if self.lambda_adv:
             if d_fake_logits is None:
-                raise ValueError("DeePSiMLoss with lambda_adv != 0 needs the discriminator's logits on the fakes")
+                raise ValueError(
+                    "DeePSiMLoss with lambda_adv != 0 needs the discriminator's logits on the fakes "
+                    "(pass d_fake_logits, or lambda_adv=0; for the feature term alone use deepsim.PerceptualLoss)"
+                )
             adv = adversarial_loss(d_fake_logits)
         total = self.lambda_feat * feat + self.lambda_adv * adv + self.lambda_img * img
         return GeneratorLoss(total, feat, adv, img)

@@ -1,12 +1,13 @@
-"""Evaluation metrics of the paper."""
+"""Evaluation metrics: the paper's, and LPIPS (:class:`LPIPS`, :func:`lpips`; see docs/lpips.md)."""
 
 from __future__ import annotations
 
 import torch
 
 from deepsim.kernels import mean_pairwise_distance
+from deepsim.perceptual import LPIPS, lpips
 
-__all__ = ["normalized_error", "mean_pairwise_distance", "sharpness_ratio", "gradient_energy"]
+__all__ = ["normalized_error", "mean_pairwise_distance", "sharpness_ratio", "gradient_energy", "LPIPS", "lpips"]
 
 
 def normalized_error(a: torch.Tensor, b: torch.Tensor, reference_set: torch.Tensor | float) -> torch.Tensor:

@@ -28,6 +28,7 @@ from .conv_transpose_lrelu import (
     reference_conv_transpose_lrelu,
 )
 from .feature_distance import FeatureDistanceFunction, feature_distance, reference_feature_distance
+from .lpips_distance import LpipsDistanceFunction, lpips_distance, reference_lpips_distance
 from .pairwise_distance import mean_pairwise_distance, reference_mean_pairwise_distance
 
 __all__ = [
@@ -51,6 +52,9 @@ __all__ = [
     "feature_distance",
     "reference_feature_distance",
     "FeatureDistanceFunction",
+    "lpips_distance",
+    "reference_lpips_distance",
+    "LpipsDistanceFunction",
     "mean_pairwise_distance",
     "reference_mean_pairwise_distance",
 ]

@@ -317,7 +317,8 @@ def test_measured_peaks_are_positive():
     assert peaks["flops_per_s"] > 1e8 and peaks["bytes_per_s"] > 1e8 and peaks["dtype"] == "float32"
 
 
-GPU_PHASES = ["env", "install", "tests-kernels", "tests-step", "bench-kernels", "bench-step", "bench-loader", "finish"]
+GPU_PHASES = ["env", "install", "tests-kernels", "tests-step", "bench-kernels", "bench-step", "bench-loader",
+              "bench-lpips", "finish"]
 OUT_FILES = {"commit.txt", "logs.tar.gz", "phases.tsv", "results.json", "results.md", "summary.txt"}
 
 
@@ -341,7 +342,7 @@ def test_gpu_script_dry_run_brings_back_at_most_8_files(tmp_path):
     assert phases[0][:5] == ["phase", "rc", "seconds", "estimate_s", "limit_s"]
     assert [p[0] for p in phases[1:]] == GPU_PHASES and all(p[1] == "0" for p in phases[1:]), phases
     data = json.loads((out / "results.json").read_text())
-    assert data["mode"] == "dry-run" and list(data["groups"]) == ["kernels", "step", "loader"]
+    assert data["mode"] == "dry-run" and list(data["groups"]) == ["kernels", "step", "loader", "lpips"]
     assert all(info["status"] == "ok" for info in data["groups"].values()), data["groups"]
     failed = [(r["group"], r["name"], r["status"]) for r in data["rows"] if r["status"].startswith("failed")]
     assert not failed, failed  # a row that failed is a figure the GPU run would not bring back
@@ -352,6 +353,8 @@ def test_gpu_script_dry_run_brings_back_at_most_8_files(tmp_path):
             "cudagraphs OR_ERROR check", "graph breaks in the compiled step"} <= step  # fmt: skip
     loader = {r["variant"] for r in data["rows"] if r["group"] == "loader" and r["status"] == "ok"}
     assert {"torchvision+PIL", "torchvision decode_jpeg (cpu)"} <= loader
+    lpips_rows = {r["variant"] for r in data["rows"] if r["group"] == "lpips" and r["status"] == "ok"}
+    assert {"deepsim LPIPS"} <= lpips_rows  # the lpips package's rows where it is installed
     with tarfile.open(out / "logs.tar.gz") as tar:
         logs = {Path(name).name for name in tar.getnames()}
     assert {f"{name}.log" for name in GPU_PHASES[:-1]} <= logs

@@ -209,3 +209,37 @@ def test_reconstruction_error_reports_sharpness():
     assert same["normalized_error"] == 0 and same["sharpness"] == pytest.approx(1.0)
     blur = reconstruction_error(lambda x: torch.nn.functional.avg_pool2d(x, 3, stride=1, padding=1), targets)
     assert blur["sharpness"] < 0.5 and blur["normalized_error"] > 0
+
+
+# ------------------------------------------------------------------------------- LPIPS column
+def _autoencoder_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    generator = AutoencoderGenerator()
+    config = TrainConfig(task="autoencoder", loss="se")
+    payload = {"step": 5, "config": config.to_dict(), "trainer": {"generator": generator.state_dict()}}
+    return save_checkpoint(tmp_path / "checkpoint.pt", payload), generator
+
+
+def test_eval_reports_lpips_beside_the_normalized_error(tmp_path, stl10_folder):
+    pytest.importorskip("lpips", reason="LPIPS' lin weights come with the lpips package")
+    from deepsim.data import iterate_eval
+    from deepsim.metrics import LPIPS
+
+    path, generator = _autoencoder_checkpoint(tmp_path)
+    tables = evaluate_checkpoints([path], stl10_folder, batch_size=4, svm=False, lpips_backbone_weights="random")
+    row = tables["reconstruction"][0]
+    generator.eval()
+    targets = torch.cat(list(iterate_eval(stl10_folder, batch_size=10, crop_size=64, split="test")))
+    with torch.no_grad():
+        expected = LPIPS("alex", backbone_weights="random")(generator(targets), targets).mean()
+    assert row["lpips"] == pytest.approx(float(expected), rel=1e-4) and row["lpips"] > 0
+    assert "LPIPS (alex)" in tables["markdown"] and "not reported" not in tables["markdown"]
+
+
+def test_eval_says_why_lpips_is_missing(tmp_path, stl10_folder, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))  # no torchvision AlexNet file
+    path, _ = _autoencoder_checkpoint(tmp_path)
+    tables = evaluate_checkpoints([path], stl10_folder, batch_size=4, svm=False)
+    row = tables["reconstruction"][0]
+    assert "lpips" not in row and "alexnet-owt-7be5be79.pth" in row["lpips_note"]
+    assert "LPIPS (alex) not reported: " in tables["markdown"] and "LPIPS (alex) |" not in tables["markdown"]

@@ -7,6 +7,10 @@ Test images: centre crops of the run's image size ("autoencoder"/"vae": plain ce
 ImageNet preprocessing, shorter side 256 then the centre crop). The targets are kept in memory to compute N
 (N images x 3 x H x W floats): bound it with ``max_images`` on large sets such as ImageNet val.
 
+LPIPS (alex, :class:`deepsim.metrics.LPIPS`) is reported beside it, the mean over the test images, when its
+weights are there (torchvision's AlexNet file and the lpips package's linear layers); otherwise the tables
+say why not.
+
 Codes (autoencoder, and the VAE's mean): the STL-10 linear-SVM protocol of :mod:`deepsim.eval.svm`, run
 when the data folder is an STL-10 folder with train/test labels and ``fold_indices.txt``.
 """
@@ -44,6 +48,7 @@ RECONSTRUCTION_COLUMNS: list[Column] = [
     ("mean_distance", "mean distance", ".4f"),
     ("reference_distance", "N (mean pair distance)", ".4f"),
     ("normalized_error", "normalized error", ".4f"),
+    ("lpips", "LPIPS (alex)", ".4f"),
     ("sharpness", "sharpness", ".3f"),
     ("checkpoint", "checkpoint", ""),
 ]
@@ -65,6 +70,7 @@ def reconstruction_error(
     batches: Iterable[torch.Tensor],
     *,
     max_images: int | None = None,
+    lpips_metric: torch.nn.Module | None = None,
 ) -> dict:
     """The normalized Euclidean error of ``reconstruct`` over a test set.
 
@@ -72,12 +78,14 @@ def reconstruction_error(
         reconstruct: targets (B, 3, H, W) in [-1, 1] -> reconstructions of the same shape.
         batches: the test targets, in batches (e.g. :func:`deepsim.data.iterate_eval`).
         max_images: stop after this many images (None: all).
+        lpips_metric: an :class:`~deepsim.metrics.LPIPS` (inputs in [-1, 1]) to report its mean as "lpips".
 
     Returns:
         {"images", "mean_distance" (mean_i ||a_i - y_i||), "reference_distance" (N), "normalized_error",
-        "sharpness" (gradient energy of the reconstructions / that of the targets)}.
+        "sharpness" (gradient energy of the reconstructions / that of the targets)}, and "lpips" (mean over
+        the images) with ``lpips_metric``.
     """
-    targets, distance_sum, count = [], 0.0, 0
+    targets, distance_sum, count, lpips_sum = [], 0.0, 0, 0.0
     energy_fake = energy_target = 0.0
     for batch in batches:
         if max_images is not None:
@@ -89,6 +97,8 @@ def reconstruction_error(
             raise ValueError(
                 f"reconstruction of shape {tuple(fake.shape)} for targets of shape {tuple(batch.shape)}"
             )
+        if lpips_metric is not None:
+            lpips_sum += float(lpips_metric(fake, batch.to(fake.device).float()).double().sum())
         # normalized_error with N = 1 is the batch's mean distance; N is applied once, over the whole set.
         distance_sum += float(normalized_error(fake.cpu(), batch.float().cpu(), 1.0)) * len(batch)
         energy_fake += float(gradient_energy(fake.cpu()))
@@ -101,7 +111,9 @@ def reconstruction_error(
         raise ValueError(f"the test set has {count} image(s); the normalized error needs at least 2")
     reference = float(mean_pairwise_distance(torch.cat(targets).flatten(1)))
     mean_distance = distance_sum / count
+    extra = {"lpips": lpips_sum / count} if lpips_metric is not None else {}
     return {
+        **extra,
         "images": count,
         "mean_distance": mean_distance,
         "reference_distance": reference,
@@ -137,6 +149,8 @@ def evaluate_checkpoint(
     svm_C: float = 1.0,
     svm_crop_size: int | None = None,
     device: str | torch.device = "cpu",
+    lpips: bool = True,
+    lpips_backbone_weights: str | Path | None = None,
 ) -> dict:
     """Evaluate one checkpoint on ``data`` (an image folder, "photos", or an STL-10 folder).
 
@@ -147,6 +161,8 @@ def evaluate_checkpoint(
         svm: run the STL-10 SVM on the codes (autoencoder, VAE) when ``data`` has train/test/folds.
         svm_crop_size: the images fed to the encoder for the SVM (autoencoder default: 96, the whole STL-10
             image, code 8x12x12; VAE: its image size).
+        lpips: report LPIPS (alex) when its weights are there; the row's "lpips_note" says why not otherwise.
+        lpips_backbone_weights: LPIPS' backbone (None: torchvision's cached AlexNet; a path; "random").
 
     Returns:
         {"reconstruction": row dict (see RECONSTRUCTION_COLUMNS), "svm": row dict or None}.
@@ -179,15 +195,20 @@ def evaluate_checkpoint(
         mode=mode,
         split=_default_split(data, split),
     )
+    metric, lpips_note = _lpips_metric(device, lpips_backbone_weights) if lpips else (None, "not asked for")
+    if metric is not None and size < metric.comparator.min_side:
+        metric, lpips_note = None, f"{size}x{size} test images are below its minimum side {metric.comparator.min_side}"
     row = {
         "task": config.task,
         "layer": config.invert_layer if config.task == "invert" else None,
         "loss": config.loss,
         "comparator": config.comparator if config.loss == "deepsim" else None,
         "step": step,
-        **reconstruction_error(reconstruct, batches, max_images=max_images),
+        **reconstruction_error(reconstruct, batches, max_images=max_images, lpips_metric=metric),
         "checkpoint": str(checkpoint),
     }
+    if metric is None:
+        row["lpips_note"] = lpips_note
     svm_row = None
     if svm and encode is not None and _has_svm_data(data):
         crop = svm_crop_size or (96 if config.task == "autoencoder" else config.image_size)
@@ -207,6 +228,16 @@ def evaluate_checkpoint(
             "checkpoint": str(checkpoint),
         }
     return {"reconstruction": row, "svm": svm_row}
+
+
+def _lpips_metric(device, backbone_weights) -> tuple[torch.nn.Module | None, str | None]:
+    """LPIPS (alex) on ``device``, or (None, why not) when its weights are missing."""
+    from deepsim.metrics import LPIPS
+
+    try:
+        return LPIPS("alex", backbone_weights=backbone_weights, check_range=False).to(device), None  # G may overshoot
+    except FileNotFoundError as error:  # ComparatorWeightsError too: a missing backbone or lin-weights file
+        return None, str(error)
 
 
 def evaluate_checkpoints(
@@ -235,6 +266,8 @@ def evaluate_checkpoints(
     )
     columns = [c for c in RECONSTRUCTION_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
     text = markdown_table(rows, columns, title)
+    notes = sorted({r["lpips_note"] for r in rows if r.get("lpips_note") and r["lpips_note"] != "not asked for"})
+    text += "".join(f"\nLPIPS (alex) not reported: {note}\n" for note in notes)
     files = []
     if out is not None:
         files += write_table(rows, columns, out, "reconstruction", title)

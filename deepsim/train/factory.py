@@ -44,7 +44,7 @@ def resolve_device(name: str) -> torch.device:
 
 def build_loss(config: TrainConfig, discriminator=None) -> DeePSiMLoss:
     comparator = None
-    if config.loss == "deepsim" and config.lambda_feat:
+    if config.loss == "deepsim" and config.lambda_feat and config.feature_metric == "squared":
         arch = config.comparator.split(":", 1)[0]
         network = discriminator if arch == "discriminator" else None
         comparator = Comparator(config.comparator, weights=config.comparator_weights, network=network)
@@ -55,6 +55,7 @@ def build_loss(config: TrainConfig, discriminator=None) -> DeePSiMLoss:
         lambda_adv=config.lambda_adv,
         lambda_img=config.lambda_img,
         image_kind=config.image_distance,
+        feature_metric=config.feature_metric,
     )
 
 

@@ -134,6 +134,16 @@ def jobs(all_configs: bool):
             yield (f"_feature_distance_bwd_kernel {dtype} layers={layers}",
                    plain(fd._feature_distance_bwd_kernel, pointer, dict(NUM_LAYERS=layers, BLOCK=fd._BLOCK, ITERS=8), {},
                          {"grad_loss_ptr": "*fp32"}))
+    lp = importlib.import_module("deepsim.kernels.lpips_distance")
+    for dtype, pointer in (("fp32", "*fp32"), ("bf16", "*bf16")):  # 5 taps: every slot (LPIPS' launch)
+        for taps in (5,):
+            for direction, fn, flags in (("fwd", lp._lpips_fwd_kernel, {}),
+                                         ("bwd", lp._lpips_bwd_kernel, dict(NEED0=True, NEED1=True))):  # fmt: skip
+                over = {p.name: "fp32" for p in fn.params if p.name == "eps2" or p.name.startswith("invp_")}
+                over.update({p.name: pointer for p in fn.params if p.name.split("_")[0] in ("f0", "f1", "g0", "g1")})
+                over.update({p.name: "*fp32" for p in fn.params if p.name.startswith("w_") or p.name in ("partial_ptr", "gout_ptr")})
+                yield (f"_lpips_{direction}_kernel {dtype} taps={taps}",
+                       plain(fn, pointer, dict(NUM_TAPS=taps, BLOCK_C=lp._BLOCK_C, BLOCK_P=lp._BLOCK_P, **flags), {}, over))
     yield ("_channel_sum_kernel", plain(bias_act._channel_sum_kernel, "*fp32", dict(BLOCK_R=64, BLOCK_C=64), {}, None))
     yield ("_feature_distance_sum_kernel", plain(fd._feature_distance_sum_kernel, "*fp32", dict(BLOCK=fd._SUM_BLOCK), {}, None))
     yield ("_mean_pairwise_distance_fwd_kernel",

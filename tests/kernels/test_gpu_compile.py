@@ -31,6 +31,7 @@ def test_every_kernel_compiles_for_sm90():
     assert any("_conv_igemm_lrelu_kernel fp32 tf32 up" in line for line in compiled)
     assert any("_conv_igemm_lrelu_kernel fp16" in line for line in compiled)
     assert any("_feature_distance_fwd_kernel bf16 layers=8" in line for line in compiled)
+    assert any("_lpips_bwd_kernel bf16 taps=5" in line for line in compiled)
     assert len(compiled) >= 20
 
 

@@ -1,0 +1,419 @@
+"""lpips_distance: the LPIPS distance of feature taps, per image, all taps in one launch.
+
+Per tap l with features f0, f1 (B, C, H, W), linear weights w (C,), P = H * W positions:
+
+    r0 = 1 / sqrt(sum_c f0_c^2 + eps^2)        n0 = f0 * r0        (likewise r1, n1; per image and position)
+    D[b] = sum_l 1/P_l * sum_p sum_c w_c (n0_c - n1_c)^2
+    g_c = 2 w_c (n0_c - n1_c)
+    dD/df0_k = r0 (g_k - n0_k * sum_c g_c n0_c) / P         dD/df1_k = r1 (n1_k * sum_c g_c n1_c - g_k) / P
+
+lpips normalises with f / (sqrt(sum f^2) + eps): the same value to ~eps^2 / |f|^2, but its sqrt has an
+infinite derivative at zero features, so autograd gives NaN there. eps inside the root keeps it finite.
+
+One program = one (tap, image, block of BLOCK_P positions); it loops over the channels (two passes forward:
+norms, then the weighted difference; three backward: norms, the two dot products, the gradients), so any C
+fits. Up to ``MAX_TAPS`` taps share one launch, each passed as its own kernel arguments (no device-side
+table). The forward writes one partial sum per program into a (B, columns) buffer; a fixed-order row sum
+gives D (no atomics: reproducible). The backward recomputes from f0, f1 (nothing activation-sized saved
+beyond the features themselves) and writes the gradient of either side or both. fp32 arithmetic; features
+fp32/fp16/bf16, each gradient in its feature's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ._backend import HAS_TRITON, INTERPRET, backend, register_op, tl, triton
+
+__all__ = [
+    "lpips_distance",
+    "reference_lpips_distance",
+    "lpips_distance_forward",
+    "lpips_distance_backward",
+    "LpipsDistanceFunction",
+    "MAX_TAPS",
+    "DEFAULT_EPS",
+]
+
+MAX_TAPS = 5  # taps per launch (LPIPS' AlexNet and VGG both have 5); more taps: successive launches
+DEFAULT_EPS = 1e-10  # lpips' eps, here inside the square root as eps^2
+_BLOCK_C = 32
+_BLOCK_P = 64
+
+
+@triton.jit
+def _tile(f_ptr, base, offs_c, C, pofs, pmask, sc):
+    # (BLOCK_C, BLOCK_P) tile of one image's features, fp32; zero outside (C, P).
+    m = (offs_c < C)[:, None] & pmask[None, :]
+    return tl.load(f_ptr + base + offs_c.to(tl.int64)[:, None] * sc + pofs[None, :], mask=m, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _where(pid, prog_start, ntiles, nblk, C):
+    # Which (image b, position block j) of this slot program pid owns; cc = C when it owns one, else 0 (its
+    # channel loops then run no iteration).
+    local = pid - prog_start
+    active = (local >= 0) & (local < ntiles)
+    local = tl.where(active, local, 0)
+    b = local // nblk
+    j = local - b * nblk
+    return active, b, j, tl.where(active, C, 0)
+
+
+@triton.jit
+def _norms(f0_ptr, f1_ptr, base, cc, C, pofs, pmask, sc, eps2,
+           BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+    # r = 1 / sqrt(sum_c f_c^2 + eps^2) for both sides, per position.
+    s0 = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    s1 = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for c0 in range(0, cc, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        x0 = _tile(f0_ptr, base, offs_c, C, pofs, pmask, sc)
+        x1 = _tile(f1_ptr, base, offs_c, C, pofs, pmask, sc)
+        s0 += tl.sum(x0 * x0, axis=0)
+        s1 += tl.sum(x1 * x1, axis=0)
+    return 1.0 / tl.sqrt(s0 + eps2), 1.0 / tl.sqrt(s1 + eps2)
+
+
+@triton.jit
+def _fwd_slot(partial_ptr, ncols, pid, eps2, f0_ptr, f1_ptr, w_ptr, C, P, sb, sc, sp, nblk, ntiles, prog_start,
+              col_start, inv_p, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+    # partial[b, col_start + j] = 1/P * sum_{p in block j} sum_c w_c (n0_c - n1_c)^2, when this slot owns pid.
+    active, b, j, cc = _where(pid, prog_start, ntiles, nblk, C)
+    offs_p = j * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = offs_p < P
+    pofs = offs_p.to(tl.int64) * sp
+    base = b.to(tl.int64) * sb
+    r0, r1 = _norms(f0_ptr, f1_ptr, base, cc, C, pofs, pmask, sc, eps2, BLOCK_C, BLOCK_P)
+    acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for c0 in range(0, cc, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        w = tl.load(w_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
+        d = _tile(f0_ptr, base, offs_c, C, pofs, pmask, sc) * r0[None, :] - \
+            _tile(f1_ptr, base, offs_c, C, pofs, pmask, sc) * r1[None, :]  # fmt: skip
+        acc += tl.sum(w[:, None] * d * d, axis=0)
+    tl.store(partial_ptr + b.to(tl.int64) * ncols + col_start + j, tl.sum(acc, axis=0) * inv_p, mask=active)
+
+
+@triton.jit
+def _lpips_fwd_kernel(
+    partial_ptr, ncols, eps2,
+    f0_0, f1_0, w_0, C_0, P_0, sb_0, sc_0, sp_0, nblk_0, ntiles_0, start_0, col_0, invp_0,
+    f0_1, f1_1, w_1, C_1, P_1, sb_1, sc_1, sp_1, nblk_1, ntiles_1, start_1, col_1, invp_1,
+    f0_2, f1_2, w_2, C_2, P_2, sb_2, sc_2, sp_2, nblk_2, ntiles_2, start_2, col_2, invp_2,
+    f0_3, f1_3, w_3, C_3, P_3, sb_3, sc_3, sp_3, nblk_3, ntiles_3, start_3, col_3, invp_3,
+    f0_4, f1_4, w_4, C_4, P_4, sb_4, sc_4, sp_4, nblk_4, ntiles_4, start_4, col_4, invp_4,
+    NUM_TAPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    # Tap l owns programs [start_l, start_l + B * nblk_l); slots >= NUM_TAPS are not compiled.
+    pid = tl.program_id(0)
+    _fwd_slot(partial_ptr, ncols, pid, eps2, f0_0, f1_0, w_0, C_0, P_0, sb_0, sc_0, sp_0, nblk_0, ntiles_0, start_0,
+              col_0, invp_0, BLOCK_C, BLOCK_P)  # fmt: skip
+    if NUM_TAPS > 1:
+        _fwd_slot(partial_ptr, ncols, pid, eps2, f0_1, f1_1, w_1, C_1, P_1, sb_1, sc_1, sp_1, nblk_1, ntiles_1,
+                  start_1, col_1, invp_1, BLOCK_C, BLOCK_P)  # fmt: skip
+    if NUM_TAPS > 2:
+        _fwd_slot(partial_ptr, ncols, pid, eps2, f0_2, f1_2, w_2, C_2, P_2, sb_2, sc_2, sp_2, nblk_2, ntiles_2,
+                  start_2, col_2, invp_2, BLOCK_C, BLOCK_P)  # fmt: skip
+    if NUM_TAPS > 3:
+        _fwd_slot(partial_ptr, ncols, pid, eps2, f0_3, f1_3, w_3, C_3, P_3, sb_3, sc_3, sp_3, nblk_3, ntiles_3,
+                  start_3, col_3, invp_3, BLOCK_C, BLOCK_P)  # fmt: skip
+    if NUM_TAPS > 4:
+        _fwd_slot(partial_ptr, ncols, pid, eps2, f0_4, f1_4, w_4, C_4, P_4, sb_4, sc_4, sp_4, nblk_4, ntiles_4,
+                  start_4, col_4, invp_4, BLOCK_C, BLOCK_P)  # fmt: skip
+
+
+@triton.jit
+def _bwd_slot(gout_ptr, pid, eps2, f0_ptr, f1_ptr, g0_ptr, g1_ptr, w_ptr, C, P, sb, sc, sp, nblk, ntiles,
+              prog_start, inv_p, NEED0: tl.constexpr, NEED1: tl.constexpr, BLOCK_C: tl.constexpr,
+              BLOCK_P: tl.constexpr):  # fmt: skip
+    # grad0 = s r0 (g - n0 <g, n0>), grad1 = s r1 (n1 <g, n1> - g), g = 2 w (n0 - n1), s = gout[b] / P.
+    active, b, j, cc = _where(pid, prog_start, ntiles, nblk, C)
+    offs_p = j * BLOCK_P + tl.arange(0, BLOCK_P)
+    pmask = offs_p < P
+    pofs = offs_p.to(tl.int64) * sp
+    base = b.to(tl.int64) * sb
+    r0, r1 = _norms(f0_ptr, f1_ptr, base, cc, C, pofs, pmask, sc, eps2, BLOCK_C, BLOCK_P)
+    dot0 = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    dot1 = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    for c0 in range(0, cc, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        w = tl.load(w_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
+        n0 = _tile(f0_ptr, base, offs_c, C, pofs, pmask, sc) * r0[None, :]
+        n1 = _tile(f1_ptr, base, offs_c, C, pofs, pmask, sc) * r1[None, :]
+        g = 2.0 * w[:, None] * (n0 - n1)
+        dot0 += tl.sum(g * n0, axis=0)
+        dot1 += tl.sum(g * n1, axis=0)
+    s = tl.load(gout_ptr + b).to(tl.float32) * inv_p
+    for c0 in range(0, cc, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        w = tl.load(w_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
+        n0 = _tile(f0_ptr, base, offs_c, C, pofs, pmask, sc) * r0[None, :]
+        n1 = _tile(f1_ptr, base, offs_c, C, pofs, pmask, sc) * r1[None, :]
+        g = 2.0 * w[:, None] * (n0 - n1)
+        m = (offs_c < C)[:, None] & pmask[None, :]
+        offs = base + offs_c.to(tl.int64)[:, None] * sc + pofs[None, :]
+        if NEED0:
+            grad0 = (s * r0)[None, :] * (g - n0 * dot0[None, :])
+            tl.store(g0_ptr + offs, grad0.to(g0_ptr.dtype.element_ty), mask=m)
+        if NEED1:
+            grad1 = (s * r1)[None, :] * (n1 * dot1[None, :] - g)
+            tl.store(g1_ptr + offs, grad1.to(g1_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _lpips_bwd_kernel(
+    gout_ptr, eps2,
+    f0_0, f1_0, g0_0, g1_0, w_0, C_0, P_0, sb_0, sc_0, sp_0, nblk_0, ntiles_0, start_0, invp_0,
+    f0_1, f1_1, g0_1, g1_1, w_1, C_1, P_1, sb_1, sc_1, sp_1, nblk_1, ntiles_1, start_1, invp_1,
+    f0_2, f1_2, g0_2, g1_2, w_2, C_2, P_2, sb_2, sc_2, sp_2, nblk_2, ntiles_2, start_2, invp_2,
+    f0_3, f1_3, g0_3, g1_3, w_3, C_3, P_3, sb_3, sc_3, sp_3, nblk_3, ntiles_3, start_3, invp_3,
+    f0_4, f1_4, g0_4, g1_4, w_4, C_4, P_4, sb_4, sc_4, sp_4, nblk_4, ntiles_4, start_4, invp_4,
+    NUM_TAPS: tl.constexpr, NEED0: tl.constexpr, NEED1: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):  # fmt: skip
+    # Laid out as the forward: tap l owns programs [start_l, start_l + B * nblk_l).
+    pid = tl.program_id(0)
+    _bwd_slot(gout_ptr, pid, eps2, f0_0, f1_0, g0_0, g1_0, w_0, C_0, P_0, sb_0, sc_0, sp_0, nblk_0, ntiles_0,
+              start_0, invp_0, NEED0, NEED1, BLOCK_C, BLOCK_P)  # fmt: skip
+    if NUM_TAPS > 1:
+        _bwd_slot(gout_ptr, pid, eps2, f0_1, f1_1, g0_1, g1_1, w_1, C_1, P_1, sb_1, sc_1, sp_1, nblk_1, ntiles_1,
+                  start_1, invp_1, NEED0, NEED1, BLOCK_C, BLOCK_P)  # fmt: skip
+    if NUM_TAPS > 2:
+        _bwd_slot(gout_ptr, pid, eps2, f0_2, f1_2, g0_2, g1_2, w_2, C_2, P_2, sb_2, sc_2, sp_2, nblk_2, ntiles_2,
+                  start_2, invp_2, NEED0, NEED1, BLOCK_C, BLOCK_P)  # fmt: skip
+    if NUM_TAPS > 3:
+        _bwd_slot(gout_ptr, pid, eps2, f0_3, f1_3, g0_3, g1_3, w_3, C_3, P_3, sb_3, sc_3, sp_3, nblk_3, ntiles_3,
+                  start_3, invp_3, NEED0, NEED1, BLOCK_C, BLOCK_P)  # fmt: skip
+    if NUM_TAPS > 4:
+        _bwd_slot(gout_ptr, pid, eps2, f0_4, f1_4, g0_4, g1_4, w_4, C_4, P_4, sb_4, sc_4, sp_4, nblk_4, ntiles_4,
+                  start_4, invp_4, NEED0, NEED1, BLOCK_C, BLOCK_P)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host launchers
+
+
+def _as_maps(f0: torch.Tensor, f1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """f0, f1 as (B, C, H, W) with one shared layout whose H and W flatten to one position stride (NCHW or
+    channels_last; anything else is made contiguous). 2-D (B, C) taps are 1x1 maps."""
+    if f0.dim() == 2:
+        f0, f1 = f0[:, :, None, None], f1[:, :, None, None]
+    _, _, _, w = f0.shape
+    if f0.stride(2) != w * f0.stride(3) or not _dense(f0):
+        f0 = f0.contiguous()
+    if f1.stride() != f0.stride():
+        f1 = torch.empty_like(f0).copy_(f1)
+    return f0, f1
+
+
+def _dense(t: torch.Tensor) -> bool:
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _slot(f0, prog_start):
+    """Per-tap kernel arguments shared by both directions: (C, P, strides, nblk, ntiles, 1/P), programs."""
+    b, c, h, wd = f0.shape
+    p = h * wd
+    nblk = triton.cdiv(p, _BLOCK_P)
+    ntiles = b * nblk if c and p else 0
+    return [c, p, f0.stride(0), f0.stride(1), f0.stride(3), max(nblk, 1), ntiles, prog_start], ntiles, nblk
+
+
+def lpips_distance_forward(f0s: Sequence[torch.Tensor], f1s: Sequence[torch.Tensor],
+                           weights: Sequence[torch.Tensor], eps: float) -> torch.Tensor:  # fmt: skip
+    """D (B,) fp32 in one launch per group of up to MAX_TAPS taps, plus one fixed-order row sum."""
+    maps = [_as_maps(a, b) for a, b in zip(f0s, f1s)]
+    batch = maps[0][0].shape[0]
+    device = maps[0][0].device
+    ncols = sum(triton.cdiv(a.shape[2] * a.shape[3], _BLOCK_P) for a, _ in maps)
+    partial = torch.zeros(batch, max(ncols, 1), device=device, dtype=torch.float32)
+    col = 0
+    for g0 in range(0, len(maps), MAX_TAPS):
+        taps = range(g0, min(g0 + MAX_TAPS, len(maps)))
+        args, start = [], 0
+        for i in taps:
+            a, b = maps[i]
+            w = weights[i].to(device=device, dtype=torch.float32).contiguous()
+            slot, ntiles, nblk = _slot(a, start)
+            p = a.shape[2] * a.shape[3]
+            args += [a, b, w, *slot, col, 1.0 / max(p, 1)]
+            start += ntiles
+            col += nblk
+        if start == 0:
+            continue
+        a0, b0 = maps[g0]
+        w0 = weights[g0].to(device=device, dtype=torch.float32)
+        args += [a0, b0, w0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0.0] * (MAX_TAPS - len(taps))  # unused, not compiled
+        _lpips_fwd_kernel[(start,)](partial, partial.shape[1], float(eps) ** 2, *args, NUM_TAPS=len(taps),
+                                    BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P)  # fmt: skip
+    return partial.sum(1)
+
+
+def lpips_distance_backward(f0s: Sequence[torch.Tensor], f1s: Sequence[torch.Tensor],
+                            weights: Sequence[torch.Tensor], grad_out: torch.Tensor, eps: float, need0: bool,
+                            need1: bool) -> list[torch.Tensor]:  # fmt: skip
+    """dD/df0 (if need0) then dD/df1 (if need1), each tap's gradient in its feature's dtype and shape, scaled
+    per image by grad_out (B,); one launch per group of up to MAX_TAPS taps."""
+    maps = [_as_maps(a, b) for a, b in zip(f0s, f1s)]
+    device = maps[0][0].device
+    gout = grad_out.to(device=device, dtype=torch.float32).contiguous()
+    grads0 = [torch.empty_like(a) for a, _ in maps] if need0 else []
+    grads1 = [torch.empty_like(a) for a, _ in maps] if need1 else []
+    for g0 in range(0, len(maps), MAX_TAPS):
+        taps = range(g0, min(g0 + MAX_TAPS, len(maps)))
+        args, start = [], 0
+        for i in taps:
+            a, b = maps[i]
+            w = weights[i].to(device=device, dtype=torch.float32).contiguous()
+            slot, ntiles, _ = _slot(a, start)
+            p = a.shape[2] * a.shape[3]
+            args += [a, b, grads0[i] if need0 else a, grads1[i] if need1 else a, w, *slot, 1.0 / max(p, 1)]
+            start += ntiles
+        if start == 0:
+            continue
+        a0, b0 = maps[g0]
+        w0 = weights[g0].to(device=device, dtype=torch.float32)
+        args += [a0, b0, a0, a0, w0, 0, 0, 0, 0, 0, 1, 0, 0, 0.0] * (MAX_TAPS - len(taps))
+        _lpips_bwd_kernel[(start,)](gout, float(eps) ** 2, *args, NUM_TAPS=len(taps), NEED0=need0, NEED1=need1,
+                                    BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P)  # fmt: skip
+    out = []
+    for grads, feats in ((grads0, f0s), (grads1, f1s)):
+        for g, f in zip(grads, feats):
+            g = g.reshape(f.shape) if f.dim() == 2 else g
+            out.append(g if g.stride() == torch.empty_like(f).stride() else torch.empty_like(f).copy_(g))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reference, torch.library custom op + autograd
+
+
+def reference_lpips_distance(f0s, f1s, weights, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """D (B,) by the formula above in plain PyTorch (fp32; fp64 for fp64 inputs), differentiable on both
+    sides: the CPU path and the test oracle. Taps (B, C, H, W) or (B, C); weights (C,) per tap."""
+    f0s, f1s, weights = list(f0s), list(f1s), list(weights)
+    _check(f0s, f1s, weights)
+    acc = torch.float64 if f0s[0].dtype == torch.float64 else torch.float32
+    total = f0s[0].new_zeros(f0s[0].shape[0], dtype=acc)
+    for a, b, w in zip(f0s, f1s, weights):
+        a, b = a.to(acc), b.to(acc)
+        if a.dim() == 2:
+            a, b = a[:, :, None, None], b[:, :, None, None]
+        n0 = a * torch.rsqrt(a.pow(2).sum(1, keepdim=True) + eps * eps)
+        n1 = b * torch.rsqrt(b.pow(2).sum(1, keepdim=True) + eps * eps)
+        d = (n0 - n1).pow(2) * w.to(device=a.device, dtype=acc).view(1, -1, 1, 1)
+        total = total + d.sum(1).mean((1, 2))
+    return total
+
+
+def _can_launch(t: torch.Tensor) -> bool:
+    return HAS_TRITON and (t.is_cuda or INTERPRET)
+
+
+def _fwd_impl(f0s: list[torch.Tensor], f1s: list[torch.Tensor], weights: list[torch.Tensor],
+              eps: float) -> torch.Tensor:  # fmt: skip
+    if _can_launch(f0s[0]):
+        return lpips_distance_forward(f0s, f1s, weights, eps)
+    with torch.no_grad():
+        return reference_lpips_distance(f0s, f1s, weights, eps).float()
+
+
+def _fwd_fake(f0s, f1s, weights, eps):
+    return f0s[0].new_empty((f0s[0].shape[0],), dtype=torch.float32)
+
+
+def _bwd_impl(f0s: list[torch.Tensor], f1s: list[torch.Tensor], weights: list[torch.Tensor],
+              grad_out: torch.Tensor, eps: float, need0: bool, need1: bool) -> list[torch.Tensor]:  # fmt: skip
+    if _can_launch(f0s[0]):
+        return lpips_distance_backward(f0s, f1s, weights, grad_out, eps, need0, need1)
+    with torch.enable_grad():
+        a = [f.detach().requires_grad_(need0) for f in f0s]
+        b = [f.detach().requires_grad_(need1) for f in f1s]
+        d = reference_lpips_distance(a, b, weights, eps)
+        wanted = (a if need0 else []) + (b if need1 else [])
+        grads = torch.autograd.grad(d, wanted, grad_out.to(d.dtype))
+    return [g.to(f.dtype) for g, f in zip(grads, wanted)]
+
+
+def _bwd_fake(f0s, f1s, weights, grad_out, eps, need0, need1):
+    return [torch.empty_like(f) for f in (f0s if need0 else [])] + [torch.empty_like(f) for f in (f1s if need1 else [])]
+
+
+class LpipsDistanceFunction(torch.autograd.Function):
+    """Autograd for ``deepsim::lpips_distance``: saves the features; backward is one recomputing launch."""
+
+    @staticmethod
+    def forward(f0s, f1s, weights, eps):
+        return _fwd_impl(f0s, f1s, weights, eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        f0s, f1s, weights, eps = inputs
+        ctx.n, ctx.eps = len(f0s), eps
+        ctx.need0 = any(f.requires_grad for f in f0s)
+        ctx.need1 = any(f.requires_grad for f in f1s)
+        ctx.save_for_backward(*f0s, *f1s, *weights)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved, n = ctx.saved_tensors, ctx.n
+        f0s, f1s, weights = list(saved[:n]), list(saved[n : 2 * n]), list(saved[2 * n :])
+        none = [None] * n
+        if not (ctx.need0 or ctx.need1):
+            return none, none, none, None
+        grads = _backward_op(f0s, f1s, weights, grad_out, ctx.eps, ctx.need0, ctx.need1)
+        g0 = list(grads[:n]) if ctx.need0 else none
+        g1 = list(grads[n:] if ctx.need0 else grads) if ctx.need1 else none
+        return g0, g1, none, None
+
+
+_backward_op = register_op("lpips_distance_backward", _bwd_impl, fake=_bwd_fake)
+_forward_op = register_op(
+    "lpips_distance", _fwd_impl, fake=_fwd_fake,
+    setup_context=LpipsDistanceFunction.setup_context, backward=LpipsDistanceFunction.backward,
+)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def _check(f0s, f1s, weights):
+    if len(f0s) == 0 or len(f0s) != len(f1s) or len(weights) != len(f0s):
+        raise ValueError(
+            f"lpips_distance: got {len(f0s)} f0s, {len(f1s)} f1s and {len(weights)} weights; need equal, >= 1"
+        )
+    for i, (a, b, w) in enumerate(zip(f0s, f1s, weights)):
+        if a.shape != b.shape:
+            raise ValueError(f"lpips_distance: f0s[{i}] {tuple(a.shape)} != f1s[{i}] {tuple(b.shape)}")
+        if a.dim() not in (2, 4) or a.shape[0] != f0s[0].shape[0]:
+            raise ValueError(f"lpips_distance: f0s[{i}] {tuple(a.shape)}: expected (B, C, H, W) or (B, C), one B")
+        if w.numel() != a.shape[1]:
+            raise ValueError(f"lpips_distance: weights[{i}] has {w.numel()} values for {a.shape[1]} channels")
+
+
+def lpips_distance(f0s, f1s, weights, eps: float = DEFAULT_EPS) -> torch.Tensor:
+    """The LPIPS distance of two lists of feature taps, per image (formula in this module's docstring).
+
+    Args:
+        f0s, f1s: taps (B, C_l, H_l, W_l) (or (B, C_l)), fp32/fp16/bf16; gradients flow to either side.
+        weights: per tap, the C_l linear weights (lpips' ``lin`` layers; they get no gradient).
+        eps: inside the square root of the channel norm (as eps^2), so zero features have finite gradients.
+    Returns:
+        (B,) fp32. Triton (one launch for <= MAX_TAPS taps) on CUDA or in the interpreter, else the reference.
+    """
+    f0s, f1s, weights = list(f0s), list(f1s), [w.detach().reshape(-1) for w in weights]
+    _check(f0s, f1s, weights)
+    if backend(f0s[0]) == "reference":
+        return reference_lpips_distance(f0s, f1s, weights, eps).float()
+    return _forward_op(f0s, f1s, weights, float(eps))

@@ -332,9 +332,8 @@ def _cmd_data_download(args) -> int:
 
 
 def _cmd_data_check(args) -> int:
-    from deepsim.data.check import check_images, format_report
-
     from deepsim.config import TrainConfig
+    from deepsim.data.check import check_images, format_report
 
     max_pixels = TrainConfig.max_image_pixels if args.max_image_pixels is None else args.max_image_pixels
     report = check_images(

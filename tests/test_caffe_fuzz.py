@@ -20,7 +20,8 @@ from deepsim.caffe.protobuf import read_varint
 from tests import caffe_writer as cw
 
 
-def _blob_with_dims(dims: bytes, values=np.zeros(4, np.float32)) -> bytes:
+def _blob_with_dims(dims: bytes, values=None) -> bytes:
+    values = np.zeros(4, np.float32) if values is None else values
     return cw.f_bytes(7, cw.f_bytes(1, dims)) + cw.f_floats(5, values)
 
 

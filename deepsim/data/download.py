@@ -17,7 +17,6 @@ from __future__ import annotations
 import http.client
 import os
 import shutil
-import socket
 import tarfile
 import tempfile
 import time
@@ -115,7 +114,7 @@ def _fetch_once(url: str, dest: Path, connect_timeout: float, read_timeout: floa
     for _ in range(hops):
         try:
             conn, target = _connection(url, connect_timeout)
-        except (TimeoutError, socket.timeout) as error:
+        except TimeoutError as error:
             raise _Retry(f"no connection within --connect-timeout {connect_timeout:g} s ({error})") from None
         except (ConnectionError, OSError, http.client.HTTPException) as error:
             raise _Retry(f"cannot connect: {error}") from None
@@ -142,7 +141,7 @@ def _fetch_once(url: str, dest: Path, connect_timeout: float, read_timeout: floa
                 if expected is not None and expected.isdigit() and received != int(expected):
                     raise _Retry(f"received {received} of {expected} bytes (the connection dropped)")
                 return
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 raise _Retry(f"no data for --read-timeout {read_timeout:g} s (the server stalled)") from None
             except (ConnectionError, http.client.HTTPException) as error:
                 raise _Retry(f"the connection failed: {error or type(error).__name__}") from None

@@ -84,18 +84,24 @@ def test_non_finite_weights_name_the_blob(tmp_path, bad):
 # ------------------------------------------------------------------------------------------------ fuzzing
 
 
-def _tiny_net() -> bytes:
+def _tiny_net(extra_axes: int = 0, bad_value: float | None = None) -> bytes:
     """Every encoding the reader takes, small: V2 layers with packed and unpacked floats, legacy and new
-    shapes, double data, convolution / inner-product / ReLU parameters."""
+    shapes, double data, convolution / inner-product / ReLU parameters. ``extra_axes``: that many axes of size 2
+    appended to conv1's weight shape; ``bad_value``: written over fc's first weight."""
     rng = np.random.default_rng(0)
+    weight = cw.f_bytes(7, cw.f_bytes(1, b"".join(cw.varint(d) for d in (2, 3, 3, 3, *[2] * extra_axes))))
+    weight += cw.f_floats(5, rng.standard_normal(54))
     conv = cw.layer_message(
         "conv1", "Convolution", ["data"], ["conv1"], conv=cw.conv_param(2, 3, stride=2, pad=1, group=1),
-        blobs=[cw.blob(rng.standard_normal((2, 3, 3, 3))), cw.blob(rng.standard_normal(2), legacy=True)],
+        blobs=[weight, cw.blob(rng.standard_normal(2), legacy=True)],
     )  # fmt: skip
     relu = cw.layer_message("relu1", "ReLU", ["conv1"], ["conv1"], relu_slope=0.3)
+    fc_weight = rng.standard_normal((4, 3))
+    if bad_value is not None:
+        fc_weight[0, 0] = bad_value
     fc = cw.layer_message(
         "fc", "InnerProduct", ["conv1"], ["fc"], ip=cw.inner_product_param(3, transpose=True),
-        blobs=[cw.blob(rng.standard_normal((4, 3)), packed=False), cw.blob(rng.standard_normal(3), double=True)],
+        blobs=[cw.blob(fc_weight, packed=False), cw.blob(rng.standard_normal(3), double=True)],
     )  # fmt: skip
     return cw.net_message([conv, relu, fc])
 
@@ -132,29 +138,39 @@ def _length_fields(data: bytes, start: int = 0, end: int | None = None, depth: i
     return found
 
 
-SEEDS = {"tiny": _tiny_net(), "caffenet-conv1": _caffenet_conv1()}
-LENGTHS = {name: _length_fields(data) for name, data in SEEDS.items()}
+CAFFENET_CONV1 = _caffenet_conv1()
+CAFFENET_LENGTHS = _length_fields(CAFFENET_CONV1)
 
 
 @st.composite
 def mutations(draw):
-    name = draw(st.sampled_from(sorted(SEEDS)))
-    data = bytearray(SEEDS[name])
-    for _ in range(draw(st.integers(1, 4))):
+    """A valid file (the tiny net, with a drawn number of extra axes and perhaps a NaN or infinite weight; or
+    CaffeNet's conv1), then 1-4 mutations: a byte flipped (often in a length varint), the file truncated, a
+    length varint inflated, a few hostile bytes inserted."""
+    name = draw(st.sampled_from(["tiny", "caffenet-conv1"]))
+    if name == "tiny":
+        extra = draw(st.sampled_from([0, 0, 0, 1, 30, 16_000]))  # 2**16000 has over 4300 digits
+        bad = draw(st.sampled_from([None, None, np.nan, np.inf, -np.inf]))
+        seed = _tiny_net(extra, bad)
+        lengths = _length_fields(seed)
+    else:
+        seed, lengths = CAFFENET_CONV1, CAFFENET_LENGTHS
+    data = bytearray(seed)
+    for _ in range(draw(st.integers(0 if seed != CAFFENET_CONV1 else 1, 4))):
         op = draw(st.sampled_from(["flip", "truncate", "inflate", "insert"]))
         if not data:
             break
         if op == "flip":
-            lengths = [at for at, _ in LENGTHS[name] if at < len(data)]
-            pos = draw(st.sampled_from(lengths) if lengths and draw(st.booleans()) else st.integers(0, len(data) - 1))
+            starts = [at for at, _ in lengths if at < len(data)]
+            pos = draw(st.sampled_from(starts) if starts and draw(st.booleans()) else st.integers(0, len(data) - 1))
             data[pos] ^= draw(st.integers(1, 255))
         elif op == "truncate":
             del data[draw(st.integers(0, len(data) - 1)) :]
         elif op == "inflate":  # a length varint made larger (up to 2**63), re-encoded in place
-            at, size = draw(st.sampled_from(LENGTHS[name]))
+            at, size = draw(st.sampled_from(lengths))
             if at + size > len(data):
                 continue
-            old, _ = read_varint(SEEDS[name], at, at + size)  # the length as the valid file has it
+            old, _ = read_varint(seed, at, at + size)  # the length as the valid file has it
             grow = draw(st.sampled_from([1, 7, 1000, 2**20, 2**31, 2**62]) | st.integers(1, 2**63 - 1 - old))
             data[at : at + size] = cw.varint(old + grow)
         else:  # bytes of a varint, a tag or a huge length inserted anywhere

@@ -28,8 +28,13 @@ def bomb_png(path: Path, width: int, height: int, *, rows: int | None = None) ->
     ihdr = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)  # bit depth 16, colour type 0 (grayscale)
     compressor = zlib.compressobj(9)
     row = bytes(1 + 2 * width)  # filter byte 0, then the row's 16-bit samples
-    data = b"".join(compressor.compress(row) for _ in range(height if rows is None else rows)) + compressor.flush()
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", data) + _chunk(b"IEND", b""))
+    data = (
+        b"".join(compressor.compress(row) for _ in range(height if rows is None else rows))
+        + compressor.flush()
+    )
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
+    )
     return path
 
 

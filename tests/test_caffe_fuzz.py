@@ -26,7 +26,9 @@ def _blob_with_dims(dims: bytes, values=None) -> bytes:
 
 
 def _net_with_blob(blob: bytes) -> bytes:
-    layer = cw.layer_message("fc6", "InnerProduct", ["data"], ["fc6"], blobs=[blob], ip=cw.inner_product_param(2))
+    layer = cw.layer_message(
+        "fc6", "InnerProduct", ["data"], ["fc6"], blobs=[blob], ip=cw.inner_product_param(2)
+    )
     return cw.net_message([layer])
 
 
@@ -65,7 +67,9 @@ def test_legacy_dims_are_bounded_too(tmp_path):
     blob = b"".join(cw.f_varint(n, d) for n, d in zip((1, 2, 3, 4), (1, 2**31, 2**31, 2**31)))
     path = tmp_path / "legacy.caffemodel"
     path.write_bytes(_net_with_blob(blob + cw.f_floats(5, np.zeros(4, np.float32))))
-    with pytest.raises(CaffeModelError, match=r"layer 'fc6', blob 0: num/channels/height/width has an axis of over"):
+    with pytest.raises(
+        CaffeModelError, match=r"layer 'fc6', blob 0: num/channels/height/width has an axis of over"
+    ):
         _read_all(path)
 
 
@@ -111,7 +115,9 @@ def _caffenet_conv1() -> bytes:
     return cw.caffenet_caffemodel(weights)  # V1 layers, legacy 4-D shapes, as BVLC's file
 
 
-def _length_fields(data: bytes, start: int = 0, end: int | None = None, depth: int = 0) -> list[tuple[int, int]]:
+def _length_fields(
+    data: bytes, start: int = 0, end: int | None = None, depth: int = 0
+) -> list[tuple[int, int]]:
     """(offset, size) of every length varint of a length-delimited field, nested messages included.
     Raises ValueError where ``data[start:end]`` is not a message (a string, packed numbers)."""
     end = len(data) if end is None else end
@@ -162,7 +168,9 @@ def mutations(draw):
             break
         if op == "flip":
             starts = [at for at, _ in lengths if at < len(data)]
-            pos = draw(st.sampled_from(starts) if starts and draw(st.booleans()) else st.integers(0, len(data) - 1))
+            pos = draw(
+                st.sampled_from(starts) if starts and draw(st.booleans()) else st.integers(0, len(data) - 1)
+            )
             data[pos] ^= draw(st.integers(1, 255))
         elif op == "truncate":
             del data[draw(st.integers(0, len(data) - 1)) :]

@@ -57,7 +57,9 @@ def test_read_image_refuses_from_the_header(bombs, name, message):
 
 def test_the_limit_is_inclusive(bombs):
     assert read_image(bombs / "good.png", max_pixels=72 * 80).shape == (72, 80, 3)
-    with pytest.raises(ImageTooLargeError, match=r"good.png: image is 80x72 = 5760 pixels, over the limit of 5759"):
+    with pytest.raises(
+        ImageTooLargeError, match=r"good.png: image is 80x72 = 5760 pixels, over the limit of 5759"
+    ):
         read_image(bombs / "good.png", max_pixels=72 * 80 - 1)
 
 
@@ -86,8 +88,11 @@ def test_loaders_skip_or_name_the_bomb(bombs, cache):
     with build_loader(bombs, batch_size=2, crop_size=32, on_bad="skip", cache=cache) as stream:
         assert next(stream).shape == (2, 3, 32, 32)
         assert stream.skipped == 2 if cache else stream.skipped >= 1
-    with pytest.raises(DataError, match=r"(big|huge).png: image (is 12000x12000 = 144000000|has 400000000) pixels, "
-                                         r"over the limit of 67108864"):
+    with pytest.raises(
+        DataError,
+        match=r"(big|huge).png: image (is 12000x12000 = 144000000|has 400000000) pixels, "
+        r"over the limit of 67108864",
+    ):
         stream = build_loader(bombs, batch_size=3, crop_size=32, on_bad="error", cache=cache, mirror=False,
                               mode="center")  # fmt: skip
         for _ in range(3):  # lazy: the error comes when the file is read

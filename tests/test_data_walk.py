@@ -109,7 +109,9 @@ def _signal_mid_scan(tmp_path, root, argv, sig=signal.SIGTERM):
 
 
 @pytest.mark.timeout(200)
-@pytest.mark.parametrize("sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGTERM, pytest.param(signal.SIGINT, marks=pytest.mark.slow)], ids=["SIGTERM", "SIGINT"]
+)
 def test_a_stop_signal_ends_data_check_mid_scan(tmp_path, sig):
     root = _slow_tree(tmp_path)
     status, err, seconds = _signal_mid_scan(tmp_path, root, ["data", "check", str(root)], sig)

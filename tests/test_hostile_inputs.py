@@ -71,8 +71,9 @@ def _bomb_folder(tmp_path: Path) -> Path:
 def _million_dims(tmp_path: Path) -> Path:
     dims = b"".join(cw.varint(3) for _ in range(1_000_000))
     blob = cw.f_bytes(7, cw.f_bytes(1, dims)) + cw.f_floats(5, np.zeros(4, np.float32))
-    layer = cw.layer_message("conv1", "Convolution", ["data"], ["conv1"], blobs=[blob],
-                             conv=cw.conv_param(96, 11, stride=4))
+    layer = cw.layer_message(
+        "conv1", "Convolution", ["data"], ["conv1"], blobs=[blob], conv=cw.conv_param(96, 11, stride=4)
+    )
     path = tmp_path / "dims.caffemodel"
     path.write_bytes(cw.net_message([layer], v1=False))
     return path
@@ -89,37 +90,70 @@ def _nan_generator(tmp_path: Path) -> Path:
 # id -> (build(tmp_path, url) -> argv, status, the one stderr line as a regex). A build's inputs live in tmp_path.
 CASES = {
     "bomb-20000-train-error": (
-        lambda t, u: ["train", "--data", str(_bomb_folder(t)), "--out", str(t / "run"), *TRAIN], 2,
+        lambda t, u: ["train", "--data", str(_bomb_folder(t)), "--out", str(t / "run"), *TRAIN],
+        2,
         r"deepsim train: error: .*/bombs/huge.png: image has 400000000 pixels, over the limit of 67108864 "
         r"\(max_image_pixels, --max-image-pixels\); not decoded",
     ),
     "max-image-pixels-flag": (
-        lambda t, u: ["train", "--data", str(_bomb_folder(t)), "--out", str(t / "run"), "--max-image-pixels", "-1",
-                      *TRAIN], 2,
+        lambda t, u: [
+            "train",
+            "--data",
+            str(_bomb_folder(t)),
+            "--out",
+            str(t / "run"),
+            "--max-image-pixels",
+            "-1",
+            *TRAIN,
+        ],
+        2,
         r"deepsim train: error: --max-image-pixels -1: expected a positive number of pixels",
     ),  # fmt: skip
     "max-image-pixels-data-check": (
-        lambda t, u: ["data", "check", str(_bomb_folder(t)), "--max-image-pixels", "0"], 2,
+        lambda t, u: ["data", "check", str(_bomb_folder(t)), "--max-image-pixels", "0"],
+        2,
         r"deepsim data: error: --max-image-pixels 0: expected a positive number of pixels",
     ),
     "stalled-download": (
-        lambda t, u: ["data", "download", "stl10", str(t / "stl"), "--url", u, "--read-timeout", "0.3", "--retries",
-                      "1"], 2,
+        lambda t, u: [
+            "data",
+            "download",
+            "stl10",
+            str(t / "stl"),
+            "--url",
+            u,
+            "--read-timeout",
+            "0.3",
+            "--retries",
+            "1",
+        ],
+        2,
         r"deepsim data: error: downloading http://127.0.0.1:\d+/stl10_binary.tar.gz failed after 2 attempts: no data "
         r"for --read-timeout 0.3 s \(the server stalled\); nothing was kept in .*/stl",
     ),  # fmt: skip
     "download-timeout-flag": (
-        lambda t, u: ["data", "download", "stl10", str(t / "stl"), "--url", u, "--connect-timeout", "0"], 2,
+        lambda t, u: ["data", "download", "stl10", str(t / "stl"), "--url", u, "--connect-timeout", "0"],
+        2,
         r"deepsim data: error: --connect-timeout 0.0: expected a positive number of seconds",
     ),
     "caffe-million-dims": (
-        lambda t, u: ["import-caffe", str(_million_dims(t)), "--layer", "caffenet", "--up-to", "conv1", "--out",
-                      str(t / "out.pt")], 2,
+        lambda t, u: [
+            "import-caffe",
+            str(_million_dims(t)),
+            "--layer",
+            "caffenet",
+            "--up-to",
+            "conv1",
+            "--out",
+            str(t / "out.pt"),
+        ],
+        2,
         r"deepsim import-caffe: error: .*/dims.caffemodel: layer 'conv1', blob 0: shape has more than 32 axes "
         r"\(Caffe's limit\), a corrupt blob",
     ),  # fmt: skip
     "caffe-nan-weights": (
-        lambda t, u: ["import-caffe", str(_nan_generator(t)), "--layer", "fc6", "--out", str(t / "out.pt")], 2,
+        lambda t, u: ["import-caffe", str(_nan_generator(t)), "--layer", "fc6", "--out", str(t / "out.pt")],
+        2,
         r"deepsim import-caffe: error: .*/nan.caffemodel: layer 'defc6', blob 0: 1 non-finite value\(s\) \(NaN or "
         r"infinity\), the first at flat index 53 \(nan\); expected finite weights",
     ),  # fmt: skip
@@ -149,7 +183,10 @@ def test_symlink_loops_are_scanned_once(kind, tmp_path, capsys):
     assert main(["data", "check", str(root), "--min-size", "32"]) == 0
     captured = capsys.readouterr()
     images = 4 if kind == "out" else 3
-    assert captured.out.startswith(f"{root}: {images} files, {images} images, {images} ok") and captured.err == ""
+    assert (
+        captured.out.startswith(f"{root}: {images} files, {images} images, {images} ok")
+        and captured.err == ""
+    )
     assert _tree(tmp_path) == before
 
 
@@ -157,7 +194,10 @@ def test_symlink_loops_are_scanned_once(kind, tmp_path, capsys):
 @pytest.mark.timeout(300)
 def test_bomb_with_on_bad_skip_trains(tmp_path, capsys):
     folder = _bomb_folder(tmp_path)
-    assert main(["train", "--data", str(folder), "--out", str(tmp_path / "run"), "--on-bad", "skip", *TRAIN]) == 0
+    assert (
+        main(["train", "--data", str(folder), "--out", str(tmp_path / "run"), "--on-bad", "skip", *TRAIN])
+        == 0
+    )
     err = capsys.readouterr().err
     assert "Traceback" not in err and "DecompressionBomb" not in err
     assert (tmp_path / "run" / "checkpoint.pt").is_file()

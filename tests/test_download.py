@@ -379,3 +379,32 @@ def test_a_killed_downloads_temporary_folder_is_removed_next_time(tmp_path):
     (abandoned / "stl10_binary.tar.gz").write_bytes(b"partial")
     download_stl10(root, release=release)
     assert _left_in(root) == ["stl10_binary"]
+
+
+def test_a_stop_signal_during_the_final_renames_waits_for_them(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from deepsim.data.interrupt import Interrupted
+
+    archive, release = _stl10_archive(tmp_path)
+    real_replace, calls = os.replace, []
+
+    def replace_and_signal(src, dst):  # SIGTERM arrives after the first file moved
+        calls.append(dst)
+        real_replace(src, dst)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def unhandled(*_):  # what runs if the download does not handle SIGTERM itself (instead of killing pytest)
+        raise RuntimeError("SIGTERM reached the handler outside the download")
+
+    monkeypatch.setattr(download_module.os, "replace", replace_and_signal)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.raises(Interrupted, match="stopped by SIGTERM"):
+            download_stl10(tmp_path / "data", release=release)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert _left_in(tmp_path / "data") == ["stl10_binary"] and len(calls) == 7  # every file moved, no staging
+    assert load_stl10(tmp_path / "data" / "stl10_binary", "train")[0].shape[0] == 2

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import DataError
-from .interrupt import interruptible
+from .interrupt import interruptible, uninterrupted
 
 __all__ = ["DownloadError", "ArchiveRelease", "stl10_release", "download_stl10", "DATASETS"]
 
@@ -271,11 +271,12 @@ def _download(root: Path, target: Path, url: str, release: ArchiveRelease, keep_
                 raise DownloadError(
                     f"{url}: {release.folder}/{name} in the archive: MD5 {found}, expected {md5}; nothing was kept"
                 )
-        target.mkdir(exist_ok=True)
-        for path in sorted(unpacked.iterdir()):  # verified: one rename each into the target folder
-            os.replace(path, target / path.name)
-        if keep_archive:
-            os.replace(archive, root / release.archive)
+        with uninterrupted():  # all of the verified files move, or none (a stop signal waits for the renames)
+            target.mkdir(exist_ok=True)
+            for path in sorted(unpacked.iterdir()):  # one rename each into the target folder
+                os.replace(path, target / path.name)
+            if keep_archive:
+                os.replace(archive, root / release.archive)
     except OSError as error:  # a full disk or a permission problem while unpacking or moving
         raise DownloadError(
             f"writing STL-10 into {root} failed: {error}; the partial download was removed"

@@ -10,10 +10,11 @@ import signal
 import threading
 from collections.abc import Iterator
 
-__all__ = ["Interrupted", "interruptible", "STOP_SIGNALS"]
+__all__ = ["Interrupted", "interruptible", "uninterrupted", "STOP_SIGNALS"]
 
 STOP_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP")
 _depth = 0  # nesting of interruptible() blocks in the main thread
+_held: list[int] | None = None  # inside uninterrupted(): the signals that arrived, raised at its end
 
 
 class Interrupted(KeyboardInterrupt):
@@ -39,7 +40,9 @@ def interruptible(signals: tuple[str, ...] = STOP_SIGNALS) -> Iterator[None]:
     raised = []
 
     def handle(signum, _frame):
-        if not raised:
+        if _held is not None:
+            _held.append(signum)
+        elif not raised:
             raised.append(signum)
             raise Interrupted(signum)
 
@@ -55,3 +58,20 @@ def interruptible(signals: tuple[str, ...] = STOP_SIGNALS) -> Iterator[None]:
         _depth -= 1
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Within an :func:`interruptible` block: a stop signal that arrives inside this block (a few renames that
+    must all happen) is raised when it ends, not in the middle."""
+    global _held
+    if threading.current_thread() is not threading.main_thread() or _held is not None:
+        yield
+        return
+    _held = []
+    try:
+        yield
+    finally:
+        held, _held = _held, None
+    if held:
+        raise Interrupted(held[0])

@@ -51,6 +51,12 @@ def _milestones(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated step counts or 'none', got {text!r}") from None
 
 
+MAX_IMAGE_PIXELS_HELP = (
+    "an image whose header declares more pixels is a bad image (--on-bad decides), never decoded (default: "
+    "8192x8192 = 67108864: training resizes to 256 px, so more only costs memory, up to 0.5 GiB a decode at the "
+    "limit; camera photos and ImageNet pass; PIL refuses above 178956970 whatever this says)"
+)
+
 # CLI flag -> TrainConfig field, for the flags that override a preset.
 TRAIN_FLAGS = {
     "steps": int,
@@ -77,6 +83,7 @@ TRAIN_FLAGS = {
     "stop_signals": str,
     "num_workers": int,
     "on_bad": str,
+    "max_image_pixels": int,
     "noise_dim": int,
     "invert_network": str,
     "invert_network_weights": str,
@@ -137,7 +144,9 @@ HELP = {
     "keep_checkpoints": "keep the K newest checkpoints (checkpoint.pt, checkpoint.step<N>.pt...): a corrupt newest one falls back",
     "stop_signals": "signals that stop training cleanly: finish the step, write a checkpoint, exit with status 75 ('' = none)",
     "num_workers": "DataLoader worker processes (torch loader)",
-    "on_bad": "a corrupt or too-small image: error (stop, naming the file), skip (count and go on), pad (pad small ones)",
+    "on_bad": "a corrupt, too-small or too-large image: error (stop, naming the file), skip (count and go on), pad "
+    "(pad small ones)",
+    "max_image_pixels": MAX_IMAGE_PIXELS_HELP,
     "noise_dim": "invert: K noise values beside the features (extra channels for conv5), for pre-image sampling",
     "invert_network": "invert: the fixed AlexNet whose features are inverted",
     "invert_network_weights": "invert: weights file of that network (default: torchvision's cache)",
@@ -226,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("path", help="a folder of images, an STL-10 binary folder, or 'photos' (the bundled photos)")
     q.add_argument("--min-size", type=int, default=64, help="smallest usable side (the crop size)")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
+    q.add_argument("--max-image-pixels", type=int, default=None, help=MAX_IMAGE_PIXELS_HELP)
     q = data_sub.add_parser(
         "download", help="download a dataset (checksums verified); STL-10 lands in DIR/stl10_binary",
     )
@@ -233,6 +243,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("dir", type=Path, metavar="DIR", help="folder to download into (created if needed)")
     q.add_argument("--url", default=None, help="a mirror of the same archive (default: torchvision's URL)")
     q.add_argument("--keep-archive", action="store_true", help="keep the .tar.gz beside the unpacked folder")
+    q.add_argument("--connect-timeout", type=float, default=30.0, help="seconds to connect (default: %(default)s)")
+    q.add_argument(
+        "--read-timeout", type=float, default=60.0,
+        help="seconds without a byte from the server before the attempt fails (default: %(default)s)",
+    )
+    q.add_argument("--retries", type=int, default=3, help="attempts after a failed one (default: %(default)s)")
 
     p = sub.add_parser(
         "presets", help="list the presets, their values and where each comes from (seed, code or ours)",
@@ -360,15 +376,22 @@ def _cmd_reconstruct(args) -> int:
 def _cmd_data_download(args) -> int:
     from deepsim.data.download import download_stl10
 
-    folder = download_stl10(args.dir, url=args.url, keep_archive=args.keep_archive)
+    folder = download_stl10(
+        args.dir, url=args.url, keep_archive=args.keep_archive, connect_timeout=args.connect_timeout,
+        read_timeout=args.read_timeout, retries=args.retries,
+    )
     print(f"STL-10 in {folder} (checksums verified); train on it with --data {folder}")
     return 0
 
 
 def _cmd_data_check(args) -> int:
+    from deepsim.config import TrainConfig
     from deepsim.data.check import check_images, format_report
 
-    report = check_images(args.path if args.path == "photos" else Path(args.path), min_size=args.min_size)
+    max_pixels = TrainConfig.max_image_pixels if args.max_image_pixels is None else args.max_image_pixels
+    report = check_images(
+        args.path if args.path == "photos" else Path(args.path), min_size=args.min_size, max_image_pixels=max_pixels
+    )
     print(json.dumps(dataclasses.asdict(report), indent=2, default=str) if args.json else format_report(report))
     return 1 if report.blocking else 0
 
@@ -474,6 +497,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``deepsim`` command; returns the exit code. Known errors print one clear line."""
+    from deepsim.data.interrupt import Interrupted
     from deepsim.errors import USER_ERRORS
 
     args = build_parser().parse_args(argv)
@@ -503,6 +527,9 @@ def main(argv: list[str] | None = None) -> int:
         lines = [line.strip() for line in str(text).splitlines() if line.strip()]
         print(f"deepsim {args.command}: error: {' '.join(lines) or type(error).__name__}", file=sys.stderr)
         return 2
+    except Interrupted as stop:  # a stop signal during a scan or a download: cleaned up, nothing half-written
+        print(f"deepsim {args.command}: {stop}; nothing half-written was left", file=sys.stderr)
+        return stop.exit_status
     except KeyboardInterrupt:
         print(f"deepsim {args.command}: interrupted", file=sys.stderr)
         return 130

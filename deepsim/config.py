@@ -83,6 +83,7 @@ class TrainConfig:
     loader: str = "auto"  # "auto" | "torch" | "dali" | "nvjpeg" | "resident" (auto: deepsim.train.auto)
     num_workers: int = 0  # DataLoader workers on the torch path
     on_bad: str = "error"  # a corrupt or too-small image: "error" (name it and stop), "skip" (count it), "pad"
+    max_image_pixels: int = 8192 * 8192  # more: a bad image, refused from its header (deepsim.data.images)
 
     # --- running
     out: str = "runs/deepsim"  # output folder: checkpoints, metrics.jsonl, sample grids

@@ -87,3 +87,13 @@ def ieee_fp32():
     torch.backends.cudnn.allow_tf32 = matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``fuzz`` (large property-based budgets) run only when ``-m`` names the marker."""
+    if "fuzz" in (config.getoption("markexpr", "") or ""):
+        return
+    fuzz = [item for item in items if item.get_closest_marker("fuzz")]
+    if fuzz:
+        config.hook.pytest_deselected(items=fuzz)
+        items[:] = [item for item in items if not item.get_closest_marker("fuzz")]

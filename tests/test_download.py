@@ -1,4 +1,4 @@
-"""Downloads, offline: STL-10 through torchvision's downloader from a local file:// URL (a tiny archive in
+"""Downloads, offline: STL-10 from a local file:// URL or a local HTTP server (a tiny archive in
 the release's layout), torchvision weights through --download-weights; broken downloads leave nothing."""
 
 import hashlib
@@ -129,13 +129,14 @@ def http_server():
     server.server_close()
 
 
-def test_stl10_over_http_through_torchvision_and_a_dropped_connection(tmp_path, http_server):
+def test_stl10_over_http_and_a_dropped_connection(tmp_path, http_server):
     base, files, cut = http_server
     archive, release = _stl10_archive(tmp_path)
     files["/stl10.tar.gz"] = files["/dropped.tar.gz"] = archive.read_bytes()
     cut.add("/dropped.tar.gz")
-    with pytest.raises(DownloadError, match=r"/dropped.tar.gz: the downloaded archive \(\d+ bytes\) has MD5"):
-        download_stl10(tmp_path / "a", release=release, url=base + "/dropped.tar.gz")
+    expected = r"/dropped.tar.gz failed after 2 attempts: received \d+ of \d+ bytes \(the connection dropped\)"
+    with pytest.raises(DownloadError, match=expected):
+        download_stl10(tmp_path / "a", release=release, url=base + "/dropped.tar.gz", retries=1, retry_wait=0.01)
     assert _left_in(tmp_path / "a") == []
     with pytest.raises(DownloadError, match=r"downloading http://.*/missing.tar.gz failed: HTTP Error 404"):
         download_stl10(tmp_path / "a", release=release, url=base + "/missing.tar.gz")
@@ -250,3 +251,160 @@ def test_cli_download_weights_flag(weights_source, tmp_path, monkeypatch):
         from deepsim.cli import build_parser
 
         assert build_parser().parse_args(command + ["--download-weights"]).download_weights is True
+
+
+# ------------------------------------------------------------------------ stalls, timeouts and signals
+
+
+@pytest.fixture
+def stalling_server():
+    """A server on 127.0.0.1 that accepts connections and then stalls: with ``head`` set, it first sends
+    those bytes (a response header and part of the body). Yields (url, head list, accepted-connection count)."""
+    import socket
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    head, accepted, held = [b""], [0], []
+    stop = threading.Event()
+
+    def serve():
+        listener.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                continue
+            accepted[0] += 1
+            held.append(conn)  # never answered further, never closed until the end
+            if head[0]:
+                conn.sendall(head[0])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}/stl10_binary.tar.gz", head, accepted
+    stop.set()
+    thread.join(2)
+    for conn in held:
+        conn.close()
+    listener.close()
+
+
+@pytest.mark.timeout(60)  # the old fetch had no timeout: it hung here
+@pytest.mark.parametrize("partial", [False, True], ids=["no-response", "stalls-mid-body"])
+def test_a_stalled_server_times_out_retries_and_leaves_nothing(tmp_path, stalling_server, partial):
+    import time
+
+    url, head, accepted = stalling_server
+    if partial:
+        head[0] = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 5000
+    _, release = _stl10_archive(tmp_path)
+    root = tmp_path / "data"
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match=r"failed after 3 attempts: no data for --read-timeout 0.3 s"):
+        download_stl10(root, release=release, url=url, read_timeout=0.3, retries=2, retry_wait=0.01)
+    assert time.monotonic() - start < 10 and accepted[0] == 3
+    assert not root.exists()  # the folder this call created is gone too
+
+
+@pytest.mark.timeout(60)
+def test_a_server_that_never_accepts_hits_the_connect_timeout(tmp_path):
+    import socket
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(4):  # fill the accept queue: later connection attempts wait (their SYNs are dropped)
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(("127.0.0.1", port))
+        fillers.append(s)
+    _, release = _stl10_archive(tmp_path)
+    try:
+        with pytest.raises(DownloadError, match=r"failed after 1 attempt: no connection within --connect-timeout"):
+            download_stl10(
+                tmp_path / "d", release=release, url=f"http://127.0.0.1:{port}/x.tar.gz", connect_timeout=0.5,
+                retries=0,
+            )  # fmt: skip
+    finally:
+        for s in fillers:
+            s.close()
+        listener.close()
+    assert _left_in(tmp_path / "d") == []
+
+
+@pytest.mark.timeout(200)
+def test_sigterm_during_a_download_leaves_no_partial_archive(tmp_path, stalling_server):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    url, head, _ = stalling_server
+    head[0] = b"HTTP/1.1 200 OK\r\nContent-Length: 100000000\r\n\r\n" + b"x" * 200_000
+    root = tmp_path / "data"
+    root.mkdir()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepsim.cli", "data", "download", "stl10", str(root), "--url", url,
+         "--read-timeout", "120"],
+        stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p.stat().st_size > 0 for p in root.glob(".*/*")):  # the partial archive is on disk
+            assert proc.poll() is None and time.monotonic() < deadline, "the download did not start"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err.strip().splitlines() == ["deepsim data: stopped by SIGTERM; nothing half-written was left"]
+    assert _left_in(root) == []
+
+
+def test_a_killed_downloads_temporary_folder_is_removed_next_time(tmp_path):
+    import subprocess
+
+    archive, release = _stl10_archive(tmp_path)
+    root = tmp_path / "data"
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no longer runs
+    abandoned = root / f".stl10_binary.download-{dead.pid}-abc123"
+    abandoned.mkdir(parents=True)
+    (abandoned / "stl10_binary.tar.gz").write_bytes(b"partial")
+    download_stl10(root, release=release)
+    assert _left_in(root) == ["stl10_binary"]
+
+
+def test_a_stop_signal_during_the_final_renames_waits_for_them(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from deepsim.data.interrupt import Interrupted
+
+    archive, release = _stl10_archive(tmp_path)
+    real_replace, calls = os.replace, []
+
+    def replace_and_signal(src, dst):  # SIGTERM arrives after the first file moved
+        calls.append(dst)
+        real_replace(src, dst)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def unhandled(*_):  # what runs if the download does not handle SIGTERM itself (instead of killing pytest)
+        raise RuntimeError("SIGTERM reached the handler outside the download")
+
+    monkeypatch.setattr(download_module.os, "replace", replace_and_signal)
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    try:
+        with pytest.raises(Interrupted, match="stopped by SIGTERM"):
+            download_stl10(tmp_path / "data", release=release)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert _left_in(tmp_path / "data") == ["stl10_binary"] and len(calls) == 7  # every file moved, no staging
+    assert load_stl10(tmp_path / "data" / "stl10_binary", "train")[0].shape[0] == 2

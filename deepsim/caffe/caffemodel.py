@@ -22,7 +22,6 @@ and says what is wrong (truncated, not a caffemodel, a blob whose values do not 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -68,6 +67,8 @@ V1_LAYER_TYPES = {
 _V2_FIELDS = dict(name=1, type=2, bottom=3, top=4, blobs=7, convolution=106, inner_product=117, relu=123)
 _V1_FIELDS = dict(name=4, type=5, bottom=2, top=3, blobs=6, convolution=10, inner_product=17, relu=30)
 _V0_LAYER = 1  # V1LayerParameter.layer: a V0LayerParameter
+MAX_BLOB_AXES = 32  # Caffe's kMaxBlobAxes
+MAX_BLOB_COUNT = 2**31 - 1  # Caffe's Blob::Reshape: CHECK_LE(count, INT_MAX)
 
 
 class CaffeModelError(ValueError):
@@ -186,6 +187,32 @@ def _expect_wire(field_name: str, wire: int, expected: tuple[int, ...], where: s
         raise WireFormatError(f"{where}: field {field_name!r} has wire type {wire}, expected {expected}", -1)
 
 
+def _add_dims(dims: list[int], data: bytes, wire: int, value) -> None:
+    """Append one occurrence of ``BlobShape.dim``, refusing more than :data:`MAX_BLOB_AXES` before decoding
+    them all (a packed field of N bytes holds at least N / 10 varints)."""
+    if wire == LENGTH_DELIMITED and value[1] - value[0] > 10 * MAX_BLOB_AXES:
+        raise _BlobError(f"shape has more than {MAX_BLOB_AXES} axes (Caffe's limit), a corrupt blob")
+    dims.extend(to_signed(v) for v in repeated_varints(data, wire, value))
+    if len(dims) > MAX_BLOB_AXES:
+        raise _BlobError(f"shape has {len(dims)} axes, more than {MAX_BLOB_AXES} (Caffe's limit), a corrupt blob")
+
+
+def _count(shape: tuple[int, ...], kind: str) -> int:
+    """The element count of ``shape``, each axis and the product bounded by :data:`MAX_BLOB_COUNT`."""
+    count = 1
+    for d in shape:
+        if d < 0 or d > MAX_BLOB_COUNT:
+            what = "negative" if d < 0 else f"over {MAX_BLOB_COUNT}"
+            raise _BlobError(f"{kind} has an axis of {what} size ({d}), a corrupt blob")
+        count *= d
+        if count > MAX_BLOB_COUNT:
+            raise _BlobError(
+                f"{kind} ({', '.join(map(str, shape))}) has more than {MAX_BLOB_COUNT} values (Caffe's limit), "
+                "a corrupt blob"
+            )
+    return count
+
+
 def _read_blob(data: bytes, span: tuple[int, int]) -> CaffeBlob:
     dims: list[int] | None = None
     legacy = {1: 0, 2: 0, 3: 0, 4: 0}
@@ -197,7 +224,7 @@ def _read_blob(data: bytes, span: tuple[int, int]) -> CaffeBlob:
             dims = dims or []
             for dim_number, dim_wire, dim_value in iter_fields(data, *value):
                 if dim_number == 1:
-                    dims.extend(to_signed(v) for v in repeated_varints(data, dim_wire, dim_value))
+                    _add_dims(dims, data, dim_wire, dim_value)
         elif number == 5:  # data
             floats.append(repeated_floats(data, wire, value))
         elif number == 8:  # double_data
@@ -211,8 +238,8 @@ def _read_blob(data: bytes, span: tuple[int, int]) -> CaffeBlob:
             legacy[number] = to_signed(value)
     is_legacy = dims is None
     shape = tuple(legacy[i] for i in (1, 2, 3, 4)) if is_legacy else tuple(dims)
-    if any(d < 0 for d in shape):
-        raise _BlobError(f"negative dimension in {shape}")
+    kind = "num/channels/height/width" if is_legacy else "shape"
+    count = _count(shape, kind)
     if floats and doubles:
         raise _BlobError("holds both float data and double_data")
     pieces = floats or doubles
@@ -220,12 +247,18 @@ def _read_blob(data: bytes, span: tuple[int, int]) -> CaffeBlob:
         values = np.zeros(0, np.float32)
     else:  # one piece (packed data): a read-only view into the file's bytes, no copy
         values = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-    count = math.prod(shape)
     if values.size != count:
-        kind = "num/channels/height/width" if is_legacy else "shape"
         raise _BlobError(
             f"{kind} ({', '.join(map(str, shape))}) needs {count} values, the file holds {values.size} "
             "(a truncated or corrupt blob)"
+        )
+    finite = np.isfinite(values)
+    if not finite.all():
+        bad = int(finite.size - np.count_nonzero(finite))
+        first = int(np.argmin(finite))
+        raise _BlobError(
+            f"{bad} non-finite value(s) (NaN or infinity), the first at flat index {first} ({values[first]}); "
+            "expected finite weights"
         )
     return CaffeBlob(shape, is_legacy, values)
 

@@ -1,7 +1,8 @@
 """``deepsim data check PATH``: scan a dataset and report files that would stop or change training.
 
 Every file is fully decoded (``Image.open(...).load()``) with truncation made strict, whatever
-``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` says elsewhere in the process.
+``PIL.ImageFile.LOAD_TRUNCATED_IMAGES`` says elsewhere in the process, except images whose header declares
+more than ``max_image_pixels`` pixels: those are reported as too large and never decoded.
 """
 
 from __future__ import annotations
@@ -12,10 +13,18 @@ import os
 import pathlib
 import warnings
 
-from PIL import Image, UnidentifiedImageError
-
 from .errors import DataError
-from .images import list_image_files, mode_kind, strict_truncation
+from .images import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageReadError,
+    ImageTooLargeError,
+    check_max_pixels,
+    list_image_files,
+    mode_kind,
+    open_image,
+    strict_truncation,
+)
+from .interrupt import interruptible
 from .photos import bundled_photo_paths
 from .stl10 import STL10_SPLITS, is_stl10_folder, load_stl10
 
@@ -33,6 +42,7 @@ class CheckReport:
         corrupt: files with an image extension (or header) that do not decode.
         truncated: images whose data ends early.
         too_small: (path, (width, height)) of images smaller than ``min_size``.
+        too_large: (path, pixels) of images over ``max_image_pixels`` (not decoded; a bad image for ``on_bad``).
         grayscale, cmyk, alpha: images that decode but are converted to RGB by the loader.
         non_image: files that are not images (ignored by the loader).
         min_size: the size threshold used.
@@ -44,11 +54,13 @@ class CheckReport:
     corrupt: list[str] = dataclasses.field(default_factory=list)
     truncated: list[str] = dataclasses.field(default_factory=list)
     too_small: list[tuple[str, tuple[int, int]]] = dataclasses.field(default_factory=list)
+    too_large: list[tuple[str, int]] = dataclasses.field(default_factory=list)
     grayscale: list[str] = dataclasses.field(default_factory=list)
     cmyk: list[str] = dataclasses.field(default_factory=list)
     alpha: list[str] = dataclasses.field(default_factory=list)
     non_image: list[str] = dataclasses.field(default_factory=list)
     min_size: int = 64
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
 
     @property
     def num_images(self) -> int:
@@ -57,23 +69,26 @@ class CheckReport:
     @property
     def usable(self) -> int:
         """Images the loader can train on (decodable, big enough; conversions allowed)."""
-        return self.num_images - len(self.corrupt) - len(self.truncated) - len(self.too_small)
+        bad = len(self.corrupt) + len(self.truncated) + len(self.too_small) + len(self.too_large)
+        return self.num_images - bad
 
     @property
     def blocking(self) -> bool:
         """True when training with ``on_bad="error"`` would stop: bad files, or no image at all."""
-        return bool(self.corrupt or self.truncated or self.too_small) or self.usable <= 0
+        return bool(self.corrupt or self.truncated or self.too_small or self.too_large) or self.usable <= 0
 
 
-def _check_one(path: pathlib.Path, min_size: int) -> tuple[str, object]:
+def _check_one(path: pathlib.Path, min_size: int, max_pixels: int) -> tuple[str, object]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with strict_truncation(), Image.open(path) as img:
+            with strict_truncation(), open_image(path, max_pixels) as img:
                 img.load()
                 kinds = mode_kind(img)
                 size = img.size
-    except UnidentifiedImageError:
+    except ImageTooLargeError as e:
+        return "too_large", e.pixels
+    except ImageReadError:
         return "corrupt", None
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         return ("truncated" if "truncat" in str(e).lower() else "corrupt"), None
@@ -83,7 +98,8 @@ def _check_one(path: pathlib.Path, min_size: int) -> tuple[str, object]:
 
 
 def check_images(
-    path: str | os.PathLike, *, min_size: int = 64, num_threads: int | None = None
+    path: str | os.PathLike, *, min_size: int = 64, num_threads: int | None = None,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> CheckReport:
     """Scan every file under ``path`` (recursively), fully decoding each image.
 
@@ -93,21 +109,29 @@ def check_images(
         min_size: images with a side below this are reported in ``too_small`` (64 = the autoencoder crop;
             use 227 for inversion without resizing).
         num_threads: decoder threads (default: min(8, cpu count)).
+        max_image_pixels: images whose header declares more pixels are reported in ``too_large``, not decoded.
 
     Returns:
         :class:`CheckReport`.
 
     Raises:
-        DataError: ``path`` does not exist or is not a folder.
+        DataError: ``path`` does not exist or is not a folder, or ``max_image_pixels`` is not positive.
+        Interrupted: a stop signal (SIGINT, SIGTERM, SIGHUP) arrived during the scan.
     """
+    check_max_pixels(max_image_pixels)
+    with interruptible():
+        return _check(path, min_size, num_threads, max_image_pixels)
+
+
+def _check(path, min_size: int, num_threads: int | None, max_pixels: int) -> CheckReport:
     if isinstance(path, str) and path == "photos":
-        report = CheckReport(path="photos", min_size=min_size)
+        report = CheckReport(path="photos", min_size=min_size, max_image_pixels=max_pixels)
         files, non_images = bundled_photo_paths(), []
     else:
         folder = pathlib.Path(path)
         if not folder.exists():
             raise DataError(f"{folder}: no such file or folder, expected a folder of images to check")
-        report = CheckReport(path=str(folder), min_size=min_size)
+        report = CheckReport(path=str(folder), min_size=min_size, max_image_pixels=max_pixels)
         if is_stl10_folder(folder):
             for split in STL10_SPLITS:
                 if (folder / f"{split}_X.bin").is_file():
@@ -122,8 +146,11 @@ def check_images(
     report.total = len(files) + len(non_images)
     report.non_image = [str(p) for p in non_images]
     threads = num_threads or max(1, min(8, os.cpu_count() or 1))
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        results = list(pool.map(lambda p: _check_one(p, min_size), files))
+    pool = concurrent.futures.ThreadPoolExecutor(threads)
+    try:
+        results = list(pool.map(lambda p: _check_one(p, min_size, max_pixels), files))
+    finally:  # on a stop signal: the files in flight finish, the queued ones are dropped
+        pool.shutdown(wait=True, cancel_futures=True)
     for p, (status, info) in zip(files, results):
         name = str(p)
         if status == "corrupt":
@@ -131,6 +158,9 @@ def check_images(
             continue
         if status == "truncated":
             report.truncated.append(name)
+            continue
+        if status == "too_large":
+            report.too_large.append((name, info))
             continue
         size, kinds = info
         if status == "too_small":
@@ -155,6 +185,12 @@ def format_report(report: CheckReport, *, max_listed: int = 20) -> str:
             "too_small",
             [f"{p} ({w}x{h})" for p, (w, h) in report.too_small],
             f"smaller than {report.min_size}x{report.min_size} (stops training; on_bad='skip' or 'pad')",
+        ),
+        (
+            "too_large",
+            [f"{p} ({n} pixels)" for p, n in report.too_large],
+            f"over {report.max_image_pixels} pixels, not decoded (stops training; on_bad='skip' drops them; "
+            "--max-image-pixels)",
         ),
         ("grayscale", report.grayscale, "converted to RGB"),
         ("cmyk", report.cmyk, "converted to RGB"),

@@ -43,7 +43,7 @@ import torch
 
 from .augment import crop_params
 from .errors import DataError
-from .images import scan_image_files
+from .images import DEFAULT_MAX_IMAGE_PIXELS, scan_image_files
 from .sampling import EpochSchedule, ScheduledStream, rank_positions
 from .sources import resolve_source
 
@@ -348,6 +348,7 @@ def build_dali_loader(
     roi: bool = True,
     hw_decoder_load: float = HW_DECODER_LOAD,
     pad_channels: int = 3,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> DaliBatchStream:
     """Build a DALI batch stream; arguments as :func:`deepsim.data.build_loader` (checked there), plus:
 
@@ -416,7 +417,8 @@ def build_dali_loader(
         skipped, ignored, image_layout = 0, 0, "CHW"
     else:
         scan = scan_image_files(
-            src.paths, crop_size=crop_size, resize=resize, on_bad=on_bad, full_check=full_check
+            src.paths, crop_size=crop_size, resize=resize, on_bad=on_bad, full_check=full_check,
+            max_pixels=max_image_pixels,
         )
         if not scan.files:
             raise DataError(

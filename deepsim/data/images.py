@@ -12,6 +12,7 @@ import dataclasses
 import math
 import os
 import pathlib
+import re
 import threading
 import warnings
 from collections.abc import Iterator
@@ -20,10 +21,15 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from .errors import DataError
+from .interrupt import interruptible
+from .walk import walk_files
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "DEFAULT_MAX_IMAGE_PIXELS",
     "ImageReadError",
+    "ImageTooLargeError",
+    "check_max_pixels",
     "list_image_files",
     "read_image",
     "read_image_chw",
@@ -40,6 +46,10 @@ IMAGE_EXTENSIONS = frozenset(
 )
 GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
+# 8192 x 8192. Training at 227 px resizes the shorter side to 256, so a bigger photo only costs memory: at the
+# limit one decode holds up to 0.5 GiB (16-bit RGBA, 8 bytes a pixel), per decoding thread or worker.
+# Camera photos (up to ~50 megapixels) and every ImageNet image pass; PIL's own limit is about 179 megapixels.
+DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 
 _truncation_lock = threading.Lock()
 _strict_depth = 0
@@ -53,6 +63,62 @@ class ImageReadError(DataError):
         self.path = pathlib.Path(path)
         self.kind = kind
         super().__init__(f"{path}: {kind} image file, expected a decodable image ({detail})")
+
+
+class ImageTooLargeError(ImageReadError):
+    """An image's header declares more pixels than the limit: it is not decoded (kind ``"too_large"``).
+    ``pixels``: the count the header gives."""
+
+    def __init__(self, path: os.PathLike | str, pixels: int, limit: str, size: tuple[int, int] | None = None):
+        self.path = pathlib.Path(path)
+        self.kind = "too_large"
+        self.pixels = pixels
+        what = f"is {size[0]}x{size[1]} = {pixels} pixels" if size else f"has {pixels} pixels"
+        DataError.__init__(self, f"{path}: image {what}, over {limit}; not decoded")
+
+
+def _our_limit(max_pixels: int) -> str:
+    return f"the limit of {max_pixels} (max_image_pixels, --max-image-pixels)"
+
+
+def check_max_pixels(max_pixels: int | None) -> None:
+    """Raise :class:`DataError` naming ``--max-image-pixels`` unless it is a positive integer (or None)."""
+    if max_pixels is None:
+        return
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0:
+        raise DataError(f"--max-image-pixels {max_pixels!r}: expected a positive number of pixels")
+
+
+@contextlib.contextmanager
+def open_image(path: os.PathLike | str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[Image.Image]:
+    """``PIL.Image.open`` (header only) that refuses, before any pixel is decoded, an image of more than
+    ``max_pixels`` pixels (None: PIL's own decompression-bomb limit only).
+
+    Raises:
+        ImageTooLargeError: over the limit (also PIL's ``DecompressionBombError``, which it replaces).
+        ImageReadError: the header cannot be parsed (kind ``"corrupt"``).
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # DecompressionBombWarning (the limit here decides), palette warnings
+            img = Image.open(path)
+    except Image.DecompressionBombError as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = int(found.group(1)) if found else 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        if max_pixels is not None and pixels > max_pixels:
+            limit = _our_limit(max_pixels)
+        else:
+            limit = f"PIL's decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS = {2 * Image.MAX_IMAGE_PIXELS})"
+        raise ImageTooLargeError(path, pixels, limit) from None
+    except UnidentifiedImageError as e:
+        raise ImageReadError(path, "corrupt", "not a recognised image format") from e
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageReadError(path, "corrupt", str(e) or type(e).__name__) from e
+    with img:
+        w, h = img.size
+        if max_pixels is not None and w * h > max_pixels:
+            raise ImageTooLargeError(path, w * h, _our_limit(max_pixels), (w, h))
+        yield img
 
 
 @contextlib.contextmanager
@@ -88,20 +154,14 @@ def mode_kind(img: Image.Image) -> set[str]:
     return kinds
 
 
-def _walk_sorted(folder: pathlib.Path) -> Iterator[pathlib.Path]:
-    # os.walk with sorted dirs/files: the sample order must not depend on the filesystem.
-    for root, dirs, files in os.walk(folder, followlinks=True):
-        dirs.sort()
-        for name in sorted(files):
-            yield pathlib.Path(root) / name
-
-
 def _looks_like_image(path: pathlib.Path) -> bool:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             with Image.open(path):
                 return True
+    except Image.DecompressionBombError:  # an image, one too large to decode
+        return True
     except Exception:
         return False
 
@@ -111,7 +171,9 @@ def list_image_files(folder: os.PathLike | str) -> tuple[list[pathlib.Path], lis
 
     A file counts as an image when its extension is a known image extension (the file may still be
     corrupt: that is found when it is decoded) or, for other extensions, when PIL can identify it from
-    its header. Works for flat folders and for the ImageNet layout ``train/<wnid>/*.JPEG``.
+    its header. Works for flat folders and for the ImageNet layout ``train/<wnid>/*.JPEG``. The walk is
+    :func:`deepsim.data.walk.walk_files` (symlink loops end, every file once); a stop signal (SIGINT, SIGTERM,
+    SIGHUP) raises :class:`deepsim.data.interrupt.Interrupted`.
 
     Returns:
         (images, non_images): two lists of paths.
@@ -123,27 +185,24 @@ def list_image_files(folder: os.PathLike | str) -> tuple[list[pathlib.Path], lis
     if not folder.is_dir():
         raise DataError(f"{folder}: expected a folder of images, 'photos', or an STL-10 binary folder")
     images, non_images = [], []
-    for path in _walk_sorted(folder):
-        if path.suffix.lower() in IMAGE_EXTENSIONS or _looks_like_image(path):
-            images.append(path)
-        else:
-            non_images.append(path)
+    with interruptible():
+        for path in walk_files(folder):
+            if path.suffix.lower() in IMAGE_EXTENSIONS or _looks_like_image(path):
+                images.append(path)
+            else:
+                non_images.append(path)
     return images, non_images
 
 
-def probe_image(path: os.PathLike | str) -> tuple[int, int, str]:
+def probe_image(path: os.PathLike | str, max_pixels: int | None = None) -> tuple[int, int, str]:
     """(width, height, mode) from the header only, without decoding pixels.
 
     Raises:
+        ImageTooLargeError: more than ``max_pixels`` pixels (None: PIL's decompression-bomb limit only).
         ImageReadError: the header cannot be parsed (kind ``"corrupt"``).
     """
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as img:
-                return img.size[0], img.size[1], img.mode
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-        raise ImageReadError(path, "corrupt", str(e) or type(e).__name__) from e
+    with open_image(path, max_pixels) as img:
+        return img.size[0], img.size[1], img.mode
 
 
 def _to_rgb(img: Image.Image) -> np.ndarray:
@@ -162,24 +221,29 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     return np.asarray(img)
 
 
-def read_image(path: os.PathLike | str, *, resize_shorter: int | None = None) -> np.ndarray:
+def read_image(
+    path: os.PathLike | str, *, resize_shorter: int | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> np.ndarray:
     """Decode an image file fully into RGB.
 
     Args:
         path: the image file.
         resize_shorter: when given, resize (bilinear, antialiased) so the shorter side equals it,
             keeping the aspect ratio. JPEGs are decoded at a reduced DCT scale when that is enough.
+        max_pixels: an image whose header declares more pixels is refused before decoding (None: PIL's
+            decompression-bomb limit only).
 
     Returns:
         np.ndarray uint8 of shape (H, W, 3), C-contiguous, RGB (use :func:`read_image_chw` for (3, H, W)).
 
     Raises:
+        ImageTooLargeError: over ``max_pixels`` (names the file).
         ImageReadError: the file is corrupt or truncated (names the file).
     """
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DecompressionBombWarning, palette warnings
-            with strict_truncation(), Image.open(path) as img:
+            warnings.simplefilter("ignore")  # palette warnings
+            with strict_truncation(), open_image(path, max_pixels) as img:
                 if resize_shorter is not None:
                     w, h = img.size
                     s = resize_shorter / min(w, h)
@@ -194,9 +258,9 @@ def read_image(path: os.PathLike | str, *, resize_shorter: int | None = None) ->
                 else:
                     img.load()
                 hwc = _to_rgb(img)
-    except UnidentifiedImageError as e:
-        raise ImageReadError(path, "corrupt", "not a recognised image format") from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:
+        if isinstance(e, ImageReadError):
+            raise
         msg = str(e) or type(e).__name__
         kind = "truncated" if "truncat" in msg.lower() else "corrupt"
         raise ImageReadError(path, kind, msg) from e
@@ -205,9 +269,12 @@ def read_image(path: os.PathLike | str, *, resize_shorter: int | None = None) ->
     return np.ascontiguousarray(hwc)
 
 
-def read_image_chw(path: os.PathLike | str, *, resize_shorter: int | None = None) -> np.ndarray:
+def read_image_chw(
+    path: os.PathLike | str, *, resize_shorter: int | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> np.ndarray:
     """:func:`read_image` in (3, H, W) layout, C-contiguous (what the loaders crop from)."""
-    return np.ascontiguousarray(read_image(path, resize_shorter=resize_shorter).transpose(2, 0, 1))
+    hwc = read_image(path, resize_shorter=resize_shorter, max_pixels=max_pixels)
+    return np.ascontiguousarray(hwc.transpose(2, 0, 1))
 
 
 def resized_size(width: int, height: int, resize_shorter: int | None) -> tuple[int, int]:
@@ -238,13 +305,15 @@ class ScannedFiles:
 
 
 def scan_image_files(
-    paths, *, crop_size: int, resize: int | None, on_bad: str, full_check: bool = False
+    paths, *, crop_size: int, resize: int | None, on_bad: str, full_check: bool = False,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> ScannedFiles:
     """Sort files into usable and bad before a pipeline that cannot skip a file mid-stream starts (DALI, the
     GPU decoder), reading every usable image's size and mode from its header.
 
     Headers only (PIL) unless ``full_check`` (a full decode: catches truncated data too). An image smaller
-    than the crop (after the resize, if any) is bad unless ``on_bad="pad"``.
+    than the crop (after the resize, if any) is bad unless ``on_bad="pad"``; one of more than ``max_pixels``
+    pixels is bad (from its header: it is never decoded).
 
     Raises:
         DataError: with ``on_bad="error"``, naming the first bad file and what was expected.
@@ -252,9 +321,9 @@ def scan_image_files(
     good, sizes, modes, bad, source_sizes = [], [], [], [], []
     for p in paths:
         try:
-            w, h, mode = probe_image(p)
+            w, h, mode = probe_image(p, max_pixels)
             if full_check:
-                read_image(p)
+                read_image(p, max_pixels=max_pixels)
         except ImageReadError as e:
             if on_bad == "error":
                 raise DataError(str(e)) from e

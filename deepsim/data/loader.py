@@ -16,6 +16,8 @@ import os
 import torch
 
 from .errors import DataError
+from .images import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels
+from .interrupt import interruptible
 from .sampling import LOADERS, check_loader_args, start_cursor
 from .stores import DEFAULT_CACHE_BYTES
 
@@ -46,6 +48,7 @@ def build_loader(
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     static: bool = False,
     pad_channels: int = 3,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ):
     """Build an infinite, deterministic, sharded, resumable stream of training batches.
 
@@ -80,6 +83,8 @@ def build_loader(
         static: DALI only: return the same preallocated tensor each step (for CUDA graphs).
         pad_channels: 3, or 4 / 8 to append zero channels (a first conv that streams 8- or 16-byte pixels,
             :class:`deepsim.networks.ConvLReLU`); torch and resident loaders, and DALI for 4.
+        max_image_pixels: an image whose header declares more pixels is a bad image (``on_bad``), refused
+            before it is decoded.
 
     Returns:
         a stream (:class:`~deepsim.data.torch_loader.BatchStream`, ``DaliBatchStream`` or
@@ -88,10 +93,12 @@ def build_loader(
         checkpoint; ``stream.close()`` stops its workers.
 
     Raises:
-        DataError: bad arguments, empty folder, unreadable or too-small file with ``on_bad="error"``.
+        DataError: bad arguments, empty folder, unreadable, too-small or too-large file with ``on_bad="error"``.
+        Interrupted: a stop signal (SIGINT, SIGTERM, SIGHUP) arrived while the source was scanned.
     """
     if loader not in LOADERS:
         raise DataError(f"loader={loader!r}: expected one of {', '.join(LOADERS)}")
+    check_max_pixels(max_image_pixels)
     check_loader_args(
         batch_size=batch_size, crop_size=crop_size, mode=mode, on_bad=on_bad, shard_id=shard_id,
         num_shards=num_shards, resize_size=resize_size,
@@ -103,10 +110,16 @@ def build_loader(
         batch_size=batch_size, crop_size=crop_size, mode=mode, mirror=mirror, device=device, dtype=dtype, seed=seed,
         start_sample=cursor, shard_id=shard_id, num_shards=num_shards, num_workers=num_workers,
         channels_last=channels_last, on_bad=on_bad, split=split, resize_size=resize_size,
+        max_image_pixels=max_image_pixels,
     )  # fmt: skip
     if pad_channels not in (3, 4, 8) or (pad_channels > 3 and loader == "nvjpeg"):
         raise DataError(f"pad_channels={pad_channels} with loader={loader!r}: expected 3, 4 or 8 (3 for nvjpeg)")
     padding = {} if pad_channels == 3 else {"pad_channels": pad_channels}
+    with interruptible():  # a long scan of the source ends on a stop signal
+        return _build(source, loader, common, padding, static, cache, cache_bytes)
+
+
+def _build(source, loader: str, common: dict, padding: dict, static: bool, cache, cache_bytes: int):
     if loader == "resident":
         from .resident import build_resident_loader
 

@@ -37,7 +37,7 @@ import torch
 from .augment import crop_params, pad_to
 from .convention import to_model_batch
 from .errors import DataError
-from .images import ImageReadError, read_image, scan_image_files
+from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError, read_image, scan_image_files
 from .sampling import EpochSchedule, ScheduledStream
 from .sources import resolve_source
 
@@ -245,6 +245,7 @@ def build_nvjpeg_loader(
     on_bad: str,
     split: str | None,
     resize_size: int,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> NvjpegBatchStream:
     """The GPU-decode stream; arguments as :func:`deepsim.data.build_loader` (checked there);
     ``num_workers``: file-reading threads (0 = min(4, cpu count))."""
@@ -255,7 +256,7 @@ def build_nvjpeg_loader(
             "use --loader torch or dali"
         )
     resize = resize_size if mode.startswith("resize") else None
-    scan = scan_image_files(src.paths, crop_size=crop_size, resize=resize, on_bad=on_bad)
+    scan = scan_image_files(src.paths, crop_size=crop_size, resize=resize, on_bad=on_bad, max_pixels=max_image_pixels)
     if not scan.files:
         raise DataError(
             f"{src.name}: all {len(src.paths)} image files are unusable (corrupt or smaller than the crop)"

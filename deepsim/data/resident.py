@@ -20,6 +20,7 @@ import torch
 
 from .augment import _key
 from .errors import DataError
+from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .sampling import EpochSchedule, ScheduledStream
 from .sources import ResolvedSource, resolve_source
 from .stores import MAX_PROBE_FILES, ArrayStore, _estimate_bytes, build_store
@@ -286,6 +287,7 @@ def build_resident_loader(
     split: str | None,
     resize_size: int,
     pad_channels: int = 3,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
     free_bytes: int | None = None,
 ) -> ResidentBatchStream:
     """The resident stream; arguments as :func:`deepsim.data.build_loader` (checked there), plus
@@ -301,7 +303,7 @@ def build_resident_loader(
     resize = resize_size if mode.startswith("resize") else None
     src = resolve_source(source, split)
     check_fits(dataset_bytes(src, resize), device, name=src.name, kind=src.kind, free_bytes=free_bytes)
-    store, bad = build_store(src, crop_size, resize, on_bad, cache=True, cache_bytes=0)
+    store, bad = build_store(src, crop_size, resize, on_bad, cache=True, cache_bytes=0, max_pixels=max_image_pixels)
     data, offsets, heights, widths = _upload(store, device)
     return ResidentBatchStream(
         data=data, offsets=offsets, heights=heights, widths=widths, schedule=EpochSchedule(store.n, seed, src.name),

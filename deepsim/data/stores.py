@@ -18,7 +18,7 @@ import torch
 
 from .augment import crop_batch, crop_one, crop_params, pad_to
 from .errors import DataError
-from .images import ImageReadError, probe_image, read_image_chw
+from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError, probe_image, read_image_chw
 from .sources import ResolvedSource
 
 __all__ = ["ArrayStore", "ListStore", "build_store", "bad_reason", "DEFAULT_CACHE_BYTES", "MAX_PROBE_FILES"]
@@ -74,19 +74,22 @@ def bad_reason(height: int, width: int, crop_size: int) -> str | None:
 
 
 def _decode_cached(
-    paths: Sequence[os.PathLike], crop_size: int, resize: int | None, on_bad: str
+    paths: Sequence[os.PathLike], crop_size: int, resize: int | None, on_bad: str, max_pixels: int | None
 ) -> tuple[list[np.ndarray], list[str]]:
     """Decode all files (thread pool; PIL releases the GIL). Returns (good images, bad file names)."""
 
     def load(path):
         try:
-            return read_image_chw(path, resize_shorter=resize), None
+            return read_image_chw(path, resize_shorter=resize, max_pixels=max_pixels), None
         except ImageReadError as e:
             return None, e
 
     workers = max(1, min(8, os.cpu_count() or 1))
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    pool = concurrent.futures.ThreadPoolExecutor(workers)
+    try:
         results = list(pool.map(load, paths))
+    finally:  # on a stop signal: the files in flight finish, the queued ones are dropped
+        pool.shutdown(wait=True, cancel_futures=True)
     good, bad = [], []
     for path, (img, err) in zip(paths, results):
         if err is not None:
@@ -107,11 +110,11 @@ def _decode_cached(
     return good, bad
 
 
-def _estimate_bytes(paths: Sequence[os.PathLike], resize: int | None) -> int:
+def _estimate_bytes(paths: Sequence[os.PathLike], resize: int | None, max_pixels: int | None) -> int:
     total = 0
     for p in paths:
         try:
-            w, h, _ = probe_image(p)
+            w, h, _ = probe_image(p, max_pixels)
         except ImageReadError:
             continue
         if resize is not None:
@@ -122,9 +125,11 @@ def _estimate_bytes(paths: Sequence[os.PathLike], resize: int | None) -> int:
 
 
 def build_store(
-    src: ResolvedSource, crop_size: int, resize: int | None, on_bad: str, cache: bool | None, cache_bytes: int
+    src: ResolvedSource, crop_size: int, resize: int | None, on_bad: str, cache: bool | None, cache_bytes: int,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ):
-    """The in-memory store of ``src`` (None when its files are to be decoded lazily).
+    """The in-memory store of ``src`` (None when its files are to be decoded lazily). An image of more than
+    ``max_pixels`` pixels is a bad image (refused from its header).
 
     Returns:
         (store or None, names of the bad files dropped at build time).
@@ -144,11 +149,11 @@ def build_store(
         return ArrayStore(src.array), []
     if cache is None:
         cache = src.kind == "photos" or (
-            len(src.paths) <= MAX_PROBE_FILES and _estimate_bytes(src.paths, resize) < cache_bytes
+            len(src.paths) <= MAX_PROBE_FILES and _estimate_bytes(src.paths, resize, max_pixels) < cache_bytes
         )
     if not cache:
         return None, []
-    images, bad = _decode_cached(src.paths, crop_size, resize, on_bad)
+    images, bad = _decode_cached(src.paths, crop_size, resize, on_bad, max_pixels)
     if not images:
         raise DataError(
             f"{src.name}: all {len(src.paths)} image files are unusable (corrupt or smaller than the crop)"

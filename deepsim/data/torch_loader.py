@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .convention import to_model_batch
+from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .sampling import EpochSchedule, ScheduledStream
 from .sources import resolve_source
 from .stores import DEFAULT_CACHE_BYTES, build_store
@@ -153,14 +154,15 @@ def build_torch_loader(
     cache: bool | None = None,
     cache_bytes: int = DEFAULT_CACHE_BYTES,
     pad_channels: int = 3,
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> BatchStream:
     """The torch stream; arguments as :func:`deepsim.data.build_loader` (checked there)."""
     resize = resize_size if mode.startswith("resize") else None
     random = mode in ("crop", "resize-crop")
     src = resolve_source(source, split)
-    store, bad = build_store(src, crop_size, resize, on_bad, cache, cache_bytes)
+    store, bad = build_store(src, crop_size, resize, on_bad, cache, cache_bytes, max_image_pixels)
     if store is None:
-        store = LazyFiles(src.paths, crop_size, resize, random, seed, on_bad, mirror)
+        store = LazyFiles(src.paths, crop_size, resize, random, seed, on_bad, mirror, max_image_pixels)
     return BatchStream(
         store=store, schedule=EpochSchedule(store.n, seed, src.name), batch_size=batch_size, crop_size=crop_size,
         random=random, mirror=mirror, seed=seed, shard_id=shard_id, num_shards=num_shards,

@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from .augment import crop_params, pad_to
 from .convention import to_model_batch
 from .errors import DataError
-from .images import ImageReadError, read_image
+from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError, read_image
 from .sampling import EpochSchedule, rank_positions
 from .stores import bad_reason
 
@@ -41,8 +41,9 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
 class LazyFiles(Dataset):
     """Map-style dataset over (position, sample index, substitute) items: decodes one file per item."""
 
-    def __init__(self, paths, crop_size, resize, random, seed, on_bad, mirror=True):
+    def __init__(self, paths, crop_size, resize, random, seed, on_bad, mirror=True, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
         self.paths = [str(p) for p in paths]
+        self.max_pixels = max_pixels
         self.n = len(self.paths)
         self.crop_size, self.resize, self.random, self.mirror = crop_size, resize, random, mirror
         self.seed, self.on_bad = seed, on_bad
@@ -54,7 +55,7 @@ class LazyFiles(Dataset):
         """(H, W, 3) image or (None, error message). HWC: only the crop is transposed, not the image."""
         path = self.paths[i]
         try:
-            img = read_image(path, resize_shorter=self.resize)
+            img = read_image(path, resize_shorter=self.resize, max_pixels=self.max_pixels)
         except ImageReadError as e:
             return None, str(e)
         reason = bad_reason(img.shape[0], img.shape[1], self.crop_size)

@@ -43,6 +43,7 @@ __all__ = ["train", "TrainResult", "NonFiniteLossError", "RUNTIME_FIELDS", "RESU
 # Fields a resumed run takes from the command line; all others come from the checkpoint's config.
 RUNTIME_FIELDS = {
     "steps", "out", "device", "log_every", "sample_every", "checkpoint_every", "num_workers", "compile", "loader", "on_bad",
+    "max_image_pixels",
     "channels_last", "tensorboard", "keep_checkpoints", "stop_signals",
 }
 # Fields a resumed run takes from the command line only when they were given there (``resume_overrides``):
@@ -453,10 +454,12 @@ def _run(config, payload, out, context, progress, build_loader, tasks, stopper: 
         mirror=config.mirror, loader=config.loader, device=device, seed=config.seed, start_sample=cursor,
         shard_id=rank, num_shards=world, num_workers=config.num_workers, channels_last=channels_last,
         on_bad=config.on_bad, pad_channels=_pad_channels(trainer, config.loader),
+        max_image_pixels=config.max_image_pixels,
     )
     sample_stream = build_loader(
         config.data, batch_size=8, crop_size=config.image_size, mode=_task_mode(config), mirror=config.mirror,
         loader="torch", device=device, seed=config.seed + 7919, on_bad=config.on_bad,
+        max_image_pixels=config.max_image_pixels,
     )
     sample_batch = next(sample_stream)
     sample_stream.close()

@@ -10,7 +10,6 @@ import concurrent.futures
 import dataclasses
 import os
 import pathlib
-import warnings
 
 from PIL import Image, UnidentifiedImageError
 
@@ -67,12 +66,10 @@ class CheckReport:
 
 def _check_one(path: pathlib.Path, min_size: int) -> tuple[str, object]:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with strict_truncation(), Image.open(path) as img:
-                img.load()
-                kinds = mode_kind(img)
-                size = img.size
+        with strict_truncation(), Image.open(path) as img:
+            img.load()
+            kinds = mode_kind(img)
+            size = img.size
     except UnidentifiedImageError:
         return "corrupt", None
     except (OSError, ValueError, SyntaxError, EOFError) as e:

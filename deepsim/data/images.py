@@ -41,6 +41,11 @@ IMAGE_EXTENSIONS = frozenset(
 GRAYSCALE_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16L", "I;16B", "I;16N", "F"})
 ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 
+# PIL warns about odd files (DecompressionBombWarning, palette, corrupt EXIF): one filter on PIL's own modules,
+# set once. Not warnings.catch_warnings() per file: that swaps the process-wide filter list and is not
+# thread-safe, so reader threads that overlap leave an "ignore every warning" filter behind for the process.
+warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+
 _truncation_lock = threading.Lock()
 _strict_depth = 0
 _saved_flag = False
@@ -98,10 +103,8 @@ def _walk_sorted(folder: pathlib.Path) -> Iterator[pathlib.Path]:
 
 def _looks_like_image(path: pathlib.Path) -> bool:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path):
-                return True
+        with Image.open(path):
+            return True
     except Exception:
         return False
 
@@ -138,10 +141,8 @@ def probe_image(path: os.PathLike | str) -> tuple[int, int, str]:
         ImageReadError: the header cannot be parsed (kind ``"corrupt"``).
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path) as img:
-                return img.size[0], img.size[1], img.mode
+        with Image.open(path) as img:
+            return img.size[0], img.size[1], img.mode
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
         raise ImageReadError(path, "corrupt", str(e) or type(e).__name__) from e
 
@@ -177,23 +178,21 @@ def read_image(path: os.PathLike | str, *, resize_shorter: int | None = None) ->
         ImageReadError: the file is corrupt or truncated (names the file).
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DecompressionBombWarning, palette warnings
-            with strict_truncation(), Image.open(path) as img:
-                if resize_shorter is not None:
-                    w, h = img.size
-                    s = resize_shorter / min(w, h)
-                    size = (max(1, round(w * s)), max(1, round(h * s)))
-                    if img.format == "JPEG" and s < 1:
-                        img.draft("RGB", (math.ceil(w * s), math.ceil(h * s)))
-                    img.load()
-                    if img.mode not in ("RGB", "L"):
-                        img = Image.fromarray(_to_rgb(img))
-                    if img.size != size:
-                        img = img.resize(size, Image.Resampling.BILINEAR)
-                else:
-                    img.load()
-                hwc = _to_rgb(img)
+        with strict_truncation(), Image.open(path) as img:
+            if resize_shorter is not None:
+                w, h = img.size
+                s = resize_shorter / min(w, h)
+                size = (max(1, round(w * s)), max(1, round(h * s)))
+                if img.format == "JPEG" and s < 1:
+                    img.draft("RGB", (math.ceil(w * s), math.ceil(h * s)))
+                img.load()
+                if img.mode not in ("RGB", "L"):
+                    img = Image.fromarray(_to_rgb(img))
+                if img.size != size:
+                    img = img.resize(size, Image.Resampling.BILINEAR)
+            else:
+                img.load()
+            hwc = _to_rgb(img)
     except UnidentifiedImageError as e:
         raise ImageReadError(path, "corrupt", "not a recognised image format") from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:

@@ -21,6 +21,10 @@
 #   phase          estimate  limit  what
 #   env                 5 s   20 s  nvidia-smi, Python and library versions, the commit -> OUT/commit.txt
 #   install            20 s   60 s  DALI from carried .dali1.. pieces (if any); pip install -e . (or a path shim)
+#   tests-contact      30 s   60 s  the first contact with the card: a run resumed from a CPU-mapped checkpoint
+#                                   (optimizer state back on the GPU), the nvjpeg loader under long work queued
+#                                   on the training stream (40 batches vs the CPU decode), EXIF-rotated JPEGs
+#                                   (nvjpeg; DALI GPU and CPU mode where DALI is carried), --timeout 60
 #   tests-kernels      80 s  110 s  pytest tests/kernels on CUDA without test_gpu_compile.py (a CPU-side
 #                                   check, ~25 s, that runs in CI), --timeout 60 per test, DEEPSIM_AUTOTUNE=0
 #   tests-step         50 s   80 s  pytest -m cuda tests/test_fused_step.py: fused vs reference kernels over
@@ -32,7 +36,7 @@
 #   bench-loader       25 s   40 s  python -m bench --groups loader: PIL DataLoader vs decode_jpeg on the GPU
 #                                   vs deepsim's torch loader vs DALI (if carried)
 #   finish              3 s   10 s  results.json/.md re-read, summary.txt, the compact table printed last
-#   total             378 s
+#   total             408 s
 # A phase's limit is cut to what the budget has left after reserving min(estimate, 20 s) for each later
 # phase; a phase with under 10 s left is skipped. Every phase runs under `timeout --kill-after=5` (a hard
 # kill). The bench phases also pass --group-timeout (limit - 20 s: Python, CUDA and the peaks start first):
@@ -87,8 +91,8 @@ for f in commit.txt logs.tar.gz phases.tsv results.json results.md summary.txt; 
 printf 'phase\trc\tseconds\testimate_s\tlimit_s\tnote\n' > "$PHASES"
 
 # The plan: name and estimate (seconds), in order; a phase's reserve for the phases after it comes from here.
-PLAN_NAMES=(env install tests-kernels tests-step bench-kernels bench-step bench-loader finish)
-PLAN_ESTIMATES=(5 20 80 50 45 150 25 3)
+PLAN_NAMES=(env install tests-contact tests-kernels tests-step bench-kernels bench-step bench-loader finish)
+PLAN_ESTIMATES=(5 20 30 80 50 45 150 25 3)
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 
@@ -271,6 +275,9 @@ fi
 if [ -f /tmp/deepsim-path/sitecustomize.py ]; then
     export PYTHONPATH="/tmp/deepsim-path${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# The same selection on both: on a CPU the CUDA tests skip and DALI's CPU-mode EXIF test runs.
+phase tests-contact 60 pytest_phase tests-contact 60 tests/test_resume.py tests/test_data_nvjpeg.py \
+    tests/test_data_dali.py -k "on_cuda or survive or exif"
 if [ "$DRY_RUN" = 1 ]; then  # stand-ins: the interpreter would take minutes over tests/kernels
     phase tests-kernels 110 pytest_phase tests-kernels 60 tests/kernels/test_backend.py
     phase tests-step 80 pytest_phase tests-step 120 tests/test_fused_step.py -k "identical or cuda"

@@ -207,3 +207,23 @@ def test_gpu_batches_survive_long_work_queued_on_the_training_stream(jpeg_folder
     assert stream.cpu_decoded == 1  # the CMYK file: the pinned, non-blocking fallback copy took part
     for t, (a, b) in enumerate(zip(gpu, cpu)):
         assert (a.cpu() - b).abs().max() <= 4 / 127.5, f"batch {t} differs from the CPU decode"
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_exif_rotated_jpegs_decode_unrotated_on_the_gpu(tmp_path):
+    """nvJPEG (decode_jpeg without apply_exif_orientation) ignores EXIF orientation like the header pre-scan
+    and the torch loader: a JPEG tagged orientation 6 gives the torch loader's crops."""
+    rng = np.random.default_rng(4)
+    for i, (h, w) in enumerate([(64, 96), (80, 56), (64, 96)]):
+        small = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC).save(
+            tmp_path / f"exif_{i}.jpg", quality=100, subsampling=0, exif=exif
+        )
+    kw = dict(batch_size=3, crop_size=48, seed=6)
+    gpu = _take(build_loader(tmp_path, loader="nvjpeg", device="cuda", **kw), 3)
+    cpu = _take(build_loader(tmp_path, loader="torch", **kw), 3)
+    for a, b in zip(gpu, cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=0, atol=4 / 127.5)

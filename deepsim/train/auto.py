@@ -153,16 +153,16 @@ def resolve_runtime(
             return "torch", "DALI is not installed; STL-10 binaries are raw pixels: nothing to decode"
         return "nvjpeg", "DALI is not installed: JPEG decode on the GPU through torchvision (nvJPEG)"
 
+    def choose_compile() -> tuple[str, str]:
+        if not cuda:
+            return "off", f"{where}: eager step"
+        if world > 1:  # NCCL all-reduces inside inductor's CUDA-graph trees: not measured here yet
+            return "default", f"{where}, {world} ranks: the compiled step without CUDA graphs"
+        return "reduce-overhead", f"{where}: the compiled step under CUDA graphs"
+
     bf16, tensor_cores = capability >= (8, 0), capability >= (7, 0)
     rules = {  # field -> () -> (value, why); called only for a field that is "auto"
-        "compile": lambda: (
-            ("off", f"{where}: eager step")
-            if not cuda
-            else ("reduce-overhead", f"{where}: the compiled step under CUDA graphs")
-            if world <= 1
-            else ("default", f"{where}, {world} ranks: the compiled step without CUDA graphs (NCCL all-reduces "
-                  "inside CUDA graphs are not measured here yet)")
-        ),  # fmt: skip
+        "compile": choose_compile,
         "precision": lambda: (
             ("bf16", f"{where} has bf16 tensor cores")
             if bf16

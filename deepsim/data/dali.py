@@ -317,7 +317,7 @@ def build_dali_loader(
     src = resolve_source(source, split)
     pipeline_options = dict(
         batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed & 0x7FFFFFFF,
-        prefetch_queue_depth=prefetch,
+        prefetch_queue_depth=prefetch, exec_dynamic=True,  # (the executor that returns outputs on a CUDA stream)
     )  # fmt: skip
     feed_options = dict(
         start_sample=start_sample, shard_id=shard_id, num_shards=num_shards, batch_size=batch_size,

@@ -21,6 +21,10 @@
 #   phase          estimate  limit  what
 #   env                 5 s   20 s  nvidia-smi, Python and library versions, the commit -> OUT/commit.txt
 #   install            20 s   60 s  DALI from carried .dali1.. pieces (if any); pip install -e . (or a path shim)
+#   tests-contact      30 s   60 s  the first contact with the card: a run resumed from a CPU-mapped checkpoint
+#                                   (optimizer state back on the GPU), the nvjpeg loader under long work queued
+#                                   on the training stream (40 batches vs the CPU decode), EXIF-rotated JPEGs
+#                                   (nvjpeg; DALI GPU and CPU mode where DALI is carried), --timeout 60
 #   tests-kernels      80 s  110 s  pytest tests/kernels on CUDA without test_gpu_compile.py (a CPU-side
 #                                   check, ~25 s, that runs in CI), --timeout 60 per test, DEEPSIM_AUTOTUNE=0
 #   tests-step         50 s   80 s  pytest -m cuda tests/test_fused_step.py: fused vs reference kernels over
@@ -90,8 +94,8 @@ for f in commit.txt logs.tar.gz phases.tsv results.json results.md summary.txt; 
 printf 'phase\trc\tseconds\testimate_s\tlimit_s\tnote\n' > "$PHASES"
 
 # The plan: name and estimate (seconds), in order; a phase's reserve for the phases after it comes from here.
-PLAN_NAMES=(env install tests-kernels tests-step bench-kernels bench-step bench-loader bench-lpips finish)
-PLAN_ESTIMATES=(5 20 80 50 45 150 40 25 3)
+PLAN_NAMES=(env install tests-contact tests-kernels tests-step bench-kernels bench-step bench-loader bench-lpips finish)
+PLAN_ESTIMATES=(5 20 30 70 50 45 140 35 20 3)
 
 left() { echo $((BUDGET - ($(date +%s) - START))); }
 
@@ -274,6 +278,9 @@ fi
 if [ -f /tmp/deepsim-path/sitecustomize.py ]; then
     export PYTHONPATH="/tmp/deepsim-path${PYTHONPATH:+:$PYTHONPATH}"
 fi
+# The same selection on both: on a CPU the CUDA tests skip and DALI's CPU-mode EXIF test runs.
+phase tests-contact 60 pytest_phase tests-contact 60 tests/test_resume.py tests/test_data_nvjpeg.py \
+    tests/test_data_dali.py -k "on_cuda or survive or exif"
 if [ "$DRY_RUN" = 1 ]; then  # stand-ins: the interpreter would take minutes over tests/kernels
     phase tests-kernels 110 pytest_phase tests-kernels 60 tests/kernels/test_backend.py
     phase tests-step 80 pytest_phase tests-step 120 tests/test_fused_step.py -k "identical or cuda"

@@ -5,7 +5,15 @@ import pytest
 import torch
 
 from deepsim.config import PRESETS, TrainConfig, get_preset
-from deepsim.train.auto import AUTO, RUNTIME_CHOICES, data_kind, describe_runtime, resolve_runtime
+from deepsim.train.auto import (
+    AUTO,
+    RUNTIME_CHOICES,
+    data_kind,
+    describe_runtime,
+    loader_trial,
+    resolve_runtime,
+    try_runtime,
+)
 
 H100 = dict(cuda_capability=(9, 0), tensorboard_installed=True)
 
@@ -169,3 +177,127 @@ def test_default_run_on_cuda_takes_the_fast_path(tmp_path):
     assert (saved["compile"], saved["channels_last"], saved["loader"]) == ("reduce-overhead", True, "resident")
     assert saved["precision"] == ("bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp32")
     assert result.step == 3 and all(np.isfinite(v) for v in result.history[-1].values())
+
+
+def test_several_ranks_on_cuda_default_to_the_compiled_step_without_cuda_graphs():
+    one, _ = resolve_runtime(TrainConfig(), "cuda", kind="photos", **H100)
+    two, reasons = resolve_runtime(TrainConfig(), "cuda", kind="photos", world=2, **H100)
+    assert (one.compile, two.compile) == ("reduce-overhead", "default")
+    assert "2 ranks: the compiled step without CUDA graphs" in reasons[0]
+    pinned, _ = resolve_runtime(TrainConfig(compile="reduce-overhead"), "cuda", kind="photos", world=2, **H100)
+    assert pinned.compile == "reduce-overhead"  # an explicit value is kept
+
+
+def _failing_trial(*broken):
+    tried = []
+
+    def trial(loader, device):
+        tried.append(loader)
+        if loader in broken:
+            raise RuntimeError(f"{loader}: pipe.build() failed: CUDA driver version is insufficient\ndetails")
+
+    return trial, tried
+
+
+@pytest.mark.parametrize(
+    "kind, broken, expected, tried",
+    [
+        ("folder", (), "dali", ["dali"]),
+        ("folder", ("dali",), "nvjpeg", ["dali", "nvjpeg"]),
+        ("folder", ("dali", "nvjpeg"), "torch", ["dali", "nvjpeg"]),
+        ("stl10", ("dali",), "torch", ["dali"]),  # nvjpeg decodes image files only
+    ],
+)
+def test_an_auto_loader_is_tried_on_one_batch_and_falls_back_with_a_reason(kind, broken, expected, tried):
+    chosen, reasons = resolve_runtime(TrainConfig(data="/data/x"), "cuda", dali_available=True, kind=kind, **H100)
+    trial, calls = _failing_trial(*broken)
+    config, reasons = try_runtime(chosen, "cuda", reasons, {"loader"}, trial=trial, kind=kind)
+    assert config.loader == expected and calls == tried
+    line = next(r for r in reasons if r.startswith("loader="))
+    assert "\n" not in line
+    if broken:
+        assert line.startswith(f"loader={expected} (auto: dali failed a one-batch trial (RuntimeError: dali: pipe")
+        assert line.endswith(f": the {expected} loader instead)")
+
+
+def test_an_explicit_loader_is_not_tried():
+    chosen, reasons = resolve_runtime(TrainConfig(loader="dali"), "cuda", kind="folder", **H100)
+    trial, calls = _failing_trial("dali")
+    assert try_runtime(chosen, "cuda", reasons, set(), trial=trial)[0].loader == "dali" and calls == []
+
+
+@pytest.mark.parametrize("loader", ["torch", "nvjpeg", "dali"])
+def test_the_loader_trial_delivers_one_batch_on_the_cpu(loader):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    loader_trial(loader, torch.device("cpu"))  # raises on failure
+
+
+def test_the_loader_trial_raises_what_fails(monkeypatch):
+    import deepsim.data.dali as dali
+
+    def broken_build(self):
+        raise RuntimeError("CUDA driver version is insufficient for CUDA runtime version")
+
+    pytest.importorskip("nvidia.dali")
+    from nvidia.dali import Pipeline
+
+    monkeypatch.setattr(Pipeline, "build", broken_build)
+    with pytest.raises(RuntimeError, match="driver version is insufficient"):
+        loader_trial("dali", torch.device("cpu"))
+    assert dali.dali_available()  # the import alone says nothing
+
+
+def _tiny_run(tmp_path, **kw):
+    return get_preset("autoencoder-photos").replace(
+        comparator="alexnet-random:conv2", batch_size=2, image_size=32, disc_padding="padded", steps=2, log_every=1,
+        sample_every=1000, checkpoint_every=1000, device="cpu", out=str(tmp_path), tensorboard=False, **kw,
+    )  # fmt: skip
+
+
+def _broken_compile(monkeypatch):
+    from deepsim.train import compiled
+
+    def compile_step(trainer, mode):
+        def step(batch):
+            raise RuntimeError("InductorError: no working C compiler found\n(more lines)")
+
+        return step
+
+    monkeypatch.setattr(compiled, "compile_step", compile_step)
+
+
+def test_a_run_falls_back_from_an_auto_loader_and_an_auto_compile_that_fail(monkeypatch, tmp_path, capsys,
+                                                                            one_intra_op_thread):  # fmt: skip
+    """The loop wiring: resolve_runtime is made to choose DALI and the compiled step (as on a GPU), the DALI
+    trial fails and the compiled step's first call raises; the run trains eagerly on the torch loader and
+    says both in one line each."""
+    import deepsim.train.auto as auto
+    import deepsim.train.loop as loop
+
+    real_resolve = loop.resolve_runtime
+
+    def gpu_like(config, device, **kw):
+        config, reasons = real_resolve(config, device, **kw)
+        reasons = [r.replace("loader=torch", "loader=dali").replace("compile=off", "compile=default") for r in reasons]
+        return config.replace(loader="dali", compile="default"), reasons
+
+    monkeypatch.setattr(loop, "resolve_runtime", gpu_like)
+    monkeypatch.setattr(auto, "loader_trial", lambda loader, device: (_ for _ in ()).throw(RuntimeError("no DALI")))
+    _broken_compile(monkeypatch)
+    lines = []
+    result = loop.train(_tiny_run(tmp_path), progress=False, announce=lambda cfg, line: lines.append(line))
+    assert result.step == 2 and all(np.isfinite(v) for v in result.history[-1].values())
+    assert "loader=torch (auto: dali failed a one-batch trial (RuntimeError: no DALI)" in lines[0]
+    assert "nvjpeg" not in lines[0]  # the bundled photos are not an image folder: no nvjpeg trial
+    err = capsys.readouterr().err
+    assert "compile=default (auto) failed on the first step (RuntimeError: InductorError: no working C compiler" in err
+    assert "the eager step (compile=off) instead" in err
+
+
+def test_an_explicit_compile_that_fails_is_an_error(monkeypatch, tmp_path, one_intra_op_thread):
+    import deepsim.train.loop as loop
+
+    _broken_compile(monkeypatch)
+    with pytest.raises(RuntimeError, match="no working C compiler"):
+        loop.train(_tiny_run(tmp_path, compile="default"), progress=False)

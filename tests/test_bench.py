@@ -317,8 +317,8 @@ def test_measured_peaks_are_positive():
     assert peaks["flops_per_s"] > 1e8 and peaks["bytes_per_s"] > 1e8 and peaks["dtype"] == "float32"
 
 
-GPU_PHASES = ["env", "install", "tests-kernels", "tests-step", "bench-kernels", "bench-step", "bench-loader",
-              "bench-lpips", "finish"]
+GPU_PHASES = ["env", "install", "tests-contact", "tests-kernels", "tests-step", "bench-kernels", "bench-step",
+              "bench-loader", "bench-lpips", "finish"]
 OUT_FILES = {"commit.txt", "logs.tar.gz", "phases.tsv", "results.json", "results.md", "summary.txt"}
 
 

@@ -217,3 +217,98 @@ def test_missing_dali_is_a_clear_error(monkeypatch, coord_folder):
         DaliUnavailableError, match="pip install nvidia-dali-cuda130.*placeholder.*--loader torch"
     ):
         build_loader(coord_folder, batch_size=2, loader="dali")
+
+
+# ---- EXIF orientation, read-ahead, the pipeline's output stream ---------------------------------------------
+def write_exif_rotated_folder(folder, n=4):
+    """Non-square JPEGs (4:4:4, quality 100), all but the last tagged EXIF orientation 6 (rotate 90 CW)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(3)
+    for i in range(n):
+        h, w = [(64, 96), (80, 56)][i % 2]
+        small = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
+        exif = Image.Exif()
+        if i < n - 1:
+            exif[0x0112] = 6
+        img.save(folder / f"exif_{i}.jpg", quality=100, subsampling=0, exif=exif)
+    return folder
+
+
+@pytest.mark.parametrize("mode", ["crop", "center"])
+def test_exif_rotated_jpegs_give_the_torch_loaders_crops(tmp_path, mode):
+    """DALI's decoder rotates by EXIF by default; the header pre-scan (which sizes the crop anchors) and the
+    torch loader do not. DALI ignores it too, so its batches are the torch loader's on the same crops."""
+    folder = write_exif_rotated_folder(tmp_path / "exif")
+    with Image.open(folder / "exif_0.jpg") as img:
+        assert img.getexif()[0x0112] == 6 and img.size == (96, 64)
+    kw = dict(batch_size=2, crop_size=48, mode=mode, seed=6)
+    dali = [next(s) for s in [build_loader(folder, loader="dali", **kw)] for _ in range(4)]
+    torch_path = [next(s) for s in [build_loader(folder, loader="torch", **kw)] for _ in range(4)]
+    for a, b in zip(dali, torch_path):
+        torch.testing.assert_close(a, b, rtol=0, atol=2 / 127.5)  # libjpeg-turbo on both sides: IDCT rounding
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_exif_rotated_jpegs_on_the_gpu_decoder(tmp_path):
+    folder = write_exif_rotated_folder(tmp_path / "exif")
+    kw = dict(batch_size=2, crop_size=48, seed=6)
+    gpu = build_loader(folder, loader="dali", device="cuda", **kw)
+    cpu = build_loader(folder, loader="torch", **kw)
+    for _ in range(4):
+        torch.testing.assert_close(next(gpu).cpu(), next(cpu), rtol=0, atol=4 / 127.5)  # nvJPEG rounding
+    gpu.close()
+
+
+class _Info:
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+
+def test_file_reads_run_ahead_of_the_pipeline_off_its_thread(coord_folder, monkeypatch):
+    """The external_source callback (run by DALI on the training thread) returns batch t's files and has the
+    next batches' files read by the pool meanwhile."""
+    import threading
+
+    from deepsim.data.dali import _FileFeed
+    from deepsim.data.images import scan_image_files
+    from deepsim.data.sampling import EpochSchedule
+    from deepsim.data.sources import resolve_source
+
+    src = resolve_source(coord_folder, None)
+    scan = scan_image_files(src.paths, crop_size=32, resize=None, on_bad="error")
+    feed = _FileFeed(
+        scan.files, scan.sizes, 2, schedule=EpochSchedule(len(scan.files), 0, src.name), start_sample=0, shard_id=0,
+        num_shards=1, batch_size=3, crop_size=32, seed=0, random=True, mirror=True,
+    )  # fmt: skip
+    reads = []
+    read = feed._read
+    monkeypatch.setattr(feed, "_read", lambda i: (reads.append((i, threading.current_thread())), read(i))[1])
+    encoded, *_ = feed(_Info(0))
+    assert len(encoded) == 3
+    feed.pool.shutdown(wait=True)
+    _, later = feed.positions(1)
+    assert set(later.tolist()) <= {i for i, _ in reads}  # batch 1's files were asked for with batch 0
+    assert all(thread is not threading.main_thread() for _, thread in reads)
+
+
+def test_the_pipeline_returns_its_outputs_on_the_current_cuda_stream(coord_folder, monkeypatch):
+    """pipe.run(cuda_stream): the outputs are ordered on the training stream, not host-synchronous."""
+    stream = build_loader(coord_folder, loader="dali", batch_size=2, crop_size=32)
+    handed = []
+
+    class Pipe:
+        def run(self, *args):
+            handed.append(args)
+            return ("outputs",)
+
+    class Current:
+        cuda_stream = 0xC0FFEE
+
+    real_pipe, stream._pipe = stream._pipe, Pipe()
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Current())
+    stream.device = torch.device("cuda", 0)
+    assert stream._run_pipe() == (("outputs",), 0xC0FFEE) and handed == [(0xC0FFEE,)]
+    stream.device, stream._pipe = torch.device("cpu"), real_pipe
+    stream.close()

@@ -90,3 +90,140 @@ def test_gpu_decode_matches_cpu_decode(jpeg_folder):
     for a, b in zip(gpu, cpu):
         assert a.device.type == "cuda"
         torch.testing.assert_close(a.cpu(), b, rtol=0, atol=4 / 127.5)  # nvJPEG vs libjpeg-turbo IDCT rounding
+
+
+# ---- the device pad, the stream protocol, the fallback copy --------------------------------------------------
+@pytest.mark.parametrize("shape, crop", [((3, 5, 7), 20), ((3, 1, 4), 6), ((3, 2, 9), 12), ((3, 10, 3), 10), ((3, 9, 9), 9)])
+def test_device_pad_equals_the_torch_paths_pad(shape, crop):
+    from deepsim.data.augment import pad_to
+    from deepsim.data.nvjpeg import _pad
+
+    img = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
+    assert np.array_equal(_pad(torch.from_numpy(img), crop).numpy(), pad_to(img, crop))
+
+
+def test_pad_mode_reads_no_pixel_back_to_the_host(tmp_path, monkeypatch):
+    """on_bad="pad" with images smaller than the crop: the pad runs where the image is (no ``.cpu()`` in the
+    loop), and the batches equal the torch loader's."""
+    rng = np.random.default_rng(2)
+    for i, (h, w) in enumerate([(20, 30), (40, 12), (50, 60)]):
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"small_{i}.jpg", quality=95)
+    kw = dict(batch_size=3, crop_size=48, on_bad="pad", seed=1)
+    theirs = _take(build_loader(tmp_path, loader="torch", **kw), 2)
+    stream = build_loader(tmp_path, loader="nvjpeg", **kw)
+
+    def no_host_copy(self, *args, **kwargs):
+        raise AssertionError("a tensor was copied to the host in the loader's loop")
+
+    monkeypatch.setattr(torch.Tensor, "cpu", no_host_copy)
+    ours = _take(stream, 2)
+    monkeypatch.undo()
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+
+
+class _FakeCuda:
+    """torch.cuda's stream API, writing down what is called, in order."""
+
+    def __init__(self, log):
+        self.log, self.current = log, _FakeStream("current", log)
+
+    def current_stream(self, device=None):
+        return self.current
+
+    def Stream(self, device=None):  # noqa: N802 - the torch.cuda name
+        return _FakeStream("side", self.log)
+
+    def Event(self):  # noqa: N802
+        return _FakeEvent(self.log)
+
+    def stream(self, stream):
+        import contextlib
+
+        @contextlib.contextmanager
+        def entered():
+            self.log.append(f"enter {stream.name}")
+            yield
+            self.log.append(f"leave {stream.name}")
+
+        return entered()
+
+
+class _FakeStream:
+    def __init__(self, name, log):
+        self.name, self.log = name, log
+
+    def wait_stream(self, other):
+        self.log.append(f"{self.name} waits on {other.name}")
+
+
+class _FakeEvent:
+    def __init__(self, log):
+        self.log = log
+
+    def record(self, stream):
+        self.log.append(f"event on {stream.name}")
+
+    def synchronize(self):
+        self.log.append("host waits on the event")
+
+
+def test_the_batch_is_made_on_a_side_stream_that_waits_both_ways(jpeg_folder, monkeypatch):
+    from deepsim.data.nvjpeg import DecodeStreams
+
+    log = []
+    with pytest.warns(UserWarning):
+        stream = build_loader(jpeg_folder, loader="nvjpeg", batch_size=4, crop_size=48, seed=2)
+        stream._streams = DecodeStreams(torch.device("cpu"), cuda=_FakeCuda(log))
+        decode = stream._decoder.decode
+        monkeypatch.setattr(stream._decoder, "decode", lambda *a: (log.append("decode"), decode(*a))[1])
+        monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: log.append(f"batch recorded on {s.name}"))
+        _take(stream, 2)
+    one = ["side waits on current", "enter side", "decode", "event on side", "leave side", "current waits on side",
+           "batch recorded on current"]  # fmt: skip
+    assert log == one + ["host waits on the event"] + one
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_gpu_batches_survive_long_work_queued_on_the_training_stream(jpeg_folder):
+    """Before every batch: a freed block whose last (queued) user is a slow kernel followed by a write, as a
+    training step leaves behind. A decode that reused that block would be overwritten by the queued write;
+    the batches must equal the CPU decode's over 40 batches (nvJPEG's IDCT rounding aside)."""
+    kw = dict(batch_size=6, crop_size=48, seed=5)
+    n = 40
+    with pytest.warns(UserWarning):
+        cpu = _take(build_loader(jpeg_folder, loader="nvjpeg", device="cpu", **kw), n)
+        stream = build_loader(jpeg_folder, loader="nvjpeg", device="cuda", **kw)
+    gpu = []
+    for _ in range(n):
+        block = torch.empty(200_000, device="cuda")  # < 1 MB: the small pool, split for the decoded images
+        torch.cuda._sleep(20_000_000)  # ~10 ms of queued work on the training stream ...
+        block.fill_(-7.0)  # ... then a write to the block, still queued when it is freed below
+        del block
+        gpu.append(next(stream).clone())  # the GPU a step behind: no synchronise in the loop
+    stream.close()
+    torch.cuda.synchronize()
+    assert stream.cpu_decoded == 1  # the CMYK file: the pinned, non-blocking fallback copy took part
+    for t, (a, b) in enumerate(zip(gpu, cpu)):
+        assert (a.cpu() - b).abs().max() <= 4 / 127.5, f"batch {t} differs from the CPU decode"
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_exif_rotated_jpegs_decode_unrotated_on_the_gpu(tmp_path):
+    """nvJPEG (decode_jpeg without apply_exif_orientation) ignores EXIF orientation like the header pre-scan
+    and the torch loader: a JPEG tagged orientation 6 gives the torch loader's crops."""
+    rng = np.random.default_rng(4)
+    for i, (h, w) in enumerate([(64, 96), (80, 56), (64, 96)]):
+        small = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC).save(
+            tmp_path / f"exif_{i}.jpg", quality=100, subsampling=0, exif=exif
+        )
+    kw = dict(batch_size=3, crop_size=48, seed=6)
+    gpu = _take(build_loader(tmp_path, loader="nvjpeg", device="cuda", **kw), 3)
+    cpu = _take(build_loader(tmp_path, loader="torch", **kw), 3)
+    for a, b in zip(gpu, cpu):
+        torch.testing.assert_close(a.cpu(), b, rtol=0, atol=4 / 127.5)

@@ -264,3 +264,44 @@ def test_bad_arguments(coord_folder):
         build_loader(coord_folder, batch_size=2, shard_id=2, num_shards=2)
     with pytest.raises(DataError, match="loader"):
         build_loader(coord_folder, batch_size=2, loader="tf")
+
+
+
+def test_reading_images_in_threads_leaves_the_warning_filters_as_they_were(tmp_path, monkeypatch):
+    """The photo preload and the loaders read images in thread pools. A per-file warnings.catch_warnings()
+    there swaps the process-wide filter list from several threads at once: two reads that overlap and end
+    in the order they began leave an "ignore every warning" filter behind for the whole process (which
+    silenced, among others, DDP's gradient-stride warning). Here two reads overlap in exactly that order."""
+    import threading
+    import warnings
+
+    from PIL import Image
+
+    import deepsim.data.images as images
+
+    path = tmp_path / "img.png"
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(path)
+    both_inside, first_done = threading.Barrier(2, timeout=10), threading.Event()
+    real_open = images.Image.open
+
+    def overlapping_open(*args, **kwargs):
+        both_inside.wait()  # both reads have begun
+        if threading.current_thread().name == "second":
+            first_done.wait(10)  # ... and the first one ends first
+        return real_open(*args, **kwargs)
+
+    monkeypatch.setattr(images.Image, "open", overlapping_open)
+
+    def first():
+        images.read_image(path)
+        first_done.set()
+
+    with warnings.catch_warnings():
+        before = list(warnings.filters)
+        threads = [threading.Thread(target=first, name="first"),
+                   threading.Thread(target=images.read_image, args=(path,), name="second")]  # fmt: skip
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(20)
+        assert warnings.filters == before

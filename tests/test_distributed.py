@@ -192,3 +192,29 @@ def test_two_ranks_stay_identical_and_rank0_alone_writes(tmp_path, compiled):
 
         result = train(_config(tmp_path).replace(steps=STEPS + 2), resume=True, progress=False)
         assert result.step == STEPS + 2 and load_checkpoint(tmp_path)["step"] == STEPS + 2
+
+
+def _channels_last_worker(rank: int, world: int, port: int, out: str, _compiled: bool) -> None:
+    """Two eager DDP steps with channels_last; every warning (Python's and the reducer's) is written down."""
+    import warnings
+
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    torch.set_num_threads(1)
+    import deepsim.train.loop as loop
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = loop.train(_config(out).replace(steps=2, channels_last=True, compile="off"), progress=False)
+    torch.save({"step": result.step, "warnings": [str(w.message) for w in caught]}, os.path.join(out, f"rank{rank}.pt"))
+
+
+@pytest.mark.slow
+def test_channels_last_ddp_has_no_grad_stride_warning(tmp_path, capfd):
+    """channels_last before the DDP wrap: DDP's gradient buckets take the NHWC strides, so the reducer never
+    warns "Grad strides do not match bucket view strides" (and copies no gradient)."""
+    ranks = _spawn(tmp_path, False, _channels_last_worker)
+    assert [r["step"] for r in ranks] == [2, 2]
+    said = capfd.readouterr().err + "\n".join(w for r in ranks for w in r["warnings"])
+    assert "Grad strides do not match bucket view strides" not in said

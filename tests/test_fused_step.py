@@ -17,6 +17,9 @@ Tolerances, and why:
   a whole tensor); at least 95 % of all elements within 1e-6; and the summed |difference| at most 1 % of
   the summed movement over the steps (rules out a systematically wrong or skipped update).
 
+The fused run is checkpointed and resumed once after its first step (on CUDA: the optimizer state loaded
+from a CPU-mapped checkpoint must land on the device).
+
 CPU: the comparison itself is checked on the reference step (a whole step in the Triton interpreter takes
 tens of seconds): it passes for two identical runs and fails for a planted error of 1e-3 in one
 convolution's output, and for a skipped optimizer step.
@@ -32,6 +35,7 @@ from deepsim.kernels import use_backend
 
 from deepsim.config import get_preset
 from deepsim.tasks import TASKS
+from deepsim.train.checkpoint import load_checkpoint, save_checkpoint
 from deepsim.train.factory import build_trainer
 
 STEPS = 2
@@ -59,11 +63,28 @@ def make_batches(config, device, n: int = STEPS, seed: int = 3) -> list[torch.Te
     return [(torch.rand(shape, generator=gen) * 2 - 1).to(device) for _ in range(n)]
 
 
-def run_steps(trainer, batches, kernels: str, seed: int = 1) -> list[dict[str, float]]:
-    """``len(batches)`` steps of ``trainer`` on backend ``kernels``; the metrics of each step, as floats."""
+def resume_once(trainer, folder) -> None:
+    """Checkpoint ``trainer`` and load it back as a resumed run does (``map_location="cpu"``); every optimizer
+    state tensor must then be on its parameter's device (a CPU step count would mix devices in the update)."""
+    path = save_checkpoint(folder / "checkpoint.pt", {"step": 1, "config": {}, "trainer": trainer.training_state()})
+    trainer.load_training_state(load_checkpoint(path)["trainer"])
+    for optimizer in (trainer.opt_g, trainer.opt_d):
+        for p, state in optimizer.state.items():
+            for key, value in state.items():
+                assert value.device == p.device, f"optimizer state {key!r} on {value.device}, its parameter on {p.device}"
+
+
+def run_steps(trainer, batches, kernels: str, seed: int = 1, resume_dir=None) -> list[dict[str, float]]:
+    """``len(batches)`` steps of ``trainer`` on backend ``kernels``; the metrics of each step, as floats.
+    With ``resume_dir``: checkpointed and resumed once, after the first step (:func:`resume_once`)."""
     torch.manual_seed(seed)  # D's dropout masks (and G's noise): the same draws on both sides
+    metrics = []
     with use_backend(kernels):
-        return [{k: float(v) for k, v in trainer.step(b).items()} for b in batches]
+        for t, batch in enumerate(batches):
+            if t == 1 and resume_dir is not None:
+                resume_once(trainer, resume_dir)
+            metrics.append({k: float(v) for k, v in trainer.step(batch).items()})
+    return metrics
 
 
 def assert_steps_match(initial, reference, fused, ref_metrics, fused_metrics, lr: float) -> None:
@@ -87,10 +108,11 @@ def assert_steps_match(initial, reference, fused, ref_metrics, fused_metrics, lr
     assert diff_sum <= MEAN_DIFF_OF_MOVEMENT * moved_sum, f"|difference| = {diff_sum / moved_sum:.4f} of |movement|"
 
 
-def compare_backends(config, device, kernels: str = "triton", tamper=None) -> None:
+def compare_backends(config, device, kernels: str = "triton", tamper=None, resume_dir=None) -> None:
     """Two steps on the references and two on ``kernels`` from one initial trainer; asserts they match.
 
     ``tamper(trainer)`` (CPU tests) plants an error in the second run's trainer before its steps.
+    ``resume_dir``: the fused run is checkpointed and resumed after its first step (:func:`resume_once`).
     """
     torch.manual_seed(0)
     initial_trainer = build_trainer(config, torch.device(device), TASKS)  # the fc6 inversion too
@@ -100,15 +122,16 @@ def compare_backends(config, device, kernels: str = "triton", tamper=None) -> No
     if tamper is not None:
         tamper(fused)
     ref_metrics = run_steps(reference, batches, "reference")
-    fused_metrics = run_steps(fused, batches, kernels)
+    fused_metrics = run_steps(fused, batches, kernels, resume_dir=resume_dir)
     assert_steps_match(initial, reference, fused, ref_metrics, fused_metrics, config.lr)
 
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("make_config", [autoencoder_config, invert_fc6_config], ids=["autoencoder", "invert-fc6"])
-def test_fused_step_matches_reference_on_cuda(make_config, ieee_fp32):
-    compare_backends(make_config("cuda"), "cuda")
+def test_fused_step_matches_reference_on_cuda(make_config, ieee_fp32, tmp_path):
+    """... with the fused run resumed once from a checkpoint after its first step."""
+    compare_backends(make_config("cuda"), "cuda", resume_dir=tmp_path)
 
 
 # ---- CPU: the comparison itself, on the reference step ---------------------------------------------------
@@ -118,8 +141,8 @@ def small_autoencoder(one_intra_op_thread):
     return autoencoder_config("cpu", batch=2, size=40).replace(comparator="alexnet-random:conv2")
 
 
-def test_comparison_accepts_identical_runs(small_autoencoder):
-    compare_backends(small_autoencoder, "cpu", kernels="reference")
+def test_comparison_accepts_identical_runs(small_autoencoder, tmp_path):
+    compare_backends(small_autoencoder, "cpu", kernels="reference", resume_dir=tmp_path)  # resumed: the same
 
 
 def test_comparison_runs_the_fc6_inversion_on_cpu(one_intra_op_thread):

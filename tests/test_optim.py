@@ -119,3 +119,21 @@ def test_optimizer_state_saved_before_the_solver_options_loads():
     assert (group["weight_decay"], group["lr_milestones"], group["lr_gamma"]) == (0.0, (), 1.0)  # as trained
     p[0].grad = torch.ones(3)
     new.step()  # runs
+
+
+def test_loaded_state_goes_to_each_parameters_device():
+    """A checkpoint read with map_location="cpu" into an optimizer on another device (meta here, standing in
+    for CUDA): the step counts follow the parameters too, not only the moments (torch leaves ``step`` on
+    the CPU unless the group is capturable or fused)."""
+    cpu_params = [torch.nn.Parameter(torch.randn(3, 2)), torch.nn.Parameter(torch.randn(4))]
+    saved = GatedAdam(cpu_params, lr=1e-3)
+    for p in cpu_params:
+        p.grad = torch.ones_like(p)
+    saved.step()
+    meta_params = [torch.nn.Parameter(torch.empty_like(p, device="meta")) for p in cpu_params]
+    loaded = GatedAdam(meta_params, lr=1e-3)
+    loaded.load_state_dict(saved.state_dict())
+    for p in meta_params:
+        state = loaded.state[p]
+        assert {key: value.device.type for key, value in state.items()} == dict.fromkeys(state, "meta")
+    assert loaded.current_lr().device.type == "meta"

@@ -107,3 +107,28 @@ def test_nan_found_at_a_log_step_stops_and_keeps_last_good_checkpoint(tmp_path, 
     assert len(calls) == 3  # steps 11, 12, and 13 (queued before step 12's metrics were read); no more
     assert checkpoint.read_bytes() == before
     assert load_checkpoint(checkpoint)["step"] == 10
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_resume_on_cuda_puts_the_optimizer_state_on_the_device(tmp_path, monkeypatch):
+    """A run on the GPU, stopped at a checkpoint and resumed (the checkpoint is read with map_location="cpu"):
+    every optimizer state tensor, the step counts included, is back on the GPU, and the run goes on with
+    finite losses and learning rates."""
+    from deepsim.kernels import use_backend
+
+    import deepsim.train.loop as loop
+
+    built = []
+    real_build = loop.build_trainer
+    monkeypatch.setattr(loop, "build_trainer", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
+    config = _config(tmp_path, steps=2, checkpoint_every=2, log_every=1, device="cuda", compile="off")
+    with use_backend("reference"):  # the resume is under test here, not the kernels (no Triton compile)
+        train(config, progress=False)
+        result = train(config.replace(steps=4), resume=True, progress=False)
+    trainer = built[-1]
+    for optimizer in (trainer.opt_g, trainer.opt_d):
+        for p, state in optimizer.state.items():
+            assert {k: v.device for k, v in state.items()} == dict.fromkeys(state, p.device), list(state)
+        assert optimizer.current_lr().device == p.device
+    assert result.step == 4 and all(torch.isfinite(torch.tensor(v)) for v in result.history[-1].values())

@@ -11,7 +11,6 @@ import concurrent.futures
 import dataclasses
 import os
 import pathlib
-import warnings
 
 from .errors import DataError
 from .images import (
@@ -80,12 +79,10 @@ class CheckReport:
 
 def _check_one(path: pathlib.Path, min_size: int, max_pixels: int) -> tuple[str, object]:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with strict_truncation(), open_image(path, max_pixels) as img:
-                img.load()
-                kinds = mode_kind(img)
-                size = img.size
+        with strict_truncation(), open_image(path, max_pixels) as img:
+            img.load()
+            kinds = mode_kind(img)
+            size = img.size
     except ImageTooLargeError as e:
         return "too_large", e.pixels
     except ImageReadError:

@@ -27,7 +27,8 @@ which also gives every image's size for the crop anchors, or a full decode when 
 catches truncated data too; slower, same as ``deepsim data check``). Per ``on_bad``: ``"error"`` raises
 :class:`DataError` naming the first bad file; ``"skip"`` drops bad files and counts them in ``.skipped``;
 ``"pad"`` keeps images smaller than the crop and lets DALI zero-pad them, centred
-(``out_of_bounds_policy="pad"``). Grayscale, CMYK and alpha images are decoded to RGB by DALI. Non-image
+(``out_of_bounds_policy="pad"``). Grayscale, CMYK and alpha images are decoded to RGB by DALI. EXIF orientation is ignored
+(``adjust_orientation=False``), as the header pre-scan that sizes the crops and the other loaders ignore it. Non-image
 files are ignored and counted in ``.ignored``.
 """
 
@@ -201,21 +202,37 @@ class _Stl10Feed(_Feed):
 
 class _FileFeed(_Feed):
     """external_source callback: the encoded bytes of batch t's files plus their crop anchors; with
-    ``source_sizes`` (ROI decode) also each file's decode window (:func:`roi_windows`)."""
+    ``source_sizes`` (ROI decode) also each file's decode window (:func:`roi_windows`).
 
-    def __init__(self, files, sizes, threads, source_sizes=None, resize=False, **kw):
+    DALI calls it on the thread that runs the pipeline (the training loop's): the files of the next
+    ``ahead`` batches are read by a thread pool meanwhile, so the call only collects reads already done.
+    """
+
+    def __init__(self, files, sizes, threads, source_sizes=None, resize=False, ahead: int = 2, **kw):
         super().__init__(**kw)
         self.resize = resize  # ROI decode: also give the window's resampling extent
         self.files, self.sizes = files, sizes  # sizes: (N, 2) (height, width) after the resize
         self.source_sizes = source_sizes  # (N, 2) in the files, or None: decode whole files
         self.pool = concurrent.futures.ThreadPoolExecutor(max(1, threads))
+        self.ahead = ahead
+        self._reads: dict[int, list[concurrent.futures.Future]] = {}  # iteration -> its files' reads
 
     def _read(self, i: int) -> np.ndarray:
         return np.fromfile(self.files[i], dtype=np.uint8)
 
+    def _submit(self, t: int) -> None:
+        if t not in self._reads:
+            _, idx = self.positions(t)
+            self._reads[t] = [self.pool.submit(self._read, int(i)) for i in idx]
+
     def __call__(self, info):
-        pos, idx = self.positions(info.iteration)
-        encoded = list(self.pool.map(self._read, idx))
+        t = info.iteration
+        pos, idx = self.positions(t)
+        for later in range(t, t + 1 + self.ahead):
+            self._submit(later)
+        encoded = [future.result() for future in self._reads.pop(t)]
+        for stale in [k for k in self._reads if k < t]:  # an iteration DALI will not ask for again
+            del self._reads[stale]
         h, w = self.sizes[idx, 0], self.sizes[idx, 1]
         if self.source_sizes is None:
             px, py, mirror = self.anchors(pos, h, w)
@@ -230,7 +247,7 @@ class _FileFeed(_Feed):
         return (encoded, anchor, shape, *resampled, centre, centre, flip.astype(np.int32))
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False)
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class DaliBatchStream(ScheduledStream):
@@ -276,7 +293,7 @@ class DaliBatchStream(ScheduledStream):
         if self._pipe is None:
             raise StopIteration
         try:
-            (out,) = self._pipe.run()
+            (out,), stream = self._run_pipe()
         except RuntimeError as e:
             # A file that passed the header-only pre-scan failed to decode (e.g. truncated data).
             raise DataError(
@@ -287,7 +304,6 @@ class DaliBatchStream(ScheduledStream):
         self._take_positions()  # the feed computed the same positions for this iteration
         dense = out.as_tensor()  # (B, 3, c, c) or (B, c, c, 3), float32
         raw = self._raw_buffer(dense.shape())
-        stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else None
         self._feed_ndarray(dense, raw, cuda_stream=stream)
         x = raw.permute(0, 3, 1, 2) if self.channels_last else raw  # HWC buffer == channels_last NCHW
         if not self.static:
@@ -301,6 +317,12 @@ class DaliBatchStream(ScheduledStream):
         if self._out.data_ptr() != x.data_ptr():  # fp32: x is a new view of the same buffer, no copy
             self._out.copy_(x)
         return self._out
+
+    def _run_pipe(self):
+        """One pipeline run, its outputs ordered on the current CUDA stream (no host wait on DALI's event);
+        the CPU: host-synchronous. Returns (outputs, the stream handle or None)."""
+        stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else None
+        return self._pipe.run(stream), stream
 
     def close(self) -> None:
         """Release the pipeline (and its threads / GPU memory). Idempotent."""
@@ -396,7 +418,7 @@ def build_dali_loader(
     src = resolve_source(source, split)
     pipeline_options = dict(
         batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed & 0x7FFFFFFF,
-        prefetch_queue_depth=prefetch,
+        prefetch_queue_depth=prefetch, exec_dynamic=True,  # (the executor that returns outputs on a CUDA stream)
     )  # fmt: skip
     feed_options = dict(
         start_sample=start_sample, shard_id=shard_id, num_shards=num_shards, batch_size=batch_size,
@@ -462,7 +484,9 @@ def build_dali_loader(
             dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32],
         )  # fmt: skip
         if image_layout is None:  # encoded files
-            images = fn.decoders.image(images, device="mixed" if gpu else "cpu", output_type=types.RGB)
+            images = fn.decoders.image(
+                images, device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False
+            )  # EXIF orientation ignored, as by the header pre-scan and the other loaders
             if resize is not None:
                 images = fn.resize(images, resize_shorter=resize, antialias=True)
         elif gpu:

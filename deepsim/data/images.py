@@ -51,6 +51,11 @@ ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 # Camera photos (up to ~50 megapixels) and every ImageNet image pass; PIL's own limit is about 179 megapixels.
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 
+# PIL warns about odd files (DecompressionBombWarning, palette, corrupt EXIF): one filter on PIL's own modules,
+# set once. Not warnings.catch_warnings() per file: that swaps the process-wide filter list and is not
+# thread-safe, so reader threads that overlap leave an "ignore every warning" filter behind for the process.
+warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
+
 _truncation_lock = threading.Lock()
 _strict_depth = 0
 _saved_flag = False
@@ -99,9 +104,7 @@ def open_image(path: os.PathLike | str, max_pixels: int | None = DEFAULT_MAX_IMA
         ImageReadError: the header cannot be parsed (kind ``"corrupt"``).
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # DecompressionBombWarning (the limit here decides), palette warnings
-            img = Image.open(path)
+        img = Image.open(path)  # PIL's own warnings (DecompressionBombWarning, palette) are filtered above
     except Image.DecompressionBombError as e:
         found = re.search(r"\((\d+) pixels\)", str(e))
         pixels = int(found.group(1)) if found else 2 * (Image.MAX_IMAGE_PIXELS or 0)
@@ -156,10 +159,8 @@ def mode_kind(img: Image.Image) -> set[str]:
 
 def _looks_like_image(path: pathlib.Path) -> bool:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(path):
-                return True
+        with Image.open(path):
+            return True
     except Image.DecompressionBombError:  # an image, one too large to decode
         return True
     except Exception:
@@ -241,23 +242,21 @@ def read_image(
         ImageReadError: the file is corrupt or truncated (names the file).
     """
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # palette warnings
-            with strict_truncation(), open_image(path, max_pixels) as img:
-                if resize_shorter is not None:
-                    w, h = img.size
-                    s = resize_shorter / min(w, h)
-                    size = (max(1, round(w * s)), max(1, round(h * s)))
-                    if img.format == "JPEG" and s < 1:
-                        img.draft("RGB", (math.ceil(w * s), math.ceil(h * s)))
-                    img.load()
-                    if img.mode not in ("RGB", "L"):
-                        img = Image.fromarray(_to_rgb(img))
-                    if img.size != size:
-                        img = img.resize(size, Image.Resampling.BILINEAR)
-                else:
-                    img.load()
-                hwc = _to_rgb(img)
+        with strict_truncation(), open_image(path, max_pixels) as img:
+            if resize_shorter is not None:
+                w, h = img.size
+                s = resize_shorter / min(w, h)
+                size = (max(1, round(w * s)), max(1, round(h * s)))
+                if img.format == "JPEG" and s < 1:
+                    img.draft("RGB", (math.ceil(w * s), math.ceil(h * s)))
+                img.load()
+                if img.mode not in ("RGB", "L"):
+                    img = Image.fromarray(_to_rgb(img))
+                if img.size != size:
+                    img = img.resize(size, Image.Resampling.BILINEAR)
+            else:
+                img.load()
+            hwc = _to_rgb(img)
     except (OSError, ValueError, SyntaxError, EOFError) as e:
         if isinstance(e, ImageReadError):
             raise

@@ -3,7 +3,8 @@
 cropped there, on the shared epoch schedule (:mod:`deepsim.data.sampling`).
 
 What it needs from the host is only the encoded bytes of each batch's files, read by a thread pool one batch
-ahead; no decoded pixel crosses PCIe. Sample order, crop offsets and mirror flags are those of the torch and
+ahead; no decoded pixel crosses PCIe. On CUDA each batch is made on a side stream that is ordered against the
+training stream both ways (:class:`DecodeStreams`). Sample order, crop offsets and mirror flags are those of the torch and
 DALI loaders (the same positions, the same :func:`~deepsim.data.augment.crop_params`), so it shares their
 determinism, sharding and resume at a cursor; a JPEG decoded on the CPU gives the torch loader's pixels
 exactly (both use libjpeg-turbo), nvJPEG on a GPU may differ by a level or so, and the resize modes resize
@@ -30,18 +31,19 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
-from .augment import crop_params, pad_to
+from .augment import crop_params
 from .convention import to_model_batch
 from .errors import DataError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError, read_image, scan_image_files
 from .sampling import EpochSchedule, ScheduledStream
 from .sources import resolve_source
 
-__all__ = ["NvjpegBatchStream", "DeviceJpegDecoder", "build_nvjpeg_loader", "is_jpeg"]
+__all__ = ["NvjpegBatchStream", "DeviceJpegDecoder", "DecodeStreams", "build_nvjpeg_loader", "is_jpeg"]
 
 _DEVICE_MODES = ("RGB", "L")  # JPEG colour modes decoded on the device; others go to the CPU reader
 
@@ -62,11 +64,67 @@ def _resize(img: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return x[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
+def _pad_index(n: int, before: int, after: int, reflect: bool) -> np.ndarray:
+    """Source rows (or columns) of a side of ``n`` padded by ``before``/``after``: numpy's "reflect" (a
+    triangle wave of period 2(n-1), so pads wider than the image reflect again) or "edge"."""
+    i = np.arange(-before, n + after)
+    if not reflect:
+        return np.clip(i, 0, n - 1)
+    period = 2 * (n - 1)
+    i = np.mod(i, period)
+    return np.where(i >= n, period - i, i)
+
+
 def _pad(img: torch.Tensor, crop_size: int) -> torch.Tensor:
-    """Reflect-pad an image smaller than the crop as the torch path does (:func:`deepsim.data.augment.pad_to`)."""
-    if img.shape[1] >= crop_size and img.shape[2] >= crop_size:
+    """Reflect-pad an image smaller than the crop as the torch path does (:func:`deepsim.data.augment.pad_to`),
+    on the image's device: a gather whose indices come from the (host-known) shape, no pixel leaves it."""
+    _, h, w = img.shape
+    ph, pw = max(0, crop_size - h), max(0, crop_size - w)
+    if ph == 0 and pw == 0:
         return img
-    return torch.from_numpy(np.ascontiguousarray(pad_to(img.cpu().numpy(), crop_size))).to(img.device)
+    reflect = min(h, w) > 1  # pad_to's rule: "edge" for a 1-pixel side
+    rows = torch.from_numpy(_pad_index(h, ph // 2, ph - ph // 2, reflect)).to(img.device, non_blocking=True)
+    cols = torch.from_numpy(_pad_index(w, pw // 2, pw - pw // 2, reflect)).to(img.device, non_blocking=True)
+    return img.index_select(1, rows).index_select(2, cols)
+
+
+class DecodeStreams:
+    """The stream protocol of a batch decoded on a CUDA device, around everything that makes the batch.
+
+    ``torchvision.io.decode_jpeg`` allocates its outputs on the current stream and decodes on a private
+    stream that does not wait for it; on the training stream, a block freed by the previous batch can be
+    handed out while kernels queued before it still read it. So the batch is made on a side stream:
+
+    1. the host waits until the side stream finished the previous batch (its blocks are free for real);
+    2. the side stream waits on the current (training) stream;
+    3. decode, resize, pad, crop, stack and convert under the side stream (allocations from its pool);
+    4. the current stream waits on the side stream, and the batch is ``record_stream``-ed on it, so the
+       allocator keeps its memory until the training stream is done with it.
+
+    Args:
+        device: the CUDA device.
+        cuda: the ``torch.cuda`` namespace (tests pass a fake with ``current_stream``, ``Stream``, ``Event``
+            and ``stream``).
+    """
+
+    def __init__(self, device: torch.device, cuda=torch.cuda):
+        self.device, self._cuda = device, cuda
+        self.side = cuda.Stream(device=device)
+        self._done = None  # an event recorded on the side stream after the previous batch
+
+    def run(self, make_batch: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """``make_batch()`` under the protocol above; returns its tensor, safe to use on the current stream."""
+        current = self._cuda.current_stream(self.device)
+        if self._done is not None:
+            self._done.synchronize()
+        self.side.wait_stream(current)
+        with self._cuda.stream(self.side):
+            batch = make_batch()
+            self._done = self._cuda.Event()
+            self._done.record(self.side)
+        current.wait_stream(self.side)
+        batch.record_stream(current)
+        return batch
 
 
 class DeviceJpegDecoder:
@@ -106,7 +164,10 @@ class DeviceJpegDecoder:
                 stacklevel=5,
             )
         self.cpu.add(i)
-        return torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1))).to(self.device)
+        chw = torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1)))
+        if self.device.type == "cuda":  # page-locked: an asynchronous copy, no stream synchronise per file
+            return chw.pin_memory().to(self.device, non_blocking=True)
+        return chw.to(self.device)
 
     def _decode_one(self, i: int, data: torch.Tensor) -> torch.Tensor:
         if self.on_device[i] and is_jpeg(data):
@@ -171,6 +232,7 @@ class NvjpegBatchStream(ScheduledStream):
         self._random, self._mirror, self._seed = random, mirror, seed
         self.device, self.dtype, self.channels_last = decoder.device, dtype, channels_last
         self._pool = concurrent.futures.ThreadPoolExecutor(max(1, threads))
+        self._streams = DecodeStreams(self.device) if self.device.type == "cuda" else None
         self._skipped_at_scan = len(skipped)
         self.ignored = ignored
         self.source = source_name
@@ -196,6 +258,11 @@ class NvjpegBatchStream(ScheduledStream):
         pos, idx = self._take_positions()
         datas = [future.result() for future in self._ahead]
         self._ahead = self._read_ahead(self._taken)
+        if self._streams is None:
+            return self._make_batch(pos, idx, datas)
+        return self._streams.run(lambda: self._make_batch(pos, idx, datas))
+
+    def _make_batch(self, pos, idx, datas) -> torch.Tensor:
         images, used = self._decoder.decode(idx, datas)
         if self._resize_shorter is not None:
             images = [_resize(img, int(h), int(w)) for img, (h, w) in zip(images, self._sizes[used])]

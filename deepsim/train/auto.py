@@ -9,7 +9,8 @@ else (a CLI flag, a preset value, a library caller's choice) is kept as it is an
 field              auto on a CUDA device                            auto on the CPU
 =================  ===============================================  ==========================
 compile            ``reduce-overhead``: the compiled step under      ``off`` (eager)
-                   CUDA graphs (:mod:`deepsim.train.compiled`)
+                   CUDA graphs (:mod:`deepsim.train.compiled`);
+                   ``default`` (no CUDA graphs) with world > 1
 precision          ``bf16`` autocast (sm_80 and newer; older         ``fp32``
                    GPUs: ``fp32``)
 channels_last      on (sm_70 and newer: tensor-core convolutions)    off
@@ -23,6 +24,12 @@ loader             ``resident`` for the bundled photos and STL-10    ``torch``
 tensorboard        on when the ``tensorboard`` package is installed  the same
 =================  ===============================================  ==========================
 
+An ``auto`` choice is tried before the run commits to it (:func:`try_runtime`): the loader builds and
+delivers one tiny batch on the device (an import alone does not show that DALI runs with this driver), and
+the compiled step's first call falls back to the eager step if it fails to compile
+(:class:`CompileFallback`); each fallback is said in one line. A value set explicitly is not tried: it
+fails where it fails.
+
 Presets leave these fields at ``"auto"``; a preset (or flag) that sets one explicitly wins over ``auto``,
 like any explicit value. A config that was never resolved (a trainer built directly with
 :func:`deepsim.train.factory.build_trainer`) runs ``precision="auto"`` as fp32: the plain path.
@@ -32,6 +39,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -45,6 +54,9 @@ __all__ = [
     "describe_runtime",
     "data_kind",
     "tensorboard_available",
+    "try_runtime",
+    "loader_trial",
+    "CompileFallback",
 ]
 
 AUTO = "auto"
@@ -95,6 +107,7 @@ def resolve_runtime(
     cuda_capability: tuple[int, int] | None = None,
     kind: str | None = None,
     resident_fits: bool | None = None,
+    world: int = 1,
 ) -> tuple[TrainConfig, list[str]]:
     """Replace every ``"auto"`` runtime field of ``config`` by the choice for ``device``.
 
@@ -107,6 +120,7 @@ def resolve_runtime(
         kind: what ``config.data`` is, as :func:`data_kind` says (None: look at the path).
         resident_fits: whether the photos / STL-10 decoded fit in the device's free memory (None: ask the
             device, :func:`deepsim.data.resident.resident_fits`, only when it matters).
+        world: the number of ranks; with more than one, ``compile`` auto on CUDA is ``default``.
 
     Returns:
         (the config with concrete values, one reason per field: ``"loader=dali (auto: DALI is installed)"``,
@@ -152,13 +166,16 @@ def resolve_runtime(
             return "torch", "DALI is not installed; STL-10 binaries are raw pixels: nothing to decode"
         return "nvjpeg", "DALI is not installed: JPEG decode on the GPU through torchvision (nvJPEG)"
 
+    def choose_compile() -> tuple[str, str]:
+        if not cuda:
+            return "off", f"{where}: eager step"
+        if world > 1:  # NCCL all-reduces inside inductor's CUDA-graph trees: not measured here yet
+            return "default", f"{where}, {world} ranks: the compiled step without CUDA graphs"
+        return "reduce-overhead", f"{where}: the compiled step under CUDA graphs"
+
     bf16, tensor_cores = capability >= (8, 0), capability >= (7, 0)
     rules = {  # field -> () -> (value, why); called only for a field that is "auto"
-        "compile": lambda: (
-            ("reduce-overhead", f"{where}: the compiled step under CUDA graphs")
-            if cuda
-            else ("off", f"{where}: eager step")
-        ),
+        "compile": choose_compile,
         "precision": lambda: (
             ("bf16", f"{where} has bf16 tensor cores")
             if bf16
@@ -197,3 +214,114 @@ def describe_runtime(config: TrainConfig, device: torch.device | str, reasons: l
     simple = config.compile == "off" and config.precision == "fp32" and config.channels_last is False
     path = "fast path" if fast else ("simple path" if simple else "custom path")
     return f"{path} on {device}: " + ", ".join(reasons)
+
+
+# ------------------------------------------------------------------------------------------------ trials
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:200] if text else ''}".rstrip(": ")
+
+
+def loader_trial(loader: str, device: torch.device | str) -> None:
+    """Build loader ``loader`` on ``device`` over one tiny JPEG and take one batch from it; raises what fails.
+
+    Not the run's dataset (a pre-scan of a large folder would cost minutes): what it shows is that the
+    loader's library imports, builds and decodes on this device with this driver.
+    """
+    import numpy as np
+    from PIL import Image
+
+    from deepsim.data import build_loader
+
+    with tempfile.TemporaryDirectory(prefix="deepsim-loader-trial-") as folder:
+        pixels = np.linspace(0, 255, 24 * 24 * 3).reshape(24, 24, 3).astype(np.uint8)
+        Image.fromarray(pixels).save(Path(folder) / "trial.jpg", quality=90)
+        stream = build_loader(folder, loader=loader, batch_size=1, crop_size=16, mode="center", device=device,
+                              num_workers=1)  # fmt: skip
+        try:
+            batch = next(stream)
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize(device)  # an asynchronous decode error shows here, not in the run
+        finally:
+            stream.close()
+    if tuple(batch.shape) != (1, 3, 16, 16):
+        raise RuntimeError(f"the trial batch has shape {tuple(batch.shape)}, expected (1, 3, 16, 16)")
+
+
+_LOADER_FALLBACK = {"dali": "nvjpeg", "nvjpeg": "torch"}
+
+
+def try_runtime(
+    config: TrainConfig,
+    device: torch.device | str,
+    reasons: list[str],
+    auto_fields,
+    *,
+    trial: Callable[[str, torch.device], None] | None = None,
+    kind: str | None = None,
+) -> tuple[TrainConfig, list[str]]:
+    """Try the loader that ``auto`` chose (a field in ``auto_fields``) on one tiny batch; on failure the next
+    one (dali -> nvjpeg -> torch; nvjpeg only for image folders), its reason saying why in one line.
+
+    Args:
+        config, reasons: what :func:`resolve_runtime` returned.
+        auto_fields: the names of the fields that were ``"auto"`` before resolving (explicit values are kept).
+        trial: ``trial(loader, device)`` raises when the loader does not work (None: :func:`loader_trial`).
+        kind: as for :func:`resolve_runtime`.
+
+    Returns:
+        (the config, the reasons), the loader's entry replaced where it fell back.
+    """
+    if "loader" not in auto_fields or config.loader == "torch":
+        return config, reasons
+    device, trial = torch.device(device), trial or loader_trial
+    loader, failures = config.loader, []
+    while loader != "torch":
+        try:
+            trial(loader, device)
+            break
+        except Exception as error:  # noqa: BLE001 - any failure of the trial means: not this loader
+            failures.append(f"{loader} failed a one-batch trial ({_first_line(error)})")
+            loader = _LOADER_FALLBACK[loader]
+            if loader == "nvjpeg" and (kind or data_kind(config.data)) != "folder":
+                loader = "torch"  # nvjpeg decodes image files only
+    if not failures:
+        return config, reasons
+    why = "; ".join(failures) + f": the {loader} loader instead"
+    reasons = [f"loader={loader} (auto: {why})" if r.startswith("loader=") else r for r in reasons]
+    return config.replace(loader=loader), reasons
+
+
+class CompileFallback:
+    """A compiled step whose first call, if it raises, gives way to the eager step for good.
+
+    Args:
+        compiled: the compiled step (compiles on its first call).
+        eager: the eager step (``trainer.step``) of the same trainer.
+        mode: the compile mode, for the message.
+        say: called once with one line when it falls back.
+
+    A compile error is raised before the compiled graph runs, so the trainer's state is untouched and the
+    eager step takes the same batch.
+    """
+
+    def __init__(self, compiled, eager, mode: str, say: Callable[[str], None]):
+        self.compiled, self.eager, self.mode, self.say = compiled, eager, mode, say
+        self.fell_back = False
+        self._first = True
+
+    def __call__(self, batch):
+        if not self._first:
+            return self.eager(batch) if self.fell_back else self.compiled(batch)
+        self._first = False
+        try:
+            return self.compiled(batch)
+        except Exception as error:  # noqa: BLE001 - any failure of the first compile
+            self.fell_back = True
+            self.say(
+                f"compile={self.mode} (auto) failed on the first step ({_first_line(error)}): the eager step "
+                f"(compile=off) instead; pass --compile {self.mode} to make this an error"
+            )
+            return self.eager(batch)

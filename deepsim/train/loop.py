@@ -22,7 +22,14 @@ import torch
 from torchvision.utils import make_grid, save_image
 
 from deepsim.config import TrainConfig
-from deepsim.train.auto import describe_runtime, resolve_runtime
+from deepsim.train.auto import (
+    AUTO,
+    RUNTIME_CHOICES,
+    CompileFallback,
+    describe_runtime,
+    resolve_runtime,
+    try_runtime,
+)
 from deepsim.train.checkpoint import (
     CHECKPOINT_NAME,
     CheckpointError,
@@ -146,14 +153,19 @@ def train(
             if context.is_main:
                 _say_resuming(payload)
         _check_weight_files(config)
-        config, reasons = resolve_runtime(config, context.device)
+        auto_fields = {name for name in RUNTIME_CHOICES if getattr(config, name) == AUTO}
+        config, reasons = resolve_runtime(config, context.device, world=context.world)
+        config, reasons = try_runtime(config, context.device, reasons, auto_fields)
         if announce is not None and context.rank == 0:
             announce(config, describe_runtime(config, context.device, reasons))
         run_provenance = {**(provenance or {}), **((payload or {}).get("provenance") or {})}
         run_provenance["commit"] = source_commit()
         _RUN_PROVENANCE.clear()
         _RUN_PROVENANCE.update(run_provenance)
-        return _train(config, payload, Path(config.out), context, progress, build_loader, tasks)
+        # an auto-chosen compile that fails falls back to eager; not with world > 1 (the eager step's
+        # gradients are averaged by DDP, which the compiled path does not wrap)
+        fallback = "compile" in auto_fields and context.world == 1
+        return _train(config, payload, Path(config.out), context, progress, build_loader, tasks, fallback)
     finally:
         distributed.cleanup(context)
 
@@ -379,12 +391,14 @@ class _PendingMetrics:
         return dict(zip(self.names, self.host.tolist()))
 
 
-def _train(config: TrainConfig, payload, out: Path, context, progress: bool, build_loader, tasks) -> TrainResult:
+def _train(
+    config: TrainConfig, payload, out: Path, context, progress: bool, build_loader, tasks, compile_fallback=False
+) -> TrainResult:
     if config.keep_checkpoints < 1:
         raise ValueError(f"--keep-checkpoints {config.keep_checkpoints}: expected at least 1")
     stop_signals = StopSignals(config.stop_signals)  # checks --stop-signals before anything is built
     with stop_signals:  # from here on a stop signal is a request, not a kill
-        return _run(config, payload, out, context, progress, build_loader, tasks, stop_signals)
+        return _run(config, payload, out, context, progress, build_loader, tasks, stop_signals, compile_fallback)
 
 
 def _allow_tf32() -> None:
@@ -400,9 +414,10 @@ def _allow_tf32() -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def _prepare_trainer(config: TrainConfig, payload, context, tasks):
-    """The trainer (restored from ``payload`` if any, wrapped for DDP, channels_last), its step function, the
-    step it starts after and the data cursor it starts at."""
+def _prepare_trainer(config: TrainConfig, payload, context, tasks, compile_fallback: bool = False):
+    """The trainer (restored from ``payload`` if any, channels_last, wrapped for DDP), its step function, the
+    step it starts after and the data cursor it starts at. ``compile_fallback``: a compiled step whose first
+    call fails gives way to the eager step (:class:`~deepsim.train.auto.CompileFallback`)."""
     from deepsim.train import distributed
 
     rank, world, device = context.rank, context.world, context.device
@@ -423,17 +438,19 @@ def _prepare_trainer(config: TrainConfig, payload, context, tasks):
         set_rng_state(payload["rng"])
         # the data stream's global sample cursor; a checkpoint from before cursors existed: this world size's
         cursor = int(payload.get("data", {}).get("cursor", start * config.batch_size * world))
+    if getattr(config, "channels_last", False):  # before DDP: its gradient buckets take the parameters' strides
+        trainer.to_channels_last()
     if world > 1:
         distributed.wrap_ddp(trainer, device, ddp=config.compile == "off")
         # Dropout masks differ per rank; the initial weights above were drawn before, identically.
         torch.manual_seed(config.seed + 1_000_003 * rank + start)
-    if getattr(config, "channels_last", False):
-        trainer.to_channels_last()
     step_fn = trainer.step
     if config.compile != "off":
         from deepsim.train.compiled import compile_step
 
         step_fn = compile_step(trainer, config.compile)
+        if compile_fallback:
+            step_fn = CompileFallback(step_fn, trainer.step, config.compile, _say)
     return trainer, step_fn, start, cursor
 
 
@@ -443,11 +460,13 @@ def _pad_channels(trainer, loader: str) -> int:
     return asked if loader in ("torch", "resident") or (loader == "dali" and asked == 4) else 3
 
 
-def _run(config, payload, out, context, progress, build_loader, tasks, stopper: StopSignals) -> TrainResult:
+def _run(
+    config, payload, out, context, progress, build_loader, tasks, stopper: StopSignals, compile_fallback=False
+) -> TrainResult:
     from deepsim.train import distributed
 
     rank, world, device = context.rank, context.world, context.device
-    trainer, step_fn, start, cursor = _prepare_trainer(config, payload, context, tasks)
+    trainer, step_fn, start, cursor = _prepare_trainer(config, payload, context, tasks, compile_fallback)
     channels_last = getattr(config, "channels_last", False)
     stream = build_loader(
         config.data, batch_size=config.batch_size, crop_size=config.image_size, mode=_task_mode(config),

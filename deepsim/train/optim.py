@@ -73,6 +73,22 @@ class GatedAdam(torch.optim.Optimizer):
             group.setdefault("lr_gamma", 1.0)
             group["lr_milestones"] = tuple(group["lr_milestones"])
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``Optimizer.load_state_dict``, then :meth:`place_state`: a checkpoint read with
+        ``map_location="cpu"`` leaves ``step`` on the CPU (torch moves only the moments to the parameters'
+        device unless a group is capturable or fused), and a CPU step would mix devices in the update."""
+        super().load_state_dict(state_dict)
+        self.place_state()
+
+    def place_state(self) -> None:
+        """Every state tensor (``step`` included) on its parameter's device; values unchanged."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p, {})
+                for key, value in state.items():
+                    if isinstance(value, torch.Tensor) and value.device != p.device:
+                        state[key] = value.to(p.device)
+
     def param_states(self) -> tuple[list, list, list, list]:
         """(params, step counts, first moments, second moments), flat over the groups, in parameter order."""
         params = [p for group in self.param_groups for p in group["params"]]

@@ -58,22 +58,11 @@ import torch._dynamo
 import torch.distributed as dist
 
 from deepsim.kernels import dispatch
-from deepsim.train.step import StepLosses
+from deepsim.train.step import run_iteration
 
 __all__ = ["CompiledStep", "compile_step", "count_graph_breaks", "COMPILE_MODES"]
 
 COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
-
-
-def _detached(losses):
-    """A :class:`~deepsim.train.step.StepLosses` whose tensors are all detached."""
-    d_loss = losses.d_loss
-    return type(losses)(
-        losses.g_total.detach(),
-        type(losses.g_loss)(*(t.detach() for t in losses.g_loss)),
-        {k: v.detach() for k, v in losses.extra.items()},
-        None if d_loss is None else type(d_loss)(*(t.detach() for t in d_loss)),
-    )
 
 
 def _trace_autograd():
@@ -134,39 +123,19 @@ class CompiledStep:
             offset += g.numel()
         return out
 
+    def gradients(self, network: str, loss: torch.Tensor) -> list[torch.Tensor]:
+        """The gradient back-end of :func:`~deepsim.train.step.run_iteration`: ``autograd.grad`` w.r.t. the
+        network's parameters (in its optimizer's order), averaged over the ranks."""
+        params = self.g_params if network == "g" else self.d_params
+        return self._average(list(torch.autograd.grad(loss, params)))
+
+    def apply(self, network: str, grads: list[torch.Tensor], enabled: torch.Tensor | bool) -> None:
+        (self.trainer.opt_g if network == "g" else self.trainer.opt_d).apply(grads, enabled)
+
     def iteration(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One functional iteration (what is compiled): losses, gradients, pause rule, gated Adam updates,
-        in the trainer's ``update_order`` (see :mod:`deepsim.train.step`)."""
-        trainer = self.trainer
-        if not trainer.uses_discriminator:
-            losses = trainer.compute_losses(batch)
-            g_total = losses.g_total
-            # Only detached values may outlive autograd.grad (Dynamo refuses to return a tensor whose graph
-            # the grad call consumed), so the metrics and pause inputs are taken from a detached copy.
-            losses = _detached(losses)
-            trainer.opt_g.apply(self._average(list(torch.autograd.grad(g_total, self.g_params))), True)
-            return trainer.step_metrics(losses, None, None)
-        train_d, train_g = trainer.pause.gates()  # set by the previous iteration
-        if trainer.update_order == "code":
-            fakes = trainer.run_generator(batch)
-            d_loss = trainer.discriminator_loss(fakes)
-            d_total, d_loss = d_loss.total, type(d_loss)(*(t.detach() for t in d_loss))
-            d_grads = self._average(list(torch.autograd.grad(d_total, self.d_params)))
-            trainer.opt_d.apply(d_grads, train_d)
-            g_total, g_loss = trainer.generator_loss(fakes)  # from the updated D
-            losses = _detached(StepLosses(g_total, g_loss, fakes.extra, d_loss))
-            g_grads = self._average(list(torch.autograd.grad(g_total, self.g_params)))
-            trainer.opt_g.apply(g_grads, train_g)
-        else:
-            full = trainer.compute_losses(batch)
-            losses = _detached(full)
-            g_grads = self._average(list(torch.autograd.grad(full.g_total, self.g_params)))
-            d_grads = self._average(list(torch.autograd.grad(full.d_loss.total, self.d_params)))
-            trainer.opt_d.apply(d_grads, train_d)
-            trainer.opt_g.apply(g_grads, train_g)
-        inputs = trainer.pause_inputs(losses)
-        _, _, ratio = trainer.pause(*inputs)  # sets the gates of the next iteration
-        return trainer.step_metrics(losses, (train_d, train_g, ratio), inputs)
+        """One functional iteration (what is compiled): the trainer's iteration
+        (:func:`~deepsim.train.step.run_iteration`) with this step as its gradient back-end."""
+        return run_iteration(self.trainer, batch, self)
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self._kernels_decided:  # time the conv blocks' Triton vs cuDNN paths on real tensors first:

@@ -208,6 +208,7 @@ class Record:
     def __init__(self):
         self.graphs: list[dict] = []  # one per inductor compile: cudagraph verdicts, source
         self.inductor_kernels: dict[str, list[dict]] = {}  # kernel name -> compiled configs
+        self.kernel_estimates: dict[str, dict] = {}  # kernel name -> inductor's bytes (GB) and FLOPs estimates
         self.op_kernels: list[dict] = []  # our custom ops' Triton compiles
         self.op_launches: dict[str, set[int]] = {}  # op -> launches per call seen
         self.op_errors: list[str] = []
@@ -296,6 +297,8 @@ def _patch_inductor(torch, record: Record) -> None:
                                 num_stages=meta.get("num_stages")))  # fmt: skip
         name = self.inductor_meta.get("kernel_name")
         record.inductor_kernels[name] = configs
+        record.kernel_estimates[name] = dict(gb=self.inductor_meta.get("kernel_num_gb"),
+                                             flop=self.inductor_meta.get("kernel_flop"))  # fmt: skip
         self.launchers = []
 
     CachingAutotuner._make_launchers = make_no_launchers
@@ -402,6 +405,7 @@ def _recording_backend(torch, mode: str, record: Record):
     patches = dict(inductor.list_mode_options(mode)) if mode != "default" else {}
     patches["triton.cudagraph_support_input_mutation"] = False  # decide input mutation now, not at replay
     patches["force_disable_caches"] = True  # a cache hit would skip the compile being checked
+    patches["benchmark_kernel"] = True  # inductor's bytes and FLOPs estimates in each kernel's meta
 
     def inner_compile(gm, example_inputs, **kwargs):
         splits = counters["inductor"]["cudagraph_partitions"]
@@ -491,7 +495,8 @@ def _count_flops(torch, trainer, batch) -> int:
     return int(counter.get_total_flops())
 
 
-def child(workload: str, kernels: str, batch: int, mode: str, order: str, control: str) -> dict:
+def child(workload: str, kernels: str, batch: int, mode: str, order: str, control: str,
+          keep_code: str | None = None) -> dict:  # fmt: skip
     """One row, compiled in this process (which must run under the shim: see :func:`run`)."""
     import torch
     import torch._dynamo
@@ -535,6 +540,10 @@ def child(workload: str, kernels: str, batch: int, mode: str, order: str, contro
         step(x)
     except Exception as e:  # noqa: BLE001 - the failure is the finding
         status = f"failed: {type(e).__name__}: {' '.join(str(e).split())[:400]}"
+    if keep_code:
+        os.makedirs(keep_code, exist_ok=True)
+        for i, g in enumerate(record.graphs):
+            Path(keep_code, f"{workload}-{kernels}-{control}-{i}.py").write_text(g["source"])
     sites = [s for g in record.graphs for s in launch_sites(g["source"])]
     op_launches = {op: max(counts) for op, counts in record.op_launches.items()}
     by_kind: Counter = Counter()
@@ -542,7 +551,10 @@ def child(workload: str, kernels: str, batch: int, mode: str, order: str, contro
     for s in sites:
         n = s["launches"] * (op_launches.get(s["name"], 1) if s["kind"] == "custom" else 1)
         by_kind[s["kind"]] += n
-        kernel_list.append(dict(kind=s["kind"], name=s["name"], launches=n))
+        entry = dict(kind=s["kind"], name=s["name"], launches=n)
+        if s["kind"] == "triton":
+            entry.update(record.kernel_estimates.get(s["name"], {}))
+        kernel_list.append(entry)
     inductor_sm = [c for configs in record.inductor_kernels.values() for c in configs]
     ours = {(k["op"], k["kernel"]) for k in record.op_kernels}
     all_sm90 = bool(inductor_sm or record.op_kernels) and all(
@@ -574,7 +586,8 @@ def child(workload: str, kernels: str, batch: int, mode: str, order: str, contro
 
 # ------------------------------------------------------------------------------------------ the parent
 def run(workloads=WORKLOADS, kernels=KERNELS, *, batch: int = 64, mode: str = "reduce-overhead",
-        order: str = "code", control: str = "none", timeout_s: float = CHILD_TIMEOUT_S) -> list[dict]:
+        order: str = "code", control: str = "none", timeout_s: float = CHILD_TIMEOUT_S,
+        keep_code: str | None = None) -> list[dict]:  # fmt: skip
     """One row per (workload, kernels), each compiled in a child process under the CUDA shim."""
     reason = unsupported()
     if reason is not None:
@@ -586,12 +599,13 @@ def run(workloads=WORKLOADS, kernels=KERNELS, *, batch: int = 64, mode: str = "r
             for backend in kernels:
                 out = os.path.join(folder, f"{workload}-{backend}.json")
                 env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")}
+                env.setdefault("OMP_NUM_THREADS", "1")
                 env.update(LD_PRELOAD=":".join(filter(None, [shim, env.get("LD_PRELOAD")])),
                            DEEPSIM_KERNELS=backend, DEEPSIM_AUTOTUNE="0", TORCHINDUCTOR_CACHE_DIR=os.path.join(folder, "inductor"),
                            TRITON_CACHE_DIR=os.path.join(folder, "triton"))  # fmt: skip
                 cmd = [sys.executable, "-m", "bench.cuda_compile", "--child", "--json", out, "--workloads", workload,
                        "--kernels", backend, "--batch", str(batch), "--mode", mode, "--order", order,
-                       "--control", control]  # fmt: skip
+                       "--control", control] + (["--keep-code", os.path.abspath(keep_code)] if keep_code else [])  # fmt: skip
                 t0 = time.perf_counter()
                 try:
                     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
@@ -634,16 +648,18 @@ def main(argv=None) -> int:
     p.add_argument("--control", choices=CONTROLS, default="none",
                    help="a planted fault the check must report: a .cpu() in the graph, no static addresses")
     p.add_argument("--json", metavar="FILE", help="write the rows (a JSON list) to FILE")
+    p.add_argument("--keep-code", metavar="DIR", help="write inductor's output module of each graph into DIR")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.batch < 1:
         p.error(f"--batch {args.batch}: expected a positive batch size")
     if args.child:
-        row = child(args.workloads[0], args.kernels[0], args.batch, args.mode, args.order, args.control)
+        row = child(args.workloads[0], args.kernels[0], args.batch, args.mode, args.order, args.control,
+                    args.keep_code)  # fmt: skip
         Path(args.json).write_text(json.dumps(row))
         return 0
     rows = run(args.workloads, args.kernels, batch=args.batch, mode=args.mode, order=args.order,
-               control=args.control)  # fmt: skip
+               control=args.control, keep_code=args.keep_code)  # fmt: skip
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

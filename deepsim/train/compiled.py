@@ -1,60 +1,20 @@
 """The whole DeePSiM iteration as one ``torch.compile`` graph, with no graph break.
 
-:class:`CompiledStep` wraps a :class:`~deepsim.train.step.DeePSiMTrainer` and compiles one function that
-does the entire iteration: G forward, C on fake and real, D on fake and real, every loss term, both
-backward passes, the pause rule and both GatedAdam updates. ``--compile off`` keeps the eager reference,
-``DeePSiMTrainer.step``; the compiled path computes the same thing (the trainer's same phases -- G forward,
-D's loss, G's loss -- in the same ``update_order``, the same ``PauseRule``, the same Adam arithmetic with
-its weight decay and multistep LR factor) with three differences that make it one graph:
-
-* Gradients come from ``torch.autograd.grad`` (G's objective w.r.t. G's parameters, D's loss w.r.t. D's)
-  instead of ``Tensor.backward(inputs=...)`` into ``.grad``: nothing is zeroed or accumulated, and the
-  ``Optimizer.zero_grad`` call that Dynamo refuses to trace disappears. Dynamo traces ``autograd.grad``
-  only with ``torch._dynamo.config.trace_autograd_ops = True`` (PyTorch >= 2.10; otherwise it graph-breaks
-  on both ``backward`` and ``autograd.grad``); this module turns that flag on around every call, nowhere else.
-  AOTAutograd then sees the forward *and* the backward ops of both losses in a single graph, which inductor
-  fuses end to end (the LReLU/bias epilogues, the loss reductions, the Adam updates of all parameters).
-* The optimizer update is :func:`deepsim.train.optim.gated_adam_update` (``torch._foreach_*`` ops, gated by
-  the pause rule's device bools) applied to the returned gradients via ``GatedAdam.apply``; its state was
-  created eagerly on the device, so the graph only mutates tensors that already exist (which also makes it
-  capturable in a CUDA graph).
-* Distributed runs (world > 1) average the gradients with an in-graph functional all-reduce
-  (``torch.distributed._functional_collectives``, one flat buffer per network) instead of DDP's reducer
-  hooks, which fire on ``.grad`` accumulation that the functional step does not do. The eager path uses DDP
-  (see :mod:`deepsim.train.distributed`). The pause-rule inputs are averaged over ranks in both paths.
-
-No host sync happens inside an iteration: the pause rule is boolean arithmetic on device tensors, the LR
-schedule a factor computed from the device step counts (so crossing a milestone neither recompiles nor
-leaves a CUDA graph), and the metrics come back as 0-dim device tensors (the loop reads them every
-``log_every`` steps).
-
-Update order "code" in one graph: D's gradients are taken and D's (gated) update is applied in place in the
-middle of the graph; D's second pass on the fakes then reads the updated parameters (AOTAutograd
-functionalises the in-place update, so the later reads see the new values), and G's gradients are taken
-through it. tests/test_compiled_step.py checks both orders against the eager step.
-
-Kernel dispatch: before the first call is traced, :func:`deepsim.kernels.dispatch.prepare` runs the losses
-once on the real batch (no_grad, RNG forked) so that every conv block's path (fused Triton or cuDNN + the
-Triton epilogue) is timed and decided eagerly; tracing reads the decisions and CUDA-graph capture never
-times (a no-op on CPU or with ``DEEPSIM_KERNELS`` forced).
-
-CUDA graphs: ``mode="reduce-overhead"`` (and inductor's "max-autotune", which also uses CUDA graphs) run the
-compiled step under CUDA-graph trees. The parameters, GatedAdam's moments and step counts and the pause
-flags are marked static (``torch._dynamo.mark_static_address``), so a replay updates them in place; the
-data batch is copied into a static input buffer owned by the step before each replay (the torch loader
-returns a new tensor per step). On CPU these modes compile like "default" (inductor skips CUDA graphs).
-
-Dropout and RNG: D's dropout draws random masks. Inductor generates random numbers with its own (Philox)
-generator, so compiled masks differ from eager ones and parameters drift apart within a few steps; this is
-the expected behaviour, not an error. With ``torch._inductor.config.fallback_random = True`` inductor calls
-the eager RNG ops in program order, and the compiled step matches the eager one up to floating-point
-reassociation (tests/test_compiled_step.py compares them that way).
+:class:`CompiledStep` compiles :func:`deepsim.train.step.run_iteration` with itself as the gradient
+back-end: ``torch.autograd.grad`` (traced with Dynamo's ``trace_autograd_ops``, turned on around every call
+and nowhere else) and ``GatedAdam.apply``, gated by the pause rule's device bools, with an in-graph
+functional all-reduce when world > 1. No host sync happens inside an iteration. Under "reduce-overhead" the
+parameters, optimizer state and pause flags are static addresses and the batch is copied into a static
+buffer. Design notes (CUDA graphs, dropout RNG, kernel dispatch, launch counts): docs/compiled_step.md.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch._dynamo
+import torch._inductor.config as inductor_config
 import torch.distributed as dist
 
 from deepsim.kernels import dispatch
@@ -81,9 +41,12 @@ class CompiledStep:
         fullgraph: refuse graph breaks (True: a break is an error, not a silent slowdown).
         backend: torch.compile's backend ("inductor"; "aot_eager" traces the same graph and runs it with
             eager kernels, which tests use to check the trace without inductor's compile time).
+        combo_kernels: let inductor fuse data-independent kernels horizontally into one launch (its
+            ``combo_kernels`` option: the weight casts, the pause rule, the metrics); default: on CUDA.
     """
 
-    def __init__(self, trainer, mode: str = "default", *, fullgraph: bool = True, backend: str = "inductor"):
+    def __init__(self, trainer, mode: str = "default", *, fullgraph: bool = True, backend: str = "inductor",
+                 combo_kernels: bool | None = None):  # fmt: skip
         if mode not in COMPILE_MODES + ("eager",):
             raise ValueError(f"--compile {mode!r}: expected one of off, {', '.join(COMPILE_MODES)}")
         self.trainer, self.mode = trainer, mode
@@ -92,6 +55,7 @@ class CompiledStep:
         self.d_params = trainer.opt_d.param_states()[0] if trainer.uses_discriminator else []
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.cuda_graphs = mode in ("reduce-overhead", "max-autotune") and self.g_params[0].is_cuda
+        self.combo_kernels = self.g_params[0].is_cuda if combo_kernels is None else combo_kernels
         self._static_batch: torch.Tensor | None = None
         self._kernels_decided = False  # dispatch.prepare ran (conv paths timed before tracing / capture)
         if self.cuda_graphs:
@@ -147,7 +111,8 @@ class CompiledStep:
                 torch._dynamo.mark_static_address(self._static_batch)
             self._static_batch.copy_(batch, non_blocking=True)
             batch = self._static_batch
-        with _trace_autograd():
+        combo = inductor_config.patch(combo_kernels=True) if self.combo_kernels else contextlib.nullcontext()
+        with _trace_autograd(), combo:
             return self._fn(batch)
 
 

@@ -527,13 +527,17 @@ def child(workload: str, kernels: str, batch: int, mode: str, order: str, contro
             return metrics
 
         trainer.step_metrics = metrics_through_the_host
-    mark = torch._dynamo.mark_static_address
-    if control == "no-static-address":  # optimizer state and pause flags left unmarked
-        torch._dynamo.mark_static_address = lambda *a, **k: None
-    try:
-        step = CompiledStep(trainer, mode, backend=_recording_backend(torch, mode, record))
-    finally:
-        torch._dynamo.mark_static_address = mark
+    if control == "no-static-address":  # a tensor the step mutates in place, never marked static
+        with fake_mode:
+            unmarked = torch.zeros((), device="cuda")
+        step_metrics = trainer.step_metrics
+
+        def metrics_counting(*args, **kwargs):
+            unmarked.add_(1.0)
+            return step_metrics(*args, **kwargs)
+
+        trainer.step_metrics = metrics_counting
+    step = CompiledStep(trainer, mode, backend=_recording_backend(torch, mode, record))
     step._kernels_decided = True  # dispatch.prepare times conv paths on a GPU: untimed here (DEFAULT_PATH)
     status = "ok"
     try:
@@ -657,7 +661,9 @@ def main(argv=None) -> int:
         row = child(args.workloads[0], args.kernels[0], args.batch, args.mode, args.order, args.control,
                     args.keep_code)  # fmt: skip
         Path(args.json).write_text(json.dumps(row))
-        return 0
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)  # inductor's compile workers and atexit hooks would keep the child alive for minutes
     rows = run(args.workloads, args.kernels, batch=args.batch, mode=args.mode, order=args.order,
                control=args.control, keep_code=args.keep_code)  # fmt: skip
     print(format_table(rows))

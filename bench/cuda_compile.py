@@ -650,7 +650,8 @@ def main(argv=None) -> int:
     p.add_argument("--mode", choices=("default", "reduce-overhead", "max-autotune"), default="reduce-overhead")
     p.add_argument("--order", choices=("code", "simultaneous"), default="code")
     p.add_argument("--control", choices=CONTROLS, default="none",
-                   help="a planted fault the check must report: a .cpu() in the graph, no static addresses")
+                   help="a planted fault the check must report: a .cpu() in the graph (a CPU partition), a tensor "
+                   "the step mutates without a static address (a CUDA-graph skip)")
     p.add_argument("--json", metavar="FILE", help="write the rows (a JSON list) to FILE")
     p.add_argument("--keep-code", metavar="DIR", help="write inductor's output module of each graph into DIR")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)

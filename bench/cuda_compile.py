@@ -44,6 +44,7 @@ WORKLOADS = ("autoencoder", "invert-fc6")
 KERNELS = ("auto", "triton")
 CONTROLS = ("none", "cpu-op", "no-static-address")
 CHILD_TIMEOUT_S = 1800
+_UNMARKED = None  # the no-static-address control's tensor
 # The torch and triton versions this was checked on; older ones lack or change what it patches.
 MIN_TORCH, MIN_TRITON = (2, 14), (3, 8)
 
@@ -527,13 +528,14 @@ def child(workload: str, kernels: str, batch: int, mode: str, order: str, contro
             return metrics
 
         trainer.step_metrics = metrics_through_the_host
-    if control == "no-static-address":  # a tensor the step mutates in place, never marked static
+    if control == "no-static-address":  # a (global) tensor the step mutates in place, never marked static
+        global _UNMARKED
         with fake_mode:
-            unmarked = torch.zeros((), device="cuda")
+            _UNMARKED = torch.zeros((), device="cuda")
         step_metrics = trainer.step_metrics
 
         def metrics_counting(*args, **kwargs):
-            unmarked.add_(1.0)
+            _UNMARKED.add_(1.0)
             return step_metrics(*args, **kwargs)
 
         trainer.step_metrics = metrics_counting

@@ -42,7 +42,7 @@ class CompiledStep:
         backend: torch.compile's backend ("inductor"; "aot_eager" traces the same graph and runs it with
             eager kernels, which tests use to check the trace without inductor's compile time).
         combo_kernels: let inductor fuse data-independent kernels horizontally into one launch (its
-            ``combo_kernels`` option: the weight casts, the pause rule, the metrics); default: on CUDA.
+            ``combo_kernels`` option: e.g. the bf16 casts of the weights under autocast); default: on CUDA.
     """
 
     def __init__(self, trainer, mode: str = "default", *, fullgraph: bool = True, backend: str = "inductor",

@@ -156,7 +156,7 @@ def compile_conv_kernel(constexprs: tuple, dtype: str, c_out_divisible_by_16: bo
             signature[p.name] = POINTER_TYPES[dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            signature[p.name] = "fp32" if p.name == "alpha" else "i32"
+            signature[p.name] = "fp32" if p.name in ("alpha", "mask_alpha") else "i32"
             if p.name == "C_OUT" and c_out_divisible_by_16:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs), attrs=attrs)

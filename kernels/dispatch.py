@@ -60,6 +60,7 @@ import torch
 
 from . import dispatch_cache
 from ._backend import HAS_TRITON, backend, requested_backend
+from ._conv_shape import conv_out_size
 from .dispatch_cache import CACHE_ENV, cache_path
 
 __all__ = [
@@ -84,6 +85,7 @@ DEFAULT_PATH = "cudnn"  # untimed choice: inside CUDA-graph capture or a torch.c
 WARMUP, ITERS = 3, 10
 # Device types on which "auto" dispatches. Tests add "cpu" (with a fake timer) to drive the logic.
 DISPATCH_DEVICES: tuple[str, ...] = ("cuda",)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 Run = Callable[..., torch.Tensor]  # run(path, x, weight, bias, stride, padding, alpha) -> out, with autograd
@@ -150,9 +152,7 @@ def time_cuda_ms(step: Callable[[], None], warmup: int = WARMUP, iters: int = IT
 
 
 def _out_side(op: str, size: int, k: int, stride: int, padding: int) -> int:
-    if op == "conv_transpose_lrelu":
-        return (size - 1) * stride - 2 * padding + k
-    return (size + 2 * padding - k) // stride + 1
+    return conv_out_size(size, k, stride, padding, op == "conv_transpose_lrelu")
 
 
 def _bucket(m: int) -> int:
@@ -319,8 +319,11 @@ def conv_path(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     """The path a public conv op takes for this call: "triton", "cudnn" or "reference".
 
     Forced by ``DEEPSIM_KERNELS`` / ``use_backend`` (triton | cudnn | reference); under auto, the
-    dispatcher's choice on CUDA (:func:`choose`) and the reference elsewhere (see ``kernels.backend``).
+    dispatcher's choice on CUDA (:func:`choose`) and the reference elsewhere (see ``kernels.backend``) or
+    for a dtype the kernels do not take (fp64).
     """
+    if requested_backend() == "auto" and _compute_dtype(x) not in _KERNEL_DTYPES:
+        return "reference"  # fp64 and the like: neither kernel path takes them
     if requested_backend() == "auto" and HAS_TRITON and x.device.type in DISPATCH_DEVICES:
         return choose(op, x, weight, bias, stride, padding, alpha, run)
     return backend(x)

@@ -136,28 +136,44 @@ def _tool(name: str) -> str:
 @functools.cache
 def compile_conv_kernel(constexprs: tuple, dtype: str, c_out_divisible_by_16: bool, num_warps: int,
                         num_stages: int) -> dict:  # fmt: skip
-    """Compile the conv forward kernel for sm_90 and read it: registers, local memory (spills), shared
-    memory, PTX instruction counts. Cached per process.
+    """Compile the conv forward kernel (or, with MASK_A, the dgrad) for sm_90 and read it: registers, local
+    memory (spills), shared memory, PTX instruction counts, SASS per wgmma. Cached per process.
 
     ``constexprs`` is ``kernel_constexprs(...)`` as sorted items. The signature is what the JIT builds for
     a launch: pointers 16-byte aligned (any fresh allocation), C_OUT divisible by 16 when it is, the other
     runtime sizes unspecialized (as the kernel declares).
     """
+    divisible = ("C_OUT",) if c_out_divisible_by_16 else ()
+    return compile_kernel(_conv_igemm_lrelu_kernel, constexprs, dtype, num_warps, num_stages, divisible)
+
+
+@functools.cache
+def compile_wgrad_kernel(constexprs: tuple, dtype: str, r_divisible_by_16: bool, num_warps: int,
+                         num_stages: int) -> dict:  # fmt: skip
+    """As ``compile_conv_kernel``, for the wgrad kernel (partials in fp32)."""
+    from deepsim.kernels._conv_backward import _conv_wgrad_kernel
+
+    divisible = ("R",) if r_divisible_by_16 else ()
+    return compile_kernel(_conv_wgrad_kernel, constexprs, dtype, num_warps, num_stages, divisible,
+                          fp32_pointers=("part_ptr", "bias_part_ptr"))  # fmt: skip
+
+
+def compile_kernel(fn, constexprs: tuple, dtype: str, num_warps: int, num_stages: int,
+                   divisible: tuple = (), fp32_pointers: tuple = ()) -> dict:  # fmt: skip
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = _conv_igemm_lrelu_kernel
     signature, attrs = {}, {}
     for i, p in enumerate(fn.params):
         if p.is_constexpr:
             signature[p.name] = "constexpr"
         elif p.name.endswith("_ptr"):
-            signature[p.name] = POINTER_TYPES[dtype]
+            signature[p.name] = "*fp32" if p.name in fp32_pointers else POINTER_TYPES[dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            signature[p.name] = "fp32" if p.name in ("alpha", "mask_alpha") else "i32"
-            if p.name == "C_OUT" and c_out_divisible_by_16:
+            signature[p.name] = "fp32" if "alpha" in p.name else "i32"
+            if p.name in divisible:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs), attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", *HOPPER),

@@ -277,7 +277,7 @@ def run_path(path: str, x, weight, bias, stride: int, padding: int, alpha: float
 
 def public_call(x, weight, bias, stride, padding, alpha, *, transposed: bool, run: Callable) -> torch.Tensor:
     """Check and normalise the arguments of a public conv op, ask the dispatcher for the path, run it."""
-    from .dispatch import conv_path
+    from .dispatch import backward_impls, conv_path
 
     op = op_name(transposed)
     check_conv_args(x, weight, bias, float(alpha), op, 0 if transposed else 1)
@@ -287,4 +287,7 @@ def public_call(x, weight, bias, stride, padding, alpha, *, transposed: bool, ru
     padding = normalize_padding(padding, (int(weight.shape[2]), int(weight.shape[3])), stride, op, transposed)
     alpha = float(alpha)
     path = conv_path(op, x, weight, bias, stride, padding, alpha, run)
-    return run(path, x, weight, bias, stride, padding, alpha)
+    if path != "triton":
+        return run(path, x, weight, bias, stride, padding, alpha)
+    dgrad, wgrad = backward_impls(op, x, weight, bias, stride, padding)
+    return run(path, x, weight, bias, stride, padding, alpha, dgrad=dgrad, wgrad=wgrad)

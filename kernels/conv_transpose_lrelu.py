@@ -91,6 +91,9 @@ _run_path = functools.partial(run_path, transposed=True, reference=reference_con
                               fused_op=_forward_op)  # fmt: skip
 
 
+_run_path.backward_op = _backward_op  # the dispatcher times and checks dgrad / wgrad through it
+
+
 def conv_transpose_lrelu(x, weight, bias=None, stride=1, padding=0, alpha=0.3):
     """Fused ``leaky_relu(conv_transpose2d(x, weight, bias, stride, padding), alpha)`` (the up-conv block).
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import INTERPRET, tl, triton
-from ._conv_configs import SM_COUNT, ConvConfig, ConvGeometry, choose_config
+from ._conv_configs import MAX_CANDIDATES, MIN_EFFICIENCY, SM_COUNT, ConvConfig, ConvGeometry, choose_config
 from ._conv_igemm import INDEX_64_NUMEL, conv_igemm_forward, input_precision
 from ._conv_packing import activation_operand
 from ._conv_shape import conv_out_size
@@ -90,10 +90,16 @@ def _conv_wgrad_kernel(
     r_ok = offs_r < R
     cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     col_ok = cols < KCOLS
-    tap = cols // C
-    c = cols % C
-    kh = tap // KW
-    kw = tap % KW
+    if C % BLOCK_C == 0:  # the column tile lies inside one tap: tap scalar, the Q mask per row
+        tap0 = (pid_c * BLOCK_C) // C
+        kh = tap0 // KW + tl.zeros((BLOCK_C,), dtype=tl.int32)
+        kw = tap0 % KW + tl.zeros((BLOCK_C,), dtype=tl.int32)
+        c = (pid_c * BLOCK_C) % C + tl.arange(0, BLOCK_C)
+    else:  # small C (3, 4, 8): (tap, c) per column
+        tap = cols // C
+        c = cols % C
+        kh = tap // KW
+        kw = tap % KW
     acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     bias_acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
     m0 = split * ITERS_PER_SPLIT * BLOCK_K
@@ -112,10 +118,17 @@ def _conv_wgrad_kernel(
             bias_acc += tl.sum(p.to(tl.float32), axis=0)
         n = m // I_HW
         ij = m % I_HW
-        qh = ((ij // I_W) * STRIDE - PAD)[:, None] + kh[None, :]
-        qw = ((ij % I_W) * STRIDE - PAD)[:, None] + kw[None, :]
-        q_ok = m_ok[:, None] & col_ok[None, :] & (qh >= 0) & (qh < Q_H) & (qw >= 0) & (qw < Q_W)
-        q_off = ((n[:, None] * Q_H + qh) * Q_W + qw) * C + c[None, :]  # (BLOCK_K, BLOCK_C)
+        if C % BLOCK_C == 0:
+            qh = (ij // I_W) * STRIDE - PAD + tap0 // KW  # (BLOCK_K,)
+            qw = (ij % I_W) * STRIDE - PAD + tap0 % KW
+            row_ok = m_ok & (qh >= 0) & (qh < Q_H) & (qw >= 0) & (qw < Q_W)
+            q_ok = row_ok[:, None]
+            q_off = (((n * Q_H + qh) * Q_W + qw) * C)[:, None] + c[None, :]
+        else:
+            qh = ((ij // I_W) * STRIDE - PAD)[:, None] + kh[None, :]
+            qw = ((ij % I_W) * STRIDE - PAD)[:, None] + kw[None, :]
+            q_ok = m_ok[:, None] & col_ok[None, :] & (qh >= 0) & (qh < Q_H) & (qw >= 0) & (qw < Q_W)
+            q_off = ((n[:, None] * Q_H + qh) * Q_W + qw) * C + c[None, :]  # (BLOCK_K, BLOCK_C)
         q = tl.load(q_ptr + q_off, mask=q_ok, other=0.0)
         if MASK_Q:
             sign = tl.load(m_ptr + q_off, mask=q_ok, other=0.0)
@@ -144,7 +157,6 @@ def _split_sum_kernel(part_ptr, out_ptr, SPLITS, SIZE, BLOCK: tl.constexpr):
 WGRAD_CONFIGS = [
     ConvConfig(bm, bn, bk, w, s)
     for bm, bn, bk, w, s in [
-        (128, 128, 64, 8, 3),
         (64, 128, 64, 4, 3),
         (128, 64, 64, 4, 3),
         (64, 64, 64, 4, 4),
@@ -152,6 +164,8 @@ WGRAD_CONFIGS = [
         (32, 64, 64, 4, 4),
         (64, 32, 64, 4, 4),
         (32, 32, 64, 4, 4),
+        (64, 16, 64, 4, 4),
+        (128, 16, 64, 4, 4),
     ]
 ]
 WGRAD_FMA_CONFIGS = [ConvConfig(64, 64, 16, 4, 2), ConvConfig(32, 64, 16, 4, 2), ConvConfig(32, 32, 16, 4, 2)]
@@ -189,6 +203,16 @@ def wgrad_config_list(dtype: torch.dtype, precision: str) -> list[ConvConfig]:
     if INTERPRET:
         return WGRAD_INTERPRETER_CONFIGS
     return WGRAD_FMA_CONFIGS if dtype == torch.float32 and precision == "ieee" else WGRAD_CONFIGS
+
+
+def wgrad_candidates(geom: ConvGeometry, dtype: torch.dtype, precision: str) -> list[ConvConfig]:
+    """The wgrad configs the tuner may pick: efficiency >= MIN_EFFICIENCY (else the most efficient one
+    alone), then the larger tiles first; at most MAX_CANDIDATES."""
+    configs = wgrad_config_list(dtype, precision)
+    good = [c for c in configs if wgrad_efficiency(geom, c) >= MIN_EFFICIENCY]
+    if not good:
+        return [max(configs, key=lambda c: (wgrad_efficiency(geom, c), c.block_m * c.block_n))]
+    return sorted(good, key=lambda c: -c.block_m * c.block_n)[:MAX_CANDIDATES]
 
 
 def wgrad_constexprs(geom: ConvGeometry, config: ConvConfig, *, bias: bool, precision: str,
@@ -241,7 +265,7 @@ def conv_wgrad(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor, geom:
         )  # fmt: skip
         state.update(part=part, bias_part=bias_part, splits=splits)
 
-    candidates = sorted(wgrad_config_list(out.dtype, precision), key=lambda c: -wgrad_efficiency(geom, c))
+    candidates = wgrad_candidates(geom, out.dtype, precision)
     chosen = choose_config("wgrad_conv_transpose" if geom.transposed else "wgrad_conv", geom, out,
                            precision, launch, candidates=candidates)  # fmt: skip
     launch(chosen)

@@ -241,10 +241,10 @@ def register_forward_op(transposed: bool, reference: Callable, function: type):
     setup_context and backward (``dgrad`` / ``wgrad`` name the backward's implementations)."""
 
     def impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int,
-             alpha: float, dgrad: str, wgrad: str) -> torch.Tensor:  # fmt: skip
+             alpha: float, dgrad: str = "triton", wgrad: str = "triton") -> torch.Tensor:  # fmt: skip
         return forward_impl(x, weight, bias, stride, padding, alpha, transposed=transposed, reference=reference)
 
-    def fake(x, weight, bias, stride, padding, alpha, dgrad, wgrad):
+    def fake(x, weight, bias, stride, padding, alpha, dgrad="triton", wgrad="triton"):
         return forward_fake(x, weight, stride, padding, transposed=transposed)
 
     return register_op(op_name(transposed), impl, fake=fake, setup_context=function.setup_context,

@@ -245,6 +245,7 @@ def ctas_per_sm(registers: int, num_warps: int, shared_bytes: int) -> int:
 def _kernel_configs(kind: str, g: ConvGeometry, dtype: str):
     """(geometry the kernel runs, [(config, efficiency, programs, L2 bytes per MMA FLOP, compile thunk)])."""
     from deepsim.kernels._conv_backward import (
+        dgrad_config_list,
         dgrad_geometry,
         wgrad_candidates,
         wgrad_constexprs,
@@ -260,7 +261,8 @@ def _kernel_configs(kind: str, g: ConvGeometry, dtype: str):
     if kind in ("forward", "dgrad"):
         kg = g if kind == "forward" else dgrad_geometry(g)
         w_k_stride = kg.k if kg.transposed else conv_weight_row_stride(kg.k, element)
-        for c in eligible_configs(kg, element, config_list(TORCH_DTYPES[dtype], precision)):
+        lister = config_list if kind == "forward" else dgrad_config_list
+        for c in eligible_configs(kg, element, lister(TORCH_DTYPES[dtype], precision)):
             ce = kernel_constexprs(kg, c, has_bias=kind == "forward", precision=precision, w_k_stride=w_k_stride,
                                    dgrad=kind == "dgrad")  # fmt: skip
             tiles, classes = grid_size(kg, c)

@@ -23,10 +23,21 @@ a bit mask would need a forward store and a bit-unpack in the loaders for the sa
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from ._backend import INTERPRET, tl, triton
-from ._conv_configs import MAX_CANDIDATES, MIN_EFFICIENCY, SM_COUNT, ConvConfig, ConvGeometry, choose_config
+from ._conv_configs import (
+    MAX_CANDIDATES,
+    MIN_EFFICIENCY,
+    SM_COUNT,
+    ConvConfig,
+    ConvGeometry,
+    choose_config,
+    config_list,
+    eligible_configs,
+)
 from ._conv_igemm import INDEX_64_NUMEL, conv_igemm_forward, input_precision
 from ._conv_packing import activation_operand
 from ._conv_shape import conv_out_size
@@ -46,6 +57,13 @@ def dgrad_geometry(geom: ConvGeometry) -> ConvGeometry:
                         geom.padding, pad)  # fmt: skip
 
 
+def dgrad_config_list(dtype: torch.dtype, precision: str) -> list[ConvConfig]:
+    """The forward kernel's configs for a dgrad: the same, except 4-warp 128-row tiles run with 8 warps
+    (the mask multiply on the A operand takes them over 240 registers)."""
+    return [dataclasses.replace(c, num_warps=8) if c.block_m >= 128 and c.block_n >= 64 and c.num_warps == 4
+            else c for c in config_list(dtype, precision)]  # fmt: skip
+
+
 def conv_dgrad(grad_out: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry,
                alpha: float) -> torch.Tensor:  # fmt: skip
     """grad_x (N, C_in, H, W), channels_last, of lrelu(conv(x, W) + b) (or the up-conv), from grad_out and
@@ -58,7 +76,9 @@ def conv_dgrad(grad_out: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, 
     if grad_out.numel() == 0:
         return grad_x.zero_()
     op = "dgrad_conv_transpose" if geom.transposed else "dgrad_conv"  # named after the forward op
-    return conv_igemm_forward(grad_out.to(out.dtype), weight, None, dg, alpha, grad_x, mask=out, op=op)
+    configs = eligible_configs(dg, out.element_size(), dgrad_config_list(out.dtype, input_precision(out.dtype)))
+    return conv_igemm_forward(grad_out.to(out.dtype), weight, None, dg, alpha, grad_x, mask=out, op=op,
+                              configs=configs)  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -157,8 +177,8 @@ def _split_sum_kernel(part_ptr, out_ptr, SPLITS, SIZE, BLOCK: tl.constexpr):
 WGRAD_CONFIGS = [
     ConvConfig(bm, bn, bk, w, s)
     for bm, bn, bk, w, s in [
-        (64, 128, 64, 4, 3),
-        (128, 64, 64, 4, 3),
+        (64, 128, 64, 8, 3),  # 8 warps: with 4 these sit at 252-254 registers
+        (128, 64, 64, 8, 3),
         (64, 64, 64, 4, 4),
         (32, 128, 64, 4, 3),
         (32, 64, 64, 4, 4),

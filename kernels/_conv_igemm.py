@@ -232,7 +232,7 @@ def grid_size(geom: ConvGeometry, config: ConvConfig) -> tuple[int, int]:
 
 def conv_igemm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry,
                        alpha: float, out: torch.Tensor, mask: torch.Tensor | None = None,
-                       op: str | None = None) -> torch.Tensor:  # fmt: skip
+                       op: str | None = None, configs: list[ConvConfig] | None = None) -> torch.Tensor:  # fmt: skip
     """Run lrelu(conv(x, W) + b) (or the up-conv, ``geom.transposed``) into ``out`` and return it.
 
     With ``mask`` (a dgrad: x is grad_out, ``mask`` the saved forward output, x's shape) the kernel computes
@@ -267,7 +267,7 @@ def conv_igemm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
     if op is None:
         op = "conv_transpose" if geom.transposed else "conv"
-    launch(choose_config(op, geom, x_op, precision, launch))
+    launch(choose_config(op, geom, x_op, precision, launch, candidates=configs))
     if out_op is not out:
         out.copy_(out_op)
     return out

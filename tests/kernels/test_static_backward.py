@@ -101,3 +101,40 @@ def test_two_waves_or_persistent_on_every_kernel(rows):
                    "wgmma")  # fmt: skip
 def test_wgmma_in_every_kernel(rows):
     assert _misses(rows, lambda c: c["wgmma"] > 0) == []
+
+
+_PADDED_FIRST_LAYER = """
+import json, torch
+from bench.static import compile_conv_kernel
+from deepsim.kernels._conv_configs import ConvGeometry, config_list, eligible_configs
+from deepsim.kernels._conv_igemm import kernel_constexprs
+from deepsim.kernels._conv_packing import conv_weight_row_stride
+out = {}
+for c_in in (3, 4):
+    g = ConvGeometry(False, 64, c_in, 64, 64, 32, 5, 5, 2, 2)  # G's first conv, input padded to 4 channels
+    cfg = eligible_configs(g, 2, config_list(torch.bfloat16, "ieee"))[0]
+    ce = kernel_constexprs(g, cfg, has_bias=True, precision="ieee", w_k_stride=conv_weight_row_stride(g.k, 2))
+    out[c_in] = compile_conv_kernel(tuple(sorted(ce.items())), "bf16", True, cfg.num_warps, cfg.num_stages)
+print(json.dumps(out))
+"""
+
+
+def test_a_first_layer_padded_to_4_channels_loads_x_asynchronously():
+    """With x padded to 4 channels (8-byte bf16 pixels), the first conv's gathers of x become cp.async
+    copies (the synchronous loads left are the bias) and the main loop gets shorter per wgmma than with
+    3 channels, whose 6-byte pixels no async copy moves."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _PADDED_FIRST_LAYER], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=static._repo_root())  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    facts = json.loads(done.stdout.strip().splitlines()[-1])
+    three, four = facts["3"], facts["4"]
+    assert three["ld_global"] > four["ld_global"] and four["cp_async"] > three["cp_async"]
+    assert four["ld_global"] <= 4  # the bias only
+    assert four["sass_per_wgmma"] < 0.5 * three["sass_per_wgmma"]
+    assert four["spill_bytes"] == 0 and four["wgmma"] > 0

@@ -35,8 +35,8 @@ files are ignored and counted in ``.ignored``.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import importlib.metadata
-import os
 import warnings
 
 import numpy as np
@@ -44,9 +44,10 @@ import torch
 
 from .augment import crop_params
 from .errors import DataError
-from .images import DEFAULT_MAX_IMAGE_PIXELS, scan_image_files
-from .sampling import EpochSchedule, ScheduledStream, rank_positions
+from .images import scan_image_files
+from .sampling import EpochSchedule, RankSchedule, ScheduledStream
 from .sources import resolve_source
+from .spec import LoaderSpec
 
 __all__ = [
     "DaliUnavailableError",
@@ -160,19 +161,11 @@ class _Feed:
     def __init__(
         self, schedule, *, start_sample, shard_id, num_shards, batch_size, crop_size, seed, random, mirror
     ):
-        self.schedule, self.start_sample = schedule, start_sample
-        self.shard_id, self.num_shards, self.batch_size = shard_id, num_shards, batch_size
+        self.plan = RankSchedule(schedule, start_sample, shard_id, num_shards, batch_size)
         self.crop_size, self.seed, self.random, self.mirror = crop_size, seed, random, mirror
 
     def positions(self, t: int) -> tuple[np.ndarray, np.ndarray]:
-        pos = rank_positions(
-            self.start_sample,
-            t,
-            shard_id=self.shard_id,
-            num_shards=self.num_shards,
-            batch_size=self.batch_size,
-        )
-        return pos, self.schedule.indices(pos)
+        return self.plan.batch(t)
 
     def anchors(self, pos, heights, widths):
         """(crop_pos_x, crop_pos_y, mirror) for DALI, from the shared crop parameters."""
@@ -260,38 +253,27 @@ class DaliBatchStream(ScheduledStream):
             object every step (for CUDA graphs); the caller must use it before the next call.
     """
 
-    def __init__(
-        self, pipe, feed, schedule, *, batch_size, shard_id, num_shards, start_sample, device, dtype, channels_last,
-        static, skipped, ignored, source_name,
-    ):  # fmt: skip
+    _REPR = (
+        ("num_samples", "num_samples"), ("batch_size", "batch_size"), ("device", "device"), ("cursor", "cursor"),
+        ("skipped", "skipped"),
+    )  # fmt: skip
+
+    def __init__(self, pipe, feed, schedule: EpochSchedule, spec: LoaderSpec, *, static: bool, skipped: int,
+                 ignored: int, source: str):  # fmt: skip
         _, dali_torch = _import_dali()
-        self._init_schedule(
-            schedule,
-            batch_size=batch_size,
-            shard_id=shard_id,
-            num_shards=num_shards,
-            start_sample=start_sample,
-        )
+        super().__init__(schedule, spec, source=source, ignored=ignored)
         self._feed_ndarray = dali_torch.feed_ndarray
         self._pipe, self._feed = pipe, feed
-        self.device, self.dtype = torch.device(device), dtype
-        self.channels_last, self.static = channels_last, static
-        self.skipped, self.ignored = skipped, ignored
-        self.source = source_name
+        self.static, self.skipped = static, skipped
         self._raw = None  # float32 buffer in DALI's layout (B, 3, c, c) or (B, c, c, 3)
         self._out = None  # the tensor returned when static
-
-    def __iter__(self):
-        return self
 
     def _raw_buffer(self, shape):
         if self._raw is None or tuple(self._raw.shape) != tuple(shape) or not self.static:
             self._raw = torch.empty(shape, dtype=torch.float32, device=self.device)
         return self._raw
 
-    def __next__(self) -> torch.Tensor:
-        if self._pipe is None:
-            raise StopIteration
+    def _next_batch(self) -> torch.Tensor:
         try:
             (out,), stream = self._run_pipe()
         except RuntimeError as e:
@@ -324,55 +306,26 @@ class DaliBatchStream(ScheduledStream):
         stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else None
         return self._pipe.run(stream), stream
 
-    def close(self) -> None:
-        """Release the pipeline (and its threads / GPU memory). Idempotent."""
-        pipe, self._pipe = self._pipe, None
-        if pipe is not None:
-            del pipe
+    def _release(self) -> None:
+        self._pipe = None  # its threads and GPU memory go with it
         feed, self._feed = self._feed, None
         if feed is not None and hasattr(feed, "close"):
             feed.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __repr__(self) -> str:
-        return (
-            f"DaliBatchStream(source={self.source!r}, num_samples={self.num_samples}, "
-            f"batch_size={self.batch_size}, device={self.device}, cursor={self.cursor}, skipped={self.skipped})"
-        )
-
 
 def build_dali_loader(
     source,
+    spec: LoaderSpec | None = None,
     *,
-    batch_size: int,
-    crop_size: int = 64,
-    mode: str = "crop",
-    mirror: bool = True,
-    device="cpu",
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-    start_sample: int = 0,
-    shard_id: int = 0,
-    num_shards: int = 1,
-    num_workers: int = 0,
-    channels_last: bool = False,
-    on_bad: str = "error",
-    split: str | None = None,
-    resize_size: int = 256,
     static: bool = False,
     full_check: bool = False,
     prefetch: int = 2,
     roi: bool = True,
     hw_decoder_load: float = HW_DECODER_LOAD,
-    pad_channels: int = 3,
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    **fields,
 ) -> DaliBatchStream:
-    """Build a DALI batch stream; arguments as :func:`deepsim.data.build_loader` (checked there), plus:
+    """Build a DALI batch stream of ``spec`` (or of its keyword ``fields``, checked here); arguments as
+    :func:`deepsim.data.build_loader`, plus:
 
     Args:
         num_workers: DALI CPU threads and file-reading threads (0 = min(4, cpu count)).
@@ -393,71 +346,97 @@ def build_dali_loader(
         DaliUnavailableError: DALI is not installed (says what to pip install).
         DataError: bad input (see the module docstring).
     """
+    spec = LoaderSpec.of(spec, fields)
     _import_dali()
-    from nvidia.dali import fn, pipeline_def, types
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        device_id = device.index if device.index is not None else torch.cuda.current_device()
-        device = torch.device("cuda", device_id)
-    elif device.type == "cpu":
-        device_id = None
-    else:
-        raise DataError(f"device={device}: the DALI loader delivers to 'cpu' or 'cuda[:i]'")
-    gpu = device_id is not None
-    if pad_channels not in (3, 4):
-        raise DataError(f"pad_channels={pad_channels}: the DALI loader pads to 4 channels only (or 3: none)")
+    spec = dataclasses.replace(spec, device=_dali_device(spec.device))
+    gpu = spec.device.type == "cuda"
+    if spec.pad_channels not in (3, 4):
+        raise DataError(f"pad_channels={spec.pad_channels}: the DALI loader pads to 4 channels only (or 3: none)")
     if not 0.0 <= hw_decoder_load <= 1.0:
         raise DataError(f"hw_decoder_load={hw_decoder_load}: expected a share in [0, 1]")
     roi = use_roi_decode(roi, gpu)
-    resize = resize_size if mode.startswith("resize") else None
-    random = mode in ("crop", "resize-crop")
-    threads = num_workers if num_workers > 0 else max(1, min(4, os.cpu_count() or 1))
-    layout = "HWC" if channels_last else "CHW"
-    norm = dict(mean=[127.5] * 3, std=[127.5] * 3, dtype=types.FLOAT, output_layout=layout, pad_output=pad_channels == 4)
-    src = resolve_source(source, split)
-    pipeline_options = dict(
-        batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed & 0x7FFFFFFF,
-        prefetch_queue_depth=prefetch, exec_dynamic=True,  # (the executor that returns outputs on a CUDA stream)
+    src = resolve_source(source, spec.split)
+    feed, skipped, ignored = _feed(src, spec, roi=roi, full_check=full_check)
+    encoded = src.kind != "stl10"
+    roi = roi and encoded
+    options = dict(
+        batch_size=spec.batch_size, num_threads=spec.threads, device_id=spec.device.index if gpu else None,
+        seed=spec.seed & 0x7FFFFFFF, prefetch_queue_depth=prefetch,
+        exec_dynamic=True,  # (the executor that returns outputs on a CUDA stream)
     )  # fmt: skip
-    feed_options = dict(
-        start_sample=start_sample, shard_id=shard_id, num_shards=num_shards, batch_size=batch_size,
-        crop_size=crop_size, seed=seed, random=random, mirror=mirror,
+    if roi:
+        pipe = _roi_pipeline(feed, spec, options, hw_decoder_load=hw_decoder_load if gpu else None)
+    else:
+        pipe = _full_pipeline(feed, spec, options, encoded=encoded)
+    pipe.build()
+    stream = DaliBatchStream(
+        pipe, feed, feed.plan.schedule, spec, static=static, skipped=skipped, ignored=ignored, source=src.name
+    )
+    stream.roi_decode = roi
+    return stream
+
+
+def _dali_device(device) -> torch.device:
+    """``device`` as DALI takes it: the CPU, or a CUDA device with its index."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    if device.type != "cpu":
+        raise DataError(f"device={device}: the DALI loader delivers to 'cpu' or 'cuda[:i]'")
+    return device
+
+
+def _feed(src, spec: LoaderSpec, *, roi: bool, full_check: bool) -> tuple[_Feed, int, int]:
+    """(the external_source callback of ``src``, files skipped by the pre-scan, non-image files ignored)."""
+    options = dict(
+        start_sample=spec.cursor, shard_id=spec.shard_id, num_shards=spec.num_shards, batch_size=spec.batch_size,
+        crop_size=spec.crop_size, seed=spec.seed, random=spec.random, mirror=spec.mirror,
+    )  # fmt: skip
+    if src.kind == "stl10":
+        if spec.resize is not None:
+            raise DataError(
+                f"{src.location}: mode {spec.mode!r} is not offered for STL-10 on the DALI path; use 'crop'/'center'"
+            )
+        if spec.crop_size > src.array.shape[2]:
+            raise DataError(
+                f"{src.location}: STL-10 images are 96x96, expected crop_size <= 96 (got {spec.crop_size})"
+            )
+        schedule = EpochSchedule(src.array.shape[0], spec.seed, src.name)
+        return _Stl10Feed(src.array, schedule=schedule, **options), 0, 0
+    scan = scan_image_files(
+        src.paths, crop_size=spec.crop_size, resize=spec.resize, on_bad=spec.on_bad, full_check=full_check,
+        max_pixels=spec.max_image_pixels,
+    )  # fmt: skip
+    if not scan.files:
+        raise DataError(
+            f"{src.name}: all {len(src.paths)} image files are unusable (corrupt or smaller than the crop)"
+        )
+    schedule = EpochSchedule(len(scan.files), spec.seed, src.name)
+    feed = _FileFeed(
+        scan.files, scan.sizes, spec.threads, source_sizes=scan.source_sizes if roi else None,
+        resize=spec.resize is not None, schedule=schedule, **options,
+    )  # fmt: skip
+    return feed, len(scan.bad), len(src.non_images)
+
+
+def _normalize(types, spec: LoaderSpec) -> dict:
+    """``crop_mirror_normalize``'s arguments for the batch convention: [-1, 1], the layout, channel padding."""
+    return dict(
+        mean=[127.5] * 3, std=[127.5] * 3, dtype=types.FLOAT, output_layout="HWC" if spec.channels_last else "CHW",
+        pad_output=spec.pad_channels == 4,
     )  # fmt: skip
 
-    if src.kind == "stl10":
-        if resize is not None:
-            raise DataError(
-                f"{src.location}: mode {mode!r} is not offered for STL-10 on the DALI path; use 'crop'/'center'"
-            )
-        if crop_size > src.array.shape[2]:
-            raise DataError(
-                f"{src.location}: STL-10 images are 96x96, expected crop_size <= 96 (got {crop_size})"
-            )
-        schedule = EpochSchedule(src.array.shape[0], seed, src.name)
-        feed = _Stl10Feed(src.array, schedule=schedule, **feed_options)
-        skipped, ignored, image_layout = 0, 0, "CHW"
-    else:
-        scan = scan_image_files(
-            src.paths, crop_size=crop_size, resize=resize, on_bad=on_bad, full_check=full_check,
-            max_pixels=max_image_pixels,
-        )
-        if not scan.files:
-            raise DataError(
-                f"{src.name}: all {len(src.paths)} image files are unusable (corrupt or smaller than the crop)"
-            )
-        schedule = EpochSchedule(len(scan.files), seed, src.name)
-        feed = _FileFeed(
-            scan.files, scan.sizes, threads, source_sizes=scan.source_sizes if roi else None,
-            resize=resize is not None, schedule=schedule, **feed_options,
-        )  # fmt: skip
-        skipped, ignored, image_layout = len(scan.bad), len(src.non_images), None
-    roi = roi and image_layout is None
-    decoder = dict(device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False)
-    if gpu:
+
+def _roi_pipeline(feed: _FileFeed, spec: LoaderSpec, options: dict, *, hw_decoder_load: float | None):
+    """Files -> each crop's window decoded (``image_slice``) [-> resized on the full resize's grid] -> crop."""
+    from nvidia.dali import fn, pipeline_def, types  # optional dependency: DALI
+
+    c, resize = spec.crop_size, spec.resize
+    decoder = dict(device="cpu" if hw_decoder_load is None else "mixed", output_type=types.RGB, adjust_orientation=False)
+    if hw_decoder_load is not None:
         decoder["hw_decoder_load"] = hw_decoder_load
 
-    @pipeline_def(**pipeline_options)
+    @pipeline_def(**options)
     def roi_pipeline():
         resampled = [types.FLOAT, types.FLOAT] if resize is not None else []
         encoded, anchor, shape, *roi_extent, px, py, flip = fn.external_source(
@@ -468,22 +447,29 @@ def build_dali_loader(
         if resize is not None:
             roi_start, roi_end = roi_extent
             images = fn.resize(
-                images, size=[crop_size, crop_size], roi_start=roi_start, roi_end=roi_end, roi_relative=False,
-                antialias=True,
-            )  # fmt: skip
+                images, size=[c, c], roi_start=roi_start, roi_end=roi_end, roi_relative=False, antialias=True
+            )
         return fn.crop_mirror_normalize(
-            images, crop=(crop_size, crop_size), crop_pos_x=px, crop_pos_y=py, mirror=flip,
-            out_of_bounds_policy="pad", fill_values=0.0, **norm,
+            images, crop=(c, c), crop_pos_x=px, crop_pos_y=py, mirror=flip, out_of_bounds_policy="pad",
+            fill_values=0.0, **_normalize(types, spec),
         )  # fmt: skip
 
-    @pipeline_def(**pipeline_options)
+    return roi_pipeline()
+
+
+def _full_pipeline(feed: _Feed, spec: LoaderSpec, options: dict, *, encoded: bool):
+    """Whole files decoded [-> resized] -> crop; or STL-10's raw pixels -> crop."""
+    from nvidia.dali import fn, pipeline_def, types  # optional dependency: DALI
+
+    c, resize, gpu = spec.crop_size, spec.resize, spec.device.type == "cuda"
+
+    @pipeline_def(**options)
     def pipeline():
         images, px, py, flip = fn.external_source(
-            source=feed, num_outputs=4, batch=True, batch_info=True,
-            layout=[image_layout or "", "", "", ""],
+            source=feed, num_outputs=4, batch=True, batch_info=True, layout=["" if encoded else "CHW", "", "", ""],
             dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32],
         )  # fmt: skip
-        if image_layout is None:  # encoded files
+        if encoded:
             images = fn.decoders.image(
                 images, device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False
             )  # EXIF orientation ignored, as by the header pre-scan and the other loaders
@@ -492,16 +478,9 @@ def build_dali_loader(
         elif gpu:
             images = images.gpu()
         return fn.crop_mirror_normalize(
-            images, crop=(crop_size, crop_size), crop_pos_x=px, crop_pos_y=py, mirror=flip,
-            out_of_bounds_policy="pad" if on_bad == "pad" else "error", fill_values=0.0, **norm,
+            images, crop=(c, c), crop_pos_x=px, crop_pos_y=py, mirror=flip,
+            out_of_bounds_policy="pad" if spec.on_bad == "pad" else "error", fill_values=0.0,
+            **_normalize(types, spec),
         )  # fmt: skip
 
-    pipe = roi_pipeline() if roi else pipeline()
-    pipe.build()
-    stream = DaliBatchStream(
-        pipe, feed, schedule, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
-        start_sample=start_sample, device=device, dtype=dtype, channels_last=channels_last, static=static,
-        skipped=skipped, ignored=ignored, source_name=src.name,
-    )  # fmt: skip
-    stream.roi_decode = roi
-    return stream
+    return pipeline()

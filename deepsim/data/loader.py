@@ -15,11 +15,16 @@ import os
 
 import torch
 
+from .dali import build_dali_loader
 from .errors import DataError
-from .images import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels
+from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .interrupt import interruptible
-from .sampling import LOADERS, check_loader_args, start_cursor
+from .nvjpeg import build_nvjpeg_loader
+from .resident import build_resident_loader
+from .sampling import LOADERS
+from .spec import LoaderSpec
 from .stores import DEFAULT_CACHE_BYTES
+from .torch_loader import build_torch_loader
 
 __all__ = ["build_loader"]
 
@@ -98,40 +103,19 @@ def build_loader(
     """
     if loader not in LOADERS:
         raise DataError(f"loader={loader!r}: expected one of {', '.join(LOADERS)}")
-    check_max_pixels(max_image_pixels)
-    check_loader_args(
-        batch_size=batch_size, crop_size=crop_size, mode=mode, on_bad=on_bad, shard_id=shard_id,
-        num_shards=num_shards, resize_size=resize_size,
-    )  # fmt: skip
-    cursor = start_cursor(
-        start_step=start_step, start_sample=start_sample, batch_size=batch_size, num_shards=num_shards
-    )
-    common = dict(
+    spec = LoaderSpec(
         batch_size=batch_size, crop_size=crop_size, mode=mode, mirror=mirror, device=device, dtype=dtype, seed=seed,
-        start_sample=cursor, shard_id=shard_id, num_shards=num_shards, num_workers=num_workers,
-        channels_last=channels_last, on_bad=on_bad, split=split, resize_size=resize_size,
-        max_image_pixels=max_image_pixels,
-    )  # fmt: skip
+        start_step=start_step, start_sample=start_sample, shard_id=shard_id, num_shards=num_shards,
+        num_workers=num_workers, channels_last=channels_last, on_bad=on_bad, split=split, resize_size=resize_size,
+        pad_channels=pad_channels, max_image_pixels=max_image_pixels,
+    ).validate()  # fmt: skip
     if pad_channels not in (3, 4, 8) or (pad_channels > 3 and loader == "nvjpeg"):
         raise DataError(f"pad_channels={pad_channels} with loader={loader!r}: expected 3, 4 or 8 (3 for nvjpeg)")
-    padding = {} if pad_channels == 3 else {"pad_channels": pad_channels}
     with interruptible():  # a long scan of the source ends on a stop signal
-        return _build(source, loader, common, padding, static, cache, cache_bytes)
-
-
-def _build(source, loader: str, common: dict, padding: dict, static: bool, cache, cache_bytes: int):
-    if loader == "resident":
-        from .resident import build_resident_loader
-
-        return build_resident_loader(source, **padding, **common)
-    if loader == "dali":
-        from .dali import build_dali_loader
-
-        return build_dali_loader(source, static=static, **padding, **common)
-    if loader == "nvjpeg":
-        from .nvjpeg import build_nvjpeg_loader
-
-        return build_nvjpeg_loader(source, **common)
-    from .torch_loader import build_torch_loader
-
-    return build_torch_loader(source, cache=cache, cache_bytes=cache_bytes, **padding, **common)
+        if loader == "torch":
+            return build_torch_loader(source, spec, cache=cache, cache_bytes=cache_bytes)
+        if loader == "dali":
+            return build_dali_loader(source, spec, static=static)
+        if loader == "nvjpeg":
+            return build_nvjpeg_loader(source, spec)
+        return build_resident_loader(source, spec)

@@ -39,9 +39,10 @@ import torch
 from .augment import crop_params
 from .convention import to_model_batch
 from .errors import DataError
-from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError, read_image, scan_image_files
+from .images import ImageReadError, read_image, scan_image_files
 from .sampling import EpochSchedule, ScheduledStream
 from .sources import resolve_source
+from .spec import LoaderSpec
 
 __all__ = ["NvjpegBatchStream", "DeviceJpegDecoder", "DecodeStreams", "build_nvjpeg_loader", "is_jpeg"]
 
@@ -220,22 +221,19 @@ class NvjpegBatchStream(ScheduledStream):
             the device decoder).
     """
 
-    def __init__(
-        self, *, decoder, sizes, schedule, batch_size, crop_size, resize, random, mirror, seed, shard_id,
-        num_shards, start_sample, dtype, channels_last, threads, skipped, ignored, source_name,
-    ):  # fmt: skip
-        self._init_schedule(
-            schedule, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, start_sample=start_sample
-        )  # fmt: skip
+    _REPR = (
+        ("num_samples", "num_samples"), ("batch_size", "batch_size"), ("device", "device"), ("cursor", "cursor"),
+        ("skipped", "skipped"), ("cpu_decoded", "cpu_decoded"),
+    )  # fmt: skip
+
+    def __init__(self, decoder: DeviceJpegDecoder, sizes, schedule: EpochSchedule, spec: LoaderSpec, *, skipped,
+                 ignored: int, source: str):  # fmt: skip
+        super().__init__(schedule, spec, source=source, ignored=ignored)
         self._decoder, self._sizes = decoder, sizes
-        self.crop_size, self._resize_shorter = crop_size, resize
-        self._random, self._mirror, self._seed = random, mirror, seed
-        self.device, self.dtype, self.channels_last = decoder.device, dtype, channels_last
-        self._pool = concurrent.futures.ThreadPoolExecutor(max(1, threads))
+        self._resize_shorter = spec.resize
+        self._pool = concurrent.futures.ThreadPoolExecutor(spec.threads)
         self._streams = DecodeStreams(self.device) if self.device.type == "cuda" else None
         self._skipped_at_scan = len(skipped)
-        self.ignored = ignored
-        self.source = source_name
         self._ahead = self._read_ahead(0)
 
     @property
@@ -246,15 +244,12 @@ class NvjpegBatchStream(ScheduledStream):
     def cpu_decoded(self) -> int:
         return len(self._decoder.cpu)
 
-    def __iter__(self):
-        return self
-
     def _read_ahead(self, t: int):
         """Futures of the encoded bytes of batch ``t`` (read while the device decodes batch t-1)."""
         idx = self._schedule.indices(self.positions(t))
         return [self._pool.submit(self._decoder.read, int(i)) for i in idx]
 
-    def __next__(self) -> torch.Tensor:
+    def _next_batch(self) -> torch.Tensor:
         pos, idx = self._take_positions()
         datas = [future.result() for future in self._ahead]
         self._ahead = self._read_ahead(self._taken)
@@ -277,62 +272,31 @@ class NvjpegBatchStream(ScheduledStream):
             crops.append(crop.flip(-1) if f else crop)
         return to_model_batch(torch.stack(crops), self.device, self.dtype, self.channels_last)  # (B, 3, c, c)
 
-    def close(self) -> None:
-        """Stop the reading threads. Idempotent."""
+    def _release(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self.close()
-
-    def __repr__(self) -> str:
-        return (
-            f"NvjpegBatchStream(source={self.source!r}, num_samples={self.num_samples}, batch_size={self.batch_size}, "
-            f"device={self.device}, cursor={self.cursor}, skipped={self.skipped}, cpu_decoded={self.cpu_decoded})"
-        )
-
-
-def build_nvjpeg_loader(
-    source: str | os.PathLike,
-    *,
-    batch_size: int,
-    crop_size: int,
-    mode: str,
-    mirror: bool,
-    device: torch.device | str,
-    dtype: torch.dtype,
-    seed: int,
-    start_sample: int,
-    shard_id: int,
-    num_shards: int,
-    num_workers: int,
-    channels_last: bool,
-    on_bad: str,
-    split: str | None,
-    resize_size: int,
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-) -> NvjpegBatchStream:
-    """The GPU-decode stream; arguments as :func:`deepsim.data.build_loader` (checked there);
-    ``num_workers``: file-reading threads (0 = min(4, cpu count))."""
-    src = resolve_source(source, split)
+def build_nvjpeg_loader(source: str | os.PathLike, spec: LoaderSpec | None = None, **fields) -> NvjpegBatchStream:
+    """The GPU-decode stream of ``spec`` (or of its keyword ``fields``, checked here), arguments as
+    :func:`deepsim.data.build_loader`; ``num_workers``: file-reading threads (0 = min(4, cpu count))."""
+    spec = LoaderSpec.of(spec, fields)
+    if spec.pad_channels != 3:
+        raise DataError(f"pad_channels={spec.pad_channels} with loader='nvjpeg': expected 3")
+    src = resolve_source(source, spec.split)
     if src.kind == "stl10":
         raise DataError(
             f"{src.location}: loader='nvjpeg' decodes JPEG files, but STL-10 is raw pixels (nothing to decode); "
             "use --loader torch or dali"
         )
-    resize = resize_size if mode.startswith("resize") else None
-    scan = scan_image_files(src.paths, crop_size=crop_size, resize=resize, on_bad=on_bad, max_pixels=max_image_pixels)
+    scan = scan_image_files(
+        src.paths, crop_size=spec.crop_size, resize=spec.resize, on_bad=spec.on_bad, max_pixels=spec.max_image_pixels
+    )
     if not scan.files:
         raise DataError(
             f"{src.name}: all {len(src.paths)} image files are unusable (corrupt or smaller than the crop)"
         )
-    threads = num_workers if num_workers > 0 else max(1, min(4, os.cpu_count() or 1))
+    decoder = DeviceJpegDecoder(scan.files, scan.modes, torch.device(spec.device), spec.on_bad)
+    schedule = EpochSchedule(len(scan.files), spec.seed, src.name)
     return NvjpegBatchStream(
-        decoder=DeviceJpegDecoder(scan.files, scan.modes, torch.device(device), on_bad), sizes=scan.sizes,
-        schedule=EpochSchedule(len(scan.files), seed, src.name), batch_size=batch_size, crop_size=crop_size,
-        resize=resize, random=mode in ("crop", "resize-crop"), mirror=mirror, seed=seed, shard_id=shard_id,
-        num_shards=num_shards, start_sample=start_sample, dtype=dtype, channels_last=channels_last,
-        threads=threads, skipped=scan.bad, ignored=len(src.non_images), source_name=src.name,
-    )  # fmt: skip
+        decoder, scan.sizes, schedule, spec, skipped=scan.bad, ignored=len(src.non_images), source=src.name
+    )

@@ -23,6 +23,7 @@ from .errors import DataError
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .sampling import EpochSchedule, ScheduledStream
 from .sources import ResolvedSource, resolve_source
+from .spec import LoaderSpec
 from .stores import MAX_PROBE_FILES, ArrayStore, _estimate_bytes, build_store
 
 __all__ = [
@@ -82,17 +83,20 @@ def device_free_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def dataset_bytes(src: ResolvedSource, resize: int | None) -> int:
-    """Bytes of ``src`` decoded as uint8 RGB (after the resize of the resize modes), from headers only."""
+def dataset_bytes(
+    src: ResolvedSource, resize: int | None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> int:
+    """Bytes of ``src`` decoded as uint8 RGB (after the resize of the resize modes), from headers only; an
+    image over ``max_pixels`` (a bad image) counts nothing."""
     if src.kind == "stl10":
         n, c, h, w = src.array.shape
         return n * c * (resize * resize if resize else h * w)
     paths = src.paths
     if len(paths) <= MAX_PROBE_FILES:
-        return _estimate_bytes(paths, resize)
+        return _estimate_bytes(paths, resize, max_pixels)
     step = len(paths) / MAX_PROBE_FILES  # a regular sample of the headers, scaled up
     sample = [paths[int(i * step)] for i in range(MAX_PROBE_FILES)]
-    return int(_estimate_bytes(sample, resize) * len(paths) / MAX_PROBE_FILES)
+    return int(_estimate_bytes(sample, resize, max_pixels) * len(paths) / MAX_PROBE_FILES)
 
 
 def _loaders_that_fit(kind: str) -> str:
@@ -145,33 +149,24 @@ class ResidentBatchStream(ScheduledStream):
         nbytes: bytes of the resident uint8 data.
     """
 
-    def __init__(
-        self, *, data, offsets, heights, widths, schedule, batch_size, crop_size, random, mirror, seed,
-        shard_id, num_shards, start_sample, device, dtype, channels_last, pad_channels, skipped, ignored,
-        source_name,
-    ):  # fmt: skip
-        self._init_schedule(
-            schedule,
-            batch_size=batch_size,
-            shard_id=shard_id,
-            num_shards=num_shards,
-            start_sample=start_sample,
-        )
-        self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
-        self.crop_size, self.pad_channels = crop_size, pad_channels
-        self._random, self._mirror, self._key = random, mirror, _signed(int(_key(seed)))
+    _REPR = (
+        ("num_samples", "num_samples"), ("batch_size", "batch_size"), ("device", "device"), ("nbytes", "nbytes"),
+        ("cursor", "cursor"),
+    )  # fmt: skip
+
+    def __init__(self, data, offsets, heights, widths, schedule: EpochSchedule, spec: LoaderSpec, *, skipped: int,
+                 ignored: int, source: str):  # fmt: skip
+        super().__init__(schedule, spec, source=source, ignored=ignored)
+        self._key = _signed(int(_key(spec.seed)))
         self._data, self._heights, self._widths = data, heights, widths
         self.nbytes = data.numel()
-        self.skipped, self.ignored, self.source = skipped, ignored, source_name
+        self.skipped = skipped
         self._perms: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (device, host) orders
         self.last_device_indices: torch.Tensor | None = None
         self._pixels = data.view(-1, 3)  # (P, 3): one row per pixel, HWC order
         self._pixel_offsets = offsets // 3
-        self._arange_b = torch.arange(batch_size, device=self.device)
-        self._r = torch.arange(crop_size, device=self.device)
-
-    def __iter__(self):
-        return self
+        self._arange_b = torch.arange(spec.batch_size, device=self.device)
+        self._r = torch.arange(spec.crop_size, device=self.device)
 
     def _table(self, e0: int, e1: int) -> torch.Tensor:
         """The sample order of epochs e0..e1 concatenated, on the device (built once per epoch span)."""
@@ -201,10 +196,8 @@ class ResidentBatchStream(ScheduledStream):
         flip = splitmix64_device(base + 3) < 0 if self._mirror else None  # the hash's top bit
         return idx, oy, ox, flip, w
 
-    def __next__(self) -> torch.Tensor:
-        if self._data is None:
-            raise StopIteration
-        first = self.start_sample + (self._taken * self.num_shards + self.shard_id) * self.batch_size
+    def _next_batch(self) -> torch.Tensor:
+        first = int(self.positions(self._taken)[0])  # the batch's positions are first .. first + B - 1
         idx, oy, ox, flip, w = self._sample_params(first)
         b, c, cp = self.batch_size, self.crop_size, self.pad_channels
         r = self._r
@@ -225,22 +218,9 @@ class ResidentBatchStream(ScheduledStream):
         self.last_device_indices = idx
         return x
 
-    def close(self) -> None:
-        """Release the device data. Idempotent."""
+    def _release(self) -> None:
         self._data = self._pixels = self._pixel_offsets = self._heights = self._widths = None
         self._perms = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __repr__(self) -> str:
-        return (
-            f"ResidentBatchStream(source={self.source!r}, num_samples={self.num_samples}, "
-            f"batch_size={self.batch_size}, device={self.device}, nbytes={self.nbytes}, cursor={self.cursor})"
-        )
 
 
 def _upload(store, device: torch.device):
@@ -269,46 +249,27 @@ def _upload(store, device: torch.device):
 
 
 def build_resident_loader(
-    source: str | os.PathLike,
-    *,
-    batch_size: int,
-    crop_size: int,
-    mode: str,
-    mirror: bool,
-    device: torch.device | str,
-    dtype: torch.dtype,
-    seed: int,
-    start_sample: int,
-    shard_id: int,
-    num_shards: int,
-    num_workers: int = 0,
-    channels_last: bool,
-    on_bad: str,
-    split: str | None,
-    resize_size: int,
-    pad_channels: int = 3,
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-    free_bytes: int | None = None,
+    source: str | os.PathLike, spec: LoaderSpec | None = None, *, free_bytes: int | None = None, **fields
 ) -> ResidentBatchStream:
-    """The resident stream; arguments as :func:`deepsim.data.build_loader` (checked there), plus
-    ``free_bytes`` (the memory to count on instead of asking the device: for tests).
+    """The resident stream of ``spec`` (or of its keyword ``fields``, checked here), arguments as
+    :func:`deepsim.data.build_loader`, plus ``free_bytes`` (the memory to count on instead of asking the
+    device: for tests).
 
     Raises:
         DataError: the decoded data set does not fit (one line naming the loaders that do), or bad input
             (as the torch loader's in-memory path).
     """
-    if pad_channels not in PAD_CHANNELS:
-        raise DataError(f"pad_channels={pad_channels}: expected one of {', '.join(map(str, PAD_CHANNELS))}")
-    device = torch.device(device)
-    resize = resize_size if mode.startswith("resize") else None
-    src = resolve_source(source, split)
-    check_fits(dataset_bytes(src, resize), device, name=src.name, kind=src.kind, free_bytes=free_bytes)
-    store, bad = build_store(src, crop_size, resize, on_bad, cache=True, cache_bytes=0, max_pixels=max_image_pixels)
+    spec = LoaderSpec.of(spec, fields)
+    if spec.pad_channels not in PAD_CHANNELS:
+        raise DataError(f"pad_channels={spec.pad_channels}: expected one of {', '.join(map(str, PAD_CHANNELS))}")
+    device = torch.device(spec.device)
+    src = resolve_source(source, spec.split)
+    check_fits(dataset_bytes(src, spec.resize, spec.max_image_pixels), device, name=src.name, kind=src.kind, free_bytes=free_bytes)
+    store, bad = build_store(
+        src, spec.crop_size, spec.resize, spec.on_bad, cache=True, cache_bytes=0, max_pixels=spec.max_image_pixels
+    )
     data, offsets, heights, widths = _upload(store, device)
+    schedule = EpochSchedule(store.n, spec.seed, src.name)
     return ResidentBatchStream(
-        data=data, offsets=offsets, heights=heights, widths=widths, schedule=EpochSchedule(store.n, seed, src.name),
-        batch_size=batch_size, crop_size=crop_size, random=mode in ("crop", "resize-crop"), mirror=mirror,
-        seed=seed, shard_id=shard_id, num_shards=num_shards, start_sample=start_sample, device=device, dtype=dtype,
-        channels_last=channels_last, pad_channels=pad_channels, skipped=len(bad), ignored=len(src.non_images),
-        source_name=src.name,
-    )  # fmt: skip
+        data, offsets, heights, widths, schedule, spec, skipped=len(bad), ignored=len(src.non_images), source=src.name
+    )

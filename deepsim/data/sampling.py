@@ -20,18 +20,25 @@ therefore never has a partial batch. ``start_step=k`` (the older way to resume) 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from .augment import epoch_permutation
 from .errors import DataError
+
+if TYPE_CHECKING:  # spec.py imports this module's checks
+    from .spec import LoaderSpec
 
 __all__ = [
     "MODES",
     "ON_BAD",
     "LOADERS",
     "EpochSchedule",
+    "RankSchedule",
     "ScheduledStream",
     "check_loader_args",
     "rank_positions",
@@ -120,10 +127,33 @@ class EpochSchedule:
         return out
 
 
-class ScheduledStream:
-    """What every training batch stream shares: its place in the job's sample stream.
+@dataclasses.dataclass(frozen=True)
+class RankSchedule:
+    """One rank's batches of the job's stream started at the cursor ``start_sample``."""
 
-    A loader's stream calls :meth:`_init_schedule` once and :meth:`_take_positions` for each batch it delivers.
+    schedule: EpochSchedule
+    start_sample: int
+    shard_id: int
+    num_shards: int
+    batch_size: int
+
+    def positions(self, t: int) -> np.ndarray:
+        """Global positions (int64, (B,)) of this rank's ``t``-th batch (:func:`rank_positions`)."""
+        return rank_positions(
+            self.start_sample, t, shard_id=self.shard_id, num_shards=self.num_shards, batch_size=self.batch_size
+        )
+
+    def batch(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, sample indices) of this rank's ``t``-th batch."""
+        positions = self.positions(t)
+        return positions, self.schedule.indices(positions)
+
+
+class ScheduledStream:
+    """What every training batch stream shares: its place in the job's sample stream and its lifecycle.
+
+    A loader's stream calls ``super().__init__(schedule, spec, ...)``, implements :meth:`_next_batch` (taking
+    its positions with :meth:`_take_positions`) and :meth:`_release`; ``next()`` after :meth:`close` stops.
 
     Attributes:
         num_samples: N, usable samples in the dataset (all ranks).
@@ -133,35 +163,37 @@ class ScheduledStream:
         steps_per_epoch: ceil(N / (W*B)), steps per pass over the dataset.
         start_sample: the cursor the stream started at.
         last_positions, last_indices: global positions and sample indices of the batch delivered last.
+        crop_size, device, dtype, channels_last, pad_channels: what a batch is (the spec's).
+        source: a human-readable name of the source; ignored: non-image files left out of it.
     """
 
-    def _init_schedule(
-        self, schedule: EpochSchedule, *, batch_size: int, shard_id: int, num_shards: int, start_sample: int
-    ) -> None:
+    _closed = True  # until __init__ ran: close() on a half-built stream does nothing
+    _REPR: tuple[tuple[str, str], ...] = ()  # (label, attribute) pairs shown after the source
+
+    def __init__(self, schedule: EpochSchedule, spec: LoaderSpec, *, source: str, ignored: int = 0) -> None:
         self._schedule = schedule
         self.num_samples = schedule.n
-        self.batch_size, self.shard_id, self.num_shards = batch_size, shard_id, num_shards
-        self.samples_per_shard = schedule.n // num_shards
-        self.steps_per_epoch = max(1, math.ceil(schedule.n / (num_shards * batch_size)))
-        self.start_sample = start_sample
+        self.batch_size, self.shard_id, self.num_shards = spec.batch_size, spec.shard_id, spec.num_shards
+        self.samples_per_shard = schedule.n // spec.num_shards
+        self.steps_per_epoch = max(1, math.ceil(schedule.n / (spec.num_shards * spec.batch_size)))
+        self.start_sample = spec.cursor
+        self.rank_schedule = RankSchedule(schedule, spec.cursor, spec.shard_id, spec.num_shards, spec.batch_size)
         self._taken = 0  # batches delivered
         self.last_positions = np.empty(0, dtype=np.int64)
         self.last_indices = np.empty(0, dtype=np.int64)
+        self.crop_size, self.pad_channels = spec.crop_size, spec.pad_channels
+        self.device, self.dtype, self.channels_last = torch.device(spec.device), spec.dtype, spec.channels_last
+        self._random, self._mirror, self._seed = spec.random, spec.mirror, spec.seed
+        self.source, self.ignored = source, ignored
+        self._closed = False
 
     def positions(self, t: int) -> np.ndarray:
         """Global positions (int64, (B,)) of this rank's ``t``-th batch counted from the stream's start."""
-        return rank_positions(
-            self.start_sample,
-            t,
-            shard_id=self.shard_id,
-            num_shards=self.num_shards,
-            batch_size=self.batch_size,
-        )
+        return self.rank_schedule.positions(t)
 
     def _take_positions(self) -> tuple[np.ndarray, np.ndarray]:
         """(positions, sample indices) of the next batch; advances the stream by one step."""
-        positions = self.positions(self._taken)
-        indices = self._schedule.indices(positions)
+        positions, indices = self.rank_schedule.batch(self._taken)
         self._taken += 1
         self.last_positions, self.last_indices = positions, indices
         return positions, indices
@@ -191,3 +223,39 @@ class ScheduledStream:
             "epoch": cursor // self.num_samples,
             "offset": cursor % self.num_samples,
         }
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._closed:
+            raise StopIteration
+        return self._next_batch()
+
+    def _next_batch(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Free what the stream holds (workers, threads, pipeline, device data); called once by close()."""
+
+    def close(self) -> None:
+        """Release the stream's workers, threads and data; ``next()`` then stops. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        fields = "".join(f", {label}={getattr(self, name)}" for label, name in self._REPR)
+        return f"{type(self).__name__}(source={self.source!r}{fields})"

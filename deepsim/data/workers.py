@@ -23,7 +23,7 @@ from .augment import crop_params, pad_to
 from .convention import to_model_batch
 from .errors import DataError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError, read_image
-from .sampling import EpochSchedule, rank_positions
+from .sampling import RankSchedule
 from .stores import bad_reason
 
 __all__ = ["LazyFiles", "Collate", "BatchIndexSampler", "ignore_stop_signals"]
@@ -111,23 +111,14 @@ class Collate:
 
 class BatchIndexSampler:
     """Infinite iterable of per-batch lists of (position, sample index, substitute) for a DataLoader: the
-    same positions as :meth:`deepsim.data.sampling.ScheduledStream.positions`."""
+    batches of ``plan`` from its start (those :class:`deepsim.data.sampling.ScheduledStream` takes)."""
 
-    def __init__(
-        self, schedule: EpochSchedule, *, start_sample: int, shard_id: int, num_shards: int, batch_size: int
-    ):
-        self.schedule, self.start_sample = schedule, start_sample
-        self.shard_id, self.num_shards, self.batch_size = shard_id, num_shards, batch_size
+    def __init__(self, plan: RankSchedule):
+        self.plan = plan
 
     def __iter__(self):
         t = 0
         while True:
-            pos = rank_positions(
-                self.start_sample,
-                t,
-                shard_id=self.shard_id,
-                num_shards=self.num_shards,
-                batch_size=self.batch_size,
-            )
-            yield [(int(p), int(i), True) for p, i in zip(pos, self.schedule.indices(pos))]
+            pos, idx = self.plan.batch(t)
+            yield [(int(p), int(i), True) for p, i in zip(pos, idx)]
             t += 1

@@ -1,35 +1,12 @@
-"""NVIDIA DALI data path (``build_loader(..., loader="dali")``), on the shared epoch schedule.
+"""The NVIDIA DALI data path (``build_loader(..., loader="dali")``), on the shared epoch schedule.
 
-Batches follow the library convention: torch.Tensor (B, 3, c, c), RGB, float32 (or the requested dtype;
-bfloat16 is a cast after DALI's float output), values in [-1, 1] = (pixel - 127.5) / 127.5 computed by
-DALI's fused ``crop_mirror_normalize``, contiguous or channels_last (DALI writes HWC, which *is*
-channels_last once viewed as NCHW), on the training device: CUDA when a GPU is used (JPEG decoding with
-``fn.decoders.image(device="mixed")``, i.e. nvJPEG), the CPU in CPU mode (``device="cpu"``: the pipeline
-is built with ``device_id=None`` and CPU decoders; this is how the tests run on machines without a GPU).
-
-Pipelines. Both feed DALI with ``fn.external_source`` callbacks that follow :mod:`deepsim.data.sampling`:
-batch t of this rank holds the global positions :func:`~deepsim.data.sampling.rank_positions` gives, their
-samples come from the epoch permutation and their crop offsets and mirror flags from
-:func:`deepsim.data.augment.crop_params` (passed to ``crop_mirror_normalize`` as exact anchors). So DALI's
-sample order, crops and resume point are the torch path's: a stream started at a cursor (a checkpoint's,
-at any world size) continues exactly, and on lossless files (PNG) and STL-10 its batches equal the torch
-loader's.
-  * image folders and the bundled photos: the callback reads the encoded bytes of the batch's files (a
-    thread pool) and each crop's window -> ``fn.decoders.image_slice`` (only the window is decoded) ->
-    [``fn.resize`` of the window on the full resize's grid] -> crop_mirror_normalize; with ``roi=False``
-    ``fn.decoders.image`` -> [``fn.resize(resize_shorter=...)``] -> crop_mirror_normalize
-    (docs/loaders.md: where the two differ).
-  * STL-10: the callback yields one (B, 3, 96, 96) uint8 array per batch (no per-image Python work).
-
-Bad input. DALI cannot skip a corrupt file inside the pipeline cheaply (a decode error stops it), so the file
-list is pre-scanned before the pipeline starts (:func:`deepsim.data.images.scan_image_files`: headers only,
-which also gives every image's size for the crop anchors, or a full decode when ``full_check=True``, which
-catches truncated data too; slower, same as ``deepsim data check``). Per ``on_bad``: ``"error"`` raises
-:class:`DataError` naming the first bad file; ``"skip"`` drops bad files and counts them in ``.skipped``;
-``"pad"`` keeps images smaller than the crop and lets DALI zero-pad them, centred
-(``out_of_bounds_policy="pad"``). Grayscale, CMYK and alpha images are decoded to RGB by DALI. EXIF orientation is ignored
-(``adjust_orientation=False``), as the header pre-scan that sizes the crops and the other loaders ignore it. Non-image
-files are ignored and counted in ``.ignored``.
+Batches follow :mod:`deepsim.data.convention` on the CPU (CPU decoders, ``device_id=None``) or on CUDA
+(nvJPEG). Sample order, crops and resume points are the torch path's; on PNG files and STL-10 the batches
+equal the torch loader's. Files are pre-scanned by header before the pipeline starts
+(:func:`deepsim.data.images.scan_image_files`; ``full_check=True`` decodes them fully): ``on_bad="error"``
+raises :class:`DataError` naming the first bad file, ``"skip"`` drops bad files (``.skipped``), ``"pad"``
+zero-pads images smaller than the crop, centred. A file that passes the header scan but fails to decode
+stops the stream with a :class:`DataError`. EXIF orientation is ignored. Design: docs/loaders.md ("DALI").
 """
 
 from __future__ import annotations
@@ -74,14 +51,14 @@ class DaliUnavailableError(DataError, ImportError):
 
 def dali_available() -> bool:
     try:
-        import nvidia.dali  # noqa: F401
+        import nvidia.dali  # noqa: F401 -- optional dependency: DALI
     except ImportError:
         return False
     return True
 
 
 def _import_dali():
-    try:
+    try:  # optional dependency: DALI
         import nvidia.dali as dali
         import nvidia.dali.plugin.pytorch as dali_torch
     except ImportError as e:
@@ -108,7 +85,7 @@ def nvimgcodec_version() -> str | None:
 
 def gpu_roi_decode_ok(version: str | None) -> bool:
     """False for nvImageCodec 0.9.0.*, whose GPU JPEG ROI decode fails on in-bounds windows (INTERNAL_ERROR or
-    SIGSEGV; NVIDIA/nvImageCodec issue 55, 0.8.0 worked)."""
+    SIGSEGV; a bug of that release, NVIDIA/nvImageCodec#55; 0.8.0 works)."""
     return not (version or "").startswith("0.9.0")
 
 

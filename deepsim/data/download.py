@@ -26,6 +26,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from torchvision.datasets import STL10
+from torchvision.datasets.utils import calculate_md5, check_integrity, extract_archive
+
 from .errors import DataError
 from .interrupt import interruptible, uninterrupted
 
@@ -58,8 +61,6 @@ class ArchiveRelease:
 
 def stl10_release() -> ArchiveRelease:
     """STL-10 as torchvision's ``STL10`` dataset class describes it (URL, archive MD5, per-file MD5s)."""
-    from torchvision.datasets import STL10
-
     return ArchiveRelease(
         url=STL10.url,
         archive=STL10.filename,
@@ -70,8 +71,6 @@ def stl10_release() -> ArchiveRelease:
 
 
 def _verified(folder: Path, files) -> bool:
-    from torchvision.datasets.utils import check_integrity
-
     return all(check_integrity(str(folder / name), md5) for name, md5 in files)
 
 
@@ -236,8 +235,6 @@ def download_stl10(
 
 
 def _download(root: Path, target: Path, url: str, release: ArchiveRelease, keep_archive: bool, fetch: dict) -> Path:
-    from torchvision.datasets.utils import calculate_md5, check_integrity, extract_archive
-
     root.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(root, release.folder)
     staging = Path(tempfile.mkdtemp(prefix=f".{release.folder}.download-{os.getpid()}-", dir=root))

@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from .convention import to_model_batch
-from .sampling import check_loader_args
 from .sources import resolve_source
+from .spec import LoaderSpec
 from .stores import DEFAULT_CACHE_BYTES, build_store
 from .workers import Collate, LazyFiles, ignore_stop_signals
 
@@ -48,12 +48,11 @@ def iterate_eval(
     Yields:
         tensors (b, 3, crop_size, crop_size), b <= batch_size, in the library's batch convention.
     """
-    check_loader_args(
+    spec = LoaderSpec(
         batch_size=batch_size, crop_size=crop_size, mode=mode, on_bad=on_bad, shard_id=shard_id,
         num_shards=num_shards, resize_size=resize_size,
-    )  # fmt: skip
-    resize = resize_size if mode.startswith("resize") else None
-    random = mode in ("crop", "resize-crop")
+    ).validate()  # fmt: skip
+    resize, random = spec.resize, spec.random
     src = resolve_source(source, split)
     store, _ = build_store(src, crop_size, resize, on_bad, cache, DEFAULT_CACHE_BYTES)
     n = store.n if store is not None else len(src.paths)

@@ -1,12 +1,8 @@
-"""The front of the data layer: :func:`build_loader` checks the arguments, places the stream at its cursor
-and picks the loader. One way through::
+"""The front of the data layer: :func:`build_loader` checks the arguments once (a :class:`LoaderSpec`),
+and hands the spec to the loader's builder (torch, dali, nvjpeg or resident).
 
-    loader.py  ->  torch_loader.py (stores.py, workers.py)  |  dali.py  |  nvjpeg.py  |  resident.py
-                        all four on sampling.py (the epoch schedule) and augment.py (crop parameters)
-
-Every loader delivers the batch convention of :mod:`deepsim.data.convention` and reads the job's sample
-stream as :mod:`deepsim.data.sampling` describes, so they are interchangeable mid-run: a checkpoint's
-cursor resumes on any of them, at any world size.
+Every loader delivers :mod:`deepsim.data.convention`'s batches in :mod:`deepsim.data.sampling`'s order, so a
+checkpoint's cursor resumes on any of them, at any world size.
 """
 
 from __future__ import annotations
@@ -60,42 +56,18 @@ def build_loader(
     Args:
         source: ``"photos"`` (bundled photographs), a folder of images (flat or ImageNet
             ``train/<wnid>/*.JPEG``, searched recursively), or an STL-10 binary folder.
-        batch_size: B, samples per batch (per rank).
-        crop_size: side of the square crop (64 for the autoencoder, 227 for inversion).
-        mode: ``"crop"`` random crop (+ random horizontal mirror); ``"resize-crop"`` resize the shorter side
-            to ``resize_size`` then random crop (+ mirror); ``"center"`` / ``"resize-center"`` the
-            deterministic centre crop without mirror.
-        mirror: random horizontal mirroring in the random modes (False: never mirror; the derived Caffe
-            code does not mirror).
-        loader: ``"torch"`` (PIL decode in DataLoader workers, :mod:`.torch_loader`), ``"dali"`` (NVIDIA
-            DALI, nvJPEG on CUDA, :mod:`.dali`) or ``"nvjpeg"`` (torchvision's ``decode_jpeg`` on the
-            device, :mod:`.nvjpeg`) or ``"resident"`` (the decoded data set kept as uint8 on ``device``,
-            cropped there per batch, :mod:`.resident`; docs/loaders.md says which to use when).
-        device, dtype, channels_last: where and how batches are delivered.
-        seed: stream seed (epoch permutations, crops, mirror flags).
-        start_sample: the global sample cursor to start at (a checkpoint's ``state_dict()["cursor"]``): the
-            stream goes on exactly there, whatever world size wrote it. Takes precedence over ``start_step``.
-        start_step: start at batch k of this world size (cursor k * num_shards * batch_size).
-        shard_id, num_shards: this process's rank and the world size (torch.distributed).
-        num_workers: DataLoader workers for lazily-decoded folders (torch), DALI threads, or file-reading
-            threads (nvjpeg). Results do not depend on it.
-        on_bad: ``"error"`` | ``"skip"`` | ``"pad"``: a corrupt or too-small image stops with its name, is
-            skipped (counted in ``.skipped``), or (too small) is padded.
-        split: STL-10 split (default ``"unlabeled"`` if present, else ``"train"``).
-        resize_size: shorter side after resizing in the resize modes.
+        loader: ``"torch"`` (PIL decode in DataLoader workers), ``"dali"`` (NVIDIA DALI, nvJPEG on CUDA),
+            ``"nvjpeg"`` (torchvision's ``decode_jpeg`` on the device) or ``"resident"`` (the decoded data
+            set kept as uint8 on ``device``); docs/loaders.md says which to use when.
         cache, cache_bytes: torch only: force (True) or forbid (False) decoding everything into memory; None
             decides by size against ``cache_bytes``.
         static: DALI only: return the same preallocated tensor each step (for CUDA graphs).
-        pad_channels: 3, or 4 / 8 to append zero channels (a first conv that streams 8- or 16-byte pixels,
-            :class:`deepsim.networks.ConvLReLU`); torch and resident loaders, and DALI for 4.
-        max_image_pixels: an image whose header declares more pixels is a bad image (``on_bad``), refused
-            before it is decoded.
+        the others: the fields of :class:`~deepsim.data.spec.LoaderSpec` (documented there).
 
     Returns:
-        a stream (:class:`~deepsim.data.torch_loader.BatchStream`, ``DaliBatchStream`` or
-        ``NvjpegBatchStream``): ``next(stream)`` -> tensor (B, 3, crop, crop), RGB, values in [-1, 1]
-        (``pixel / 127.5 - 1``), ``dtype``, on ``device``; ``stream.state_dict()`` is its position for a
-        checkpoint; ``stream.close()`` stops its workers.
+        a stream (:class:`~deepsim.data.sampling.ScheduledStream`): ``next(stream)`` -> tensor (B, 3, crop,
+        crop), RGB, values in [-1, 1] (``pixel / 127.5 - 1``), ``dtype``, on ``device``;
+        ``stream.state_dict()`` is its position for a checkpoint; ``stream.close()`` stops its workers.
 
     Raises:
         DataError: bad arguments, empty folder, unreadable, too-small or too-large file with ``on_bad="error"``.

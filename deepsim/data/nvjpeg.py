@@ -1,29 +1,12 @@
-"""The GPU-decode data path (``build_loader(..., loader="nvjpeg")``): JPEGs decoded on the training device with
-``torchvision.io.decode_jpeg(..., device=device)`` (nvJPEG on CUDA, libjpeg-turbo on the CPU), resized and
-cropped there, on the shared epoch schedule (:mod:`deepsim.data.sampling`).
+"""The GPU-decode data path (``build_loader(..., loader="nvjpeg")``): JPEGs decoded on the training device
+with ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA, libjpeg-turbo on the CPU), resized and cropped there,
+on the shared epoch schedule (:mod:`deepsim.data.sampling`).
 
-What it needs from the host is only the encoded bytes of each batch's files, read by a thread pool one batch
-ahead; no decoded pixel crosses PCIe. On CUDA each batch is made on a side stream that is ordered against the
-training stream both ways (:class:`DecodeStreams`). Sample order, crop offsets and mirror flags are those of the torch and
-DALI loaders (the same positions, the same :func:`~deepsim.data.augment.crop_params`), so it shares their
-determinism, sharding and resume at a cursor; a JPEG decoded on the CPU gives the torch loader's pixels
-exactly (both use libjpeg-turbo), nvJPEG on a GPU may differ by a level or so, and the resize modes resize
-on the device (bilinear, antialiased) rather than with PIL, so their pixels differ slightly from the torch
-path's.
-
-Files that are not baseline RGB/grayscale JPEGs -- PNG and every other format, and CMYK/YCCK JPEGs, which
-nvJPEG does not convert -- are decoded on the CPU with the torch path's reader (:func:`read_image`, PIL) and
-moved to the device: a fallback, counted in ``.cpu_decoded`` (distinct files) and announced once with a
-warning. A JPEG that nvJPEG refuses is retried the same way. STL-10 (raw pixels, nothing to decode) is an
-error that points at the other loaders.
-
-torchvision 0.29 deprecates its image decoders in favour of TorchCodec (they still work; the warning is
-silenced here). :meth:`NvjpegBatchStream._decode_jpeg` is the one call to change when they go.
-
-Bad input: the file list is pre-scanned by header (:func:`deepsim.data.images.scan_image_files`), as for
-DALI. A file that passed the scan but does not decode: ``on_bad="error"`` raises :class:`DataError` naming
-it; ``"skip"``/``"pad"`` substitute the next good sample (i -> i+1, ... mod N, deterministic) and count it
-in ``.skipped``. ``"pad"`` reflect-pads images smaller than the crop, as the torch path does.
+Files that are not baseline RGB/grayscale JPEGs, and JPEGs the device refuses, are decoded on the CPU
+with the torch path's reader (counted in ``.cpu_decoded``, announced once by a warning). STL-10 is refused.
+Bad input: files are pre-scanned by header; a file that passed but does not decode raises a
+:class:`DataError` naming it (``on_bad="error"``) or is substituted by the next good sample and counted in
+``.skipped``; ``"pad"`` reflect-pads too-small images. Design: docs/loaders.md ("nvjpeg").
 """
 
 from __future__ import annotations
@@ -149,9 +132,10 @@ class DeviceJpegDecoder:
         return torch.from_numpy(np.fromfile(self.files[i], dtype=np.uint8))
 
     def _decode_jpeg(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
-        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.io import ImageReadMode, decode_jpeg  # torchvision's decoders: deprecated, may go
 
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (see the module docstring)
+
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (docs/loaders.md, "nvjpeg")
             warnings.simplefilter("ignore", DeprecationWarning)
             return decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
 

@@ -1,14 +1,9 @@
 """The device-resident data path (``build_loader(..., loader="resident")``): the whole decoded data set as
 uint8 on the training device, cropped, mirrored and converted there in one gather per batch.
 
-Each step's sample indices, crop offsets and mirror flags are computed on the device from the stream position
-(the epoch permutation is uploaded once per epoch; the splitmix64 hash of :mod:`deepsim.data.augment` runs
-on int64 tensors), then one gather of 3-byte pixel rows and the conversion, so a step costs a few kernel launches, no host work per sample and no host sync. The
-batches are those of the torch loader for the same arguments (same positions, same crops, bit-exact in
-float32): sharding, the global cursor and resume at any world size are :mod:`deepsim.data.sampling`'s.
-
-Storage: one flat uint8 buffer holding every image in HWC order, with per-image offset, height and width
-(uniform data sets such as STL-10 are the special case of equal sizes). See docs/loaders.md.
+Its batches equal the torch loader's for the same arguments (bit-exact in float32). The data set must fit
+in the device's free memory less a reserve (:func:`check_fits`). Design: docs/loaders.md ("The resident
+loader").
 """
 
 from __future__ import annotations
@@ -19,6 +14,7 @@ import numpy as np
 import torch
 
 from .augment import _key
+from .dali import dali_available
 from .errors import DataError
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .sampling import EpochSchedule, ScheduledStream
@@ -100,8 +96,6 @@ def dataset_bytes(
 
 
 def _loaders_that_fit(kind: str) -> str:
-    from .dali import dali_available
-
     names = ["torch"] + (["dali"] if dali_available() else []) + (["nvjpeg"] if kind != "stl10" else [])
     return ", ".join(f"--loader {n}" for n in names)
 
@@ -123,7 +117,8 @@ def check_fits(
 
 
 def resident_fits(source: str | os.PathLike, device: torch.device | str, mode: str = "crop") -> bool:
-    """Whether ``source`` decoded would fit on ``device`` now (what ``--loader auto`` asks on CUDA)."""
+    """Whether ``source`` decoded fits in ``device``'s free memory at the call (what ``--loader auto`` asks
+    on CUDA)."""
     resize = 256 if mode.startswith("resize") else None
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():

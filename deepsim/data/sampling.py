@@ -1,21 +1,8 @@
-"""The epoch schedule every training loader shares: which sample (and which crop) each position of the job's
-sample stream holds, and which positions one rank's batch takes.
+"""The epoch schedule every training loader shares (docs/loaders.md, "The job's sample stream").
 
-The job's stream. Let N be the number of usable samples. The stream is the concatenation of epochs 0, 1, 2,
-...; epoch e is ``epoch_permutation(seed, e, N)``, all N samples, none dropped. Position p of the stream holds
-sample ``perm(p // N)[p % N]``; its crop offsets and mirror flag are a hash of (seed, p)
-(:func:`deepsim.data.augment.crop_params`), so they do not depend on which rank reads it.
-
-The cursor. A run reads the stream from a global sample cursor c (0 for a fresh run). With W ranks
-(``num_shards``) of B samples each (``batch_size``), one step takes positions c .. c + W*B - 1: rank r takes
-the contiguous slice c + r*B .. c + r*B + B - 1, and the cursor moves on by W*B. A checkpoint records the
-cursor (:meth:`ScheduledStream.state_dict`), so a run that resumes -- with any W and any B -- goes on at
-exactly the next position: no sample of the current epoch is seen twice and none is skipped. Since samples
-and crops depend on the position alone, the job's stream is the same for every W: W ranks of B samples read
-what one process of W*B samples reads.
-
-A step may span an epoch boundary (positions of epoch e and e+1 in one global batch); the training stream
-therefore never has a partial batch. ``start_step=k`` (the older way to resume) means the cursor k*W*B.
+Position p of the job's stream holds sample ``epoch_permutation(seed, p // N, N)[p % N]``; with W ranks of
+B samples, a step from cursor c gives rank r the positions c + r*B .. c + r*B + B - 1 and moves the cursor
+on by W*B. A stream resumed at a checkpoint's cursor, at any W and B, goes on at exactly the next position.
 """
 
 from __future__ import annotations

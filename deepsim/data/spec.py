@@ -15,7 +15,33 @@ __all__ = ["LoaderSpec"]
 
 @dataclasses.dataclass(frozen=True)
 class LoaderSpec:
-    """What a training stream delivers and where it starts; fields as :func:`deepsim.data.build_loader`'s."""
+    """What a training stream delivers and where it starts: the arguments every loader takes.
+
+    Attributes:
+        batch_size: B, samples per batch (per rank).
+        crop_size: side of the square crop (64 for the autoencoder, 227 for inversion).
+        mode: ``"crop"`` random crop (+ random horizontal mirror); ``"resize-crop"`` resize the shorter side
+            to ``resize_size`` then random crop (+ mirror); ``"center"`` / ``"resize-center"`` the
+            deterministic centre crop without mirror.
+        mirror: random horizontal mirroring in the random modes (False: never mirror; the derived Caffe
+            code does not mirror).
+        device, dtype, channels_last: where and how batches are delivered.
+        seed: stream seed (epoch permutations, crops, mirror flags).
+        start_sample: the global sample cursor to start at (a checkpoint's ``state_dict()["cursor"]``): the
+            stream goes on exactly there, whatever world size wrote it. Takes precedence over ``start_step``.
+        start_step: start at batch k of this world size (cursor k * num_shards * batch_size).
+        shard_id, num_shards: this process's rank and the world size (torch.distributed).
+        num_workers: DataLoader workers for lazily-decoded folders (torch), DALI threads, or file-reading
+            threads (nvjpeg). Results do not depend on it.
+        on_bad: ``"error"`` | ``"skip"`` | ``"pad"``: a corrupt or too-small image stops with its name, is
+            skipped (counted in ``.skipped``), or (too small) is padded.
+        split: STL-10 split (default ``"unlabeled"`` if present, else ``"train"``).
+        resize_size: shorter side after resizing in the resize modes.
+        pad_channels: 3, or 4 / 8 to append zero channels (a first conv that streams 8- or 16-byte pixels,
+            :class:`deepsim.networks.ConvLReLU`); torch and resident loaders, and DALI for 4.
+        max_image_pixels: an image whose header declares more pixels is a bad image (``on_bad``), refused
+            before it is decoded.
+    """
 
     batch_size: int
     crop_size: int = 64
@@ -52,7 +78,7 @@ class LoaderSpec:
             batch_size=self.batch_size, crop_size=self.crop_size, mode=self.mode, on_bad=self.on_bad,
             shard_id=self.shard_id, num_shards=self.num_shards, resize_size=self.resize_size,
         )  # fmt: skip
-        self.cursor  # noqa: B018 -- raises on a negative start
+        _ = self.cursor  # raises on a negative start
         return self
 
     @property

@@ -1,17 +1,11 @@
 """The PyTorch data path (``loader="torch"``): in-memory stores cropped in the training process, or files
 decoded in DataLoader workers, on the shared epoch schedule (:mod:`deepsim.data.sampling`).
 
-Batch t of rank r holds the global positions of :func:`deepsim.data.sampling.rank_positions`; each position's
-sample comes from the epoch permutation and its crop offsets and mirror flag from a hash of (seed, position).
-Hence a batch is a pure function of (source, seed, cursor, rank, world size, batch size, crop settings):
-independent of ``num_workers``, and a stream started at a cursor decodes nothing before it.
-
-Bad input (``on_bad``): grayscale, CMYK, palette and alpha images are always converted to RGB; non-image
-files are ignored and counted in ``.ignored``. Corrupt/truncated files and images smaller than the crop:
-``"error"`` raises :class:`DataError` naming the file (at build time for in-memory datasets, when the sample
-is read for lazy ones); ``"skip"`` drops them (in memory) or substitutes the next good sample
-deterministically (lazy), counting distinct bad files in ``.skipped``; ``"pad"`` reflect-pads too-small
-images up to the crop and skips corrupt ones.
+A batch is a pure function of (source, seed, cursor, rank, world size, batch size, crop settings), whatever
+``num_workers``. Bad input (``on_bad``): ``"error"`` raises :class:`DataError` naming the file (at build
+time in memory, when read for lazy folders); ``"skip"`` drops it (in memory) or substitutes the next good
+sample (lazy), counted in ``.skipped``; ``"pad"`` reflect-pads too-small images. Non-image files are
+counted in ``.ignored``.
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
 """Image folders too large to hold in memory: one file decoded per sample, in DataLoader worker processes.
 
-The sampler (in the training process) turns the stream's batches into lists of (position, sample index,
-substitute) items; each worker decodes, checks and crops its items; the collate function stacks them. Results
-do not depend on the number of workers. Bad files (``on_bad``): ``"error"`` raises :class:`DataError` naming
-the file when it is read; ``"skip"`` substitutes the next good sample deterministically (sample index
-i -> i+1, i+2, ... mod N) and reports the bad index; ``"pad"`` reflect-pads too-small images up to the crop.
-
-Workers ignore the stop signals (SIGINT, SIGTERM, SIGUSR1, SIGUSR2): a Ctrl-C, or a cluster scheduler that
-signals every process of a job, stops the training process cleanly (:mod:`deepsim.train.preemption`), which
-then shuts its workers down; a worker killed by the signal would instead break the batch in flight.
+The sampler turns the stream's batches into (position, sample index, substitute) items, each worker decodes
+and crops its items, the collate function stacks them; results do not depend on the number of workers. Bad
+files (``on_bad``): ``"error"`` raises :class:`DataError` naming the file, ``"skip"`` substitutes the next
+good sample (i -> i+1, ... mod N), ``"pad"`` reflect-pads too-small images. Workers ignore the stop signals
+(SIGINT, SIGTERM, SIGUSR1, SIGUSR2): the training process alone stops, then shuts its workers down.
 """
 
 from __future__ import annotations

@@ -82,3 +82,14 @@ def test_a_spec_and_its_fields_together_are_refused(folder):
 def test_nvjpeg_called_directly_refuses_channel_padding(folder):
     with pytest.raises(DataError, match=r"pad_channels=4 with loader='nvjpeg'"):
         build_nvjpeg_loader(folder, batch_size=2, crop_size=24, pad_channels=4)
+
+
+def test_every_spec_field_is_a_build_loader_argument_with_the_same_default():
+    import inspect
+
+    params = inspect.signature(build_loader).parameters
+    for field in dataclasses.fields(LoaderSpec):
+        assert field.name in params, field.name
+        default = params[field.name].default
+        expected = inspect.Parameter.empty if field.default is dataclasses.MISSING else field.default
+        assert default == expected, field.name

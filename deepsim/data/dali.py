@@ -95,8 +95,10 @@ def use_roi_decode(roi: bool, gpu: bool) -> bool:
     version = nvimgcodec_version()
     if roi and gpu and not gpu_roi_decode_ok(version):
         warnings.warn(
-            f"nvImageCodec {version}: its GPU ROI decode fails in 0.9.0 (NVIDIA/nvImageCodec#55); the DALI loader "
-            "decodes whole images and crops them (install another nvImageCodec version to decode only the crops)",
+            f"nvImageCodec {version}: its GPU ROI decode fails in 0.9.0 (NVIDIA/nvImageCodec#55); the "
+            "DALI loader "
+            "decodes whole images and crops them (install another nvImageCodec version to decode only the "
+            "crops)",
             stacklevel=3,
         )
         return False
@@ -119,8 +121,14 @@ def roi_windows(oy, ox, heights, widths, source_heights, source_widths, crop_siz
     if (size == source).all():
         start = np.where(size < crop_size, 0, offset)
         shape = np.minimum(size, crop_size)
-        return start.astype(np.int32), shape.astype(np.int32), np.zeros_like(start, np.float32), shape.astype(np.float32)
-    # fn.resize(resize_shorter=r) scales both axes by r / shorter side; the longer side's output is rounded and
+        return (
+            start.astype(np.int32),
+            shape.astype(np.int32),
+            np.zeros_like(start, np.float32),
+            shape.astype(np.float32),
+        )
+    # fn.resize(resize_shorter=r) scales both axes by r / shorter side; the longer side's output is rounded
+    # and
     # the input extent shrunk (or grown) to match, centred (DALI's subpixel_scale)
     scale = np.repeat((size.min(1) / source.min(1))[:, None], 2, axis=1)  # resized pixels per file pixel
     origin = (source - size / scale) / 2  # (B, 2) file coordinate of the resized image's corner
@@ -128,8 +136,12 @@ def roi_windows(oy, ox, heights, widths, source_heights, source_widths, crop_siz
     reach = np.ceil(1.0 / np.minimum(scale, 1.0)).astype(np.int64) + 1
     start = np.maximum(0, np.floor(lo).astype(np.int64) - reach)
     end = np.minimum(source, np.ceil(hi).astype(np.int64) + reach)
-    return (start.astype(np.int32), (end - start).astype(np.int32), (lo - start).astype(np.float32),
-            (hi - start).astype(np.float32))  # fmt: skip
+    return (
+        start.astype(np.int32),
+        (end - start).astype(np.int32),
+        (lo - start).astype(np.float32),
+        (hi - start).astype(np.float32),
+    )
 
 
 class _Feed:
@@ -208,11 +220,15 @@ class _FileFeed(_Feed):
             px, py, mirror = self.anchors(pos, h, w)
             return encoded, px, py, mirror
         c = self.crop_size
-        oy, ox, flip = crop_params(self.seed, pos, np.maximum(h, c), np.maximum(w, c), c, self.random, self.mirror)
+        oy, ox, flip = crop_params(
+            self.seed, pos, np.maximum(h, c), np.maximum(w, c), c, self.random, self.mirror
+        )
         anchor, shape, roi_start, roi_end = roi_windows(
             oy, ox, h, w, self.source_sizes[idx, 0], self.source_sizes[idx, 1], c
         )
-        centre = np.full(len(idx), 0.5, dtype=np.float32)  # the window is the crop (or smaller: pad it, centred)
+        centre = np.full(
+            len(idx), 0.5, dtype=np.float32
+        )  # the window is the crop (or smaller: pad it, centred)
         resampled = (roi_start, roi_end) if self.resize else ()
         return (encoded, anchor, shape, *resampled, centre, centre, flip.astype(np.int32))
 
@@ -230,13 +246,20 @@ class DaliBatchStream(ScheduledStream):
             object every step (for CUDA graphs); the caller must use it before the next call.
     """
 
-    _REPR = (
-        ("num_samples", "num_samples"), ("batch_size", "batch_size"), ("device", "device"), ("cursor", "cursor"),
-        ("skipped", "skipped"),
-    )  # fmt: skip
+    _REPR = ("num_samples", "batch_size", "device", "cursor", "skipped")
 
-    def __init__(self, pipe, feed, schedule: EpochSchedule, spec: LoaderSpec, *, static: bool, skipped: int,
-                 ignored: int, source: str):  # fmt: skip
+    def __init__(
+        self,
+        pipe,
+        feed,
+        schedule: EpochSchedule,
+        spec: LoaderSpec,
+        *,
+        static: bool,
+        skipped: int,
+        ignored: int,
+        source: str,
+    ):
         _, dali_torch = _import_dali()
         super().__init__(schedule, spec, source=source, ignored=ignored)
         self._feed_ndarray = dali_torch.feed_ndarray
@@ -328,7 +351,9 @@ def build_dali_loader(
     spec = dataclasses.replace(spec, device=_dali_device(spec.device))
     gpu = spec.device.type == "cuda"
     if spec.pad_channels not in (3, 4):
-        raise DataError(f"pad_channels={spec.pad_channels}: the DALI loader pads to 4 channels only (or 3: none)")
+        raise DataError(
+            f"pad_channels={spec.pad_channels}: the DALI loader pads to 4 channels only (or 3: none)"
+        )
     if not 0.0 <= hw_decoder_load <= 1.0:
         raise DataError(f"hw_decoder_load={hw_decoder_load}: expected a share in [0, 1]")
     roi = use_roi_decode(roi, gpu)
@@ -337,10 +362,13 @@ def build_dali_loader(
     encoded = src.kind != "stl10"
     roi = roi and encoded
     options = dict(
-        batch_size=spec.batch_size, num_threads=spec.threads, device_id=spec.device.index if gpu else None,
-        seed=spec.seed & 0x7FFFFFFF, prefetch_queue_depth=prefetch,
+        batch_size=spec.batch_size,
+        num_threads=spec.threads,
+        device_id=spec.device.index if gpu else None,
+        seed=spec.seed & 0x7FFFFFFF,
+        prefetch_queue_depth=prefetch,
         exec_dynamic=True,  # (the executor that returns outputs on a CUDA stream)
-    )  # fmt: skip
+    )
     if roi:
         pipe = _roi_pipeline(feed, spec, options, hw_decoder_load=hw_decoder_load if gpu else None)
     else:
@@ -366,13 +394,20 @@ def _dali_device(device) -> torch.device:
 def _feed(src, spec: LoaderSpec, *, roi: bool, full_check: bool) -> tuple[_Feed, int, int]:
     """(the external_source callback of ``src``, files skipped by the pre-scan, non-image files ignored)."""
     options = dict(
-        start_sample=spec.cursor, shard_id=spec.shard_id, num_shards=spec.num_shards, batch_size=spec.batch_size,
-        crop_size=spec.crop_size, seed=spec.seed, random=spec.random, mirror=spec.mirror,
-    )  # fmt: skip
+        start_sample=spec.cursor,
+        shard_id=spec.shard_id,
+        num_shards=spec.num_shards,
+        batch_size=spec.batch_size,
+        crop_size=spec.crop_size,
+        seed=spec.seed,
+        random=spec.random,
+        mirror=spec.mirror,
+    )
     if src.kind == "stl10":
         if spec.resize is not None:
             raise DataError(
-                f"{src.location}: mode {spec.mode!r} is not offered for STL-10 on the DALI path; use 'crop'/'center'"
+                f"{src.location}: mode {spec.mode!r} is not offered for STL-10 on the DALI path; use "
+                "'crop'/'center'"
             )
         if spec.crop_size > src.array.shape[2]:
             raise DataError(
@@ -381,35 +416,49 @@ def _feed(src, spec: LoaderSpec, *, roi: bool, full_check: bool) -> tuple[_Feed,
         schedule = EpochSchedule(src.array.shape[0], spec.seed, src.name)
         return _Stl10Feed(src.array, schedule=schedule, **options), 0, 0
     scan = scan_image_files(
-        src.paths, crop_size=spec.crop_size, resize=spec.resize, on_bad=spec.on_bad, full_check=full_check,
+        src.paths,
+        crop_size=spec.crop_size,
+        resize=spec.resize,
+        on_bad=spec.on_bad,
+        full_check=full_check,
         max_pixels=spec.max_image_pixels,
-    )  # fmt: skip
+    )
     if not scan.files:
         raise DataError(
             f"{src.name}: all {len(src.paths)} image files are unusable (corrupt or smaller than the crop)"
         )
     schedule = EpochSchedule(len(scan.files), spec.seed, src.name)
     feed = _FileFeed(
-        scan.files, scan.sizes, spec.threads, source_sizes=scan.source_sizes if roi else None,
-        resize=spec.resize is not None, schedule=schedule, **options,
-    )  # fmt: skip
+        scan.files,
+        scan.sizes,
+        spec.threads,
+        source_sizes=scan.source_sizes if roi else None,
+        resize=spec.resize is not None,
+        schedule=schedule,
+        **options,
+    )
     return feed, len(scan.bad), len(src.non_images)
 
 
 def _normalize(types, spec: LoaderSpec) -> dict:
-    """``crop_mirror_normalize``'s arguments for the batch convention: [-1, 1], the layout, channel padding."""
+    """``crop_mirror_normalize``'s arguments for the batch convention: [-1, 1], layout, channel padding."""
     return dict(
-        mean=[127.5] * 3, std=[127.5] * 3, dtype=types.FLOAT, output_layout="HWC" if spec.channels_last else "CHW",
+        mean=[127.5] * 3,
+        std=[127.5] * 3,
+        dtype=types.FLOAT,
+        output_layout="HWC" if spec.channels_last else "CHW",
         pad_output=spec.pad_channels == 4,
-    )  # fmt: skip
+    )
 
 
 def _roi_pipeline(feed: _FileFeed, spec: LoaderSpec, options: dict, *, hw_decoder_load: float | None):
-    """Files -> each crop's window decoded (``image_slice``) [-> resized on the full resize's grid] -> crop."""
+    """Files -> each crop's window decoded (``image_slice``) [-> resized on the resize's grid] -> crop."""
     from nvidia.dali import fn, pipeline_def, types  # optional dependency: DALI
 
     c, resize = spec.crop_size, spec.resize
-    decoder = dict(device="cpu" if hw_decoder_load is None else "mixed", output_type=types.RGB, adjust_orientation=False)
+    decoder = dict(
+        device="cpu" if hw_decoder_load is None else "mixed", output_type=types.RGB, adjust_orientation=False
+    )
     if hw_decoder_load is not None:
         decoder["hw_decoder_load"] = hw_decoder_load
 
@@ -417,19 +466,30 @@ def _roi_pipeline(feed: _FileFeed, spec: LoaderSpec, options: dict, *, hw_decode
     def roi_pipeline():
         resampled = [types.FLOAT, types.FLOAT] if resize is not None else []
         encoded, anchor, shape, *roi_extent, px, py, flip = fn.external_source(
-            source=feed, num_outputs=6 + len(resampled), batch=True, batch_info=True,
+            source=feed,
+            num_outputs=6 + len(resampled),
+            batch=True,
+            batch_info=True,
             dtype=[types.UINT8, types.INT32, types.INT32, *resampled, types.FLOAT, types.FLOAT, types.INT32],
-        )  # fmt: skip
-        images = fn.decoders.image_slice(encoded, anchor, shape, axis_names="HW", **decoder)  # the window only
+        )
+        images = fn.decoders.image_slice(
+            encoded, anchor, shape, axis_names="HW", **decoder
+        )  # the window only
         if resize is not None:
             roi_start, roi_end = roi_extent
             images = fn.resize(
                 images, size=[c, c], roi_start=roi_start, roi_end=roi_end, roi_relative=False, antialias=True
             )
         return fn.crop_mirror_normalize(
-            images, crop=(c, c), crop_pos_x=px, crop_pos_y=py, mirror=flip, out_of_bounds_policy="pad",
-            fill_values=0.0, **_normalize(types, spec),
-        )  # fmt: skip
+            images,
+            crop=(c, c),
+            crop_pos_x=px,
+            crop_pos_y=py,
+            mirror=flip,
+            out_of_bounds_policy="pad",
+            fill_values=0.0,
+            **_normalize(types, spec),
+        )
 
     return roi_pipeline()
 
@@ -443,9 +503,13 @@ def _full_pipeline(feed: _Feed, spec: LoaderSpec, options: dict, *, encoded: boo
     @pipeline_def(**options)
     def pipeline():
         images, px, py, flip = fn.external_source(
-            source=feed, num_outputs=4, batch=True, batch_info=True, layout=["" if encoded else "CHW", "", "", ""],
+            source=feed,
+            num_outputs=4,
+            batch=True,
+            batch_info=True,
+            layout=["" if encoded else "CHW", "", "", ""],
             dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32],
-        )  # fmt: skip
+        )
         if encoded:
             images = fn.decoders.image(
                 images, device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False
@@ -455,9 +519,14 @@ def _full_pipeline(feed: _Feed, spec: LoaderSpec, options: dict, *, encoded: boo
         elif gpu:
             images = images.gpu()
         return fn.crop_mirror_normalize(
-            images, crop=(c, c), crop_pos_x=px, crop_pos_y=py, mirror=flip,
-            out_of_bounds_policy="pad" if spec.on_bad == "pad" else "error", fill_values=0.0,
+            images,
+            crop=(c, c),
+            crop_pos_x=px,
+            crop_pos_y=py,
+            mirror=flip,
+            out_of_bounds_policy="pad" if spec.on_bad == "pad" else "error",
+            fill_values=0.0,
             **_normalize(types, spec),
-        )  # fmt: skip
+        )
 
     return pipeline()

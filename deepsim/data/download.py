@@ -98,7 +98,10 @@ def _connection(url: str, connect_timeout: float) -> tuple[http.client.HTTPConne
             conn = kind(via.hostname, via.port or 80, timeout=connect_timeout)
             conn.set_tunnel(parts.hostname, port)
         else:
-            conn, target = http.client.HTTPConnection(via.hostname, via.port or 80, timeout=connect_timeout), url
+            conn, target = (
+                http.client.HTTPConnection(via.hostname, via.port or 80, timeout=connect_timeout),
+                url,
+            )
     else:
         conn = kind(parts.hostname, port, timeout=connect_timeout)
     conn.connect()
@@ -152,7 +155,8 @@ def _fetch_once(url: str, dest: Path, connect_timeout: float, read_timeout: floa
 def _fetch(
     url: str, dest: Path, *, connect_timeout: float, read_timeout: float, retries: int, retry_wait: float
 ) -> None:
-    """``url`` into ``dest``, with timeouts, retried ``retries`` times (waits of ``retry_wait`` s, doubling)."""
+    """``url`` into ``dest``, with timeouts, retried ``retries`` times (waits of ``retry_wait`` s,
+    doubling)."""
     for attempt in range(retries + 1):
         try:
             return _fetch_once(url, dest, connect_timeout, read_timeout)
@@ -222,9 +226,19 @@ def download_stl10(
     with interruptible():
         created = [p for p in (root, *root.parents) if not p.exists()]
         try:
-            return _download(root, target, url, release, keep_archive, dict(
-                connect_timeout=connect_timeout, read_timeout=read_timeout, retries=retries, retry_wait=retry_wait,
-            ))  # fmt: skip
+            return _download(
+                root,
+                target,
+                url,
+                release,
+                keep_archive,
+                dict(
+                    connect_timeout=connect_timeout,
+                    read_timeout=read_timeout,
+                    retries=retries,
+                    retry_wait=retry_wait,
+                ),
+            )
         except BaseException:
             for folder in created:  # the folders this call made, if they stayed empty
                 try:
@@ -234,7 +248,9 @@ def download_stl10(
             raise
 
 
-def _download(root: Path, target: Path, url: str, release: ArchiveRelease, keep_archive: bool, fetch: dict) -> Path:
+def _download(
+    root: Path, target: Path, url: str, release: ArchiveRelease, keep_archive: bool, fetch: dict
+) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(root, release.folder)
     staging = Path(tempfile.mkdtemp(prefix=f".{release.folder}.download-{os.getpid()}-", dir=root))
@@ -253,7 +269,8 @@ def _download(root: Path, target: Path, url: str, release: ArchiveRelease, keep_
         if actual != release.archive_md5:
             raise DownloadError(
                 f"{url}: the downloaded archive ({archive.stat().st_size} bytes) has MD5 {actual}, expected "
-                f"{release.archive_md5}: truncated or corrupt; nothing was kept in {root}. Retry the download."
+                f"{release.archive_md5}: truncated or corrupt; nothing was kept in {root}. Retry the "
+                "download."
             )
         try:
             extract_archive(str(archive), str(staging))
@@ -266,7 +283,8 @@ def _download(root: Path, target: Path, url: str, release: ArchiveRelease, keep_
             if not check_integrity(str(unpacked / name), md5):
                 found = calculate_md5(str(unpacked / name)) if (unpacked / name).is_file() else "no such file"
                 raise DownloadError(
-                    f"{url}: {release.folder}/{name} in the archive: MD5 {found}, expected {md5}; nothing was kept"
+                    f"{url}: {release.folder}/{name} in the archive: MD5 {found}, expected {md5}; nothing "
+                    "was kept"
                 )
         with uninterrupted():  # all of the verified files move, or none (a stop signal waits for the renames)
             target.mkdir(exist_ok=True)

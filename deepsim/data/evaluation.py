@@ -49,9 +49,14 @@ def iterate_eval(
         tensors (b, 3, crop_size, crop_size), b <= batch_size, in the library's batch convention.
     """
     spec = LoaderSpec(
-        batch_size=batch_size, crop_size=crop_size, mode=mode, on_bad=on_bad, shard_id=shard_id,
-        num_shards=num_shards, resize_size=resize_size,
-    ).validate()  # fmt: skip
+        batch_size=batch_size,
+        crop_size=crop_size,
+        mode=mode,
+        on_bad=on_bad,
+        shard_id=shard_id,
+        num_shards=num_shards,
+        resize_size=resize_size,
+    ).validate()
     resize, random = spec.resize, spec.random
     src = resolve_source(source, split)
     store, _ = build_store(src, crop_size, resize, on_bad, cache, DEFAULT_CACHE_BYTES)

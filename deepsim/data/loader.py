@@ -7,6 +7,7 @@ checkpoint's cursor resumes on any of them, at any world size.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -70,19 +71,18 @@ def build_loader(
         ``stream.state_dict()`` is its position for a checkpoint; ``stream.close()`` stops its workers.
 
     Raises:
-        DataError: bad arguments, empty folder, unreadable, too-small or too-large file with ``on_bad="error"``.
+        DataError: bad arguments, empty folder, unreadable, too-small or too-large file with
+            ``on_bad="error"``.
         Interrupted: a stop signal (SIGINT, SIGTERM, SIGHUP) arrived while the source was scanned.
     """
     if loader not in LOADERS:
         raise DataError(f"loader={loader!r}: expected one of {', '.join(LOADERS)}")
-    spec = LoaderSpec(
-        batch_size=batch_size, crop_size=crop_size, mode=mode, mirror=mirror, device=device, dtype=dtype, seed=seed,
-        start_step=start_step, start_sample=start_sample, shard_id=shard_id, num_shards=num_shards,
-        num_workers=num_workers, channels_last=channels_last, on_bad=on_bad, split=split, resize_size=resize_size,
-        pad_channels=pad_channels, max_image_pixels=max_image_pixels,
-    ).validate()  # fmt: skip
+    arguments = locals()  # every field of LoaderSpec is an argument of the same name
+    spec = LoaderSpec(**{f.name: arguments[f.name] for f in dataclasses.fields(LoaderSpec)}).validate()
     if pad_channels not in (3, 4, 8) or (pad_channels > 3 and loader == "nvjpeg"):
-        raise DataError(f"pad_channels={pad_channels} with loader={loader!r}: expected 3, 4 or 8 (3 for nvjpeg)")
+        raise DataError(
+            f"pad_channels={pad_channels} with loader={loader!r}: expected 3, 4 or 8 (3 for nvjpeg)"
+        )
     with interruptible():  # a long scan of the source ends on a stop signal
         if loader == "torch":
             return build_torch_loader(source, spec, cache=cache, cache_bytes=cache_bytes)

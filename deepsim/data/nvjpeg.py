@@ -60,8 +60,9 @@ def _pad_index(n: int, before: int, after: int, reflect: bool) -> np.ndarray:
 
 
 def _pad(img: torch.Tensor, crop_size: int) -> torch.Tensor:
-    """Reflect-pad an image smaller than the crop as the torch path does (:func:`deepsim.data.augment.pad_to`),
-    on the image's device: a gather whose indices come from the (host-known) shape, no pixel leaves it."""
+    """Reflect-pad an image smaller than the crop as the torch path does
+    (:func:`deepsim.data.augment.pad_to`), on the image's device: a gather whose indices come from the
+    (host-known) shape, no pixel leaves it."""
     _, h, w = img.shape
     ph, pw = max(0, crop_size - h), max(0, crop_size - w)
     if ph == 0 and pw == 0:
@@ -97,7 +98,8 @@ class DecodeStreams:
         self._done = None  # an event recorded on the side stream after the previous batch
 
     def run(self, make_batch: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """``make_batch()`` under the protocol above; returns its tensor, safe to use on the current stream."""
+        """``make_batch()`` under the protocol above; returns its tensor, safe to use on the current
+        stream."""
         current = self._cuda.current_stream(self.device)
         if self._done is not None:
             self._done.synchronize()
@@ -134,8 +136,9 @@ class DeviceJpegDecoder:
     def _decode_jpeg(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
         from torchvision.io import ImageReadMode, decode_jpeg  # torchvision's decoders: deprecated, may go
 
-
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (docs/loaders.md, "nvjpeg")
+        with (
+            warnings.catch_warnings()
+        ):  # torchvision 0.29 deprecates its decoders (docs/loaders.md, "nvjpeg")
             warnings.simplefilter("ignore", DeprecationWarning)
             return decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
 
@@ -144,7 +147,8 @@ class DeviceJpegDecoder:
         if not self._warned:
             self._warned = True
             warnings.warn(
-                f"loader='nvjpeg': {self.files[i]} is not a baseline RGB/grayscale JPEG (or the device decoder "
+                f"loader='nvjpeg': {self.files[i]} is not a baseline RGB/grayscale JPEG (or the device "
+                "decoder "
                 "refused it); such files are decoded on the CPU (counted in .cpu_decoded)",
                 stacklevel=5,
             )
@@ -205,13 +209,19 @@ class NvjpegBatchStream(ScheduledStream):
             the device decoder).
     """
 
-    _REPR = (
-        ("num_samples", "num_samples"), ("batch_size", "batch_size"), ("device", "device"), ("cursor", "cursor"),
-        ("skipped", "skipped"), ("cpu_decoded", "cpu_decoded"),
-    )  # fmt: skip
+    _REPR = ("num_samples", "batch_size", "device", "cursor", "skipped", "cpu_decoded")
 
-    def __init__(self, decoder: DeviceJpegDecoder, sizes, schedule: EpochSchedule, spec: LoaderSpec, *, skipped,
-                 ignored: int, source: str):  # fmt: skip
+    def __init__(
+        self,
+        decoder: DeviceJpegDecoder,
+        sizes,
+        schedule: EpochSchedule,
+        spec: LoaderSpec,
+        *,
+        skipped,
+        ignored: int,
+        source: str,
+    ):
         super().__init__(schedule, spec, source=source, ignored=ignored)
         self._decoder, self._sizes = decoder, sizes
         self._resize_shorter = spec.resize
@@ -260,7 +270,9 @@ class NvjpegBatchStream(ScheduledStream):
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def build_nvjpeg_loader(source: str | os.PathLike, spec: LoaderSpec | None = None, **fields) -> NvjpegBatchStream:
+def build_nvjpeg_loader(
+    source: str | os.PathLike, spec: LoaderSpec | None = None, **fields
+) -> NvjpegBatchStream:
     """The GPU-decode stream of ``spec`` (or of its keyword ``fields``, checked here), arguments as
     :func:`deepsim.data.build_loader`; ``num_workers``: file-reading threads (0 = min(4, cpu count))."""
     spec = LoaderSpec.of(spec, fields)
@@ -269,11 +281,16 @@ def build_nvjpeg_loader(source: str | os.PathLike, spec: LoaderSpec | None = Non
     src = resolve_source(source, spec.split)
     if src.kind == "stl10":
         raise DataError(
-            f"{src.location}: loader='nvjpeg' decodes JPEG files, but STL-10 is raw pixels (nothing to decode); "
+            f"{src.location}: loader='nvjpeg' decodes JPEG files, but STL-10 is raw pixels (nothing to "
+            "decode); "
             "use --loader torch or dali"
         )
     scan = scan_image_files(
-        src.paths, crop_size=spec.crop_size, resize=spec.resize, on_bad=spec.on_bad, max_pixels=spec.max_image_pixels
+        src.paths,
+        crop_size=spec.crop_size,
+        resize=spec.resize,
+        on_bad=spec.on_bad,
+        max_pixels=spec.max_image_pixels,
     )
     if not scan.files:
         raise DataError(

@@ -104,14 +104,17 @@ def check_fits(
     nbytes: int, device: torch.device, *, name: str, kind: str, free_bytes: int | None = None
 ) -> None:
     """Raise a one-line :class:`DataError` when ``nbytes`` of data do not fit in ``device``'s free memory
-    (:func:`device_free_bytes`, or ``free_bytes``) less a reserve for the step, naming the loaders that fit."""
+    (:func:`device_free_bytes`, or ``free_bytes``) less a reserve for the step, naming the loaders that
+    fit."""
     free = device_free_bytes(device) if free_bytes is None else int(free_bytes)
     reserve = max(RESERVE_MIN_BYTES, int(RESERVE_FRACTION * free))
     if nbytes + reserve > free:
         gib = 2.0**30
         raise DataError(
-            f"{name}: --loader resident needs {nbytes / gib:.2f} GiB on {device} for the decoded data set, but "
-            f"{max(0, free) / gib:.2f} GiB is free after the model ({reserve / gib:.2f} GiB kept for the step); "
+            f"{name}: --loader resident needs {nbytes / gib:.2f} GiB on {device} for the decoded data "
+            "set, but "
+            f"{max(0, free) / gib:.2f} GiB is free after the model ({reserve / gib:.2f} GiB kept for the "
+            "step); "
             f"use {_loaders_that_fit(kind)}"
         )
 
@@ -144,13 +147,21 @@ class ResidentBatchStream(ScheduledStream):
         nbytes: bytes of the resident uint8 data.
     """
 
-    _REPR = (
-        ("num_samples", "num_samples"), ("batch_size", "batch_size"), ("device", "device"), ("nbytes", "nbytes"),
-        ("cursor", "cursor"),
-    )  # fmt: skip
+    _REPR = ("num_samples", "batch_size", "device", "nbytes", "cursor")
 
-    def __init__(self, data, offsets, heights, widths, schedule: EpochSchedule, spec: LoaderSpec, *, skipped: int,
-                 ignored: int, source: str):  # fmt: skip
+    def __init__(
+        self,
+        data,
+        offsets,
+        heights,
+        widths,
+        schedule: EpochSchedule,
+        spec: LoaderSpec,
+        *,
+        skipped: int,
+        ignored: int,
+        source: str,
+    ):
         super().__init__(schedule, spec, source=source, ignored=ignored)
         self._key = _signed(int(_key(spec.seed)))
         self._data, self._heights, self._widths = data, heights, widths
@@ -176,8 +187,8 @@ class ResidentBatchStream(ScheduledStream):
         return self._perms[key][0]
 
     def _sample_params(self, first: int):
-        """Device tensors (B,) for positions first .. first + B - 1: sample index, crop (oy, ox, flip or None),
-        image width."""
+        """Device tensors (B,) for positions first .. first + B - 1: sample index, crop (oy, ox, flip or
+        None), image width."""
         n, c = self.num_samples, self.crop_size
         e0, e1 = first // n, (first + self.batch_size - 1) // n
         pos = self._arange_b + first  # (B,) global positions, int64 on the device
@@ -201,9 +212,13 @@ class ResidentBatchStream(ScheduledStream):
         pixels = (rows[:, :, None] + cols[:, None, :]).view(-1)  # (B*c*c,) pixel rows, (y, x) order
         u8 = self._pixels.index_select(0, pixels).view(b, c, c, 3).permute(0, 3, 1, 2)  # (B, 3, c, c), NHWC
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        x = u8.contiguous(memory_format=fmt).to(torch.float32).div_(127.5).sub_(1.0)  # the convention, in fp32
+        x = (
+            u8.contiguous(memory_format=fmt).to(torch.float32).div_(127.5).sub_(1.0)
+        )  # the convention, in fp32
         if cp > 3:  # zero channels written beside the converted ones
-            out = torch.empty((b, cp, c, c), dtype=self.dtype, device=self.device).contiguous(memory_format=fmt)
+            out = torch.empty((b, cp, c, c), dtype=self.dtype, device=self.device).contiguous(
+                memory_format=fmt
+            )
             out[:, 3:] = 0
             out[:, :3] = x
             x = out
@@ -256,15 +271,37 @@ def build_resident_loader(
     """
     spec = LoaderSpec.of(spec, fields)
     if spec.pad_channels not in PAD_CHANNELS:
-        raise DataError(f"pad_channels={spec.pad_channels}: expected one of {', '.join(map(str, PAD_CHANNELS))}")
+        raise DataError(
+            f"pad_channels={spec.pad_channels}: expected one of {', '.join(map(str, PAD_CHANNELS))}"
+        )
     device = torch.device(spec.device)
     src = resolve_source(source, spec.split)
-    check_fits(dataset_bytes(src, spec.resize, spec.max_image_pixels), device, name=src.name, kind=src.kind, free_bytes=free_bytes)
+    check_fits(
+        dataset_bytes(src, spec.resize, spec.max_image_pixels),
+        device,
+        name=src.name,
+        kind=src.kind,
+        free_bytes=free_bytes,
+    )
     store, bad = build_store(
-        src, spec.crop_size, spec.resize, spec.on_bad, cache=True, cache_bytes=0, max_pixels=spec.max_image_pixels
+        src,
+        spec.crop_size,
+        spec.resize,
+        spec.on_bad,
+        cache=True,
+        cache_bytes=0,
+        max_pixels=spec.max_image_pixels,
     )
     data, offsets, heights, widths = _upload(store, device)
     schedule = EpochSchedule(store.n, spec.seed, src.name)
     return ResidentBatchStream(
-        data, offsets, heights, widths, schedule, spec, skipped=len(bad), ignored=len(src.non_images), source=src.name
+        data,
+        offsets,
+        heights,
+        widths,
+        schedule,
+        spec,
+        skipped=len(bad),
+        ignored=len(src.non_images),
+        source=src.name,
     )

@@ -127,7 +127,11 @@ class RankSchedule:
     def positions(self, t: int) -> np.ndarray:
         """Global positions (int64, (B,)) of this rank's ``t``-th batch (:func:`rank_positions`)."""
         return rank_positions(
-            self.start_sample, t, shard_id=self.shard_id, num_shards=self.num_shards, batch_size=self.batch_size
+            self.start_sample,
+            t,
+            shard_id=self.shard_id,
+            num_shards=self.num_shards,
+            batch_size=self.batch_size,
         )
 
     def batch(self, t: int) -> tuple[np.ndarray, np.ndarray]:
@@ -155,7 +159,8 @@ class ScheduledStream:
     """
 
     _closed = True  # until __init__ ran: close() on a half-built stream does nothing
-    _REPR: tuple[tuple[str, str], ...] = ()  # (label, attribute) pairs shown after the source
+    _REPR: tuple[str, ...] = ()  # attributes shown after the source
+    _REPR_LABELS = {"crop_size": "crop"}
 
     def __init__(self, schedule: EpochSchedule, spec: LoaderSpec, *, source: str, ignored: int = 0) -> None:
         self._schedule = schedule
@@ -164,12 +169,18 @@ class ScheduledStream:
         self.samples_per_shard = schedule.n // spec.num_shards
         self.steps_per_epoch = max(1, math.ceil(schedule.n / (spec.num_shards * spec.batch_size)))
         self.start_sample = spec.cursor
-        self.rank_schedule = RankSchedule(schedule, spec.cursor, spec.shard_id, spec.num_shards, spec.batch_size)
+        self.rank_schedule = RankSchedule(
+            schedule, spec.cursor, spec.shard_id, spec.num_shards, spec.batch_size
+        )
         self._taken = 0  # batches delivered
         self.last_positions = np.empty(0, dtype=np.int64)
         self.last_indices = np.empty(0, dtype=np.int64)
         self.crop_size, self.pad_channels = spec.crop_size, spec.pad_channels
-        self.device, self.dtype, self.channels_last = torch.device(spec.device), spec.dtype, spec.channels_last
+        self.device, self.dtype, self.channels_last = (
+            torch.device(spec.device),
+            spec.dtype,
+            spec.channels_last,
+        )
         self._random, self._mirror, self._seed = spec.random, spec.mirror, spec.seed
         self.source, self.ignored = source, ignored
         self._closed = False
@@ -201,8 +212,9 @@ class ScheduledStream:
         return self.cursor / self.num_samples
 
     def state_dict(self) -> dict:
-        """The stream's position, for a checkpoint: ``build_loader(..., start_sample=state["cursor"])`` goes on
-        from it at any world size. ``epoch`` and ``offset`` (cursor = epoch * N + offset) are for people."""
+        """The stream's position, for a checkpoint: ``build_loader(..., start_sample=state["cursor"])``
+        goes on from it at any world size. ``epoch`` and ``offset`` (cursor = epoch * N + offset) are for
+        people."""
         cursor = self.cursor
         return {
             "cursor": cursor,
@@ -244,5 +256,7 @@ class ScheduledStream:
             pass
 
     def __repr__(self) -> str:
-        fields = "".join(f", {label}={getattr(self, name)}" for label, name in self._REPR)
+        fields = "".join(
+            f", {self._REPR_LABELS.get(name, name)}={getattr(self, name)}" for name in self._REPR
+        )
         return f"{type(self).__name__}(source={self.source!r}{fields})"

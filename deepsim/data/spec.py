@@ -72,12 +72,18 @@ class LoaderSpec:
         return spec
 
     def validate(self) -> LoaderSpec:
-        """Raise a one-line :class:`~deepsim.data.errors.DataError` naming the argument at fault; else self."""
+        """Raise a one-line :class:`~deepsim.data.errors.DataError` naming the argument at fault, or return
+        self."""
         check_max_pixels(self.max_image_pixels)
         check_loader_args(
-            batch_size=self.batch_size, crop_size=self.crop_size, mode=self.mode, on_bad=self.on_bad,
-            shard_id=self.shard_id, num_shards=self.num_shards, resize_size=self.resize_size,
-        )  # fmt: skip
+            batch_size=self.batch_size,
+            crop_size=self.crop_size,
+            mode=self.mode,
+            on_bad=self.on_bad,
+            shard_id=self.shard_id,
+            num_shards=self.num_shards,
+            resize_size=self.resize_size,
+        )
         _ = self.cursor  # raises on a negative start
         return self
 

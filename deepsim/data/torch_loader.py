@@ -40,12 +40,11 @@ class BatchStream(ScheduledStream):
         source: a human-readable name of the source.
     """
 
-    _REPR = (
-        ("num_samples", "num_samples"), ("batch_size", "batch_size"), ("crop", "crop_size"), ("cursor", "cursor"),
-        ("skipped", "skipped"), ("ignored", "ignored"),
-    )  # fmt: skip
+    _REPR = ("num_samples", "batch_size", "crop_size", "cursor", "skipped", "ignored")
 
-    def __init__(self, store, schedule: EpochSchedule, spec: LoaderSpec, *, skipped, ignored: int, source: str):
+    def __init__(
+        self, store, schedule: EpochSchedule, spec: LoaderSpec, *, skipped, ignored: int, source: str
+    ):
         super().__init__(schedule, spec, source=source, ignored=ignored)
         self._store = store
         self._bad: set = set(skipped)
@@ -82,7 +81,9 @@ class BatchStream(ScheduledStream):
         )
 
     def _next_batch(self) -> torch.Tensor:
-        return to_model_batch(self._next_raw(), self.device, self.dtype, self.channels_last, self.pad_channels)
+        return to_model_batch(
+            self._next_raw(), self.device, self.dtype, self.channels_last, self.pad_channels
+        )
 
     def _release(self) -> None:
         it, self._loader_iter = self._loader_iter, None
@@ -103,11 +104,19 @@ def build_torch_loader(
     :func:`deepsim.data.build_loader`."""
     spec = LoaderSpec.of(spec, fields)
     src = resolve_source(source, spec.split)
-    store, bad = build_store(src, spec.crop_size, spec.resize, spec.on_bad, cache, cache_bytes, spec.max_image_pixels)
+    store, bad = build_store(
+        src, spec.crop_size, spec.resize, spec.on_bad, cache, cache_bytes, spec.max_image_pixels
+    )
     if store is None:
         store = LazyFiles(
-            src.paths, spec.crop_size, spec.resize, spec.random, spec.seed, spec.on_bad, spec.mirror,
+            src.paths,
+            spec.crop_size,
+            spec.resize,
+            spec.random,
+            spec.seed,
+            spec.on_bad,
+            spec.mirror,
             spec.max_image_pixels,
-        )  # fmt: skip
+        )
     schedule = EpochSchedule(store.n, spec.seed, src.name)
     return BatchStream(store, schedule, spec, skipped=bad, ignored=len(src.non_images), source=src.name)

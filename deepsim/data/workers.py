@@ -37,7 +37,9 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
 class LazyFiles(Dataset):
     """Map-style dataset over (position, sample index, substitute) items: decodes one file per item."""
 
-    def __init__(self, paths, crop_size, resize, random, seed, on_bad, mirror=True, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
+    def __init__(
+        self, paths, crop_size, resize, random, seed, on_bad, mirror=True, max_pixels=DEFAULT_MAX_IMAGE_PIXELS
+    ):
         self.paths = [str(p) for p in paths]
         self.max_pixels = max_pixels
         self.n = len(self.paths)
@@ -80,9 +82,14 @@ class LazyFiles(Dataset):
                 f"{self.paths[idx]}: no decodable image left in the dataset after skipping {len(bad)}"
             )
         oy, ox, flip = crop_params(
-            self.seed, np.array([pos]), np.array([img.shape[0]]), np.array([img.shape[1]]), self.crop_size,
-            self.random, self.mirror,
-        )  # fmt: skip
+            self.seed,
+            np.array([pos]),
+            np.array([img.shape[0]]),
+            np.array([img.shape[1]]),
+            self.crop_size,
+            self.random,
+            self.mirror,
+        )
         oy, ox, c = int(oy[0]), int(ox[0]), self.crop_size
         crop = img[oy : oy + c, ox : ox + c]  # (c, c, 3)
         if flip[0]:

@@ -147,11 +147,14 @@ def roi_windows(oy, ox, heights, widths, source_heights, source_widths, crop_siz
 class _Feed:
     """The schedule part every external_source callback shares: positions and sample indices of batch t."""
 
-    def __init__(
-        self, schedule, *, start_sample, shard_id, num_shards, batch_size, crop_size, seed, random, mirror
-    ):
-        self.plan = RankSchedule(schedule, start_sample, shard_id, num_shards, batch_size)
-        self.crop_size, self.seed, self.random, self.mirror = crop_size, seed, random, mirror
+    def __init__(self, *, schedule: EpochSchedule, spec: LoaderSpec):
+        self.plan = RankSchedule(schedule, spec.cursor, spec.shard_id, spec.num_shards, spec.batch_size)
+        self.crop_size, self.seed, self.random, self.mirror = (
+            spec.crop_size,
+            spec.seed,
+            spec.random,
+            spec.mirror,
+        )
 
     def positions(self, t: int) -> tuple[np.ndarray, np.ndarray]:
         return self.plan.batch(t)
@@ -361,14 +364,7 @@ def build_dali_loader(
     feed, skipped, ignored = _feed(src, spec, roi=roi, full_check=full_check)
     encoded = src.kind != "stl10"
     roi = roi and encoded
-    options = dict(
-        batch_size=spec.batch_size,
-        num_threads=spec.threads,
-        device_id=spec.device.index if gpu else None,
-        seed=spec.seed & 0x7FFFFFFF,
-        prefetch_queue_depth=prefetch,
-        exec_dynamic=True,  # (the executor that returns outputs on a CUDA stream)
-    )
+    options = _pipeline_options(spec, prefetch)
     if roi:
         pipe = _roi_pipeline(feed, spec, options, hw_decoder_load=hw_decoder_load if gpu else None)
     else:
@@ -393,16 +389,6 @@ def _dali_device(device) -> torch.device:
 
 def _feed(src, spec: LoaderSpec, *, roi: bool, full_check: bool) -> tuple[_Feed, int, int]:
     """(the external_source callback of ``src``, files skipped by the pre-scan, non-image files ignored)."""
-    options = dict(
-        start_sample=spec.cursor,
-        shard_id=spec.shard_id,
-        num_shards=spec.num_shards,
-        batch_size=spec.batch_size,
-        crop_size=spec.crop_size,
-        seed=spec.seed,
-        random=spec.random,
-        mirror=spec.mirror,
-    )
     if src.kind == "stl10":
         if spec.resize is not None:
             raise DataError(
@@ -414,7 +400,7 @@ def _feed(src, spec: LoaderSpec, *, roi: bool, full_check: bool) -> tuple[_Feed,
                 f"{src.location}: STL-10 images are 96x96, expected crop_size <= 96 (got {spec.crop_size})"
             )
         schedule = EpochSchedule(src.array.shape[0], spec.seed, src.name)
-        return _Stl10Feed(src.array, schedule=schedule, **options), 0, 0
+        return _Stl10Feed(src.array, schedule=schedule, spec=spec), 0, 0
     scan = scan_image_files(
         src.paths,
         crop_size=spec.crop_size,
@@ -435,14 +421,35 @@ def _feed(src, spec: LoaderSpec, *, roi: bool, full_check: bool) -> tuple[_Feed,
         source_sizes=scan.source_sizes if roi else None,
         resize=spec.resize is not None,
         schedule=schedule,
-        **options,
+        spec=spec,
     )
     return feed, len(scan.bad), len(src.non_images)
 
 
-def _normalize(types, spec: LoaderSpec) -> dict:
-    """``crop_mirror_normalize``'s arguments for the batch convention: [-1, 1], layout, channel padding."""
+def _pipeline_options(spec: LoaderSpec, prefetch: int) -> dict:
+    """``pipeline_def``'s arguments: batch, threads, device, seed, prefetch depth, executor."""
     return dict(
+        batch_size=spec.batch_size,
+        num_threads=spec.threads,
+        device_id=spec.device.index if spec.device.type == "cuda" else None,
+        seed=spec.seed & 0x7FFFFFFF,
+        prefetch_queue_depth=prefetch,
+        exec_dynamic=True,  # (the executor that returns outputs on a CUDA stream)
+    )
+
+
+def _crop(fn, types, images, px, py, flip, spec: LoaderSpec, out_of_bounds_policy: str):
+    """``crop_mirror_normalize`` into the batch convention: the crop at the anchors, mirrored where ``flip``,
+    (pixel - 127.5) / 127.5, CHW or HWC, a zero fourth channel for ``pad_channels=4``."""
+    c = spec.crop_size
+    return fn.crop_mirror_normalize(
+        images,
+        crop=(c, c),
+        crop_pos_x=px,
+        crop_pos_y=py,
+        mirror=flip,
+        out_of_bounds_policy=out_of_bounds_policy,
+        fill_values=0.0,
         mean=[127.5] * 3,
         std=[127.5] * 3,
         dtype=types.FLOAT,
@@ -472,24 +479,14 @@ def _roi_pipeline(feed: _FileFeed, spec: LoaderSpec, options: dict, *, hw_decode
             batch_info=True,
             dtype=[types.UINT8, types.INT32, types.INT32, *resampled, types.FLOAT, types.FLOAT, types.INT32],
         )
-        images = fn.decoders.image_slice(
-            encoded, anchor, shape, axis_names="HW", **decoder
-        )  # the window only
+        # only the window is decoded
+        images = fn.decoders.image_slice(encoded, anchor, shape, axis_names="HW", **decoder)
         if resize is not None:
             roi_start, roi_end = roi_extent
             images = fn.resize(
                 images, size=[c, c], roi_start=roi_start, roi_end=roi_end, roi_relative=False, antialias=True
             )
-        return fn.crop_mirror_normalize(
-            images,
-            crop=(c, c),
-            crop_pos_x=px,
-            crop_pos_y=py,
-            mirror=flip,
-            out_of_bounds_policy="pad",
-            fill_values=0.0,
-            **_normalize(types, spec),
-        )
+        return _crop(fn, types, images, px, py, flip, spec, "pad")
 
     return roi_pipeline()
 
@@ -498,7 +495,7 @@ def _full_pipeline(feed: _Feed, spec: LoaderSpec, options: dict, *, encoded: boo
     """Whole files decoded [-> resized] -> crop; or STL-10's raw pixels -> crop."""
     from nvidia.dali import fn, pipeline_def, types  # optional dependency: DALI
 
-    c, resize, gpu = spec.crop_size, spec.resize, spec.device.type == "cuda"
+    resize, gpu = spec.resize, spec.device.type == "cuda"
 
     @pipeline_def(**options)
     def pipeline():
@@ -518,15 +515,6 @@ def _full_pipeline(feed: _Feed, spec: LoaderSpec, options: dict, *, encoded: boo
                 images = fn.resize(images, resize_shorter=resize, antialias=True)
         elif gpu:
             images = images.gpu()
-        return fn.crop_mirror_normalize(
-            images,
-            crop=(c, c),
-            crop_pos_x=px,
-            crop_pos_y=py,
-            mirror=flip,
-            out_of_bounds_policy="pad" if spec.on_bad == "pad" else "error",
-            fill_values=0.0,
-            **_normalize(types, spec),
-        )
+        return _crop(fn, types, images, px, py, flip, spec, "pad" if spec.on_bad == "pad" else "error")
 
     return pipeline()

@@ -217,6 +217,9 @@ def download_stl10(
             raise DownloadError(f"{name} {value}: expected a positive number of seconds")
     if retries < 0:
         raise DownloadError(f"--retries {retries}: expected 0 or more")
+    fetch = dict(
+        connect_timeout=connect_timeout, read_timeout=read_timeout, retries=retries, retry_wait=retry_wait
+    )
     release = release or stl10_release()
     url = url or release.url
     root = Path(root)
@@ -226,19 +229,7 @@ def download_stl10(
     with interruptible():
         created = [p for p in (root, *root.parents) if not p.exists()]
         try:
-            return _download(
-                root,
-                target,
-                url,
-                release,
-                keep_archive,
-                dict(
-                    connect_timeout=connect_timeout,
-                    read_timeout=read_timeout,
-                    retries=retries,
-                    retry_wait=retry_wait,
-                ),
-            )
+            return _download(root, target, url, release, keep_archive, fetch)
         except BaseException:
             for folder in created:  # the folders this call made, if they stayed empty
                 try:

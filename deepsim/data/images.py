@@ -52,9 +52,9 @@ ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 
 # PIL warns about odd files (DecompressionBombWarning, palette, corrupt EXIF): one filter on PIL's own
-# modules,
-# set once. Not warnings.catch_warnings() per file: that swaps the process-wide filter list and is not
-# thread-safe, so reader threads that overlap leave an "ignore every warning" filter behind for the process.
+# modules, set once. Not warnings.catch_warnings() per file: that swaps the process-wide filter list and is
+# not thread-safe, so reader threads that overlap leave an "ignore every warning" filter behind for the
+# process.
 warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
 
 _truncation_lock = threading.Lock()
@@ -275,14 +275,10 @@ def read_image(
     return np.ascontiguousarray(hwc)
 
 
-def read_image_chw(
-    path: os.PathLike | str,
-    *,
-    resize_shorter: int | None = None,
-    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-) -> np.ndarray:
-    """:func:`read_image` in (3, H, W) layout, C-contiguous (what the loaders crop from)."""
-    hwc = read_image(path, resize_shorter=resize_shorter, max_pixels=max_pixels)
+def read_image_chw(path: os.PathLike | str, **options) -> np.ndarray:
+    """:func:`read_image` (same keyword ``options``) in (3, H, W) layout, C-contiguous (what the loaders crop
+    from)."""
+    hwc = read_image(path, **options)
     return np.ascontiguousarray(hwc.transpose(2, 0, 1))
 
 

@@ -7,7 +7,6 @@ checkpoint's cursor resumes on any of them, at any world size.
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import torch
@@ -77,8 +76,7 @@ def build_loader(
     """
     if loader not in LOADERS:
         raise DataError(f"loader={loader!r}: expected one of {', '.join(LOADERS)}")
-    arguments = locals()  # every field of LoaderSpec is an argument of the same name
-    spec = LoaderSpec(**{f.name: arguments[f.name] for f in dataclasses.fields(LoaderSpec)}).validate()
+    spec = LoaderSpec.from_arguments(locals()).validate()  # every field of it is an argument here
     if pad_channels not in (3, 4, 8) or (pad_channels > 3 and loader == "nvjpeg"):
         raise DataError(
             f"pad_channels={pad_channels} with loader={loader!r}: expected 3, 4 or 8 (3 for nvjpeg)"

@@ -71,6 +71,12 @@ class LoaderSpec:
             raise TypeError(f"pass a LoaderSpec or its fields, not both (got {', '.join(fields)})")
         return spec
 
+    @classmethod
+    def from_arguments(cls, arguments: dict) -> LoaderSpec:
+        """The spec whose fields are the entries of ``arguments`` (a function's ``locals()``) of the same
+        names; fields not there keep their defaults. Not checked (see :meth:`validate`)."""
+        return cls(**{f.name: arguments[f.name] for f in dataclasses.fields(cls) if f.name in arguments})
+
     def validate(self) -> LoaderSpec:
         """Raise a one-line :class:`~deepsim.data.errors.DataError` naming the argument at fault, or return
         self."""

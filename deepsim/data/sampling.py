@@ -17,7 +17,7 @@ import torch
 from .augment import epoch_permutation
 from .errors import DataError
 
-if TYPE_CHECKING:  # spec.py imports this module's checks
+if TYPE_CHECKING:  # a cycle: spec.py imports MODES and ON_BAD from here
     from .spec import LoaderSpec
 
 __all__ = [
@@ -27,48 +27,12 @@ __all__ = [
     "EpochSchedule",
     "RankSchedule",
     "ScheduledStream",
-    "check_loader_args",
     "rank_positions",
-    "start_cursor",
 ]
 
 MODES = ("crop", "resize-crop", "center", "resize-center")
 ON_BAD = ("error", "skip", "pad")
 LOADERS = ("torch", "dali", "nvjpeg", "resident")
-
-
-def check_loader_args(
-    *,
-    batch_size: int,
-    crop_size: int,
-    mode: str,
-    on_bad: str,
-    shard_id: int,
-    num_shards: int,
-    resize_size: int,
-) -> None:
-    """The checks every loader makes on its arguments; a :class:`DataError` names the argument at fault."""
-    if mode not in MODES:
-        raise DataError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
-    if on_bad not in ON_BAD:
-        raise DataError(f"on_bad={on_bad!r}: expected one of {', '.join(ON_BAD)}")
-    if batch_size < 1 or crop_size < 1:
-        raise DataError(f"batch_size={batch_size}, crop_size={crop_size}: expected positive integers")
-    if not 0 <= shard_id < num_shards:
-        raise DataError(f"shard_id={shard_id}, num_shards={num_shards}: expected 0 <= shard_id < num_shards")
-    if mode.startswith("resize") and crop_size > resize_size:
-        raise DataError(f"crop_size={crop_size} > resize_size={resize_size} in mode {mode!r}")
-
-
-def start_cursor(*, start_step: int, start_sample: int | None, batch_size: int, num_shards: int) -> int:
-    """The global cursor a stream starts at: ``start_sample`` when given, else ``start_step * W * B``."""
-    if start_sample is not None:
-        if start_sample < 0:
-            raise DataError(f"start_sample={start_sample}: expected >= 0")
-        return int(start_sample)
-    if start_step < 0:
-        raise DataError(f"start_step={start_step}: expected >= 0")
-    return int(start_step) * num_shards * batch_size
 
 
 def rank_positions(

@@ -7,8 +7,9 @@ import os
 
 import torch
 
+from .errors import DataError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels
-from .sampling import check_loader_args, start_cursor
+from .sampling import MODES, ON_BAD
 
 __all__ = ["LoaderSpec"]
 
@@ -81,27 +82,35 @@ class LoaderSpec:
         """Raise a one-line :class:`~deepsim.data.errors.DataError` naming the argument at fault, or return
         self."""
         check_max_pixels(self.max_image_pixels)
-        check_loader_args(
-            batch_size=self.batch_size,
-            crop_size=self.crop_size,
-            mode=self.mode,
-            on_bad=self.on_bad,
-            shard_id=self.shard_id,
-            num_shards=self.num_shards,
-            resize_size=self.resize_size,
-        )
+        if self.mode not in MODES:
+            raise DataError(f"mode={self.mode!r}: expected one of {', '.join(MODES)}")
+        if self.on_bad not in ON_BAD:
+            raise DataError(f"on_bad={self.on_bad!r}: expected one of {', '.join(ON_BAD)}")
+        if self.batch_size < 1 or self.crop_size < 1:
+            raise DataError(
+                f"batch_size={self.batch_size}, crop_size={self.crop_size}: expected positive integers"
+            )
+        if not 0 <= self.shard_id < self.num_shards:
+            raise DataError(
+                f"shard_id={self.shard_id}, num_shards={self.num_shards}: expected 0 <= shard_id < num_shards"
+            )
+        if self.mode.startswith("resize") and self.crop_size > self.resize_size:
+            raise DataError(
+                f"crop_size={self.crop_size} > resize_size={self.resize_size} in mode {self.mode!r}"
+            )
         _ = self.cursor  # raises on a negative start
         return self
 
     @property
     def cursor(self) -> int:
         """The global sample cursor the stream starts at (``start_sample``, else ``start_step * W * B``)."""
-        return start_cursor(
-            start_step=self.start_step,
-            start_sample=self.start_sample,
-            batch_size=self.batch_size,
-            num_shards=self.num_shards,
-        )
+        if self.start_sample is not None:
+            if self.start_sample < 0:
+                raise DataError(f"start_sample={self.start_sample}: expected >= 0")
+            return int(self.start_sample)
+        if self.start_step < 0:
+            raise DataError(f"start_step={self.start_step}: expected >= 0")
+        return int(self.start_step) * self.num_shards * self.batch_size
 
     @property
     def random(self) -> bool:

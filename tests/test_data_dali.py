@@ -275,12 +275,13 @@ def test_file_reads_run_ahead_of_the_pipeline_off_its_thread(coord_folder, monke
     from deepsim.data.images import scan_image_files
     from deepsim.data.sampling import EpochSchedule
     from deepsim.data.sources import resolve_source
+    from deepsim.data.spec import LoaderSpec
 
     src = resolve_source(coord_folder, None)
     scan = scan_image_files(src.paths, crop_size=32, resize=None, on_bad="error")
     feed = _FileFeed(
-        scan.files, scan.sizes, 2, schedule=EpochSchedule(len(scan.files), 0, src.name), start_sample=0, shard_id=0,
-        num_shards=1, batch_size=3, crop_size=32, seed=0, random=True, mirror=True,
+        scan.files, scan.sizes, 2, schedule=EpochSchedule(len(scan.files), 0, src.name),
+        spec=LoaderSpec(batch_size=3, crop_size=32, seed=0),
     )  # fmt: skip
     reads = []
     read = feed._read

@@ -1,12 +1,8 @@
 """Data loading for DeePSiM: bundled photos, image folders (ImageNet layout), STL-10 binaries.
 
-Every loader delivers batches as torch.Tensor (B, 3, H, W), RGB, contiguous (or channels_last when
-asked), float32 (or the requested dtype, e.g. bfloat16), values in [-1, 1] = ``pixel / 127.5 - 1``, on
-the requested device (:mod:`deepsim.data.convention`). :func:`build_loader` (:mod:`deepsim.data.loader`)
-picks the loader: the PyTorch path (:mod:`deepsim.data.torch_loader`), NVIDIA DALI (:mod:`deepsim.data.dali`),
-GPU JPEG decoding (:mod:`deepsim.data.nvjpeg`) or the data set resident on the device
-(:mod:`deepsim.data.resident`); all four follow the epoch schedule of
-:mod:`deepsim.data.sampling` (deterministic, sharded, resumable at a sample cursor at any world size).
+:func:`build_loader` builds an infinite, deterministic, sharded, resumable stream of training batches
+(:mod:`deepsim.data.convention`: (B, 3, H, W), RGB, ``pixel / 127.5 - 1``); :func:`iterate_eval` the finite
+evaluation batches. docs/loaders.md says which loader to use when and how they are built.
 """
 
 from .check import CheckReport, check_images, format_report

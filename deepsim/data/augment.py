@@ -1,13 +1,8 @@
 """Counter-based randomness and vectorised crops shared by the loaders.
 
-Reproducibility rests on two pure functions:
-  * :func:`epoch_permutation` ``(seed, epoch, n)`` -> the order of all n samples in that epoch;
-  * :func:`crop_params` ``(seed, positions, ...)`` -> crop offsets and mirror flags, where ``positions`` are
-    positions in the job's sample stream (:mod:`deepsim.data.sampling`: global, the same whichever rank
-    reads them).
-Neither depends on the worker count, the world size or on what was consumed before, which is what makes
-resuming at a sample cursor (bit-exact, at any world size) possible. The hash is splitmix64 (Steele et al. 2014), evaluated with numpy uint64
-arithmetic, so a batch's parameters cost a few vector ops and no per-sample generator.
+:func:`epoch_permutation` ``(seed, epoch, n)`` gives the order of all n samples in an epoch and
+:func:`crop_params` ``(seed, positions, ...)`` the crop offsets and mirror flags of global stream positions
+(:mod:`deepsim.data.sampling`). Both are pure functions, independent of the worker count and the world size.
 """
 
 from __future__ import annotations

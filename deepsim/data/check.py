@@ -41,7 +41,8 @@ class CheckReport:
         corrupt: files with an image extension (or header) that do not decode.
         truncated: images whose data ends early.
         too_small: (path, (width, height)) of images smaller than ``min_size``.
-        too_large: (path, pixels) of images over ``max_image_pixels`` (not decoded; a bad image for ``on_bad``).
+        too_large: (path, pixels) of images over ``max_image_pixels`` (not decoded; a bad image for
+            ``on_bad``).
         grayscale, cmyk, alpha: images that decode but are converted to RGB by the loader.
         non_image: files that are not images (ignored by the loader).
         min_size: the size threshold used.
@@ -95,7 +96,10 @@ def _check_one(path: pathlib.Path, min_size: int, max_pixels: int) -> tuple[str,
 
 
 def check_images(
-    path: str | os.PathLike, *, min_size: int = 64, num_threads: int | None = None,
+    path: str | os.PathLike,
+    *,
+    min_size: int = 64,
+    num_threads: int | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> CheckReport:
     """Scan every file under ``path`` (recursively), fully decoding each image.

@@ -1,42 +1,19 @@
-"""NVIDIA DALI data path (``build_loader(..., loader="dali")``), on the shared epoch schedule.
+"""The NVIDIA DALI data path (``build_loader(..., loader="dali")``), on the shared epoch schedule.
 
-Batches follow the library convention: torch.Tensor (B, 3, c, c), RGB, float32 (or the requested dtype;
-bfloat16 is a cast after DALI's float output), values in [-1, 1] = (pixel - 127.5) / 127.5 computed by
-DALI's fused ``crop_mirror_normalize``, contiguous or channels_last (DALI writes HWC, which *is*
-channels_last once viewed as NCHW), on the training device: CUDA when a GPU is used (JPEG decoding with
-``fn.decoders.image(device="mixed")``, i.e. nvJPEG), the CPU in CPU mode (``device="cpu"``: the pipeline
-is built with ``device_id=None`` and CPU decoders; this is how the tests run on machines without a GPU).
-
-Pipelines. Both feed DALI with ``fn.external_source`` callbacks that follow :mod:`deepsim.data.sampling`:
-batch t of this rank holds the global positions :func:`~deepsim.data.sampling.rank_positions` gives, their
-samples come from the epoch permutation and their crop offsets and mirror flags from
-:func:`deepsim.data.augment.crop_params` (passed to ``crop_mirror_normalize`` as exact anchors). So DALI's
-sample order, crops and resume point are the torch path's: a stream started at a cursor (a checkpoint's,
-at any world size) continues exactly, and on lossless files (PNG) and STL-10 its batches equal the torch
-loader's.
-  * image folders and the bundled photos: the callback reads the encoded bytes of the batch's files (a
-    thread pool) and each crop's window -> ``fn.decoders.image_slice`` (only the window is decoded) ->
-    [``fn.resize`` of the window on the full resize's grid] -> crop_mirror_normalize; with ``roi=False``
-    ``fn.decoders.image`` -> [``fn.resize(resize_shorter=...)``] -> crop_mirror_normalize
-    (docs/loaders.md: where the two differ).
-  * STL-10: the callback yields one (B, 3, 96, 96) uint8 array per batch (no per-image Python work).
-
-Bad input. DALI cannot skip a corrupt file inside the pipeline cheaply (a decode error stops it), so the file
-list is pre-scanned before the pipeline starts (:func:`deepsim.data.images.scan_image_files`: headers only,
-which also gives every image's size for the crop anchors, or a full decode when ``full_check=True``, which
-catches truncated data too; slower, same as ``deepsim data check``). Per ``on_bad``: ``"error"`` raises
-:class:`DataError` naming the first bad file; ``"skip"`` drops bad files and counts them in ``.skipped``;
-``"pad"`` keeps images smaller than the crop and lets DALI zero-pad them, centred
-(``out_of_bounds_policy="pad"``). Grayscale, CMYK and alpha images are decoded to RGB by DALI. EXIF orientation is ignored
-(``adjust_orientation=False``), as the header pre-scan that sizes the crops and the other loaders ignore it. Non-image
-files are ignored and counted in ``.ignored``.
+Batches follow :mod:`deepsim.data.convention` on the CPU (CPU decoders, ``device_id=None``) or on CUDA
+(nvJPEG). Sample order, crops and resume points are the torch path's; on PNG files and STL-10 the batches
+equal the torch loader's. Files are pre-scanned by header before the pipeline starts
+(:func:`deepsim.data.images.scan_image_files`; ``full_check=True`` decodes them fully): ``on_bad="error"``
+raises :class:`DataError` naming the first bad file, ``"skip"`` drops bad files (``.skipped``), ``"pad"``
+zero-pads images smaller than the crop, centred. A file that passes the header scan but fails to decode
+stops the stream with a :class:`DataError`. EXIF orientation is ignored. Design: docs/loaders.md ("DALI").
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import importlib.metadata
-import os
 import warnings
 
 import numpy as np
@@ -44,9 +21,10 @@ import torch
 
 from .augment import crop_params
 from .errors import DataError
-from .images import DEFAULT_MAX_IMAGE_PIXELS, scan_image_files
-from .sampling import EpochSchedule, ScheduledStream, rank_positions
+from .images import scan_image_files
+from .sampling import EpochSchedule, RankSchedule, ScheduledStream
 from .sources import resolve_source
+from .spec import LoaderSpec
 
 __all__ = [
     "DaliUnavailableError",
@@ -73,14 +51,14 @@ class DaliUnavailableError(DataError, ImportError):
 
 def dali_available() -> bool:
     try:
-        import nvidia.dali  # noqa: F401
+        import nvidia.dali  # noqa: F401 -- optional dependency: DALI
     except ImportError:
         return False
     return True
 
 
 def _import_dali():
-    try:
+    try:  # optional dependency: DALI
         import nvidia.dali as dali
         import nvidia.dali.plugin.pytorch as dali_torch
     except ImportError as e:
@@ -107,7 +85,7 @@ def nvimgcodec_version() -> str | None:
 
 def gpu_roi_decode_ok(version: str | None) -> bool:
     """False for nvImageCodec 0.9.0.*, whose GPU JPEG ROI decode fails on in-bounds windows (INTERNAL_ERROR or
-    SIGSEGV; NVIDIA/nvImageCodec issue 55, 0.8.0 worked)."""
+    SIGSEGV; a bug of that release, NVIDIA/nvImageCodec#55; 0.8.0 works)."""
     return not (version or "").startswith("0.9.0")
 
 
@@ -117,8 +95,10 @@ def use_roi_decode(roi: bool, gpu: bool) -> bool:
     version = nvimgcodec_version()
     if roi and gpu and not gpu_roi_decode_ok(version):
         warnings.warn(
-            f"nvImageCodec {version}: its GPU ROI decode fails in 0.9.0 (NVIDIA/nvImageCodec#55); the DALI loader "
-            "decodes whole images and crops them (install another nvImageCodec version to decode only the crops)",
+            f"nvImageCodec {version}: its GPU ROI decode fails in 0.9.0 (NVIDIA/nvImageCodec#55); the "
+            "DALI loader "
+            "decodes whole images and crops them (install another nvImageCodec version to decode only the "
+            "crops)",
             stacklevel=3,
         )
         return False
@@ -141,8 +121,14 @@ def roi_windows(oy, ox, heights, widths, source_heights, source_widths, crop_siz
     if (size == source).all():
         start = np.where(size < crop_size, 0, offset)
         shape = np.minimum(size, crop_size)
-        return start.astype(np.int32), shape.astype(np.int32), np.zeros_like(start, np.float32), shape.astype(np.float32)
-    # fn.resize(resize_shorter=r) scales both axes by r / shorter side; the longer side's output is rounded and
+        return (
+            start.astype(np.int32),
+            shape.astype(np.int32),
+            np.zeros_like(start, np.float32),
+            shape.astype(np.float32),
+        )
+    # fn.resize(resize_shorter=r) scales both axes by r / shorter side; the longer side's output is rounded
+    # and
     # the input extent shrunk (or grown) to match, centred (DALI's subpixel_scale)
     scale = np.repeat((size.min(1) / source.min(1))[:, None], 2, axis=1)  # resized pixels per file pixel
     origin = (source - size / scale) / 2  # (B, 2) file coordinate of the resized image's corner
@@ -150,29 +136,28 @@ def roi_windows(oy, ox, heights, widths, source_heights, source_widths, crop_siz
     reach = np.ceil(1.0 / np.minimum(scale, 1.0)).astype(np.int64) + 1
     start = np.maximum(0, np.floor(lo).astype(np.int64) - reach)
     end = np.minimum(source, np.ceil(hi).astype(np.int64) + reach)
-    return (start.astype(np.int32), (end - start).astype(np.int32), (lo - start).astype(np.float32),
-            (hi - start).astype(np.float32))  # fmt: skip
+    return (
+        start.astype(np.int32),
+        (end - start).astype(np.int32),
+        (lo - start).astype(np.float32),
+        (hi - start).astype(np.float32),
+    )
 
 
 class _Feed:
     """The schedule part every external_source callback shares: positions and sample indices of batch t."""
 
-    def __init__(
-        self, schedule, *, start_sample, shard_id, num_shards, batch_size, crop_size, seed, random, mirror
-    ):
-        self.schedule, self.start_sample = schedule, start_sample
-        self.shard_id, self.num_shards, self.batch_size = shard_id, num_shards, batch_size
-        self.crop_size, self.seed, self.random, self.mirror = crop_size, seed, random, mirror
+    def __init__(self, *, schedule: EpochSchedule, spec: LoaderSpec):
+        self.plan = RankSchedule(schedule, spec.cursor, spec.shard_id, spec.num_shards, spec.batch_size)
+        self.crop_size, self.seed, self.random, self.mirror = (
+            spec.crop_size,
+            spec.seed,
+            spec.random,
+            spec.mirror,
+        )
 
     def positions(self, t: int) -> tuple[np.ndarray, np.ndarray]:
-        pos = rank_positions(
-            self.start_sample,
-            t,
-            shard_id=self.shard_id,
-            num_shards=self.num_shards,
-            batch_size=self.batch_size,
-        )
-        return pos, self.schedule.indices(pos)
+        return self.plan.batch(t)
 
     def anchors(self, pos, heights, widths):
         """(crop_pos_x, crop_pos_y, mirror) for DALI, from the shared crop parameters."""
@@ -238,11 +223,15 @@ class _FileFeed(_Feed):
             px, py, mirror = self.anchors(pos, h, w)
             return encoded, px, py, mirror
         c = self.crop_size
-        oy, ox, flip = crop_params(self.seed, pos, np.maximum(h, c), np.maximum(w, c), c, self.random, self.mirror)
+        oy, ox, flip = crop_params(
+            self.seed, pos, np.maximum(h, c), np.maximum(w, c), c, self.random, self.mirror
+        )
         anchor, shape, roi_start, roi_end = roi_windows(
             oy, ox, h, w, self.source_sizes[idx, 0], self.source_sizes[idx, 1], c
         )
-        centre = np.full(len(idx), 0.5, dtype=np.float32)  # the window is the crop (or smaller: pad it, centred)
+        centre = np.full(
+            len(idx), 0.5, dtype=np.float32
+        )  # the window is the crop (or smaller: pad it, centred)
         resampled = (roi_start, roi_end) if self.resize else ()
         return (encoded, anchor, shape, *resampled, centre, centre, flip.astype(np.int32))
 
@@ -260,38 +249,34 @@ class DaliBatchStream(ScheduledStream):
             object every step (for CUDA graphs); the caller must use it before the next call.
     """
 
+    _REPR = ("num_samples", "batch_size", "device", "cursor", "skipped")
+
     def __init__(
-        self, pipe, feed, schedule, *, batch_size, shard_id, num_shards, start_sample, device, dtype, channels_last,
-        static, skipped, ignored, source_name,
-    ):  # fmt: skip
+        self,
+        pipe,
+        feed,
+        schedule: EpochSchedule,
+        spec: LoaderSpec,
+        *,
+        static: bool,
+        skipped: int,
+        ignored: int,
+        source: str,
+    ):
         _, dali_torch = _import_dali()
-        self._init_schedule(
-            schedule,
-            batch_size=batch_size,
-            shard_id=shard_id,
-            num_shards=num_shards,
-            start_sample=start_sample,
-        )
+        super().__init__(schedule, spec, source=source, ignored=ignored)
         self._feed_ndarray = dali_torch.feed_ndarray
         self._pipe, self._feed = pipe, feed
-        self.device, self.dtype = torch.device(device), dtype
-        self.channels_last, self.static = channels_last, static
-        self.skipped, self.ignored = skipped, ignored
-        self.source = source_name
+        self.static, self.skipped = static, skipped
         self._raw = None  # float32 buffer in DALI's layout (B, 3, c, c) or (B, c, c, 3)
         self._out = None  # the tensor returned when static
-
-    def __iter__(self):
-        return self
 
     def _raw_buffer(self, shape):
         if self._raw is None or tuple(self._raw.shape) != tuple(shape) or not self.static:
             self._raw = torch.empty(shape, dtype=torch.float32, device=self.device)
         return self._raw
 
-    def __next__(self) -> torch.Tensor:
-        if self._pipe is None:
-            raise StopIteration
+    def _next_batch(self) -> torch.Tensor:
         try:
             (out,), stream = self._run_pipe()
         except RuntimeError as e:
@@ -324,55 +309,26 @@ class DaliBatchStream(ScheduledStream):
         stream = torch.cuda.current_stream(self.device).cuda_stream if self.device.type == "cuda" else None
         return self._pipe.run(stream), stream
 
-    def close(self) -> None:
-        """Release the pipeline (and its threads / GPU memory). Idempotent."""
-        pipe, self._pipe = self._pipe, None
-        if pipe is not None:
-            del pipe
+    def _release(self) -> None:
+        self._pipe = None  # its threads and GPU memory go with it
         feed, self._feed = self._feed, None
         if feed is not None and hasattr(feed, "close"):
             feed.close()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __repr__(self) -> str:
-        return (
-            f"DaliBatchStream(source={self.source!r}, num_samples={self.num_samples}, "
-            f"batch_size={self.batch_size}, device={self.device}, cursor={self.cursor}, skipped={self.skipped})"
-        )
-
 
 def build_dali_loader(
     source,
+    spec: LoaderSpec | None = None,
     *,
-    batch_size: int,
-    crop_size: int = 64,
-    mode: str = "crop",
-    mirror: bool = True,
-    device="cpu",
-    dtype: torch.dtype = torch.float32,
-    seed: int = 0,
-    start_sample: int = 0,
-    shard_id: int = 0,
-    num_shards: int = 1,
-    num_workers: int = 0,
-    channels_last: bool = False,
-    on_bad: str = "error",
-    split: str | None = None,
-    resize_size: int = 256,
     static: bool = False,
     full_check: bool = False,
     prefetch: int = 2,
     roi: bool = True,
     hw_decoder_load: float = HW_DECODER_LOAD,
-    pad_channels: int = 3,
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    **fields,
 ) -> DaliBatchStream:
-    """Build a DALI batch stream; arguments as :func:`deepsim.data.build_loader` (checked there), plus:
+    """Build a DALI batch stream of ``spec`` (or of its keyword ``fields``, checked here); arguments as
+    :func:`deepsim.data.build_loader`, plus:
 
     Args:
         num_workers: DALI CPU threads and file-reading threads (0 = min(4, cpu count)).
@@ -393,97 +349,165 @@ def build_dali_loader(
         DaliUnavailableError: DALI is not installed (says what to pip install).
         DataError: bad input (see the module docstring).
     """
+    spec = LoaderSpec.of(spec, fields)
     _import_dali()
-    from nvidia.dali import fn, pipeline_def, types
-
-    device = torch.device(device)
-    if device.type == "cuda":
-        device_id = device.index if device.index is not None else torch.cuda.current_device()
-        device = torch.device("cuda", device_id)
-    elif device.type == "cpu":
-        device_id = None
-    else:
-        raise DataError(f"device={device}: the DALI loader delivers to 'cpu' or 'cuda[:i]'")
-    gpu = device_id is not None
-    if pad_channels not in (3, 4):
-        raise DataError(f"pad_channels={pad_channels}: the DALI loader pads to 4 channels only (or 3: none)")
+    spec = dataclasses.replace(spec, device=_dali_device(spec.device))
+    gpu = spec.device.type == "cuda"
+    if spec.pad_channels not in (3, 4):
+        raise DataError(
+            f"pad_channels={spec.pad_channels}: the DALI loader pads to 4 channels only (or 3: none)"
+        )
     if not 0.0 <= hw_decoder_load <= 1.0:
         raise DataError(f"hw_decoder_load={hw_decoder_load}: expected a share in [0, 1]")
     roi = use_roi_decode(roi, gpu)
-    resize = resize_size if mode.startswith("resize") else None
-    random = mode in ("crop", "resize-crop")
-    threads = num_workers if num_workers > 0 else max(1, min(4, os.cpu_count() or 1))
-    layout = "HWC" if channels_last else "CHW"
-    norm = dict(mean=[127.5] * 3, std=[127.5] * 3, dtype=types.FLOAT, output_layout=layout, pad_output=pad_channels == 4)
-    src = resolve_source(source, split)
-    pipeline_options = dict(
-        batch_size=batch_size, num_threads=threads, device_id=device_id, seed=seed & 0x7FFFFFFF,
-        prefetch_queue_depth=prefetch, exec_dynamic=True,  # (the executor that returns outputs on a CUDA stream)
-    )  # fmt: skip
-    feed_options = dict(
-        start_sample=start_sample, shard_id=shard_id, num_shards=num_shards, batch_size=batch_size,
-        crop_size=crop_size, seed=seed, random=random, mirror=mirror,
-    )  # fmt: skip
-
-    if src.kind == "stl10":
-        if resize is not None:
-            raise DataError(
-                f"{src.location}: mode {mode!r} is not offered for STL-10 on the DALI path; use 'crop'/'center'"
-            )
-        if crop_size > src.array.shape[2]:
-            raise DataError(
-                f"{src.location}: STL-10 images are 96x96, expected crop_size <= 96 (got {crop_size})"
-            )
-        schedule = EpochSchedule(src.array.shape[0], seed, src.name)
-        feed = _Stl10Feed(src.array, schedule=schedule, **feed_options)
-        skipped, ignored, image_layout = 0, 0, "CHW"
+    src = resolve_source(source, spec.split)
+    feed, skipped, ignored = _feed(src, spec, roi=roi, full_check=full_check)
+    encoded = src.kind != "stl10"
+    roi = roi and encoded
+    options = _pipeline_options(spec, prefetch)
+    if roi:
+        pipe = _roi_pipeline(feed, spec, options, hw_decoder_load=hw_decoder_load if gpu else None)
     else:
-        scan = scan_image_files(
-            src.paths, crop_size=crop_size, resize=resize, on_bad=on_bad, full_check=full_check,
-            max_pixels=max_image_pixels,
-        )
-        if not scan.files:
+        pipe = _full_pipeline(feed, spec, options, encoded=encoded)
+    pipe.build()
+    stream = DaliBatchStream(
+        pipe, feed, feed.plan.schedule, spec, static=static, skipped=skipped, ignored=ignored, source=src.name
+    )
+    stream.roi_decode = roi
+    return stream
+
+
+def _dali_device(device) -> torch.device:
+    """``device`` as DALI takes it: the CPU, or a CUDA device with its index."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    if device.type != "cpu":
+        raise DataError(f"device={device}: the DALI loader delivers to 'cpu' or 'cuda[:i]'")
+    return device
+
+
+def _feed(src, spec: LoaderSpec, *, roi: bool, full_check: bool) -> tuple[_Feed, int, int]:
+    """(the external_source callback of ``src``, files skipped by the pre-scan, non-image files ignored)."""
+    if src.kind == "stl10":
+        if spec.resize is not None:
             raise DataError(
-                f"{src.name}: all {len(src.paths)} image files are unusable (corrupt or smaller than the crop)"
+                f"{src.location}: mode {spec.mode!r} is not offered for STL-10 on the DALI path; use "
+                "'crop'/'center'"
             )
-        schedule = EpochSchedule(len(scan.files), seed, src.name)
-        feed = _FileFeed(
-            scan.files, scan.sizes, threads, source_sizes=scan.source_sizes if roi else None,
-            resize=resize is not None, schedule=schedule, **feed_options,
-        )  # fmt: skip
-        skipped, ignored, image_layout = len(scan.bad), len(src.non_images), None
-    roi = roi and image_layout is None
-    decoder = dict(device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False)
-    if gpu:
+        if spec.crop_size > src.array.shape[2]:
+            raise DataError(
+                f"{src.location}: STL-10 images are 96x96, expected crop_size <= 96 (got {spec.crop_size})"
+            )
+        schedule = EpochSchedule(src.array.shape[0], spec.seed, src.name)
+        return _Stl10Feed(src.array, schedule=schedule, spec=spec), 0, 0
+    scan = scan_image_files(
+        src.paths,
+        crop_size=spec.crop_size,
+        resize=spec.resize,
+        on_bad=spec.on_bad,
+        full_check=full_check,
+        max_pixels=spec.max_image_pixels,
+    )
+    if not scan.files:
+        raise DataError(
+            f"{src.name}: all {len(src.paths)} image files are unusable (corrupt or smaller than the crop)"
+        )
+    schedule = EpochSchedule(len(scan.files), spec.seed, src.name)
+    feed = _FileFeed(
+        scan.files,
+        scan.sizes,
+        spec.threads,
+        source_sizes=scan.source_sizes if roi else None,
+        resize=spec.resize is not None,
+        schedule=schedule,
+        spec=spec,
+    )
+    return feed, len(scan.bad), len(src.non_images)
+
+
+def _pipeline_options(spec: LoaderSpec, prefetch: int) -> dict:
+    """``pipeline_def``'s arguments: batch, threads, device, seed, prefetch depth, executor."""
+    return dict(
+        batch_size=spec.batch_size,
+        num_threads=spec.threads,
+        device_id=spec.device.index if spec.device.type == "cuda" else None,
+        seed=spec.seed & 0x7FFFFFFF,
+        prefetch_queue_depth=prefetch,
+        exec_dynamic=True,  # (the executor that returns outputs on a CUDA stream)
+    )
+
+
+def _crop(fn, types, images, px, py, flip, spec: LoaderSpec, out_of_bounds_policy: str):
+    """``crop_mirror_normalize`` into the batch convention: the crop at the anchors, mirrored where ``flip``,
+    (pixel - 127.5) / 127.5, CHW or HWC, a zero fourth channel for ``pad_channels=4``."""
+    c = spec.crop_size
+    return fn.crop_mirror_normalize(
+        images,
+        crop=(c, c),
+        crop_pos_x=px,
+        crop_pos_y=py,
+        mirror=flip,
+        out_of_bounds_policy=out_of_bounds_policy,
+        fill_values=0.0,
+        mean=[127.5] * 3,
+        std=[127.5] * 3,
+        dtype=types.FLOAT,
+        output_layout="HWC" if spec.channels_last else "CHW",
+        pad_output=spec.pad_channels == 4,
+    )
+
+
+def _roi_pipeline(feed: _FileFeed, spec: LoaderSpec, options: dict, *, hw_decoder_load: float | None):
+    """Files -> each crop's window decoded (``image_slice``) [-> resized on the resize's grid] -> crop."""
+    from nvidia.dali import fn, pipeline_def, types  # optional dependency: DALI
+
+    c, resize = spec.crop_size, spec.resize
+    decoder = dict(
+        device="cpu" if hw_decoder_load is None else "mixed", output_type=types.RGB, adjust_orientation=False
+    )
+    if hw_decoder_load is not None:
         decoder["hw_decoder_load"] = hw_decoder_load
 
-    @pipeline_def(**pipeline_options)
+    @pipeline_def(**options)
     def roi_pipeline():
         resampled = [types.FLOAT, types.FLOAT] if resize is not None else []
         encoded, anchor, shape, *roi_extent, px, py, flip = fn.external_source(
-            source=feed, num_outputs=6 + len(resampled), batch=True, batch_info=True,
+            source=feed,
+            num_outputs=6 + len(resampled),
+            batch=True,
+            batch_info=True,
             dtype=[types.UINT8, types.INT32, types.INT32, *resampled, types.FLOAT, types.FLOAT, types.INT32],
-        )  # fmt: skip
-        images = fn.decoders.image_slice(encoded, anchor, shape, axis_names="HW", **decoder)  # the window only
+        )
+        # only the window is decoded
+        images = fn.decoders.image_slice(encoded, anchor, shape, axis_names="HW", **decoder)
         if resize is not None:
             roi_start, roi_end = roi_extent
             images = fn.resize(
-                images, size=[crop_size, crop_size], roi_start=roi_start, roi_end=roi_end, roi_relative=False,
-                antialias=True,
-            )  # fmt: skip
-        return fn.crop_mirror_normalize(
-            images, crop=(crop_size, crop_size), crop_pos_x=px, crop_pos_y=py, mirror=flip,
-            out_of_bounds_policy="pad", fill_values=0.0, **norm,
-        )  # fmt: skip
+                images, size=[c, c], roi_start=roi_start, roi_end=roi_end, roi_relative=False, antialias=True
+            )
+        return _crop(fn, types, images, px, py, flip, spec, "pad")
 
-    @pipeline_def(**pipeline_options)
+    return roi_pipeline()
+
+
+def _full_pipeline(feed: _Feed, spec: LoaderSpec, options: dict, *, encoded: bool):
+    """Whole files decoded [-> resized] -> crop; or STL-10's raw pixels -> crop."""
+    from nvidia.dali import fn, pipeline_def, types  # optional dependency: DALI
+
+    resize, gpu = spec.resize, spec.device.type == "cuda"
+
+    @pipeline_def(**options)
     def pipeline():
         images, px, py, flip = fn.external_source(
-            source=feed, num_outputs=4, batch=True, batch_info=True,
-            layout=[image_layout or "", "", "", ""],
+            source=feed,
+            num_outputs=4,
+            batch=True,
+            batch_info=True,
+            layout=["" if encoded else "CHW", "", "", ""],
             dtype=[types.UINT8, types.FLOAT, types.FLOAT, types.INT32],
-        )  # fmt: skip
-        if image_layout is None:  # encoded files
+        )
+        if encoded:
             images = fn.decoders.image(
                 images, device="mixed" if gpu else "cpu", output_type=types.RGB, adjust_orientation=False
             )  # EXIF orientation ignored, as by the header pre-scan and the other loaders
@@ -491,17 +515,6 @@ def build_dali_loader(
                 images = fn.resize(images, resize_shorter=resize, antialias=True)
         elif gpu:
             images = images.gpu()
-        return fn.crop_mirror_normalize(
-            images, crop=(crop_size, crop_size), crop_pos_x=px, crop_pos_y=py, mirror=flip,
-            out_of_bounds_policy="pad" if on_bad == "pad" else "error", fill_values=0.0, **norm,
-        )  # fmt: skip
+        return _crop(fn, types, images, px, py, flip, spec, "pad" if spec.on_bad == "pad" else "error")
 
-    pipe = roi_pipeline() if roi else pipeline()
-    pipe.build()
-    stream = DaliBatchStream(
-        pipe, feed, schedule, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards,
-        start_sample=start_sample, device=device, dtype=dtype, channels_last=channels_last, static=static,
-        skipped=skipped, ignored=ignored, source_name=src.name,
-    )  # fmt: skip
-    stream.roi_decode = roi
-    return stream
+    return pipeline()

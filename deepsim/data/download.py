@@ -26,6 +26,9 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
+from torchvision.datasets import STL10
+from torchvision.datasets.utils import calculate_md5, check_integrity, extract_archive
+
 from .errors import DataError
 from .interrupt import interruptible, uninterrupted
 
@@ -58,8 +61,6 @@ class ArchiveRelease:
 
 def stl10_release() -> ArchiveRelease:
     """STL-10 as torchvision's ``STL10`` dataset class describes it (URL, archive MD5, per-file MD5s)."""
-    from torchvision.datasets import STL10
-
     return ArchiveRelease(
         url=STL10.url,
         archive=STL10.filename,
@@ -70,8 +71,6 @@ def stl10_release() -> ArchiveRelease:
 
 
 def _verified(folder: Path, files) -> bool:
-    from torchvision.datasets.utils import check_integrity
-
     return all(check_integrity(str(folder / name), md5) for name, md5 in files)
 
 
@@ -99,7 +98,10 @@ def _connection(url: str, connect_timeout: float) -> tuple[http.client.HTTPConne
             conn = kind(via.hostname, via.port or 80, timeout=connect_timeout)
             conn.set_tunnel(parts.hostname, port)
         else:
-            conn, target = http.client.HTTPConnection(via.hostname, via.port or 80, timeout=connect_timeout), url
+            conn, target = (
+                http.client.HTTPConnection(via.hostname, via.port or 80, timeout=connect_timeout),
+                url,
+            )
     else:
         conn = kind(parts.hostname, port, timeout=connect_timeout)
     conn.connect()
@@ -153,7 +155,8 @@ def _fetch_once(url: str, dest: Path, connect_timeout: float, read_timeout: floa
 def _fetch(
     url: str, dest: Path, *, connect_timeout: float, read_timeout: float, retries: int, retry_wait: float
 ) -> None:
-    """``url`` into ``dest``, with timeouts, retried ``retries`` times (waits of ``retry_wait`` s, doubling)."""
+    """``url`` into ``dest``, with timeouts, retried ``retries`` times (waits of ``retry_wait`` s,
+    doubling)."""
     for attempt in range(retries + 1):
         try:
             return _fetch_once(url, dest, connect_timeout, read_timeout)
@@ -214,6 +217,9 @@ def download_stl10(
             raise DownloadError(f"{name} {value}: expected a positive number of seconds")
     if retries < 0:
         raise DownloadError(f"--retries {retries}: expected 0 or more")
+    fetch = dict(
+        connect_timeout=connect_timeout, read_timeout=read_timeout, retries=retries, retry_wait=retry_wait
+    )
     release = release or stl10_release()
     url = url or release.url
     root = Path(root)
@@ -223,9 +229,7 @@ def download_stl10(
     with interruptible():
         created = [p for p in (root, *root.parents) if not p.exists()]
         try:
-            return _download(root, target, url, release, keep_archive, dict(
-                connect_timeout=connect_timeout, read_timeout=read_timeout, retries=retries, retry_wait=retry_wait,
-            ))  # fmt: skip
+            return _download(root, target, url, release, keep_archive, fetch)
         except BaseException:
             for folder in created:  # the folders this call made, if they stayed empty
                 try:
@@ -235,9 +239,9 @@ def download_stl10(
             raise
 
 
-def _download(root: Path, target: Path, url: str, release: ArchiveRelease, keep_archive: bool, fetch: dict) -> Path:
-    from torchvision.datasets.utils import calculate_md5, check_integrity, extract_archive
-
+def _download(
+    root: Path, target: Path, url: str, release: ArchiveRelease, keep_archive: bool, fetch: dict
+) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     _remove_abandoned(root, release.folder)
     staging = Path(tempfile.mkdtemp(prefix=f".{release.folder}.download-{os.getpid()}-", dir=root))
@@ -256,7 +260,8 @@ def _download(root: Path, target: Path, url: str, release: ArchiveRelease, keep_
         if actual != release.archive_md5:
             raise DownloadError(
                 f"{url}: the downloaded archive ({archive.stat().st_size} bytes) has MD5 {actual}, expected "
-                f"{release.archive_md5}: truncated or corrupt; nothing was kept in {root}. Retry the download."
+                f"{release.archive_md5}: truncated or corrupt; nothing was kept in {root}. Retry the "
+                "download."
             )
         try:
             extract_archive(str(archive), str(staging))
@@ -269,7 +274,8 @@ def _download(root: Path, target: Path, url: str, release: ArchiveRelease, keep_
             if not check_integrity(str(unpacked / name), md5):
                 found = calculate_md5(str(unpacked / name)) if (unpacked / name).is_file() else "no such file"
                 raise DownloadError(
-                    f"{url}: {release.folder}/{name} in the archive: MD5 {found}, expected {md5}; nothing was kept"
+                    f"{url}: {release.folder}/{name} in the archive: MD5 {found}, expected {md5}; nothing "
+                    "was kept"
                 )
         with uninterrupted():  # all of the verified files move, or none (a stop signal waits for the renames)
             target.mkdir(exist_ok=True)

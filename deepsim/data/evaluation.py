@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from .convention import to_model_batch
-from .sampling import check_loader_args
 from .sources import resolve_source
+from .spec import LoaderSpec
 from .stores import DEFAULT_CACHE_BYTES, build_store
 from .workers import Collate, LazyFiles, ignore_stop_signals
 
@@ -48,12 +48,8 @@ def iterate_eval(
     Yields:
         tensors (b, 3, crop_size, crop_size), b <= batch_size, in the library's batch convention.
     """
-    check_loader_args(
-        batch_size=batch_size, crop_size=crop_size, mode=mode, on_bad=on_bad, shard_id=shard_id,
-        num_shards=num_shards, resize_size=resize_size,
-    )  # fmt: skip
-    resize = resize_size if mode.startswith("resize") else None
-    random = mode in ("crop", "resize-crop")
+    spec = LoaderSpec.from_arguments(locals()).validate()
+    resize, random = spec.resize, spec.random
     src = resolve_source(source, split)
     store, _ = build_store(src, crop_size, resize, on_bad, cache, DEFAULT_CACHE_BYTES)
     n = store.n if store is not None else len(src.paths)
@@ -64,15 +60,20 @@ def iterate_eval(
             u8 = torch.from_numpy(store.batch(idx, idx, crop_size, 0, random))
             yield to_model_batch(u8, device, dtype, channels_last)
         return
-    files = LazyFiles(src.paths, crop_size, resize, random, 0, on_bad)
+    yield from _decoded_batches(LazyFiles(src.paths, crop_size, resize, random, 0, on_bad), batches, spec)
+
+
+def _decoded_batches(files: LazyFiles, batches: list[np.ndarray], spec: LoaderSpec) -> Iterator[torch.Tensor]:
+    """The eval batches of a lazily read folder, decoded in DataLoader workers (empty ones left out)."""
+    device, workers = torch.device(spec.device), spec.num_workers
     loader = DataLoader(
         files,
         batch_sampler=[[(int(i), int(i), False) for i in idx] for idx in batches],
-        num_workers=num_workers,
-        collate_fn=Collate(normalize=torch.device(device).type == "cpu" and num_workers > 0),
-        pin_memory=torch.device(device).type == "cuda",
-        worker_init_fn=ignore_stop_signals if num_workers > 0 else None,
+        num_workers=workers,
+        collate_fn=Collate(normalize=device.type == "cpu" and workers > 0),
+        pin_memory=device.type == "cuda",
+        worker_init_fn=ignore_stop_signals if workers > 0 else None,
     )
     for u8, _bad in loader:
         if len(u8):
-            yield to_model_batch(u8, device, dtype, channels_last)
+            yield to_model_batch(u8, spec.device, spec.dtype, spec.channels_last)

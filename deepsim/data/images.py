@@ -51,9 +51,10 @@ ALPHA_MODES = frozenset({"RGBA", "LA", "PA", "RGBa", "La"})
 # Camera photos (up to ~50 megapixels) and every ImageNet image pass; PIL's own limit is about 179 megapixels.
 DEFAULT_MAX_IMAGE_PIXELS = 8192 * 8192
 
-# PIL warns about odd files (DecompressionBombWarning, palette, corrupt EXIF): one filter on PIL's own modules,
-# set once. Not warnings.catch_warnings() per file: that swaps the process-wide filter list and is not
-# thread-safe, so reader threads that overlap leave an "ignore every warning" filter behind for the process.
+# PIL warns about odd files (DecompressionBombWarning, palette, corrupt EXIF): one filter on PIL's own
+# modules, set once. Not warnings.catch_warnings() per file: that swaps the process-wide filter list and is
+# not thread-safe, so reader threads that overlap leave an "ignore every warning" filter behind for the
+# process.
 warnings.filterwarnings("ignore", module=r"PIL(\.|$)")
 
 _truncation_lock = threading.Lock()
@@ -95,7 +96,9 @@ def check_max_pixels(max_pixels: int | None) -> None:
 
 
 @contextlib.contextmanager
-def open_image(path: os.PathLike | str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> Iterator[Image.Image]:
+def open_image(
+    path: os.PathLike | str, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> Iterator[Image.Image]:
     """``PIL.Image.open`` (header only) that refuses, before any pixel is decoded, an image of more than
     ``max_pixels`` pixels (None: PIL's own decompression-bomb limit only).
 
@@ -111,7 +114,8 @@ def open_image(path: os.PathLike | str, max_pixels: int | None = DEFAULT_MAX_IMA
         if max_pixels is not None and pixels > max_pixels:
             limit = _our_limit(max_pixels)
         else:
-            limit = f"PIL's decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS = {2 * Image.MAX_IMAGE_PIXELS})"
+            bomb = 2 * Image.MAX_IMAGE_PIXELS
+            limit = f"PIL's decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS = {bomb})"
         raise ImageTooLargeError(path, pixels, limit) from None
     except UnidentifiedImageError as e:
         raise ImageReadError(path, "corrupt", "not a recognised image format") from e
@@ -223,7 +227,10 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
 
 
 def read_image(
-    path: os.PathLike | str, *, resize_shorter: int | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    path: os.PathLike | str,
+    *,
+    resize_shorter: int | None = None,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> np.ndarray:
     """Decode an image file fully into RGB.
 
@@ -268,11 +275,10 @@ def read_image(
     return np.ascontiguousarray(hwc)
 
 
-def read_image_chw(
-    path: os.PathLike | str, *, resize_shorter: int | None = None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
-) -> np.ndarray:
-    """:func:`read_image` in (3, H, W) layout, C-contiguous (what the loaders crop from)."""
-    hwc = read_image(path, resize_shorter=resize_shorter, max_pixels=max_pixels)
+def read_image_chw(path: os.PathLike | str, **options) -> np.ndarray:
+    """:func:`read_image` (same keyword ``options``) in (3, H, W) layout, C-contiguous (what the loaders crop
+    from)."""
+    hwc = read_image(path, **options)
     return np.ascontiguousarray(hwc.transpose(2, 0, 1))
 
 
@@ -304,7 +310,12 @@ class ScannedFiles:
 
 
 def scan_image_files(
-    paths, *, crop_size: int, resize: int | None, on_bad: str, full_check: bool = False,
+    paths,
+    *,
+    crop_size: int,
+    resize: int | None,
+    on_bad: str,
+    full_check: bool = False,
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> ScannedFiles:
     """Sort files into usable and bad before a pipeline that cannot skip a file mid-stream starts (DALI, the
@@ -343,5 +354,9 @@ def scan_image_files(
         sizes.append((h, w))
         modes.append(mode)
     return ScannedFiles(
-        good, np.array(sizes, dtype=np.int64).reshape(-1, 2), modes, bad, np.array(source_sizes, dtype=np.int64).reshape(-1, 2)
+        good,
+        np.array(sizes, dtype=np.int64).reshape(-1, 2),
+        modes,
+        bad,
+        np.array(source_sizes, dtype=np.int64).reshape(-1, 2),
     )

@@ -18,7 +18,8 @@ _held: list[int] | None = None  # inside uninterrupted(): the signals that arriv
 
 
 class Interrupted(KeyboardInterrupt):
-    """A stop signal arrived during a scan or a download. ``signum``: the signal; ``exit_status``: 128 + it."""
+    """A stop signal arrived during a scan or a download. ``signum``: the signal; ``exit_status``:
+    128 + it."""
 
     def __init__(self, signum: int):
         self.signum = signum
@@ -29,10 +30,10 @@ class Interrupted(KeyboardInterrupt):
 
 @contextlib.contextmanager
 def interruptible(signals: tuple[str, ...] = STOP_SIGNALS) -> Iterator[None]:
-    """Within the block, the first of ``signals`` raises :class:`Interrupted`; later ones are ignored until the
-    block ends (so that its clean-up runs to the end). Signals the process ignores (``nohup``) stay ignored; the
-    previous handlers are restored on exit. Only the outermost block of the main thread installs handlers
-    (Python's rule); elsewhere it does nothing."""
+    """Within the block, the first of ``signals`` raises :class:`Interrupted`; later ones are ignored until
+    the block ends (so that its clean-up runs to the end). Signals the process ignores (``nohup``) stay
+    ignored; the previous handlers are restored on exit. Only the outermost block of the main thread
+    installs handlers (Python's rule); elsewhere it does nothing."""
     global _depth
     if threading.current_thread() is not threading.main_thread() or _depth:
         yield

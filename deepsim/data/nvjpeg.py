@@ -1,29 +1,12 @@
-"""The GPU-decode data path (``build_loader(..., loader="nvjpeg")``): JPEGs decoded on the training device with
-``torchvision.io.decode_jpeg(..., device=device)`` (nvJPEG on CUDA, libjpeg-turbo on the CPU), resized and
-cropped there, on the shared epoch schedule (:mod:`deepsim.data.sampling`).
+"""The GPU-decode data path (``build_loader(..., loader="nvjpeg")``): JPEGs decoded on the training device
+with ``torchvision.io.decode_jpeg`` (nvJPEG on CUDA, libjpeg-turbo on the CPU), resized and cropped there,
+on the shared epoch schedule (:mod:`deepsim.data.sampling`).
 
-What it needs from the host is only the encoded bytes of each batch's files, read by a thread pool one batch
-ahead; no decoded pixel crosses PCIe. On CUDA each batch is made on a side stream that is ordered against the
-training stream both ways (:class:`DecodeStreams`). Sample order, crop offsets and mirror flags are those of the torch and
-DALI loaders (the same positions, the same :func:`~deepsim.data.augment.crop_params`), so it shares their
-determinism, sharding and resume at a cursor; a JPEG decoded on the CPU gives the torch loader's pixels
-exactly (both use libjpeg-turbo), nvJPEG on a GPU may differ by a level or so, and the resize modes resize
-on the device (bilinear, antialiased) rather than with PIL, so their pixels differ slightly from the torch
-path's.
-
-Files that are not baseline RGB/grayscale JPEGs -- PNG and every other format, and CMYK/YCCK JPEGs, which
-nvJPEG does not convert -- are decoded on the CPU with the torch path's reader (:func:`read_image`, PIL) and
-moved to the device: a fallback, counted in ``.cpu_decoded`` (distinct files) and announced once with a
-warning. A JPEG that nvJPEG refuses is retried the same way. STL-10 (raw pixels, nothing to decode) is an
-error that points at the other loaders.
-
-torchvision 0.29 deprecates its image decoders in favour of TorchCodec (they still work; the warning is
-silenced here). :meth:`NvjpegBatchStream._decode_jpeg` is the one call to change when they go.
-
-Bad input: the file list is pre-scanned by header (:func:`deepsim.data.images.scan_image_files`), as for
-DALI. A file that passed the scan but does not decode: ``on_bad="error"`` raises :class:`DataError` naming
-it; ``"skip"``/``"pad"`` substitute the next good sample (i -> i+1, ... mod N, deterministic) and count it
-in ``.skipped``. ``"pad"`` reflect-pads images smaller than the crop, as the torch path does.
+Files that are not baseline RGB/grayscale JPEGs, and JPEGs the device refuses, are decoded on the CPU
+with the torch path's reader (counted in ``.cpu_decoded``, announced once by a warning). STL-10 is refused.
+Bad input: files are pre-scanned by header; a file that passed but does not decode raises a
+:class:`DataError` naming it (``on_bad="error"``) or is substituted by the next good sample and counted in
+``.skipped``; ``"pad"`` reflect-pads too-small images. Design: docs/loaders.md ("nvjpeg").
 """
 
 from __future__ import annotations
@@ -39,9 +22,10 @@ import torch
 from .augment import crop_params
 from .convention import to_model_batch
 from .errors import DataError
-from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError, read_image, scan_image_files
+from .images import ImageReadError, read_image, scan_image_files
 from .sampling import EpochSchedule, ScheduledStream
 from .sources import resolve_source
+from .spec import LoaderSpec
 
 __all__ = ["NvjpegBatchStream", "DeviceJpegDecoder", "DecodeStreams", "build_nvjpeg_loader", "is_jpeg"]
 
@@ -76,8 +60,9 @@ def _pad_index(n: int, before: int, after: int, reflect: bool) -> np.ndarray:
 
 
 def _pad(img: torch.Tensor, crop_size: int) -> torch.Tensor:
-    """Reflect-pad an image smaller than the crop as the torch path does (:func:`deepsim.data.augment.pad_to`),
-    on the image's device: a gather whose indices come from the (host-known) shape, no pixel leaves it."""
+    """Reflect-pad an image smaller than the crop as the torch path does
+    (:func:`deepsim.data.augment.pad_to`), on the image's device: a gather whose indices come from the
+    (host-known) shape, no pixel leaves it."""
     _, h, w = img.shape
     ph, pw = max(0, crop_size - h), max(0, crop_size - w)
     if ph == 0 and pw == 0:
@@ -113,7 +98,8 @@ class DecodeStreams:
         self._done = None  # an event recorded on the side stream after the previous batch
 
     def run(self, make_batch: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """``make_batch()`` under the protocol above; returns its tensor, safe to use on the current stream."""
+        """``make_batch()`` under the protocol above; returns its tensor, safe to use on the current
+        stream."""
         current = self._cuda.current_stream(self.device)
         if self._done is not None:
             self._done.synchronize()
@@ -148,9 +134,11 @@ class DeviceJpegDecoder:
         return torch.from_numpy(np.fromfile(self.files[i], dtype=np.uint8))
 
     def _decode_jpeg(self, datas: list[torch.Tensor]) -> list[torch.Tensor]:
-        from torchvision.io import ImageReadMode, decode_jpeg
+        from torchvision.io import ImageReadMode, decode_jpeg  # torchvision's decoders: deprecated, may go
 
-        with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders (see the module docstring)
+        with (
+            warnings.catch_warnings()
+        ):  # torchvision 0.29 deprecates its decoders (docs/loaders.md, "nvjpeg")
             warnings.simplefilter("ignore", DeprecationWarning)
             return decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
 
@@ -159,7 +147,8 @@ class DeviceJpegDecoder:
         if not self._warned:
             self._warned = True
             warnings.warn(
-                f"loader='nvjpeg': {self.files[i]} is not a baseline RGB/grayscale JPEG (or the device decoder "
+                f"loader='nvjpeg': {self.files[i]} is not a baseline RGB/grayscale JPEG (or the device "
+                "decoder "
                 "refused it); such files are decoded on the CPU (counted in .cpu_decoded)",
                 stacklevel=5,
             )
@@ -220,22 +209,25 @@ class NvjpegBatchStream(ScheduledStream):
             the device decoder).
     """
 
+    _REPR = ("num_samples", "batch_size", "device", "cursor", "skipped", "cpu_decoded")
+
     def __init__(
-        self, *, decoder, sizes, schedule, batch_size, crop_size, resize, random, mirror, seed, shard_id,
-        num_shards, start_sample, dtype, channels_last, threads, skipped, ignored, source_name,
-    ):  # fmt: skip
-        self._init_schedule(
-            schedule, batch_size=batch_size, shard_id=shard_id, num_shards=num_shards, start_sample=start_sample
-        )  # fmt: skip
+        self,
+        decoder: DeviceJpegDecoder,
+        sizes,
+        schedule: EpochSchedule,
+        spec: LoaderSpec,
+        *,
+        skipped,
+        ignored: int,
+        source: str,
+    ):
+        super().__init__(schedule, spec, source=source, ignored=ignored)
         self._decoder, self._sizes = decoder, sizes
-        self.crop_size, self._resize_shorter = crop_size, resize
-        self._random, self._mirror, self._seed = random, mirror, seed
-        self.device, self.dtype, self.channels_last = decoder.device, dtype, channels_last
-        self._pool = concurrent.futures.ThreadPoolExecutor(max(1, threads))
+        self._resize_shorter = spec.resize
+        self._pool = concurrent.futures.ThreadPoolExecutor(spec.threads)
         self._streams = DecodeStreams(self.device) if self.device.type == "cuda" else None
         self._skipped_at_scan = len(skipped)
-        self.ignored = ignored
-        self.source = source_name
         self._ahead = self._read_ahead(0)
 
     @property
@@ -246,15 +238,12 @@ class NvjpegBatchStream(ScheduledStream):
     def cpu_decoded(self) -> int:
         return len(self._decoder.cpu)
 
-    def __iter__(self):
-        return self
-
     def _read_ahead(self, t: int):
         """Futures of the encoded bytes of batch ``t`` (read while the device decodes batch t-1)."""
         idx = self._schedule.indices(self.positions(t))
         return [self._pool.submit(self._decoder.read, int(i)) for i in idx]
 
-    def __next__(self) -> torch.Tensor:
+    def _next_batch(self) -> torch.Tensor:
         pos, idx = self._take_positions()
         datas = [future.result() for future in self._ahead]
         self._ahead = self._read_ahead(self._taken)
@@ -277,62 +266,38 @@ class NvjpegBatchStream(ScheduledStream):
             crops.append(crop.flip(-1) if f else crop)
         return to_model_batch(torch.stack(crops), self.device, self.dtype, self.channels_last)  # (B, 3, c, c)
 
-    def close(self) -> None:
-        """Stop the reading threads. Idempotent."""
+    def _release(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __repr__(self) -> str:
-        return (
-            f"NvjpegBatchStream(source={self.source!r}, num_samples={self.num_samples}, batch_size={self.batch_size}, "
-            f"device={self.device}, cursor={self.cursor}, skipped={self.skipped}, cpu_decoded={self.cpu_decoded})"
-        )
 
 
 def build_nvjpeg_loader(
-    source: str | os.PathLike,
-    *,
-    batch_size: int,
-    crop_size: int,
-    mode: str,
-    mirror: bool,
-    device: torch.device | str,
-    dtype: torch.dtype,
-    seed: int,
-    start_sample: int,
-    shard_id: int,
-    num_shards: int,
-    num_workers: int,
-    channels_last: bool,
-    on_bad: str,
-    split: str | None,
-    resize_size: int,
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    source: str | os.PathLike, spec: LoaderSpec | None = None, **fields
 ) -> NvjpegBatchStream:
-    """The GPU-decode stream; arguments as :func:`deepsim.data.build_loader` (checked there);
-    ``num_workers``: file-reading threads (0 = min(4, cpu count))."""
-    src = resolve_source(source, split)
+    """The GPU-decode stream of ``spec`` (or of its keyword ``fields``, checked here), arguments as
+    :func:`deepsim.data.build_loader`; ``num_workers``: file-reading threads (0 = min(4, cpu count))."""
+    spec = LoaderSpec.of(spec, fields)
+    if spec.pad_channels != 3:
+        raise DataError(f"pad_channels={spec.pad_channels} with loader='nvjpeg': expected 3")
+    src = resolve_source(source, spec.split)
     if src.kind == "stl10":
         raise DataError(
-            f"{src.location}: loader='nvjpeg' decodes JPEG files, but STL-10 is raw pixels (nothing to decode); "
+            f"{src.location}: loader='nvjpeg' decodes JPEG files, but STL-10 is raw pixels (nothing to "
+            "decode); "
             "use --loader torch or dali"
         )
-    resize = resize_size if mode.startswith("resize") else None
-    scan = scan_image_files(src.paths, crop_size=crop_size, resize=resize, on_bad=on_bad, max_pixels=max_image_pixels)
+    scan = scan_image_files(
+        src.paths,
+        crop_size=spec.crop_size,
+        resize=spec.resize,
+        on_bad=spec.on_bad,
+        max_pixels=spec.max_image_pixels,
+    )
     if not scan.files:
         raise DataError(
             f"{src.name}: all {len(src.paths)} image files are unusable (corrupt or smaller than the crop)"
         )
-    threads = num_workers if num_workers > 0 else max(1, min(4, os.cpu_count() or 1))
+    decoder = DeviceJpegDecoder(scan.files, scan.modes, torch.device(spec.device), spec.on_bad)
+    schedule = EpochSchedule(len(scan.files), spec.seed, src.name)
     return NvjpegBatchStream(
-        decoder=DeviceJpegDecoder(scan.files, scan.modes, torch.device(device), on_bad), sizes=scan.sizes,
-        schedule=EpochSchedule(len(scan.files), seed, src.name), batch_size=batch_size, crop_size=crop_size,
-        resize=resize, random=mode in ("crop", "resize-crop"), mirror=mirror, seed=seed, shard_id=shard_id,
-        num_shards=num_shards, start_sample=start_sample, dtype=dtype, channels_last=channels_last,
-        threads=threads, skipped=scan.bad, ignored=len(src.non_images), source_name=src.name,
-    )  # fmt: skip
+        decoder, scan.sizes, schedule, spec, skipped=scan.bad, ignored=len(src.non_images), source=src.name
+    )

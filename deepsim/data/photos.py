@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pathlib
 
+import skimage
+
 from .errors import DataError
 
 __all__ = ["BUNDLED_PHOTOS", "bundled_photo_paths"]
@@ -33,16 +35,6 @@ BUNDLED_PHOTOS: tuple[str, ...] = (
 )
 
 
-def _skimage_data_dir() -> pathlib.Path:
-    try:
-        import skimage
-    except ImportError as e:  # pragma: no cover - scikit-image is a hard dependency
-        raise DataError(
-            "source 'photos': the bundled photographs come from scikit-image; `pip install scikit-image`"
-        ) from e
-    return pathlib.Path(skimage.__file__).parent / "data"
-
-
 def bundled_photo_paths() -> list[pathlib.Path]:
     """Paths of the bundled photographs (15 files: 9 RGB, 6 grayscale), in a fixed order.
 
@@ -52,7 +44,7 @@ def bundled_photo_paths() -> list[pathlib.Path]:
     Raises:
         DataError: when none of the expected files exists (a stripped scikit-image install).
     """
-    folder = _skimage_data_dir()
+    folder = pathlib.Path(skimage.__file__).parent / "data"
     paths = [folder / name for name in BUNDLED_PHOTOS if (folder / name).is_file()]
     if not paths:
         raise DataError(

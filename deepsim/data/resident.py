@@ -1,14 +1,9 @@
 """The device-resident data path (``build_loader(..., loader="resident")``): the whole decoded data set as
 uint8 on the training device, cropped, mirrored and converted there in one gather per batch.
 
-Each step's sample indices, crop offsets and mirror flags are computed on the device from the stream position
-(the epoch permutation is uploaded once per epoch; the splitmix64 hash of :mod:`deepsim.data.augment` runs
-on int64 tensors), then one gather of 3-byte pixel rows and the conversion, so a step costs a few kernel launches, no host work per sample and no host sync. The
-batches are those of the torch loader for the same arguments (same positions, same crops, bit-exact in
-float32): sharding, the global cursor and resume at any world size are :mod:`deepsim.data.sampling`'s.
-
-Storage: one flat uint8 buffer holding every image in HWC order, with per-image offset, height and width
-(uniform data sets such as STL-10 are the special case of equal sizes). See docs/loaders.md.
+Its batches equal the torch loader's for the same arguments (bit-exact in float32). The data set must fit
+in the device's free memory less a reserve (:func:`check_fits`). Design: docs/loaders.md ("The resident
+loader").
 """
 
 from __future__ import annotations
@@ -19,10 +14,12 @@ import numpy as np
 import torch
 
 from .augment import _key
+from .dali import dali_available
 from .errors import DataError
 from .images import DEFAULT_MAX_IMAGE_PIXELS
 from .sampling import EpochSchedule, ScheduledStream
 from .sources import ResolvedSource, resolve_source
+from .spec import LoaderSpec
 from .stores import MAX_PROBE_FILES, ArrayStore, _estimate_bytes, build_store
 
 __all__ = [
@@ -82,8 +79,11 @@ def device_free_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def dataset_bytes(src: ResolvedSource, resize: int | None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> int:
-    """Bytes of ``src`` decoded as uint8 RGB (after the resize of the resize modes), from headers only."""
+def dataset_bytes(
+    src: ResolvedSource, resize: int | None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+) -> int:
+    """Bytes of ``src`` decoded as uint8 RGB (after the resize of the resize modes), from headers only; an
+    image over ``max_pixels`` (a bad image) counts nothing."""
     if src.kind == "stl10":
         n, c, h, w = src.array.shape
         return n * c * (resize * resize if resize else h * w)
@@ -96,8 +96,6 @@ def dataset_bytes(src: ResolvedSource, resize: int | None, max_pixels: int | Non
 
 
 def _loaders_that_fit(kind: str) -> str:
-    from .dali import dali_available
-
     names = ["torch"] + (["dali"] if dali_available() else []) + (["nvjpeg"] if kind != "stl10" else [])
     return ", ".join(f"--loader {n}" for n in names)
 
@@ -106,20 +104,24 @@ def check_fits(
     nbytes: int, device: torch.device, *, name: str, kind: str, free_bytes: int | None = None
 ) -> None:
     """Raise a one-line :class:`DataError` when ``nbytes`` of data do not fit in ``device``'s free memory
-    (:func:`device_free_bytes`, or ``free_bytes``) less a reserve for the step, naming the loaders that fit."""
+    (:func:`device_free_bytes`, or ``free_bytes``) less a reserve for the step, naming the loaders that
+    fit."""
     free = device_free_bytes(device) if free_bytes is None else int(free_bytes)
     reserve = max(RESERVE_MIN_BYTES, int(RESERVE_FRACTION * free))
     if nbytes + reserve > free:
         gib = 2.0**30
         raise DataError(
-            f"{name}: --loader resident needs {nbytes / gib:.2f} GiB on {device} for the decoded data set, but "
-            f"{max(0, free) / gib:.2f} GiB is free after the model ({reserve / gib:.2f} GiB kept for the step); "
+            f"{name}: --loader resident needs {nbytes / gib:.2f} GiB on {device} for the decoded data "
+            "set, but "
+            f"{max(0, free) / gib:.2f} GiB is free after the model ({reserve / gib:.2f} GiB kept for the "
+            "step); "
             f"use {_loaders_that_fit(kind)}"
         )
 
 
 def resident_fits(source: str | os.PathLike, device: torch.device | str, mode: str = "crop") -> bool:
-    """Whether ``source`` decoded would fit on ``device`` now (what ``--loader auto`` asks on CUDA)."""
+    """Whether ``source`` decoded fits in ``device``'s free memory at the call (what ``--loader auto`` asks
+    on CUDA)."""
     resize = 256 if mode.startswith("resize") else None
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -145,33 +147,32 @@ class ResidentBatchStream(ScheduledStream):
         nbytes: bytes of the resident uint8 data.
     """
 
+    _REPR = ("num_samples", "batch_size", "device", "nbytes", "cursor")
+
     def __init__(
-        self, *, data, offsets, heights, widths, schedule, batch_size, crop_size, random, mirror, seed,
-        shard_id, num_shards, start_sample, device, dtype, channels_last, pad_channels, skipped, ignored,
-        source_name,
-    ):  # fmt: skip
-        self._init_schedule(
-            schedule,
-            batch_size=batch_size,
-            shard_id=shard_id,
-            num_shards=num_shards,
-            start_sample=start_sample,
-        )
-        self.device, self.dtype, self.channels_last = torch.device(device), dtype, channels_last
-        self.crop_size, self.pad_channels = crop_size, pad_channels
-        self._random, self._mirror, self._key = random, mirror, _signed(int(_key(seed)))
+        self,
+        data,
+        offsets,
+        heights,
+        widths,
+        schedule: EpochSchedule,
+        spec: LoaderSpec,
+        *,
+        skipped: int,
+        ignored: int,
+        source: str,
+    ):
+        super().__init__(schedule, spec, source=source, ignored=ignored)
+        self._key = _signed(int(_key(spec.seed)))
         self._data, self._heights, self._widths = data, heights, widths
         self.nbytes = data.numel()
-        self.skipped, self.ignored, self.source = skipped, ignored, source_name
+        self.skipped = skipped
         self._perms: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}  # (device, host) orders
         self.last_device_indices: torch.Tensor | None = None
         self._pixels = data.view(-1, 3)  # (P, 3): one row per pixel, HWC order
         self._pixel_offsets = offsets // 3
-        self._arange_b = torch.arange(batch_size, device=self.device)
-        self._r = torch.arange(crop_size, device=self.device)
-
-    def __iter__(self):
-        return self
+        self._arange_b = torch.arange(spec.batch_size, device=self.device)
+        self._r = torch.arange(spec.crop_size, device=self.device)
 
     def _table(self, e0: int, e1: int) -> torch.Tensor:
         """The sample order of epochs e0..e1 concatenated, on the device (built once per epoch span)."""
@@ -186,8 +187,8 @@ class ResidentBatchStream(ScheduledStream):
         return self._perms[key][0]
 
     def _sample_params(self, first: int):
-        """Device tensors (B,) for positions first .. first + B - 1: sample index, crop (oy, ox, flip or None),
-        image width."""
+        """Device tensors (B,) for positions first .. first + B - 1: sample index, crop (oy, ox, flip or
+        None), image width."""
         n, c = self.num_samples, self.crop_size
         e0, e1 = first // n, (first + self.batch_size - 1) // n
         pos = self._arange_b + first  # (B,) global positions, int64 on the device
@@ -201,10 +202,8 @@ class ResidentBatchStream(ScheduledStream):
         flip = splitmix64_device(base + 3) < 0 if self._mirror else None  # the hash's top bit
         return idx, oy, ox, flip, w
 
-    def __next__(self) -> torch.Tensor:
-        if self._data is None:
-            raise StopIteration
-        first = self.start_sample + (self._taken * self.num_shards + self.shard_id) * self.batch_size
+    def _next_batch(self) -> torch.Tensor:
+        first = int(self.positions(self._taken)[0])  # the batch's positions are first .. first + B - 1
         idx, oy, ox, flip, w = self._sample_params(first)
         b, c, cp = self.batch_size, self.crop_size, self.pad_channels
         r = self._r
@@ -213,9 +212,13 @@ class ResidentBatchStream(ScheduledStream):
         pixels = (rows[:, :, None] + cols[:, None, :]).view(-1)  # (B*c*c,) pixel rows, (y, x) order
         u8 = self._pixels.index_select(0, pixels).view(b, c, c, 3).permute(0, 3, 1, 2)  # (B, 3, c, c), NHWC
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        x = u8.contiguous(memory_format=fmt).to(torch.float32).div_(127.5).sub_(1.0)  # the convention, in fp32
+        x = (
+            u8.contiguous(memory_format=fmt).to(torch.float32).div_(127.5).sub_(1.0)
+        )  # the convention, in fp32
         if cp > 3:  # zero channels written beside the converted ones
-            out = torch.empty((b, cp, c, c), dtype=self.dtype, device=self.device).contiguous(memory_format=fmt)
+            out = torch.empty((b, cp, c, c), dtype=self.dtype, device=self.device).contiguous(
+                memory_format=fmt
+            )
             out[:, 3:] = 0
             out[:, :3] = x
             x = out
@@ -225,22 +228,9 @@ class ResidentBatchStream(ScheduledStream):
         self.last_device_indices = idx
         return x
 
-    def close(self) -> None:
-        """Release the device data. Idempotent."""
+    def _release(self) -> None:
         self._data = self._pixels = self._pixel_offsets = self._heights = self._widths = None
         self._perms = {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
-    def __repr__(self) -> str:
-        return (
-            f"ResidentBatchStream(source={self.source!r}, num_samples={self.num_samples}, "
-            f"batch_size={self.batch_size}, device={self.device}, nbytes={self.nbytes}, cursor={self.cursor})"
-        )
 
 
 def _upload(store, device: torch.device):
@@ -269,46 +259,49 @@ def _upload(store, device: torch.device):
 
 
 def build_resident_loader(
-    source: str | os.PathLike,
-    *,
-    batch_size: int,
-    crop_size: int,
-    mode: str,
-    mirror: bool,
-    device: torch.device | str,
-    dtype: torch.dtype,
-    seed: int,
-    start_sample: int,
-    shard_id: int,
-    num_shards: int,
-    num_workers: int = 0,
-    channels_last: bool,
-    on_bad: str,
-    split: str | None,
-    resize_size: int,
-    pad_channels: int = 3,
-    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-    free_bytes: int | None = None,
+    source: str | os.PathLike, spec: LoaderSpec | None = None, *, free_bytes: int | None = None, **fields
 ) -> ResidentBatchStream:
-    """The resident stream; arguments as :func:`deepsim.data.build_loader` (checked there), plus
-    ``free_bytes`` (the memory to count on instead of asking the device: for tests).
+    """The resident stream of ``spec`` (or of its keyword ``fields``, checked here), arguments as
+    :func:`deepsim.data.build_loader`, plus ``free_bytes`` (the memory to count on instead of asking the
+    device: for tests).
 
     Raises:
         DataError: the decoded data set does not fit (one line naming the loaders that do), or bad input
             (as the torch loader's in-memory path).
     """
-    if pad_channels not in PAD_CHANNELS:
-        raise DataError(f"pad_channels={pad_channels}: expected one of {', '.join(map(str, PAD_CHANNELS))}")
-    device = torch.device(device)
-    resize = resize_size if mode.startswith("resize") else None
-    src = resolve_source(source, split)
-    check_fits(dataset_bytes(src, resize, max_image_pixels), device, name=src.name, kind=src.kind, free_bytes=free_bytes)
-    store, bad = build_store(src, crop_size, resize, on_bad, cache=True, cache_bytes=0, max_pixels=max_image_pixels)
+    spec = LoaderSpec.of(spec, fields)
+    if spec.pad_channels not in PAD_CHANNELS:
+        raise DataError(
+            f"pad_channels={spec.pad_channels}: expected one of {', '.join(map(str, PAD_CHANNELS))}"
+        )
+    device = torch.device(spec.device)
+    src = resolve_source(source, spec.split)
+    check_fits(
+        dataset_bytes(src, spec.resize, spec.max_image_pixels),
+        device,
+        name=src.name,
+        kind=src.kind,
+        free_bytes=free_bytes,
+    )
+    store, bad = build_store(
+        src,
+        spec.crop_size,
+        spec.resize,
+        spec.on_bad,
+        cache=True,
+        cache_bytes=0,
+        max_pixels=spec.max_image_pixels,
+    )
     data, offsets, heights, widths = _upload(store, device)
+    schedule = EpochSchedule(store.n, spec.seed, src.name)
     return ResidentBatchStream(
-        data=data, offsets=offsets, heights=heights, widths=widths, schedule=EpochSchedule(store.n, seed, src.name),
-        batch_size=batch_size, crop_size=crop_size, random=mode in ("crop", "resize-crop"), mirror=mirror,
-        seed=seed, shard_id=shard_id, num_shards=num_shards, start_sample=start_sample, device=device, dtype=dtype,
-        channels_last=channels_last, pad_channels=pad_channels, skipped=len(bad), ignored=len(src.non_images),
-        source_name=src.name,
-    )  # fmt: skip
+        data,
+        offsets,
+        heights,
+        widths,
+        schedule,
+        spec,
+        skipped=len(bad),
+        ignored=len(src.non_images),
+        source=src.name,
+    )

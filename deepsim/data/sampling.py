@@ -1,80 +1,38 @@
-"""The epoch schedule every training loader shares: which sample (and which crop) each position of the job's
-sample stream holds, and which positions one rank's batch takes.
+"""The epoch schedule every training loader shares (docs/loaders.md, "The job's sample stream").
 
-The job's stream. Let N be the number of usable samples. The stream is the concatenation of epochs 0, 1, 2,
-...; epoch e is ``epoch_permutation(seed, e, N)``, all N samples, none dropped. Position p of the stream holds
-sample ``perm(p // N)[p % N]``; its crop offsets and mirror flag are a hash of (seed, p)
-(:func:`deepsim.data.augment.crop_params`), so they do not depend on which rank reads it.
-
-The cursor. A run reads the stream from a global sample cursor c (0 for a fresh run). With W ranks
-(``num_shards``) of B samples each (``batch_size``), one step takes positions c .. c + W*B - 1: rank r takes
-the contiguous slice c + r*B .. c + r*B + B - 1, and the cursor moves on by W*B. A checkpoint records the
-cursor (:meth:`ScheduledStream.state_dict`), so a run that resumes -- with any W and any B -- goes on at
-exactly the next position: no sample of the current epoch is seen twice and none is skipped. Since samples
-and crops depend on the position alone, the job's stream is the same for every W: W ranks of B samples read
-what one process of W*B samples reads.
-
-A step may span an epoch boundary (positions of epoch e and e+1 in one global batch); the training stream
-therefore never has a partial batch. ``start_step=k`` (the older way to resume) means the cursor k*W*B.
+Position p of the job's stream holds sample ``epoch_permutation(seed, p // N, N)[p % N]``; with W ranks of
+B samples, a step from cursor c gives rank r the positions c + r*B .. c + r*B + B - 1 and moves the cursor
+on by W*B. A stream resumed at a checkpoint's cursor, at any W and B, goes on at exactly the next position.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from .augment import epoch_permutation
 from .errors import DataError
+
+if TYPE_CHECKING:  # a cycle: spec.py imports MODES and ON_BAD from here
+    from .spec import LoaderSpec
 
 __all__ = [
     "MODES",
     "ON_BAD",
     "LOADERS",
     "EpochSchedule",
+    "RankSchedule",
     "ScheduledStream",
-    "check_loader_args",
     "rank_positions",
-    "start_cursor",
 ]
 
 MODES = ("crop", "resize-crop", "center", "resize-center")
 ON_BAD = ("error", "skip", "pad")
 LOADERS = ("torch", "dali", "nvjpeg", "resident")
-
-
-def check_loader_args(
-    *,
-    batch_size: int,
-    crop_size: int,
-    mode: str,
-    on_bad: str,
-    shard_id: int,
-    num_shards: int,
-    resize_size: int,
-) -> None:
-    """The checks every loader makes on its arguments; a :class:`DataError` names the argument at fault."""
-    if mode not in MODES:
-        raise DataError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
-    if on_bad not in ON_BAD:
-        raise DataError(f"on_bad={on_bad!r}: expected one of {', '.join(ON_BAD)}")
-    if batch_size < 1 or crop_size < 1:
-        raise DataError(f"batch_size={batch_size}, crop_size={crop_size}: expected positive integers")
-    if not 0 <= shard_id < num_shards:
-        raise DataError(f"shard_id={shard_id}, num_shards={num_shards}: expected 0 <= shard_id < num_shards")
-    if mode.startswith("resize") and crop_size > resize_size:
-        raise DataError(f"crop_size={crop_size} > resize_size={resize_size} in mode {mode!r}")
-
-
-def start_cursor(*, start_step: int, start_sample: int | None, batch_size: int, num_shards: int) -> int:
-    """The global cursor a stream starts at: ``start_sample`` when given, else ``start_step * W * B``."""
-    if start_sample is not None:
-        if start_sample < 0:
-            raise DataError(f"start_sample={start_sample}: expected >= 0")
-        return int(start_sample)
-    if start_step < 0:
-        raise DataError(f"start_step={start_step}: expected >= 0")
-    return int(start_step) * num_shards * batch_size
 
 
 def rank_positions(
@@ -120,10 +78,37 @@ class EpochSchedule:
         return out
 
 
-class ScheduledStream:
-    """What every training batch stream shares: its place in the job's sample stream.
+@dataclasses.dataclass(frozen=True)
+class RankSchedule:
+    """One rank's batches of the job's stream started at the cursor ``start_sample``."""
 
-    A loader's stream calls :meth:`_init_schedule` once and :meth:`_take_positions` for each batch it delivers.
+    schedule: EpochSchedule
+    start_sample: int
+    shard_id: int
+    num_shards: int
+    batch_size: int
+
+    def positions(self, t: int) -> np.ndarray:
+        """Global positions (int64, (B,)) of this rank's ``t``-th batch (:func:`rank_positions`)."""
+        return rank_positions(
+            self.start_sample,
+            t,
+            shard_id=self.shard_id,
+            num_shards=self.num_shards,
+            batch_size=self.batch_size,
+        )
+
+    def batch(self, t: int) -> tuple[np.ndarray, np.ndarray]:
+        """(positions, sample indices) of this rank's ``t``-th batch."""
+        positions = self.positions(t)
+        return positions, self.schedule.indices(positions)
+
+
+class ScheduledStream:
+    """What every training batch stream shares: its place in the job's sample stream and its lifecycle.
+
+    A loader's stream calls ``super().__init__(schedule, spec, ...)``, implements :meth:`_next_batch` (taking
+    its positions with :meth:`_take_positions`) and :meth:`_release`; ``next()`` after :meth:`close` stops.
 
     Attributes:
         num_samples: N, usable samples in the dataset (all ranks).
@@ -133,35 +118,44 @@ class ScheduledStream:
         steps_per_epoch: ceil(N / (W*B)), steps per pass over the dataset.
         start_sample: the cursor the stream started at.
         last_positions, last_indices: global positions and sample indices of the batch delivered last.
+        crop_size, device, dtype, channels_last, pad_channels: what a batch is (the spec's).
+        source: a human-readable name of the source; ignored: non-image files left out of it.
     """
 
-    def _init_schedule(
-        self, schedule: EpochSchedule, *, batch_size: int, shard_id: int, num_shards: int, start_sample: int
-    ) -> None:
+    _closed = True  # until __init__ ran: close() on a half-built stream does nothing
+    _REPR: tuple[str, ...] = ()  # attributes shown after the source
+    _REPR_LABELS = {"crop_size": "crop"}
+
+    def __init__(self, schedule: EpochSchedule, spec: LoaderSpec, *, source: str, ignored: int = 0) -> None:
         self._schedule = schedule
         self.num_samples = schedule.n
-        self.batch_size, self.shard_id, self.num_shards = batch_size, shard_id, num_shards
-        self.samples_per_shard = schedule.n // num_shards
-        self.steps_per_epoch = max(1, math.ceil(schedule.n / (num_shards * batch_size)))
-        self.start_sample = start_sample
+        self.batch_size, self.shard_id, self.num_shards = spec.batch_size, spec.shard_id, spec.num_shards
+        self.samples_per_shard = schedule.n // spec.num_shards
+        self.steps_per_epoch = max(1, math.ceil(schedule.n / (spec.num_shards * spec.batch_size)))
+        self.start_sample = spec.cursor
+        self.rank_schedule = RankSchedule(
+            schedule, spec.cursor, spec.shard_id, spec.num_shards, spec.batch_size
+        )
         self._taken = 0  # batches delivered
         self.last_positions = np.empty(0, dtype=np.int64)
         self.last_indices = np.empty(0, dtype=np.int64)
+        self.crop_size, self.pad_channels = spec.crop_size, spec.pad_channels
+        self.device, self.dtype, self.channels_last = (
+            torch.device(spec.device),
+            spec.dtype,
+            spec.channels_last,
+        )
+        self._random, self._mirror, self._seed = spec.random, spec.mirror, spec.seed
+        self.source, self.ignored = source, ignored
+        self._closed = False
 
     def positions(self, t: int) -> np.ndarray:
         """Global positions (int64, (B,)) of this rank's ``t``-th batch counted from the stream's start."""
-        return rank_positions(
-            self.start_sample,
-            t,
-            shard_id=self.shard_id,
-            num_shards=self.num_shards,
-            batch_size=self.batch_size,
-        )
+        return self.rank_schedule.positions(t)
 
     def _take_positions(self) -> tuple[np.ndarray, np.ndarray]:
         """(positions, sample indices) of the next batch; advances the stream by one step."""
-        positions = self.positions(self._taken)
-        indices = self._schedule.indices(positions)
+        positions, indices = self.rank_schedule.batch(self._taken)
         self._taken += 1
         self.last_positions, self.last_indices = positions, indices
         return positions, indices
@@ -182,8 +176,9 @@ class ScheduledStream:
         return self.cursor / self.num_samples
 
     def state_dict(self) -> dict:
-        """The stream's position, for a checkpoint: ``build_loader(..., start_sample=state["cursor"])`` goes on
-        from it at any world size. ``epoch`` and ``offset`` (cursor = epoch * N + offset) are for people."""
+        """The stream's position, for a checkpoint: ``build_loader(..., start_sample=state["cursor"])``
+        goes on from it at any world size. ``epoch`` and ``offset`` (cursor = epoch * N + offset) are for
+        people."""
         cursor = self.cursor
         return {
             "cursor": cursor,
@@ -191,3 +186,41 @@ class ScheduledStream:
             "epoch": cursor // self.num_samples,
             "offset": cursor % self.num_samples,
         }
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        if self._closed:
+            raise StopIteration
+        return self._next_batch()
+
+    def _next_batch(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _release(self) -> None:
+        """Free what the stream holds (workers, threads, pipeline, device data); called once by close()."""
+
+    def close(self) -> None:
+        """Release the stream's workers, threads and data; ``next()`` then stops. Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._release()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __repr__(self) -> str:
+        fields = "".join(
+            f", {self._REPR_LABELS.get(name, name)}={getattr(self, name)}" for name in self._REPR
+        )
+        return f"{type(self).__name__}(source={self.source!r}{fields})"

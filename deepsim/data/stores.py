@@ -125,7 +125,12 @@ def _estimate_bytes(paths: Sequence[os.PathLike], resize: int | None, max_pixels
 
 
 def build_store(
-    src: ResolvedSource, crop_size: int, resize: int | None, on_bad: str, cache: bool | None, cache_bytes: int,
+    src: ResolvedSource,
+    crop_size: int,
+    resize: int | None,
+    on_bad: str,
+    cache: bool | None,
+    cache_bytes: int,
     max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ):
     """The in-memory store of ``src`` (None when its files are to be decoded lazily). An image of more than

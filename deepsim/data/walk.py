@@ -1,4 +1,5 @@
-"""The one folder walk of the data layer: bounded on folders with symlink loops, each real file listed once."""
+"""The one folder walk of the data layer: bounded on folders with symlink loops, each real file listed
+once."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def walk_files(folder: os.PathLike | str) -> Iterator[pathlib.Path]:
       ``a -> .``, a cycle of links or two links to one folder add nothing;
     * a link that leads out of ``folder`` is followed, one hop: inside the tree it leads to, links that leave
       that tree are not followed;
-    * FIFOs, sockets and devices are skipped (opening a FIFO blocks); folders that cannot be listed are skipped.
+    * FIFOs, sockets and devices are skipped (opening a FIFO blocks); folders that cannot be listed are
+      skipped.
       A broken link is listed (its path), so that the caller can report it.
 
     Yields:

@@ -1,14 +1,10 @@
 """Image folders too large to hold in memory: one file decoded per sample, in DataLoader worker processes.
 
-The sampler (in the training process) turns the stream's batches into lists of (position, sample index,
-substitute) items; each worker decodes, checks and crops its items; the collate function stacks them. Results
-do not depend on the number of workers. Bad files (``on_bad``): ``"error"`` raises :class:`DataError` naming
-the file when it is read; ``"skip"`` substitutes the next good sample deterministically (sample index
-i -> i+1, i+2, ... mod N) and reports the bad index; ``"pad"`` reflect-pads too-small images up to the crop.
-
-Workers ignore the stop signals (SIGINT, SIGTERM, SIGUSR1, SIGUSR2): a Ctrl-C, or a cluster scheduler that
-signals every process of a job, stops the training process cleanly (:mod:`deepsim.train.preemption`), which
-then shuts its workers down; a worker killed by the signal would instead break the batch in flight.
+The sampler turns the stream's batches into (position, sample index, substitute) items, each worker decodes
+and crops its items, the collate function stacks them; results do not depend on the number of workers. Bad
+files (``on_bad``): ``"error"`` raises :class:`DataError` naming the file, ``"skip"`` substitutes the next
+good sample (i -> i+1, ... mod N), ``"pad"`` reflect-pads too-small images. Workers ignore the stop signals
+(SIGINT, SIGTERM, SIGUSR1, SIGUSR2): the training process alone stops, then shuts its workers down.
 """
 
 from __future__ import annotations
@@ -23,7 +19,7 @@ from .augment import crop_params, pad_to
 from .convention import to_model_batch
 from .errors import DataError
 from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError, read_image
-from .sampling import EpochSchedule, rank_positions
+from .sampling import RankSchedule
 from .stores import bad_reason
 
 __all__ = ["LazyFiles", "Collate", "BatchIndexSampler", "ignore_stop_signals"]
@@ -41,7 +37,9 @@ def ignore_stop_signals(_worker_id: int = 0) -> None:
 class LazyFiles(Dataset):
     """Map-style dataset over (position, sample index, substitute) items: decodes one file per item."""
 
-    def __init__(self, paths, crop_size, resize, random, seed, on_bad, mirror=True, max_pixels=DEFAULT_MAX_IMAGE_PIXELS):
+    def __init__(
+        self, paths, crop_size, resize, random, seed, on_bad, mirror=True, max_pixels=DEFAULT_MAX_IMAGE_PIXELS
+    ):
         self.paths = [str(p) for p in paths]
         self.max_pixels = max_pixels
         self.n = len(self.paths)
@@ -84,9 +82,14 @@ class LazyFiles(Dataset):
                 f"{self.paths[idx]}: no decodable image left in the dataset after skipping {len(bad)}"
             )
         oy, ox, flip = crop_params(
-            self.seed, np.array([pos]), np.array([img.shape[0]]), np.array([img.shape[1]]), self.crop_size,
-            self.random, self.mirror,
-        )  # fmt: skip
+            self.seed,
+            np.array([pos]),
+            np.array([img.shape[0]]),
+            np.array([img.shape[1]]),
+            self.crop_size,
+            self.random,
+            self.mirror,
+        )
         oy, ox, c = int(oy[0]), int(ox[0]), self.crop_size
         crop = img[oy : oy + c, ox : ox + c]  # (c, c, 3)
         if flip[0]:
@@ -111,23 +114,14 @@ class Collate:
 
 class BatchIndexSampler:
     """Infinite iterable of per-batch lists of (position, sample index, substitute) for a DataLoader: the
-    same positions as :meth:`deepsim.data.sampling.ScheduledStream.positions`."""
+    batches of ``plan`` from its start (those :class:`deepsim.data.sampling.ScheduledStream` takes)."""
 
-    def __init__(
-        self, schedule: EpochSchedule, *, start_sample: int, shard_id: int, num_shards: int, batch_size: int
-    ):
-        self.schedule, self.start_sample = schedule, start_sample
-        self.shard_id, self.num_shards, self.batch_size = shard_id, num_shards, batch_size
+    def __init__(self, plan: RankSchedule):
+        self.plan = plan
 
     def __iter__(self):
         t = 0
         while True:
-            pos = rank_positions(
-                self.start_sample,
-                t,
-                shard_id=self.shard_id,
-                num_shards=self.num_shards,
-                batch_size=self.batch_size,
-            )
-            yield [(int(p), int(i), True) for p, i in zip(pos, self.schedule.indices(pos))]
+            pos, idx = self.plan.batch(t)
+            yield [(int(p), int(i), True) for p, i in zip(pos, idx)]
             t += 1

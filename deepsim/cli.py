@@ -258,7 +258,14 @@ def _overrides(args, task: str) -> dict:
 
 def _cmd_train(args) -> int:
     from deepsim.config import get_preset
-    from deepsim.tasks import TASK_TABLE, TASKS, check_weights, checkpoint_bytes, default_preset, with_random_weights
+    from deepsim.tasks import (
+        TASK_TABLE,
+        TASKS,
+        check_weights,
+        checkpoint_bytes,
+        default_preset,
+        with_random_weights,
+    )
     from deepsim.train.loop import train
     from deepsim.train.preemption import PREEMPTED_EXIT_CODE
 

@@ -1,6 +1,7 @@
 """The ``deepsim`` command line: a thin edge over the library.
 
     deepsim train [autoencoder] [--preset NAME] [--steps N] ...   train (default: the bundled photos)
+    deepsim train TASK --help                                     that task's flags only, grouped
     deepsim reconstruct --checkpoint C IMAGE... --out DIR          autoencode images with a trained G
     deepsim data check PATH                                        report every bad image before a run
     deepsim data download stl10 DIR                                STL-10 into DIR/stl10_binary (checksums verified)
@@ -14,6 +15,9 @@
 
 `deepsim train vae` also writes <out>/prior_samples.png (64 decoded prior samples) at the end.
 `deepsim train invert` without --preset takes the preset invert-<layer> (default layer: fc6).
+The train flags come from TrainConfig's field metadata (deepsim.config.field_info; docs/cli.md); a flag of
+another task is an error naming it. --random-weights runs offline (random comparator and inverted network).
+The run's first line states the checkpoint size and the disk use of --keep-checkpoints K of them.
 --compile, --precision, --loader and --channels-last default to auto: the fast path on CUDA, the simple one on
 the CPU (deepsim.train.auto); the run's first line says what was chosen and why.
 
@@ -277,8 +281,10 @@ def _cmd_train(args) -> int:
     config = get_preset(preset).replace(task=args.task, **overrides)
     offline = ""
     if args.random_weights:
+        before = config
         config, offline = with_random_weights(config)
-        overrides.update(comparator=config.comparator, invert_network=config.invert_network)
+        overrides.update({k: getattr(config, k) for k in ("comparator", "invert_network")
+                          if getattr(config, k) != getattr(before, k)})
     if not args.resume:
         check_weights(config, downloads=args.download_weights)
 

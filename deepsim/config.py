@@ -1,7 +1,9 @@
-"""Experiment configuration: one dataclass with a comment per field, and a table of named presets.
+"""Experiment configuration: one dataclass whose fields carry their own facts, and a table of named presets.
 
-Every preset names where its values come from ("paper" = the paper, via PAPER.md, "code" = the public
-Caffe code derived from the authors' training script, "open" = our choice, documented here).
+Each field's help, choices, CLI group, tasks and source live in its metadata (:func:`field_info`); the CLI's
+flags and ``deepsim presets`` are derived from them. Every preset names where its values come from
+("paper" = the paper, via PAPER.md, "code" = the public Caffe code derived from the authors' training script,
+"ours" = our choice, documented here).
 """
 
 from __future__ import annotations

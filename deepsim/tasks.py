@@ -33,7 +33,7 @@ from deepsim.train.factory import AUTOENCODER_TASKS, TrainerBuilder, build_discr
 
 __all__ = [
     "TASKS", "TASK_TABLE", "Task", "data_mode", "default_preset", "crop_size", "with_random_weights",
-    "missing_weights", "checkpoint_bytes",
+    "missing_weights", "check_weights", "checkpoint_bytes",
 ]
 
 

@@ -82,9 +82,12 @@ def _train_parser(parser: argparse.ArgumentParser, task: str | None) -> argparse
             help="what to train (default: the --preset's task, else autoencoder); "
             "'deepsim train TASK --help' lists that task's flags only",
         )
-    parser.add_argument("--preset", choices=sorted(PRESETS),
-                        help="named experiment (default: the task's own, e.g. autoencoder-photos, "
-                        "invert-<layer>, vae-photos)")
+    own = "invert-<layer>" if task == "invert" else TASK_TABLE[task].preset if task else None
+    parser.add_argument(
+        "--preset", choices=sorted(p for p in PRESETS if task is None or PRESETS[p].task == task),
+        help=f"named experiment (default: {own})" if own else "named experiment (default: the task's own: "
+        "autoencoder-photos, invert-<layer>, vae-photos)",
+    )
     parser.add_argument(
         "--resume", nargs="?", const=True, default=False, metavar="auto|CHECKPOINT",
         help="'auto': continue from --out's newest valid checkpoint if there is one, else start fresh (the same "

@@ -89,7 +89,8 @@ def default_preset(task: str, layer: str | None = None) -> str:
 def data_mode(config: TrainConfig) -> str:
     """The training loader's mode: ``"resize-crop"`` (ImageNet preprocessing, code: shorter side to 256) for
     the inversion and for 227x227 crops (vae-imagenet), else ``"crop"``."""
-    return "resize-crop" if TASK_TABLE[config.task].resize or config.image_size == 227 else "crop"
+    task = TASK_TABLE.get(config.task)
+    return "resize-crop" if (task is not None and task.resize) or config.image_size == 227 else "crop"
 
 
 def crop_size(task: str) -> int:

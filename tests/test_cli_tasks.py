@@ -124,6 +124,7 @@ def test_each_task_shows_its_own_flags_grouped(capsys):
             assert f"\n{group}:\n" in text, group
     assert invert.startswith("usage: deepsim train invert") and "--layer" in invert and "--noise-dim" in invert
     assert "--latent-dim" not in invert and "--lambda-kl" not in invert
+    assert "{invert-conv5,invert-fc6,invert-fc7,invert-fc8}" in invert and "vae-photos" not in invert
     assert "--latent-dim" in vae and "--fc-width" in vae and "--layer" not in vae and "--noise-dim" not in vae
     for flag in ("--layer", "--fc-width", "--latent-dim", "--noise-dim", "--upconv-bias"):
         assert flag not in autoencoder, flag

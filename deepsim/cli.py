@@ -40,11 +40,27 @@ import sys
 import warnings
 from pathlib import Path
 
-from deepsim.config import FIELD_INFO, GROUPS, MAX_IMAGE_PIXELS_HELP, TASK_NAMES, TrainConfig, field_choices
+from deepsim.config import (
+    FIELD_INFO,
+    GROUPS,
+    MAX_IMAGE_PIXELS_HELP,
+    PRESETS,
+    TASK_NAMES,
+    TrainConfig,
+    field_choices,
+    get_preset,
+)
+from deepsim.tasks import (
+    TASK_TABLE,
+    TASKS,
+    check_weights,
+    checkpoint_bytes,
+    crop_size,
+    default_preset,
+    with_random_weights,
+)
 
 __all__ = ["main", "build_parser"]
-
-
 
 # `deepsim train`'s flags come from the TrainConfig fields' metadata (deepsim.config.field_info): flag name,
 # help, choices (the consuming modules' own tuples), group and tasks. The flags below are the ones that are no
@@ -73,9 +89,6 @@ def _add_field_flag(group, info) -> None:
 
 def _train_parser(parser: argparse.ArgumentParser, task: str | None) -> argparse.ArgumentParser:
     """Fill ``parser`` with ``deepsim train``'s arguments, grouped: every flag (``task`` None) or ``task``'s."""
-    from deepsim.config import PRESETS
-    from deepsim.tasks import TASK_TABLE
-
     if task is None:
         parser.add_argument(
             "task", nargs="?", default=None, choices=sorted(TASK_TABLE),
@@ -122,12 +135,12 @@ def _add_train_parser(sub) -> None:
     _train_parser(p, None)
 
 
+_TRAIN_DESCRIPTION = "Flags override the preset's values; a flag of another task is an error naming that task."
+
+
 def _task_help(argv: list[str]) -> str | None:
     """``deepsim train [TASK] ... --help``: the help of TASK (or of the --preset's task) with its flags only;
     every flag without either."""
-    from deepsim.config import get_preset
-    from deepsim.tasks import TASK_TABLE
-
     rest = [a for a in argv if a not in ("-h", "--help")]
     known, _ = _train_parser(argparse.ArgumentParser(add_help=False), None).parse_known_args(rest)
     task = known.task or (get_preset(known.preset).task if known.preset else None)
@@ -137,11 +150,6 @@ def _task_help(argv: list[str]) -> str | None:
         prog=f"deepsim train {task}", description=f"{TASK_TABLE[task].summary}. {_TRAIN_DESCRIPTION}"
     )
     return _train_parser(parser, task).format_help()
-
-
-_TRAIN_DESCRIPTION = (
-    "Flags override the preset's values; a flag of another task is an error naming that task."
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -257,22 +265,13 @@ def _overrides(args, task: str) -> dict:
                 f"{_flag(info)} is a flag of 'deepsim train {' / '.join(info.tasks)}', not of {task} (the task "
                 f"here); add the task: deepsim train {info.tasks[0]} {_flag(info)} ..."
             )
-        if info.name == "channels_last":
+        if info.cli.get("action") == "on-off-auto":
             value = {"on": True, "off": False}.get(value, "auto")
         overrides[info.name] = value
     return overrides
 
 
 def _cmd_train(args) -> int:
-    from deepsim.config import get_preset
-    from deepsim.tasks import (
-        TASK_TABLE,
-        TASKS,
-        check_weights,
-        checkpoint_bytes,
-        default_preset,
-        with_random_weights,
-    )
     from deepsim.train.loop import train
     from deepsim.train.preemption import PREEMPTED_EXIT_CODE
 
@@ -348,7 +347,6 @@ def _cmd_data_download(args) -> int:
 
 def _cmd_data_check(args) -> int:
     from deepsim.data.check import check_images, format_report
-    from deepsim.tasks import crop_size
 
     max_pixels = TrainConfig.max_image_pixels if args.max_image_pixels is None else args.max_image_pixels
     min_size = args.min_size if args.min_size is not None else crop_size(args.task) if args.task else 64

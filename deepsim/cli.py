@@ -57,6 +57,7 @@ from deepsim.tasks import (
     checkpoint_bytes,
     crop_size,
     default_preset,
+    resize_side,
     with_random_weights,
 )
 
@@ -142,7 +143,7 @@ def _task_help(argv: list[str]) -> str | None:
     """``deepsim train [TASK] ... --help``: the help of TASK (or of the --preset's task) with its flags only;
     every flag without either."""
     rest = [a for a in argv if a not in ("-h", "--help")]
-    known, _ = _train_parser(argparse.ArgumentParser(add_help=False), None).parse_known_args(rest)
+    known, _ = _train_parser(argparse.ArgumentParser("deepsim train", add_help=False), None).parse_known_args(rest)
     task = known.task or (get_preset(known.preset).task if known.preset else None)
     if task is None:
         return None
@@ -175,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("path", help="a folder of images, an STL-10 binary folder, or 'photos' (the bundled photos)")
     q.add_argument("--min-size", type=int, default=None, help="smallest usable side (default: the --task's crop, else 64)")
     q.add_argument("--task", choices=TASK_NAMES, default=None,
-                   help="check for this task's training crop (autoencoder and vae: 64, invert: 227)")
+                   help="check for this task's preprocessing: its crop (autoencoder and vae: 64, invert: 227, after "
+                   "resizing the shorter side to 256: smaller images are resized up, reported as upscaled)")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     q.add_argument("--max-image-pixels", type=int, default=None, help=MAX_IMAGE_PIXELS_HELP)
     q = data_sub.add_parser(
@@ -351,7 +353,8 @@ def _cmd_data_check(args) -> int:
     max_pixels = TrainConfig.max_image_pixels if args.max_image_pixels is None else args.max_image_pixels
     min_size = args.min_size if args.min_size is not None else crop_size(args.task) if args.task else 64
     report = check_images(
-        args.path if args.path == "photos" else Path(args.path), min_size=min_size, max_image_pixels=max_pixels
+        args.path if args.path == "photos" else Path(args.path), min_size=min_size, max_image_pixels=max_pixels,
+        resize=resize_side(args.task) if args.task else None,
     )
     print(json.dumps(dataclasses.asdict(report), indent=2, default=str) if args.json else format_report(report))
     return 1 if report.blocking else 0

@@ -32,7 +32,7 @@ from deepsim.config import TrainConfig, get_preset
 from deepsim.train.factory import AUTOENCODER_TASKS, TrainerBuilder, build_discriminator
 
 __all__ = [
-    "TASKS", "TASK_TABLE", "Task", "data_mode", "default_preset", "crop_size", "with_random_weights",
+    "TASKS", "TASK_TABLE", "Task", "data_mode", "default_preset", "crop_size", "resize_side", "RESIZE_SIDE", "with_random_weights",
     "missing_weights", "check_weights", "checkpoint_bytes",
 ]
 
@@ -96,6 +96,14 @@ def data_mode(config: TrainConfig) -> str:
 def crop_size(task: str) -> int:
     """The training crop side of a task's default preset (what ``data check --task`` checks against)."""
     return get_preset(TASK_TABLE[task].preset).image_size
+
+
+RESIZE_SIDE = 256  # the shorter side in the resize modes: deepsim.data.build_loader's resize_size (code)
+
+
+def resize_side(task: str) -> int | None:
+    """The shorter side a task's images are resized to before the crop, or None (cropped as they are)."""
+    return RESIZE_SIDE if TASK_TABLE[task].resize else None
 
 
 # ------------------------------------------------------------------------------------------- weights

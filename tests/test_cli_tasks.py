@@ -207,13 +207,29 @@ def test_the_autoencoder_estimate_matches_a_written_checkpoint(tmp_path, capsys)
 # ------------------------------------------------------------------------------- data check
 def test_data_check_uses_the_task_s_crop(tmp_path, capsys):
     folder = _photos(tmp_path / "imgs", n=2, size=100)
+    Image.fromarray(np.zeros((240, 260, 3), np.uint8)).save(folder / "big.png")
     assert main(["data", "check", str(folder)]) == 0
-    assert "min size 64" in capsys.readouterr().out
-    assert main(["data", "check", str(folder), "--task", "invert"]) == 1
+    assert "3 usable for training (min size 64)" in capsys.readouterr().out
+    # the inversion crops 227 after resizing the shorter side to 256: a 100x100 image is resized up, not refused
+    assert main(["data", "check", str(folder), "--task", "invert"]) == 0
     text = capsys.readouterr().out
-    assert "0 usable for training (min size 227)" in text and "too_small: 2" in text
-    assert main(["data", "check", str(folder), "--task", "invert", "--min-size", "90"]) == 0
-    assert "min size 90" in capsys.readouterr().out
+    assert "3 usable for training (min size 227, shorter side resized to 256 first)" in text
+    assert "upscaled: 2 file(s) smaller than 227x227, resized up to 256" in text and "too_small" not in text
+    assert main(["data", "check", str(folder), "--min-size", "227"]) == 1  # cropped as they are: too small
+    text = capsys.readouterr().out
+    assert "1 usable for training (min size 227)" in text and "too_small: 2" in text
+    assert main(["data", "check", str(folder), "--task", "autoencoder", "--min-size", "250"]) == 1
+    assert "min size 250" in capsys.readouterr().out
+
+
+def test_the_resize_side_is_the_loader_s():
+    import inspect
+
+    from deepsim.data import build_loader
+    from deepsim.tasks import RESIZE_SIDE, resize_side
+
+    assert inspect.signature(build_loader).parameters["resize_size"].default == RESIZE_SIDE
+    assert resize_side("invert") == RESIZE_SIDE and resize_side("autoencoder") is None
 
 
 def test_a_missing_image_says_no_such_file(tmp_path):

@@ -96,7 +96,7 @@ def _train_parser(parser: argparse.ArgumentParser, task: str | None) -> argparse
             help="what to train (default: the --preset's task, else autoencoder); "
             "'deepsim train TASK --help' lists that task's flags only",
         )
-    own = "invert-<layer>" if task == "invert" else TASK_TABLE[task].preset if task else None
+    own = default_preset(task, "<layer>") if task else None  # invert: invert-<layer>
     parser.add_argument(
         "--preset", choices=sorted(p for p in PRESETS if task is None or PRESETS[p].task == task),
         help=f"named experiment (default: {own})" if own else "named experiment (default: the task's own: "

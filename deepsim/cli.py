@@ -289,7 +289,8 @@ def _cmd_train(args) -> int:
         config, offline = with_random_weights(config)
         overrides.update({k: getattr(config, k) for k in ("comparator", "invert_network")
                           if getattr(config, k) != getattr(before, k)})
-    if not args.resume:
+    fresh = not args.resume or (args.resume == "auto" and not any(Path(config.out).glob("checkpoint*.pt")))
+    if fresh:  # a resumed run takes the checkpoint's config: the loop checks that one
         check_weights(config, downloads=args.download_weights)
 
     def announce(config, runtime: str) -> None:  # the run's first lines: the path taken and why, then the run

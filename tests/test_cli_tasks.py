@@ -152,6 +152,8 @@ def test_missing_weights_name_every_flag_at_once(tmp_path, monkeypatch, capsys):
     assert len(err) == 1, err
     for flag in ("--comparator-weights", "--invert-network-weights", "--download-weights", "--random-weights"):
         assert flag in err[0], flag
+    assert main(["train", "invert", "--resume", "auto", "--out", str(tmp_path / "r"), *TINY]) == 2  # a first start
+    assert "--invert-network-weights" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------- an offline run

@@ -1,6 +1,7 @@
 """The ``deepsim`` command line: a thin edge over the library.
 
     deepsim train [autoencoder] [--preset NAME] [--steps N] ...   train (default: the bundled photos)
+    deepsim train TASK --help                                     that task's flags only, grouped
     deepsim reconstruct --checkpoint C IMAGE... --out DIR          autoencode images with a trained G
     deepsim data check PATH                                        report every bad image before a run
     deepsim data download stl10 DIR                                STL-10 into DIR/stl10_binary (checksums verified)
@@ -14,6 +15,9 @@
 
 `deepsim train vae` also writes <out>/prior_samples.png (64 decoded prior samples) at the end.
 `deepsim train invert` without --preset takes the preset invert-<layer> (default layer: fc6).
+The train flags come from TrainConfig's field metadata (deepsim.config.field_info; docs/cli.md); a flag of
+another task is an error naming it. --random-weights runs offline (random comparator and inverted network).
+The run's first line states the checkpoint size and the disk use of --keep-checkpoints K of them.
 --compile, --precision, --loader and --channels-last default to auto: the fast path on CUDA, the simple one on
 the CPU (deepsim.train.auto); the run's first line says what was chosen and why.
 
@@ -36,180 +40,117 @@ import sys
 import warnings
 from pathlib import Path
 
-__all__ = ["main", "build_parser"]
-
-DEFAULT_PRESET = {"autoencoder": "autoencoder-photos", "vae": "vae-photos", "invert": "invert-fc6"}
-
-
-def _milestones(text: str) -> tuple[int, ...]:
-    """'300000,500000' -> (300000, 500000); 'none' or '' -> ()."""
-    if text.strip().lower() in ("", "none"):
-        return ()
-    try:
-        return tuple(int(float(item)) for item in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated step counts or 'none', got {text!r}") from None
-
-
-MAX_IMAGE_PIXELS_HELP = (
-    "an image whose header declares more pixels is a bad image (--on-bad decides), never decoded (default: "
-    "8192x8192 = 67108864: training resizes to 256 px, so more only costs memory, up to 0.5 GiB a decode at the "
-    "limit; camera photos and ImageNet pass; PIL refuses above 178956970 whatever this says)"
+from deepsim.config import (
+    FIELD_INFO,
+    GROUPS,
+    MAX_IMAGE_PIXELS_HELP,
+    PRESETS,
+    TASK_NAMES,
+    TrainConfig,
+    field_choices,
+    get_preset,
+)
+from deepsim.tasks import (
+    TASK_TABLE,
+    TASKS,
+    check_weights,
+    checkpoint_bytes,
+    crop_size,
+    default_preset,
+    resize_side,
+    with_random_weights,
 )
 
-# CLI flag -> TrainConfig field, for the flags that override a preset.
-TRAIN_FLAGS = {
-    "steps": int,
-    "batch_size": int,
-    "loss": str,
-    "comparator": str,
-    "comparator_weights": str,
-    "data": str,
-    "out": str,
-    "device": str,
-    "loader": str,
-    "compile": str,
-    "precision": str,
-    "seed": int,
-    "lr": float,
-    "lambda_feat": float,
-    "lambda_adv": float,
-    "lambda_img": float,
-    "image_size": int,
-    "log_every": int,
-    "sample_every": int,
-    "checkpoint_every": int,
-    "keep_checkpoints": int,
-    "stop_signals": str,
-    "num_workers": int,
-    "on_bad": str,
-    "max_image_pixels": int,
-    "noise_dim": int,
-    "invert_network": str,
-    "invert_network_weights": str,
-    "fc_width": int,
-    "latent_dim": int,
-    "lambda_kl": float,
-    # training dynamics of the derived code (issue 11)
-    "update_order": str,
-    "disc_padding": str,
-    "disc_activation": str,
-    "disc_init": str,
-    "upconv_bias": str,
-    "gen_init": str,
-    "weight_decay": float,
-    "weight_decay_scope": str,
-    "lr_milestones": _milestones,
-    "lr_gamma": float,
-}
-CHOICES = {
-    "on_bad": ["error", "skip", "pad"],
-    "loss": ["deepsim", "se", "l1"],
-    "loader": ["auto", "torch", "dali", "nvjpeg", "resident"],
-    "compile": ["auto", "off", "default", "max-autotune", "reduce-overhead"],
-    "precision": ["auto", "fp32", "tf32", "bf16"],
-    "invert_network": ["alexnet", "caffenet", "alexnet-random", "caffenet-random"],
-    "update_order": ["code", "simultaneous"],
-    "disc_padding": ["code", "padded"],
-    "disc_activation": ["lrelu", "relu"],
-    "disc_init": ["code", "torch"],
-    "upconv_bias": ["zero", "learned"],
-    "gen_init": ["code", "torch"],
-    "weight_decay_scope": ["code", "all"],
-}
-HELP = {
-    "steps": "number of training iterations",
-    "batch_size": "images per step (seed: 64)",
-    "loss": "DeePSiM, or the image-space baselines se / l1",
-    "comparator": "comparator spec '<arch>:<tap>[=w],...', e.g. alexnet:conv3, exemplar:conv3, alexnet-random:conv3",
-    "comparator_weights": "weights file for the comparator (default: torchvision's cache for alexnet/vgg16)",
-    "data": "'photos' (bundled sample photographs), a folder of images, or an STL-10 binary folder",
-    "out": "output folder: checkpoint.pt (+ the previous ones), metrics.jsonl, config.json, samples/*.png; one that "
-    "already holds a run is refused without --resume",
-    "device": "auto | cpu | cuda | cuda:N",
-    "loader": "data loader: torch (PIL in DataLoader workers), dali (NVIDIA DALI), nvjpeg (torchvision JPEG decode "
-    "on the device) or resident (the decoded data set on the device); auto: resident for STL-10 and the photos "
-    "on CUDA when they fit, else dali or nvjpeg, torch on the CPU",
-    "compile": "torch.compile the training step; auto: reduce-overhead (CUDA graphs) on CUDA, off on the CPU",
-    "precision": "fp32, tf32 (CUDA matmuls) or bf16 autocast; auto: bf16 on CUDA (sm_80+), fp32 on the CPU",
-    "seed": "seed for initialisation, data order and augmentation",
-    "lr": "Adam learning rate (seed: 2e-4)",
-    "lambda_feat": "weight of the comparator feature term (scale convention: deepsim.losses)",
-    "lambda_adv": "weight of the adversarial term",
-    "lambda_img": "weight of the image-space term",
-    "image_size": "training crop side (autoencoder: 64)",
-    "log_every": "read metrics from the device every N steps",
-    "sample_every": "write a PNG grid of inputs and reconstructions every N steps",
-    "checkpoint_every": "write checkpoint.pt every N steps (and at the end, and on a stop signal)",
-    "keep_checkpoints": "keep the K newest checkpoints (checkpoint.pt, checkpoint.step<N>.pt...): a corrupt newest one falls back",
-    "stop_signals": "signals that stop training cleanly: finish the step, write a checkpoint, exit with status 75 ('' = none)",
-    "num_workers": "DataLoader worker processes (torch loader)",
-    "on_bad": "a corrupt, too-small or too-large image: error (stop, naming the file), skip (count and go on), pad "
-    "(pad small ones)",
-    "max_image_pixels": MAX_IMAGE_PIXELS_HELP,
-    "noise_dim": "invert: K noise values beside the features (extra channels for conv5), for pre-image sampling",
-    "invert_network": "invert: the fixed AlexNet whose features are inverted",
-    "invert_network_weights": "invert: weights file of that network (default: torchvision's cache)",
-    "fc_width": "invert/vae: width of the generator's FC layers (paper: 4096)",
-    "latent_dim": "vae: latent size",
-    "lambda_kl": "vae: weight of the KL term",
-    "update_order": "code: D updates first and G's adversarial term comes from the updated D (derived code); "
-    "simultaneous: both from the same D",
-    "disc_padding": "D's convs: code (unpadded, 227 -> 56-52-25-23-11) or padded (k // 2)",
-    "disc_activation": "D's nonlinearity: lrelu (0.3, the paper) or relu (the derived code)",
-    "disc_init": "D's initialisation: code (MSRA, coefficient 0.1 on conv1/fc1/fc2, zero biases) or torch",
-    "upconv_bias": "invert/vae up-conv biases: zero (fixed, the authors' generators) or learned",
-    "gen_init": "invert/vae generator initialisation: code (MSRA with the prototxt's coefficients) or torch",
-    "weight_decay": "L2 weight decay added to the gradient before Adam (derived code: 4e-4)",
-    "weight_decay_scope": "which parameters decay: code (the prototxts' decay_mult: D, conv5's convs) or all",
-    "lr_milestones": "steps (each network's own) at which the lr is multiplied by --lr-gamma, comma-separated, "
-    "or 'none' (derived code: 300000,500000,700000,900000,1100000)",
-    "lr_gamma": "lr factor at each milestone (derived code: 0.5)",
-}
+__all__ = ["main", "build_parser"]
 
+# `deepsim train`'s flags come from the TrainConfig fields' metadata (deepsim.config.field_info): flag name,
+# help, choices (the consuming modules' own tuples), group and tasks. The flags below are the ones that are no
+# field.
+TRAIN_FIELDS = [info for info in FIELD_INFO.values() if info.flag]
+_TYPES = {"int": int, "float": float}
+
+
+def _flag(info) -> str:
+    return "--" + info.flag.replace("_", "-")
+
+
+def _add_field_flag(group, info) -> None:
+    """One TrainConfig field's flag, as its metadata describes it; its value lands in ``args.<field>``."""
+    extra = dict(info.cli)
+    action = extra.pop("action", None)
+    if action == "bool":
+        group.add_argument(_flag(info), dest=info.name, action=argparse.BooleanOptionalAction, default=None,
+                           help=info.help)
+    elif action == "on-off-auto":
+        group.add_argument(_flag(info), dest=info.name, help=info.help, **extra)
+    else:
+        kind = info.parse or _TYPES.get(str(TrainConfig.__dataclass_fields__[info.name].type), str)
+        group.add_argument(_flag(info), dest=info.name, type=kind, choices=field_choices(info), help=info.help)
+
+
+def _train_parser(parser: argparse.ArgumentParser, task: str | None) -> argparse.ArgumentParser:
+    """Fill ``parser`` with ``deepsim train``'s arguments, grouped: every flag (``task`` None) or ``task``'s."""
+    if task is None:
+        parser.add_argument(
+            "task", nargs="?", default=None, choices=sorted(TASK_TABLE),
+            help="what to train (default: the --preset's task, else autoencoder); "
+            "'deepsim train TASK --help' lists that task's flags only",
+        )
+    own = default_preset(task, "<layer>") if task else None  # invert: invert-<layer>
+    parser.add_argument(
+        "--preset", choices=sorted(p for p in PRESETS if task is None or PRESETS[p].task == task),
+        help=f"named experiment (default: {own})" if own else "named experiment (default: the task's own: "
+        "autoencoder-photos, invert-<layer>, vae-photos)",
+    )
+    parser.add_argument(
+        "--resume", nargs="?", const=True, default=False, metavar="auto|CHECKPOINT",
+        help="'auto': continue from --out's newest valid checkpoint if there is one, else start fresh (the same "
+        "command for the first start and every restart); a file or folder: continue from it; no value: from --out "
+        "(an error if it has no checkpoint)",
+    )
+    groups = {name: parser.add_argument_group(name) for name in GROUPS}
+    for info in TRAIN_FIELDS:
+        if task is None or task in info.tasks:
+            _add_field_flag(groups[info.group], info)
+    groups["output"].add_argument("--no-progress", action="store_true",
+                                  help="no progress bar (metrics still go to metrics.jsonl)")
+    groups["model"].add_argument(
+        "--random-weights", action="store_true",
+        help="offline: every comparator and the inverted network take random weights (alexnet -> alexnet-random, "
+        "caffenet -> caffenet-random); the run's first line says so",
+    )
+    from deepsim.applications.commands import add_download_weights_flag, add_trust_flag
+
+    add_download_weights_flag(groups["model"])
+    add_trust_flag(groups["runtime"])
+    return parser
 
 
 def _add_train_parser(sub) -> None:
-    from deepsim.config import PRESETS
-
     p = sub.add_parser(
         "train",
         help="train a generator with the DeePSiM loss",
         description="Train a DeePSiM generator. Without flags: the autoencoder on the bundled photos, a few minutes "
         "on a laptop CPU. Flags override the preset's values.",
     )
-    p.add_argument(
-        "task", nargs="?", default=None, choices=sorted(DEFAULT_PRESET),
-        help="what to train (default: the --preset's task, else autoencoder)",
-    )
-    p.add_argument("--preset", choices=sorted(PRESETS), help="named experiment (default: %(default)s per task)")
-    p.add_argument(
-        "--resume", nargs="?", const=True, default=False, metavar="auto|CHECKPOINT",
-        help="'auto': continue from --out's newest valid checkpoint if there is one, else start fresh (the same "
-        "command for the first start and every restart); a file or folder: continue from it; no value: from --out "
-        "(an error if it has no checkpoint)",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (metrics still go to metrics.jsonl)")
-    p.add_argument("--layer", choices=["conv5", "fc6", "fc7", "fc8"], help="invert: the AlexNet layer to invert")
-    for name, kind in TRAIN_FLAGS.items():
-        p.add_argument("--" + name.replace("_", "-"), type=kind, choices=CHOICES.get(name), help=HELP[name])
-    p.add_argument(
-        "--channels-last", nargs="?", const="on", choices=["auto", "on", "off"], default=None,
-        help="G, D, C and the batches in channels_last (NHWC) memory format (faster convolutions on tensor cores); "
-        "auto: on for CUDA, off on the CPU",
-    )
-    p.add_argument(
-        "--tensorboard", action=argparse.BooleanOptionalAction, default=None,
-        help="TensorBoard event files beside metrics.jsonl (default: on when the tensorboard package is installed)",
-    )
-    p.add_argument(
-        "--mirror", action=argparse.BooleanOptionalAction, default=None,
-        help="random horizontal mirroring of the training crops (the derived code does not mirror)",
-    )
-    from deepsim.applications.commands import add_download_weights_flag, add_trust_flag
+    _train_parser(p, None)
 
-    add_download_weights_flag(p)
-    add_trust_flag(p)
+
+_TRAIN_DESCRIPTION = "Flags override the preset's values; a flag of another task is an error naming that task."
+
+
+def _task_help(argv: list[str]) -> str | None:
+    """``deepsim train [TASK] ... --help``: the help of TASK (or of the --preset's task) with its flags only;
+    every flag without either."""
+    rest = [a for a in argv if a not in ("-h", "--help")]
+    known, _ = _train_parser(argparse.ArgumentParser("deepsim train", add_help=False), None).parse_known_args(rest)
+    task = known.task or (get_preset(known.preset).task if known.preset else None)
+    if task is None:
+        return None
+    parser = argparse.ArgumentParser(
+        prog=f"deepsim train {task}", description=f"{TASK_TABLE[task].summary}. {_TRAIN_DESCRIPTION}"
+    )
+    return _train_parser(parser, task).format_help()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -233,7 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     q = data_sub.add_parser("check", help="scan a folder and report every image a training run would stumble on")
     q.add_argument("path", help="a folder of images, an STL-10 binary folder, or 'photos' (the bundled photos)")
-    q.add_argument("--min-size", type=int, default=64, help="smallest usable side (the crop size)")
+    q.add_argument("--min-size", type=int, default=None, help="smallest usable side (default: the --task's crop, else 64)")
+    q.add_argument("--task", choices=TASK_NAMES, default=None,
+                   help="check for this task's preprocessing: its crop (autoencoder and vae: 64, invert: 227, after "
+                   "resizing the shorter side to 256: smaller images are resized up, reported as upscaled)")
     q.add_argument("--json", action="store_true", help="print the report as JSON")
     q.add_argument("--max-image-pixels", type=int, default=None, help=MAX_IMAGE_PIXELS_HELP)
     q = data_sub.add_parser(
@@ -251,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--retries", type=int, default=3, help="attempts after a failed one (default: %(default)s)")
 
     p = sub.add_parser(
-        "presets", help="list the presets, their values and where each comes from (seed, code or ours)",
+        "presets", help="list the presets, their values and where each comes from (paper, code or ours)",
         description="Without NAME: the default of every field that shapes an experiment with its source, then each "
-        "preset's changes. With NAME: every field of that preset. Sources: seed = the paper, code = the derived Caffe "
+        "preset's changes. With NAME: every field of that preset. Sources: paper = the paper, code = the derived Caffe "
         "code or the authors' prototxts, ours = our choice (README: 'Differences from the paper and the derived code').",
     )
     p.add_argument("name", nargs="?", help="one preset, in full")
@@ -307,37 +251,58 @@ def _cmd_export(args) -> int:
     return 0
 
 
+def _size(n: int) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def _overrides(args, task: str) -> dict:
+    """The TrainConfig fields the command line sets; a flag of another task is an error naming its task."""
+    overrides = {}
+    for info in TRAIN_FIELDS:
+        value = getattr(args, info.name)
+        if value is None:
+            continue
+        if task not in info.tasks:
+            raise ValueError(
+                f"{_flag(info)} is a flag of 'deepsim train {' / '.join(info.tasks)}', not of {task} (the task "
+                f"here); add the task: deepsim train {info.tasks[0]} {_flag(info)} ..."
+            )
+        if info.cli.get("action") == "on-off-auto":
+            value = {"on": True, "off": False}.get(value, "auto")
+        overrides[info.name] = value
+    return overrides
+
+
 def _cmd_train(args) -> int:
-    from deepsim.config import get_preset
-    from deepsim.tasks import TASKS
     from deepsim.train.loop import train
     from deepsim.train.preemption import PREEMPTED_EXIT_CODE
 
     task_given = args.task is not None
     if args.task is None:
         args.task = get_preset(args.preset).task if args.preset else "autoencoder"
-    by_layer = f"invert-{args.layer}" if args.task == "invert" and args.layer else None
-    config = get_preset(args.preset or by_layer or DEFAULT_PRESET[args.task])
-    overrides = {name: getattr(args, name) for name in TRAIN_FLAGS if getattr(args, name) is not None}
-    if args.layer:
-        overrides["invert_layer"] = args.layer
-    if args.channels_last is not None:
-        overrides["channels_last"] = {"on": True, "off": False}.get(args.channels_last, "auto")
-    if args.tensorboard is not None:
-        overrides["tensorboard"] = args.tensorboard
-    if args.mirror is not None:
-        overrides["mirror"] = args.mirror
-    config = config.replace(task=args.task, **overrides)
+    preset = args.preset or default_preset(args.task, args.invert_layer)
+    overrides = _overrides(args, args.task)
+    config = get_preset(preset).replace(task=args.task, **overrides)
+    offline = ""
+    if args.random_weights:
+        before = config
+        config, offline = with_random_weights(config)
+        overrides.update({k: getattr(config, k) for k in ("comparator", "invert_network")
+                          if getattr(config, k) != getattr(before, k)})
+    fresh = not args.resume or (args.resume == "auto" and not any(Path(config.out).glob("checkpoint*.pt")))
+    if fresh:  # a resumed run takes the checkpoint's config: the loop checks that one
+        check_weights(config, downloads=args.download_weights)
 
     def announce(config, runtime: str) -> None:  # the run's first lines: the path taken and why, then the run
-        print(f"deepsim train {config.task}: {runtime}", file=sys.stderr)
+        size, keep = checkpoint_bytes(config), config.keep_checkpoints
+        disk = f"checkpoint about {_size(size)}, {_size(size * keep)} on disk with --keep-checkpoints {keep}"
+        print(f"deepsim train {config.task}: {runtime}; {disk}" + (f"; {offline}" if offline else ""), file=sys.stderr)
         print(
             f"deepsim train {config.task}: data={config.data} loss={config.loss} comparator={config.comparator} "
             f"steps={config.steps} batch={config.batch_size} -> {config.out}",
             file=sys.stderr,
         )
 
-    preset = args.preset or by_layer or DEFAULT_PRESET[args.task]
     result = train(
         config, resume=args.resume, progress=not args.no_progress, tasks=TASKS,
         resume_overrides=set(overrides) | ({"task"} if task_given else set()) | ({"preset"} if args.preset else set()),
@@ -358,10 +323,9 @@ def _cmd_train(args) -> int:
     print(f"done: step {result.step}, checkpoint {result.checkpoint}, samples in {result.out / 'samples'}")
     if summary:
         print("last metrics: " + json.dumps(summary))
-    if config.task == "vae" and result.checkpoint is not None:
-        from deepsim.applications import sample_vae_prior
-
-        print(f"prior samples: {sample_vae_prior(result.checkpoint, result.out / 'prior_samples.png', device=config.device)}")
+    after = TASK_TABLE[config.task].after
+    if after is not None and result.checkpoint is not None:
+        print(after(result.checkpoint, result.out, config))
     return 0
 
 
@@ -385,12 +349,13 @@ def _cmd_data_download(args) -> int:
 
 
 def _cmd_data_check(args) -> int:
-    from deepsim.config import TrainConfig
     from deepsim.data.check import check_images, format_report
 
     max_pixels = TrainConfig.max_image_pixels if args.max_image_pixels is None else args.max_image_pixels
+    min_size = args.min_size if args.min_size is not None else crop_size(args.task) if args.task else 64
     report = check_images(
-        args.path if args.path == "photos" else Path(args.path), min_size=args.min_size, max_image_pixels=max_pixels
+        args.path if args.path == "photos" else Path(args.path), min_size=min_size, max_image_pixels=max_pixels,
+        resize=resize_side(args.task) if args.task else None,
     )
     print(json.dumps(dataclasses.asdict(report), indent=2, default=str) if args.json else format_report(report))
     return 1 if report.blocking else 0
@@ -405,7 +370,7 @@ def _add_bench_parser(sub) -> None:
     p.add_argument("--append-results", action="store_true", help="append the table to bench/RESULTS.md")
     p.add_argument("--static", action="store_true",
                    help="the conv kernels' static report instead (sm_90 compile on any machine: registers, spills, "
-                   "shared memory, wgmma/async loads, issued-MMA efficiency per layer)")  # fmt: skip
+                   "shared memory, wgmma/async loads, issued-MMA efficiency per layer)")
 
 
 def _cmd_bench(args) -> int:
@@ -500,6 +465,12 @@ def main(argv: list[str] | None = None) -> int:
     from deepsim.data.interrupt import Interrupted
     from deepsim.errors import USER_ERRORS
 
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    if argv[:1] == ["train"] and {"-h", "--help"} & set(argv[1:]):
+        text = _task_help(argv[1:])  # one task's flags; None: every flag (argparse's own help below)
+        if text is not None:
+            print(text, end="")
+            raise SystemExit(0)
     args = build_parser().parse_args(argv)
     from deepsim.applications.commands import HANDLERS
 

@@ -1,17 +1,22 @@
-"""Experiment configuration: one dataclass with a comment per field, and a table of named presets.
+"""Experiment configuration: one dataclass whose fields carry their own facts, and a table of named presets.
 
-Every preset names where its values come from (PAPER.md: "seed" = the paper summary, "code" = the public
-Caffe code derived from the authors' training script, "open" = our choice, documented here).
+Each field's help, choices, CLI group, tasks and source live in its metadata (:func:`field_info`); the CLI's
+flags and ``deepsim presets`` are derived from them. Every preset names where its values come from
+("paper" = the paper, via PAPER.md, "code" = the public Caffe code derived from the authors' training script,
+"ours" = our choice, documented here).
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import importlib
 from dataclasses import dataclass
 
 __all__ = [
     "TrainConfig", "PRESETS", "get_preset", "CAFFE_TO_DEEPSIM", "LEGACY_VALUES", "DEFAULT_SOURCES", "PRESET_SOURCES",
-    "value_sources",
+    "value_sources", "FieldInfo", "FIELD_INFO", "field_info", "field_choices", "GROUPS",
+    "TASK_NAMES", "source_kind",
 ]
 
 # Scale convention (written once, used everywhere): every loss term is a per-sample SUM over its elements,
@@ -27,77 +32,223 @@ __all__ = [
 CAFFE_TO_DEEPSIM = {"img": 127.5**2 / 2, "feat": 0.5, "adv": 1.0}
 
 
+# ------------------------------------------------------------------------------------------- field metadata
+# Every field carries its facts in dataclasses.field(metadata=...), the one place they live (read by
+# `field_info`): its CLI flag, help, choices, group and tasks (deepsim.cli derives `deepsim train`'s flags
+# from them) and where its default comes from (`deepsim presets`). Sources: "paper" (the paper), "code" (the
+# public Caffe code derived from the authors' script, or the authors' released prototxts), "ours" (our choice
+# where both are silent or where we differ on purpose); after ":" a note. A field without a source is a run
+# setting (output folder, device, logging, loader...).
+SOURCES = ("paper", "code", "ours")
+LEGACY_SOURCE_NAMES = {"seed": "paper"}  # the paper was once called "seed" in source strings
+TASK_NAMES = ("autoencoder", "vae", "invert")
+GROUPS = ("data", "model", "loss", "optimisation", "runtime", "output")
+
+
+@dataclass(frozen=True)
+class FieldInfo:
+    """The facts of one TrainConfig field (see :func:`field_info`).
+
+    Attributes:
+        name: the field.
+        flag: its ``deepsim train`` flag without the dashes (None: internal, no flag).
+        help: the flag's help text.
+        choices: the values the flag accepts, or a reference ``"module:NAME"`` / ``"module:NAME.key"`` to the
+            tuple (or dict keys) that the consuming code checks against (resolved by :func:`field_choices`).
+        auto: ``"auto"`` is accepted before the choices (deepsim.train.auto resolves it).
+        group: the help section (one of :data:`GROUPS`).
+        tasks: the tasks the flag applies to (default: every task).
+        source: where the default comes from (``"paper|code|ours[: note]"``), None for a run setting.
+        parse: the flag's value parser when not the field's type (e.g. comma-separated steps).
+        cli: extra ``add_argument`` keywords (a switch's nargs/const/action).
+    """
+
+    name: str
+    flag: str | None
+    help: str | None
+    choices: tuple | str | None
+    auto: bool
+    group: str | None
+    tasks: tuple[str, ...]
+    source: str | None
+    parse: object
+    cli: dict
+
+
+def _f(default, *, source=None, help=None, choices=None, auto=False, group=None, tasks=TASK_NAMES, flag=True,
+       parse=None, cli=None):
+    """A dataclass field with its facts in the metadata; ``flag=False`` marks it internal (no CLI flag)."""
+    meta = dict(source=source, help=help, choices=choices, auto=auto, group=group, tasks=tuple(tasks), flag=flag,
+                parse=parse, cli=cli or {})
+    return dataclasses.field(default=default, metadata={"deepsim": meta})
+
+
+def _milestones(text: str) -> tuple[int, ...]:
+    """'300000,500000' -> (300000, 500000); 'none' or '' -> ()."""
+    if text.strip().lower() in ("", "none"):
+        return ()
+    try:
+        return tuple(int(float(item)) for item in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated step counts or 'none', got {text!r}") from None
+
+
+MAX_IMAGE_PIXELS_HELP = (
+    "an image whose header declares more pixels is a bad image (--on-bad decides), never decoded (default: "
+    "8192x8192 = 67108864: training resizes to 256 px, so more only costs memory, up to 0.5 GiB a decode at the "
+    "limit; camera photos and ImageNet pass; PIL refuses above 178956970 whatever this says)"
+)
+_NOT_CALIBRATED = "code: Caffe's 0.01 for CaffeNet; NOT calibrated for torchvision's AlexNet (deepsim calibrate)"
+_INV = ("invert",)
+_VAE = ("vae",)
+_GEN = ("invert", "vae")
+
+
 @dataclass
 class TrainConfig:
-    """Everything a training run needs; a preset is one of these, CLI flags override fields."""
+    """Everything a training run needs; a preset is one of these, CLI flags override fields.
+
+    Each field's help, choices, CLI group, tasks and source live in its metadata (:func:`field_info`)."""
 
     # --- what is trained
-    task: str = "autoencoder"  # "autoencoder" | "vae" | "invert"
-    image_size: int = 64  # side of the training crop fed to G and D (autoencoder: 64, inversion: 227)
-    code_channels: int = 8  # autoencoder code: an 8-channel map 8x smaller than the input (seed)
-    invert_layer: str = "fc6"  # inversion: which AlexNet layer is inverted (conv5|fc6|fc7|fc8)
-    noise_dim: int = 0  # inversion: noise channels injected beside the features (pre-image sampling)
-    invert_network: str = "alexnet"  # inversion: the fixed network Phi: alexnet|caffenet|alexnet-random|caffenet-random
-    invert_network_weights: str | None = None  # inversion: Phi's weights file (None: torchvision cache / random)
-    fc_width: int = 4096  # inversion and VAE generators: width of the FC layers before the 256x4x4 reshape (code)
-    latent_dim: int = 4096  # VAE: size of the latent vector (open; 4096 = the fc6 input the decoder copies)
-    lambda_kl: float = 1.0  # VAE: weight of the KL term, a per-sample sum like every other term (open)
+    task: str = _f("autoencoder", source="paper: the autoencoder, the first application", flag=False)
+    image_size: int = _f(64, source="paper: 64x64 crops (autoencoder)", group="data",
+                         help="training crop side (autoencoder: 64)")  # inversion: 227
+    code_channels: int = _f(8, source="paper: an 8-channel code 8x smaller than the input", flag=False)
+    invert_layer: str = _f("fc6", source="ours: fc6 as default (paper: conv5, fc6, fc7, fc8)", group="model",
+                           tasks=_INV, flag="layer", choices="deepsim.applications.inversion:LAYER_TAPS",
+                           help="invert: the AlexNet layer to invert")
+    noise_dim: int = _f(0, source="ours: no noise (paper: noise for pre-image sampling)", group="model", tasks=_INV,
+                        help="invert: K noise values beside the features (extra channels for conv5), for pre-image "
+                        "sampling")
+    invert_network: str = _f("alexnet", group="model", tasks=_INV,
+                             source="ours: torchvision's AlexNet (paper/code: CaffeNet; --invert-network caffenet)",
+                             choices="deepsim.applications.inversion:INVERTIBLE_NETWORKS",
+                             help="invert: the fixed AlexNet whose features are inverted")
+    invert_network_weights: str | None = _f(None, source="ours", group="model", tasks=_INV,
+                                            help="invert: weights file of that network (default: torchvision's "
+                                            "cache)")
+    fc_width: int = _f(4096, source="code: FC 4096 in the generators", group="model", tasks=_GEN,
+                       help="invert/vae: width of the generator's FC layers (paper: 4096)")
+    latent_dim: int = _f(4096, source="ours: the fc6 size the decoder takes (open)", group="model", tasks=_VAE,
+                         help="vae: latent size")
+    lambda_kl: float = _f(1.0, source="ours: a per-sample KL sum, weight 1 (open)", group="loss", tasks=_VAE,
+                          help="vae: weight of the KL term")
 
     # --- the loss
-    loss: str = "deepsim"  # "deepsim" | "se" | "l1": DeePSiM or an image-space baseline
-    comparator: str = "alexnet-random:conv3"  # "<arch>:<tap>[=w][,<tap>[=w]...]"; see deepsim.Comparator
-    comparator_weights: str | None = None  # weights file for the comparator (None: torchvision cache / random)
-    lambda_feat: float = 0.01 * CAFFE_TO_DEEPSIM["feat"]  # code: 0.01 in Caffe's convention
-    lambda_adv: float = 100.0  # code
-    lambda_img: float = 2e-6 * CAFFE_TO_DEEPSIM["img"]  # code: 2e-6 in Caffe's convention
-    image_distance: str = "se"  # the image term of DeePSiM: "se" (paper) or "l1"
-    feature_metric: str = "squared"  # feature term: "squared" (paper) or "lpips" (ours: LPIPS alex, comparator unused)
-    pause_d_below: float = 0.1  # code: r = (L_D_real + L_D_fake) / L_adv < 0.1 stops D
-    pause_d_resume_above: float = 0.5  # code: r > 0.5 resumes D
-    pause_g_above: float = 10.0  # code: r > 10 stops G
-    disc_first_stride: int = 2  # discriminator's first conv stride: 2 for 64x64 (seed), 4 for 227x227 (code)
+    loss: str = _f("deepsim", source="paper: the DeePSiM loss", group="loss", choices=("deepsim", "se", "l1"),
+                   help="DeePSiM, or the image-space baselines se / l1")
+    comparator: str = _f("alexnet-random:conv3", group="loss",
+                         source="paper: comparator 3, AlexNet with random weights, at CONV3 (autoencoder)",
+                         help="comparator spec '<arch>:<tap>[=w],...', e.g. alexnet:conv3, exemplar:conv3, "
+                         "alexnet-random:conv3")
+    comparator_weights: str | None = _f(None, source="ours", group="loss",
+                                        help="weights file for the comparator (default: torchvision's cache for "
+                                        "alexnet/vgg16)")
+    lambda_feat: float = _f(0.01 * CAFFE_TO_DEEPSIM["feat"], source=_NOT_CALIBRATED, group="loss",
+                            help="weight of the comparator feature term (scale convention: deepsim.losses)")
+    lambda_adv: float = _f(100.0, source="code: 100", group="loss", help="weight of the adversarial term")
+    lambda_img: float = _f(2e-6 * CAFFE_TO_DEEPSIM["img"], source="code: Caffe's 2e-6", group="loss",
+                           help="weight of the image-space term")
+    image_distance: str = _f("se", source="paper: squared Euclidean", flag=False)  # "se" (paper) or "l1"
+    feature_metric: str = _f("squared", flag=False,  # "squared" (paper) or "lpips" (ours: comparator unused)
+                             source="paper: squared Euclidean feature distance (lpips: ours, not the paper's)")
+    pause_d_below: float = _f(0.1, source="code: r < 0.1 stops D (paper: 0.1)", flag=False)  # r = L_D / L_adv
+    pause_d_resume_above: float = _f(0.5, source="code: r > 0.5 resumes D", flag=False)
+    pause_g_above: float = _f(10.0, source="code: r > 10 stops G", flag=False)
+    disc_first_stride: int = _f(2, source="paper: stride 2 for the autoencoder", flag=False)  # 4 at 227 (code)
 
     # --- training as the authors trained: the derived Caffe code's dynamics (README "Differences from the
-    # paper and the derived code"; defaults = the code, the other value = our earlier behaviour or the seed)
-    update_order: str = "code"  # "code": D steps first, G's L_adv (and r) from the updated D | "simultaneous"
-    disc_padding: str = "code"  # D convs "code": unpadded (227: 56-52-25-23-11; 64: 29-25-12-10-4) | "padded"
-    disc_activation: str = "lrelu"  # D: "lrelu" (seed: LReLU 0.3 in all networks) | "relu" (the code's D)
-    disc_init: str = "code"  # D: "code" (MSRA, coefficient 0.1 on conv1/fc1/fc2, zero biases) | "torch"
-    upconv_bias: str = "zero"  # inversion/VAE up-conv stack: "zero" (code: fixed 0, lr_mult 0) | "learned"
-    gen_init: str = "code"  # inversion/VAE decoder: "code" (MSRA, 1.8 on 4x4 deconvs, 0.9 on 3x3) | "torch"
-    weight_decay: float = 4e-4  # code: the solver's L2 weight decay, added to the gradient before Adam (coupled)
-    weight_decay_scope: str = "code"  # "code": the prototxts' decay_mult (all of D; of G only conv5's convs) | "all"
-    lr_milestones: tuple[int, ...] = (300_000, 500_000, 700_000, 900_000, 1_100_000)  # code: multistep policy
-    lr_gamma: float = 0.5  # code: the lr is multiplied by gamma at each milestone (each network's own step count)
-    mirror: bool = False  # random horizontal mirroring of training crops (code: none; loaders: deepsim.data)
+    # paper and the derived code"; defaults = the code, the other value = the earlier behaviour or the paper's)
+    update_order: str = _f("code", source="code: D first, G's adversarial term from the updated D",
+                           group="optimisation", choices="deepsim.train.step:UPDATE_ORDERS",
+                           help="code: D updates first and G's adversarial term comes from the updated D (derived "
+                           "code); simultaneous: both from the same D")
+    disc_padding: str = _f("code", source="code: unpadded convs", group="model",
+                           choices="deepsim.networks:DISC_PADDINGS",
+                           help="D's convs: code (unpadded, 227 -> 56-52-25-23-11) or padded (k // 2)")
+    disc_activation: str = _f("lrelu", source="paper: LReLU 0.3 in all networks (code: ReLU in D)", group="model",
+                              choices="deepsim.networks:DISC_ACTIVATIONS",
+                              help="D's nonlinearity: lrelu (0.3, the paper) or relu (the derived code)")
+    disc_init: str = _f("code", group="model", choices="deepsim.networks:DISC_INITS",
+                        source="code: MSRA, coefficient 0.1 on Dconv1/Dfc6/Dfc7 (our reading of the coefficient)",
+                        help="D's initialisation: code (MSRA, coefficient 0.1 on conv1/fc1/fc2, zero biases) or "
+                        "torch")
+    upconv_bias: str = _f("zero", source="code: Deconvolution biases fixed at 0 (lr_mult 0)", group="model",
+                          tasks=_GEN, choices="deepsim.applications.generators:UPCONV_BIASES",
+                          help="invert/vae up-conv biases: zero (fixed, the authors' generators) or learned")
+    gen_init: str = _f("code", group="model", tasks=_GEN, choices="deepsim.applications.generators:GENERATOR_INITS",
+                       source="code: MSRA, 1 on FC, 1.8 on 4x4 deconvs, 0.9 on 3x3 (ours: 1 on conv5's convs)",
+                       help="invert/vae generator initialisation: code (MSRA with the prototxt's coefficients) or "
+                       "torch")
+    weight_decay: float = _f(4e-4, source="code: solver weight_decay 4e-4, coupled", group="optimisation",
+                             help="L2 weight decay added to the gradient before Adam (derived code: 4e-4)")
+    weight_decay_scope: str = _f("code", source="code: decay_mult of the prototxts (D; G's conv5 convs)",
+                                 group="optimisation", choices="deepsim.train.optim:WEIGHT_DECAY_SCOPES",
+                                 help="which parameters decay: code (the prototxts' decay_mult: D, conv5's convs) "
+                                 "or all")
+    lr_milestones: tuple[int, ...] = _f((300_000, 500_000, 700_000, 900_000, 1_100_000), group="optimisation",
+                                        source="code: multistep at 300k, 500k, 700k, 900k, 1.1M", parse=_milestones,
+                                        help="steps (each network's own) at which the lr is multiplied by "
+                                        "--lr-gamma, comma-separated, or 'none' (derived code: 300000,500000,"
+                                        "700000,900000,1100000)")
+    lr_gamma: float = _f(0.5, source="code: gamma 0.5", group="optimisation",
+                         help="lr factor at each milestone (derived code: 0.5)")
+    mirror: bool = _f(False, source="code: no mirroring", group="data", cli={"action": "bool"},
+                      help="random horizontal mirroring of the training crops (the derived code does not mirror)")
 
-    # --- optimisation (seed: Adam, lr 2e-4, betas 0.9/0.999, batch 64)
-    lr: float = 2e-4
-    beta1: float = 0.9
-    beta2: float = 0.999
-    batch_size: int = 64
-    steps: int = 500_000  # seed: 500k to 1M iterations
+    # --- optimisation (paper: Adam, lr 2e-4, betas 0.9/0.999, batch 64)
+    lr: float = _f(2e-4, source="paper: Adam 2e-4 (code: base_lr 2e-4)", group="optimisation",
+                   help="Adam learning rate (paper: 2e-4)")
+    beta1: float = _f(0.9, source="paper: 0.9 (code: momentum 0.9)", flag=False)
+    beta2: float = _f(0.999, source="paper: 0.999 (code: momentum2 0.999)", flag=False)
+    batch_size: int = _f(64, source="paper: 64", group="optimisation", help="images per step (paper: 64)")
+    steps: int = _f(500_000, source="paper: 500k to 1M iterations", group="optimisation",
+                    help="number of training iterations")
 
     # --- data
-    data: str = "photos"  # "photos" (bundled), a folder of images, or an STL-10 binary folder
-    loader: str = "auto"  # "auto" | "torch" | "dali" | "nvjpeg" | "resident" (auto: deepsim.train.auto)
-    num_workers: int = 0  # DataLoader workers on the torch path
-    on_bad: str = "error"  # a corrupt or too-small image: "error" (name it and stop), "skip" (count it), "pad"
-    max_image_pixels: int = 8192 * 8192  # more: a bad image, refused from its header (deepsim.data.images)
+    data: str = _f("photos", source="ours: the bundled photos", group="data",
+                   help="'photos' (bundled sample photographs), a folder of images, or an STL-10 binary folder")
+    loader: str = _f("auto", group="data", choices="deepsim.train.auto:RUNTIME_CHOICES.loader", auto=True,
+                     help="data loader: torch (PIL in DataLoader workers), dali (NVIDIA DALI), nvjpeg (torchvision "
+                     "JPEG decode on the device) or resident (the decoded data set on the device); auto: resident "
+                     "for STL-10 and the photos on CUDA when they fit, else dali or nvjpeg, torch on the CPU")
+    num_workers: int = _f(0, group="data", help="DataLoader worker processes (torch loader)")
+    on_bad: str = _f("error", group="data", choices="deepsim.data.sampling:ON_BAD",
+                     help="a corrupt, too-small or too-large image: error (stop, naming the file), skip (count and "
+                     "go on), pad (pad small ones)")
+    max_image_pixels: int = _f(8192 * 8192, group="data", help=MAX_IMAGE_PIXELS_HELP)  # deepsim.data.images
 
     # --- running
-    out: str = "runs/deepsim"  # output folder: checkpoints, metrics.jsonl, sample grids
-    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    seed: int = 0
-    precision: str = "auto"  # "auto" | "fp32" | "tf32" | "bf16" (auto: bf16 on CUDA, fp32 on the CPU)
-    compile: str = "auto"  # "auto" | "off" | "default" | "max-autotune" | "reduce-overhead" (auto: CUDA graphs on CUDA)
-    channels_last: bool | str = "auto"  # G, D, C and the batches in NHWC memory format; "auto": on CUDA only
-    log_every: int = 10  # read metrics from the device every N steps (the only host syncs)
-    sample_every: int = 200  # write a PNG grid of inputs beside reconstructions every N steps
-    checkpoint_every: int = 500  # write a checkpoint every N steps (and at the end)
-    tensorboard: bool | str = "auto"  # TensorBoard event files beside metrics.jsonl; "auto": when installed
-    keep_checkpoints: int = 2  # checkpoints kept in out: checkpoint.pt and the K-1 before it (a corrupt one falls back)
-    stop_signals: str = "SIGTERM,SIGINT,SIGUSR1"  # finish the step, checkpoint, exit 75 ("" = none; deepsim.train.preemption)
+    out: str = _f("runs/deepsim", group="output",
+                  help="output folder: checkpoint.pt (+ the previous ones), metrics.jsonl, config.json, "
+                  "samples/*.png; one that already holds a run is refused without --resume")
+    device: str = _f("auto", group="runtime", help="auto | cpu | cuda | cuda:N")
+    seed: int = _f(0, group="runtime", help="seed for initialisation, data order and augmentation")
+    precision: str = _f("auto", group="runtime", choices="deepsim.train.auto:RUNTIME_CHOICES.precision", auto=True,
+                        help="fp32, tf32 (CUDA matmuls) or bf16 autocast; auto: bf16 on CUDA (sm_80+), fp32 on the "
+                        "CPU")
+    compile: str = _f("auto", group="runtime", choices="deepsim.train.auto:RUNTIME_CHOICES.compile", auto=True,
+                      help="torch.compile the training step; auto: reduce-overhead (CUDA graphs) on CUDA, off on the "
+                      "CPU")
+    channels_last: bool | str = _f("auto", group="runtime",
+                                   cli={"nargs": "?", "const": "on", "choices": ["auto", "on", "off"],
+                                        "default": None, "action": "on-off-auto"},
+                                   help="G, D, C and the batches in channels_last (NHWC) memory format (faster "
+                                   "convolutions on tensor cores); auto: on for CUDA, off on the CPU")
+    log_every: int = _f(10, group="output", help="read metrics from the device every N steps")  # the only host syncs
+    sample_every: int = _f(200, group="output", help="write a PNG grid of inputs and reconstructions every N steps")
+    checkpoint_every: int = _f(500, group="output",
+                               help="write checkpoint.pt every N steps (and at the end, and on a stop signal)")
+    tensorboard: bool | str = _f("auto", group="output", cli={"action": "bool"},
+                                 help="TensorBoard event files beside metrics.jsonl (default: on when the "
+                                 "tensorboard package is installed)")
+    keep_checkpoints: int = _f(2, group="output",
+                               help="keep the K newest checkpoints (checkpoint.pt, checkpoint.step<N>.pt...): a "
+                               "corrupt newest one falls back")
+    stop_signals: str = _f("SIGTERM,SIGINT,SIGUSR1", group="runtime",  # deepsim.train.preemption
+                           help="signals that stop training cleanly: finish the step, write a checkpoint, exit "
+                           "with status 75 ('' = none)")
 
     def replace(self, **changes) -> TrainConfig:
         """A copy with some fields changed; unknown names raise a TypeError naming them."""
@@ -157,9 +308,9 @@ PRESETS: dict[str, TrainConfig] = {
         steps=600, batch_size=32, lr=1e-3, lambda_adv=1.0, lambda_feat=0.5, mirror=True,
         log_every=10, sample_every=100, checkpoint_every=200, out="runs/autoencoder-photos",
     ),
-    # The paper's autoencoder experiments (seed): STL-10 unlabeled (data="stl10_binary": the STL-10 binary folder,
+    # The paper's autoencoder experiments (paper): STL-10 unlabeled (data="stl10_binary": the STL-10 binary folder,
     # pass --data PATH elsewhere), random 64x64 crops, an 8-channel code 8x smaller (8x8x8), batch 64, Adam
-    # 2e-4, 500k steps, D with first stride 2. The four losses compared (seed): SE, l1, DeePSiM with AlexNet
+    # 2e-4, 500k steps, D with first stride 2. The four losses compared (paper): SE, l1, DeePSiM with AlexNet
     # CONV3, DeePSiM with Exemplar-CNN CONV3. DeePSiM weights: the derived code's (inversion script:
     # feat 0.01, img 2e-6, adv 100 in Caffe's convention, converted by CAFFE_TO_DEEPSIM); the autoencoder's
     # own weights are not published (open). AlexNet = torchvision's layout (the paper used Caffe's: pass
@@ -170,7 +321,7 @@ PRESETS: dict[str, TrainConfig] = {
     "autoencoder-stl10-l1": _preset(loss="l1", data="stl10_binary", out="runs/ae-l1"),
     "autoencoder-stl10-alexnet": _preset(comparator="alexnet:conv3", data="stl10_binary", out="runs/ae-alexnet"),
     "autoencoder-stl10-exemplar": _preset(comparator="exemplar:conv3", data="stl10_binary", out="runs/ae-exemplar"),
-    # The VAE (seed: DeePSiM replaces the reconstruction term; the decoder is the fc6 inversion generator).
+    # The VAE (paper: DeePSiM replaces the reconstruction term; the decoder is the fc6 inversion generator).
     # Open, our choices: 64x64 images (the decoder's up-conv stack then has 4 stages, 4 -> 64, instead of 6),
     # the conv encoder of deepsim.applications.generators.VAEEncoder, latent 4096 (the fc6 size the decoder
     # copies), lambda_kl 1 (a per-sample KL sum, like every other term), STL-10 unlabeled as for the
@@ -199,15 +350,15 @@ PRESETS: dict[str, TrainConfig] = {
 
 
 def _invert_preset(layer: str) -> TrainConfig:
-    # Inverting AlexNet (seed, code): ILSVRC-2012 train (data="imagenet/train": a folder of its JPEGs, pass
+    # Inverting AlexNet (paper, code): ILSVRC-2012 train (data="imagenet/train": a folder of its JPEGs, pass
     # --data PATH), 227x227 crops after resizing the shorter side to 256, generator output 256 cropped to 227,
     # D with first stride 4 and the feature branch, comparator pool5 (code; torchvision's AlexNet layout, the
     # code used CaffeNet: --comparator caffenet:pool5 --comparator-weights FILE), Phi = the same AlexNet
     # (--invert-network caffenet --invert-network-weights FILE for CaffeNet), weights feat 0.01, img 2e-6,
-    # adv 100 in Caffe's convention (code), batch 64, Adam 2e-4 (seed), 500k steps (seed: 500k to 1M).
+    # adv 100 in Caffe's convention (code), batch 64, Adam 2e-4 (paper), 500k steps (paper: 500k to 1M).
     # lambda_feat = 0.005 is the code's weight for CaffeNet pool5: NOT calibrated for torchvision's AlexNet,
     # the default comparator here; `deepsim calibrate` measures the factor (or use caffenet:pool5).
-    # Ablations (seed): --lambda-adv 0 (no D is built), --lambda-img 0, --lambda-feat 0.
+    # Ablations (paper): --lambda-adv 0 (no D is built), --lambda-img 0, --lambda-feat 0.
     return _preset(
         task="invert", invert_layer=layer, invert_network="alexnet", image_size=227, disc_first_stride=4,
         comparator="alexnet:pool5", batch_size=64, lambda_feat=0.01 * CAFFE_TO_DEEPSIM["feat"], lambda_adv=100.0,
@@ -218,84 +369,72 @@ def _invert_preset(layer: str) -> TrainConfig:
 PRESETS.update({f"invert-{layer}": _invert_preset(layer) for layer in ("conv5", "fc6", "fc7", "fc8")})
 
 # ------------------------------------------------------------------------------------------- provenance
-# Where each value comes from: "seed" (the paper, via the seed summary), "code" (the public Caffe code derived
-# from the authors' script, or the authors' released prototxts), "ours" (our choice where both are silent or
-# where we differ on purpose); after ":" a note. DEFAULT_SOURCES covers the defaults of every field that shapes
-# the experiment, PRESET_SOURCES every such field a preset changes; the other fields (output folder, device,
-# logging, loader...) are run settings (ours). `deepsim presets` prints them.
-SOURCES = ("seed", "code", "ours")
-_NOT_CALIBRATED = "code: Caffe's 0.01 for CaffeNet; NOT calibrated for torchvision's AlexNet (deepsim calibrate)"
-DEFAULT_SOURCES: dict[str, str] = {
-    "task": "seed: the autoencoder, the first application",
-    "image_size": "seed: 64x64 crops (autoencoder)",
-    "code_channels": "seed: an 8-channel code 8x smaller than the input",
-    "invert_layer": "ours: fc6 as default (seed: conv5, fc6, fc7, fc8)",
-    "noise_dim": "ours: no noise (seed: noise for pre-image sampling)",
-    "invert_network": "ours: torchvision's AlexNet (seed/code: CaffeNet; --invert-network caffenet)",
-    "invert_network_weights": "ours",
-    "fc_width": "code: FC 4096 in the generators",
-    "latent_dim": "ours: the fc6 size the decoder takes (open)",
-    "lambda_kl": "ours: a per-sample KL sum, weight 1 (open)",
-    "loss": "seed: the DeePSiM loss",
-    "comparator": "seed: comparator 3, AlexNet with random weights, at CONV3 (autoencoder)",
-    "comparator_weights": "ours",
-    "lambda_feat": _NOT_CALIBRATED,
-    "lambda_adv": "code: 100",
-    "lambda_img": "code: Caffe's 2e-6",
-    "image_distance": "seed: squared Euclidean",
-    "feature_metric": "seed: squared Euclidean feature distance (lpips: ours, not the paper's)",
-    "pause_d_below": "code: r < 0.1 stops D (seed: 0.1)",
-    "pause_d_resume_above": "code: r > 0.5 resumes D",
-    "pause_g_above": "code: r > 10 stops G",
-    "disc_first_stride": "seed: stride 2 for the autoencoder",
-    "update_order": "code: D first, G's adversarial term from the updated D",
-    "disc_padding": "code: unpadded convs",
-    "disc_activation": "seed: LReLU 0.3 in all networks (code: ReLU in D)",
-    "disc_init": "code: MSRA, coefficient 0.1 on Dconv1/Dfc6/Dfc7 (our reading of the coefficient)",
-    "upconv_bias": "code: Deconvolution biases fixed at 0 (lr_mult 0)",
-    "gen_init": "code: MSRA, 1 on FC, 1.8 on 4x4 deconvs, 0.9 on 3x3 (ours: 1 on conv5's convs)",
-    "weight_decay": "code: solver weight_decay 4e-4, coupled",
-    "weight_decay_scope": "code: decay_mult of the prototxts (D; G's conv5 convs)",
-    "lr_milestones": "code: multistep at 300k, 500k, 700k, 900k, 1.1M",
-    "lr_gamma": "code: gamma 0.5",
-    "mirror": "code: no mirroring",
-    "lr": "seed: Adam 2e-4 (code: base_lr 2e-4)",
-    "beta1": "seed: 0.9 (code: momentum 0.9)",
-    "beta2": "seed: 0.999 (code: momentum2 0.999)",
-    "batch_size": "seed: 64",
-    "steps": "seed: 500k to 1M iterations",
-    "data": "ours: the bundled photos",
-}
-_STL10 = "seed: STL-10 unlabeled"
+# DEFAULT_SOURCES: the source of every default that shapes the experiment (from the fields' metadata);
+# PRESET_SOURCES: every such field a preset changes. `deepsim presets` prints them.
+
+
+def field_info(name_or_field) -> FieldInfo:
+    """The facts of a TrainConfig field (by name or :class:`dataclasses.Field`)."""
+    f = name_or_field if isinstance(name_or_field, dataclasses.Field) else _FIELDS[name_or_field]
+    meta = f.metadata["deepsim"]
+    flag = f.name if meta["flag"] is True else (meta["flag"] or None)
+    return FieldInfo(f.name, flag, meta["help"], meta["choices"], meta["auto"], meta["group"], meta["tasks"],
+                     meta["source"], meta["parse"], meta["cli"])
+
+
+def field_choices(info: FieldInfo) -> tuple | None:
+    """The values a field's flag accepts: its own tuple, or the consuming module's (``"auto"`` first when the
+    field takes it). Modules are imported here, not at the top: they import this one."""
+    choices = info.choices
+    if isinstance(choices, str):
+        module, _, attr = choices.partition(":")
+        attr, _, key = attr.partition(".")
+        choices = getattr(importlib.import_module(module), attr)
+        choices = choices[key] if key else choices
+    if choices is None:
+        return None
+    return (("auto",) if info.auto else ()) + tuple(choices)
+
+
+def source_kind(source: str) -> str:
+    """``"paper: ..."`` -> ``"paper"``; the legacy name ``"seed"`` reads as ``"paper"``."""
+    kind = source.split(":", 1)[0].strip()
+    return LEGACY_SOURCE_NAMES.get(kind, kind)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+FIELD_INFO: dict[str, FieldInfo] = {name: field_info(f) for name, f in _FIELDS.items()}
+DEFAULT_SOURCES: dict[str, str] = {name: i.source for name, i in FIELD_INFO.items() if i.source is not None}
+_STL10 = "paper: STL-10 unlabeled"
 _QUICK = "ours: quickstart, a few minutes on a CPU"
-_IMAGENET = "seed: ILSVRC-2012 train"
+_IMAGENET = "paper: ILSVRC-2012 train"
 PRESET_SOURCES: dict[str, dict[str, str]] = {
     "autoencoder-photos": {
         "steps": _QUICK, "batch_size": _QUICK, "lr": "ours: 1e-3, fast progress in few steps",
         "lambda_adv": "ours: 1 (100 swamps the other terms early on 64x64 crops)",
         "lambda_feat": "ours: random-AlexNet conv3 term about a third of the image term", "mirror": _QUICK,
     },
-    "autoencoder-stl10-se": {"loss": "seed: SE baseline", "data": _STL10},
-    "autoencoder-stl10-l1": {"loss": "seed: l1 baseline", "data": _STL10},
+    "autoencoder-stl10-se": {"loss": "paper: SE baseline", "data": _STL10},
+    "autoencoder-stl10-l1": {"loss": "paper: l1 baseline", "data": _STL10},
     "autoencoder-stl10-alexnet": {
-        "comparator": "seed: AlexNet CONV3 (ours: torchvision's layout; caffenet:conv3 for Caffe's)", "data": _STL10,
+        "comparator": "paper: AlexNet CONV3 (ours: torchvision's layout; caffenet:conv3 for Caffe's)", "data": _STL10,
     },
-    "autoencoder-stl10-exemplar": {"comparator": "seed: Exemplar-CNN CONV3", "data": _STL10},
+    "autoencoder-stl10-exemplar": {"comparator": "paper: Exemplar-CNN CONV3", "data": _STL10},
     "vae-stl10": {
-        "task": "seed: VAE with DeePSiM", "comparator": "ours: the autoencoder's AlexNet CONV3", "data": _STL10,
+        "task": "paper: VAE with DeePSiM", "comparator": "ours: the autoencoder's AlexNet CONV3", "data": _STL10,
     },
     "vae-photos": {
-        "task": "seed: VAE with DeePSiM", "latent_dim": _QUICK, "fc_width": _QUICK, "batch_size": _QUICK,
+        "task": "paper: VAE with DeePSiM", "latent_dim": _QUICK, "fc_width": _QUICK, "batch_size": _QUICK,
         "steps": _QUICK, "mirror": _QUICK,
     },
     "vae-imagenet": {
-        "task": "seed: VAE with DeePSiM", "image_size": "code: 227x227 crops, generator 256 cropped to 227",
+        "task": "paper: VAE with DeePSiM", "image_size": "code: 227x227 crops, generator 256 cropped to 227",
         "disc_first_stride": "code: stride 4 at 227", "comparator": "code: pool5 (ours: torchvision's layout)",
         "data": _IMAGENET,
     },
     **{
         f"invert-{layer}": {
-            "task": "seed: inverting AlexNet", "invert_layer": f"seed: {layer}",
+            "task": "paper: inverting AlexNet", "invert_layer": f"paper: {layer}",
             "image_size": "code: 227x227 crops, generator 256 cropped to 227",
             "disc_first_stride": "code: stride 4 at 227",
             "comparator": "code: pool5 (the code used CaffeNet; ours: torchvision's layout)", "data": _IMAGENET,
@@ -306,7 +445,7 @@ PRESET_SOURCES: dict[str, dict[str, str]] = {
 
 
 def value_sources(name: str) -> dict[str, tuple[object, str]]:
-    """Every field of preset ``name`` -> (value, where it comes from: "seed|code|ours[: note]")."""
+    """Every field of preset ``name`` -> (value, where it comes from: "paper|code|ours[: note]")."""
     preset, default = get_preset(name), TrainConfig()
     listed = PRESET_SOURCES.get(name, {})
     out = {}

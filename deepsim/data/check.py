@@ -43,9 +43,12 @@ class CheckReport:
         too_small: (path, (width, height)) of images smaller than ``min_size``.
         too_large: (path, pixels) of images over ``max_image_pixels`` (not decoded; a bad image for
             ``on_bad``).
+        upscaled: (path, (width, height)) of images smaller than ``min_size`` that the loader resizes up
+            first (``resize`` given: the shorter side goes to ``resize`` before the crop); usable, but blurred.
         grayscale, cmyk, alpha: images that decode but are converted to RGB by the loader.
         non_image: files that are not images (ignored by the loader).
         min_size: the size threshold used.
+        resize: the shorter side images are resized to before the crop (None: cropped as they are).
     """
 
     path: str
@@ -55,12 +58,14 @@ class CheckReport:
     truncated: list[str] = dataclasses.field(default_factory=list)
     too_small: list[tuple[str, tuple[int, int]]] = dataclasses.field(default_factory=list)
     too_large: list[tuple[str, int]] = dataclasses.field(default_factory=list)
+    upscaled: list[tuple[str, tuple[int, int]]] = dataclasses.field(default_factory=list)
     grayscale: list[str] = dataclasses.field(default_factory=list)
     cmyk: list[str] = dataclasses.field(default_factory=list)
     alpha: list[str] = dataclasses.field(default_factory=list)
     non_image: list[str] = dataclasses.field(default_factory=list)
     min_size: int = 64
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS
+    resize: int | None = None
 
     @property
     def num_images(self) -> int:
@@ -101,6 +106,7 @@ def check_images(
     min_size: int = 64,
     num_threads: int | None = None,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    resize: int | None = None,
 ) -> CheckReport:
     """Scan every file under ``path`` (recursively), fully decoding each image.
 
@@ -111,6 +117,8 @@ def check_images(
             use 227 for inversion without resizing).
         num_threads: decoder threads (default: min(8, cpu count)).
         max_image_pixels: images whose header declares more pixels are reported in ``too_large``, not decoded.
+        resize: the training preprocessing resizes the shorter side to this before the crop (the inversion: 256);
+            images smaller than ``min_size`` are then reported in ``upscaled`` (usable), not ``too_small``.
 
     Returns:
         :class:`CheckReport`.
@@ -121,7 +129,16 @@ def check_images(
     """
     check_max_pixels(max_image_pixels)
     with interruptible():
-        return _check(path, min_size, num_threads, max_image_pixels)
+        report = _check(path, min_size, num_threads, max_image_pixels)
+    if resize is not None and resize >= min_size:  # resized up before the crop: usable
+        report.resize, report.upscaled, report.too_small = resize, report.too_small, []
+        report.ok += len(report.upscaled) - _converted(report, {p for p, _ in report.upscaled})
+    return report
+
+
+def _converted(report: CheckReport, names: set[str]) -> int:
+    """How many of ``names`` are also converted (grayscale, CMYK, alpha): those do not count as ok."""
+    return len(names & set(report.grayscale + report.cmyk + report.alpha))
 
 
 def _check(path, min_size: int, num_threads: int | None, max_pixels: int) -> CheckReport:
@@ -177,7 +194,8 @@ def format_report(report: CheckReport, *, max_listed: int = 20) -> str:
     """A human-readable summary: counts, then up to ``max_listed`` files per problem."""
     lines = [
         f"{report.path}: {report.total} files, {report.num_images} images, {report.ok} ok, "
-        f"{report.usable} usable for training (min size {report.min_size})"
+        f"{report.usable} usable for training (min size {report.min_size}"
+        + (f", shorter side resized to {report.resize} first)" if report.resize else ")")
     ]
     sections = [
         ("corrupt", report.corrupt, "cannot be decoded (stops training; on_bad='skip' drops them)"),
@@ -192,6 +210,12 @@ def format_report(report: CheckReport, *, max_listed: int = 20) -> str:
             [f"{p} ({n} pixels)" for p, n in report.too_large],
             f"over {report.max_image_pixels} pixels, not decoded (stops training; on_bad='skip' drops them; "
             "--max-image-pixels)",
+        ),
+        (
+            "upscaled",
+            [f"{p} ({w}x{h})" for p, (w, h) in report.upscaled],
+            f"smaller than {report.min_size}x{report.min_size}, resized up to {report.resize} before the crop "
+            "(usable, blurred)",
         ),
         ("grayscale", report.grayscale, "converted to RGB"),
         ("cmyk", report.cmyk, "converted to RGB"),

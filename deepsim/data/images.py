@@ -63,11 +63,14 @@ _saved_flag = False
 
 
 class ImageReadError(DataError):
-    """An image file could not be decoded. ``kind`` is ``"corrupt"`` or ``"truncated"``."""
+    """An image file could not be read. ``kind`` is ``"corrupt"``, ``"truncated"`` or ``"missing"``."""
 
     def __init__(self, path: os.PathLike | str, kind: str, detail: str):
         self.path = pathlib.Path(path)
         self.kind = kind
+        if kind == "missing":  # not a bad image: the file is not there
+            super().__init__(f"{path}: no such file")
+            return
         super().__init__(f"{path}: {kind} image file, expected a decodable image ({detail})")
 
 
@@ -117,6 +120,8 @@ def open_image(
             bomb = 2 * Image.MAX_IMAGE_PIXELS
             limit = f"PIL's decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS = {bomb})"
         raise ImageTooLargeError(path, pixels, limit) from None
+    except FileNotFoundError as e:
+        raise ImageReadError(path, "missing", "no such file") from e
     except UnidentifiedImageError as e:
         raise ImageReadError(path, "corrupt", "not a recognised image format") from e
     except (OSError, ValueError, SyntaxError, EOFError) as e:

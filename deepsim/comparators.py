@@ -354,16 +354,7 @@ class Comparator(nn.Module):
         builder, weights_kind = ARCHITECTURES[arch]
         self.uses_network = weights_kind == "network"  # D's features: D's optimizer trains them, D's state saves them
         if self.uses_network:
-            if network is None or not hasattr(network, "conv_features"):
-                raise ValueError("comparator 'discriminator' needs network=<Discriminator> (it uses D's features)")
-            valid = list(network.conv_names)
-            self._check_taps(valid)
-            self.network = network  # shared with D: trained by D's optimizer, not frozen here
-            self._tap_index = [valid.index(n) for n in self.tap_names]
-            self.frozen = False
-            self.register_buffer("scale", torch.ones(1, 3, 1, 1), persistent=False)
-            self.register_buffer("shift", torch.zeros(1, 3, 1, 1), persistent=False)
-            self.bgr = False
+            self._borrow(network)
             return
 
         stages, input_kind = builder()
@@ -399,6 +390,19 @@ class Comparator(nn.Module):
         if self.frozen:
             self.requires_grad_(False)
         self.train(False)
+
+    def _borrow(self, network: nn.Module | None) -> None:
+        """Taps of ``network``'s conv features (D's): shared with D, trained by D's optimizer, not frozen here."""
+        if network is None or not hasattr(network, "conv_features"):
+            raise ValueError("comparator 'discriminator' needs network=<Discriminator> (it uses D's features)")
+        valid = list(network.conv_names)
+        self._check_taps(valid)
+        self.network = network
+        self._tap_index = [valid.index(n) for n in self.tap_names]
+        self.frozen = False
+        self.register_buffer("scale", torch.ones(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", torch.zeros(1, 3, 1, 1), persistent=False)
+        self.bgr = False
 
     def _check_taps(self, valid: list[str]) -> None:
         wrong = [n for n in self.tap_names if n not in valid]

@@ -50,6 +50,11 @@ import torch
 
 from deepsim.config import TrainConfig
 from deepsim.train import distributed
+
+try:  # NumPy >= 2
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # NumPy < 2
+    from numpy.core.multiarray import _reconstruct
 from deepsim.train.tensorfile import is_safetensors, read_safetensors
 
 __all__ = [
@@ -362,10 +367,6 @@ def trust_checkpoints(trust: bool = True):
 def _legacy_globals() -> list:
     """What checkpoints written before :func:`rng_state` stored tensors need beyond weights_only's defaults: the
     NumPy RNG state's uint32 array (rebuilt from its raw bytes; no code of the file runs)."""
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # NumPy < 2
-        from numpy.core.multiarray import _reconstruct
     return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 

@@ -92,10 +92,9 @@ def train(
         config: the run (a preset with fields replaced).
         resume: False: start fresh. ``"auto"``: from the newest valid checkpoint in ``config.out`` if there is
             one, else fresh (one command line for the first start and every restart). True: from the newest
-            valid checkpoint in ``config.out`` (an error if there is none). A path: that checkpoint file, or
-            the newest valid one in that folder. A corrupt newest checkpoint falls back to the previous one
-            with a warning naming both (and is renamed ``*.corrupt``). The run's config is the checkpoint's,
-            except :data:`RUNTIME_FIELDS` (and ``resume_overrides``), taken from ``config``.
+            valid checkpoint in ``config.out`` (an error if there is none). A path: that file, or the newest
+            valid one in that folder (:func:`~deepsim.train.checkpoint.select_resume`). The run's config is the
+            checkpoint's, except :data:`RUNTIME_FIELDS` (and ``resume_overrides``), taken from ``config``.
         progress: show a progress bar (rank 0).
         tasks: the task table (task -> trainer builder), e.g. :data:`deepsim.tasks.TASKS`; None: the
             autoencoder only.
@@ -104,9 +103,8 @@ def train(
             differs from the checkpoint's (not a :data:`RUNTIME_FIELDS` one) is an error naming both values.
         provenance: recorded in every checkpoint (``{"preset": ...}``; the code's commit is added); a resumed
             run keeps the checkpoint's preset.
-        announce: called on rank 0 as ``announce(config, line)`` once the ``"auto"`` runtime fields are resolved
-            for the device (:func:`deepsim.train.auto.resolve_runtime`), with the resolved config and one line
-            naming the path taken and why.
+        announce: ``announce(config, line)`` on rank 0 once the ``"auto"`` runtime fields are resolved
+            (:func:`deepsim.train.auto.resolve_runtime`): the resolved config, one line naming the path and why.
 
     Returns:
         :class:`TrainResult`; ``stopped_by`` is set when a stop signal ended the run early (after a checkpoint).
@@ -119,10 +117,8 @@ def train(
     """
     context = distributed.init_from_env(config.device)  # torchrun's variables, if any; else rank 0 of 1
     try:
-        payload = None
-        if resume:
-            payload = select_resume(resume, Path(config.out), context, say=_say)
-        else:
+        payload = select_resume(resume, Path(config.out), context, say=_say) if resume else None
+        if not resume:
             refuse_existing_run(Path(config.out), context)
         if payload is not None:
             config = _resumed_config(
@@ -134,14 +130,12 @@ def train(
         if config.keep_checkpoints < 1:
             raise ValueError(f"--keep-checkpoints {config.keep_checkpoints}: expected at least 1")
         run_provenance = {**(provenance or {}), **((payload or {}).get("provenance") or {}), "commit": source_commit()}
+        # an auto-chosen compile that fails falls back to eager; not with world > 1 (the eager step's gradients
+        # are averaged by DDP, which the compiled path does not wrap)
+        fallback = "compile" in auto_fields and context.world == 1
         with StopSignals(config.stop_signals) as stopper:  # from here on a stop signal is a request, not a kill
-            return _run(
-                config, payload=payload, context=context, tasks=tasks, stopper=stopper, provenance=run_provenance,
-                progress=progress,
-                # an auto-chosen compile that fails falls back to eager; not with world > 1 (the eager step's
-                # gradients are averaged by DDP, which the compiled path does not wrap)
-                compile_fallback="compile" in auto_fields and context.world == 1,
-            )
+            return _run(config, payload=payload, context=context, tasks=tasks, stopper=stopper,
+                        provenance=run_provenance, progress=progress, compile_fallback=fallback)
     finally:
         distributed.cleanup(context)
 

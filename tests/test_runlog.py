@@ -31,15 +31,20 @@ def _metrics(**values) -> dict[str, torch.Tensor]:
     return {name: torch.tensor(value) for name, value in values.items()}
 
 
+class _Skipping:
+    def __init__(self, skipped: int):
+        self.skipped = skipped
+
+
 def test_a_queued_row_is_written_at_the_next_flush_with_speed_and_skipped(tmp_path):
-    log = RunLog(tmp_path, _config(tmp_path), start=0, world=1, is_main=True, progress=False)
+    log = RunLog(tmp_path, _config(tmp_path), start=0, world=1, is_main=True, progress=False, stream=_Skipping(3))
     try:
-        log.flush(skipped=0, last_good=None)  # nothing queued: nothing written
+        log.flush(last_good=None)  # nothing queued: nothing written
         log.count_step()
         log.queue(1, _metrics(**{"Loss/G/total": 2.5, "Loss/D/real": 0.5}))
         assert log.history == []  # the copy is on its way; read one step later
         log.count_step()
-        log.flush(skipped=3, last_good=None)
+        log.flush(last_good=None)
     finally:
         log.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -50,23 +55,23 @@ def test_a_queued_row_is_written_at_the_next_flush_with_speed_and_skipped(tmp_pa
 
 
 def test_a_non_finite_metric_raises_naming_the_last_good_checkpoint_and_writes_no_row(tmp_path):
-    log = RunLog(tmp_path, _config(tmp_path), start=4, world=1, is_main=True, progress=False)
+    log = RunLog(tmp_path, _config(tmp_path), start=4, world=1, is_main=True, progress=False, stream=_Skipping(0))
     try:
         log.queue(5, _metrics(**{"Loss/G/total": float("nan"), "Loss/D/real": 0.5}))
         with pytest.raises(NonFiniteLossError, match=r"step 5 \(Loss/G/total = nan\).*last good checkpoint old\.pt"):
-            log.flush(skipped=0, last_good="old.pt")
+            log.flush(last_good="old.pt")
         log.queue(6, _metrics(**{"Loss/G/total": float("inf")}))
         with pytest.raises(NonFiniteLossError, match="no checkpoint was written"):
-            log.flush(skipped=0, last_good=None)
+            log.flush(last_good=None)
     finally:
         log.close()
     assert log.history == [] and (tmp_path / "metrics.jsonl").read_text() == ""
 
 
 def test_other_ranks_check_and_keep_rows_but_write_no_files(tmp_path):
-    log = RunLog(tmp_path, _config(tmp_path, tensorboard=True), start=0, world=1, is_main=False, progress=True)
+    log = RunLog(tmp_path, _config(tmp_path, tensorboard=True), start=0, world=1, is_main=False, progress=True, stream=_Skipping(0))
     log.queue(1, _metrics(**{"Loss/G/total": 1.0}))
-    log.flush(skipped=0, last_good=None)
+    log.flush(last_good=None)
     log.samples(None, torch.zeros(1), 1)  # rank 0 only: never touches the trainer here
     log.close()
     assert [row["step"] for row in log.history] == [1]

@@ -355,7 +355,7 @@ def _run(
     stopper.checkpoint = checkpoints.last_good
     if is_main:
         _start_folder(config, payload=payload, stream=stream, cursor=cursor, world=world)
-    log = RunLog(out, config, start=start, world=world, is_main=is_main, progress=progress)
+    log = RunLog(out, config, start=start, world=world, is_main=is_main, progress=progress, stream=stream)
     # world > 1: this rank's stop request (0/1) rides on the metrics all-reduce
     stop_flags = (torch.zeros((), device=context.device), torch.ones((), device=context.device)) if world > 1 else None
     step, stopped_by = start, None
@@ -366,7 +366,7 @@ def _run(
         for step in range(start + 1, config.steps + 1):
             metrics = step_fn(next(stream))
             log.count_step()
-            log.flush(skipped=stream.skipped, last_good=checkpoints.last_good)  # the previous log step's copy
+            log.flush(last_good=checkpoints.last_good)  # the previous log step's copy
             # world 1: the signal flag itself; several ranks: what the last metrics all-reduce said, the same
             # answer on every rank at the same step (no extra collective, no per-step sync)
             stop = stopper.requested is not None if world == 1 else log.stop_agreed
@@ -375,7 +375,7 @@ def _run(
             if step % config.log_every == 0 or checkpoint_due:
                 log.queue(step, metrics, None if stop_flags is None else stop_flags[stopper.requested is not None])
                 if checkpoint_due:  # a checkpoint is only written after its step's losses were checked
-                    log.flush(skipped=stream.skipped, last_good=checkpoints.last_good)
+                    log.flush(last_good=checkpoints.last_good)
                     stop = stop or log.stop_agreed
             log.advance_bar()
             if (step % config.sample_every == 0 or last) and not stop:
@@ -388,7 +388,7 @@ def _run(
                 if is_main:
                     _say(f"stopped by {stopped_by} at step {step}: checkpoint {checkpoints.last_good}")
                 break
-        log.flush(skipped=stream.skipped, last_good=checkpoints.last_good)
+        log.flush(last_good=checkpoints.last_good)
     finally:
         log.close()
         stream.close()

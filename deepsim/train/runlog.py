@@ -80,13 +80,16 @@ class RunLog:
         start: the step the run starts after (0: fresh).
         world, is_main: the number of ranks and whether this is rank 0.
         progress: show the progress bar (rank 0).
+        stream: the training data stream; its ``skipped`` (bad files so far) goes in every row.
 
     Use: :meth:`count_step` after each step, :meth:`queue` on a log step (the copy starts), :meth:`flush`
     one step later or at once (reads, checks for NaN/inf, writes a row), :meth:`close` at the end.
     """
 
-    def __init__(self, out: Path, config: TrainConfig, *, start: int, world: int, is_main: bool, progress: bool):
-        self.out, self.is_main, self.world = out, is_main, world
+    def __init__(
+        self, out: Path, config: TrainConfig, *, start: int, world: int, is_main: bool, progress: bool, stream
+    ):
+        self.out, self.is_main, self.world, self.stream = out, is_main, world, stream
         self.images_per_step = config.batch_size * world
         self.history: list[dict] = []  # the rows written to metrics.jsonl
         self.stop_agreed = False  # world > 1: some rank asked to stop, as the last all-reduced metrics said
@@ -108,11 +111,10 @@ class RunLog:
         """Start the copy of ``step``'s metrics to the host (read by the next :meth:`flush`)."""
         self.pending = PendingMetrics(step, metrics, self.world, stop)
 
-    def flush(self, *, skipped: int, last_good: Path | None) -> None:
+    def flush(self, *, last_good: Path | None) -> None:
         """Read the queued metrics (if any) and write their row.
 
         Args:
-            skipped: bad files the data stream skipped so far (``Data/skipped``).
             last_good: the newest checkpoint, named when a loss is not finite.
 
         Raises:
@@ -133,7 +135,7 @@ class RunLog:
             )
         elapsed = time.perf_counter() - self.window_start
         row["images_per_s"] = self.window_steps * self.images_per_step / max(elapsed, 1e-9)
-        row["Data/skipped"] = skipped  # bad files skipped so far (on_bad="skip"), on this rank
+        row["Data/skipped"] = self.stream.skipped  # bad files skipped so far (on_bad="skip"), on this rank
         self.window_start, self.window_steps = time.perf_counter(), 0
         self._write(row, entry.names)
 

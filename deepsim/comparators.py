@@ -38,6 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepsim.train.checkpoint import CheckpointError, safe_torch_load
+from deepsim.train.tensorfile import is_safetensors, read_metadata, read_safetensors
+
 __all__ = [
     "uses_network",
     "Comparator",
@@ -280,9 +283,6 @@ def parse_spec(spec: str) -> tuple[str, dict[str, float]]:
 def check_weights_file(path, flag: str = "--comparator-weights") -> None:
     """Raise :class:`ComparatorWeightsError` naming ``flag`` and the file unless ``path`` is a file that opens
     safely (only its header and pickle are read: tensors stay on disk)."""
-    from deepsim.train.checkpoint import CheckpointError, safe_torch_load
-    from deepsim.train.tensorfile import is_safetensors, read_metadata
-
     path = Path(path)
     if not path.is_file():
         raise ComparatorWeightsError(f"{flag}: weights file {path} does not exist")
@@ -306,9 +306,6 @@ def _why(error) -> str:
 
 def _read_weights(path: Path, arch: str):
     """A weights file's contents, read without running any code of it (safetensors or weights-only pickle)."""
-    from deepsim.train.checkpoint import CheckpointError, safe_torch_load
-    from deepsim.train.tensorfile import is_safetensors, read_safetensors
-
     try:
         return read_safetensors(path) if is_safetensors(path) else safe_torch_load(path, trust=False)
     except CheckpointError as error:

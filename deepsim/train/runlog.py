@@ -95,8 +95,8 @@ class RunLog:
         self.stop_agreed = False  # world > 1: some rank asked to stop, as the last all-reduced metrics said
         self.pending: PendingMetrics | None = None
         self.window_start, self.window_steps = time.perf_counter(), 0
-        self.file = (out / "metrics.jsonl").open("a") if is_main else None
         self.board = TensorBoardWriter(out, config, start_step=start) if is_main and config.tensorboard else None
+        self.file = (out / "metrics.jsonl").open("a") if is_main else None
         self.bar = TrainingProgress(config.steps, start, images_per_step=self.images_per_step) if progress and is_main else None
 
     def count_step(self) -> None:

@@ -13,7 +13,8 @@ ratio_vs_baseline[, note]. In this order:
      dispatched     what auto runs: the dispatcher's choice for the shape (its note: the choice and the
                     ratio to the better of eager and torch.compile, the issue's target: >= 1.0x)
      torch.compile  torch.compile of the eager block (last: it compiles per shape, the slow part)
-   then one row per dispatcher decision ("dispatch/<key>": the dispatcher's own timing of both paths).
+   then, per dispatcher decision, one row each for the forward, the dgrad and the wgrad ("dispatch/<part>/
+   <key>": the dispatcher's own CUDA-graph timings of Triton vs cuDNN for that part, measured separately).
 2. CUDA only: feature_distance forward + backward over comparator-like taps (batch 64, bf16), ms vs eager,
    and its achieved bandwidth as a fraction of the copy bandwidth measured in the same run (a large
    device-to-device tensor copy, read + write), the issue's target: >= 80 %.
@@ -217,14 +218,19 @@ def bench_conv_timing(device: str, batch: int, quick: bool, dtype=torch.bfloat16
 
 
 def dispatch_rows() -> list[dict]:
-    """One row per dispatcher decision of this process: the chosen path's ms, both timings in the note."""
+    """Per dispatcher decision of this process, one row per part it decided (forward, dgrad, wgrad: each
+    timed on its own as CUDA-graph replays of both implementations): the chosen one's ms, value = Triton's
+    ms with baseline cuDNN's (ratio < 1: Triton faster), exclusions (a mismatch against cuDNN) in the note."""
     rows = []
     for d in K.dispatch.decisions():
-        times = {p: d.get(f"{p}_ms") for p in K.dispatch.PATHS}
-        note = ", ".join(f"{p} {t:.4g} ms" for p, t in times.items() if t is not None) + f" ({d['source']})"
-        rows.append(
-            _row(f"dispatch/{d['key']}", f"chose {d['choice']}", "", times.get(d["choice"]), "ms", None, note)
-        )
+        for part, prefix in (("forward", ""), ("dgrad", "dgrad_"), ("wgrad", "wgrad_")):
+            times = {p: d.get(f"{prefix}{p}_ms") for p in K.dispatch.PATHS}
+            chosen = d["choice"] if part == "forward" else d.get(part, "")
+            note = ", ".join(f"{p} {t:.4g} ms" for p, t in times.items() if t is not None) + f" ({d['source']})"
+            if d.get("excluded", {}).get(part):
+                note += f"; triton excluded: {d['excluded'][part]}"
+            rows.append(_row(f"dispatch/{part}/{d['key']}", f"chose {chosen}", "cudnn", times.get("triton"), "ms",
+                             times.get("cudnn"), note))  # fmt: skip
     return rows
 
 

@@ -22,6 +22,8 @@ feature_distance, forward + backward over taps of N elements each:
 
 from __future__ import annotations
 
+from deepsim.kernels._conv_shape import conv_out_size
+
 from bench.rows import finite, row_seconds
 
 __all__ = ["add_roofline", "attach_work", "conv_work", "feature_distance_work"]
@@ -31,11 +33,10 @@ ELEMENT_SIZE = {"float32": 4, "fp32": 4, "float16": 2, "fp16": 2, "bfloat16": 2,
 
 def conv_work(batch, c_in, c_out, h_in, k, stride, padding, transposed, elem) -> tuple[float, float]:
     """(flops, bytes) of one conv(+transposed) + bias + LReLU block, forward + backward, square input."""
+    h_out = conv_out_size(h_in, k, stride, padding, transposed)
     if transposed:
-        h_out = (h_in - 1) * stride - 2 * padding + k
         fwd = 2.0 * batch * c_in * h_in * h_in * c_out * k * k
     else:
-        h_out = (h_in + 2 * padding - k) // stride + 1
         fwd = 2.0 * batch * c_out * h_out * h_out * c_in * k * k
     x = batch * c_in * h_in * h_in
     w = c_in * c_out * k * k

@@ -37,7 +37,13 @@ from dataclasses import dataclass
 
 import torch
 from deepsim.kernels import use_backend
-from deepsim.kernels._conv_configs import ConvGeometry, config_list, eligible_configs, issued_mma_efficiency
+from deepsim.kernels._conv_configs import (
+    SM_COUNT,
+    ConvGeometry,
+    config_list,
+    eligible_configs,
+    issued_mma_efficiency,
+)
 from deepsim.kernels._conv_igemm import _conv_igemm_lrelu_kernel, kernel_constexprs
 from deepsim.kernels._conv_packing import conv_weight_row_stride
 
@@ -136,28 +142,44 @@ def _tool(name: str) -> str:
 @functools.cache
 def compile_conv_kernel(constexprs: tuple, dtype: str, c_out_divisible_by_16: bool, num_warps: int,
                         num_stages: int) -> dict:  # fmt: skip
-    """Compile the conv forward kernel for sm_90 and read it: registers, local memory (spills), shared
-    memory, PTX instruction counts. Cached per process.
+    """Compile the conv forward kernel (or, with MASK_A, the dgrad) for sm_90 and read it: registers, local
+    memory (spills), shared memory, PTX instruction counts, SASS per wgmma. Cached per process.
 
     ``constexprs`` is ``kernel_constexprs(...)`` as sorted items. The signature is what the JIT builds for
     a launch: pointers 16-byte aligned (any fresh allocation), C_OUT divisible by 16 when it is, the other
     runtime sizes unspecialized (as the kernel declares).
     """
+    divisible = ("C_OUT",) if c_out_divisible_by_16 else ()
+    return compile_kernel(_conv_igemm_lrelu_kernel, constexprs, dtype, num_warps, num_stages, divisible)
+
+
+@functools.cache
+def compile_wgrad_kernel(constexprs: tuple, dtype: str, r_divisible_by_16: bool, num_warps: int,
+                         num_stages: int) -> dict:  # fmt: skip
+    """As ``compile_conv_kernel``, for the wgrad kernel (partials in fp32)."""
+    from deepsim.kernels._conv_backward import _conv_wgrad_kernel
+
+    divisible = ("R",) if r_divisible_by_16 else ()
+    return compile_kernel(_conv_wgrad_kernel, constexprs, dtype, num_warps, num_stages, divisible,
+                          fp32_pointers=("part_ptr", "bias_part_ptr"))  # fmt: skip
+
+
+def compile_kernel(fn, constexprs: tuple, dtype: str, num_warps: int, num_stages: int,
+                   divisible: tuple = (), fp32_pointers: tuple = ()) -> dict:  # fmt: skip
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    fn = _conv_igemm_lrelu_kernel
     signature, attrs = {}, {}
     for i, p in enumerate(fn.params):
         if p.is_constexpr:
             signature[p.name] = "constexpr"
         elif p.name.endswith("_ptr"):
-            signature[p.name] = POINTER_TYPES[dtype]
+            signature[p.name] = "*fp32" if p.name in fp32_pointers else POINTER_TYPES[dtype]
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
-            signature[p.name] = "fp32" if p.name == "alpha" else "i32"
-            if p.name == "C_OUT" and c_out_divisible_by_16:
+            signature[p.name] = "fp32" if "alpha" in p.name else "i32"
+            if p.name in divisible:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs), attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", *HOPPER),
@@ -176,34 +198,109 @@ def inspect_compiled(ptx: str, cubin: bytes, shared: int) -> dict:
             f.write(cubin)
         usage = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", path], capture_output=True,
                                text=True, check=True).stdout  # fmt: skip
+        sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", path], capture_output=True, text=True,
+                              check=True).stdout  # fmt: skip
     fields = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
     info = dict(registers=int(fields["REG"]), spill_bytes=int(fields["STACK"]) + int(fields["LOCAL"]),
                 shared_bytes=int(shared))  # fmt: skip
     info.update({name: len(re.findall(pattern, ptx)) for name, pattern in PTX_COUNTS.items()})
+    info["sass_per_wgmma"] = sass_per_wgmma(sass)
     return info
+
+
+def sass_per_wgmma(sass: str) -> float | None:
+    """SASS instructions per HGMMA (wgmma) in the main loop: the backward branch whose range holds the
+    most HGMMA instructions, its length in instructions / those HGMMAs. None without a wgmma loop."""
+    instrs = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    best = None
+    for addr, text in instrs:
+        target = re.search(r"\bBRA\s+(?:`\(\S+\)\s*)?0x([0-9a-f]+)", text)
+        if not target or int(target.group(1), 16) >= addr:
+            continue
+        start = int(target.group(1), 16)
+        body = [t for a, t in instrs if start <= a <= addr]
+        mma = sum("HGMMA" in t for t in body)
+        if mma and (best is None or mma > best[0]):
+            best = (mma, len(body))
+    return None if best is None else best[1] / best[0]
 
 
 # ----------------------------------------------------------------------------------------------------------
 # The report
 
 
-def layer_report(layer: Layer, dtype: str = "bf16") -> dict:
-    """One row: the layer, its eligible configs with efficiency and compiled facts, and their worst case."""
-    g = layer.geom
+KERNELS = ("forward", "dgrad", "wgrad")
+REGISTERS_PER_SM, SHARED_PER_SM, MAX_CTAS_PER_SM = 65536, 228 * 1024, 32  # H100 / H200 (sm_90)
+
+
+def ctas_per_sm(registers: int, num_warps: int, shared_bytes: int) -> int:
+    """Resident CTAs per SM allowed by registers (allocated per warp in units of 256) and shared memory
+    (plus 1 KB reserved per CTA)."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = REGISTERS_PER_SM // (per_warp * num_warps)
+    by_smem = SHARED_PER_SM // (shared_bytes + 1024)
+    return max(0, min(by_regs, by_smem, MAX_CTAS_PER_SM))
+
+
+def _kernel_configs(kind: str, g: ConvGeometry, dtype: str):
+    """(geometry the kernel runs, [(config, efficiency, programs, L2 bytes per MMA FLOP, compile thunk)])."""
+    from deepsim.kernels._conv_backward import (
+        dgrad_config_list,
+        dgrad_geometry,
+        wgrad_candidates,
+        wgrad_constexprs,
+        wgrad_efficiency,
+        wgrad_problem,
+        wgrad_splits,
+    )
+    from deepsim.kernels._conv_igemm import grid_size
+
     element = torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
     precision = "tf32" if dtype == "fp32" else "ieee"  # fp32: PyTorch's default cuDNN setting
-    w_k_stride = g.k if g.transposed else conv_weight_row_stride(g.k, element)
+    out = []
+    if kind in ("forward", "dgrad"):
+        kg = g if kind == "forward" else dgrad_geometry(g)
+        w_k_stride = kg.k if kg.transposed else conv_weight_row_stride(kg.k, element)
+        lister = config_list if kind == "forward" else dgrad_config_list
+        for c in eligible_configs(kg, element, lister(TORCH_DTYPES[dtype], precision)):
+            ce = kernel_constexprs(kg, c, has_bias=kind == "forward", precision=precision, w_k_stride=w_k_stride,
+                                   dgrad=kind == "dgrad")  # fmt: skip
+            tiles, classes = grid_size(kg, c)
+            a_reads = 2 if kind == "dgrad" else 1  # the dgrad reads out beside grad_out (the mask)
+            l2 = element * (a_reads * c.block_m + c.block_n) / (2 * c.block_m * c.block_n)
+            out.append((c, issued_mma_efficiency(kg, c), tiles * classes, l2, kg.C_in % c.block_k == 0,
+                        lambda ce=ce, c=c, kg=kg: compile_conv_kernel(tuple(sorted(ce.items())), dtype,
+                                                                      kg.C_out % 16 == 0, c.num_warps,
+                                                                      c.num_stages)))  # fmt: skip
+        return kg, out
+    p = wgrad_problem(g)
+    for c in wgrad_candidates(g, TORCH_DTYPES[dtype], precision):
+        ce = wgrad_constexprs(g, c, bias=not g.transposed, precision=precision)
+        splits, _ = wgrad_splits(g, c)
+        tiles = -(-p["R"] // c.block_m) * -(-p["KCOLS"] // c.block_n)
+        rows, cols = (c.block_m, 2 * c.block_n) if g.transposed else (2 * c.block_m, c.block_n)  # + the mask
+        l2 = element * (rows + cols) / (2 * c.block_m * c.block_n)
+        out.append((c, wgrad_efficiency(g, c), tiles * splits, l2, p["C"] % c.block_n == 0,
+                    lambda ce=ce, c=c: compile_wgrad_kernel(tuple(sorted(ce.items())), dtype, p["R"] % 16 == 0,
+                                                            c.num_warps, c.num_stages)))  # fmt: skip
+    return g, out
+
+
+def layer_report(layer: Layer, dtype: str = "bf16", kernel: str = "forward") -> dict:
+    """One row: the layer, one of its kernels (forward, dgrad, wgrad), the configs the tuner may pick with
+    efficiency, compiled facts, occupancy and waves, and their worst case."""
+    g = layer.geom
+    kg, candidates = _kernel_configs(kernel, g, dtype)
     configs = []
-    for config in eligible_configs(g, element, config_list(TORCH_DTYPES[dtype], precision)):
-        constexprs = kernel_constexprs(g, config, has_bias=True, precision=precision, w_k_stride=w_k_stride)
-        facts = compile_conv_kernel(tuple(sorted(constexprs.items())), dtype, g.C_out % 16 == 0,
-                                    config.num_warps, config.num_stages)  # fmt: skip
-        k_tiles = "within a tap" if g.C_in % config.block_k == 0 else "across taps"
-        configs.append(dict(config=config.name, efficiency=issued_mma_efficiency(g, config), k_tiles=k_tiles,
-                            **facts))  # fmt: skip
+    for config, efficiency, programs, l2, within, compile_it in candidates:
+        facts = compile_it()
+        ctas = ctas_per_sm(facts["registers"], config.num_warps, facts["shared_bytes"])
+        configs.append(dict(config=config.name, efficiency=efficiency, programs=programs, ctas_per_sm=ctas,
+                            waves=programs / (SM_COUNT * max(ctas, 1)), l2_bytes_per_flop=l2,
+                            k_tiles="within a tap" if within else "across taps", **facts))  # fmt: skip
     return dict(
-        network=layer.network, layer=layer.name, shape=layer.shape, dtype=dtype,
-        M=g.N * g.out_size[0] * g.out_size[1], K=g.KH * g.KW * g.C_in, classes=g.classes,
+        network=layer.network, layer=layer.name, shape=layer.shape, dtype=dtype, kernel=kernel,
+        M=g.N * g.out_size[0] * g.out_size[1], K=g.KH * g.KW * g.C_in, classes=kg.classes,
         configs=configs,
         min_efficiency=min(c["efficiency"] for c in configs),
         max_registers=max(c["registers"] for c in configs),
@@ -211,21 +308,27 @@ def layer_report(layer: Layer, dtype: str = "bf16") -> dict:
         max_shared_bytes=max(c["shared_bytes"] for c in configs),
         wgmma=all(c["wgmma"] > 0 for c in configs),
         async_loads=all(c["cp_async"] + c["tma"] > 0 for c in configs),
+        min_waves=min(c["waves"] for c in configs),
+        max_l2_bytes_per_flop=max(c["l2_bytes_per_flop"] for c in configs),
+        max_sass_per_wgmma=max((c["sass_per_wgmma"] or 0.0) for c in configs),
     )  # fmt: skip
 
 
-def _report_here(batch: int, dtype: str) -> list[dict]:
-    return [layer_report(layer, dtype) for layer in network_layers(batch)]
+def _report_here(batch: int, dtype: str, kernels=KERNELS, networks=None) -> list[dict]:
+    return [layer_report(layer, dtype, kernel) for layer in network_layers(batch)
+            if networks is None or layer.network in networks for kernel in kernels]  # fmt: skip
 
 
-def static_report(batch: int = BATCH, dtype: str = "bf16") -> list[dict]:
-    """The rows of the report (see the module docstring); in a subprocess if this process interprets
-    Triton (TRITON_INTERPRET=1, where triton.compile cannot lower kernels)."""
+def static_report(batch: int = BATCH, dtype: str = "bf16", kernels=KERNELS, networks=None) -> list[dict]:
+    """The rows of the report (see the module docstring): per layer, one row per kernel in ``kernels``
+    (forward, dgrad, wgrad), of the networks named in ``networks`` (default all); in a subprocess if this
+    process interprets Triton (TRITON_INTERPRET=1, where triton.compile cannot lower kernels)."""
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
-        return _report_here(batch, dtype)
+        return _report_here(batch, dtype, kernels, networks)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "bench.static", "--batch", str(batch), "--dtype", dtype, "--json"],
-                          env=env, capture_output=True, text=True, cwd=_repo_root())  # fmt: skip
+    args = [sys.executable, "-m", "bench.static", "--batch", str(batch), "--dtype", dtype, "--json",
+            "--kernels", ",".join(kernels)] + (["--networks", ";".join(networks)] if networks else [])  # fmt: skip
+    done = subprocess.run(args, env=env, capture_output=True, text=True, cwd=_repo_root())
     if done.returncode != 0:
         raise RuntimeError(f"python -m bench.static failed:\n{done.stdout}\n{done.stderr}")
     return json.loads(done.stdout)
@@ -236,18 +339,21 @@ def _repo_root() -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """A fixed-width table, one line per layer (worst case over its eligible configs)."""
-    head = (f"{'network':<18} {'layer':<16} {'shape':<34} {'configs':>7} {'eff min':>7} {'regs':>4} "
-            f"{'spill':>5} {'smem KB':>7} {'wgmma':>5} {'async':>5} {'cp.async/ld':>11}")  # fmt: skip
+    """A fixed-width table, one line per layer and kernel (worst case over its eligible configs)."""
+    head = (f"{'network':<18} {'layer':<16} {'shape':<34} {'kernel':<7} {'configs':>7} {'eff min':>7} "
+            f"{'regs':>4} {'spill':>5} {'smem KB':>7} {'wgmma':>5} {'async':>5} {'cp.async/ld':>11} "
+            f"{'CTA/SM':>6} {'waves':>6} {'L2 B/FLOP':>9} {'SASS/wgmma':>10}")  # fmt: skip
     lines = [head, "-" * len(head)]
     for r in rows:
         cp_async = min(c["cp_async"] for c in r["configs"])
         ld_global = max(c["ld_global"] for c in r["configs"])
+        ctas = min(c["ctas_per_sm"] for c in r["configs"])
         lines.append(
-            f"{r['network']:<18} {r['layer']:<16} {r['shape']:<34} {len(r['configs']):>7} "
-            f"{r['min_efficiency']:>7.3f} {r['max_registers']:>4} {r['spill_bytes']:>5} "
+            f"{r['network']:<18} {r['layer']:<16} {r['shape']:<34} {r.get('kernel', 'forward'):<7} "
+            f"{len(r['configs']):>7} {r['min_efficiency']:>7.3f} {r['max_registers']:>4} {r['spill_bytes']:>5} "
             f"{r['max_shared_bytes'] / 1024:>7.0f} {'yes' if r['wgmma'] else 'NO':>5} "
-            f"{'yes' if r['async_loads'] else 'NO':>5} {f'{cp_async}/{ld_global}':>11}"
+            f"{'yes' if r['async_loads'] else 'NO':>5} {f'{cp_async}/{ld_global}':>11} {ctas:>6} "
+            f"{r['min_waves']:>6.2f} {r['max_l2_bytes_per_flop']:>9.4f} {r['max_sass_per_wgmma']:>10.1f}"
         )
     return "\n".join(lines)
 
@@ -257,8 +363,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=BATCH, help="batch size of the layer shapes (default 64)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(POINTER_TYPES), help="operand dtype")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
+    parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated: forward,dgrad,wgrad")
+    parser.add_argument("--networks", default=None, help="';'-separated network labels (default: all)")
     args = parser.parse_args(argv)
-    rows = static_report(args.batch, args.dtype)
+    kernels = tuple(k for k in args.kernels.split(",") if k)
+    if set(kernels) - set(KERNELS):
+        parser.error(f"--kernels {args.kernels!r}: expected some of {','.join(KERNELS)}")
+    rows = static_report(args.batch, args.dtype, kernels, args.networks.split(";") if args.networks else None)
     print(json.dumps(rows) if args.json else format_table(rows))
     return 0
 

@@ -41,7 +41,9 @@ inversion eager step with a narrower generator): CPU numbers say nothing about a
 64x64, with CPU stand-ins that compile nothing (the compiled variants run the same functional step
 uncompiled; tests/test_compiled_step.py checks the compiled step itself). Targets on an H100 (issue 5):
 compiled-step-cudagraphs >= 3x eager, >= 1.3x compile-modules-max-autotune, >= 40,000 images/s for the
-autoencoder.
+autoencoder. The cudagraphs row also gives the measured against the estimated seconds per step
+(bench/time_model.py's estimate, kept in bench/step_estimates.json: ``estimated_step_s``,
+``measured_step_s``, ``measured_over_estimate``; the target is within 2x).
 
     python3 -m bench.step [--quick] [--device cuda|cpu]
 """
@@ -49,9 +51,11 @@ autoencoder.
 from __future__ import annotations
 
 import copy
+import json
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch._dynamo
@@ -263,6 +267,27 @@ def _graph_break_row(workload: Workload, breaks: int, graphs: int, stand_in: str
                         ratio_vs_baseline=None, graphs=graphs, note=note)  # fmt: skip
 
 
+ESTIMATES = Path(__file__).with_name("step_estimates.json")  # bench.time_model's, written on a CPU machine
+
+
+def _with_estimate(workload: Workload, row: dict) -> dict:
+    """Measured against estimated seconds per step (bench.time_model's estimate for the same workload and
+    batch, from ESTIMATES), so the model can be corrected: ``estimated_step_s``, ``measured_over_estimate``."""
+    try:
+        estimates = json.loads(ESTIMATES.read_text())
+    except (OSError, ValueError):
+        return row
+    task = "invert-fc6" if workload.config.task == "invert" else workload.config.task
+    for e in estimates:
+        if e.get("workload") == task and e.get("batch") == workload.config.batch_size and e.get("kernels") == "auto":
+            measured = workload.config.batch_size / row["value"] if row.get("value") else None
+            row["estimated_step_s"] = e["estimated_step_s"]
+            row["measured_step_s"] = measured
+            row["measured_over_estimate"] = None if measured is None else measured / e["estimated_step_s"]
+            break
+    return row
+
+
 def _measure_cudagraphs(workload: Workload, variant: Variant, rows: list[dict]) -> None:
     """The cudagraphs variant, compiled with cudagraph_or_error so that a silent fallback fails the check
     row; after a failure it is timed again the way inductor falls back. Appends the check row, then the
@@ -281,11 +306,11 @@ def _measure_cudagraphs(workload: Workload, variant: Variant, rows: list[dict]) 
         row = workload.measure(variant)
         row["note"] = "; ".join(filter(None, [row.get("note"), "CUDA graphs fell back (see the check row)"]))
         row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
-        rows.append(row)
+        rows.append(_with_estimate(workload, row))
         return
     row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
     rows.append(check)
-    rows.append(row)
+    rows.append(_with_estimate(workload, row))
 
 
 def _failed(workload: Workload, variant: str, error: Exception) -> dict:

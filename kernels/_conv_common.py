@@ -1,32 +1,37 @@
-"""What conv_lrelu and conv_transpose_lrelu share: argument checks, layouts, the backward, the fake
-implementations' shapes and the autograd plumbing.
+"""The body conv_lrelu and conv_transpose_lrelu share: argument checks, layouts, the forward launcher, the
+backward, the custom ops' fake implementations, the dispatcher's paths and the public call.
 
-Both ops save only (x, W, out) and differentiate the same way; they differ in the forward kernel and in
-the ``transposed`` flag handed to ``aten.convolution_backward`` (which also says where C_in / C_out sit in
-the weight: (C_out, C_in, KH, KW) for a convolution, (C_in, C_out, KH, KW) for a transposed one):
-    grad_pre = grad_out * (1 if out > 0 else alpha)   } one Triton pass, deterministic (fixed-order
-    grad_b   = sum_{n,h,w} grad_pre                   } partial channel sums, no atomics): lrelu_bias_grads
-    grad_x, grad_W = aten.convolution_backward(grad_pre, x, W, transposed)    (cuDNN on CUDA, not Triton)
-
-Why dgrad/wgrad are cuDNN's and not Triton implicit GEMMs that apply the LReLU mask as they load grad_out
-(which would never write grad_pre): no GPU has measured either yet, cuDNN's dgrad/wgrad are tuned per
-shape for Hopper, and a Triton wgrad needs a split reduction over N*OH*OW (up to 65536 rows here) to be
-deterministic without atomics. What the Triton pass saves is real and device-independent: the separate
-bias reduction (one full read of grad_pre) is gone, and a gradient nobody asked for is never computed.
-An unneeded gradient (output_mask False) comes back as a fresh empty tensor, a distinct one per slot: a
-custom op's outputs may not alias each other (torch.library checks it, eager and fake alike).
+The two ops differ in ``transposed`` only (which also says where C_in / C_out sit in the weight:
+(C_out, C_in, KH, KW) for a conv, (C_in, C_out, KH, KW) for a transposed one). Both save (x, W, out) and
+differentiate the same way; the slope of the LReLU is read from sign(out) (alpha >= 0):
+    grad_pre = grad_out * (1 if out > 0 else alpha)      (never written on the Triton path)
+    grad_x   = dgrad(grad_pre, W)    grad_W = wgrad(x, grad_pre)    grad_b = sum_{n,h,w} grad_pre
+Per gradient, "triton" (kernels/_conv_backward.py: the mask applied as grad_out is loaded) or "cudnn"
+(one Triton pass writes grad_pre, then aten.convolution_backward). An unneeded gradient comes back as a
+fresh empty tensor, a distinct one per slot (a custom op's outputs may not alias each other).
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
 
-from ._backend import HAS_TRITON, INTERPRET
+import torch
+import torch.nn.functional as F
+
+from ._backend import HAS_TRITON, INTERPRET, register_op
+from ._conv_configs import ConvGeometry
+from ._conv_igemm import conv_igemm_forward
 from ._conv_igemm import input_precision as _igemm_input_precision
-from .bias_lrelu import lrelu_bias_grads
+from ._conv_shape import as_int, conv_out_size, normalize_padding
+from .bias_lrelu import bias_lrelu, lrelu_bias_grads
 
 # Autotune key of both forward kernels (their argument names).
 AUTOTUNE_KEY = ["N", "C_in", "H", "W", "C_out", "OH", "OW", "KH", "KW", "STRIDE", "PAD"]
+# dtypes the Triton and cuDNN paths take; anything else (fp64...) runs the reference or is rejected.
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+IMPLS = ("triton", "cudnn")  # per-gradient implementations of the backward
+
+__all__ = ["as_int", "conv_out_size", "memory_format_of"]
 
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
@@ -53,15 +58,6 @@ def use_triton_impl(t: torch.Tensor) -> bool:
     return HAS_TRITON and (t.is_cuda or INTERPRET)
 
 
-def as_int(value, name: str) -> int:
-    """Accept an int or a square pair (s, s); anything else is an error naming the argument."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2 or value[0] != value[1]:
-            raise ValueError(f"{name}={value!r}: only square values are supported (an int or (v, v))")
-        value = value[0]
-    return int(value)
-
-
 def check_conv_args(x, weight, bias, alpha, op: str, c_in_dim: int):
     if x.dim() != 4 or weight.dim() != 4:
         raise ValueError(
@@ -75,28 +71,93 @@ def check_conv_args(x, weight, bias, alpha, op: str, c_in_dim: int):
         )
 
 
+def geometry(x_shape, w_shape, stride: int, padding: int, transposed: bool) -> ConvGeometry:
+    """The forward problem of a call: x (N, C_in, H, W), weight in the op's layout."""
+    n, c_in, h, w = (int(v) for v in x_shape)
+    c_out = int(w_shape[1] if transposed else w_shape[0])
+    return ConvGeometry(transposed, n, c_in, h, w, c_out, int(w_shape[2]), int(w_shape[3]), stride, padding)
+
+
+def op_name(transposed: bool) -> str:
+    return "conv_transpose_lrelu" if transposed else "conv_lrelu"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward
+
+
+def conv_forward(x, weight, bias, stride: int, padding: int, alpha: float, *, transposed: bool) -> torch.Tensor:
+    """Launch the fused forward kernel: (N, C_out, OH, OW) in x's memory format and dtype (weight and
+    bias must have x's dtype). See ``conv_lrelu_forward`` / ``conv_transpose_lrelu_forward``."""
+    geom = geometry(x.shape, weight.shape, stride, padding, transposed)
+    oh, ow = geom.out_size
+    if oh <= 0 or ow <= 0:
+        raise ValueError(f"{op_name(transposed)}: input {geom.H}x{geom.W} with kernel {geom.KH}x{geom.KW}, "
+                         f"stride {stride}, padding {padding} leaves no output")  # fmt: skip
+    out = empty_conv_output(x, geom.C_out, oh, ow)
+    if out.numel() == 0:
+        return out
+    return conv_igemm_forward(x, weight, bias, geom, alpha, out)
+
+
+def forward_impl(x, weight, bias, stride, padding, alpha, *, transposed: bool, reference: Callable):
+    """The forward custom op's body: Triton where it runs, the reference elsewhere."""
+    if use_triton_impl(x):
+        return conv_forward(x, weight, bias, stride, padding, alpha, transposed=transposed)
+    out = reference(x, weight, bias, stride, padding, alpha)
+    return out.contiguous(memory_format=memory_format_of(x))
+
+
+def forward_fake(x, weight, stride, padding, *, transposed: bool) -> torch.Tensor:
+    geom = geometry(x.shape, weight.shape, stride, padding, transposed)
+    return empty_conv_output(x, geom.C_out, *geom.out_size)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Backward
+
+
 def _nothing(like: torch.Tensor) -> torch.Tensor:
     """A fresh empty tensor for a gradient nobody asked for (one per slot: outputs may not alias)."""
     return like.new_empty(0)
 
 
 def conv_lrelu_grads(grad_out, out, x, weight, has_bias: bool, stride: int, padding: int, alpha: float,
-                     output_mask: list[bool], *, transposed: bool):  # fmt: skip
+                     output_mask: list[bool], *, transposed: bool, dgrad: str = "cudnn",
+                     wgrad: str = "cudnn"):  # fmt: skip
     """(grad_x, grad_weight, grad_bias) of lrelu(conv(x, W) + b), or of conv_transpose when ``transposed``;
     an unneeded one (output_mask False, or no bias) comes back as a fresh empty tensor.
 
-    One Triton pass for grad_pre and grad_b (``lrelu_bias_grads``), then aten.convolution_backward for
-    the ones of grad_x, grad_W that are needed (skipped when neither is).
+    ``dgrad`` / ``wgrad`` ("triton" | "cudnn") pick the implementation of grad_x / grad_W (and grad_b with
+    it): "triton" applies the LReLU mask as grad_out is loaded (kernels/_conv_backward.py); "cudnn" runs one
+    Triton pass for grad_pre (and grad_b) and then aten.convolution_backward. Where Triton cannot run,
+    both are the aten path (with the PyTorch reference of the mask pass).
     """
+    from ._conv_backward import conv_dgrad, conv_wgrad
+
     need_x, need_w = bool(output_mask[0]), bool(output_mask[1])
     need_b = bool(output_mask[2]) and has_bias
-    grad_pre, gb = lrelu_bias_grads(grad_out, out, alpha, need_x or need_w, need_b)
-    gx = gw = None
-    if need_x or need_w:
-        gx, gw, _ = torch.ops.aten.convolution_backward(
-            grad_pre, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], transposed, [0, 0], 1,
-            [need_x, need_w, False],
-        )  # fmt: skip
+    triton_ok = use_triton_impl(grad_out)
+    tri_x = need_x and triton_ok and dgrad == "triton"
+    tri_w = need_w and triton_ok and wgrad == "triton"
+    geom = geometry(x.shape, weight.shape, stride, padding, transposed)
+    gx = gw = gb = None
+    if tri_x:
+        gx = conv_dgrad(grad_out, out, weight, geom, alpha)
+    if tri_w:  # a conv's bias gradient comes out of the wgrad reduction
+        gw, gb = conv_wgrad(grad_out, out, x, geom, alpha, need_b and not transposed)
+    aten_x, aten_w = need_x and not tri_x, need_w and not tri_w
+    need_b_pass = need_b and gb is None
+    if aten_x or aten_w or need_b_pass:
+        grad_pre, gb_pass = lrelu_bias_grads(grad_out, out, alpha, aten_x or aten_w, need_b_pass)
+        gb = gb_pass if need_b_pass else gb
+        if aten_x or aten_w:
+            ax, aw, _ = torch.ops.aten.convolution_backward(
+                grad_pre, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], transposed, [0, 0], 1,
+                [aten_x, aten_w, False],
+            )  # fmt: skip
+            gx = ax if aten_x else gx
+            gw = aw if aten_w else gw
     # Fixed layouts (x's and weight's memory format), as the fake implementation promises torch.compile.
     return (
         gx.contiguous(memory_format=memory_format_of(x)) if need_x else _nothing(out),
@@ -121,20 +182,112 @@ def conv_lrelu_grads_fake(out, x, weight, has_bias: bool, output_mask: list[bool
 
 # ----------------------------------------------------------------------------------------------------------
 # Autograd plumbing shared by ConvLReluFunction and ConvTransposeLReluFunction (inputs: x, W, b, stride,
-# padding, alpha). Saved for backward: x (for grad_W), W (for grad_x) and out (for the LReLU slope).
+# padding, alpha, dgrad, wgrad). Saved for backward: x (for grad_W), W (for grad_x) and out (the slope).
 
 
 def save_for_lrelu_backward(ctx, inputs, output) -> None:
-    x, weight, bias, stride, padding, alpha = inputs
+    x, weight, bias, stride, padding, alpha, dgrad, wgrad = inputs
     ctx.save_for_backward(x, weight, output)
-    ctx.conf = (bias is not None, stride, padding, alpha)
+    ctx.conf = (bias is not None, stride, padding, alpha, dgrad, wgrad)
 
 
 def lrelu_conv_backward(ctx, grad_out, backward_op):
-    """Gradients for (x, W, b, stride, padding, alpha) through the registered ``backward_op``."""
+    """Gradients for (x, W, b, stride, padding, alpha, dgrad, wgrad) through the registered ``backward_op``."""
     x, weight, out = ctx.saved_tensors
-    has_bias, stride, padding, alpha = ctx.conf
+    has_bias, stride, padding, alpha, dgrad, wgrad = ctx.conf
     mask = [bool(m) for m in ctx.needs_input_grad[:3]]
-    gx, gw, gb = backward_op(grad_out, out, x, weight, has_bias, stride, padding, alpha, mask)
+    gx, gw, gb = backward_op(grad_out, out, x, weight, has_bias, stride, padding, alpha, mask, dgrad, wgrad)
     return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] and has_bias else None,
-            None, None, None)  # fmt: skip
+            None, None, None, None, None)  # fmt: skip
+
+
+def _no_double_backward(op: str):
+    """(setup_context, backward) for a backward op: differentiating it again is an error naming the op."""
+
+    def setup_context(ctx, inputs, output):
+        pass
+
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            f"{op}: double backward (a gradient of its gradient) is not implemented on the Triton path; "
+            "run with DEEPSIM_KERNELS=reference (or use_backend('reference')) for higher-order gradients"
+        )
+
+    return setup_context, backward
+
+
+def register_backward_op(transposed: bool):
+    """``deepsim::<op>_backward``: (grad_out, out, x, W, has_bias, stride, padding, alpha, output_mask,
+    dgrad, wgrad) -> (grad_x, grad_W, grad_b); differentiating it raises a clear error."""
+    op = op_name(transposed)
+
+    def impl(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
+             stride: int, padding: int, alpha: float, output_mask: list[bool], dgrad: str = "triton",
+             wgrad: str = "triton"
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        return conv_lrelu_grads(grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask,
+                                transposed=transposed, dgrad=dgrad, wgrad=wgrad)  # fmt: skip
+
+    def fake(grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask, dgrad="triton",
+             wgrad="triton"):
+        return conv_lrelu_grads_fake(out, x, weight, has_bias, output_mask, transposed=transposed)
+
+    setup_context, backward = _no_double_backward(op)
+    return register_op(f"{op}_backward", impl, fake=fake, setup_context=setup_context, backward=backward)
+
+
+def register_forward_op(transposed: bool, reference: Callable, function: type):
+    """``deepsim::<op>``: (x, W, b, stride, padding, alpha, dgrad, wgrad) -> out, with ``function``'s
+    setup_context and backward (``dgrad`` / ``wgrad`` name the backward's implementations)."""
+
+    def impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int,
+             alpha: float, dgrad: str = "triton", wgrad: str = "triton") -> torch.Tensor:  # fmt: skip
+        return forward_impl(x, weight, bias, stride, padding, alpha, transposed=transposed, reference=reference)
+
+    def fake(x, weight, bias, stride, padding, alpha, dgrad="triton", wgrad="triton"):
+        return forward_fake(x, weight, stride, padding, transposed=transposed)
+
+    return register_op(op_name(transposed), impl, fake=fake, setup_context=function.setup_context,
+                       backward=function.backward)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The dispatcher's paths and the public call
+
+
+def run_path(path: str, x, weight, bias, stride: int, padding: int, alpha: float, *, transposed: bool,
+             reference: Callable, fused_op, dgrad: str = "triton", wgrad: str = "triton") -> torch.Tensor:  # fmt: skip
+    """One of the dispatcher's forward paths (kernels/dispatch.py), with autograd: "triton" (the fused
+    custom op, whose backward runs ``dgrad`` / ``wgrad``), "cudnn" (aten conv without bias + the Triton
+    bias+LReLU epilogue; aten backward) or "reference" (eager)."""
+    if path == "reference":
+        return reference(x, weight, bias, stride, padding, alpha)
+    if torch.is_autocast_enabled(x.device.type):  # custom ops skip autocast: cast as F.conv2d would
+        x = x.to(torch.get_autocast_dtype(x.device.type))
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{op_name(transposed)}: dtype {x.dtype} is not supported by the {path} path "
+                         "(fp32, fp16, bf16); use DEEPSIM_KERNELS=reference")  # fmt: skip
+    weight = weight.to(x.dtype)
+    bias = bias.to(x.dtype) if bias is not None else None
+    if path == "cudnn":
+        aten = F.conv_transpose2d if transposed else F.conv2d
+        return bias_lrelu(aten(x, weight, None, stride=stride, padding=padding), bias, alpha)
+    return fused_op(x, weight, bias, stride, padding, alpha, dgrad, wgrad)
+
+
+def public_call(x, weight, bias, stride, padding, alpha, *, transposed: bool, run: Callable) -> torch.Tensor:
+    """Check and normalise the arguments of a public conv op, ask the dispatcher for the path, run it."""
+    from .dispatch import backward_impls, conv_path
+
+    op = op_name(transposed)
+    check_conv_args(x, weight, bias, float(alpha), op, 0 if transposed else 1)
+    stride = as_int(stride, "stride")
+    if stride < 1:
+        raise ValueError(f"{op}: stride={stride} must be >= 1")
+    padding = normalize_padding(padding, (int(weight.shape[2]), int(weight.shape[3])), stride, op, transposed)
+    alpha = float(alpha)
+    path = conv_path(op, x, weight, bias, stride, padding, alpha, run)
+    if path != "triton":
+        return run(path, x, weight, bias, stride, padding, alpha)
+    dgrad, wgrad = backward_impls(op, x, weight, bias, stride, padding)
+    return run(path, x, weight, bias, stride, padding, alpha, dgrad=dgrad, wgrad=wgrad)

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 
 from ._backend import AUTOTUNE, INTERPRET
+from ._conv_shape import conv_out_size
 
 MIN_EFFICIENCY = 0.85  # issued-MMA efficiency a config needs to be eligible for a shape
 MAX_CANDIDATES = 3  # eligible configs timed per shape (best static score first)
@@ -66,13 +67,12 @@ class ConvGeometry:
     KW: int
     stride: int
     padding: int
+    output_padding: tuple[int, int] = (0, 0)  # up-conv only: extra output rows, columns (a conv's dgrad)
 
     @property
     def out_size(self) -> tuple[int, int]:
-        s, p = self.stride, self.padding
-        if self.transposed:
-            return (self.H - 1) * s - 2 * p + self.KH, (self.W - 1) * s - 2 * p + self.KW
-        return (self.H + 2 * p - self.KH) // s + 1, (self.W + 2 * p - self.KW) // s + 1
+        s, p, t, (oph, opw) = self.stride, self.padding, self.transposed, self.output_padding
+        return conv_out_size(self.H, self.KH, s, p, t, oph), conv_out_size(self.W, self.KW, s, p, t, opw)
 
     @property
     def taps(self) -> tuple[int, int]:
@@ -114,7 +114,7 @@ class ConvGeometry:
         oh, ow = self.out_size
         bucket = 1 << max(0, (self.N * oh * ow - 1).bit_length())
         return (self.transposed, self.C_in, self.H, self.W, self.C_out, self.KH, self.KW, self.stride,
-                self.padding, bucket)  # fmt: skip
+                self.padding, self.output_padding, bucket)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -148,8 +148,6 @@ GPU_CONFIGS = [
     ConvConfig(bm, bn, bk, w, s)
     for bm, bn, bk, w, s in [
         (128, 128, 64, 8, 3),
-        (128, 256, 64, 8, 3),
-        (256, 128, 64, 8, 3),
         (128, 64, 64, 4, 4),
         (64, 128, 64, 4, 4),
         (64, 64, 64, 4, 4),
@@ -236,18 +234,31 @@ def eligible_configs(geom: ConvGeometry, element_size: int = 2, configs=None) ->
 # ----------------------------------------------------------------------------------------------------------
 # Tuner
 
-_forced: list[ConvConfig] = []  # innermost force_config() last
+_forced: list[tuple[ConvConfig, tuple[str, ...]]] = []  # innermost force_config() last
 _tuned: dict[tuple, ConvConfig] = {}  # (op, tuning key, dtype, device, precision) -> winner
+FORWARD_OPS = ("conv", "conv_transpose")
+KERNEL_OPS = (*FORWARD_OPS, "dgrad_conv", "dgrad_conv_transpose", "wgrad_conv", "wgrad_conv_transpose")
 
 
 @contextlib.contextmanager
-def force_config(config: ConvConfig):
-    """Run every conv forward launch in the block with ``config``, eligible or not (tests, benchmarks)."""
-    _forced.append(config)
+def force_config(config: ConvConfig, ops: tuple[str, ...] = FORWARD_OPS):
+    """Run every launch of the kernels ``ops`` (default: the forward ones; see KERNEL_OPS) in the block
+    with ``config``, eligible or not (tests, benchmarks)."""
+    unknown = set(ops) - set(KERNEL_OPS)
+    if unknown:
+        raise ValueError(f"force_config: unknown ops {sorted(unknown)}; expected some of {KERNEL_OPS}")
+    _forced.append((config, tuple(ops)))
     try:
         yield
     finally:
         _forced.pop()
+
+
+def forced_config(op: str) -> ConvConfig | None:
+    for config, ops in reversed(_forced):
+        if op in ops:
+            return config
+    return None
 
 
 def tuned_configs() -> dict[tuple, ConvConfig]:
@@ -272,24 +283,30 @@ def default_timer(launch: Callable[[], None]) -> float:
 
 def choose_config(op: str, geom: ConvGeometry, x: torch.Tensor, precision: str,
                   launch: Callable[[ConvConfig], None], *, timer: Callable | None = None,
-                  autotune: bool | None = None) -> ConvConfig:  # fmt: skip
+                  autotune: bool | None = None, candidates: list[ConvConfig] | None = None
+                  ) -> ConvConfig:  # fmt: skip
     """The config to run ``geom`` with: forced > cached decision > timed candidates > static pick.
 
     Args:
-        op: "conv" or "conv_transpose" (part of the cache key).
+        op: one of KERNEL_OPS (part of the cache key).
         x: the input (its dtype and device are part of the key; timing only on CUDA).
         precision: the tl.dot input precision (fp32 TF32 or IEEE time differently).
         launch: runs the kernel once with a config (used for timing; its output is overwritten later).
         timer: ms per call of a no-argument launch; default ``default_timer`` (tests pass a fake one).
         autotune: time candidates at all; default: DEEPSIM_AUTOTUNE and not the interpreter.
+        candidates: the configs to choose from, best static pick first (the wgrad kernel's own list);
+            default the forward kernel's eligible configs for ``geom``.
     """
-    if _forced:
-        return _forced[-1]
-    candidates = eligible_configs(geom, x.element_size(), config_list(x.dtype, precision))
+    forced = forced_config(op)
+    if forced is not None:
+        return forced
+    own_list = candidates is not None
+    if not own_list:
+        candidates = eligible_configs(geom, x.element_size(), config_list(x.dtype, precision))
     key = (op, geom.tuning_key(), x.dtype, str(x.device), precision)
     cached = _tuned.get(key)
     if cached is not None:
-        usable = cached in candidates or is_eligible(geom, cached, x.element_size())  # same list: same key
+        usable = cached in candidates or (not own_list and is_eligible(geom, cached, x.element_size()))
         return cached if usable else candidates[0]
     autotune = (AUTOTUNE and not INTERPRET) if autotune is None else autotune
     if len(candidates) == 1 or not autotune or _capturing(x.device):

@@ -77,13 +77,16 @@ _RUNTIME_SIZES = ["N", "H", "W", "OH", "OW", "ROWS_H", "ROWS_W", "STRIDE", "PAD"
 
 @triton.jit(do_not_specialize=_RUNTIME_SIZES)
 def _conv_igemm_lrelu_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr,
-    N, H, W, OH, OW, ROWS_H, ROWS_W, C_OUT, STRIDE, PAD, alpha,
+    x_ptr, w_ptr, b_ptr, out_ptr, m_ptr,
+    N, H, W, OH, OW, ROWS_H, ROWS_W, C_OUT, STRIDE, PAD, alpha, mask_alpha,
     C_IN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TRANSPOSED: tl.constexpr,
     TH: tl.constexpr, TW: tl.constexpr,
     W_K_STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
+    MASK_A: tl.constexpr, LRELU: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    # MASK_A (the dgrad): x is grad_out and m the saved forward output of the same shape; the A operand is
+    # x * (1 if m > 0 else mask_alpha), the LReLU mask applied as it is loaded. LRELU False: no activation.
     # Reduction length of one GEMM (a conv, or one parity class of an up-conv): TH * TW taps x C_in.
     K_TOTAL: tl.constexpr = TH * TW * C_IN
     n_tiles = tl.cdiv(C_OUT, BLOCK_N)
@@ -138,8 +141,11 @@ def _conv_igemm_lrelu_kernel(
             ih = ih0 + th
             iw = iw0 + tw
             a_ok = row_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_ptrs = x_ptr + ((pix0 + th * W + tw) * C_IN)[:, None] + ci[None, :]
-            a = tl.load(a_ptrs, mask=a_ok[:, None], other=0.0)
+            a_off = ((pix0 + th * W + tw) * C_IN)[:, None] + ci[None, :]
+            a = tl.load(x_ptr + a_off, mask=a_ok[:, None], other=0.0)
+            if MASK_A:
+                sign = tl.load(m_ptr + a_off, mask=a_ok[:, None], other=0.0)
+                a = tl.where(sign > 0, a, a * mask_alpha).to(x_ptr.dtype.element_ty)
             if TRANSPOSED:
                 kh = kh0 + STRIDE * (TH - 1 - th)
                 kw = kw0 + STRIDE * (TW - 1 - tw)
@@ -161,8 +167,11 @@ def _conv_igemm_lrelu_kernel(
             ih = ih0[:, None] + th[None, :]
             iw = iw0[:, None] + tw[None, :]
             a_ok = row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            a_ptrs = x_ptr + (pix0[:, None] + (th * W + tw)[None, :]) * C_IN + ci[None, :]
-            a = tl.load(a_ptrs, mask=a_ok, other=0.0)
+            a_off = (pix0[:, None] + (th * W + tw)[None, :]) * C_IN + ci[None, :]
+            a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
+            if MASK_A:
+                sign = tl.load(m_ptr + a_off, mask=a_ok, other=0.0)
+                a = tl.where(sign > 0, a, a * mask_alpha).to(x_ptr.dtype.element_ty)
             if TRANSPOSED:
                 kh = kh0 + STRIDE * (TH - 1 - th)
                 kw = kw0 + STRIDE * (TW - 1 - tw)
@@ -179,7 +188,10 @@ def _conv_igemm_lrelu_kernel(
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=co_ok, other=0.0).to(tl.float32)[None, :]
-    out = tl.where(acc > 0, acc, acc * alpha)
+    if LRELU:
+        out = tl.where(acc > 0, acc, acc * alpha)
+    else:
+        out = acc
     o_pix = (n * OH + oh) * OW + ow
     o_ptrs = out_ptr + (o_pix * C_OUT)[:, None] + offs_n[None, :]
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & co_ok[None, :])
@@ -192,7 +204,7 @@ INDEX_64_NUMEL = 2**31  # tensors from this many elements on index in int64 (int
 
 
 def kernel_constexprs(geom: ConvGeometry, config: ConvConfig, *, has_bias: bool, precision: str,
-                      w_k_stride: int | None = None, index_64: bool = False) -> dict:  # fmt: skip
+                      w_k_stride: int | None = None, index_64: bool = False, dgrad: bool = False) -> dict:  # fmt: skip
     """The kernel's constexpr arguments for ``geom`` and ``config`` (the launcher and bench/static.py
     both build them here, so the static report compiles exactly what runs). Sizes that vary with the
     batch or the image are runtime arguments (``runtime_sizes``)."""
@@ -200,7 +212,7 @@ def kernel_constexprs(geom: ConvGeometry, config: ConvConfig, *, has_bias: bool,
     return dict(
         C_IN=geom.C_in, KH=geom.KH, KW=geom.KW, TRANSPOSED=geom.transposed, TH=th, TW=tw,
         W_K_STRIDE=geom.k if w_k_stride is None else w_k_stride,
-        HAS_BIAS=has_bias, INPUT_PRECISION=precision, INDEX_64=index_64,
+        HAS_BIAS=has_bias, INPUT_PRECISION=precision, INDEX_64=index_64, MASK_A=dgrad, LRELU=not dgrad,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
     )  # fmt: skip
 
@@ -219,8 +231,12 @@ def grid_size(geom: ConvGeometry, config: ConvConfig) -> tuple[int, int]:
 
 
 def conv_igemm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry,
-                       alpha: float, out: torch.Tensor) -> torch.Tensor:  # fmt: skip
+                       alpha: float, out: torch.Tensor, mask: torch.Tensor | None = None,
+                       op: str | None = None, configs: list[ConvConfig] | None = None) -> torch.Tensor:  # fmt: skip
     """Run lrelu(conv(x, W) + b) (or the up-conv, ``geom.transposed``) into ``out`` and return it.
+
+    With ``mask`` (a dgrad: x is grad_out, ``mask`` the saved forward output, x's shape) the kernel computes
+    conv(x * (1 if mask > 0 else alpha), W) instead: the mask on the load, no bias, no activation.
 
     Args:
         x: (N, C_in, H, W), any layout (converted to channels_last if it is not; see ``_conv_packing``).
@@ -230,6 +246,7 @@ def conv_igemm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
             buffer and one copy.
     """
     x_op = activation_operand(x)
+    m_op = activation_operand(mask) if mask is not None else x_op  # x_op: a dummy pointer, never read
     if geom.transposed:
         w_op, w_k_stride = upconv_weight_operand(weight), geom.k
     else:
@@ -241,14 +258,16 @@ def conv_igemm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
     def launch(config: ConvConfig) -> None:
         constexprs = kernel_constexprs(geom, config, has_bias=bias is not None, precision=precision,
-                                       w_k_stride=w_k_stride, index_64=index_64)  # fmt: skip
+                                       w_k_stride=w_k_stride, index_64=index_64, dgrad=mask is not None)  # fmt: skip
         _conv_igemm_lrelu_kernel[grid_size(geom, config)](
-            x_op, w_op, b, out_op, **runtime_sizes(geom), alpha=float(alpha), **constexprs,
+            x_op, w_op, b, out_op, m_op, **runtime_sizes(geom), alpha=float(alpha), mask_alpha=float(alpha),
+            **constexprs,
             num_warps=config.num_warps, num_stages=config.num_stages,
         )
 
-    op = "conv_transpose" if geom.transposed else "conv"
-    launch(choose_config(op, geom, x_op, precision, launch))
+    if op is None:
+        op = "conv_transpose" if geom.transposed else "conv"
+    launch(choose_config(op, geom, x_op, precision, launch, candidates=configs))
     if out_op is not out:
         out.copy_(out_op)
     return out

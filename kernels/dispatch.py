@@ -60,6 +60,7 @@ import torch
 
 from . import dispatch_cache
 from ._backend import HAS_TRITON, backend, requested_backend
+from ._conv_shape import conv_out_size
 from .dispatch_cache import CACHE_ENV, cache_path
 
 __all__ = [
@@ -72,6 +73,8 @@ __all__ = [
     "conv_path",
     "decision_for",
     "decision_key",
+    "backward_impls",
+    "time_graph_ms",
     "decisions",
     "format_decisions",
     "prepare",
@@ -82,8 +85,13 @@ __all__ = [
 PATHS = ("triton", "cudnn")  # candidates, timed in this order
 DEFAULT_PATH = "cudnn"  # untimed choice: inside CUDA-graph capture or a torch.compile trace with no decision
 WARMUP, ITERS = 3, 10
+GRAPH_CALLS, GRAPH_REPLAYS = 20, 7  # a candidate is timed as GRAPH_CALLS calls in one CUDA graph, replayed
+PARTS = ("forward", "dgrad", "wgrad")  # decided separately per key
+# Relative L2 error a Triton candidate may have against cuDNN on its first call on a device, per dtype.
+TOLERANCE = {"fp32": 1e-3, "fp16": 5e-3, "bf16": 2e-2}
 # Device types on which "auto" dispatches. Tests add "cpu" (with a fake timer) to drive the logic.
 DISPATCH_DEVICES: tuple[str, ...] = ("cuda",)
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
 
 Run = Callable[..., torch.Tensor]  # run(path, x, weight, bias, stride, padding, alpha) -> out, with autograd
@@ -101,16 +109,21 @@ class Decision:
     context: str = ""  # "<card> | torch <v> | triton <v>"
     shape: str = ""  # the call that decided it: "x 64x3x64x64 w 32x3x5x5 s2 p2"
     note: str = ""  # e.g. the error of a path that failed while timing
+    dgrad: str = DEFAULT_PATH  # grad_x of the fused path: "triton" | "cudnn" (after the Triton mask pass)
+    wgrad: str = DEFAULT_PATH  # grad_W (and grad_b)
+    excluded: dict[str, str] = field(default_factory=dict)  # part -> why its Triton candidate was excluded
 
     def row(self) -> dict:
-        """A flat dict (the rows of :func:`decisions`)."""
+        """A flat dict (the rows of :func:`decisions`); ms of the backward parts as dgrad_triton_ms..."""
         d = asdict(self)
         ms = d.pop("ms")
         d.update({f"{path}_ms": ms.get(path) for path in PATHS})
+        d.update({f"{part}_{path}_ms": ms.get(f"{part}_{path}") for part in PARTS[1:] for path in PATHS})
         return d
 
 
 _choices: dict[tuple, str] = {}  # key tuple -> path: what traced code reads (plain strings, no objects)
+_backward: dict[tuple, tuple[str, str]] = {}  # key tuple -> (dgrad, wgrad) of the fused path
 _decided: dict[tuple, Decision] = {}  # key tuple -> the decision behind _choices
 _defaults: dict[tuple, Decision] = {}  # untimed defaults taken inside CUDA-graph capture (not cached)
 _warned: set[str] = set()
@@ -118,8 +131,50 @@ _recording: list[tuple] | None = None  # keys met while prepare() runs
 
 
 def _timer(step: Callable[[], None]) -> float:
-    """Milliseconds of one ``step()`` (replaced in tests by a fake timer)."""
-    return time_cuda_ms(step)
+    """Milliseconds of one forward ``step()`` (replaced in tests by a fake timer)."""
+    return time_graph_ms(step)
+
+
+def _backward_timer(step: Callable[[], None]) -> float:
+    """Milliseconds of one dgrad or wgrad ``step()`` (``step.part``; replaced in tests by a fake timer)."""
+    return time_graph_ms(step)
+
+
+def _relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """||got - want|| / ||want|| in fp32 (replaced in tests to fake a mismatch)."""
+    want = want.float()
+    return float((got.float() - want).norm() / want.norm().clamp_min(1e-12))
+
+
+def time_graph_ms(step: Callable[[], None], calls: int = GRAPH_CALLS, replays: int = GRAPH_REPLAYS) -> float:
+    """ms per ``step()`` as a CUDA-graph step runs it: ``calls`` back-to-back steps captured in one graph,
+    replayed ``replays`` times (CUDA events around each replay), the median replay / ``calls``. The host's
+    launch cost, which a captured step never pays, does not count. A step that cannot be captured is timed
+    eagerly (``time_cuda_ms``)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(WARMUP):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            for _ in range(calls):
+                step()
+    except Exception:  # noqa: BLE001 - not capturable (host sync): time it eagerly instead
+        torch.cuda.synchronize()
+        return time_cuda_ms(step)
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return sorted(times)[len(times) // 2]
 
 
 def _capturing(device: torch.device) -> bool:
@@ -150,9 +205,7 @@ def time_cuda_ms(step: Callable[[], None], warmup: int = WARMUP, iters: int = IT
 
 
 def _out_side(op: str, size: int, k: int, stride: int, padding: int) -> int:
-    if op == "conv_transpose_lrelu":
-        return (size - 1) * stride - 2 * padding + k
-    return (size + 2 * padding - k) // stride + 1
+    return conv_out_size(size, k, stride, padding, op == "conv_transpose_lrelu")
 
 
 def _bucket(m: int) -> int:
@@ -228,30 +281,79 @@ def _warn_once(tag: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-def _training_step(run: Run, path: str, x, weight, bias, stride, padding, alpha) -> Callable[[], None]:
-    """One forward + backward of ``path`` on fresh copies of the inputs (gradients for x, W and b)."""
-    with torch.inference_mode(False), torch.enable_grad():
-        xs = x.detach().clone().requires_grad_()
-        ws = weight.detach().clone().requires_grad_()
-        bs = bias.detach().clone().requires_grad_() if bias is not None else None
-        inputs = [t for t in (xs, ws, bs) if t is not None]
-        grad_out = torch.randn_like(run(path, xs, ws, bs, stride, padding, alpha))
+def _forward_step(run: Run, path: str, x, weight, bias, stride, padding, alpha) -> Callable[[], None]:
+    """One forward of ``path`` (no autograd graph: the kernels a step's forward runs)."""
 
     def step() -> None:
-        with torch.inference_mode(False), torch.enable_grad():
-            out = run(path, xs, ws, bs, stride, padding, alpha)
-            torch.autograd.grad(out, inputs, grad_out)
+        with torch.no_grad():
+            run(path, x, weight, bias, stride, padding, alpha)
 
     step.path = path  # which path this step runs (for a timer that wants to know, e.g. tests' fake one)
+    step.part = "forward"
     return step
 
 
+def _backward_masks(has_bias: bool) -> dict[str, list[bool]]:
+    return {"dgrad": [True, False, False], "wgrad": [False, True, has_bias]}
+
+
+def _backward_step(backward_op, part: str, impl: str, args: tuple, has_bias: bool) -> Callable[[], None]:
+    """One dgrad (grad_x) or wgrad (grad_W, grad_b) of the fused path's backward op with ``impl``."""
+    grad_out, out, x, weight, stride, padding, alpha = args
+    mask = _backward_masks(has_bias)[part]
+
+    def step() -> None:
+        backward_op(grad_out, out, x, weight, has_bias, stride, padding, alpha, mask, impl, impl)
+
+    step.path, step.part = impl, part
+    return step
+
+
+def _check_candidates(op, x, weight, bias, stride, padding, alpha, run: Run, dtype: str):
+    """Compare each Triton candidate (forward, dgrad, wgrad) with cuDNN on this call's shape: returns
+    ({part: reason} for those off by more than TOLERANCE[dtype] or failing, the backward's arguments)."""
+    tol = TOLERANCE.get(dtype, 1e-3)
+    excluded: dict[str, str] = {}
+    with torch.no_grad():
+        want = run("cudnn", x, weight, bias, stride, padding, alpha)
+        try:
+            err = _relative_error(run("triton", x, weight, bias, stride, padding, alpha), want)
+            if not err <= tol:
+                excluded["forward"] = f"relative error {err:.3g} > {tol:g}"
+        except Exception as error:  # noqa: BLE001 - a failing candidate is excluded, not fatal
+            excluded["forward"] = f"{type(error).__name__}: {error}"[:200]
+    backward_op = getattr(run, "backward_op", None)
+    if backward_op is None:
+        return excluded, None
+    grad_out = torch.randn_like(want)
+    args = (grad_out, want, x.detach(), weight.detach().to(want.dtype), stride, padding, alpha)
+    has_bias = bias is not None
+    for part, mask in _backward_masks(has_bias).items():
+        try:
+            ref = backward_op(*args[:4], has_bias, *args[4:], mask, "cudnn", "cudnn")
+            got = backward_op(*args[:4], has_bias, *args[4:], mask, "triton", "triton")
+            errs = [_relative_error(g, r) for g, r, m in zip(got, ref, mask) if m]
+            if not max(errs) <= tol:
+                excluded[part] = f"relative error {max(errs):.3g} > {tol:g}"
+        except Exception as error:  # noqa: BLE001
+            excluded[part] = f"{type(error).__name__}: {error}"[:200]
+    return excluded, args
+
+
 def _measure(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> Decision:
+    shape = _shape_text(x, weight, stride, padding)
+    excluded, bwd_args = _check_candidates(op, x, weight, bias, stride, padding, alpha, run, key[12])
+    for part, why in excluded.items():
+        _warn_once(f"excl {key} {part}", f"deepsim dispatch: {op} Triton {part} excluded for {shape} "
+                                         f"({key_text(key)}): {why}; using cuDNN")  # fmt: skip
     ms: dict[str, float | None] = {}
     errors: dict[str, Exception] = {}
     for path in PATHS:
+        if path == "triton" and "forward" in excluded:
+            ms[path] = None
+            continue
         try:
-            ms[path] = float(_timer(_training_step(run, path, x, weight, bias, stride, padding, alpha)))
+            ms[path] = float(_timer(_forward_step(run, path, x, weight, bias, stride, padding, alpha)))
         except Exception as error:  # noqa: BLE001 - a failing path loses; the other may still run
             ms[path], errors[path] = None, error
     timed = {p: t for p, t in ms.items() if t is not None}
@@ -262,8 +364,28 @@ def _measure(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> Deci
     note = "; ".join(f"{p} failed: {type(e).__name__}: {e}" for p, e in errors.items())
     if errors:
         _warn_once(f"fail {key}", f"deepsim dispatch: {note} (for {key_text(key)}); using {choice}")
-    return Decision(op, key_text(key), choice, "measured", ms, _context(x.device),
-                    _shape_text(x, weight, stride, padding), note[:300])  # fmt: skip
+    impls = {}
+    for part in PARTS[1:]:
+        impls[part] = DEFAULT_PATH
+        if bwd_args is None or part in excluded:
+            continue
+        part_ms = {}
+        for impl in PATHS:
+            try:
+                part_ms[impl] = float(_backward_timer(_backward_step(run.backward_op, part, impl, bwd_args,
+                                                                     bias is not None)))  # fmt: skip
+            except Exception:  # noqa: BLE001 - a failing implementation loses
+                part_ms[impl] = None
+            ms[f"{part}_{impl}"] = part_ms[impl]
+        if part_ms.get("triton") is not None and (part_ms.get("cudnn") is None
+                                                  or part_ms["triton"] < part_ms["cudnn"]):  # fmt: skip
+            impls[part] = "triton"
+    return Decision(op, key_text(key), choice, "measured", ms, _context(x.device), shape, note[:300],
+                    impls["dgrad"], impls["wgrad"], excluded)  # fmt: skip
+
+
+def _impl(value) -> str:
+    return value if value in PATHS else DEFAULT_PATH
 
 
 def _decide(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> str:
@@ -272,7 +394,9 @@ def _decide(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> str:
     entry = entry if entry is not None and entry["choice"] in PATHS else None
     if entry is not None:
         ms = entry.get("ms") if isinstance(entry.get("ms"), dict) else {}
-        decision = Decision(op, text, entry["choice"], "cache file", ms, context, entry.get("shape", ""))
+        decision = Decision(op, text, entry["choice"], "cache file", ms, context, entry.get("shape", ""), "",
+                            _impl(entry.get("dgrad")), _impl(entry.get("wgrad")),
+                            entry.get("excluded") if isinstance(entry.get("excluded"), dict) else {})  # fmt: skip
     elif _capturing(x.device):
         decision = Decision(op, text, DEFAULT_PATH, "default: inside CUDA-graph capture, not timed", {},
                             context, _shape_text(x, weight, stride, padding))  # fmt: skip
@@ -288,6 +412,9 @@ def _decide(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> str:
                 text,
                 {
                     "choice": decision.choice,
+                    "dgrad": decision.dgrad,
+                    "wgrad": decision.wgrad,
+                    "excluded": decision.excluded,
                     "ms": decision.ms,
                     "shape": decision.shape,
                     "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -295,6 +422,7 @@ def _decide(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> str:
             )
     _decided[key] = decision
     _choices[key] = decision.choice
+    _backward[key] = (decision.dgrad, decision.wgrad)
     _defaults.pop(key, None)
     return decision.choice
 
@@ -314,13 +442,25 @@ def choose(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return choice
 
 
+def backward_impls(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
+                   padding: int) -> tuple[str, str]:  # fmt: skip
+    """(dgrad, wgrad) the fused path's backward runs for this call: "triton" for both when the backend is
+    forced to triton; under auto the dispatcher's decision for the key (cuDNN where none was made)."""
+    if requested_backend() != "auto":
+        return ("triton", "triton")
+    return _backward.get(decision_key(op, x, weight, bias is not None, stride, padding), (DEFAULT_PATH,) * 2)
+
+
 def conv_path(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
               padding: int, alpha: float, run: Run) -> str:  # fmt: skip
     """The path a public conv op takes for this call: "triton", "cudnn" or "reference".
 
     Forced by ``DEEPSIM_KERNELS`` / ``use_backend`` (triton | cudnn | reference); under auto, the
-    dispatcher's choice on CUDA (:func:`choose`) and the reference elsewhere (see ``kernels.backend``).
+    dispatcher's choice on CUDA (:func:`choose`) and the reference elsewhere (see ``kernels.backend``) or
+    for a dtype the kernels do not take (fp64).
     """
+    if requested_backend() == "auto" and _compute_dtype(x) not in _KERNEL_DTYPES:
+        return "reference"  # fp64 and the like: neither kernel path takes them
     if requested_backend() == "auto" and HAS_TRITON and x.device.type in DISPATCH_DEVICES:
         return choose(op, x, weight, bias, stride, padding, alpha, run)
     return backend(x)
@@ -383,6 +523,7 @@ def format_decisions(rows: list[dict] | None = None) -> str:
 def reset() -> None:
     """Forget this process's decisions and the cache file contents read so far (the file stays)."""
     _choices.clear()
+    _backward.clear()
     _decided.clear()
     _defaults.clear()
     _warned.clear()

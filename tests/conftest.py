@@ -89,11 +89,16 @@ def ieee_fp32():
     torch.backends.cudnn.allow_tf32, matmul.allow_tf32 = saved
 
 
+# Markers whose tests run only when ``-m`` names them: large fuzzing budgets, and the CUDA compile check
+# (minutes per workload; .ci/run runs it as a step of its own).
+OPT_IN_MARKERS = ("fuzz", "cuda_compile")
+
+
 def pytest_collection_modifyitems(config, items):
-    """Tests marked ``fuzz`` (large property-based budgets) run only when ``-m`` names the marker."""
-    if "fuzz" in (config.getoption("markexpr", "") or ""):
-        return
-    fuzz = [item for item in items if item.get_closest_marker("fuzz")]
-    if fuzz:
-        config.hook.pytest_deselected(items=fuzz)
-        items[:] = [item for item in items if not item.get_closest_marker("fuzz")]
+    """Tests marked with an opt-in marker run only when ``-m`` names the marker."""
+    expression = config.getoption("markexpr", "") or ""
+    skipped = [m for m in OPT_IN_MARKERS if m not in expression]
+    opted_out = [item for item in items if any(item.get_closest_marker(m) for m in skipped)]
+    if opted_out:
+        config.hook.pytest_deselected(items=opted_out)
+        items[:] = [item for item in items if item not in opted_out]

@@ -1,4 +1,4 @@
-"""The README's "Training at scale" commands, run on the CPU with gloo: two torchrun "nodes" on localhost
+"""The "Training at scale" commands (docs/scale.md), run on the CPU with gloo: two torchrun "nodes" on localhost
 (c10d rendezvous) survive a SIGKILLed worker through --max-restarts and --resume auto; the single-node command
 resumes a 2-rank run on 1 rank; the SLURM script turns SIGUSR1 before the time limit into a checkpoint and a
 requeue. Each runs real processes (slow, but part of the default run)."""
@@ -17,7 +17,6 @@ import pytest
 
 from deepsim.train.checkpoint import load_checkpoint
 from tests.training_runs import (
-    README,
     ROOT,
     TINY_TRAIN_FLAGS,
     checkpoint_step,
@@ -67,7 +66,7 @@ def _assert_replicas_equal(payload: dict, world: int) -> None:
 
 @pytest.mark.slow
 def test_two_nodes_lose_a_worker_to_sigkill_and_max_restarts_1_resumes_from_the_last_checkpoint(tmp_path):
-    """README multi-node command, 2 nodes x 1 process: SIGKILL one worker once the step-4 checkpoint exists;
+    """docs/scale.md multi-node command, 2 nodes x 1 process: SIGKILL one worker once the step-4 checkpoint exists;
     torchrun restarts the job, which resumes from the newest checkpoint (no step lost beyond it) and finishes
     16 steps with equal parameters on both ranks and the data cursor at 16 x 2 x B."""
     port = free_port()
@@ -112,7 +111,7 @@ def test_two_nodes_lose_a_worker_to_sigkill_and_max_restarts_1_resumes_from_the_
 
 @pytest.mark.slow
 def test_single_node_command_resumes_a_2_rank_run_on_1_rank(tmp_path):
-    """README single-node command with 2 processes for 6 steps, then the same command on 1 process to step 9:
+    """docs/scale.md single-node command with 2 processes for 6 steps, then the same command on 1 process to step 9:
     it resumes at step 6 and data cursor 6 x 2 x B, says so, and ends at cursor 6 x 2 x B + 3 x B."""
     out = tmp_path / "run"
     env, argv = readme_command("torchrun --standalone")
@@ -136,11 +135,6 @@ def _shim(folder: Path, name: str, body: str) -> None:
     path = folder / name
     path.write_text("#!/bin/bash\n" + body + "\n")
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
-
-
-def test_readme_slurm_script_is_examples_slurm_train_sbatch():
-    text = README.read_text()
-    assert (ROOT / "examples" / "slurm" / "train.sbatch").read_text() in text
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """Helpers for the tests that run real training processes: tiny-run flags, the subprocess environment, free
-ports, the README's commands, polling an output folder, and comparing two checkpoints bit for bit.
+ports, the "Training at scale" commands (docs/scale.md), polling an output folder, and comparing two checkpoints bit for bit.
 
 Import as ``from tests.training_runs import ...`` (tests/conftest.py puts the repository root on sys.path).
 """
@@ -21,7 +21,7 @@ import torch
 from deepsim.train.checkpoint import read_footer
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+SCALE_DOC = ROOT / "docs" / "scale.md"  # the README's "Training at scale" links here for the commands
 
 # A run small enough for a loaded 2-core machine: 32x32 crops of the bundled photos, batch 4, conv2 comparator.
 TINY_TRAIN_FLAGS = [
@@ -51,13 +51,10 @@ def free_port() -> int:
 
 
 def readme_command(prefix: str) -> tuple[dict[str, str], list[str]]:
-    """The command of the README's "Training at scale" section that starts with ``prefix`` (after its leading
+    """The command of docs/scale.md ("Training at scale") that starts with ``prefix`` (after its leading
     ``NAME=value`` environment assignments; backslash line continuations joined), split like a shell would
     (``$HEAD`` stays a literal word). Returns (the environment assignments, the command)."""
-    text = README.read_text()
-    section = text[text.index("## Training at scale") :]
-    section = section[: section.index("\n## ", 1)]
-    for block in re.findall(r"```bash\n(.*?)```", section, flags=re.S):
+    for block in re.findall(r"```bash\n(.*?)```", SCALE_DOC.read_text(), flags=re.S):
         joined = block.replace("\\\n", " ")
         for line in joined.splitlines():
             words = shlex.split(line) if line.strip() and not line.lstrip().startswith("#") else []
@@ -66,7 +63,7 @@ def readme_command(prefix: str) -> tuple[dict[str, str], list[str]]:
                 n += 1
             if " ".join(words[n:]).startswith(prefix):
                 return dict(w.split("=", 1) for w in words[:n]), words[n:]
-    raise AssertionError(f"README 'Training at scale' has no command starting with {prefix!r}")
+    raise AssertionError(f"docs/scale.md has no command starting with {prefix!r}")
 
 
 def replace_flag(argv: list[str], flag: str, value: str) -> list[str]:
@@ -78,17 +75,17 @@ def replace_flag(argv: list[str], flag: str, value: str) -> list[str]:
 
 
 def torchrun(argv: list[str]) -> list[str]:
-    """A README ``torchrun ...`` command as this interpreter runs it (``python -m torch.distributed.run``)."""
+    """A docs/scale.md ``torchrun ...`` command as this interpreter runs it (``python -m torch.distributed.run``)."""
     assert argv[0] == "torchrun", argv
     return [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
 
 
 def train_args_after(argv: list[str], tiny: list[str]) -> list[str]:
-    """``argv`` up to ``-m deepsim.cli train``, then ``--resume auto`` (which the README's commands use) and
-    ``tiny`` in place of the README's preset, data and output flags."""
+    """``argv`` up to ``-m deepsim.cli train``, then ``--resume auto`` (which the docs/scale.md commands use) and
+    ``tiny`` in place of the command's preset, data and output flags."""
     cut = argv.index("train") + 1
     assert argv[cut - 3 : cut] == ["-m", "deepsim.cli", "train"], argv
-    assert argv[-2:] == ["--resume", "auto"], "the README's commands resume with --resume auto"
+    assert argv[-2:] == ["--resume", "auto"], "the docs/scale.md commands resume with --resume auto"
     return argv[:cut] + tiny + ["--resume", "auto"]
 
 

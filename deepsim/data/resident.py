@@ -82,17 +82,17 @@ def device_free_bytes(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-def dataset_bytes(src: ResolvedSource, resize: int | None) -> int:
+def dataset_bytes(src: ResolvedSource, resize: int | None, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS) -> int:
     """Bytes of ``src`` decoded as uint8 RGB (after the resize of the resize modes), from headers only."""
     if src.kind == "stl10":
         n, c, h, w = src.array.shape
         return n * c * (resize * resize if resize else h * w)
     paths = src.paths
     if len(paths) <= MAX_PROBE_FILES:
-        return _estimate_bytes(paths, resize)
+        return _estimate_bytes(paths, resize, max_pixels)
     step = len(paths) / MAX_PROBE_FILES  # a regular sample of the headers, scaled up
     sample = [paths[int(i * step)] for i in range(MAX_PROBE_FILES)]
-    return int(_estimate_bytes(sample, resize) * len(paths) / MAX_PROBE_FILES)
+    return int(_estimate_bytes(sample, resize, max_pixels) * len(paths) / MAX_PROBE_FILES)
 
 
 def _loaders_that_fit(kind: str) -> str:
@@ -302,7 +302,7 @@ def build_resident_loader(
     device = torch.device(device)
     resize = resize_size if mode.startswith("resize") else None
     src = resolve_source(source, split)
-    check_fits(dataset_bytes(src, resize), device, name=src.name, kind=src.kind, free_bytes=free_bytes)
+    check_fits(dataset_bytes(src, resize, max_image_pixels), device, name=src.name, kind=src.kind, free_bytes=free_bytes)
     store, bad = build_store(src, crop_size, resize, on_bad, cache=True, cache_bytes=0, max_pixels=max_image_pixels)
     data, offsets, heights, widths = _upload(store, device)
     return ResidentBatchStream(

@@ -1,79 +1,28 @@
 """The whole DeePSiM iteration as one ``torch.compile`` graph, with no graph break.
 
-:class:`CompiledStep` wraps a :class:`~deepsim.train.step.DeePSiMTrainer` and compiles one function that
-does the entire iteration: G forward, C on fake and real, D on fake and real, every loss term, both
-backward passes, the pause rule and both GatedAdam updates. ``--compile off`` keeps the eager reference,
-``DeePSiMTrainer.step``; the compiled path computes the same thing (the trainer's same phases -- G forward,
-D's loss, G's loss -- in the same ``update_order``, the same ``PauseRule``, the same Adam arithmetic with
-its weight decay and multistep LR factor) with three differences that make it one graph:
-
-* Gradients come from ``torch.autograd.grad`` (G's objective w.r.t. G's parameters, D's loss w.r.t. D's)
-  instead of ``Tensor.backward(inputs=...)`` into ``.grad``: nothing is zeroed or accumulated, and the
-  ``Optimizer.zero_grad`` call that Dynamo refuses to trace disappears. Dynamo traces ``autograd.grad``
-  only with ``torch._dynamo.config.trace_autograd_ops = True`` (PyTorch >= 2.10; otherwise it graph-breaks
-  on both ``backward`` and ``autograd.grad``); this module turns that flag on around every call, nowhere else.
-  AOTAutograd then sees the forward *and* the backward ops of both losses in a single graph, which inductor
-  fuses end to end (the LReLU/bias epilogues, the loss reductions, the Adam updates of all parameters).
-* The optimizer update is :func:`deepsim.train.optim.gated_adam_update` (``torch._foreach_*`` ops, gated by
-  the pause rule's device bools) applied to the returned gradients via ``GatedAdam.apply``; its state was
-  created eagerly on the device, so the graph only mutates tensors that already exist (which also makes it
-  capturable in a CUDA graph).
-* Distributed runs (world > 1) average the gradients with an in-graph functional all-reduce
-  (``torch.distributed._functional_collectives``, one flat buffer per network) instead of DDP's reducer
-  hooks, which fire on ``.grad`` accumulation that the functional step does not do. The eager path uses DDP
-  (see :mod:`deepsim.train.distributed`). The pause-rule inputs are averaged over ranks in both paths.
-
-No host sync happens inside an iteration: the pause rule is boolean arithmetic on device tensors, the LR
-schedule a factor computed from the device step counts (so crossing a milestone neither recompiles nor
-leaves a CUDA graph), and the metrics come back as 0-dim device tensors (the loop reads them every
-``log_every`` steps).
-
-Update order "code" in one graph: D's gradients are taken and D's (gated) update is applied in place in the
-middle of the graph; D's second pass on the fakes then reads the updated parameters (AOTAutograd
-functionalises the in-place update, so the later reads see the new values), and G's gradients are taken
-through it. tests/test_compiled_step.py checks both orders against the eager step.
-
-Kernel dispatch: before the first call is traced, :func:`deepsim.kernels.dispatch.prepare` runs the losses
-once on the real batch (no_grad, RNG forked) so that every conv block's path (fused Triton or cuDNN + the
-Triton epilogue) is timed and decided eagerly; tracing reads the decisions and CUDA-graph capture never
-times (a no-op on CPU or with ``DEEPSIM_KERNELS`` forced).
-
-CUDA graphs: ``mode="reduce-overhead"`` (and inductor's "max-autotune", which also uses CUDA graphs) run the
-compiled step under CUDA-graph trees. The parameters, GatedAdam's moments and step counts and the pause
-flags are marked static (``torch._dynamo.mark_static_address``), so a replay updates them in place; the
-data batch is copied into a static input buffer owned by the step before each replay (the torch loader
-returns a new tensor per step). On CPU these modes compile like "default" (inductor skips CUDA graphs).
-
-Dropout and RNG: D's dropout draws random masks. Inductor generates random numbers with its own (Philox)
-generator, so compiled masks differ from eager ones and parameters drift apart within a few steps; this is
-the expected behaviour, not an error. With ``torch._inductor.config.fallback_random = True`` inductor calls
-the eager RNG ops in program order, and the compiled step matches the eager one up to floating-point
-reassociation (tests/test_compiled_step.py compares them that way).
+:class:`CompiledStep` compiles :func:`deepsim.train.step.run_iteration` with itself as the gradient
+back-end: ``torch.autograd.grad`` (traced with Dynamo's ``trace_autograd_ops``, turned on around every call
+and nowhere else) and ``GatedAdam.apply``, gated by the pause rule's device bools, with an in-graph
+functional all-reduce when world > 1. No host sync happens inside an iteration. Under "reduce-overhead" the
+parameters, optimizer state and pause flags are static addresses and the batch is copied into a static
+buffer. Design notes (CUDA graphs, dropout RNG, kernel dispatch, launch counts): docs/compiled_step.md.
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch._dynamo
+import torch._inductor.config as inductor_config
 import torch.distributed as dist
 
 from deepsim.kernels import dispatch
-from deepsim.train.step import StepLosses
+from deepsim.train.step import run_iteration
 
 __all__ = ["CompiledStep", "compile_step", "count_graph_breaks", "COMPILE_MODES"]
 
 COMPILE_MODES = ("default", "max-autotune", "reduce-overhead")
-
-
-def _detached(losses):
-    """A :class:`~deepsim.train.step.StepLosses` whose tensors are all detached."""
-    d_loss = losses.d_loss
-    return type(losses)(
-        losses.g_total.detach(),
-        type(losses.g_loss)(*(t.detach() for t in losses.g_loss)),
-        {k: v.detach() for k, v in losses.extra.items()},
-        None if d_loss is None else type(d_loss)(*(t.detach() for t in d_loss)),
-    )
 
 
 def _trace_autograd():
@@ -92,9 +41,12 @@ class CompiledStep:
         fullgraph: refuse graph breaks (True: a break is an error, not a silent slowdown).
         backend: torch.compile's backend ("inductor"; "aot_eager" traces the same graph and runs it with
             eager kernels, which tests use to check the trace without inductor's compile time).
+        combo_kernels: let inductor fuse data-independent kernels horizontally into one launch (its
+            ``combo_kernels`` option: e.g. the bf16 casts of the weights under autocast); default: on CUDA.
     """
 
-    def __init__(self, trainer, mode: str = "default", *, fullgraph: bool = True, backend: str = "inductor"):
+    def __init__(self, trainer, mode: str = "default", *, fullgraph: bool = True, backend: str = "inductor",
+                 combo_kernels: bool | None = None):  # fmt: skip
         if mode not in COMPILE_MODES + ("eager",):
             raise ValueError(f"--compile {mode!r}: expected one of off, {', '.join(COMPILE_MODES)}")
         self.trainer, self.mode = trainer, mode
@@ -103,6 +55,7 @@ class CompiledStep:
         self.d_params = trainer.opt_d.param_states()[0] if trainer.uses_discriminator else []
         self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         self.cuda_graphs = mode in ("reduce-overhead", "max-autotune") and self.g_params[0].is_cuda
+        self.combo_kernels = self.g_params[0].is_cuda if combo_kernels is None else combo_kernels
         self._static_batch: torch.Tensor | None = None
         self._kernels_decided = False  # dispatch.prepare ran (conv paths timed before tracing / capture)
         if self.cuda_graphs:
@@ -134,39 +87,19 @@ class CompiledStep:
             offset += g.numel()
         return out
 
+    def gradients(self, network: str, loss: torch.Tensor) -> list[torch.Tensor]:
+        """The gradient back-end of :func:`~deepsim.train.step.run_iteration`: ``autograd.grad`` w.r.t. the
+        network's parameters (in its optimizer's order), averaged over the ranks."""
+        params = self.g_params if network == "g" else self.d_params
+        return self._average(list(torch.autograd.grad(loss, params)))
+
+    def apply(self, network: str, grads: list[torch.Tensor], enabled: torch.Tensor | bool) -> None:
+        (self.trainer.opt_g if network == "g" else self.trainer.opt_d).apply(grads, enabled)
+
     def iteration(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One functional iteration (what is compiled): losses, gradients, pause rule, gated Adam updates,
-        in the trainer's ``update_order`` (see :mod:`deepsim.train.step`)."""
-        trainer = self.trainer
-        if not trainer.uses_discriminator:
-            losses = trainer.compute_losses(batch)
-            g_total = losses.g_total
-            # Only detached values may outlive autograd.grad (Dynamo refuses to return a tensor whose graph
-            # the grad call consumed), so the metrics and pause inputs are taken from a detached copy.
-            losses = _detached(losses)
-            trainer.opt_g.apply(self._average(list(torch.autograd.grad(g_total, self.g_params))), True)
-            return trainer.step_metrics(losses, None, None)
-        train_d, train_g = trainer.pause.gates()  # set by the previous iteration
-        if trainer.update_order == "code":
-            fakes = trainer.run_generator(batch)
-            d_loss = trainer.discriminator_loss(fakes)
-            d_total, d_loss = d_loss.total, type(d_loss)(*(t.detach() for t in d_loss))
-            d_grads = self._average(list(torch.autograd.grad(d_total, self.d_params)))
-            trainer.opt_d.apply(d_grads, train_d)
-            g_total, g_loss = trainer.generator_loss(fakes)  # from the updated D
-            losses = _detached(StepLosses(g_total, g_loss, fakes.extra, d_loss))
-            g_grads = self._average(list(torch.autograd.grad(g_total, self.g_params)))
-            trainer.opt_g.apply(g_grads, train_g)
-        else:
-            full = trainer.compute_losses(batch)
-            losses = _detached(full)
-            g_grads = self._average(list(torch.autograd.grad(full.g_total, self.g_params)))
-            d_grads = self._average(list(torch.autograd.grad(full.d_loss.total, self.d_params)))
-            trainer.opt_d.apply(d_grads, train_d)
-            trainer.opt_g.apply(g_grads, train_g)
-        inputs = trainer.pause_inputs(losses)
-        _, _, ratio = trainer.pause(*inputs)  # sets the gates of the next iteration
-        return trainer.step_metrics(losses, (train_d, train_g, ratio), inputs)
+        """One functional iteration (what is compiled): the trainer's iteration
+        (:func:`~deepsim.train.step.run_iteration`) with this step as its gradient back-end."""
+        return run_iteration(self.trainer, batch, self)
 
     def __call__(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self._kernels_decided:  # time the conv blocks' Triton vs cuDNN paths on real tensors first:
@@ -178,7 +111,8 @@ class CompiledStep:
                 torch._dynamo.mark_static_address(self._static_batch)
             self._static_batch.copy_(batch, non_blocking=True)
             batch = self._static_batch
-        with _trace_autograd():
+        combo = inductor_config.patch(combo_kernels=True) if self.combo_kernels else contextlib.nullcontext()
+        with _trace_autograd(), combo:
             return self._fn(batch)
 
 

@@ -6,15 +6,18 @@ Two update orders (``update_order``):
 * ``"code"`` (default; the derived code's train.py): G makes the fakes; D runs on the reals and the detached
   fakes, and its update is applied (when the pause rule lets D train); THEN D runs on the fakes again, and
   G's adversarial term, its gradient and the L_adv entering the pause ratio r all come from the updated D.
-* ``"simultaneous"`` (our earlier order): every loss from the same, pre-update D; both updates at the end.
+* ``"simultaneous"``: every loss from the same, pre-update D; both updates at the end.
 
 In both, the pause rule's flags set after iteration t gate iteration t + 1 (:class:`~deepsim.losses.PauseRule`).
+:func:`run_iteration` writes the iteration once; a :class:`GradientBackend` supplies the gradients and the
+updates (eager: ``backward`` + ``GatedAdam.step``; the compiled step: ``autograd.grad`` + ``GatedAdam.apply``).
+D's passes on the reals and on the detached fakes are one pass over both (docs/compiled_step.md).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch import nn
@@ -24,7 +27,10 @@ from deepsim.config import TrainConfig
 from deepsim.losses import DeePSiMLoss, DiscriminatorLoss, GeneratorLoss, PauseRule
 from deepsim.train.optim import GatedAdam, decay_param_groups
 
-__all__ = ["DeePSiMTrainer", "METRIC_NAMES", "StepLosses", "Fakes", "UPDATE_ORDERS"]
+__all__ = [
+    "DeePSiMTrainer", "METRIC_NAMES", "StepLosses", "Fakes", "UPDATE_ORDERS", "GradientBackend", "EagerGradients",
+    "run_iteration", "detached_losses",
+]  # fmt: skip
 
 UPDATE_ORDERS = ("code", "simultaneous")
 
@@ -143,11 +149,17 @@ class DeePSiMTrainer(nn.Module):
         return Fakes(target, condition, fake, extra)
 
     def discriminator_loss(self, fakes: Fakes) -> DiscriminatorLoss:
-        """D on the reals and on the detached fakes: L_D = L_D_real + L_D_fake."""
+        """D on the reals and on the detached fakes: L_D = L_D_real + L_D_fake.
+
+        One pass of D over the 2B batch [reals; detached fakes] (D has no batch statistics: each sample's
+        logits are those of a pass on its own half), split into the two halves for the two loss terms.
+        """
         discriminator = self._discriminator()
+        target = fakes.target
+        both = torch.cat([target, fakes.fake.detach()])  # (2B, 3, H, W); cat promotes bf16 fakes
+        condition = None if fakes.condition is None else torch.cat([fakes.condition, fakes.condition])
         with self._autocast(fakes.fake.device.type), record_function("Dmain"):
-            d_real = discriminator(fakes.target, fakes.condition)
-            d_fake = discriminator(fakes.fake.detach(), fakes.condition)
+            d_real, d_fake = discriminator(both, condition).split(target.shape[0])  # (B, 2) each
             return self.loss.discriminator_loss(d_real, d_fake)
 
     def generator_loss(self, fakes: Fakes) -> tuple[torch.Tensor, GeneratorLoss]:
@@ -216,36 +228,7 @@ class DeePSiMTrainer(nn.Module):
 
     def step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
         """One iteration. Returns detached 0-dim device tensors keyed by :data:`METRIC_NAMES` (+ extras)."""
-        g_params = self._trainable(self.generator)
-        if not self.uses_discriminator:
-            losses = self.compute_losses(batch)
-            self.opt_g.zero_grad(set_to_none=False)
-            losses.g_total.backward(inputs=g_params)
-            self.opt_g.step(True)
-            return self.step_metrics(losses, None, None)
-        d_params = self._trainable(self.discriminator)
-        train_d, train_g = self.pause.gates()  # set by the previous iteration
-        # `inputs=` keeps G's loss from accumulating into D's gradients (and D's loss out of G's).
-        self.opt_g.zero_grad(set_to_none=False)
-        self.opt_d.zero_grad(set_to_none=False)
-        if self.update_order == "code":
-            fakes = self.run_generator(batch)
-            d_loss = self.discriminator_loss(fakes)
-            d_loss.total.backward(inputs=d_params)
-            self.opt_d.step(train_d)
-            g_total, g_loss = self.generator_loss(fakes)  # from the updated D
-            g_total.backward(inputs=g_params)
-            self.opt_g.step(train_g)
-            losses = StepLosses(g_total, g_loss, fakes.extra, d_loss)
-        else:
-            losses = self.compute_losses(batch)
-            losses.g_total.backward(inputs=g_params)
-            losses.d_loss.total.backward(inputs=d_params)
-            self.opt_d.step(train_d)
-            self.opt_g.step(train_g)
-        inputs = self.pause_inputs(losses)
-        _, _, ratio = self.pause(*inputs)  # sets the gates of the next iteration
-        return self.step_metrics(losses, (train_d, train_g, ratio), inputs)
+        return run_iteration(self, batch, EagerGradients(self))
 
     def to_channels_last(self) -> DeePSiMTrainer:
         """G, D and C (every 4-D weight) and the optimizers' moments in channels_last memory format.
@@ -289,3 +272,76 @@ class DeePSiMTrainer(nn.Module):
             self.opt_d.load_state_dict(state["opt_d"])
         if "comparator" in state:
             self.loss.comparator.load_state_dict(state["comparator"])
+
+
+def detached_losses(losses: StepLosses) -> StepLosses:
+    """``losses`` with every tensor detached (what may outlive a gradient computation)."""
+    d_loss = losses.d_loss
+    return StepLosses(
+        losses.g_total.detach(),
+        type(losses.g_loss)(*(t.detach() for t in losses.g_loss)),
+        {k: v.detach() for k, v in losses.extra.items()},
+        None if d_loss is None else type(d_loss)(*(t.detach() for t in d_loss)),
+    )
+
+
+class GradientBackend(Protocol):
+    """How an iteration turns a loss into an update of one network ("g" or "d").
+
+    ``gradients(network, loss)`` differentiates ``loss`` w.r.t. the network's trainable parameters and
+    returns an opaque handle; ``apply(network, handle, enabled)`` takes the (gated) optimizer step. The
+    iteration calls ``gradients`` before ``apply`` for a network and never reuses a loss afterwards.
+    """
+
+    def gradients(self, network: str, loss: torch.Tensor) -> Any: ...
+
+    def apply(self, network: str, handle: Any, enabled: torch.Tensor | bool) -> None: ...
+
+
+class EagerGradients:
+    """``backward(inputs=params)`` into ``.grad`` (zeroed first) and ``GatedAdam.step`` from ``.grad``.
+
+    ``inputs=`` keeps G's loss from accumulating into D's gradients (and D's loss out of G's).
+    """
+
+    def __init__(self, trainer: DeePSiMTrainer):
+        self.optimizers = {"g": trainer.opt_g, "d": trainer.opt_d}
+        self.params = {"g": trainer._trainable(trainer.generator)}
+        if trainer.uses_discriminator:
+            self.params["d"] = trainer._trainable(trainer.discriminator)
+
+    def gradients(self, network: str, loss: torch.Tensor) -> None:
+        self.optimizers[network].zero_grad(set_to_none=False)
+        loss.backward(inputs=self.params[network])
+
+    def apply(self, network: str, handle: None, enabled: torch.Tensor | bool) -> None:
+        self.optimizers[network].step(enabled)
+
+
+def run_iteration(trainer: DeePSiMTrainer, batch: torch.Tensor, backend: GradientBackend) -> dict[str, torch.Tensor]:
+    """One training iteration of ``trainer`` in its ``update_order`` (module docstring), with the gradients
+    and updates of ``backend``. Returns the metrics (detached 0-dim device tensors)."""
+    if not trainer.uses_discriminator:
+        full = trainer.compute_losses(batch)
+        losses = detached_losses(full)
+        backend.apply("g", backend.gradients("g", full.g_total), True)
+        return trainer.step_metrics(losses, None, None)
+    train_d, train_g = trainer.pause.gates()  # set by the previous iteration
+    if trainer.update_order == "code":
+        fakes = trainer.run_generator(batch)
+        d_loss = trainer.discriminator_loss(fakes)
+        d_total, d_loss = d_loss.total, type(d_loss)(*(t.detach() for t in d_loss))  # before its graph goes
+        backend.apply("d", backend.gradients("d", d_total), train_d)
+        g_total, g_loss = trainer.generator_loss(fakes)  # from the updated D
+        losses = detached_losses(StepLosses(g_total, g_loss, fakes.extra, d_loss))
+        backend.apply("g", backend.gradients("g", g_total), train_g)
+    else:
+        full = trainer.compute_losses(batch)
+        losses = detached_losses(full)
+        g_handle = backend.gradients("g", full.g_total)
+        d_handle = backend.gradients("d", full.d_loss.total)
+        backend.apply("d", d_handle, train_d)
+        backend.apply("g", g_handle, train_g)
+    inputs = trainer.pause_inputs(losses)
+    _, _, ratio = trainer.pause(*inputs)  # sets the gates of the next iteration
+    return trainer.step_metrics(losses, (train_d, train_g, ratio), inputs)

@@ -31,7 +31,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
-FLOAT_ARGS = {"alpha", "scale", "wscale", "gscale"} | {f"{k}scale{i}" for k in "wg" for i in range(8)}
+FLOAT_ARGS = {"alpha", "mask_alpha", "scale", "wscale", "gscale"} | {f"{k}scale{i}" for k in "wg" for i in range(8)}
 
 
 def _kernel(module: str, name: str):

@@ -122,11 +122,14 @@ def test_backward_op_returns_distinct_tensors(device, op):
         assert grads[0].shape == x.shape and grads[1].numel() == 0 and grads[2].numel() == 0
 
 
-# A full-size layer of the networks, in the interpreter: the backward op of the autoencoder's enc2 block
-# (32 -> 64, k5 s2 p2, 32x32 input) at batch 64, fp32, channels_last, against aten's autograd of the
-# reference. The forward here is the reference (the fused forward is the k-fwd kernels' suite).
+# A full-size layer of the networks: the backward op of the autoencoder's enc2 block (32 -> 64, k5 s2 p2,
+# 32x32 input) at batch 64, fp32, channels_last, against aten's autograd of the reference. In the
+# interpreter the mask pass + aten implementation (the Triton dgrad / wgrad at this size would take
+# minutes there; tests/kernels/test_conv_backward_triton.py covers them on small shapes), on CUDA both.
+@pytest.mark.parametrize("impl", ["cudnn", pytest.param("triton", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="interpreter: too slow at full size"))])  # fmt: skip
 @pytest.mark.parametrize("device", DEVICES)
-def test_backward_at_full_layer_size(device):
+def test_backward_at_full_layer_size(device, impl):
     g = torch.Generator().manual_seed(4)
     x = torch.randn(64, 32, 32, 32, generator=g).to(device).to(memory_format=torch.channels_last)
     w = (torch.randn(64, 32, 5, 5, generator=g) / 28).to(device).to(memory_format=torch.channels_last)
@@ -138,7 +141,7 @@ def test_backward_at_full_layer_size(device):
     out = y_ref.detach().contiguous(memory_format=torch.channels_last)
     with K.use_backend("triton"):
         grads = torch.ops.deepsim.conv_lrelu_backward(grad_out, out, x.detach(), w.detach(), True, 2, 2, 0.3,
-                                                      [True, True, True])  # fmt: skip
+                                                      [True, True, True], impl, impl)  # fmt: skip
     for name, got, want in zip(("grad_x", "grad_weight", "grad_bias"), grads, grads_ref):
         assert got.shape == want.shape
         assert_close(got, want, 2e-3, 1e-4, name)

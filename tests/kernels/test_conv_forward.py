@@ -269,9 +269,10 @@ def test_eligible_configs_keep_the_best_when_none_qualifies():
 
 def test_shared_memory_limit_prunes_fp32_tiles():
     geom = C.ConvGeometry(False, 64, 256, 16, 16, 256, 3, 3, 1, 1)
-    fp32 = C.eligible_configs(geom, 4, C.GPU_CONFIGS)
+    big = C.ConvConfig(128, 256, 64, 8, 3)  # 288 KB of fp32 pipeline buffers
+    fp32 = C.eligible_configs(geom, 4, [*C.GPU_CONFIGS, big])
     assert all(c.shared_memory_bytes(4) <= C.SHARED_MEMORY_LIMIT for c in fp32)
-    assert C.ConvConfig(128, 256, 64, 8, 3) not in fp32
+    assert big not in fp32
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -56,6 +56,26 @@ def cache_file(tmp_path, monkeypatch):
 def timer(monkeypatch):
     fake = FakeTimer()
     monkeypatch.setattr(dispatch, "_timer", fake)
+    monkeypatch.setattr(dispatch, "_backward_timer", FakeTimer())
+    return fake
+
+
+@pytest.fixture
+def backward_timer(monkeypatch, timer):
+    """The dgrad / wgrad timer: per (part, impl) ms, records "part:impl"."""
+
+    class PartTimer:
+        def __init__(self):
+            self.ms = {("dgrad", "triton"): 1.0, ("dgrad", "cudnn"): 2.0, ("wgrad", "triton"): 3.0,
+                       ("wgrad", "cudnn"): 2.0}  # fmt: skip
+            self.calls = []
+
+        def __call__(self, step):
+            self.calls.append(f"{step.part}:{step.path}")
+            return self.ms[(step.part, step.path)]
+
+    fake = PartTimer()
+    monkeypatch.setattr(dispatch, "_backward_timer", fake)
     return fake
 
 
@@ -292,6 +312,58 @@ def test_decisions_table_lists_this_process_and_the_cache_file(cache_file, timer
     dispatch.reset()
     monkeypatch.setenv(dispatch.CACHE_ENV, "off")
     assert "none" in dispatch.format_decisions()
+
+
+def test_forward_dgrad_and_wgrad_are_decided_separately(cache_file, backward_timer):
+    """dgrad and wgrad are timed on their own (both implementations each) and the faster taken per part:
+    here Triton dgrad, cuDNN wgrad; the table, the cache file and a new process agree, and the fused
+    path's backward gets that pair."""
+    x, w, b = _conv()
+    y = K.conv_lrelu(x, w, b, 1, 1)
+    assert _path_of(y) == "triton"
+    assert backward_timer.calls == ["dgrad:triton", "dgrad:cudnn", "wgrad:triton", "wgrad:cudnn"]
+    row = dispatch.decisions()[0]
+    assert (row["dgrad"], row["wgrad"]) == ("triton", "cudnn") and row["dgrad_triton_ms"] == 1.0
+    assert dispatch.backward_impls("conv_lrelu", x, w, b, 1, 1) == ("triton", "cudnn")
+    entry = json.loads(cache_file.read_text())["contexts"][row["context"]][row["key"]]
+    assert (entry["dgrad"], entry["wgrad"], entry["excluded"]) == ("triton", "cudnn", {})
+    dispatch.reset()
+    K.conv_lrelu(x, w, b, 1, 1)  # a new process: read back, nothing timed
+    assert len(backward_timer.calls) == 4
+    assert dispatch.backward_impls("conv_lrelu", x, w, b, 1, 1) == ("triton", "cudnn")
+    grads = torch.autograd.grad(K.conv_lrelu(x, w, b, 1, 1).sum(), (w, b))
+    want = torch.autograd.grad(K.reference_conv_lrelu(x, w, b, 1, 1).sum(), (w, b))
+    for g, e in zip(grads, want):
+        assert_close(g, e, 1e-4, 1e-4, "gradient with the dispatched backward")
+
+
+@pytest.mark.parametrize("part", ["forward", "dgrad", "wgrad"])
+def test_a_triton_candidate_that_mismatches_cudnn_is_excluded(cache_file, backward_timer, monkeypatch, part):
+    """On its first call a Triton candidate is compared with cuDNN; a (faked) mismatch excludes it with a
+    warning naming the op, the shape and the error, although it would time faster, and the cache records
+    the exclusion."""
+    calls = []
+    real = dispatch._relative_error
+
+    def fake_error(got, want):  # the comparisons run forward, dgrad, wgrad in that order
+        calls.append(len(calls))
+        part_of_call = ["forward", "dgrad", "wgrad", "wgrad"][min(len(calls) - 1, 3)]
+        return 0.5 if part_of_call == part else real(got, want)
+
+    monkeypatch.setattr(dispatch, "_relative_error", fake_error)
+    backward_timer.ms[("wgrad", "triton")] = 1.0  # Triton would win every part on time
+    x, w, b = _conv()
+    with pytest.warns(RuntimeWarning, match=rf"conv_lrelu Triton {part} excluded for x 2x3x6x6 w 4x3x3x3 s1 p1"
+                                            r".*relative error 0.5 > 0.001"):  # fmt: skip
+        y = K.conv_lrelu(x, w, b, 1, 1)
+    row = dispatch.decisions()[0]
+    assert list(row["excluded"]) == [part]
+    chosen = {"forward": row["choice"], "dgrad": row["dgrad"], "wgrad": row["wgrad"]}
+    assert chosen == {p: ("cudnn" if p == part else "triton") for p in chosen}
+    assert _path_of(y) == chosen["forward"]
+    assert f"{part}:triton" not in backward_timer.calls
+    entry = json.loads(cache_file.read_text())["contexts"][row["context"]][row["key"]]
+    assert part in entry["excluded"] and "relative error 0.5" in entry["excluded"][part]
 
 
 @pytest.mark.cuda

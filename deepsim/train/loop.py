@@ -6,6 +6,10 @@ Long runs (see README "Training at scale"): ``resume="auto"`` continues from the
 returns with ``TrainResult.stopped_by`` set (:mod:`deepsim.train.preemption`); checkpoints carry a checksum
 and the last ``keep_checkpoints`` are kept (:mod:`deepsim.train.checkpoint`); the data stream resumes at the
 checkpoint's global sample cursor, at any world size (:mod:`deepsim.data.sampling`).
+
+The loop (:func:`_run`) works over two parts: :class:`~deepsim.train.runlog.RunLog` (metrics.jsonl,
+TensorBoard, progress bar, sample grids, NaN check) and :class:`~deepsim.train.checkpoint.Checkpointer`
+(write, keep-K, last good); :func:`~deepsim.train.checkpoint.select_resume` picks the checkpoint to resume.
 """
 
 from __future__ import annotations

@@ -38,7 +38,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepsim.train.checkpoint import CheckpointError, safe_torch_load
+from deepsim.train.tensorfile import is_safetensors, read_metadata, read_safetensors
+
 __all__ = [
+    "uses_network",
     "Comparator",
     "ComparatorWeightsError",
     "ARCHITECTURES",
@@ -252,6 +256,13 @@ ARCHITECTURES = {
 }
 
 
+def uses_network(spec: str) -> bool:
+    """True when the comparator ``spec`` names takes its features from a network handed in (``network=``: the
+    discriminator D, which the run must then build and train) instead of weights of its own."""
+    arch = spec.split(":", 1)[0].strip()
+    return arch in ARCHITECTURES and ARCHITECTURES[arch][1] == "network"
+
+
 def parse_spec(spec: str) -> tuple[str, dict[str, float]]:
     """``"alexnet:conv3=1,conv5=0.5"`` -> ("alexnet", {"conv3": 1.0, "conv5": 0.5})."""
     if ":" not in spec:
@@ -272,9 +283,6 @@ def parse_spec(spec: str) -> tuple[str, dict[str, float]]:
 def check_weights_file(path, flag: str = "--comparator-weights") -> None:
     """Raise :class:`ComparatorWeightsError` naming ``flag`` and the file unless ``path`` is a file that opens
     safely (only its header and pickle are read: tensors stay on disk)."""
-    from deepsim.train.checkpoint import CheckpointError, safe_torch_load
-    from deepsim.train.tensorfile import is_safetensors, read_metadata
-
     path = Path(path)
     if not path.is_file():
         raise ComparatorWeightsError(f"{flag}: weights file {path} does not exist")
@@ -298,9 +306,6 @@ def _why(error) -> str:
 
 def _read_weights(path: Path, arch: str):
     """A weights file's contents, read without running any code of it (safetensors or weights-only pickle)."""
-    from deepsim.train.checkpoint import CheckpointError, safe_torch_load
-    from deepsim.train.tensorfile import is_safetensors, read_safetensors
-
     try:
         return read_safetensors(path) if is_safetensors(path) else safe_torch_load(path, trust=False)
     except CheckpointError as error:
@@ -314,8 +319,8 @@ class Comparator(nn.Module):
         spec: ``"<arch>:<tap>[=w][,<tap>[=w]...]"``, e.g. ``"alexnet:conv3"`` or ``"vgg16:conv2_2,conv4_3=0.5"``.
         weights: a weights file (state dict). ``None``: torchvision's cache for ``alexnet``/``vgg16``,
             nothing for the random layouts; ``caffenet`` and ``exemplar`` need a path.
-        network: the :class:`~deepsim.networks.Discriminator` whose conv features are used (arch
-            ``discriminator`` only).
+        network: the :class:`~deepsim.networks.Discriminator` whose conv features are used by an arch that
+            borrows a network (:func:`uses_network`: ``discriminator``); ignored by the others.
         trainable: keep the parameters trainable (the paper: C "can be fixed or trained"). Default: frozen.
         input_size: resize the images (bilinear) to this side before the network (None: as given).
         download: fetch torchvision's file into its cache when it is missing (needs internet; checked, see
@@ -344,18 +349,9 @@ class Comparator(nn.Module):
         self.tap_names = list(taps)
         self.tap_weights = [taps[n] for n in self.tap_names]
         builder, weights_kind = ARCHITECTURES[arch]
-
-        if weights_kind == "network":
-            if network is None or not hasattr(network, "conv_features"):
-                raise ValueError("comparator 'discriminator' needs network=<Discriminator> (it uses D's features)")
-            valid = list(network.conv_names)
-            self._check_taps(valid)
-            self.network = network  # shared with D: trained by D's optimizer, not frozen here
-            self._tap_index = [valid.index(n) for n in self.tap_names]
-            self.frozen = False
-            self.register_buffer("scale", torch.ones(1, 3, 1, 1), persistent=False)
-            self.register_buffer("shift", torch.zeros(1, 3, 1, 1), persistent=False)
-            self.bgr = False
+        self.uses_network = weights_kind == "network"  # D's features: D's optimizer trains them, D's state saves them
+        if self.uses_network:
+            self._borrow(network)
             return
 
         stages, input_kind = builder()
@@ -391,6 +387,19 @@ class Comparator(nn.Module):
         if self.frozen:
             self.requires_grad_(False)
         self.train(False)
+
+    def _borrow(self, network: nn.Module | None) -> None:
+        """Taps of ``network``'s conv features (D's): shared with D, trained by D's optimizer, not frozen here."""
+        if network is None or not hasattr(network, "conv_features"):
+            raise ValueError("comparator 'discriminator' needs network=<Discriminator> (it uses D's features)")
+        valid = list(network.conv_names)
+        self._check_taps(valid)
+        self.network = network
+        self._tap_index = [valid.index(n) for n in self.tap_names]
+        self.frozen = False
+        self.register_buffer("scale", torch.ones(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", torch.zeros(1, 3, 1, 1), persistent=False)
+        self.bgr = False
 
     def _check_taps(self, valid: list[str]) -> None:
         wrong = [n for n in self.tap_names if n not in valid]
@@ -452,7 +461,7 @@ class Comparator(nn.Module):
         x = x * self.scale + self.shift
         if self.bgr:
             x = x.flip(1)
-        if self.arch == "discriminator":
+        if self.uses_network:
             maps = self.network.conv_features(x)
             return [maps[i] for i in self._tap_index]
         found: dict[str, torch.Tensor] = {}
@@ -466,7 +475,7 @@ class Comparator(nn.Module):
     def min_side(self) -> int:
         """The smallest input side (H and W) whose deepest tap is at least 1x1 (1 with ``input_size`` set or
         for the discriminator, whose features take any size its convs accept)."""
-        if self.input_size is not None or self.arch == "discriminator":
+        if self.input_size is not None or self.uses_network:
             return 1
         for side in range(1, 4097):
             if _output_side(self.layers, side) >= 1:

@@ -169,7 +169,7 @@ def test_tf32_precision_goes_through_the_current_api_even_after_it_was_used():
     import torch
     from deepsim.kernels import fp32_uses_tf32
 
-    from deepsim.train.loop import _allow_tf32
+    from deepsim.train.auto import allow_tf32
 
     conv = getattr(torch.backends.cudnn, "conv", None)
     if not hasattr(conv, "fp32_precision"):
@@ -179,7 +179,7 @@ def test_tf32_precision_goes_through_the_current_api_even_after_it_was_used():
     try:
         matmul.fp32_precision, conv.fp32_precision = "ieee", "ieee"  # the new API in use, TF32 off
         assert not fp32_uses_tf32()
-        _allow_tf32()
+        allow_tf32()
         assert (matmul.fp32_precision, conv.fp32_precision) == ("tf32", "tf32")
         assert fp32_uses_tf32()
     finally:

@@ -11,7 +11,7 @@ from torch import nn
 from deepsim.config import TrainConfig
 from deepsim.networks import AutoencoderGenerator
 from deepsim.train.checkpoint import CheckpointError, load_checkpoint
-from deepsim.train.factory import build_discriminator, build_loss, trainer_options
+from deepsim.train.factory import build_discriminator, build_loss, needs_discriminator, trainer_options
 from deepsim.train.step import DeePSiMTrainer
 
 from .generators import InversionGenerator, VariationalAutoencoder
@@ -77,9 +77,7 @@ def build_trainer(config: TrainConfig, device: torch.device) -> DeePSiMTrainer:
         )
     _check_weights(config)
     generator = build_generator(config)
-    needs_d = config.loss == "deepsim" and (
-        config.lambda_adv != 0 or config.comparator.startswith("discriminator")
-    )
+    needs_d = needs_discriminator(config)
     extractor = None
     if config.task == "invert":
         extractor = build_extractor(config)

@@ -43,9 +43,13 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
+import deepsim.data
 from deepsim.config import TrainConfig
+from deepsim.data import dali, resident, stl10
 
 __all__ = [
     "AUTO",
@@ -57,6 +61,7 @@ __all__ = [
     "try_runtime",
     "loader_trial",
     "CompileFallback",
+    "allow_tf32",
 ]
 
 AUTO = "auto"
@@ -76,18 +81,14 @@ def tensorboard_available() -> bool:
 
 
 def _dali_available() -> bool:
-    from deepsim.data.dali import dali_available
-
-    return dali_available()
+    return dali.dali_available()
 
 
 def data_kind(data: str | os.PathLike) -> str:
     """``"photos"`` (the bundled photographs), ``"stl10"`` (an STL-10 binary folder) or ``"folder"``."""
     if str(data) == "photos":
         return "photos"
-    from deepsim.data.stl10 import is_stl10_folder
-
-    return "stl10" if is_stl10_folder(Path(data)) else "folder"
+    return "stl10" if stl10.is_stl10_folder(Path(data)) else "folder"
 
 
 def _check(config: TrainConfig) -> None:
@@ -142,54 +143,10 @@ def resolve_runtime(
             "--tensorboard: the tensorboard package is not installed (pip install 'deepsim[tensorboard]'), "
             "or pass --no-tensorboard"
         )
-
-    def choose_loader() -> tuple[str, str]:
-        if not cuda:
-            return "torch", f"{where}: the PyTorch loader"
-        data = kind or data_kind(config.data)
-        if data in ("photos", "stl10"):
-            fits = resident_fits
-            if fits is None:
-                from deepsim.data.resident import resident_fits as ask
-
-                fits = ask(config.data, device)
-            if fits:
-                return "resident", "the decoded data set fits on the GPU: crops gathered there, no host work"
-        if data == "photos":
-            return (
-                "torch",
-                "the bundled photos are decoded once and kept in memory: nothing to decode per step",
-            )
-        if dali_available if dali_available is not None else _dali_available():
-            return "dali", "DALI is installed: decode and crop on the GPU"
-        if data == "stl10":
-            return "torch", "DALI is not installed; STL-10 binaries are raw pixels: nothing to decode"
-        return "nvjpeg", "DALI is not installed: JPEG decode on the GPU through torchvision (nvJPEG)"
-
-    def choose_compile() -> tuple[str, str]:
-        if not cuda:
-            return "off", f"{where}: eager step"
-        if world > 1:  # NCCL all-reduces inside inductor's CUDA-graph trees: not measured here yet
-            return "default", f"{where}, {world} ranks: the compiled step without CUDA graphs"
-        return "reduce-overhead", f"{where}: the compiled step under CUDA graphs"
-
-    bf16, tensor_cores = capability >= (8, 0), capability >= (7, 0)
-    rules = {  # field -> () -> (value, why); called only for a field that is "auto"
-        "compile": choose_compile,
-        "precision": lambda: (
-            ("bf16", f"{where} has bf16 tensor cores")
-            if bf16
-            else ("fp32", where + (": no bf16" if cuda else ""))
-        ),
-        "channels_last": lambda: (
-            (True, f"{where}: NHWC tensor-core convolutions") if tensor_cores else (False, where)
-        ),
-        "loader": choose_loader,
-        "tensorboard": lambda: (
-            tensorboard_installed,
-            "the tensorboard package is " + ("installed" if tensorboard_installed else "not installed"),
-        ),
-    }
+    rules = _rules(
+        config, device, where, capability, world=world, tensorboard_installed=tensorboard_installed,
+        kind=kind, resident_fits=resident_fits, dali_available=dali_available,
+    )
     chosen: dict = {}
     reasons: list[str] = []
     for name, rule in rules.items():
@@ -199,6 +156,74 @@ def resolve_runtime(
         else:
             reasons.append(f"{name}={_show(getattr(config, name))} (set)")
     return config.replace(**chosen), reasons
+
+
+def _rules(
+    config: TrainConfig,
+    device: torch.device,
+    where: str,
+    capability: tuple[int, int],
+    *,
+    world: int,
+    tensorboard_installed: bool,
+    kind,
+    resident_fits,
+    dali_available,
+) -> dict:
+    """field -> () -> (value, why): the ``auto`` choice of each runtime field (called only for an ``auto`` one)."""
+    cuda = device.type == "cuda"
+    bf16, tensor_cores = capability >= (8, 0), capability >= (7, 0)
+    return {
+        "compile": lambda: _choose_compile(cuda, where, world),
+        "precision": lambda: (
+            ("bf16", f"{where} has bf16 tensor cores")
+            if bf16
+            else ("fp32", where + (": no bf16" if cuda else ""))
+        ),
+        "channels_last": lambda: (
+            (True, f"{where}: NHWC tensor-core convolutions") if tensor_cores else (False, where)
+        ),
+        "loader": lambda: _choose_loader(
+            config, device, where, kind=kind, resident_fits=resident_fits, dali_available=dali_available
+        ),
+        "tensorboard": lambda: (
+            tensorboard_installed,
+            "the tensorboard package is " + ("installed" if tensorboard_installed else "not installed"),
+        ),
+    }
+
+
+def _choose_compile(cuda: bool, where: str, world: int) -> tuple[str, str]:
+    if not cuda:
+        return "off", f"{where}: eager step"
+    if world > 1:  # NCCL all-reduces inside inductor's CUDA-graph trees: not measured here yet
+        return "default", f"{where}, {world} ranks: the compiled step without CUDA graphs"
+    return "reduce-overhead", f"{where}: the compiled step under CUDA graphs"
+
+
+def _choose_loader(
+    config: TrainConfig, device: torch.device, where: str, *, kind, resident_fits, dali_available
+) -> tuple[str, str]:
+    """The loader ``auto`` picks (see the module table) and why; None arguments are looked up."""
+    if device.type != "cuda":
+        return "torch", f"{where}: the PyTorch loader"
+    data = kind or data_kind(config.data)
+    if data in ("photos", "stl10"):
+        fits = resident_fits
+        if fits is None:
+            fits = resident.resident_fits(config.data, device)
+        if fits:
+            return "resident", "the decoded data set fits on the GPU: crops gathered there, no host work"
+    if data == "photos":
+        return (
+            "torch",
+            "the bundled photos are decoded once and kept in memory: nothing to decode per step",
+        )
+    if dali_available if dali_available is not None else _dali_available():
+        return "dali", "DALI is installed: decode and crop on the GPU"
+    if data == "stl10":
+        return "torch", "DALI is not installed; STL-10 binaries are raw pixels: nothing to decode"
+    return "nvjpeg", "DALI is not installed: JPEG decode on the GPU through torchvision (nvJPEG)"
 
 
 def _show(value) -> str:
@@ -230,15 +255,10 @@ def loader_trial(loader: str, device: torch.device | str) -> None:
     Not the run's dataset (a pre-scan of a large folder would cost minutes): what it shows is that the
     loader's library imports, builds and decodes on this device with this driver.
     """
-    import numpy as np
-    from PIL import Image
-
-    from deepsim.data import build_loader
-
     with tempfile.TemporaryDirectory(prefix="deepsim-loader-trial-") as folder:
         pixels = np.linspace(0, 255, 24 * 24 * 3).reshape(24, 24, 3).astype(np.uint8)
         Image.fromarray(pixels).save(Path(folder) / "trial.jpg", quality=90)
-        stream = build_loader(folder, loader=loader, batch_size=1, crop_size=16, mode="center", device=device,
+        stream = deepsim.data.build_loader(folder, loader=loader, batch_size=1, crop_size=16, mode="center", device=device,
                               num_workers=1)  # fmt: skip
         try:
             batch = next(stream)
@@ -325,3 +345,16 @@ class CompileFallback:
                 f"(compile=off) instead; pass --compile {self.mode} to make this an error"
             )
             return self.eager(batch)
+
+
+def allow_tf32() -> None:
+    """Precision "tf32": TF32 for fp32 matmuls and convolutions, through the current API where this torch has
+    it (``torch.backends.cuda.matmul.fp32_precision``, ``torch.backends.cudnn.conv.fp32_precision``), else the
+    legacy ``allow_tf32`` flags (on recent torch, touching those once the new API is in use raises)."""
+    matmul, conv = torch.backends.cuda.matmul, getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):
+        matmul.fp32_precision = "tf32"
+        conv.fp32_precision = "tf32"
+    else:
+        matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

@@ -42,10 +42,20 @@ import re
 import struct
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from deepsim.config import TrainConfig
+from deepsim.train import distributed
+
+try:  # NumPy >= 2
+    from numpy._core.multiarray import _reconstruct
+except ImportError:  # NumPy < 2
+    from numpy.core.multiarray import _reconstruct
+from deepsim.train.tensorfile import is_safetensors, read_safetensors
 
 __all__ = [
     "save_checkpoint",
@@ -66,6 +76,10 @@ __all__ = [
     "trust_checkpoints",
     "safe_torch_load",
     "CHECKPOINT_NAME",
+    "Checkpointer",
+    "select_resume",
+    "refuse_existing_run",
+    "resumable_config",
 ]
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -242,6 +256,20 @@ def _step_of(path: Path) -> int | None:
         return None
 
 
+def _write_with_checksum(writer: _HashingWriter, payload: dict, step: int, tmp: Path) -> None:
+    """torch.save ``payload`` through ``writer``, then write the checksum footer as the zip comment and fsync."""
+    handle = writer.handle
+    torch.save(payload, writer)
+    handle.seek(-_EOCD.size, os.SEEK_END)
+    signature, comment_length = _EOCD.unpack(handle.read(_EOCD.size))
+    if signature != _EOCD_SIGNATURE or comment_length != 0:
+        raise CheckpointError(f"torch.save wrote no zip end record to {tmp}: cannot add the checksum")
+    handle.seek(-2, os.SEEK_END)
+    handle.write(struct.pack("<H", _FOOTER.size) + _FOOTER.pack(_MAGIC, step, writer.hash.digest()))
+    handle.flush()
+    os.fsync(handle.fileno())
+
+
 def save_checkpoint(
     path: str | os.PathLike, payload: dict, *, keep: int | None = None, replaced_step: int | None = None
 ) -> Path:
@@ -278,15 +306,7 @@ def save_checkpoint(
     try:
         with os.fdopen(fd, "w+b") as handle:
             writer = _HashingWriter(handle)
-            torch.save(payload, writer)
-            handle.seek(-_EOCD.size, os.SEEK_END)
-            signature, comment_length = _EOCD.unpack(handle.read(_EOCD.size))
-            if signature != _EOCD_SIGNATURE or comment_length != 0:
-                raise CheckpointError(f"torch.save wrote no zip end record to {tmp}: cannot add the checksum")
-            handle.seek(-2, os.SEEK_END)
-            handle.write(struct.pack("<H", _FOOTER.size) + _FOOTER.pack(_MAGIC, step, writer.hash.digest()))
-            handle.flush()
-            os.fsync(handle.fileno())
+            _write_with_checksum(writer, payload, step, tmp)
         if keep is not None and keep > 1 and path.is_file():
             old_step = replaced_step if replaced_step is not None else _step_of(path)
             if old_step is not None and old_step != step:
@@ -347,10 +367,6 @@ def trust_checkpoints(trust: bool = True):
 def _legacy_globals() -> list:
     """What checkpoints written before :func:`rng_state` stored tensors need beyond weights_only's defaults: the
     NumPy RNG state's uint32 array (rebuilt from its raw bytes; no code of the file runs)."""
-    try:
-        from numpy._core.multiarray import _reconstruct
-    except ImportError:  # NumPy < 2
-        from numpy.core.multiarray import _reconstruct
     return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
@@ -428,8 +444,6 @@ def _plain_zip_end(path: Path) -> bool:
 
 
 def _read_verified(path: Path, map_location) -> dict:
-    from deepsim.train.tensorfile import is_safetensors, read_safetensors
-
     if is_safetensors(path):
         payload = read_safetensors(path)
         if "config" not in payload or "step" not in payload:
@@ -531,3 +545,194 @@ def quarantine(path: str | os.PathLike) -> Path:
         target, n = path.with_name(f"{path.name}.corrupt{n}"), n + 1
     os.replace(path, target)
     return target
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+RUN_FILES = ("config.json", "metrics.jsonl")  # what a run folder holds besides its checkpoints
+
+
+def _held(out: Path) -> list[str]:
+    """The names of the run files in ``out``: its checkpoints, then config.json and metrics.jsonl."""
+    return [p.name for p in find_checkpoints(out)] + [n for n in RUN_FILES if (out / n).exists()]
+
+
+def refuse_existing_run(out: Path, context: distributed.DistributedContext) -> None:
+    """A fresh run never writes into a folder that holds a run: that run's checkpoints, metrics and config
+    would be rotated, appended to and overwritten. Checked on rank 0, its answer broadcast.
+
+    Raises:
+        CheckpointError: ``out`` holds a run (names up to 3 of its files).
+    """
+    found = None
+    if context.is_main and out.is_dir():
+        held = _held(out)
+        found = ", ".join(held[:3]) if held else None
+    found = distributed.broadcast_object(found)
+    if found:
+        raise CheckpointError(
+            f"--out {out} already holds a run ({found}): continue it with --resume auto, or choose a fresh "
+            "--out folder; nothing in it was changed"
+        )
+
+
+def _refuse_mixing(out: Path, chosen: Path) -> None:
+    """Resuming a checkpoint of another folder into an ``out`` that holds a run of its own would rotate and
+    append to that run's files; resuming an older checkpoint of ``out`` itself would rotate away the newer
+    ones."""
+    if not out.is_dir():
+        return
+    if chosen.resolve().parent == out.resolve():
+        newest = next(iter(find_checkpoints(out)), None)
+        if newest is not None and newest.resolve() != chosen.resolve():
+            raise CheckpointError(
+                f"--resume {chosen}: {out} holds a newer checkpoint, {newest.name}, which continuing there would "
+                "rotate away; resume it into a fresh --out (or --resume auto to continue the newest); nothing in "
+                "it was changed"
+            )
+        return
+    held = _held(out)
+    if held:
+        raise CheckpointError(
+            f"--resume {chosen}: --out {out} holds another run ({', '.join(held[:3])}); resume into a fresh "
+            "--out folder (or that run's own folder); nothing in it was changed"
+        )
+
+
+def _choose_resume(resume, out: Path, say: Callable[[str], None]) -> tuple[tuple[str, str | None], dict | None]:
+    """Rank 0's pick: (("path", file) | ("fresh", None), its payload if read)."""
+    explicit = not isinstance(resume, bool) and resume != "auto"
+    if explicit and Path(resume).is_file():
+        return ("path", str(resume)), load_checkpoint(resume)
+    folder = Path(resume) if explicit else out
+    if explicit and not folder.exists():
+        raise CheckpointError(f"--resume {resume}: no such checkpoint file or folder")
+    found = load_latest(folder) if folder.is_dir() else None
+    if found is None:
+        if resume != "auto":
+            raise CheckpointError(
+                f"--resume: no checkpoint in {folder}; use --resume auto to start fresh when there is none"
+            )
+        say(f"no checkpoint in {folder}: starting fresh (--resume auto)")
+        return ("fresh", None), None
+    path, payload, skipped = found
+    if skipped:
+        say("warning: " + fallback_message(path, payload, skipped))
+        for bad, _ in skipped:
+            say(f"renamed the corrupt {bad.name} to {quarantine(bad).name}")
+    return ("path", str(path)), payload
+
+
+def select_resume(
+    resume, out: Path, context: distributed.DistributedContext, *, say: Callable[[str], None]
+) -> dict | None:
+    """The checkpoint payload a run resumes from (None: start fresh), the same file on every rank.
+
+    Args:
+        resume: ``"auto"`` (the newest valid checkpoint in ``out``, or fresh), True (the newest in ``out``, an
+            error without one), or a path (that file, or the newest valid one in that folder).
+        out: the run's ``--out`` folder.
+        say: prints one line (rank 0): the fallback past corrupt files (renamed ``*.corrupt``), a fresh start.
+
+    Rank 0 picks the file and broadcasts its path, so every rank loads the same checkpoint even if another file
+    appears meanwhile. The payload's ``"_source"`` names the file (for errors; never written back).
+
+    Raises:
+        CheckpointError: no checkpoint where one is needed, every one is corrupt, or resuming into ``out`` would
+            rotate away another run's files or newer checkpoints.
+    """
+    payload, choice = None, ("fresh", None)
+    if context.is_main:
+        try:
+            choice, payload = _choose_resume(resume, out, say)
+            if choice[0] == "path":
+                _refuse_mixing(out, Path(choice[1]))
+        except CheckpointError as error:
+            choice = ("error", str(error))
+    choice = distributed.broadcast_object(choice)
+    if choice[0] == "error":
+        raise CheckpointError(choice[1])
+    if choice[0] == "fresh":
+        return None
+    if payload is None:  # another rank: the file rank 0 chose
+        payload = load_checkpoint(choice[1])
+    payload["_source"] = choice[1]  # names the file in errors; never written back
+    return payload
+
+
+def resumable_config(payload: dict, source) -> TrainConfig:
+    """The saved config of a payload that holds what resuming needs (one line naming the file otherwise)."""
+    source = payload.get("_source", source)
+    missing = [k for k in ("trainer", "rng") if not isinstance(payload.get(k), dict)]
+    if not missing:
+        missing = [f"trainer.{k}" for k in ("generator", "opt_g") if k not in payload["trainer"]]
+    if missing:
+        raise CheckpointError(
+            f"checkpoint {source} cannot be resumed: it has no {', '.join(repr(m) for m in missing)} (training "
+            "state); an imported or exported generator trains no further (deepsim export --training-state keeps it)"
+        )
+    try:
+        return TrainConfig.from_dict(payload["config"])
+    except (TypeError, ValueError, AttributeError) as error:
+        raise CheckpointError(f"checkpoint {source}: its config cannot be read ({error})") from None
+
+
+class Checkpointer:
+    """The checkpoints of one run: ``out/checkpoint.pt`` written by rank 0 (atomic, checksummed), the newest
+    ``keep`` kept, and the last good one remembered (what a NaN or a stop signal names).
+
+    Args:
+        out: the run folder.
+        keep: how many checkpoints to keep (>= 1).
+        context: the ranks; every rank calls :meth:`write` (the replica fingerprints are a collective).
+        provenance: recorded under ``"provenance"`` in every checkpoint (preset, commit).
+        resumed: the payload the run resumed from (None: fresh): the file it came from is replaced without a
+            second read to learn its step.
+        say: prints one line (a warning that the ranks' parameters differ).
+    """
+
+    def __init__(
+        self,
+        out: Path,
+        *,
+        keep: int,
+        context: distributed.DistributedContext,
+        provenance: dict,
+        resumed: dict | None,
+        say: Callable[[str], None],
+    ):
+        self.path, self.keep, self.context = out / CHECKPOINT_NAME, keep, context
+        self.provenance, self.say = provenance, say
+        self.last_good = next(iter(find_checkpoints(out)), None)  # the newest one already there (what a NaN leaves)
+        # the file resumed from and its step: replacing it needs no second read of it
+        self._resumed = None
+        if resumed and "_source" in resumed:
+            self._resumed = (Path(resumed["_source"]).resolve(), int(resumed["step"]))
+
+    def write(self, step: int, *, config: TrainConfig, trainer, stream) -> Path:
+        """Checkpoint ``step``; returns the checkpoint's path (on other ranks: the one rank 0 writes).
+
+        Raises:
+            CheckpointWriteError: the write failed; the previous checkpoint is intact.
+        """
+        world = self.context.world
+        replicas = distributed.replica_fingerprints(trainer) if world > 1 else None  # every rank takes part
+        if not self.context.is_main:
+            return self.path  # rank 0 writes it
+        payload = {
+            "step": step,
+            "config": config.to_dict(),
+            "trainer": trainer.training_state(),
+            "rng": rng_state(),
+            "data": stream.state_dict(),  # the global sample cursor: resume at any world size
+            "world_size": world,
+            "provenance": dict(self.provenance),
+        }
+        if replicas is not None:
+            payload["replicas"] = replicas
+            if len(set(replicas)) > 1:
+                self.say(f"warning: the ranks' parameters differ at step {step} (fingerprints per rank: {replicas})")
+        resumed, self._resumed = self._resumed, None
+        replaced = resumed[1] if resumed and resumed[0] == self.path.resolve() else None
+        self.last_good = save_checkpoint(self.path, payload, keep=self.keep, replaced_step=replaced)
+        return self.last_good

@@ -68,6 +68,7 @@ __all__ = [
     "barrier",
     "cleanup",
     "rank_world",
+    "resolve_device",
 ]
 
 TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -91,6 +92,16 @@ def rank_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" -> cuda when available, else cpu; anything else is checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return device
 
 
 def _device_for(local_rank: int, requested: str) -> torch.device:
@@ -127,8 +138,6 @@ def init_from_env(device: str = "auto", *, backend: str | None = None, timeout_s
         rank, world = dist.get_rank(), dist.get_world_size()
         return DistributedContext(rank, world, local_rank, _device_for(local_rank, device), False)
     if "WORLD_SIZE" not in os.environ or int(os.environ["WORLD_SIZE"]) <= 1:
-        from deepsim.train.factory import resolve_device
-
         return DistributedContext(0, 1, 0, resolve_device(device), False)
     missing = [v for v in TORCHRUN_VARS if v not in os.environ]
     if missing:
@@ -158,6 +167,7 @@ def cleanup(context: DistributedContext | None = None) -> None:
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """The mean of ``tensor`` over the ranks, as a new tensor: a functional all-reduce, so it also traces
     into a compiled graph, and no host sync on NCCL."""
+    # lazy: a torch built without distributed support cannot import it (only reached with a process group)
     import torch.distributed._functional_collectives as funcol
 
     return funcol.all_reduce(tensor.detach(), "sum", dist.group.WORLD) / dist.get_world_size()

@@ -12,10 +12,11 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from deepsim.comparators import Comparator
+from deepsim.comparators import Comparator, uses_network
 from deepsim.config import TrainConfig
 from deepsim.losses import DeePSiMLoss, PauseRule
 from deepsim.networks import AutoencoderGenerator, Discriminator
+from deepsim.train.distributed import resolve_device
 from deepsim.train.step import DeePSiMTrainer
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "build_autoencoder_trainer",
     "build_loss",
     "build_discriminator",
+    "needs_discriminator",
     "trainer_options",
     "resolve_device",
     "TrainerBuilder",
@@ -32,22 +34,11 @@ __all__ = [
 TrainerBuilder = Callable[[TrainConfig, torch.device], DeePSiMTrainer]
 
 
-def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else is checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
-    return device
-
-
 def build_loss(config: TrainConfig, discriminator=None) -> DeePSiMLoss:
+    """The loss of ``config``; ``discriminator`` is handed to a comparator that borrows its features."""
     comparator = None
     if config.loss == "deepsim" and config.lambda_feat and config.feature_metric == "squared":
-        arch = config.comparator.split(":", 1)[0]
-        network = discriminator if arch == "discriminator" else None
-        comparator = Comparator(config.comparator, weights=config.comparator_weights, network=network)
+        comparator = Comparator(config.comparator, weights=config.comparator_weights, network=discriminator)
     return DeePSiMLoss(
         comparator,
         loss=config.loss,
@@ -57,6 +48,12 @@ def build_loss(config: TrainConfig, discriminator=None) -> DeePSiMLoss:
         image_kind=config.image_distance,
         feature_metric=config.feature_metric,
     )
+
+
+def needs_discriminator(config: TrainConfig) -> bool:
+    """A DeePSiM loss with an adversarial term, or with a comparator that borrows D's features
+    (:func:`deepsim.comparators.uses_network`), trains a discriminator."""
+    return config.loss == "deepsim" and (config.lambda_adv != 0 or uses_network(config.comparator))
 
 
 def build_discriminator(config: TrainConfig, feature_dim: int | None = None) -> Discriminator:
@@ -87,8 +84,7 @@ def build_autoencoder_trainer(config: TrainConfig, device: torch.device) -> DeeP
     if config.image_size % 8:
         raise ValueError(f"--image-size {config.image_size}: the autoencoder needs a multiple of 8")
     generator = AutoencoderGenerator(code_channels=config.code_channels)
-    needs_d = config.loss == "deepsim" and (config.lambda_adv != 0 or config.comparator.startswith("discriminator"))
-    discriminator = build_discriminator(config) if needs_d else None
+    discriminator = build_discriminator(config) if needs_discriminator(config) else None
     loss = build_loss(config, discriminator)
     trainer = DeePSiMTrainer(generator, discriminator, loss, **trainer_options(config))
     return trainer.to(device)

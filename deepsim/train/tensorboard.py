@@ -48,6 +48,7 @@ class TensorBoardWriter:
     """
 
     def __init__(self, log_dir: str | os.PathLike, config: TrainConfig, *, start_step: int = 0):
+        # lazy: an optional dependency (torch.utils.tensorboard needs the tensorboard package)
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 

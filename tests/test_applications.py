@@ -280,11 +280,11 @@ def test_load_model_from_training_state(tmp_path, task):
 def test_vae_imagenet_preset_builds_and_steps_at_227(one_intra_op_thread):
     """The 227 px VAE: stride-4 unpadded D (227 -> 56 -> 52 -> 25 -> 23 -> 11), decoder = the fc6 generator
     with the full up-conv stack (256, cropped to 227), ImageNet preprocessing; one step at batch 2."""
-    from deepsim.train.loop import _task_mode
+    from deepsim.tasks import data_mode
 
     config = get_preset("vae-imagenet").replace(comparator="alexnet-random:pool5", batch_size=2, device="cpu")
     assert (config.task, config.image_size, config.disc_first_stride, config.latent_dim) == ("vae", 227, 4, 4096)
-    assert _task_mode(config) == "resize-crop"
+    assert data_mode(config) == "resize-crop"
     torch.manual_seed(0)
     trainer = build_trainer(config, torch.device("cpu"))
     vae = trainer.generator

@@ -26,6 +26,7 @@ import torch
 import deepsim.data
 from deepsim.comparators import check_weights_file
 from deepsim.config import TrainConfig
+from deepsim.tasks import data_mode
 from deepsim.train import compiled, distributed
 from deepsim.train.auto import (
     AUTO,
@@ -68,16 +69,6 @@ class TrainResult:
     checkpoint: Path | None
     history: list[dict] = field(default_factory=list)  # the metrics rows written to metrics.jsonl
     stopped_by: str | None = None  # "SIGTERM" etc. when a stop signal ended the run early (checkpoint written)
-
-
-def _task_mode(config: TrainConfig) -> str:
-    # ImageNet preprocessing (code) for the inversion and for 227x227 crops (vae-imagenet): shorter side to 256.
-    return "resize-crop" if config.task == "invert" or config.image_size == 227 else "crop"
-
-
-def _task_mode(config: TrainConfig) -> str:
-    # ImageNet preprocessing (code) for the inversion and for 227x227 crops (vae-imagenet): shorter side to 256.
-    return "resize-crop" if config.task == "invert" or config.image_size == 227 else "crop"
 
 
 def train(
@@ -299,7 +290,7 @@ def _pad_channels(trainer, loader: str) -> int:
 def _training_stream(config: TrainConfig, trainer, context, cursor: int):
     """This rank's shard of the training data, from the global sample ``cursor`` on."""
     return deepsim.data.build_loader(
-        config.data, batch_size=config.batch_size, crop_size=config.image_size, mode=_task_mode(config),
+        config.data, batch_size=config.batch_size, crop_size=config.image_size, mode=data_mode(config),
         mirror=config.mirror, loader=config.loader, device=context.device, seed=config.seed, start_sample=cursor,
         shard_id=context.rank, num_shards=context.world, num_workers=config.num_workers,
         channels_last=config.channels_last, on_bad=config.on_bad, pad_channels=_pad_channels(trainer, config.loader),
@@ -310,7 +301,7 @@ def _training_stream(config: TrainConfig, trainer, context, cursor: int):
 def _sample_batch(config: TrainConfig, device: torch.device) -> torch.Tensor:
     """The 8 fixed images the sample grids show (their own seed: the same on every resume)."""
     stream = deepsim.data.build_loader(
-        config.data, batch_size=8, crop_size=config.image_size, mode=_task_mode(config), mirror=config.mirror,
+        config.data, batch_size=8, crop_size=config.image_size, mode=data_mode(config), mirror=config.mirror,
         loader="torch", device=device, seed=config.seed + 7919, on_bad=config.on_bad,
         max_image_pixels=config.max_image_pixels,
     )

@@ -257,7 +257,7 @@ class DeePSiMTrainer(nn.Module):
         if self.uses_discriminator:
             state["discriminator"] = self.discriminator.state_dict()
             state["opt_d"] = self.opt_d.state_dict()
-        if self.loss.comparator is not None and not self.loss.comparator.frozen and self.loss.comparator.arch != "discriminator":
+        if self.loss.comparator is not None and not self.loss.comparator.frozen and not self.loss.comparator.uses_network:
             state["comparator"] = self.loss.comparator.state_dict()
         return state
 

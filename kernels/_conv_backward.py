@@ -133,7 +133,7 @@ def _conv_wgrad_kernel(
         p = tl.load(p_ptr + p_off, mask=p_ok, other=0.0)
         if MASK_P:
             sign = tl.load(m_ptr + p_off, mask=p_ok, other=0.0)
-            p = tl.where(sign > 0, p, p * alpha).to(p_ptr.dtype.element_ty)
+            p = tl.where(sign.to(tl.float32) > 0, p, p.to(tl.float32) * alpha).to(p_ptr.dtype.element_ty)
         if BIAS:
             bias_acc += tl.sum(p.to(tl.float32), axis=0)
         n = m // I_HW
@@ -152,7 +152,7 @@ def _conv_wgrad_kernel(
         q = tl.load(q_ptr + q_off, mask=q_ok, other=0.0)
         if MASK_Q:
             sign = tl.load(m_ptr + q_off, mask=q_ok, other=0.0)
-            q = tl.where(sign > 0, q, q * alpha).to(q_ptr.dtype.element_ty)
+            q = tl.where(sign.to(tl.float32) > 0, q, q.to(tl.float32) * alpha).to(q_ptr.dtype.element_ty)
         acc = tl.dot(tl.trans(p), q, acc, input_precision=INPUT_PRECISION)  # (BLOCK_R, BLOCK_C) fp32
     base = split.to(tl.int64) * R * KCOLS
     tl.store(part_ptr + base + (offs_r * KCOLS)[:, None] + cols[None, :], acc,

@@ -145,7 +145,7 @@ def _conv_igemm_lrelu_kernel(
             a = tl.load(x_ptr + a_off, mask=a_ok[:, None], other=0.0)
             if MASK_A:
                 sign = tl.load(m_ptr + a_off, mask=a_ok[:, None], other=0.0)
-                a = tl.where(sign > 0, a, a * mask_alpha).to(x_ptr.dtype.element_ty)
+                a = tl.where(sign.to(tl.float32) > 0, a, a.to(tl.float32) * mask_alpha).to(x_ptr.dtype.element_ty)
             if TRANSPOSED:
                 kh = kh0 + STRIDE * (TH - 1 - th)
                 kw = kw0 + STRIDE * (TW - 1 - tw)
@@ -171,7 +171,7 @@ def _conv_igemm_lrelu_kernel(
             a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
             if MASK_A:
                 sign = tl.load(m_ptr + a_off, mask=a_ok, other=0.0)
-                a = tl.where(sign > 0, a, a * mask_alpha).to(x_ptr.dtype.element_ty)
+                a = tl.where(sign.to(tl.float32) > 0, a, a.to(tl.float32) * mask_alpha).to(x_ptr.dtype.element_ty)
             if TRANSPOSED:
                 kh = kh0 + STRIDE * (TH - 1 - th)
                 kw = kw0 + STRIDE * (TW - 1 - tw)

@@ -23,7 +23,7 @@ class FakeWorkload:
     def __init__(self, falls_back: bool, device: str = "cuda"):
         self.falls_back, self.or_error_seen = falls_back, []
         self.device = torch.device(device)
-        self.config = types.SimpleNamespace(task="autoencoder")
+        self.config = types.SimpleNamespace(task="autoencoder", batch_size=64)
 
     def row(self, variant, **values):
         return {"group": "step", "name": self.name, "variant": variant, "baseline": "eager", **values}

@@ -39,7 +39,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.common import GroupTimeout, group_main
+from bench.cli import group_main
+from bench.timelimit import GroupTimeout
 
 try:  # installed package
     import deepsim.kernels as K

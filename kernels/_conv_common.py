@@ -21,12 +21,9 @@ import torch.nn.functional as F
 from ._backend import HAS_TRITON, INTERPRET, register_op
 from ._conv_configs import ConvGeometry
 from ._conv_igemm import conv_igemm_forward
-from ._conv_igemm import input_precision as _igemm_input_precision
 from ._conv_shape import as_int, conv_out_size, normalize_padding
 from .bias_lrelu import bias_lrelu, lrelu_bias_grads
 
-# Autotune key of both forward kernels (their argument names).
-AUTOTUNE_KEY = ["N", "C_in", "H", "W", "C_out", "OH", "OW", "KH", "KW", "STRIDE", "PAD"]
 # dtypes the Triton and cuDNN paths take; anything else (fp64...) runs the reference or is rejected.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 IMPLS = ("triton", "cudnn")  # per-gradient implementations of the backward
@@ -46,11 +43,6 @@ def empty_conv_output(x: torch.Tensor, c_out: int, oh: int, ow: int) -> torch.Te
     return torch.empty(
         (x.shape[0], c_out, oh, ow), dtype=x.dtype, device=x.device, memory_format=memory_format_of(x)
     )
-
-
-def input_precision(dtype: torch.dtype) -> str:
-    """fp32 dots use TF32 exactly when eager cuDNN convolutions would (see ``_conv_igemm.fp32_uses_tf32``)."""
-    return _igemm_input_precision(dtype)
 
 
 def use_triton_impl(t: torch.Tensor) -> bool:

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 
 from deepsim.comparators import Comparator
 from deepsim.config import CAFFE_TO_DEEPSIM
+from deepsim.data import iterate_eval
 
 __all__ = ["PERTURBATIONS", "CalibrationReport", "calibrate_lambda_feat", "feature_distances", "format_report"]
 
@@ -143,7 +144,6 @@ def calibrate_lambda_feat(
         ComparatorWeightsError: a missing or unfit weights file (named).
         DataError: an unreadable data source.
     """
-    from deepsim.data import iterate_eval
 
     unknown = [p for p in perturbations if p not in PERTURBATIONS]
     if unknown or not perturbations:

@@ -14,6 +14,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deepsim.applications.factory import build_generator
+from deepsim.caffe.importer import imported_generator_payload
+from deepsim.caffe.upconvgan import generator_from_upconvgan, is_upconvgan_state
+from deepsim.config import TrainConfig
 from deepsim.train.checkpoint import (
     CheckpointError,
     find_checkpoints,
@@ -21,6 +25,8 @@ from deepsim.train.checkpoint import (
     read_footer,
     safe_torch_load,
 )
+from deepsim.train.loop import source_commit
+from deepsim.train.tensorfile import is_safetensors, read_safetensors, write_safetensors
 
 __all__ = ["ExportResult", "export_checkpoint", "load_generator", "read_source"]
 
@@ -33,9 +39,6 @@ class ExportResult:
 
 
 def _upconvgan_payload(path: Path, state: dict, layer: str | None) -> dict:
-    from deepsim.caffe.importer import imported_generator_payload
-    from deepsim.caffe.upconvgan import generator_from_upconvgan
-
     generator = generator_from_upconvgan(state, layer, image_size=227, source=str(path))
     meta = {"source": str(path.resolve()), "layer": layer or generator.layer, "format": "upconvGAN state dict"}
     payload = imported_generator_payload(generator, phi_weights=None, out_folder=path.parent, meta=meta)
@@ -45,8 +48,6 @@ def _upconvgan_payload(path: Path, state: dict, layer: str | None) -> dict:
 
 def read_source(path: str | os.PathLike, *, layer: str | None = None) -> dict:
     """The payload of a checkpoint, a folder, an export, or an upconvGAN state dict (converted to ours)."""
-    from deepsim.caffe.upconvgan import is_upconvgan_state
-    from deepsim.train.tensorfile import is_safetensors, read_safetensors
 
     path = Path(path)
     if path.is_file():
@@ -88,8 +89,6 @@ def export_checkpoint(
         layer: upconvGAN sources: "pool5" | "fc6" | "fc7" | "fc8" (default: from the keys).
         force: replace ``out`` if it exists (otherwise FileExistsError, and nothing is read or written).
     """
-    from deepsim.train.loop import source_commit
-    from deepsim.train.tensorfile import write_safetensors
 
     source, out = Path(source), Path(out)
     if out.exists() and not force:
@@ -144,10 +143,6 @@ def load_generator(
         :class:`~deepsim.applications.VariationalAutoencoder` (vae) or an
         :class:`~deepsim.applications.generators.InversionGenerator` (invert: features -> RGB in [-1, 1]).
     """
-    from deepsim.applications.factory import build_generator
-    from deepsim.caffe.upconvgan import generator_from_upconvgan, is_upconvgan_state
-    from deepsim.config import TrainConfig
-    from deepsim.train.tensorfile import is_safetensors, read_safetensors
 
     path = Path(path)
     payload = None

@@ -24,6 +24,7 @@ from torch import nn
 from deepsim.comparators import Comparator
 from deepsim.config import CAFFE_TO_DEEPSIM
 from deepsim.kernels import feature_distance
+from deepsim.perceptual import LPIPS
 
 __all__ = ["DeePSiMLoss", "GeneratorLoss", "DiscriminatorLoss", "PauseRule", "image_distance"]
 
@@ -97,7 +98,6 @@ class DeePSiMLoss(nn.Module):
             raise ValueError(f"feature_metric must be 'squared' or 'lpips', got {feature_metric!r}")
         self.feature_metric, self.lpips = feature_metric, None
         if feature_metric == "lpips" and loss == "deepsim" and lambda_feat:
-            from deepsim.perceptual import LPIPS
 
             if comparator is not None and not isinstance(comparator, LPIPS):
                 raise ValueError("feature_metric='lpips' takes comparator=None (LPIPS('alex')) or an LPIPS module")

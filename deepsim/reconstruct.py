@@ -9,7 +9,9 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
+from deepsim.applications.factory import model_from_payload
 from deepsim.config import TrainConfig
+from deepsim.data.images import read_image
 from deepsim.train.checkpoint import load_checkpoint
 from deepsim.train.factory import resolve_device
 
@@ -18,7 +20,6 @@ __all__ = ["load_generator", "reconstruct_files", "image_to_tensor"]
 
 def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, TrainConfig]:
     """The trained generator of a checkpoint, in eval mode, and the run's config."""
-    from deepsim.applications.factory import model_from_payload
 
     payload = load_checkpoint(checkpoint)
     config = TrainConfig.from_dict(payload["config"])
@@ -36,7 +37,6 @@ def reconstruct_files(checkpoint, images, out, *, size: int | None = None, devic
     """Write ``<name>_reconstruction.png`` (input left, reconstruction right) for each image; yields
     (output path, mean squared error per pixel on the [-1, 1] scale). Images are centre-cropped to a
     multiple of 8 (the code is 8x smaller than the image)."""
-    from deepsim.data.images import read_image
 
     device = resolve_device(device)
     generator, _ = load_generator(checkpoint, device)

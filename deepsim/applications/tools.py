@@ -10,9 +10,12 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
+from deepsim.data.images import read_image
 from deepsim.metrics import mean_pairwise_distance
+from deepsim.train.factory import resolve_device
 
 from .factory import load_model
+from .generators import VariationalAutoencoder
 
 __all__ = ["load_image", "invert_files", "sample_preimages", "sample_vae_prior", "PreimageReport"]
 
@@ -21,7 +24,6 @@ RESIZE_SHORTER = 256  # ImageNet preprocessing (code): shorter side 256, then th
 
 def load_image(path: str | Path, size: int, resize_shorter: int = RESIZE_SHORTER) -> torch.Tensor:
     """An image file -> (1, 3, size, size) in [-1, 1]: shorter side resized to ``resize_shorter``, centre crop."""
-    from deepsim.data.images import read_image
 
     if size > resize_shorter:
         resize_shorter = size
@@ -36,8 +38,6 @@ def _to_unit(images: torch.Tensor) -> torch.Tensor:
 
 
 def _inverter(checkpoint, device):
-    from deepsim.train.factory import resolve_device
-
     device = resolve_device(device) if isinstance(device, str) else device
     model, config = load_model(checkpoint, device)
     if config.task != "invert":
@@ -129,12 +129,10 @@ def sample_vae_prior(
 
     ``checkpoint_or_model``: a "vae" checkpoint (or its folder), or a :class:`VariationalAutoencoder`.
     """
-    from .generators import VariationalAutoencoder
 
     if isinstance(checkpoint_or_model, VariationalAutoencoder):
         vae = checkpoint_or_model
     else:
-        from deepsim.train.factory import resolve_device
 
         device = resolve_device(device) if isinstance(device, str) else device
         vae, config = load_model(checkpoint_or_model, device)

@@ -22,7 +22,11 @@ from pathlib import Path
 
 import torch
 
-from deepsim.metrics import gradient_energy, mean_pairwise_distance, normalized_error
+from deepsim.applications.factory import model_from_payload
+from deepsim.data import iterate_eval
+from deepsim.data.stl10 import is_stl10_folder
+from deepsim.metrics import LPIPS, gradient_energy, mean_pairwise_distance, normalized_error
+from deepsim.train.checkpoint import load_checkpoint
 
 from .svm import stl10_svm_accuracy
 from .tables import Column, markdown_table, write_table
@@ -124,8 +128,6 @@ def reconstruction_error(
 
 
 def _default_split(data: str | Path, split: str | None) -> str | None:
-    from deepsim.data.stl10 import is_stl10_folder
-
     if split is not None or str(data) == "photos":
         return split
     return "test" if is_stl10_folder(data) else None
@@ -167,9 +169,6 @@ def evaluate_checkpoint(
     Returns:
         {"reconstruction": row dict (see RECONSTRUCTION_COLUMNS), "svm": row dict or None}.
     """
-    from deepsim.applications.factory import model_from_payload
-    from deepsim.data import iterate_eval
-    from deepsim.train.checkpoint import load_checkpoint
 
     payload = load_checkpoint(checkpoint)
     model, config = model_from_payload(payload, device, f"checkpoint {checkpoint}")
@@ -232,7 +231,6 @@ def evaluate_checkpoint(
 
 def _lpips_metric(device, backbone_weights) -> tuple[torch.nn.Module | None, str | None]:
     """LPIPS (alex) on ``device``, or (None, why not) when its weights are missing."""
-    from deepsim.metrics import LPIPS
 
     try:
         return LPIPS("alex", backbone_weights=backbone_weights, check_range=False).to(device), None  # G may overshoot

@@ -23,12 +23,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from bench.dryrun import DRY_RUN_ENV
 from bench.machine import COMMIT_STAMP, REPO_ROOT, commit_label, machine_info, write_commit_stamp
 from bench.outputs import write_outputs
 from bench.peaks import measure_peaks
 from bench.results import load_run
 from bench.runner import GROUPS, run_groups
+from bench.static import format_table, static_report
 from bench.tables import append_results, format_compact, format_group_table, format_markdown
 
 __all__ = ["build_parser", "group_main", "main", "resolve_device"]
@@ -69,7 +72,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_device(device: str) -> str:
     """"auto" -> "cuda" where torch sees a GPU, else "cpu"; "cuda..." without one is an error."""
-    import torch
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -93,7 +95,6 @@ def _measure(args, device: str, existing) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.static:
-        from bench.static import format_table, static_report
 
         print(format_table(static_report()))
         return 0
@@ -144,7 +145,6 @@ def main(argv: list[str] | None = None) -> int:
 def group_main(run: Callable[[str, bool], list[dict]], description: str, quick_help: str,
                argv: list[str] | None = None) -> None:  # fmt: skip
     """``python -m bench.<group> [--device D] [--quick]``: run one group and print its table."""
-    import torch
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import importlib
 import json
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -37,6 +40,13 @@ import time
 import types
 from collections import Counter
 from pathlib import Path
+
+from deepsim.kernels import use_backend
+
+from deepsim.config import get_preset
+from deepsim.tasks import TASKS
+from deepsim.train.compiled import CompiledStep
+from deepsim.train.factory import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIM = Path(__file__).resolve().parent / "fakecuda" / "shim.c"
@@ -78,7 +88,6 @@ def unsupported() -> str | None:
         "triton.backends.nvidia.driver": ("CudaDriver", "CudaLauncher"),
         "triton.runtime.jit": ("JITFunction",),
     }
-    import importlib
 
     for module, names in needed.items():
         try:
@@ -102,8 +111,6 @@ def _include_dir() -> Path:
 
 
 def _compiler() -> str | None:
-    import shutil
-
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
@@ -336,7 +343,6 @@ def _patch_triton_driver() -> None:
 def _patch_custom_ops(torch, record: Record) -> None:
     """Our ``deepsim::*`` ops: tracing calls their fake impl; at each new (shapes, strides, dtypes) the real
     impl also runs on the fake CUDA tensors, with every Triton launch compiled (warmup) instead of run."""
-    import contextlib
 
     from torch._library.custom_ops import OPDEFS
     from torch._subclasses.fake_tensor import FakeTensor
@@ -442,9 +448,6 @@ def _recording_backend(torch, mode: str, record: Record):
 def _trainer(workload: str, batch: int, order: str):
     import torch
 
-    from deepsim.config import get_preset
-    from deepsim.tasks import TASKS
-    from deepsim.train.factory import build_trainer
 
     if workload == "autoencoder":
         config = get_preset("autoencoder-photos").replace(batch_size=batch, image_size=64,
@@ -486,10 +489,8 @@ def _to_fake_cuda(torch, trainer) -> None:
 def _count_flops(torch, trainer, batch) -> int:
     """Matmul and convolution FLOPs of one iteration (forward and backward), counted on the fake tensors
     with the reference kernels (the custom ops are opaque to the counter)."""
-    from deepsim.kernels import use_backend
     from torch.utils.flop_counter import FlopCounterMode
 
-    from deepsim.train.compiled import CompiledStep
 
     with use_backend("reference"), FlopCounterMode(display=False) as counter:
         CompiledStep(trainer, "eager").iteration(batch)  # updates fake state only
@@ -504,7 +505,6 @@ def child(workload: str, kernels: str, batch: int, mode: str, order: str, contro
     from torch._dynamo.utils import counters
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from deepsim.train.compiled import CompiledStep
 
     t0 = time.perf_counter()
     trainer, config = _trainer(workload, batch, order)

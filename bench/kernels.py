@@ -41,6 +41,8 @@ import torch.nn.functional as F
 
 from bench.cli import group_main
 from bench.timelimit import GroupTimeout
+from deepsim.applications.generators import InversionGenerator
+from deepsim.networks import AutoencoderGenerator, ConvLReLU, Discriminator, UpConvLReLU
 
 try:  # installed package
     import deepsim.kernels as K
@@ -58,8 +60,6 @@ def network_layers(batch: int = BATCH) -> list[tuple]:
     autoencoder G at 64 px, the discriminator at 64 px (first stride 2) and 227 px (first stride 4) and the
     fc6 inversion generator (227 px), in network order, duplicates dropped; found by running each network
     on the meta device with a hook on its ConvLReLU / UpConvLReLU blocks."""
-    from deepsim.applications.generators import InversionGenerator
-    from deepsim.networks import AutoencoderGenerator, ConvLReLU, Discriminator, UpConvLReLU
 
     nets = [("G", AutoencoderGenerator, (batch, 3, 64, 64)),
             ("D64", lambda: Discriminator(first_stride=2), (batch, 3, 64, 64)),

@@ -44,10 +44,13 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2
 
 from bench.cli import group_main
 from bench.dryrun import dry_run
 from deepsim.data import build_loader
+from deepsim.data.dali import build_dali_loader
 
 BATCH = 64
 CROP = 64
@@ -73,8 +76,6 @@ def _paths(folder: str) -> list[str]:
 
 class _PILFolder(torch.utils.data.Dataset):
     def __init__(self, folder: str, crop: int):
-        from torchvision.transforms import v2
-
         self.paths = _paths(folder)
         self.transform = v2.Compose(
             [
@@ -118,7 +119,6 @@ def decode_on_device(files: list[torch.Tensor], device: torch.device, crop: int,
                      gen: torch.Generator) -> torch.Tensor:  # fmt: skip
     """JPEG bytes -> (B, 3, crop, crop) float32 in [-1, 1] on ``device``: ``decode_jpeg(device=...)`` (nvJPEG
     on CUDA), a random crop and a random horizontal mirror per image (offsets drawn from ``gen``)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
 
     images = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)  # list of (3, H, W) uint8
     crops = []
@@ -247,8 +247,6 @@ def _roi_rows(folder, device, rows, *, tiny, workers, batch, warmup, iters, size
                 continue
 
             def make(roi=roi, mode=mode, crop=crop, resize=resize):
-                from deepsim.data.dali import build_dali_loader
-
                 s = build_dali_loader(folder, batch_size=batch, crop_size=crop, mode=mode, resize_size=resize,
                                       device=device, num_workers=workers, roi=roi)  # fmt: skip
                 return s, s

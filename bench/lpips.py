@@ -32,6 +32,7 @@ import torch
 
 from bench.cli import group_main
 from bench.dryrun import dry_run
+from deepsim.metrics import LPIPS
 
 BASELINE = "lpips package"
 OURS = "deepsim LPIPS"
@@ -47,8 +48,6 @@ def _plan(device: torch.device, quick: bool) -> list[tuple[int, int, int]]:
 
 
 def _models(device: torch.device):
-    from deepsim.metrics import LPIPS
-
     ours = LPIPS("alex", backbone_weights="random").to(device)
     try:
         import lpips

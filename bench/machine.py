@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import subprocess
+from importlib import metadata
 from pathlib import Path
 
 __all__ = [
@@ -142,8 +143,6 @@ def _cpu_model() -> str:
 
 
 def _version(*dists: str) -> str | None:
-    from importlib import metadata
-
     for dist in dists:
         try:
             return metadata.version(dist)

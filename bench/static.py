@@ -37,6 +37,16 @@ from dataclasses import dataclass
 
 import torch
 from deepsim.kernels import use_backend
+from deepsim.kernels._conv_backward import (
+    _conv_wgrad_kernel,
+    dgrad_config_list,
+    dgrad_geometry,
+    wgrad_candidates,
+    wgrad_constexprs,
+    wgrad_efficiency,
+    wgrad_problem,
+    wgrad_splits,
+)
 from deepsim.kernels._conv_configs import (
     SM_COUNT,
     ConvGeometry,
@@ -44,8 +54,11 @@ from deepsim.kernels._conv_configs import (
     eligible_configs,
     issued_mma_efficiency,
 )
-from deepsim.kernels._conv_igemm import _conv_igemm_lrelu_kernel, kernel_constexprs
+from deepsim.kernels._conv_igemm import _conv_igemm_lrelu_kernel, grid_size, kernel_constexprs
 from deepsim.kernels._conv_packing import conv_weight_row_stride
+
+from deepsim.applications.generators import InversionGenerator
+from deepsim.networks import AutoencoderGenerator, ConvLReLU, Discriminator, UpConvLReLU
 
 BATCH = 64
 HOPPER = (90, 32)  # GPUTarget("cuda", 90, 32): H100, warp size 32
@@ -80,8 +93,6 @@ class Layer:
 
 def _networks(batch: int):
     """(network label, module builder, input builder), all on the meta device."""
-    from deepsim.applications.generators import InversionGenerator
-    from deepsim.networks import AutoencoderGenerator, Discriminator
 
     def image(side):
         return lambda: (torch.empty(batch, 3, side, side, device="meta"),)
@@ -101,7 +112,6 @@ def _networks(batch: int):
 def network_layers(batch: int = BATCH) -> list[Layer]:
     """Every fused conv (ConvLReLU) and up-conv (UpConvLReLU) layer of the networks, with the shape it sees
     at ``batch``, recorded by forward hooks on a meta-device forward (the reference path; no compute)."""
-    from deepsim.networks import ConvLReLU, UpConvLReLU
 
     layers = []
     for network, build, inputs in _networks(batch):
@@ -157,7 +167,6 @@ def compile_conv_kernel(constexprs: tuple, dtype: str, c_out_divisible_by_16: bo
 def compile_wgrad_kernel(constexprs: tuple, dtype: str, r_divisible_by_16: bool, num_warps: int,
                          num_stages: int) -> dict:  # fmt: skip
     """As ``compile_conv_kernel``, for the wgrad kernel (partials in fp32)."""
-    from deepsim.kernels._conv_backward import _conv_wgrad_kernel
 
     divisible = ("R",) if r_divisible_by_16 else ()
     return compile_kernel(_conv_wgrad_kernel, constexprs, dtype, num_warps, num_stages, divisible,
@@ -244,16 +253,6 @@ def ctas_per_sm(registers: int, num_warps: int, shared_bytes: int) -> int:
 
 def _kernel_configs(kind: str, g: ConvGeometry, dtype: str):
     """(geometry the kernel runs, [(config, efficiency, programs, L2 bytes per MMA FLOP, compile thunk)])."""
-    from deepsim.kernels._conv_backward import (
-        dgrad_config_list,
-        dgrad_geometry,
-        wgrad_candidates,
-        wgrad_constexprs,
-        wgrad_efficiency,
-        wgrad_problem,
-        wgrad_splits,
-    )
-    from deepsim.kernels._conv_igemm import grid_size
 
     element = torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
     precision = "tf32" if dtype == "fp32" else "ieee"  # fp32: PyTorch's default cuDNN setting

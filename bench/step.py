@@ -62,6 +62,7 @@ import torch._dynamo
 import torch._inductor.config as inductor_config
 from deepsim.kernels import fp32_uses_tf32, use_backend
 from torch._dynamo.utils import counters
+from torch.utils.flop_counter import FlopCounterMode
 
 from bench.cli import group_main
 from bench.dryrun import dry_run
@@ -105,10 +106,6 @@ def _workloads(device: torch.device, quick: bool) -> list[tuple[str, object]]:
         autoencoder = autoencoder.replace(batch_size=2, comparator="alexnet-random:conv2")
     size = f"{autoencoder.image_size}x{autoencoder.image_size}"
     items = [(f"autoencoder b{autoencoder.batch_size} {size}{suffix}", autoencoder)]
-    try:
-        import deepsim.applications  # noqa: F401 - the inversion trainer lives there
-    except ImportError:
-        return items
     invert = get_preset("invert-fc6").replace(
         invert_network="alexnet-random", comparator="alexnet-random:pool5", device=str(device),
         batch_size=2 if cpu else 64, fc_width=1024 if cpu and quick else 4096,
@@ -143,8 +140,6 @@ def _time(step, batches, device, warmup: int, iters: int) -> tuple[float, float]
 
 
 def _count_flops(trainer, batch) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
     probe = copy.deepcopy(trainer)
     with use_backend("reference"), FlopCounterMode(display=False) as counter:
         probe.step(batch)

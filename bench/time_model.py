@@ -25,6 +25,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from deepsim.kernels._conv_configs import GPU_CONFIGS, eligible_configs, issued_mma_efficiency
+
+from bench.static import network_layers
+
 __all__ = ["H100", "Device", "estimate", "estimate_rows", "TARGET_IMAGES_PER_S"]
 
 TARGET_IMAGES_PER_S = {"autoencoder": 40_000.0}
@@ -47,10 +52,7 @@ H100 = Device("H100 SXM (datasheet: 989 TFLOP/s bf16 dense, 3.35 TB/s HBM3)", 98
 
 def mma_efficiency(workload: str, batch: int) -> float:
     """FLOP-weighted issued-MMA efficiency of the workload's conv layers (best eligible config per layer)."""
-    import torch
-    from deepsim.kernels._conv_configs import GPU_CONFIGS, eligible_configs, issued_mma_efficiency
 
-    from bench.static import network_layers
 
     useful = issued = 0.0
     for layer in network_layers(batch):

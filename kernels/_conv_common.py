@@ -19,10 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import HAS_TRITON, INTERPRET, register_op
+from ._conv_backward import conv_dgrad, conv_wgrad
 from ._conv_configs import ConvGeometry
 from ._conv_igemm import conv_igemm_forward
 from ._conv_shape import as_int, conv_out_size, normalize_padding
 from .bias_lrelu import bias_lrelu, lrelu_bias_grads
+from .dispatch import backward_impls, conv_path
 
 # dtypes the Triton and cuDNN paths take; anything else (fp64...) runs the reference or is rejected.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -125,7 +127,6 @@ def conv_lrelu_grads(grad_out, out, x, weight, has_bias: bool, stride: int, padd
     Triton pass for grad_pre (and grad_b) and then aten.convolution_backward. Where Triton cannot run,
     both are the aten path (with the PyTorch reference of the mask pass).
     """
-    from ._conv_backward import conv_dgrad, conv_wgrad
 
     need_x, need_w = bool(output_mask[0]), bool(output_mask[1])
     need_b = bool(output_mask[2]) and has_bias
@@ -269,7 +270,6 @@ def run_path(path: str, x, weight, bias, stride: int, padding: int, alpha: float
 
 def public_call(x, weight, bias, stride, padding, alpha, *, transposed: bool, run: Callable) -> torch.Tensor:
     """Check and normalise the arguments of a public conv op, ask the dispatcher for the path, run it."""
-    from .dispatch import backward_impls, conv_path
 
     op = op_name(transposed)
     check_conv_args(x, weight, bias, float(alpha), op, 0 if transposed else 1)

@@ -276,7 +276,7 @@ def _capturing(device: torch.device) -> bool:
 
 def default_timer(launch: Callable[[], None]) -> float:
     """Milliseconds per launch on the current CUDA stream (triton.testing.do_bench, short)."""
-    import triton.testing
+    import triton.testing  # lazy: triton is optional (absent on CPU-only installs)
 
     return float(triton.testing.do_bench(launch, warmup=5, rep=20))
 

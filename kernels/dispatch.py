@@ -263,7 +263,7 @@ def _shape_text(x, weight, stride, padding) -> str:
 
 def _context(device: torch.device) -> str:
     try:
-        import triton
+        import triton  # lazy: triton is optional (absent on CPU-only installs)
 
         triton_version = triton.__version__
     except Exception:  # noqa: BLE001 - no triton: the context says so

@@ -41,6 +41,7 @@ import types
 from collections import Counter
 from pathlib import Path
 
+import torch
 from deepsim.kernels import use_backend
 
 from deepsim.config import get_preset
@@ -67,6 +68,7 @@ def _version(text: str) -> tuple[int, int]:
 def unsupported() -> str | None:
     """Why this machine cannot run the check (a one-line reason), or None when it can."""
     try:
+        # lazy, optional: private torch internals that vary by version (probed by unsupported())
         import torch
         import triton
     except ImportError as e:
@@ -105,6 +107,7 @@ def unsupported() -> str | None:
 
 
 def _include_dir() -> Path:
+    # lazy, optional dependency: triton may be absent
     import triton
 
     return Path(triton.__file__).parent / "backends" / "nvidia" / "include"
@@ -229,6 +232,7 @@ def _cubin_sm(raw) -> int | None:
 
 
 def _patch_torch_cuda(torch) -> None:
+    # lazy, optional: private torch internals that vary by version (probed by unsupported())
     import torch.cuda.amp.common as amp_common
     import torch.cuda.graphs as cuda_graphs
     from torch._dynamo import device_interface
@@ -262,6 +266,7 @@ def _patch_torch_cuda(torch) -> None:
 
 
 def _patch_inductor(torch, record: Record) -> None:
+    # lazy, optional: private torch internals that vary by version (probed by unsupported())
     import torch.fx.experimental.proxy_tensor as proxy_tensor
     from torch._inductor.fx_passes import joint_graph, pad_mm
     from torch._inductor.runtime.triton_heuristics import CachingAutotuner
@@ -344,6 +349,7 @@ def _patch_custom_ops(torch, record: Record) -> None:
     """Our ``deepsim::*`` ops: tracing calls their fake impl; at each new (shapes, strides, dtypes) the real
     impl also runs on the fake CUDA tensors, with every Triton launch compiled (warmup) instead of run."""
 
+    # lazy, optional: private torch internals that vary by version (probed by unsupported())
     from torch._library.custom_ops import OPDEFS
     from torch._subclasses.fake_tensor import FakeTensor
     from torch.utils._pytree import tree_flatten
@@ -403,6 +409,7 @@ def _patch_custom_ops(torch, record: Record) -> None:
 def _recording_backend(torch, mode: str, record: Record):
     """A torch.compile backend: inductor compiles the graph as ``backend="inductor", mode=mode`` would, and
     the compiled frame returns fake outputs of the traced shapes (nothing runs)."""
+    # lazy, optional: private torch internals that vary by version (probed by unsupported())
     import torch._inductor as inductor
     from torch._dynamo.utils import counters
     from torch._guards import detect_fake_mode
@@ -446,9 +453,6 @@ def _recording_backend(torch, mode: str, record: Record):
 
 
 def _trainer(workload: str, batch: int, order: str):
-    import torch
-
-
     if workload == "autoencoder":
         config = get_preset("autoencoder-photos").replace(batch_size=batch, image_size=64,
                                                           comparator="alexnet-random:conv3")  # fmt: skip
@@ -489,6 +493,7 @@ def _to_fake_cuda(torch, trainer) -> None:
 def _count_flops(torch, trainer, batch) -> int:
     """Matmul and convolution FLOPs of one iteration (forward and backward), counted on the fake tensors
     with the reference kernels (the custom ops are opaque to the counter)."""
+    # lazy, optional: private torch internals that vary by version (probed by unsupported())
     from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -500,7 +505,7 @@ def _count_flops(torch, trainer, batch) -> int:
 def child(workload: str, kernels: str, batch: int, mode: str, order: str, control: str,
           keep_code: str | None = None) -> dict:  # fmt: skip
     """One row, compiled in this process (which must run under the shim: see :func:`run`)."""
-    import torch
+    # lazy, optional: private torch internals that vary by version (probed by unsupported())
     import torch._dynamo
     from torch._dynamo.utils import counters
     from torch._subclasses.fake_tensor import FakeTensorMode

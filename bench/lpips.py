@@ -50,6 +50,7 @@ def _plan(device: torch.device, quick: bool) -> list[tuple[int, int, int]]:
 def _models(device: torch.device):
     ours = LPIPS("alex", backbone_weights="random").to(device)
     try:
+        # lazy, optional dependency: lpips may be absent
         import lpips
     except ImportError:
         return ours, None

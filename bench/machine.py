@@ -20,6 +20,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+import torch
+
 __all__ = [
     "COMMIT_STAMP",
     "commit_label",
@@ -156,6 +158,7 @@ def _dali_version() -> str | None:
     if dali is not None:
         return dali
     try:  # an unpacked site folder (bench/gpu.sh) has no dist-info on the metadata path in some layouts
+        # lazy, optional dependency: DALI may be absent
         import nvidia.dali as _dali
 
         return _dali.__version__
@@ -165,10 +168,9 @@ def _dali_version() -> str | None:
 
 def machine_info(device: str) -> dict:
     """Machine, card, library versions and commit, as recorded at the head of every run."""
-    import torch
-
     cuda = str(device).startswith("cuda") and torch.cuda.is_available()
     try:
+        # lazy, optional dependency: triton may be absent
         import triton
 
         triton_version = triton.__version__

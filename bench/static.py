@@ -144,6 +144,7 @@ def network_layers(batch: int = BATCH) -> list[Layer]:
 
 
 def _tool(name: str) -> str:
+    # lazy, optional dependency: triton may be absent
     from triton import knobs
 
     return getattr(knobs.nvidia, name).path
@@ -175,6 +176,7 @@ def compile_wgrad_kernel(constexprs: tuple, dtype: str, r_divisible_by_16: bool,
 
 def compile_kernel(fn, constexprs: tuple, dtype: str, num_warps: int, num_stages: int,
                    divisible: tuple = (), fp32_pointers: tuple = ()) -> dict:  # fmt: skip
+    # lazy, optional dependency: triton may be absent
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -199,6 +201,7 @@ def compile_kernel(fn, constexprs: tuple, dtype: str, num_warps: int, num_stages
 def inspect_compiled(ptx: str, cubin: bytes, shared: int) -> dict:
     """Registers and local memory of the cubin (``cuobjdump -res-usage``: LOCAL/STACK > 0 means spills),
     the kernel's shared memory, and instruction counts in the PTX."""
+    # lazy, optional dependency: triton may be absent
     from triton import knobs
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -57,6 +57,7 @@ def fold_svm_accuracy(
     Returns:
         :class:`SVMResult` with the mean and (population) standard deviation of the fold accuracies.
     """
+    # lazy, optional dependency: scikit-learn may be absent
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC

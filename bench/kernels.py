@@ -11,13 +11,13 @@ ratio_vs_baseline[, note]. In this order:
      triton         the fused Triton op (DEEPSIM_KERNELS=triton)
      cudnn+epilogue cuDNN conv without bias + the Triton bias+LReLU epilogue (DEEPSIM_KERNELS=cudnn)
      dispatched     what auto runs: the dispatcher's choice for the shape (its note: the choice and the
-                    ratio to the better of eager and torch.compile, the issue's target: >= 1.0x)
+                    ratio to the better of eager and torch.compile, the target: >= 1.0x)
      torch.compile  torch.compile of the eager block (last: it compiles per shape, the slow part)
    then, per dispatcher decision, one row each for the forward, the dgrad and the wgrad ("dispatch/<part>/
    <key>": the dispatcher's own CUDA-graph timings of Triton vs cuDNN for that part, measured separately).
 2. CUDA only: feature_distance forward + backward over comparator-like taps (batch 64, bf16), ms vs eager,
    and its achieved bandwidth as a fraction of the copy bandwidth measured in the same run (a large
-   device-to-device tensor copy, read + write), the issue's target: >= 80 %.
+   device-to-device tensor copy, read + write), the target: >= 80 %.
 3. CPU runs only (skipped on CUDA: the figures are device-independent, fixed by what each op saves in
    its setup_context): activation bytes saved for backward per layer, batch 64, counted on the meta
    device (no arithmetic, so full size costs nothing). Baseline "eager"; second baseline "eager inplace":

@@ -39,7 +39,7 @@ On CPU, ``quick`` runs a reduced version (autoencoder batch 4 at 40x40, eager vs
 inversion eager step with a narrower generator): CPU numbers say nothing about a GPU. A dry run
 (bench/dryrun.py) runs every autoencoder variant at batch 2, 40x40, and the inversion's eager step at
 64x64, with CPU stand-ins that compile nothing (the compiled variants run the same functional step
-uncompiled; tests/test_compiled_step.py checks the compiled step itself). Targets on an H100 (issue 5):
+uncompiled; tests/test_compiled_step.py checks the compiled step itself). Targets on an H100:
 compiled-step-cudagraphs >= 3x eager, >= 1.3x compile-modules-max-autotune, >= 40,000 images/s for the
 autoencoder. The cudagraphs row also gives the measured against the estimated seconds per step
 (bench/time_model.py's estimate, kept in bench/step_estimates.json: ``estimated_step_s``,

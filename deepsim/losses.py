@@ -176,7 +176,7 @@ class PauseRule(nn.Module):
     applies the rule after). So a G stopped at r > 10 stays stopped until r < 0.1, which also stops D;
     a stopped D resumes at r > 0.5. A non-finite r changes nothing (every comparison is False).
 
-    Checkpoints hold both flags. A state dict of the earlier rule (one buffer ``d_paused``, G gated by
+    Checkpoints hold both flags. A legacy state dict (one buffer ``d_paused``, G gated by
     r <= 10 in the same iteration, no G state) loads as ``train_d = not d_paused``, ``train_g = True``.
     """
 
@@ -212,7 +212,7 @@ class PauseRule(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         legacy = prefix + "d_paused"
-        if legacy in state_dict and prefix + "train_d" not in state_dict:  # the earlier one-flag rule
+        if legacy in state_dict and prefix + "train_d" not in state_dict:  # the legacy one-flag rule
             paused = state_dict.pop(legacy)
             state_dict[prefix + "train_d"] = ~paused.to(torch.bool)
             state_dict[prefix + "train_g"] = torch.ones((), dtype=torch.bool)

@@ -196,7 +196,7 @@ class Discriminator(nn.Module):
         padding: "code" (the derived code's unpadded convs: 227 -> 56 -> 52 -> 25 -> 23 -> 11 with first
             stride 4; 64 -> 29 -> 25 -> 12 -> 10 -> 4 with first stride 2; the average pool covers the last
             map, 11x11 in the code) or "padded" (every conv padded by k // 2: 227 -> 57 -> 57 -> 29 -> 29 -> 15,
-            64 -> 32 -> 32 -> 16 -> 16 -> 8; our earlier layout).
+            64 -> 32 -> 32 -> 16 -> 16 -> 8).
         activation: "lrelu" (LReLU 0.3, the seed: "in all networks") or "relu" (the derived code's D).
         init: "code" (MSRA, coefficient 0.1 on conv1, fc1, fc2 and 1 elsewhere, zero biases; see
             :func:`msra_init_`) or "torch" (PyTorch's default initialisation).

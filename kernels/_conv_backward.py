@@ -1,24 +1,7 @@
 """The Triton backward of conv_lrelu and conv_transpose_lrelu: dgrad and wgrad, with the LReLU mask applied
 as grad_out is loaded (grad_pre = grad_out * (1 if out > 0 else alpha) is never written).
 
-dgrad, a conv over grad_out run by the forward kernel (``_conv_igemm``, MASK_A: the mask on the A load):
-    conv    (out = conv(x, W, S, P)):        grad_x = conv_transpose(grad_pre, W, S, P, output_padding)
-            W (C_out, C_in, KH, KW) is the up-conv weight (C_in', C_out') of that transposed conv, and
-            output_padding = H - ((OH - 1) * S - 2P + KH) (< S) gives back x's size.
-    up-conv (out = conv_transpose(x, W, S, P)): grad_x = conv(grad_pre, W, S, P), W (C_in, C_out, KH, KW)
-            read as the conv weight (C_out' = C_in, C_in' = C_out).
-wgrad, an implicit GEMM over the reduction K = N * I_H * I_W (``_conv_wgrad_kernel``):
-    D[r, (kh, kw, c)] = sum_{n,i,j} P[n, i, j, r] * Q[n, i*S - P + kh, j*S - P + kw, c]
-    conv:    P = grad_pre (r = co, over the output grid), Q = x (c = ci):  D = W's channels_last storage
-    up-conv: P = x (r = ci, over the input grid), Q = grad_pre (c = co): D = W's channels_last storage
-    The K range is split into SPLITS contiguous chunks (enough programs to fill the SMs); each program
-    writes an fp32 partial, and ``_split_sum_kernel`` adds the partials in split order: deterministic,
-    no atomics. A conv's bias gradient, sum_{n,oh,ow} grad_pre[., co], is the row sum of P: each program
-    of the first column tile also writes its partial of it, reduced the same way. (An up-conv's grad_pre
-    is Q, gathered per tap, so its bias gradient comes from the mask pass's reduction alone.)
-Why the mask is re-read from ``out`` and not saved as 1 bit: ``out`` is saved anyway (the next layer's
-input), so re-reading it costs one extra read of a grad_out-sized tensor per kernel and no forward write;
-a bit mask would need a forward store and a bit-unpack in the loaders for the same information.
+Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations

@@ -1,14 +1,7 @@
 """The body conv_lrelu and conv_transpose_lrelu share: argument checks, layouts, the forward launcher, the
 backward, the custom ops' fake implementations, the dispatcher's paths and the public call.
 
-The two ops differ in ``transposed`` only (which also says where C_in / C_out sit in the weight:
-(C_out, C_in, KH, KW) for a conv, (C_in, C_out, KH, KW) for a transposed one). Both save (x, W, out) and
-differentiate the same way; the slope of the LReLU is read from sign(out) (alpha >= 0):
-    grad_pre = grad_out * (1 if out > 0 else alpha)      (never written on the Triton path)
-    grad_x   = dgrad(grad_pre, W)    grad_W = wgrad(x, grad_pre)    grad_b = sum_{n,h,w} grad_pre
-Per gradient, "triton" (kernels/_conv_backward.py: the mask applied as grad_out is loaded) or "cudnn"
-(one Triton pass writes grad_pre, then aten.convolution_backward). An unneeded gradient comes back as a
-fresh empty tensor, a distinct one per slot (a custom op's outputs may not alias each other).
+Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations

@@ -1,41 +1,7 @@
 """The forward kernel of conv_lrelu and conv_transpose_lrelu: one channels_last implicit GEMM with a flat,
 software-pipelined reduction loop, bias and LReLU in the epilogue.
 
-GEMM view (rows m, columns co, reduction k):
-    conv:    m = (n, oh, ow),  k = (kh, kw, ci),  K = KH * KW * C_in
-             pre[m, co] = b[co] + sum_k x[n, oh*S - P + kh, ow*S - P + kw, ci] * W[co, ci, kh, kw]
-    up-conv (conv_transpose, weight (C_in, C_out, KH, KW)), by output parity ("sub-pixel" decomposition):
-             an output pixel oh = S*r + ph only receives the taps kh = (ph + P) mod S + S*j, from input row
-             ih = r + (ph + P) div S - j. So each of the S*S parity classes (ph, pw) is a dense stride-1
-             conv over x with TH x TW = ceil(KH/S) x ceil(KW/S) taps (2 x 2 for the k4 s2 up-convs): the
-             kernel runs one class per program_id(1), and no MMA is issued on the structural zeros that a
-             gather over all KH x KW taps multiplies (3/4 of them for k4 s2).
-    out = lrelu(pre) = pre if pre > 0 else alpha * pre    (d out / d pre = 1 if pre > 0 else alpha: the
-             backward, in _conv_common.py, reads the slope from sign(out); nothing else is saved)
-
-Operands (see ``_conv_packing``): x is dense channels_last (NHWC), so k = (tap, ci) walks C_in contiguously
-inside a tap; the weight is read in its channels_last storage: for a conv that is the (C_out, KH*KW*C_in)
-matrix whose rows are K-contiguous, i.e. the K-major B operand of a (M, K) x (K, C_out) GEMM; for an up-conv
-the (C_in, KH, KW, C_out) storage, C_out-contiguous. The reduction is ONE loop over K in BLOCK_K steps (no
-taps-outside / C_in-inside nest), so Triton's software pipeliner overlaps num_stages - 1 tiles of loads with
-the MMAs: on sm_90 the loads become cp.async copies into shared memory and the dots wgmma (what is proven,
-per layer, by ``python -m bench.static``). Where C_in % BLOCK_K == 0 a K tile sits inside one tap (the tap
-and the channel offset are scalars per step); otherwise (C_in = 3 or 8) a tile spans several taps, so the
-MMAs of the 3- and 8-channel layers are filled with (tap, ci) pairs instead of zero padding.
-
-Accumulation is fp32 whatever the input dtype; fp32 inputs use TF32 dots exactly when PyTorch's cuDNN
-convolutions would (``fp32_uses_tf32``).
-
-What is proven where. Statically, on any machine (``python -m bench.static``, tests/kernels/
-test_gpu_compile.py): per network layer and per config the tuner may run, the issued-MMA efficiency
-(>= 0.85), wgmma and cp.async in the compiled code, registers, no spills, shared memory. Only a GPU can
-say how fast it is against cuDNN (bench/kernels.py); nothing here claims a speed.
-
-Registration. The ops stay ``torch.library.custom_op`` (``deepsim::conv_lrelu``, ``deepsim::
-conv_transpose_lrelu``; opaque to inductor) rather than ``triton_op`` + ``wrap_triton``: every call does
-host work a traced graph would freeze (NCHW conversion, per-call weight-row padding, the first-call tuning
-and its capture guard). They declare no mutation (``mutates_args=()``), so inductor neither assumes
-mutated inputs nor skips CUDA graphs; the cost is that it cannot fuse neighbours into the kernel.
+Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations

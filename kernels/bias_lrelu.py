@@ -1,30 +1,6 @@
 """bias_lrelu: ``lrelu(conv_out + b)`` in one Triton pass, and the LReLU mask + bias gradient in one pass.
 
-The epilogue of the cuDNN conv path (``DEEPSIM_KERNELS=cudnn``, or the dispatcher's "cudnn" candidate):
-aten/cuDNN computes ``conv_out = conv(x, W)`` without bias, this op adds the bias and applies the LReLU.
-Its backward pass (``lrelu_bias_grads``) is also the first half of the fused conv ops' backward.
-
-Forward (``_bias_lrelu_fwd_kernel``, one read of conv_out, one write of out; fp32 arithmetic):
-    pre[n, c, h, w] = conv_out[n, c, h, w] + b[c]
-    out = lrelu(pre) = pre if pre > 0 else alpha * pre
-Backward: for alpha >= 0, out and pre have the same sign, so only ``out`` is saved (not pre, not conv_out):
-    grad_pre[n, c, h, w] = grad_out * (1 if out > 0 else alpha)      (= dL/dconv_out)
-    grad_b[c]            = sum_{n, h, w} grad_pre[n, c, h, w]
-``_lrelu_bias_grad_kernel`` does both in ONE pass over grad_out and out: each program writes its
-(rows x channels) tile of grad_pre and one fp32 partial sum per channel of that tile into
-``partial[row_block, c]``; ``_channel_sum_kernel`` then adds each channel's partials in row-block order.
-Fixed order, no atomics: grad_b is bitwise reproducible for a given input, shape and device.
-
-Layout: a 4-D tensor is walked as rows m = (n, h, w) by channels c through its strides (h and w merged
-into one index: stride_h == W * stride_w), so NCHW and channels_last run with no copy. grad_out is
-brought to out's layout first when it differs (one copy).
-
-Why ``torch.library.custom_op`` (opaque to inductor) and not ``triton_op`` + ``wrap_triton``: the op's
-implementation branches on the device (Triton on CUDA or under ``TRITON_INTERPRET=1``, the PyTorch
-reference elsewhere), which a traced ``triton_op`` body cannot express; its neighbours are an extern
-cuDNN convolution and the next layer's conv, which inductor would not fuse into anyway; and it declares
-``mutates_args=()`` and returns fresh tensors, so inductor does not treat any input as mutated and CUDA
-graphs are not skipped. The cost: inductor cannot fuse a following pointwise op into this kernel.
+Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations

@@ -1,16 +1,6 @@
 """conv_lrelu: convolution + bias + LReLU, forward and backward in Triton implicit GEMMs.
 
-Forward (one launch):  out = lrelu(conv2d(x, W) + b),  lrelu(p) = p if p > 0 else alpha * p.
-    kernel: ``_conv_igemm._conv_igemm_lrelu_kernel`` (channels_last, one pipelined K = KH*KW*C_in loop,
-    bias and LReLU in the epilogue); operand layouts ``_conv_packing``; tile configs ``_conv_configs``.
-Backward, from (x, W, out) only (for alpha >= 0 the sign of out is the sign of the pre-activation):
-    grad_pre = grad_out * (1 if out > 0 else alpha)              applied as grad_out is loaded
-    grad_x   = conv_transpose2d(grad_pre, W, S, P, output_padding) (dgrad: the up-conv kernel)
-    grad_W   = sum_{n,oh,ow} grad_pre[n,oh,ow,co] x[n, oh*S-P+kh, ow*S-P+kw, ci]  (wgrad, split K)
-    grad_b   = sum_{n,oh,ow} grad_pre                            (folded into the wgrad reduction)
-    (kernels/_conv_backward.py; per gradient the dispatcher may pick cuDNN after the Triton mask pass.)
-The public ``conv_lrelu`` runs this fused op or, per layer shape, cuDNN conv + the Triton bias+LReLU
-epilogue, whichever kernels/dispatch.py measured faster.
+Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations

@@ -1,20 +1,7 @@
 """conv_transpose_lrelu: transposed convolution (the up-conv block) + bias + LReLU, forward and backward
 in Triton implicit GEMMs.
 
-Forward (one launch):
-    pre[n, co, oh, ow] = b[co] + sum_{ci,kh,kw} x[n, ci, ih, iw] * W[ci, co, kh, kw],
-        ih = (oh + P - kh) / S, iw = (ow + P - kw) / S, taken only when divisible and in range;
-    out = lrelu(pre) = pre if pre > 0 else alpha * pre.
-Computed by output parity (sub-pixel decomposition): the S*S classes of outputs each receive a dense
-ceil(KH/S) x ceil(KW/S)-tap conv; kernel ``_conv_igemm._conv_igemm_lrelu_kernel`` (shared with conv_lrelu).
-Backward, from (x, W, out) only:
-    grad_pre = grad_out * (1 if out > 0 else alpha)                applied as grad_out is loaded
-    grad_x   = conv2d(grad_pre, W as (C_in, C_out, KH, KW), S, P)   (dgrad: the strided conv kernel)
-    grad_W   = sum_{n,ih,iw} x[n,ih,iw,ci] grad_pre[n, ih*S-P+kh, iw*S-P+kw, co]   (wgrad, split K)
-    grad_b   = sum_{n,oh,ow} grad_pre                              (the mask pass, reduction only)
-    (kernels/_conv_backward.py.)
-The public ``conv_transpose_lrelu`` runs this fused op or, per layer shape, cuDNN conv_transpose + the
-Triton bias+LReLU epilogue, whichever kernels/dispatch.py measured faster.
+Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations

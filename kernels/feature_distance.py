@@ -1,18 +1,6 @@
 """feature_distance: weighted sum of squared feature differences over all comparator taps in one launch.
 
-    L = (1 / denom) * sum_l w_l * sum_i (fake_l[i] - real_l[i])^2          denom = 1 ("sum") or batch ("mean")
-    dL/dfake_l = 2 * w_l * (fake_l - real_l) / denom                       (reals get no gradient)
-
-One forward launch handles up to ``MAX_LAYERS`` = 8 layers (comparator taps), each passed as its own kernel
-arguments (fake/real/grad pointers, numel, scales, first program); one program = one chunk of exactly one
-layer. It writes the gradient for the fakes in the same pass (saved, so backward is ``saved * grad_L``) and
-one partial sum per program into its own slot of one buffer; ``_feature_distance_sum_kernel`` then adds
-the partials in a fixed order in one program. More than 8 layers: successive launches of 8, writing the
-same buffer in layer order. Backward is one launch too (``_feature_distance_bwd_kernel``, the same slots):
-grad_fake_l = saved_l * grad_L for every layer. No atomics: the result is bitwise reproducible for a given
-input. Every argument is a kernel scalar or tensor pointer (no host-built table copied to the device per
-call), so the op can be captured in a CUDA graph (``torch.compile(mode="reduce-overhead")``). Layers may
-differ in dtype (fp32/fp16/bf16); each gradient is stored in its fake's dtype.
+Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations

@@ -1,22 +1,6 @@
 """lpips_distance: the LPIPS distance of feature taps, per image, all taps in one launch.
 
-Per tap l with features f0, f1 (B, C, H, W), linear weights w (C,), P = H * W positions:
-
-    r0 = 1 / sqrt(sum_c f0_c^2 + eps^2)        n0 = f0 * r0        (likewise r1, n1; per image and position)
-    D[b] = sum_l 1/P_l * sum_p sum_c w_c (n0_c - n1_c)^2
-    g_c = 2 w_c (n0_c - n1_c)
-    dD/df0_k = r0 (g_k - n0_k * sum_c g_c n0_c) / P         dD/df1_k = r1 (n1_k * sum_c g_c n1_c - g_k) / P
-
-lpips normalises with f / (sqrt(sum f^2) + eps): the same value to ~eps^2 / |f|^2, but its sqrt has an
-infinite derivative at zero features, so autograd gives NaN there. eps inside the root keeps it finite.
-
-One program = one (tap, image, block of BLOCK_P positions); it loops over the channels (two passes forward:
-norms, then the weighted difference; three backward: norms, the two dot products, the gradients), so any C
-fits. Up to ``MAX_TAPS`` taps share one launch, each passed as its own kernel arguments (no device-side
-table). The forward writes one partial sum per program into a (B, columns) buffer; a fixed-order row sum
-gives D (no atomics: reproducible). The backward recomputes from f0, f1 (nothing activation-sized saved
-beyond the features themselves) and writes the gradient of either side or both. fp32 arithmetic; features
-fp32/fp16/bf16, each gradient in its feature's dtype.
+Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations

@@ -1,37 +1,7 @@
 """Kernel benchmarks: the fused conv blocks and their dispatcher vs cuDNN and torch.compile, on the real
 layer shapes of the networks, then feature_distance, then (CPU runs) the activation bytes saved for backward.
 
-Rows (``run(device, quick)``) have keys group="kernels", name, variant, baseline, value, unit,
-ratio_vs_baseline[, note]. In this order:
-
-1. CUDA only, per fused layer of the autoencoder G (64 px), the discriminator at 64 px (first stride 2)
-   and 227 px (first stride 4) and the fc6 inversion generator, batch 64, bf16, channels_last (input and
-   weights), forward + backward (gradients for x, W, b; grad_out random), ms, baseline "eager":
-     eager          F.conv2d(x, W, b) + F.leaky_relu: cuDNN conv with its bias, then a separate LReLU
-     triton         the fused Triton op (DEEPSIM_KERNELS=triton)
-     cudnn+epilogue cuDNN conv without bias + the Triton bias+LReLU epilogue (DEEPSIM_KERNELS=cudnn)
-     dispatched     what auto runs: the dispatcher's choice for the shape (its note: the choice and the
-                    ratio to the better of eager and torch.compile, the target: >= 1.0x)
-     torch.compile  torch.compile of the eager block (last: it compiles per shape, the slow part)
-   then, per dispatcher decision, one row each for the forward, the dgrad and the wgrad ("dispatch/<part>/
-   <key>": the dispatcher's own CUDA-graph timings of Triton vs cuDNN for that part, measured separately).
-2. CUDA only: feature_distance forward + backward over comparator-like taps (batch 64, bf16), ms vs eager,
-   and its achieved bandwidth as a fraction of the copy bandwidth measured in the same run (a large
-   device-to-device tensor copy, read + write), the target: >= 80 %.
-3. CPU runs only (skipped on CUDA: the figures are device-independent, fixed by what each op saves in
-   its setup_context): activation bytes saved for backward per layer, batch 64, counted on the meta
-   device (no arithmetic, so full size costs nothing). Baseline "eager"; second baseline "eager inplace":
-   ``F.leaky_relu(..., inplace=True)``, which also keeps only the output, so it saves 0.5x of eager as well;
-   the fused op and the cudnn+epilogue path match the in-place baseline, they do not beat it.
-
-Saved-bytes definition: a block whose output feeds a consumer that saves it (as the next layer does);
-unique storages that autograd saves, minus parameters and the block's input (alive anyway). Eager keeps
-pre-activation + output, the fused block (and the in-place eager block) only the output.
-
-Layer shapes are not hand-copied: :func:`network_layers` runs the real networks (deepsim.networks,
-deepsim.applications.generators) on the meta device and records every fused block's input.
-
-    python3 -m bench.kernels [--quick] [--device cuda|cpu]
+Design notes: docs/benchmarks.md.
 """
 
 from __future__ import annotations

@@ -1,36 +1,6 @@
 """Loader benchmark: images/s of 64x64 random crops + mirror from a folder of JPEGs, delivered to the device.
 
-Rows (``run(device, quick, rows)``) have keys group="loader", name, variant, baseline, value,
-unit="images/s", ratio_vs_baseline, each appended to ``rows`` as soon as it is measured. Variants, all
-decoding every sample from JPEG (no in-memory cache), in this order:
-
-  * ``torchvision+PIL`` (the baseline): a Dataset opening each file with PIL, torchvision.transforms.v2
-    RandomCrop + RandomHorizontalFlip + ToDtype/Normalize to [-1, 1], in a DataLoader with workers;
-  * ``torchvision decode_jpeg (<device>)``: workers only read the files' bytes; the batch is decoded by
-    ``torchvision.io.decode_jpeg(list, device=<device>)`` (nvJPEG on CUDA: needs nothing beyond torchvision),
-    then cropped, mirrored and scaled on the device (torchvision 0.29 deprecates its decoders in favour of
-    TorchCodec, with a warning; the GPU machine has 0.26);
-  * ``deepsim-torch``: ``build_loader(..., loader="torch", cache=False)`` with the same workers;
-  * ``dali``: ``build_loader(..., loader="dali")``: CPU decoders in CPU mode, nvJPEG ("mixed") on CUDA;
-    where DALI is not installed (the GPU machine has none unless bench/gpu.sh unpacked carried pieces)
-    the row says "skipped";
-  * ``deepsim-resident``: ``build_loader(..., loader="resident")``: the folder decoded once onto the device,
-    each batch gathered there (no decode per step; its build is not timed).
-
-A second workload times DALI on ImageNet-size JPEGs (500x375; 160x120 in a dry run), with ``dali full
-decode`` (the whole file decoded, then cropped: the baseline) beside ``dali ROI decode`` (only the crop's
-window), for a 64x64 crop and for the inversion's 256-shorter-side resize + 227x227 crop.
-
-Every row also carries ``host_cpu_us_per_image``: host CPU time per delivered image (``time.process_time``
-of this process, DALI's threads included, plus the DataLoader worker processes' CPU from /proc), shown in
-the row's note.
-
-The folder (256 JPEGs of 128x96, or 128 in quick mode) is generated in a temporary directory. Each
-variant is warmed up (its workers/pipeline started, a few batches drawn) before timing; batches are
-delivered to ``device`` (with a CUDA synchronize before the clock stops). A variant that fails becomes a
-failed row and the next one runs. A dry run (bench/dryrun.py): 32 JPEGs of 64x48, 32x32 crops, batch 8.
-
-    python3 -m bench.loader [--quick] [--device cpu|cuda]
+Design notes: docs/benchmarks.md.
 """
 
 from __future__ import annotations

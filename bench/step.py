@@ -1,51 +1,6 @@
 """Full training-step benchmark: images/s of one DeePSiM iteration (G, C, D, both backwards, both Adams).
 
-Rows (``run(device, quick, rows)``): group="step", name (workload), variant, baseline, value, unit,
-ratio_vs_baseline, and where known flops (per step), tflops, peak_fraction, peak_memory (bytes),
-first_call_s (the first step: the compile, for compiled variants) and wall_s (the whole variant). Each row
-is appended to ``rows`` as soon as it is measured, so a group stopped by its time limit keeps it.
-
-Workloads, in this order: the autoencoder (batch 64, 64x64, comparator AlexNet conv3 with random weights:
-same FLOPs as the trained one), then the fc6 inversion (batch 64, 227x227, Phi and comparator AlexNet with
-random weights). Variants, each on a fresh copy of the same initial trainer, synthetic batches already on
-the device (the loader is bench/loader.py's business):
-
-    eager                      DeePSiMTrainer.step, plain aten ops (DEEPSIM_KERNELS=reference)   <- baseline
-    eager-fused                DeePSiMTrainer.step with the fused Triton kernels (CUDA only)
-    compiled-step              the whole step as one graph (deepsim.train.compiled), plain aten ops
-    compiled-step-fused        the same with the fused kernels (CUDA only)
-    compiled-step-cudagraphs   the fused compiled step under CUDA graphs ("reduce-overhead", CUDA only)
-    compile-modules-max-autotune   torch.compile(G), (D), (C) with mode="max-autotune-no-cudagraphs",
-                               plain aten ops, eager step around: only while the group's time limit leaves
-                               room for it (minutes of autotuning), after both workloads' other variants
-
-Checks recorded as rows:
-
-* graph breaks: the compiled steps use ``fullgraph=True`` (a break is an error, so a compiled-step row at
-  all means 0 breaks); the row counts Dynamo's graph-break counter and the graphs compiled (unique_graphs).
-* CUDA graphs: inductor skips CUDA graphs silently where a graph cannot be captured (a CPU op, a mutated
-  input...), and the "cudagraphs" variant is then just the compiled step. Its row records inductor's
-  ``cudagraph_skips`` counter over the variant, and the variant is compiled once with
-  ``torch._inductor.config.triton.cudagraph_or_error = True`` (what ``TORCHINDUCTOR_CUDAGRAPH_OR_ERROR=1``
-  sets) so that a fallback becomes an error: the check row passes, or fails with inductor's reason (the
-  variant is then timed again as inductor falls back, so its figure is still there, marked).
-
-FLOPs per step are counted once with torch.utils.flop_counter.FlopCounterMode on the eager step (matmuls and
-convolutions, forward and backward); the fraction of peak uses the card's dense peak for the precision the
-convolutions run in (TF32 when cudnn.allow_tf32, PyTorch's default). Peak memory is
-torch.cuda.max_memory_allocated over the variant.
-
-On CPU, ``quick`` runs a reduced version (autoencoder batch 4 at 40x40, eager vs compiled step, and the
-inversion eager step with a narrower generator): CPU numbers say nothing about a GPU. A dry run
-(bench/dryrun.py) runs every autoencoder variant at batch 2, 40x40, and the inversion's eager step at
-64x64, with CPU stand-ins that compile nothing (the compiled variants run the same functional step
-uncompiled; tests/test_compiled_step.py checks the compiled step itself). Targets on an H100:
-compiled-step-cudagraphs >= 3x eager, >= 1.3x compile-modules-max-autotune, >= 40,000 images/s for the
-autoencoder. The cudagraphs row also gives the measured against the estimated seconds per step
-(bench/time_model.py's estimate, kept in bench/step_estimates.json: ``estimated_step_s``,
-``measured_step_s``, ``measured_over_estimate``; the target is within 2x).
-
-    python3 -m bench.step [--quick] [--device cuda|cpu]
+Design notes: docs/benchmarks.md.
 """
 
 from __future__ import annotations

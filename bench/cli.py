@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" where torch sees a GPU, else "cpu"; "cuda..." without one is an error."""
+    """ "auto" -> "cuda" where torch sees a GPU, else "cpu"; "cuda..." without one is an error."""
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -95,12 +95,13 @@ def _measure(args, device: str, existing) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.static:
-
         print(format_table(static_report()))
         return 0
     if args.stamp_commit:
         stamp = write_commit_stamp()
-        print(f"python -m bench: wrote {COMMIT_STAMP}: {commit_label(stamp)}, fingerprint {stamp['fingerprint']}")
+        print(
+            f"python -m bench: wrote {COMMIT_STAMP}: {commit_label(stamp)}, fingerprint {stamp['fingerprint']}"
+        )
         return 0
     if args.from_json is not None:
         try:

@@ -151,7 +151,11 @@ def launch_sites(source: str) -> list[dict]:
     (cuDNN's data and weight gradients, the bias reduction); cuDNN may split any call further (a lower bound).
     """
     tree = ast.parse(source)
-    bodies = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and (n.name == "call" or n.name.startswith("partition_"))]
+    bodies = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.FunctionDef) and (n.name == "call" or n.name.startswith("partition_"))
+    ]
     sites = []
     for body in bodies:
         for node in ast.walk(body):
@@ -219,7 +223,9 @@ class Record:
     def __init__(self):
         self.graphs: list[dict] = []  # one per inductor compile: cudagraph verdicts, source
         self.inductor_kernels: dict[str, list[dict]] = {}  # kernel name -> compiled configs
-        self.kernel_estimates: dict[str, dict] = {}  # kernel name -> inductor's bytes (GB) and FLOPs estimates
+        self.kernel_estimates: dict[
+            str, dict
+        ] = {}  # kernel name -> inductor's bytes (GB) and FLOPs estimates
         self.op_kernels: list[dict] = []  # our custom ops' Triton compiles
         self.op_launches: dict[str, set[int]] = {}  # op -> launches per call seen
         self.op_errors: list[str] = []
@@ -496,7 +502,6 @@ def _count_flops(torch, trainer, batch) -> int:
     # lazy, optional: private torch internals that vary by version (probed by unsupported())
     from torch.utils.flop_counter import FlopCounterMode
 
-
     with use_backend("reference"), FlopCounterMode(display=False) as counter:
         CompiledStep(trainer, "eager").iteration(batch)  # updates fake state only
     return int(counter.get_total_flops())
@@ -509,7 +514,6 @@ def child(workload: str, kernels: str, batch: int, mode: str, order: str, contro
     import torch._dynamo
     from torch._dynamo.utils import counters
     from torch._subclasses.fake_tensor import FakeTensorMode
-
 
     t0 = time.perf_counter()
     trainer, config = _trainer(workload, batch, order)
@@ -575,7 +579,8 @@ def child(workload: str, kernels: str, batch: int, mode: str, order: str, contro
     notes = dict(record.notes)
     if any(len(c) > 1 for c in record.op_launches.values()):
         notes["custom ops with shape-dependent launch counts (max taken)"] = sorted(
-            op for op, c in record.op_launches.items() if len(c) > 1)
+            op for op, c in record.op_launches.items() if len(c) > 1
+        )
     return dict(
         workload=workload, kernels=kernels, mode=mode, order=order, batch=batch, control=control,
         image_size=config.image_size, precision="bf16", channels_last=True,
@@ -609,7 +614,11 @@ def run(workloads=WORKLOADS, kernels=KERNELS, *, batch: int = 64, mode: str = "r
         for workload in workloads:
             for backend in kernels:
                 out = os.path.join(folder, f"{workload}-{backend}.json")
-                env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")}
+                env = {
+                    k: v
+                    for k, v in os.environ.items()
+                    if k not in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
+                }
                 env.setdefault("OMP_NUM_THREADS", "1")
                 env.update(LD_PRELOAD=":".join(filter(None, [shim, env.get("LD_PRELOAD")])),
                            DEEPSIM_KERNELS=backend, DEEPSIM_AUTOTUNE="0", TORCHINDUCTOR_CACHE_DIR=os.path.join(folder, "inductor"),
@@ -619,9 +628,13 @@ def run(workloads=WORKLOADS, kernels=KERNELS, *, batch: int = 64, mode: str = "r
                        "--control", control] + (["--keep-code", os.path.abspath(keep_code)] if keep_code else [])  # fmt: skip
                 t0 = time.perf_counter()
                 try:
-                    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+                    done = subprocess.run(
+                        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
+                    )
                 except subprocess.TimeoutExpired:
-                    rows.append(dict(workload=workload, kernels=backend, status=f"failed: over {timeout_s:.0f} s"))
+                    rows.append(
+                        dict(workload=workload, kernels=backend, status=f"failed: over {timeout_s:.0f} s")
+                    )
                     continue
                 if done.returncode != 0 or not os.path.exists(out):
                     tail = " ".join(done.stderr.split())[-600:]
@@ -654,11 +667,17 @@ def main(argv=None) -> int:
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     p.add_argument("--kernels", nargs="+", choices=KERNELS + ("cudnn", "reference"), default=list(KERNELS))
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--mode", choices=("default", "reduce-overhead", "max-autotune"), default="reduce-overhead")
+    p.add_argument(
+        "--mode", choices=("default", "reduce-overhead", "max-autotune"), default="reduce-overhead"
+    )
     p.add_argument("--order", choices=("code", "simultaneous"), default="code")
-    p.add_argument("--control", choices=CONTROLS, default="none",
-                   help="a planted fault the check must report: a .cpu() in the graph (a CPU partition), a tensor "
-                   "the step mutates without a static address (a CUDA-graph skip)")
+    p.add_argument(
+        "--control",
+        choices=CONTROLS,
+        default="none",
+        help="a planted fault the check must report: a .cpu() in the graph (a CPU partition), a tensor "
+        "the step mutates without a static address (a CUDA-graph skip)",
+    )
     p.add_argument("--json", metavar="FILE", help="write the rows (a JSON list) to FILE")
     p.add_argument("--keep-code", metavar="DIR", help="write inductor's output module of each graph into DIR")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -677,7 +696,9 @@ def main(argv=None) -> int:
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    return 0 if all(r.get("status") == "ok" or str(r.get("status")).startswith("skipped") for r in rows) else 1
+    return (
+        0 if all(r.get("status") == "ok" or str(r.get("status")).startswith("skipped") for r in rows) else 1
+    )
 
 
 if __name__ == "__main__":

@@ -197,7 +197,9 @@ def dispatch_rows() -> list[dict]:
         for part, prefix in (("forward", ""), ("dgrad", "dgrad_"), ("wgrad", "wgrad_")):
             times = {p: d.get(f"{prefix}{p}_ms") for p in K.dispatch.PATHS}
             chosen = d["choice"] if part == "forward" else d.get(part, "")
-            note = ", ".join(f"{p} {t:.4g} ms" for p, t in times.items() if t is not None) + f" ({d['source']})"
+            note = (
+                ", ".join(f"{p} {t:.4g} ms" for p, t in times.items() if t is not None) + f" ({d['source']})"
+            )
             if d.get("excluded", {}).get(part):
                 note += f"; triton excluded: {d['excluded'][part]}"
             rows.append(_row(f"dispatch/{part}/{d['key']}", f"chose {chosen}", "cudnn", times.get("triton"), "ms",

@@ -133,7 +133,9 @@ def _children_cpu_seconds() -> float:
     return total
 
 
-def _time(batches: Iterator[torch.Tensor], device: torch.device, warmup: int, iters: int) -> tuple[float, float]:
+def _time(
+    batches: Iterator[torch.Tensor], device: torch.device, warmup: int, iters: int
+) -> tuple[float, float]:
     """(images/s, host CPU microseconds per image) of drawing ``iters`` batches after ``warmup`` batches."""
     for _ in range(warmup):
         next(batches)
@@ -156,7 +158,9 @@ def _dali_missing() -> str | None:
     try:
         import nvidia.dali  # noqa: F401
     except Exception as e:  # noqa: BLE001 - any import failure means no DALI row
-        return f"skipped: DALI not importable ({type(e).__name__}); bench/gpu.sh unpacks carried .dali* pieces"
+        return (
+            f"skipped: DALI not importable ({type(e).__name__}); bench/gpu.sh unpacks carried .dali* pieces"
+        )
     return None
 
 
@@ -176,7 +180,17 @@ def run(device: str = "cpu", quick: bool = False, rows: list[dict] | None = None
     with tempfile.TemporaryDirectory() as folder:
         big = (160, 120) if tiny else (500, 375)
         write_jpegs(folder, 8 if tiny else (32 if quick else 128), big)
-        _roi_rows(folder, device, rows, tiny=tiny, workers=workers, batch=batch, warmup=warmup, iters=iters, size=big)
+        _roi_rows(
+            folder,
+            device,
+            rows,
+            tiny=tiny,
+            workers=workers,
+            batch=batch,
+            warmup=warmup,
+            iters=iters,
+            size=big,
+        )
     return rows
 
 
@@ -203,7 +217,9 @@ def _roi_rows(folder, device, rows, *, tiny, workers, batch, warmup, iters, size
     """DALI full decode (baseline) vs ROI decode, for a 64x64 crop and a resize-256 + 227x227 crop."""
     decode = "mixed" if device.type == "cuda" else "cpu"
     missing = _dali_missing()
-    settings = [("crop", 32 if tiny else 64, 96 if tiny else 256)] + [("resize-crop", 80 if tiny else 227, 96 if tiny else 256)]
+    settings = [("crop", 32 if tiny else 64, 96 if tiny else 256)] + [
+        ("resize-crop", 80 if tiny else 227, 96 if tiny else 256)
+    ]
     for mode, crop, resize in settings:
         what = f"{crop}x{crop}" if mode == "crop" else f"resize {resize} + {crop}x{crop}"
         name = f"DALI random-crop {what} + mirror, JPEG {size[0]}x{size[1]}, batch {batch}, {workers} workers"

@@ -146,7 +146,9 @@ def run(device: str = "cpu", quick: bool = False, rows: list[dict] | None = None
                         continue
                     print(f"bench.lpips: {name}: {variant} ...", file=sys.stderr, flush=True)
                     try:
-                        rates[variant] = max(rates.get(variant, 0.0), _time(model, x, y, backward, device, iters))
+                        rates[variant] = max(
+                            rates.get(variant, 0.0), _time(model, x, y, backward, device, iters)
+                        )
                         if variant not in mems:
                             mems[variant] = (_memory_mib(model, x, y, backward, device)
                                              if backward or device.type == "cuda" else None)  # fmt: skip

@@ -69,8 +69,14 @@ def _git_commit(root: Path) -> dict | None:
     commit = _git("rev-parse", "--short", "HEAD", root=root)
     if commit is None:
         return None
-    modified = [ln for ln in (_git("status", "--porcelain", "--untracked-files=no", root=root) or "").splitlines() if ln]
-    untracked = [ln for ln in (_git("status", "--porcelain", root=root) or "").splitlines() if ln.startswith("??")]
+    modified = [
+        ln
+        for ln in (_git("status", "--porcelain", "--untracked-files=no", root=root) or "").splitlines()
+        if ln
+    ]
+    untracked = [
+        ln for ln in (_git("status", "--porcelain", root=root) or "").splitlines() if ln.startswith("??")
+    ]
     return {"commit": commit, "dirty": bool(modified or untracked), "modified": len(modified),
             "untracked": len(untracked), "commit_source": "git"}  # fmt: skip
 

@@ -95,7 +95,10 @@ def run_group(group: str, device: str, quick: bool, module=None, timeout_s: floa
         try:
             on_rows(_kept(rows, group))
         except Exception as e:  # noqa: BLE001 - saving is best effort; the group goes on
-            print(f"bench: group {group}: could not save its rows so far ({type(e).__name__}: {e})", file=sys.stderr)
+            print(
+                f"bench: group {group}: could not save its rows so far ({type(e).__name__}: {e})",
+                file=sys.stderr,
+            )
 
     live = LiveRows(changed)
     try:
@@ -156,7 +159,11 @@ def run_groups(groups: Iterable[str], device: str, quick: bool, *, modules: dict
     Returns:
         the :class:`~bench.results.BenchRun`.
     """
-    run = into if into is not None else BenchRun(meta if meta is not None else machine_info(device), peaks, quick, mode)
+    run = (
+        into
+        if into is not None
+        else BenchRun(meta if meta is not None else machine_info(device), peaks, quick, mode)
+    )
 
     def save() -> None:
         if out is not None:

@@ -128,7 +128,9 @@ def network_layers(batch: int = BATCH) -> list[Layer]:
                     geom = ConvGeometry(transposed, n, c_in, h, w, mod.out_channels, kh, kw,
                                                      mod.stride[0], mod.padding[0])  # fmt: skip
                     if tuple(out.shape[2:]) != geom.out_size:
-                        raise RuntimeError(f"{network} {name}: geometry {geom.out_size} != {tuple(out.shape)}")
+                        raise RuntimeError(
+                            f"{network} {name}: geometry {geom.out_size} != {tuple(out.shape)}"
+                        )
                     layers.append(Layer(network, name, geom))
 
                 handles.append(module.register_forward_hook(hook))
@@ -362,7 +364,9 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.static", description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=BATCH, help="batch size of the layer shapes (default 64)")
+    parser.add_argument(
+        "--batch", type=int, default=BATCH, help="batch size of the layer shapes (default 64)"
+    )
     parser.add_argument("--dtype", default="bf16", choices=sorted(POINTER_TYPES), help="operand dtype")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated: forward,dgrad,wgrad")

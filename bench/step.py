@@ -163,7 +163,9 @@ class Workload:
         self.reference = build_trainer(config, device, TASKS)
         gen = torch.Generator(device="cpu").manual_seed(1)
         self.batches = [
-            (torch.rand(config.batch_size, 3, config.image_size, config.image_size, generator=gen) * 2 - 1).to(device)
+            (
+                torch.rand(config.batch_size, 3, config.image_size, config.image_size, generator=gen) * 2 - 1
+            ).to(device)
             for _ in range(2)
         ]
         self.flops = _count_flops(self.reference, self.batches[0])
@@ -212,7 +214,11 @@ class Workload:
 
 
 def _graph_break_row(workload: Workload, breaks: int, graphs: int, stand_in: str | None) -> dict:
-    note = f"{graphs} graph(s) compiled with fullgraph=True" if stand_in is None else "stand-in: nothing compiled"
+    note = (
+        f"{graphs} graph(s) compiled with fullgraph=True"
+        if stand_in is None
+        else "stand-in: nothing compiled"
+    )
     return workload.row("graph breaks in the compiled step", value=breaks, unit="breaks", baseline="0",
                         ratio_vs_baseline=None, graphs=graphs, note=note)  # fmt: skip
 
@@ -229,7 +235,11 @@ def _with_estimate(workload: Workload, row: dict) -> dict:
         return row
     task = "invert-fc6" if workload.config.task == "invert" else workload.config.task
     for e in estimates:
-        if e.get("workload") == task and e.get("batch") == workload.config.batch_size and e.get("kernels") == "auto":
+        if (
+            e.get("workload") == task
+            and e.get("batch") == workload.config.batch_size
+            and e.get("kernels") == "auto"
+        ):
             measured = workload.config.batch_size / row["value"] if row.get("value") else None
             row["estimated_step_s"] = e["estimated_step_s"]
             row["measured_step_s"] = measured
@@ -307,7 +317,11 @@ def _max_autotune(workload: Workload, rows: list[dict]) -> None:
         return
     rows.append(row)
     for r in rows:
-        if r.get("name") == workload.name and str(r.get("variant")).startswith("compiled-step") and r.get("value"):
+        if (
+            r.get("name") == workload.name
+            and str(r.get("variant")).startswith("compiled-step")
+            and r.get("value")
+        ):
             r["ratio_vs_compile_modules_max_autotune"] = r["value"] / row["value"]
 
 

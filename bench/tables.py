@@ -99,8 +99,10 @@ def header_lines(run: BenchRun) -> list[str]:
         f"- card: {m.get('card')}" + (f" (CUDA {m['cuda']})" if m.get("cuda") else ""),
         f"- torch {m.get('torch')}, triton {m.get('triton')}, DALI {m.get('dali')}"
         + (f", numpy {m['numpy']}" if m.get("numpy") else ""),
-        f"- commit: {commit_label(m)}" + (f" (from {m['commit_source']})" if m.get("commit_source") not in
-                                          (None, "git") else ""),  # fmt: skip
+        f"- commit: {commit_label(m)}"
+        + (
+            f" (from {m['commit_source']})" if m.get("commit_source") not in (None, "git") else ""
+        ),  # fmt: skip
         f"- date: {m.get('date')}; device {m.get('device')}; mode {_mode_label(run)}",
     ]
     if p:

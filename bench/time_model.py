@@ -34,7 +34,10 @@ __all__ = ["H100", "Device", "estimate", "estimate_rows", "TARGET_IMAGES_PER_S"]
 
 TARGET_IMAGES_PER_S = {"autoencoder": 40_000.0}
 # The networks (bench.static labels) whose conv layers each workload's step runs.
-NETWORKS = {"autoencoder": ("G autoencoder 64px", "D 64px unpadded"), "invert-fc6": ("G fc6 227px", "D 227px unpadded")}
+NETWORKS = {
+    "autoencoder": ("G autoencoder 64px", "D 64px unpadded"),
+    "invert-fc6": ("G fc6 227px", "D 227px unpadded"),
+}
 
 
 @dataclass(frozen=True)
@@ -53,13 +56,14 @@ H100 = Device("H100 SXM (datasheet: 989 TFLOP/s bf16 dense, 3.35 TB/s HBM3)", 98
 def mma_efficiency(workload: str, batch: int) -> float:
     """FLOP-weighted issued-MMA efficiency of the workload's conv layers (best eligible config per layer)."""
 
-
     useful = issued = 0.0
     for layer in network_layers(batch):
         if layer.network not in NETWORKS[workload]:
             continue
         g = layer.geom
-        best = max(issued_mma_efficiency(g, c) for c in eligible_configs(g, torch.bfloat16.itemsize, GPU_CONFIGS))
+        best = max(
+            issued_mma_efficiency(g, c) for c in eligible_configs(g, torch.bfloat16.itemsize, GPU_CONFIGS)
+        )
         useful += g.useful_flops()
         issued += g.useful_flops() / best
     return useful / issued if issued else 1.0

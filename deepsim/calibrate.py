@@ -37,7 +37,13 @@ from deepsim.comparators import Comparator
 from deepsim.config import CAFFE_TO_DEEPSIM
 from deepsim.data import iterate_eval
 
-__all__ = ["PERTURBATIONS", "CalibrationReport", "calibrate_lambda_feat", "feature_distances", "format_report"]
+__all__ = [
+    "PERTURBATIONS",
+    "CalibrationReport",
+    "calibrate_lambda_feat",
+    "feature_distances",
+    "format_report",
+]
 
 REFERENCE_LAMBDA_FEAT = 0.01 * CAFFE_TO_DEEPSIM["feat"]  # the code's 0.01 for CaffeNet, in our convention
 
@@ -161,7 +167,12 @@ def calibrate_lambda_feat(
     seen = 0
     generator = torch.Generator().manual_seed(seed)
     batches = iterate_eval(
-        data, batch_size=batch_size, crop_size=size, mode="resize-center", resize_size=max(256, size), device=device
+        data,
+        batch_size=batch_size,
+        crop_size=size,
+        mode="resize-center",
+        resize_size=max(256, size),
+        device=device,
     )
     for batch in batches:
         batch = batch[: images - seen]
@@ -175,7 +186,10 @@ def calibrate_lambda_feat(
     if seen == 0:
         raise ValueError(f"calibrate: no images in {data}")
     report = CalibrationReport(
-        comparator=comparator.spec, reference=reference.spec, images=seen, size=size,
+        comparator=comparator.spec,
+        reference=reference.spec,
+        images=seen,
+        size=size,
         reference_lambda_feat=reference_lambda_feat,
     )
     for name, (ref_sum, cmp_sum) in sums.items():

@@ -11,7 +11,16 @@ __all__ = ["USER_ERRORS"]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    return (DataError, ComparatorWeightsError, CheckpointError, NonFiniteLossError, ValueError, KeyError, FileNotFoundError, FileExistsError)
+    return (
+        DataError,
+        ComparatorWeightsError,
+        CheckpointError,
+        NonFiniteLossError,
+        ValueError,
+        KeyError,
+        FileNotFoundError,
+        FileExistsError,
+    )
 
 
 USER_ERRORS = _user_errors()

@@ -40,7 +40,11 @@ class ExportResult:
 
 def _upconvgan_payload(path: Path, state: dict, layer: str | None) -> dict:
     generator = generator_from_upconvgan(state, layer, image_size=227, source=str(path))
-    meta = {"source": str(path.resolve()), "layer": layer or generator.layer, "format": "upconvGAN state dict"}
+    meta = {
+        "source": str(path.resolve()),
+        "layer": layer or generator.layer,
+        "format": "upconvGAN state dict",
+    }
     payload = imported_generator_payload(generator, phi_weights=None, out_folder=path.parent, meta=meta)
     payload["provenance"] = {"preset": f"invert-{generator.layer}", "commit": None}
     return payload
@@ -96,7 +100,10 @@ def export_checkpoint(
     payload = read_source(source, layer=layer)
     generator = _state_of(payload, "generator", source)
     if training_state:
-        contents, written = "the whole training checkpoint", {k: v for k, v in payload.items() if k != "_source"}
+        contents, written = (
+            "the whole training checkpoint",
+            {k: v for k, v in payload.items() if k != "_source"},
+        )
     else:
         trainer = {"generator": generator}
         contents = "the generator"
@@ -125,7 +132,9 @@ def export_checkpoint(
     }
     write_safetensors(out, written, provenance=provenance, force=force)
     task = config.get("task", "?")
-    return ExportResult(out, f"{contents} of the {task} run at step {payload['step']} (safetensors)", provenance)
+    return ExportResult(
+        out, f"{contents} of the {task} run at step {payload['step']} (safetensors)", provenance
+    )
 
 
 def load_generator(

@@ -145,7 +145,9 @@ class AutoencoderGenerator(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % 8 or x.shape[-2] % 8:
-            raise ValueError(f"AutoencoderGenerator needs H and W divisible by 8, got input of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"AutoencoderGenerator needs H and W divisible by 8, got input of shape {tuple(x.shape)}"
+            )
         return self.encoder(x)
 
     def decode(self, code: torch.Tensor) -> torch.Tensor:
@@ -222,7 +224,9 @@ class Discriminator(nn.Module):
         if padding not in DISC_PADDINGS:
             raise ValueError(f"discriminator padding {padding!r}: expected one of {', '.join(DISC_PADDINGS)}")
         if activation not in DISC_ACTIVATIONS:
-            raise ValueError(f"discriminator activation {activation!r}: expected one of {', '.join(DISC_ACTIVATIONS)}")
+            raise ValueError(
+                f"discriminator activation {activation!r}: expected one of {', '.join(DISC_ACTIVATIONS)}"
+            )
         if init not in DISC_INITS:
             raise ValueError(f"discriminator init {init!r}: expected one of {', '.join(DISC_INITS)}")
         self.padding_mode, self.activation, self.init = padding, activation, init
@@ -232,7 +236,9 @@ class Discriminator(nn.Module):
         for name, (kernel, stride), width in zip(self.conv_names, self._layout, widths):
             stride = first_stride if stride is None else stride
             pad = kernel // 2 if padding == "padded" else 0
-            setattr(self, name, ConvLReLU(in_channels, width, kernel, stride=stride, padding=pad, alpha=alpha))
+            setattr(
+                self, name, ConvLReLU(in_channels, width, kernel, stride=stride, padding=pad, alpha=alpha)
+            )
             in_channels = width
         self.feature_dim = feature_dim
         if feature_dim:

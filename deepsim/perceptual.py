@@ -29,7 +29,9 @@ LPIPS_TAPS = {
 LPIPS_WEIGHTS_URL = "https://github.com/richzhang/PerceptualSimilarity/tree/master/lpips/weights/v0.1"
 
 
-def check_images(name: str, x: torch.Tensor, *, min_side: int = 1, dtype: torch.dtype | None = None) -> torch.Tensor:
+def check_images(
+    name: str, x: torch.Tensor, *, min_side: int = 1, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """``x`` checked as an image batch (B, 3, H, W) of a floating dtype with H, W >= ``min_side``; cast to
     ``dtype`` when given (and autocast is off). Raises ValueError naming ``name`` and what was expected."""
     if not isinstance(x, torch.Tensor):
@@ -131,7 +133,9 @@ class PerceptualLoss(nn.Module):
         weights = self.comparator.tap_weights
         if self.reduction != "none" and not (y.requires_grad and torch.is_grad_enabled()):
             return feature_distance(fx, fy, weights, reduction=self.reduction)
-        per_image = sum(w * (a.float() - b.float()).pow(2).flatten(1).sum(1) for a, b, w in zip(fx, fy, weights))
+        per_image = sum(
+            w * (a.float() - b.float()).pow(2).flatten(1).sum(1) for a, b, w in zip(fx, fy, weights)
+        )
         return {"none": per_image, "sum": per_image.sum(), "mean": per_image.mean()}[self.reduction]
 
 

@@ -59,7 +59,9 @@ def conv_dgrad(grad_out: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, 
     if grad_out.numel() == 0:
         return grad_x.zero_()
     op = "dgrad_conv_transpose" if geom.transposed else "dgrad_conv"  # named after the forward op
-    configs = eligible_configs(dg, out.element_size(), dgrad_config_list(out.dtype, input_precision(out.dtype)))
+    configs = eligible_configs(
+        dg, out.element_size(), dgrad_config_list(out.dtype, input_precision(out.dtype))
+    )
     return conv_igemm_forward(grad_out.to(out.dtype), weight, None, dg, alpha, grad_x, mask=out, op=op,
                               configs=configs)  # fmt: skip
 
@@ -179,7 +181,9 @@ def wgrad_problem(geom: ConvGeometry) -> dict:
     """R (rows of D), C (channels of Q), K (reduction rows N * I_H * I_W), KCOLS of grad_W."""
     oh, ow = geom.out_size
     if geom.transposed:
-        return dict(R=geom.C_in, C=geom.C_out, K=geom.N * geom.H * geom.W, KCOLS=geom.KH * geom.KW * geom.C_out)
+        return dict(
+            R=geom.C_in, C=geom.C_out, K=geom.N * geom.H * geom.W, KCOLS=geom.KH * geom.KW * geom.C_out
+        )
     return dict(R=geom.C_out, C=geom.C_in, K=geom.N * oh * ow, KCOLS=geom.KH * geom.KW * geom.C_in)
 
 
@@ -258,7 +262,9 @@ def conv_wgrad(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor, geom:
     def launch(config: ConvConfig) -> None:
         splits, per_split = wgrad_splits(geom, config)
         part = torch.empty((splits, p["R"], p["KCOLS"]), dtype=torch.float32, device=out.device)
-        bias_part = torch.empty((splits, p["R"]), dtype=torch.float32, device=out.device) if need_bias else part
+        bias_part = (
+            torch.empty((splits, p["R"]), dtype=torch.float32, device=out.device) if need_bias else part
+        )
         tiles = triton.cdiv(p["R"], config.block_m) * triton.cdiv(p["KCOLS"], config.block_n)
         _conv_wgrad_kernel[(tiles, splits)](
             p_t, q_t, m, part, bias_part,

@@ -73,7 +73,9 @@ def op_name(transposed: bool) -> str:
 # Forward
 
 
-def conv_forward(x, weight, bias, stride: int, padding: int, alpha: float, *, transposed: bool) -> torch.Tensor:
+def conv_forward(
+    x, weight, bias, stride: int, padding: int, alpha: float, *, transposed: bool
+) -> torch.Tensor:
     """Launch the fused forward kernel: (N, C_out, OH, OW) in x's memory format and dtype (weight and
     bias must have x's dtype). See ``conv_lrelu_forward`` / ``conv_transpose_lrelu_forward``."""
     geom = geometry(x.shape, weight.shape, stride, padding, transposed)
@@ -214,8 +216,19 @@ def register_backward_op(transposed: bool):
         return conv_lrelu_grads(grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask,
                                 transposed=transposed, dgrad=dgrad, wgrad=wgrad)  # fmt: skip
 
-    def fake(grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask, dgrad="triton",
-             wgrad="triton"):
+    def fake(
+        grad_out,
+        out,
+        x,
+        weight,
+        has_bias,
+        stride,
+        padding,
+        alpha,
+        output_mask,
+        dgrad="triton",
+        wgrad="triton",
+    ):
         return conv_lrelu_grads_fake(out, x, weight, has_bias, output_mask, transposed=transposed)
 
     setup_context, backward = _no_double_backward(op)
@@ -228,7 +241,9 @@ def register_forward_op(transposed: bool, reference: Callable, function: type):
 
     def impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int,
              alpha: float, dgrad: str = "triton", wgrad: str = "triton") -> torch.Tensor:  # fmt: skip
-        return forward_impl(x, weight, bias, stride, padding, alpha, transposed=transposed, reference=reference)
+        return forward_impl(
+            x, weight, bias, stride, padding, alpha, transposed=transposed, reference=reference
+        )
 
     def fake(x, weight, bias, stride, padding, alpha, dgrad="triton", wgrad="triton"):
         return forward_fake(x, weight, stride, padding, transposed=transposed)

@@ -226,9 +226,17 @@ def conv_igemm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         constexprs = kernel_constexprs(geom, config, has_bias=bias is not None, precision=precision,
                                        w_k_stride=w_k_stride, index_64=index_64, dgrad=mask is not None)  # fmt: skip
         _conv_igemm_lrelu_kernel[grid_size(geom, config)](
-            x_op, w_op, b, out_op, m_op, **runtime_sizes(geom), alpha=float(alpha), mask_alpha=float(alpha),
+            x_op,
+            w_op,
+            b,
+            out_op,
+            m_op,
+            **runtime_sizes(geom),
+            alpha=float(alpha),
+            mask_alpha=float(alpha),
             **constexprs,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
         )
 
     if op is None:

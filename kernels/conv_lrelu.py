@@ -77,7 +77,9 @@ def reference_conv_lrelu(x, weight, bias=None, stride=1, padding=0, alpha=0.3):
 
 _backward_op = register_backward_op(False)
 _forward_op = register_forward_op(False, reference_conv_lrelu, ConvLReluFunction)
-_run_path = functools.partial(run_path, transposed=False, reference=reference_conv_lrelu, fused_op=_forward_op)
+_run_path = functools.partial(
+    run_path, transposed=False, reference=reference_conv_lrelu, fused_op=_forward_op
+)
 
 
 _run_path.backward_op = _backward_op  # the dispatcher times and checks dgrad / wgrad through it

@@ -31,7 +31,9 @@ _BLOCK_P = 64
 def _tile(f_ptr, base, offs_c, C, pofs, pmask, sc):
     # (BLOCK_C, BLOCK_P) tile of one image's features, fp32; zero outside (C, P).
     m = (offs_c < C)[:, None] & pmask[None, :]
-    return tl.load(f_ptr + base + offs_c.to(tl.int64)[:, None] * sc + pofs[None, :], mask=m, other=0.0).to(tl.float32)
+    return tl.load(f_ptr + base + offs_c.to(tl.int64)[:, None] * sc + pofs[None, :], mask=m, other=0.0).to(
+        tl.float32
+    )
 
 
 @triton.jit
@@ -330,7 +332,9 @@ def _bwd_impl(f0s: list[torch.Tensor], f1s: list[torch.Tensor], weights: list[to
 
 
 def _bwd_fake(f0s, f1s, weights, grad_out, eps, need0, need1):
-    return [torch.empty_like(f) for f in (f0s if need0 else [])] + [torch.empty_like(f) for f in (f1s if need1 else [])]
+    return [torch.empty_like(f) for f in (f0s if need0 else [])] + [
+        torch.empty_like(f) for f in (f1s if need1 else [])
+    ]
 
 
 class LpipsDistanceFunction(torch.autograd.Function):
@@ -381,7 +385,9 @@ def _check(f0s, f1s, weights):
         if a.shape != b.shape:
             raise ValueError(f"lpips_distance: f0s[{i}] {tuple(a.shape)} != f1s[{i}] {tuple(b.shape)}")
         if a.dim() not in (2, 4) or a.shape[0] != f0s[0].shape[0]:
-            raise ValueError(f"lpips_distance: f0s[{i}] {tuple(a.shape)}: expected (B, C, H, W) or (B, C), one B")
+            raise ValueError(
+                f"lpips_distance: f0s[{i}] {tuple(a.shape)}: expected (B, C, H, W) or (B, C), one B"
+            )
         if w.numel() != a.shape[1]:
             raise ValueError(f"lpips_distance: weights[{i}] has {w.numel()} values for {a.shape[1]} channels")
 

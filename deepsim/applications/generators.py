@@ -239,7 +239,9 @@ class VAEEncoder(nn.Module):
     def __init__(self, image_size: int = 64, latent_dim: int = 4096):
         super().__init__()
         if not 8 <= image_size <= 256:
-            raise ValueError(f"VAE image size {image_size}: expected 8..256 (the decoder makes at most 256x256)")
+            raise ValueError(
+                f"VAE image size {image_size}: expected 8..256 (the decoder makes at most 256x256)"
+            )
         layers: list[nn.Module] = []
         c, side, index = 3, image_size, 0
         while side > 4:
@@ -280,7 +282,11 @@ class VariationalAutoencoder(nn.Module):
         super().__init__()
         self.encoder = VAEEncoder(image_size, latent_dim)  # ours: PyTorch's initialisation
         self.decoder = InversionGenerator(
-            "fc6", image_size=image_size, fc_width=fc_width, in_features=latent_dim, upconv_bias=upconv_bias,
+            "fc6",
+            image_size=image_size,
+            fc_width=fc_width,
+            in_features=latent_dim,
+            upconv_bias=upconv_bias,
             init=init,
         )
         self.image_size, self.latent_dim = image_size, latent_dim

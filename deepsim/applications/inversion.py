@@ -47,7 +47,9 @@ class FeatureExtractor(nn.Module):
             raise ValueError(f"inverted layer {layer!r}: expected one of {', '.join(LAYER_TAPS)}")
         self.network, self.layer = network, layer
         try:
-            self.net = Comparator(f"{network}:{LAYER_TAPS[layer]}", weights=weights, input_size=PHI_INPUT_SIZE)
+            self.net = Comparator(
+                f"{network}:{LAYER_TAPS[layer]}", weights=weights, input_size=PHI_INPUT_SIZE
+            )
         except ComparatorWeightsError as error:
             raise ComparatorWeightsError(
                 f"the inverted network Phi: {error} For Phi the flags are --invert-network-weights PATH, or "

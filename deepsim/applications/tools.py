@@ -133,7 +133,6 @@ def sample_vae_prior(
     if isinstance(checkpoint_or_model, VariationalAutoencoder):
         vae = checkpoint_or_model
     else:
-
         device = resolve_device(device) if isinstance(device, str) else device
         vae, config = load_model(checkpoint_or_model, device)
         if config.task != "vae":

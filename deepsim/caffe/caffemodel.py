@@ -194,7 +194,9 @@ def _add_dims(dims: list[int], data: bytes, wire: int, value) -> None:
         raise _BlobError(f"shape has more than {MAX_BLOB_AXES} axes (Caffe's limit), a corrupt blob")
     dims.extend(to_signed(v) for v in repeated_varints(data, wire, value))
     if len(dims) > MAX_BLOB_AXES:
-        raise _BlobError(f"shape has {len(dims)} axes, more than {MAX_BLOB_AXES} (Caffe's limit), a corrupt blob")
+        raise _BlobError(
+            f"shape has {len(dims)} axes, more than {MAX_BLOB_AXES} (Caffe's limit), a corrupt blob"
+        )
 
 
 def _count(shape: tuple[int, ...], kind: str) -> int:

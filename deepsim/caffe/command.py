@@ -28,7 +28,6 @@ def _mean(text: str) -> tuple[float, float, float]:
 def add_subcommand(sub) -> None:
     """Add ``import-caffe`` to the ``deepsim`` argument parser's subparsers."""
 
-
     p = sub.add_parser(
         "import-caffe",
         help="convert the authors' released Caffe models (generators, CaffeNet) into deepsim files",

@@ -93,11 +93,12 @@ def import_caffemodel(
     generator = generator_from_caffemodel(model, layer, image_size=PHI_IMAGE_SIZE, mean_bgr=mean_bgr)
     phi_weights = None
     if invert_network_weights is not None:
-
         phi_weights = str(Path(invert_network_weights).resolve())
         FeatureExtractor("caffenet", inverted, phi_weights)  # fails now, naming the file, if Phi cannot load
     meta["mean_bgr"] = [float(v) for v in mean_bgr]
-    payload = imported_generator_payload(generator, phi_weights=phi_weights, out_folder=Path(out).parent, meta=meta)
+    payload = imported_generator_payload(
+        generator, phi_weights=phi_weights, out_folder=Path(out).parent, meta=meta
+    )
     fc_width = generator.head[0].out_features if inverted != "conv5" else None
     path = save_checkpoint(out, payload)
     return ImportResult(path, layer, model.format, len(model.layers), fc_width, phi_weights)

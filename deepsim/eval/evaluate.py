@@ -177,7 +177,10 @@ def evaluate_checkpoint(
     if config.task == "invert":
         size, mode, reconstruct, encode = config.image_size, "resize-center", model.reconstruct, None
     elif config.task == "vae":
-        size, mode = config.image_size, "resize-center" if config.image_size == 227 else "center"  # as trained
+        size, mode = (
+            config.image_size,
+            "resize-center" if config.image_size == 227 else "center",
+        )  # as trained
 
         def reconstruct(x):
             return model(x)[0]  # eval mode: z = mu
@@ -196,7 +199,10 @@ def evaluate_checkpoint(
     )
     metric, lpips_note = _lpips_metric(device, lpips_backbone_weights) if lpips else (None, "not asked for")
     if metric is not None and size < metric.comparator.min_side:
-        metric, lpips_note = None, f"{size}x{size} test images are below its minimum side {metric.comparator.min_side}"
+        metric, lpips_note = (
+            None,
+            f"{size}x{size} test images are below its minimum side {metric.comparator.min_side}",
+        )
     row = {
         "task": config.task,
         "layer": config.invert_layer if config.task == "invert" else None,
@@ -233,7 +239,9 @@ def _lpips_metric(device, backbone_weights) -> tuple[torch.nn.Module | None, str
     """LPIPS (alex) on ``device``, or (None, why not) when its weights are missing."""
 
     try:
-        return LPIPS("alex", backbone_weights=backbone_weights, check_range=False).to(device), None  # G may overshoot
+        return LPIPS("alex", backbone_weights=backbone_weights, check_range=False).to(
+            device
+        ), None  # G may overshoot
     except FileNotFoundError as error:  # ComparatorWeightsError too: a missing backbone or lin-weights file
         return None, str(error)
 
@@ -264,7 +272,9 @@ def evaluate_checkpoints(
     )
     columns = [c for c in RECONSTRUCTION_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
     text = markdown_table(rows, columns, title)
-    notes = sorted({r["lpips_note"] for r in rows if r.get("lpips_note") and r["lpips_note"] != "not asked for"})
+    notes = sorted(
+        {r["lpips_note"] for r in rows if r.get("lpips_note") and r["lpips_note"] != "not asked for"}
+    )
     text += "".join(f"\nLPIPS (alex) not reported: {note}\n" for note in notes)
     files = []
     if out is not None:

@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def group_main(run: Callable[[str, bool], list[dict]], description: str, quick_help: str,
-               argv: list[str] | None = None) -> None:  # fmt: skip
+def group_main(
+    run: Callable[[str, bool], list[dict]], description: str, quick_help: str, argv: list[str] | None = None
+) -> None:
     """``python -m bench.<group> [--device D] [--quick]``: run one group and print its table."""
 
     parser = argparse.ArgumentParser(description=description)

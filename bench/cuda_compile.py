@@ -259,8 +259,15 @@ def _patch_torch_cuda(torch) -> None:
     cuda_graphs.is_current_stream_capturing = answers["is_current_stream_capturing"]
     amp_common.amp_definitely_not_available = lambda: False  # else autocast("cuda") turns itself off
     interface = device_interface.CudaInterface  # its static methods were bound to torch.cuda's at import
-    for name in ("current_device", "set_device", "device_count", "synchronize", "get_device_properties",
-                 "memory_allocated", "is_bf16_supported"):  # fmt: skip
+    for name in (
+        "current_device",
+        "set_device",
+        "device_count",
+        "synchronize",
+        "get_device_properties",
+        "memory_allocated",
+        "is_bf16_supported",
+    ):
         setattr(interface, name, staticmethod(answers[name]))
     interface.exchange_device = staticmethod(answers["_exchange_device"])
     interface.maybe_exchange_device = staticmethod(answers["_maybe_exchange_device"])
@@ -507,8 +514,9 @@ def _count_flops(torch, trainer, batch) -> int:
     return int(counter.get_total_flops())
 
 
-def child(workload: str, kernels: str, batch: int, mode: str, order: str, control: str,
-          keep_code: str | None = None) -> dict:  # fmt: skip
+def child(
+    workload: str, kernels: str, batch: int, mode: str, order: str, control: str, keep_code: str | None = None
+) -> dict:
     """One row, compiled in this process (which must run under the shim: see :func:`run`)."""
     # lazy, optional: private torch internals that vary by version (probed by unsupported())
     import torch._dynamo
@@ -601,9 +609,17 @@ def child(workload: str, kernels: str, batch: int, mode: str, order: str, contro
 
 
 # ------------------------------------------------------------------------------------------ the parent
-def run(workloads=WORKLOADS, kernels=KERNELS, *, batch: int = 64, mode: str = "reduce-overhead",
-        order: str = "code", control: str = "none", timeout_s: float = CHILD_TIMEOUT_S,
-        keep_code: str | None = None) -> list[dict]:  # fmt: skip
+def run(
+    workloads=WORKLOADS,
+    kernels=KERNELS,
+    *,
+    batch: int = 64,
+    mode: str = "reduce-overhead",
+    order: str = "code",
+    control: str = "none",
+    timeout_s: float = CHILD_TIMEOUT_S,
+    keep_code: str | None = None,
+) -> list[dict]:
     """One row per (workload, kernels), each compiled in a child process under the CUDA shim."""
     reason = unsupported()
     if reason is not None:

@@ -151,8 +151,9 @@ def bench_saved_bytes(batch: int = BATCH, device: str = "meta") -> list[dict]:
     return rows
 
 
-def bench_conv_timing(device: str, batch: int, quick: bool, dtype=torch.bfloat16,
-                      rows: list[dict] | None = None) -> list[dict]:  # fmt: skip
+def bench_conv_timing(
+    device: str, batch: int, quick: bool, dtype=torch.bfloat16, rows: list[dict] | None = None
+) -> list[dict]:
     """Conv blocks forward + backward in ms, per real layer shape (see the module doc for the variants),
     channels_last; appended to ``rows`` (if given) layer by layer, so a run cut short keeps them."""
     rows = [] if rows is None else rows
@@ -171,8 +172,12 @@ def bench_conv_timing(device: str, batch: int, quick: bool, dtype=torch.bfloat16
 
         full = f"{op}/{name}/b{batch}/{str(dtype).removeprefix('torch.')}/fwd+bwd"
         ms = {}
-        for variant, backend in (("eager", "reference"), ("triton", "triton"), ("cudnn+epilogue", "cudnn"),
-                                 ("dispatched", "auto")):  # fmt: skip
+        for variant, backend in (
+            ("eager", "reference"),
+            ("triton", "triton"),
+            ("cudnn+epilogue", "cudnn"),
+            ("dispatched", "auto"),
+        ):
             with K.use_backend(backend):
                 ms[variant] = time_cuda(step(public_fn), warmup, iters)
         decision = K.dispatch.decision_for(op, x, w, b, s, p)

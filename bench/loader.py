@@ -85,8 +85,9 @@ def _as_tensors(samples: list[bytes]) -> list[torch.Tensor]:
     return [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in samples]
 
 
-def decode_on_device(files: list[torch.Tensor], device: torch.device, crop: int,
-                     gen: torch.Generator) -> torch.Tensor:  # fmt: skip
+def decode_on_device(
+    files: list[torch.Tensor], device: torch.device, crop: int, gen: torch.Generator
+) -> torch.Tensor:
     """JPEG bytes -> (B, 3, crop, crop) float32 in [-1, 1] on ``device``: ``decode_jpeg(device=...)`` (nvJPEG
     on CUDA), a random crop and a random horizontal mirror per image (offsets drawn from ``gen``)."""
 

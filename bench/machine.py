@@ -57,8 +57,12 @@ def tree_fingerprint(root: Path = REPO_ROOT) -> str:
     for top in _FINGERPRINT_DIRS:
         for path in (root / top).rglob("*"):
             rel = path.relative_to(root).as_posix()
-            if (path.suffix in _FINGERPRINT_SUFFIXES and path.is_file() and "__pycache__" not in rel
-                    and not rel.startswith("bench/out/")):  # fmt: skip
+            if (
+                path.suffix in _FINGERPRINT_SUFFIXES
+                and path.is_file()
+                and "__pycache__" not in rel
+                and not rel.startswith("bench/out/")
+            ):
                 files.append((rel, path))
     for rel, path in sorted(files):
         digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")

@@ -73,8 +73,14 @@ def _kept(live: list, group: str) -> list[dict]:
         return normalise_rows([r for r in live if isinstance(r, dict)], group)
 
 
-def run_group(group: str, device: str, quick: bool, module=None, timeout_s: float | None = None,
-              on_rows: Callable[[list[dict]], None] | None = None) -> tuple[list[dict], dict]:  # fmt: skip
+def run_group(
+    group: str,
+    device: str,
+    quick: bool,
+    module=None,
+    timeout_s: float | None = None,
+    on_rows: Callable[[list[dict]], None] | None = None,
+) -> tuple[list[dict], dict]:
     """Run one group; never raises (Ctrl-C aside). Returns (rows, info), info = {status, seconds, rows[,
     traceback]}.
 
@@ -142,9 +148,20 @@ def run_group(group: str, device: str, quick: bool, module=None, timeout_s: floa
     return rows, info
 
 
-def run_groups(groups: Iterable[str], device: str, quick: bool, *, modules: dict | None = None,
-               peaks: dict | None = None, meta: dict | None = None, out: Path | None = None,
-               timeout_s: float | None = None, on_group: Callable | None = None, into=None, mode: str | None = None):  # fmt: skip
+def run_groups(
+    groups: Iterable[str],
+    device: str,
+    quick: bool,
+    *,
+    modules: dict | None = None,
+    peaks: dict | None = None,
+    meta: dict | None = None,
+    out: Path | None = None,
+    timeout_s: float | None = None,
+    on_group: Callable | None = None,
+    into=None,
+    mode: str | None = None,
+):
     """Run ``groups`` in order on ``device`` and collect every row; writes ``out`` when a group starts,
     after every row it appends, and when it ends, so that a run cut short keeps what it measured.
 

@@ -153,8 +153,9 @@ def _tool(name: str) -> str:
 
 
 @functools.cache
-def compile_conv_kernel(constexprs: tuple, dtype: str, c_out_divisible_by_16: bool, num_warps: int,
-                        num_stages: int) -> dict:  # fmt: skip
+def compile_conv_kernel(
+    constexprs: tuple, dtype: str, c_out_divisible_by_16: bool, num_warps: int, num_stages: int
+) -> dict:
     """Compile the conv forward kernel (or, with MASK_A, the dgrad) for sm_90 and read it: registers, local
     memory (spills), shared memory, PTX instruction counts, SASS per wgmma. Cached per process.
 
@@ -167,8 +168,9 @@ def compile_conv_kernel(constexprs: tuple, dtype: str, c_out_divisible_by_16: bo
 
 
 @functools.cache
-def compile_wgrad_kernel(constexprs: tuple, dtype: str, r_divisible_by_16: bool, num_warps: int,
-                         num_stages: int) -> dict:  # fmt: skip
+def compile_wgrad_kernel(
+    constexprs: tuple, dtype: str, r_divisible_by_16: bool, num_warps: int, num_stages: int
+) -> dict:
     """As ``compile_conv_kernel``, for the wgrad kernel (partials in fp32)."""
 
     divisible = ("R",) if r_divisible_by_16 else ()
@@ -176,8 +178,15 @@ def compile_wgrad_kernel(constexprs: tuple, dtype: str, r_divisible_by_16: bool,
                           fp32_pointers=("part_ptr", "bias_part_ptr"))  # fmt: skip
 
 
-def compile_kernel(fn, constexprs: tuple, dtype: str, num_warps: int, num_stages: int,
-                   divisible: tuple = (), fp32_pointers: tuple = ()) -> dict:  # fmt: skip
+def compile_kernel(
+    fn,
+    constexprs: tuple,
+    dtype: str,
+    num_warps: int,
+    num_stages: int,
+    divisible: tuple = (),
+    fp32_pointers: tuple = (),
+) -> dict:
     # lazy, optional dependency: triton may be absent
     import triton
     from triton.backends.compiler import GPUTarget

@@ -118,8 +118,14 @@ class PerceptualLoss(nn.Module):
     torch.Size([2])
     """
 
-    def __init__(self, comparator: Comparator | str, *, reduction: str = "mean", normalize: bool = False,
-                 check_range: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        comparator: Comparator | str,
+        *,
+        reduction: str = "mean",
+        normalize: bool = False,
+        check_range: bool = True,
+    ):
         super().__init__()
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"PerceptualLoss: reduction={reduction!r}, expected 'mean', 'sum' or 'none'")
@@ -188,9 +194,17 @@ class LPIPS(nn.Module):
     torch.Size([2])
     """
 
-    def __init__(self, net: str = "alex", version: str = "0.1", *, backbone_weights: str | os.PathLike | None = None,
-                 lin_weights: str | os.PathLike | None = None, normalize: bool = False, reduction: str = "none",
-                 check_range: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        net: str = "alex",
+        version: str = "0.1",
+        *,
+        backbone_weights: str | os.PathLike | None = None,
+        lin_weights: str | os.PathLike | None = None,
+        normalize: bool = False,
+        reduction: str = "none",
+        check_range: bool = True,
+    ):
         super().__init__()
         if net not in LPIPS_TAPS:
             raise ValueError(f"LPIPS: net={net!r}, expected one of {', '.join(LPIPS_TAPS)}")
@@ -259,9 +273,16 @@ def _cached(net: str, backbone_weights, lin_weights, device: str) -> LPIPS:
 _FUNCTIONAL_RANGE = {False: _RangeCheck(False, True), True: _RangeCheck(True, True)}
 
 
-def lpips(x: torch.Tensor, y: torch.Tensor, *, net: str = "alex", normalize: bool = False, reduction: str = "none",
-          backbone_weights: str | os.PathLike | None = None, lin_weights: str | os.PathLike | None = None
-          ) -> torch.Tensor:  # fmt: skip
+def lpips(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    net: str = "alex",
+    normalize: bool = False,
+    reduction: str = "none",
+    backbone_weights: str | os.PathLike | None = None,
+    lin_weights: str | os.PathLike | None = None,
+) -> torch.Tensor:
     """Functional :class:`LPIPS` (same arguments, convention and checks); the module is built once per
     (net, weights, device) and kept. Returns (B,) fp32, or its mean with reduction="mean"."""
     if reduction not in ("none", "mean"):

@@ -47,8 +47,9 @@ def dgrad_config_list(dtype: torch.dtype, precision: str) -> list[ConvConfig]:
             else c for c in config_list(dtype, precision)]  # fmt: skip
 
 
-def conv_dgrad(grad_out: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry,
-               alpha: float) -> torch.Tensor:  # fmt: skip
+def conv_dgrad(
+    grad_out: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, alpha: float
+) -> torch.Tensor:
     """grad_x (N, C_in, H, W), channels_last, of lrelu(conv(x, W) + b) (or the up-conv), from grad_out and
     the saved out (same shape, any layouts)."""
     dg = dgrad_geometry(geom)
@@ -74,13 +75,33 @@ _RUNTIME = ["M_TOTAL", "I_HW", "I_W", "Q_H", "Q_W", "R", "STRIDE", "PAD", "ITERS
 
 @triton.jit(do_not_specialize=_RUNTIME)
 def _conv_wgrad_kernel(
-    p_ptr, q_ptr, m_ptr, part_ptr, bias_part_ptr,
-    M_TOTAL, I_HW, I_W, Q_H, Q_W, R, STRIDE, PAD, ITERS_PER_SPLIT, alpha,
-    C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    MASK_P: tl.constexpr, MASK_Q: tl.constexpr, BIAS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    p_ptr,
+    q_ptr,
+    m_ptr,
+    part_ptr,
+    bias_part_ptr,
+    M_TOTAL,
+    I_HW,
+    I_W,
+    Q_H,
+    Q_W,
+    R,
+    STRIDE,
+    PAD,
+    ITERS_PER_SPLIT,
+    alpha,
+    C: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    MASK_P: tl.constexpr,
+    MASK_Q: tl.constexpr,
+    BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # D[r, col] partial over this split's K rows; col = (kh, kw, c), KCOLS = KH * KW * C.
     #   part[split, r, col] = sum_{m in split} P[m, r] * Q[gather(m, kh, kw), c]     (P, Q NHWC)
     #   bias_part[split, r] = sum_{m in split} P[m, r]                                (BIAS: conv only)
@@ -222,8 +243,9 @@ def wgrad_candidates(geom: ConvGeometry, dtype: torch.dtype, precision: str) -> 
     return sorted(good, key=lambda c: -c.block_m * c.block_n)[:MAX_CANDIDATES]
 
 
-def wgrad_constexprs(geom: ConvGeometry, config: ConvConfig, *, bias: bool, precision: str,
-                     index_64: bool = False) -> dict:  # fmt: skip
+def wgrad_constexprs(
+    geom: ConvGeometry, config: ConvConfig, *, bias: bool, precision: str, index_64: bool = False
+) -> dict:
     """Constexpr arguments of ``_conv_wgrad_kernel`` (the launcher and bench/static.py build them here)."""
     p = wgrad_problem(geom)
     return dict(C=p["C"], KH=geom.KH, KW=geom.KW, MASK_P=not geom.transposed, MASK_Q=geom.transposed,
@@ -231,8 +253,14 @@ def wgrad_constexprs(geom: ConvGeometry, config: ConvConfig, *, bias: bool, prec
                 BLOCK_C=config.block_n, BLOCK_K=config.block_k)  # fmt: skip
 
 
-def conv_wgrad(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor, geom: ConvGeometry, alpha: float,
-               need_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+def conv_wgrad(
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    x: torch.Tensor,
+    geom: ConvGeometry,
+    alpha: float,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(grad_W in channels_last storage, grad_b or None) of lrelu(conv(x, W) + b) (or the up-conv).
 
     ``need_bias`` only for a conv (the bias sum is the row sum of P, see the module doc).

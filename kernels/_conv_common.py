@@ -111,9 +111,21 @@ def _nothing(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
 
-def conv_lrelu_grads(grad_out, out, x, weight, has_bias: bool, stride: int, padding: int, alpha: float,
-                     output_mask: list[bool], *, transposed: bool, dgrad: str = "cudnn",
-                     wgrad: str = "cudnn"):  # fmt: skip
+def conv_lrelu_grads(
+    grad_out,
+    out,
+    x,
+    weight,
+    has_bias: bool,
+    stride: int,
+    padding: int,
+    alpha: float,
+    output_mask: list[bool],
+    *,
+    transposed: bool,
+    dgrad: str = "cudnn",
+    wgrad: str = "cudnn",
+):
     """(grad_x, grad_weight, grad_bias) of lrelu(conv(x, W) + b), or of conv_transpose when ``transposed``;
     an unneeded one (output_mask False, or no bias) comes back as a fresh empty tensor.
 
@@ -209,10 +221,19 @@ def register_backward_op(transposed: bool):
     dgrad, wgrad) -> (grad_x, grad_W, grad_b); differentiating it raises a clear error."""
     op = op_name(transposed)
 
-    def impl(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
-             stride: int, padding: int, alpha: float, output_mask: list[bool], dgrad: str = "triton",
-             wgrad: str = "triton"
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    def impl(
+        grad_out: torch.Tensor,
+        out: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        has_bias: bool,
+        stride: int,
+        padding: int,
+        alpha: float,
+        output_mask: list[bool],
+        dgrad: str = "triton",
+        wgrad: str = "triton",
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return conv_lrelu_grads(grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask,
                                 transposed=transposed, dgrad=dgrad, wgrad=wgrad)  # fmt: skip
 
@@ -239,8 +260,16 @@ def register_forward_op(transposed: bool, reference: Callable, function: type):
     """``deepsim::<op>``: (x, W, b, stride, padding, alpha, dgrad, wgrad) -> out, with ``function``'s
     setup_context and backward (``dgrad`` / ``wgrad`` name the backward's implementations)."""
 
-    def impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int,
-             alpha: float, dgrad: str = "triton", wgrad: str = "triton") -> torch.Tensor:  # fmt: skip
+    def impl(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stride: int,
+        padding: int,
+        alpha: float,
+        dgrad: str = "triton",
+        wgrad: str = "triton",
+    ) -> torch.Tensor:
         return forward_impl(
             x, weight, bias, stride, padding, alpha, transposed=transposed, reference=reference
         )
@@ -256,8 +285,21 @@ def register_forward_op(transposed: bool, reference: Callable, function: type):
 # The dispatcher's paths and the public call
 
 
-def run_path(path: str, x, weight, bias, stride: int, padding: int, alpha: float, *, transposed: bool,
-             reference: Callable, fused_op, dgrad: str = "triton", wgrad: str = "triton") -> torch.Tensor:  # fmt: skip
+def run_path(
+    path: str,
+    x,
+    weight,
+    bias,
+    stride: int,
+    padding: int,
+    alpha: float,
+    *,
+    transposed: bool,
+    reference: Callable,
+    fused_op,
+    dgrad: str = "triton",
+    wgrad: str = "triton",
+) -> torch.Tensor:
     """One of the dispatcher's forward paths (kernels/dispatch.py), with autograd: "triton" (the fused
     custom op, whose backward runs ``dgrad`` / ``wgrad``), "cudnn" (aten conv without bias + the Triton
     bias+LReLU epilogue; aten backward) or "reference" (eager)."""

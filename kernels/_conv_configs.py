@@ -252,10 +252,17 @@ def default_timer(launch: Callable[[], None]) -> float:
     return float(triton.testing.do_bench(launch, warmup=5, rep=20))
 
 
-def choose_config(op: str, geom: ConvGeometry, x: torch.Tensor, precision: str,
-                  launch: Callable[[ConvConfig], None], *, timer: Callable | None = None,
-                  autotune: bool | None = None, candidates: list[ConvConfig] | None = None
-                  ) -> ConvConfig:  # fmt: skip
+def choose_config(
+    op: str,
+    geom: ConvGeometry,
+    x: torch.Tensor,
+    precision: str,
+    launch: Callable[[ConvConfig], None],
+    *,
+    timer: Callable | None = None,
+    autotune: bool | None = None,
+    candidates: list[ConvConfig] | None = None,
+) -> ConvConfig:
     """The config to run ``geom`` with: forced > cached decision > timed candidates > static pick.
 
     Args:

@@ -43,14 +43,39 @@ _RUNTIME_SIZES = ["N", "H", "W", "OH", "OW", "ROWS_H", "ROWS_W", "STRIDE", "PAD"
 
 @triton.jit(do_not_specialize=_RUNTIME_SIZES)
 def _conv_igemm_lrelu_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, m_ptr,
-    N, H, W, OH, OW, ROWS_H, ROWS_W, C_OUT, STRIDE, PAD, alpha, mask_alpha,
-    C_IN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TRANSPOSED: tl.constexpr,
-    TH: tl.constexpr, TW: tl.constexpr,
-    W_K_STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
-    MASK_A: tl.constexpr, LRELU: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    m_ptr,
+    N,
+    H,
+    W,
+    OH,
+    OW,
+    ROWS_H,
+    ROWS_W,
+    C_OUT,
+    STRIDE,
+    PAD,
+    alpha,
+    mask_alpha,
+    C_IN: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+    TH: tl.constexpr,
+    TW: tl.constexpr,
+    W_K_STRIDE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    MASK_A: tl.constexpr,
+    LRELU: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # MASK_A (the dgrad): x is grad_out and m the saved forward output of the same shape; the A operand is
     # x * (1 if m > 0 else mask_alpha), the LReLU mask applied as it is loaded. LRELU False: no activation.
     # Reduction length of one GEMM (a conv, or one parity class of an up-conv): TH * TW taps x C_in.
@@ -169,8 +194,16 @@ def _conv_igemm_lrelu_kernel(
 INDEX_64_NUMEL = 2**31  # tensors from this many elements on index in int64 (int32 below: cheaper math)
 
 
-def kernel_constexprs(geom: ConvGeometry, config: ConvConfig, *, has_bias: bool, precision: str,
-                      w_k_stride: int | None = None, index_64: bool = False, dgrad: bool = False) -> dict:  # fmt: skip
+def kernel_constexprs(
+    geom: ConvGeometry,
+    config: ConvConfig,
+    *,
+    has_bias: bool,
+    precision: str,
+    w_k_stride: int | None = None,
+    index_64: bool = False,
+    dgrad: bool = False,
+) -> dict:
     """The kernel's constexpr arguments for ``geom`` and ``config`` (the launcher and bench/static.py
     both build them here, so the static report compiles exactly what runs). Sizes that vary with the
     batch or the image are runtime arguments (``runtime_sizes``)."""
@@ -196,9 +229,17 @@ def grid_size(geom: ConvGeometry, config: ConvConfig) -> tuple[int, int]:
     return tiles, geom.classes
 
 
-def conv_igemm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry,
-                       alpha: float, out: torch.Tensor, mask: torch.Tensor | None = None,
-                       op: str | None = None, configs: list[ConvConfig] | None = None) -> torch.Tensor:  # fmt: skip
+def conv_igemm_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    geom: ConvGeometry,
+    alpha: float,
+    out: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    op: str | None = None,
+    configs: list[ConvConfig] | None = None,
+) -> torch.Tensor:
     """Run lrelu(conv(x, W) + b) (or the up-conv, ``geom.transposed``) into ``out`` and return it.
 
     With ``mask`` (a dgrad: x is grad_out, ``mask`` the saved forward output, x's shape) the kernel computes

@@ -40,9 +40,20 @@ def _tile(M, C, HW, s_n, s_c, s_hw, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr
 
 @triton.jit
 def _bias_lrelu_fwd_kernel(
-    x_ptr, b_ptr, out_ptr, M, C, HW, s_n, s_c, s_hw, alpha,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    b_ptr,
+    out_ptr,
+    M,
+    C,
+    HW,
+    s_n,
+    s_c,
+    s_hw,
+    alpha,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     # out[m, c] = lrelu(x[m, c] + b[c]), m = (n, h, w); x and out share the strides (s_n, s_c, s_hw).
     #   d out / d x = 1 if out > 0 else alpha;  d out / d b[c] = the same, summed over m.
     offs, mask, offs_c, mask_c = _tile(M, C, HW, s_n, s_c, s_hw, BLOCK_M, BLOCK_C)
@@ -55,9 +66,22 @@ def _bias_lrelu_fwd_kernel(
 
 @triton.jit
 def _lrelu_bias_grad_kernel(
-    grad_out_ptr, out_ptr, grad_pre_ptr, partial_ptr, M, C, HW, s_n, s_c, s_hw, alpha,
-    WRITE_GRAD_PRE: tl.constexpr, BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
+    grad_out_ptr,
+    out_ptr,
+    grad_pre_ptr,
+    partial_ptr,
+    M,
+    C,
+    HW,
+    s_n,
+    s_c,
+    s_hw,
+    alpha,
+    WRITE_GRAD_PRE: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     # One pass over grad_out and out (same strides):
     #   grad_pre[m, c] = grad_out[m, c] * (1 if out[m, c] > 0 else alpha)
     #   partial[pid_m, c] = sum_{m in this program's rows} grad_pre[m, c]   (fp32, before rounding)
@@ -217,8 +241,9 @@ def _nothing(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
 
-def _bwd_impl(grad_out: torch.Tensor, out: torch.Tensor, alpha: float, need_grad_pre: bool,
-              need_grad_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _bwd_impl(
+    grad_out: torch.Tensor, out: torch.Tensor, alpha: float, need_grad_pre: bool, need_grad_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     grad_pre, grad_bias = lrelu_bias_grads(grad_out, out, alpha, need_grad_pre, need_grad_bias)
     return (grad_pre if grad_pre is not None else _nothing(out),
             grad_bias if grad_bias is not None else _nothing(out))  # fmt: skip

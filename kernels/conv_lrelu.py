@@ -42,8 +42,19 @@ def conv_lrelu_forward(x, weight, bias, stride: int, padding: int, alpha: float)
     return conv_forward(x, weight, bias, stride, padding, alpha, transposed=False)
 
 
-def conv_lrelu_backward(grad_out, out, x, weight, has_bias: bool, stride: int, padding: int, alpha: float,
-                        output_mask: list[bool], dgrad: str = "triton", wgrad: str = "triton"):  # fmt: skip
+def conv_lrelu_backward(
+    grad_out,
+    out,
+    x,
+    weight,
+    has_bias: bool,
+    stride: int,
+    padding: int,
+    alpha: float,
+    output_mask: list[bool],
+    dgrad: str = "triton",
+    wgrad: str = "triton",
+):
     """(grad_x, grad_weight, grad_bias); an unneeded one (output_mask False) comes back as an empty tensor.
     ``dgrad`` / ``wgrad``: "triton" or "cudnn" (see ``_conv_common.conv_lrelu_grads``)."""
     return conv_lrelu_grads(grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask,

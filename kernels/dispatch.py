@@ -174,8 +174,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def decision_key(op: str, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, stride: int,
-                 padding: int) -> tuple:  # fmt: skip
+def decision_key(
+    op: str, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, stride: int, padding: int
+) -> tuple:
     """The table key of one call (see the module doc): ints and strings only, so traced code can read it."""
     n, c_in, h, w = (int(v) for v in x.shape)
     kh, kw = int(weight.shape[2]), int(weight.shape[3])
@@ -333,8 +334,9 @@ def _measure(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> Deci
             except Exception:  # noqa: BLE001 - a failing implementation loses
                 part_ms[impl] = None
             ms[f"{part}_{impl}"] = part_ms[impl]
-        if part_ms.get("triton") is not None and (part_ms.get("cudnn") is None
-                                                  or part_ms["triton"] < part_ms["cudnn"]):  # fmt: skip
+        if part_ms.get("triton") is not None and (
+            part_ms.get("cudnn") is None or part_ms["triton"] < part_ms["cudnn"]
+        ):
             impls[part] = "triton"
     return Decision(op, key_text(key), choice, "measured", ms, _context(x.device), shape, note[:300],
                     impls["dgrad"], impls["wgrad"], excluded)  # fmt: skip
@@ -383,8 +385,16 @@ def _decide(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> str:
     return decision.choice
 
 
-def choose(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
-           padding: int, alpha: float, run: Run) -> str:  # fmt: skip
+def choose(
+    op: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int,
+    padding: int,
+    alpha: float,
+    run: Run,
+) -> str:
     """The faster path ("triton" or "cudnn") for this call's key, timing it on the first call (see the
     module doc). ``run(path, x, weight, bias, stride, padding, alpha)`` runs one path with autograd."""
     key = decision_key(op, x, weight, bias is not None, stride, padding)
@@ -398,8 +408,9 @@ def choose(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return choice
 
 
-def backward_impls(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
-                   padding: int) -> tuple[str, str]:  # fmt: skip
+def backward_impls(
+    op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int
+) -> tuple[str, str]:
     """(dgrad, wgrad) the fused path's backward runs for this call: "triton" for both when the backend is
     forced to triton; under auto the dispatcher's decision for the key (cuDNN where none was made)."""
     if requested_backend() != "auto":
@@ -407,8 +418,16 @@ def backward_impls(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return _backward.get(decision_key(op, x, weight, bias is not None, stride, padding), (DEFAULT_PATH,) * 2)
 
 
-def conv_path(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
-              padding: int, alpha: float, run: Run) -> str:  # fmt: skip
+def conv_path(
+    op: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int,
+    padding: int,
+    alpha: float,
+    run: Run,
+) -> str:
     """The path a public conv op takes for this call: "triton", "cudnn" or "reference".
 
     Forced by ``DEEPSIM_KERNELS`` / ``use_backend`` (triton | cudnn | reference); under auto, the
@@ -444,8 +463,9 @@ def decisions(*, cache_file: bool = False) -> list[dict]:
     return rows
 
 
-def decision_for(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
-                 padding: int) -> dict | None:  # fmt: skip
+def decision_for(
+    op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int
+) -> dict | None:
     """The decision (a row as :func:`decisions`) this process holds for such a call, or None (no timing)."""
     key = decision_key(op, x, weight, bias is not None, stride, padding)
     decision = _decided.get(key) or _defaults.get(key)

@@ -49,8 +49,7 @@ def _where(pid, prog_start, ntiles, nblk, C):
 
 
 @triton.jit
-def _norms(f0_ptr, f1_ptr, base, cc, C, pofs, pmask, sc, eps2,
-           BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+def _norms(f0_ptr, f1_ptr, base, cc, C, pofs, pmask, sc, eps2, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     # r = 1 / sqrt(sum_c f_c^2 + eps^2) for both sides, per position.
     s0 = tl.zeros((BLOCK_P,), dtype=tl.float32)
     s1 = tl.zeros((BLOCK_P,), dtype=tl.float32)
@@ -64,8 +63,27 @@ def _norms(f0_ptr, f1_ptr, base, cc, C, pofs, pmask, sc, eps2,
 
 
 @triton.jit
-def _fwd_slot(partial_ptr, ncols, pid, eps2, f0_ptr, f1_ptr, w_ptr, C, P, sb, sc, sp, nblk, ntiles, prog_start,
-              col_start, inv_p, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+def _fwd_slot(
+    partial_ptr,
+    ncols,
+    pid,
+    eps2,
+    f0_ptr,
+    f1_ptr,
+    w_ptr,
+    C,
+    P,
+    sb,
+    sc,
+    sp,
+    nblk,
+    ntiles,
+    prog_start,
+    col_start,
+    inv_p,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     # partial[b, col_start + j] = 1/P * sum_{p in block j} sum_c w_c (n0_c - n1_c)^2, when this slot owns pid.
     active, b, j, cc = _where(pid, prog_start, ntiles, nblk, C)
     offs_p = j * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -85,14 +103,78 @@ def _fwd_slot(partial_ptr, ncols, pid, eps2, f0_ptr, f1_ptr, w_ptr, C, P, sb, sc
 
 @triton.jit
 def _lpips_fwd_kernel(
-    partial_ptr, ncols, eps2,
-    f0_0, f1_0, w_0, C_0, P_0, sb_0, sc_0, sp_0, nblk_0, ntiles_0, start_0, col_0, invp_0,
-    f0_1, f1_1, w_1, C_1, P_1, sb_1, sc_1, sp_1, nblk_1, ntiles_1, start_1, col_1, invp_1,
-    f0_2, f1_2, w_2, C_2, P_2, sb_2, sc_2, sp_2, nblk_2, ntiles_2, start_2, col_2, invp_2,
-    f0_3, f1_3, w_3, C_3, P_3, sb_3, sc_3, sp_3, nblk_3, ntiles_3, start_3, col_3, invp_3,
-    f0_4, f1_4, w_4, C_4, P_4, sb_4, sc_4, sp_4, nblk_4, ntiles_4, start_4, col_4, invp_4,
-    NUM_TAPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-):  # fmt: skip
+    partial_ptr,
+    ncols,
+    eps2,
+    f0_0,
+    f1_0,
+    w_0,
+    C_0,
+    P_0,
+    sb_0,
+    sc_0,
+    sp_0,
+    nblk_0,
+    ntiles_0,
+    start_0,
+    col_0,
+    invp_0,
+    f0_1,
+    f1_1,
+    w_1,
+    C_1,
+    P_1,
+    sb_1,
+    sc_1,
+    sp_1,
+    nblk_1,
+    ntiles_1,
+    start_1,
+    col_1,
+    invp_1,
+    f0_2,
+    f1_2,
+    w_2,
+    C_2,
+    P_2,
+    sb_2,
+    sc_2,
+    sp_2,
+    nblk_2,
+    ntiles_2,
+    start_2,
+    col_2,
+    invp_2,
+    f0_3,
+    f1_3,
+    w_3,
+    C_3,
+    P_3,
+    sb_3,
+    sc_3,
+    sp_3,
+    nblk_3,
+    ntiles_3,
+    start_3,
+    col_3,
+    invp_3,
+    f0_4,
+    f1_4,
+    w_4,
+    C_4,
+    P_4,
+    sb_4,
+    sc_4,
+    sp_4,
+    nblk_4,
+    ntiles_4,
+    start_4,
+    col_4,
+    invp_4,
+    NUM_TAPS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     # Tap l owns programs [start_l, start_l + B * nblk_l); slots >= NUM_TAPS are not compiled.
     pid = tl.program_id(0)
     _fwd_slot(partial_ptr, ncols, pid, eps2, f0_0, f1_0, w_0, C_0, P_0, sb_0, sc_0, sp_0, nblk_0, ntiles_0, start_0,
@@ -112,9 +194,29 @@ def _lpips_fwd_kernel(
 
 
 @triton.jit
-def _bwd_slot(gout_ptr, pid, eps2, f0_ptr, f1_ptr, g0_ptr, g1_ptr, w_ptr, C, P, sb, sc, sp, nblk, ntiles,
-              prog_start, inv_p, NEED0: tl.constexpr, NEED1: tl.constexpr, BLOCK_C: tl.constexpr,
-              BLOCK_P: tl.constexpr):  # fmt: skip
+def _bwd_slot(
+    gout_ptr,
+    pid,
+    eps2,
+    f0_ptr,
+    f1_ptr,
+    g0_ptr,
+    g1_ptr,
+    w_ptr,
+    C,
+    P,
+    sb,
+    sc,
+    sp,
+    nblk,
+    ntiles,
+    prog_start,
+    inv_p,
+    NEED0: tl.constexpr,
+    NEED1: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     # grad0 = s r0 (g - n0 <g, n0>), grad1 = s r1 (n1 <g, n1> - g), g = 2 w (n0 - n1), s = gout[b] / P.
     active, b, j, cc = _where(pid, prog_start, ntiles, nblk, C)
     offs_p = j * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -151,15 +253,84 @@ def _bwd_slot(gout_ptr, pid, eps2, f0_ptr, f1_ptr, g0_ptr, g1_ptr, w_ptr, C, P, 
 
 @triton.jit
 def _lpips_bwd_kernel(
-    gout_ptr, eps2,
-    f0_0, f1_0, g0_0, g1_0, w_0, C_0, P_0, sb_0, sc_0, sp_0, nblk_0, ntiles_0, start_0, invp_0,
-    f0_1, f1_1, g0_1, g1_1, w_1, C_1, P_1, sb_1, sc_1, sp_1, nblk_1, ntiles_1, start_1, invp_1,
-    f0_2, f1_2, g0_2, g1_2, w_2, C_2, P_2, sb_2, sc_2, sp_2, nblk_2, ntiles_2, start_2, invp_2,
-    f0_3, f1_3, g0_3, g1_3, w_3, C_3, P_3, sb_3, sc_3, sp_3, nblk_3, ntiles_3, start_3, invp_3,
-    f0_4, f1_4, g0_4, g1_4, w_4, C_4, P_4, sb_4, sc_4, sp_4, nblk_4, ntiles_4, start_4, invp_4,
-    NUM_TAPS: tl.constexpr, NEED0: tl.constexpr, NEED1: tl.constexpr, BLOCK_C: tl.constexpr,
+    gout_ptr,
+    eps2,
+    f0_0,
+    f1_0,
+    g0_0,
+    g1_0,
+    w_0,
+    C_0,
+    P_0,
+    sb_0,
+    sc_0,
+    sp_0,
+    nblk_0,
+    ntiles_0,
+    start_0,
+    invp_0,
+    f0_1,
+    f1_1,
+    g0_1,
+    g1_1,
+    w_1,
+    C_1,
+    P_1,
+    sb_1,
+    sc_1,
+    sp_1,
+    nblk_1,
+    ntiles_1,
+    start_1,
+    invp_1,
+    f0_2,
+    f1_2,
+    g0_2,
+    g1_2,
+    w_2,
+    C_2,
+    P_2,
+    sb_2,
+    sc_2,
+    sp_2,
+    nblk_2,
+    ntiles_2,
+    start_2,
+    invp_2,
+    f0_3,
+    f1_3,
+    g0_3,
+    g1_3,
+    w_3,
+    C_3,
+    P_3,
+    sb_3,
+    sc_3,
+    sp_3,
+    nblk_3,
+    ntiles_3,
+    start_3,
+    invp_3,
+    f0_4,
+    f1_4,
+    g0_4,
+    g1_4,
+    w_4,
+    C_4,
+    P_4,
+    sb_4,
+    sc_4,
+    sp_4,
+    nblk_4,
+    ntiles_4,
+    start_4,
+    invp_4,
+    NUM_TAPS: tl.constexpr,
+    NEED0: tl.constexpr,
+    NEED1: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
-):  # fmt: skip
+):
     # Laid out as the forward: tap l owns programs [start_l, start_l + B * nblk_l).
     pid = tl.program_id(0)
     _bwd_slot(gout_ptr, pid, eps2, f0_0, f1_0, g0_0, g1_0, w_0, C_0, P_0, sb_0, sc_0, sp_0, nblk_0, ntiles_0,
@@ -215,8 +386,9 @@ def _slot(f0, prog_start):
     return [c, p, f0.stride(0), f0.stride(1), f0.stride(3), max(nblk, 1), ntiles, prog_start], ntiles, nblk
 
 
-def lpips_distance_forward(f0s: Sequence[torch.Tensor], f1s: Sequence[torch.Tensor],
-                           weights: Sequence[torch.Tensor], eps: float) -> torch.Tensor:  # fmt: skip
+def lpips_distance_forward(
+    f0s: Sequence[torch.Tensor], f1s: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], eps: float
+) -> torch.Tensor:
     """D (B,) fp32 in one launch per group of up to MAX_TAPS taps, plus one fixed-order row sum."""
     maps = [_as_maps(a, b) for a, b in zip(f0s, f1s)]
     batch = maps[0][0].shape[0]
@@ -245,9 +417,15 @@ def lpips_distance_forward(f0s: Sequence[torch.Tensor], f1s: Sequence[torch.Tens
     return partial.sum(1)
 
 
-def lpips_distance_backward(f0s: Sequence[torch.Tensor], f1s: Sequence[torch.Tensor],
-                            weights: Sequence[torch.Tensor], grad_out: torch.Tensor, eps: float, need0: bool,
-                            need1: bool) -> list[torch.Tensor]:  # fmt: skip
+def lpips_distance_backward(
+    f0s: Sequence[torch.Tensor],
+    f1s: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    grad_out: torch.Tensor,
+    eps: float,
+    need0: bool,
+    need1: bool,
+) -> list[torch.Tensor]:
     """dD/df0 (if need0) then dD/df1 (if need1), each tap's gradient in its feature's dtype and shape, scaled
     per image by grad_out (B,); one launch per group of up to MAX_TAPS taps."""
     maps = [_as_maps(a, b) for a, b in zip(f0s, f1s)]
@@ -306,8 +484,9 @@ def _can_launch(t: torch.Tensor) -> bool:
     return HAS_TRITON and (t.is_cuda or INTERPRET)
 
 
-def _fwd_impl(f0s: list[torch.Tensor], f1s: list[torch.Tensor], weights: list[torch.Tensor],
-              eps: float) -> torch.Tensor:  # fmt: skip
+def _fwd_impl(
+    f0s: list[torch.Tensor], f1s: list[torch.Tensor], weights: list[torch.Tensor], eps: float
+) -> torch.Tensor:
     if _can_launch(f0s[0]):
         return lpips_distance_forward(f0s, f1s, weights, eps)
     with torch.no_grad():
@@ -318,8 +497,15 @@ def _fwd_fake(f0s, f1s, weights, eps):
     return f0s[0].new_empty((f0s[0].shape[0],), dtype=torch.float32)
 
 
-def _bwd_impl(f0s: list[torch.Tensor], f1s: list[torch.Tensor], weights: list[torch.Tensor],
-              grad_out: torch.Tensor, eps: float, need0: bool, need1: bool) -> list[torch.Tensor]:  # fmt: skip
+def _bwd_impl(
+    f0s: list[torch.Tensor],
+    f1s: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    grad_out: torch.Tensor,
+    eps: float,
+    need0: bool,
+    need1: bool,
+) -> list[torch.Tensor]:
     if _can_launch(f0s[0]):
         return lpips_distance_backward(f0s, f1s, weights, grad_out, eps, need0, need1)
     with torch.enable_grad():

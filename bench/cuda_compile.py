@@ -74,9 +74,11 @@ def unsupported() -> str | None:
     except ImportError as e:
         return f"bench.cuda_compile needs torch and triton ({e})"
     if _version(torch.__version__) < MIN_TORCH or _version(triton.__version__) < MIN_TRITON:
-        return (f"bench.cuda_compile patches private APIs checked on torch >= {'.'.join(map(str, MIN_TORCH))} "
-                f"and triton >= {'.'.join(map(str, MIN_TRITON))}; found torch {torch.__version__}, "
-                f"triton {triton.__version__}")  # fmt: skip
+        return (
+            f"bench.cuda_compile patches private APIs checked on torch >= {'.'.join(map(str, MIN_TORCH))} "
+            f"and triton >= {'.'.join(map(str, MIN_TRITON))}; found torch {torch.__version__}, "
+            f"triton {triton.__version__}"
+        )
     if torch.version.cuda is None:
         return f"bench.cuda_compile needs a CUDA build of torch (found {torch.__version__})"
     needed = {
@@ -120,8 +122,17 @@ def _compiler() -> str | None:
 def build_shim(folder: str) -> str:
     """Compile shim.c into ``folder``; returns the shared library's path (SONAME libcuda.so.1)."""
     out = os.path.join(folder, "libdeepsim_fakecuda.so")
-    cmd = [_compiler(), "-shared", "-fPIC", "-O1", f"-I{_include_dir()}", "-Wl,-soname,libcuda.so.1", "-o", out,
-           str(SHIM)]  # fmt: skip
+    cmd = [
+        _compiler(),
+        "-shared",
+        "-fPIC",
+        "-O1",
+        f"-I{_include_dir()}",
+        "-Wl,-soname,libcuda.so.1",
+        "-o",
+        out,
+        str(SHIM),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"bench/fakecuda/shim.c: cc failed: {' '.join(done.stderr.split())[:300]}")
@@ -246,14 +257,25 @@ def _patch_torch_cuda(torch) -> None:
     answers = dict(
         # is_available stays False for FakeTensorMode (it keeps factory constants on the CPU and saves no CUDA
         # RNG state); inductor asks Dynamo's CudaInterface instead, which says True.
-        is_available=lambda: False, device_count=lambda: 1, current_device=lambda: 0, set_device=lambda d: None,
-        get_device_properties=lambda device=None: H200, get_device_capability=lambda device=None: (9, 0),
-        get_device_name=lambda device=None: H200.name, is_bf16_supported=lambda *a, **k: True,
-        synchronize=lambda device=None: None, _lazy_init=lambda: None, is_initialized=lambda: True,
-        get_rng_state=lambda device="cuda": torch.zeros(16, dtype=torch.uint8), set_rng_state=lambda *a, **k: None,
-        get_arch_list=lambda: ["sm_90"], _exchange_device=lambda d: 0, _maybe_exchange_device=lambda d: 0,
-        memory_allocated=lambda device=None: 0, is_current_stream_capturing=lambda: False,
-    )  # fmt: skip
+        is_available=lambda: False,
+        device_count=lambda: 1,
+        current_device=lambda: 0,
+        set_device=lambda d: None,
+        get_device_properties=lambda device=None: H200,
+        get_device_capability=lambda device=None: (9, 0),
+        get_device_name=lambda device=None: H200.name,
+        is_bf16_supported=lambda *a, **k: True,
+        synchronize=lambda device=None: None,
+        _lazy_init=lambda: None,
+        is_initialized=lambda: True,
+        get_rng_state=lambda device="cuda": torch.zeros(16, dtype=torch.uint8),
+        set_rng_state=lambda *a, **k: None,
+        get_arch_list=lambda: ["sm_90"],
+        _exchange_device=lambda d: 0,
+        _maybe_exchange_device=lambda d: 0,
+        memory_allocated=lambda device=None: 0,
+        is_current_stream_capturing=lambda: False,
+    )
     for name, fn in answers.items():
         setattr(torch.cuda, name, fn)
     cuda_graphs.is_current_stream_capturing = answers["is_current_stream_capturing"]
@@ -377,8 +399,14 @@ def _patch_custom_ops(torch, record: Record) -> None:
         kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
         if kernel is not None and current:
             launches[0] += 1
-            record.op_kernels.append(dict(op=current[-1], kernel=self.fn.__name__, cc=kernel.metadata.target.arch,
-                                          cubin_sm=_cubin_sm(kernel.asm.get("cubin"))))  # fmt: skip
+            record.op_kernels.append(
+                dict(
+                    op=current[-1],
+                    kernel=self.fn.__name__,
+                    cc=kernel.metadata.target.arch,
+                    cubin_sm=_cubin_sm(kernel.asm.get("cubin")),
+                )
+            )
         return kernel
 
     @contextlib.contextmanager
@@ -470,8 +498,12 @@ def _trainer(workload: str, batch: int, order: str):
         config = get_preset("autoencoder-photos").replace(batch_size=batch, image_size=64,
                                                           comparator="alexnet-random:conv3")  # fmt: skip
     else:
-        config = get_preset("invert-fc6").replace(batch_size=batch, invert_network="alexnet-random",
-                                                  comparator="alexnet-random:pool5", fc_width=4096)  # fmt: skip
+        config = get_preset("invert-fc6").replace(
+            batch_size=batch,
+            invert_network="alexnet-random",
+            comparator="alexnet-random:pool5",
+            fc_width=4096,
+        )
     config = config.replace(device="cpu", update_order=order, precision="bf16")
     torch.manual_seed(0)
     trainer = build_trainer(config, torch.device("cpu"), TASKS)
@@ -590,22 +622,37 @@ def child(
             op for op, c in record.op_launches.items() if len(c) > 1
         )
     return dict(
-        workload=workload, kernels=kernels, mode=mode, order=order, batch=batch, control=control,
-        image_size=config.image_size, precision="bf16", channels_last=True,
-        graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()),
+        workload=workload,
+        kernels=kernels,
+        mode=mode,
+        order=order,
+        batch=batch,
+        control=control,
+        image_size=config.image_size,
+        precision="bf16",
+        channels_last=True,
+        graphs=counters["stats"]["unique_graphs"],
+        graph_breaks=sum(counters["graph_break"].values()),
         inductor_graphs=len(record.graphs),
         partitions=[p for g in record.graphs for p in partition_devices(g["source"])],
         cudagraph_skip_reasons=[r for g in record.graphs for r in g["fail_reasons"]]
         + [g["disabled_reason"] for g in record.graphs if g["disabled_reason"]],
         cudagraph_skips=counters["inductor"]["cudagraph_skips"],
         triton_kernels=len(record.inductor_kernels) + len(ours),
-        inductor_triton_kernels=len(record.inductor_kernels), custom_op_triton_kernels=len(ours),
-        all_sm90=all_sm90, launches_per_step=launches, launches=dict(by_kind),
-        custom_op_launches_per_call=op_launches, flops_per_step=flops,
+        inductor_triton_kernels=len(record.inductor_kernels),
+        custom_op_triton_kernels=len(ours),
+        all_sm90=all_sm90,
+        launches_per_step=launches,
+        launches=dict(by_kind),
+        custom_op_launches_per_call=op_launches,
+        flops_per_step=flops,
         flops_per_launch=None if not flops or not launches else flops / launches,
-        kernel_list=kernel_list, op_errors=record.op_errors, notes=notes,
-        seconds=round(time.perf_counter() - t0, 1), status=status if not record.op_errors else f"failed: {record.op_errors[0]}",
-    )  # fmt: skip
+        kernel_list=kernel_list,
+        op_errors=record.op_errors,
+        notes=notes,
+        seconds=round(time.perf_counter() - t0, 1),
+        status=status if not record.op_errors else f"failed: {record.op_errors[0]}",
+    )
 
 
 # ------------------------------------------------------------------------------------------ the parent
@@ -636,12 +683,33 @@ def run(
                     if k not in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
                 }
                 env.setdefault("OMP_NUM_THREADS", "1")
-                env.update(LD_PRELOAD=":".join(filter(None, [shim, env.get("LD_PRELOAD")])),
-                           DEEPSIM_KERNELS=backend, DEEPSIM_AUTOTUNE="0", TORCHINDUCTOR_CACHE_DIR=os.path.join(folder, "inductor"),
-                           TRITON_CACHE_DIR=os.path.join(folder, "triton"))  # fmt: skip
-                cmd = [sys.executable, "-m", "bench.cuda_compile", "--child", "--json", out, "--workloads", workload,
-                       "--kernels", backend, "--batch", str(batch), "--mode", mode, "--order", order,
-                       "--control", control] + (["--keep-code", os.path.abspath(keep_code)] if keep_code else [])  # fmt: skip
+                env.update(
+                    LD_PRELOAD=":".join(filter(None, [shim, env.get("LD_PRELOAD")])),
+                    DEEPSIM_KERNELS=backend,
+                    DEEPSIM_AUTOTUNE="0",
+                    TORCHINDUCTOR_CACHE_DIR=os.path.join(folder, "inductor"),
+                    TRITON_CACHE_DIR=os.path.join(folder, "triton"),
+                )
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "bench.cuda_compile",
+                    "--child",
+                    "--json",
+                    out,
+                    "--workloads",
+                    workload,
+                    "--kernels",
+                    backend,
+                    "--batch",
+                    str(batch),
+                    "--mode",
+                    mode,
+                    "--order",
+                    order,
+                    "--control",
+                    control,
+                ] + (["--keep-code", os.path.abspath(keep_code)] if keep_code else [])
                 t0 = time.perf_counter()
                 try:
                     done = subprocess.run(
@@ -654,8 +722,14 @@ def run(
                     continue
                 if done.returncode != 0 or not os.path.exists(out):
                     tail = " ".join(done.stderr.split())[-600:]
-                    rows.append(dict(workload=workload, kernels=backend, seconds=round(time.perf_counter() - t0, 1),
-                                     status=f"failed: child exit {done.returncode}: {tail}"))  # fmt: skip
+                    rows.append(
+                        dict(
+                            workload=workload,
+                            kernels=backend,
+                            seconds=round(time.perf_counter() - t0, 1),
+                            status=f"failed: child exit {done.returncode}: {tail}",
+                        )
+                    )
                     continue
                 rows.append(json.loads(Path(out).read_text()))
     return rows
@@ -668,12 +742,25 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         parts = "; ".join(f"{p['name']}:{'+'.join(p['devices'])}" for p in r.get("partitions", []))
         fpl = r.get("flops_per_launch")
-        lines.append(tuple(str(v) for v in (
-            r.get("workload"), r.get("kernels"), r.get("graphs", "-"), r.get("graph_breaks", "-"), parts or "-",
-            len(r.get("cudagraph_skip_reasons", [])) if "cudagraph_skip_reasons" in r else "-",
-            r.get("triton_kernels", "-"), r.get("all_sm90", "-"), r.get("launches_per_step", "-"),
-            "-" if fpl is None else f"{fpl / 1e9:.2f}", r.get("seconds", "-"), r.get("status", "-")[:60],
-        )))  # fmt: skip
+        lines.append(
+            tuple(
+                str(v)
+                for v in (
+                    r.get("workload"),
+                    r.get("kernels"),
+                    r.get("graphs", "-"),
+                    r.get("graph_breaks", "-"),
+                    parts or "-",
+                    len(r.get("cudagraph_skip_reasons", [])) if "cudagraph_skip_reasons" in r else "-",
+                    r.get("triton_kernels", "-"),
+                    r.get("all_sm90", "-"),
+                    r.get("launches_per_step", "-"),
+                    "-" if fpl is None else f"{fpl / 1e9:.2f}",
+                    r.get("seconds", "-"),
+                    r.get("status", "-")[:60],
+                )
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 

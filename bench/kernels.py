@@ -207,8 +207,17 @@ def dispatch_rows() -> list[dict]:
             )
             if d.get("excluded", {}).get(part):
                 note += f"; triton excluded: {d['excluded'][part]}"
-            rows.append(_row(f"dispatch/{part}/{d['key']}", f"chose {chosen}", "cudnn", times.get("triton"), "ms",
-                             times.get("cudnn"), note))  # fmt: skip
+            rows.append(
+                _row(
+                    f"dispatch/{part}/{d['key']}",
+                    f"chose {chosen}",
+                    "cudnn",
+                    times.get("triton"),
+                    "ms",
+                    times.get("cudnn"),
+                    note,
+                )
+            )
     return rows
 
 
@@ -277,8 +286,18 @@ def run(device: str = "cuda", quick: bool = False) -> list[dict]:
     try:
         bench_conv_timing(device, batch=BATCH, quick=quick, rows=rows)
     except GroupTimeout as e:  # keep what was measured; one row says where the group was cut
-        rows.append(dict(group="kernels", name="(kernels group)", variant="", baseline="", value=None, unit="",
-                         ratio_vs_baseline=None, status=f"partial: {e}"))  # fmt: skip
+        rows.append(
+            dict(
+                group="kernels",
+                name="(kernels group)",
+                variant="",
+                baseline="",
+                value=None,
+                unit="",
+                ratio_vs_baseline=None,
+                status=f"partial: {e}",
+            )
+        )
     return rows + dispatch_rows() + feature_rows
 
 

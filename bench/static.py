@@ -4,7 +4,8 @@ machine (no GPU needed).
     python -m bench.static [--batch 64] [--dtype bf16] [--json]
 
 For each conv and up-conv layer of the autoencoder G (64 px), the discriminator (64 and 227 px, in both
-layouts of disc_padding: "padded" and "code" = unpadded) and the fc6 inversion generator (227 px), at the given batch, channels_last:
+layouts of disc_padding: "padded" and "code" = unpadded) and the fc6 inversion generator (227 px), at the
+given batch, channels_last:
   * the tile configs the tuner may pick for the shape (``eligible_configs``) and the issued-MMA efficiency
     of each: useful conv FLOPs / FLOPs issued by the grid's MMAs (arithmetic on shape and tiles, exact);
   * each of those kernels compiled with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (with the
@@ -276,8 +277,14 @@ def _kernel_configs(kind: str, g: ConvGeometry, dtype: str):
         w_k_stride = kg.k if kg.transposed else conv_weight_row_stride(kg.k, element)
         lister = config_list if kind == "forward" else dgrad_config_list
         for c in eligible_configs(kg, element, lister(TORCH_DTYPES[dtype], precision)):
-            ce = kernel_constexprs(kg, c, has_bias=kind == "forward", precision=precision, w_k_stride=w_k_stride,
-                                   dgrad=kind == "dgrad")  # fmt: skip
+            ce = kernel_constexprs(
+                kg,
+                c,
+                has_bias=kind == "forward",
+                precision=precision,
+                w_k_stride=w_k_stride,
+                dgrad=kind == "dgrad",
+            )
             tiles, classes = grid_size(kg, c)
             a_reads = 2 if kind == "dgrad" else 1  # the dgrad reads out beside grad_out (the mask)
             l2 = element * (a_reads * c.block_m + c.block_n) / (2 * c.block_m * c.block_n)
@@ -293,9 +300,18 @@ def _kernel_configs(kind: str, g: ConvGeometry, dtype: str):
         tiles = -(-p["R"] // c.block_m) * -(-p["KCOLS"] // c.block_n)
         rows, cols = (c.block_m, 2 * c.block_n) if g.transposed else (2 * c.block_m, c.block_n)  # + the mask
         l2 = element * (rows + cols) / (2 * c.block_m * c.block_n)
-        out.append((c, wgrad_efficiency(g, c), tiles * splits, l2, p["C"] % c.block_n == 0,
-                    lambda ce=ce, c=c: compile_wgrad_kernel(tuple(sorted(ce.items())), dtype, p["R"] % 16 == 0,
-                                                            c.num_warps, c.num_stages)))  # fmt: skip
+        out.append(
+            (
+                c,
+                wgrad_efficiency(g, c),
+                tiles * splits,
+                l2,
+                p["C"] % c.block_n == 0,
+                lambda ce=ce, c=c: compile_wgrad_kernel(
+                    tuple(sorted(ce.items())), dtype, p["R"] % 16 == 0, c.num_warps, c.num_stages
+                ),
+            )
+        )
     return g, out
 
 
@@ -339,8 +355,18 @@ def static_report(batch: int = BATCH, dtype: str = "bf16", kernels=KERNELS, netw
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         return _report_here(batch, dtype, kernels, networks)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [sys.executable, "-m", "bench.static", "--batch", str(batch), "--dtype", dtype, "--json",
-            "--kernels", ",".join(kernels)] + (["--networks", ";".join(networks)] if networks else [])  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "bench.static",
+        "--batch",
+        str(batch),
+        "--dtype",
+        dtype,
+        "--json",
+        "--kernels",
+        ",".join(kernels),
+    ] + (["--networks", ";".join(networks)] if networks else [])
     done = subprocess.run(args, env=env, capture_output=True, text=True, cwd=_repo_root())
     if done.returncode != 0:
         raise RuntimeError(f"python -m bench.static failed:\n{done.stdout}\n{done.stderr}")

@@ -128,12 +128,18 @@ def _variants(device: torch.device, quick: bool) -> list[Variant]:
         uncompiled = "the functional step uncompiled (CompiledStep mode 'eager') instead of inductor"
         return [
             Variant("eager", "reference", lambda t: t.step),
-            Variant("eager-fused", "auto", lambda t: t.step, "fused kernels run their reference on CPU tensors"),
+            Variant(
+                "eager-fused", "auto", lambda t: t.step, "fused kernels run their reference on CPU tensors"
+            ),
             Variant("compiled-step", "reference", lambda t: CompiledStep(t, "eager"), uncompiled),
             Variant("compiled-step-fused", "auto", lambda t: CompiledStep(t, "eager"), uncompiled),
-            Variant("compiled-step-cudagraphs", "auto", lambda t: CompiledStep(t, "eager"),
-                    uncompiled + "; no CUDA graphs on a CPU"),
-        ]  # fmt: skip
+            Variant(
+                "compiled-step-cudagraphs",
+                "auto",
+                lambda t: CompiledStep(t, "eager"),
+                uncompiled + "; no CUDA graphs on a CPU",
+            ),
+        ]
     variants = [Variant("eager", "reference", lambda t: t.step)]
     if device.type == "cuda":
         variants.append(Variant("eager-fused", "auto", lambda t: t.step))
@@ -186,8 +192,12 @@ class Workload:
         """Time ``variant`` on a fresh copy of the initial trainer; returns its row."""
         device, cuda = self.device, self.device.type == "cuda"
         left = seconds_left()
-        print(f"bench.step: {self.name}: {variant.name} ..." + ("" if left is None else f" ({left:.0f} s left)"),
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"bench.step: {self.name}: {variant.name} ..."
+            + ("" if left is None else f" ({left:.0f} s left)"),
+            file=sys.stderr,
+            flush=True,
+        )
         t0 = time.perf_counter()
         trainer = copy.deepcopy(self.reference)
         torch._dynamo.reset()
@@ -204,13 +214,18 @@ class Workload:
             self.base = images_per_s
         achieved = self.flops / seconds / 1e12
         return self.row(
-            variant.name, value=images_per_s, unit="img/s",
+            variant.name,
+            value=images_per_s,
+            unit="img/s",
             ratio_vs_baseline=None if self.base is None else images_per_s / self.base,
-            flops=self.flops, tflops=achieved, peak_fraction=None if self.peak is None else achieved / self.peak,
+            flops=self.flops,
+            tflops=achieved,
+            peak_fraction=None if self.peak is None else achieved / self.peak,
             peak_memory=torch.cuda.max_memory_allocated(device) if cuda else None,
-            first_call_s=first, wall_s=time.perf_counter() - t0,
+            first_call_s=first,
+            wall_s=time.perf_counter() - t0,
             note=None if variant.stand_in is None else f"stand-in: {variant.stand_in}",
-        )  # fmt: skip
+        )
 
 
 def _graph_break_row(workload: Workload, breaks: int, graphs: int, stand_in: str | None) -> dict:
@@ -257,8 +272,10 @@ def _measure_cudagraphs(workload: Workload, variant: Variant, rows: list[dict]) 
     try:
         with inductor_config.patch({"triton.cudagraph_or_error": True}):
             row = workload.measure(variant)
-        check.update(value=counters["inductor"]["cudagraph_skips"] - skips,
-                     note="compiled with TORCHINDUCTOR_CUDAGRAPH_OR_ERROR's setting: no fallback")  # fmt: skip
+        check.update(
+            value=counters["inductor"]["cudagraph_skips"] - skips,
+            note="compiled with TORCHINDUCTOR_CUDAGRAPH_OR_ERROR's setting: no fallback",
+        )
     except Exception as e:  # noqa: BLE001 - inductor's reason for the fallback is the finding
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
         check.update(value=counters["inductor"]["cudagraph_skips"] - skips, status=f"failed: {reason}")
@@ -292,8 +309,14 @@ def bench_workload(workload: Workload, quick: bool, rows: list[dict]) -> None:
             breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
             rows.append(workload.measure(variant))
             if variant.name == "compiled-step":
-                rows.append(_graph_break_row(workload, sum(counters["graph_break"].values()) - breaks,
-                                             counters["stats"]["unique_graphs"] - graphs, variant.stand_in))  # fmt: skip
+                rows.append(
+                    _graph_break_row(
+                        workload,
+                        sum(counters["graph_break"].values()) - breaks,
+                        counters["stats"]["unique_graphs"] - graphs,
+                        variant.stand_in,
+                    )
+                )
         except Exception as e:  # noqa: BLE001 - one broken variant must not hide the others
             rows.append(_failed(workload, variant.name, e))
 
@@ -345,8 +368,18 @@ def run(device: str = "cuda", quick: bool = False, rows: list[dict] | None = Non
             try:
                 workload = Workload(name, config, device, quick)
             except Exception as e:  # noqa: BLE001 - e.g. out of memory building it: the next workload runs
-                rows.append(dict(group="step", name=name, variant="", baseline="", value=None, unit="",
-                                 ratio_vs_baseline=None, status=f"failed: {type(e).__name__}: {e}"[:300]))  # fmt: skip
+                rows.append(
+                    dict(
+                        group="step",
+                        name=name,
+                        variant="",
+                        baseline="",
+                        value=None,
+                        unit="",
+                        ratio_vs_baseline=None,
+                        status=f"failed: {type(e).__name__}: {e}"[:300],
+                    )
+                )
                 continue
             workloads.append(workload)
             bench_workload(workload, quick, rows)

@@ -168,8 +168,10 @@ def format_compact(run: BenchRun, width: int = 56) -> str:
     """A short fixed-width table (one line per row) for a terminal, e.g. the end of bench/gpu.sh, then the
     registered report sections."""
     m = run.meta
-    lines = [f"{machine_label(m)} | torch {m.get('torch')} triton {m.get('triton')} DALI {m.get('dali')} | "
-             f"{commit_label(m)}" + (" | DRY RUN (CPU stand-ins)" if run.mode == "dry-run" else "")]  # fmt: skip
+    lines = [
+        f"{machine_label(m)} | torch {m.get('torch')} triton {m.get('triton')} DALI {m.get('dali')} | "
+        f"{commit_label(m)}" + (" | DRY RUN (CPU stand-ins)" if run.mode == "dry-run" else "")
+    ]
     for r in run.rows:
         name = r.get("name") or ""
         name = name if len(name) <= width else name[: width - 1] + "~"

@@ -51,8 +51,14 @@ def _sync():
 
 def _record(benchmark, peaks, flops, nbytes):
     info = benchmark.extra_info
-    info.update(device=DEVICE, dtype=str(DTYPE).removeprefix("torch."), batch=BATCH, flops=flops, bytes=nbytes,
-                card=torch.cuda.get_device_name() if CUDA else "none (CPU)")  # fmt: skip
+    info.update(
+        device=DEVICE,
+        dtype=str(DTYPE).removeprefix("torch."),
+        batch=BATCH,
+        flops=flops,
+        bytes=nbytes,
+        card=torch.cuda.get_device_name() if CUDA else "none (CPU)",
+    )
     stats = getattr(getattr(benchmark, "stats", None), "stats", None)
     if stats is not None:  # None under --benchmark-disable
         row = add_roofline({"value": stats.median, "unit": "s", "flops": flops, "bytes": nbytes}, peaks)

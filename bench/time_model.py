@@ -84,12 +84,20 @@ def estimate(row: dict, device: Device = H100, efficiency: float | None = None) 
     step_s = triton_s + mma_s + launch_s
     target = TARGET_IMAGES_PER_S.get(row["workload"])
     return dict(
-        workload=row["workload"], kernels=row["kernels"], batch=row["batch"], device=device.name,
-        launches_per_step=row["launches_per_step"], mma_efficiency=efficiency,
-        estimated_step_s=step_s, estimated_triton_s=triton_s, estimated_mma_s=mma_s, estimated_launch_s=launch_s,
-        estimated_images_per_s=row["batch"] / step_s, target_images_per_s=target,
+        workload=row["workload"],
+        kernels=row["kernels"],
+        batch=row["batch"],
+        device=device.name,
+        launches_per_step=row["launches_per_step"],
+        mma_efficiency=efficiency,
+        estimated_step_s=step_s,
+        estimated_triton_s=triton_s,
+        estimated_mma_s=mma_s,
+        estimated_launch_s=launch_s,
+        estimated_images_per_s=row["batch"] / step_s,
+        target_images_per_s=target,
         note="estimate (roofline + per-launch cost), not a measurement",
-    )  # fmt: skip
+    )
 
 
 def estimate_rows(rows: list[dict], device: Device = H100) -> list[dict]:

@@ -1,6 +1,7 @@
 """Calibrate lambda_feat for a comparator against a reference comparator (``deepsim calibrate``).
 
-The derived code's lambda_feat = 0.01 (0.005 in deepsim's scale convention, :data:`deepsim.config.CAFFE_TO_DEEPSIM`)
+The derived code's lambda_feat = 0.01 (0.005 in deepsim's scale convention,
+:data:`deepsim.config.CAFFE_TO_DEEPSIM`)
 was tuned for CaffeNet pool5 on Caffe's input scale (BGR, 0..255, mean subtracted). Another comparator, e.g.
 torchvision's AlexNet (inputs about 58x smaller per grey level, other weights), gives feature distances of
 another size, so the same lambda_feat gives its term another weight in the loss. This module measures the

@@ -1,7 +1,8 @@
 """``deepsim export`` and :func:`load_generator`: trained generators as safetensors, files that run no code.
 
 The file layout is in :mod:`deepsim.train.tensorfile` and docs/files.md. Sources: a run folder, a checkpoint
-(``checkpoint.pt``, an ``import-caffe`` file, another export), or a state dict of the published PyTorch port of
+(``checkpoint.pt``, an ``import-caffe`` file, another export), or a state dict of the published PyTorch port
+of
 the authors' generators (``upconvGAN``, :mod:`deepsim.caffe.upconvgan`).
 """
 

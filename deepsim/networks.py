@@ -2,7 +2,8 @@
 
 Every generator ends in a linear layer; every other layer is followed by LReLU with alpha = 0.3 (seed).
 The discriminator can use plain ReLU instead (the derived code's D; ``activation="relu"``, alpha 0), and
-has the derived code's unpadded layout and MSRA initialisation (:class:`Discriminator`). The conv blocks call the fused ops of :mod:`deepsim.kernels` (Triton on CUDA, the PyTorch reference
+has the derived code's unpadded layout and MSRA initialisation (:class:`Discriminator`). The conv blocks call
+the fused ops of :mod:`deepsim.kernels` (Triton on CUDA, the PyTorch reference
 elsewhere; see ``DEEPSIM_KERNELS``), so a block is one kernel instead of conv + bias + activation.
 """
 
@@ -45,7 +46,8 @@ class _ZeroPaddedWeight(torch.autograd.Function):
 
 
 def pad_input_channels(weight: torch.Tensor, channels: int, cache: dict | None = None) -> torch.Tensor:
-    """(O, C, k, k) -> (O, channels, k, k) with zero weights for channels C.., differentiable w.r.t. ``weight``.
+    """(O, C, k, k) -> (O, channels, k, k) with zero weights for channels C.., differentiable w.r.t.
+    ``weight``.
 
     With ``cache`` (a dict the caller keeps), the padded copy is made once per parameter version (an optimizer
     step or a load bumps ``weight._version``) and reused until then; under torch.compile it is a plain pad
@@ -197,7 +199,8 @@ class Discriminator(nn.Module):
         dropout: dropout probability after the pooling and after fc1.
         padding: "code" (the derived code's unpadded convs: 227 -> 56 -> 52 -> 25 -> 23 -> 11 with first
             stride 4; 64 -> 29 -> 25 -> 12 -> 10 -> 4 with first stride 2; the average pool covers the last
-            map, 11x11 in the code) or "padded" (every conv padded by k // 2: 227 -> 57 -> 57 -> 29 -> 29 -> 15,
+            map, 11x11 in the code) or "padded" (every conv padded by k // 2: 227 -> 57 -> 57 -> 29 -> 29 ->
+            15,
             64 -> 32 -> 32 -> 16 -> 16 -> 8).
         activation: "lrelu" (LReLU 0.3, the seed: "in all networks") or "relu" (the derived code's D).
         init: "code" (MSRA, coefficient 0.1 on conv1, fc1, fc2 and 1 elsewhere, zero biases; see

@@ -42,11 +42,15 @@ def check_images(
     if x.shape[1] != 3:
         raise ValueError(f"{name}: expected 3 (RGB) channels in dim 1, got shape {tuple(x.shape)}")
     if min(x.shape[2], x.shape[3]) < min_side:
-        raise ValueError(f"{name}: images of {x.shape[2]}x{x.shape[3]} are smaller than this comparator's minimum "
-                         f"side {min_side}; resize them or use a comparator with input_size set")  # fmt: skip
+        raise ValueError(
+            f"{name}: images of {x.shape[2]}x{x.shape[3]} are smaller than this comparator's minimum "
+            f"side {min_side}; resize them or use a comparator with input_size set"
+        )
     if not x.is_floating_point():
-        raise ValueError(f"{name}: expected a floating dtype, got {x.dtype}; convert first (e.g. {name}.float() / 255 "
-                         "for 0..255 images, then normalize=True)")  # fmt: skip
+        raise ValueError(
+            f"{name}: expected a floating dtype, got {x.dtype}; convert first (e.g. {name}.float() / 255 "
+            "for 0..255 images, then normalize=True)"
+        )
     if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
         x = x.to(dtype)
     return x
@@ -251,8 +255,10 @@ def _load_lin_weights(net: str, version: str, path) -> list[torch.Tensor]:
             )
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"LPIPS lin_weights file {path} does not exist; it is lpips' "
-                                f"weights/v{version}/{net}.pth (pip install lpips, or {LPIPS_WEIGHTS_URL})")  # fmt: skip
+        raise FileNotFoundError(
+            f"LPIPS lin_weights file {path} does not exist; it is lpips' "
+            f"weights/v{version}/{net}.pth (pip install lpips, or {LPIPS_WEIGHTS_URL})"
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     channels = [64, 192, 384, 256, 256] if net == "alex" else [64, 128, 256, 512, 512]
     out = []

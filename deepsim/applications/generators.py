@@ -5,7 +5,8 @@ Layouts (PAPER.md, "code" = the derived Caffe code):
 * :class:`UpConvDecoder` -- the up-conv stack shared by every inversion generator and the VAE decoder,
   from a (B, C, 4, 4) map to a (B, 3, S, S) image, S = 4 * 2**n. For S = 256 it is the code's stack:
 
-      deconv 4x4/s2 256; conv 3x3 512; deconv 256; conv 256; deconv 128; conv 128; deconv 64; deconv 32; deconv 3
+      deconv 4x4/s2 256; conv 3x3 512; deconv 256; conv 256; deconv 128; conv 128; deconv 64; deconv 32;
+      deconv 3
 
   (4 -> 8 -> 16 -> 32 -> 64 -> 128 -> 256; deconvs 4x4, stride 2, padding 1; LReLU 0.3 everywhere but the
   linear last deconv). Smaller outputs keep the first n - 1 stages and the final linear deconv to 3 channels

@@ -29,7 +29,8 @@ class FeatureExtractor(nn.Module):
 
     Args:
         network: "alexnet" (torchvision layout, weights from torchvision's cache or ``weights``), "caffenet"
-            (Caffe layout, ``weights`` required), or "alexnet-random" / "caffenet-random" (seeded random weights).
+            (Caffe layout, ``weights`` required), or "alexnet-random" / "caffenet-random" (seeded random
+            weights).
         layer: conv5 | fc6 | fc7 | fc8.
         weights: a weights file (see :class:`deepsim.Comparator`).
 

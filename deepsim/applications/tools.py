@@ -89,7 +89,8 @@ def sample_preimages(
     Writes ``<out>/<stem>_preimages.png`` (the input, then the samples, in one row) and
     ``<out>/diversity.json``. Diversity = the mean Euclidean distance over all distinct pairs of one image's
     samples (:func:`deepsim.metrics.mean_pairwise_distance`, images in [-1, 1] flattened); 0 when the
-    generator takes no noise (``noise_dim`` 0). The paper notes it stays small: nothing in the loss asks for it.
+    generator takes no noise (``noise_dim`` 0). The paper notes it stays small: nothing in the loss asks for
+    it.
     """
     if samples < 2:
         raise ValueError(f"--samples {samples}: the diversity needs at least 2 samples per image")

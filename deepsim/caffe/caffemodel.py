@@ -11,7 +11,8 @@ Only the fields a weight import needs are decoded (field numbers from Caffe's sr
     BlobProto           shape = 7 (BlobShape: dim = 1, packed int64), data = 5 (float), double_data = 8,
                         legacy 4-D shape: num = 1, channels = 2, height = 3, width = 4
     ConvolutionParameter num_output = 1, bias_term = 2, pad = 3, kernel_size = 4, group = 5, stride = 6,
-                        pad_h/pad_w = 9/10, kernel_h/kernel_w = 11/12, stride_h/stride_w = 13/14, dilation = 18
+                        pad_h/pad_w = 9/10, kernel_h/kernel_w = 11/12, stride_h/stride_w = 13/14, dilation =
+                        18
     InnerProductParameter num_output = 1, bias_term = 2, axis = 5, transpose = 6
     ReLUParameter       negative_slope = 1
 
@@ -407,7 +408,8 @@ def read_caffemodel(path: str | Path) -> CaffeModel:
     """Parse a binary .caffemodel.
 
     Args:
-        path: the file (``release_deepsim_v0/<layer>/generator.caffemodel``, ``bvlc_reference_caffenet.caffemodel``).
+        path: the file (``release_deepsim_v0/<layer>/generator.caffemodel``,
+        ``bvlc_reference_caffenet.caffemodel``).
 
     Returns:
         a :class:`CaffeModel`; blobs are decoded when a layer's ``blobs`` is first read.

@@ -9,7 +9,8 @@ Their state dict names the layers as the Caffe prototxt does (docs/files.md has 
 Keys may carry the module prefix ``G.`` and the stray ``.1.`` their loader strips. Linear, Conv2d and the
 4x4 ConvTranspose2d weights have our layout and are copied; the stride-1 3x3 ``convN_1`` are transposed
 convolutions there and convolutions here (transposed in <-> out and flipped in space, as for Caffe); their
-output is BGR on the 0..255 scale minus the mean (their ``visualize`` adds RGB 123, 117, 104), 256 px, which is
+output is BGR on the 0..255 scale minus the mean (their ``visualize`` adds RGB 123, 117, 104), 256 px, which
+is
 folded into deconv0 (ours: RGB in [-1, 1]) by :func:`deepsim.caffe.fold_output_convention`.
 """
 

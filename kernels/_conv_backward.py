@@ -211,8 +211,14 @@ def wgrad_problem(geom: ConvGeometry) -> dict:
 def wgrad_efficiency(geom: ConvGeometry, config: ConvConfig) -> float:
     """Useful FLOPs / FLOPs issued by the wgrad grid's MMAs (padding of R, KCOLS and K to the tiles)."""
     p = wgrad_problem(geom)
-    issued = (-(-p["R"] // config.block_m) * config.block_m * -(-p["KCOLS"] // config.block_n) * config.block_n
-              * -(-p["K"] // config.block_k) * config.block_k)  # fmt: skip
+    issued = (
+        -(-p["R"] // config.block_m)
+        * config.block_m
+        * -(-p["KCOLS"] // config.block_n)
+        * config.block_n
+        * -(-p["K"] // config.block_k)
+        * config.block_k
+    )
     return p["R"] * p["KCOLS"] * p["K"] / issued
 
 

@@ -192,7 +192,8 @@ def save_for_lrelu_backward(ctx, inputs, output) -> None:
 
 
 def lrelu_conv_backward(ctx, grad_out, backward_op):
-    """Gradients for (x, W, b, stride, padding, alpha, dgrad, wgrad) through the registered ``backward_op``."""
+    """Gradients for (x, W, b, stride, padding, alpha, dgrad, wgrad) through the registered
+    ``backward_op``."""
     x, weight, out = ctx.saved_tensors
     has_bias, stride, padding, alpha, dgrad, wgrad = ctx.conf
     mask = [bool(m) for m in ctx.needs_input_grad[:3]]

@@ -264,8 +264,15 @@ def conv_igemm_forward(
     index_64 = max(x_op.numel(), out_op.numel()) >= INDEX_64_NUMEL
 
     def launch(config: ConvConfig) -> None:
-        constexprs = kernel_constexprs(geom, config, has_bias=bias is not None, precision=precision,
-                                       w_k_stride=w_k_stride, index_64=index_64, dgrad=mask is not None)  # fmt: skip
+        constexprs = kernel_constexprs(
+            geom,
+            config,
+            has_bias=bias is not None,
+            precision=precision,
+            w_k_stride=w_k_stride,
+            index_64=index_64,
+            dgrad=mask is not None,
+        )
         _conv_igemm_lrelu_kernel[grid_size(geom, config)](
             x_op,
             w_op,

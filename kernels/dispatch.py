@@ -352,9 +352,19 @@ def _decide(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> str:
     entry = entry if entry is not None and entry["choice"] in PATHS else None
     if entry is not None:
         ms = entry.get("ms") if isinstance(entry.get("ms"), dict) else {}
-        decision = Decision(op, text, entry["choice"], "cache file", ms, context, entry.get("shape", ""), "",
-                            _impl(entry.get("dgrad")), _impl(entry.get("wgrad")),
-                            entry.get("excluded") if isinstance(entry.get("excluded"), dict) else {})  # fmt: skip
+        decision = Decision(
+            op,
+            text,
+            entry["choice"],
+            "cache file",
+            ms,
+            context,
+            entry.get("shape", ""),
+            "",
+            _impl(entry.get("dgrad")),
+            _impl(entry.get("wgrad")),
+            entry.get("excluded") if isinstance(entry.get("excluded"), dict) else {},
+        )
     elif _capturing(x.device):
         decision = Decision(op, text, DEFAULT_PATH, "default: inside CUDA-graph capture, not timed", {},
                             context, _shape_text(x, weight, stride, padding))  # fmt: skip

@@ -42,7 +42,8 @@ def _chunk(
     ITERS: tl.constexpr,
 ):
     # This program's contribution from one layer slot: chunk (pid - block_start) of the layer when
-    # block_start <= pid < block_start + cdiv(numel, BLOCK * ITERS), else 0 (its loop runs zero times). wscale = w_l / denom, gscale = 2 w_l / denom:
+    # block_start <= pid < block_start + cdiv(numel, BLOCK * ITERS), else 0 (its loop runs zero times).
+    # wscale = w_l / denom, gscale = 2 w_l / denom:
     #   contribution = wscale * sum (f - r)^2          (fp32 accumulation)
     #   grad_f       = gscale * (f - r)                (= d contribution / d f; stored in the fakes' dtype)
     local = pid - block_start

@@ -412,8 +412,15 @@ def lpips_distance_forward(
         a0, b0 = maps[g0]
         w0 = weights[g0].to(device=device, dtype=torch.float32)
         args += [a0, b0, w0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0.0] * (MAX_TAPS - len(taps))  # unused, not compiled
-        _lpips_fwd_kernel[(start,)](partial, partial.shape[1], float(eps) ** 2, *args, NUM_TAPS=len(taps),
-                                    BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P)  # fmt: skip
+        _lpips_fwd_kernel[(start,)](
+            partial,
+            partial.shape[1],
+            float(eps) ** 2,
+            *args,
+            NUM_TAPS=len(taps),
+            BLOCK_C=_BLOCK_C,
+            BLOCK_P=_BLOCK_P,
+        )
     return partial.sum(1)
 
 
@@ -448,8 +455,16 @@ def lpips_distance_backward(
         a0, b0 = maps[g0]
         w0 = weights[g0].to(device=device, dtype=torch.float32)
         args += [a0, b0, a0, a0, w0, 0, 0, 0, 0, 0, 1, 0, 0, 0.0] * (MAX_TAPS - len(taps))
-        _lpips_bwd_kernel[(start,)](gout, float(eps) ** 2, *args, NUM_TAPS=len(taps), NEED0=need0, NEED1=need1,
-                                    BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P)  # fmt: skip
+        _lpips_bwd_kernel[(start,)](
+            gout,
+            float(eps) ** 2,
+            *args,
+            NUM_TAPS=len(taps),
+            NEED0=need0,
+            NEED1=need1,
+            BLOCK_C=_BLOCK_C,
+            BLOCK_P=_BLOCK_P,
+        )
     out = []
     for grads, feats in ((grads0, f0s), (grads1, f1s)):
         for g, f in zip(grads, feats):

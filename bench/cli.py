@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.stamp_commit:
         stamp = write_commit_stamp()
         print(
-            f"python -m bench: wrote {COMMIT_STAMP}: {commit_label(stamp)}, fingerprint {stamp['fingerprint']}"
+            f"python -m bench: wrote {COMMIT_STAMP}: {commit_label(stamp)}, fingerprint "
+            f"{stamp['fingerprint']}"
         )
         return 0
     if args.from_json is not None:

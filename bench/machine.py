@@ -136,7 +136,10 @@ def commit_label(meta: dict) -> str:
     metadata)', with a warning where a stamp does not match the files that ran, or 'unknown'."""
     commit, dirty = meta.get("commit", "unknown"), meta.get("dirty")
     if dirty:
-        label = f"{commit} + uncommitted changes ({meta.get('modified')} modified, {meta.get('untracked')} untracked paths)"
+        label = (
+            f"{commit} + uncommitted changes ({meta.get('modified')} modified, "
+            f"{meta.get('untracked')} untracked paths)"
+        )
     else:
         label = commit if dirty is not None else f"{commit} (no git metadata)"
     if meta.get("stamp_matches_tree") is False:

@@ -389,7 +389,8 @@ def format_table(rows: list[dict]) -> str:
         ctas = min(c["ctas_per_sm"] for c in r["configs"])
         lines.append(
             f"{r['network']:<18} {r['layer']:<16} {r['shape']:<34} {r.get('kernel', 'forward'):<7} "
-            f"{len(r['configs']):>7} {r['min_efficiency']:>7.3f} {r['max_registers']:>4} {r['spill_bytes']:>5} "
+            f"{len(r['configs']):>7} {r['min_efficiency']:>7.3f} {r['max_registers']:>4} "
+            f"{r['spill_bytes']:>5} "
             f"{r['max_shared_bytes'] / 1024:>7.0f} {'yes' if r['wgmma'] else 'NO':>5} "
             f"{'yes' if r['async_loads'] else 'NO':>5} {f'{cp_async}/{ld_global}':>11} {ctas:>6} "
             f"{r['min_waves']:>6.2f} {r['max_l2_bytes_per_flop']:>9.4f} {r['max_sass_per_wgmma']:>10.1f}"

@@ -243,7 +243,8 @@ ESTIMATES = Path(__file__).with_name("step_estimates.json")  # bench.time_model'
 
 def _with_estimate(workload: Workload, row: dict) -> dict:
     """Measured against estimated seconds per step (bench.time_model's estimate for the same workload and
-    batch, from ESTIMATES), so the model can be corrected: ``estimated_step_s``, ``measured_over_estimate``."""
+    batch, from ESTIMATES), so the model can be corrected: ``estimated_step_s``,
+    ``measured_over_estimate``."""
     try:
         estimates = json.loads(ESTIMATES.read_text())
     except (OSError, ValueError):

@@ -107,7 +107,8 @@ def header_lines(run: BenchRun) -> list[str]:
     ]
     if p:
         lines.append(
-            f"- measured peaks: {p['flops_per_s'] / 1e9:.4g} GFLOP/s ({p['dtype']} matmul n={p['matmul_n']}), "
+            f"- measured peaks: {p['flops_per_s'] / 1e9:.4g} GFLOP/s ({p['dtype']} matmul "
+            f"n={p['matmul_n']}), "
             f"{p['bytes_per_s'] / 1e9:.4g} GB/s (copy, read + write)"
             + (" at dry-run sizes: no ceiling, so no roofline columns" if run.mode == "dry-run" else "")
         )

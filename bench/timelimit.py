@@ -40,7 +40,8 @@ def seconds_left() -> float | None:
 class time_limit:
     """``with time_limit(seconds, "group step"):`` raises :class:`GroupTimeout` in the block once
     ``seconds`` have passed (again every :data:`REPEAT_S` s while it goes on). ``seconds`` None or 0: no
-    limit; negative: the limit is already spent. Not re-entrant across threads; an inner limit replaces the outer one until it ends."""
+    limit; negative: the limit is already spent. Not re-entrant across threads; an inner limit replaces the
+    outer one until it ends."""
 
     def __init__(self, seconds: float | None, what: str = "block"):
         self.seconds, self.what = seconds, what

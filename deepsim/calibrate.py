@@ -217,6 +217,7 @@ def format_report(report: CalibrationReport) -> str:
     lines.append(f"ratio (geometric mean) {report.ratio:.6g} (per perturbation {low:.6g} .. {high:.6g})")
     lines.append(
         f"lambda_feat for {report.comparator} = {report.reference_lambda_feat:.6g} x {report.ratio:.6g} = "
-        f"{report.lambda_feat:.6g}   (deepsim's scale convention; pass --lambda-feat {report.lambda_feat:.3g})"
+        f"{report.lambda_feat:.6g}   (deepsim's scale convention; pass --lambda-feat "
+        f"{report.lambda_feat:.3g})"
     )
     return "\n".join(lines)

@@ -117,7 +117,8 @@ class DeePSiMLoss(nn.Module):
         return self.loss == "deepsim" and self.lambda_adv != 0
 
     def feature_loss(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """L_feat: the weighted comparator feature distance, or the LPIPS batch mean (reals carry no gradient)."""
+        """L_feat: the weighted comparator feature distance, or the LPIPS batch mean (reals carry no
+        gradient)."""
         if self.lpips is not None:
             return self.lpips.distance(fake, real.detach()).mean()
         with torch.no_grad():
@@ -141,7 +142,8 @@ class DeePSiMLoss(nn.Module):
             if d_fake_logits is None:
                 raise ValueError(
                     "DeePSiMLoss with lambda_adv != 0 needs the discriminator's logits on the fakes "
-                    "(pass d_fake_logits, or lambda_adv=0; for the feature term alone use deepsim.PerceptualLoss)"
+                    "(pass d_fake_logits, or lambda_adv=0; for the feature term alone use "
+                    "deepsim.PerceptualLoss)"
                 )
             adv = adversarial_loss(d_fake_logits)
         total = self.lambda_feat * feat + self.lambda_adv * adv + self.lambda_img * img

@@ -284,7 +284,8 @@ class Discriminator(nn.Module):
     def _check_size(self, image: torch.Tensor) -> None:
         if min(image.shape[-2:]) < self.min_size:
             raise ValueError(
-                f"Discriminator (padding {self.padding_mode!r}, first stride {self.conv1.stride[0]}) needs images of "
+                f"Discriminator (padding {self.padding_mode!r}, first stride {self.conv1.stride[0]}) needs "
+                "images of "
                 f"at least {self.min_size}x{self.min_size} pixels, got {tuple(image.shape)}; use a larger "
                 f"--image-size or --disc-padding padded"
             )

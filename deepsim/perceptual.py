@@ -251,7 +251,8 @@ def _load_lin_weights(net: str, version: str, path) -> list[torch.Tensor]:
         if path is None:
             raise FileNotFoundError(
                 f"LPIPS(net={net!r}) needs lpips' linear-layer weights: pip install lpips (its wheel ships "
-                f"lpips/weights/v{version}/{net}.pth), or pass lin_weights=PATH to that file ({LPIPS_WEIGHTS_URL})"
+                f"lpips/weights/v{version}/{net}.pth), or pass lin_weights=PATH to that file "
+                f"({LPIPS_WEIGHTS_URL})"
             )
     path = Path(path)
     if not path.is_file():

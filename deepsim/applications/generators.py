@@ -257,7 +257,8 @@ class VAEEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             raise ValueError(
-                f"VAEEncoder: images of shape {tuple(images.shape)}, expected (B, 3, {self.image_size}, {self.image_size})"
+                f"VAEEncoder: images of shape {tuple(images.shape)}, expected (B, 3, {self.image_size}, "
+                f"{self.image_size})"
             )
         moments = self.to_moments(self.convs(images).flatten(1))  # (B, 2 * latent)
         mu, logvar = moments.chunk(2, dim=1)

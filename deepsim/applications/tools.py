@@ -23,7 +23,8 @@ RESIZE_SHORTER = 256  # ImageNet preprocessing (code): shorter side 256, then th
 
 
 def load_image(path: str | Path, size: int, resize_shorter: int = RESIZE_SHORTER) -> torch.Tensor:
-    """An image file -> (1, 3, size, size) in [-1, 1]: shorter side resized to ``resize_shorter``, centre crop."""
+    """An image file -> (1, 3, size, size) in [-1, 1]: shorter side resized to ``resize_shorter``, centre
+    crop."""
 
     if size > resize_shorter:
         resize_shorter = size

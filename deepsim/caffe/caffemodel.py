@@ -73,7 +73,8 @@ MAX_BLOB_COUNT = 2**31 - 1  # Caffe's Blob::Reshape: CHECK_LE(count, INT_MAX)
 
 
 class CaffeModelError(ValueError):
-    """A .caffemodel that cannot be read or does not hold what the import needs; the message names the file."""
+    """A .caffemodel that cannot be read or does not hold what the import needs; the message names the
+    file."""
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,8 @@ class CaffeLayer:
 
 @dataclass
 class CaffeModel:
-    """A parsed .caffemodel: the net's name, its layer format ("V2" = ``layer``, "V1" = ``layers``) and layers."""
+    """A parsed .caffemodel: the net's name, its layer format ("V2" = ``layer``, "V1" = ``layers``) and
+    layers."""
 
     path: Path
     name: str
@@ -210,7 +212,8 @@ def _count(shape: tuple[int, ...], kind: str) -> int:
         count *= d
         if count > MAX_BLOB_COUNT:
             raise _BlobError(
-                f"{kind} ({', '.join(map(str, shape))}) has more than {MAX_BLOB_COUNT} values (Caffe's limit), "
+                f"{kind} ({', '.join(map(str, shape))}) has more than {MAX_BLOB_COUNT} values (Caffe's "
+                "limit), "
                 "a corrupt blob"
             )
     return count
@@ -260,7 +263,8 @@ def _read_blob(data: bytes, span: tuple[int, int]) -> CaffeBlob:
         bad = int(finite.size - np.count_nonzero(finite))
         first = int(np.argmin(finite))
         raise _BlobError(
-            f"{bad} non-finite value(s) (NaN or infinity), the first at flat index {first} ({values[first]}); "
+            f"{bad} non-finite value(s) (NaN or infinity), the first at flat index {first} "
+            f"({values[first]}); "
             "expected finite weights"
         )
     return CaffeBlob(shape, is_legacy, values)
@@ -400,7 +404,8 @@ def _sniff(data: bytes, path: Path) -> None:
     head = data[:256]
     if all(32 <= b < 127 or b in b"\t\r\n" for b in head) and any(b not in b" \t\r\n" for b in head):
         raise CaffeModelError(
-            f"{path} is a text file (a .prototxt net definition?), not the binary .caffemodel with the weights"
+            f"{path} is a text file (a .prototxt net definition?), not the binary .caffemodel with the "
+            "weights"
         )
 
 
@@ -443,7 +448,8 @@ def read_caffemodel(path: str | Path) -> CaffeModel:
         layers = [_read_layer(data, span, v1, i, source) for i, span in enumerate(v1_spans or v2_spans)]
     except WireFormatError as error:
         raise CaffeModelError(
-            f"{path} cannot be read as a .caffemodel ({len(data)} bytes; truncated, or not a Caffe model): {error}"
+            f"{path} cannot be read as a .caffemodel ({len(data)} bytes; truncated, or not a Caffe model): "
+            f"{error}"
         ) from None
     if not layers:
         raise CaffeModelError(

@@ -220,7 +220,8 @@ def _check_mean(mean_bgr) -> tuple[float, float, float]:
 def generator_from_caffemodel(
     model: CaffeModel, layer: str, *, image_size: int = 227, mean_bgr=CAFFE_MEAN_BGR
 ) -> InversionGenerator:
-    """Our :class:`InversionGenerator` with the weights of a parsed generator caffemodel (see :func:`load_generator`)."""
+    """Our :class:`InversionGenerator` with the weights of a parsed generator caffemodel (see
+    :func:`load_generator`)."""
     if layer not in GENERATOR_LAYERS:
         raise ValueError(f"generator layer {layer!r}: expected one of {', '.join(GENERATOR_LAYERS)}")
     ours = GENERATOR_LAYERS[layer]

@@ -146,13 +146,6 @@ def network_layers(batch: int = BATCH) -> list[Layer]:
 # Compiling for sm_90 without a GPU
 
 
-def _tool(name: str) -> str:
-    # lazy, optional dependency: triton may be absent
-    from triton import knobs
-
-    return getattr(knobs.nvidia, name).path
-
-
 @functools.cache
 def compile_conv_kernel(
     constexprs: tuple, dtype: str, c_out_divisible_by_16: bool, num_warps: int, num_stages: int

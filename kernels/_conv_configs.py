@@ -159,7 +159,7 @@ def config_list(dtype: torch.dtype, precision: str) -> list[ConvConfig]:
 
 
 def issued_mma_efficiency(geom: ConvGeometry, config: ConvConfig) -> float:
-    """Useful conv FLOPs / FLOPs issued by the grid's MMAs (see the module docstring)."""
+    """Useful conv FLOPs / FLOPs issued by the grid's MMAs (docs/kernels.md, kernels/_conv_configs.py)."""
     m_tiles = -(-geom.m // config.block_m)
     n_tiles = -(-geom.C_out // config.block_n)
     k_steps = -(-geom.k // config.block_k)

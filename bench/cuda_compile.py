@@ -68,7 +68,7 @@ def _version(text: str) -> tuple[int, int]:
 def unsupported() -> str | None:
     """Why this machine cannot run the check (a one-line reason), or None when it can."""
     try:
-        # lazy, optional: private torch internals that vary by version (probed by unsupported())
+        # lazy: a missing torch or triton becomes the one-line reason this returns
         import torch
         import triton
     except ImportError as e:

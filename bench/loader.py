@@ -157,7 +157,7 @@ def _time(
 
 def _dali_missing() -> str | None:
     try:
-        import nvidia.dali  # noqa: F401
+        import nvidia.dali  # noqa: F401 - lazy, optional dependency: DALI may be absent
     except Exception as e:  # noqa: BLE001 - any import failure means no DALI row
         return (
             f"skipped: DALI not importable ({type(e).__name__}); bench/gpu.sh unpacks carried .dali* pieces"

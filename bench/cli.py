@@ -9,7 +9,8 @@
     python -m bench --static                    # the conv kernels' static report (bench/static.py), no GPU
     deepsim bench ...                           # the same
 
-Each group (bench/kernels.py, bench/loader.py, bench/step.py, bench/lpips.py) runs under its own time limit and
+Each group (bench/kernels.py, bench/loader.py, bench/step.py, bench/lpips.py) runs under its own time limit
+and
 try/except: a group that is missing or fails becomes one row saying so, and the others still run. Results
 go to DIR/results.json and DIR/results.md (default DIR: bench/out/<timestamp>), rewritten after every row.
 """
@@ -23,12 +24,15 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
+
 from bench.dryrun import DRY_RUN_ENV
 from bench.machine import COMMIT_STAMP, REPO_ROOT, commit_label, machine_info, write_commit_stamp
 from bench.outputs import write_outputs
 from bench.peaks import measure_peaks
 from bench.results import load_run
 from bench.runner import GROUPS, run_groups
+from bench.static import format_table, static_report
 from bench.tables import append_results, format_compact, format_group_table, format_markdown
 
 __all__ = ["build_parser", "group_main", "main", "resolve_device"]
@@ -45,22 +49,38 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: bench/out/<timestamp>)")  # fmt: skip
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: cuda when available)")
     p.add_argument("--no-peaks", action="store_true", help="skip measuring the peaks (no roofline columns)")
-    p.add_argument("--group-timeout", type=float, default=None, metavar="S",
-                   help="stop a group after S seconds; it keeps the rows it measured, marked partial")  # fmt: skip
+    p.add_argument(
+        "--group-timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="stop a group after S seconds; it keeps the rows it measured, marked partial",
+    )
     p.add_argument("--merge", action="store_true",
                    help="add the groups to OUT/results.json if it exists (its machine info and peaks are "
                    "kept; a group run again replaces its rows)")  # fmt: skip
     p.add_argument("--dry-run", action="store_true",
                    help="CPU stand-ins at tiny sizes: checks every code path of a GPU run in seconds; the "
                    "figures say nothing about speed (implies --device cpu --quick)")  # fmt: skip
-    p.add_argument("--append-results", action="store_true",
-                   help="append this run's table (with card/date/commit header) to bench/RESULTS.md")  # fmt: skip
+    p.add_argument(
+        "--append-results",
+        action="store_true",
+        help="append this run's table (with card/date/commit header) to bench/RESULTS.md",
+    )
     p.add_argument("--results-file", type=Path, default=RESULTS_MD, help=argparse.SUPPRESS)
-    p.add_argument("--from-json", type=Path, default=None, metavar="PATH",
-                   help="render (and with --append-results append) a saved results.json; runs nothing")  # fmt: skip
+    p.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="render (and with --append-results append) a saved results.json; runs nothing",
+    )
     p.add_argument("--compact", action="store_true", help="print the short fixed-width table instead")
-    p.add_argument("--static", action="store_true",
-                   help="print the conv kernels' static report (sm_90 compile, no GPU) and run nothing else")  # fmt: skip
+    p.add_argument(
+        "--static",
+        action="store_true",
+        help="print the conv kernels' static report (sm_90 compile, no GPU) and run nothing else",
+    )
     p.add_argument("--stamp-commit", action="store_true",
                    help=f"write {COMMIT_STAMP.relative_to(REPO_ROOT)} (commit, uncommitted changes, a "
                    "fingerprint of the files) from git, for a copy without .git; runs nothing")  # fmt: skip
@@ -68,8 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_device(device: str) -> str:
-    """"auto" -> "cuda" where torch sees a GPU, else "cpu"; "cuda..." without one is an error."""
-    import torch
+    """ "auto" -> "cuda" where torch sees a GPU, else "cpu"; "cuda..." without one is an error."""
 
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -93,13 +112,14 @@ def _measure(args, device: str, existing) -> dict | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.static:
-        from bench.static import format_table, static_report
-
         print(format_table(static_report()))
         return 0
     if args.stamp_commit:
         stamp = write_commit_stamp()
-        print(f"python -m bench: wrote {COMMIT_STAMP}: {commit_label(stamp)}, fingerprint {stamp['fingerprint']}")
+        print(
+            f"python -m bench: wrote {COMMIT_STAMP}: {commit_label(stamp)}, fingerprint "
+            f"{stamp['fingerprint']}"
+        )
         return 0
     if args.from_json is not None:
         try:
@@ -125,10 +145,22 @@ def main(argv: list[str] | None = None) -> int:
         mode = "dry-run" if args.dry_run else ("quick" if args.quick else "full")
         if existing is not None:
             existing.peaks = existing.peaks or peaks
-        print(f"python -m bench: device {device}, groups {groups}, {mode} mode, writing {out}"
-              + (" (merging into the run there)" if existing is not None else ""), file=sys.stderr)  # fmt: skip
-        run = run_groups(groups, device, args.quick, peaks=peaks, meta=None if existing else machine_info(device),
-                         out=out, timeout_s=args.group_timeout, into=existing, mode=mode)  # fmt: skip
+        print(
+            f"python -m bench: device {device}, groups {groups}, {mode} mode, writing {out}"
+            + (" (merging into the run there)" if existing is not None else ""),
+            file=sys.stderr,
+        )
+        run = run_groups(
+            groups,
+            device,
+            args.quick,
+            peaks=peaks,
+            meta=None if existing else machine_info(device),
+            out=out,
+            timeout_s=args.group_timeout,
+            into=existing,
+            mode=mode,
+        )
         json_path, md_path = write_outputs(run, out)
         print(f"python -m bench: wrote {json_path} and {md_path}", file=sys.stderr)
     print(format_compact(run) if args.compact else format_markdown(run))
@@ -141,10 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def group_main(run: Callable[[str, bool], list[dict]], description: str, quick_help: str,
-               argv: list[str] | None = None) -> None:  # fmt: skip
+def group_main(
+    run: Callable[[str, bool], list[dict]], description: str, quick_help: str, argv: list[str] | None = None
+) -> None:
     """``python -m bench.<group> [--device D] [--quick]``: run one group and print its table."""
-    import torch
 
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -26,9 +26,12 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
+import importlib
 import json
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -37,6 +40,14 @@ import time
 import types
 from collections import Counter
 from pathlib import Path
+
+import torch
+from deepsim.kernels import use_backend
+
+from deepsim.config import get_preset
+from deepsim.tasks import TASKS
+from deepsim.train.compiled import CompiledStep
+from deepsim.train.factory import build_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIM = Path(__file__).resolve().parent / "fakecuda" / "shim.c"
@@ -57,14 +68,17 @@ def _version(text: str) -> tuple[int, int]:
 def unsupported() -> str | None:
     """Why this machine cannot run the check (a one-line reason), or None when it can."""
     try:
+        # lazy: a missing torch or triton becomes the one-line reason this returns
         import torch
         import triton
     except ImportError as e:
         return f"bench.cuda_compile needs torch and triton ({e})"
     if _version(torch.__version__) < MIN_TORCH or _version(triton.__version__) < MIN_TRITON:
-        return (f"bench.cuda_compile patches private APIs checked on torch >= {'.'.join(map(str, MIN_TORCH))} "
-                f"and triton >= {'.'.join(map(str, MIN_TRITON))}; found torch {torch.__version__}, "
-                f"triton {triton.__version__}")  # fmt: skip
+        return (
+            f"bench.cuda_compile patches private APIs checked on torch >= {'.'.join(map(str, MIN_TORCH))} "
+            f"and triton >= {'.'.join(map(str, MIN_TRITON))}; found torch {torch.__version__}, "
+            f"triton {triton.__version__}"
+        )
     if torch.version.cuda is None:
         return f"bench.cuda_compile needs a CUDA build of torch (found {torch.__version__})"
     needed = {
@@ -78,7 +92,6 @@ def unsupported() -> str | None:
         "triton.backends.nvidia.driver": ("CudaDriver", "CudaLauncher"),
         "triton.runtime.jit": ("JITFunction",),
     }
-    import importlib
 
     for module, names in needed.items():
         try:
@@ -96,22 +109,30 @@ def unsupported() -> str | None:
 
 
 def _include_dir() -> Path:
+    # lazy, optional dependency: triton may be absent
     import triton
 
     return Path(triton.__file__).parent / "backends" / "nvidia" / "include"
 
 
 def _compiler() -> str | None:
-    import shutil
-
     return shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
 
 
 def build_shim(folder: str) -> str:
     """Compile shim.c into ``folder``; returns the shared library's path (SONAME libcuda.so.1)."""
     out = os.path.join(folder, "libdeepsim_fakecuda.so")
-    cmd = [_compiler(), "-shared", "-fPIC", "-O1", f"-I{_include_dir()}", "-Wl,-soname,libcuda.so.1", "-o", out,
-           str(SHIM)]  # fmt: skip
+    cmd = [
+        _compiler(),
+        "-shared",
+        "-fPIC",
+        "-O1",
+        f"-I{_include_dir()}",
+        "-Wl,-soname,libcuda.so.1",
+        "-o",
+        out,
+        str(SHIM),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"bench/fakecuda/shim.c: cc failed: {' '.join(done.stderr.split())[:300]}")
@@ -141,7 +162,11 @@ def launch_sites(source: str) -> list[dict]:
     (cuDNN's data and weight gradients, the bias reduction); cuDNN may split any call further (a lower bound).
     """
     tree = ast.parse(source)
-    bodies = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and (n.name == "call" or n.name.startswith("partition_"))]
+    bodies = [
+        n
+        for n in ast.walk(tree)
+        if isinstance(n, ast.FunctionDef) and (n.name == "call" or n.name.startswith("partition_"))
+    ]
     sites = []
     for body in bodies:
         for node in ast.walk(body):
@@ -209,7 +234,9 @@ class Record:
     def __init__(self):
         self.graphs: list[dict] = []  # one per inductor compile: cudagraph verdicts, source
         self.inductor_kernels: dict[str, list[dict]] = {}  # kernel name -> compiled configs
-        self.kernel_estimates: dict[str, dict] = {}  # kernel name -> inductor's bytes (GB) and FLOPs estimates
+        self.kernel_estimates: dict[
+            str, dict
+        ] = {}  # kernel name -> inductor's bytes (GB) and FLOPs estimates
         self.op_kernels: list[dict] = []  # our custom ops' Triton compiles
         self.op_launches: dict[str, set[int]] = {}  # op -> launches per call seen
         self.op_errors: list[str] = []
@@ -222,6 +249,7 @@ def _cubin_sm(raw) -> int | None:
 
 
 def _patch_torch_cuda(torch) -> None:
+    # lazy, optional: private torch internals that vary by version (probed by unsupported())
     import torch.cuda.amp.common as amp_common
     import torch.cuda.graphs as cuda_graphs
     from torch._dynamo import device_interface
@@ -229,21 +257,39 @@ def _patch_torch_cuda(torch) -> None:
     answers = dict(
         # is_available stays False for FakeTensorMode (it keeps factory constants on the CPU and saves no CUDA
         # RNG state); inductor asks Dynamo's CudaInterface instead, which says True.
-        is_available=lambda: False, device_count=lambda: 1, current_device=lambda: 0, set_device=lambda d: None,
-        get_device_properties=lambda device=None: H200, get_device_capability=lambda device=None: (9, 0),
-        get_device_name=lambda device=None: H200.name, is_bf16_supported=lambda *a, **k: True,
-        synchronize=lambda device=None: None, _lazy_init=lambda: None, is_initialized=lambda: True,
-        get_rng_state=lambda device="cuda": torch.zeros(16, dtype=torch.uint8), set_rng_state=lambda *a, **k: None,
-        get_arch_list=lambda: ["sm_90"], _exchange_device=lambda d: 0, _maybe_exchange_device=lambda d: 0,
-        memory_allocated=lambda device=None: 0, is_current_stream_capturing=lambda: False,
-    )  # fmt: skip
+        is_available=lambda: False,
+        device_count=lambda: 1,
+        current_device=lambda: 0,
+        set_device=lambda d: None,
+        get_device_properties=lambda device=None: H200,
+        get_device_capability=lambda device=None: (9, 0),
+        get_device_name=lambda device=None: H200.name,
+        is_bf16_supported=lambda *a, **k: True,
+        synchronize=lambda device=None: None,
+        _lazy_init=lambda: None,
+        is_initialized=lambda: True,
+        get_rng_state=lambda device="cuda": torch.zeros(16, dtype=torch.uint8),
+        set_rng_state=lambda *a, **k: None,
+        get_arch_list=lambda: ["sm_90"],
+        _exchange_device=lambda d: 0,
+        _maybe_exchange_device=lambda d: 0,
+        memory_allocated=lambda device=None: 0,
+        is_current_stream_capturing=lambda: False,
+    )
     for name, fn in answers.items():
         setattr(torch.cuda, name, fn)
     cuda_graphs.is_current_stream_capturing = answers["is_current_stream_capturing"]
     amp_common.amp_definitely_not_available = lambda: False  # else autocast("cuda") turns itself off
     interface = device_interface.CudaInterface  # its static methods were bound to torch.cuda's at import
-    for name in ("current_device", "set_device", "device_count", "synchronize", "get_device_properties",
-                 "memory_allocated", "is_bf16_supported"):  # fmt: skip
+    for name in (
+        "current_device",
+        "set_device",
+        "device_count",
+        "synchronize",
+        "get_device_properties",
+        "memory_allocated",
+        "is_bf16_supported",
+    ):
         setattr(interface, name, staticmethod(answers[name]))
     interface.exchange_device = staticmethod(answers["_exchange_device"])
     interface.maybe_exchange_device = staticmethod(answers["_maybe_exchange_device"])
@@ -255,6 +301,7 @@ def _patch_torch_cuda(torch) -> None:
 
 
 def _patch_inductor(torch, record: Record) -> None:
+    # lazy, optional: private torch internals that vary by version (probed by unsupported())
     import torch.fx.experimental.proxy_tensor as proxy_tensor
     from torch._inductor.fx_passes import joint_graph, pad_mm
     from torch._inductor.runtime.triton_heuristics import CachingAutotuner
@@ -336,8 +383,8 @@ def _patch_triton_driver() -> None:
 def _patch_custom_ops(torch, record: Record) -> None:
     """Our ``deepsim::*`` ops: tracing calls their fake impl; at each new (shapes, strides, dtypes) the real
     impl also runs on the fake CUDA tensors, with every Triton launch compiled (warmup) instead of run."""
-    import contextlib
 
+    # lazy, optional: private torch internals that vary by version (probed by unsupported())
     from torch._library.custom_ops import OPDEFS
     from torch._subclasses.fake_tensor import FakeTensor
     from torch.utils._pytree import tree_flatten
@@ -352,8 +399,14 @@ def _patch_custom_ops(torch, record: Record) -> None:
         kernel = jit_run(self, *args, grid=grid, warmup=True, **kwargs)
         if kernel is not None and current:
             launches[0] += 1
-            record.op_kernels.append(dict(op=current[-1], kernel=self.fn.__name__, cc=kernel.metadata.target.arch,
-                                          cubin_sm=_cubin_sm(kernel.asm.get("cubin"))))  # fmt: skip
+            record.op_kernels.append(
+                dict(
+                    op=current[-1],
+                    kernel=self.fn.__name__,
+                    cc=kernel.metadata.target.arch,
+                    cubin_sm=_cubin_sm(kernel.asm.get("cubin")),
+                )
+            )
         return kernel
 
     @contextlib.contextmanager
@@ -397,6 +450,7 @@ def _patch_custom_ops(torch, record: Record) -> None:
 def _recording_backend(torch, mode: str, record: Record):
     """A torch.compile backend: inductor compiles the graph as ``backend="inductor", mode=mode`` would, and
     the compiled frame returns fake outputs of the traced shapes (nothing runs)."""
+    # lazy, optional: private torch internals that vary by version (probed by unsupported())
     import torch._inductor as inductor
     from torch._dynamo.utils import counters
     from torch._guards import detect_fake_mode
@@ -440,18 +494,16 @@ def _recording_backend(torch, mode: str, record: Record):
 
 
 def _trainer(workload: str, batch: int, order: str):
-    import torch
-
-    from deepsim.config import get_preset
-    from deepsim.tasks import TASKS
-    from deepsim.train.factory import build_trainer
-
     if workload == "autoencoder":
         config = get_preset("autoencoder-photos").replace(batch_size=batch, image_size=64,
                                                           comparator="alexnet-random:conv3")  # fmt: skip
     else:
-        config = get_preset("invert-fc6").replace(batch_size=batch, invert_network="alexnet-random",
-                                                  comparator="alexnet-random:pool5", fc_width=4096)  # fmt: skip
+        config = get_preset("invert-fc6").replace(
+            batch_size=batch,
+            invert_network="alexnet-random",
+            comparator="alexnet-random:pool5",
+            fc_width=4096,
+        )
     config = config.replace(device="cpu", update_order=order, precision="bf16")
     torch.manual_seed(0)
     trainer = build_trainer(config, torch.device("cpu"), TASKS)
@@ -486,25 +538,22 @@ def _to_fake_cuda(torch, trainer) -> None:
 def _count_flops(torch, trainer, batch) -> int:
     """Matmul and convolution FLOPs of one iteration (forward and backward), counted on the fake tensors
     with the reference kernels (the custom ops are opaque to the counter)."""
-    from deepsim.kernels import use_backend
+    # lazy, optional: private torch internals that vary by version (probed by unsupported())
     from torch.utils.flop_counter import FlopCounterMode
-
-    from deepsim.train.compiled import CompiledStep
 
     with use_backend("reference"), FlopCounterMode(display=False) as counter:
         CompiledStep(trainer, "eager").iteration(batch)  # updates fake state only
     return int(counter.get_total_flops())
 
 
-def child(workload: str, kernels: str, batch: int, mode: str, order: str, control: str,
-          keep_code: str | None = None) -> dict:  # fmt: skip
+def child(
+    workload: str, kernels: str, batch: int, mode: str, order: str, control: str, keep_code: str | None = None
+) -> dict:
     """One row, compiled in this process (which must run under the shim: see :func:`run`)."""
-    import torch
+    # lazy, optional: private torch internals that vary by version (probed by unsupported())
     import torch._dynamo
     from torch._dynamo.utils import counters
     from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from deepsim.train.compiled import CompiledStep
 
     t0 = time.perf_counter()
     trainer, config = _trainer(workload, batch, order)
@@ -570,30 +619,54 @@ def child(workload: str, kernels: str, batch: int, mode: str, order: str, contro
     notes = dict(record.notes)
     if any(len(c) > 1 for c in record.op_launches.values()):
         notes["custom ops with shape-dependent launch counts (max taken)"] = sorted(
-            op for op, c in record.op_launches.items() if len(c) > 1)
+            op for op, c in record.op_launches.items() if len(c) > 1
+        )
     return dict(
-        workload=workload, kernels=kernels, mode=mode, order=order, batch=batch, control=control,
-        image_size=config.image_size, precision="bf16", channels_last=True,
-        graphs=counters["stats"]["unique_graphs"], graph_breaks=sum(counters["graph_break"].values()),
+        workload=workload,
+        kernels=kernels,
+        mode=mode,
+        order=order,
+        batch=batch,
+        control=control,
+        image_size=config.image_size,
+        precision="bf16",
+        channels_last=True,
+        graphs=counters["stats"]["unique_graphs"],
+        graph_breaks=sum(counters["graph_break"].values()),
         inductor_graphs=len(record.graphs),
         partitions=[p for g in record.graphs for p in partition_devices(g["source"])],
         cudagraph_skip_reasons=[r for g in record.graphs for r in g["fail_reasons"]]
         + [g["disabled_reason"] for g in record.graphs if g["disabled_reason"]],
         cudagraph_skips=counters["inductor"]["cudagraph_skips"],
         triton_kernels=len(record.inductor_kernels) + len(ours),
-        inductor_triton_kernels=len(record.inductor_kernels), custom_op_triton_kernels=len(ours),
-        all_sm90=all_sm90, launches_per_step=launches, launches=dict(by_kind),
-        custom_op_launches_per_call=op_launches, flops_per_step=flops,
+        inductor_triton_kernels=len(record.inductor_kernels),
+        custom_op_triton_kernels=len(ours),
+        all_sm90=all_sm90,
+        launches_per_step=launches,
+        launches=dict(by_kind),
+        custom_op_launches_per_call=op_launches,
+        flops_per_step=flops,
         flops_per_launch=None if not flops or not launches else flops / launches,
-        kernel_list=kernel_list, op_errors=record.op_errors, notes=notes,
-        seconds=round(time.perf_counter() - t0, 1), status=status if not record.op_errors else f"failed: {record.op_errors[0]}",
-    )  # fmt: skip
+        kernel_list=kernel_list,
+        op_errors=record.op_errors,
+        notes=notes,
+        seconds=round(time.perf_counter() - t0, 1),
+        status=status if not record.op_errors else f"failed: {record.op_errors[0]}",
+    )
 
 
 # ------------------------------------------------------------------------------------------ the parent
-def run(workloads=WORKLOADS, kernels=KERNELS, *, batch: int = 64, mode: str = "reduce-overhead",
-        order: str = "code", control: str = "none", timeout_s: float = CHILD_TIMEOUT_S,
-        keep_code: str | None = None) -> list[dict]:  # fmt: skip
+def run(
+    workloads=WORKLOADS,
+    kernels=KERNELS,
+    *,
+    batch: int = 64,
+    mode: str = "reduce-overhead",
+    order: str = "code",
+    control: str = "none",
+    timeout_s: float = CHILD_TIMEOUT_S,
+    keep_code: str | None = None,
+) -> list[dict]:
     """One row per (workload, kernels), each compiled in a child process under the CUDA shim."""
     reason = unsupported()
     if reason is not None:
@@ -604,24 +677,59 @@ def run(workloads=WORKLOADS, kernels=KERNELS, *, batch: int = 64, mode: str = "r
         for workload in workloads:
             for backend in kernels:
                 out = os.path.join(folder, f"{workload}-{backend}.json")
-                env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")}
+                env = {
+                    k: v
+                    for k, v in os.environ.items()
+                    if k not in ("TRITON_INTERPRET", "CUDA_VISIBLE_DEVICES")
+                }
                 env.setdefault("OMP_NUM_THREADS", "1")
-                env.update(LD_PRELOAD=":".join(filter(None, [shim, env.get("LD_PRELOAD")])),
-                           DEEPSIM_KERNELS=backend, DEEPSIM_AUTOTUNE="0", TORCHINDUCTOR_CACHE_DIR=os.path.join(folder, "inductor"),
-                           TRITON_CACHE_DIR=os.path.join(folder, "triton"))  # fmt: skip
-                cmd = [sys.executable, "-m", "bench.cuda_compile", "--child", "--json", out, "--workloads", workload,
-                       "--kernels", backend, "--batch", str(batch), "--mode", mode, "--order", order,
-                       "--control", control] + (["--keep-code", os.path.abspath(keep_code)] if keep_code else [])  # fmt: skip
+                env.update(
+                    LD_PRELOAD=":".join(filter(None, [shim, env.get("LD_PRELOAD")])),
+                    DEEPSIM_KERNELS=backend,
+                    DEEPSIM_AUTOTUNE="0",
+                    TORCHINDUCTOR_CACHE_DIR=os.path.join(folder, "inductor"),
+                    TRITON_CACHE_DIR=os.path.join(folder, "triton"),
+                )
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "bench.cuda_compile",
+                    "--child",
+                    "--json",
+                    out,
+                    "--workloads",
+                    workload,
+                    "--kernels",
+                    backend,
+                    "--batch",
+                    str(batch),
+                    "--mode",
+                    mode,
+                    "--order",
+                    order,
+                    "--control",
+                    control,
+                ] + (["--keep-code", os.path.abspath(keep_code)] if keep_code else [])
                 t0 = time.perf_counter()
                 try:
-                    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s)
+                    done = subprocess.run(
+                        cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout_s
+                    )
                 except subprocess.TimeoutExpired:
-                    rows.append(dict(workload=workload, kernels=backend, status=f"failed: over {timeout_s:.0f} s"))
+                    rows.append(
+                        dict(workload=workload, kernels=backend, status=f"failed: over {timeout_s:.0f} s")
+                    )
                     continue
                 if done.returncode != 0 or not os.path.exists(out):
                     tail = " ".join(done.stderr.split())[-600:]
-                    rows.append(dict(workload=workload, kernels=backend, seconds=round(time.perf_counter() - t0, 1),
-                                     status=f"failed: child exit {done.returncode}: {tail}"))  # fmt: skip
+                    rows.append(
+                        dict(
+                            workload=workload,
+                            kernels=backend,
+                            seconds=round(time.perf_counter() - t0, 1),
+                            status=f"failed: child exit {done.returncode}: {tail}",
+                        )
+                    )
                     continue
                 rows.append(json.loads(Path(out).read_text()))
     return rows
@@ -634,12 +742,25 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         parts = "; ".join(f"{p['name']}:{'+'.join(p['devices'])}" for p in r.get("partitions", []))
         fpl = r.get("flops_per_launch")
-        lines.append(tuple(str(v) for v in (
-            r.get("workload"), r.get("kernels"), r.get("graphs", "-"), r.get("graph_breaks", "-"), parts or "-",
-            len(r.get("cudagraph_skip_reasons", [])) if "cudagraph_skip_reasons" in r else "-",
-            r.get("triton_kernels", "-"), r.get("all_sm90", "-"), r.get("launches_per_step", "-"),
-            "-" if fpl is None else f"{fpl / 1e9:.2f}", r.get("seconds", "-"), r.get("status", "-")[:60],
-        )))  # fmt: skip
+        lines.append(
+            tuple(
+                str(v)
+                for v in (
+                    r.get("workload"),
+                    r.get("kernels"),
+                    r.get("graphs", "-"),
+                    r.get("graph_breaks", "-"),
+                    parts or "-",
+                    len(r.get("cudagraph_skip_reasons", [])) if "cudagraph_skip_reasons" in r else "-",
+                    r.get("triton_kernels", "-"),
+                    r.get("all_sm90", "-"),
+                    r.get("launches_per_step", "-"),
+                    "-" if fpl is None else f"{fpl / 1e9:.2f}",
+                    r.get("seconds", "-"),
+                    r.get("status", "-")[:60],
+                )
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
 
@@ -649,11 +770,17 @@ def main(argv=None) -> int:
     p.add_argument("--workloads", nargs="+", choices=WORKLOADS, default=list(WORKLOADS))
     p.add_argument("--kernels", nargs="+", choices=KERNELS + ("cudnn", "reference"), default=list(KERNELS))
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--mode", choices=("default", "reduce-overhead", "max-autotune"), default="reduce-overhead")
+    p.add_argument(
+        "--mode", choices=("default", "reduce-overhead", "max-autotune"), default="reduce-overhead"
+    )
     p.add_argument("--order", choices=("code", "simultaneous"), default="code")
-    p.add_argument("--control", choices=CONTROLS, default="none",
-                   help="a planted fault the check must report: a .cpu() in the graph (a CPU partition), a tensor "
-                   "the step mutates without a static address (a CUDA-graph skip)")
+    p.add_argument(
+        "--control",
+        choices=CONTROLS,
+        default="none",
+        help="a planted fault the check must report: a .cpu() in the graph (a CPU partition), a tensor "
+        "the step mutates without a static address (a CUDA-graph skip)",
+    )
     p.add_argument("--json", metavar="FILE", help="write the rows (a JSON list) to FILE")
     p.add_argument("--keep-code", metavar="DIR", help="write inductor's output module of each graph into DIR")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -672,7 +799,9 @@ def main(argv=None) -> int:
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
-    return 0 if all(r.get("status") == "ok" or str(r.get("status")).startswith("skipped") for r in rows) else 1
+    return (
+        0 if all(r.get("status") == "ok" or str(r.get("status")).startswith("skipped") for r in rows) else 1
+    )
 
 
 if __name__ == "__main__":

@@ -1,37 +1,7 @@
 """Kernel benchmarks: the fused conv blocks and their dispatcher vs cuDNN and torch.compile, on the real
 layer shapes of the networks, then feature_distance, then (CPU runs) the activation bytes saved for backward.
 
-Rows (``run(device, quick)``) have keys group="kernels", name, variant, baseline, value, unit,
-ratio_vs_baseline[, note]. In this order:
-
-1. CUDA only, per fused layer of the autoencoder G (64 px), the discriminator at 64 px (first stride 2)
-   and 227 px (first stride 4) and the fc6 inversion generator, batch 64, bf16, channels_last (input and
-   weights), forward + backward (gradients for x, W, b; grad_out random), ms, baseline "eager":
-     eager          F.conv2d(x, W, b) + F.leaky_relu: cuDNN conv with its bias, then a separate LReLU
-     triton         the fused Triton op (DEEPSIM_KERNELS=triton)
-     cudnn+epilogue cuDNN conv without bias + the Triton bias+LReLU epilogue (DEEPSIM_KERNELS=cudnn)
-     dispatched     what auto runs: the dispatcher's choice for the shape (its note: the choice and the
-                    ratio to the better of eager and torch.compile, the issue's target: >= 1.0x)
-     torch.compile  torch.compile of the eager block (last: it compiles per shape, the slow part)
-   then, per dispatcher decision, one row each for the forward, the dgrad and the wgrad ("dispatch/<part>/
-   <key>": the dispatcher's own CUDA-graph timings of Triton vs cuDNN for that part, measured separately).
-2. CUDA only: feature_distance forward + backward over comparator-like taps (batch 64, bf16), ms vs eager,
-   and its achieved bandwidth as a fraction of the copy bandwidth measured in the same run (a large
-   device-to-device tensor copy, read + write), the issue's target: >= 80 %.
-3. CPU runs only (skipped on CUDA: the figures are device-independent, fixed by what each op saves in
-   its setup_context): activation bytes saved for backward per layer, batch 64, counted on the meta
-   device (no arithmetic, so full size costs nothing). Baseline "eager"; second baseline "eager inplace":
-   ``F.leaky_relu(..., inplace=True)``, which also keeps only the output, so it saves 0.5x of eager as well;
-   the fused op and the cudnn+epilogue path match the in-place baseline, they do not beat it.
-
-Saved-bytes definition: a block whose output feeds a consumer that saves it (as the next layer does);
-unique storages that autograd saves, minus parameters and the block's input (alive anyway). Eager keeps
-pre-activation + output, the fused block (and the in-place eager block) only the output.
-
-Layer shapes are not hand-copied: :func:`network_layers` runs the real networks (deepsim.networks,
-deepsim.applications.generators) on the meta device and records every fused block's input.
-
-    python3 -m bench.kernels [--quick] [--device cuda|cpu]
+Design notes: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -39,7 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.common import GroupTimeout, group_main
+from bench.cli import group_main
+from bench.timelimit import GroupTimeout
+from deepsim.applications.generators import InversionGenerator
+from deepsim.networks import AutoencoderGenerator, ConvLReLU, Discriminator, UpConvLReLU
 
 try:  # installed package
     import deepsim.kernels as K
@@ -57,8 +30,6 @@ def network_layers(batch: int = BATCH) -> list[tuple]:
     autoencoder G at 64 px, the discriminator at 64 px (first stride 2) and 227 px (first stride 4) and the
     fc6 inversion generator (227 px), in network order, duplicates dropped; found by running each network
     on the meta device with a hook on its ConvLReLU / UpConvLReLU blocks."""
-    from deepsim.applications.generators import InversionGenerator
-    from deepsim.networks import AutoencoderGenerator, ConvLReLU, Discriminator, UpConvLReLU
 
     nets = [("G", AutoencoderGenerator, (batch, 3, 64, 64)),
             ("D64", lambda: Discriminator(first_stride=2), (batch, 3, 64, 64)),
@@ -180,8 +151,9 @@ def bench_saved_bytes(batch: int = BATCH, device: str = "meta") -> list[dict]:
     return rows
 
 
-def bench_conv_timing(device: str, batch: int, quick: bool, dtype=torch.bfloat16,
-                      rows: list[dict] | None = None) -> list[dict]:  # fmt: skip
+def bench_conv_timing(
+    device: str, batch: int, quick: bool, dtype=torch.bfloat16, rows: list[dict] | None = None
+) -> list[dict]:
     """Conv blocks forward + backward in ms, per real layer shape (see the module doc for the variants),
     channels_last; appended to ``rows`` (if given) layer by layer, so a run cut short keeps them."""
     rows = [] if rows is None else rows
@@ -200,8 +172,12 @@ def bench_conv_timing(device: str, batch: int, quick: bool, dtype=torch.bfloat16
 
         full = f"{op}/{name}/b{batch}/{str(dtype).removeprefix('torch.')}/fwd+bwd"
         ms = {}
-        for variant, backend in (("eager", "reference"), ("triton", "triton"), ("cudnn+epilogue", "cudnn"),
-                                 ("dispatched", "auto")):  # fmt: skip
+        for variant, backend in (
+            ("eager", "reference"),
+            ("triton", "triton"),
+            ("cudnn+epilogue", "cudnn"),
+            ("dispatched", "auto"),
+        ):
             with K.use_backend(backend):
                 ms[variant] = time_cuda(step(public_fn), warmup, iters)
         decision = K.dispatch.decision_for(op, x, w, b, s, p)
@@ -226,11 +202,22 @@ def dispatch_rows() -> list[dict]:
         for part, prefix in (("forward", ""), ("dgrad", "dgrad_"), ("wgrad", "wgrad_")):
             times = {p: d.get(f"{prefix}{p}_ms") for p in K.dispatch.PATHS}
             chosen = d["choice"] if part == "forward" else d.get(part, "")
-            note = ", ".join(f"{p} {t:.4g} ms" for p, t in times.items() if t is not None) + f" ({d['source']})"
+            note = (
+                ", ".join(f"{p} {t:.4g} ms" for p, t in times.items() if t is not None) + f" ({d['source']})"
+            )
             if d.get("excluded", {}).get(part):
                 note += f"; triton excluded: {d['excluded'][part]}"
-            rows.append(_row(f"dispatch/{part}/{d['key']}", f"chose {chosen}", "cudnn", times.get("triton"), "ms",
-                             times.get("cudnn"), note))  # fmt: skip
+            rows.append(
+                _row(
+                    f"dispatch/{part}/{d['key']}",
+                    f"chose {chosen}",
+                    "cudnn",
+                    times.get("triton"),
+                    "ms",
+                    times.get("cudnn"),
+                    note,
+                )
+            )
     return rows
 
 
@@ -299,8 +286,18 @@ def run(device: str = "cuda", quick: bool = False) -> list[dict]:
     try:
         bench_conv_timing(device, batch=BATCH, quick=quick, rows=rows)
     except GroupTimeout as e:  # keep what was measured; one row says where the group was cut
-        rows.append(dict(group="kernels", name="(kernels group)", variant="", baseline="", value=None, unit="",
-                         ratio_vs_baseline=None, status=f"partial: {e}"))  # fmt: skip
+        rows.append(
+            dict(
+                group="kernels",
+                name="(kernels group)",
+                variant="",
+                baseline="",
+                value=None,
+                unit="",
+                ratio_vs_baseline=None,
+                status=f"partial: {e}",
+            )
+        )
     return rows + dispatch_rows() + feature_rows
 
 

@@ -1,36 +1,6 @@
 """Loader benchmark: images/s of 64x64 random crops + mirror from a folder of JPEGs, delivered to the device.
 
-Rows (``run(device, quick, rows)``) have keys group="loader", name, variant, baseline, value,
-unit="images/s", ratio_vs_baseline, each appended to ``rows`` as soon as it is measured. Variants, all
-decoding every sample from JPEG (no in-memory cache), in this order:
-
-  * ``torchvision+PIL`` (the baseline): a Dataset opening each file with PIL, torchvision.transforms.v2
-    RandomCrop + RandomHorizontalFlip + ToDtype/Normalize to [-1, 1], in a DataLoader with workers;
-  * ``torchvision decode_jpeg (<device>)``: workers only read the files' bytes; the batch is decoded by
-    ``torchvision.io.decode_jpeg(list, device=<device>)`` (nvJPEG on CUDA: needs nothing beyond torchvision),
-    then cropped, mirrored and scaled on the device (torchvision 0.29 deprecates its decoders in favour of
-    TorchCodec, with a warning; the GPU machine has 0.26);
-  * ``deepsim-torch``: ``build_loader(..., loader="torch", cache=False)`` with the same workers;
-  * ``dali``: ``build_loader(..., loader="dali")``: CPU decoders in CPU mode, nvJPEG ("mixed") on CUDA;
-    where DALI is not installed (the GPU machine has none unless bench/gpu.sh unpacked carried pieces)
-    the row says "skipped";
-  * ``deepsim-resident``: ``build_loader(..., loader="resident")``: the folder decoded once onto the device,
-    each batch gathered there (no decode per step; its build is not timed).
-
-A second workload times DALI on ImageNet-size JPEGs (500x375; 160x120 in a dry run), with ``dali full
-decode`` (the whole file decoded, then cropped: the baseline) beside ``dali ROI decode`` (only the crop's
-window), for a 64x64 crop and for the inversion's 256-shorter-side resize + 227x227 crop.
-
-Every row also carries ``host_cpu_us_per_image``: host CPU time per delivered image (``time.process_time``
-of this process, DALI's threads included, plus the DataLoader worker processes' CPU from /proc), shown in
-the row's note.
-
-The folder (256 JPEGs of 128x96, or 128 in quick mode) is generated in a temporary directory. Each
-variant is warmed up (its workers/pipeline started, a few batches drawn) before timing; batches are
-delivered to ``device`` (with a CUDA synchronize before the clock stops). A variant that fails becomes a
-failed row and the next one runs. A dry run (bench/dryrun.py): 32 JPEGs of 64x48, 32x32 crops, batch 8.
-
-    python3 -m bench.loader [--quick] [--device cpu|cuda]
+Design notes: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -44,10 +14,13 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.io import ImageReadMode, decode_jpeg
+from torchvision.transforms import v2
 
 from bench.cli import group_main
 from bench.dryrun import dry_run
 from deepsim.data import build_loader
+from deepsim.data.dali import build_dali_loader
 
 BATCH = 64
 CROP = 64
@@ -73,8 +46,6 @@ def _paths(folder: str) -> list[str]:
 
 class _PILFolder(torch.utils.data.Dataset):
     def __init__(self, folder: str, crop: int):
-        from torchvision.transforms import v2
-
         self.paths = _paths(folder)
         self.transform = v2.Compose(
             [
@@ -114,11 +85,11 @@ def _as_tensors(samples: list[bytes]) -> list[torch.Tensor]:
     return [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in samples]
 
 
-def decode_on_device(files: list[torch.Tensor], device: torch.device, crop: int,
-                     gen: torch.Generator) -> torch.Tensor:  # fmt: skip
+def decode_on_device(
+    files: list[torch.Tensor], device: torch.device, crop: int, gen: torch.Generator
+) -> torch.Tensor:
     """JPEG bytes -> (B, 3, crop, crop) float32 in [-1, 1] on ``device``: ``decode_jpeg(device=...)`` (nvJPEG
     on CUDA), a random crop and a random horizontal mirror per image (offsets drawn from ``gen``)."""
-    from torchvision.io import ImageReadMode, decode_jpeg
 
     images = decode_jpeg(files, mode=ImageReadMode.RGB, device=device)  # list of (3, H, W) uint8
     crops = []
@@ -163,7 +134,9 @@ def _children_cpu_seconds() -> float:
     return total
 
 
-def _time(batches: Iterator[torch.Tensor], device: torch.device, warmup: int, iters: int) -> tuple[float, float]:
+def _time(
+    batches: Iterator[torch.Tensor], device: torch.device, warmup: int, iters: int
+) -> tuple[float, float]:
     """(images/s, host CPU microseconds per image) of drawing ``iters`` batches after ``warmup`` batches."""
     for _ in range(warmup):
         next(batches)
@@ -184,9 +157,11 @@ def _time(batches: Iterator[torch.Tensor], device: torch.device, warmup: int, it
 
 def _dali_missing() -> str | None:
     try:
-        import nvidia.dali  # noqa: F401
+        import nvidia.dali  # noqa: F401 - lazy, optional dependency: DALI may be absent
     except Exception as e:  # noqa: BLE001 - any import failure means no DALI row
-        return f"skipped: DALI not importable ({type(e).__name__}); bench/gpu.sh unpacks carried .dali* pieces"
+        return (
+            f"skipped: DALI not importable ({type(e).__name__}); bench/gpu.sh unpacks carried .dali* pieces"
+        )
     return None
 
 
@@ -206,7 +181,17 @@ def run(device: str = "cpu", quick: bool = False, rows: list[dict] | None = None
     with tempfile.TemporaryDirectory() as folder:
         big = (160, 120) if tiny else (500, 375)
         write_jpegs(folder, 8 if tiny else (32 if quick else 128), big)
-        _roi_rows(folder, device, rows, tiny=tiny, workers=workers, batch=batch, warmup=warmup, iters=iters, size=big)
+        _roi_rows(
+            folder,
+            device,
+            rows,
+            tiny=tiny,
+            workers=workers,
+            batch=batch,
+            warmup=warmup,
+            iters=iters,
+            size=big,
+        )
     return rows
 
 
@@ -233,7 +218,9 @@ def _roi_rows(folder, device, rows, *, tiny, workers, batch, warmup, iters, size
     """DALI full decode (baseline) vs ROI decode, for a 64x64 crop and a resize-256 + 227x227 crop."""
     decode = "mixed" if device.type == "cuda" else "cpu"
     missing = _dali_missing()
-    settings = [("crop", 32 if tiny else 64, 96 if tiny else 256)] + [("resize-crop", 80 if tiny else 227, 96 if tiny else 256)]
+    settings = [("crop", 32 if tiny else 64, 96 if tiny else 256)] + [
+        ("resize-crop", 80 if tiny else 227, 96 if tiny else 256)
+    ]
     for mode, crop, resize in settings:
         what = f"{crop}x{crop}" if mode == "crop" else f"resize {resize} + {crop}x{crop}"
         name = f"DALI random-crop {what} + mirror, JPEG {size[0]}x{size[1]}, batch {batch}, {workers} workers"
@@ -247,8 +234,6 @@ def _roi_rows(folder, device, rows, *, tiny, workers, batch, warmup, iters, size
                 continue
 
             def make(roi=roi, mode=mode, crop=crop, resize=resize):
-                from deepsim.data.dali import build_dali_loader
-
                 s = build_dali_loader(folder, batch_size=batch, crop_size=crop, mode=mode, resize_size=resize,
                                       device=device, num_workers=workers, roi=roi)  # fmt: skip
                 return s, s

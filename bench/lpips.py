@@ -32,6 +32,7 @@ import torch
 
 from bench.cli import group_main
 from bench.dryrun import dry_run
+from deepsim.metrics import LPIPS
 
 BASELINE = "lpips package"
 OURS = "deepsim LPIPS"
@@ -47,10 +48,9 @@ def _plan(device: torch.device, quick: bool) -> list[tuple[int, int, int]]:
 
 
 def _models(device: torch.device):
-    from deepsim.metrics import LPIPS
-
     ours = LPIPS("alex", backbone_weights="random").to(device)
     try:
+        # lazy, optional dependency: lpips may be absent
         import lpips
     except ImportError:
         return ours, None
@@ -125,8 +125,11 @@ def run(device: str = "cpu", quick: bool = False, rows: list[dict] | None = None
     rows = [] if rows is None else rows
     ours, theirs = _models(device)
     precision = "bf16 autocast" if device.type == "cuda" else "fp32"
-    note = "dry run: tiny sizes" if dry_run() else (
-        None if device.type == "cuda" else "CPU: the fused op's PyTorch reference (Triton needs CUDA)")  # fmt: skip
+    note = (
+        "dry run: tiny sizes"
+        if dry_run()
+        else (None if device.type == "cuda" else "CPU: the fused op's PyTorch reference (Triton needs CUDA)")
+    )
     memory_unit = "MiB" if device.type == "cuda" else "MiB saved for backward"
     rounds = 1 if dry_run() else 2  # baseline and ours alternate; the best round of each counts (shared CPUs)
     for side, batch, iters in _plan(device, quick):
@@ -146,7 +149,9 @@ def run(device: str = "cpu", quick: bool = False, rows: list[dict] | None = None
                         continue
                     print(f"bench.lpips: {name}: {variant} ...", file=sys.stderr, flush=True)
                     try:
-                        rates[variant] = max(rates.get(variant, 0.0), _time(model, x, y, backward, device, iters))
+                        rates[variant] = max(
+                            rates.get(variant, 0.0), _time(model, x, y, backward, device, iters)
+                        )
                         if variant not in mems:
                             mems[variant] = (_memory_mib(model, x, y, backward, device)
                                              if backward or device.type == "cuda" else None)  # fmt: skip
@@ -164,11 +169,23 @@ def run(device: str = "cpu", quick: bool = False, rows: list[dict] | None = None
                         rows.append(dict(mem_row, value=None, ratio_vs_baseline=None, status=status))
                     continue
                 base_rate, base_mem = rates.get(BASELINE), mems.get(BASELINE)
-                rows.append(dict(rate_row, value=rates[variant], note=note,
-                                 ratio_vs_baseline=None if not base_rate else rates[variant] / base_rate))  # fmt: skip
+                rows.append(
+                    dict(
+                        rate_row,
+                        value=rates[variant],
+                        note=note,
+                        ratio_vs_baseline=None if not base_rate else rates[variant] / base_rate,
+                    )
+                )
                 if mems[variant] is not None:  # a CPU forward saves nothing: no memory row
-                    rows.append(dict(mem_row, value=mems[variant], note=note,
-                                     ratio_vs_baseline=None if not base_mem else mems[variant] / base_mem))  # fmt: skip
+                    rows.append(
+                        dict(
+                            mem_row,
+                            value=mems[variant],
+                            note=note,
+                            ratio_vs_baseline=None if not base_mem else mems[variant] / base_mem,
+                        )
+                    )
     return rows
 
 

@@ -17,7 +17,10 @@ import json
 import os
 import platform
 import subprocess
+from importlib import metadata
 from pathlib import Path
+
+import torch
 
 __all__ = [
     "COMMIT_STAMP",
@@ -54,8 +57,12 @@ def tree_fingerprint(root: Path = REPO_ROOT) -> str:
     for top in _FINGERPRINT_DIRS:
         for path in (root / top).rglob("*"):
             rel = path.relative_to(root).as_posix()
-            if (path.suffix in _FINGERPRINT_SUFFIXES and path.is_file() and "__pycache__" not in rel
-                    and not rel.startswith("bench/out/")):  # fmt: skip
+            if (
+                path.suffix in _FINGERPRINT_SUFFIXES
+                and path.is_file()
+                and "__pycache__" not in rel
+                and not rel.startswith("bench/out/")
+            ):
                 files.append((rel, path))
     for rel, path in sorted(files):
         digest.update(rel.encode() + b"\0" + path.read_bytes() + b"\0")
@@ -66,8 +73,14 @@ def _git_commit(root: Path) -> dict | None:
     commit = _git("rev-parse", "--short", "HEAD", root=root)
     if commit is None:
         return None
-    modified = [ln for ln in (_git("status", "--porcelain", "--untracked-files=no", root=root) or "").splitlines() if ln]
-    untracked = [ln for ln in (_git("status", "--porcelain", root=root) or "").splitlines() if ln.startswith("??")]
+    modified = [
+        ln
+        for ln in (_git("status", "--porcelain", "--untracked-files=no", root=root) or "").splitlines()
+        if ln
+    ]
+    untracked = [
+        ln for ln in (_git("status", "--porcelain", root=root) or "").splitlines() if ln.startswith("??")
+    ]
     return {"commit": commit, "dirty": bool(modified or untracked), "modified": len(modified),
             "untracked": len(untracked), "commit_source": "git"}  # fmt: skip
 
@@ -123,7 +136,10 @@ def commit_label(meta: dict) -> str:
     metadata)', with a warning where a stamp does not match the files that ran, or 'unknown'."""
     commit, dirty = meta.get("commit", "unknown"), meta.get("dirty")
     if dirty:
-        label = f"{commit} + uncommitted changes ({meta.get('modified')} modified, {meta.get('untracked')} untracked paths)"
+        label = (
+            f"{commit} + uncommitted changes ({meta.get('modified')} modified, "
+            f"{meta.get('untracked')} untracked paths)"
+        )
     else:
         label = commit if dirty is not None else f"{commit} (no git metadata)"
     if meta.get("stamp_matches_tree") is False:
@@ -142,8 +158,6 @@ def _cpu_model() -> str:
 
 
 def _version(*dists: str) -> str | None:
-    from importlib import metadata
-
     for dist in dists:
         try:
             return metadata.version(dist)
@@ -157,6 +171,7 @@ def _dali_version() -> str | None:
     if dali is not None:
         return dali
     try:  # an unpacked site folder (bench/gpu.sh) has no dist-info on the metadata path in some layouts
+        # lazy, optional dependency: DALI may be absent
         import nvidia.dali as _dali
 
         return _dali.__version__
@@ -166,10 +181,9 @@ def _dali_version() -> str | None:
 
 def machine_info(device: str) -> dict:
     """Machine, card, library versions and commit, as recorded at the head of every run."""
-    import torch
-
     cuda = str(device).startswith("cuda") and torch.cuda.is_available()
     try:
+        # lazy, optional dependency: triton may be absent
         import triton
 
         triton_version = triton.__version__

@@ -11,14 +11,14 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import torch
+
 from bench.dryrun import dry_run
 
 __all__ = ["measure_peaks"]
 
 
 def _timer(device: str) -> Callable[[Callable[[], Any]], float]:
-    import torch
-
     cuda = str(device).startswith("cuda")
 
     def once(fn) -> float:
@@ -52,7 +52,6 @@ def measure_peaks(device: str, quick: bool = False) -> dict:
     Returns:
         {"device", "dtype", "flops_per_s", "bytes_per_s", "matmul_n", "copy_bytes", "method"}.
     """
-    import torch
 
     cuda = str(device).startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32

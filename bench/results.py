@@ -57,7 +57,9 @@ class BenchRun:
     def set_rows(self, group: str, rows: list[dict]) -> None:
         """The rows ``group`` has measured so far (it is still running)."""
         self._rows[group] = list(rows)
-        self.groups.setdefault(group, {"status": RUNNING})["rows"] = sum(r.get("status") == "ok" for r in rows)
+        self.groups.setdefault(group, {"status": RUNNING})["rows"] = sum(
+            r.get("status") == "ok" for r in rows
+        )
         self._derive()
 
     def add(self, group: str, rows: list[dict], info: dict) -> None:

@@ -126,7 +126,8 @@ def status_row(group: str, status: str, name: str | None = None, variant: str = 
 
 def normalise_rows(rows, group: str) -> list[dict]:
     """Check a group's rows and give each every :data:`ROW_KEYS` key (None where missing), ``group`` (the
-    group that ran it) and a status ("ok" unless it says otherwise). Raises TypeError naming the group on anything but dicts."""
+    group that ran it) and a status ("ok" unless it says otherwise). Raises TypeError naming the group on
+    anything but dicts."""
     if not isinstance(rows, (list, tuple)):
         raise TypeError(f"bench/{group}.py run() returned {type(rows).__name__}, expected a list of dicts")
     out = []

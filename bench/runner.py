@@ -73,8 +73,14 @@ def _kept(live: list, group: str) -> list[dict]:
         return normalise_rows([r for r in live if isinstance(r, dict)], group)
 
 
-def run_group(group: str, device: str, quick: bool, module=None, timeout_s: float | None = None,
-              on_rows: Callable[[list[dict]], None] | None = None) -> tuple[list[dict], dict]:  # fmt: skip
+def run_group(
+    group: str,
+    device: str,
+    quick: bool,
+    module=None,
+    timeout_s: float | None = None,
+    on_rows: Callable[[list[dict]], None] | None = None,
+) -> tuple[list[dict], dict]:
     """Run one group; never raises (Ctrl-C aside). Returns (rows, info), info = {status, seconds, rows[,
     traceback]}.
 
@@ -95,7 +101,10 @@ def run_group(group: str, device: str, quick: bool, module=None, timeout_s: floa
         try:
             on_rows(_kept(rows, group))
         except Exception as e:  # noqa: BLE001 - saving is best effort; the group goes on
-            print(f"bench: group {group}: could not save its rows so far ({type(e).__name__}: {e})", file=sys.stderr)
+            print(
+                f"bench: group {group}: could not save its rows so far ({type(e).__name__}: {e})",
+                file=sys.stderr,
+            )
 
     live = LiveRows(changed)
     try:
@@ -139,9 +148,20 @@ def run_group(group: str, device: str, quick: bool, module=None, timeout_s: floa
     return rows, info
 
 
-def run_groups(groups: Iterable[str], device: str, quick: bool, *, modules: dict | None = None,
-               peaks: dict | None = None, meta: dict | None = None, out: Path | None = None,
-               timeout_s: float | None = None, on_group: Callable | None = None, into=None, mode: str | None = None):  # fmt: skip
+def run_groups(
+    groups: Iterable[str],
+    device: str,
+    quick: bool,
+    *,
+    modules: dict | None = None,
+    peaks: dict | None = None,
+    meta: dict | None = None,
+    out: Path | None = None,
+    timeout_s: float | None = None,
+    on_group: Callable | None = None,
+    into=None,
+    mode: str | None = None,
+):
     """Run ``groups`` in order on ``device`` and collect every row; writes ``out`` when a group starts,
     after every row it appends, and when it ends, so that a run cut short keeps what it measured.
 
@@ -156,7 +176,11 @@ def run_groups(groups: Iterable[str], device: str, quick: bool, *, modules: dict
     Returns:
         the :class:`~bench.results.BenchRun`.
     """
-    run = into if into is not None else BenchRun(meta if meta is not None else machine_info(device), peaks, quick, mode)
+    run = (
+        into
+        if into is not None
+        else BenchRun(meta if meta is not None else machine_info(device), peaks, quick, mode)
+    )
 
     def save() -> None:
         if out is not None:

@@ -4,7 +4,8 @@ machine (no GPU needed).
     python -m bench.static [--batch 64] [--dtype bf16] [--json]
 
 For each conv and up-conv layer of the autoencoder G (64 px), the discriminator (64 and 227 px, in both
-layouts of disc_padding: "padded" and "code" = unpadded) and the fc6 inversion generator (227 px), at the given batch, channels_last:
+layouts of disc_padding: "padded" and "code" = unpadded) and the fc6 inversion generator (227 px), at the
+given batch, channels_last:
   * the tile configs the tuner may pick for the shape (``eligible_configs``) and the issued-MMA efficiency
     of each: useful conv FLOPs / FLOPs issued by the grid's MMAs (arithmetic on shape and tiles, exact);
   * each of those kernels compiled with ``triton.compile`` for ``GPUTarget("cuda", 90, 32)`` (with the
@@ -37,6 +38,16 @@ from dataclasses import dataclass
 
 import torch
 from deepsim.kernels import use_backend
+from deepsim.kernels._conv_backward import (
+    _conv_wgrad_kernel,
+    dgrad_config_list,
+    dgrad_geometry,
+    wgrad_candidates,
+    wgrad_constexprs,
+    wgrad_efficiency,
+    wgrad_problem,
+    wgrad_splits,
+)
 from deepsim.kernels._conv_configs import (
     SM_COUNT,
     ConvGeometry,
@@ -44,8 +55,11 @@ from deepsim.kernels._conv_configs import (
     eligible_configs,
     issued_mma_efficiency,
 )
-from deepsim.kernels._conv_igemm import _conv_igemm_lrelu_kernel, kernel_constexprs
+from deepsim.kernels._conv_igemm import _conv_igemm_lrelu_kernel, grid_size, kernel_constexprs
 from deepsim.kernels._conv_packing import conv_weight_row_stride
+
+from deepsim.applications.generators import InversionGenerator
+from deepsim.networks import AutoencoderGenerator, ConvLReLU, Discriminator, UpConvLReLU
 
 BATCH = 64
 HOPPER = (90, 32)  # GPUTarget("cuda", 90, 32): H100, warp size 32
@@ -80,8 +94,6 @@ class Layer:
 
 def _networks(batch: int):
     """(network label, module builder, input builder), all on the meta device."""
-    from deepsim.applications.generators import InversionGenerator
-    from deepsim.networks import AutoencoderGenerator, Discriminator
 
     def image(side):
         return lambda: (torch.empty(batch, 3, side, side, device="meta"),)
@@ -101,7 +113,6 @@ def _networks(batch: int):
 def network_layers(batch: int = BATCH) -> list[Layer]:
     """Every fused conv (ConvLReLU) and up-conv (UpConvLReLU) layer of the networks, with the shape it sees
     at ``batch``, recorded by forward hooks on a meta-device forward (the reference path; no compute)."""
-    from deepsim.networks import ConvLReLU, UpConvLReLU
 
     layers = []
     for network, build, inputs in _networks(batch):
@@ -118,7 +129,9 @@ def network_layers(batch: int = BATCH) -> list[Layer]:
                     geom = ConvGeometry(transposed, n, c_in, h, w, mod.out_channels, kh, kw,
                                                      mod.stride[0], mod.padding[0])  # fmt: skip
                     if tuple(out.shape[2:]) != geom.out_size:
-                        raise RuntimeError(f"{network} {name}: geometry {geom.out_size} != {tuple(out.shape)}")
+                        raise RuntimeError(
+                            f"{network} {name}: geometry {geom.out_size} != {tuple(out.shape)}"
+                        )
                     layers.append(Layer(network, name, geom))
 
                 handles.append(module.register_forward_hook(hook))
@@ -133,15 +146,10 @@ def network_layers(batch: int = BATCH) -> list[Layer]:
 # Compiling for sm_90 without a GPU
 
 
-def _tool(name: str) -> str:
-    from triton import knobs
-
-    return getattr(knobs.nvidia, name).path
-
-
 @functools.cache
-def compile_conv_kernel(constexprs: tuple, dtype: str, c_out_divisible_by_16: bool, num_warps: int,
-                        num_stages: int) -> dict:  # fmt: skip
+def compile_conv_kernel(
+    constexprs: tuple, dtype: str, c_out_divisible_by_16: bool, num_warps: int, num_stages: int
+) -> dict:
     """Compile the conv forward kernel (or, with MASK_A, the dgrad) for sm_90 and read it: registers, local
     memory (spills), shared memory, PTX instruction counts, SASS per wgmma. Cached per process.
 
@@ -154,18 +162,26 @@ def compile_conv_kernel(constexprs: tuple, dtype: str, c_out_divisible_by_16: bo
 
 
 @functools.cache
-def compile_wgrad_kernel(constexprs: tuple, dtype: str, r_divisible_by_16: bool, num_warps: int,
-                         num_stages: int) -> dict:  # fmt: skip
+def compile_wgrad_kernel(
+    constexprs: tuple, dtype: str, r_divisible_by_16: bool, num_warps: int, num_stages: int
+) -> dict:
     """As ``compile_conv_kernel``, for the wgrad kernel (partials in fp32)."""
-    from deepsim.kernels._conv_backward import _conv_wgrad_kernel
 
     divisible = ("R",) if r_divisible_by_16 else ()
     return compile_kernel(_conv_wgrad_kernel, constexprs, dtype, num_warps, num_stages, divisible,
                           fp32_pointers=("part_ptr", "bias_part_ptr"))  # fmt: skip
 
 
-def compile_kernel(fn, constexprs: tuple, dtype: str, num_warps: int, num_stages: int,
-                   divisible: tuple = (), fp32_pointers: tuple = ()) -> dict:  # fmt: skip
+def compile_kernel(
+    fn,
+    constexprs: tuple,
+    dtype: str,
+    num_warps: int,
+    num_stages: int,
+    divisible: tuple = (),
+    fp32_pointers: tuple = (),
+) -> dict:
+    # lazy, optional dependency: triton may be absent
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -190,6 +206,7 @@ def compile_kernel(fn, constexprs: tuple, dtype: str, num_warps: int, num_stages
 def inspect_compiled(ptx: str, cubin: bytes, shared: int) -> dict:
     """Registers and local memory of the cubin (``cuobjdump -res-usage``: LOCAL/STACK > 0 means spills),
     the kernel's shared memory, and instruction counts in the PTX."""
+    # lazy, optional dependency: triton may be absent
     from triton import knobs
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -244,16 +261,6 @@ def ctas_per_sm(registers: int, num_warps: int, shared_bytes: int) -> int:
 
 def _kernel_configs(kind: str, g: ConvGeometry, dtype: str):
     """(geometry the kernel runs, [(config, efficiency, programs, L2 bytes per MMA FLOP, compile thunk)])."""
-    from deepsim.kernels._conv_backward import (
-        dgrad_config_list,
-        dgrad_geometry,
-        wgrad_candidates,
-        wgrad_constexprs,
-        wgrad_efficiency,
-        wgrad_problem,
-        wgrad_splits,
-    )
-    from deepsim.kernels._conv_igemm import grid_size
 
     element = torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
     precision = "tf32" if dtype == "fp32" else "ieee"  # fp32: PyTorch's default cuDNN setting
@@ -263,8 +270,14 @@ def _kernel_configs(kind: str, g: ConvGeometry, dtype: str):
         w_k_stride = kg.k if kg.transposed else conv_weight_row_stride(kg.k, element)
         lister = config_list if kind == "forward" else dgrad_config_list
         for c in eligible_configs(kg, element, lister(TORCH_DTYPES[dtype], precision)):
-            ce = kernel_constexprs(kg, c, has_bias=kind == "forward", precision=precision, w_k_stride=w_k_stride,
-                                   dgrad=kind == "dgrad")  # fmt: skip
+            ce = kernel_constexprs(
+                kg,
+                c,
+                has_bias=kind == "forward",
+                precision=precision,
+                w_k_stride=w_k_stride,
+                dgrad=kind == "dgrad",
+            )
             tiles, classes = grid_size(kg, c)
             a_reads = 2 if kind == "dgrad" else 1  # the dgrad reads out beside grad_out (the mask)
             l2 = element * (a_reads * c.block_m + c.block_n) / (2 * c.block_m * c.block_n)
@@ -280,9 +293,18 @@ def _kernel_configs(kind: str, g: ConvGeometry, dtype: str):
         tiles = -(-p["R"] // c.block_m) * -(-p["KCOLS"] // c.block_n)
         rows, cols = (c.block_m, 2 * c.block_n) if g.transposed else (2 * c.block_m, c.block_n)  # + the mask
         l2 = element * (rows + cols) / (2 * c.block_m * c.block_n)
-        out.append((c, wgrad_efficiency(g, c), tiles * splits, l2, p["C"] % c.block_n == 0,
-                    lambda ce=ce, c=c: compile_wgrad_kernel(tuple(sorted(ce.items())), dtype, p["R"] % 16 == 0,
-                                                            c.num_warps, c.num_stages)))  # fmt: skip
+        out.append(
+            (
+                c,
+                wgrad_efficiency(g, c),
+                tiles * splits,
+                l2,
+                p["C"] % c.block_n == 0,
+                lambda ce=ce, c=c: compile_wgrad_kernel(
+                    tuple(sorted(ce.items())), dtype, p["R"] % 16 == 0, c.num_warps, c.num_stages
+                ),
+            )
+        )
     return g, out
 
 
@@ -326,8 +348,18 @@ def static_report(batch: int = BATCH, dtype: str = "bf16", kernels=KERNELS, netw
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         return _report_here(batch, dtype, kernels, networks)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    args = [sys.executable, "-m", "bench.static", "--batch", str(batch), "--dtype", dtype, "--json",
-            "--kernels", ",".join(kernels)] + (["--networks", ";".join(networks)] if networks else [])  # fmt: skip
+    args = [
+        sys.executable,
+        "-m",
+        "bench.static",
+        "--batch",
+        str(batch),
+        "--dtype",
+        dtype,
+        "--json",
+        "--kernels",
+        ",".join(kernels),
+    ] + (["--networks", ";".join(networks)] if networks else [])
     done = subprocess.run(args, env=env, capture_output=True, text=True, cwd=_repo_root())
     if done.returncode != 0:
         raise RuntimeError(f"python -m bench.static failed:\n{done.stdout}\n{done.stderr}")
@@ -350,7 +382,8 @@ def format_table(rows: list[dict]) -> str:
         ctas = min(c["ctas_per_sm"] for c in r["configs"])
         lines.append(
             f"{r['network']:<18} {r['layer']:<16} {r['shape']:<34} {r.get('kernel', 'forward'):<7} "
-            f"{len(r['configs']):>7} {r['min_efficiency']:>7.3f} {r['max_registers']:>4} {r['spill_bytes']:>5} "
+            f"{len(r['configs']):>7} {r['min_efficiency']:>7.3f} {r['max_registers']:>4} "
+            f"{r['spill_bytes']:>5} "
             f"{r['max_shared_bytes'] / 1024:>7.0f} {'yes' if r['wgmma'] else 'NO':>5} "
             f"{'yes' if r['async_loads'] else 'NO':>5} {f'{cp_async}/{ld_global}':>11} {ctas:>6} "
             f"{r['min_waves']:>6.2f} {r['max_l2_bytes_per_flop']:>9.4f} {r['max_sass_per_wgmma']:>10.1f}"
@@ -360,7 +393,9 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.static", description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=BATCH, help="batch size of the layer shapes (default 64)")
+    parser.add_argument(
+        "--batch", type=int, default=BATCH, help="batch size of the layer shapes (default 64)"
+    )
     parser.add_argument("--dtype", default="bf16", choices=sorted(POINTER_TYPES), help="operand dtype")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead of a table")
     parser.add_argument("--kernels", default=",".join(KERNELS), help="comma-separated: forward,dgrad,wgrad")

@@ -1,51 +1,6 @@
 """Full training-step benchmark: images/s of one DeePSiM iteration (G, C, D, both backwards, both Adams).
 
-Rows (``run(device, quick, rows)``): group="step", name (workload), variant, baseline, value, unit,
-ratio_vs_baseline, and where known flops (per step), tflops, peak_fraction, peak_memory (bytes),
-first_call_s (the first step: the compile, for compiled variants) and wall_s (the whole variant). Each row
-is appended to ``rows`` as soon as it is measured, so a group stopped by its time limit keeps it.
-
-Workloads, in this order: the autoencoder (batch 64, 64x64, comparator AlexNet conv3 with random weights:
-same FLOPs as the trained one), then the fc6 inversion (batch 64, 227x227, Phi and comparator AlexNet with
-random weights). Variants, each on a fresh copy of the same initial trainer, synthetic batches already on
-the device (the loader is bench/loader.py's business):
-
-    eager                      DeePSiMTrainer.step, plain aten ops (DEEPSIM_KERNELS=reference)   <- baseline
-    eager-fused                DeePSiMTrainer.step with the fused Triton kernels (CUDA only)
-    compiled-step              the whole step as one graph (deepsim.train.compiled), plain aten ops
-    compiled-step-fused        the same with the fused kernels (CUDA only)
-    compiled-step-cudagraphs   the fused compiled step under CUDA graphs ("reduce-overhead", CUDA only)
-    compile-modules-max-autotune   torch.compile(G), (D), (C) with mode="max-autotune-no-cudagraphs",
-                               plain aten ops, eager step around: only while the group's time limit leaves
-                               room for it (minutes of autotuning), after both workloads' other variants
-
-Checks recorded as rows:
-
-* graph breaks: the compiled steps use ``fullgraph=True`` (a break is an error, so a compiled-step row at
-  all means 0 breaks); the row counts Dynamo's graph-break counter and the graphs compiled (unique_graphs).
-* CUDA graphs: inductor skips CUDA graphs silently where a graph cannot be captured (a CPU op, a mutated
-  input...), and the "cudagraphs" variant is then just the compiled step. Its row records inductor's
-  ``cudagraph_skips`` counter over the variant, and the variant is compiled once with
-  ``torch._inductor.config.triton.cudagraph_or_error = True`` (what ``TORCHINDUCTOR_CUDAGRAPH_OR_ERROR=1``
-  sets) so that a fallback becomes an error: the check row passes, or fails with inductor's reason (the
-  variant is then timed again as inductor falls back, so its figure is still there, marked).
-
-FLOPs per step are counted once with torch.utils.flop_counter.FlopCounterMode on the eager step (matmuls and
-convolutions, forward and backward); the fraction of peak uses the card's dense peak for the precision the
-convolutions run in (TF32 when cudnn.allow_tf32, PyTorch's default). Peak memory is
-torch.cuda.max_memory_allocated over the variant.
-
-On CPU, ``quick`` runs a reduced version (autoencoder batch 4 at 40x40, eager vs compiled step, and the
-inversion eager step with a narrower generator): CPU numbers say nothing about a GPU. A dry run
-(bench/dryrun.py) runs every autoencoder variant at batch 2, 40x40, and the inversion's eager step at
-64x64, with CPU stand-ins that compile nothing (the compiled variants run the same functional step
-uncompiled; tests/test_compiled_step.py checks the compiled step itself). Targets on an H100 (issue 5):
-compiled-step-cudagraphs >= 3x eager, >= 1.3x compile-modules-max-autotune, >= 40,000 images/s for the
-autoencoder. The cudagraphs row also gives the measured against the estimated seconds per step
-(bench/time_model.py's estimate, kept in bench/step_estimates.json: ``estimated_step_s``,
-``measured_step_s``, ``measured_over_estimate``; the target is within 2x).
-
-    python3 -m bench.step [--quick] [--device cuda|cpu]
+Design notes: docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -62,6 +17,7 @@ import torch._dynamo
 import torch._inductor.config as inductor_config
 from deepsim.kernels import fp32_uses_tf32, use_backend
 from torch._dynamo.utils import counters
+from torch.utils.flop_counter import FlopCounterMode
 
 from bench.cli import group_main
 from bench.dryrun import dry_run
@@ -105,10 +61,6 @@ def _workloads(device: torch.device, quick: bool) -> list[tuple[str, object]]:
         autoencoder = autoencoder.replace(batch_size=2, comparator="alexnet-random:conv2")
     size = f"{autoencoder.image_size}x{autoencoder.image_size}"
     items = [(f"autoencoder b{autoencoder.batch_size} {size}{suffix}", autoencoder)]
-    try:
-        import deepsim.applications  # noqa: F401 - the inversion trainer lives there
-    except ImportError:
-        return items
     invert = get_preset("invert-fc6").replace(
         invert_network="alexnet-random", comparator="alexnet-random:pool5", device=str(device),
         batch_size=2 if cpu else 64, fc_width=1024 if cpu and quick else 4096,
@@ -143,8 +95,6 @@ def _time(step, batches, device, warmup: int, iters: int) -> tuple[float, float]
 
 
 def _count_flops(trainer, batch) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
-
     probe = copy.deepcopy(trainer)
     with use_backend("reference"), FlopCounterMode(display=False) as counter:
         probe.step(batch)
@@ -178,12 +128,18 @@ def _variants(device: torch.device, quick: bool) -> list[Variant]:
         uncompiled = "the functional step uncompiled (CompiledStep mode 'eager') instead of inductor"
         return [
             Variant("eager", "reference", lambda t: t.step),
-            Variant("eager-fused", "auto", lambda t: t.step, "fused kernels run their reference on CPU tensors"),
+            Variant(
+                "eager-fused", "auto", lambda t: t.step, "fused kernels run their reference on CPU tensors"
+            ),
             Variant("compiled-step", "reference", lambda t: CompiledStep(t, "eager"), uncompiled),
             Variant("compiled-step-fused", "auto", lambda t: CompiledStep(t, "eager"), uncompiled),
-            Variant("compiled-step-cudagraphs", "auto", lambda t: CompiledStep(t, "eager"),
-                    uncompiled + "; no CUDA graphs on a CPU"),
-        ]  # fmt: skip
+            Variant(
+                "compiled-step-cudagraphs",
+                "auto",
+                lambda t: CompiledStep(t, "eager"),
+                uncompiled + "; no CUDA graphs on a CPU",
+            ),
+        ]
     variants = [Variant("eager", "reference", lambda t: t.step)]
     if device.type == "cuda":
         variants.append(Variant("eager-fused", "auto", lambda t: t.step))
@@ -213,7 +169,9 @@ class Workload:
         self.reference = build_trainer(config, device, TASKS)
         gen = torch.Generator(device="cpu").manual_seed(1)
         self.batches = [
-            (torch.rand(config.batch_size, 3, config.image_size, config.image_size, generator=gen) * 2 - 1).to(device)
+            (
+                torch.rand(config.batch_size, 3, config.image_size, config.image_size, generator=gen) * 2 - 1
+            ).to(device)
             for _ in range(2)
         ]
         self.flops = _count_flops(self.reference, self.batches[0])
@@ -234,8 +192,12 @@ class Workload:
         """Time ``variant`` on a fresh copy of the initial trainer; returns its row."""
         device, cuda = self.device, self.device.type == "cuda"
         left = seconds_left()
-        print(f"bench.step: {self.name}: {variant.name} ..." + ("" if left is None else f" ({left:.0f} s left)"),
-              file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"bench.step: {self.name}: {variant.name} ..."
+            + ("" if left is None else f" ({left:.0f} s left)"),
+            file=sys.stderr,
+            flush=True,
+        )
         t0 = time.perf_counter()
         trainer = copy.deepcopy(self.reference)
         torch._dynamo.reset()
@@ -252,17 +214,26 @@ class Workload:
             self.base = images_per_s
         achieved = self.flops / seconds / 1e12
         return self.row(
-            variant.name, value=images_per_s, unit="img/s",
+            variant.name,
+            value=images_per_s,
+            unit="img/s",
             ratio_vs_baseline=None if self.base is None else images_per_s / self.base,
-            flops=self.flops, tflops=achieved, peak_fraction=None if self.peak is None else achieved / self.peak,
+            flops=self.flops,
+            tflops=achieved,
+            peak_fraction=None if self.peak is None else achieved / self.peak,
             peak_memory=torch.cuda.max_memory_allocated(device) if cuda else None,
-            first_call_s=first, wall_s=time.perf_counter() - t0,
+            first_call_s=first,
+            wall_s=time.perf_counter() - t0,
             note=None if variant.stand_in is None else f"stand-in: {variant.stand_in}",
-        )  # fmt: skip
+        )
 
 
 def _graph_break_row(workload: Workload, breaks: int, graphs: int, stand_in: str | None) -> dict:
-    note = f"{graphs} graph(s) compiled with fullgraph=True" if stand_in is None else "stand-in: nothing compiled"
+    note = (
+        f"{graphs} graph(s) compiled with fullgraph=True"
+        if stand_in is None
+        else "stand-in: nothing compiled"
+    )
     return workload.row("graph breaks in the compiled step", value=breaks, unit="breaks", baseline="0",
                         ratio_vs_baseline=None, graphs=graphs, note=note)  # fmt: skip
 
@@ -272,14 +243,19 @@ ESTIMATES = Path(__file__).with_name("step_estimates.json")  # bench.time_model'
 
 def _with_estimate(workload: Workload, row: dict) -> dict:
     """Measured against estimated seconds per step (bench.time_model's estimate for the same workload and
-    batch, from ESTIMATES), so the model can be corrected: ``estimated_step_s``, ``measured_over_estimate``."""
+    batch, from ESTIMATES), so the model can be corrected: ``estimated_step_s``,
+    ``measured_over_estimate``."""
     try:
         estimates = json.loads(ESTIMATES.read_text())
     except (OSError, ValueError):
         return row
     task = "invert-fc6" if workload.config.task == "invert" else workload.config.task
     for e in estimates:
-        if e.get("workload") == task and e.get("batch") == workload.config.batch_size and e.get("kernels") == "auto":
+        if (
+            e.get("workload") == task
+            and e.get("batch") == workload.config.batch_size
+            and e.get("kernels") == "auto"
+        ):
             measured = workload.config.batch_size / row["value"] if row.get("value") else None
             row["estimated_step_s"] = e["estimated_step_s"]
             row["measured_step_s"] = measured
@@ -297,8 +273,10 @@ def _measure_cudagraphs(workload: Workload, variant: Variant, rows: list[dict]) 
     try:
         with inductor_config.patch({"triton.cudagraph_or_error": True}):
             row = workload.measure(variant)
-        check.update(value=counters["inductor"]["cudagraph_skips"] - skips,
-                     note="compiled with TORCHINDUCTOR_CUDAGRAPH_OR_ERROR's setting: no fallback")  # fmt: skip
+        check.update(
+            value=counters["inductor"]["cudagraph_skips"] - skips,
+            note="compiled with TORCHINDUCTOR_CUDAGRAPH_OR_ERROR's setting: no fallback",
+        )
     except Exception as e:  # noqa: BLE001 - inductor's reason for the fallback is the finding
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:300]
         check.update(value=counters["inductor"]["cudagraph_skips"] - skips, status=f"failed: {reason}")
@@ -332,8 +310,14 @@ def bench_workload(workload: Workload, quick: bool, rows: list[dict]) -> None:
             breaks, graphs = sum(counters["graph_break"].values()), counters["stats"]["unique_graphs"]
             rows.append(workload.measure(variant))
             if variant.name == "compiled-step":
-                rows.append(_graph_break_row(workload, sum(counters["graph_break"].values()) - breaks,
-                                             counters["stats"]["unique_graphs"] - graphs, variant.stand_in))  # fmt: skip
+                rows.append(
+                    _graph_break_row(
+                        workload,
+                        sum(counters["graph_break"].values()) - breaks,
+                        counters["stats"]["unique_graphs"] - graphs,
+                        variant.stand_in,
+                    )
+                )
         except Exception as e:  # noqa: BLE001 - one broken variant must not hide the others
             rows.append(_failed(workload, variant.name, e))
 
@@ -357,7 +341,11 @@ def _max_autotune(workload: Workload, rows: list[dict]) -> None:
         return
     rows.append(row)
     for r in rows:
-        if r.get("name") == workload.name and str(r.get("variant")).startswith("compiled-step") and r.get("value"):
+        if (
+            r.get("name") == workload.name
+            and str(r.get("variant")).startswith("compiled-step")
+            and r.get("value")
+        ):
             r["ratio_vs_compile_modules_max_autotune"] = r["value"] / row["value"]
 
 
@@ -381,8 +369,18 @@ def run(device: str = "cuda", quick: bool = False, rows: list[dict] | None = Non
             try:
                 workload = Workload(name, config, device, quick)
             except Exception as e:  # noqa: BLE001 - e.g. out of memory building it: the next workload runs
-                rows.append(dict(group="step", name=name, variant="", baseline="", value=None, unit="",
-                                 ratio_vs_baseline=None, status=f"failed: {type(e).__name__}: {e}"[:300]))  # fmt: skip
+                rows.append(
+                    dict(
+                        group="step",
+                        name=name,
+                        variant="",
+                        baseline="",
+                        value=None,
+                        unit="",
+                        ratio_vs_baseline=None,
+                        status=f"failed: {type(e).__name__}: {e}"[:300],
+                    )
+                )
                 continue
             workloads.append(workload)
             bench_workload(workload, quick, rows)

@@ -99,13 +99,16 @@ def header_lines(run: BenchRun) -> list[str]:
         f"- card: {m.get('card')}" + (f" (CUDA {m['cuda']})" if m.get("cuda") else ""),
         f"- torch {m.get('torch')}, triton {m.get('triton')}, DALI {m.get('dali')}"
         + (f", numpy {m['numpy']}" if m.get("numpy") else ""),
-        f"- commit: {commit_label(m)}" + (f" (from {m['commit_source']})" if m.get("commit_source") not in
-                                          (None, "git") else ""),  # fmt: skip
+        f"- commit: {commit_label(m)}"
+        + (
+            f" (from {m['commit_source']})" if m.get("commit_source") not in (None, "git") else ""
+        ),  # fmt: skip
         f"- date: {m.get('date')}; device {m.get('device')}; mode {_mode_label(run)}",
     ]
     if p:
         lines.append(
-            f"- measured peaks: {p['flops_per_s'] / 1e9:.4g} GFLOP/s ({p['dtype']} matmul n={p['matmul_n']}), "
+            f"- measured peaks: {p['flops_per_s'] / 1e9:.4g} GFLOP/s ({p['dtype']} matmul "
+            f"n={p['matmul_n']}), "
             f"{p['bytes_per_s'] / 1e9:.4g} GB/s (copy, read + write)"
             + (" at dry-run sizes: no ceiling, so no roofline columns" if run.mode == "dry-run" else "")
         )
@@ -166,8 +169,10 @@ def format_compact(run: BenchRun, width: int = 56) -> str:
     """A short fixed-width table (one line per row) for a terminal, e.g. the end of bench/gpu.sh, then the
     registered report sections."""
     m = run.meta
-    lines = [f"{machine_label(m)} | torch {m.get('torch')} triton {m.get('triton')} DALI {m.get('dali')} | "
-             f"{commit_label(m)}" + (" | DRY RUN (CPU stand-ins)" if run.mode == "dry-run" else "")]  # fmt: skip
+    lines = [
+        f"{machine_label(m)} | torch {m.get('torch')} triton {m.get('triton')} DALI {m.get('dali')} | "
+        f"{commit_label(m)}" + (" | DRY RUN (CPU stand-ins)" if run.mode == "dry-run" else "")
+    ]
     for r in run.rows:
         name = r.get("name") or ""
         name = name if len(name) <= width else name[: width - 1] + "~"

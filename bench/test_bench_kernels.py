@@ -5,7 +5,7 @@ Each case times forward + backward of one op on a network layer shape, for two i
 kernel on CUDA; on CPU the same custom op running its PyTorch fallback, so only its overhead and saved
 tensors differ). CUDA: batch 64, bf16; CPU: batch 8, fp32. Every case records its FLOP and byte counts
 (bench/roofline.py) and, after timing, its FLOP floor, byte floor and fraction of the roofline at the peaks
-measured once per session (bench/common.py) in ``extra_info``
+measured once per session (bench/peaks.py) in ``extra_info``
 (see them with ``--benchmark-json out.json`` or ``--benchmark-columns``).
 """
 
@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.common import add_roofline, measure_peaks
-from bench.roofline import conv_work, feature_distance_work
+from bench.peaks import measure_peaks
+from bench.roofline import add_roofline, conv_work, feature_distance_work
 
 try:  # installed package
     import deepsim.kernels as K
@@ -51,8 +51,14 @@ def _sync():
 
 def _record(benchmark, peaks, flops, nbytes):
     info = benchmark.extra_info
-    info.update(device=DEVICE, dtype=str(DTYPE).removeprefix("torch."), batch=BATCH, flops=flops, bytes=nbytes,
-                card=torch.cuda.get_device_name() if CUDA else "none (CPU)")  # fmt: skip
+    info.update(
+        device=DEVICE,
+        dtype=str(DTYPE).removeprefix("torch."),
+        batch=BATCH,
+        flops=flops,
+        bytes=nbytes,
+        card=torch.cuda.get_device_name() if CUDA else "none (CPU)",
+    )
     stats = getattr(getattr(benchmark, "stats", None), "stats", None)
     if stats is not None:  # None under --benchmark-disable
         row = add_roofline({"value": stats.median, "unit": "s", "flops": flops, "bytes": nbytes}, peaks)

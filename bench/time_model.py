@@ -25,11 +25,19 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from deepsim.kernels._conv_configs import GPU_CONFIGS, eligible_configs, issued_mma_efficiency
+
+from bench.static import network_layers
+
 __all__ = ["H100", "Device", "estimate", "estimate_rows", "TARGET_IMAGES_PER_S"]
 
 TARGET_IMAGES_PER_S = {"autoencoder": 40_000.0}
 # The networks (bench.static labels) whose conv layers each workload's step runs.
-NETWORKS = {"autoencoder": ("G autoencoder 64px", "D 64px unpadded"), "invert-fc6": ("G fc6 227px", "D 227px unpadded")}
+NETWORKS = {
+    "autoencoder": ("G autoencoder 64px", "D 64px unpadded"),
+    "invert-fc6": ("G fc6 227px", "D 227px unpadded"),
+}
 
 
 @dataclass(frozen=True)
@@ -47,17 +55,15 @@ H100 = Device("H100 SXM (datasheet: 989 TFLOP/s bf16 dense, 3.35 TB/s HBM3)", 98
 
 def mma_efficiency(workload: str, batch: int) -> float:
     """FLOP-weighted issued-MMA efficiency of the workload's conv layers (best eligible config per layer)."""
-    import torch
-    from deepsim.kernels._conv_configs import GPU_CONFIGS, eligible_configs, issued_mma_efficiency
-
-    from bench.static import network_layers
 
     useful = issued = 0.0
     for layer in network_layers(batch):
         if layer.network not in NETWORKS[workload]:
             continue
         g = layer.geom
-        best = max(issued_mma_efficiency(g, c) for c in eligible_configs(g, torch.bfloat16.itemsize, GPU_CONFIGS))
+        best = max(
+            issued_mma_efficiency(g, c) for c in eligible_configs(g, torch.bfloat16.itemsize, GPU_CONFIGS)
+        )
         useful += g.useful_flops()
         issued += g.useful_flops() / best
     return useful / issued if issued else 1.0
@@ -78,12 +84,20 @@ def estimate(row: dict, device: Device = H100, efficiency: float | None = None) 
     step_s = triton_s + mma_s + launch_s
     target = TARGET_IMAGES_PER_S.get(row["workload"])
     return dict(
-        workload=row["workload"], kernels=row["kernels"], batch=row["batch"], device=device.name,
-        launches_per_step=row["launches_per_step"], mma_efficiency=efficiency,
-        estimated_step_s=step_s, estimated_triton_s=triton_s, estimated_mma_s=mma_s, estimated_launch_s=launch_s,
-        estimated_images_per_s=row["batch"] / step_s, target_images_per_s=target,
+        workload=row["workload"],
+        kernels=row["kernels"],
+        batch=row["batch"],
+        device=device.name,
+        launches_per_step=row["launches_per_step"],
+        mma_efficiency=efficiency,
+        estimated_step_s=step_s,
+        estimated_triton_s=triton_s,
+        estimated_mma_s=mma_s,
+        estimated_launch_s=launch_s,
+        estimated_images_per_s=row["batch"] / step_s,
+        target_images_per_s=target,
         note="estimate (roofline + per-launch cost), not a measurement",
-    )  # fmt: skip
+    )
 
 
 def estimate_rows(rows: list[dict], device: Device = H100) -> list[dict]:

@@ -2,7 +2,7 @@
 
 Why a ``BaseException``: torch.compile catches ``Exception`` in many places (inductor's compile workers,
 its CPU feature probes, Dynamo's fallbacks), so a timeout raised as an ``Exception`` inside a compile is
-swallowed. Measured with the earlier ``GroupTimeout(Exception)``: a group given 25 s ran 77 to 118 s and
+swallowed. Measured with a ``GroupTimeout(Exception)``: a group given 25 s ran 77 to 118 s and
 reported "ok", and one swallowed alarm made inductor conclude that the CPU had no vector extensions (its
 probe failed), which slowed the compiled step measured after it. ``except Exception`` does not catch a
 ``BaseException``, so the timeout reaches the harness. The alarm also repeats every few seconds until the
@@ -40,7 +40,8 @@ def seconds_left() -> float | None:
 class time_limit:
     """``with time_limit(seconds, "group step"):`` raises :class:`GroupTimeout` in the block once
     ``seconds`` have passed (again every :data:`REPEAT_S` s while it goes on). ``seconds`` None or 0: no
-    limit; negative: the limit is already spent. Not re-entrant across threads; an inner limit replaces the outer one until it ends."""
+    limit; negative: the limit is already spent. Not re-entrant across threads; an inner limit replaces the
+    outer one until it ends."""
 
     def __init__(self, seconds: float | None, what: str = "block"):
         self.seconds, self.what = seconds, what

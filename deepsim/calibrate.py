@@ -1,6 +1,7 @@
 """Calibrate lambda_feat for a comparator against a reference comparator (``deepsim calibrate``).
 
-The derived code's lambda_feat = 0.01 (0.005 in deepsim's scale convention, :data:`deepsim.config.CAFFE_TO_DEEPSIM`)
+The derived code's lambda_feat = 0.01 (0.005 in deepsim's scale convention,
+:data:`deepsim.config.CAFFE_TO_DEEPSIM`)
 was tuned for CaffeNet pool5 on Caffe's input scale (BGR, 0..255, mean subtracted). Another comparator, e.g.
 torchvision's AlexNet (inputs about 58x smaller per grey level, other weights), gives feature distances of
 another size, so the same lambda_feat gives its term another weight in the loss. This module measures the
@@ -35,8 +36,15 @@ import torch.nn.functional as F
 
 from deepsim.comparators import Comparator
 from deepsim.config import CAFFE_TO_DEEPSIM
+from deepsim.data import iterate_eval
 
-__all__ = ["PERTURBATIONS", "CalibrationReport", "calibrate_lambda_feat", "feature_distances", "format_report"]
+__all__ = [
+    "PERTURBATIONS",
+    "CalibrationReport",
+    "calibrate_lambda_feat",
+    "feature_distances",
+    "format_report",
+]
 
 REFERENCE_LAMBDA_FEAT = 0.01 * CAFFE_TO_DEEPSIM["feat"]  # the code's 0.01 for CaffeNet, in our convention
 
@@ -143,7 +151,6 @@ def calibrate_lambda_feat(
         ComparatorWeightsError: a missing or unfit weights file (named).
         DataError: an unreadable data source.
     """
-    from deepsim.data import iterate_eval
 
     unknown = [p for p in perturbations if p not in PERTURBATIONS]
     if unknown or not perturbations:
@@ -161,7 +168,12 @@ def calibrate_lambda_feat(
     seen = 0
     generator = torch.Generator().manual_seed(seed)
     batches = iterate_eval(
-        data, batch_size=batch_size, crop_size=size, mode="resize-center", resize_size=max(256, size), device=device
+        data,
+        batch_size=batch_size,
+        crop_size=size,
+        mode="resize-center",
+        resize_size=max(256, size),
+        device=device,
     )
     for batch in batches:
         batch = batch[: images - seen]
@@ -175,7 +187,10 @@ def calibrate_lambda_feat(
     if seen == 0:
         raise ValueError(f"calibrate: no images in {data}")
     report = CalibrationReport(
-        comparator=comparator.spec, reference=reference.spec, images=seen, size=size,
+        comparator=comparator.spec,
+        reference=reference.spec,
+        images=seen,
+        size=size,
         reference_lambda_feat=reference_lambda_feat,
     )
     for name, (ref_sum, cmp_sum) in sums.items():
@@ -202,6 +217,7 @@ def format_report(report: CalibrationReport) -> str:
     lines.append(f"ratio (geometric mean) {report.ratio:.6g} (per perturbation {low:.6g} .. {high:.6g})")
     lines.append(
         f"lambda_feat for {report.comparator} = {report.reference_lambda_feat:.6g} x {report.ratio:.6g} = "
-        f"{report.lambda_feat:.6g}   (deepsim's scale convention; pass --lambda-feat {report.lambda_feat:.3g})"
+        f"{report.lambda_feat:.6g}   (deepsim's scale convention; pass --lambda-feat "
+        f"{report.lambda_feat:.3g})"
     )
     return "\n".join(lines)

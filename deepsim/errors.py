@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 from deepsim.comparators import ComparatorWeightsError
+from deepsim.data.errors import DataError
 from deepsim.train.checkpoint import CheckpointError
+from deepsim.train.loop import NonFiniteLossError
 
 __all__ = ["USER_ERRORS"]
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from deepsim.data.errors import DataError
-    from deepsim.train.loop import NonFiniteLossError
-
-    return (DataError, ComparatorWeightsError, CheckpointError, NonFiniteLossError, ValueError, KeyError, FileNotFoundError, FileExistsError)
+    return (
+        DataError,
+        ComparatorWeightsError,
+        CheckpointError,
+        NonFiniteLossError,
+        ValueError,
+        KeyError,
+        FileNotFoundError,
+        FileExistsError,
+    )
 
 
 USER_ERRORS = _user_errors()

@@ -1,7 +1,8 @@
 """``deepsim export`` and :func:`load_generator`: trained generators as safetensors, files that run no code.
 
 The file layout is in :mod:`deepsim.train.tensorfile` and docs/files.md. Sources: a run folder, a checkpoint
-(``checkpoint.pt``, an ``import-caffe`` file, another export), or a state dict of the published PyTorch port of
+(``checkpoint.pt``, an ``import-caffe`` file, another export), or a state dict of the published PyTorch port
+of
 the authors' generators (``upconvGAN``, :mod:`deepsim.caffe.upconvgan`).
 """
 
@@ -14,6 +15,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from deepsim.applications.factory import build_generator
+from deepsim.caffe.importer import imported_generator_payload
+from deepsim.caffe.upconvgan import generator_from_upconvgan, is_upconvgan_state
+from deepsim.config import TrainConfig
 from deepsim.train.checkpoint import (
     CheckpointError,
     find_checkpoints,
@@ -21,6 +26,8 @@ from deepsim.train.checkpoint import (
     read_footer,
     safe_torch_load,
 )
+from deepsim.train.loop import source_commit
+from deepsim.train.tensorfile import is_safetensors, read_safetensors, write_safetensors
 
 __all__ = ["ExportResult", "export_checkpoint", "load_generator", "read_source"]
 
@@ -33,11 +40,12 @@ class ExportResult:
 
 
 def _upconvgan_payload(path: Path, state: dict, layer: str | None) -> dict:
-    from deepsim.caffe.importer import imported_generator_payload
-    from deepsim.caffe.upconvgan import generator_from_upconvgan
-
     generator = generator_from_upconvgan(state, layer, image_size=227, source=str(path))
-    meta = {"source": str(path.resolve()), "layer": layer or generator.layer, "format": "upconvGAN state dict"}
+    meta = {
+        "source": str(path.resolve()),
+        "layer": layer or generator.layer,
+        "format": "upconvGAN state dict",
+    }
     payload = imported_generator_payload(generator, phi_weights=None, out_folder=path.parent, meta=meta)
     payload["provenance"] = {"preset": f"invert-{generator.layer}", "commit": None}
     return payload
@@ -45,8 +53,6 @@ def _upconvgan_payload(path: Path, state: dict, layer: str | None) -> dict:
 
 def read_source(path: str | os.PathLike, *, layer: str | None = None) -> dict:
     """The payload of a checkpoint, a folder, an export, or an upconvGAN state dict (converted to ours)."""
-    from deepsim.caffe.upconvgan import is_upconvgan_state
-    from deepsim.train.tensorfile import is_safetensors, read_safetensors
 
     path = Path(path)
     if path.is_file():
@@ -88,8 +94,6 @@ def export_checkpoint(
         layer: upconvGAN sources: "pool5" | "fc6" | "fc7" | "fc8" (default: from the keys).
         force: replace ``out`` if it exists (otherwise FileExistsError, and nothing is read or written).
     """
-    from deepsim.train.loop import source_commit
-    from deepsim.train.tensorfile import write_safetensors
 
     source, out = Path(source), Path(out)
     if out.exists() and not force:
@@ -97,7 +101,10 @@ def export_checkpoint(
     payload = read_source(source, layer=layer)
     generator = _state_of(payload, "generator", source)
     if training_state:
-        contents, written = "the whole training checkpoint", {k: v for k, v in payload.items() if k != "_source"}
+        contents, written = (
+            "the whole training checkpoint",
+            {k: v for k, v in payload.items() if k != "_source"},
+        )
     else:
         trainer = {"generator": generator}
         contents = "the generator"
@@ -126,7 +133,9 @@ def export_checkpoint(
     }
     write_safetensors(out, written, provenance=provenance, force=force)
     task = config.get("task", "?")
-    return ExportResult(out, f"{contents} of the {task} run at step {payload['step']} (safetensors)", provenance)
+    return ExportResult(
+        out, f"{contents} of the {task} run at step {payload['step']} (safetensors)", provenance
+    )
 
 
 def load_generator(
@@ -144,10 +153,6 @@ def load_generator(
         :class:`~deepsim.applications.VariationalAutoencoder` (vae) or an
         :class:`~deepsim.applications.generators.InversionGenerator` (invert: features -> RGB in [-1, 1]).
     """
-    from deepsim.applications.factory import build_generator
-    from deepsim.caffe.upconvgan import generator_from_upconvgan, is_upconvgan_state
-    from deepsim.config import TrainConfig
-    from deepsim.train.tensorfile import is_safetensors, read_safetensors
 
     path = Path(path)
     payload = None

@@ -24,6 +24,7 @@ from torch import nn
 from deepsim.comparators import Comparator
 from deepsim.config import CAFFE_TO_DEEPSIM
 from deepsim.kernels import feature_distance
+from deepsim.perceptual import LPIPS
 
 __all__ = ["DeePSiMLoss", "GeneratorLoss", "DiscriminatorLoss", "PauseRule", "image_distance"]
 
@@ -97,10 +98,10 @@ class DeePSiMLoss(nn.Module):
             raise ValueError(f"feature_metric must be 'squared' or 'lpips', got {feature_metric!r}")
         self.feature_metric, self.lpips = feature_metric, None
         if feature_metric == "lpips" and loss == "deepsim" and lambda_feat:
-            from deepsim.perceptual import LPIPS
-
             if comparator is not None and not isinstance(comparator, LPIPS):
-                raise ValueError("feature_metric='lpips' takes comparator=None (LPIPS('alex')) or an LPIPS module")
+                raise ValueError(
+                    "feature_metric='lpips' takes comparator=None (LPIPS('alex')) or an LPIPS module"
+                )
             self.lpips = comparator if comparator is not None else LPIPS("alex")
             comparator = self.lpips.comparator
         elif isinstance(comparator, str):
@@ -116,7 +117,8 @@ class DeePSiMLoss(nn.Module):
         return self.loss == "deepsim" and self.lambda_adv != 0
 
     def feature_loss(self, fake: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-        """L_feat: the weighted comparator feature distance, or the LPIPS batch mean (reals carry no gradient)."""
+        """L_feat: the weighted comparator feature distance, or the LPIPS batch mean (reals carry no
+        gradient)."""
         if self.lpips is not None:
             return self.lpips.distance(fake, real.detach()).mean()
         with torch.no_grad():
@@ -124,7 +126,9 @@ class DeePSiMLoss(nn.Module):
         fake_taps = self.comparator(fake)
         return feature_distance(fake_taps, real_taps, self.comparator.tap_weights, reduction="mean")
 
-    def forward(self, fake: torch.Tensor, real: torch.Tensor, d_fake_logits: torch.Tensor | None = None) -> GeneratorLoss:
+    def forward(
+        self, fake: torch.Tensor, real: torch.Tensor, d_fake_logits: torch.Tensor | None = None
+    ) -> GeneratorLoss:
         """The generator loss. fake, real: (B, 3, H, W) in [-1, 1]; d_fake_logits: D's (B, 2) on the fakes,
         required when lambda_adv != 0."""
         zero = fake.new_zeros((), dtype=torch.float32)
@@ -138,7 +142,8 @@ class DeePSiMLoss(nn.Module):
             if d_fake_logits is None:
                 raise ValueError(
                     "DeePSiMLoss with lambda_adv != 0 needs the discriminator's logits on the fakes "
-                    "(pass d_fake_logits, or lambda_adv=0; for the feature term alone use deepsim.PerceptualLoss)"
+                    "(pass d_fake_logits, or lambda_adv=0; for the feature term alone use "
+                    "deepsim.PerceptualLoss)"
                 )
             adv = adversarial_loss(d_fake_logits)
         total = self.lambda_feat * feat + self.lambda_adv * adv + self.lambda_img * img
@@ -176,7 +181,7 @@ class PauseRule(nn.Module):
     applies the rule after). So a G stopped at r > 10 stays stopped until r < 0.1, which also stops D;
     a stopped D resumes at r > 0.5. A non-finite r changes nothing (every comparison is False).
 
-    Checkpoints hold both flags. A state dict of the earlier rule (one buffer ``d_paused``, G gated by
+    Checkpoints hold both flags. A legacy state dict (one buffer ``d_paused``, G gated by
     r <= 10 in the same iteration, no G state) loads as ``train_d = not d_paused``, ``train_g = True``.
     """
 
@@ -195,7 +200,9 @@ class PauseRule(nn.Module):
         """r = (L_D_real + L_D_fake) / L_adv (L_adv clamped away from 0), detached, 0-dim."""
         return (d_loss_real.detach() + d_loss_fake.detach()) / g_loss_adv.detach().clamp_min(1e-12)
 
-    def forward(self, d_loss_real, d_loss_fake, g_loss_adv) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(
+        self, d_loss_real, d_loss_fake, g_loss_adv
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Apply the rule to this iteration's losses; returns (train_d, train_g, r): the flags for the NEXT
         iteration (also stored in the buffers) and r, all 0-dim device tensors."""
         r = self.ratio(d_loss_real, d_loss_fake, g_loss_adv)
@@ -210,10 +217,14 @@ class PauseRule(nn.Module):
         self.train_g.copy_(train_g)
         return train_d, train_g, r
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         legacy = prefix + "d_paused"
-        if legacy in state_dict and prefix + "train_d" not in state_dict:  # the earlier one-flag rule
+        if legacy in state_dict and prefix + "train_d" not in state_dict:  # the legacy one-flag rule
             paused = state_dict.pop(legacy)
             state_dict[prefix + "train_d"] = ~paused.to(torch.bool)
             state_dict[prefix + "train_g"] = torch.ones((), dtype=torch.bool)
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )

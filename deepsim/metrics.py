@@ -7,7 +7,14 @@ import torch
 from deepsim.kernels import mean_pairwise_distance
 from deepsim.perceptual import LPIPS, lpips
 
-__all__ = ["normalized_error", "mean_pairwise_distance", "sharpness_ratio", "gradient_energy", "LPIPS", "lpips"]
+__all__ = [
+    "normalized_error",
+    "mean_pairwise_distance",
+    "sharpness_ratio",
+    "gradient_energy",
+    "LPIPS",
+    "lpips",
+]
 
 
 def normalized_error(a: torch.Tensor, b: torch.Tensor, reference_set: torch.Tensor | float) -> torch.Tensor:
@@ -18,10 +25,14 @@ def normalized_error(a: torch.Tensor, b: torch.Tensor, reference_set: torch.Tens
     Returns a 0-dim float tensor; 0 for identical sets.
     """
     if a.shape != b.shape:
-        raise ValueError(f"normalized_error: a {tuple(a.shape)} and b {tuple(b.shape)} must have the same shape")
+        raise ValueError(
+            f"normalized_error: a {tuple(a.shape)} and b {tuple(b.shape)} must have the same shape"
+        )
     if isinstance(reference_set, torch.Tensor):
         if reference_set.shape[0] < 2:
-            raise ValueError("normalized_error: the reference set needs at least 2 samples for pairwise distances")
+            raise ValueError(
+                "normalized_error: the reference set needs at least 2 samples for pairwise distances"
+            )
         norm = mean_pairwise_distance(reference_set.flatten(1).float())
     else:
         norm = torch.tensor(float(reference_set))

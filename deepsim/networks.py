@@ -2,7 +2,8 @@
 
 Every generator ends in a linear layer; every other layer is followed by LReLU with alpha = 0.3 (seed).
 The discriminator can use plain ReLU instead (the derived code's D; ``activation="relu"``, alpha 0), and
-has the derived code's unpadded layout and MSRA initialisation (:class:`Discriminator`). The conv blocks call the fused ops of :mod:`deepsim.kernels` (Triton on CUDA, the PyTorch reference
+has the derived code's unpadded layout and MSRA initialisation (:class:`Discriminator`). The conv blocks call
+the fused ops of :mod:`deepsim.kernels` (Triton on CUDA, the PyTorch reference
 elsewhere; see ``DEEPSIM_KERNELS``), so a block is one kernel instead of conv + bias + activation.
 """
 
@@ -45,7 +46,8 @@ class _ZeroPaddedWeight(torch.autograd.Function):
 
 
 def pad_input_channels(weight: torch.Tensor, channels: int, cache: dict | None = None) -> torch.Tensor:
-    """(O, C, k, k) -> (O, channels, k, k) with zero weights for channels C.., differentiable w.r.t. ``weight``.
+    """(O, C, k, k) -> (O, channels, k, k) with zero weights for channels C.., differentiable w.r.t.
+    ``weight``.
 
     With ``cache`` (a dict the caller keeps), the padded copy is made once per parameter version (an optimizer
     step or a load bumps ``weight._version``) and reused until then; under torch.compile it is a plain pad
@@ -145,7 +147,9 @@ class AutoencoderGenerator(nn.Module):
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] % 8 or x.shape[-2] % 8:
-            raise ValueError(f"AutoencoderGenerator needs H and W divisible by 8, got input of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"AutoencoderGenerator needs H and W divisible by 8, got input of shape {tuple(x.shape)}"
+            )
         return self.encoder(x)
 
     def decode(self, code: torch.Tensor) -> torch.Tensor:
@@ -195,8 +199,9 @@ class Discriminator(nn.Module):
         dropout: dropout probability after the pooling and after fc1.
         padding: "code" (the derived code's unpadded convs: 227 -> 56 -> 52 -> 25 -> 23 -> 11 with first
             stride 4; 64 -> 29 -> 25 -> 12 -> 10 -> 4 with first stride 2; the average pool covers the last
-            map, 11x11 in the code) or "padded" (every conv padded by k // 2: 227 -> 57 -> 57 -> 29 -> 29 -> 15,
-            64 -> 32 -> 32 -> 16 -> 16 -> 8; our earlier layout).
+            map, 11x11 in the code) or "padded" (every conv padded by k // 2: 227 -> 57 -> 57 -> 29 -> 29 ->
+            15,
+            64 -> 32 -> 32 -> 16 -> 16 -> 8).
         activation: "lrelu" (LReLU 0.3, the seed: "in all networks") or "relu" (the derived code's D).
         init: "code" (MSRA, coefficient 0.1 on conv1, fc1, fc2 and 1 elsewhere, zero biases; see
             :func:`msra_init_`) or "torch" (PyTorch's default initialisation).
@@ -222,7 +227,9 @@ class Discriminator(nn.Module):
         if padding not in DISC_PADDINGS:
             raise ValueError(f"discriminator padding {padding!r}: expected one of {', '.join(DISC_PADDINGS)}")
         if activation not in DISC_ACTIVATIONS:
-            raise ValueError(f"discriminator activation {activation!r}: expected one of {', '.join(DISC_ACTIVATIONS)}")
+            raise ValueError(
+                f"discriminator activation {activation!r}: expected one of {', '.join(DISC_ACTIVATIONS)}"
+            )
         if init not in DISC_INITS:
             raise ValueError(f"discriminator init {init!r}: expected one of {', '.join(DISC_INITS)}")
         self.padding_mode, self.activation, self.init = padding, activation, init
@@ -232,7 +239,9 @@ class Discriminator(nn.Module):
         for name, (kernel, stride), width in zip(self.conv_names, self._layout, widths):
             stride = first_stride if stride is None else stride
             pad = kernel // 2 if padding == "padded" else 0
-            setattr(self, name, ConvLReLU(in_channels, width, kernel, stride=stride, padding=pad, alpha=alpha))
+            setattr(
+                self, name, ConvLReLU(in_channels, width, kernel, stride=stride, padding=pad, alpha=alpha)
+            )
             in_channels = width
         self.feature_dim = feature_dim
         if feature_dim:
@@ -275,7 +284,8 @@ class Discriminator(nn.Module):
     def _check_size(self, image: torch.Tensor) -> None:
         if min(image.shape[-2:]) < self.min_size:
             raise ValueError(
-                f"Discriminator (padding {self.padding_mode!r}, first stride {self.conv1.stride[0]}) needs images of "
+                f"Discriminator (padding {self.padding_mode!r}, first stride {self.conv1.stride[0]}) needs "
+                "images of "
                 f"at least {self.min_size}x{self.min_size} pixels, got {tuple(image.shape)}; use a larger "
                 f"--image-size or --disc-padding padded"
             )

@@ -29,7 +29,9 @@ LPIPS_TAPS = {
 LPIPS_WEIGHTS_URL = "https://github.com/richzhang/PerceptualSimilarity/tree/master/lpips/weights/v0.1"
 
 
-def check_images(name: str, x: torch.Tensor, *, min_side: int = 1, dtype: torch.dtype | None = None) -> torch.Tensor:
+def check_images(
+    name: str, x: torch.Tensor, *, min_side: int = 1, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """``x`` checked as an image batch (B, 3, H, W) of a floating dtype with H, W >= ``min_side``; cast to
     ``dtype`` when given (and autocast is off). Raises ValueError naming ``name`` and what was expected."""
     if not isinstance(x, torch.Tensor):
@@ -40,11 +42,15 @@ def check_images(name: str, x: torch.Tensor, *, min_side: int = 1, dtype: torch.
     if x.shape[1] != 3:
         raise ValueError(f"{name}: expected 3 (RGB) channels in dim 1, got shape {tuple(x.shape)}")
     if min(x.shape[2], x.shape[3]) < min_side:
-        raise ValueError(f"{name}: images of {x.shape[2]}x{x.shape[3]} are smaller than this comparator's minimum "
-                         f"side {min_side}; resize them or use a comparator with input_size set")  # fmt: skip
+        raise ValueError(
+            f"{name}: images of {x.shape[2]}x{x.shape[3]} are smaller than this comparator's minimum "
+            f"side {min_side}; resize them or use a comparator with input_size set"
+        )
     if not x.is_floating_point():
-        raise ValueError(f"{name}: expected a floating dtype, got {x.dtype}; convert first (e.g. {name}.float() / 255 "
-                         "for 0..255 images, then normalize=True)")  # fmt: skip
+        raise ValueError(
+            f"{name}: expected a floating dtype, got {x.dtype}; convert first (e.g. {name}.float() / 255 "
+            "for 0..255 images, then normalize=True)"
+        )
     if dtype is not None and x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
         x = x.to(dtype)
     return x
@@ -116,8 +122,14 @@ class PerceptualLoss(nn.Module):
     torch.Size([2])
     """
 
-    def __init__(self, comparator: Comparator | str, *, reduction: str = "mean", normalize: bool = False,
-                 check_range: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        comparator: Comparator | str,
+        *,
+        reduction: str = "mean",
+        normalize: bool = False,
+        check_range: bool = True,
+    ):
         super().__init__()
         if reduction not in ("mean", "sum", "none"):
             raise ValueError(f"PerceptualLoss: reduction={reduction!r}, expected 'mean', 'sum' or 'none'")
@@ -131,7 +143,9 @@ class PerceptualLoss(nn.Module):
         weights = self.comparator.tap_weights
         if self.reduction != "none" and not (y.requires_grad and torch.is_grad_enabled()):
             return feature_distance(fx, fy, weights, reduction=self.reduction)
-        per_image = sum(w * (a.float() - b.float()).pow(2).flatten(1).sum(1) for a, b, w in zip(fx, fy, weights))
+        per_image = sum(
+            w * (a.float() - b.float()).pow(2).flatten(1).sum(1) for a, b, w in zip(fx, fy, weights)
+        )
         return {"none": per_image, "sum": per_image.sum(), "mean": per_image.mean()}[self.reduction]
 
 
@@ -184,9 +198,17 @@ class LPIPS(nn.Module):
     torch.Size([2])
     """
 
-    def __init__(self, net: str = "alex", version: str = "0.1", *, backbone_weights: str | os.PathLike | None = None,
-                 lin_weights: str | os.PathLike | None = None, normalize: bool = False, reduction: str = "none",
-                 check_range: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        net: str = "alex",
+        version: str = "0.1",
+        *,
+        backbone_weights: str | os.PathLike | None = None,
+        lin_weights: str | os.PathLike | None = None,
+        normalize: bool = False,
+        reduction: str = "none",
+        check_range: bool = True,
+    ):
         super().__init__()
         if net not in LPIPS_TAPS:
             raise ValueError(f"LPIPS: net={net!r}, expected one of {', '.join(LPIPS_TAPS)}")
@@ -229,12 +251,15 @@ def _load_lin_weights(net: str, version: str, path) -> list[torch.Tensor]:
         if path is None:
             raise FileNotFoundError(
                 f"LPIPS(net={net!r}) needs lpips' linear-layer weights: pip install lpips (its wheel ships "
-                f"lpips/weights/v{version}/{net}.pth), or pass lin_weights=PATH to that file ({LPIPS_WEIGHTS_URL})"
+                f"lpips/weights/v{version}/{net}.pth), or pass lin_weights=PATH to that file "
+                f"({LPIPS_WEIGHTS_URL})"
             )
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"LPIPS lin_weights file {path} does not exist; it is lpips' "
-                                f"weights/v{version}/{net}.pth (pip install lpips, or {LPIPS_WEIGHTS_URL})")  # fmt: skip
+        raise FileNotFoundError(
+            f"LPIPS lin_weights file {path} does not exist; it is lpips' "
+            f"weights/v{version}/{net}.pth (pip install lpips, or {LPIPS_WEIGHTS_URL})"
+        )
     state = torch.load(path, map_location="cpu", weights_only=True)
     channels = [64, 192, 384, 256, 256] if net == "alex" else [64, 128, 256, 512, 512]
     out = []
@@ -255,9 +280,16 @@ def _cached(net: str, backbone_weights, lin_weights, device: str) -> LPIPS:
 _FUNCTIONAL_RANGE = {False: _RangeCheck(False, True), True: _RangeCheck(True, True)}
 
 
-def lpips(x: torch.Tensor, y: torch.Tensor, *, net: str = "alex", normalize: bool = False, reduction: str = "none",
-          backbone_weights: str | os.PathLike | None = None, lin_weights: str | os.PathLike | None = None
-          ) -> torch.Tensor:  # fmt: skip
+def lpips(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    net: str = "alex",
+    normalize: bool = False,
+    reduction: str = "none",
+    backbone_weights: str | os.PathLike | None = None,
+    lin_weights: str | os.PathLike | None = None,
+) -> torch.Tensor:
     """Functional :class:`LPIPS` (same arguments, convention and checks); the module is built once per
     (net, weights, device) and kept. Returns (B,) fp32, or its mean with reduction="mean"."""
     if reduction not in ("none", "mean"):

@@ -9,21 +9,26 @@ import numpy as np
 import torch
 from torchvision.utils import save_image
 
+from deepsim.applications.factory import model_from_payload
 from deepsim.config import TrainConfig
+from deepsim.data.images import read_image
 from deepsim.train.checkpoint import load_checkpoint
 from deepsim.train.factory import resolve_device
 
 __all__ = ["load_generator", "reconstruct_files", "image_to_tensor"]
 
 
-def load_generator(checkpoint: str | Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, TrainConfig]:
+def load_generator(
+    checkpoint: str | Path, device: str | torch.device = "cpu"
+) -> tuple[torch.nn.Module, TrainConfig]:
     """The trained generator of a checkpoint, in eval mode, and the run's config."""
-    from deepsim.applications.factory import model_from_payload
 
     payload = load_checkpoint(checkpoint)
     config = TrainConfig.from_dict(payload["config"])
     if config.task != "autoencoder":
-        raise ValueError(f"checkpoint {checkpoint} is a {config.task!r} run; 'reconstruct' takes an autoencoder")
+        raise ValueError(
+            f"checkpoint {checkpoint} is a {config.task!r} run; 'reconstruct' takes an autoencoder"
+        )
     return model_from_payload(payload, device, f"checkpoint {checkpoint}")
 
 
@@ -32,11 +37,12 @@ def image_to_tensor(pixels: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.array(pixels, copy=True)).permute(2, 0, 1)[None].float().div(127.5).sub(1)
 
 
-def reconstruct_files(checkpoint, images, out, *, size: int | None = None, device="auto") -> Iterator[tuple[Path, float]]:
+def reconstruct_files(
+    checkpoint, images, out, *, size: int | None = None, device="auto"
+) -> Iterator[tuple[Path, float]]:
     """Write ``<name>_reconstruction.png`` (input left, reconstruction right) for each image; yields
     (output path, mean squared error per pixel on the [-1, 1] scale). Images are centre-cropped to a
     multiple of 8 (the code is 8x smaller than the image)."""
-    from deepsim.data.images import read_image
 
     device = resolve_device(device)
     generator, _ = load_generator(checkpoint, device)
@@ -46,7 +52,9 @@ def reconstruct_files(checkpoint, images, out, *, size: int | None = None, devic
         pixels = read_image(path, resize_shorter=size)
         h, w = (pixels.shape[0] // 8) * 8, (pixels.shape[1] // 8) * 8
         if h == 0 or w == 0:
-            raise ValueError(f"{path}: image of {pixels.shape[1]}x{pixels.shape[0]} pixels is smaller than 8x8")
+            raise ValueError(
+                f"{path}: image of {pixels.shape[1]}x{pixels.shape[0]} pixels is smaller than 8x8"
+            )
         top, left = (pixels.shape[0] - h) // 2, (pixels.shape[1] - w) // 2
         x = image_to_tensor(pixels[top : top + h, left : left + w]).to(device)
         with torch.no_grad():

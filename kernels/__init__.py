@@ -1,20 +1,6 @@
 """Low-level DeePSiM ops: fused Triton kernels with plain PyTorch references beside them.
 
-Installed as ``deepsim.kernels``. This package imports torch and triton only, never ``deepsim``.
-
-Backend switch, read at call time: the environment variable ``DEEPSIM_KERNELS`` =
-``auto`` (default: Triton on CUDA tensors, where the conv blocks take whichever of the fused Triton op and
-cuDNN conv + the Triton bias+LReLU epilogue the dispatcher, ``kernels.dispatch``, timed faster for the layer
-shape; the PyTorch reference elsewhere), ``triton`` (always Triton; on CPU tensors this needs
-``TRITON_INTERPRET=1`` set before triton is imported), ``cudnn`` (conv blocks on aten/cuDNN conv + the Triton
-epilogue) or ``reference`` (always the PyTorch reference). ``use_backend("reference")`` overrides it inside a
-``with`` block, and ``backend(tensor)`` says which implementation family a call on ``tensor`` would run.
-``dispatch.prepare(model, example_input)`` decides every conv block of a model before torch.compile or
-CUDA-graph capture, and ``dispatch.decisions()`` lists what was decided. Where triton fails to import
-everything runs the reference (with a warning if "triton" was asked for; see ``TRITON_IMPORT_ERROR``).
-
-Every Triton op is also a ``torch.library`` custom op (``torch.ops.deepsim.*``) with a fake
-implementation and registered autograd, so ``torch.compile`` traces it without a graph break.
+Design notes: docs/kernels.md.
 """
 
 from . import dispatch

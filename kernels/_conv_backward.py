@@ -1,24 +1,7 @@
 """The Triton backward of conv_lrelu and conv_transpose_lrelu: dgrad and wgrad, with the LReLU mask applied
 as grad_out is loaded (grad_pre = grad_out * (1 if out > 0 else alpha) is never written).
 
-dgrad, a conv over grad_out run by the forward kernel (``_conv_igemm``, MASK_A: the mask on the A load):
-    conv    (out = conv(x, W, S, P)):        grad_x = conv_transpose(grad_pre, W, S, P, output_padding)
-            W (C_out, C_in, KH, KW) is the up-conv weight (C_in', C_out') of that transposed conv, and
-            output_padding = H - ((OH - 1) * S - 2P + KH) (< S) gives back x's size.
-    up-conv (out = conv_transpose(x, W, S, P)): grad_x = conv(grad_pre, W, S, P), W (C_in, C_out, KH, KW)
-            read as the conv weight (C_out' = C_in, C_in' = C_out).
-wgrad, an implicit GEMM over the reduction K = N * I_H * I_W (``_conv_wgrad_kernel``):
-    D[r, (kh, kw, c)] = sum_{n,i,j} P[n, i, j, r] * Q[n, i*S - P + kh, j*S - P + kw, c]
-    conv:    P = grad_pre (r = co, over the output grid), Q = x (c = ci):  D = W's channels_last storage
-    up-conv: P = x (r = ci, over the input grid), Q = grad_pre (c = co): D = W's channels_last storage
-    The K range is split into SPLITS contiguous chunks (enough programs to fill the SMs); each program
-    writes an fp32 partial, and ``_split_sum_kernel`` adds the partials in split order: deterministic,
-    no atomics. A conv's bias gradient, sum_{n,oh,ow} grad_pre[., co], is the row sum of P: each program
-    of the first column tile also writes its partial of it, reduced the same way. (An up-conv's grad_pre
-    is Q, gathered per tap, so its bias gradient comes from the mask pass's reduction alone.)
-Why the mask is re-read from ``out`` and not saved as 1 bit: ``out`` is saved anyway (the next layer's
-input), so re-reading it costs one extra read of a grad_out-sized tensor per kernel and no forward write;
-a bit mask would need a forward store and a bit-unpack in the loaders for the same information.
+Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -64,8 +47,9 @@ def dgrad_config_list(dtype: torch.dtype, precision: str) -> list[ConvConfig]:
             else c for c in config_list(dtype, precision)]  # fmt: skip
 
 
-def conv_dgrad(grad_out: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry,
-               alpha: float) -> torch.Tensor:  # fmt: skip
+def conv_dgrad(
+    grad_out: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, geom: ConvGeometry, alpha: float
+) -> torch.Tensor:
     """grad_x (N, C_in, H, W), channels_last, of lrelu(conv(x, W) + b) (or the up-conv), from grad_out and
     the saved out (same shape, any layouts)."""
     dg = dgrad_geometry(geom)
@@ -76,7 +60,9 @@ def conv_dgrad(grad_out: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, 
     if grad_out.numel() == 0:
         return grad_x.zero_()
     op = "dgrad_conv_transpose" if geom.transposed else "dgrad_conv"  # named after the forward op
-    configs = eligible_configs(dg, out.element_size(), dgrad_config_list(out.dtype, input_precision(out.dtype)))
+    configs = eligible_configs(
+        dg, out.element_size(), dgrad_config_list(out.dtype, input_precision(out.dtype))
+    )
     return conv_igemm_forward(grad_out.to(out.dtype), weight, None, dg, alpha, grad_x, mask=out, op=op,
                               configs=configs)  # fmt: skip
 
@@ -89,13 +75,33 @@ _RUNTIME = ["M_TOTAL", "I_HW", "I_W", "Q_H", "Q_W", "R", "STRIDE", "PAD", "ITERS
 
 @triton.jit(do_not_specialize=_RUNTIME)
 def _conv_wgrad_kernel(
-    p_ptr, q_ptr, m_ptr, part_ptr, bias_part_ptr,
-    M_TOTAL, I_HW, I_W, Q_H, Q_W, R, STRIDE, PAD, ITERS_PER_SPLIT, alpha,
-    C: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
-    MASK_P: tl.constexpr, MASK_Q: tl.constexpr, BIAS: tl.constexpr,
-    INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    p_ptr,
+    q_ptr,
+    m_ptr,
+    part_ptr,
+    bias_part_ptr,
+    M_TOTAL,
+    I_HW,
+    I_W,
+    Q_H,
+    Q_W,
+    R,
+    STRIDE,
+    PAD,
+    ITERS_PER_SPLIT,
+    alpha,
+    C: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    MASK_P: tl.constexpr,
+    MASK_Q: tl.constexpr,
+    BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # D[r, col] partial over this split's K rows; col = (kh, kw, c), KCOLS = KH * KW * C.
     #   part[split, r, col] = sum_{m in split} P[m, r] * Q[gather(m, kh, kw), c]     (P, Q NHWC)
     #   bias_part[split, r] = sum_{m in split} P[m, r]                                (BIAS: conv only)
@@ -196,15 +202,23 @@ def wgrad_problem(geom: ConvGeometry) -> dict:
     """R (rows of D), C (channels of Q), K (reduction rows N * I_H * I_W), KCOLS of grad_W."""
     oh, ow = geom.out_size
     if geom.transposed:
-        return dict(R=geom.C_in, C=geom.C_out, K=geom.N * geom.H * geom.W, KCOLS=geom.KH * geom.KW * geom.C_out)
+        return dict(
+            R=geom.C_in, C=geom.C_out, K=geom.N * geom.H * geom.W, KCOLS=geom.KH * geom.KW * geom.C_out
+        )
     return dict(R=geom.C_out, C=geom.C_in, K=geom.N * oh * ow, KCOLS=geom.KH * geom.KW * geom.C_in)
 
 
 def wgrad_efficiency(geom: ConvGeometry, config: ConvConfig) -> float:
     """Useful FLOPs / FLOPs issued by the wgrad grid's MMAs (padding of R, KCOLS and K to the tiles)."""
     p = wgrad_problem(geom)
-    issued = (-(-p["R"] // config.block_m) * config.block_m * -(-p["KCOLS"] // config.block_n) * config.block_n
-              * -(-p["K"] // config.block_k) * config.block_k)  # fmt: skip
+    issued = (
+        -(-p["R"] // config.block_m)
+        * config.block_m
+        * -(-p["KCOLS"] // config.block_n)
+        * config.block_n
+        * -(-p["K"] // config.block_k)
+        * config.block_k
+    )
     return p["R"] * p["KCOLS"] * p["K"] / issued
 
 
@@ -235,8 +249,9 @@ def wgrad_candidates(geom: ConvGeometry, dtype: torch.dtype, precision: str) -> 
     return sorted(good, key=lambda c: -c.block_m * c.block_n)[:MAX_CANDIDATES]
 
 
-def wgrad_constexprs(geom: ConvGeometry, config: ConvConfig, *, bias: bool, precision: str,
-                     index_64: bool = False) -> dict:  # fmt: skip
+def wgrad_constexprs(
+    geom: ConvGeometry, config: ConvConfig, *, bias: bool, precision: str, index_64: bool = False
+) -> dict:
     """Constexpr arguments of ``_conv_wgrad_kernel`` (the launcher and bench/static.py build them here)."""
     p = wgrad_problem(geom)
     return dict(C=p["C"], KH=geom.KH, KW=geom.KW, MASK_P=not geom.transposed, MASK_Q=geom.transposed,
@@ -244,8 +259,14 @@ def wgrad_constexprs(geom: ConvGeometry, config: ConvConfig, *, bias: bool, prec
                 BLOCK_C=config.block_n, BLOCK_K=config.block_k)  # fmt: skip
 
 
-def conv_wgrad(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor, geom: ConvGeometry, alpha: float,
-               need_bias: bool) -> tuple[torch.Tensor, torch.Tensor | None]:  # fmt: skip
+def conv_wgrad(
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    x: torch.Tensor,
+    geom: ConvGeometry,
+    alpha: float,
+    need_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(grad_W in channels_last storage, grad_b or None) of lrelu(conv(x, W) + b) (or the up-conv).
 
     ``need_bias`` only for a conv (the bias sum is the row sum of P, see the module doc).
@@ -275,7 +296,9 @@ def conv_wgrad(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor, geom:
     def launch(config: ConvConfig) -> None:
         splits, per_split = wgrad_splits(geom, config)
         part = torch.empty((splits, p["R"], p["KCOLS"]), dtype=torch.float32, device=out.device)
-        bias_part = torch.empty((splits, p["R"]), dtype=torch.float32, device=out.device) if need_bias else part
+        bias_part = (
+            torch.empty((splits, p["R"]), dtype=torch.float32, device=out.device) if need_bias else part
+        )
         tiles = triton.cdiv(p["R"], config.block_m) * triton.cdiv(p["KCOLS"], config.block_n)
         _conv_wgrad_kernel[(tiles, splits)](
             p_t, q_t, m, part, bias_part,

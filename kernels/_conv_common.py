@@ -1,14 +1,7 @@
 """The body conv_lrelu and conv_transpose_lrelu share: argument checks, layouts, the forward launcher, the
 backward, the custom ops' fake implementations, the dispatcher's paths and the public call.
 
-The two ops differ in ``transposed`` only (which also says where C_in / C_out sit in the weight:
-(C_out, C_in, KH, KW) for a conv, (C_in, C_out, KH, KW) for a transposed one). Both save (x, W, out) and
-differentiate the same way; the slope of the LReLU is read from sign(out) (alpha >= 0):
-    grad_pre = grad_out * (1 if out > 0 else alpha)      (never written on the Triton path)
-    grad_x   = dgrad(grad_pre, W)    grad_W = wgrad(x, grad_pre)    grad_b = sum_{n,h,w} grad_pre
-Per gradient, "triton" (kernels/_conv_backward.py: the mask applied as grad_out is loaded) or "cudnn"
-(one Triton pass writes grad_pre, then aten.convolution_backward). An unneeded gradient comes back as a
-fresh empty tensor, a distinct one per slot (a custom op's outputs may not alias each other).
+Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -19,14 +12,13 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import HAS_TRITON, INTERPRET, register_op
+from ._conv_backward import conv_dgrad, conv_wgrad
 from ._conv_configs import ConvGeometry
 from ._conv_igemm import conv_igemm_forward
-from ._conv_igemm import input_precision as _igemm_input_precision
 from ._conv_shape import as_int, conv_out_size, normalize_padding
 from .bias_lrelu import bias_lrelu, lrelu_bias_grads
+from .dispatch import backward_impls, conv_path
 
-# Autotune key of both forward kernels (their argument names).
-AUTOTUNE_KEY = ["N", "C_in", "H", "W", "C_out", "OH", "OW", "KH", "KW", "STRIDE", "PAD"]
 # dtypes the Triton and cuDNN paths take; anything else (fp64...) runs the reference or is rejected.
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 IMPLS = ("triton", "cudnn")  # per-gradient implementations of the backward
@@ -46,11 +38,6 @@ def empty_conv_output(x: torch.Tensor, c_out: int, oh: int, ow: int) -> torch.Te
     return torch.empty(
         (x.shape[0], c_out, oh, ow), dtype=x.dtype, device=x.device, memory_format=memory_format_of(x)
     )
-
-
-def input_precision(dtype: torch.dtype) -> str:
-    """fp32 dots use TF32 exactly when eager cuDNN convolutions would (see ``_conv_igemm.fp32_uses_tf32``)."""
-    return _igemm_input_precision(dtype)
 
 
 def use_triton_impl(t: torch.Tensor) -> bool:
@@ -86,7 +73,9 @@ def op_name(transposed: bool) -> str:
 # Forward
 
 
-def conv_forward(x, weight, bias, stride: int, padding: int, alpha: float, *, transposed: bool) -> torch.Tensor:
+def conv_forward(
+    x, weight, bias, stride: int, padding: int, alpha: float, *, transposed: bool
+) -> torch.Tensor:
     """Launch the fused forward kernel: (N, C_out, OH, OW) in x's memory format and dtype (weight and
     bias must have x's dtype). See ``conv_lrelu_forward`` / ``conv_transpose_lrelu_forward``."""
     geom = geometry(x.shape, weight.shape, stride, padding, transposed)
@@ -122,9 +111,21 @@ def _nothing(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
 
-def conv_lrelu_grads(grad_out, out, x, weight, has_bias: bool, stride: int, padding: int, alpha: float,
-                     output_mask: list[bool], *, transposed: bool, dgrad: str = "cudnn",
-                     wgrad: str = "cudnn"):  # fmt: skip
+def conv_lrelu_grads(
+    grad_out,
+    out,
+    x,
+    weight,
+    has_bias: bool,
+    stride: int,
+    padding: int,
+    alpha: float,
+    output_mask: list[bool],
+    *,
+    transposed: bool,
+    dgrad: str = "cudnn",
+    wgrad: str = "cudnn",
+):
     """(grad_x, grad_weight, grad_bias) of lrelu(conv(x, W) + b), or of conv_transpose when ``transposed``;
     an unneeded one (output_mask False, or no bias) comes back as a fresh empty tensor.
 
@@ -133,7 +134,6 @@ def conv_lrelu_grads(grad_out, out, x, weight, has_bias: bool, stride: int, padd
     Triton pass for grad_pre (and grad_b) and then aten.convolution_backward. Where Triton cannot run,
     both are the aten path (with the PyTorch reference of the mask pass).
     """
-    from ._conv_backward import conv_dgrad, conv_wgrad
 
     need_x, need_w = bool(output_mask[0]), bool(output_mask[1])
     need_b = bool(output_mask[2]) and has_bias
@@ -192,7 +192,8 @@ def save_for_lrelu_backward(ctx, inputs, output) -> None:
 
 
 def lrelu_conv_backward(ctx, grad_out, backward_op):
-    """Gradients for (x, W, b, stride, padding, alpha, dgrad, wgrad) through the registered ``backward_op``."""
+    """Gradients for (x, W, b, stride, padding, alpha, dgrad, wgrad) through the registered
+    ``backward_op``."""
     x, weight, out = ctx.saved_tensors
     has_bias, stride, padding, alpha, dgrad, wgrad = ctx.conf
     mask = [bool(m) for m in ctx.needs_input_grad[:3]]
@@ -221,15 +222,35 @@ def register_backward_op(transposed: bool):
     dgrad, wgrad) -> (grad_x, grad_W, grad_b); differentiating it raises a clear error."""
     op = op_name(transposed)
 
-    def impl(grad_out: torch.Tensor, out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, has_bias: bool,
-             stride: int, padding: int, alpha: float, output_mask: list[bool], dgrad: str = "triton",
-             wgrad: str = "triton"
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    def impl(
+        grad_out: torch.Tensor,
+        out: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        has_bias: bool,
+        stride: int,
+        padding: int,
+        alpha: float,
+        output_mask: list[bool],
+        dgrad: str = "triton",
+        wgrad: str = "triton",
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return conv_lrelu_grads(grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask,
                                 transposed=transposed, dgrad=dgrad, wgrad=wgrad)  # fmt: skip
 
-    def fake(grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask, dgrad="triton",
-             wgrad="triton"):
+    def fake(
+        grad_out,
+        out,
+        x,
+        weight,
+        has_bias,
+        stride,
+        padding,
+        alpha,
+        output_mask,
+        dgrad="triton",
+        wgrad="triton",
+    ):
         return conv_lrelu_grads_fake(out, x, weight, has_bias, output_mask, transposed=transposed)
 
     setup_context, backward = _no_double_backward(op)
@@ -240,9 +261,19 @@ def register_forward_op(transposed: bool, reference: Callable, function: type):
     """``deepsim::<op>``: (x, W, b, stride, padding, alpha, dgrad, wgrad) -> out, with ``function``'s
     setup_context and backward (``dgrad`` / ``wgrad`` name the backward's implementations)."""
 
-    def impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int,
-             alpha: float, dgrad: str = "triton", wgrad: str = "triton") -> torch.Tensor:  # fmt: skip
-        return forward_impl(x, weight, bias, stride, padding, alpha, transposed=transposed, reference=reference)
+    def impl(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        stride: int,
+        padding: int,
+        alpha: float,
+        dgrad: str = "triton",
+        wgrad: str = "triton",
+    ) -> torch.Tensor:
+        return forward_impl(
+            x, weight, bias, stride, padding, alpha, transposed=transposed, reference=reference
+        )
 
     def fake(x, weight, bias, stride, padding, alpha, dgrad="triton", wgrad="triton"):
         return forward_fake(x, weight, stride, padding, transposed=transposed)
@@ -255,8 +286,21 @@ def register_forward_op(transposed: bool, reference: Callable, function: type):
 # The dispatcher's paths and the public call
 
 
-def run_path(path: str, x, weight, bias, stride: int, padding: int, alpha: float, *, transposed: bool,
-             reference: Callable, fused_op, dgrad: str = "triton", wgrad: str = "triton") -> torch.Tensor:  # fmt: skip
+def run_path(
+    path: str,
+    x,
+    weight,
+    bias,
+    stride: int,
+    padding: int,
+    alpha: float,
+    *,
+    transposed: bool,
+    reference: Callable,
+    fused_op,
+    dgrad: str = "triton",
+    wgrad: str = "triton",
+) -> torch.Tensor:
     """One of the dispatcher's forward paths (kernels/dispatch.py), with autograd: "triton" (the fused
     custom op, whose backward runs ``dgrad`` / ``wgrad``), "cudnn" (aten conv without bias + the Triton
     bias+LReLU epilogue; aten backward) or "reference" (eager)."""
@@ -277,7 +321,6 @@ def run_path(path: str, x, weight, bias, stride: int, padding: int, alpha: float
 
 def public_call(x, weight, bias, stride, padding, alpha, *, transposed: bool, run: Callable) -> torch.Tensor:
     """Check and normalise the arguments of a public conv op, ask the dispatcher for the path, run it."""
-    from .dispatch import backward_impls, conv_path
 
     op = op_name(transposed)
     check_conv_args(x, weight, bias, float(alpha), op, 0 if transposed else 1)

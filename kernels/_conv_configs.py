@@ -1,35 +1,6 @@
 """Tile configs of the conv forward kernel, their issued-MMA efficiency, and the per-shape tuner.
 
-Issued-MMA efficiency of a config on a layer = useful conv FLOPs / FLOPs issued by the grid's MMAs:
-    useful = 2 * N * OH * OW * C_out * KH * KW * C_in          (conv)
-             2 * N * H * W * C_in * C_out * KH * KW            (up-conv: only the taps that are not
-                                                                structural zeros of the stride)
-    issued = 2 * classes * ceil(M / BLOCK_M) * BLOCK_M * ceil(C_out / BLOCK_N) * BLOCK_N
-               * ceil(K / BLOCK_K) * BLOCK_K
-with, per GEMM (a conv, or one of the S*S parity classes of an up-conv; see ``_conv_igemm``),
-M = N * rows, K = taps * C_in. Every program of the grid runs the whole K loop, so this count is exact
-for the kernel as written; it is arithmetic on the shape and the tile sizes, true on any machine.
-
-Config lists (``config_list``): GPU_CONFIGS for tensor-core dots (fp16, bf16, fp32 as TF32), FMA_CONFIGS
-for fp32 without TF32 (smaller tiles: the operands live in registers), INTERPRETER_CONFIGS under
-TRITON_INTERPRET=1.
-
-A config is *eligible* for a shape when its efficiency is >= ``MIN_EFFICIENCY`` (0.85) and its pipeline
-buffers fit in shared memory; if none qualifies, the most efficient one that fits is kept alone. The
-tuner only ever times eligible configs, so whichever it picks meets the bar (``python -m bench.static``
-prints the proof per layer). Among the eligible ones, a static score (below) orders them and the first
-``MAX_CANDIDATES`` are timed.
-
-Tuning (``choose_config``): on CUDA, the first call of a shape times the candidates and caches the winner
-under a key with the batch bucketed: M = N * OH * OW rounded up to a power of two, never N itself, so a
-partial last batch or a batch-1 evaluation reuses the decision of its bucket instead of re-tuning. A
-cached winner that is not eligible for the exact call (tiny M) gives way to the static pick, untimed.
-
-CUDA graphs: timing never runs while the current stream is being captured (it synchronizes, which
-would invalidate the capture); an untuned shape met during capture runs the static pick, untimed.
-Callers warm their shapes before capturing: run one step eagerly (torch.compile's "reduce-overhead"
-mode does this in its warm-up runs), or call the ``conv_lrelu_forward`` / ``conv_transpose_lrelu_forward``
-launchers on each shape. ``DEEPSIM_AUTOTUNE=0`` (and the interpreter) never time: the static pick runs.
+Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -188,7 +159,7 @@ def config_list(dtype: torch.dtype, precision: str) -> list[ConvConfig]:
 
 
 def issued_mma_efficiency(geom: ConvGeometry, config: ConvConfig) -> float:
-    """Useful conv FLOPs / FLOPs issued by the grid's MMAs (see the module docstring)."""
+    """Useful conv FLOPs / FLOPs issued by the grid's MMAs (docs/kernels.md, kernels/_conv_configs.py)."""
     m_tiles = -(-geom.m // config.block_m)
     n_tiles = -(-geom.C_out // config.block_n)
     k_steps = -(-geom.k // config.block_k)
@@ -276,15 +247,22 @@ def _capturing(device: torch.device) -> bool:
 
 def default_timer(launch: Callable[[], None]) -> float:
     """Milliseconds per launch on the current CUDA stream (triton.testing.do_bench, short)."""
-    import triton.testing
+    import triton.testing  # lazy: triton is optional (absent on CPU-only installs)
 
     return float(triton.testing.do_bench(launch, warmup=5, rep=20))
 
 
-def choose_config(op: str, geom: ConvGeometry, x: torch.Tensor, precision: str,
-                  launch: Callable[[ConvConfig], None], *, timer: Callable | None = None,
-                  autotune: bool | None = None, candidates: list[ConvConfig] | None = None
-                  ) -> ConvConfig:  # fmt: skip
+def choose_config(
+    op: str,
+    geom: ConvGeometry,
+    x: torch.Tensor,
+    precision: str,
+    launch: Callable[[ConvConfig], None],
+    *,
+    timer: Callable | None = None,
+    autotune: bool | None = None,
+    candidates: list[ConvConfig] | None = None,
+) -> ConvConfig:
     """The config to run ``geom`` with: forced > cached decision > timed candidates > static pick.
 
     Args:

@@ -1,41 +1,7 @@
 """The forward kernel of conv_lrelu and conv_transpose_lrelu: one channels_last implicit GEMM with a flat,
 software-pipelined reduction loop, bias and LReLU in the epilogue.
 
-GEMM view (rows m, columns co, reduction k):
-    conv:    m = (n, oh, ow),  k = (kh, kw, ci),  K = KH * KW * C_in
-             pre[m, co] = b[co] + sum_k x[n, oh*S - P + kh, ow*S - P + kw, ci] * W[co, ci, kh, kw]
-    up-conv (conv_transpose, weight (C_in, C_out, KH, KW)), by output parity ("sub-pixel" decomposition):
-             an output pixel oh = S*r + ph only receives the taps kh = (ph + P) mod S + S*j, from input row
-             ih = r + (ph + P) div S - j. So each of the S*S parity classes (ph, pw) is a dense stride-1
-             conv over x with TH x TW = ceil(KH/S) x ceil(KW/S) taps (2 x 2 for the k4 s2 up-convs): the
-             kernel runs one class per program_id(1), and no MMA is issued on the structural zeros that a
-             gather over all KH x KW taps multiplies (3/4 of them for k4 s2).
-    out = lrelu(pre) = pre if pre > 0 else alpha * pre    (d out / d pre = 1 if pre > 0 else alpha: the
-             backward, in _conv_common.py, reads the slope from sign(out); nothing else is saved)
-
-Operands (see ``_conv_packing``): x is dense channels_last (NHWC), so k = (tap, ci) walks C_in contiguously
-inside a tap; the weight is read in its channels_last storage: for a conv that is the (C_out, KH*KW*C_in)
-matrix whose rows are K-contiguous, i.e. the K-major B operand of a (M, K) x (K, C_out) GEMM; for an up-conv
-the (C_in, KH, KW, C_out) storage, C_out-contiguous. The reduction is ONE loop over K in BLOCK_K steps (no
-taps-outside / C_in-inside nest), so Triton's software pipeliner overlaps num_stages - 1 tiles of loads with
-the MMAs: on sm_90 the loads become cp.async copies into shared memory and the dots wgmma (what is proven,
-per layer, by ``python -m bench.static``). Where C_in % BLOCK_K == 0 a K tile sits inside one tap (the tap
-and the channel offset are scalars per step); otherwise (C_in = 3 or 8) a tile spans several taps, so the
-MMAs of the 3- and 8-channel layers are filled with (tap, ci) pairs instead of zero padding.
-
-Accumulation is fp32 whatever the input dtype; fp32 inputs use TF32 dots exactly when PyTorch's cuDNN
-convolutions would (``fp32_uses_tf32``).
-
-What is proven where. Statically, on any machine (``python -m bench.static``, tests/kernels/
-test_gpu_compile.py): per network layer and per config the tuner may run, the issued-MMA efficiency
-(>= 0.85), wgmma and cp.async in the compiled code, registers, no spills, shared memory. Only a GPU can
-say how fast it is against cuDNN (bench/kernels.py); nothing here claims a speed.
-
-Registration. The ops stay ``torch.library.custom_op`` (``deepsim::conv_lrelu``, ``deepsim::
-conv_transpose_lrelu``; opaque to inductor) rather than ``triton_op`` + ``wrap_triton``: every call does
-host work a traced graph would freeze (NCHW conversion, per-call weight-row padding, the first-call tuning
-and its capture guard). They declare no mutation (``mutates_args=()``), so inductor neither assumes
-mutated inputs nor skips CUDA graphs; the cost is that it cannot fuse neighbours into the kernel.
+Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -77,14 +43,39 @@ _RUNTIME_SIZES = ["N", "H", "W", "OH", "OW", "ROWS_H", "ROWS_W", "STRIDE", "PAD"
 
 @triton.jit(do_not_specialize=_RUNTIME_SIZES)
 def _conv_igemm_lrelu_kernel(
-    x_ptr, w_ptr, b_ptr, out_ptr, m_ptr,
-    N, H, W, OH, OW, ROWS_H, ROWS_W, C_OUT, STRIDE, PAD, alpha, mask_alpha,
-    C_IN: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, TRANSPOSED: tl.constexpr,
-    TH: tl.constexpr, TW: tl.constexpr,
-    W_K_STRIDE: tl.constexpr, HAS_BIAS: tl.constexpr, INPUT_PRECISION: tl.constexpr, INDEX_64: tl.constexpr,
-    MASK_A: tl.constexpr, LRELU: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    m_ptr,
+    N,
+    H,
+    W,
+    OH,
+    OW,
+    ROWS_H,
+    ROWS_W,
+    C_OUT,
+    STRIDE,
+    PAD,
+    alpha,
+    mask_alpha,
+    C_IN: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+    TH: tl.constexpr,
+    TW: tl.constexpr,
+    W_K_STRIDE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    MASK_A: tl.constexpr,
+    LRELU: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # MASK_A (the dgrad): x is grad_out and m the saved forward output of the same shape; the A operand is
     # x * (1 if m > 0 else mask_alpha), the LReLU mask applied as it is loaded. LRELU False: no activation.
     # Reduction length of one GEMM (a conv, or one parity class of an up-conv): TH * TW taps x C_in.
@@ -203,8 +194,16 @@ def _conv_igemm_lrelu_kernel(
 INDEX_64_NUMEL = 2**31  # tensors from this many elements on index in int64 (int32 below: cheaper math)
 
 
-def kernel_constexprs(geom: ConvGeometry, config: ConvConfig, *, has_bias: bool, precision: str,
-                      w_k_stride: int | None = None, index_64: bool = False, dgrad: bool = False) -> dict:  # fmt: skip
+def kernel_constexprs(
+    geom: ConvGeometry,
+    config: ConvConfig,
+    *,
+    has_bias: bool,
+    precision: str,
+    w_k_stride: int | None = None,
+    index_64: bool = False,
+    dgrad: bool = False,
+) -> dict:
     """The kernel's constexpr arguments for ``geom`` and ``config`` (the launcher and bench/static.py
     both build them here, so the static report compiles exactly what runs). Sizes that vary with the
     batch or the image are runtime arguments (``runtime_sizes``)."""
@@ -230,9 +229,17 @@ def grid_size(geom: ConvGeometry, config: ConvConfig) -> tuple[int, int]:
     return tiles, geom.classes
 
 
-def conv_igemm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, geom: ConvGeometry,
-                       alpha: float, out: torch.Tensor, mask: torch.Tensor | None = None,
-                       op: str | None = None, configs: list[ConvConfig] | None = None) -> torch.Tensor:  # fmt: skip
+def conv_igemm_forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    geom: ConvGeometry,
+    alpha: float,
+    out: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    op: str | None = None,
+    configs: list[ConvConfig] | None = None,
+) -> torch.Tensor:
     """Run lrelu(conv(x, W) + b) (or the up-conv, ``geom.transposed``) into ``out`` and return it.
 
     With ``mask`` (a dgrad: x is grad_out, ``mask`` the saved forward output, x's shape) the kernel computes
@@ -257,12 +264,27 @@ def conv_igemm_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
     index_64 = max(x_op.numel(), out_op.numel()) >= INDEX_64_NUMEL
 
     def launch(config: ConvConfig) -> None:
-        constexprs = kernel_constexprs(geom, config, has_bias=bias is not None, precision=precision,
-                                       w_k_stride=w_k_stride, index_64=index_64, dgrad=mask is not None)  # fmt: skip
+        constexprs = kernel_constexprs(
+            geom,
+            config,
+            has_bias=bias is not None,
+            precision=precision,
+            w_k_stride=w_k_stride,
+            index_64=index_64,
+            dgrad=mask is not None,
+        )
         _conv_igemm_lrelu_kernel[grid_size(geom, config)](
-            x_op, w_op, b, out_op, m_op, **runtime_sizes(geom), alpha=float(alpha), mask_alpha=float(alpha),
+            x_op,
+            w_op,
+            b,
+            out_op,
+            m_op,
+            **runtime_sizes(geom),
+            alpha=float(alpha),
+            mask_alpha=float(alpha),
             **constexprs,
-            num_warps=config.num_warps, num_stages=config.num_stages,
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
         )
 
     if op is None:

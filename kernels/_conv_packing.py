@@ -1,31 +1,7 @@
 """Operand layouts of the conv forward kernel: channels_last activations, K-major weights, and why the
 weights are not cached.
 
-Activations. The kernel reads x as dense channels_last (NHWC): a K tile (tap, ci..ci+BLOCK_K) is one
-contiguous, 16-byte aligned run per output pixel, which Triton turns into cp.async copies. A channels_last
-caller pays nothing; an NCHW caller gets one conversion of x (``activation_operand``) and one of the output
-back to NCHW (``conv_igemm_forward`` in ``_conv_igemm``). deepsim runs its networks channels_last on CUDA
-(``DeePSiMTrainer.to_channels_last``), so its convs take the copy-free path.
-
-Weights, "packed once per parameter version". The GEMM wants W as a K-major matrix: rows of
-K = KH * KW * C_in contiguous values per output channel. For a conv that matrix is exactly the storage of
-a channels_last weight, (C_out, KH, KW, C_in): a module converted with
-``.to(memory_format=torch.channels_last)`` *stores its parameter packed*, and the kernel reads the
-parameter itself. There is no packed copy, hence nothing that can go stale:
-  * a cache keyed on (data_ptr, _version) would be wrong under CUDA-graph replay (a cache hit during
-    capture skips the packing kernel, so every replay reads the weights of capture time while the
-    optimizer updates the parameter in place) and under torch.compile (inductor may write parameters in
-    place without bumping ``_version``);
-  * reading the parameter's own storage is always current: eager, captured, compiled, or after any
-    in-place optimizer step (tests/kernels/test_conv_forward.py checks eager and torch.compile).
-An up-conv weight (C_in, C_out, KH, KW) in channels_last storage, (C_in, KH, KW, C_out), gives per tap a
-(C_in, C_out) slice with C_out contiguous: the kernel reads it as it is (a K x N operand, N-major, which
-wgmma takes for 16-bit types).
-A weight in the default (contiguous) layout is converted on every call (one small copy, the size of the
-weight: at most a few MB, against a conv of GFLOPs) - correct for the same reason, just not free.
-Where K is not a multiple of 16 bytes' worth of elements (the 3-channel first layers: K = 75, 147), the
-rows would be misaligned for vector / cp.async loads, so those weights are copied per call into rows
-padded to the next multiple (C_out x K_pad, at most a few KB).
+Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations

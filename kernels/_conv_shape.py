@@ -1,7 +1,7 @@
 """Conv output sizes and argument normalisation, in one place (configs, ops, dispatcher, roofline).
 
-    conv:     out = (size + 2 * padding - k) // stride + 1
-    up-conv:  out = (size - 1) * stride - 2 * padding + k + output_padding
+conv:     out = (size + 2 * padding - k) // stride + 1
+up-conv:  out = (size - 1) * stride - 2 * padding + k + output_padding
 """
 
 from __future__ import annotations
@@ -9,7 +9,9 @@ from __future__ import annotations
 __all__ = ["conv_out_size", "normalize_padding", "as_int"]
 
 
-def conv_out_size(size: int, k: int, stride: int, padding: int, transposed: bool, output_padding: int = 0) -> int:
+def conv_out_size(
+    size: int, k: int, stride: int, padding: int, transposed: bool, output_padding: int = 0
+) -> int:
     """One output side of a conv (or, ``transposed``, an up-conv) over one input side of ``size``."""
     if transposed:
         return (size - 1) * stride - 2 * padding + k + output_padding
@@ -36,7 +38,9 @@ def normalize_padding(padding, kernel: tuple[int, int], stride: int, op: str, tr
     odd kernel, where symmetric padding (k - 1) // 2 keeps the size, as F.conv2d's "same" does)."""
     if isinstance(padding, str):
         if transposed:
-            raise ValueError(f"{op}: padding={padding!r}: string padding is not defined for a transposed conv")
+            raise ValueError(
+                f"{op}: padding={padding!r}: string padding is not defined for a transposed conv"
+            )
         if padding == "valid":
             return 0
         if padding == "same":

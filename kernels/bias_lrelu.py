@@ -1,30 +1,6 @@
 """bias_lrelu: ``lrelu(conv_out + b)`` in one Triton pass, and the LReLU mask + bias gradient in one pass.
 
-The epilogue of the cuDNN conv path (``DEEPSIM_KERNELS=cudnn``, or the dispatcher's "cudnn" candidate):
-aten/cuDNN computes ``conv_out = conv(x, W)`` without bias, this op adds the bias and applies the LReLU.
-Its backward pass (``lrelu_bias_grads``) is also the first half of the fused conv ops' backward.
-
-Forward (``_bias_lrelu_fwd_kernel``, one read of conv_out, one write of out; fp32 arithmetic):
-    pre[n, c, h, w] = conv_out[n, c, h, w] + b[c]
-    out = lrelu(pre) = pre if pre > 0 else alpha * pre
-Backward: for alpha >= 0, out and pre have the same sign, so only ``out`` is saved (not pre, not conv_out):
-    grad_pre[n, c, h, w] = grad_out * (1 if out > 0 else alpha)      (= dL/dconv_out)
-    grad_b[c]            = sum_{n, h, w} grad_pre[n, c, h, w]
-``_lrelu_bias_grad_kernel`` does both in ONE pass over grad_out and out: each program writes its
-(rows x channels) tile of grad_pre and one fp32 partial sum per channel of that tile into
-``partial[row_block, c]``; ``_channel_sum_kernel`` then adds each channel's partials in row-block order.
-Fixed order, no atomics: grad_b is bitwise reproducible for a given input, shape and device.
-
-Layout: a 4-D tensor is walked as rows m = (n, h, w) by channels c through its strides (h and w merged
-into one index: stride_h == W * stride_w), so NCHW and channels_last run with no copy. grad_out is
-brought to out's layout first when it differs (one copy).
-
-Why ``torch.library.custom_op`` (opaque to inductor) and not ``triton_op`` + ``wrap_triton``: the op's
-implementation branches on the device (Triton on CUDA or under ``TRITON_INTERPRET=1``, the PyTorch
-reference elsewhere), which a traced ``triton_op`` body cannot express; its neighbours are an extern
-cuDNN convolution and the next layer's conv, which inductor would not fuse into anyway; and it declares
-``mutates_args=()`` and returns fresh tensors, so inductor does not treat any input as mutated and CUDA
-graphs are not skipped. The cost: inductor cannot fuse a following pointwise op into this kernel.
+Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -64,9 +40,20 @@ def _tile(M, C, HW, s_n, s_c, s_hw, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr
 
 @triton.jit
 def _bias_lrelu_fwd_kernel(
-    x_ptr, b_ptr, out_ptr, M, C, HW, s_n, s_c, s_hw, alpha,
-    HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
+    x_ptr,
+    b_ptr,
+    out_ptr,
+    M,
+    C,
+    HW,
+    s_n,
+    s_c,
+    s_hw,
+    alpha,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     # out[m, c] = lrelu(x[m, c] + b[c]), m = (n, h, w); x and out share the strides (s_n, s_c, s_hw).
     #   d out / d x = 1 if out > 0 else alpha;  d out / d b[c] = the same, summed over m.
     offs, mask, offs_c, mask_c = _tile(M, C, HW, s_n, s_c, s_hw, BLOCK_M, BLOCK_C)
@@ -79,9 +66,22 @@ def _bias_lrelu_fwd_kernel(
 
 @triton.jit
 def _lrelu_bias_grad_kernel(
-    grad_out_ptr, out_ptr, grad_pre_ptr, partial_ptr, M, C, HW, s_n, s_c, s_hw, alpha,
-    WRITE_GRAD_PRE: tl.constexpr, BIAS_GRAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
-):  # fmt: skip
+    grad_out_ptr,
+    out_ptr,
+    grad_pre_ptr,
+    partial_ptr,
+    M,
+    C,
+    HW,
+    s_n,
+    s_c,
+    s_hw,
+    alpha,
+    WRITE_GRAD_PRE: tl.constexpr,
+    BIAS_GRAD: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     # One pass over grad_out and out (same strides):
     #   grad_pre[m, c] = grad_out[m, c] * (1 if out[m, c] > 0 else alpha)
     #   partial[pid_m, c] = sum_{m in this program's rows} grad_pre[m, c]   (fp32, before rounding)
@@ -241,8 +241,9 @@ def _nothing(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty(0)
 
 
-def _bwd_impl(grad_out: torch.Tensor, out: torch.Tensor, alpha: float, need_grad_pre: bool,
-              need_grad_bias: bool) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+def _bwd_impl(
+    grad_out: torch.Tensor, out: torch.Tensor, alpha: float, need_grad_pre: bool, need_grad_bias: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     grad_pre, grad_bias = lrelu_bias_grads(grad_out, out, alpha, need_grad_pre, need_grad_bias)
     return (grad_pre if grad_pre is not None else _nothing(out),
             grad_bias if grad_bias is not None else _nothing(out))  # fmt: skip

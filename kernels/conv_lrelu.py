@@ -1,16 +1,6 @@
 """conv_lrelu: convolution + bias + LReLU, forward and backward in Triton implicit GEMMs.
 
-Forward (one launch):  out = lrelu(conv2d(x, W) + b),  lrelu(p) = p if p > 0 else alpha * p.
-    kernel: ``_conv_igemm._conv_igemm_lrelu_kernel`` (channels_last, one pipelined K = KH*KW*C_in loop,
-    bias and LReLU in the epilogue); operand layouts ``_conv_packing``; tile configs ``_conv_configs``.
-Backward, from (x, W, out) only (for alpha >= 0 the sign of out is the sign of the pre-activation):
-    grad_pre = grad_out * (1 if out > 0 else alpha)              applied as grad_out is loaded
-    grad_x   = conv_transpose2d(grad_pre, W, S, P, output_padding) (dgrad: the up-conv kernel)
-    grad_W   = sum_{n,oh,ow} grad_pre[n,oh,ow,co] x[n, oh*S-P+kh, ow*S-P+kw, ci]  (wgrad, split K)
-    grad_b   = sum_{n,oh,ow} grad_pre                            (folded into the wgrad reduction)
-    (kernels/_conv_backward.py; per gradient the dispatcher may pick cuDNN after the Triton mask pass.)
-The public ``conv_lrelu`` runs this fused op or, per layer shape, cuDNN conv + the Triton bias+LReLU
-epilogue, whichever kernels/dispatch.py measured faster.
+Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -52,8 +42,19 @@ def conv_lrelu_forward(x, weight, bias, stride: int, padding: int, alpha: float)
     return conv_forward(x, weight, bias, stride, padding, alpha, transposed=False)
 
 
-def conv_lrelu_backward(grad_out, out, x, weight, has_bias: bool, stride: int, padding: int, alpha: float,
-                        output_mask: list[bool], dgrad: str = "triton", wgrad: str = "triton"):  # fmt: skip
+def conv_lrelu_backward(
+    grad_out,
+    out,
+    x,
+    weight,
+    has_bias: bool,
+    stride: int,
+    padding: int,
+    alpha: float,
+    output_mask: list[bool],
+    dgrad: str = "triton",
+    wgrad: str = "triton",
+):
     """(grad_x, grad_weight, grad_bias); an unneeded one (output_mask False) comes back as an empty tensor.
     ``dgrad`` / ``wgrad``: "triton" or "cudnn" (see ``_conv_common.conv_lrelu_grads``)."""
     return conv_lrelu_grads(grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask,
@@ -87,7 +88,9 @@ def reference_conv_lrelu(x, weight, bias=None, stride=1, padding=0, alpha=0.3):
 
 _backward_op = register_backward_op(False)
 _forward_op = register_forward_op(False, reference_conv_lrelu, ConvLReluFunction)
-_run_path = functools.partial(run_path, transposed=False, reference=reference_conv_lrelu, fused_op=_forward_op)
+_run_path = functools.partial(
+    run_path, transposed=False, reference=reference_conv_lrelu, fused_op=_forward_op
+)
 
 
 _run_path.backward_op = _backward_op  # the dispatcher times and checks dgrad / wgrad through it

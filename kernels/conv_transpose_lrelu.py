@@ -1,20 +1,7 @@
 """conv_transpose_lrelu: transposed convolution (the up-conv block) + bias + LReLU, forward and backward
 in Triton implicit GEMMs.
 
-Forward (one launch):
-    pre[n, co, oh, ow] = b[co] + sum_{ci,kh,kw} x[n, ci, ih, iw] * W[ci, co, kh, kw],
-        ih = (oh + P - kh) / S, iw = (ow + P - kw) / S, taken only when divisible and in range;
-    out = lrelu(pre) = pre if pre > 0 else alpha * pre.
-Computed by output parity (sub-pixel decomposition): the S*S classes of outputs each receive a dense
-ceil(KH/S) x ceil(KW/S)-tap conv; kernel ``_conv_igemm._conv_igemm_lrelu_kernel`` (shared with conv_lrelu).
-Backward, from (x, W, out) only:
-    grad_pre = grad_out * (1 if out > 0 else alpha)                applied as grad_out is loaded
-    grad_x   = conv2d(grad_pre, W as (C_in, C_out, KH, KW), S, P)   (dgrad: the strided conv kernel)
-    grad_W   = sum_{n,ih,iw} x[n,ih,iw,ci] grad_pre[n, ih*S-P+kh, iw*S-P+kw, co]   (wgrad, split K)
-    grad_b   = sum_{n,oh,ow} grad_pre                              (the mask pass, reduction only)
-    (kernels/_conv_backward.py.)
-The public ``conv_transpose_lrelu`` runs this fused op or, per layer shape, cuDNN conv_transpose + the
-Triton bias+LReLU epilogue, whichever kernels/dispatch.py measured faster.
+Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -52,9 +39,19 @@ def conv_transpose_lrelu_forward(x, weight, bias, stride: int, padding: int, alp
     return conv_forward(x, weight, bias, stride, padding, alpha, transposed=True)
 
 
-def conv_transpose_lrelu_backward(grad_out, out, x, weight, has_bias: bool, stride: int, padding: int,
-                                  alpha: float, output_mask: list[bool], dgrad: str = "triton",
-                                  wgrad: str = "triton"):  # fmt: skip
+def conv_transpose_lrelu_backward(
+    grad_out,
+    out,
+    x,
+    weight,
+    has_bias: bool,
+    stride: int,
+    padding: int,
+    alpha: float,
+    output_mask: list[bool],
+    dgrad: str = "triton",
+    wgrad: str = "triton",
+):
     """(grad_x, grad_weight, grad_bias); an unneeded one (output_mask False) comes back as an empty tensor."""
     return conv_lrelu_grads(grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask,
                             transposed=True, dgrad=dgrad, wgrad=wgrad)  # fmt: skip

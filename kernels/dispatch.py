@@ -1,51 +1,7 @@
 """The conv-block dispatcher: per layer shape, the faster of the fused Triton op and cuDNN conv + the Triton
 bias+LReLU epilogue, timed once on CUDA and remembered (the idea of ``torch.backends.cudnn.benchmark``).
 
-Paths of ``conv_lrelu`` / ``conv_transpose_lrelu``:
-    "triton"     the fused custom op (``deepsim::conv_lrelu`` / ``deepsim::conv_transpose_lrelu``): conv +
-                 bias + LReLU in one Triton kernel; backward = one Triton pass for grad_pre and grad_b, then
-                 cuDNN dgrad/wgrad (kernels/_conv_common.py).
-    "cudnn"      aten (cuDNN) conv without bias, then ``deepsim::bias_lrelu`` (kernels/bias_lrelu.py, one
-                 Triton pass); backward = the same Triton pass + aten conv backward. Saves what "triton"
-                 saves (x, W, out): the conv output is freed once the epilogue has read it.
-    "reference"  eager F.conv2d(..., bias) + F.leaky_relu (also keeps the pre-activation for backward).
-
-Which one runs: ``DEEPSIM_KERNELS`` (or ``use_backend``) = triton | cudnn | reference forces it. Under auto
-(the default) a call on a CUDA tensor asks :func:`choose`, which answers from, in order:
- 1. this process's table (:func:`decisions` lists it);
- 2. the cache file, for this card, torch and triton version;
- 3. a measurement: each path runs forward + backward as training runs them (fresh copies of x, W, b that
-    require grad, a random grad_out; ``WARMUP`` calls, then the median of ``ITERS`` CUDA-event timings),
-    the faster is taken (a tie goes to ``DEFAULT_PATH``), and it is stored in the table and the file. A
-    path that raises counts as infinitely slow (with a warning); if both raise, the error propagates.
-Elsewhere (CPU tensors) auto runs the reference; nothing is timed.
-
-Key: (op, device, M bucket, C_in, H, W, C_out, KH, KW, stride, padding, dtype, memory format, bias), with
-M = N * OH * OW rounded up to a power of two. Bucketed, not exact, so that a partial last batch (same
-bucket) reuses the decision instead of timing again, or, inside a CUDA graph, falling to the default;
-batch 1 (a much smaller M) is timed on its own, since at small M the faster path can differ. The dtype is
-the one the conv computes in (the autocast dtype under ``torch.autocast``). Decisions time training
-(forward + backward, gradients for x, W and b); an inference-only caller gets the training choice.
-
-CUDA graphs and torch.compile: decisions are made before capture, never inside it.
- * Inside CUDA-graph capture (``torch.cuda.is_current_stream_capturing()``) nothing is timed: a missing
-   decision takes ``DEFAULT_PATH`` = "cudnn" (no Triton autotuning sweep, which would break the capture),
-   listed by :func:`decisions` as a default but not cached, so a later eager call still times it.
- * Under ``torch.compile`` the choice is read at trace time from this process's table and becomes part of
-   the graph (a missing one takes ``DEFAULT_PATH``; a decision made after tracing takes effect only if the
-   graph is traced again).
- * So call :func:`prepare` (``prepare(model, example_input)``) before compiling or capturing: it runs the
-   model once on real tensors and decides every conv block it meets. ``deepsim.train.compiled`` does.
-
-Cache file (kernels/dispatch_cache.py): ``$DEEPSIM_DISPATCH_CACHE`` (a file path; ``off`` keeps decisions
-in memory only), else ``$XDG_CACHE_HOME/deepsim/dispatch.json``, else ``~/.cache/deepsim/dispatch.json``;
-one context per "<card> | torch <version> | triton <version>", so a new card or version times again. An
-unreadable file warns once (naming it) and is rewritten; an unwritable one warns once. Each rank of a
-DDP run times on its own, so ranks may choose differently (same math, last-bit differences, averaged by
-DDP anyway); writes merge and replace the file atomically.
-
-This module imports torch and triton only; the conv modules hand :func:`choose` a ``run(path, ...)``
-callable, so it needs none of them.
+Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -218,8 +174,9 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def decision_key(op: str, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, stride: int,
-                 padding: int) -> tuple:  # fmt: skip
+def decision_key(
+    op: str, x: torch.Tensor, weight: torch.Tensor, has_bias: bool, stride: int, padding: int
+) -> tuple:
     """The table key of one call (see the module doc): ints and strings only, so traced code can read it."""
     n, c_in, h, w = (int(v) for v in x.shape)
     kh, kw = int(weight.shape[2]), int(weight.shape[3])
@@ -263,7 +220,7 @@ def _shape_text(x, weight, stride, padding) -> str:
 
 def _context(device: torch.device) -> str:
     try:
-        import triton
+        import triton  # lazy: triton is optional (absent on CPU-only installs)
 
         triton_version = triton.__version__
     except Exception:  # noqa: BLE001 - no triton: the context says so
@@ -377,8 +334,9 @@ def _measure(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> Deci
             except Exception:  # noqa: BLE001 - a failing implementation loses
                 part_ms[impl] = None
             ms[f"{part}_{impl}"] = part_ms[impl]
-        if part_ms.get("triton") is not None and (part_ms.get("cudnn") is None
-                                                  or part_ms["triton"] < part_ms["cudnn"]):  # fmt: skip
+        if part_ms.get("triton") is not None and (
+            part_ms.get("cudnn") is None or part_ms["triton"] < part_ms["cudnn"]
+        ):
             impls[part] = "triton"
     return Decision(op, key_text(key), choice, "measured", ms, _context(x.device), shape, note[:300],
                     impls["dgrad"], impls["wgrad"], excluded)  # fmt: skip
@@ -394,9 +352,19 @@ def _decide(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> str:
     entry = entry if entry is not None and entry["choice"] in PATHS else None
     if entry is not None:
         ms = entry.get("ms") if isinstance(entry.get("ms"), dict) else {}
-        decision = Decision(op, text, entry["choice"], "cache file", ms, context, entry.get("shape", ""), "",
-                            _impl(entry.get("dgrad")), _impl(entry.get("wgrad")),
-                            entry.get("excluded") if isinstance(entry.get("excluded"), dict) else {})  # fmt: skip
+        decision = Decision(
+            op,
+            text,
+            entry["choice"],
+            "cache file",
+            ms,
+            context,
+            entry.get("shape", ""),
+            "",
+            _impl(entry.get("dgrad")),
+            _impl(entry.get("wgrad")),
+            entry.get("excluded") if isinstance(entry.get("excluded"), dict) else {},
+        )
     elif _capturing(x.device):
         decision = Decision(op, text, DEFAULT_PATH, "default: inside CUDA-graph capture, not timed", {},
                             context, _shape_text(x, weight, stride, padding))  # fmt: skip
@@ -427,8 +395,16 @@ def _decide(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> str:
     return decision.choice
 
 
-def choose(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
-           padding: int, alpha: float, run: Run) -> str:  # fmt: skip
+def choose(
+    op: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int,
+    padding: int,
+    alpha: float,
+    run: Run,
+) -> str:
     """The faster path ("triton" or "cudnn") for this call's key, timing it on the first call (see the
     module doc). ``run(path, x, weight, bias, stride, padding, alpha)`` runs one path with autograd."""
     key = decision_key(op, x, weight, bias is not None, stride, padding)
@@ -442,8 +418,9 @@ def choose(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return choice
 
 
-def backward_impls(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
-                   padding: int) -> tuple[str, str]:  # fmt: skip
+def backward_impls(
+    op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int
+) -> tuple[str, str]:
     """(dgrad, wgrad) the fused path's backward runs for this call: "triton" for both when the backend is
     forced to triton; under auto the dispatcher's decision for the key (cuDNN where none was made)."""
     if requested_backend() != "auto":
@@ -451,8 +428,16 @@ def backward_impls(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     return _backward.get(decision_key(op, x, weight, bias is not None, stride, padding), (DEFAULT_PATH,) * 2)
 
 
-def conv_path(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
-              padding: int, alpha: float, run: Run) -> str:  # fmt: skip
+def conv_path(
+    op: str,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int,
+    padding: int,
+    alpha: float,
+    run: Run,
+) -> str:
     """The path a public conv op takes for this call: "triton", "cudnn" or "reference".
 
     Forced by ``DEEPSIM_KERNELS`` / ``use_backend`` (triton | cudnn | reference); under auto, the
@@ -488,8 +473,9 @@ def decisions(*, cache_file: bool = False) -> list[dict]:
     return rows
 
 
-def decision_for(op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int,
-                 padding: int) -> dict | None:  # fmt: skip
+def decision_for(
+    op: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int
+) -> dict | None:
     """The decision (a row as :func:`decisions`) this process holds for such a call, or None (no timing)."""
     key = decision_key(op, x, weight, bias is not None, stride, padding)
     decision = _decided.get(key) or _defaults.get(key)

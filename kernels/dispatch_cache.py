@@ -1,16 +1,6 @@
 """The dispatcher's cache file: one JSON file of decisions per user, read once per process, merged on write.
 
-Where: ``$DEEPSIM_DISPATCH_CACHE`` (a file path; ``off`` keeps decisions in memory only), else
-``$XDG_CACHE_HOME/deepsim/dispatch.json``, else ``~/.cache/deepsim/dispatch.json``. What::
-
-    {"format": 1, "contexts": {"<card> | torch <version> | triton <version>":
-        {"<key>": {"choice": "triton", "ms": {"triton": 0.41, "cudnn": 0.52}, "shape": "...",
-                   "date": "..."}}}}
-
-An unreadable or malformed file gives one warning naming it and is treated as empty (the next decision
-rewrites it); a file that cannot be written gives one warning, and the caller keeps its decisions in
-memory. A write re-reads the file, merges its entry and replaces the file atomically (a temporary file
-in the same folder, then ``os.replace``), so processes sharing it (DDP ranks) do not corrupt it.
+Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations

@@ -1,18 +1,6 @@
 """feature_distance: weighted sum of squared feature differences over all comparator taps in one launch.
 
-    L = (1 / denom) * sum_l w_l * sum_i (fake_l[i] - real_l[i])^2          denom = 1 ("sum") or batch ("mean")
-    dL/dfake_l = 2 * w_l * (fake_l - real_l) / denom                       (reals get no gradient)
-
-One forward launch handles up to ``MAX_LAYERS`` = 8 layers (comparator taps), each passed as its own kernel
-arguments (fake/real/grad pointers, numel, scales, first program); one program = one chunk of exactly one
-layer. It writes the gradient for the fakes in the same pass (saved, so backward is ``saved * grad_L``) and
-one partial sum per program into its own slot of one buffer; ``_feature_distance_sum_kernel`` then adds
-the partials in a fixed order in one program. More than 8 layers: successive launches of 8, writing the
-same buffer in layer order. Backward is one launch too (``_feature_distance_bwd_kernel``, the same slots):
-grad_fake_l = saved_l * grad_L for every layer. No atomics: the result is bitwise reproducible for a given
-input. Every argument is a kernel scalar or tensor pointer (no host-built table copied to the device per
-call), so the op can be captured in a CUDA graph (``torch.compile(mode="reduce-overhead")``). Layers may
-differ in dtype (fp32/fp16/bf16); each gradient is stored in its fake's dtype.
+Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -40,10 +28,22 @@ MAX_LAYERS = 8  # layers per forward launch (kernel argument slots); more layers
 
 
 @triton.jit
-def _chunk(fake_ptr, real_ptr, grad_ptr, numel, wscale, gscale, block_start, pid,
-           COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):  # fmt: skip
+def _chunk(
+    fake_ptr,
+    real_ptr,
+    grad_ptr,
+    numel,
+    wscale,
+    gscale,
+    block_start,
+    pid,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+):
     # This program's contribution from one layer slot: chunk (pid - block_start) of the layer when
-    # block_start <= pid < block_start + cdiv(numel, BLOCK * ITERS), else 0 (its loop runs zero times). wscale = w_l / denom, gscale = 2 w_l / denom:
+    # block_start <= pid < block_start + cdiv(numel, BLOCK * ITERS), else 0 (its loop runs zero times).
+    # wscale = w_l / denom, gscale = 2 w_l / denom:
     #   contribution = wscale * sum (f - r)^2          (fp32 accumulation)
     #   grad_f       = gscale * (f - r)                (= d contribution / d f; stored in the fakes' dtype)
     local = pid - block_start
@@ -67,16 +67,67 @@ def _chunk(fake_ptr, real_ptr, grad_ptr, numel, wscale, gscale, block_start, pid
 @triton.jit
 def _feature_distance_fwd_kernel(
     partial_ptr,
-    fake_ptr0, real_ptr0, grad_ptr0, numel0, wscale0, gscale0, block_start0,
-    fake_ptr1, real_ptr1, grad_ptr1, numel1, wscale1, gscale1, block_start1,
-    fake_ptr2, real_ptr2, grad_ptr2, numel2, wscale2, gscale2, block_start2,
-    fake_ptr3, real_ptr3, grad_ptr3, numel3, wscale3, gscale3, block_start3,
-    fake_ptr4, real_ptr4, grad_ptr4, numel4, wscale4, gscale4, block_start4,
-    fake_ptr5, real_ptr5, grad_ptr5, numel5, wscale5, gscale5, block_start5,
-    fake_ptr6, real_ptr6, grad_ptr6, numel6, wscale6, gscale6, block_start6,
-    fake_ptr7, real_ptr7, grad_ptr7, numel7, wscale7, gscale7, block_start7,
-    NUM_LAYERS: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-):  # fmt: skip
+    fake_ptr0,
+    real_ptr0,
+    grad_ptr0,
+    numel0,
+    wscale0,
+    gscale0,
+    block_start0,
+    fake_ptr1,
+    real_ptr1,
+    grad_ptr1,
+    numel1,
+    wscale1,
+    gscale1,
+    block_start1,
+    fake_ptr2,
+    real_ptr2,
+    grad_ptr2,
+    numel2,
+    wscale2,
+    gscale2,
+    block_start2,
+    fake_ptr3,
+    real_ptr3,
+    grad_ptr3,
+    numel3,
+    wscale3,
+    gscale3,
+    block_start3,
+    fake_ptr4,
+    real_ptr4,
+    grad_ptr4,
+    numel4,
+    wscale4,
+    gscale4,
+    block_start4,
+    fake_ptr5,
+    real_ptr5,
+    grad_ptr5,
+    numel5,
+    wscale5,
+    gscale5,
+    block_start5,
+    fake_ptr6,
+    real_ptr6,
+    grad_ptr6,
+    numel6,
+    wscale6,
+    gscale6,
+    block_start6,
+    fake_ptr7,
+    real_ptr7,
+    grad_ptr7,
+    numel7,
+    wscale7,
+    gscale7,
+    block_start7,
+    NUM_LAYERS: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+):
     # Up to MAX_LAYERS layers in one launch, each passed as its own kernel arguments (no device-side table).
     # Program pid handles one chunk of exactly one layer: layer l owns programs
     # [block_start_l, block_start_l + cdiv(numel_l, BLOCK * ITERS)). Slots >= NUM_LAYERS are not compiled;
@@ -138,16 +189,42 @@ def _scale_chunk(saved_ptr, grad_ptr, numel, block_start, g, pid, BLOCK: tl.cons
 @triton.jit
 def _feature_distance_bwd_kernel(
     grad_loss_ptr,
-    saved_ptr0, grad_ptr0, numel0, block_start0,
-    saved_ptr1, grad_ptr1, numel1, block_start1,
-    saved_ptr2, grad_ptr2, numel2, block_start2,
-    saved_ptr3, grad_ptr3, numel3, block_start3,
-    saved_ptr4, grad_ptr4, numel4, block_start4,
-    saved_ptr5, grad_ptr5, numel5, block_start5,
-    saved_ptr6, grad_ptr6, numel6, block_start6,
-    saved_ptr7, grad_ptr7, numel7, block_start7,
-    NUM_LAYERS: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr,
-):  # fmt: skip
+    saved_ptr0,
+    grad_ptr0,
+    numel0,
+    block_start0,
+    saved_ptr1,
+    grad_ptr1,
+    numel1,
+    block_start1,
+    saved_ptr2,
+    grad_ptr2,
+    numel2,
+    block_start2,
+    saved_ptr3,
+    grad_ptr3,
+    numel3,
+    block_start3,
+    saved_ptr4,
+    grad_ptr4,
+    numel4,
+    block_start4,
+    saved_ptr5,
+    grad_ptr5,
+    numel5,
+    block_start5,
+    saved_ptr6,
+    grad_ptr6,
+    numel6,
+    block_start6,
+    saved_ptr7,
+    grad_ptr7,
+    numel7,
+    block_start7,
+    NUM_LAYERS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    ITERS: tl.constexpr,
+):
     # dL_total/dfake_l = (dL/dfake_l, saved by the forward) * dL_total/dL, for up to MAX_LAYERS layers in
     # one launch, laid out as in the forward: layer l owns programs [block_start_l, + cdiv(numel_l, BLOCK *
     # ITERS)); every argument is a scalar or a pointer (no device-side table), so the launch is graph-safe.
@@ -186,9 +263,13 @@ def _dense_pair(f: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return f, r
 
 
-def feature_distance_forward(fakes: Sequence[torch.Tensor], reals: Sequence[torch.Tensor],
-                             weights: Sequence[float], denom: float, compute_grad: bool
-                             ) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+def feature_distance_forward(
+    fakes: Sequence[torch.Tensor],
+    reals: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    denom: float,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One forward launch per group of up to MAX_LAYERS layers (so one launch for <= 8 taps) plus one sum,
     all into one partial-sum buffer in layer order. Returns (loss 0-dim fp32, [dL/dfake_l] in each fake's
     dtype if compute_grad else []). Graph-safe: every kernel argument is a scalar or a tensor pointer, no
@@ -280,8 +361,13 @@ def _is_dense(t: torch.Tensor) -> bool:
 # torch.library custom op + autograd
 
 
-def _fwd_impl(fakes: list[torch.Tensor], reals: list[torch.Tensor], weights: list[float], denom: float,
-              compute_grad: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+def _fwd_impl(
+    fakes: list[torch.Tensor],
+    reals: list[torch.Tensor],
+    weights: list[float],
+    denom: float,
+    compute_grad: bool,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     if HAS_TRITON and (fakes[0].is_cuda or INTERPRET):
         return feature_distance_forward(fakes, reals, weights, denom, compute_grad)
     loss = fakes[0].new_zeros((), dtype=torch.float32)

@@ -1,22 +1,6 @@
 """lpips_distance: the LPIPS distance of feature taps, per image, all taps in one launch.
 
-Per tap l with features f0, f1 (B, C, H, W), linear weights w (C,), P = H * W positions:
-
-    r0 = 1 / sqrt(sum_c f0_c^2 + eps^2)        n0 = f0 * r0        (likewise r1, n1; per image and position)
-    D[b] = sum_l 1/P_l * sum_p sum_c w_c (n0_c - n1_c)^2
-    g_c = 2 w_c (n0_c - n1_c)
-    dD/df0_k = r0 (g_k - n0_k * sum_c g_c n0_c) / P         dD/df1_k = r1 (n1_k * sum_c g_c n1_c - g_k) / P
-
-lpips normalises with f / (sqrt(sum f^2) + eps): the same value to ~eps^2 / |f|^2, but its sqrt has an
-infinite derivative at zero features, so autograd gives NaN there. eps inside the root keeps it finite.
-
-One program = one (tap, image, block of BLOCK_P positions); it loops over the channels (two passes forward:
-norms, then the weighted difference; three backward: norms, the two dot products, the gradients), so any C
-fits. Up to ``MAX_TAPS`` taps share one launch, each passed as its own kernel arguments (no device-side
-table). The forward writes one partial sum per program into a (B, columns) buffer; a fixed-order row sum
-gives D (no atomics: reproducible). The backward recomputes from f0, f1 (nothing activation-sized saved
-beyond the features themselves) and writes the gradient of either side or both. fp32 arithmetic; features
-fp32/fp16/bf16, each gradient in its feature's dtype.
+Design notes: docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -47,7 +31,9 @@ _BLOCK_P = 64
 def _tile(f_ptr, base, offs_c, C, pofs, pmask, sc):
     # (BLOCK_C, BLOCK_P) tile of one image's features, fp32; zero outside (C, P).
     m = (offs_c < C)[:, None] & pmask[None, :]
-    return tl.load(f_ptr + base + offs_c.to(tl.int64)[:, None] * sc + pofs[None, :], mask=m, other=0.0).to(tl.float32)
+    return tl.load(f_ptr + base + offs_c.to(tl.int64)[:, None] * sc + pofs[None, :], mask=m, other=0.0).to(
+        tl.float32
+    )
 
 
 @triton.jit
@@ -63,8 +49,7 @@ def _where(pid, prog_start, ntiles, nblk, C):
 
 
 @triton.jit
-def _norms(f0_ptr, f1_ptr, base, cc, C, pofs, pmask, sc, eps2,
-           BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+def _norms(f0_ptr, f1_ptr, base, cc, C, pofs, pmask, sc, eps2, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     # r = 1 / sqrt(sum_c f_c^2 + eps^2) for both sides, per position.
     s0 = tl.zeros((BLOCK_P,), dtype=tl.float32)
     s1 = tl.zeros((BLOCK_P,), dtype=tl.float32)
@@ -78,8 +63,27 @@ def _norms(f0_ptr, f1_ptr, base, cc, C, pofs, pmask, sc, eps2,
 
 
 @triton.jit
-def _fwd_slot(partial_ptr, ncols, pid, eps2, f0_ptr, f1_ptr, w_ptr, C, P, sb, sc, sp, nblk, ntiles, prog_start,
-              col_start, inv_p, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):  # fmt: skip
+def _fwd_slot(
+    partial_ptr,
+    ncols,
+    pid,
+    eps2,
+    f0_ptr,
+    f1_ptr,
+    w_ptr,
+    C,
+    P,
+    sb,
+    sc,
+    sp,
+    nblk,
+    ntiles,
+    prog_start,
+    col_start,
+    inv_p,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     # partial[b, col_start + j] = 1/P * sum_{p in block j} sum_c w_c (n0_c - n1_c)^2, when this slot owns pid.
     active, b, j, cc = _where(pid, prog_start, ntiles, nblk, C)
     offs_p = j * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -99,14 +103,78 @@ def _fwd_slot(partial_ptr, ncols, pid, eps2, f0_ptr, f1_ptr, w_ptr, C, P, sb, sc
 
 @triton.jit
 def _lpips_fwd_kernel(
-    partial_ptr, ncols, eps2,
-    f0_0, f1_0, w_0, C_0, P_0, sb_0, sc_0, sp_0, nblk_0, ntiles_0, start_0, col_0, invp_0,
-    f0_1, f1_1, w_1, C_1, P_1, sb_1, sc_1, sp_1, nblk_1, ntiles_1, start_1, col_1, invp_1,
-    f0_2, f1_2, w_2, C_2, P_2, sb_2, sc_2, sp_2, nblk_2, ntiles_2, start_2, col_2, invp_2,
-    f0_3, f1_3, w_3, C_3, P_3, sb_3, sc_3, sp_3, nblk_3, ntiles_3, start_3, col_3, invp_3,
-    f0_4, f1_4, w_4, C_4, P_4, sb_4, sc_4, sp_4, nblk_4, ntiles_4, start_4, col_4, invp_4,
-    NUM_TAPS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-):  # fmt: skip
+    partial_ptr,
+    ncols,
+    eps2,
+    f0_0,
+    f1_0,
+    w_0,
+    C_0,
+    P_0,
+    sb_0,
+    sc_0,
+    sp_0,
+    nblk_0,
+    ntiles_0,
+    start_0,
+    col_0,
+    invp_0,
+    f0_1,
+    f1_1,
+    w_1,
+    C_1,
+    P_1,
+    sb_1,
+    sc_1,
+    sp_1,
+    nblk_1,
+    ntiles_1,
+    start_1,
+    col_1,
+    invp_1,
+    f0_2,
+    f1_2,
+    w_2,
+    C_2,
+    P_2,
+    sb_2,
+    sc_2,
+    sp_2,
+    nblk_2,
+    ntiles_2,
+    start_2,
+    col_2,
+    invp_2,
+    f0_3,
+    f1_3,
+    w_3,
+    C_3,
+    P_3,
+    sb_3,
+    sc_3,
+    sp_3,
+    nblk_3,
+    ntiles_3,
+    start_3,
+    col_3,
+    invp_3,
+    f0_4,
+    f1_4,
+    w_4,
+    C_4,
+    P_4,
+    sb_4,
+    sc_4,
+    sp_4,
+    nblk_4,
+    ntiles_4,
+    start_4,
+    col_4,
+    invp_4,
+    NUM_TAPS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     # Tap l owns programs [start_l, start_l + B * nblk_l); slots >= NUM_TAPS are not compiled.
     pid = tl.program_id(0)
     _fwd_slot(partial_ptr, ncols, pid, eps2, f0_0, f1_0, w_0, C_0, P_0, sb_0, sc_0, sp_0, nblk_0, ntiles_0, start_0,
@@ -126,9 +194,29 @@ def _lpips_fwd_kernel(
 
 
 @triton.jit
-def _bwd_slot(gout_ptr, pid, eps2, f0_ptr, f1_ptr, g0_ptr, g1_ptr, w_ptr, C, P, sb, sc, sp, nblk, ntiles,
-              prog_start, inv_p, NEED0: tl.constexpr, NEED1: tl.constexpr, BLOCK_C: tl.constexpr,
-              BLOCK_P: tl.constexpr):  # fmt: skip
+def _bwd_slot(
+    gout_ptr,
+    pid,
+    eps2,
+    f0_ptr,
+    f1_ptr,
+    g0_ptr,
+    g1_ptr,
+    w_ptr,
+    C,
+    P,
+    sb,
+    sc,
+    sp,
+    nblk,
+    ntiles,
+    prog_start,
+    inv_p,
+    NEED0: tl.constexpr,
+    NEED1: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
     # grad0 = s r0 (g - n0 <g, n0>), grad1 = s r1 (n1 <g, n1> - g), g = 2 w (n0 - n1), s = gout[b] / P.
     active, b, j, cc = _where(pid, prog_start, ntiles, nblk, C)
     offs_p = j * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -165,15 +253,84 @@ def _bwd_slot(gout_ptr, pid, eps2, f0_ptr, f1_ptr, g0_ptr, g1_ptr, w_ptr, C, P, 
 
 @triton.jit
 def _lpips_bwd_kernel(
-    gout_ptr, eps2,
-    f0_0, f1_0, g0_0, g1_0, w_0, C_0, P_0, sb_0, sc_0, sp_0, nblk_0, ntiles_0, start_0, invp_0,
-    f0_1, f1_1, g0_1, g1_1, w_1, C_1, P_1, sb_1, sc_1, sp_1, nblk_1, ntiles_1, start_1, invp_1,
-    f0_2, f1_2, g0_2, g1_2, w_2, C_2, P_2, sb_2, sc_2, sp_2, nblk_2, ntiles_2, start_2, invp_2,
-    f0_3, f1_3, g0_3, g1_3, w_3, C_3, P_3, sb_3, sc_3, sp_3, nblk_3, ntiles_3, start_3, invp_3,
-    f0_4, f1_4, g0_4, g1_4, w_4, C_4, P_4, sb_4, sc_4, sp_4, nblk_4, ntiles_4, start_4, invp_4,
-    NUM_TAPS: tl.constexpr, NEED0: tl.constexpr, NEED1: tl.constexpr, BLOCK_C: tl.constexpr,
+    gout_ptr,
+    eps2,
+    f0_0,
+    f1_0,
+    g0_0,
+    g1_0,
+    w_0,
+    C_0,
+    P_0,
+    sb_0,
+    sc_0,
+    sp_0,
+    nblk_0,
+    ntiles_0,
+    start_0,
+    invp_0,
+    f0_1,
+    f1_1,
+    g0_1,
+    g1_1,
+    w_1,
+    C_1,
+    P_1,
+    sb_1,
+    sc_1,
+    sp_1,
+    nblk_1,
+    ntiles_1,
+    start_1,
+    invp_1,
+    f0_2,
+    f1_2,
+    g0_2,
+    g1_2,
+    w_2,
+    C_2,
+    P_2,
+    sb_2,
+    sc_2,
+    sp_2,
+    nblk_2,
+    ntiles_2,
+    start_2,
+    invp_2,
+    f0_3,
+    f1_3,
+    g0_3,
+    g1_3,
+    w_3,
+    C_3,
+    P_3,
+    sb_3,
+    sc_3,
+    sp_3,
+    nblk_3,
+    ntiles_3,
+    start_3,
+    invp_3,
+    f0_4,
+    f1_4,
+    g0_4,
+    g1_4,
+    w_4,
+    C_4,
+    P_4,
+    sb_4,
+    sc_4,
+    sp_4,
+    nblk_4,
+    ntiles_4,
+    start_4,
+    invp_4,
+    NUM_TAPS: tl.constexpr,
+    NEED0: tl.constexpr,
+    NEED1: tl.constexpr,
+    BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
-):  # fmt: skip
+):
     # Laid out as the forward: tap l owns programs [start_l, start_l + B * nblk_l).
     pid = tl.program_id(0)
     _bwd_slot(gout_ptr, pid, eps2, f0_0, f1_0, g0_0, g1_0, w_0, C_0, P_0, sb_0, sc_0, sp_0, nblk_0, ntiles_0,
@@ -229,8 +386,9 @@ def _slot(f0, prog_start):
     return [c, p, f0.stride(0), f0.stride(1), f0.stride(3), max(nblk, 1), ntiles, prog_start], ntiles, nblk
 
 
-def lpips_distance_forward(f0s: Sequence[torch.Tensor], f1s: Sequence[torch.Tensor],
-                           weights: Sequence[torch.Tensor], eps: float) -> torch.Tensor:  # fmt: skip
+def lpips_distance_forward(
+    f0s: Sequence[torch.Tensor], f1s: Sequence[torch.Tensor], weights: Sequence[torch.Tensor], eps: float
+) -> torch.Tensor:
     """D (B,) fp32 in one launch per group of up to MAX_TAPS taps, plus one fixed-order row sum."""
     maps = [_as_maps(a, b) for a, b in zip(f0s, f1s)]
     batch = maps[0][0].shape[0]
@@ -254,14 +412,27 @@ def lpips_distance_forward(f0s: Sequence[torch.Tensor], f1s: Sequence[torch.Tens
         a0, b0 = maps[g0]
         w0 = weights[g0].to(device=device, dtype=torch.float32)
         args += [a0, b0, w0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0.0] * (MAX_TAPS - len(taps))  # unused, not compiled
-        _lpips_fwd_kernel[(start,)](partial, partial.shape[1], float(eps) ** 2, *args, NUM_TAPS=len(taps),
-                                    BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P)  # fmt: skip
+        _lpips_fwd_kernel[(start,)](
+            partial,
+            partial.shape[1],
+            float(eps) ** 2,
+            *args,
+            NUM_TAPS=len(taps),
+            BLOCK_C=_BLOCK_C,
+            BLOCK_P=_BLOCK_P,
+        )
     return partial.sum(1)
 
 
-def lpips_distance_backward(f0s: Sequence[torch.Tensor], f1s: Sequence[torch.Tensor],
-                            weights: Sequence[torch.Tensor], grad_out: torch.Tensor, eps: float, need0: bool,
-                            need1: bool) -> list[torch.Tensor]:  # fmt: skip
+def lpips_distance_backward(
+    f0s: Sequence[torch.Tensor],
+    f1s: Sequence[torch.Tensor],
+    weights: Sequence[torch.Tensor],
+    grad_out: torch.Tensor,
+    eps: float,
+    need0: bool,
+    need1: bool,
+) -> list[torch.Tensor]:
     """dD/df0 (if need0) then dD/df1 (if need1), each tap's gradient in its feature's dtype and shape, scaled
     per image by grad_out (B,); one launch per group of up to MAX_TAPS taps."""
     maps = [_as_maps(a, b) for a, b in zip(f0s, f1s)]
@@ -284,8 +455,16 @@ def lpips_distance_backward(f0s: Sequence[torch.Tensor], f1s: Sequence[torch.Ten
         a0, b0 = maps[g0]
         w0 = weights[g0].to(device=device, dtype=torch.float32)
         args += [a0, b0, a0, a0, w0, 0, 0, 0, 0, 0, 1, 0, 0, 0.0] * (MAX_TAPS - len(taps))
-        _lpips_bwd_kernel[(start,)](gout, float(eps) ** 2, *args, NUM_TAPS=len(taps), NEED0=need0, NEED1=need1,
-                                    BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P)  # fmt: skip
+        _lpips_bwd_kernel[(start,)](
+            gout,
+            float(eps) ** 2,
+            *args,
+            NUM_TAPS=len(taps),
+            NEED0=need0,
+            NEED1=need1,
+            BLOCK_C=_BLOCK_C,
+            BLOCK_P=_BLOCK_P,
+        )
     out = []
     for grads, feats in ((grads0, f0s), (grads1, f1s)):
         for g, f in zip(grads, feats):
@@ -320,8 +499,9 @@ def _can_launch(t: torch.Tensor) -> bool:
     return HAS_TRITON and (t.is_cuda or INTERPRET)
 
 
-def _fwd_impl(f0s: list[torch.Tensor], f1s: list[torch.Tensor], weights: list[torch.Tensor],
-              eps: float) -> torch.Tensor:  # fmt: skip
+def _fwd_impl(
+    f0s: list[torch.Tensor], f1s: list[torch.Tensor], weights: list[torch.Tensor], eps: float
+) -> torch.Tensor:
     if _can_launch(f0s[0]):
         return lpips_distance_forward(f0s, f1s, weights, eps)
     with torch.no_grad():
@@ -332,8 +512,15 @@ def _fwd_fake(f0s, f1s, weights, eps):
     return f0s[0].new_empty((f0s[0].shape[0],), dtype=torch.float32)
 
 
-def _bwd_impl(f0s: list[torch.Tensor], f1s: list[torch.Tensor], weights: list[torch.Tensor],
-              grad_out: torch.Tensor, eps: float, need0: bool, need1: bool) -> list[torch.Tensor]:  # fmt: skip
+def _bwd_impl(
+    f0s: list[torch.Tensor],
+    f1s: list[torch.Tensor],
+    weights: list[torch.Tensor],
+    grad_out: torch.Tensor,
+    eps: float,
+    need0: bool,
+    need1: bool,
+) -> list[torch.Tensor]:
     if _can_launch(f0s[0]):
         return lpips_distance_backward(f0s, f1s, weights, grad_out, eps, need0, need1)
     with torch.enable_grad():
@@ -346,7 +533,9 @@ def _bwd_impl(f0s: list[torch.Tensor], f1s: list[torch.Tensor], weights: list[to
 
 
 def _bwd_fake(f0s, f1s, weights, grad_out, eps, need0, need1):
-    return [torch.empty_like(f) for f in (f0s if need0 else [])] + [torch.empty_like(f) for f in (f1s if need1 else [])]
+    return [torch.empty_like(f) for f in (f0s if need0 else [])] + [
+        torch.empty_like(f) for f in (f1s if need1 else [])
+    ]
 
 
 class LpipsDistanceFunction(torch.autograd.Function):
@@ -397,7 +586,9 @@ def _check(f0s, f1s, weights):
         if a.shape != b.shape:
             raise ValueError(f"lpips_distance: f0s[{i}] {tuple(a.shape)} != f1s[{i}] {tuple(b.shape)}")
         if a.dim() not in (2, 4) or a.shape[0] != f0s[0].shape[0]:
-            raise ValueError(f"lpips_distance: f0s[{i}] {tuple(a.shape)}: expected (B, C, H, W) or (B, C), one B")
+            raise ValueError(
+                f"lpips_distance: f0s[{i}] {tuple(a.shape)}: expected (B, C, H, W) or (B, C), one B"
+            )
         if w.numel() != a.shape[1]:
             raise ValueError(f"lpips_distance: weights[{i}] has {w.numel()} values for {a.shape[1]} channels")
 

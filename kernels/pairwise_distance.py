@@ -21,8 +21,9 @@ _BLOCK_D = 32 if INTERPRET else 64
 
 
 @triton.jit
-def _mean_pairwise_distance_fwd_kernel(x_ptr, partial_ptr, N, D, sxn, sxd,
-                                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
+def _mean_pairwise_distance_fwd_kernel(
+    x_ptr, partial_ptr, N, D, sxn, sxd, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr
+):
     # Tile (I, J) of row blocks, I <= J:  partial = sum_{i in I, j in J, i < j} sqrt(max(d2_ij, 0)),
     #   d2_ij = ||x_i||^2 + ||x_j||^2 - 2 x_i . x_j  (fp32, IEEE dot: no TF32 here, cancellation matters).
     # (No derivative: metric only. It would be d/dx_i = sum_j (x_i - x_j) / d_ij / num_pairs.)

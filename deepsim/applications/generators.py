@@ -5,7 +5,8 @@ Layouts (PAPER.md, "code" = the derived Caffe code):
 * :class:`UpConvDecoder` -- the up-conv stack shared by every inversion generator and the VAE decoder,
   from a (B, C, 4, 4) map to a (B, 3, S, S) image, S = 4 * 2**n. For S = 256 it is the code's stack:
 
-      deconv 4x4/s2 256; conv 3x3 512; deconv 256; conv 256; deconv 128; conv 128; deconv 64; deconv 32; deconv 3
+      deconv 4x4/s2 256; conv 3x3 512; deconv 256; conv 256; deconv 128; conv 128; deconv 64; deconv 32;
+      deconv 3
 
   (4 -> 8 -> 16 -> 32 -> 64 -> 128 -> 256; deconvs 4x4, stride 2, padding 1; LReLU 0.3 everywhere but the
   linear last deconv). Smaller outputs keep the first n - 1 stages and the final linear deconv to 3 channels
@@ -239,7 +240,9 @@ class VAEEncoder(nn.Module):
     def __init__(self, image_size: int = 64, latent_dim: int = 4096):
         super().__init__()
         if not 8 <= image_size <= 256:
-            raise ValueError(f"VAE image size {image_size}: expected 8..256 (the decoder makes at most 256x256)")
+            raise ValueError(
+                f"VAE image size {image_size}: expected 8..256 (the decoder makes at most 256x256)"
+            )
         layers: list[nn.Module] = []
         c, side, index = 3, image_size, 0
         while side > 4:
@@ -254,7 +257,8 @@ class VAEEncoder(nn.Module):
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if images.shape[-1] != self.image_size or images.shape[-2] != self.image_size:
             raise ValueError(
-                f"VAEEncoder: images of shape {tuple(images.shape)}, expected (B, 3, {self.image_size}, {self.image_size})"
+                f"VAEEncoder: images of shape {tuple(images.shape)}, expected (B, 3, {self.image_size}, "
+                f"{self.image_size})"
             )
         moments = self.to_moments(self.convs(images).flatten(1))  # (B, 2 * latent)
         mu, logvar = moments.chunk(2, dim=1)
@@ -280,7 +284,11 @@ class VariationalAutoencoder(nn.Module):
         super().__init__()
         self.encoder = VAEEncoder(image_size, latent_dim)  # ours: PyTorch's initialisation
         self.decoder = InversionGenerator(
-            "fc6", image_size=image_size, fc_width=fc_width, in_features=latent_dim, upconv_bias=upconv_bias,
+            "fc6",
+            image_size=image_size,
+            fc_width=fc_width,
+            in_features=latent_dim,
+            upconv_bias=upconv_bias,
             init=init,
         )
         self.image_size, self.latent_dim = image_size, latent_dim

@@ -29,7 +29,8 @@ class FeatureExtractor(nn.Module):
 
     Args:
         network: "alexnet" (torchvision layout, weights from torchvision's cache or ``weights``), "caffenet"
-            (Caffe layout, ``weights`` required), or "alexnet-random" / "caffenet-random" (seeded random weights).
+            (Caffe layout, ``weights`` required), or "alexnet-random" / "caffenet-random" (seeded random
+            weights).
         layer: conv5 | fc6 | fc7 | fc8.
         weights: a weights file (see :class:`deepsim.Comparator`).
 
@@ -47,7 +48,9 @@ class FeatureExtractor(nn.Module):
             raise ValueError(f"inverted layer {layer!r}: expected one of {', '.join(LAYER_TAPS)}")
         self.network, self.layer = network, layer
         try:
-            self.net = Comparator(f"{network}:{LAYER_TAPS[layer]}", weights=weights, input_size=PHI_INPUT_SIZE)
+            self.net = Comparator(
+                f"{network}:{LAYER_TAPS[layer]}", weights=weights, input_size=PHI_INPUT_SIZE
+            )
         except ComparatorWeightsError as error:
             raise ComparatorWeightsError(
                 f"the inverted network Phi: {error} For Phi the flags are --invert-network-weights PATH, or "

@@ -10,9 +10,12 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
+from deepsim.data.images import read_image
 from deepsim.metrics import mean_pairwise_distance
+from deepsim.train.factory import resolve_device
 
 from .factory import load_model
+from .generators import VariationalAutoencoder
 
 __all__ = ["load_image", "invert_files", "sample_preimages", "sample_vae_prior", "PreimageReport"]
 
@@ -20,8 +23,8 @@ RESIZE_SHORTER = 256  # ImageNet preprocessing (code): shorter side 256, then th
 
 
 def load_image(path: str | Path, size: int, resize_shorter: int = RESIZE_SHORTER) -> torch.Tensor:
-    """An image file -> (1, 3, size, size) in [-1, 1]: shorter side resized to ``resize_shorter``, centre crop."""
-    from deepsim.data.images import read_image
+    """An image file -> (1, 3, size, size) in [-1, 1]: shorter side resized to ``resize_shorter``, centre
+    crop."""
 
     if size > resize_shorter:
         resize_shorter = size
@@ -36,8 +39,6 @@ def _to_unit(images: torch.Tensor) -> torch.Tensor:
 
 
 def _inverter(checkpoint, device):
-    from deepsim.train.factory import resolve_device
-
     device = resolve_device(device) if isinstance(device, str) else device
     model, config = load_model(checkpoint, device)
     if config.task != "invert":
@@ -89,7 +90,8 @@ def sample_preimages(
     Writes ``<out>/<stem>_preimages.png`` (the input, then the samples, in one row) and
     ``<out>/diversity.json``. Diversity = the mean Euclidean distance over all distinct pairs of one image's
     samples (:func:`deepsim.metrics.mean_pairwise_distance`, images in [-1, 1] flattened); 0 when the
-    generator takes no noise (``noise_dim`` 0). The paper notes it stays small: nothing in the loss asks for it.
+    generator takes no noise (``noise_dim`` 0). The paper notes it stays small: nothing in the loss asks for
+    it.
     """
     if samples < 2:
         raise ValueError(f"--samples {samples}: the diversity needs at least 2 samples per image")
@@ -129,13 +131,10 @@ def sample_vae_prior(
 
     ``checkpoint_or_model``: a "vae" checkpoint (or its folder), or a :class:`VariationalAutoencoder`.
     """
-    from .generators import VariationalAutoencoder
 
     if isinstance(checkpoint_or_model, VariationalAutoencoder):
         vae = checkpoint_or_model
     else:
-        from deepsim.train.factory import resolve_device
-
         device = resolve_device(device) if isinstance(device, str) else device
         vae, config = load_model(checkpoint_or_model, device)
         if config.task != "vae":

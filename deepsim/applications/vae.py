@@ -28,5 +28,7 @@ class VAETrainer(DeePSiMTrainer):
 
     def generate(self, g_input: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x -> (decode(z), {"kl": lambda_kl * KL}), z ~ q(z|x) in training mode, z = mu in eval mode."""
-        fake, mu, logvar = self.generator(g_input)  # through forward(), so a DDP-wrapped G syncs its gradients
+        fake, mu, logvar = self.generator(
+            g_input
+        )  # through forward(), so a DDP-wrapped G syncs its gradients
         return fake, {"kl": self.lambda_kl * kl_divergence(mu, logvar)}

@@ -11,7 +11,8 @@ Only the fields a weight import needs are decoded (field numbers from Caffe's sr
     BlobProto           shape = 7 (BlobShape: dim = 1, packed int64), data = 5 (float), double_data = 8,
                         legacy 4-D shape: num = 1, channels = 2, height = 3, width = 4
     ConvolutionParameter num_output = 1, bias_term = 2, pad = 3, kernel_size = 4, group = 5, stride = 6,
-                        pad_h/pad_w = 9/10, kernel_h/kernel_w = 11/12, stride_h/stride_w = 13/14, dilation = 18
+                        pad_h/pad_w = 9/10, kernel_h/kernel_w = 11/12, stride_h/stride_w = 13/14, dilation =
+                        18
     InnerProductParameter num_output = 1, bias_term = 2, axis = 5, transpose = 6
     ReLUParameter       negative_slope = 1
 
@@ -72,7 +73,8 @@ MAX_BLOB_COUNT = 2**31 - 1  # Caffe's Blob::Reshape: CHECK_LE(count, INT_MAX)
 
 
 class CaffeModelError(ValueError):
-    """A .caffemodel that cannot be read or does not hold what the import needs; the message names the file."""
+    """A .caffemodel that cannot be read or does not hold what the import needs; the message names the
+    file."""
 
 
 @dataclass(frozen=True)
@@ -155,7 +157,8 @@ class CaffeLayer:
 
 @dataclass
 class CaffeModel:
-    """A parsed .caffemodel: the net's name, its layer format ("V2" = ``layer``, "V1" = ``layers``) and layers."""
+    """A parsed .caffemodel: the net's name, its layer format ("V2" = ``layer``, "V1" = ``layers``) and
+    layers."""
 
     path: Path
     name: str
@@ -194,7 +197,9 @@ def _add_dims(dims: list[int], data: bytes, wire: int, value) -> None:
         raise _BlobError(f"shape has more than {MAX_BLOB_AXES} axes (Caffe's limit), a corrupt blob")
     dims.extend(to_signed(v) for v in repeated_varints(data, wire, value))
     if len(dims) > MAX_BLOB_AXES:
-        raise _BlobError(f"shape has {len(dims)} axes, more than {MAX_BLOB_AXES} (Caffe's limit), a corrupt blob")
+        raise _BlobError(
+            f"shape has {len(dims)} axes, more than {MAX_BLOB_AXES} (Caffe's limit), a corrupt blob"
+        )
 
 
 def _count(shape: tuple[int, ...], kind: str) -> int:
@@ -207,7 +212,8 @@ def _count(shape: tuple[int, ...], kind: str) -> int:
         count *= d
         if count > MAX_BLOB_COUNT:
             raise _BlobError(
-                f"{kind} ({', '.join(map(str, shape))}) has more than {MAX_BLOB_COUNT} values (Caffe's limit), "
+                f"{kind} ({', '.join(map(str, shape))}) has more than {MAX_BLOB_COUNT} values (Caffe's "
+                "limit), "
                 "a corrupt blob"
             )
     return count
@@ -257,7 +263,8 @@ def _read_blob(data: bytes, span: tuple[int, int]) -> CaffeBlob:
         bad = int(finite.size - np.count_nonzero(finite))
         first = int(np.argmin(finite))
         raise _BlobError(
-            f"{bad} non-finite value(s) (NaN or infinity), the first at flat index {first} ({values[first]}); "
+            f"{bad} non-finite value(s) (NaN or infinity), the first at flat index {first} "
+            f"({values[first]}); "
             "expected finite weights"
         )
     return CaffeBlob(shape, is_legacy, values)
@@ -397,7 +404,8 @@ def _sniff(data: bytes, path: Path) -> None:
     head = data[:256]
     if all(32 <= b < 127 or b in b"\t\r\n" for b in head) and any(b not in b" \t\r\n" for b in head):
         raise CaffeModelError(
-            f"{path} is a text file (a .prototxt net definition?), not the binary .caffemodel with the weights"
+            f"{path} is a text file (a .prototxt net definition?), not the binary .caffemodel with the "
+            "weights"
         )
 
 
@@ -405,7 +413,8 @@ def read_caffemodel(path: str | Path) -> CaffeModel:
     """Parse a binary .caffemodel.
 
     Args:
-        path: the file (``release_deepsim_v0/<layer>/generator.caffemodel``, ``bvlc_reference_caffenet.caffemodel``).
+        path: the file (``release_deepsim_v0/<layer>/generator.caffemodel``,
+        ``bvlc_reference_caffenet.caffemodel``).
 
     Returns:
         a :class:`CaffeModel`; blobs are decoded when a layer's ``blobs`` is first read.
@@ -439,7 +448,8 @@ def read_caffemodel(path: str | Path) -> CaffeModel:
         layers = [_read_layer(data, span, v1, i, source) for i, span in enumerate(v1_spans or v2_spans)]
     except WireFormatError as error:
         raise CaffeModelError(
-            f"{path} cannot be read as a .caffemodel ({len(data)} bytes; truncated, or not a Caffe model): {error}"
+            f"{path} cannot be read as a .caffemodel ({len(data)} bytes; truncated, or not a Caffe model): "
+            f"{error}"
         ) from None
     if not layers:
         raise CaffeModelError(

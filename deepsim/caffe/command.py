@@ -3,15 +3,19 @@ deepsim.cli); the work is :func:`deepsim.caffe.import_caffemodel`."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
+
+from deepsim.comparators import CAFFE_MEAN_BGR
+
+from .convert import CAFFENET_LAYERS
+from .importer import IMPORT_LAYERS, import_caffemodel
 
 __all__ = ["add_subcommand", "run_import_caffe"]
 
 
 def _mean(text: str) -> tuple[float, float, float]:
-    import argparse
-
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:
@@ -23,10 +27,6 @@ def _mean(text: str) -> tuple[float, float, float]:
 
 def add_subcommand(sub) -> None:
     """Add ``import-caffe`` to the ``deepsim`` argument parser's subparsers."""
-    from deepsim.comparators import CAFFE_MEAN_BGR
-
-    from .convert import CAFFENET_LAYERS
-    from .importer import IMPORT_LAYERS
 
     p = sub.add_parser(
         "import-caffe",
@@ -59,8 +59,6 @@ def add_subcommand(sub) -> None:
 
 
 def run_import_caffe(args) -> int:
-    from .importer import import_caffemodel
-
     result = import_caffemodel(
         args.caffemodel,
         args.layer,

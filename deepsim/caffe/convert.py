@@ -64,8 +64,12 @@ CAFFENET_WEIGHT_SHAPES = {
     "conv5": (256, 192, 3, 3), "fc6": (4096, 9216), "fc7": (4096, 4096), "fc8": (1000, 4096),
 }  # fmt: skip
 _CAFFENET_CONV = {  # kernel, stride, pad, group
-    "conv1": (11, 4, 0, 1), "conv2": (5, 1, 2, 2), "conv3": (3, 1, 1, 1), "conv4": (3, 1, 1, 2), "conv5": (3, 1, 1, 2),
-}  # fmt: skip
+    "conv1": (11, 4, 0, 1),
+    "conv2": (5, 1, 2, 2),
+    "conv3": (3, 1, 1, 1),
+    "conv4": (3, 1, 1, 2),
+    "conv5": (3, 1, 1, 2),
+}
 
 
 def _fail(model: CaffeModel, layer: CaffeLayer, message: str) -> CaffeModelError:
@@ -148,8 +152,16 @@ def _convert(model: CaffeModel, layer: CaffeLayer, module: nn.Module):
             return _blobs(model, layer, (out_c, in_c, kh, kw), "(Convolution: out, in/group, kh, kw)", out_c)
         if layer.type == "Deconvolution" and module.stride == (1, 1) and module.groups == 1:
             ph, pw = module.padding
-            _check_geometry(model, layer, kernel=(kh, kw), stride=(1, 1), pad=(kh - 1 - ph, kw - 1 - pw),
-                            group=1, num_output=out_c, target=f"our {module} (as a stride-1 deconvolution)")  # fmt: skip
+            _check_geometry(
+                model,
+                layer,
+                kernel=(kh, kw),
+                stride=(1, 1),
+                pad=(kh - 1 - ph, kw - 1 - pw),
+                group=1,
+                num_output=out_c,
+                target=f"our {module} (as a stride-1 deconvolution)",
+            )
             w, b = _blobs(model, layer, (in_c, out_c, kh, kw), "(Deconvolution: in, out, kh, kw)", out_c)
             return np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]), b
         raise _fail(model, layer, f"a {layer.type} layer does not map to our {module}")
@@ -186,7 +198,8 @@ def _set(module: nn.Module, weight: np.ndarray, bias: np.ndarray | None, what: s
 def fold_output_convention(
     weight: np.ndarray, bias: np.ndarray | None, mean_bgr=CAFFE_MEAN_BGR
 ) -> tuple[np.ndarray, np.ndarray]:
-    """deconv0's (weight (C, 3, k, k), bias (3,)) for BGR on Caffe's scale -> the same layer for RGB in [-1, 1].
+    """deconv0's (weight (C, 3, k, k), bias (3,)) for BGR on Caffe's scale -> the same layer for RGB in [-1,
+    1].
 
     Caffe pixel (BGR, 0..255 minus ``mean_bgr``) y -> ours x[c] = (y[2 - c] + mean_bgr[2 - c]) / 127.5 - 1.
     """
@@ -207,7 +220,8 @@ def _check_mean(mean_bgr) -> tuple[float, float, float]:
 def generator_from_caffemodel(
     model: CaffeModel, layer: str, *, image_size: int = 227, mean_bgr=CAFFE_MEAN_BGR
 ) -> InversionGenerator:
-    """Our :class:`InversionGenerator` with the weights of a parsed generator caffemodel (see :func:`load_generator`)."""
+    """Our :class:`InversionGenerator` with the weights of a parsed generator caffemodel (see
+    :func:`load_generator`)."""
     if layer not in GENERATOR_LAYERS:
         raise ValueError(f"generator layer {layer!r}: expected one of {', '.join(GENERATOR_LAYERS)}")
     ours = GENERATOR_LAYERS[layer]
@@ -266,8 +280,16 @@ def caffenet_from_caffemodel(model: CaffeModel, *, up_to: str = "fc8") -> dict[s
             if layer.type != "Convolution":
                 raise _fail(model, layer, "expected a Convolution layer (BVLC CaffeNet)")
             k, s, p, g = _CAFFENET_CONV[name]
-            _check_geometry(model, layer, kernel=(k, k), stride=(s, s), pad=(p, p), group=g, num_output=shape[0],
-                            target="BVLC CaffeNet (our caffenet comparator)")  # fmt: skip
+            _check_geometry(
+                model,
+                layer,
+                kernel=(k, k),
+                stride=(s, s),
+                pad=(p, p),
+                group=g,
+                num_output=shape[0],
+                target="BVLC CaffeNet (our caffenet comparator)",
+            )
             weight, bias = _blobs(model, layer, shape, "(Convolution: out, in/group, kh, kw)", shape[0])
         else:
             if layer.type != "InnerProduct":

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from deepsim.applications.inversion import FeatureExtractor
 from deepsim.comparators import CAFFE_MEAN_BGR
 from deepsim.config import get_preset
 from deepsim.train.checkpoint import save_checkpoint
@@ -92,12 +93,12 @@ def import_caffemodel(
     generator = generator_from_caffemodel(model, layer, image_size=PHI_IMAGE_SIZE, mean_bgr=mean_bgr)
     phi_weights = None
     if invert_network_weights is not None:
-        from deepsim.applications.inversion import FeatureExtractor
-
         phi_weights = str(Path(invert_network_weights).resolve())
         FeatureExtractor("caffenet", inverted, phi_weights)  # fails now, naming the file, if Phi cannot load
     meta["mean_bgr"] = [float(v) for v in mean_bgr]
-    payload = imported_generator_payload(generator, phi_weights=phi_weights, out_folder=Path(out).parent, meta=meta)
+    payload = imported_generator_payload(
+        generator, phi_weights=phi_weights, out_folder=Path(out).parent, meta=meta
+    )
     fc_width = generator.head[0].out_features if inverted != "conv5" else None
     path = save_checkpoint(out, payload)
     return ImportResult(path, layer, model.format, len(model.layers), fc_width, phi_weights)

@@ -128,7 +128,8 @@ def iter_fields(
             length, pos = read_varint(data, pos, end)
             if pos + length > end:
                 raise WireFormatError(
-                    f"field {field} at byte {tag_pos} says it holds {length} bytes, but only {end - pos} are left",
+                    f"field {field} at byte {tag_pos} says it holds {length} bytes, but only {end - pos} are "
+                    "left",
                     tag_pos,
                 )
             yield field, wire, (pos, pos + length)

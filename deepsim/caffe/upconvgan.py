@@ -9,7 +9,8 @@ Their state dict names the layers as the Caffe prototxt does (docs/files.md has 
 Keys may carry the module prefix ``G.`` and the stray ``.1.`` their loader strips. Linear, Conv2d and the
 4x4 ConvTranspose2d weights have our layout and are copied; the stride-1 3x3 ``convN_1`` are transposed
 convolutions there and convolutions here (transposed in <-> out and flipped in space, as for Caffe); their
-output is BGR on the 0..255 scale minus the mean (their ``visualize`` adds RGB 123, 117, 104), 256 px, which is
+output is BGR on the 0..255 scale minus the mean (their ``visualize`` adds RGB 123, 117, 104), 256 px, which
+is
 folded into deconv0 (ours: RGB in [-1, 1]) by :func:`deepsim.caffe.fold_output_convention`.
 """
 
@@ -57,7 +58,9 @@ def _fail(source: str, message: str) -> ValueError:
 
 def _tensor(state: dict, key: str, shape: tuple[int, ...], source: str) -> torch.Tensor:
     if key not in state:
-        raise _fail(source, f"no tensor {key!r} (an upconvGAN state dict has {', '.join(sorted(state)[:4])}, ...)")
+        raise _fail(
+            source, f"no tensor {key!r} (an upconvGAN state dict has {', '.join(sorted(state)[:4])}, ...)"
+        )
     value = state[key]
     if not isinstance(value, torch.Tensor):
         raise _fail(source, f"{key!r} is a {type(value).__name__}, not a tensor")
@@ -95,7 +98,11 @@ def generator_from_upconvgan(
             layer = "pool5"
         else:
             first = keys.get("defc7.weight")
-            layer = "fc8" if isinstance(first, torch.Tensor) and first.ndim == 2 and first.shape[1] == 1000 else "fc6"
+            layer = (
+                "fc8"
+                if isinstance(first, torch.Tensor) and first.ndim == 2 and first.shape[1] == 1000
+                else "fc6"
+            )
     if layer not in UPCONVGAN_LAYERS:
         raise ValueError(f"upconvGAN layer {layer!r}: expected one of {', '.join(UPCONVGAN_LAYERS)}")
     ours = UPCONVGAN_LAYERS[layer]
@@ -111,15 +118,23 @@ def generator_from_upconvgan(
     if extra:
         raise _fail(source, f"unexpected tensors {', '.join(extra[:4])} for the {layer} generator")
     generator = InversionGenerator(ours, image_size=image_size, fc_width=fc_width)
-    modules = [m for m in generator.head if isinstance(m, (nn.Linear, nn.Conv2d))] + list(generator.decoder.layers)
+    modules = [m for m in generator.head if isinstance(m, (nn.Linear, nn.Conv2d))] + list(
+        generator.decoder.layers
+    )
     last = len(modules) - 1
     with torch.no_grad():
         for i, (name, module) in enumerate(zip(head_names + UP_STACK, modules)):
             ours_w = tuple(module.weight.shape)
-            stride1_deconv = isinstance(module, nn.Conv2d) and not isinstance(module, nn.ConvTranspose2d) and name in UP_STACK
+            stride1_deconv = (
+                isinstance(module, nn.Conv2d)
+                and not isinstance(module, nn.ConvTranspose2d)
+                and name in UP_STACK
+            )
             theirs_w = (ours_w[1], ours_w[0], *ours_w[2:]) if stride1_deconv else ours_w
             weight = _tensor(keys, f"{name}.weight", theirs_w, source)
-            out_channels = theirs_w[1] if isinstance(module, nn.ConvTranspose2d) or stride1_deconv else theirs_w[0]
+            out_channels = (
+                theirs_w[1] if isinstance(module, nn.ConvTranspose2d) or stride1_deconv else theirs_w[0]
+            )
             bias = _tensor(keys, f"{name}.bias", (out_channels,), source) if f"{name}.bias" in keys else None
             if stride1_deconv:  # transposed conv, stride 1, padding 1 == conv with W^T flipped, padding 1
                 weight = weight.transpose(0, 1).flip(2, 3)

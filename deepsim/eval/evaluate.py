@@ -22,7 +22,11 @@ from pathlib import Path
 
 import torch
 
-from deepsim.metrics import gradient_energy, mean_pairwise_distance, normalized_error
+from deepsim.applications.factory import model_from_payload
+from deepsim.data import iterate_eval
+from deepsim.data.stl10 import is_stl10_folder
+from deepsim.metrics import LPIPS, gradient_energy, mean_pairwise_distance, normalized_error
+from deepsim.train.checkpoint import load_checkpoint
 
 from .svm import stl10_svm_accuracy
 from .tables import Column, markdown_table, write_table
@@ -124,8 +128,6 @@ def reconstruction_error(
 
 
 def _default_split(data: str | Path, split: str | None) -> str | None:
-    from deepsim.data.stl10 import is_stl10_folder
-
     if split is not None or str(data) == "photos":
         return split
     return "test" if is_stl10_folder(data) else None
@@ -167,9 +169,6 @@ def evaluate_checkpoint(
     Returns:
         {"reconstruction": row dict (see RECONSTRUCTION_COLUMNS), "svm": row dict or None}.
     """
-    from deepsim.applications.factory import model_from_payload
-    from deepsim.data import iterate_eval
-    from deepsim.train.checkpoint import load_checkpoint
 
     payload = load_checkpoint(checkpoint)
     model, config = model_from_payload(payload, device, f"checkpoint {checkpoint}")
@@ -178,7 +177,10 @@ def evaluate_checkpoint(
     if config.task == "invert":
         size, mode, reconstruct, encode = config.image_size, "resize-center", model.reconstruct, None
     elif config.task == "vae":
-        size, mode = config.image_size, "resize-center" if config.image_size == 227 else "center"  # as trained
+        size, mode = (
+            config.image_size,
+            "resize-center" if config.image_size == 227 else "center",
+        )  # as trained
 
         def reconstruct(x):
             return model(x)[0]  # eval mode: z = mu
@@ -197,7 +199,10 @@ def evaluate_checkpoint(
     )
     metric, lpips_note = _lpips_metric(device, lpips_backbone_weights) if lpips else (None, "not asked for")
     if metric is not None and size < metric.comparator.min_side:
-        metric, lpips_note = None, f"{size}x{size} test images are below its minimum side {metric.comparator.min_side}"
+        metric, lpips_note = (
+            None,
+            f"{size}x{size} test images are below its minimum side {metric.comparator.min_side}",
+        )
     row = {
         "task": config.task,
         "layer": config.invert_layer if config.task == "invert" else None,
@@ -232,10 +237,11 @@ def evaluate_checkpoint(
 
 def _lpips_metric(device, backbone_weights) -> tuple[torch.nn.Module | None, str | None]:
     """LPIPS (alex) on ``device``, or (None, why not) when its weights are missing."""
-    from deepsim.metrics import LPIPS
 
     try:
-        return LPIPS("alex", backbone_weights=backbone_weights, check_range=False).to(device), None  # G may overshoot
+        return LPIPS("alex", backbone_weights=backbone_weights, check_range=False).to(
+            device
+        ), None  # G may overshoot
     except FileNotFoundError as error:  # ComparatorWeightsError too: a missing backbone or lin-weights file
         return None, str(error)
 
@@ -266,7 +272,9 @@ def evaluate_checkpoints(
     )
     columns = [c for c in RECONSTRUCTION_COLUMNS if any(r.get(c[0]) is not None for r in rows)]
     text = markdown_table(rows, columns, title)
-    notes = sorted({r["lpips_note"] for r in rows if r.get("lpips_note") and r["lpips_note"] != "not asked for"})
+    notes = sorted(
+        {r["lpips_note"] for r in rows if r.get("lpips_note") and r["lpips_note"] != "not asked for"}
+    )
     text += "".join(f"\nLPIPS (alex) not reported: {note}\n" for note in notes)
     files = []
     if out is not None:

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from deepsim.data import iterate_eval, load_stl10, stl10_folds
+
 __all__ = ["SVMResult", "fold_svm_accuracy", "encode_split", "stl10_svm_accuracy"]
 
 
@@ -55,6 +57,7 @@ def fold_svm_accuracy(
     Returns:
         :class:`SVMResult` with the mean and (population) standard deviation of the fold accuracies.
     """
+    # lazy, optional dependency: scikit-learn may be absent
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
     from sklearn.svm import LinearSVC
@@ -105,7 +108,6 @@ def encode_split(
     ``encode``: (B, 3, c, c) in [-1, 1] -> codes (B, ...), flattened here. ``crop_size``: the centre crop
     fed to the encoder (96 = the whole image). Returns (codes (N, D) float32, labels (N,) uint8).
     """
-    from deepsim.data import iterate_eval, load_stl10
 
     _, labels = load_stl10(folder, split)
     if labels is None:
@@ -134,7 +136,6 @@ def stl10_svm_accuracy(
     C: float = 1.0,
 ) -> SVMResult:
     """The paper's protocol on an STL-10 binary folder (train_X/y.bin, test_X/y.bin, fold_indices.txt)."""
-    from deepsim.data import stl10_folds
 
     folds = stl10_folds(folder)
     train_codes, train_labels = encode_split(

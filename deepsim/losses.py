@@ -24,7 +24,7 @@ from torch import nn
 from deepsim.comparators import Comparator
 from deepsim.config import CAFFE_TO_DEEPSIM
 from deepsim.kernels import feature_distance
-from deepsim.perceptual import LPIPS
+from deepsim.perceptual import LPIPS, _param_dtype, _RangeCheck, check_images
 
 __all__ = ["DeePSiMLoss", "GeneratorLoss", "DiscriminatorLoss", "PauseRule", "image_distance"]
 
@@ -111,6 +111,12 @@ class DeePSiMLoss(nn.Module):
         self.loss, self.image_kind = loss, image_kind
         self.comparator = comparator
         self.lambda_feat, self.lambda_adv, self.lambda_img = lambda_feat, lambda_adv, lambda_img
+        uses_comparator = loss == "deepsim" and bool(lambda_feat) and comparator is not None
+        self._min_side = comparator.min_side if uses_comparator else 1
+        self._range = _RangeCheck(
+            normalize=False, enabled=True, fix="rescale it to [-1, 1] (x / 127.5 - 1 for 0..255)"
+        )  # checked on the first eager call only
+        self._range_checked = False
 
     @property
     def uses_discriminator(self) -> bool:
@@ -130,7 +136,14 @@ class DeePSiMLoss(nn.Module):
         self, fake: torch.Tensor, real: torch.Tensor, d_fake_logits: torch.Tensor | None = None
     ) -> GeneratorLoss:
         """The generator loss. fake, real: (B, 3, H, W) in [-1, 1]; d_fake_logits: D's (B, 2) on the fakes,
-        required when lambda_adv != 0."""
+        required when lambda_adv != 0.
+
+        Raises:
+            ValueError: ``fake`` or ``real`` is not a floating (B, 3, H, W) batch of at least the comparator's
+                minimum side, or their shapes differ (float64 is cast to the comparator's dtype). Inputs far
+                outside [-1, 1] on the first eager call give one warning.
+        """
+        fake, real = self._checked(fake, real)
         zero = fake.new_zeros((), dtype=torch.float32)
         if self.loss != "deepsim":
             img = image_distance(fake, real, self.loss)
@@ -148,6 +161,19 @@ class DeePSiMLoss(nn.Module):
             adv = adversarial_loss(d_fake_logits)
         total = self.lambda_feat * feat + self.lambda_adv * adv + self.lambda_img * img
         return GeneratorLoss(total, feat, adv, img)
+
+    def _checked(self, fake: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dtype = _param_dtype(self.comparator) if self._min_side > 1 else None
+        fake = check_images("fake", fake, min_side=self._min_side, dtype=dtype)
+        real = check_images("real", real, min_side=self._min_side, dtype=dtype)
+        if fake.shape != real.shape:
+            raise ValueError(
+                f"DeePSiMLoss: fake {tuple(fake.shape)} and real {tuple(real.shape)} must have the same shape"
+            )
+        if not self._range_checked and not torch.compiler.is_compiling():
+            self._range_checked = True  # one host sync, on the first call: the training step stays sync-free
+            self._range("DeePSiMLoss", real=real)
+        return fake, real
 
     @staticmethod
     def discriminator_loss(d_real_logits: torch.Tensor, d_fake_logits: torch.Tensor) -> DiscriminatorLoss:

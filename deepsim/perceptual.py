@@ -59,9 +59,11 @@ def check_images(
 class _RangeCheck:
     """Warns once per owner when inputs lie far outside the declared range (a host sync per checked call)."""
 
-    def __init__(self, normalize: bool, enabled: bool):
+    def __init__(self, normalize: bool, enabled: bool, fix: str | None = None):
         self.low, self.high = (0.0, 1.0) if normalize else (-1.0, 1.0)
         self.normalize, self.enabled, self.warned = normalize, enabled, False
+        other = "normalize=False for [-1, 1]" if normalize else "normalize=True for [0, 1]"
+        self.fix = fix or f"rescale it or pass {other}"
 
     def __call__(self, owner: str, **tensors: torch.Tensor) -> None:
         if not self.enabled or self.warned or torch.compiler.is_compiling():
@@ -71,10 +73,9 @@ class _RangeCheck:
             lo, hi = (float(v) for v in torch.aminmax(t.detach()))
             if lo < self.low - margin or hi > self.high + margin:
                 self.warned = True
-                other = "normalize=False for [-1, 1]" if self.normalize else "normalize=True for [0, 1]"
                 warnings.warn(
                     f"{owner}: {name} spans [{lo:.3g}, {hi:.3g}], far outside the declared "
-                    f"[{self.low:g}, {self.high:g}] (normalize={self.normalize}); rescale it or pass {other}",
+                    f"[{self.low:g}, {self.high:g}] (normalize={self.normalize}); {self.fix}",
                     UserWarning,
                     stacklevel=3,
                 )

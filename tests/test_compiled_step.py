@@ -194,6 +194,16 @@ def test_conv_paths_are_decided_before_the_first_compiled_call(monkeypatch, tmp_
 
     monkeypatch.setattr(dispatch, "DISPATCH_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(dispatch, "_timer", fake_timer)
+    monkeypatch.setattr(dispatch, "_backward_timer", lambda step: {"triton": 2.0, "cudnn": 1.0}[step.path])
+
+    def no_check(op, x, weight, bias, stride, padding, alpha, run, dtype):  # the first-call check runs every
+        with torch.no_grad():  # Triton candidate (minutes in the interpreter): tested in test_dispatch.py
+            want = run("cudnn", x, weight, bias, stride, padding, alpha)
+        if getattr(run, "backward_op", None) is None:
+            return {}, None
+        return {}, (torch.randn_like(want), want, x.detach(), weight.detach(), stride, padding, alpha)
+
+    monkeypatch.setattr(dispatch, "_check_candidates", no_check)
     monkeypatch.setenv(dispatch.CACHE_ENV, str(tmp_path / "dispatch.json"))
     monkeypatch.delenv("DEEPSIM_KERNELS", raising=False)
     dispatch.reset()

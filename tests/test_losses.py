@@ -1,6 +1,8 @@
 """DeePSiM loss terms against hand computations, the baselines, and the pause rule's transitions."""
 
 import math
+import re
+import warnings
 
 import pytest
 import torch
@@ -162,3 +164,33 @@ def test_pause_rule_loads_the_earlier_one_flag_state(d_paused):
     assert [t.item() for t in rule.gates()] == [not d_paused, True]
     with pytest.raises(RuntimeError, match="train_g"):  # anything else is still checked
         PauseRule().load_state_dict({"train_d": torch.tensor(True)})
+
+
+def test_deepsim_loss_validates_its_inputs_with_one_line_errors():
+    """The stumbles of a first use: wrong channel count, an unbatched image, a side under the comparator's
+    minimum, an integer batch, two shapes: each a ValueError naming the tensor; float64 is cast."""
+    loss = DeePSiMLoss(Comparator("alexnet-random:conv3"), lambda_adv=0)
+    good = torch.rand(2, 3, 64, 64) * 2 - 1
+    cases = {
+        "3 (RGB) channels": (torch.rand(2, 1, 64, 64), torch.rand(2, 1, 64, 64)),
+        "unsqueeze(0)": (good[0], good[0]),
+        "minimum side 31": (torch.rand(2, 3, 16, 16), torch.rand(2, 3, 16, 16)),
+        "floating dtype": ((good * 127).to(torch.uint8), (good * 127).to(torch.uint8)),
+        "same shape": (good, good[:1]),
+    }
+    for expected, (fake, real) in cases.items():
+        with pytest.raises(ValueError, match=re.escape(expected)) as caught:
+            loss(fake, real)
+        assert "\n" not in str(caught.value)
+    assert loss(good.double(), good.double()).total.dtype == torch.float32
+
+
+def test_deepsim_loss_warns_once_on_a_range_far_outside_minus_one_one():
+    loss = DeePSiMLoss(Comparator("alexnet-random:conv3"), lambda_adv=0)
+    pixels = torch.rand(2, 3, 64, 64) * 255
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        loss(pixels, pixels)
+        loss(pixels, pixels)  # checked on the first call only: no host sync per step
+    messages = [str(w.message) for w in seen if "far outside" in str(w.message)]
+    assert len(messages) == 1 and "real spans" in messages[0] and "x / 127.5 - 1" in messages[0]

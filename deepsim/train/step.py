@@ -28,25 +28,11 @@ from deepsim.losses import DeePSiMLoss, DiscriminatorLoss, GeneratorLoss, PauseR
 from deepsim.train.optim import GatedAdam, decay_param_groups
 
 __all__ = [
-    "DeePSiMTrainer", "METRIC_NAMES", "StepLosses", "Fakes", "UPDATE_ORDERS", "GradientBackend", "EagerGradients",
+    "DeePSiMTrainer", "StepLosses", "Fakes", "UPDATE_ORDERS", "GradientBackend", "EagerGradients",
     "run_iteration", "detached_losses",
 ]  # fmt: skip
 
 UPDATE_ORDERS = ("code", "simultaneous")
-
-METRIC_NAMES = (
-    "Loss/G/total",
-    "Loss/G/feat",
-    "Loss/G/adv",
-    "Loss/G/img",
-    "Loss/D/real",
-    "Loss/D/fake",
-    "Pause/r",
-    "Pause/train_d",
-    "Pause/train_g",
-    "Opt/lr_g",
-    "Opt/lr_d",
-)
 
 
 class StepLosses(NamedTuple):
@@ -227,7 +213,9 @@ class DeePSiMTrainer(nn.Module):
         return [p for p in network.parameters() if p.requires_grad]
 
     def step(self, batch: torch.Tensor) -> dict[str, torch.Tensor]:
-        """One iteration. Returns detached 0-dim device tensors keyed by :data:`METRIC_NAMES` (+ extras)."""
+        """One iteration. Returns detached 0-dim device tensors keyed as metrics.jsonl's rows ("Loss/G/total",
+        "Loss/G/feat", "Loss/G/adv", "Loss/G/img", "Loss/D/real", "Loss/D/fake", "Pause/r", "Pause/train_d",
+        "Pause/train_g", "Opt/lr_g", "Opt/lr_d", + extras)."""
         return run_iteration(self, batch, EagerGradients(self))
 
     def to_channels_last(self) -> DeePSiMTrainer:

@@ -178,7 +178,9 @@ def test_channels_last_gives_the_same_step():
     torch.manual_seed(1)
     nhwc.step(batch.contiguous(memory_format=torch.channels_last))
     for p, q in zip(plain.parameters(), nhwc.parameters()):
-        torch.testing.assert_close(q, p, atol=2e-5, rtol=1e-4)  # same math; convolution kernels sum in another order
+        torch.testing.assert_close(
+            q, p, atol=2e-5, rtol=1e-4
+        )  # same math; convolution kernels sum in another order
 
 
 def test_conv_paths_are_decided_before_the_first_compiled_call(monkeypatch, tmp_path):
@@ -241,7 +243,7 @@ def test_lr_milestone_does_not_recompile():
 
 @pytest.mark.parametrize("order", ["code", "simultaneous"])
 def test_update_order_decides_which_d_gives_the_adversarial_term(order):
-    """"code": L_adv (logged, and entering r) is D's verdict on the fakes AFTER D's update of this iteration;
+    """ "code": L_adv (logged, and entering r) is D's verdict on the fakes AFTER D's update of this iteration;
     "simultaneous": before it. Checked against D evaluated by hand (dropout off) on the fakes G produced."""
     trainer = _trainer(update_order=order)
     trainer.discriminator.drop1.p = trainer.discriminator.drop2.p = 0.0
@@ -250,7 +252,9 @@ def test_update_order_decides_which_d_gives_the_adversarial_term(order):
     hook = trainer.generator.register_forward_hook(lambda m, i, o: fakes.append(o.detach()))
     metrics = trainer.step(_batches(1)[0])
     hook.remove()
-    assert not all(torch.equal(a, b) for a, b in zip(d_before.parameters(), trainer.discriminator.parameters()))
+    assert not all(
+        torch.equal(a, b) for a, b in zip(d_before.parameters(), trainer.discriminator.parameters())
+    )
     from deepsim.losses import adversarial_loss
 
     with torch.no_grad():

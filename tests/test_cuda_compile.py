@@ -76,7 +76,9 @@ def test_step_compiles_for_sm90_in_one_cuda_graph(workload):
         assert row["status"] == "ok", row
         assert (row["graphs"], row["graph_breaks"]) == (1, 0), row
         assert row["cudagraph_skip_reasons"] == [] and row["cudagraph_skips"] == 0, row
-        assert row["partitions"] and all(p["devices"] == ["cuda"] for p in row["partitions"]), row["partitions"]
+        assert row["partitions"] and all(p["devices"] == ["cuda"] for p in row["partitions"]), row[
+            "partitions"
+        ]
         assert row["all_sm90"] and row["inductor_triton_kernels"] > 0 and row["custom_op_triton_kernels"] > 0
         assert row["launches"]["triton"] > 0 and row["launches"]["custom"] > 0
         assert row["launches_per_step"] == sum(k["launches"] for k in row["kernel_list"])

@@ -266,7 +266,6 @@ def test_bad_arguments(coord_folder):
         build_loader(coord_folder, batch_size=2, loader="tf")
 
 
-
 def test_reading_images_in_threads_leaves_the_warning_filters_as_they_were(tmp_path, monkeypatch):
     """The photo preload and the loaders read images in thread pools. A per-file warnings.catch_warnings()
     there swaps the process-wide filter list from several threads at once: two reads that overlap and end
@@ -298,8 +297,10 @@ def test_reading_images_in_threads_leaves_the_warning_filters_as_they_were(tmp_p
 
     with warnings.catch_warnings():
         before = list(warnings.filters)
-        threads = [threading.Thread(target=first, name="first"),
-                   threading.Thread(target=images.read_image, args=(path,), name="second")]  # fmt: skip
+        threads = [
+            threading.Thread(target=first, name="first"),
+            threading.Thread(target=images.read_image, args=(path,), name="second"),
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:

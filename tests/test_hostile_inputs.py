@@ -19,8 +19,22 @@ from tests.hostile_files import bomb_png, looped_folder, write_image
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
-TRAIN = ["--steps", "1", "--batch-size", "2", "--loss", "se", "--device", "cpu", "--no-progress", "--image-size", "32",
-         "--sample-every", "1000", "--no-tensorboard"]  # fmt: skip
+TRAIN = [
+    "--steps",
+    "1",
+    "--batch-size",
+    "2",
+    "--loss",
+    "se",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--image-size",
+    "32",
+    "--sample-every",
+    "1000",
+    "--no-tensorboard",
+]
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
@@ -108,7 +122,7 @@ CASES = {
         ],
         2,
         r"deepsim train: error: --max-image-pixels -1: expected a positive number of pixels",
-    ),  # fmt: skip
+    ),
     "max-image-pixels-data-check": (
         lambda t, u: ["data", "check", str(_bomb_folder(t)), "--max-image-pixels", "0"],
         2,
@@ -130,7 +144,7 @@ CASES = {
         2,
         r"deepsim data: error: downloading http://127.0.0.1:\d+/stl10_binary.tar.gz failed after 2 attempts: no data "
         r"for --read-timeout 0.3 s \(the server stalled\); nothing was kept in .*/stl",
-    ),  # fmt: skip
+    ),
     "download-timeout-flag": (
         lambda t, u: ["data", "download", "stl10", str(t / "stl"), "--url", u, "--connect-timeout", "0"],
         2,
@@ -150,13 +164,13 @@ CASES = {
         2,
         r"deepsim import-caffe: error: .*/dims.caffemodel: layer 'conv1', blob 0: shape has more than 32 axes "
         r"\(Caffe's limit\), a corrupt blob",
-    ),  # fmt: skip
+    ),
     "caffe-nan-weights": (
         lambda t, u: ["import-caffe", str(_nan_generator(t)), "--layer", "fc6", "--out", str(t / "out.pt")],
         2,
         r"deepsim import-caffe: error: .*/nan.caffemodel: layer 'defc6', blob 0: 1 non-finite value\(s\) \(NaN or "
         r"infinity\), the first at flat index 53 \(nan\); expected finite weights",
-    ),  # fmt: skip
+    ),
 }
 
 

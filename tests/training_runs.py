@@ -25,9 +25,22 @@ SCALE_DOC = ROOT / "docs" / "scale.md"  # the README's "Training at scale" links
 
 # A run small enough for a loaded 2-core machine: 32x32 crops of the bundled photos, batch 4, conv2 comparator.
 TINY_TRAIN_FLAGS = [
-    "--preset", "autoencoder-photos", "--data", "photos", "--comparator", "alexnet-random:conv2",
-    "--batch-size", "4", "--image-size", "40", "--sample-every", "1000", "--device", "cpu", "--no-progress",
-]  # fmt: skip
+    "--preset",
+    "autoencoder-photos",
+    "--data",
+    "photos",
+    "--comparator",
+    "alexnet-random:conv2",
+    "--batch-size",
+    "4",
+    "--image-size",
+    "40",
+    "--sample-every",
+    "1000",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -123,7 +136,9 @@ def wait_for(condition, timeout_s: float, what: str, processes=(), interval_s: f
             return value
         for process in processes:
             if process.poll() is not None:
-                raise AssertionError(f"process {process.args[:6]} exited ({process.returncode}) before {what}")
+                raise AssertionError(
+                    f"process {process.args[:6]} exited ({process.returncode}) before {what}"
+                )
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 

@@ -21,7 +21,8 @@ def add_download_weights_flag(parser) -> None:
     VGG16) into torch's cache; :func:`deepsim.cli.main` runs the command inside
     :func:`deepsim.comparators.allow_weight_downloads` when it is given."""
     parser.add_argument(
-        "--download-weights", action="store_true",
+        "--download-weights",
+        action="store_true",
         help="fetch torchvision's AlexNet / VGG16 weights into torch's cache when a comparator or the inverted "
         "network needs them and they are missing (needs internet; SHA-256 checked)",
     )
@@ -30,7 +31,8 @@ def add_download_weights_flag(parser) -> None:
 def add_trust_flag(parser) -> None:
     """``--trust-checkpoint``, for every command that opens a checkpoint."""
     parser.add_argument(
-        "--trust-checkpoint", action="store_true",
+        "--trust-checkpoint",
+        action="store_true",
         help="open a checkpoint whose pickle needs more than tensors (a file from an older version, or from "
         "elsewhere): unpickling it can run any code it holds, so only for files whose origin you trust",
     )

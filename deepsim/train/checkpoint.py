@@ -111,7 +111,11 @@ class UnsafeCheckpointError(CheckpointError):
 
     def __init__(self, path: Path, needs: list[str]):
         self.path, self.needs = Path(path), needs
-        what = ", ".join(needs[:4]) + (", ..." if len(needs) > 4 else "") if needs else "objects other than tensors"
+        what = (
+            ", ".join(needs[:4]) + (", ..." if len(needs) > 4 else "")
+            if needs
+            else "objects other than tensors"
+        )
         super().__init__(
             f"{path} was not opened: its pickle needs {what}, which could run code when unpickled; open it only "
             "if you trust where it came from, with --trust-checkpoint (library: trust=True)"
@@ -133,7 +137,13 @@ def rng_state() -> dict:
     """Every RNG a run draws from: Python, NumPy, torch CPU and (when present) CUDA, as tensors, numbers,
     strings and tuples only (what ``torch.load(weights_only=True)`` reads)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    numpy_state = (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    numpy_state = (
+        str(kind),
+        torch.from_numpy(keys.astype(np.int64)),
+        int(pos),
+        int(has_gauss),
+        float(cached),
+    )
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -241,7 +251,11 @@ def _previous_state(path: Path) -> str:
 def _write_error(path: Path, error: OSError) -> CheckpointWriteError:
     code = errno.errorcode.get(error.errno, "") if error.errno else ""
     what = f"{error.strerror or error}" + (f" ({code})" if code else "")
-    hint = " Free some space (or choose another --out) and resume." if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""
+    hint = (
+        " Free some space (or choose another --out) and resume."
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        else ""
+    )
     return CheckpointWriteError(f"could not write checkpoint {path}: {what}; {_previous_state(path)}.{hint}")
 
 
@@ -326,7 +340,9 @@ def save_checkpoint(
             try:
                 old.unlink()
             except OSError as error:
-                warnings.warn(f"could not delete old checkpoint {old}: {error}", CheckpointWarning, stacklevel=2)
+                warnings.warn(
+                    f"could not delete old checkpoint {old}: {error}", CheckpointWarning, stacklevel=2
+                )
     return path
 
 
@@ -376,7 +392,9 @@ def _unsafe_globals(path: Path) -> list[str]:
     allowed = {f"{g.__module__}.{g.__name__}" for g in _legacy_globals()}
     allowed |= {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"}
     try:
-        return [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(path) if name not in allowed]
+        return [
+            name for name in torch.serialization.get_unsafe_globals_in_checkpoint(path) if name not in allowed
+        ]
     except Exception:  # noqa: BLE001 - not a readable zip/pickle: the caller reports it as corrupt
         return []
 
@@ -406,14 +424,24 @@ def safe_torch_load(path, map_location="cpu", *, trust: bool | None = None, mmap
         if not trust and needs:
             raise UnsafeCheckpointError(path, needs) from None
         if not trust:  # no global to blame: a damaged pickle, or opcodes a weights-only pickle never has
-            raise CorruptCheckpointError(path, f"its pickle cannot be read safely ({_unpickler_reason(error)})") from None
+            raise CorruptCheckpointError(
+                path, f"its pickle cannot be read safely ({_unpickler_reason(error)})"
+            ) from None
     except Exception as error:  # noqa: BLE001 - any other failure to read means the same thing to the user
-        raise CorruptCheckpointError(path, f"it cannot be read ({type(error).__name__}: {_first_line(error)})") from None
-    warnings.warn(f"{path}: fully unpickled (--trust-checkpoint): any code its pickle holds has run", CheckpointWarning, stacklevel=2)
+        raise CorruptCheckpointError(
+            path, f"it cannot be read ({type(error).__name__}: {_first_line(error)})"
+        ) from None
+    warnings.warn(
+        f"{path}: fully unpickled (--trust-checkpoint): any code its pickle holds has run",
+        CheckpointWarning,
+        stacklevel=2,
+    )
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # noqa: BLE001
-        raise CorruptCheckpointError(path, f"it cannot be read ({type(error).__name__}: {_first_line(error)})") from None
+        raise CorruptCheckpointError(
+            path, f"it cannot be read ({type(error).__name__}: {_first_line(error)})"
+        ) from None
 
 
 def _unpickler_reason(error: BaseException) -> str:
@@ -452,7 +480,9 @@ def _read_verified(path: Path, map_location) -> dict:
     footer = read_footer(path)
     if footer is None:
         if not _plain_zip_end(path):  # not even a complete zip: cut short, or not a checkpoint at all
-            raise CorruptCheckpointError(path, "truncated or not a checkpoint (no zip end record, no checksum)")
+            raise CorruptCheckpointError(
+                path, "truncated or not a checkpoint (no zip end record, no checksum)"
+            )
     else:
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
@@ -462,7 +492,8 @@ def _read_verified(path: Path, map_location) -> dict:
                 remaining -= len(chunk)
         if digest.hexdigest() != footer.sha256:
             raise CorruptCheckpointError(
-                path, "checksum mismatch (the file's SHA-256 differs from the one recorded when it was written)"
+                path,
+                "checksum mismatch (the file's SHA-256 differs from the one recorded when it was written)",
             )
     payload = _unpickle(path, map_location)
     if not isinstance(payload, dict) or "config" not in payload or "step" not in payload:
@@ -477,7 +508,9 @@ def _read_verified(path: Path, map_location) -> dict:
     return payload
 
 
-def load_latest(folder: str | os.PathLike, map_location="cpu") -> tuple[Path, dict, list[tuple[Path, str]]] | None:
+def load_latest(
+    folder: str | os.PathLike, map_location="cpu"
+) -> tuple[Path, dict, list[tuple[Path, str]]] | None:
     """The newest checkpoint in ``folder`` that passes its checksum.
 
     Returns:
@@ -495,7 +528,8 @@ def load_latest(folder: str | os.PathLike, map_location="cpu") -> tuple[Path, di
             skipped.append((candidate, error.reason))
     if skipped:
         raise CorruptCheckpointError(
-            Path(folder), "every checkpoint in it is damaged: " + "; ".join(f"{p.name}: {why}" for p, why in skipped)
+            Path(folder),
+            "every checkpoint in it is damaged: " + "; ".join(f"{p.name}: {why}" for p, why in skipped),
         )
     return None
 
@@ -599,7 +633,9 @@ def _refuse_mixing(out: Path, chosen: Path) -> None:
         )
 
 
-def _choose_resume(resume, out: Path, say: Callable[[str], None]) -> tuple[tuple[str, str | None], dict | None]:
+def _choose_resume(
+    resume, out: Path, say: Callable[[str], None]
+) -> tuple[tuple[str, str | None], dict | None]:
     """Rank 0's pick: (("path", file) | ("fresh", None), its payload if read)."""
     explicit = not isinstance(resume, bool) and resume != "auto"
     if explicit and Path(resume).is_file():
@@ -703,7 +739,9 @@ class Checkpointer:
     ):
         self.path, self.keep, self.context = out / CHECKPOINT_NAME, keep, context
         self.provenance, self.say = provenance, say
-        self.last_good = next(iter(find_checkpoints(out)), None)  # the newest one already there (what a NaN leaves)
+        self.last_good = next(
+            iter(find_checkpoints(out)), None
+        )  # the newest one already there (what a NaN leaves)
         # the file resumed from and its step: replacing it needs no second read of it
         self._resumed = None
         if resumed and "_source" in resumed:
@@ -731,7 +769,9 @@ class Checkpointer:
         if replicas is not None:
             payload["replicas"] = replicas
             if len(set(replicas)) > 1:
-                self.say(f"warning: the ranks' parameters differ at step {step} (fingerprints per rank: {replicas})")
+                self.say(
+                    f"warning: the ranks' parameters differ at step {step} (fingerprints per rank: {replicas})"
+                )
         resumed, self._resumed = self._resumed, None
         replaced = resumed[1] if resumed and resumed[0] == self.path.resolve() else None
         self.last_good = save_checkpoint(self.path, payload, keep=self.keep, replaced_step=replaced)

@@ -95,7 +95,7 @@ def rank_world() -> tuple[int, int]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else is checked."""
+    """ "auto" -> cuda when available, else cpu; anything else is checked."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -110,7 +110,9 @@ def _device_for(local_rank: int, requested: str) -> torch.device:
         return torch.device("cpu")
     if requested.startswith("cuda") or requested == "auto":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {requested}: CUDA is not available on this machine (use --device cpu)")
+            raise ValueError(
+                f"--device {requested}: CUDA is not available on this machine (use --device cpu)"
+            )
         if torch.cuda.device_count() <= local_rank:
             raise ValueError(
                 f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s): "
@@ -120,7 +122,9 @@ def _device_for(local_rank: int, requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def init_from_env(device: str = "auto", *, backend: str | None = None, timeout_s: float = 1800) -> DistributedContext:
+def init_from_env(
+    device: str = "auto", *, backend: str | None = None, timeout_s: float = 1800
+) -> DistributedContext:
     """Start the process group from torchrun's variables (if set) and pick this process's device.
 
     Args:
@@ -141,7 +145,9 @@ def init_from_env(device: str = "auto", *, backend: str | None = None, timeout_s
         return DistributedContext(0, 1, 0, resolve_device(device), False)
     missing = [v for v in TORCHRUN_VARS if v not in os.environ]
     if missing:
-        raise ValueError(f"WORLD_SIZE is set but {', '.join(missing)} is not: start distributed runs with torchrun")
+        raise ValueError(
+            f"WORLD_SIZE is set but {', '.join(missing)} is not: start distributed runs with torchrun"
+        )
     target = _device_for(local_rank, device)
     if target.type == "cuda":
         torch.cuda.set_device(target)

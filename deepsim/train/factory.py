@@ -59,8 +59,11 @@ def needs_discriminator(config: TrainConfig) -> bool:
 def build_discriminator(config: TrainConfig, feature_dim: int | None = None) -> Discriminator:
     """D as the config describes it (first stride, padding, activation, initialisation; feature branch)."""
     return Discriminator(
-        first_stride=config.disc_first_stride, feature_dim=feature_dim, padding=config.disc_padding,
-        activation=config.disc_activation, init=config.disc_init,
+        first_stride=config.disc_first_stride,
+        feature_dim=feature_dim,
+        padding=config.disc_padding,
+        activation=config.disc_activation,
+        init=config.disc_init,
     )
 
 

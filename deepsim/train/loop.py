@@ -53,9 +53,21 @@ __all__ = ["train", "TrainResult", "NonFiniteLossError", "RUNTIME_FIELDS", "RESU
 
 # Fields a resumed run takes from the command line; all others come from the checkpoint's config.
 RUNTIME_FIELDS = {
-    "steps", "out", "device", "log_every", "sample_every", "checkpoint_every", "num_workers", "compile", "loader", "on_bad",
+    "steps",
+    "out",
+    "device",
+    "log_every",
+    "sample_every",
+    "checkpoint_every",
+    "num_workers",
+    "compile",
+    "loader",
+    "on_bad",
     "max_image_pixels",
-    "channels_last", "tensorboard", "keep_checkpoints", "stop_signals",
+    "channels_last",
+    "tensorboard",
+    "keep_checkpoints",
+    "stop_signals",
 }
 # Fields a resumed run takes from the command line only when they were given there (``resume_overrides``):
 # the per-rank batch size, to keep the global batch when resuming on another number of GPUs.
@@ -68,7 +80,9 @@ class TrainResult:
     out: Path
     checkpoint: Path | None
     history: list[dict] = field(default_factory=list)  # the metrics rows written to metrics.jsonl
-    stopped_by: str | None = None  # "SIGTERM" etc. when a stop signal ended the run early (checkpoint written)
+    stopped_by: str | None = (
+        None  # "SIGTERM" etc. when a stop signal ended the run early (checkpoint written)
+    )
 
 
 def train(
@@ -117,20 +131,39 @@ def train(
             refuse_existing_run(Path(config.out), context)
         if payload is not None:
             config = _resumed_config(
-                config, payload, resume=resume, given=resume_overrides, provenance=provenance, context=context,
+                config,
+                payload,
+                resume=resume,
+                given=resume_overrides,
+                provenance=provenance,
+                context=context,
                 tasks=tasks,
             )
         _check_weight_files(config)
         config, auto_fields = _resolve_runtime(config, context, announce)
         if config.keep_checkpoints < 1:
             raise ValueError(f"--keep-checkpoints {config.keep_checkpoints}: expected at least 1")
-        run_provenance = {**(provenance or {}), **((payload or {}).get("provenance") or {}), "commit": source_commit()}
+        run_provenance = {
+            **(provenance or {}),
+            **((payload or {}).get("provenance") or {}),
+            "commit": source_commit(),
+        }
         # an auto-chosen compile that fails falls back to eager; not with world > 1 (the eager step's gradients
         # are averaged by DDP, which the compiled path does not wrap)
         fallback = "compile" in auto_fields and context.world == 1
-        with StopSignals(config.stop_signals) as stopper:  # from here on a stop signal is a request, not a kill
-            return _run(config, payload=payload, context=context, tasks=tasks, stopper=stopper,
-                        provenance=run_provenance, progress=progress, compile_fallback=fallback)
+        with StopSignals(
+            config.stop_signals
+        ) as stopper:  # from here on a stop signal is a request, not a kill
+            return _run(
+                config,
+                payload=payload,
+                context=context,
+                tasks=tasks,
+                stopper=stopper,
+                provenance=run_provenance,
+                progress=progress,
+                compile_fallback=fallback,
+            )
     finally:
         distributed.cleanup(context)
 
@@ -146,7 +179,9 @@ def _resolve_runtime(config: TrainConfig, context, announce) -> tuple[TrainConfi
     return config, auto_fields
 
 
-def _resumed_config(config: TrainConfig, payload: dict, *, resume, given, provenance, context, tasks) -> TrainConfig:
+def _resumed_config(
+    config: TrainConfig, payload: dict, *, resume, given, provenance, context, tasks
+) -> TrainConfig:
     """The checkpoint's config with :data:`RUNTIME_FIELDS` (and the overridable fields ``given``) from ``config``;
     conflicting flags and a checkpoint that does not fit its generator are one-line errors."""
     saved = resumable_config(payload, resume if not isinstance(resume, bool) else config.out)
@@ -163,11 +198,14 @@ def _resumed_config(config: TrainConfig, payload: dict, *, resume, given, proven
 def _check_conflicts(config: TrainConfig, saved: TrainConfig, given, source) -> None:
     """A flag given on the command line that the resumed run would ignore is an error naming both values."""
     ignored = sorted(set(given) - RUNTIME_FIELDS - RESUME_OVERRIDABLE - {"preset"})
-    clashes = [(n, getattr(config, n), getattr(saved, n)) for n in ignored if getattr(config, n) != getattr(saved, n)]
+    clashes = [
+        (n, getattr(config, n), getattr(saved, n)) for n in ignored if getattr(config, n) != getattr(saved, n)
+    ]
     if clashes:
         names = {"task": "task", "invert_layer": "--layer"}
         flags = "; ".join(
-            f"{names.get(n, '--' + n.replace('_', '-'))} {mine} (the checkpoint's: {theirs})" for n, mine, theirs in clashes
+            f"{names.get(n, '--' + n.replace('_', '-'))} {mine} (the checkpoint's: {theirs})"
+            for n, mine, theirs in clashes
         )
         raise CheckpointError(
             f"{flags}: resuming {source} continues its run as it was configured; drop the flag to continue it, "
@@ -212,7 +250,9 @@ def _check_fits(config: TrainConfig, payload: dict, tasks) -> None:
     source = payload.get("_source", "the checkpoint")
     for name, tensor in expected.items():
         if name not in saved:
-            raise CheckpointError(f"checkpoint {source} does not fit its {config.task!r} generator: no tensor {name}")
+            raise CheckpointError(
+                f"checkpoint {source} does not fit its {config.task!r} generator: no tensor {name}"
+            )
         got = getattr(saved[name], "shape", None)
         if got != tensor.shape:
             raise CheckpointError(
@@ -228,7 +268,11 @@ def source_commit() -> str | None:
         return None
     try:
         done = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -290,10 +334,21 @@ def _pad_channels(trainer, loader: str) -> int:
 def _training_stream(config: TrainConfig, trainer, context, cursor: int):
     """This rank's shard of the training data, from the global sample ``cursor`` on."""
     return deepsim.data.build_loader(
-        config.data, batch_size=config.batch_size, crop_size=config.image_size, mode=data_mode(config),
-        mirror=config.mirror, loader=config.loader, device=context.device, seed=config.seed, start_sample=cursor,
-        shard_id=context.rank, num_shards=context.world, num_workers=config.num_workers,
-        channels_last=config.channels_last, on_bad=config.on_bad, pad_channels=_pad_channels(trainer, config.loader),
+        config.data,
+        batch_size=config.batch_size,
+        crop_size=config.image_size,
+        mode=data_mode(config),
+        mirror=config.mirror,
+        loader=config.loader,
+        device=context.device,
+        seed=config.seed,
+        start_sample=cursor,
+        shard_id=context.rank,
+        num_shards=context.world,
+        num_workers=config.num_workers,
+        channels_last=config.channels_last,
+        on_bad=config.on_bad,
+        pad_channels=_pad_channels(trainer, config.loader),
         max_image_pixels=config.max_image_pixels,
     )
 
@@ -301,8 +356,15 @@ def _training_stream(config: TrainConfig, trainer, context, cursor: int):
 def _sample_batch(config: TrainConfig, device: torch.device) -> torch.Tensor:
     """The 8 fixed images the sample grids show (their own seed: the same on every resume)."""
     stream = deepsim.data.build_loader(
-        config.data, batch_size=8, crop_size=config.image_size, mode=data_mode(config), mirror=config.mirror,
-        loader="torch", device=device, seed=config.seed + 7919, on_bad=config.on_bad,
+        config.data,
+        batch_size=8,
+        crop_size=config.image_size,
+        mode=data_mode(config),
+        mirror=config.mirror,
+        loader="torch",
+        device=device,
+        seed=config.seed + 7919,
+        on_bad=config.on_bad,
         max_image_pixels=config.max_image_pixels,
     )
     batch = next(stream)
@@ -352,7 +414,9 @@ def _run(
         _start_folder(config, payload=payload, stream=stream, cursor=cursor, world=world)
     log = RunLog(out, config, start=start, world=world, is_main=is_main, progress=progress, stream=stream)
     # world > 1: this rank's stop request (0/1) rides on the metrics all-reduce
-    stop_flags = (torch.zeros((), device=context.device), torch.ones((), device=context.device)) if world > 1 else None
+    stop_flags = (
+        (torch.zeros((), device=context.device), torch.ones((), device=context.device)) if world > 1 else None
+    )
     step, stopped_by = start, None
     try:
         if start == 0:
@@ -368,7 +432,9 @@ def _run(
             last = step == config.steps
             checkpoint_due = step % config.checkpoint_every == 0 or last or stop
             if step % config.log_every == 0 or checkpoint_due:
-                log.queue(step, metrics, None if stop_flags is None else stop_flags[stopper.requested is not None])
+                log.queue(
+                    step, metrics, None if stop_flags is None else stop_flags[stopper.requested is not None]
+                )
                 if checkpoint_due:  # a checkpoint is only written after its step's losses were checked
                     log.flush(last_good=checkpoints.last_good)
                     stop = stop or log.stop_agreed
@@ -387,4 +453,6 @@ def _run(
     finally:
         log.close()
         stream.close()
-    return TrainResult(step=step, out=out, checkpoint=checkpoints.last_good, history=log.history, stopped_by=stopped_by)
+    return TrainResult(
+        step=step, out=out, checkpoint=checkpoints.last_good, history=log.history, stopped_by=stopped_by
+    )

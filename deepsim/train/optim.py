@@ -49,9 +49,15 @@ class GatedAdam(torch.optim.Optimizer):
         if weight_decay < 0 or lr_gamma <= 0:
             raise ValueError(f"GatedAdam: invalid weight_decay {weight_decay} or lr_gamma {lr_gamma}")
         if list(lr_milestones) != sorted(lr_milestones) or any(m <= 0 for m in lr_milestones):
-            raise ValueError(f"GatedAdam: lr_milestones must be increasing positive step counts, got {lr_milestones}")
+            raise ValueError(
+                f"GatedAdam: lr_milestones must be increasing positive step counts, got {lr_milestones}"
+            )
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_milestones=tuple(lr_milestones),
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            lr_milestones=tuple(lr_milestones),
             lr_gamma=lr_gamma,
         )
         super().__init__(params, defaults)
@@ -121,10 +127,19 @@ class GatedAdam(torch.optim.Optimizer):
                 continue
             ps = [p for p, _ in chosen]
             gated_adam_update(
-                ps, [g for _, g in chosen], [self.state[p]["step"] for p in ps], [self.state[p]["exp_avg"] for p in ps],
-                [self.state[p]["exp_avg_sq"] for p in ps], enabled,
-                lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-                weight_decay=group["weight_decay"], lr_milestones=group["lr_milestones"], lr_gamma=group["lr_gamma"],
+                ps,
+                [g for _, g in chosen],
+                [self.state[p]["step"] for p in ps],
+                [self.state[p]["exp_avg"] for p in ps],
+                [self.state[p]["exp_avg_sq"] for p in ps],
+                enabled,
+                lr=group["lr"],
+                beta1=group["betas"][0],
+                beta2=group["betas"][1],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                lr_milestones=group["lr_milestones"],
+                lr_gamma=group["lr_gamma"],
             )
 
     @torch.no_grad()
@@ -177,8 +192,20 @@ def multistep_factor(step: torch.Tensor, milestones: tuple[int, ...], gamma: flo
 
 
 def gated_adam_update(
-    params, grads, steps, exp_avgs, exp_avg_sqs, enabled, *, lr, beta1, beta2, eps,
-    weight_decay: float = 0.0, lr_milestones: tuple[int, ...] = (), lr_gamma: float = 1.0,
+    params,
+    grads,
+    steps,
+    exp_avgs,
+    exp_avg_sqs,
+    enabled,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay: float = 0.0,
+    lr_milestones: tuple[int, ...] = (),
+    lr_gamma: float = 1.0,
 ) -> None:
     """The GatedAdam update on lists of tensors, in place, with ``torch._foreach_*`` ops (one launch per op
     for all parameters in eager mode; under torch.compile inductor fuses the lot into a few kernels).

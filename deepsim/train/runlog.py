@@ -35,9 +35,13 @@ class PendingMetrics:
     and ``stop`` (this rank's 0/1 stop request) rides along under :data:`STOP_METRIC`.
     """
 
-    def __init__(self, step: int, metrics: dict[str, torch.Tensor], world: int, stop: torch.Tensor | None = None):
+    def __init__(
+        self, step: int, metrics: dict[str, torch.Tensor], world: int, stop: torch.Tensor | None = None
+    ):
         self.step, self.names = step, list(metrics)
-        values = torch.stack([metrics[n].float() for n in self.names])  # a new tensor: safe from CUDA-graph reuse
+        values = torch.stack(
+            [metrics[n].float() for n in self.names]
+        )  # a new tensor: safe from CUDA-graph reuse
         if world > 1:  # every rank logs (and checks) the same averages, so all stop together on a NaN
             if stop is not None:  # this rank's stop request (0/1) rides along: > 0 after the mean = some rank
                 values, self.names = torch.cat([values, stop.reshape(1)]), self.names + [STOP_METRIC]
@@ -95,9 +99,15 @@ class RunLog:
         self.stop_agreed = False  # world > 1: some rank asked to stop, as the last all-reduced metrics said
         self.pending: PendingMetrics | None = None
         self.window_start, self.window_steps = time.perf_counter(), 0
-        self.board = TensorBoardWriter(out, config, start_step=start) if is_main and config.tensorboard else None
+        self.board = (
+            TensorBoardWriter(out, config, start_step=start) if is_main and config.tensorboard else None
+        )
         self.file = (out / "metrics.jsonl").open("a") if is_main else None
-        self.bar = TrainingProgress(config.steps, start, images_per_step=self.images_per_step) if progress and is_main else None
+        self.bar = (
+            TrainingProgress(config.steps, start, images_per_step=self.images_per_step)
+            if progress and is_main
+            else None
+        )
 
     def count_step(self) -> None:
         """One more step in the images/s window."""
@@ -128,7 +138,11 @@ class RunLog:
         row = {"step": entry.step, **values}
         bad = [n for n, v in values.items() if not math.isfinite(v)]
         if bad:
-            where = f"the last good checkpoint {last_good} is untouched" if last_good else "no checkpoint was written"
+            where = (
+                f"the last good checkpoint {last_good} is untouched"
+                if last_good
+                else "no checkpoint was written"
+            )
             raise NonFiniteLossError(
                 f"non-finite loss at step {entry.step} ({', '.join(f'{n} = {row[n]}' for n in bad)}); training stopped, "
                 f"{where}. Lower the learning rate or the loss weights, or check the data."

@@ -4,13 +4,16 @@
     deepsim train TASK --help                                     that task's flags only, grouped
     deepsim reconstruct --checkpoint C IMAGE... --out DIR          autoencode images with a trained G
     deepsim data check PATH                                        report every bad image before a run
-    deepsim data download stl10 DIR                                STL-10 into DIR/stl10_binary (checksums verified)
+    deepsim data download stl10 DIR                                STL-10 into DIR/stl10_binary
+                                                                   (checksums verified)
     deepsim presets [NAME]                                         the presets, their values and sources
-    deepsim calibrate --comparator C --reference R --data DIR      lambda_feat of C from R's (deepsim.calibrate)
+    deepsim calibrate --comparator C --reference R --data DIR      lambda_feat of C from R's
+                                                                   (deepsim.calibrate)
     deepsim bench [--groups kernels,loader,step] [--quick] [--out DIR]   throughput tables (= python -m bench)
     deepsim train vae | invert --layer conv5|fc6|fc7|fc8 ...       the VAE and AlexNet inversion (see below)
     deepsim invert | sample-preimages | sample-vae | eval ...      see deepsim.applications.commands
-    deepsim import-caffe MODEL.caffemodel --layer fc6|fc7|pool5|caffenet --out F.pt   the authors' Caffe models
+    deepsim import-caffe MODEL.caffemodel --layer fc6|fc7|pool5|caffenet --out F.pt
+                                                                   the authors' Caffe models
     deepsim export --checkpoint RUN_OR_FILE --out G.safetensors    a generator (or checkpoint) as safetensors
 
 `deepsim train vae` also writes <out>/prior_samples.png (64 decoded prior samples) at the end.
@@ -21,9 +24,11 @@ The run's first line states the checkpoint size and the disk use of --keep-check
 --compile, --precision, --loader and --channels-last default to auto: the fast path on CUDA, the simple one on
 the CPU (deepsim.train.auto); the run's first line says what was chosen and why.
 
-Files: every checkpoint is opened without running code (weights-only pickle or safetensors); a file whose pickle
+Files: every checkpoint is opened without running code (weights-only pickle or safetensors); a file whose
+pickle
 needs more is refused unless --trust-checkpoint is given (README: "Files you did not make"). `deepsim train`
-without --resume refuses an --out that holds a run; import-caffe and export refuse to replace a file without --force.
+without --resume refuses an --out that holds a run; import-caffe and export refuse to replace a file without
+--force.
 
 Exit statuses: 0 done; 2 bad input (one line naming the file, flag or tensor); 75 stopped by a stop signal
 (SIGTERM, SIGINT, SIGUSR1: --stop-signals) after writing a checkpoint -- run the same command with
@@ -64,8 +69,8 @@ from deepsim.tasks import (
 __all__ = ["main", "build_parser"]
 
 # `deepsim train`'s flags come from the TrainConfig fields' metadata (deepsim.config.field_info): flag name,
-# help, choices (the consuming modules' own tuples), group and tasks. The flags below are the ones that are no
-# field.
+# help, choices (the consuming modules' own tuples), group and tasks.
+# The flags below are the ones that are no field.
 TRAIN_FIELDS = [info for info in FIELD_INFO.values() if info.flag]
 _TYPES = {"int": int, "float": float}
 
@@ -92,7 +97,8 @@ def _add_field_flag(group, info) -> None:
 
 
 def _train_parser(parser: argparse.ArgumentParser, task: str | None) -> argparse.ArgumentParser:
-    """Fill ``parser`` with ``deepsim train``'s arguments, grouped: every flag (``task`` None) or ``task``'s."""
+    """Fill ``parser`` with ``deepsim train``'s arguments, grouped: every flag (``task`` None) or
+    ``task``'s."""
     if task is None:
         parser.add_argument(
             "task",
@@ -116,8 +122,10 @@ def _train_parser(parser: argparse.ArgumentParser, task: str | None) -> argparse
         const=True,
         default=False,
         metavar="auto|CHECKPOINT",
-        help="'auto': continue from --out's newest valid checkpoint if there is one, else start fresh (the same "
-        "command for the first start and every restart); a file or folder: continue from it; no value: from --out "
+        help="'auto': continue from --out's newest valid checkpoint if there is one, else start fresh (the "
+        "same "
+        "command for the first start and every restart); a file or folder: continue from it; no value: from "
+        "--out "
         "(an error if it has no checkpoint)",
     )
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
@@ -130,7 +138,8 @@ def _train_parser(parser: argparse.ArgumentParser, task: str | None) -> argparse
     groups["model"].add_argument(
         "--random-weights",
         action="store_true",
-        help="offline: every comparator and the inverted network take random weights (alexnet -> alexnet-random, "
+        help="offline: every comparator and the inverted network take random weights (alexnet -> "
+        "alexnet-random, "
         "caffenet -> caffenet-random); the run's first line says so",
     )
     from deepsim.applications.commands import add_download_weights_flag, add_trust_flag
@@ -144,7 +153,8 @@ def _add_train_parser(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train a generator with the DeePSiM loss",
-        description="Train a DeePSiM generator. Without flags: the autoencoder on the bundled photos, a few minutes "
+        description="Train a DeePSiM generator. Without flags: the autoencoder on the bundled photos, a few "
+        "minutes "
         "on a laptop CPU. Flags override the preset's values.",
     )
     _train_parser(p, None)
@@ -174,7 +184,8 @@ def _task_help(argv: list[str]) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepsim",
-        description="DeePSiM: generating images with perceptual similarity metrics (Dosovitskiy & Brox, 2016).",
+        description="DeePSiM: generating images with perceptual similarity metrics (Dosovitskiy & Brox, "
+        "2016).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_parser(sub)
@@ -237,9 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "presets",
         help="list the presets, their values and where each comes from (paper, code or ours)",
-        description="Without NAME: the default of every field that shapes an experiment with its source, then each "
-        "preset's changes. With NAME: every field of that preset. Sources: paper = the paper, code = the derived Caffe "
-        "code or the authors' prototxts, ours = our choice (README: 'Differences from the paper and the derived code').",
+        description="Without NAME: the default of every field that shapes an experiment with its source, "
+        "then each "
+        "preset's changes. With NAME: every field of that preset. Sources: paper = the paper, code = the "
+        "derived Caffe "
+        "code or the authors' prototxts, ours = our choice (README: 'Differences from the paper and the "
+        "derived code').",
     )
     p.add_argument("name", nargs="?", help="one preset, in full")
     p.add_argument("--json", action="store_true", help="print {preset: {field: [value, source]}} as JSON")
@@ -264,8 +278,10 @@ def _add_export_parser(sub) -> None:
     p = sub.add_parser(
         "export",
         help="write a trained generator (or a whole checkpoint) as safetensors, a file that runs no code",
-        description="Write the generator's weights of a checkpoint as safetensors, with its config and provenance "
-        "(preset, step, commit) as JSON metadata. Every command that takes --checkpoint reads the file; in Python: "
+        description="Write the generator's weights of a checkpoint as safetensors, with its config and "
+        "provenance "
+        "(preset, step, commit) as JSON metadata. Every command that takes --checkpoint reads the file; in "
+        "Python: "
         "deepsim.load_generator(PATH). Also takes the published PyTorch port of the authors' generators "
         "(upconvGAN state dicts, see docs/files.md).",
     )
@@ -317,7 +333,8 @@ def _overrides(args, task: str) -> dict:
             continue
         if task not in info.tasks:
             raise ValueError(
-                f"{_flag(info)} is a flag of 'deepsim train {' / '.join(info.tasks)}', not of {task} (the task "
+                f"{_flag(info)} is a flag of 'deepsim train {' / '.join(info.tasks)}', not of {task} (the "
+                "task "
                 f"here); add the task: deepsim train {info.tasks[0]} {_flag(info)} ..."
             )
         if info.cli.get("action") == "on-off-auto":
@@ -359,7 +376,8 @@ def _cmd_train(args) -> int:
             file=sys.stderr,
         )
         print(
-            f"deepsim train {config.task}: data={config.data} loss={config.loss} comparator={config.comparator} "
+            f"deepsim train {config.task}: data={config.data} loss={config.loss} "
+            f"comparator={config.comparator} "
             f"steps={config.steps} batch={config.batch_size} -> {config.out}",
             file=sys.stderr,
         )
@@ -511,8 +529,10 @@ def _add_calibrate_parser(sub) -> None:
     p = sub.add_parser(
         "calibrate",
         help="measure the lambda_feat that gives a comparator the reference comparator's term size",
-        description="Feature distances between real images and perturbed versions of them (noise, blur, shift, "
-        "downsampling: deepsim.calibrate), under the comparator and the reference; their ratio times the reference's "
+        description="Feature distances between real images and perturbed versions of them (noise, blur, "
+        "shift, "
+        "downsampling: deepsim.calibrate), under the comparator and the reference; their ratio times the "
+        "reference's "
         "lambda_feat is the comparator's calibrated lambda_feat.",
     )
     p.add_argument(
@@ -540,7 +560,8 @@ def _add_calibrate_parser(sub) -> None:
         "--reference-lambda-feat",
         type=float,
         default=REFERENCE_LAMBDA_FEAT,
-        help="the reference's lambda_feat in deepsim's scale convention (default: the code's 0.01 for CaffeNet = 0.005)",
+        help="the reference's lambda_feat in deepsim's scale convention (default: the code's 0.01 for "
+        "CaffeNet = 0.005)",
     )
     p.add_argument("--device", default="auto")
     p.add_argument("--json", action="store_true", help="print the report as JSON")

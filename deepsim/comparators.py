@@ -115,7 +115,8 @@ def download_torchvision_weights(arch: str, *, progress: bool = True) -> Path:
         )
     except (urllib.error.URLError, OSError, RuntimeError) as error:
         raise ComparatorWeightsError(
-            f"downloading {arch!r} weights from {url} to {path} failed: {error}; nothing was written. Check the "
+            f"downloading {arch!r} weights from {url} to {path} failed: {error}; nothing was written. Check "
+            "the "
             f"connection and retry, or put the file there yourself."
         ) from error
     return path
@@ -324,7 +325,8 @@ class Comparator(nn.Module):
     """A comparator network C returning the features of the requested taps.
 
     Args:
-        spec: ``"<arch>:<tap>[=w][,<tap>[=w]...]"``, e.g. ``"alexnet:conv3"`` or ``"vgg16:conv2_2,conv4_3=0.5"``.
+        spec: ``"<arch>:<tap>[=w][,<tap>[=w]...]"``, e.g. ``"alexnet:conv3"`` or
+        ``"vgg16:conv2_2,conv4_3=0.5"``.
         weights: a weights file (state dict). ``None``: torchvision's cache for ``alexnet``/``vgg16``,
             nothing for the random layouts; ``caffenet`` and ``exemplar`` need a path.
         network: the :class:`~deepsim.networks.Discriminator` whose conv features are used by an arch that
@@ -399,7 +401,8 @@ class Comparator(nn.Module):
         self.train(False)
 
     def _borrow(self, network: nn.Module | None) -> None:
-        """Taps of ``network``'s conv features (D's): shared with D, trained by D's optimizer, not frozen here."""
+        """Taps of ``network``'s conv features (D's): shared with D, trained by D's optimizer, not frozen
+        here."""
         if network is None or not hasattr(network, "conv_features"):
             raise ValueError(
                 "comparator 'discriminator' needs network=<Discriminator> (it uses D's features)"
@@ -417,7 +420,8 @@ class Comparator(nn.Module):
         wrong = [n for n in self.tap_names if n not in valid]
         if wrong:
             raise ValueError(
-                f"comparator {self.arch!r} has no tap {', '.join(map(repr, wrong))}; valid taps: {', '.join(valid)}"
+                f"comparator {self.arch!r} has no tap {', '.join(map(repr, wrong))}; valid taps: "
+                f"{', '.join(valid)}"
             )
 
     def _load_weights(self, weights_kind: str, weights, download: bool) -> None:
@@ -427,7 +431,8 @@ class Comparator(nn.Module):
                 download_torchvision_weights(self.arch)
             if not path.is_file():
                 raise ComparatorWeightsError(
-                    f"comparator {self.arch!r} needs trained weights, and {path} does not exist. On a machine with "
+                    f"comparator {self.arch!r} needs trained weights, and {path} does not exist. On a "
+                    "machine with "
                     f"internet, add --download-weights to the command (library: download=True) to fetch "
                     f"{TORCHVISION_FILES[self.arch][1]} there; or put that file there yourself, or pass "
                     f"--comparator-weights PATH (library: weights=PATH)."
@@ -439,7 +444,8 @@ class Comparator(nn.Module):
                 )
         elif weights is None:
             raise ComparatorWeightsError(
-                f"comparator {self.arch!r} needs a weights file: pass weights=PATH (CLI: --comparator-weights PATH), "
+                f"comparator {self.arch!r} needs a weights file: pass weights=PATH (CLI: "
+                "--comparator-weights PATH), "
                 f"a PyTorch state dict with keys {', '.join(sorted(self._param_names)[:3])}, ... "
                 f"(see deepsim.comparators' docstring)"
             )

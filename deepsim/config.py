@@ -38,9 +38,10 @@ __all__ = [
 # (both are batch-mean softmax cross-entropies).
 # lambda_feat: the converted 0.01 carries the code's weight over exactly for CaffeNet fed Caffe's input (BGR,
 # 0..255, mean subtracted), which our "caffenet" comparator reproduces. torchvision's AlexNet is NOT that
-# network: its input is ImageNet-std-normalised [0, 1] (one pixel level is 1 / (255 * 0.226), about 58x smaller
-# than Caffe's unit) and its weights were trained separately, so its feature distances have another size and
-# lambda_feat = 0.005 is not calibrated for it. `deepsim calibrate` measures the factor (deepsim.calibrate).
+# network: its input is ImageNet-std-normalised [0, 1] (one pixel level is 1 / (255 * 0.226), about 58x
+# smaller than Caffe's unit) and its weights were trained separately, so its feature distances have another
+# size and lambda_feat = 0.005 is not calibrated for it. `deepsim calibrate` measures the factor
+# (deepsim.calibrate).
 CAFFE_TO_DEEPSIM = {"img": 127.5**2 / 2, "feat": 0.5, "adv": 1.0}
 
 
@@ -129,7 +130,8 @@ def _milestones(text: str) -> tuple[int, ...]:
 
 MAX_IMAGE_PIXELS_HELP = (
     "an image whose header declares more pixels is a bad image (--on-bad decides), never decoded (default: "
-    "8192x8192 = 67108864: training resizes to 256 px, so more only costs memory, up to 0.5 GiB a decode at the "
+    "8192x8192 = 67108864: training resizes to 256 px, so more only costs memory, up to 0.5 GiB a decode at "
+    "the "
     "limit; camera photos and ImageNet pass; PIL refuses above 178956970 whatever this says)"
 )
 _NOT_CALIBRATED = (
@@ -256,7 +258,8 @@ class TrainConfig:
     )  # 4 at 227 (code)
 
     # --- training as the authors trained: the derived Caffe code's dynamics (README "Differences from the
-    # paper and the derived code"; defaults = the code, the other value = the earlier behaviour or the paper's)
+    # paper and the derived code"; defaults = the code, the other
+    # value = the earlier behaviour or the paper's)
     update_order: str = _f(
         "code",
         source="code: D first, G's adversarial term from the updated D",
@@ -496,10 +499,11 @@ PRESETS: dict[str, TrainConfig] = {
     # pass --comparator alexnet:conv3 with torchvision's AlexNet weights in the cache for the paper's setup.
     # Loss weights and learning rate (open, measured here): with the derived code's lambda_adv = 100 the
     # adversarial term outweighs the others on 64x64 crops and G reconstructs nothing in the first 300 steps
-    # (seen on the bundled photos); lambda_adv = 1, lambda_feat = 0.5 (the random-AlexNet conv3 term then starts
-    # at about a third of the image term) and lr 1e-3 give recognisable reconstructions within 100-200 steps.
-    # Mirroring stays on (ours: 15 photos need the variety); the derived code's dynamics (update order, pause
-    # rule, D layout and initialisation, weight decay; the LR milestones lie past 600 steps) are the defaults.
+    # (seen on the bundled photos); lambda_adv = 1, lambda_feat = 0.5 (the random-AlexNet conv3 term then
+    # starts at about a third of the image term) and lr 1e-3 give recognisable reconstructions within 100-200
+    # steps. Mirroring stays on (ours: 15 photos need the variety); the derived code's dynamics (update order,
+    # pause rule, D layout and initialisation, weight decay; the LR
+    # milestones lie past 600 steps) are the defaults.
     "autoencoder-photos": _preset(
         steps=600,
         batch_size=32,
@@ -512,15 +516,15 @@ PRESETS: dict[str, TrainConfig] = {
         checkpoint_every=200,
         out="runs/autoencoder-photos",
     ),
-    # The paper's autoencoder experiments (paper): STL-10 unlabeled (data="stl10_binary": the STL-10 binary folder,
-    # pass --data PATH elsewhere), random 64x64 crops, an 8-channel code 8x smaller (8x8x8), batch 64, Adam
-    # 2e-4, 500k steps, D with first stride 2. The four losses compared (paper): SE, l1, DeePSiM with AlexNet
-    # CONV3, DeePSiM with Exemplar-CNN CONV3. DeePSiM weights: the derived code's (inversion script:
+    # The paper's autoencoder experiments (paper): STL-10 unlabeled (data="stl10_binary": the STL-10 binary
+    # folder, pass --data PATH elsewhere), random 64x64 crops, an 8-channel code 8x smaller (8x8x8), batch 64,
+    # Adam 2e-4, 500k steps, D with first stride 2. The four losses compared (paper): SE, l1, DeePSiM with
+    # AlexNet CONV3, DeePSiM with Exemplar-CNN CONV3. DeePSiM weights: the derived code's (inversion script:
     # feat 0.01, img 2e-6, adv 100 in Caffe's convention, converted by CAFFE_TO_DEEPSIM); the autoencoder's
     # own weights are not published (open). AlexNet = torchvision's layout (the paper used Caffe's: pass
     # --comparator caffenet:conv3 --comparator-weights FILE); Exemplar-CNN needs --comparator-weights FILE.
-    # lambda_feat = 0.005 is the code's CaffeNet weight: it is NOT calibrated for torchvision's AlexNet (nor for
-    # Exemplar-CNN); measure the factor with `deepsim calibrate` (see CAFFE_TO_DEEPSIM above).
+    # lambda_feat = 0.005 is the code's CaffeNet weight: it is NOT calibrated for torchvision's AlexNet (nor
+    # for Exemplar-CNN); measure the factor with `deepsim calibrate` (see CAFFE_TO_DEEPSIM above).
     "autoencoder-stl10-se": _preset(loss="se", data="stl10_binary", out="runs/ae-se"),
     "autoencoder-stl10-l1": _preset(loss="l1", data="stl10_binary", out="runs/ae-l1"),
     "autoencoder-stl10-alexnet": _preset(
@@ -558,12 +562,12 @@ PRESETS: dict[str, TrainConfig] = {
         checkpoint_every=200,
         out="runs/vae-photos",
     ),
-    # The VAE at the inversion's resolution: ILSVRC-2012 train (data="imagenet/train", pass --data PATH), 227x227
-    # crops after resizing the shorter side to 256, the decoder = the fc6 inversion generator with its full
-    # up-conv stack (256x256 output, centre-cropped to 227; code), D with first stride 4 (code) and no feature
-    # branch, comparator AlexNet pool5 (as the inversion; code), DeePSiM weights of the code (lambda_feat NOT
-    # calibrated for torchvision's AlexNet, as for the inversion below). Open, ours: the encoder (VAEEncoder:
-    # 227 -> 114 -> 57 -> 29 -> 15 -> 8 -> 4), latent 4096, lambda_kl 1.
+    # The VAE at the inversion's resolution: ILSVRC-2012 train (data="imagenet/train", pass --data PATH),
+    # 227x227 crops after resizing the shorter side to 256, the decoder = the fc6 inversion generator with its
+    # full up-conv stack (256x256 output, centre-cropped to 227; code), D with first stride 4 (code) and no
+    # feature branch, comparator AlexNet pool5 (as the inversion; code), DeePSiM weights of the code
+    # (lambda_feat NOT calibrated for torchvision's AlexNet, as for the inversion below). Open, ours: the
+    # encoder (VAEEncoder: 227 -> 114 -> 57 -> 29 -> 15 -> 8 -> 4), latent 4096, lambda_kl 1.
     "vae-imagenet": _preset(
         task="vae",
         image_size=227,

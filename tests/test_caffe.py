@@ -210,7 +210,8 @@ def test_stride1_deconvolution_is_a_flipped_transposed_convolution():
 
 
 def test_our_generator_has_the_authors_layer_list():
-    """InversionGenerator against synthesizing's generator.prototxt (stride-1 deconvolutions = our 3x3 convs)."""
+    """InversionGenerator against synthesizing's generator.prototxt (stride-1 deconvolutions = our 3x3
+    convs)."""
 
     def layout(generator):
         rows = []
@@ -615,7 +616,8 @@ def test_import_caffe_errors_are_one_line(tmp_path, caffenet, fc6_file, capsys):
 @pytest.mark.slow
 @pytest.mark.skipif(
     not os.environ.get("DEEPSIM_CAFFE_FULL_SIZE"),
-    reason="full-size CaffeNet + fc6 generator (~450 MB of caffemodels, about a minute): DEEPSIM_CAFFE_FULL_SIZE=1",
+    reason="full-size CaffeNet + fc6 generator (~450 MB of caffemodels, about a minute): "
+    "DEEPSIM_CAFFE_FULL_SIZE=1",
 )
 def test_full_size_caffenet_and_fc6_generator(tmp_path):
     """At the released models' sizes: all of CaffeNet (fc6's flatten order included) and a 4096-wide fc6

@@ -46,7 +46,8 @@ def test_a_million_packed_dims_is_refused_at_once(tmp_path):
         _read_all(path)
     assert time.process_time() - start < 1.0
     assert str(error.value) == (
-        f"{path}: layer 'fc6', blob 0: shape has more than {MAX_BLOB_AXES} axes (Caffe's limit), a corrupt blob"
+        f"{path}: layer 'fc6', blob 0: shape has more than {MAX_BLOB_AXES} axes (Caffe's limit), a corrupt "
+        "blob"
     )
 
 
@@ -85,7 +86,8 @@ def test_non_finite_weights_name_the_blob(tmp_path, bad):
     with pytest.raises(
         CaffeModelError,
         match=(
-            rf"^{path}: layer 'fc6', blob 0: 1 non-finite value\(s\) \(NaN or infinity\), the first at flat index 2"
+            rf"^{path}: layer 'fc6', blob 0: 1 non-finite value\(s\) \(NaN or infinity\), the first at flat "
+            r"index 2"
         ),
     ):
         _read_all(path)
@@ -96,7 +98,8 @@ def test_non_finite_weights_name_the_blob(tmp_path, bad):
 
 def _tiny_net(extra_axes: int = 0, bad_value: float | None = None) -> bytes:
     """Every encoding the reader takes, small: V2 layers with packed and unpacked floats, legacy and new
-    shapes, double data, convolution / inner-product / ReLU parameters. ``extra_axes``: that many axes of size 2
+    shapes, double data, convolution / inner-product / ReLU parameters. ``extra_axes``: that many axes of size
+    2
     appended to conv1's weight shape; ``bad_value``: written over fc's first weight."""
     rng = np.random.default_rng(0)
     weight = cw.f_bytes(7, cw.f_bytes(1, b"".join(cw.varint(d) for d in (2, 3, 3, 3, *[2] * extra_axes))))

@@ -173,8 +173,8 @@ def test_file_size_limit_of_64_kib_during_a_write_leaves_the_previous_checkpoint
     )
     assert proc.returncode == 3, proc.stderr[-3000:]
     assert (
-        f"could not write checkpoint {path}: File too large (EFBIG); the previous checkpoint {path} (step 1) is intact"
-        in proc.stdout
+        f"could not write checkpoint {path}: File too large (EFBIG); the previous checkpoint {path} (step 1) "
+        "is intact" in proc.stdout
     )
     assert load_checkpoint(path)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
@@ -183,7 +183,8 @@ def test_file_size_limit_of_64_kib_during_a_write_leaves_the_previous_checkpoint
 def test_full_disk_at_the_step_10_checkpoint_stops_the_run_with_exit_2_and_step_5_intact(
     tmp_path, capsys, monkeypatch
 ):
-    """ENOSPC in the middle of the second checkpoint write: `deepsim train` prints one line that names the file
+    """ENOSPC in the middle of the second checkpoint write: `deepsim train` prints one line that names the
+    file
     and says the step-5 checkpoint is intact, exits with status 2, and that checkpoint loads."""
     import deepsim.train.checkpoint as checkpoint
 
@@ -237,7 +238,8 @@ def test_full_disk_at_the_step_10_checkpoint_stops_the_run_with_exit_2_and_step_
     err = capsys.readouterr().err
     assert code == 2, err
     assert (
-        f"deepsim train: error: could not write checkpoint {tmp_path / 'checkpoint.pt'}: No space left on device "
+        f"deepsim train: error: could not write checkpoint {tmp_path / 'checkpoint.pt'}: No space left on "
+        "device "
         f"(ENOSPC); the previous checkpoint {tmp_path / 'checkpoint.pt'} (step 5) is intact. Free some space"
     ) in err
     monkeypatch.undo()

@@ -1,4 +1,5 @@
-"""`deepsim train` shaped by task: flags derived from the config fields' metadata, per-task help, foreign flags
+"""`deepsim train` shaped by task: flags derived from the config fields' metadata, per-task help, foreign
+flags
 refused, the offline switch, the first line's checkpoint size, `data check --task`, missing files."""
 
 from __future__ import annotations
@@ -307,7 +308,8 @@ def test_data_check_uses_the_task_s_crop(tmp_path, capsys):
     Image.fromarray(np.zeros((240, 260, 3), np.uint8)).save(folder / "big.png")
     assert main(["data", "check", str(folder)]) == 0
     assert "3 usable for training (min size 64)" in capsys.readouterr().out
-    # the inversion crops 227 after resizing the shorter side to 256: a 100x100 image is resized up, not refused
+    # the inversion crops 227 after resizing the shorter side to 256: a
+    # 100x100 image is resized up, not refused
     assert main(["data", "check", str(folder), "--task", "invert"]) == 0
     text = capsys.readouterr().out
     assert "3 usable for training (min size 227, shorter side resized to 256 first)" in text

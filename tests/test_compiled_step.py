@@ -115,12 +115,13 @@ def test_compiled_step_matches_eager(backend, order, eager_rng_in_inductor):
     assert diff_sum <= 0.01 * moved_sum, diff_sum / moved_sum
     assert moved > 0.5 * LR * STEPS  # the steps did update the parameters
     # D's Adam moments, each tensor against its own scale. Inductor reorders the sums of D's backward (a bias
-    # or weight gradient is a sum over batch x H x W terms of both signs), and the first layers' gradients come
-    # last in the chain and cancel most: an element near 0 can be off by more than its own size, so a bound
-    # per element (the earlier atol 1e-6) measures luck. Measured (lr 1e-4, 3 steps, 1 thread), max |diff| /
-    # max |moment| of a tensor: 1.5e-6 on torch 2.14.1; on torch 2.11.0 3.8e-3 for exp_avg (D's second conv
-    # bias: 2.2e-6 against 5.9e-4, which failed atol 1e-6) and 3.0e-3 for exp_avg_sq. Bound: 2 % of the
-    # tensor's largest moment, 5x the worst measured; a wrong or skipped update moves a moment by its whole size.
+    # or weight gradient is a sum over batch x H x W terms of both signs), and the first layers' gradients
+    # come last in the chain and cancel most: an element near 0 can be off by more than its own size, so a
+    # bound per element (the earlier atol 1e-6) measures luck. Measured (lr 1e-4, 3 steps, 1 thread), max
+    # |diff| / max |moment| of a tensor: 1.5e-6 on torch 2.14.1; on torch 2.11.0 3.8e-3 for exp_avg (D's
+    # second conv bias: 2.2e-6 against 5.9e-4, which failed atol 1e-6) and 3.0e-3 for exp_avg_sq. Bound: 2 %
+    # of the tensor's largest moment, 5x the worst measured; a wrong or
+    # skipped update moves a moment by its whole size.
     for s_e, s_c in zip(eager.opt_d.state.values(), compiled.opt_d.state.values()):
         for key in ("exp_avg", "exp_avg_sq"):
             scale = s_e[key].abs().max().item()

@@ -56,7 +56,8 @@ def test_batch_convention(coord_folder, mode, crop, dtype, channels_last):
     "channels_last,dtype,static", [(False, torch.float32, False), (True, torch.bfloat16, True)]
 )
 def test_gpu_pipeline_matches_cpu(coord_folder, channels_last, dtype, static):
-    """device="cuda": mixed decoding, batches on the GPU, the same pixels as the CPU pipeline (center crops)."""
+    """device="cuda": mixed decoding, batches on the GPU, the same pixels as the CPU pipeline (center
+    crops)."""
     kw = dict(
         batch_size=4, crop_size=48, mode="center", loader="dali", dtype=dtype, channels_last=channels_last
     )
@@ -221,7 +222,7 @@ def test_missing_dali_is_a_clear_error(monkeypatch, coord_folder):
         build_loader(coord_folder, batch_size=2, loader="dali")
 
 
-# ---- EXIF orientation, read-ahead, the pipeline's output stream ---------------------------------------------
+# ---- EXIF orientation, read-ahead, the pipeline's output stream --------------------------------------------
 def write_exif_rotated_folder(folder, n=4):
     """Non-square JPEGs (4:4:4, quality 100), all but the last tagged EXIF orientation 6 (rotate 90 CW)."""
     folder.mkdir(parents=True, exist_ok=True)

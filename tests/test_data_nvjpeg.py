@@ -100,7 +100,7 @@ def test_gpu_decode_matches_cpu_decode(jpeg_folder):
         )  # nvJPEG vs libjpeg-turbo IDCT rounding
 
 
-# ---- the device pad, the stream protocol, the fallback copy --------------------------------------------------
+# ---- the device pad, the stream protocol, the fallback copy ------------------------------------------------
 @pytest.mark.parametrize(
     "shape, crop", [((3, 5, 7), 20), ((3, 1, 4), 6), ((3, 2, 9), 12), ((3, 10, 3), 10), ((3, 9, 9), 9)]
 )

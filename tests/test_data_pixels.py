@@ -26,7 +26,8 @@ from tests.hostile_files import bomb_png, write_image
 
 @pytest.fixture(scope="module")
 def bombs(tmp_path_factory):
-    """good.png (72x80) and two bombs: 12000x12000 16-bit (valid, ~280 KB) and 20000x20000 (header + a few rows:
+    """good.png (72x80) and two bombs: 12000x12000 16-bit (valid, ~280 KB) and 20000x20000 (header + a few
+    rows:
     its check needs the header alone; PIL itself refuses it, with a DecompressionBombError, at open)."""
     folder = tmp_path_factory.mktemp("bombs")
     write_image(folder / "good.png")
@@ -50,7 +51,8 @@ def test_the_12000_bomb_is_small_on_disk_and_a_valid_png(bombs):
     [
         (
             "big.png",
-            r"big.png: image is 12000x12000 = 144000000 pixels, over the limit of 67108864 \(max_image_pixels, "
+            r"big.png: image is 12000x12000 = 144000000 pixels, over the limit of 67108864 "
+            r"\(max_image_pixels, "
             r"--max-image-pixels\); not decoded",
         ),
         ("huge.png", r"huge.png: image has 400000000 pixels, over the limit of 67108864"),

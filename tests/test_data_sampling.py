@@ -1,5 +1,6 @@
 """The shared epoch schedule: an epoch interrupted and resumed at another world size sees every sample exactly
-once, with every loader; W ranks of B samples read what one process of W*B reads; mirroring can be turned off."""
+once, with every loader; W ranks of B samples read what one process of W*B reads; mirroring can be turned
+off."""
 
 from __future__ import annotations
 
@@ -56,7 +57,8 @@ def _ids(batch: torch.Tensor) -> list[int]:
 
 
 def _read(source, kw, *, world, batch, steps, start):
-    """``steps`` steps of a job of ``world`` ranks x ``batch`` samples from cursor ``start``: the samples in the
+    """``steps`` steps of a job of ``world`` ranks x ``batch`` samples from cursor ``start``: the samples in
+    the
     job's order (rank 0's batch, rank 1's, ... per step), the batches in that order, and the cursor after."""
     streams = [
         build_loader(

@@ -89,7 +89,8 @@ def _slow_tree(tmp_path, n=200):
 
 
 def _signal_mid_scan(tmp_path, root, argv, sig=signal.SIGTERM):
-    """Run the CLI with slow folder listings, signal it once the scan started; (status, stderr lines, seconds)."""
+    """Run the CLI with slow folder listings, signal it once the scan started; (status, stderr lines,
+    seconds)."""
     script = SLOW_SCANDIR + f"\nfrom deepsim.cli import main\nsys.exit(main({argv!r}))\n"
     proc = subprocess.Popen(
         [sys.executable, "-c", script, str(root)],
@@ -125,7 +126,8 @@ def test_a_stop_signal_ends_data_check_mid_scan(tmp_path, sig):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigterm_ends_train_mid_scan(tmp_path):
-    # Before: train's stop handler only asked the loop to stop after a step; the scan went on (forever on a loop).
+    # Before: train's stop handler only asked the loop to stop after a
+    # step; the scan went on (forever on a loop).
     root = _slow_tree(tmp_path)
     out = tmp_path / "run"
     argv = [

@@ -201,7 +201,8 @@ def test_two_ranks_stay_identical_and_rank0_alone_writes(tmp_path, compiled):
     # rank 0 alone wrote the checkpoint and the metrics; both ranks logged the same (averaged) losses
     checkpoint = load_checkpoint(tmp_path)
     assert checkpoint["step"] == STEPS
-    # every rank's parameter fingerprint, equal; the data cursor counts both ranks' samples (2 ranks x B x steps)
+    # every rank's parameter fingerprint, equal; the data cursor counts
+    # both ranks' samples (2 ranks x B x steps)
     assert len(checkpoint["replicas"]) == 2 and checkpoint["replicas"][0] == checkpoint["replicas"][1]
     assert checkpoint["data"]["cursor"] == STEPS * 2 * 2 and checkpoint["world_size"] == 2
     for name, tensor in checkpoint["trainer"]["generator"].items():  # unwrapped keys (no "module.")

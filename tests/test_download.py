@@ -287,7 +287,8 @@ def test_cli_download_weights_flag(weights_source, tmp_path, monkeypatch):
 @pytest.fixture
 def stalling_server():
     """A server on 127.0.0.1 that accepts connections and then stalls: with ``head`` set, it first sends
-    those bytes (a response header and part of the body). Yields (url, head list, accepted-connection count)."""
+    those bytes (a response header and part of the body). Yields (url, head list, accepted-connection
+    count)."""
     import socket
     import threading
 

@@ -101,7 +101,8 @@ def _nan_generator(tmp_path: Path) -> Path:
     return path
 
 
-# id -> (build(tmp_path, url) -> argv, status, the one stderr line as a regex). A build's inputs live in tmp_path.
+# id -> (build(tmp_path, url) -> argv, status, the one stderr line as
+# a regex). A build's inputs live in tmp_path.
 CASES = {
     "bomb-20000-train-error": (
         lambda t, u: ["train", "--data", str(_bomb_folder(t)), "--out", str(t / "run"), *TRAIN],
@@ -142,7 +143,8 @@ CASES = {
             "1",
         ],
         2,
-        r"deepsim data: error: downloading http://127.0.0.1:\d+/stl10_binary.tar.gz failed after 2 attempts: no data "
+        r"deepsim data: error: downloading http://127.0.0.1:\d+/stl10_binary.tar.gz failed after 2 attempts: "
+        r"no data "
         r"for --read-timeout 0.3 s \(the server stalled\); nothing was kept in .*/stl",
     ),
     "download-timeout-flag": (
@@ -162,13 +164,15 @@ CASES = {
             str(t / "out.pt"),
         ],
         2,
-        r"deepsim import-caffe: error: .*/dims.caffemodel: layer 'conv1', blob 0: shape has more than 32 axes "
+        r"deepsim import-caffe: error: .*/dims.caffemodel: layer 'conv1', blob 0: shape has more than 32 "
+        r"axes "
         r"\(Caffe's limit\), a corrupt blob",
     ),
     "caffe-nan-weights": (
         lambda t, u: ["import-caffe", str(_nan_generator(t)), "--layer", "fc6", "--out", str(t / "out.pt")],
         2,
-        r"deepsim import-caffe: error: .*/nan.caffemodel: layer 'defc6', blob 0: 1 non-finite value\(s\) \(NaN or "
+        r"deepsim import-caffe: error: .*/nan.caffemodel: layer 'defc6', blob 0: 1 non-finite value\(s\) "
+        r"\(NaN or "
         r"infinity\), the first at flat index 53 \(nan\); expected finite weights",
     ),
 }

@@ -1,4 +1,5 @@
-"""End-to-end training on the bundled photos: the loss goes down, checkpoints round-trip, bad input fails clearly."""
+"""End-to-end training on the bundled photos: the loss goes down, checkpoints round-trip, bad input fails
+clearly."""
 
 import json
 

@@ -1,7 +1,8 @@
 """Subcommands of ``deepsim`` for the VAE, the inversion and the evaluation (registered by deepsim.cli):
 
     deepsim invert --checkpoint C IMAGE... --out DIR                      input | reconstruction PNGs
-    deepsim sample-preimages --checkpoint C IMAGE... --samples S --out DIR  S pre-images per image + diversity.json
+    deepsim sample-preimages --checkpoint C IMAGE... --samples S --out DIR  S pre-images per image +
+    diversity.json
     deepsim sample-vae --checkpoint C --out F.png [--samples 64]           decoded samples from the prior
     deepsim eval --checkpoint C [C...] --data PATH [--split test] [--out DIR]  normalized error (+ STL-10 SVM)
 
@@ -17,13 +18,15 @@ __all__ = ["add_subcommands", "add_download_weights_flag", "add_trust_flag", "HA
 
 
 def add_download_weights_flag(parser) -> None:
-    """``--download-weights`` (train, invert, sample-preimages, eval): fetch missing torchvision weights (AlexNet,
+    """``--download-weights`` (train, invert, sample-preimages, eval): fetch missing torchvision weights
+    (AlexNet,
     VGG16) into torch's cache; :func:`deepsim.cli.main` runs the command inside
     :func:`deepsim.comparators.allow_weight_downloads` when it is given."""
     parser.add_argument(
         "--download-weights",
         action="store_true",
-        help="fetch torchvision's AlexNet / VGG16 weights into torch's cache when a comparator or the inverted "
+        help="fetch torchvision's AlexNet / VGG16 weights into torch's cache when a comparator or the "
+        "inverted "
         "network needs them and they are missing (needs internet; SHA-256 checked)",
     )
 
@@ -84,10 +87,14 @@ def add_subcommands(sub) -> None:
 
     p = sub.add_parser(
         "eval",
-        help="normalized reconstruction error on a test set (+ linear SVM on STL-10 codes); Markdown + JSON tables",
-        description="Evaluate checkpoints: the normalized Euclidean error mean ||G(x) - y|| / N (N = mean distance "
-        "over all test pairs); for several inversion checkpoints, a table per layer; for autoencoder (and VAE) "
-        "checkpoints on an STL-10 folder with labels and fold_indices.txt, a linear SVM on the codes trained on "
+        help="normalized reconstruction error on a test set (+ linear SVM on STL-10 codes); Markdown + JSON "
+        "tables",
+        description="Evaluate checkpoints: the normalized Euclidean error mean ||G(x) - y|| / N (N = mean "
+        "distance "
+        "over all test pairs); for several inversion checkpoints, a table per layer; for autoencoder (and "
+        "VAE) "
+        "checkpoints on an STL-10 folder with labels and fold_indices.txt, a linear SVM on the codes "
+        "trained on "
         "each of the 10 training folds and tested on the test set.",
     )
     p.add_argument(

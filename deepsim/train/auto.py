@@ -177,7 +177,8 @@ def _rules(
     resident_fits,
     dali_available,
 ) -> dict:
-    """field -> () -> (value, why): the ``auto`` choice of each runtime field (called only for an ``auto`` one)."""
+    """field -> () -> (value, why): the ``auto`` choice of each runtime field (called only for an ``auto``
+    one)."""
     cuda = device.type == "cuda"
     bf16, tensor_cores = capability >= (8, 0), capability >= (7, 0)
     return {

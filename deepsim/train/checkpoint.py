@@ -117,7 +117,8 @@ class UnsafeCheckpointError(CheckpointError):
             else "objects other than tensors"
         )
         super().__init__(
-            f"{path} was not opened: its pickle needs {what}, which could run code when unpickled; open it only "
+            f"{path} was not opened: its pickle needs {what}, which could run code when unpickled; open it "
+            "only "
             "if you trust where it came from, with --trust-checkpoint (library: trust=True)"
         )
 
@@ -271,7 +272,8 @@ def _step_of(path: Path) -> int | None:
 
 
 def _write_with_checksum(writer: _HashingWriter, payload: dict, step: int, tmp: Path) -> None:
-    """torch.save ``payload`` through ``writer``, then write the checksum footer as the zip comment and fsync."""
+    """torch.save ``payload`` through ``writer``, then write the checksum footer as the zip comment and
+    fsync."""
     handle = writer.handle
     torch.save(payload, writer)
     handle.seek(-_EOCD.size, os.SEEK_END)
@@ -381,7 +383,8 @@ def trust_checkpoints(trust: bool = True):
 
 
 def _legacy_globals() -> list:
-    """What checkpoints written before :func:`rng_state` stored tensors need beyond weights_only's defaults: the
+    """What checkpoints written before :func:`rng_state` stored tensors need beyond weights_only's defaults:
+    the
     NumPy RNG state's uint32 array (rebuilt from its raw bytes; no code of the file runs)."""
     return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
@@ -572,7 +575,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", *, trust: bool 
 
 
 def quarantine(path: str | os.PathLike) -> Path:
-    """Rename a corrupt checkpoint to ``<name>.corrupt`` (kept for inspection, never loaded or counted again)."""
+    """Rename a corrupt checkpoint to ``<name>.corrupt`` (kept for inspection, never loaded or counted
+    again)."""
     path = Path(path)
     target, n = path.with_name(path.name + ".corrupt"), 1
     while target.exists():
@@ -620,8 +624,10 @@ def _refuse_mixing(out: Path, chosen: Path) -> None:
         newest = next(iter(find_checkpoints(out)), None)
         if newest is not None and newest.resolve() != chosen.resolve():
             raise CheckpointError(
-                f"--resume {chosen}: {out} holds a newer checkpoint, {newest.name}, which continuing there would "
-                "rotate away; resume it into a fresh --out (or --resume auto to continue the newest); nothing in "
+                f"--resume {chosen}: {out} holds a newer checkpoint, {newest.name}, which continuing there "
+                "would "
+                "rotate away; resume it into a fresh --out (or --resume auto to continue the newest); "
+                "nothing in "
                 "it was changed"
             )
         return
@@ -670,11 +676,13 @@ def select_resume(
         out: the run's ``--out`` folder.
         say: prints one line (rank 0): the fallback past corrupt files (renamed ``*.corrupt``), a fresh start.
 
-    Rank 0 picks the file and broadcasts its path, so every rank loads the same checkpoint even if another file
+    Rank 0 picks the file and broadcasts its path, so every rank loads the same checkpoint even if another
+    file
     appears meanwhile. The payload's ``"_source"`` names the file (for errors; never written back).
 
     Raises:
-        CheckpointError: no checkpoint where one is needed, every one is corrupt, or resuming into ``out`` would
+        CheckpointError: no checkpoint where one is needed, every one is corrupt, or resuming into ``out``
+        would
             rotate away another run's files or newer checkpoints.
     """
     payload, choice = None, ("fresh", None)
@@ -704,8 +712,10 @@ def resumable_config(payload: dict, source) -> TrainConfig:
         missing = [f"trainer.{k}" for k in ("generator", "opt_g") if k not in payload["trainer"]]
     if missing:
         raise CheckpointError(
-            f"checkpoint {source} cannot be resumed: it has no {', '.join(repr(m) for m in missing)} (training "
-            "state); an imported or exported generator trains no further (deepsim export --training-state keeps it)"
+            f"checkpoint {source} cannot be resumed: it has no {', '.join(repr(m) for m in missing)} "
+            "(training "
+            "state); an imported or exported generator trains no further (deepsim export --training-state "
+            "keeps it)"
         )
     try:
         return TrainConfig.from_dict(payload["config"])
@@ -770,7 +780,8 @@ class Checkpointer:
             payload["replicas"] = replicas
             if len(set(replicas)) > 1:
                 self.say(
-                    f"warning: the ranks' parameters differ at step {step} (fingerprints per rank: {replicas})"
+                    f"warning: the ranks' parameters differ at step {step} (fingerprints per rank: "
+                    f"{replicas})"
                 )
         resumed, self._resumed = self._resumed, None
         replaced = resumed[1] if resumed and resumed[0] == self.path.resolve() else None

@@ -124,7 +124,8 @@ class CompiledStep:
 
 
 def compile_step(trainer, mode: str = "default") -> CompiledStep:
-    """The trainer's iteration compiled with ``torch.compile(mode=mode, fullgraph=True)``; see the module doc."""
+    """The trainer's iteration compiled with ``torch.compile(mode=mode, fullgraph=True)``; see the module
+    doc."""
     return CompiledStep(trainer, mode)
 
 

@@ -105,7 +105,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _device_for(local_rank: int, requested: str) -> torch.device:
-    """The device of this process: ``cuda:LOCAL_RANK`` when CUDA is asked for (or "auto" finds it), else cpu."""
+    """The device of this process: ``cuda:LOCAL_RANK`` when CUDA is asked for (or "auto" finds it), else
+    cpu."""
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if requested.startswith("cuda") or requested == "auto":
@@ -189,7 +190,8 @@ def broadcast_object(obj, src: int = 0):
 
 
 def _fingerprint(modules, device: torch.device) -> torch.Tensor:
-    """An int64 0-dim tensor that changes with any bit of the modules' parameters and buffers: the bit patterns
+    """An int64 0-dim tensor that changes with any bit of the modules' parameters and buffers: the bit
+    patterns
     of each tensor summed (wrapping), weighted by the tensor's place. Equal replicas give equal values."""
     bits_of = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
     total = torch.zeros((), dtype=torch.int64, device=device)

@@ -68,7 +68,8 @@ def build_discriminator(config: TrainConfig, feature_dim: int | None = None) -> 
 
 
 def trainer_options(config: TrainConfig) -> dict:
-    """The :class:`DeePSiMTrainer` keyword arguments of a config: solver, pause rule, precision, update order."""
+    """The :class:`DeePSiMTrainer` keyword arguments of a config: solver, pause rule, precision, update
+    order."""
     return dict(
         lr=config.lr,
         betas=(config.beta1, config.beta2),

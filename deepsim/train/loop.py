@@ -102,7 +102,8 @@ def train(
         resume: False: start fresh. ``"auto"``: from the newest valid checkpoint in ``config.out`` if there is
             one, else fresh (one command line for the first start and every restart). True: from the newest
             valid checkpoint in ``config.out`` (an error if there is none). A path: that file, or the newest
-            valid one in that folder (:func:`~deepsim.train.checkpoint.select_resume`). The run's config is the
+            valid one in that folder (:func:`~deepsim.train.checkpoint.select_resume`). The run's config is
+            the
             checkpoint's, except :data:`RUNTIME_FIELDS` (and ``resume_overrides``), taken from ``config``.
         progress: show a progress bar (rank 0).
         tasks: the task table (task -> trainer builder), e.g. :data:`deepsim.tasks.TASKS`; None: the
@@ -113,10 +114,12 @@ def train(
         provenance: recorded in every checkpoint (``{"preset": ...}``; the code's commit is added); a resumed
             run keeps the checkpoint's preset.
         announce: ``announce(config, line)`` on rank 0 once the ``"auto"`` runtime fields are resolved
-            (:func:`deepsim.train.auto.resolve_runtime`): the resolved config, one line naming the path and why.
+            (:func:`deepsim.train.auto.resolve_runtime`): the resolved config, one line naming the path and
+            why.
 
     Returns:
-        :class:`TrainResult`; ``stopped_by`` is set when a stop signal ended the run early (after a checkpoint).
+        :class:`TrainResult`; ``stopped_by`` is set when a stop signal ended the run early (after a
+        checkpoint).
 
     Raises:
         NonFiniteLossError: a loss became NaN/inf (the last good checkpoint stays as it was).
@@ -148,8 +151,8 @@ def train(
             **((payload or {}).get("provenance") or {}),
             "commit": source_commit(),
         }
-        # an auto-chosen compile that fails falls back to eager; not with world > 1 (the eager step's gradients
-        # are averaged by DDP, which the compiled path does not wrap)
+        # an auto-chosen compile that fails falls back to eager; not with world > 1 (the eager step's
+        # gradients are averaged by DDP, which the compiled path does not wrap)
         fallback = "compile" in auto_fields and context.world == 1
         with StopSignals(
             config.stop_signals
@@ -182,7 +185,8 @@ def _resolve_runtime(config: TrainConfig, context, announce) -> tuple[TrainConfi
 def _resumed_config(
     config: TrainConfig, payload: dict, *, resume, given, provenance, context, tasks
 ) -> TrainConfig:
-    """The checkpoint's config with :data:`RUNTIME_FIELDS` (and the overridable fields ``given``) from ``config``;
+    """The checkpoint's config with :data:`RUNTIME_FIELDS` (and the overridable fields ``given``) from
+    ``config``;
     conflicting flags and a checkpoint that does not fit its generator are one-line errors."""
     saved = resumable_config(payload, resume if not isinstance(resume, bool) else config.out)
     _check_conflicts(config, saved, given, payload.get("_source", "the checkpoint"))
@@ -208,7 +212,8 @@ def _check_conflicts(config: TrainConfig, saved: TrainConfig, given, source) -> 
             for n, mine, theirs in clashes
         )
         raise CheckpointError(
-            f"{flags}: resuming {source} continues its run as it was configured; drop the flag to continue it, "
+            f"{flags}: resuming {source} continues its run as it was configured; drop the flag to continue "
+            "it, "
             "or start a new run with a fresh --out"
         )
 
@@ -225,12 +230,14 @@ def _check_weight_files(config: TrainConfig) -> None:
 
 
 def _warn_preset(given, provenance: dict | None, payload: dict, context) -> None:
-    """``--preset`` on a resumed run: the checkpoint's config wins (the preset was only its starting point)."""
+    """``--preset`` on a resumed run: the checkpoint's config wins (the preset was only its starting
+    point)."""
     mine = (provenance or {}).get("preset")
     theirs = (payload.get("provenance") or {}).get("preset")
     if "preset" in set(given) and context.is_main and mine and theirs and mine != theirs:
         _say(
-            f"warning: --preset {mine}: resuming {payload.get('_source')} continues its own config (it started "
+            f"warning: --preset {mine}: resuming {payload.get('_source')} continues its own config (it "
+            "started "
             f"from preset {theirs}); the preset is not applied"
         )
 
@@ -257,7 +264,8 @@ def _check_fits(config: TrainConfig, payload: dict, tasks) -> None:
         if got != tensor.shape:
             raise CheckpointError(
                 f"checkpoint {source} does not fit its {config.task!r} generator: tensor {name} has shape "
-                f"{tuple(got) if got is not None else type(saved[name]).__name__}, the config builds {tuple(tensor.shape)}"
+                f"{tuple(got) if got is not None else type(saved[name]).__name__}, the config builds "
+                f"{tuple(tensor.shape)}"
             )
 
 
@@ -305,7 +313,8 @@ def _prepare_trainer(config: TrainConfig, payload, context, tasks, compile_fallb
             trainer.load_training_state(payload["trainer"])
         except (RuntimeError, KeyError) as error:
             raise CheckpointError(
-                f"checkpoint {payload.get('_source', '')} does not fit this run: {str(error).strip().splitlines()[0]}"
+                f"checkpoint {payload.get('_source', '')} does not fit this run: "
+                f"{str(error).strip().splitlines()[0]}"
             ) from None
         start = int(payload["step"])
         set_rng_state(payload["rng"])
@@ -380,7 +389,8 @@ def _start_folder(config: TrainConfig, *, payload, stream, cursor: int, world: i
     saved_data = (payload or {}).get("data")
     if saved_data and saved_data.get("num_samples") != stream.num_samples:
         _say(
-            f"warning: the checkpoint's dataset had {saved_data.get('num_samples')} samples, {config.data} has "
+            f"warning: the checkpoint's dataset had {saved_data.get('num_samples')} samples, {config.data} "
+            "has "
             f"{stream.num_samples} now: the data continues at sample cursor {cursor} of a different order"
         )
     if payload is not None and payload.get("world_size", world) != world:

@@ -1,4 +1,5 @@
-"""GatedAdam: Adam whose step is switched on or off by a device tensor, for the pause rule without a host sync;
+"""GatedAdam: Adam whose step is switched on or off by a device tensor, for the pause rule without a host
+sync;
 with Caffe's coupled weight decay and multistep learning-rate policy computed on the device."""
 
 from __future__ import annotations
@@ -152,14 +153,16 @@ def decay_param_groups(module: torch.nn.Module, weight_decay: float, scope: str 
     """The trainable parameters of ``module`` as optimizer groups: decayed (``weight_decay``) and not (0).
 
     Args:
-        module: a network; frozen parameters (``requires_grad=False``, e.g. fixed up-conv biases) are left out.
+        module: a network; frozen parameters (``requires_grad=False``, e.g. fixed up-conv biases) are left
+        out.
         weight_decay: the solver's L2 coefficient (Caffe's weight_decay).
         scope: "code": the parameters the derived code decays (Caffe's decay_mult 1), as the network's
             ``code_decayed_parameters()`` lists them (a network without that method: none); "all": every one.
 
     Returns:
         a list of parameter-group dicts (empty groups left out) for :class:`GatedAdam`; one group, in
-        parameter order, when ``weight_decay`` is 0 (the layout of optimizer states saved before weight decay).
+        parameter order, when ``weight_decay`` is 0 (the layout of optimizer states saved before weight
+        decay).
     """
     if scope not in WEIGHT_DECAY_SCOPES:
         raise ValueError(f"weight decay scope {scope!r}: expected one of {', '.join(WEIGHT_DECAY_SCOPES)}")

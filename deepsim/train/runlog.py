@@ -61,7 +61,8 @@ class PendingMetrics:
 
 
 def save_grid(trainer, sample_batch: torch.Tensor, path: Path) -> torch.Tensor:
-    """Inputs (top rows) beside reconstructions (bottom rows), as one PNG; returns the grid (3, H, W) in [0, 1]."""
+    """Inputs (top rows) beside reconstructions (bottom rows), as one PNG; returns the grid (3, H, W) in
+    [0, 1]."""
     was_training = trainer.training
     trainer.eval()
     with torch.no_grad():
@@ -144,7 +145,8 @@ class RunLog:
                 else "no checkpoint was written"
             )
             raise NonFiniteLossError(
-                f"non-finite loss at step {entry.step} ({', '.join(f'{n} = {row[n]}' for n in bad)}); training stopped, "
+                f"non-finite loss at step {entry.step} ({', '.join(f'{n} = {row[n]}' for n in bad)}); "
+                "training stopped, "
                 f"{where}. Lower the learning rate or the loss weights, or check the data."
             )
         elapsed = time.perf_counter() - self.window_start
@@ -167,7 +169,8 @@ class RunLog:
             )
 
     def samples(self, trainer, batch: torch.Tensor, step: int) -> None:
-        """The sample grid of ``step`` (rank 0): ``samples/step_NNNNNNN.png`` and TensorBoard's ``samples``."""
+        """The sample grid of ``step`` (rank 0): ``samples/step_NNNNNNN.png`` and TensorBoard's
+        ``samples``."""
         if not self.is_main:
             return
         grid = save_grid(trainer, batch, self.out / "samples" / f"step_{step:07d}.png")

@@ -1,7 +1,8 @@
 """Checkpoints as safetensors (``deepsim export``): no pickle, so opening one runs no code.
 
 A payload (the dict :func:`deepsim.train.checkpoint.save_checkpoint` writes) becomes one safetensors file:
-every tensor in the file's tensor table, named by its path in the payload (``trainer.generator.head.0.weight``),
+every tensor in the file's tensor table, named by its path in the payload
+(``trainer.generator.head.0.weight``),
 and everything else as JSON in the metadata (docs/files.md has the layout):
 
     deepsim.format      "deepsim-safetensors-v1"

@@ -256,7 +256,8 @@ def test_efficiency_of_known_cases():
 
 
 def test_every_eligible_config_meets_the_bar_on_every_layer():
-    """The tuner only times eligible configs, so any pick meets 0.85: the up-convs and 3-channel layers too."""
+    """The tuner only times eligible configs, so any pick meets 0.85: the up-convs and 3-channel layers
+    too."""
     kinds = set()
     for layer in LAYERS:
         configs = C.eligible_configs(layer.geom, 2, C.GPU_CONFIGS)

@@ -109,7 +109,8 @@ def test_mean_pairwise_distance_identical_rows_and_errors():
 
 
 def test_feature_distance_mixed_layouts():
-    """A transposed (non-contiguous) fake and a real in another layout: same values, grads in fake's layout."""
+    """A transposed (non-contiguous) fake and a real in another layout: same values, grads in fake's
+    layout."""
     torch.manual_seed(4)
     fake = torch.randn(5, 3, device=DEVICE).t().requires_grad_()  # (3, 5), strides (1, 3)
     real = torch.randn(3, 5, device=DEVICE)

@@ -123,10 +123,8 @@ def _train_parser(parser: argparse.ArgumentParser, task: str | None) -> argparse
         default=False,
         metavar="auto|CHECKPOINT",
         help="'auto': continue from --out's newest valid checkpoint if there is one, else start fresh (the "
-        "same "
-        "command for the first start and every restart); a file or folder: continue from it; no value: from "
-        "--out "
-        "(an error if it has no checkpoint)",
+        "same command for the first start and every restart); a file or folder: continue from it; no value: "
+        "from --out (an error if it has no checkpoint)",
     )
     groups = {name: parser.add_argument_group(name) for name in GROUPS}
     for info in TRAIN_FIELDS:
@@ -139,8 +137,7 @@ def _train_parser(parser: argparse.ArgumentParser, task: str | None) -> argparse
         "--random-weights",
         action="store_true",
         help="offline: every comparator and the inverted network take random weights (alexnet -> "
-        "alexnet-random, "
-        "caffenet -> caffenet-random); the run's first line says so",
+        "alexnet-random, caffenet -> caffenet-random); the run's first line says so",
     )
     from deepsim.applications.commands import add_download_weights_flag, add_trust_flag
 
@@ -154,8 +151,7 @@ def _add_train_parser(sub) -> None:
         "train",
         help="train a generator with the DeePSiM loss",
         description="Train a DeePSiM generator. Without flags: the autoencoder on the bundled photos, a few "
-        "minutes "
-        "on a laptop CPU. Flags override the preset's values.",
+        "minutes on a laptop CPU. Flags override the preset's values.",
     )
     _train_parser(p, None)
 
@@ -249,11 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
         "presets",
         help="list the presets, their values and where each comes from (paper, code or ours)",
         description="Without NAME: the default of every field that shapes an experiment with its source, "
-        "then each "
-        "preset's changes. With NAME: every field of that preset. Sources: paper = the paper, code = the "
-        "derived Caffe "
-        "code or the authors' prototxts, ours = our choice (README: 'Differences from the paper and the "
-        "derived code').",
+        "then each preset's changes. With NAME: every field of that preset. Sources: paper = the paper, code "
+        "= the derived Caffe code or the authors' prototxts, ours = our choice (README: 'Differences from "
+        "the paper and the derived code').",
     )
     p.add_argument("name", nargs="?", help="one preset, in full")
     p.add_argument("--json", action="store_true", help="print {preset: {field: [value, source]}} as JSON")
@@ -279,11 +273,9 @@ def _add_export_parser(sub) -> None:
         "export",
         help="write a trained generator (or a whole checkpoint) as safetensors, a file that runs no code",
         description="Write the generator's weights of a checkpoint as safetensors, with its config and "
-        "provenance "
-        "(preset, step, commit) as JSON metadata. Every command that takes --checkpoint reads the file; in "
-        "Python: "
-        "deepsim.load_generator(PATH). Also takes the published PyTorch port of the authors' generators "
-        "(upconvGAN state dicts, see docs/files.md).",
+        "provenance (preset, step, commit) as JSON metadata. Every command that takes --checkpoint reads the "
+        "file; in Python: deepsim.load_generator(PATH). Also takes the published PyTorch port of the "
+        "authors' generators (upconvGAN state dicts, see docs/files.md).",
     )
     p.add_argument(
         "--checkpoint", required=True, type=Path, help="a run folder, checkpoint.pt, or an upconvGAN .pt"
@@ -530,10 +522,8 @@ def _add_calibrate_parser(sub) -> None:
         "calibrate",
         help="measure the lambda_feat that gives a comparator the reference comparator's term size",
         description="Feature distances between real images and perturbed versions of them (noise, blur, "
-        "shift, "
-        "downsampling: deepsim.calibrate), under the comparator and the reference; their ratio times the "
-        "reference's "
-        "lambda_feat is the comparator's calibrated lambda_feat.",
+        "shift, downsampling: deepsim.calibrate), under the comparator and the reference; their ratio times "
+        "the reference's lambda_feat is the comparator's calibrated lambda_feat.",
     )
     p.add_argument(
         "--comparator", default="alexnet:pool5", help="the comparator to calibrate (default: %(default)s)"

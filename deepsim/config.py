@@ -131,8 +131,7 @@ def _milestones(text: str) -> tuple[int, ...]:
 MAX_IMAGE_PIXELS_HELP = (
     "an image whose header declares more pixels is a bad image (--on-bad decides), never decoded (default: "
     "8192x8192 = 67108864: training resizes to 256 px, so more only costs memory, up to 0.5 GiB a decode at "
-    "the "
-    "limit; camera photos and ImageNet pass; PIL refuses above 178956970 whatever this says)"
+    "the limit; camera photos and ImageNet pass; PIL refuses above 178956970 whatever this says)"
 )
 _NOT_CALIBRATED = (
     "code: Caffe's 0.01 for CaffeNet; NOT calibrated for torchvision's AlexNet (deepsim calibrate)"

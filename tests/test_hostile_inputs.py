@@ -144,8 +144,7 @@ CASES = {
         ],
         2,
         r"deepsim data: error: downloading http://127.0.0.1:\d+/stl10_binary.tar.gz failed after 2 attempts: "
-        r"no data "
-        r"for --read-timeout 0.3 s \(the server stalled\); nothing was kept in .*/stl",
+        r"no data for --read-timeout 0.3 s \(the server stalled\); nothing was kept in .*/stl",
     ),
     "download-timeout-flag": (
         lambda t, u: ["data", "download", "stl10", str(t / "stl"), "--url", u, "--connect-timeout", "0"],
@@ -165,15 +164,13 @@ CASES = {
         ],
         2,
         r"deepsim import-caffe: error: .*/dims.caffemodel: layer 'conv1', blob 0: shape has more than 32 "
-        r"axes "
-        r"\(Caffe's limit\), a corrupt blob",
+        r"axes \(Caffe's limit\), a corrupt blob",
     ),
     "caffe-nan-weights": (
         lambda t, u: ["import-caffe", str(_nan_generator(t)), "--layer", "fc6", "--out", str(t / "out.pt")],
         2,
         r"deepsim import-caffe: error: .*/nan.caffemodel: layer 'defc6', blob 0: 1 non-finite value\(s\) "
-        r"\(NaN or "
-        r"infinity\), the first at flat index 53 \(nan\); expected finite weights",
+        r"\(NaN or infinity\), the first at flat index 53 \(nan\); expected finite weights",
     ),
 }
 

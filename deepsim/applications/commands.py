@@ -26,8 +26,7 @@ def add_download_weights_flag(parser) -> None:
         "--download-weights",
         action="store_true",
         help="fetch torchvision's AlexNet / VGG16 weights into torch's cache when a comparator or the "
-        "inverted "
-        "network needs them and they are missing (needs internet; SHA-256 checked)",
+        "inverted network needs them and they are missing (needs internet; SHA-256 checked)",
     )
 
 
@@ -90,12 +89,9 @@ def add_subcommands(sub) -> None:
         help="normalized reconstruction error on a test set (+ linear SVM on STL-10 codes); Markdown + JSON "
         "tables",
         description="Evaluate checkpoints: the normalized Euclidean error mean ||G(x) - y|| / N (N = mean "
-        "distance "
-        "over all test pairs); for several inversion checkpoints, a table per layer; for autoencoder (and "
-        "VAE) "
-        "checkpoints on an STL-10 folder with labels and fold_indices.txt, a linear SVM on the codes "
-        "trained on "
-        "each of the 10 training folds and tested on the test set.",
+        "distance over all test pairs); for several inversion checkpoints, a table per layer; for "
+        "autoencoder (and VAE) checkpoints on an STL-10 folder with labels and fold_indices.txt, a linear "
+        "SVM on the codes trained on each of the 10 training folds and tested on the test set.",
     )
     p.add_argument(
         "--checkpoint", required=True, nargs="+", type=Path, help="one or more checkpoint.pt files"

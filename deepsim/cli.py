@@ -326,8 +326,7 @@ def _overrides(args, task: str) -> dict:
         if task not in info.tasks:
             raise ValueError(
                 f"{_flag(info)} is a flag of 'deepsim train {' / '.join(info.tasks)}', not of {task} (the "
-                "task "
-                f"here); add the task: deepsim train {info.tasks[0]} {_flag(info)} ..."
+                f"task here); add the task: deepsim train {info.tasks[0]} {_flag(info)} ..."
             )
         if info.cli.get("action") == "on-off-auto":
             value = {"on": True, "off": False}.get(value, "auto")

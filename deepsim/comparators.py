@@ -116,8 +116,7 @@ def download_torchvision_weights(arch: str, *, progress: bool = True) -> Path:
     except (urllib.error.URLError, OSError, RuntimeError) as error:
         raise ComparatorWeightsError(
             f"downloading {arch!r} weights from {url} to {path} failed: {error}; nothing was written. Check "
-            "the "
-            f"connection and retry, or put the file there yourself."
+            "the connection and retry, or put the file there yourself."
         ) from error
     return path
 
@@ -432,10 +431,9 @@ class Comparator(nn.Module):
             if not path.is_file():
                 raise ComparatorWeightsError(
                     f"comparator {self.arch!r} needs trained weights, and {path} does not exist. On a "
-                    "machine with "
-                    f"internet, add --download-weights to the command (library: download=True) to fetch "
-                    f"{TORCHVISION_FILES[self.arch][1]} there; or put that file there yourself, or pass "
-                    f"--comparator-weights PATH (library: weights=PATH)."
+                    "machine with internet, add --download-weights to the command (library: download=True) "
+                    f"to fetch {TORCHVISION_FILES[self.arch][1]} there; or put that file there yourself, or "
+                    "pass --comparator-weights PATH (library: weights=PATH)."
                     + (
                         f" Without trained weights, use the '{self.arch}-random' comparator."
                         if self.arch == "alexnet"
@@ -445,9 +443,8 @@ class Comparator(nn.Module):
         elif weights is None:
             raise ComparatorWeightsError(
                 f"comparator {self.arch!r} needs a weights file: pass weights=PATH (CLI: "
-                "--comparator-weights PATH), "
-                f"a PyTorch state dict with keys {', '.join(sorted(self._param_names)[:3])}, ... "
-                f"(see deepsim.comparators' docstring)"
+                "--comparator-weights PATH), a PyTorch state dict with keys "
+                f"{', '.join(sorted(self._param_names)[:3])}, ... (see deepsim.comparators' docstring)"
             )
         else:
             path = Path(weights)

@@ -217,8 +217,7 @@ def format_report(report: CheckReport, *, max_listed: int = 20) -> str:
             "upscaled",
             [f"{p} ({w}x{h})" for p, (w, h) in report.upscaled],
             f"smaller than {report.min_size}x{report.min_size}, resized up to {report.resize} before the "
-            "crop "
-            "(usable, blurred)",
+            "crop (usable, blurred)",
         ),
         ("grayscale", report.grayscale, "converted to RGB"),
         ("cmyk", report.cmyk, "converted to RGB"),

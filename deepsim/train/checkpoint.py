@@ -118,8 +118,7 @@ class UnsafeCheckpointError(CheckpointError):
         )
         super().__init__(
             f"{path} was not opened: its pickle needs {what}, which could run code when unpickled; open it "
-            "only "
-            "if you trust where it came from, with --trust-checkpoint (library: trust=True)"
+            "only if you trust where it came from, with --trust-checkpoint (library: trust=True)"
         )
 
 
@@ -625,10 +624,8 @@ def _refuse_mixing(out: Path, chosen: Path) -> None:
         if newest is not None and newest.resolve() != chosen.resolve():
             raise CheckpointError(
                 f"--resume {chosen}: {out} holds a newer checkpoint, {newest.name}, which continuing there "
-                "would "
-                "rotate away; resume it into a fresh --out (or --resume auto to continue the newest); "
-                "nothing in "
-                "it was changed"
+                "would rotate away; resume it into a fresh --out (or --resume auto to continue the newest); "
+                "nothing in it was changed"
             )
         return
     held = _held(out)
@@ -713,9 +710,8 @@ def resumable_config(payload: dict, source) -> TrainConfig:
     if missing:
         raise CheckpointError(
             f"checkpoint {source} cannot be resumed: it has no {', '.join(repr(m) for m in missing)} "
-            "(training "
-            "state); an imported or exported generator trains no further (deepsim export --training-state "
-            "keeps it)"
+            "(training state); an imported or exported generator trains no further (deepsim export "
+            "--training-state keeps it)"
         )
     try:
         return TrainConfig.from_dict(payload["config"])

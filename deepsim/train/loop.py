@@ -213,8 +213,7 @@ def _check_conflicts(config: TrainConfig, saved: TrainConfig, given, source) -> 
         )
         raise CheckpointError(
             f"{flags}: resuming {source} continues its run as it was configured; drop the flag to continue "
-            "it, "
-            "or start a new run with a fresh --out"
+            "it, or start a new run with a fresh --out"
         )
 
 
@@ -237,8 +236,7 @@ def _warn_preset(given, provenance: dict | None, payload: dict, context) -> None
     if "preset" in set(given) and context.is_main and mine and theirs and mine != theirs:
         _say(
             f"warning: --preset {mine}: resuming {payload.get('_source')} continues its own config (it "
-            "started "
-            f"from preset {theirs}); the preset is not applied"
+            f"started from preset {theirs}); the preset is not applied"
         )
 
 
@@ -390,8 +388,7 @@ def _start_folder(config: TrainConfig, *, payload, stream, cursor: int, world: i
     if saved_data and saved_data.get("num_samples") != stream.num_samples:
         _say(
             f"warning: the checkpoint's dataset had {saved_data.get('num_samples')} samples, {config.data} "
-            "has "
-            f"{stream.num_samples} now: the data continues at sample cursor {cursor} of a different order"
+            f"has {stream.num_samples} now: the data continues at sample cursor {cursor} of a different order"
         )
     if payload is not None and payload.get("world_size", world) != world:
         _say(

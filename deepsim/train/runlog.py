@@ -146,8 +146,7 @@ class RunLog:
             )
             raise NonFiniteLossError(
                 f"non-finite loss at step {entry.step} ({', '.join(f'{n} = {row[n]}' for n in bad)}); "
-                "training stopped, "
-                f"{where}. Lower the learning rate or the loss weights, or check the data."
+                f"training stopped, {where}. Lower the learning rate or the loss weights, or check the data."
             )
         elapsed = time.perf_counter() - self.window_start
         row["images_per_s"] = self.window_steps * self.images_per_step / max(elapsed, 1e-9)

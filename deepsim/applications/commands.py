@@ -42,6 +42,14 @@ def add_trust_flag(parser) -> None:
 
 def add_subcommands(sub) -> None:
     """Add the four subcommands to the ``deepsim`` argument parser's subparsers."""
+    _add_invert_parser(sub)
+    _add_sample_preimages_parser(sub)
+    _add_sample_vae_parser(sub)
+    _add_eval_parser(sub)
+
+
+def _add_invert_parser(sub) -> None:
+    """Add ``deepsim invert`` to the subparsers ``sub``."""
     p = sub.add_parser(
         "invert", help="reconstruct images from their AlexNet features with an 'invert' checkpoint"
     )
@@ -54,6 +62,9 @@ def add_subcommands(sub) -> None:
     add_download_weights_flag(p)
     add_trust_flag(p)
 
+
+def _add_sample_preimages_parser(sub) -> None:
+    """Add ``deepsim sample-preimages`` to the subparsers ``sub``."""
     p = sub.add_parser(
         "sample-preimages",
         help="sample pre-images of AlexNet features (noise injected beside them, --noise-dim)",
@@ -71,6 +82,9 @@ def add_subcommands(sub) -> None:
     add_download_weights_flag(p)
     add_trust_flag(p)
 
+
+def _add_sample_vae_parser(sub) -> None:
+    """Add ``deepsim sample-vae`` to the subparsers ``sub``."""
     p = sub.add_parser(
         "sample-vae", help="decode samples from the prior N(0, I) of a trained VAE into a PNG grid"
     )
@@ -84,10 +98,13 @@ def add_subcommands(sub) -> None:
     p.add_argument("--device", default="auto")
     add_trust_flag(p)
 
+
+def _add_eval_parser(sub) -> None:
+    """Add ``deepsim eval`` to the subparsers ``sub``."""
     p = sub.add_parser(
         "eval",
-        help="normalized reconstruction error on a test set (+ linear SVM on STL-10 codes); Markdown + JSON "
-        "tables",
+        help="normalized reconstruction error on a test set (+ linear SVM on STL-10 codes); "
+        "Markdown + JSON tables",
         description="Evaluate checkpoints: the normalized Euclidean error mean ||G(x) - y|| / N (N = mean "
         "distance over all test pairs); for several inversion checkpoints, a table per layer; for "
         "autoencoder (and VAE) checkpoints on an STL-10 folder with labels and fold_indices.txt, a linear "

@@ -186,6 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_parser(sub)
 
+    _add_reconstruct_parser(sub)
+    _add_export_parser(sub)
+    _add_data_parser(sub)
+    _add_presets_parser(sub)
+    _add_calibrate_parser(sub)
+    _add_bench_parser(sub)
+    from deepsim.applications.commands import add_subcommands
+
+    add_subcommands(sub)  # invert, sample-preimages, sample-vae, eval
+    from deepsim.caffe.command import add_subcommand as add_import_caffe
+
+    add_import_caffe(sub)  # import-caffe
+    return parser
+
+
+def _add_reconstruct_parser(sub) -> None:
+    """Add ``deepsim reconstruct`` to the subparsers ``sub``."""
     p = sub.add_parser("reconstruct", help="autoencode images with a trained checkpoint")
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
     p.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.pt (or its folder)")
@@ -195,8 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="auto")
     _add_trust_flag(p)
-    _add_export_parser(sub)
 
+
+def _add_data_parser(sub) -> None:
+    """Add ``deepsim data check`` and ``deepsim data download`` to the subparsers ``sub``."""
     p = sub.add_parser("data", help="data tools")
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
     q = data_sub.add_parser(
@@ -241,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--retries", type=int, default=3, help="attempts after a failed one (default: %(default)s)"
     )
 
+
+def _add_presets_parser(sub) -> None:
+    """Add ``deepsim presets`` to the subparsers ``sub``."""
     p = sub.add_parser(
         "presets",
         help="list the presets, their values and where each comes from (paper, code or ours)",
@@ -251,15 +273,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("name", nargs="?", help="one preset, in full")
     p.add_argument("--json", action="store_true", help="print {preset: {field: [value, source]}} as JSON")
-    _add_calibrate_parser(sub)
-    _add_bench_parser(sub)
-    from deepsim.applications.commands import add_subcommands
-
-    add_subcommands(sub)  # invert, sample-preimages, sample-vae, eval
-    from deepsim.caffe.command import add_subcommand as add_import_caffe
-
-    add_import_caffe(sub)  # import-caffe
-    return parser
 
 
 def _add_trust_flag(parser) -> None:

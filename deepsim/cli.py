@@ -25,10 +25,9 @@ The run's first line states the checkpoint size and the disk use of --keep-check
 the CPU (deepsim.train.auto); the run's first line says what was chosen and why.
 
 Files: every checkpoint is opened without running code (weights-only pickle or safetensors); a file whose
-pickle
-needs more is refused unless --trust-checkpoint is given (README: "Files you did not make"). `deepsim train`
-without --resume refuses an --out that holds a run; import-caffe and export refuse to replace a file without
---force.
+pickle needs more is refused unless --trust-checkpoint is given (README: "Files you did not make").
+`deepsim train` without --resume refuses an --out that holds a run; import-caffe and export refuse to replace
+a file without --force.
 
 Exit statuses: 0 done; 2 bad input (one line naming the file, flag or tensor); 75 stopped by a stop signal
 (SIGTERM, SIGINT, SIGUSR1: --stop-signals) after writing a checkpoint -- run the same command with
@@ -180,12 +179,11 @@ def _task_help(argv: list[str]) -> str | None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="deepsim",
-        description="DeePSiM: generating images with perceptual similarity metrics (Dosovitskiy & Brox, "
-        "2016).",
+        description="DeePSiM: generating images with perceptual similarity metrics "
+        "(Dosovitskiy & Brox, 2016).",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_train_parser(sub)
-
     _add_reconstruct_parser(sub)
     _add_export_parser(sub)
     _add_data_parser(sub)

@@ -2,8 +2,7 @@
 
 Each :class:`Task` names its trainer builder, its default preset, its data preprocessing and what runs after
 training. The table sits above both :mod:`deepsim.train` (the autoencoder, and the loop that takes a table)
-and
-:mod:`deepsim.applications` (the VAE and AlexNet inversion), so neither imports the other for it: the CLI
+and :mod:`deepsim.applications` (the VAE and AlexNet inversion), so neither imports the other for it: the CLI
 hands :data:`TASKS` (task -> builder) to :func:`deepsim.train.loop.train`; a library user does the same::
 
     from deepsim import get_preset
@@ -205,8 +204,8 @@ def missing_weights(config: TrainConfig) -> list[str]:
 
 def check_weights(config: TrainConfig, downloads: bool) -> None:
     """Raise one :class:`ComparatorWeightsError` listing every missing weights file (see
-    :func:`missing_weights`)
-    and the flags that provide them, unless ``downloads`` fetches the torchvision ones."""
+    :func:`missing_weights`) and the flags that provide them, unless ``downloads`` fetches the torchvision
+    ones."""
     needs = [n for n in missing_weights(config) if not (downloads and "--download-weights" in n)]
     if needs:
         raise ComparatorWeightsError(

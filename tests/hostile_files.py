@@ -23,10 +23,8 @@ def _chunk(kind: bytes, payload: bytes) -> bytes:
 
 def bomb_png(path: Path, width: int, height: int, *, rows: int | None = None) -> Path:
     """A 16-bit grayscale PNG of ``width`` x ``height`` zeros, streamed through zlib (12000 x 12000 is ~280 KB
-    on
-    disk, 288 MB decoded as 16-bit, more once converted). ``rows``: write only that many rows of pixel data
-    (the
-    header still declares ``height``): for sizes whose check needs the header alone."""
+    on disk, 288 MB decoded as 16-bit, more once converted). ``rows``: write only that many rows of pixel data
+    (the header still declares ``height``): for sizes whose check needs the header alone."""
     ihdr = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)  # bit depth 16, colour type 0 (grayscale)
     compressor = zlib.compressobj(9)
     row = bytes(1 + 2 * width)  # filter byte 0, then the row's 16-bit samples

@@ -99,8 +99,7 @@ def test_non_finite_weights_name_the_blob(tmp_path, bad):
 def _tiny_net(extra_axes: int = 0, bad_value: float | None = None) -> bytes:
     """Every encoding the reader takes, small: V2 layers with packed and unpacked floats, legacy and new
     shapes, double data, convolution / inner-product / ReLU parameters. ``extra_axes``: that many axes of size
-    2
-    appended to conv1's weight shape; ``bad_value``: written over fc's first weight."""
+    2 appended to conv1's weight shape; ``bad_value``: written over fc's first weight."""
     rng = np.random.default_rng(0)
     weight = cw.f_bytes(7, cw.f_bytes(1, b"".join(cw.varint(d) for d in (2, 3, 3, 3, *[2] * extra_axes))))
     weight += cw.f_floats(5, rng.standard_normal(54))

@@ -38,8 +38,7 @@ def test_a_comparator_against_itself_gives_the_reference_lambda():
 
 def test_ratio_is_the_ratio_of_mean_feature_distances(caffenet_file):
     """By hand on the same crops: R(blur) = sum D_ref / sum D_cmp; a tap weight of 2 on the comparator halves
-    R
-    (the calibrated lambda_feat compensates exactly for a uniform scale of the comparator's term)."""
+    R (the calibrated lambda_feat compensates exactly for a uniform scale of the comparator's term)."""
     cmp, ref = Comparator("alexnet-random:pool5"), Comparator("caffenet:pool5", weights=str(caffenet_file))
     report = calibrate_lambda_feat(
         cmp, ref, data="photos", images=IMAGES, size=SIZE, perturbations=["blur", "shift"]

@@ -184,8 +184,7 @@ def test_full_disk_at_the_step_10_checkpoint_stops_the_run_with_exit_2_and_step_
     tmp_path, capsys, monkeypatch
 ):
     """ENOSPC in the middle of the second checkpoint write: `deepsim train` prints one line that names the
-    file
-    and says the step-5 checkpoint is intact, exits with status 2, and that checkpoint loads."""
+    file and says the step-5 checkpoint is intact, exits with status 2, and that checkpoint loads."""
     import deepsim.train.checkpoint as checkpoint
 
     real_write = checkpoint._HashingWriter.write

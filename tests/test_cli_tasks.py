@@ -1,6 +1,5 @@
 """`deepsim train` shaped by task: flags derived from the config fields' metadata, per-task help, foreign
-flags
-refused, the offline switch, the first line's checkpoint size, `data check --task`, missing files."""
+flags refused, the offline switch, the first line's checkpoint size, `data check --task`, missing files."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The device-resident loader on the CPU: the torch loader's batches (same samples, crops, mirrors,
-bit-exact),
-its device-side hash equal to numpy's, mirroring statistics, padded channels, and the memory check."""
+bit-exact), its device-side hash equal to numpy's, mirroring statistics, padded channels, and the memory
+check."""
 
 from __future__ import annotations
 

@@ -58,8 +58,8 @@ def _ids(batch: torch.Tensor) -> list[int]:
 
 def _read(source, kw, *, world, batch, steps, start):
     """``steps`` steps of a job of ``world`` ranks x ``batch`` samples from cursor ``start``: the samples in
-    the
-    job's order (rank 0's batch, rank 1's, ... per step), the batches in that order, and the cursor after."""
+    the job's order (rank 0's batch, rank 1's, ... per step), the batches in that order, and the cursor
+    after."""
     streams = [
         build_loader(
             source,

@@ -150,8 +150,7 @@ def test_every_sample_once_per_epoch(coord_folder):
 
 def test_two_shards_split_each_epoch_of_11_without_dropping_any(tmp_path):
     """11 samples, 2 ranks x 5: steps 1-2 cover global positions 0-19; the first 11 (epoch 0) hold every
-    sample
-    once, split between the ranks (nothing dropped to even out the shards)."""
+    sample once, split between the ranks (nothing dropped to even out the shards)."""
     folder = write_coord_folder(tmp_path / "shards", 11, h=40, w=40)
     per_rank = []
     for shard in range(2):

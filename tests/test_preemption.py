@@ -101,8 +101,8 @@ def test_signal_at_step_7_stops_after_step_7_with_a_checkpoint_there(tmp_path, m
 @pytest.mark.slow
 def test_sigterm_mid_run_then_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
     """A real `deepsim train` process gets SIGTERM after step >= 6 of 60: it exits with status 75 and a
-    checkpoint
-    at the step it was in; the same command line (--resume auto) finishes the run; its final parameters, Adam
+    checkpoint at the step it was in; the same command line (--resume auto) finishes the run; its final
+    parameters, Adam
     moments, pause state, data cursor and RNG equal those of an uninterrupted 60-step run, bit for bit."""
     steps = "60"
     flags = [
@@ -178,8 +178,7 @@ _SLOW_STOP_WRITE = textwrap.dedent(
 
 def test_second_sigterm_exits_at_once_with_143_and_the_step_4k_checkpoint_intact(tmp_path):
     """The first SIGTERM starts the stop checkpoint (made slow here); a second one 2 s later exits at once
-    with
-    status 128 + 15, leaving the half-written temporary file aside and the last periodic checkpoint
+    with status 128 + 15, leaving the half-written temporary file aside and the last periodic checkpoint
     loadable."""
     import sys
 

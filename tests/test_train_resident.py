@@ -1,6 +1,5 @@
 """`deepsim train --loader resident` on the CPU: the quickstart preset trains, checkpoints the data cursor,
-and
-the run resumes on the torch loader exactly there."""
+and the run resumes on the torch loader exactly there."""
 
 import pytest
 

@@ -1,6 +1,6 @@
 """The "Training at scale" commands (docs/scale.md), run on the CPU with gloo: two torchrun "nodes" on
-localhost
-(c10d rendezvous) survive a SIGKILLed worker through --max-restarts and --resume auto; the single-node command
+localhost (c10d rendezvous) survive a SIGKILLed worker through --max-restarts and --resume auto; the
+single-node command
 resumes a 2-rank run on 1 rank; the SLURM script turns SIGUSR1 before the time limit into a checkpoint and a
 requeue. Each runs real processes (slow, but part of the default run)."""
 
@@ -68,8 +68,8 @@ def _assert_replicas_equal(payload: dict, world: int) -> None:
 @pytest.mark.slow
 def test_two_nodes_lose_a_worker_to_sigkill_and_max_restarts_1_resumes_from_the_last_checkpoint(tmp_path):
     """docs/scale.md multi-node command, 2 nodes x 1 process: SIGKILL one worker once the step-4 checkpoint
-    exists;
-    torchrun restarts the job, which resumes from the newest checkpoint (no step lost beyond it) and finishes
+    exists; torchrun restarts the job, which resumes from the newest checkpoint (no step lost beyond it) and
+    finishes
     16 steps with equal parameters on both ranks and the data cursor at 16 x 2 x B."""
     port = free_port()
     env, argv = readme_command("torchrun --nnodes")

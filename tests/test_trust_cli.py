@@ -1,6 +1,5 @@
 """Hostile and careless input through the CLI: each bad input is one line on stderr, exit status 2, and no
-file
-written or changed; a checkpoint whose pickle runs code is never executed by a command that opens it."""
+file written or changed; a checkpoint whose pickle runs code is never executed by a command that opens it."""
 
 from __future__ import annotations
 

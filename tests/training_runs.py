@@ -98,8 +98,7 @@ def torchrun(argv: list[str]) -> list[str]:
 
 def train_args_after(argv: list[str], tiny: list[str]) -> list[str]:
     """``argv`` up to ``-m deepsim.cli train``, then ``--resume auto`` (which the docs/scale.md commands use)
-    and
-    ``tiny`` in place of the command's preset, data and output flags."""
+    and ``tiny`` in place of the command's preset, data and output flags."""
     cut = argv.index("train") + 1
     assert argv[cut - 3 : cut] == ["-m", "deepsim.cli", "train"], argv
     assert argv[-2:] == ["--resume", "auto"], "the docs/scale.md commands resume with --resume auto"

@@ -1,8 +1,8 @@
 """Subcommands of ``deepsim`` for the VAE, the inversion and the evaluation (registered by deepsim.cli):
 
     deepsim invert --checkpoint C IMAGE... --out DIR                      input | reconstruction PNGs
-    deepsim sample-preimages --checkpoint C IMAGE... --samples S --out DIR  S pre-images per image +
-    diversity.json
+    deepsim sample-preimages --checkpoint C IMAGE... --samples S --out DIR  S pre-images per image
+                                                                          + diversity.json
     deepsim sample-vae --checkpoint C --out F.png [--samples 64]           decoded samples from the prior
     deepsim eval --checkpoint C [C...] --data PATH [--split test] [--out DIR]  normalized error (+ STL-10 SVM)
 
@@ -19,8 +19,7 @@ __all__ = ["add_subcommands", "add_download_weights_flag", "add_trust_flag", "HA
 
 def add_download_weights_flag(parser) -> None:
     """``--download-weights`` (train, invert, sample-preimages, eval): fetch missing torchvision weights
-    (AlexNet,
-    VGG16) into torch's cache; :func:`deepsim.cli.main` runs the command inside
+    (AlexNet, VGG16) into torch's cache; :func:`deepsim.cli.main` runs the command inside
     :func:`deepsim.comparators.allow_weight_downloads` when it is given."""
     parser.add_argument(
         "--download-weights",

@@ -383,8 +383,7 @@ def trust_checkpoints(trust: bool = True):
 
 def _legacy_globals() -> list:
     """What checkpoints written before :func:`rng_state` stored tensors need beyond weights_only's defaults:
-    the
-    NumPy RNG state's uint32 array (rebuilt from its raw bytes; no code of the file runs)."""
+    the NumPy RNG state's uint32 array (rebuilt from its raw bytes; no code of the file runs)."""
     return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
@@ -674,8 +673,7 @@ def select_resume(
         say: prints one line (rank 0): the fallback past corrupt files (renamed ``*.corrupt``), a fresh start.
 
     Rank 0 picks the file and broadcasts its path, so every rank loads the same checkpoint even if another
-    file
-    appears meanwhile. The payload's ``"_source"`` names the file (for errors; never written back).
+    file appears meanwhile. The payload's ``"_source"`` names the file (for errors; never written back).
 
     Raises:
         CheckpointError: no checkpoint where one is needed, every one is corrupt, or resuming into ``out``

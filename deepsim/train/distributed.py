@@ -191,8 +191,8 @@ def broadcast_object(obj, src: int = 0):
 
 def _fingerprint(modules, device: torch.device) -> torch.Tensor:
     """An int64 0-dim tensor that changes with any bit of the modules' parameters and buffers: the bit
-    patterns
-    of each tensor summed (wrapping), weighted by the tensor's place. Equal replicas give equal values."""
+    patterns of each tensor summed (wrapping), weighted by the tensor's place. Equal replicas give equal
+    values."""
     bits_of = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
     total = torch.zeros((), dtype=torch.int64, device=device)
     place = 0

@@ -103,8 +103,7 @@ def train(
             one, else fresh (one command line for the first start and every restart). True: from the newest
             valid checkpoint in ``config.out`` (an error if there is none). A path: that file, or the newest
             valid one in that folder (:func:`~deepsim.train.checkpoint.select_resume`). The run's config is
-            the
-            checkpoint's, except :data:`RUNTIME_FIELDS` (and ``resume_overrides``), taken from ``config``.
+            the checkpoint's, except :data:`RUNTIME_FIELDS` (and ``resume_overrides``), taken from ``config``.
         progress: show a progress bar (rank 0).
         tasks: the task table (task -> trainer builder), e.g. :data:`deepsim.tasks.TASKS`; None: the
             autoencoder only.
@@ -186,8 +185,7 @@ def _resumed_config(
     config: TrainConfig, payload: dict, *, resume, given, provenance, context, tasks
 ) -> TrainConfig:
     """The checkpoint's config with :data:`RUNTIME_FIELDS` (and the overridable fields ``given``) from
-    ``config``;
-    conflicting flags and a checkpoint that does not fit its generator are one-line errors."""
+    ``config``; conflicting flags and a checkpoint that does not fit its generator are one-line errors."""
     saved = resumable_config(payload, resume if not isinstance(resume, bool) else config.out)
     _check_conflicts(config, saved, given, payload.get("_source", "the checkpoint"))
     _warn_preset(given, provenance, payload, context)

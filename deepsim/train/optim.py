@@ -1,6 +1,5 @@
 """GatedAdam: Adam whose step is switched on or off by a device tensor, for the pause rule without a host
-sync;
-with Caffe's coupled weight decay and multistep learning-rate policy computed on the device."""
+sync; with Caffe's coupled weight decay and multistep learning-rate policy computed on the device."""
 
 from __future__ import annotations
 

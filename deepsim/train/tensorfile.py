@@ -2,8 +2,8 @@
 
 A payload (the dict :func:`deepsim.train.checkpoint.save_checkpoint` writes) becomes one safetensors file:
 every tensor in the file's tensor table, named by its path in the payload
-(``trainer.generator.head.0.weight``),
-and everything else as JSON in the metadata (docs/files.md has the layout):
+(``trainer.generator.head.0.weight``), and everything else as JSON in the metadata (docs/files.md has the
+layout):
 
     deepsim.format      "deepsim-safetensors-v1"
     deepsim.payload     the payload with each tensor replaced by {"$tensor": name}

@@ -27,8 +27,7 @@ from tests.hostile_files import bomb_png, write_image
 @pytest.fixture(scope="module")
 def bombs(tmp_path_factory):
     """good.png (72x80) and two bombs: 12000x12000 16-bit (valid, ~280 KB) and 20000x20000 (header + a few
-    rows:
-    its check needs the header alone; PIL itself refuses it, with a DecompressionBombError, at open)."""
+    rows: its check needs the header alone; PIL itself refuses it, with a DecompressionBombError, at open)."""
     folder = tmp_path_factory.mktemp("bombs")
     write_image(folder / "good.png")
     bomb_png(folder / "big.png", 12000, 12000)

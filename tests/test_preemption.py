@@ -102,8 +102,8 @@ def test_signal_at_step_7_stops_after_step_7_with_a_checkpoint_there(tmp_path, m
 def test_sigterm_mid_run_then_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
     """A real `deepsim train` process gets SIGTERM after step >= 6 of 60: it exits with status 75 and a
     checkpoint at the step it was in; the same command line (--resume auto) finishes the run; its final
-    parameters, Adam
-    moments, pause state, data cursor and RNG equal those of an uninterrupted 60-step run, bit for bit."""
+    parameters, Adam moments, pause state, data cursor and RNG equal those of an uninterrupted 60-step run,
+    bit for bit."""
     steps = "60"
     flags = [
         *TINY_TRAIN_FLAGS,

@@ -1,7 +1,6 @@
 """The README as users read it: its Python example runs as written (in a temporary folder), its quickstart is
 a clone and two commands, its `deepsim` commands parse, its sections come in reading order, it stays short,
-and
-every link in it and in docs/ resolves."""
+and every link in it and in docs/ resolves."""
 
 import re
 import shlex

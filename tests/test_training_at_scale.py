@@ -1,8 +1,7 @@
 """The "Training at scale" commands (docs/scale.md), run on the CPU with gloo: two torchrun "nodes" on
 localhost (c10d rendezvous) survive a SIGKILLed worker through --max-restarts and --resume auto; the
-single-node command
-resumes a 2-rank run on 1 rank; the SLURM script turns SIGUSR1 before the time limit into a checkpoint and a
-requeue. Each runs real processes (slow, but part of the default run)."""
+single-node command resumes a 2-rank run on 1 rank; the SLURM script turns SIGUSR1 before the time limit into
+a checkpoint and a requeue. Each runs real processes (slow, but part of the default run)."""
 
 from __future__ import annotations
 
@@ -69,8 +68,7 @@ def _assert_replicas_equal(payload: dict, world: int) -> None:
 def test_two_nodes_lose_a_worker_to_sigkill_and_max_restarts_1_resumes_from_the_last_checkpoint(tmp_path):
     """docs/scale.md multi-node command, 2 nodes x 1 process: SIGKILL one worker once the step-4 checkpoint
     exists; torchrun restarts the job, which resumes from the newest checkpoint (no step lost beyond it) and
-    finishes
-    16 steps with equal parameters on both ranks and the data cursor at 16 x 2 x B."""
+    finishes 16 steps with equal parameters on both ranks and the data cursor at 16 x 2 x B."""
     port = free_port()
     env, argv = readme_command("torchrun --nnodes")
     argv = replace_flag(argv, "--nproc-per-node", "1")
@@ -127,8 +125,7 @@ def test_two_nodes_lose_a_worker_to_sigkill_and_max_restarts_1_resumes_from_the_
 @pytest.mark.slow
 def test_single_node_command_resumes_a_2_rank_run_on_1_rank(tmp_path):
     """docs/scale.md single-node command with 2 processes for 6 steps, then the same command on 1 process to
-    step 9:
-    it resumes at step 6 and data cursor 6 x 2 x B, says so, and ends at cursor 6 x 2 x B + 3 x B."""
+    step 9: it resumes at step 6 and data cursor 6 x 2 x B, says so, and ends at cursor 6 x 2 x B + 3 x B."""
     out = tmp_path / "run"
     env, argv = readme_command("torchrun --standalone")
     base = [*TINY_TRAIN_FLAGS, "--log-every", "3", "--checkpoint-every", "3", "--out", str(out)]

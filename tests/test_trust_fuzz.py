@@ -1,9 +1,7 @@
 """Property-based fuzzing of the files deepsim opens: valid checkpoints (checksummed, and plain torch.save
 with no checksum, which the unpickler meets directly) and safetensors exports, with bytes flipped, the file
-cut
-short and length fields inflated. Only deepsim's own errors come out, each example within a time bound, and
-memory
-stays bounded. A small budget runs by default; ``-m fuzz`` runs a larger one."""
+cut short and length fields inflated. Only deepsim's own errors come out, each example within a time bound,
+and memory stays bounded. A small budget runs by default; ``-m fuzz`` runs a larger one."""
 
 from __future__ import annotations
 

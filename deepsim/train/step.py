@@ -10,10 +10,9 @@ Two update orders (``update_order``):
 
 In both, the pause rule's flags set after iteration t gate iteration t + 1
 (:class:`~deepsim.losses.PauseRule`). :func:`run_iteration` writes the iteration once; a
-:class:`GradientBackend` supplies the gradients and the
-updates (eager: ``backward`` + ``GatedAdam.step``; the compiled step: ``autograd.grad`` +
-``GatedAdam.apply``). D's passes on the reals and on the detached fakes are one pass over both
-(docs/compiled_step.md).
+:class:`GradientBackend` supplies the gradients and the updates (eager: ``backward`` + ``GatedAdam.step``; the
+compiled step: ``autograd.grad`` + ``GatedAdam.apply``). D's passes on the reals and on the detached fakes are
+one pass over both (docs/compiled_step.md).
 """
 
 from __future__ import annotations

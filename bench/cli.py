@@ -42,11 +42,18 @@ RESULTS_MD = REPO_ROOT / "bench" / "RESULTS.md"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    p.add_argument("--groups", default=",".join(GROUPS),
-                   help=f"comma-separated groups to run, in order (default: {','.join(GROUPS)})")  # fmt: skip
+    p.add_argument(
+        "--groups",
+        default=",".join(GROUPS),
+        help=f"comma-separated groups to run, in order (default: {','.join(GROUPS)})",
+    )
     p.add_argument("--quick", action="store_true", help="fewer iterations and smaller peaks (CPU: ~minutes)")
-    p.add_argument("--out", type=Path, default=None, help="folder for results.json / results.md "
-                   "(default: bench/out/<timestamp>)")  # fmt: skip
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="folder for results.json / results.md (default: bench/out/<timestamp>)",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (auto: cuda when available)")
     p.add_argument("--no-peaks", action="store_true", help="skip measuring the peaks (no roofline columns)")
     p.add_argument(
@@ -56,12 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="stop a group after S seconds; it keeps the rows it measured, marked partial",
     )
-    p.add_argument("--merge", action="store_true",
-                   help="add the groups to OUT/results.json if it exists (its machine info and peaks are "
-                   "kept; a group run again replaces its rows)")  # fmt: skip
-    p.add_argument("--dry-run", action="store_true",
-                   help="CPU stand-ins at tiny sizes: checks every code path of a GPU run in seconds; the "
-                   "figures say nothing about speed (implies --device cpu --quick)")  # fmt: skip
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="add the groups to OUT/results.json if it exists (its machine info and peaks are "
+        "kept; a group run again replaces its rows)",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="CPU stand-ins at tiny sizes: checks every code path of a GPU run in seconds; the "
+        "figures say nothing about speed (implies --device cpu --quick)",
+    )
     p.add_argument(
         "--append-results",
         action="store_true",
@@ -81,9 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the conv kernels' static report (sm_90 compile, no GPU) and run nothing else",
     )
-    p.add_argument("--stamp-commit", action="store_true",
-                   help=f"write {COMMIT_STAMP.relative_to(REPO_ROOT)} (commit, uncommitted changes, a "
-                   "fingerprint of the files) from git, for a copy without .git; runs nothing")  # fmt: skip
+    p.add_argument(
+        "--stamp-commit",
+        action="store_true",
+        help=f"write {COMMIT_STAMP.relative_to(REPO_ROOT)} (commit, uncommitted changes, a "
+        "fingerprint of the files) from git, for a copy without .git; runs nothing",
+    )
     return p
 
 

@@ -220,12 +220,24 @@ def partition_devices(source: str) -> list[dict]:
 
 # ----------------------------------------------------------------------------------- the fake GPU (child)
 H200 = types.SimpleNamespace(
-    name="NVIDIA H200", major=9, minor=0, total_memory=150_000_000_000, multi_processor_count=132,
-    max_threads_per_multi_processor=2048, regs_per_multiprocessor=65536, warp_size=32,
-    max_threads_per_block=1024, L2_cache_size=50 * 1024 * 1024, shared_memory_per_block=49152,
-    shared_memory_per_block_optin=232448, shared_memory_per_multiprocessor=233472,
-    is_integrated=False, is_multi_gpu_board=False, gcnArchName="NVIDIA H200", uuid="fake",
-)  # fmt: skip
+    name="NVIDIA H200",
+    major=9,
+    minor=0,
+    total_memory=150_000_000_000,
+    multi_processor_count=132,
+    max_threads_per_multi_processor=2048,
+    regs_per_multiprocessor=65536,
+    warp_size=32,
+    max_threads_per_block=1024,
+    L2_cache_size=50 * 1024 * 1024,
+    shared_memory_per_block=49152,
+    shared_memory_per_block_optin=232448,
+    shared_memory_per_multiprocessor=233472,
+    is_integrated=False,
+    is_multi_gpu_board=False,
+    gcnArchName="NVIDIA H200",
+    uuid="fake",
+)
 
 
 class Record:
@@ -341,12 +353,19 @@ def _patch_inductor(torch, record: Record) -> None:
         for result in self.compile_results:
             raw = getattr(result.kernel, "cubin_raw", None) or getattr(result.kernel, "asm", {}).get("cubin")
             meta = result.compile_meta
-            configs.append(dict(cc=meta.get("cc"), cubin_sm=_cubin_sm(raw), num_warps=meta.get("num_warps"),
-                                num_stages=meta.get("num_stages")))  # fmt: skip
+            configs.append(
+                dict(
+                    cc=meta.get("cc"),
+                    cubin_sm=_cubin_sm(raw),
+                    num_warps=meta.get("num_warps"),
+                    num_stages=meta.get("num_stages"),
+                )
+            )
         name = self.inductor_meta.get("kernel_name")
         record.inductor_kernels[name] = configs
-        record.kernel_estimates[name] = dict(gb=self.inductor_meta.get("kernel_num_gb"),
-                                             flop=self.inductor_meta.get("kernel_flop"))  # fmt: skip
+        record.kernel_estimates[name] = dict(
+            gb=self.inductor_meta.get("kernel_num_gb"), flop=self.inductor_meta.get("kernel_flop")
+        )
         self.launchers = []
 
     CachingAutotuner._make_launchers = make_no_launchers
@@ -427,8 +446,10 @@ def _patch_custom_ops(torch, record: Record) -> None:
             out = _fake(*args, **kwargs)
             leaves = tree_flatten((args, kwargs))[0]  # tensors may come in lists (feature_distance)
             tensors = [a for a in leaves if isinstance(a, torch.Tensor)]
-            key = (_name,) + tuple((tuple(a.shape), tuple(a.stride()), a.dtype) if isinstance(a, torch.Tensor)
-                                   else repr(a) for a in leaves)  # fmt: skip
+            key = (_name,) + tuple(
+                (tuple(a.shape), tuple(a.stride()), a.dtype) if isinstance(a, torch.Tensor) else repr(a)
+                for a in leaves
+            )
             if key in seen or not tensors or not all(t.is_cuda for t in tensors):
                 return out
             seen.add(key)
@@ -466,14 +487,17 @@ def _recording_backend(torch, mode: str, record: Record):
         splits = counters["inductor"]["cudagraph_partitions"]
         out = compile_fx_inner(gm, example_inputs, **kwargs)
         info = getattr(out, "cudagraph_info", None)
-        record.graphs.append(dict(
-            backward=bool(kwargs.get("is_backward")), devices=sorted(getattr(out, "device_types", ())),
-            cudagraphs=bool(config.triton.cudagraphs),
-            fail_reasons=list(info.cudagraph_fail_reasons) if info else [],
-            disabled_reason=getattr(out, "disabled_cudagraphs_reason", None),
-            partition_splits=counters["inductor"]["cudagraph_partitions"] - splits,
-            source=getattr(out, "source_code", "") or "",
-        ))  # fmt: skip
+        record.graphs.append(
+            dict(
+                backward=bool(kwargs.get("is_backward")),
+                devices=sorted(getattr(out, "device_types", ())),
+                cudagraphs=bool(config.triton.cudagraphs),
+                fail_reasons=list(info.cudagraph_fail_reasons) if info else [],
+                disabled_reason=getattr(out, "disabled_cudagraphs_reason", None),
+                partition_splits=counters["inductor"]["cudagraph_partitions"] - splits,
+                source=getattr(out, "source_code", "") or "",
+            )
+        )
         return out
 
     def backend(gm, example_inputs):
@@ -484,8 +508,12 @@ def _recording_backend(torch, mode: str, record: Record):
         def run_nothing(*args):
             with detect_fake_mode(args):
                 values = [n.meta.get("example_value") if hasattr(n, "meta") else n for n in flat]
-                res = [torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
-                       if isinstance(v, torch.Tensor) else v for v in values]  # fmt: skip
+                res = [
+                    torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device=v.device)
+                    if isinstance(v, torch.Tensor)
+                    else v
+                    for v in values
+                ]
             return res if isinstance(outputs, (list, tuple)) else res[0]
 
         return run_nothing
@@ -495,8 +523,9 @@ def _recording_backend(torch, mode: str, record: Record):
 
 def _trainer(workload: str, batch: int, order: str):
     if workload == "autoencoder":
-        config = get_preset("autoencoder-photos").replace(batch_size=batch, image_size=64,
-                                                          comparator="alexnet-random:conv3")  # fmt: skip
+        config = get_preset("autoencoder-photos").replace(
+            batch_size=batch, image_size=64, comparator="alexnet-random:conv3"
+        )
     else:
         config = get_preset("invert-fc6").replace(
             batch_size=batch,
@@ -527,8 +556,13 @@ def _to_fake_cuda(torch, trainer) -> None:
     for optimizer in (trainer.opt_g, trainer.opt_d):
         if optimizer is None:
             continue
-        state = {fakes[id(p)]: {k: torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="cuda")
-                                for k, v in s.items()} for p, s in optimizer.state.items()}  # fmt: skip
+        state = {
+            fakes[id(p)]: {
+                k: torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="cuda")
+                for k, v in s.items()
+            }
+            for p, s in optimizer.state.items()
+        }
         for group in optimizer.param_groups:
             group["params"] = [fakes[id(p)] for p in group["params"]]
         optimizer.state.clear()
@@ -736,8 +770,20 @@ def run(
 
 
 def format_table(rows: list[dict]) -> str:
-    head = ("workload", "kernels", "graphs", "breaks", "partitions", "cg skips", "triton k.", "sm_90",
-            "launches", "GFLOP/launch", "s", "status")  # fmt: skip
+    head = (
+        "workload",
+        "kernels",
+        "graphs",
+        "breaks",
+        "partitions",
+        "cg skips",
+        "triton k.",
+        "sm_90",
+        "launches",
+        "GFLOP/launch",
+        "s",
+        "status",
+    )
     lines = [head]
     for r in rows:
         parts = "; ".join(f"{p['name']}:{'+'.join(p['devices'])}" for p in r.get("partitions", []))
@@ -788,14 +834,28 @@ def main(argv=None) -> int:
     if args.batch < 1:
         p.error(f"--batch {args.batch}: expected a positive batch size")
     if args.child:
-        row = child(args.workloads[0], args.kernels[0], args.batch, args.mode, args.order, args.control,
-                    args.keep_code)  # fmt: skip
+        row = child(
+            args.workloads[0],
+            args.kernels[0],
+            args.batch,
+            args.mode,
+            args.order,
+            args.control,
+            args.keep_code,
+        )
         Path(args.json).write_text(json.dumps(row))
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(0)  # inductor's compile workers and atexit hooks would keep the child alive for minutes
-    rows = run(args.workloads, args.kernels, batch=args.batch, mode=args.mode, order=args.order,
-               control=args.control, keep_code=args.keep_code)  # fmt: skip
+    rows = run(
+        args.workloads,
+        args.kernels,
+        batch=args.batch,
+        mode=args.mode,
+        order=args.order,
+        control=args.control,
+        keep_code=args.keep_code,
+    )
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

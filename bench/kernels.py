@@ -31,10 +31,12 @@ def network_layers(batch: int = BATCH) -> list[tuple]:
     fc6 inversion generator (227 px), in network order, duplicates dropped; found by running each network
     on the meta device with a hook on its ConvLReLU / UpConvLReLU blocks."""
 
-    nets = [("G", AutoencoderGenerator, (batch, 3, 64, 64)),
-            ("D64", lambda: Discriminator(first_stride=2), (batch, 3, 64, 64)),
-            ("D227", lambda: Discriminator(first_stride=4), (batch, 3, 227, 227)),
-            ("fc6-G", lambda: InversionGenerator("fc6", image_size=227), (batch, 4096))]  # fmt: skip
+    nets = [
+        ("G", AutoencoderGenerator, (batch, 3, 64, 64)),
+        ("D64", lambda: Discriminator(first_stride=2), (batch, 3, 64, 64)),
+        ("D227", lambda: Discriminator(first_stride=4), (batch, 3, 227, 227)),
+        ("fc6-G", lambda: InversionGenerator("fc6", image_size=227), (batch, 4096)),
+    ]
     layers, seen = [], set()
     for net_name, build, shape in nets:
         with torch.device("meta"):
@@ -43,8 +45,15 @@ def network_layers(batch: int = BATCH) -> list[tuple]:
         def record(module, args, net_name=net_name):
             transposed = isinstance(module, UpConvLReLU)
             h = args[0].shape[2]
-            spec = (module.in_channels, module.out_channels, h, module.kernel_size[0], module.stride[0],
-                    module.padding[0], transposed)  # fmt: skip
+            spec = (
+                module.in_channels,
+                module.out_channels,
+                h,
+                module.kernel_size[0],
+                module.stride[0],
+                module.padding[0],
+                transposed,
+            )
             if spec not in seen:
                 seen.add(spec)
                 c_in, c_out, _, k, s, p, _ = spec
@@ -67,8 +76,15 @@ UPCONV_LAYERS = [entry[:7] for entry in LAYERS if entry[7]]
 
 def _row(name, variant, baseline, value, unit, base_value, note=None):
     ratio = None if base_value in (None, 0) or value is None else value / base_value
-    row = dict(group="kernels", name=name, variant=variant, baseline=baseline, value=value, unit=unit,
-               ratio_vs_baseline=ratio)  # fmt: skip
+    row = dict(
+        group="kernels",
+        name=name,
+        variant=variant,
+        baseline=baseline,
+        value=value,
+        unit=unit,
+        ratio_vs_baseline=ratio,
+    )
     if note:
         row["note"] = note
     return row
@@ -276,8 +292,10 @@ def run(device: str = "cuda", quick: bool = False) -> list[dict]:
     """All kernel benchmark rows for ``device``: timings on CUDA, saved bytes on CPU (see the module doc)."""
     device = str(device)
     if not device.startswith("cuda") or not torch.cuda.is_available():
-        print("bench.kernels: no CUDA device; timing skipped (Triton on CPU runs only in the interpreter, "
-              "so its speed means nothing). Reporting saved-activation bytes only.")  # fmt: skip
+        print(
+            "bench.kernels: no CUDA device; timing skipped (Triton on CPU runs only in the interpreter, "
+            "so its speed means nothing). Reporting saved-activation bytes only."
+        )
         return bench_saved_bytes(batch=BATCH)
     # feature_distance is measured first (seconds) so that a group cut short by --group-timeout during the
     # conv layers (each autotunes and compiles) still has it; its rows are listed after the conv rows.

@@ -176,8 +176,18 @@ def run(device: str = "cpu", quick: bool = False, rows: list[dict] | None = None
     count, size = (32, (64, 48)) if tiny else (128 if quick else 256, (128, 96))
     with tempfile.TemporaryDirectory() as folder:
         write_jpegs(folder, count, size)
-        _folder_rows(folder, device, rows, tiny=tiny, workers=workers, batch=batch, crop=crop, warmup=warmup,
-                     iters=iters, size=size)  # fmt: skip
+        _folder_rows(
+            folder,
+            device,
+            rows,
+            tiny=tiny,
+            workers=workers,
+            batch=batch,
+            crop=crop,
+            warmup=warmup,
+            iters=iters,
+            size=size,
+        )
     with tempfile.TemporaryDirectory() as folder:
         big = (160, 120) if tiny else (500, 375)
         write_jpegs(folder, 8 if tiny else (32 if quick else 128), big)
@@ -234,8 +244,16 @@ def _roi_rows(folder, device, rows, *, tiny, workers, batch, warmup, iters, size
                 continue
 
             def make(roi=roi, mode=mode, crop=crop, resize=resize):
-                s = build_dali_loader(folder, batch_size=batch, crop_size=crop, mode=mode, resize_size=resize,
-                                      device=device, num_workers=workers, roi=roi)  # fmt: skip
+                s = build_dali_loader(
+                    folder,
+                    batch_size=batch,
+                    crop_size=crop,
+                    mode=mode,
+                    resize_size=resize,
+                    device=device,
+                    num_workers=workers,
+                    roi=roi,
+                )
                 return s, s
 
             value = _measure(rows, row, make, device, warmup, iters, base, tiny)
@@ -249,27 +267,41 @@ def _folder_rows(folder, device, rows, *, tiny, workers, batch, crop, warmup, it
 
     def pil():
         loader = torch.utils.data.DataLoader(
-            _PILFolder(folder, crop), batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-            pin_memory=pin, persistent_workers=True, timeout=LOADER_TIMEOUT_S,
-        )  # fmt: skip
+            _PILFolder(folder, crop),
+            batch_size=batch,
+            shuffle=True,
+            num_workers=workers,
+            drop_last=True,
+            pin_memory=pin,
+            persistent_workers=True,
+            timeout=LOADER_TIMEOUT_S,
+        )
         return (x.to(device, non_blocking=True) for x in _infinite(loader)), None
 
     def gpu_decode():
         loader = torch.utils.data.DataLoader(
-            _JpegBytes(folder), batch_size=batch, shuffle=True, num_workers=workers, drop_last=True,
-            collate_fn=list, persistent_workers=True, timeout=LOADER_TIMEOUT_S,
-        )  # fmt: skip
+            _JpegBytes(folder),
+            batch_size=batch,
+            shuffle=True,
+            num_workers=workers,
+            drop_last=True,
+            collate_fn=list,
+            persistent_workers=True,
+            timeout=LOADER_TIMEOUT_S,
+        )
         gen = torch.Generator().manual_seed(0)
         return (decode_on_device(_as_tensors(files), device, crop, gen) for files in _infinite(loader)), None
 
     def deepsim_torch():
-        s = build_loader(folder, batch_size=batch, crop_size=crop, device=device, num_workers=workers,
-                         cache=False)  # fmt: skip
+        s = build_loader(
+            folder, batch_size=batch, crop_size=crop, device=device, num_workers=workers, cache=False
+        )
         return s, s
 
     def dali():
-        s = build_loader(folder, batch_size=batch, crop_size=crop, device=device, loader="dali",
-                         num_workers=workers)  # fmt: skip
+        s = build_loader(
+            folder, batch_size=batch, crop_size=crop, device=device, loader="dali", num_workers=workers
+        )
         return s, s
 
     def resident():

@@ -153,16 +153,25 @@ def run(device: str = "cpu", quick: bool = False, rows: list[dict] | None = None
                             rates.get(variant, 0.0), _time(model, x, y, backward, device, iters)
                         )
                         if variant not in mems:
-                            mems[variant] = (_memory_mib(model, x, y, backward, device)
-                                             if backward or device.type == "cuda" else None)  # fmt: skip
+                            mems[variant] = (
+                                _memory_mib(model, x, y, backward, device)
+                                if backward or device.type == "cuda"
+                                else None
+                            )
                     except Exception as e:  # noqa: BLE001 - reported as the variant's rows; the next one runs
                         failed[variant] = " ".join(f"{type(e).__name__}: {e}".split())[:300]
             for variant, model in variants:
                 rate_row = dict(group="lpips", name=name, variant=variant, baseline=BASELINE, unit="images/s")
-                mem_row = dict(group="lpips", name=f"{name} memory", variant=variant, baseline=BASELINE,
-                               unit=memory_unit)  # fmt: skip
-                status = ("skipped: the lpips package is not installed (pip install lpips)" if model is None
-                          else f"failed: {failed[variant]}" if variant in failed else None)  # fmt: skip
+                mem_row = dict(
+                    group="lpips", name=f"{name} memory", variant=variant, baseline=BASELINE, unit=memory_unit
+                )
+                status = (
+                    "skipped: the lpips package is not installed (pip install lpips)"
+                    if model is None
+                    else f"failed: {failed[variant]}"
+                    if variant in failed
+                    else None
+                )
                 if status is not None:
                     rows.append(dict(rate_row, value=None, ratio_vs_baseline=None, status=status))
                     if backward or device.type == "cuda":

@@ -81,8 +81,13 @@ def _git_commit(root: Path) -> dict | None:
     untracked = [
         ln for ln in (_git("status", "--porcelain", root=root) or "").splitlines() if ln.startswith("??")
     ]
-    return {"commit": commit, "dirty": bool(modified or untracked), "modified": len(modified),
-            "untracked": len(untracked), "commit_source": "git"}  # fmt: skip
+    return {
+        "commit": commit,
+        "dirty": bool(modified or untracked),
+        "modified": len(modified),
+        "untracked": len(untracked),
+        "commit_source": "git",
+    }
 
 
 def write_commit_stamp(path: Path = COMMIT_STAMP, root: Path = REPO_ROOT) -> dict:
@@ -123,8 +128,13 @@ def git_state(root: Path = REPO_ROOT, stamp: Path | None = None) -> dict:
     if state is not None:
         return state
     if os.environ.get("DEEPSIM_COMMIT"):
-        return {"commit": os.environ["DEEPSIM_COMMIT"], "dirty": None, "modified": None, "untracked": None,
-                "commit_source": "DEEPSIM_COMMIT"}  # fmt: skip
+        return {
+            "commit": os.environ["DEEPSIM_COMMIT"],
+            "dirty": None,
+            "modified": None,
+            "untracked": None,
+            "commit_source": "DEEPSIM_COMMIT",
+        }
     state = _read_stamp(stamp if stamp is not None else root / "bench" / "COMMIT", root)
     if state is not None:
         return state

@@ -77,8 +77,13 @@ class BenchRun:
             add_roofline(r, peaks)
 
     def to_dict(self) -> dict:
-        return {"meta": self.meta, "mode": self.mode, "peaks": self.peaks, "groups": self.groups,
-                "rows": self.rows}  # fmt: skip
+        return {
+            "meta": self.meta,
+            "mode": self.mode,
+            "peaks": self.peaks,
+            "groups": self.groups,
+            "rows": self.rows,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> BenchRun:

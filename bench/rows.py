@@ -39,8 +39,22 @@ OPTIONAL_KEYS = ("flops", "bytes", "peak_memory", "note")
 # unit -> seconds per unit, for the roofline (a row needs a time to be placed against the peaks).
 _TIME_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
 # Units where a smaller value is better (besides times); rates ("<thing>/s") are bigger-is-better.
-_LOWER_IS_BETTER = {"bytes", "b", "kib", "mib", "gib", "kb", "mb", "gb", "graph breaks", "breaks", "count",
-                    "recompiles", "ops", "skips"}  # fmt: skip
+_LOWER_IS_BETTER = {
+    "bytes",
+    "b",
+    "kib",
+    "mib",
+    "gib",
+    "kb",
+    "mb",
+    "gb",
+    "graph breaks",
+    "breaks",
+    "count",
+    "recompiles",
+    "ops",
+    "skips",
+}
 
 
 def finite(x) -> bool:
@@ -119,8 +133,9 @@ def fill_ratios(rows: list[dict]) -> list[dict]:
 def status_row(group: str, status: str, name: str | None = None, variant: str = "") -> dict:
     """A row with no figure that says why: "(<group> group)" by default, with ``status`` filled in."""
     row = {k: None for k in ROW_KEYS}
-    row.update(group=group, name=name or f"({group} group)", variant=variant, baseline="", unit="",
-               status=status)  # fmt: skip
+    row.update(
+        group=group, name=name or f"({group} group)", variant=variant, baseline="", unit="", status=status
+    )
     return row
 
 

@@ -88,8 +88,7 @@ class Layer:
         g = self.geom
         kind = "up" if g.transposed else "conv"
         oh, ow = g.out_size
-        return (f"{kind} {g.C_in}->{g.C_out} k{g.KH}s{g.stride}p{g.padding} "
-                f"{g.H}x{g.W}->{oh}x{ow}")  # fmt: skip
+        return f"{kind} {g.C_in}->{g.C_out} k{g.KH}s{g.stride}p{g.padding} {g.H}x{g.W}->{oh}x{ow}"
 
 
 def _networks(batch: int):
@@ -105,9 +104,12 @@ def _networks(batch: int):
         ("D 227px", lambda: Discriminator(first_stride=4, padding="padded"), image(227)),
         ("D 64px unpadded", lambda: Discriminator(first_stride=2, padding="code"), image(64)),
         ("D 227px unpadded", lambda: Discriminator(first_stride=4, padding="code"), image(227)),
-        ("G fc6 227px", lambda: InversionGenerator("fc6", image_size=227),
-         lambda: (torch.empty(batch, 4096, device="meta"),)),
-    ]  # fmt: skip
+        (
+            "G fc6 227px",
+            lambda: InversionGenerator("fc6", image_size=227),
+            lambda: (torch.empty(batch, 4096, device="meta"),),
+        ),
+    ]
 
 
 def network_layers(batch: int = BATCH) -> list[Layer]:
@@ -126,8 +128,9 @@ def network_layers(batch: int = BATCH) -> list[Layer]:
                     n, c_in, h, w = args[0].shape
                     transposed = isinstance(mod, UpConvLReLU)
                     kh, kw = mod.kernel_size
-                    geom = ConvGeometry(transposed, n, c_in, h, w, mod.out_channels, kh, kw,
-                                                     mod.stride[0], mod.padding[0])  # fmt: skip
+                    geom = ConvGeometry(
+                        transposed, n, c_in, h, w, mod.out_channels, kh, kw, mod.stride[0], mod.padding[0]
+                    )
                     if tuple(out.shape[2:]) != geom.out_size:
                         raise RuntimeError(
                             f"{network} {name}: geometry {geom.out_size} != {tuple(out.shape)}"
@@ -168,8 +171,15 @@ def compile_wgrad_kernel(
     """As ``compile_conv_kernel``, for the wgrad kernel (partials in fp32)."""
 
     divisible = ("R",) if r_divisible_by_16 else ()
-    return compile_kernel(_conv_wgrad_kernel, constexprs, dtype, num_warps, num_stages, divisible,
-                          fp32_pointers=("part_ptr", "bias_part_ptr"))  # fmt: skip
+    return compile_kernel(
+        _conv_wgrad_kernel,
+        constexprs,
+        dtype,
+        num_warps,
+        num_stages,
+        divisible,
+        fp32_pointers=("part_ptr", "bias_part_ptr"),
+    )
 
 
 def compile_kernel(
@@ -198,8 +208,9 @@ def compile_kernel(
             if p.name in divisible:
                 attrs[(i,)] = [["tt.divisibility", 16]]
     source = ASTSource(fn=fn, signature=signature, constexprs=dict(constexprs), attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", *HOPPER),
-                              options={"num_warps": num_warps, "num_stages": num_stages})  # fmt: skip
+    compiled = triton.compile(
+        source, target=GPUTarget("cuda", *HOPPER), options={"num_warps": num_warps, "num_stages": num_stages}
+    )
     return inspect_compiled(compiled.asm["ptx"], compiled.asm["cubin"], compiled.metadata.shared)
 
 
@@ -213,13 +224,18 @@ def inspect_compiled(ptx: str, cubin: bytes, shared: int) -> dict:
         path = os.path.join(tmp, "kernel.cubin")
         with open(path, "wb") as f:
             f.write(cubin)
-        usage = subprocess.run([knobs.nvidia.cuobjdump.path, "-res-usage", path], capture_output=True,
-                               text=True, check=True).stdout  # fmt: skip
-        sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", path], capture_output=True, text=True,
-                              check=True).stdout  # fmt: skip
+        usage = subprocess.run(
+            [knobs.nvidia.cuobjdump.path, "-res-usage", path], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run(
+            [knobs.nvidia.cuobjdump.path, "-sass", path], capture_output=True, text=True, check=True
+        ).stdout
     fields = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
-    info = dict(registers=int(fields["REG"]), spill_bytes=int(fields["STACK"]) + int(fields["LOCAL"]),
-                shared_bytes=int(shared))  # fmt: skip
+    info = dict(
+        registers=int(fields["REG"]),
+        spill_bytes=int(fields["STACK"]) + int(fields["LOCAL"]),
+        shared_bytes=int(shared),
+    )
     info.update({name: len(re.findall(pattern, ptx)) for name, pattern in PTX_COUNTS.items()})
     info["sass_per_wgmma"] = sass_per_wgmma(sass)
     return info
@@ -281,10 +297,18 @@ def _kernel_configs(kind: str, g: ConvGeometry, dtype: str):
             tiles, classes = grid_size(kg, c)
             a_reads = 2 if kind == "dgrad" else 1  # the dgrad reads out beside grad_out (the mask)
             l2 = element * (a_reads * c.block_m + c.block_n) / (2 * c.block_m * c.block_n)
-            out.append((c, issued_mma_efficiency(kg, c), tiles * classes, l2, kg.C_in % c.block_k == 0,
-                        lambda ce=ce, c=c, kg=kg: compile_conv_kernel(tuple(sorted(ce.items())), dtype,
-                                                                      kg.C_out % 16 == 0, c.num_warps,
-                                                                      c.num_stages)))  # fmt: skip
+            out.append(
+                (
+                    c,
+                    issued_mma_efficiency(kg, c),
+                    tiles * classes,
+                    l2,
+                    kg.C_in % c.block_k == 0,
+                    lambda ce=ce, c=c, kg=kg: compile_conv_kernel(
+                        tuple(sorted(ce.items())), dtype, kg.C_out % 16 == 0, c.num_warps, c.num_stages
+                    ),
+                )
+            )
         return kg, out
     p = wgrad_problem(g)
     for c in wgrad_candidates(g, TORCH_DTYPES[dtype], precision):
@@ -317,12 +341,27 @@ def layer_report(layer: Layer, dtype: str = "bf16", kernel: str = "forward") -> 
     for config, efficiency, programs, l2, within, compile_it in candidates:
         facts = compile_it()
         ctas = ctas_per_sm(facts["registers"], config.num_warps, facts["shared_bytes"])
-        configs.append(dict(config=config.name, efficiency=efficiency, programs=programs, ctas_per_sm=ctas,
-                            waves=programs / (SM_COUNT * max(ctas, 1)), l2_bytes_per_flop=l2,
-                            k_tiles="within a tap" if within else "across taps", **facts))  # fmt: skip
+        configs.append(
+            dict(
+                config=config.name,
+                efficiency=efficiency,
+                programs=programs,
+                ctas_per_sm=ctas,
+                waves=programs / (SM_COUNT * max(ctas, 1)),
+                l2_bytes_per_flop=l2,
+                k_tiles="within a tap" if within else "across taps",
+                **facts,
+            )
+        )
     return dict(
-        network=layer.network, layer=layer.name, shape=layer.shape, dtype=dtype, kernel=kernel,
-        M=g.N * g.out_size[0] * g.out_size[1], K=g.KH * g.KW * g.C_in, classes=kg.classes,
+        network=layer.network,
+        layer=layer.name,
+        shape=layer.shape,
+        dtype=dtype,
+        kernel=kernel,
+        M=g.N * g.out_size[0] * g.out_size[1],
+        K=g.KH * g.KW * g.C_in,
+        classes=kg.classes,
         configs=configs,
         min_efficiency=min(c["efficiency"] for c in configs),
         max_registers=max(c["registers"] for c in configs),
@@ -333,12 +372,16 @@ def layer_report(layer: Layer, dtype: str = "bf16", kernel: str = "forward") -> 
         min_waves=min(c["waves"] for c in configs),
         max_l2_bytes_per_flop=max(c["l2_bytes_per_flop"] for c in configs),
         max_sass_per_wgmma=max((c["sass_per_wgmma"] or 0.0) for c in configs),
-    )  # fmt: skip
+    )
 
 
 def _report_here(batch: int, dtype: str, kernels=KERNELS, networks=None) -> list[dict]:
-    return [layer_report(layer, dtype, kernel) for layer in network_layers(batch)
-            if networks is None or layer.network in networks for kernel in kernels]  # fmt: skip
+    return [
+        layer_report(layer, dtype, kernel)
+        for layer in network_layers(batch)
+        if networks is None or layer.network in networks
+        for kernel in kernels
+    ]
 
 
 def static_report(batch: int = BATCH, dtype: str = "bf16", kernels=KERNELS, networks=None) -> list[dict]:
@@ -372,9 +415,11 @@ def _repo_root() -> str:
 
 def format_table(rows: list[dict]) -> str:
     """A fixed-width table, one line per layer and kernel (worst case over its eligible configs)."""
-    head = (f"{'network':<18} {'layer':<16} {'shape':<34} {'kernel':<7} {'configs':>7} {'eff min':>7} "
-            f"{'regs':>4} {'spill':>5} {'smem KB':>7} {'wgmma':>5} {'async':>5} {'cp.async/ld':>11} "
-            f"{'CTA/SM':>6} {'waves':>6} {'L2 B/FLOP':>9} {'SASS/wgmma':>10}")  # fmt: skip
+    head = (
+        f"{'network':<18} {'layer':<16} {'shape':<34} {'kernel':<7} {'configs':>7} {'eff min':>7} "
+        f"{'regs':>4} {'spill':>5} {'smem KB':>7} {'wgmma':>5} {'async':>5} {'cp.async/ld':>11} "
+        f"{'CTA/SM':>6} {'waves':>6} {'L2 B/FLOP':>9} {'SASS/wgmma':>10}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         cp_async = min(c["cp_async"] for c in r["configs"])

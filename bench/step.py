@@ -62,9 +62,12 @@ def _workloads(device: torch.device, quick: bool) -> list[tuple[str, object]]:
     size = f"{autoencoder.image_size}x{autoencoder.image_size}"
     items = [(f"autoencoder b{autoencoder.batch_size} {size}{suffix}", autoencoder)]
     invert = get_preset("invert-fc6").replace(
-        invert_network="alexnet-random", comparator="alexnet-random:pool5", device=str(device),
-        batch_size=2 if cpu else 64, fc_width=1024 if cpu and quick else 4096,
-    )  # fmt: skip
+        invert_network="alexnet-random",
+        comparator="alexnet-random:pool5",
+        device=str(device),
+        batch_size=2 if cpu else 64,
+        fc_width=1024 if cpu and quick else 4096,
+    )
     if tiny:  # 64x64: the smallest size at which the comparator's pool5 is defined; Phi still sees 227x227
         invert = invert.replace(image_size=64, fc_width=64, batch_size=1)
     size = f"{invert.image_size}x{invert.image_size}"
@@ -154,10 +157,17 @@ def _variants(device: torch.device, quick: bool) -> list[Variant]:
 
 def _max_autotune_variant() -> Variant:
     if dry_run():
-        return Variant("compile-modules-max-autotune", "reference", lambda t: t.step,
-                       "the eager step instead of compiling and autotuning each module")  # fmt: skip
-    return Variant("compile-modules-max-autotune", "reference",
-                   lambda t: _compile_modules(t, "max-autotune-no-cudagraphs"))  # fmt: skip
+        return Variant(
+            "compile-modules-max-autotune",
+            "reference",
+            lambda t: t.step,
+            "the eager step instead of compiling and autotuning each module",
+        )
+    return Variant(
+        "compile-modules-max-autotune",
+        "reference",
+        lambda t: _compile_modules(t, "max-autotune-no-cudagraphs"),
+    )
 
 
 class Workload:
@@ -208,8 +218,12 @@ class Workload:
             warmup = 1 if variant.name == "eager" and device.type == "cpu" else self.warmup
             first, seconds = _time(step, self.batches, device, warmup, self.iters)
         images_per_s = self.config.batch_size / seconds
-        print(f"bench.step: {self.name}: {variant.name}: {images_per_s:.4g} img/s, first call {first:.1f} s, "
-              f"{time.perf_counter() - t0:.1f} s in all", file=sys.stderr, flush=True)  # fmt: skip
+        print(
+            f"bench.step: {self.name}: {variant.name}: {images_per_s:.4g} img/s, first call {first:.1f} s, "
+            f"{time.perf_counter() - t0:.1f} s in all",
+            file=sys.stderr,
+            flush=True,
+        )
         if variant.name == "eager":
             self.base = images_per_s
         achieved = self.flops / seconds / 1e12
@@ -234,8 +248,15 @@ def _graph_break_row(workload: Workload, breaks: int, graphs: int, stand_in: str
         if stand_in is None
         else "stand-in: nothing compiled"
     )
-    return workload.row("graph breaks in the compiled step", value=breaks, unit="breaks", baseline="0",
-                        ratio_vs_baseline=None, graphs=graphs, note=note)  # fmt: skip
+    return workload.row(
+        "graph breaks in the compiled step",
+        value=breaks,
+        unit="breaks",
+        baseline="0",
+        ratio_vs_baseline=None,
+        graphs=graphs,
+        note=note,
+    )
 
 
 ESTIMATES = Path(__file__).with_name("step_estimates.json")  # bench.time_model's, written on a CPU machine
@@ -330,9 +351,15 @@ def _max_autotune(workload: Workload, rows: list[dict]) -> None:
     if workload.config.task == "invert" and workload.device.type == "cpu":
         return
     if left is not None and left < needs:
-        rows.append(workload.row(variant.name, value=None, unit="img/s", ratio_vs_baseline=None,
-                                 status=f"skipped: needs about {needs:.0f} s, {max(left, 0):.0f} s left "
-                                 "in the group's limit"))  # fmt: skip
+        rows.append(
+            workload.row(
+                variant.name,
+                value=None,
+                unit="img/s",
+                ratio_vs_baseline=None,
+                status=f"skipped: needs about {needs:.0f} s, {max(left, 0):.0f} s left in the group's limit",
+            )
+        )
         return
     try:
         row = workload.measure(variant)

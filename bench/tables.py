@@ -100,9 +100,7 @@ def header_lines(run: BenchRun) -> list[str]:
         f"- torch {m.get('torch')}, triton {m.get('triton')}, DALI {m.get('dali')}"
         + (f", numpy {m['numpy']}" if m.get("numpy") else ""),
         f"- commit: {commit_label(m)}"
-        + (
-            f" (from {m['commit_source']})" if m.get("commit_source") not in (None, "git") else ""
-        ),  # fmt: skip
+        + (f" (from {m['commit_source']})" if m.get("commit_source") not in (None, "git") else ""),
         f"- date: {m.get('date')}; device {m.get('device')}; mode {_mode_label(run)}",
     ]
     if p:
@@ -122,8 +120,21 @@ def header_lines(run: BenchRun) -> list[str]:
     return lines
 
 
-COLUMNS = ("group", "benchmark", "variant", "baseline", "value", "baseline value", "unit", "ratio", "gain",
-           "FLOP floor", "byte floor", "of roofline", "status")  # fmt: skip
+COLUMNS = (
+    "group",
+    "benchmark",
+    "variant",
+    "baseline",
+    "value",
+    "baseline value",
+    "unit",
+    "ratio",
+    "gain",
+    "FLOP floor",
+    "byte floor",
+    "of roofline",
+    "status",
+)
 
 
 def table_cells(r: dict) -> list[str]:
@@ -177,14 +188,18 @@ def format_compact(run: BenchRun, width: int = 56) -> str:
         name = r.get("name") or ""
         name = name if len(name) <= width else name[: width - 1] + "~"
         if r.get("status", "ok") != "ok":
-            lines.append(f"{r.get('group', ''):<8} {name:<{width}} {str(r.get('variant') or ''):<22} "
-                         f"{r['status'][:100]}")  # fmt: skip
+            lines.append(
+                f"{r.get('group', ''):<8} {name:<{width}} {str(r.get('variant') or ''):<22} "
+                f"{r['status'][:100]}"
+            )
             continue
         value = f"{_fmt(r.get('value'))} {r.get('unit') or ''}"
         ratio = "" if r.get("gain") is None else f"gain {r['gain']:.3g}x"
         frac = "" if r.get("roofline_fraction") is None else f"roof {100 * r['roofline_fraction']:.3g}%"
-        lines.append(f"{r.get('group', ''):<8} {name:<{width}} {str(r.get('variant') or ''):<22} "
-                     f"{value:>22} {ratio:>12} {frac:>10}")  # fmt: skip
+        lines.append(
+            f"{r.get('group', ''):<8} {name:<{width}} {str(r.get('variant') or ''):<22} "
+            f"{value:>22} {ratio:>12} {frac:>10}"
+        )
     for text in _sections(run):
         lines += ["", text]
     return "\n".join(lines)

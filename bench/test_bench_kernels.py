@@ -62,8 +62,11 @@ def _record(benchmark, peaks, flops, nbytes):
     stats = getattr(getattr(benchmark, "stats", None), "stats", None)
     if stats is not None:  # None under --benchmark-disable
         row = add_roofline({"value": stats.median, "unit": "s", "flops": flops, "bytes": nbytes}, peaks)
-        info.update(flop_floor_s=row["flop_floor_s"], byte_floor_s=row["byte_floor_s"],
-                    roofline_fraction=row["roofline_fraction"])  # fmt: skip
+        info.update(
+            flop_floor_s=row["flop_floor_s"],
+            byte_floor_s=row["byte_floor_s"],
+            roofline_fraction=row["roofline_fraction"],
+        )
 
 
 @pytest.mark.parametrize("impl", IMPLS)

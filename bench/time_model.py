@@ -106,9 +106,11 @@ def estimate_rows(rows: list[dict], device: Device = H100) -> list[dict]:
 
 
 def format_table(estimates: list[dict]) -> str:
-    lines = ["ESTIMATE on an H100 (roofline per kernel + 2 us per launch), not a measurement",
-             f"{'workload':<12} {'kernels':<8} {'launches':>8} {'MMA eff':>7} {'triton':>8} {'MMA':>8} "
-             f"{'launch':>8} {'step':>8} {'img/s':>9} {'target':>8}"]  # fmt: skip
+    lines = [
+        "ESTIMATE on an H100 (roofline per kernel + 2 us per launch), not a measurement",
+        f"{'workload':<12} {'kernels':<8} {'launches':>8} {'MMA eff':>7} {'triton':>8} {'MMA':>8} "
+        f"{'launch':>8} {'step':>8} {'img/s':>9} {'target':>8}",
+    ]
     for e in estimates:
         target = "-" if e["target_images_per_s"] is None else f"{e['target_images_per_s']:.0f}"
         lines.append(

@@ -164,9 +164,6 @@ def calibrate_lambda_feat(
         reference = Comparator(reference, weights=reference_weights)
     comparator, reference = comparator.to(device).eval(), reference.to(device).eval()
 
-    sums = {name: [0.0, 0.0] for name in perturbations}  # name -> [sum D_ref, sum D_cmp]
-    seen = 0
-    generator = torch.Generator().manual_seed(seed)
     batches = iterate_eval(
         data,
         batch_size=batch_size,
@@ -175,6 +172,36 @@ def calibrate_lambda_feat(
         resize_size=max(256, size),
         device=device,
     )
+    sums, seen = _summed_distances(comparator, reference, batches, perturbations, images, seed)
+    if seen == 0:
+        raise ValueError(f"calibrate: no images in {data}")
+    return _report(comparator.spec, reference.spec, sums, seen, size, reference_lambda_feat)
+
+
+def _report(comparator: str, reference: str, sums, seen: int, size: int, reference_lambda_feat: float):
+    """The :class:`CalibrationReport` of the summed distances; a zero comparator sum is a ValueError."""
+    report = CalibrationReport(
+        comparator=comparator,
+        reference=reference,
+        images=seen,
+        size=size,
+        reference_lambda_feat=reference_lambda_feat,
+    )
+    for name, (ref_sum, cmp_sum) in sums.items():
+        if cmp_sum <= 0:
+            raise ValueError(f"calibrate: comparator {comparator} gives distance 0 under '{name}'")
+        report.distances[name] = {"reference": ref_sum / seen, "comparator": cmp_sum / seen}
+        report.ratios[name] = ref_sum / cmp_sum
+    report.ratio = math.exp(sum(math.log(r) for r in report.ratios.values()) / len(report.ratios))
+    report.lambda_feat = reference_lambda_feat * report.ratio
+    return report
+
+
+def _summed_distances(comparator, reference, batches, perturbations, images: int, seed: int):
+    """({perturbation: [sum D_ref, sum D_cmp]}, images seen) over the first ``images`` of ``batches``."""
+    sums = {name: [0.0, 0.0] for name in perturbations}  # name -> [sum D_ref, sum D_cmp]
+    seen = 0
+    generator = torch.Generator().manual_seed(seed)
     for batch in batches:
         batch = batch[: images - seen]
         for name in perturbations:
@@ -184,23 +211,7 @@ def calibrate_lambda_feat(
         seen += len(batch)
         if seen >= images:
             break
-    if seen == 0:
-        raise ValueError(f"calibrate: no images in {data}")
-    report = CalibrationReport(
-        comparator=comparator.spec,
-        reference=reference.spec,
-        images=seen,
-        size=size,
-        reference_lambda_feat=reference_lambda_feat,
-    )
-    for name, (ref_sum, cmp_sum) in sums.items():
-        if cmp_sum <= 0:
-            raise ValueError(f"calibrate: comparator {comparator.spec} gives distance 0 under '{name}'")
-        report.distances[name] = {"reference": ref_sum / seen, "comparator": cmp_sum / seen}
-        report.ratios[name] = ref_sum / cmp_sum
-    report.ratio = math.exp(sum(math.log(r) for r in report.ratios.values()) / len(report.ratios))
-    report.lambda_feat = reference_lambda_feat * report.ratio
-    return report
+    return sums, seen
 
 
 def format_report(report: CalibrationReport) -> str:

@@ -100,7 +100,9 @@ def download_torchvision_weights(arch: str, *, progress: bool = True) -> Path:
         ComparatorWeightsError: unknown ``arch``, or the download failed (the URL and the reason named).
     """
     if arch not in TORCHVISION_FILES:
-        raise ComparatorWeightsError(f"no torchvision weights to download for {arch!r}; known: {', '.join(TORCHVISION_FILES)}")
+        raise ComparatorWeightsError(
+            f"no torchvision weights to download for {arch!r}; known: {', '.join(TORCHVISION_FILES)}"
+        )
     name, url = TORCHVISION_FILES[arch]
     path = torchvision_weights_path(arch)
     if path.is_file():
@@ -108,11 +110,13 @@ def download_torchvision_weights(arch: str, *, progress: bool = True) -> Path:
     match = torch.hub.HASH_REGEX.search(name)  # the sha256 prefix in the file name
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        torch.hub.download_url_to_file(url, str(path), hash_prefix=match.group(1) if match else None, progress=progress)
+        torch.hub.download_url_to_file(
+            url, str(path), hash_prefix=match.group(1) if match else None, progress=progress
+        )
     except (urllib.error.URLError, OSError, RuntimeError) as error:
         raise ComparatorWeightsError(
-            f"downloading {arch!r} weights from {url} to {path} failed: {error}; nothing was written. Check the "
-            f"connection and retry, or put the file there yourself."
+            f"downloading {arch!r} weights from {url} to {path} failed: {error}; nothing was written. Check "
+            "the connection and retry, or put the file there yourself."
         ) from error
     return path
 
@@ -231,7 +235,9 @@ def _output_side(layers, side: int) -> int:
     """The spatial side after ``layers`` (convs and max pools; other layers keep it) for an input side."""
     for m in layers:
         if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
-            k, s, p, d = (v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.stride, m.padding, m.dilation))
+            k, s, p, d = (
+                v if isinstance(v, int) else v[0] for v in (m.kernel_size, m.stride, m.padding, m.dilation)
+            )
             span = side + 2 * p - d * (k - 1) - 1
             ceil = isinstance(m, nn.MaxPool2d) and m.ceil_mode
             out = (-(-span // s) if ceil else span // s) + 1
@@ -300,7 +306,9 @@ def _why(error) -> str:
     needs = getattr(error, "needs", None)
     if needs is not None:
         what = ", ".join(needs[:4]) or "objects other than tensors"
-        return f"its pickle needs {what}, which could run code when unpickled; a weights file holds tensors only"
+        return (
+            f"its pickle needs {what}, which could run code when unpickled; a weights file holds tensors only"
+        )
     return getattr(error, "reason", None) or str(error)
 
 
@@ -316,7 +324,8 @@ class Comparator(nn.Module):
     """A comparator network C returning the features of the requested taps.
 
     Args:
-        spec: ``"<arch>:<tap>[=w][,<tap>[=w]...]"``, e.g. ``"alexnet:conv3"`` or ``"vgg16:conv2_2,conv4_3=0.5"``.
+        spec: ``"<arch>:<tap>[=w][,<tap>[=w]...]"``, e.g. ``"alexnet:conv3"`` or
+        ``"vgg16:conv2_2,conv4_3=0.5"``.
         weights: a weights file (state dict). ``None``: torchvision's cache for ``alexnet``/``vgg16``,
             nothing for the random layouts; ``caffenet`` and ``exemplar`` need a path.
         network: the :class:`~deepsim.networks.Discriminator` whose conv features are used by an arch that
@@ -349,7 +358,9 @@ class Comparator(nn.Module):
         self.tap_names = list(taps)
         self.tap_weights = [taps[n] for n in self.tap_names]
         builder, weights_kind = ARCHITECTURES[arch]
-        self.uses_network = weights_kind == "network"  # D's features: D's optimizer trains them, D's state saves them
+        self.uses_network = (
+            weights_kind == "network"
+        )  # D's features: D's optimizer trains them, D's state saves them
         if self.uses_network:
             self._borrow(network)
             return
@@ -389,9 +400,12 @@ class Comparator(nn.Module):
         self.train(False)
 
     def _borrow(self, network: nn.Module | None) -> None:
-        """Taps of ``network``'s conv features (D's): shared with D, trained by D's optimizer, not frozen here."""
+        """Taps of ``network``'s conv features (D's): shared with D, trained by D's optimizer, not frozen
+        here."""
         if network is None or not hasattr(network, "conv_features"):
-            raise ValueError("comparator 'discriminator' needs network=<Discriminator> (it uses D's features)")
+            raise ValueError(
+                "comparator 'discriminator' needs network=<Discriminator> (it uses D's features)"
+            )
         valid = list(network.conv_names)
         self._check_taps(valid)
         self.network = network
@@ -405,7 +419,8 @@ class Comparator(nn.Module):
         wrong = [n for n in self.tap_names if n not in valid]
         if wrong:
             raise ValueError(
-                f"comparator {self.arch!r} has no tap {', '.join(map(repr, wrong))}; valid taps: {', '.join(valid)}"
+                f"comparator {self.arch!r} has no tap {', '.join(map(repr, wrong))}; valid taps: "
+                f"{', '.join(valid)}"
             )
 
     def _load_weights(self, weights_kind: str, weights, download: bool) -> None:
@@ -415,17 +430,21 @@ class Comparator(nn.Module):
                 download_torchvision_weights(self.arch)
             if not path.is_file():
                 raise ComparatorWeightsError(
-                    f"comparator {self.arch!r} needs trained weights, and {path} does not exist. On a machine with "
-                    f"internet, add --download-weights to the command (library: download=True) to fetch "
-                    f"{TORCHVISION_FILES[self.arch][1]} there; or put that file there yourself, or pass "
-                    f"--comparator-weights PATH (library: weights=PATH)."
-                    + (f" Without trained weights, use the '{self.arch}-random' comparator." if self.arch == "alexnet" else "")
+                    f"comparator {self.arch!r} needs trained weights, and {path} does not exist. On a "
+                    "machine with internet, add --download-weights to the command (library: download=True) "
+                    f"to fetch {TORCHVISION_FILES[self.arch][1]} there; or put that file there yourself, or "
+                    "pass --comparator-weights PATH (library: weights=PATH)."
+                    + (
+                        f" Without trained weights, use the '{self.arch}-random' comparator."
+                        if self.arch == "alexnet"
+                        else ""
+                    )
                 )
         elif weights is None:
             raise ComparatorWeightsError(
-                f"comparator {self.arch!r} needs a weights file: pass weights=PATH (CLI: --comparator-weights PATH), "
-                f"a PyTorch state dict with keys {', '.join(sorted(self._param_names)[:3])}, ... "
-                f"(see deepsim.comparators' docstring)"
+                f"comparator {self.arch!r} needs a weights file: pass weights=PATH (CLI: "
+                "--comparator-weights PATH), a PyTorch state dict with keys "
+                f"{', '.join(sorted(self._param_names)[:3])}, ... (see deepsim.comparators' docstring)"
             )
         else:
             path = Path(weights)
@@ -435,20 +454,26 @@ class Comparator(nn.Module):
         if isinstance(state, dict) and "state_dict" in state:
             state = state["state_dict"]
         if not isinstance(state, dict):
-            raise ComparatorWeightsError(f"weights file {path} holds a {type(state).__name__}, not a state dict")
+            raise ComparatorWeightsError(
+                f"weights file {path} holds a {type(state).__name__}, not a state dict"
+            )
         own = {}
         for key, index in self._param_names.items():
             for kind in ("weight", "bias"):
                 name = f"{key}.{kind}"
                 if name not in state:
-                    raise ComparatorWeightsError(f"weights file {path} has no entry {name!r} for comparator {self.arch!r}")
+                    raise ComparatorWeightsError(
+                        f"weights file {path} has no entry {name!r} for comparator {self.arch!r}"
+                    )
                 if not isinstance(state[name], torch.Tensor):
                     raise ComparatorWeightsError(f"weights file {path}: entry {name!r} is not a tensor")
                 own[f"layers.{index}.{kind}"] = state[name]
         try:
             self.load_state_dict(own, strict=False)
         except RuntimeError as error:
-            raise ComparatorWeightsError(f"weights file {path} does not fit comparator {self.arch!r}: {error}") from None
+            raise ComparatorWeightsError(
+                f"weights file {path} does not fit comparator {self.arch!r}: {error}"
+            ) from None
 
     def train(self, mode: bool = True):
         # A frozen comparator stays in eval mode (no dropout, fixed statistics) whatever its owner does.
@@ -457,7 +482,9 @@ class Comparator(nn.Module):
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         x = images
         if self.input_size is not None and x.shape[-1] != self.input_size:
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
+            x = F.interpolate(
+                x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False
+            )
         x = x * self.scale + self.shift
         if self.bgr:
             x = x.flip(1)

@@ -14,9 +14,21 @@ import importlib
 from dataclasses import dataclass
 
 __all__ = [
-    "TrainConfig", "PRESETS", "get_preset", "CAFFE_TO_DEEPSIM", "LEGACY_VALUES", "DEFAULT_SOURCES", "PRESET_SOURCES",
-    "value_sources", "FieldInfo", "FIELD_INFO", "field_info", "field_choices", "GROUPS",
-    "TASK_NAMES", "source_kind",
+    "TrainConfig",
+    "PRESETS",
+    "get_preset",
+    "CAFFE_TO_DEEPSIM",
+    "LEGACY_VALUES",
+    "DEFAULT_SOURCES",
+    "PRESET_SOURCES",
+    "value_sources",
+    "FieldInfo",
+    "FIELD_INFO",
+    "field_info",
+    "field_choices",
+    "GROUPS",
+    "TASK_NAMES",
+    "source_kind",
 ]
 
 # Scale convention (written once, used everywhere): every loss term is a per-sample SUM over its elements,
@@ -26,9 +38,10 @@ __all__ = [
 # (both are batch-mean softmax cross-entropies).
 # lambda_feat: the converted 0.01 carries the code's weight over exactly for CaffeNet fed Caffe's input (BGR,
 # 0..255, mean subtracted), which our "caffenet" comparator reproduces. torchvision's AlexNet is NOT that
-# network: its input is ImageNet-std-normalised [0, 1] (one pixel level is 1 / (255 * 0.226), about 58x smaller
-# than Caffe's unit) and its weights were trained separately, so its feature distances have another size and
-# lambda_feat = 0.005 is not calibrated for it. `deepsim calibrate` measures the factor (deepsim.calibrate).
+# network: its input is ImageNet-std-normalised [0, 1] (one pixel level is 1 / (255 * 0.226), about 58x
+# smaller than Caffe's unit) and its weights were trained separately, so its feature distances have another
+# size and lambda_feat = 0.005 is not calibrated for it. `deepsim calibrate` measures the factor
+# (deepsim.calibrate).
 CAFFE_TO_DEEPSIM = {"img": 127.5**2 / 2, "feat": 0.5, "adv": 1.0}
 
 
@@ -75,11 +88,31 @@ class FieldInfo:
     cli: dict
 
 
-def _f(default, *, source=None, help=None, choices=None, auto=False, group=None, tasks=TASK_NAMES, flag=True,
-       parse=None, cli=None):
+def _f(
+    default,
+    *,
+    source=None,
+    help=None,
+    choices=None,
+    auto=False,
+    group=None,
+    tasks=TASK_NAMES,
+    flag=True,
+    parse=None,
+    cli=None,
+):
     """A dataclass field with its facts in the metadata; ``flag=False`` marks it internal (no CLI flag)."""
-    meta = dict(source=source, help=help, choices=choices, auto=auto, group=group, tasks=tuple(tasks), flag=flag,
-                parse=parse, cli=cli or {})
+    meta = dict(
+        source=source,
+        help=help,
+        choices=choices,
+        auto=auto,
+        group=group,
+        tasks=tuple(tasks),
+        flag=flag,
+        parse=parse,
+        cli=cli or {},
+    )
     return dataclasses.field(default=default, metadata={"deepsim": meta})
 
 
@@ -90,15 +123,19 @@ def _milestones(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(float(item)) for item in text.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated step counts or 'none', got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated step counts or 'none', got {text!r}"
+        ) from None
 
 
 MAX_IMAGE_PIXELS_HELP = (
     "an image whose header declares more pixels is a bad image (--on-bad decides), never decoded (default: "
-    "8192x8192 = 67108864: training resizes to 256 px, so more only costs memory, up to 0.5 GiB a decode at the "
-    "limit; camera photos and ImageNet pass; PIL refuses above 178956970 whatever this says)"
+    "8192x8192 = 67108864: training resizes to 256 px, so more only costs memory, up to 0.5 GiB a decode at "
+    "the limit; camera photos and ImageNet pass; PIL refuses above 178956970 whatever this says)"
 )
-_NOT_CALIBRATED = "code: Caffe's 0.01 for CaffeNet; NOT calibrated for torchvision's AlexNet (deepsim calibrate)"
+_NOT_CALIBRATED = (
+    "code: Caffe's 0.01 for CaffeNet; NOT calibrated for torchvision's AlexNet (deepsim calibrate)"
+)
 _INV = ("invert",)
 _VAE = ("vae",)
 _GEN = ("invert", "vae")
@@ -112,143 +149,304 @@ class TrainConfig:
 
     # --- what is trained
     task: str = _f("autoencoder", source="paper: the autoencoder, the first application", flag=False)
-    image_size: int = _f(64, source="paper: 64x64 crops (autoencoder)", group="data",
-                         help="training crop side (autoencoder: 64)")  # inversion: 227
+    image_size: int = _f(
+        64,
+        source="paper: 64x64 crops (autoencoder)",
+        group="data",
+        help="training crop side (autoencoder: 64)",
+    )  # inversion: 227
     code_channels: int = _f(8, source="paper: an 8-channel code 8x smaller than the input", flag=False)
-    invert_layer: str = _f("fc6", source="ours: fc6 as default (paper: conv5, fc6, fc7, fc8)", group="model",
-                           tasks=_INV, flag="layer", choices="deepsim.applications.inversion:LAYER_TAPS",
-                           help="invert: the AlexNet layer to invert")
-    noise_dim: int = _f(0, source="ours: no noise (paper: noise for pre-image sampling)", group="model", tasks=_INV,
-                        help="invert: K noise values beside the features (extra channels for conv5), for pre-image "
-                        "sampling")
-    invert_network: str = _f("alexnet", group="model", tasks=_INV,
-                             source="ours: torchvision's AlexNet (paper/code: CaffeNet; --invert-network caffenet)",
-                             choices="deepsim.applications.inversion:INVERTIBLE_NETWORKS",
-                             help="invert: the fixed AlexNet whose features are inverted")
-    invert_network_weights: str | None = _f(None, source="ours", group="model", tasks=_INV,
-                                            help="invert: weights file of that network (default: torchvision's "
-                                            "cache)")
-    fc_width: int = _f(4096, source="code: FC 4096 in the generators", group="model", tasks=_GEN,
-                       help="invert/vae: width of the generator's FC layers (paper: 4096)")
-    latent_dim: int = _f(4096, source="ours: the fc6 size the decoder takes (open)", group="model", tasks=_VAE,
-                         help="vae: latent size")
-    lambda_kl: float = _f(1.0, source="ours: a per-sample KL sum, weight 1 (open)", group="loss", tasks=_VAE,
-                          help="vae: weight of the KL term")
+    invert_layer: str = _f(
+        "fc6",
+        source="ours: fc6 as default (paper: conv5, fc6, fc7, fc8)",
+        group="model",
+        tasks=_INV,
+        flag="layer",
+        choices="deepsim.applications.inversion:LAYER_TAPS",
+        help="invert: the AlexNet layer to invert",
+    )
+    noise_dim: int = _f(
+        0,
+        source="ours: no noise (paper: noise for pre-image sampling)",
+        group="model",
+        tasks=_INV,
+        help="invert: K noise values beside the features (extra channels for conv5), for pre-image sampling",
+    )
+    invert_network: str = _f(
+        "alexnet",
+        group="model",
+        tasks=_INV,
+        source="ours: torchvision's AlexNet (paper/code: CaffeNet; --invert-network caffenet)",
+        choices="deepsim.applications.inversion:INVERTIBLE_NETWORKS",
+        help="invert: the fixed AlexNet whose features are inverted",
+    )
+    invert_network_weights: str | None = _f(
+        None,
+        source="ours",
+        group="model",
+        tasks=_INV,
+        help="invert: weights file of that network (default: torchvision's cache)",
+    )
+    fc_width: int = _f(
+        4096,
+        source="code: FC 4096 in the generators",
+        group="model",
+        tasks=_GEN,
+        help="invert/vae: width of the generator's FC layers (paper: 4096)",
+    )
+    latent_dim: int = _f(
+        4096,
+        source="ours: the fc6 size the decoder takes (open)",
+        group="model",
+        tasks=_VAE,
+        help="vae: latent size",
+    )
+    lambda_kl: float = _f(
+        1.0,
+        source="ours: a per-sample KL sum, weight 1 (open)",
+        group="loss",
+        tasks=_VAE,
+        help="vae: weight of the KL term",
+    )
 
     # --- the loss
-    loss: str = _f("deepsim", source="paper: the DeePSiM loss", group="loss", choices=("deepsim", "se", "l1"),
-                   help="DeePSiM, or the image-space baselines se / l1")
-    comparator: str = _f("alexnet-random:conv3", group="loss",
-                         source="paper: comparator 3, AlexNet with random weights, at CONV3 (autoencoder)",
-                         help="comparator spec '<arch>:<tap>[=w],...', e.g. alexnet:conv3, exemplar:conv3, "
-                         "alexnet-random:conv3")
-    comparator_weights: str | None = _f(None, source="ours", group="loss",
-                                        help="weights file for the comparator (default: torchvision's cache for "
-                                        "alexnet/vgg16)")
-    lambda_feat: float = _f(0.01 * CAFFE_TO_DEEPSIM["feat"], source=_NOT_CALIBRATED, group="loss",
-                            help="weight of the comparator feature term (scale convention: deepsim.losses)")
+    loss: str = _f(
+        "deepsim",
+        source="paper: the DeePSiM loss",
+        group="loss",
+        choices=("deepsim", "se", "l1"),
+        help="DeePSiM, or the image-space baselines se / l1",
+    )
+    comparator: str = _f(
+        "alexnet-random:conv3",
+        group="loss",
+        source="paper: comparator 3, AlexNet with random weights, at CONV3 (autoencoder)",
+        help="comparator spec '<arch>:<tap>[=w],...', e.g. alexnet:conv3, exemplar:conv3, "
+        "alexnet-random:conv3",
+    )
+    comparator_weights: str | None = _f(
+        None,
+        source="ours",
+        group="loss",
+        help="weights file for the comparator (default: torchvision's cache for alexnet/vgg16)",
+    )
+    lambda_feat: float = _f(
+        0.01 * CAFFE_TO_DEEPSIM["feat"],
+        source=_NOT_CALIBRATED,
+        group="loss",
+        help="weight of the comparator feature term (scale convention: deepsim.losses)",
+    )
     lambda_adv: float = _f(100.0, source="code: 100", group="loss", help="weight of the adversarial term")
-    lambda_img: float = _f(2e-6 * CAFFE_TO_DEEPSIM["img"], source="code: Caffe's 2e-6", group="loss",
-                           help="weight of the image-space term")
+    lambda_img: float = _f(
+        2e-6 * CAFFE_TO_DEEPSIM["img"],
+        source="code: Caffe's 2e-6",
+        group="loss",
+        help="weight of the image-space term",
+    )
     image_distance: str = _f("se", source="paper: squared Euclidean", flag=False)  # "se" (paper) or "l1"
-    feature_metric: str = _f("squared", flag=False,  # "squared" (paper) or "lpips" (ours: comparator unused)
-                             source="paper: squared Euclidean feature distance (lpips: ours, not the paper's)")
+    feature_metric: str = _f(
+        "squared",
+        flag=False,  # "squared" (paper) or "lpips" (ours: comparator unused)
+        source="paper: squared Euclidean feature distance (lpips: ours, not the paper's)",
+    )
     pause_d_below: float = _f(0.1, source="code: r < 0.1 stops D (paper: 0.1)", flag=False)  # r = L_D / L_adv
     pause_d_resume_above: float = _f(0.5, source="code: r > 0.5 resumes D", flag=False)
     pause_g_above: float = _f(10.0, source="code: r > 10 stops G", flag=False)
-    disc_first_stride: int = _f(2, source="paper: stride 2 for the autoencoder", flag=False)  # 4 at 227 (code)
+    disc_first_stride: int = _f(
+        2, source="paper: stride 2 for the autoencoder", flag=False
+    )  # 4 at 227 (code)
 
     # --- training as the authors trained: the derived Caffe code's dynamics (README "Differences from the
-    # paper and the derived code"; defaults = the code, the other value = the earlier behaviour or the paper's)
-    update_order: str = _f("code", source="code: D first, G's adversarial term from the updated D",
-                           group="optimisation", choices="deepsim.train.step:UPDATE_ORDERS",
-                           help="code: D updates first and G's adversarial term comes from the updated D (derived "
-                           "code); simultaneous: both from the same D")
-    disc_padding: str = _f("code", source="code: unpadded convs", group="model",
-                           choices="deepsim.networks:DISC_PADDINGS",
-                           help="D's convs: code (unpadded, 227 -> 56-52-25-23-11) or padded (k // 2)")
-    disc_activation: str = _f("lrelu", source="paper: LReLU 0.3 in all networks (code: ReLU in D)", group="model",
-                              choices="deepsim.networks:DISC_ACTIVATIONS",
-                              help="D's nonlinearity: lrelu (0.3, the paper) or relu (the derived code)")
-    disc_init: str = _f("code", group="model", choices="deepsim.networks:DISC_INITS",
-                        source="code: MSRA, coefficient 0.1 on Dconv1/Dfc6/Dfc7 (our reading of the coefficient)",
-                        help="D's initialisation: code (MSRA, coefficient 0.1 on conv1/fc1/fc2, zero biases) or "
-                        "torch")
-    upconv_bias: str = _f("zero", source="code: Deconvolution biases fixed at 0 (lr_mult 0)", group="model",
-                          tasks=_GEN, choices="deepsim.applications.generators:UPCONV_BIASES",
-                          help="invert/vae up-conv biases: zero (fixed, the authors' generators) or learned")
-    gen_init: str = _f("code", group="model", tasks=_GEN, choices="deepsim.applications.generators:GENERATOR_INITS",
-                       source="code: MSRA, 1 on FC, 1.8 on 4x4 deconvs, 0.9 on 3x3 (ours: 1 on conv5's convs)",
-                       help="invert/vae generator initialisation: code (MSRA with the prototxt's coefficients) or "
-                       "torch")
-    weight_decay: float = _f(4e-4, source="code: solver weight_decay 4e-4, coupled", group="optimisation",
-                             help="L2 weight decay added to the gradient before Adam (derived code: 4e-4)")
-    weight_decay_scope: str = _f("code", source="code: decay_mult of the prototxts (D; G's conv5 convs)",
-                                 group="optimisation", choices="deepsim.train.optim:WEIGHT_DECAY_SCOPES",
-                                 help="which parameters decay: code (the prototxts' decay_mult: D, conv5's convs) "
-                                 "or all")
-    lr_milestones: tuple[int, ...] = _f((300_000, 500_000, 700_000, 900_000, 1_100_000), group="optimisation",
-                                        source="code: multistep at 300k, 500k, 700k, 900k, 1.1M", parse=_milestones,
-                                        help="steps (each network's own) at which the lr is multiplied by "
-                                        "--lr-gamma, comma-separated, or 'none' (derived code: 300000,500000,"
-                                        "700000,900000,1100000)")
-    lr_gamma: float = _f(0.5, source="code: gamma 0.5", group="optimisation",
-                         help="lr factor at each milestone (derived code: 0.5)")
-    mirror: bool = _f(False, source="code: no mirroring", group="data", cli={"action": "bool"},
-                      help="random horizontal mirroring of the training crops (the derived code does not mirror)")
+    # paper and the derived code"; defaults = the code, the other
+    # value = the earlier behaviour or the paper's)
+    update_order: str = _f(
+        "code",
+        source="code: D first, G's adversarial term from the updated D",
+        group="optimisation",
+        choices="deepsim.train.step:UPDATE_ORDERS",
+        help="code: D updates first and G's adversarial term comes from the updated D (derived "
+        "code); simultaneous: both from the same D",
+    )
+    disc_padding: str = _f(
+        "code",
+        source="code: unpadded convs",
+        group="model",
+        choices="deepsim.networks:DISC_PADDINGS",
+        help="D's convs: code (unpadded, 227 -> 56-52-25-23-11) or padded (k // 2)",
+    )
+    disc_activation: str = _f(
+        "lrelu",
+        source="paper: LReLU 0.3 in all networks (code: ReLU in D)",
+        group="model",
+        choices="deepsim.networks:DISC_ACTIVATIONS",
+        help="D's nonlinearity: lrelu (0.3, the paper) or relu (the derived code)",
+    )
+    disc_init: str = _f(
+        "code",
+        group="model",
+        choices="deepsim.networks:DISC_INITS",
+        source="code: MSRA, coefficient 0.1 on Dconv1/Dfc6/Dfc7 (our reading of the coefficient)",
+        help="D's initialisation: code (MSRA, coefficient 0.1 on conv1/fc1/fc2, zero biases) or torch",
+    )
+    upconv_bias: str = _f(
+        "zero",
+        source="code: Deconvolution biases fixed at 0 (lr_mult 0)",
+        group="model",
+        tasks=_GEN,
+        choices="deepsim.applications.generators:UPCONV_BIASES",
+        help="invert/vae up-conv biases: zero (fixed, the authors' generators) or learned",
+    )
+    gen_init: str = _f(
+        "code",
+        group="model",
+        tasks=_GEN,
+        choices="deepsim.applications.generators:GENERATOR_INITS",
+        source="code: MSRA, 1 on FC, 1.8 on 4x4 deconvs, 0.9 on 3x3 (ours: 1 on conv5's convs)",
+        help="invert/vae generator initialisation: code (MSRA with the prototxt's coefficients) or torch",
+    )
+    weight_decay: float = _f(
+        4e-4,
+        source="code: solver weight_decay 4e-4, coupled",
+        group="optimisation",
+        help="L2 weight decay added to the gradient before Adam (derived code: 4e-4)",
+    )
+    weight_decay_scope: str = _f(
+        "code",
+        source="code: decay_mult of the prototxts (D; G's conv5 convs)",
+        group="optimisation",
+        choices="deepsim.train.optim:WEIGHT_DECAY_SCOPES",
+        help="which parameters decay: code (the prototxts' decay_mult: D, conv5's convs) or all",
+    )
+    lr_milestones: tuple[int, ...] = _f(
+        (300_000, 500_000, 700_000, 900_000, 1_100_000),
+        group="optimisation",
+        source="code: multistep at 300k, 500k, 700k, 900k, 1.1M",
+        parse=_milestones,
+        help="steps (each network's own) at which the lr is multiplied by "
+        "--lr-gamma, comma-separated, or 'none' (derived code: 300000,500000,"
+        "700000,900000,1100000)",
+    )
+    lr_gamma: float = _f(
+        0.5,
+        source="code: gamma 0.5",
+        group="optimisation",
+        help="lr factor at each milestone (derived code: 0.5)",
+    )
+    mirror: bool = _f(
+        False,
+        source="code: no mirroring",
+        group="data",
+        cli={"action": "bool"},
+        help="random horizontal mirroring of the training crops (the derived code does not mirror)",
+    )
 
     # --- optimisation (paper: Adam, lr 2e-4, betas 0.9/0.999, batch 64)
-    lr: float = _f(2e-4, source="paper: Adam 2e-4 (code: base_lr 2e-4)", group="optimisation",
-                   help="Adam learning rate (paper: 2e-4)")
+    lr: float = _f(
+        2e-4,
+        source="paper: Adam 2e-4 (code: base_lr 2e-4)",
+        group="optimisation",
+        help="Adam learning rate (paper: 2e-4)",
+    )
     beta1: float = _f(0.9, source="paper: 0.9 (code: momentum 0.9)", flag=False)
     beta2: float = _f(0.999, source="paper: 0.999 (code: momentum2 0.999)", flag=False)
     batch_size: int = _f(64, source="paper: 64", group="optimisation", help="images per step (paper: 64)")
-    steps: int = _f(500_000, source="paper: 500k to 1M iterations", group="optimisation",
-                    help="number of training iterations")
+    steps: int = _f(
+        500_000,
+        source="paper: 500k to 1M iterations",
+        group="optimisation",
+        help="number of training iterations",
+    )
 
     # --- data
-    data: str = _f("photos", source="ours: the bundled photos", group="data",
-                   help="'photos' (bundled sample photographs), a folder of images, or an STL-10 binary folder")
-    loader: str = _f("auto", group="data", choices="deepsim.train.auto:RUNTIME_CHOICES.loader", auto=True,
-                     help="data loader: torch (PIL in DataLoader workers), dali (NVIDIA DALI), nvjpeg (torchvision "
-                     "JPEG decode on the device) or resident (the decoded data set on the device); auto: resident "
-                     "for STL-10 and the photos on CUDA when they fit, else dali or nvjpeg, torch on the CPU")
+    data: str = _f(
+        "photos",
+        source="ours: the bundled photos",
+        group="data",
+        help="'photos' (bundled sample photographs), a folder of images, or an STL-10 binary folder",
+    )
+    loader: str = _f(
+        "auto",
+        group="data",
+        choices="deepsim.train.auto:RUNTIME_CHOICES.loader",
+        auto=True,
+        help="data loader: torch (PIL in DataLoader workers), dali (NVIDIA DALI), nvjpeg (torchvision "
+        "JPEG decode on the device) or resident (the decoded data set on the device); auto: resident "
+        "for STL-10 and the photos on CUDA when they fit, else dali or nvjpeg, torch on the CPU",
+    )
     num_workers: int = _f(0, group="data", help="DataLoader worker processes (torch loader)")
-    on_bad: str = _f("error", group="data", choices="deepsim.data.sampling:ON_BAD",
-                     help="a corrupt, too-small or too-large image: error (stop, naming the file), skip (count and "
-                     "go on), pad (pad small ones)")
+    on_bad: str = _f(
+        "error",
+        group="data",
+        choices="deepsim.data.sampling:ON_BAD",
+        help="a corrupt, too-small or too-large image: error (stop, naming the file), skip (count and "
+        "go on), pad (pad small ones)",
+    )
     max_image_pixels: int = _f(8192 * 8192, group="data", help=MAX_IMAGE_PIXELS_HELP)  # deepsim.data.images
 
     # --- running
-    out: str = _f("runs/deepsim", group="output",
-                  help="output folder: checkpoint.pt (+ the previous ones), metrics.jsonl, config.json, "
-                  "samples/*.png; one that already holds a run is refused without --resume")
+    out: str = _f(
+        "runs/deepsim",
+        group="output",
+        help="output folder: checkpoint.pt (+ the previous ones), metrics.jsonl, config.json, "
+        "samples/*.png; one that already holds a run is refused without --resume",
+    )
     device: str = _f("auto", group="runtime", help="auto | cpu | cuda | cuda:N")
     seed: int = _f(0, group="runtime", help="seed for initialisation, data order and augmentation")
-    precision: str = _f("auto", group="runtime", choices="deepsim.train.auto:RUNTIME_CHOICES.precision", auto=True,
-                        help="fp32, tf32 (CUDA matmuls) or bf16 autocast; auto: bf16 on CUDA (sm_80+), fp32 on the "
-                        "CPU")
-    compile: str = _f("auto", group="runtime", choices="deepsim.train.auto:RUNTIME_CHOICES.compile", auto=True,
-                      help="torch.compile the training step; auto: reduce-overhead (CUDA graphs) on CUDA, off on the "
-                      "CPU")
-    channels_last: bool | str = _f("auto", group="runtime",
-                                   cli={"nargs": "?", "const": "on", "choices": ["auto", "on", "off"],
-                                        "default": None, "action": "on-off-auto"},
-                                   help="G, D, C and the batches in channels_last (NHWC) memory format (faster "
-                                   "convolutions on tensor cores); auto: on for CUDA, off on the CPU")
-    log_every: int = _f(10, group="output", help="read metrics from the device every N steps")  # the only host syncs
-    sample_every: int = _f(200, group="output", help="write a PNG grid of inputs and reconstructions every N steps")
-    checkpoint_every: int = _f(500, group="output",
-                               help="write checkpoint.pt every N steps (and at the end, and on a stop signal)")
-    tensorboard: bool | str = _f("auto", group="output", cli={"action": "bool"},
-                                 help="TensorBoard event files beside metrics.jsonl (default: on when the "
-                                 "tensorboard package is installed)")
-    keep_checkpoints: int = _f(2, group="output",
-                               help="keep the K newest checkpoints (checkpoint.pt, checkpoint.step<N>.pt...): a "
-                               "corrupt newest one falls back")
-    stop_signals: str = _f("SIGTERM,SIGINT,SIGUSR1", group="runtime",  # deepsim.train.preemption
-                           help="signals that stop training cleanly: finish the step, write a checkpoint, exit "
-                           "with status 75 ('' = none)")
+    precision: str = _f(
+        "auto",
+        group="runtime",
+        choices="deepsim.train.auto:RUNTIME_CHOICES.precision",
+        auto=True,
+        help="fp32, tf32 (CUDA matmuls) or bf16 autocast; auto: bf16 on CUDA (sm_80+), fp32 on the CPU",
+    )
+    compile: str = _f(
+        "auto",
+        group="runtime",
+        choices="deepsim.train.auto:RUNTIME_CHOICES.compile",
+        auto=True,
+        help="torch.compile the training step; auto: reduce-overhead (CUDA graphs) on CUDA, off on the CPU",
+    )
+    channels_last: bool | str = _f(
+        "auto",
+        group="runtime",
+        cli={
+            "nargs": "?",
+            "const": "on",
+            "choices": ["auto", "on", "off"],
+            "default": None,
+            "action": "on-off-auto",
+        },
+        help="G, D, C and the batches in channels_last (NHWC) memory format (faster "
+        "convolutions on tensor cores); auto: on for CUDA, off on the CPU",
+    )
+    log_every: int = _f(
+        10, group="output", help="read metrics from the device every N steps"
+    )  # the only host syncs
+    sample_every: int = _f(
+        200, group="output", help="write a PNG grid of inputs and reconstructions every N steps"
+    )
+    checkpoint_every: int = _f(
+        500, group="output", help="write checkpoint.pt every N steps (and at the end, and on a stop signal)"
+    )
+    tensorboard: bool | str = _f(
+        "auto",
+        group="output",
+        cli={"action": "bool"},
+        help="TensorBoard event files beside metrics.jsonl (default: on when the "
+        "tensorboard package is installed)",
+    )
+    keep_checkpoints: int = _f(
+        2,
+        group="output",
+        help="keep the K newest checkpoints (checkpoint.pt, checkpoint.step<N>.pt...): a "
+        "corrupt newest one falls back",
+    )
+    stop_signals: str = _f(
+        "SIGTERM,SIGINT,SIGUSR1",
+        group="runtime",  # deepsim.train.preemption
+        help="signals that stop training cleanly: finish the step, write a checkpoint, exit "
+        "with status 75 ('' = none)",
+    )
 
     def replace(self, **changes) -> TrainConfig:
         """A copy with some fields changed; unknown names raise a TypeError naming them."""
@@ -300,51 +498,84 @@ PRESETS: dict[str, TrainConfig] = {
     # pass --comparator alexnet:conv3 with torchvision's AlexNet weights in the cache for the paper's setup.
     # Loss weights and learning rate (open, measured here): with the derived code's lambda_adv = 100 the
     # adversarial term outweighs the others on 64x64 crops and G reconstructs nothing in the first 300 steps
-    # (seen on the bundled photos); lambda_adv = 1, lambda_feat = 0.5 (the random-AlexNet conv3 term then starts
-    # at about a third of the image term) and lr 1e-3 give recognisable reconstructions within 100-200 steps.
-    # Mirroring stays on (ours: 15 photos need the variety); the derived code's dynamics (update order, pause
-    # rule, D layout and initialisation, weight decay; the LR milestones lie past 600 steps) are the defaults.
+    # (seen on the bundled photos); lambda_adv = 1, lambda_feat = 0.5 (the random-AlexNet conv3 term then
+    # starts at about a third of the image term) and lr 1e-3 give recognisable reconstructions within 100-200
+    # steps. Mirroring stays on (ours: 15 photos need the variety); the derived code's dynamics (update order,
+    # pause rule, D layout and initialisation, weight decay; the LR
+    # milestones lie past 600 steps) are the defaults.
     "autoencoder-photos": _preset(
-        steps=600, batch_size=32, lr=1e-3, lambda_adv=1.0, lambda_feat=0.5, mirror=True,
-        log_every=10, sample_every=100, checkpoint_every=200, out="runs/autoencoder-photos",
+        steps=600,
+        batch_size=32,
+        lr=1e-3,
+        lambda_adv=1.0,
+        lambda_feat=0.5,
+        mirror=True,
+        log_every=10,
+        sample_every=100,
+        checkpoint_every=200,
+        out="runs/autoencoder-photos",
     ),
-    # The paper's autoencoder experiments (paper): STL-10 unlabeled (data="stl10_binary": the STL-10 binary folder,
-    # pass --data PATH elsewhere), random 64x64 crops, an 8-channel code 8x smaller (8x8x8), batch 64, Adam
-    # 2e-4, 500k steps, D with first stride 2. The four losses compared (paper): SE, l1, DeePSiM with AlexNet
-    # CONV3, DeePSiM with Exemplar-CNN CONV3. DeePSiM weights: the derived code's (inversion script:
+    # The paper's autoencoder experiments (paper): STL-10 unlabeled (data="stl10_binary": the STL-10 binary
+    # folder, pass --data PATH elsewhere), random 64x64 crops, an 8-channel code 8x smaller (8x8x8), batch 64,
+    # Adam 2e-4, 500k steps, D with first stride 2. The four losses compared (paper): SE, l1, DeePSiM with
+    # AlexNet CONV3, DeePSiM with Exemplar-CNN CONV3. DeePSiM weights: the derived code's (inversion script:
     # feat 0.01, img 2e-6, adv 100 in Caffe's convention, converted by CAFFE_TO_DEEPSIM); the autoencoder's
     # own weights are not published (open). AlexNet = torchvision's layout (the paper used Caffe's: pass
     # --comparator caffenet:conv3 --comparator-weights FILE); Exemplar-CNN needs --comparator-weights FILE.
-    # lambda_feat = 0.005 is the code's CaffeNet weight: it is NOT calibrated for torchvision's AlexNet (nor for
-    # Exemplar-CNN); measure the factor with `deepsim calibrate` (see CAFFE_TO_DEEPSIM above).
+    # lambda_feat = 0.005 is the code's CaffeNet weight: it is NOT calibrated for torchvision's AlexNet (nor
+    # for Exemplar-CNN); measure the factor with `deepsim calibrate` (see CAFFE_TO_DEEPSIM above).
     "autoencoder-stl10-se": _preset(loss="se", data="stl10_binary", out="runs/ae-se"),
     "autoencoder-stl10-l1": _preset(loss="l1", data="stl10_binary", out="runs/ae-l1"),
-    "autoencoder-stl10-alexnet": _preset(comparator="alexnet:conv3", data="stl10_binary", out="runs/ae-alexnet"),
-    "autoencoder-stl10-exemplar": _preset(comparator="exemplar:conv3", data="stl10_binary", out="runs/ae-exemplar"),
+    "autoencoder-stl10-alexnet": _preset(
+        comparator="alexnet:conv3", data="stl10_binary", out="runs/ae-alexnet"
+    ),
+    "autoencoder-stl10-exemplar": _preset(
+        comparator="exemplar:conv3", data="stl10_binary", out="runs/ae-exemplar"
+    ),
     # The VAE (paper: DeePSiM replaces the reconstruction term; the decoder is the fc6 inversion generator).
     # Open, our choices: 64x64 images (the decoder's up-conv stack then has 4 stages, 4 -> 64, instead of 6),
     # the conv encoder of deepsim.applications.generators.VAEEncoder, latent 4096 (the fc6 size the decoder
     # copies), lambda_kl 1 (a per-sample KL sum, like every other term), STL-10 unlabeled as for the
     # autoencoder, the autoencoder's comparator AlexNet CONV3 and D (first stride 2); DeePSiM weights: code.
     "vae-stl10": _preset(
-        task="vae", image_size=64, latent_dim=4096, lambda_kl=1.0, comparator="alexnet:conv3", data="stl10_binary",
+        task="vae",
+        image_size=64,
+        latent_dim=4096,
+        lambda_kl=1.0,
+        comparator="alexnet:conv3",
+        data="stl10_binary",
         out="runs/vae-stl10",
     ),
     # The VAE quickstart (the default of `deepsim train vae`): bundled photos, random-weight AlexNet (as the
     # autoencoder quickstart), a small latent and FC width so that it runs on a laptop CPU (open).
     "vae-photos": _preset(
-        task="vae", image_size=64, latent_dim=256, fc_width=1024, batch_size=16, steps=400, mirror=True,
-        log_every=10, sample_every=100, checkpoint_every=200, out="runs/vae-photos",
+        task="vae",
+        image_size=64,
+        latent_dim=256,
+        fc_width=1024,
+        batch_size=16,
+        steps=400,
+        mirror=True,
+        log_every=10,
+        sample_every=100,
+        checkpoint_every=200,
+        out="runs/vae-photos",
     ),
-    # The VAE at the inversion's resolution: ILSVRC-2012 train (data="imagenet/train", pass --data PATH), 227x227
-    # crops after resizing the shorter side to 256, the decoder = the fc6 inversion generator with its full
-    # up-conv stack (256x256 output, centre-cropped to 227; code), D with first stride 4 (code) and no feature
-    # branch, comparator AlexNet pool5 (as the inversion; code), DeePSiM weights of the code (lambda_feat NOT
-    # calibrated for torchvision's AlexNet, as for the inversion below). Open, ours: the encoder (VAEEncoder:
-    # 227 -> 114 -> 57 -> 29 -> 15 -> 8 -> 4), latent 4096, lambda_kl 1.
+    # The VAE at the inversion's resolution: ILSVRC-2012 train (data="imagenet/train", pass --data PATH),
+    # 227x227 crops after resizing the shorter side to 256, the decoder = the fc6 inversion generator with its
+    # full up-conv stack (256x256 output, centre-cropped to 227; code), D with first stride 4 (code) and no
+    # feature branch, comparator AlexNet pool5 (as the inversion; code), DeePSiM weights of the code
+    # (lambda_feat NOT calibrated for torchvision's AlexNet, as for the inversion below). Open, ours: the
+    # encoder (VAEEncoder: 227 -> 114 -> 57 -> 29 -> 15 -> 8 -> 4), latent 4096, lambda_kl 1.
     "vae-imagenet": _preset(
-        task="vae", image_size=227, disc_first_stride=4, latent_dim=4096, lambda_kl=1.0, comparator="alexnet:pool5",
-        data="imagenet/train", out="runs/vae-imagenet",
+        task="vae",
+        image_size=227,
+        disc_first_stride=4,
+        latent_dim=4096,
+        lambda_kl=1.0,
+        comparator="alexnet:pool5",
+        data="imagenet/train",
+        out="runs/vae-imagenet",
     ),
 }
 
@@ -360,9 +591,18 @@ def _invert_preset(layer: str) -> TrainConfig:
     # the default comparator here; `deepsim calibrate` measures the factor (or use caffenet:pool5).
     # Ablations (paper): --lambda-adv 0 (no D is built), --lambda-img 0, --lambda-feat 0.
     return _preset(
-        task="invert", invert_layer=layer, invert_network="alexnet", image_size=227, disc_first_stride=4,
-        comparator="alexnet:pool5", batch_size=64, lambda_feat=0.01 * CAFFE_TO_DEEPSIM["feat"], lambda_adv=100.0,
-        lambda_img=2e-6 * CAFFE_TO_DEEPSIM["img"], data="imagenet/train", out=f"runs/invert-{layer}",
+        task="invert",
+        invert_layer=layer,
+        invert_network="alexnet",
+        image_size=227,
+        disc_first_stride=4,
+        comparator="alexnet:pool5",
+        batch_size=64,
+        lambda_feat=0.01 * CAFFE_TO_DEEPSIM["feat"],
+        lambda_adv=100.0,
+        lambda_img=2e-6 * CAFFE_TO_DEEPSIM["img"],
+        data="imagenet/train",
+        out=f"runs/invert-{layer}",
     )
 
 
@@ -378,8 +618,18 @@ def field_info(name_or_field) -> FieldInfo:
     f = name_or_field if isinstance(name_or_field, dataclasses.Field) else _FIELDS[name_or_field]
     meta = f.metadata["deepsim"]
     flag = f.name if meta["flag"] is True else (meta["flag"] or None)
-    return FieldInfo(f.name, flag, meta["help"], meta["choices"], meta["auto"], meta["group"], meta["tasks"],
-                     meta["source"], meta["parse"], meta["cli"])
+    return FieldInfo(
+        f.name,
+        flag,
+        meta["help"],
+        meta["choices"],
+        meta["auto"],
+        meta["group"],
+        meta["tasks"],
+        meta["source"],
+        meta["parse"],
+        meta["cli"],
+    )
 
 
 def field_choices(info: FieldInfo) -> tuple | None:
@@ -410,34 +660,48 @@ _QUICK = "ours: quickstart, a few minutes on a CPU"
 _IMAGENET = "paper: ILSVRC-2012 train"
 PRESET_SOURCES: dict[str, dict[str, str]] = {
     "autoencoder-photos": {
-        "steps": _QUICK, "batch_size": _QUICK, "lr": "ours: 1e-3, fast progress in few steps",
+        "steps": _QUICK,
+        "batch_size": _QUICK,
+        "lr": "ours: 1e-3, fast progress in few steps",
         "lambda_adv": "ours: 1 (100 swamps the other terms early on 64x64 crops)",
-        "lambda_feat": "ours: random-AlexNet conv3 term about a third of the image term", "mirror": _QUICK,
+        "lambda_feat": "ours: random-AlexNet conv3 term about a third of the image term",
+        "mirror": _QUICK,
     },
     "autoencoder-stl10-se": {"loss": "paper: SE baseline", "data": _STL10},
     "autoencoder-stl10-l1": {"loss": "paper: l1 baseline", "data": _STL10},
     "autoencoder-stl10-alexnet": {
-        "comparator": "paper: AlexNet CONV3 (ours: torchvision's layout; caffenet:conv3 for Caffe's)", "data": _STL10,
+        "comparator": "paper: AlexNet CONV3 (ours: torchvision's layout; caffenet:conv3 for Caffe's)",
+        "data": _STL10,
     },
     "autoencoder-stl10-exemplar": {"comparator": "paper: Exemplar-CNN CONV3", "data": _STL10},
     "vae-stl10": {
-        "task": "paper: VAE with DeePSiM", "comparator": "ours: the autoencoder's AlexNet CONV3", "data": _STL10,
+        "task": "paper: VAE with DeePSiM",
+        "comparator": "ours: the autoencoder's AlexNet CONV3",
+        "data": _STL10,
     },
     "vae-photos": {
-        "task": "paper: VAE with DeePSiM", "latent_dim": _QUICK, "fc_width": _QUICK, "batch_size": _QUICK,
-        "steps": _QUICK, "mirror": _QUICK,
+        "task": "paper: VAE with DeePSiM",
+        "latent_dim": _QUICK,
+        "fc_width": _QUICK,
+        "batch_size": _QUICK,
+        "steps": _QUICK,
+        "mirror": _QUICK,
     },
     "vae-imagenet": {
-        "task": "paper: VAE with DeePSiM", "image_size": "code: 227x227 crops, generator 256 cropped to 227",
-        "disc_first_stride": "code: stride 4 at 227", "comparator": "code: pool5 (ours: torchvision's layout)",
+        "task": "paper: VAE with DeePSiM",
+        "image_size": "code: 227x227 crops, generator 256 cropped to 227",
+        "disc_first_stride": "code: stride 4 at 227",
+        "comparator": "code: pool5 (ours: torchvision's layout)",
         "data": _IMAGENET,
     },
     **{
         f"invert-{layer}": {
-            "task": "paper: inverting AlexNet", "invert_layer": f"paper: {layer}",
+            "task": "paper: inverting AlexNet",
+            "invert_layer": f"paper: {layer}",
             "image_size": "code: 227x227 crops, generator 256 cropped to 227",
             "disc_first_stride": "code: stride 4 at 227",
-            "comparator": "code: pool5 (the code used CaffeNet; ours: torchvision's layout)", "data": _IMAGENET,
+            "comparator": "code: pool5 (the code used CaffeNet; ours: torchvision's layout)",
+            "data": _IMAGENET,
         }
         for layer in ("conv5", "fc6", "fc7", "fc8")
     },

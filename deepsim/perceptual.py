@@ -225,8 +225,10 @@ class LPIPS(nn.Module):
             arch, backbone_weights = f"{arch}-random", None
         elif backbone_weights is not None and not Path(backbone_weights).is_file():
             name, url = TORCHVISION_FILES[arch]
-            raise FileNotFoundError(f"LPIPS backbone_weights file {backbone_weights} does not exist; it is a "
-                                    f"torchvision-format state dict such as {name} ({url})")  # fmt: skip
+            raise FileNotFoundError(
+                f"LPIPS backbone_weights file {backbone_weights} does not exist; it is a "
+                f"torchvision-format state dict such as {name} ({url})"
+            )
         self.comparator = Comparator(f"{arch}:{','.join(taps)}", weights=backbone_weights)
         for i, w in enumerate(_load_lin_weights(net, version, lin_weights)):
             self.register_buffer(f"lin{i}", w)

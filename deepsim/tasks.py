@@ -1,8 +1,8 @@
 """The task table: what each ``TrainConfig.task`` is, in one place.
 
 Each :class:`Task` names its trainer builder, its default preset, its data preprocessing and what runs after
-training. The table sits above both :mod:`deepsim.train` (the autoencoder, and the loop that takes a table) and
-:mod:`deepsim.applications` (the VAE and AlexNet inversion), so neither imports the other for it: the CLI
+training. The table sits above both :mod:`deepsim.train` (the autoencoder, and the loop that takes a table)
+and :mod:`deepsim.applications` (the VAE and AlexNet inversion), so neither imports the other for it: the CLI
 hands :data:`TASKS` (task -> builder) to :func:`deepsim.train.loop.train`; a library user does the same::
 
     from deepsim import get_preset
@@ -32,8 +32,18 @@ from deepsim.config import TrainConfig, get_preset
 from deepsim.train.factory import AUTOENCODER_TASKS, TrainerBuilder, build_discriminator
 
 __all__ = [
-    "TASKS", "TASK_TABLE", "Task", "data_mode", "default_preset", "crop_size", "resize_side", "RESIZE_SIDE", "with_random_weights",
-    "missing_weights", "check_weights", "checkpoint_bytes",
+    "TASKS",
+    "TASK_TABLE",
+    "Task",
+    "data_mode",
+    "default_preset",
+    "crop_size",
+    "resize_side",
+    "RESIZE_SIDE",
+    "with_random_weights",
+    "missing_weights",
+    "check_weights",
+    "checkpoint_bytes",
 ]
 
 
@@ -65,15 +75,22 @@ class Task:
 
 TASK_TABLE: dict[str, Task] = {
     "autoencoder": Task(
-        "autoencoder", AUTOENCODER_TASKS["autoencoder"], "autoencoder-photos",
+        "autoencoder",
+        AUTOENCODER_TASKS["autoencoder"],
+        "autoencoder-photos",
         "the autoencoder: image -> 8-channel code -> image (default: the bundled photos)",
     ),
     "invert": Task(
-        "invert", build_application_trainer, "invert-fc6",
-        "invert AlexNet: features of --layer conv5|fc6|fc7|fc8 -> image (preset invert-<layer>)", resize=True,
+        "invert",
+        build_application_trainer,
+        "invert-fc6",
+        "invert AlexNet: features of --layer conv5|fc6|fc7|fc8 -> image (preset invert-<layer>)",
+        resize=True,
     ),
     "vae": Task(
-        "vae", build_application_trainer, "vae-photos",
+        "vae",
+        build_application_trainer,
+        "vae-photos",
         "the variational autoencoder with the DeePSiM loss; writes <out>/prior_samples.png at the end",
         after=_vae_prior_samples,
     ),
@@ -116,21 +133,27 @@ def with_random_weights(config: TrainConfig) -> tuple[TrainConfig, str]:
     Raises:
         ValueError: a weights file is given as well, or an architecture has no random variant.
     """
-    for flag, path in (("--comparator-weights", config.comparator_weights),
-                       ("--invert-network-weights", config.invert_network_weights)):
+    for flag, path in (
+        ("--comparator-weights", config.comparator_weights),
+        ("--invert-network-weights", config.invert_network_weights),
+    ):
         if path:
             raise ValueError(f"--random-weights and {flag} {path}: choose one")
     arch, rest = config.comparator.split(":", 1)
     if ARCHITECTURES.get(arch, (None, ""))[1] in ("torchvision", "file"):
         if f"{arch}-random" not in ARCHITECTURES:
-            raise ValueError(f"--random-weights: comparator {arch!r} has no random variant; pass --comparator")
+            raise ValueError(
+                f"--random-weights: comparator {arch!r} has no random variant; pass --comparator"
+            )
         arch = f"{arch}-random"
     changes = {"comparator": f"{arch}:{rest}"}
     network = config.invert_network
     if config.task == "invert" and not network.endswith("-random"):
         network = f"{network}-random"
         if network not in INVERTIBLE_NETWORKS:
-            raise ValueError(f"--random-weights: inverted network {config.invert_network!r} has no random variant")
+            raise ValueError(
+                f"--random-weights: inverted network {config.invert_network!r} has no random variant"
+            )
         changes["invert_network"] = network
     config = config.replace(**changes)
     note = f"random weights (--random-weights): comparator {config.comparator}"
@@ -149,10 +172,23 @@ def missing_weights(config: TrainConfig) -> list[str]:
     needs = []
     wanted = []
     if _uses_comparator(config):
-        wanted.append(("comparator", parse_spec(config.comparator)[0], config.comparator_weights, "--comparator-weights"))
+        wanted.append(
+            (
+                "comparator",
+                parse_spec(config.comparator)[0],
+                config.comparator_weights,
+                "--comparator-weights",
+            )
+        )
     if config.task == "invert":
-        wanted.append(("inverted network", config.invert_network, config.invert_network_weights,
-                       "--invert-network-weights"))
+        wanted.append(
+            (
+                "inverted network",
+                config.invert_network,
+                config.invert_network_weights,
+                "--invert-network-weights",
+            )
+        )
     for what, arch, weights, flag in wanted:
         kind = ARCHITECTURES.get(arch, (None, "random"))[1]
         if weights or kind in ("random", "network"):
@@ -167,8 +203,9 @@ def missing_weights(config: TrainConfig) -> list[str]:
 
 
 def check_weights(config: TrainConfig, downloads: bool) -> None:
-    """Raise one :class:`ComparatorWeightsError` listing every missing weights file (see :func:`missing_weights`)
-    and the flags that provide them, unless ``downloads`` fetches the torchvision ones."""
+    """Raise one :class:`ComparatorWeightsError` listing every missing weights file (see
+    :func:`missing_weights`) and the flags that provide them, unless ``downloads`` fetches the torchvision
+    ones."""
     needs = [n for n in missing_weights(config) if not (downloads and "--download-weights" in n)]
     if needs:
         raise ComparatorWeightsError(
@@ -179,7 +216,9 @@ def check_weights(config: TrainConfig, downloads: bool) -> None:
 
 # ------------------------------------------------------------------------------------------- disk use
 def _needs_discriminator(config: TrainConfig) -> bool:
-    return config.loss == "deepsim" and (config.lambda_adv != 0 or config.comparator.startswith("discriminator"))
+    return config.loss == "deepsim" and (
+        config.lambda_adv != 0 or config.comparator.startswith("discriminator")
+    )
 
 
 def checkpoint_bytes(config: TrainConfig) -> int:
@@ -188,7 +227,9 @@ def checkpoint_bytes(config: TrainConfig) -> int:
     with torch.device("meta"):
         networks = [build_generator(config)]
         if _needs_discriminator(config):
-            feature_dim = math.prod(LAYER_FEATURE_SHAPES[config.invert_layer]) if config.task == "invert" else None
+            feature_dim = (
+                math.prod(LAYER_FEATURE_SHAPES[config.invert_layer]) if config.task == "invert" else None
+            )
             networks.append(build_discriminator(config, feature_dim))
     total = 0
     for net in networks:

@@ -32,19 +32,27 @@ def dgrad_geometry(geom: ConvGeometry) -> ConvGeometry:
     """The forward problem whose output is grad_x of ``geom`` (see the module doc)."""
     oh, ow = geom.out_size
     if geom.transposed:
-        return ConvGeometry(False, geom.N, geom.C_out, oh, ow, geom.C_in, geom.KH, geom.KW, geom.stride,
-                            geom.padding)  # fmt: skip
-    pad = (geom.H - conv_out_size(oh, geom.KH, geom.stride, geom.padding, True),
-           geom.W - conv_out_size(ow, geom.KW, geom.stride, geom.padding, True))  # fmt: skip
-    return ConvGeometry(True, geom.N, geom.C_out, oh, ow, geom.C_in, geom.KH, geom.KW, geom.stride,
-                        geom.padding, pad)  # fmt: skip
+        return ConvGeometry(
+            False, geom.N, geom.C_out, oh, ow, geom.C_in, geom.KH, geom.KW, geom.stride, geom.padding
+        )
+    pad = (
+        geom.H - conv_out_size(oh, geom.KH, geom.stride, geom.padding, True),
+        geom.W - conv_out_size(ow, geom.KW, geom.stride, geom.padding, True),
+    )
+    return ConvGeometry(
+        True, geom.N, geom.C_out, oh, ow, geom.C_in, geom.KH, geom.KW, geom.stride, geom.padding, pad
+    )
 
 
 def dgrad_config_list(dtype: torch.dtype, precision: str) -> list[ConvConfig]:
     """The forward kernel's configs for a dgrad: the same, except 4-warp 128-row tiles run with 8 warps
     (the mask multiply on the A operand takes them over 240 registers)."""
-    return [dataclasses.replace(c, num_warps=8) if c.block_m >= 128 and c.block_n >= 64 and c.num_warps == 4
-            else c for c in config_list(dtype, precision)]  # fmt: skip
+    return [
+        dataclasses.replace(c, num_warps=8)
+        if c.block_m >= 128 and c.block_n >= 64 and c.num_warps == 4
+        else c
+        for c in config_list(dtype, precision)
+    ]
 
 
 def conv_dgrad(
@@ -53,8 +61,12 @@ def conv_dgrad(
     """grad_x (N, C_in, H, W), channels_last, of lrelu(conv(x, W) + b) (or the up-conv), from grad_out and
     the saved out (same shape, any layouts)."""
     dg = dgrad_geometry(geom)
-    grad_x = torch.empty((geom.N, geom.C_in, geom.H, geom.W), dtype=out.dtype, device=out.device,
-                         memory_format=torch.channels_last)  # fmt: skip
+    grad_x = torch.empty(
+        (geom.N, geom.C_in, geom.H, geom.W),
+        dtype=out.dtype,
+        device=out.device,
+        memory_format=torch.channels_last,
+    )
     if grad_x.numel() == 0:
         return grad_x
     if grad_out.numel() == 0:
@@ -63,8 +75,9 @@ def conv_dgrad(
     configs = eligible_configs(
         dg, out.element_size(), dgrad_config_list(out.dtype, input_precision(out.dtype))
     )
-    return conv_igemm_forward(grad_out.to(out.dtype), weight, None, dg, alpha, grad_x, mask=out, op=op,
-                              configs=configs)  # fmt: skip
+    return conv_igemm_forward(
+        grad_out.to(out.dtype), weight, None, dg, alpha, grad_x, mask=out, op=op, configs=configs
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -161,8 +174,9 @@ def _conv_wgrad_kernel(
             q = tl.where(sign.to(tl.float32) > 0, q, q.to(tl.float32) * alpha).to(q_ptr.dtype.element_ty)
         acc = tl.dot(tl.trans(p), q, acc, input_precision=INPUT_PRECISION)  # (BLOCK_R, BLOCK_C) fp32
     base = split.to(tl.int64) * R * KCOLS
-    tl.store(part_ptr + base + (offs_r * KCOLS)[:, None] + cols[None, :], acc,
-             mask=r_ok[:, None] & col_ok[None, :])  # fmt: skip
+    tl.store(
+        part_ptr + base + (offs_r * KCOLS)[:, None] + cols[None, :], acc, mask=r_ok[:, None] & col_ok[None, :]
+    )
     if BIAS:
         if pid_c == 0:
             tl.store(bias_part_ptr + split * R + offs_r, bias_acc, mask=r_ok)
@@ -254,9 +268,19 @@ def wgrad_constexprs(
 ) -> dict:
     """Constexpr arguments of ``_conv_wgrad_kernel`` (the launcher and bench/static.py build them here)."""
     p = wgrad_problem(geom)
-    return dict(C=p["C"], KH=geom.KH, KW=geom.KW, MASK_P=not geom.transposed, MASK_Q=geom.transposed,
-                BIAS=bias, INPUT_PRECISION=precision, INDEX_64=index_64, BLOCK_R=config.block_m,
-                BLOCK_C=config.block_n, BLOCK_K=config.block_k)  # fmt: skip
+    return dict(
+        C=p["C"],
+        KH=geom.KH,
+        KW=geom.KW,
+        MASK_P=not geom.transposed,
+        MASK_Q=geom.transposed,
+        BIAS=bias,
+        INPUT_PRECISION=precision,
+        INDEX_64=index_64,
+        BLOCK_R=config.block_m,
+        BLOCK_C=config.block_n,
+        BLOCK_K=config.block_k,
+    )
 
 
 def conv_wgrad(
@@ -275,8 +299,9 @@ def conv_wgrad(
         raise ValueError("conv_wgrad: the bias gradient of an up-conv comes from the mask pass, not wgrad")
     p = wgrad_problem(geom)
     w_shape = (geom.C_in, geom.C_out) if geom.transposed else (geom.C_out, geom.C_in)
-    grad_w = torch.empty((*w_shape, geom.KH, geom.KW), dtype=out.dtype, device=out.device,
-                         memory_format=torch.channels_last)  # fmt: skip
+    grad_w = torch.empty(
+        (*w_shape, geom.KH, geom.KW), dtype=out.dtype, device=out.device, memory_format=torch.channels_last
+    )
     grad_b = torch.empty(p["R"], dtype=torch.float32, device=out.device) if need_bias else None
     if p["K"] == 0 or grad_w.numel() == 0:
         grad_w.zero_()
@@ -301,16 +326,36 @@ def conv_wgrad(
         )
         tiles = triton.cdiv(p["R"], config.block_m) * triton.cdiv(p["KCOLS"], config.block_n)
         _conv_wgrad_kernel[(tiles, splits)](
-            p_t, q_t, m, part, bias_part,
-            p["K"], i_hw, i_w, q_h, q_w, p["R"], geom.stride, geom.padding, per_split, float(alpha),
+            p_t,
+            q_t,
+            m,
+            part,
+            bias_part,
+            p["K"],
+            i_hw,
+            i_w,
+            q_h,
+            q_w,
+            p["R"],
+            geom.stride,
+            geom.padding,
+            per_split,
+            float(alpha),
             **wgrad_constexprs(geom, config, bias=need_bias, precision=precision, index_64=index_64),
-            num_warps=config.num_warps, num_stages=config.num_stages,
-        )  # fmt: skip
+            num_warps=config.num_warps,
+            num_stages=config.num_stages,
+        )
         state.update(part=part, bias_part=bias_part, splits=splits)
 
     candidates = wgrad_candidates(geom, out.dtype, precision)
-    chosen = choose_config("wgrad_conv_transpose" if geom.transposed else "wgrad_conv", geom, out,
-                           precision, launch, candidates=candidates)  # fmt: skip
+    chosen = choose_config(
+        "wgrad_conv_transpose" if geom.transposed else "wgrad_conv",
+        geom,
+        out,
+        precision,
+        launch,
+        candidates=candidates,
+    )
     launch(chosen)
     _sum_splits(state["part"], grad_w, state["splits"])
     if need_bias:

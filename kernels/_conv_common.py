@@ -81,8 +81,10 @@ def conv_forward(
     geom = geometry(x.shape, weight.shape, stride, padding, transposed)
     oh, ow = geom.out_size
     if oh <= 0 or ow <= 0:
-        raise ValueError(f"{op_name(transposed)}: input {geom.H}x{geom.W} with kernel {geom.KH}x{geom.KW}, "
-                         f"stride {stride}, padding {padding} leaves no output")  # fmt: skip
+        raise ValueError(
+            f"{op_name(transposed)}: input {geom.H}x{geom.W} with kernel {geom.KH}x{geom.KW}, "
+            f"stride {stride}, padding {padding} leaves no output"
+        )
     out = empty_conv_output(x, geom.C_out, oh, ow)
     if out.numel() == 0:
         return out
@@ -153,9 +155,18 @@ def conv_lrelu_grads(
         gb = gb_pass if need_b_pass else gb
         if aten_x or aten_w:
             ax, aw, _ = torch.ops.aten.convolution_backward(
-                grad_pre, x, weight, None, [stride] * 2, [padding] * 2, [1, 1], transposed, [0, 0], 1,
+                grad_pre,
+                x,
+                weight,
+                None,
+                [stride] * 2,
+                [padding] * 2,
+                [1, 1],
+                transposed,
+                [0, 0],
+                1,
                 [aten_x, aten_w, False],
-            )  # fmt: skip
+            )
             gx = ax if aten_x else gx
             gw = aw if aten_w else gw
     # Fixed layouts (x's and weight's memory format), as the fake implementation promises torch.compile.
@@ -198,8 +209,16 @@ def lrelu_conv_backward(ctx, grad_out, backward_op):
     has_bias, stride, padding, alpha, dgrad, wgrad = ctx.conf
     mask = [bool(m) for m in ctx.needs_input_grad[:3]]
     gx, gw, gb = backward_op(grad_out, out, x, weight, has_bias, stride, padding, alpha, mask, dgrad, wgrad)
-    return (gx if mask[0] else None, gw if mask[1] else None, gb if mask[2] and has_bias else None,
-            None, None, None, None, None)  # fmt: skip
+    return (
+        gx if mask[0] else None,
+        gw if mask[1] else None,
+        gb if mask[2] and has_bias else None,
+        None,
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 def _no_double_backward(op: str):
@@ -235,8 +254,20 @@ def register_backward_op(transposed: bool):
         dgrad: str = "triton",
         wgrad: str = "triton",
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return conv_lrelu_grads(grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask,
-                                transposed=transposed, dgrad=dgrad, wgrad=wgrad)  # fmt: skip
+        return conv_lrelu_grads(
+            grad_out,
+            out,
+            x,
+            weight,
+            has_bias,
+            stride,
+            padding,
+            alpha,
+            output_mask,
+            transposed=transposed,
+            dgrad=dgrad,
+            wgrad=wgrad,
+        )
 
     def fake(
         grad_out,
@@ -278,8 +309,9 @@ def register_forward_op(transposed: bool, reference: Callable, function: type):
     def fake(x, weight, bias, stride, padding, alpha, dgrad="triton", wgrad="triton"):
         return forward_fake(x, weight, stride, padding, transposed=transposed)
 
-    return register_op(op_name(transposed), impl, fake=fake, setup_context=function.setup_context,
-                       backward=function.backward)  # fmt: skip
+    return register_op(
+        op_name(transposed), impl, fake=fake, setup_context=function.setup_context, backward=function.backward
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -309,8 +341,10 @@ def run_path(
     if torch.is_autocast_enabled(x.device.type):  # custom ops skip autocast: cast as F.conv2d would
         x = x.to(torch.get_autocast_dtype(x.device.type))
     if x.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"{op_name(transposed)}: dtype {x.dtype} is not supported by the {path} path "
-                         "(fp32, fp16, bf16); use DEEPSIM_KERNELS=reference")  # fmt: skip
+        raise ValueError(
+            f"{op_name(transposed)}: dtype {x.dtype} is not supported by the {path} path "
+            "(fp32, fp16, bf16); use DEEPSIM_KERNELS=reference"
+        )
     weight = weight.to(x.dtype)
     bias = bias.to(x.dtype) if bias is not None else None
     if path == "cudnn":

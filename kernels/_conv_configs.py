@@ -84,8 +84,19 @@ class ConvGeometry:
         """Everything but the batch, plus the bucket of M = N * OH * OW (next power of two)."""
         oh, ow = self.out_size
         bucket = 1 << max(0, (self.N * oh * ow - 1).bit_length())
-        return (self.transposed, self.C_in, self.H, self.W, self.C_out, self.KH, self.KW, self.stride,
-                self.padding, self.output_padding, bucket)  # fmt: skip
+        return (
+            self.transposed,
+            self.C_in,
+            self.H,
+            self.W,
+            self.C_out,
+            self.KH,
+            self.KW,
+            self.stride,
+            self.padding,
+            self.output_padding,
+            bucket,
+        )
 
 
 @dataclass(frozen=True)
@@ -104,8 +115,13 @@ class ConvConfig:
 
     def meta(self) -> dict:
         """Keyword arguments of a kernel launch."""
-        return dict(BLOCK_M=self.block_m, BLOCK_N=self.block_n, BLOCK_K=self.block_k,
-                    num_warps=self.num_warps, num_stages=self.num_stages)  # fmt: skip
+        return dict(
+            BLOCK_M=self.block_m,
+            BLOCK_N=self.block_n,
+            BLOCK_K=self.block_k,
+            num_warps=self.num_warps,
+            num_stages=self.num_stages,
+        )
 
     def shared_memory_bytes(self, element_size: int) -> int:
         """Pipeline buffers: num_stages copies of the A (BM x BK) and B (BK x BN) tiles."""

@@ -136,7 +136,9 @@ def _conv_igemm_lrelu_kernel(
             a = tl.load(x_ptr + a_off, mask=a_ok[:, None], other=0.0)
             if MASK_A:
                 sign = tl.load(m_ptr + a_off, mask=a_ok[:, None], other=0.0)
-                a = tl.where(sign.to(tl.float32) > 0, a, a.to(tl.float32) * mask_alpha).to(x_ptr.dtype.element_ty)
+                a = tl.where(sign.to(tl.float32) > 0, a, a.to(tl.float32) * mask_alpha).to(
+                    x_ptr.dtype.element_ty
+                )
             if TRANSPOSED:
                 kh = kh0 + STRIDE * (TH - 1 - th)
                 kw = kw0 + STRIDE * (TW - 1 - tw)
@@ -162,7 +164,9 @@ def _conv_igemm_lrelu_kernel(
             a = tl.load(x_ptr + a_off, mask=a_ok, other=0.0)
             if MASK_A:
                 sign = tl.load(m_ptr + a_off, mask=a_ok, other=0.0)
-                a = tl.where(sign.to(tl.float32) > 0, a, a.to(tl.float32) * mask_alpha).to(x_ptr.dtype.element_ty)
+                a = tl.where(sign.to(tl.float32) > 0, a, a.to(tl.float32) * mask_alpha).to(
+                    x_ptr.dtype.element_ty
+                )
             if TRANSPOSED:
                 kh = kh0 + STRIDE * (TH - 1 - th)
                 kw = kw0 + STRIDE * (TW - 1 - tw)
@@ -209,18 +213,39 @@ def kernel_constexprs(
     batch or the image are runtime arguments (``runtime_sizes``)."""
     th, tw = geom.taps
     return dict(
-        C_IN=geom.C_in, KH=geom.KH, KW=geom.KW, TRANSPOSED=geom.transposed, TH=th, TW=tw,
+        C_IN=geom.C_in,
+        KH=geom.KH,
+        KW=geom.KW,
+        TRANSPOSED=geom.transposed,
+        TH=th,
+        TW=tw,
         W_K_STRIDE=geom.k if w_k_stride is None else w_k_stride,
-        HAS_BIAS=has_bias, INPUT_PRECISION=precision, INDEX_64=index_64, MASK_A=dgrad, LRELU=not dgrad,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-    )  # fmt: skip
+        HAS_BIAS=has_bias,
+        INPUT_PRECISION=precision,
+        INDEX_64=index_64,
+        MASK_A=dgrad,
+        LRELU=not dgrad,
+        BLOCK_M=config.block_m,
+        BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k,
+    )
 
 
 def runtime_sizes(geom: ConvGeometry) -> dict:
     """The kernel's runtime size arguments: N, H, W, OH, OW, ROWS_H, ROWS_W, C_OUT, STRIDE, PAD."""
     (oh, ow), (rows_h, rows_w) = geom.out_size, geom.rows
-    return dict(N=geom.N, H=geom.H, W=geom.W, OH=oh, OW=ow, ROWS_H=rows_h, ROWS_W=rows_w, C_OUT=geom.C_out,
-                STRIDE=geom.stride, PAD=geom.padding)  # fmt: skip
+    return dict(
+        N=geom.N,
+        H=geom.H,
+        W=geom.W,
+        OH=oh,
+        OW=ow,
+        ROWS_H=rows_h,
+        ROWS_W=rows_w,
+        C_OUT=geom.C_out,
+        STRIDE=geom.stride,
+        PAD=geom.padding,
+    )
 
 
 def grid_size(geom: ConvGeometry, config: ConvConfig) -> tuple[int, int]:

@@ -46,8 +46,10 @@ def normalize_padding(padding, kernel: tuple[int, int], stride: int, op: str, tr
         if padding == "same":
             kh, kw = kernel
             if stride != 1 or kh != kw or kh % 2 == 0:
-                raise ValueError(f"{op}: padding='same' needs stride 1 and a square odd kernel, got stride "
-                                 f"{stride}, kernel {kh}x{kw} (pass an int padding)")  # fmt: skip
+                raise ValueError(
+                    f"{op}: padding='same' needs stride 1 and a square odd kernel, got stride "
+                    f"{stride}, kernel {kh}x{kw} (pass an int padding)"
+                )
             return (kh - 1) // 2
         raise ValueError(f"{op}: padding={padding!r}: expected an int, (p, p), 'valid' or 'same'")
     padding = as_int(padding, "padding")

@@ -157,9 +157,20 @@ def bias_lrelu_forward(conv_out: torch.Tensor, bias: torch.Tensor | None, alpha:
     block_m, block_c = _blocks(C)
     grid = (triton.cdiv(M, block_m), triton.cdiv(C, block_c))
     _bias_lrelu_fwd_kernel[grid](
-        x, bias if bias is not None else x, out, M, C, HW, s_n, s_c, s_hw, float(alpha),
-        HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_C=block_c,
-    )  # fmt: skip
+        x,
+        bias if bias is not None else x,
+        out,
+        M,
+        C,
+        HW,
+        s_n,
+        s_c,
+        s_hw,
+        float(alpha),
+        HAS_BIAS=bias is not None,
+        BLOCK_M=block_m,
+        BLOCK_C=block_c,
+    )
     return out
 
 
@@ -192,10 +203,22 @@ def lrelu_bias_grads(
     partial = torch.empty((rows, C), device=out.device, dtype=torch.float32) if need_grad_bias else None
     if M and C:
         _lrelu_bias_grad_kernel[(rows, triton.cdiv(C, block_c))](
-            grad_out, out, grad_pre if need_grad_pre else out, partial if need_grad_bias else out,
-            M, C, HW, s_n, s_c, s_hw, float(alpha),
-            WRITE_GRAD_PRE=need_grad_pre, BIAS_GRAD=need_grad_bias, BLOCK_M=block_m, BLOCK_C=block_c,
-        )  # fmt: skip
+            grad_out,
+            out,
+            grad_pre if need_grad_pre else out,
+            partial if need_grad_bias else out,
+            M,
+            C,
+            HW,
+            s_n,
+            s_c,
+            s_hw,
+            float(alpha),
+            WRITE_GRAD_PRE=need_grad_pre,
+            BIAS_GRAD=need_grad_bias,
+            BLOCK_M=block_m,
+            BLOCK_C=block_c,
+        )
     grad_bias = None
     if need_grad_bias:
         grad_bias = torch.empty(C, device=out.device, dtype=out.dtype)
@@ -245,13 +268,17 @@ def _bwd_impl(
     grad_out: torch.Tensor, out: torch.Tensor, alpha: float, need_grad_pre: bool, need_grad_bias: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     grad_pre, grad_bias = lrelu_bias_grads(grad_out, out, alpha, need_grad_pre, need_grad_bias)
-    return (grad_pre if grad_pre is not None else _nothing(out),
-            grad_bias if grad_bias is not None else _nothing(out))  # fmt: skip
+    return (
+        grad_pre if grad_pre is not None else _nothing(out),
+        grad_bias if grad_bias is not None else _nothing(out),
+    )
 
 
 def _bwd_fake(grad_out, out, alpha, need_grad_pre, need_grad_bias):
-    return (torch.empty_like(_dense(out)) if need_grad_pre else _nothing(out),
-            out.new_empty(out.shape[1]) if need_grad_bias else _nothing(out))  # fmt: skip
+    return (
+        torch.empty_like(_dense(out)) if need_grad_pre else _nothing(out),
+        out.new_empty(out.shape[1]) if need_grad_bias else _nothing(out),
+    )
 
 
 class BiasLReluFunction(torch.autograd.Function):
@@ -278,9 +305,12 @@ class BiasLReluFunction(torch.autograd.Function):
 
 _backward_op = register_op("bias_lrelu_backward", _bwd_impl, fake=_bwd_fake)
 _forward_op = register_op(
-    "bias_lrelu", _fwd_impl, fake=_fwd_fake,
-    setup_context=BiasLReluFunction.setup_context, backward=BiasLReluFunction.backward,
-)  # fmt: skip
+    "bias_lrelu",
+    _fwd_impl,
+    fake=_fwd_fake,
+    setup_context=BiasLReluFunction.setup_context,
+    backward=BiasLReluFunction.backward,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -57,8 +57,20 @@ def conv_lrelu_backward(
 ):
     """(grad_x, grad_weight, grad_bias); an unneeded one (output_mask False) comes back as an empty tensor.
     ``dgrad`` / ``wgrad``: "triton" or "cudnn" (see ``_conv_common.conv_lrelu_grads``)."""
-    return conv_lrelu_grads(grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask,
-                            transposed=False, dgrad=dgrad, wgrad=wgrad)  # fmt: skip
+    return conv_lrelu_grads(
+        grad_out,
+        out,
+        x,
+        weight,
+        has_bias,
+        stride,
+        padding,
+        alpha,
+        output_mask,
+        transposed=False,
+        dgrad=dgrad,
+        wgrad=wgrad,
+    )
 
 
 class ConvLReluFunction(torch.autograd.Function):
@@ -69,8 +81,9 @@ class ConvLReluFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, stride, padding, alpha, dgrad="triton", wgrad="triton"):
-        return forward_impl(x, weight, bias, stride, padding, alpha, transposed=False,
-                            reference=reference_conv_lrelu)  # fmt: skip
+        return forward_impl(
+            x, weight, bias, stride, padding, alpha, transposed=False, reference=reference_conv_lrelu
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):

@@ -53,8 +53,20 @@ def conv_transpose_lrelu_backward(
     wgrad: str = "triton",
 ):
     """(grad_x, grad_weight, grad_bias); an unneeded one (output_mask False) comes back as an empty tensor."""
-    return conv_lrelu_grads(grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask,
-                            transposed=True, dgrad=dgrad, wgrad=wgrad)  # fmt: skip
+    return conv_lrelu_grads(
+        grad_out,
+        out,
+        x,
+        weight,
+        has_bias,
+        stride,
+        padding,
+        alpha,
+        output_mask,
+        transposed=True,
+        dgrad=dgrad,
+        wgrad=wgrad,
+    )
 
 
 class ConvTransposeLReluFunction(torch.autograd.Function):
@@ -65,8 +77,9 @@ class ConvTransposeLReluFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, stride, padding, alpha, dgrad="triton", wgrad="triton"):
-        return forward_impl(x, weight, bias, stride, padding, alpha, transposed=True,
-                            reference=reference_conv_transpose_lrelu)  # fmt: skip
+        return forward_impl(
+            x, weight, bias, stride, padding, alpha, transposed=True, reference=reference_conv_transpose_lrelu
+        )
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -84,8 +97,9 @@ def reference_conv_transpose_lrelu(x, weight, bias=None, stride=1, padding=0, al
 
 _backward_op = register_backward_op(True)
 _forward_op = register_forward_op(True, reference_conv_transpose_lrelu, ConvTransposeLReluFunction)
-_run_path = functools.partial(run_path, transposed=True, reference=reference_conv_transpose_lrelu,
-                              fused_op=_forward_op)  # fmt: skip
+_run_path = functools.partial(
+    run_path, transposed=True, reference=reference_conv_transpose_lrelu, fused_op=_forward_op
+)
 
 
 _run_path.backward_op = _backward_op  # the dispatcher times and checks dgrad / wgrad through it

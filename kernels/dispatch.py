@@ -210,8 +210,10 @@ def key_text(key: tuple) -> str:
     """'conv_lrelu|M<=65536|Cin 3 H 64 W 64|Cout 32 k5x5 s2 p2|bf16|channels_last|bias' (device left out:
     the cache file's context names the card)."""
     op, _, _, m, c_in, h, w, c_out, kh, kw, s, p, dtype, layout, has_bias = key
-    return (f"{op}|M<={m}|Cin {c_in} H {h} W {w}|Cout {c_out} k{kh}x{kw} s{s} p{p}|{dtype}|{layout}|"
-            f"{'bias' if has_bias else 'no bias'}")  # fmt: skip
+    return (
+        f"{op}|M<={m}|Cin {c_in} H {h} W {w}|Cout {c_out} k{kh}x{kw} s{s} p{p}|{dtype}|{layout}|"
+        f"{'bias' if has_bias else 'no bias'}"
+    )
 
 
 def _shape_text(x, weight, stride, padding) -> str:
@@ -301,8 +303,11 @@ def _measure(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> Deci
     shape = _shape_text(x, weight, stride, padding)
     excluded, bwd_args = _check_candidates(op, x, weight, bias, stride, padding, alpha, run, key[12])
     for part, why in excluded.items():
-        _warn_once(f"excl {key} {part}", f"deepsim dispatch: {op} Triton {part} excluded for {shape} "
-                                         f"({key_text(key)}): {why}; using cuDNN")  # fmt: skip
+        _warn_once(
+            f"excl {key} {part}",
+            f"deepsim dispatch: {op} Triton {part} excluded for {shape} "
+            f"({key_text(key)}): {why}; using cuDNN",
+        )
     ms: dict[str, float | None] = {}
     errors: dict[str, Exception] = {}
     for path in PATHS:
@@ -329,8 +334,9 @@ def _measure(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> Deci
         part_ms = {}
         for impl in PATHS:
             try:
-                part_ms[impl] = float(_backward_timer(_backward_step(run.backward_op, part, impl, bwd_args,
-                                                                     bias is not None)))  # fmt: skip
+                part_ms[impl] = float(
+                    _backward_timer(_backward_step(run.backward_op, part, impl, bwd_args, bias is not None))
+                )
             except Exception:  # noqa: BLE001 - a failing implementation loses
                 part_ms[impl] = None
             ms[f"{part}_{impl}"] = part_ms[impl]
@@ -338,8 +344,19 @@ def _measure(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> Deci
             part_ms.get("cudnn") is None or part_ms["triton"] < part_ms["cudnn"]
         ):
             impls[part] = "triton"
-    return Decision(op, key_text(key), choice, "measured", ms, _context(x.device), shape, note[:300],
-                    impls["dgrad"], impls["wgrad"], excluded)  # fmt: skip
+    return Decision(
+        op,
+        key_text(key),
+        choice,
+        "measured",
+        ms,
+        _context(x.device),
+        shape,
+        note[:300],
+        impls["dgrad"],
+        impls["wgrad"],
+        excluded,
+    )
 
 
 def _impl(value) -> str:
@@ -366,8 +383,15 @@ def _decide(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> str:
             entry.get("excluded") if isinstance(entry.get("excluded"), dict) else {},
         )
     elif _capturing(x.device):
-        decision = Decision(op, text, DEFAULT_PATH, "default: inside CUDA-graph capture, not timed", {},
-                            context, _shape_text(x, weight, stride, padding))  # fmt: skip
+        decision = Decision(
+            op,
+            text,
+            DEFAULT_PATH,
+            "default: inside CUDA-graph capture, not timed",
+            {},
+            context,
+            _shape_text(x, weight, stride, padding),
+        )
         _defaults[key] = decision
         return decision.choice
     else:
@@ -468,8 +492,17 @@ def decisions(*, cache_file: bool = False) -> list[dict]:
                     continue
                 ms = entry.get("ms") if isinstance(entry.get("ms"), dict) else {}
                 op = text.split("|", 1)[0]
-                rows.append(Decision(op, text, entry["choice"], "cache file (not used by this process)", ms,
-                                     context, entry.get("shape", "")).row())  # fmt: skip
+                rows.append(
+                    Decision(
+                        op,
+                        text,
+                        entry["choice"],
+                        "cache file (not used by this process)",
+                        ms,
+                        context,
+                        entry.get("shape", ""),
+                    ).row()
+                )
     return rows
 
 

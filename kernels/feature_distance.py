@@ -134,29 +134,117 @@ def _feature_distance_fwd_kernel(
     # every compiled slot's code is reached by every program, but only the owning layer's slot iterates.
     # partial[pid] = that program's (weighted) partial sum.
     pid = tl.program_id(0)
-    acc = _chunk(fake_ptr0, real_ptr0, grad_ptr0, numel0, wscale0, gscale0, block_start0, pid,
-                 COMPUTE_GRAD, BLOCK, ITERS)  # fmt: skip
+    acc = _chunk(
+        fake_ptr0,
+        real_ptr0,
+        grad_ptr0,
+        numel0,
+        wscale0,
+        gscale0,
+        block_start0,
+        pid,
+        COMPUTE_GRAD,
+        BLOCK,
+        ITERS,
+    )
     if NUM_LAYERS > 1:
-        acc += _chunk(fake_ptr1, real_ptr1, grad_ptr1, numel1, wscale1, gscale1, block_start1, pid,
-                      COMPUTE_GRAD, BLOCK, ITERS)  # fmt: skip
+        acc += _chunk(
+            fake_ptr1,
+            real_ptr1,
+            grad_ptr1,
+            numel1,
+            wscale1,
+            gscale1,
+            block_start1,
+            pid,
+            COMPUTE_GRAD,
+            BLOCK,
+            ITERS,
+        )
     if NUM_LAYERS > 2:
-        acc += _chunk(fake_ptr2, real_ptr2, grad_ptr2, numel2, wscale2, gscale2, block_start2, pid,
-                      COMPUTE_GRAD, BLOCK, ITERS)  # fmt: skip
+        acc += _chunk(
+            fake_ptr2,
+            real_ptr2,
+            grad_ptr2,
+            numel2,
+            wscale2,
+            gscale2,
+            block_start2,
+            pid,
+            COMPUTE_GRAD,
+            BLOCK,
+            ITERS,
+        )
     if NUM_LAYERS > 3:
-        acc += _chunk(fake_ptr3, real_ptr3, grad_ptr3, numel3, wscale3, gscale3, block_start3, pid,
-                      COMPUTE_GRAD, BLOCK, ITERS)  # fmt: skip
+        acc += _chunk(
+            fake_ptr3,
+            real_ptr3,
+            grad_ptr3,
+            numel3,
+            wscale3,
+            gscale3,
+            block_start3,
+            pid,
+            COMPUTE_GRAD,
+            BLOCK,
+            ITERS,
+        )
     if NUM_LAYERS > 4:
-        acc += _chunk(fake_ptr4, real_ptr4, grad_ptr4, numel4, wscale4, gscale4, block_start4, pid,
-                      COMPUTE_GRAD, BLOCK, ITERS)  # fmt: skip
+        acc += _chunk(
+            fake_ptr4,
+            real_ptr4,
+            grad_ptr4,
+            numel4,
+            wscale4,
+            gscale4,
+            block_start4,
+            pid,
+            COMPUTE_GRAD,
+            BLOCK,
+            ITERS,
+        )
     if NUM_LAYERS > 5:
-        acc += _chunk(fake_ptr5, real_ptr5, grad_ptr5, numel5, wscale5, gscale5, block_start5, pid,
-                      COMPUTE_GRAD, BLOCK, ITERS)  # fmt: skip
+        acc += _chunk(
+            fake_ptr5,
+            real_ptr5,
+            grad_ptr5,
+            numel5,
+            wscale5,
+            gscale5,
+            block_start5,
+            pid,
+            COMPUTE_GRAD,
+            BLOCK,
+            ITERS,
+        )
     if NUM_LAYERS > 6:
-        acc += _chunk(fake_ptr6, real_ptr6, grad_ptr6, numel6, wscale6, gscale6, block_start6, pid,
-                      COMPUTE_GRAD, BLOCK, ITERS)  # fmt: skip
+        acc += _chunk(
+            fake_ptr6,
+            real_ptr6,
+            grad_ptr6,
+            numel6,
+            wscale6,
+            gscale6,
+            block_start6,
+            pid,
+            COMPUTE_GRAD,
+            BLOCK,
+            ITERS,
+        )
     if NUM_LAYERS > 7:
-        acc += _chunk(fake_ptr7, real_ptr7, grad_ptr7, numel7, wscale7, gscale7, block_start7, pid,
-                      COMPUTE_GRAD, BLOCK, ITERS)  # fmt: skip
+        acc += _chunk(
+            fake_ptr7,
+            real_ptr7,
+            grad_ptr7,
+            numel7,
+            wscale7,
+            gscale7,
+            block_start7,
+            pid,
+            COMPUTE_GRAD,
+            BLOCK,
+            ITERS,
+        )
     tl.store(partial_ptr + pid, acc)
 
 
@@ -301,15 +389,21 @@ def feature_distance_forward(
             start += progs[i]
         args += dummy * (MAX_LAYERS - len(layers))  # unused slots; not compiled (NUM_LAYERS guards them)
         _feature_distance_fwd_kernel[(nprog,)](
-            partials[base:], *args,
-            NUM_LAYERS=len(layers), COMPUTE_GRAD=compute_grad, BLOCK=_BLOCK, ITERS=_ITERS,
-        )  # fmt: skip
+            partials[base:],
+            *args,
+            NUM_LAYERS=len(layers),
+            COMPUTE_GRAD=compute_grad,
+            BLOCK=_BLOCK,
+            ITERS=_ITERS,
+        )
         base += nprog
     loss = deterministic_sum(partials)
     # Non-dense fakes were computed through a contiguous copy; hand back empty_like(fake) layouts (the fake
     # implementation's promise to torch.compile).
-    grads = [g if g.stride() == torch.empty_like(f).stride() else torch.empty_like(f).copy_(g)
-             for g, f in zip(grads, fakes)]  # fmt: skip
+    grads = [
+        g if g.stride() == torch.empty_like(f).stride() else torch.empty_like(f).copy_(g)
+        for g, f in zip(grads, fakes)
+    ]
     return loss, grads
 
 
@@ -336,8 +430,9 @@ def feature_distance_backward(saved: Sequence[torch.Tensor], grad_loss: torch.Te
         if start == 0:
             continue
         args += [grad_loss, grad_loss, 0, 0] * (MAX_LAYERS - len(layers))  # unused slots, not compiled
-        _feature_distance_bwd_kernel[(start,)](grad_loss, *args, NUM_LAYERS=len(layers), BLOCK=_BLOCK,
-                                               ITERS=_ITERS)  # fmt: skip
+        _feature_distance_bwd_kernel[(start,)](
+            grad_loss, *args, NUM_LAYERS=len(layers), BLOCK=_BLOCK, ITERS=_ITERS
+        )
     for i, s in enumerate(saved):  # the forward saves dense gradients; anything else: a torch multiply
         if s.numel() and not _is_dense(s):
             grads[i] = s * grad_loss.to(s.dtype)
@@ -415,9 +510,12 @@ class FeatureDistanceFunction(torch.autograd.Function):
 
 _backward_op = register_op("feature_distance_backward", _bwd_impl, fake=_bwd_fake)
 _forward_op = register_op(
-    "feature_distance", _fwd_impl, fake=_fwd_fake,
-    setup_context=FeatureDistanceFunction.setup_context, backward=FeatureDistanceFunction.backward,
-)  # fmt: skip
+    "feature_distance",
+    _fwd_impl,
+    fake=_fwd_fake,
+    setup_context=FeatureDistanceFunction.setup_context,
+    backward=FeatureDistanceFunction.backward,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------

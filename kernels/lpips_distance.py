@@ -95,8 +95,10 @@ def _fwd_slot(
     for c0 in range(0, cc, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         w = tl.load(w_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
-        d = _tile(f0_ptr, base, offs_c, C, pofs, pmask, sc) * r0[None, :] - \
-            _tile(f1_ptr, base, offs_c, C, pofs, pmask, sc) * r1[None, :]  # fmt: skip
+        d = (
+            _tile(f0_ptr, base, offs_c, C, pofs, pmask, sc) * r0[None, :]
+            - _tile(f1_ptr, base, offs_c, C, pofs, pmask, sc) * r1[None, :]
+        )
         acc += tl.sum(w[:, None] * d * d, axis=0)
     tl.store(partial_ptr + b.to(tl.int64) * ncols + col_start + j, tl.sum(acc, axis=0) * inv_p, mask=active)
 
@@ -177,20 +179,115 @@ def _lpips_fwd_kernel(
 ):
     # Tap l owns programs [start_l, start_l + B * nblk_l); slots >= NUM_TAPS are not compiled.
     pid = tl.program_id(0)
-    _fwd_slot(partial_ptr, ncols, pid, eps2, f0_0, f1_0, w_0, C_0, P_0, sb_0, sc_0, sp_0, nblk_0, ntiles_0, start_0,
-              col_0, invp_0, BLOCK_C, BLOCK_P)  # fmt: skip
+    _fwd_slot(
+        partial_ptr,
+        ncols,
+        pid,
+        eps2,
+        f0_0,
+        f1_0,
+        w_0,
+        C_0,
+        P_0,
+        sb_0,
+        sc_0,
+        sp_0,
+        nblk_0,
+        ntiles_0,
+        start_0,
+        col_0,
+        invp_0,
+        BLOCK_C,
+        BLOCK_P,
+    )
     if NUM_TAPS > 1:
-        _fwd_slot(partial_ptr, ncols, pid, eps2, f0_1, f1_1, w_1, C_1, P_1, sb_1, sc_1, sp_1, nblk_1, ntiles_1,
-                  start_1, col_1, invp_1, BLOCK_C, BLOCK_P)  # fmt: skip
+        _fwd_slot(
+            partial_ptr,
+            ncols,
+            pid,
+            eps2,
+            f0_1,
+            f1_1,
+            w_1,
+            C_1,
+            P_1,
+            sb_1,
+            sc_1,
+            sp_1,
+            nblk_1,
+            ntiles_1,
+            start_1,
+            col_1,
+            invp_1,
+            BLOCK_C,
+            BLOCK_P,
+        )
     if NUM_TAPS > 2:
-        _fwd_slot(partial_ptr, ncols, pid, eps2, f0_2, f1_2, w_2, C_2, P_2, sb_2, sc_2, sp_2, nblk_2, ntiles_2,
-                  start_2, col_2, invp_2, BLOCK_C, BLOCK_P)  # fmt: skip
+        _fwd_slot(
+            partial_ptr,
+            ncols,
+            pid,
+            eps2,
+            f0_2,
+            f1_2,
+            w_2,
+            C_2,
+            P_2,
+            sb_2,
+            sc_2,
+            sp_2,
+            nblk_2,
+            ntiles_2,
+            start_2,
+            col_2,
+            invp_2,
+            BLOCK_C,
+            BLOCK_P,
+        )
     if NUM_TAPS > 3:
-        _fwd_slot(partial_ptr, ncols, pid, eps2, f0_3, f1_3, w_3, C_3, P_3, sb_3, sc_3, sp_3, nblk_3, ntiles_3,
-                  start_3, col_3, invp_3, BLOCK_C, BLOCK_P)  # fmt: skip
+        _fwd_slot(
+            partial_ptr,
+            ncols,
+            pid,
+            eps2,
+            f0_3,
+            f1_3,
+            w_3,
+            C_3,
+            P_3,
+            sb_3,
+            sc_3,
+            sp_3,
+            nblk_3,
+            ntiles_3,
+            start_3,
+            col_3,
+            invp_3,
+            BLOCK_C,
+            BLOCK_P,
+        )
     if NUM_TAPS > 4:
-        _fwd_slot(partial_ptr, ncols, pid, eps2, f0_4, f1_4, w_4, C_4, P_4, sb_4, sc_4, sp_4, nblk_4, ntiles_4,
-                  start_4, col_4, invp_4, BLOCK_C, BLOCK_P)  # fmt: skip
+        _fwd_slot(
+            partial_ptr,
+            ncols,
+            pid,
+            eps2,
+            f0_4,
+            f1_4,
+            w_4,
+            C_4,
+            P_4,
+            sb_4,
+            sc_4,
+            sp_4,
+            nblk_4,
+            ntiles_4,
+            start_4,
+            col_4,
+            invp_4,
+            BLOCK_C,
+            BLOCK_P,
+        )
 
 
 @triton.jit
@@ -333,20 +430,125 @@ def _lpips_bwd_kernel(
 ):
     # Laid out as the forward: tap l owns programs [start_l, start_l + B * nblk_l).
     pid = tl.program_id(0)
-    _bwd_slot(gout_ptr, pid, eps2, f0_0, f1_0, g0_0, g1_0, w_0, C_0, P_0, sb_0, sc_0, sp_0, nblk_0, ntiles_0,
-              start_0, invp_0, NEED0, NEED1, BLOCK_C, BLOCK_P)  # fmt: skip
+    _bwd_slot(
+        gout_ptr,
+        pid,
+        eps2,
+        f0_0,
+        f1_0,
+        g0_0,
+        g1_0,
+        w_0,
+        C_0,
+        P_0,
+        sb_0,
+        sc_0,
+        sp_0,
+        nblk_0,
+        ntiles_0,
+        start_0,
+        invp_0,
+        NEED0,
+        NEED1,
+        BLOCK_C,
+        BLOCK_P,
+    )
     if NUM_TAPS > 1:
-        _bwd_slot(gout_ptr, pid, eps2, f0_1, f1_1, g0_1, g1_1, w_1, C_1, P_1, sb_1, sc_1, sp_1, nblk_1, ntiles_1,
-                  start_1, invp_1, NEED0, NEED1, BLOCK_C, BLOCK_P)  # fmt: skip
+        _bwd_slot(
+            gout_ptr,
+            pid,
+            eps2,
+            f0_1,
+            f1_1,
+            g0_1,
+            g1_1,
+            w_1,
+            C_1,
+            P_1,
+            sb_1,
+            sc_1,
+            sp_1,
+            nblk_1,
+            ntiles_1,
+            start_1,
+            invp_1,
+            NEED0,
+            NEED1,
+            BLOCK_C,
+            BLOCK_P,
+        )
     if NUM_TAPS > 2:
-        _bwd_slot(gout_ptr, pid, eps2, f0_2, f1_2, g0_2, g1_2, w_2, C_2, P_2, sb_2, sc_2, sp_2, nblk_2, ntiles_2,
-                  start_2, invp_2, NEED0, NEED1, BLOCK_C, BLOCK_P)  # fmt: skip
+        _bwd_slot(
+            gout_ptr,
+            pid,
+            eps2,
+            f0_2,
+            f1_2,
+            g0_2,
+            g1_2,
+            w_2,
+            C_2,
+            P_2,
+            sb_2,
+            sc_2,
+            sp_2,
+            nblk_2,
+            ntiles_2,
+            start_2,
+            invp_2,
+            NEED0,
+            NEED1,
+            BLOCK_C,
+            BLOCK_P,
+        )
     if NUM_TAPS > 3:
-        _bwd_slot(gout_ptr, pid, eps2, f0_3, f1_3, g0_3, g1_3, w_3, C_3, P_3, sb_3, sc_3, sp_3, nblk_3, ntiles_3,
-                  start_3, invp_3, NEED0, NEED1, BLOCK_C, BLOCK_P)  # fmt: skip
+        _bwd_slot(
+            gout_ptr,
+            pid,
+            eps2,
+            f0_3,
+            f1_3,
+            g0_3,
+            g1_3,
+            w_3,
+            C_3,
+            P_3,
+            sb_3,
+            sc_3,
+            sp_3,
+            nblk_3,
+            ntiles_3,
+            start_3,
+            invp_3,
+            NEED0,
+            NEED1,
+            BLOCK_C,
+            BLOCK_P,
+        )
     if NUM_TAPS > 4:
-        _bwd_slot(gout_ptr, pid, eps2, f0_4, f1_4, g0_4, g1_4, w_4, C_4, P_4, sb_4, sc_4, sp_4, nblk_4, ntiles_4,
-                  start_4, invp_4, NEED0, NEED1, BLOCK_C, BLOCK_P)  # fmt: skip
+        _bwd_slot(
+            gout_ptr,
+            pid,
+            eps2,
+            f0_4,
+            f1_4,
+            g0_4,
+            g1_4,
+            w_4,
+            C_4,
+            P_4,
+            sb_4,
+            sc_4,
+            sp_4,
+            nblk_4,
+            ntiles_4,
+            start_4,
+            invp_4,
+            NEED0,
+            NEED1,
+            BLOCK_C,
+            BLOCK_P,
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -568,9 +770,12 @@ class LpipsDistanceFunction(torch.autograd.Function):
 
 _backward_op = register_op("lpips_distance_backward", _bwd_impl, fake=_bwd_fake)
 _forward_op = register_op(
-    "lpips_distance", _fwd_impl, fake=_fwd_fake,
-    setup_context=LpipsDistanceFunction.setup_context, backward=LpipsDistanceFunction.backward,
-)  # fmt: skip
+    "lpips_distance",
+    _fwd_impl,
+    fake=_fwd_fake,
+    setup_context=LpipsDistanceFunction.setup_context,
+    backward=LpipsDistanceFunction.backward,
+)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -38,10 +38,16 @@ def _mean_pairwise_distance_fwd_kernel(
     for d0 in range(0, d_end, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         mask_d = cols < D
-        a = tl.load(x_ptr + rows_i[:, None].to(tl.int64) * sxn + cols[None, :] * sxd,
-                    mask=(rows_i < N)[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # fmt: skip
-        b = tl.load(x_ptr + rows_j[:, None].to(tl.int64) * sxn + cols[None, :] * sxd,
-                    mask=(rows_j < N)[:, None] & mask_d[None, :], other=0.0).to(tl.float32)  # fmt: skip
+        a = tl.load(
+            x_ptr + rows_i[:, None].to(tl.int64) * sxn + cols[None, :] * sxd,
+            mask=(rows_i < N)[:, None] & mask_d[None, :],
+            other=0.0,
+        ).to(tl.float32)
+        b = tl.load(
+            x_ptr + rows_j[:, None].to(tl.int64) * sxn + cols[None, :] * sxd,
+            mask=(rows_j < N)[:, None] & mask_d[None, :],
+            other=0.0,
+        ).to(tl.float32)
         dot = tl.dot(a, tl.trans(b), dot, input_precision="ieee")
         sq_i += tl.sum(a * a, axis=1)
         sq_j += tl.sum(b * b, axis=1)

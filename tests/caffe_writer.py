@@ -97,8 +97,15 @@ def inner_product_param(num_output, transpose=False) -> bytes:
     return f_varint(1, num_output) + (f_varint(6, 1) if transpose else b"")
 
 
-V1_TYPES = {"Convolution": 4, "Deconvolution": 39, "InnerProduct": 14, "ReLU": 18, "Pooling": 17, "LRN": 15,
-            "Dropout": 6}  # fmt: skip
+V1_TYPES = {
+    "Convolution": 4,
+    "Deconvolution": 39,
+    "InnerProduct": 14,
+    "ReLU": 18,
+    "Pooling": 17,
+    "LRN": 15,
+    "Dropout": 6,
+}
 V2 = dict(name=1, type=2, bottom=3, top=4, blobs=7, conv=106, ip=117, relu=123)
 V1 = dict(name=4, type=5, bottom=2, top=3, blobs=6, conv=10, ip=17, relu=30)
 
@@ -128,9 +135,17 @@ def net_message(layers: list[bytes], *, v1: bool = False, name: str = "net") -> 
 FC_HEAD = ("defc7", "defc6", "defc5")
 CONV_HEAD = ("Rconv6", "Rconv7", "Rconv8")
 # name, kernel, stride, pad, outputs (all Deconvolution)
-UP_STACK = (("deconv5", 4, 2, 1, 256), ("conv5_1", 3, 1, 1, 512), ("deconv4", 4, 2, 1, 256),
-            ("conv4_1", 3, 1, 1, 256), ("deconv3", 4, 2, 1, 128), ("conv3_1", 3, 1, 1, 128),
-            ("deconv2", 4, 2, 1, 64), ("deconv1", 4, 2, 1, 32), ("deconv0", 4, 2, 1, 3))  # fmt: skip
+UP_STACK = (
+    ("deconv5", 4, 2, 1, 256),
+    ("conv5_1", 3, 1, 1, 512),
+    ("deconv4", 4, 2, 1, 256),
+    ("conv4_1", 3, 1, 1, 256),
+    ("deconv3", 4, 2, 1, 128),
+    ("conv3_1", 3, 1, 1, 128),
+    ("deconv2", 4, 2, 1, 64),
+    ("deconv1", 4, 2, 1, 32),
+    ("deconv0", 4, 2, 1, 3),
+)
 
 
 def random_generator_weights(kind: str, rng: np.random.Generator, fc_width: int = 64, in_features=4096):
@@ -151,14 +166,18 @@ def random_generator_weights(kind: str, rng: np.random.Generator, fc_width: int 
         channels = 256
     else:
         for name, n_in in zip(CONV_HEAD, (256, 512, 512)):
-            weights[name] = (normal((512, n_in, 3, 3), 9 * n_in),
-                             (0.1 * rng.standard_normal(512)).astype(np.float32))  # fmt: skip
+            weights[name] = (
+                normal((512, n_in, 3, 3), 9 * n_in),
+                (0.1 * rng.standard_normal(512)).astype(np.float32),
+            )
         channels = 512
     for name, k, s, _, n_out in UP_STACK:
         taps = (k // s) ** 2
         gain = 20.0 if name == "deconv0" else 1.0
-        weights[name] = (normal((channels, n_out, k, k), taps * channels, gain),
-                         (0.1 * rng.standard_normal(n_out)).astype(np.float32))  # fmt: skip
+        weights[name] = (
+            normal((channels, n_out, k, k), taps * channels, gain),
+            (0.1 * rng.standard_normal(n_out)).astype(np.float32),
+        )
         channels = n_out
     return weights
 
@@ -183,8 +202,10 @@ def generator_caffemodel(
         if name in omit:
             return
         w, b = blobs
-        encoded = (blob_override or {}).get(name) or [blob(w, legacy=legacy, packed=packed),
-                                                      blob(b, legacy=legacy, packed=packed)]  # fmt: skip
+        encoded = (blob_override or {}).get(name) or [
+            blob(w, legacy=legacy, packed=packed),
+            blob(b, legacy=legacy, packed=packed),
+        ]
         layers.append(layer_message(name, type_, [bottom], [name], blobs=encoded, v1=v1, **params))
         bottom = name
 
@@ -216,10 +237,15 @@ def generator_caffemodel(
 # ------------------------------------------------------------------------------------------------ CaffeNet
 
 CAFFENET = (  # name, weight shape, kernel, stride, pad, group
-    ("conv1", (96, 3, 11, 11), 11, 4, 0, 1), ("conv2", (256, 48, 5, 5), 5, 1, 2, 2),
-    ("conv3", (384, 256, 3, 3), 3, 1, 1, 1), ("conv4", (384, 192, 3, 3), 3, 1, 1, 2),
-    ("conv5", (256, 192, 3, 3), 3, 1, 1, 2), ("fc6", (4096, 9216)), ("fc7", (4096, 4096)), ("fc8", (1000, 4096)),
-)  # fmt: skip
+    ("conv1", (96, 3, 11, 11), 11, 4, 0, 1),
+    ("conv2", (256, 48, 5, 5), 5, 1, 2, 2),
+    ("conv3", (384, 256, 3, 3), 3, 1, 1, 1),
+    ("conv4", (384, 192, 3, 3), 3, 1, 1, 2),
+    ("conv5", (256, 192, 3, 3), 3, 1, 1, 2),
+    ("fc6", (4096, 9216)),
+    ("fc7", (4096, 4096)),
+    ("fc8", (1000, 4096)),
+)
 
 
 def random_caffenet_weights(rng: np.random.Generator, up_to: str = "conv5") -> dict:
@@ -227,8 +253,10 @@ def random_caffenet_weights(rng: np.random.Generator, up_to: str = "conv5") -> d
     for spec in CAFFENET:
         name, shape = spec[0], spec[1]
         fan_in = int(np.prod(shape[1:]))
-        weights[name] = ((rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32),
-                         (0.1 * rng.standard_normal(shape[0])).astype(np.float32))  # fmt: skip
+        weights[name] = (
+            (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32),
+            (0.1 * rng.standard_normal(shape[0])).astype(np.float32),
+        )
         if name == up_to:
             break
     return weights

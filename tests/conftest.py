@@ -64,6 +64,7 @@ def one_intra_op_thread():
     yield
     torch.set_num_threads(threads)
 
+
 # The kernel dispatcher (kernels/dispatch.py) keeps its decisions in memory during tests instead of writing
 # the user's ~/.cache/deepsim/dispatch.json; tests of the cache file point DEEPSIM_DISPATCH_CACHE elsewhere.
 os.environ.setdefault("DEEPSIM_DISPATCH_CACHE", "off")

@@ -22,9 +22,9 @@ def _chunk(kind: bytes, payload: bytes) -> bytes:
 
 
 def bomb_png(path: Path, width: int, height: int, *, rows: int | None = None) -> Path:
-    """A 16-bit grayscale PNG of ``width`` x ``height`` zeros, streamed through zlib (12000 x 12000 is ~280 KB on
-    disk, 288 MB decoded as 16-bit, more once converted). ``rows``: write only that many rows of pixel data (the
-    header still declares ``height``): for sizes whose check needs the header alone."""
+    """A 16-bit grayscale PNG of ``width`` x ``height`` zeros, streamed through zlib (12000 x 12000 is ~280 KB
+    on disk, 288 MB decoded as 16-bit, more once converted). ``rows``: write only that many rows of pixel data
+    (the header still declares ``height``): for sizes whose check needs the header alone."""
     ihdr = struct.pack(">IIBBBBB", width, height, 16, 0, 0, 0, 0)  # bit depth 16, colour type 0 (grayscale)
     compressor = zlib.compressobj(9)
     row = bytes(1 + 2 * width)  # filter byte 0, then the row's 16-bit samples
@@ -74,8 +74,10 @@ def looped_folder(root: Path, kind: str, outside: Path | None = None) -> Path:
     return root
 
 
-# A prefix for `python -c` scripts: every os.scandir (which os.walk uses too) of a folder under SLOW_ROOT takes
-# 0.5 s, and the first one touches SLOW_ROOT/../scan-started, so that a test can signal in the middle of a scan.
+# A prefix for `python -c` scripts: every os.scandir (which os.walk uses too) of a folder under SLOW_ROOT
+# takes
+# 0.5 s, and the first one touches SLOW_ROOT/../scan-started, so that
+# a test can signal in the middle of a scan.
 SLOW_SCANDIR = """
 import os, pathlib, sys, time
 _slow_root = os.path.realpath(sys.argv[1])

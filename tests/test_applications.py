@@ -43,7 +43,9 @@ def small_invert_config(layer="fc8", **changes) -> TrainConfig:
 def small_vae_config(**changes) -> TrainConfig:
     return (
         get_preset("vae-photos")
-        .replace(image_size=32, latent_dim=16, fc_width=64, batch_size=2, disc_padding="padded")  # code's D: >= 35
+        .replace(
+            image_size=32, latent_dim=16, fc_width=64, batch_size=2, disc_padding="padded"
+        )  # code's D: >= 35
         .replace(**changes)
     )
 
@@ -283,14 +285,27 @@ def test_vae_imagenet_preset_builds_and_steps_at_227(one_intra_op_thread):
     from deepsim.tasks import data_mode
 
     config = get_preset("vae-imagenet").replace(comparator="alexnet-random:pool5", batch_size=2, device="cpu")
-    assert (config.task, config.image_size, config.disc_first_stride, config.latent_dim) == ("vae", 227, 4, 4096)
+    assert (config.task, config.image_size, config.disc_first_stride, config.latent_dim) == (
+        "vae",
+        227,
+        4,
+        4096,
+    )
     assert data_mode(config) == "resize-crop"
     torch.manual_seed(0)
     trainer = build_trainer(config, torch.device("cpu"))
     vae = trainer.generator
     assert vae.decoder.decoder.out_side == 256 and vae.decoder.head[0].in_features == 4096
-    assert [t.shape[-1] for t in trainer.discriminator.conv_features(torch.zeros(1, 3, 227, 227))] == [56, 52, 25, 23, 11]
-    assert all(not layer.bias.requires_grad for layer in vae.decoder.decoder.layers)  # fixed zero biases (code)
+    assert [t.shape[-1] for t in trainer.discriminator.conv_features(torch.zeros(1, 3, 227, 227))] == [
+        56,
+        52,
+        25,
+        23,
+        11,
+    ]
+    assert all(
+        not layer.bias.requires_grad for layer in vae.decoder.decoder.layers
+    )  # fixed zero biases (code)
     batch = torch.rand(2, 3, 227, 227) * 2 - 1
     before = [p.detach().clone() for p in vae.parameters()]
     metrics = trainer.step(batch)
@@ -310,7 +325,9 @@ def test_upconv_bias_fixed_at_zero_or_learned_with_the_same_keys(bias):
     frozen zero parameters under the same state-dict keys as "learned", so weights load into either."""
     torch.manual_seed(0)
     g = InversionGenerator("fc8", image_size=32, fc_width=16, upconv_bias=bias)
-    other = InversionGenerator("fc8", image_size=32, fc_width=16, upconv_bias="learned" if bias == "zero" else "zero")
+    other = InversionGenerator(
+        "fc8", image_size=32, fc_width=16, upconv_bias="learned" if bias == "zero" else "zero"
+    )
     assert g.state_dict().keys() == other.state_dict().keys()
     stack = [layer for layer in g.decoder.layers]
     assert all(layer.bias is not None for layer in stack)
@@ -340,7 +357,9 @@ def test_generator_code_init_uses_the_prototxt_fillers():
             checks.append((layer, 1.8 * math.sqrt(2 / (layer.out_channels * 16))))
         else:
             checks.append((layer, 0.9 * math.sqrt(2 / (layer.out_channels * 9))))
-    assert len(checks) == 3 + 7  # defc7..5; deconv5, conv5_1, deconv4, conv4_1, deconv3, conv3_1, deconv0 at 64
+    assert (
+        len(checks) == 3 + 7
+    )  # defc7..5; deconv5, conv5_1, deconv4, conv4_1, deconv3, conv3_1, deconv0 at 64
     for layer, expected in checks:
         assert abs(layer.weight.std().item() / expected - 1) < 0.1, (layer, expected)
         assert torch.count_nonzero(layer.bias) == 0

@@ -44,9 +44,13 @@ def test_cpu_takes_the_simple_path():
 )
 def test_faked_cuda_device_takes_the_fast_path(kind, dali, loader):
     config, reasons = resolve_runtime(
-        TrainConfig(data="/data/x"), torch.device("cuda", 0), dali_available=dali, kind=kind,
-        resident_fits=False, **H100,
-    )  # fmt: skip
+        TrainConfig(data="/data/x"),
+        torch.device("cuda", 0),
+        dali_available=dali,
+        kind=kind,
+        resident_fits=False,
+        **H100,
+    )
     assert config.compile == "reduce-overhead" and config.precision == "bf16" and config.channels_last is True
     assert config.loader == loader and config.tensorboard is True
     line = describe_runtime(config, torch.device("cuda", 0), reasons)
@@ -55,15 +59,23 @@ def test_faked_cuda_device_takes_the_fast_path(kind, dali, loader):
     assert ("DALI is installed" in line) == (loader == "dali")
 
 
-@pytest.mark.parametrize("kind, fits, loader", [
-    ("stl10", True, "resident"), ("photos", True, "resident"), ("folder", True, "dali"), ("stl10", False, "dali"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind, fits, loader",
+    [
+        ("stl10", True, "resident"),
+        ("photos", True, "resident"),
+        ("folder", True, "dali"),
+        ("stl10", False, "dali"),
+    ],
+)
 def test_auto_keeps_stl10_and_the_photos_on_the_gpu_when_they_fit(kind, fits, loader):
     config, reasons = resolve_runtime(
         TrainConfig(), "cuda", dali_available=True, kind=kind, resident_fits=fits, **H100
     )
     assert config.loader == loader
-    assert ("loader=resident (auto: the decoded data set fits on the GPU" in " ".join(reasons)) == (loader == "resident")
+    assert ("loader=resident (auto: the decoded data set fits on the GPU" in " ".join(reasons)) == (
+        loader == "resident"
+    )
 
 
 def test_older_gpus_get_what_their_tensor_cores_do():
@@ -84,8 +96,10 @@ def test_explicit_values_win_over_auto_on_cuda():
     )
     config, reasons = resolve_runtime(explicit, "cuda", dali_available=True, kind="folder", **H100)
     assert config == explicit
-    assert reasons == [f"{name} (set)" for name in
-                       ("compile=off", "precision=tf32", "channels_last=off", "loader=torch", "tensorboard=off")]  # fmt: skip
+    assert reasons == [
+        f"{name} (set)"
+        for name in ("compile=off", "precision=tf32", "channels_last=off", "loader=torch", "tensorboard=off")
+    ]
     assert describe_runtime(config, "cuda", reasons).startswith("custom path on cuda")
 
 
@@ -131,11 +145,26 @@ def test_data_kind_looks_at_the_path(tmp_path):
     [
         ([], dict(compile="auto", precision="auto", loader="auto", channels_last="auto", tensorboard="auto")),
         (["--channels-last", "--no-tensorboard"], dict(channels_last=True, tensorboard=False)),
-        (["--channels-last", "off", "--tensorboard", "--compile", "off", "--precision", "bf16", "--loader", "nvjpeg"],
-         dict(channels_last=False, tensorboard=True, compile="off", precision="bf16", loader="nvjpeg")),
-        (["--preset", "autoencoder-stl10-se", "--channels-last", "auto"], dict(channels_last="auto", loss="se")),
+        (
+            [
+                "--channels-last",
+                "off",
+                "--tensorboard",
+                "--compile",
+                "off",
+                "--precision",
+                "bf16",
+                "--loader",
+                "nvjpeg",
+            ],
+            dict(channels_last=False, tensorboard=True, compile="off", precision="bf16", loader="nvjpeg"),
+        ),
+        (
+            ["--preset", "autoencoder-stl10-se", "--channels-last", "auto"],
+            dict(channels_last="auto", loss="se"),
+        ),
     ],
-)  # fmt: skip
+)
 def test_cli_flags_reach_the_config_and_auto_is_the_default(monkeypatch, tmp_path, flags, expected):
     import deepsim.train.loop as loop
     from deepsim.cli import main
@@ -174,7 +203,11 @@ def test_default_run_on_cuda_takes_the_fast_path(tmp_path):
     result = train(config, progress=False, announce=lambda cfg, line: lines.append(line))
     assert lines[0].startswith("fast path on cuda"), lines
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert (saved["compile"], saved["channels_last"], saved["loader"]) == ("reduce-overhead", True, "resident")
+    assert (saved["compile"], saved["channels_last"], saved["loader"]) == (
+        "reduce-overhead",
+        True,
+        "resident",
+    )
     assert saved["precision"] == ("bf16" if torch.cuda.get_device_capability() >= (8, 0) else "fp32")
     assert result.step == 3 and all(np.isfinite(v) for v in result.history[-1].values())
 
@@ -184,7 +217,9 @@ def test_several_ranks_on_cuda_default_to_the_compiled_step_without_cuda_graphs(
     two, reasons = resolve_runtime(TrainConfig(), "cuda", kind="photos", world=2, **H100)
     assert (one.compile, two.compile) == ("reduce-overhead", "default")
     assert "2 ranks: the compiled step without CUDA graphs" in reasons[0]
-    pinned, _ = resolve_runtime(TrainConfig(compile="reduce-overhead"), "cuda", kind="photos", world=2, **H100)
+    pinned, _ = resolve_runtime(
+        TrainConfig(compile="reduce-overhead"), "cuda", kind="photos", world=2, **H100
+    )
     assert pinned.compile == "reduce-overhead"  # an explicit value is kept
 
 
@@ -209,14 +244,18 @@ def _failing_trial(*broken):
     ],
 )
 def test_an_auto_loader_is_tried_on_one_batch_and_falls_back_with_a_reason(kind, broken, expected, tried):
-    chosen, reasons = resolve_runtime(TrainConfig(data="/data/x"), "cuda", dali_available=True, kind=kind, **H100)
+    chosen, reasons = resolve_runtime(
+        TrainConfig(data="/data/x"), "cuda", dali_available=True, kind=kind, **H100
+    )
     trial, calls = _failing_trial(*broken)
     config, reasons = try_runtime(chosen, "cuda", reasons, {"loader"}, trial=trial, kind=kind)
     assert config.loader == expected and calls == tried
     line = next(r for r in reasons if r.startswith("loader="))
     assert "\n" not in line
     if broken:
-        assert line.startswith(f"loader={expected} (auto: dali failed a one-batch trial (RuntimeError: dali: pipe")
+        assert line.startswith(
+            f"loader={expected} (auto: dali failed a one-batch trial (RuntimeError: dali: pipe"
+        )
         assert line.endswith(f": the {expected} loader instead)")
 
 
@@ -250,9 +289,19 @@ def test_the_loader_trial_raises_what_fails(monkeypatch):
 
 def _tiny_run(tmp_path, **kw):
     return get_preset("autoencoder-photos").replace(
-        comparator="alexnet-random:conv2", batch_size=2, image_size=32, disc_padding="padded", steps=2, log_every=1,
-        sample_every=1000, checkpoint_every=1000, device="cpu", out=str(tmp_path), tensorboard=False, **kw,
-    )  # fmt: skip
+        comparator="alexnet-random:conv2",
+        batch_size=2,
+        image_size=32,
+        disc_padding="padded",
+        steps=2,
+        log_every=1,
+        sample_every=1000,
+        checkpoint_every=1000,
+        device="cpu",
+        out=str(tmp_path),
+        tensorboard=False,
+        **kw,
+    )
 
 
 def _broken_compile(monkeypatch):
@@ -267,8 +316,9 @@ def _broken_compile(monkeypatch):
     monkeypatch.setattr(compiled, "compile_step", compile_step)
 
 
-def test_a_run_falls_back_from_an_auto_loader_and_an_auto_compile_that_fail(monkeypatch, tmp_path, capsys,
-                                                                            one_intra_op_thread):  # fmt: skip
+def test_a_run_falls_back_from_an_auto_loader_and_an_auto_compile_that_fail(
+    monkeypatch, tmp_path, capsys, one_intra_op_thread
+):
     """The loop wiring: resolve_runtime is made to choose DALI and the compiled step (as on a GPU), the DALI
     trial fails and the compiled step's first call raises; the run trains eagerly on the torch loader and
     says both in one line each."""
@@ -279,11 +329,16 @@ def test_a_run_falls_back_from_an_auto_loader_and_an_auto_compile_that_fail(monk
 
     def gpu_like(config, device, **kw):
         config, reasons = real_resolve(config, device, **kw)
-        reasons = [r.replace("loader=torch", "loader=dali").replace("compile=off", "compile=default") for r in reasons]
+        reasons = [
+            r.replace("loader=torch", "loader=dali").replace("compile=off", "compile=default")
+            for r in reasons
+        ]
         return config.replace(loader="dali", compile="default"), reasons
 
     monkeypatch.setattr(loop, "resolve_runtime", gpu_like)
-    monkeypatch.setattr(auto, "loader_trial", lambda loader, device: (_ for _ in ()).throw(RuntimeError("no DALI")))
+    monkeypatch.setattr(
+        auto, "loader_trial", lambda loader, device: (_ for _ in ()).throw(RuntimeError("no DALI"))
+    )
     _broken_compile(monkeypatch)
     lines = []
     result = loop.train(_tiny_run(tmp_path), progress=False, announce=lambda cfg, line: lines.append(line))
@@ -291,7 +346,10 @@ def test_a_run_falls_back_from_an_auto_loader_and_an_auto_compile_that_fail(monk
     assert "loader=torch (auto: dali failed a one-batch trial (RuntimeError: no DALI)" in lines[0]
     assert "nvjpeg" not in lines[0]  # the bundled photos are not an image folder: no nvjpeg trial
     err = capsys.readouterr().err
-    assert "compile=default (auto) failed on the first step (RuntimeError: InductorError: no working C compiler" in err
+    assert (
+        "compile=default (auto) failed on the first step (RuntimeError: InductorError: no working C compiler"
+        in err
+    )
     assert "the eager step (compile=off) instead" in err
 
 

@@ -23,15 +23,39 @@ from bench.tables import REPORT_SECTIONS, format_compact, format_markdown, repor
 from bench.timelimit import GroupTimeout, seconds_left, time_limit
 
 ROOT = Path(__file__).resolve().parents[1]
-META = {"date": "2026-01-01 00:00 UTC", "cpu": "test CPU", "cpu_cores": 2, "card": "none (CPU run)",
-        "torch": "x", "triton": "y", "dali": "z", "commit": "abc1234", "dirty": False}  # fmt: skip
-PEAKS = {"device": "cpu", "dtype": "float32", "flops_per_s": 1e12, "bytes_per_s": 1e11, "matmul_n": 8,
-         "copy_bytes": 8, "method": "constructed"}  # fmt: skip
+META = {
+    "date": "2026-01-01 00:00 UTC",
+    "cpu": "test CPU",
+    "cpu_cores": 2,
+    "card": "none (CPU run)",
+    "torch": "x",
+    "triton": "y",
+    "dali": "z",
+    "commit": "abc1234",
+    "dirty": False,
+}
+PEAKS = {
+    "device": "cpu",
+    "dtype": "float32",
+    "flops_per_s": 1e12,
+    "bytes_per_s": 1e11,
+    "matmul_n": 8,
+    "copy_bytes": 8,
+    "method": "constructed",
+}
 
 
 def row(name, variant, value, unit, baseline="eager", ratio=None, **extra):
-    return dict(group="fake", name=name, variant=variant, baseline=baseline, value=value, unit=unit,
-                ratio_vs_baseline=ratio, **extra)  # fmt: skip
+    return dict(
+        group="fake",
+        name=name,
+        variant=variant,
+        baseline=baseline,
+        value=value,
+        unit=unit,
+        ratio_vs_baseline=ratio,
+        **extra,
+    )
 
 
 def fake_module(rows):
@@ -104,8 +128,9 @@ def test_conv_work_by_hand():
 
 
 def test_attach_work_from_group_tables():
-    module = types.SimpleNamespace(CONV_LAYERS=[("l1", 1, 1, 4, 3, 1, 1)], UPCONV_LAYERS=[],
-                                   FEATURE_TAPS=[(2, 3, 4, 4)])  # fmt: skip
+    module = types.SimpleNamespace(
+        CONV_LAYERS=[("l1", 1, 1, 4, 3, 1, 1)], UPCONV_LAYERS=[], FEATURE_TAPS=[(2, 3, 4, 4)]
+    )
     rows = [
         row("conv_lrelu/l1/b1/float32/fwd+bwd", "triton", 1.0, "ms"),
         row("feature_distance/1 taps/b2/bfloat16/fwd+bwd", "triton", 1.0, "ms"),
@@ -195,8 +220,15 @@ def test_rows_are_saved_as_they_are_measured(tmp_path):
             on_disk.append(json.loads((tmp_path / "results.json").read_text()))
         raise RuntimeError("crashed after two rows")
 
-    run = run_groups(["step"], "cpu", True, modules={"step": types.SimpleNamespace(run=measuring)}, peaks=PEAKS,
-                     meta=META, out=tmp_path)  # fmt: skip
+    run = run_groups(
+        ["step"],
+        "cpu",
+        True,
+        modules={"step": types.SimpleNamespace(run=measuring)},
+        peaks=PEAKS,
+        meta=META,
+        out=tmp_path,
+    )
     assert [len(d["rows"]) for d in on_disk] == [1, 2]
     assert on_disk[0]["groups"]["step"]["status"] == "running"
     assert run.groups["step"]["status"] == "failed: RuntimeError: crashed after two rows"
@@ -207,8 +239,11 @@ def test_rows_are_saved_as_they_are_measured(tmp_path):
 def test_a_killed_group_reads_back_as_partial(tmp_path):
     """A process killed inside a group leaves it "running" in results.json; read back, it is partial."""
     run = BenchRun(META, PEAKS, quick=False)
-    run.add("kernels", [dict(row("conv", "eager", 4.0, "ms"), group="kernels", status="ok")],
-            {"status": "ok", "rows": 1})  # fmt: skip
+    run.add(
+        "kernels",
+        [dict(row("conv", "eager", 4.0, "ms"), group="kernels", status="ok")],
+        {"status": "ok", "rows": 1},
+    )
     run.begin_group("step")
     run.set_rows("step", [dict(row("step", "eager", 100.0, "img/s"), group="step", status="ok")])
     write_outputs(run, tmp_path)  # what the file holds when the kill comes
@@ -256,11 +291,19 @@ def test_report_sections_follow_the_main_table(tmp_path):
     @report_section
     def dispatcher(run):
         chosen = [r for r in run.rows if r.get("dispatch")]
-        return "### Dispatcher\n\n" + "\n".join(f"- {r['name']}: {r['dispatch']}" for r in chosen) if chosen else None
+        return (
+            "### Dispatcher\n\n" + "\n".join(f"- {r['name']}: {r['dispatch']}" for r in chosen)
+            if chosen
+            else None
+        )
 
     try:
         run = BenchRun(META, None, quick=True)
-        run.add("kernels", [dict(row("conv", "eager", 4.0, "ms", dispatch="cudnn"), status="ok")], {"status": "ok"})
+        run.add(
+            "kernels",
+            [dict(row("conv", "eager", 4.0, "ms", dispatch="cudnn"), status="ok")],
+            {"status": "ok"},
+        )
         md = format_markdown(run)
         assert md.index("| group |") < md.index("### Dispatcher") and "- conv: cudnn" in md
         assert "- conv: cudnn" in format_compact(run)
@@ -300,8 +343,20 @@ def test_main_with_fake_groups_and_append(tmp_path, monkeypatch):
     results = tmp_path / "RESULTS.md"
     results.write_text("# curated\n")
     out = tmp_path / "out"
-    code = bench_main.main(["--groups", "kernels,loader", "--no-peaks", "--device", "cpu", "--out", str(out),
-                            "--append-results", "--results-file", str(results)])  # fmt: skip
+    code = bench_main.main(
+        [
+            "--groups",
+            "kernels,loader",
+            "--no-peaks",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+            "--append-results",
+            "--results-file",
+            str(results),
+        ]
+    )
     assert code == 0 and (out / "results.json").exists() and (out / "results.md").exists()
     text = results.read_text()
     assert text.startswith("# curated\n") and "failed: RuntimeError: boom on purpose" in text
@@ -317,13 +372,25 @@ def test_measured_peaks_are_positive():
     assert peaks["flops_per_s"] > 1e8 and peaks["bytes_per_s"] > 1e8 and peaks["dtype"] == "float32"
 
 
-GPU_PHASES = ["env", "install", "tests-contact", "tests-kernels", "tests-step", "bench-kernels", "bench-step",
-              "bench-loader", "bench-lpips", "finish"]
+GPU_PHASES = [
+    "env",
+    "install",
+    "tests-contact",
+    "tests-kernels",
+    "tests-step",
+    "bench-kernels",
+    "bench-step",
+    "bench-loader",
+    "bench-lpips",
+    "finish",
+]
 OUT_FILES = {"commit.txt", "logs.tar.gz", "phases.tsv", "results.json", "results.md", "summary.txt"}
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout")
+@pytest.mark.skipif(
+    shutil.which("bash") is None or shutil.which("timeout") is None, reason="needs bash, timeout"
+)
 def test_gpu_script_dry_run_brings_back_at_most_8_files(tmp_path):
     """bench/gpu.sh --dry-run: every phase of the GPU run with CPU stand-ins (about a minute on 2 cores);
     what the device tool would bring back is at most 8 plain files, results.json among them."""
@@ -332,8 +399,13 @@ def test_gpu_script_dry_run_brings_back_at_most_8_files(tmp_path):
     out = tmp_path / "out"
     env = {k: v for k, v in os.environ.items() if k != "DEEPSIM_COMMIT"}
     env["PYTHON"] = sys.executable
-    done = subprocess.run(["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", str(out)], env=env,
-                          capture_output=True, text=True, timeout=900)  # fmt: skip
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), "--dry-run", str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     entries = list(out.iterdir())
     assert len(entries) <= 8 and all(p.is_file() for p in entries)
@@ -346,11 +418,20 @@ def test_gpu_script_dry_run_brings_back_at_most_8_files(tmp_path):
     assert all(info["status"] == "ok" for info in data["groups"].values()), data["groups"]
     failed = [(r["group"], r["name"], r["status"]) for r in data["rows"] if r["status"].startswith("failed")]
     assert not failed, failed  # a row that failed is a figure the GPU run would not bring back
-    workloads = {r["name"].split(" ")[0] for r in data["rows"] if r["group"] == "step" and r["status"] == "ok"}
+    workloads = {
+        r["name"].split(" ")[0] for r in data["rows"] if r["group"] == "step" and r["status"] == "ok"
+    }
     assert {"autoencoder", "invert-fc6"} <= workloads, workloads
     step = {r["variant"] for r in data["rows"] if r["group"] == "step" and r["status"] == "ok"}
-    assert {"eager", "eager-fused", "compiled-step", "compiled-step-fused", "compiled-step-cudagraphs",
-            "cudagraphs OR_ERROR check", "graph breaks in the compiled step"} <= step  # fmt: skip
+    assert {
+        "eager",
+        "eager-fused",
+        "compiled-step",
+        "compiled-step-fused",
+        "compiled-step-cudagraphs",
+        "cudagraphs OR_ERROR check",
+        "graph breaks in the compiled step",
+    } <= step
     loader = {r["variant"] for r in data["rows"] if r["group"] == "loader" and r["status"] == "ok"}
     assert {"torchvision+PIL", "torchvision decode_jpeg (cpu)"} <= loader
     lpips_rows = {r["variant"] for r in data["rows"] if r["group"] == "lpips" and r["status"] == "ok"}

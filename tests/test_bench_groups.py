@@ -73,7 +73,9 @@ def test_max_autotune_runs_only_with_time_left():
 
 def _jpeg_bytes(tmp_path, n=3, size=(40, 30)):
     loader.write_jpegs(str(tmp_path), n, size)
-    return [torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in sorted(tmp_path.iterdir())]
+    return [
+        torch.frombuffer(bytearray(p.read_bytes()), dtype=torch.uint8) for p in sorted(tmp_path.iterdir())
+    ]
 
 
 def test_decode_on_device_crops_mirrors_and_scales(tmp_path):
@@ -85,7 +87,9 @@ def test_decode_on_device_crops_mirrors_and_scales(tmp_path):
     assert batch.shape == (3, 3, 16, 16) and batch.dtype == torch.float32
     assert -1 <= batch.min() and batch.max() <= 1
     for image, path in zip(batch, sorted(tmp_path.iterdir())):
-        decoded = torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
+        decoded = (
+            torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1
+        )
         windows = decoded.unfold(1, 16, 1).unfold(2, 16, 1)  # (3, H-15, W-15, 16, 16): every crop
         found = False
         for candidate in (image, image.flip(-1)):

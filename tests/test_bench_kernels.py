@@ -49,8 +49,11 @@ def test_timing_rows_order_and_notes(monkeypatch, tmp_path):
 
     monkeypatch.setattr(bk, "time_cuda", fake_time)
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # inductor is not what is tested here
-    monkeypatch.setattr(bk, "LAYERS", [("tiny 3->4 k3s2 8", 3, 4, 8, 3, 2, 1, False),
-                                       ("tiny up 4->2 k4s2 4", 4, 2, 4, 4, 2, 1, True)])  # fmt: skip
+    monkeypatch.setattr(
+        bk,
+        "LAYERS",
+        [("tiny 3->4 k3s2 8", 3, 4, 8, 3, 2, 1, False), ("tiny up 4->2 k4s2 4", 4, 2, 4, 4, 2, 1, True)],
+    )
     monkeypatch.setattr(K.dispatch, "DISPATCH_DEVICES", ("cuda", "cpu"))
     monkeypatch.setattr(K.dispatch, "_timer", lambda step: {"triton": 1.0, "cudnn": 3.0}[step.path])
     monkeypatch.setattr(K.dispatch, "_backward_timer", lambda step: {"triton": 1.0, "cudnn": 3.0}[step.path])
@@ -65,13 +68,16 @@ def test_timing_rows_order_and_notes(monkeypatch, tmp_path):
         K.dispatch.reset()
     variants = [r["variant"] for r in rows]
     assert variants[:5] == ["eager", "triton", "cudnn+epilogue", "dispatched", "torch.compile"]
-    assert variants[5:10] == variants[:5] and variants[10:] == ["chose triton"] * 6  # forward, dgrad, wgrad of each layer
+    assert (
+        variants[5:10] == variants[:5] and variants[10:] == ["chose triton"] * 6
+    )  # forward, dgrad, wgrad of each layer
     assert rows[0]["name"] == "conv_lrelu/tiny 3->4 k3s2 8/b2/bfloat16/fwd+bwd"
     dispatched = rows[3]
     assert dispatched["note"] == "chose triton; 4x the better of eager and torch.compile"
     assert dispatched["ratio_vs_baseline"] == 0.25
     assert (
-        rows[10]["name"].startswith("dispatch/forward/conv_lrelu|") and "triton 1 ms, cudnn 3 ms" in rows[10]["note"]
+        rows[10]["name"].startswith("dispatch/forward/conv_lrelu|")
+        and "triton 1 ms, cudnn 3 ms" in rows[10]["note"]
     )
     monkeypatch.setattr(bk, "FEATURE_TAPS", [(2, 3, 4, 4), (2, 5)])
     monkeypatch.setattr(bk, "measure_copy_bandwidth", lambda device, quick: 1e9)

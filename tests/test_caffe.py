@@ -210,7 +210,8 @@ def test_stride1_deconvolution_is_a_flipped_transposed_convolution():
 
 
 def test_our_generator_has_the_authors_layer_list():
-    """InversionGenerator against synthesizing's generator.prototxt (stride-1 deconvolutions = our 3x3 convs)."""
+    """InversionGenerator against synthesizing's generator.prototxt (stride-1 deconvolutions = our 3x3
+    convs)."""
 
     def layout(generator):
         rows = []
@@ -219,13 +220,30 @@ def test_our_generator_has_the_authors_layer_list():
                 rows.append(("fc", m.in_features, m.out_features, getattr(m, "alpha", None)))
             elif isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
                 kind = "deconv" if isinstance(m, nn.ConvTranspose2d) else "conv"
-                rows.append((kind, m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0], m.padding[0],
-                             getattr(m, "alpha", None)))  # fmt: skip
+                rows.append(
+                    (
+                        kind,
+                        m.in_channels,
+                        m.out_channels,
+                        m.kernel_size[0],
+                        m.stride[0],
+                        m.padding[0],
+                        getattr(m, "alpha", None),
+                    )
+                )
         return rows
 
-    up = [("deconv", 256, 256, 4, 2, 1, 0.3), ("conv", 256, 512, 3, 1, 1, 0.3), ("deconv", 512, 256, 4, 2, 1, 0.3),
-          ("conv", 256, 256, 3, 1, 1, 0.3), ("deconv", 256, 128, 4, 2, 1, 0.3), ("conv", 128, 128, 3, 1, 1, 0.3),
-          ("deconv", 128, 64, 4, 2, 1, 0.3), ("deconv", 64, 32, 4, 2, 1, 0.3), ("deconv", 32, 3, 4, 2, 1, None)]  # fmt: skip
+    up = [
+        ("deconv", 256, 256, 4, 2, 1, 0.3),
+        ("conv", 256, 512, 3, 1, 1, 0.3),
+        ("deconv", 512, 256, 4, 2, 1, 0.3),
+        ("conv", 256, 256, 3, 1, 1, 0.3),
+        ("deconv", 256, 128, 4, 2, 1, 0.3),
+        ("conv", 128, 128, 3, 1, 1, 0.3),
+        ("deconv", 128, 64, 4, 2, 1, 0.3),
+        ("deconv", 64, 32, 4, 2, 1, 0.3),
+        ("deconv", 32, 3, 4, 2, 1, None),
+    ]
     fc = [("fc", 4096, 4096, 0.3)] * 3
     assert layout(InversionGenerator("fc6")) == fc + up
     conv5_head = [
@@ -267,8 +285,9 @@ def test_blob_shape_encodings_and_double_data(tmp_path):
     rng = np.random.default_rng(5)
     w = rng.standard_normal((4, 6)).astype(np.float32)
     blobs = [cw.blob(w), cw.blob(w, legacy=True), cw.blob(w, packed=False), cw.blob(w, double=True)]
-    model = read_caffemodel(write(tmp_path, cw.net_message([cw.layer_message("ip", "InnerProduct", ["x"], ["ip"],
-                                                                             blobs=blobs)])))  # fmt: skip
+    model = read_caffemodel(
+        write(tmp_path, cw.net_message([cw.layer_message("ip", "InnerProduct", ["x"], ["ip"], blobs=blobs)]))
+    )
     new, legacy, unpacked, double = model.layer("ip").blobs
     assert (new.dims, new.legacy) == ((4, 6), False) and (legacy.dims, legacy.legacy) == ((1, 1, 4, 6), True)
     assert (
@@ -380,8 +399,11 @@ def test_blob_without_enough_values_is_named(tmp_path, fc_weights):
     path = write(
         tmp_path, cw.generator_caffemodel("fc", fc_weights, blob_override={"defc6": [short, cw.blob(b)]})
     )
-    with pytest.raises(CaffeModelError, match=r"layer 'defc6', blob 0: shape \(48, 48\) needs 2304 values, the file "
-                                              r"holds 2302"):  # fmt: skip
+    with pytest.raises(
+        CaffeModelError,
+        match=r"layer 'defc6', blob 0: shape \(48, 48\) needs 2304 values, the file "
+        r"holds 2302",
+    ):
         load_generator(path, "fc6")
 
 
@@ -479,8 +501,21 @@ def test_import_caffe_then_invert_runs_the_caffe_pipeline(tmp_path, caffenet, ca
         )
         == 0
     )
-    assert main(["import-caffe", str(gen_path), "--layer", "pool5", "--out", str(checkpoint),
-                 "--invert-network-weights", str(phi)]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "import-caffe",
+                str(gen_path),
+                "--layer",
+                "pool5",
+                "--out",
+                str(checkpoint),
+                "--invert-network-weights",
+                str(phi),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "V1 format" in printed and "V2 format" in printed and "deepsim invert --checkpoint" in printed
 
@@ -499,8 +534,23 @@ def test_import_caffe_then_invert_runs_the_caffe_pipeline(tmp_path, caffenet, ca
     right = expected.clamp(-1, 1).add(1).div(2)[0].permute(1, 2, 0).numpy()
     assert np.abs(png[:, 227:] - right).max() <= 1 / 255 + 1e-6  # the PNG is that image, to 8 bits
 
-    assert main(["sample-preimages", "--checkpoint", str(checkpoint), str(photo), "--samples", "2",
-                 "--out", str(tmp_path / "pre"), "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "sample-preimages",
+                "--checkpoint",
+                str(checkpoint),
+                str(photo),
+                "--samples",
+                "2",
+                "--out",
+                str(tmp_path / "pre"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "pre" / "photo_preimages.png").is_file()
 
 
@@ -522,8 +572,21 @@ def test_import_caffe_errors_are_one_line(tmp_path, caffenet, fc6_file, capsys):
         == 0
     )
     capsys.readouterr()
-    assert main(["import-caffe", str(fc6_file), "--layer", "fc6", "--out", str(tmp_path / "fc6.pt"),
-                 "--invert-network-weights", str(phi)]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "import-caffe",
+                str(fc6_file),
+                "--layer",
+                "fc6",
+                "--out",
+                str(tmp_path / "fc6.pt"),
+                "--invert-network-weights",
+                str(phi),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert str(phi) in err and "fc6.weight" in err
     # without Phi the checkpoint holds the generator, and `deepsim invert` says what is missing
@@ -532,15 +595,29 @@ def test_import_caffe_errors_are_one_line(tmp_path, caffenet, fc6_file, capsys):
     payload = torch.load(tmp_path / "fc6.pt", weights_only=False)
     assert payload["config"]["fc_width"] == 48 and payload["caffe_import"]["format"] == "V2"
     photo = write_photo(tmp_path / "p.jpg")
-    assert main(["invert", "--checkpoint", str(tmp_path / "fc6.pt"), str(photo), "--out", str(tmp_path / "o"),
-                 "--device", "cpu"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "invert",
+                "--checkpoint",
+                str(tmp_path / "fc6.pt"),
+                str(photo),
+                "--out",
+                str(tmp_path / "o"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert "weights" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(
     not os.environ.get("DEEPSIM_CAFFE_FULL_SIZE"),
-    reason="full-size CaffeNet + fc6 generator (~450 MB of caffemodels, about a minute): DEEPSIM_CAFFE_FULL_SIZE=1",
+    reason="full-size CaffeNet + fc6 generator (~450 MB of caffemodels, about a minute): "
+    "DEEPSIM_CAFFE_FULL_SIZE=1",
 )
 def test_full_size_caffenet_and_fc6_generator(tmp_path):
     """At the released models' sizes: all of CaffeNet (fc6's flatten order included) and a 4096-wide fc6
@@ -568,5 +645,6 @@ def test_full_size_caffenet_and_fc6_generator(tmp_path):
     features = (fc6 / fc6.std()).numpy()  # CaffeNet's fc6 after ReLU, rescaled for the random generator
     with torch.no_grad():
         got = load_generator(gen_path, "fc6", image_size=256)(torch.from_numpy(features))
-    torch.testing.assert_close(got.double(), caffe_to_ours(caffe_generator("fc", gen_weights, features)),
-                               atol=1e-5, rtol=0)  # fmt: skip
+    torch.testing.assert_close(
+        got.double(), caffe_to_ours(caffe_generator("fc", gen_weights, features)), atol=1e-5, rtol=0
+    )

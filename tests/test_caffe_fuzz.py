@@ -46,16 +46,20 @@ def test_a_million_packed_dims_is_refused_at_once(tmp_path):
         _read_all(path)
     assert time.process_time() - start < 1.0
     assert str(error.value) == (
-        f"{path}: layer 'fc6', blob 0: shape has more than {MAX_BLOB_AXES} axes (Caffe's limit), a corrupt blob"
+        f"{path}: layer 'fc6', blob 0: shape has more than {MAX_BLOB_AXES} axes (Caffe's limit), a corrupt "
+        "blob"
     )
 
 
-@pytest.mark.parametrize("dims, message", [
-    ([2] * 33, "shape has 33 axes, more than 32"),
-    ([2**40], f"shape has an axis of over {MAX_BLOB_COUNT} size (1099511627776)"),
-    ([65536, 65536], f"shape (65536, 65536) has more than {MAX_BLOB_COUNT} values"),
-    ([-1 & (2**64 - 1)], "shape has an axis of negative size (-1)"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "dims, message",
+    [
+        ([2] * 33, "shape has 33 axes, more than 32"),
+        ([2**40], f"shape has an axis of over {MAX_BLOB_COUNT} size (1099511627776)"),
+        ([65536, 65536], f"shape (65536, 65536) has more than {MAX_BLOB_COUNT} values"),
+        ([-1 & (2**64 - 1)], "shape has an axis of negative size (-1)"),
+    ],
+)
 def test_blob_shapes_are_bounded_and_named(tmp_path, dims, message):
     path = tmp_path / "shape.caffemodel"
     path.write_bytes(_net_with_blob(_blob_with_dims(b"".join(cw.varint(d) for d in dims))))
@@ -79,9 +83,13 @@ def test_non_finite_weights_name_the_blob(tmp_path, bad):
     values[2] = bad
     path = tmp_path / "nan.caffemodel"
     path.write_bytes(_net_with_blob(_blob_with_dims(cw.varint(2) + cw.varint(2), values)))
-    with pytest.raises(CaffeModelError, match=(
-        rf"^{path}: layer 'fc6', blob 0: 1 non-finite value\(s\) \(NaN or infinity\), the first at flat index 2"
-    )):  # fmt: skip
+    with pytest.raises(
+        CaffeModelError,
+        match=(
+            rf"^{path}: layer 'fc6', blob 0: 1 non-finite value\(s\) \(NaN or infinity\), the first at flat "
+            r"index 2"
+        ),
+    ):
         _read_all(path)
 
 
@@ -90,23 +98,31 @@ def test_non_finite_weights_name_the_blob(tmp_path, bad):
 
 def _tiny_net(extra_axes: int = 0, bad_value: float | None = None) -> bytes:
     """Every encoding the reader takes, small: V2 layers with packed and unpacked floats, legacy and new
-    shapes, double data, convolution / inner-product / ReLU parameters. ``extra_axes``: that many axes of size 2
-    appended to conv1's weight shape; ``bad_value``: written over fc's first weight."""
+    shapes, double data, convolution / inner-product / ReLU parameters. ``extra_axes``: that many axes of size
+    2 appended to conv1's weight shape; ``bad_value``: written over fc's first weight."""
     rng = np.random.default_rng(0)
     weight = cw.f_bytes(7, cw.f_bytes(1, b"".join(cw.varint(d) for d in (2, 3, 3, 3, *[2] * extra_axes))))
     weight += cw.f_floats(5, rng.standard_normal(54))
     conv = cw.layer_message(
-        "conv1", "Convolution", ["data"], ["conv1"], conv=cw.conv_param(2, 3, stride=2, pad=1, group=1),
+        "conv1",
+        "Convolution",
+        ["data"],
+        ["conv1"],
+        conv=cw.conv_param(2, 3, stride=2, pad=1, group=1),
         blobs=[weight, cw.blob(rng.standard_normal(2), legacy=True)],
-    )  # fmt: skip
+    )
     relu = cw.layer_message("relu1", "ReLU", ["conv1"], ["conv1"], relu_slope=0.3)
     fc_weight = rng.standard_normal((4, 3))
     if bad_value is not None:
         fc_weight[0, 0] = bad_value
     fc = cw.layer_message(
-        "fc", "InnerProduct", ["conv1"], ["fc"], ip=cw.inner_product_param(3, transpose=True),
+        "fc",
+        "InnerProduct",
+        ["conv1"],
+        ["fc"],
+        ip=cw.inner_product_param(3, transpose=True),
         blobs=[cw.blob(fc_weight, packed=False), cw.blob(rng.standard_normal(3), double=True)],
-    )  # fmt: skip
+    )
     return cw.net_message([conv, relu, fc])
 
 
@@ -183,8 +199,18 @@ def mutations(draw):
             data[at : at + size] = cw.varint(old + grow)
         else:  # bytes of a varint, a tag or a huge length inserted anywhere
             pos = draw(st.integers(0, len(data)))
-            data[pos:pos] = draw(st.sampled_from([b"\xff" * 10, b"\x80" * 9 + b"\x01", b"\x3a\xff\xff\xff\xff\x0f",
-                                                  cw.varint(2**63), b"\x00", b"\x0b"]))  # fmt: skip
+            data[pos:pos] = draw(
+                st.sampled_from(
+                    [
+                        b"\xff" * 10,
+                        b"\x80" * 9 + b"\x01",
+                        b"\x3a\xff\xff\xff\xff\x0f",
+                        cw.varint(2**63),
+                        b"\x00",
+                        b"\x0b",
+                    ]
+                )
+            )
     return name, bytes(data)
 
 
@@ -207,8 +233,13 @@ def _check(tmp_path, name: str, data: bytes) -> None:
 
 
 def _fuzz(tmp_path, examples: int) -> None:
-    @settings(max_examples=examples, deadline=None, database=None, derandomize=examples < 200,
-              suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        derandomize=examples < 200,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
     @given(mutations())
     def run(case):
         _check(tmp_path, *case)

@@ -28,15 +28,17 @@ def caffenet_file(tmp_path_factory):
 
 
 def test_a_comparator_against_itself_gives_the_reference_lambda():
-    report = calibrate_lambda_feat("alexnet-random:pool5", "alexnet-random:pool5", data="photos", images=IMAGES, size=SIZE)
+    report = calibrate_lambda_feat(
+        "alexnet-random:pool5", "alexnet-random:pool5", data="photos", images=IMAGES, size=SIZE
+    )
     assert report.images == IMAGES and set(report.ratios) == set(PERTURBATIONS)
     assert all(r == pytest.approx(1.0, rel=1e-6) for r in report.ratios.values())
     assert report.lambda_feat == pytest.approx(report.reference_lambda_feat, rel=1e-6) == pytest.approx(0.005)
 
 
 def test_ratio_is_the_ratio_of_mean_feature_distances(caffenet_file):
-    """By hand on the same crops: R(blur) = sum D_ref / sum D_cmp; a tap weight of 2 on the comparator halves R
-    (the calibrated lambda_feat compensates exactly for a uniform scale of the comparator's term)."""
+    """By hand on the same crops: R(blur) = sum D_ref / sum D_cmp; a tap weight of 2 on the comparator halves
+    R (the calibrated lambda_feat compensates exactly for a uniform scale of the comparator's term)."""
     cmp, ref = Comparator("alexnet-random:pool5"), Comparator("caffenet:pool5", weights=str(caffenet_file))
     report = calibrate_lambda_feat(
         cmp, ref, data="photos", images=IMAGES, size=SIZE, perturbations=["blur", "shift"]
@@ -46,11 +48,18 @@ def test_ratio_is_the_ratio_of_mean_feature_distances(caffenet_file):
     blurred = PERTURBATIONS["blur"](batch, gen)
     expected = feature_distances(ref, batch, blurred).sum() / feature_distances(cmp, batch, blurred).sum()
     assert report.ratios["blur"] == pytest.approx(expected.item(), rel=1e-5)
-    assert report.distances["blur"]["reference"] == pytest.approx(feature_distances(ref, batch, blurred).mean().item(), rel=1e-5)
+    assert report.distances["blur"]["reference"] == pytest.approx(
+        feature_distances(ref, batch, blurred).mean().item(), rel=1e-5
+    )
     assert report.ratio == pytest.approx((report.ratios["blur"] * report.ratios["shift"]) ** 0.5, rel=1e-9)
     assert report.lambda_feat == pytest.approx(0.005 * report.ratio, rel=1e-9)
     doubled = calibrate_lambda_feat(
-        "alexnet-random:pool5=2", ref, data="photos", images=IMAGES, size=SIZE, perturbations=["blur", "shift"]
+        "alexnet-random:pool5=2",
+        ref,
+        data="photos",
+        images=IMAGES,
+        size=SIZE,
+        perturbations=["blur", "shift"],
     )
     assert doubled.ratio == pytest.approx(report.ratio / 2, rel=1e-5)
 
@@ -63,9 +72,25 @@ def test_perturbations_keep_the_shape_and_change_the_image():
 
 
 def test_calibrate_command(caffenet_file, capsys):
-    argv = ["calibrate", "--comparator", "alexnet-random:pool5", "--reference", "caffenet:pool5",
-            "--reference-weights", str(caffenet_file), "--data", "photos", "--images", "2", "--size", "128", "--device", "cpu",
-            "--perturbations", "noise,downsample"]  # fmt: skip
+    argv = [
+        "calibrate",
+        "--comparator",
+        "alexnet-random:pool5",
+        "--reference",
+        "caffenet:pool5",
+        "--reference-weights",
+        str(caffenet_file),
+        "--data",
+        "photos",
+        "--images",
+        "2",
+        "--size",
+        "128",
+        "--device",
+        "cpu",
+        "--perturbations",
+        "noise,downsample",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "lambda_feat for alexnet-random:pool5 = 0.005 x" in out and "downsample" in out
@@ -77,8 +102,24 @@ def test_calibrate_command(caffenet_file, capsys):
 
 def test_calibrate_errors_name_the_fault(tmp_path, capsys):
     missing = tmp_path / "nope.pt"
-    assert main(["calibrate", "--reference-weights", str(missing), "--comparator", "alexnet-random:pool5",
-                 "--data", "photos", "--device", "cpu"]) == 2  # fmt: skip
+    assert (
+        main(
+            [
+                "calibrate",
+                "--reference-weights",
+                str(missing),
+                "--comparator",
+                "alexnet-random:pool5",
+                "--data",
+                "photos",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 2
+    )
     assert str(missing) in capsys.readouterr().err
     with pytest.raises(ValueError, match="perturbations \\['rotate'\\]"):
-        calibrate_lambda_feat("alexnet-random:pool5", "alexnet-random:pool5", data="photos", perturbations=["rotate"])
+        calibrate_lambda_feat(
+            "alexnet-random:pool5", "alexnet-random:pool5", data="photos", perturbations=["rotate"]
+        )

@@ -48,11 +48,15 @@ def test_keep_3_of_5_saves_newest_first_with_checksums(tmp_path):
     for step in (10, 20, 30, 40, 50):
         save_checkpoint(path, _payload(step), keep=3)
     assert [p.name for p in find_checkpoints(tmp_path)] == [
-        "checkpoint.pt", "checkpoint.step0000040.pt", "checkpoint.step0000030.pt",
-    ]  # fmt: skip
+        "checkpoint.pt",
+        "checkpoint.step0000040.pt",
+        "checkpoint.step0000030.pt",
+    ]
     footer = read_footer(path)
     assert footer.step == 50 and footer.checked_bytes == path.stat().st_size - 58 and len(footer.sha256) == 64
-    assert torch.load(path, weights_only=False)["step"] == 50  # still a plain torch.save file for everyone else
+    assert (
+        torch.load(path, weights_only=False)["step"] == 50
+    )  # still a plain torch.save file for everyone else
     assert load_checkpoint(tmp_path)["step"] == 50
     assert load_checkpoint(tmp_path / "checkpoint.step0000030.pt")["step"] == 30
     save_checkpoint(path, _payload(60))  # keep=None: replace only, older files untouched
@@ -82,7 +86,10 @@ def test_every_checkpoint_corrupt_is_an_error_naming_them(tmp_path):
         save_checkpoint(path, _payload(step), keep=2)
     _corrupt(path, "flipped")
     _corrupt(tmp_path / "checkpoint.step0000005.pt", "truncated")
-    with pytest.raises(CorruptCheckpointError, match=r"every checkpoint in it is damaged: checkpoint\.pt: .*checkpoint\.step0000005\.pt"):
+    with pytest.raises(
+        CorruptCheckpointError,
+        match=r"every checkpoint in it is damaged: checkpoint\.pt: .*checkpoint\.step0000005\.pt",
+    ):
         load_checkpoint(tmp_path)
 
 
@@ -95,11 +102,20 @@ def test_checkpoint_without_checksum_loads_with_a_warning(tmp_path):
 def _tiny(out, **changes):
     return get_preset("autoencoder-photos").replace(
         **{
-            **dict(data="photos", comparator="alexnet-random:conv2", batch_size=4, image_size=40, log_every=5,
-                   sample_every=1000, checkpoint_every=5, device="cpu", out=str(out)),
+            **dict(
+                data="photos",
+                comparator="alexnet-random:conv2",
+                batch_size=4,
+                image_size=40,
+                log_every=5,
+                sample_every=1000,
+                checkpoint_every=5,
+                device="cpu",
+                out=str(out),
+            ),
             **changes,
         }
-    )  # fmt: skip
+    )
 
 
 @pytest.mark.parametrize("how", ["truncated", "flipped"])
@@ -149,18 +165,26 @@ def test_file_size_limit_of_64_kib_during_a_write_leaves_the_previous_checkpoint
     the previous checkpoint is intact, and it is, byte for byte; no temporary file is left."""
     path = tmp_path / "checkpoint.pt"
     proc = subprocess.run(
-        [sys.executable, "-c", _FILE_SIZE_LIMIT, str(path)], env=subprocess_env(), capture_output=True, text=True,
+        [sys.executable, "-c", _FILE_SIZE_LIMIT, str(path)],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
         timeout=300,
-    )  # fmt: skip
+    )
     assert proc.returncode == 3, proc.stderr[-3000:]
-    assert f"could not write checkpoint {path}: File too large (EFBIG); the previous checkpoint {path} (step 1) is intact" in proc.stdout
+    assert (
+        f"could not write checkpoint {path}: File too large (EFBIG); the previous checkpoint {path} (step 1) "
+        "is intact" in proc.stdout
+    )
     assert load_checkpoint(path)["step"] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
 
-def test_full_disk_at_the_step_10_checkpoint_stops_the_run_with_exit_2_and_step_5_intact(tmp_path, capsys, monkeypatch):
-    """ENOSPC in the middle of the second checkpoint write: `deepsim train` prints one line that names the file
-    and says the step-5 checkpoint is intact, exits with status 2, and that checkpoint loads."""
+def test_full_disk_at_the_step_10_checkpoint_stops_the_run_with_exit_2_and_step_5_intact(
+    tmp_path, capsys, monkeypatch
+):
+    """ENOSPC in the middle of the second checkpoint write: `deepsim train` prints one line that names the
+    file and says the step-5 checkpoint is intact, exits with status 2, and that checkpoint loads."""
     import deepsim.train.checkpoint as checkpoint
 
     real_write = checkpoint._HashingWriter.write
@@ -184,15 +208,37 @@ def test_full_disk_at_the_step_10_checkpoint_stops_the_run_with_exit_2_and_step_
         return len(find_checkpoints(tmp_path))
 
     monkeypatch.setattr(checkpoint._HashingWriter, "write", write)
-    code = main([
-        "train", "--preset", "autoencoder-photos", "--comparator", "alexnet-random:conv2", "--batch-size", "4",
-        "--image-size", "40", "--steps", "12", "--checkpoint-every", "5", "--log-every", "5", "--sample-every",
-        "1000", "--device", "cpu", "--no-progress", "--out", str(tmp_path),
-    ])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--preset",
+            "autoencoder-photos",
+            "--comparator",
+            "alexnet-random:conv2",
+            "--batch-size",
+            "4",
+            "--image-size",
+            "40",
+            "--steps",
+            "12",
+            "--checkpoint-every",
+            "5",
+            "--log-every",
+            "5",
+            "--sample-every",
+            "1000",
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 2, err
     assert (
-        f"deepsim train: error: could not write checkpoint {tmp_path / 'checkpoint.pt'}: No space left on device "
+        f"deepsim train: error: could not write checkpoint {tmp_path / 'checkpoint.pt'}: No space left on "
+        "device "
         f"(ENOSPC); the previous checkpoint {tmp_path / 'checkpoint.pt'} (step 5) is intact. Free some space"
     ) in err
     monkeypatch.undo()

@@ -11,8 +11,21 @@ from PIL import Image
 
 from deepsim.cli import main
 
-SMALL = ["--no-progress", "--device", "cpu", "--batch-size", "2", "--fc-width", "64", "--sample-every", "100",
-         "--log-every", "1", "--checkpoint-every", "100"]  # fmt: skip
+SMALL = [
+    "--no-progress",
+    "--device",
+    "cpu",
+    "--batch-size",
+    "2",
+    "--fc-width",
+    "64",
+    "--sample-every",
+    "100",
+    "--log-every",
+    "1",
+    "--checkpoint-every",
+    "100",
+]
 INVERT = SMALL + [
     "--invert-network",
     "alexnet-random",
@@ -40,8 +53,27 @@ def photos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory, photos):
     out = tmp_path_factory.mktemp("vae")
-    code = main(["train", "vae", "--steps", "2", "--data", str(photos), "--out", str(out), "--image-size", "32",
-                 "--disc-padding", "padded", "--latent-dim", "16", "--lambda-kl", "0.5"] + SMALL)  # fmt: skip
+    code = main(
+        [
+            "train",
+            "vae",
+            "--steps",
+            "2",
+            "--data",
+            str(photos),
+            "--out",
+            str(out),
+            "--image-size",
+            "32",
+            "--disc-padding",
+            "padded",
+            "--latent-dim",
+            "16",
+            "--lambda-kl",
+            "0.5",
+        ]
+        + SMALL
+    )
     assert code == 0
     return out
 
@@ -49,8 +81,23 @@ def vae_run(tmp_path_factory, photos):
 @pytest.fixture(scope="module")
 def fc8_run(tmp_path_factory, photos):
     out = tmp_path_factory.mktemp("invert-fc8")
-    code = main(["train", "invert", "--layer", "fc8", "--steps", "2", "--noise-dim", "4", "--data", str(photos),
-                 "--out", str(out)] + INVERT)  # fmt: skip
+    code = main(
+        [
+            "train",
+            "invert",
+            "--layer",
+            "fc8",
+            "--steps",
+            "2",
+            "--noise-dim",
+            "4",
+            "--data",
+            str(photos),
+            "--out",
+            str(out),
+        ]
+        + INVERT
+    )
     assert code == 0
     return out
 
@@ -58,8 +105,23 @@ def fc8_run(tmp_path_factory, photos):
 @pytest.fixture(scope="module")
 def conv5_no_adv_run(tmp_path_factory, photos):
     out = tmp_path_factory.mktemp("invert-conv5")
-    code = main(["train", "invert", "--layer", "conv5", "--steps", "2", "--lambda-adv", "0", "--data", str(photos),
-                 "--out", str(out)] + INVERT)  # fmt: skip
+    code = main(
+        [
+            "train",
+            "invert",
+            "--layer",
+            "conv5",
+            "--steps",
+            "2",
+            "--lambda-adv",
+            "0",
+            "--data",
+            str(photos),
+            "--out",
+            str(out),
+        ]
+        + INVERT
+    )
     assert code == 0
     return out
 
@@ -89,8 +151,24 @@ def test_train_vae_writes_checkpoint_metrics_and_prior_samples(vae_run):
 
 def test_sample_vae_command(vae_run, tmp_path, capsys):
     out = tmp_path / "prior.png"
-    assert main(["sample-vae", "--checkpoint", str(vae_run / "checkpoint.pt"), "--out", str(out), "--samples", "6",
-                 "--nrow", "3", "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "sample-vae",
+                "--checkpoint",
+                str(vae_run / "checkpoint.pt"),
+                "--out",
+                str(out),
+                "--samples",
+                "6",
+                "--nrow",
+                "3",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert png_size(out) == (3 * 34 + 2, 2 * 34 + 2)
     assert "6 samples from the prior" in capsys.readouterr().out
     again = tmp_path / "again.png"
@@ -122,8 +200,21 @@ def test_zero_adversarial_weight_trains_without_discriminator(conv5_no_adv_run):
 def test_invert_command(fc8_run, photos, tmp_path, capsys):
     images = sorted(photos.glob("*.jpg"))[:2]
     out = tmp_path / "inv"
-    assert main(["invert", "--checkpoint", str(fc8_run / "checkpoint.pt"), *map(str, images), "--out", str(out),
-                 "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "invert",
+                "--checkpoint",
+                str(fc8_run / "checkpoint.pt"),
+                *map(str, images),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     written = sorted(out.glob("*_inversion.png"))
     assert [p.name for p in written] == ["photo0_inversion.png", "photo1_inversion.png"]
     assert png_size(written[0]) == (128, 64)  # input | reconstruction, 64x64 each
@@ -133,8 +224,23 @@ def test_invert_command(fc8_run, photos, tmp_path, capsys):
 def test_sample_preimages_command(fc8_run, photos, tmp_path, capsys):
     images = sorted(photos.glob("*.jpg"))[:2]
     out = tmp_path / "pre"
-    assert main(["sample-preimages", "--checkpoint", str(fc8_run / "checkpoint.pt"), *map(str, images),
-                 "--samples", "3", "--out", str(out), "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "sample-preimages",
+                "--checkpoint",
+                str(fc8_run / "checkpoint.pt"),
+                *map(str, images),
+                "--samples",
+                "3",
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     report = json.loads((out / "diversity.json").read_text())
     assert (
         report["samples"] == 3
@@ -170,8 +276,22 @@ def test_sample_preimages_without_noise_gives_zero_diversity(conv5_no_adv_run, p
 
 def test_eval_per_layer_table(fc8_run, conv5_no_adv_run, photos, tmp_path, capsys):
     out = tmp_path / "eval"
-    code = main(["eval", "--checkpoint", str(fc8_run / "checkpoint.pt"), str(conv5_no_adv_run / "checkpoint.pt"),
-                 "--data", str(photos), "--out", str(out), "--batch-size", "4", "--device", "cpu"])  # fmt: skip
+    code = main(
+        [
+            "eval",
+            "--checkpoint",
+            str(fc8_run / "checkpoint.pt"),
+            str(conv5_no_adv_run / "checkpoint.pt"),
+            "--data",
+            str(photos),
+            "--out",
+            str(out),
+            "--batch-size",
+            "4",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     rows = json.loads((out / "reconstruction.json").read_text())["rows"]
     assert [r["layer"] for r in rows] == ["conv5", "fc8"]  # sorted by layer
@@ -219,8 +339,28 @@ def test_train_autoencoder_then_eval_with_svm_on_stl10(tmp_path, capsys):
     folds = [f"{2 * i} {2 * i + 1} {(2 * i + 2) % 20} {(2 * i + 3) % 20}" for i in range(10)]
     (folder / "fold_indices.txt").write_text("\n".join(folds) + "\n")
     run = tmp_path / "ae"
-    assert main(["train", "autoencoder", "--loss", "se", "--steps", "1", "--data", str(folder), "--out", str(run),
-                 "--no-progress", "--device", "cpu", "--batch-size", "2"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "train",
+                "autoencoder",
+                "--loss",
+                "se",
+                "--steps",
+                "1",
+                "--data",
+                str(folder),
+                "--out",
+                str(run),
+                "--no-progress",
+                "--device",
+                "cpu",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     out = tmp_path / "eval"
     assert (
         main(["eval", "--checkpoint", str(run / "checkpoint.pt"), "--data", str(folder), "--out", str(out)])

@@ -1,5 +1,5 @@
-"""`deepsim train` shaped by task: flags derived from the config fields' metadata, per-task help, foreign flags
-refused, the offline switch, the first line's checkpoint size, `data check --task`, missing files."""
+"""`deepsim train` shaped by task: flags derived from the config fields' metadata, per-task help, foreign
+flags refused, the offline switch, the first line's checkpoint size, `data check --task`, missing files."""
 
 from __future__ import annotations
 
@@ -24,10 +24,36 @@ from deepsim.config import (
 )
 from deepsim.tasks import TASK_TABLE, TASKS, checkpoint_bytes, crop_size, data_mode
 
-INTERNAL = {"task", "code_channels", "image_distance", "feature_metric", "pause_d_below", "pause_d_resume_above",
-            "pause_g_above", "disc_first_stride", "beta1", "beta2"}  # fmt: skip
-TINY = ["--no-progress", "--device", "cpu", "--batch-size", "2", "--sample-every", "100", "--log-every", "1",
-        "--checkpoint-every", "100", "--no-tensorboard", "--compile", "off", "--precision", "fp32"]  # fmt: skip
+INTERNAL = {
+    "task",
+    "code_channels",
+    "image_distance",
+    "feature_metric",
+    "pause_d_below",
+    "pause_d_resume_above",
+    "pause_g_above",
+    "disc_first_stride",
+    "beta1",
+    "beta2",
+}
+TINY = [
+    "--no-progress",
+    "--device",
+    "cpu",
+    "--batch-size",
+    "2",
+    "--sample-every",
+    "100",
+    "--log-every",
+    "1",
+    "--checkpoint-every",
+    "100",
+    "--no-tensorboard",
+    "--compile",
+    "off",
+    "--precision",
+    "fp32",
+]
 
 
 def _train_flags() -> dict:
@@ -63,11 +89,19 @@ def test_choices_are_the_consuming_code_s_own():
     from deepsim.train.step import UPDATE_ORDERS
 
     consumers = {
-        "update_order": UPDATE_ORDERS, "disc_padding": DISC_PADDINGS, "disc_activation": tuple(DISC_ACTIVATIONS),
-        "disc_init": DISC_INITS, "upconv_bias": UPCONV_BIASES, "gen_init": GENERATOR_INITS,
-        "weight_decay_scope": WEIGHT_DECAY_SCOPES, "invert_network": INVERTIBLE_NETWORKS,
-        "invert_layer": tuple(LAYER_TAPS), "on_bad": ON_BAD, "loader": ("auto",) + LOADERS,
-        "compile": ("auto", "off") + COMPILE_MODES, "precision": ("auto",) + RUNTIME_CHOICES["precision"],
+        "update_order": UPDATE_ORDERS,
+        "disc_padding": DISC_PADDINGS,
+        "disc_activation": tuple(DISC_ACTIVATIONS),
+        "disc_init": DISC_INITS,
+        "upconv_bias": UPCONV_BIASES,
+        "gen_init": GENERATOR_INITS,
+        "weight_decay_scope": WEIGHT_DECAY_SCOPES,
+        "invert_network": INVERTIBLE_NETWORKS,
+        "invert_layer": tuple(LAYER_TAPS),
+        "on_bad": ON_BAD,
+        "loader": ("auto",) + LOADERS,
+        "compile": ("auto", "off") + COMPILE_MODES,
+        "precision": ("auto",) + RUNTIME_CHOICES["precision"],
     }
     flags = _train_flags()
     with_choices = {name for name, info in FIELD_INFO.items() if field_choices(info)}
@@ -102,8 +136,14 @@ def test_presets_and_preset_help_say_paper(capsys):
 # ------------------------------------------------------------------------------- the task table
 def test_task_table_holds_the_task_knowledge():
     assert set(TASK_TABLE) == set(TASKS) == set(TASK_NAMES)
-    assert data_mode(get_preset("invert-fc6")) == "resize-crop" and data_mode(get_preset("vae-imagenet")) == "resize-crop"
-    assert data_mode(get_preset("autoencoder-photos")) == "crop" and data_mode(get_preset("vae-photos")) == "crop"
+    assert (
+        data_mode(get_preset("invert-fc6")) == "resize-crop"
+        and data_mode(get_preset("vae-imagenet")) == "resize-crop"
+    )
+    assert (
+        data_mode(get_preset("autoencoder-photos")) == "crop"
+        and data_mode(get_preset("vae-photos")) == "crop"
+    )
     assert crop_size("invert") == 227 and crop_size("autoencoder") == 64
     assert TASK_TABLE["vae"].after is not None and TASK_TABLE["autoencoder"].after is None
 
@@ -122,7 +162,9 @@ def test_each_task_shows_its_own_flags_grouped(capsys):
     for text in (invert, vae, autoencoder, everything):
         for group in GROUPS:
             assert f"\n{group}:\n" in text, group
-    assert invert.startswith("usage: deepsim train invert") and "--layer" in invert and "--noise-dim" in invert
+    assert (
+        invert.startswith("usage: deepsim train invert") and "--layer" in invert and "--noise-dim" in invert
+    )
     assert "--latent-dim" not in invert and "--lambda-kl" not in invert
     assert "{invert-conv5,invert-fc6,invert-fc7,invert-fc8}" in invert and "vae-photos" not in invert
     assert "--latent-dim" in vae and "--fc-width" in vae and "--layer" not in vae and "--noise-dim" not in vae
@@ -130,14 +172,18 @@ def test_each_task_shows_its_own_flags_grouped(capsys):
         assert flag not in autoencoder, flag
         assert flag in everything, flag
     assert "--steps" in autoencoder and "--random-weights" in autoencoder
-    assert _help(capsys, "--preset", "invert-conv5").startswith("usage: deepsim train invert")  # the preset's task
+    assert _help(capsys, "--preset", "invert-conv5").startswith(
+        "usage: deepsim train invert"
+    )  # the preset's task
     assert _help(capsys, "--steps", "3", "vae").startswith("usage: deepsim train vae")
 
 
 def test_a_flag_of_another_task_is_an_error_naming_it(capsys):
     assert main(["train", "--layer", "fc6", "--data", "imgs"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--layer" in err[0] and "deepsim train invert" in err[0] and "autoencoder" in err[0]
+    assert (
+        len(err) == 1 and "--layer" in err[0] and "deepsim train invert" in err[0] and "autoencoder" in err[0]
+    )
     assert main(["train", "vae", "--noise-dim", "4"]) == 2
     assert "deepsim train invert" in capsys.readouterr().err
     assert main(["train", "autoencoder", "--latent-dim", "4"]) == 2
@@ -150,9 +196,16 @@ def test_missing_weights_name_every_flag_at_once(tmp_path, monkeypatch, capsys):
     assert main(["train", "invert", "--data", "photos", "--out", str(tmp_path / "r"), *TINY]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1, err
-    for flag in ("--comparator-weights", "--invert-network-weights", "--download-weights", "--random-weights"):
+    for flag in (
+        "--comparator-weights",
+        "--invert-network-weights",
+        "--download-weights",
+        "--random-weights",
+    ):
         assert flag in err[0], flag
-    assert main(["train", "invert", "--resume", "auto", "--out", str(tmp_path / "r"), *TINY]) == 2  # a first start
+    assert (
+        main(["train", "invert", "--resume", "auto", "--out", str(tmp_path / "r"), *TINY]) == 2
+    )  # a first start
     assert "--invert-network-weights" in capsys.readouterr().err
 
 
@@ -165,25 +218,52 @@ def _photos(folder, n=4, size=72):
     return folder
 
 
-def test_random_weights_run_offline_and_the_first_line_says_so_with_the_checkpoint_size(tmp_path, monkeypatch, capsys):
+def test_random_weights_run_offline_and_the_first_line_says_so_with_the_checkpoint_size(
+    tmp_path, monkeypatch, capsys
+):
     from deepsim.cli import _size
     from deepsim.train.checkpoint import load_checkpoint
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-torch-home"))  # no trained weights anywhere
     monkeypatch.setattr(torch.hub, "_hub_dir", None)
     out = tmp_path / "run"
-    argv = ["train", "invert", "--layer", "fc8", "--random-weights", "--steps", "2", "--fc-width", "64",
-            "--image-size", "64", "--data", str(_photos(tmp_path / "imgs")), "--out", str(out), *TINY]  # fmt: skip
+    argv = [
+        "train",
+        "invert",
+        "--layer",
+        "fc8",
+        "--random-weights",
+        "--steps",
+        "2",
+        "--fc-width",
+        "64",
+        "--image-size",
+        "64",
+        "--data",
+        str(_photos(tmp_path / "imgs")),
+        "--out",
+        str(out),
+        *TINY,
+    ]
     assert main(argv) == 0
     first = capsys.readouterr().err.splitlines()[0]
     assert first.startswith("deepsim train invert: ")
-    assert "random weights (--random-weights): comparator alexnet-random:pool5, inverted network alexnet-random" in first
+    assert (
+        "random weights (--random-weights): comparator alexnet-random:pool5, inverted network alexnet-random"
+        in first
+    )
     config = TrainConfig.from_dict(load_checkpoint(out)["config"])
     estimate, written = checkpoint_bytes(config), (out / "checkpoint.pt").stat().st_size
     assert abs(estimate - written) <= 0.1 * written, (estimate, written)
-    assert f"checkpoint about {_size(estimate)}, {_size(2 * estimate)} on disk with --keep-checkpoints 2" in first
+    assert (
+        f"checkpoint about {_size(estimate)}, {_size(2 * estimate)} on disk with --keep-checkpoints 2"
+        in first
+    )
     # a missing image says so, not "corrupt"
-    assert main(["invert", "--checkpoint", str(out), str(tmp_path / "gone.png"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        main(["invert", "--checkpoint", str(out), str(tmp_path / "gone.png"), "--out", str(tmp_path / "o")])
+        == 2
+    )
     err = capsys.readouterr().err
     assert "gone.png: no such file" in err and "corrupt" not in err
 
@@ -196,13 +276,28 @@ def test_the_autoencoder_estimate_matches_a_written_checkpoint(tmp_path, capsys)
     from deepsim.train.checkpoint import load_checkpoint
 
     out = tmp_path / "ae"
-    argv = ["train", "--steps", "1", "--image-size", "40", "--data", str(_photos(tmp_path / "imgs")), "--out",
-            str(out), *TINY]  # fmt: skip
+    argv = [
+        "train",
+        "--steps",
+        "1",
+        "--image-size",
+        "40",
+        "--data",
+        str(_photos(tmp_path / "imgs")),
+        "--out",
+        str(out),
+        *TINY,
+    ]
     assert main(argv) == 0
-    assert "deepsim train autoencoder: " in capsys.readouterr().err.splitlines()[0]  # no task: the autoencoder
+    assert (
+        "deepsim train autoencoder: " in capsys.readouterr().err.splitlines()[0]
+    )  # no task: the autoencoder
     saved = load_checkpoint(out)
     assert saved["provenance"]["preset"] == "autoencoder-photos"
-    estimate, written = checkpoint_bytes(TrainConfig.from_dict(saved["config"])), (out / "checkpoint.pt").stat().st_size
+    estimate, written = (
+        checkpoint_bytes(TrainConfig.from_dict(saved["config"])),
+        (out / "checkpoint.pt").stat().st_size,
+    )
     assert abs(estimate - written) <= 0.1 * written, (estimate, written)
 
 
@@ -212,7 +307,8 @@ def test_data_check_uses_the_task_s_crop(tmp_path, capsys):
     Image.fromarray(np.zeros((240, 260, 3), np.uint8)).save(folder / "big.png")
     assert main(["data", "check", str(folder)]) == 0
     assert "3 usable for training (min size 64)" in capsys.readouterr().out
-    # the inversion crops 227 after resizing the shorter side to 256: a 100x100 image is resized up, not refused
+    # the inversion crops 227 after resizing the shorter side to 256: a
+    # 100x100 image is resized up, not refused
     assert main(["data", "check", str(folder), "--task", "invert"]) == 0
     text = capsys.readouterr().out
     assert "3 usable for training (min size 227, shorter side resized to 256 first)" in text

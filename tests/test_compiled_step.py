@@ -115,12 +115,13 @@ def test_compiled_step_matches_eager(backend, order, eager_rng_in_inductor):
     assert diff_sum <= 0.01 * moved_sum, diff_sum / moved_sum
     assert moved > 0.5 * LR * STEPS  # the steps did update the parameters
     # D's Adam moments, each tensor against its own scale. Inductor reorders the sums of D's backward (a bias
-    # or weight gradient is a sum over batch x H x W terms of both signs), and the first layers' gradients come
-    # last in the chain and cancel most: an element near 0 can be off by more than its own size, so a bound
-    # per element (the earlier atol 1e-6) measures luck. Measured (lr 1e-4, 3 steps, 1 thread), max |diff| /
-    # max |moment| of a tensor: 1.5e-6 on torch 2.14.1; on torch 2.11.0 3.8e-3 for exp_avg (D's second conv
-    # bias: 2.2e-6 against 5.9e-4, which failed atol 1e-6) and 3.0e-3 for exp_avg_sq. Bound: 2 % of the
-    # tensor's largest moment, 5x the worst measured; a wrong or skipped update moves a moment by its whole size.
+    # or weight gradient is a sum over batch x H x W terms of both signs), and the first layers' gradients
+    # come last in the chain and cancel most: an element near 0 can be off by more than its own size, so a
+    # bound per element (the earlier atol 1e-6) measures luck. Measured (lr 1e-4, 3 steps, 1 thread), max
+    # |diff| / max |moment| of a tensor: 1.5e-6 on torch 2.14.1; on torch 2.11.0 3.8e-3 for exp_avg (D's
+    # second conv bias: 2.2e-6 against 5.9e-4, which failed atol 1e-6) and 3.0e-3 for exp_avg_sq. Bound: 2 %
+    # of the tensor's largest moment, 5x the worst measured; a wrong or
+    # skipped update moves a moment by its whole size.
     for s_e, s_c in zip(eager.opt_d.state.values(), compiled.opt_d.state.values()):
         for key in ("exp_avg", "exp_avg_sq"):
             scale = s_e[key].abs().max().item()
@@ -178,7 +179,9 @@ def test_channels_last_gives_the_same_step():
     torch.manual_seed(1)
     nhwc.step(batch.contiguous(memory_format=torch.channels_last))
     for p, q in zip(plain.parameters(), nhwc.parameters()):
-        torch.testing.assert_close(q, p, atol=2e-5, rtol=1e-4)  # same math; convolution kernels sum in another order
+        torch.testing.assert_close(
+            q, p, atol=2e-5, rtol=1e-4
+        )  # same math; convolution kernels sum in another order
 
 
 def test_conv_paths_are_decided_before_the_first_compiled_call(monkeypatch, tmp_path):
@@ -241,7 +244,7 @@ def test_lr_milestone_does_not_recompile():
 
 @pytest.mark.parametrize("order", ["code", "simultaneous"])
 def test_update_order_decides_which_d_gives_the_adversarial_term(order):
-    """"code": L_adv (logged, and entering r) is D's verdict on the fakes AFTER D's update of this iteration;
+    """ "code": L_adv (logged, and entering r) is D's verdict on the fakes AFTER D's update of this iteration;
     "simultaneous": before it. Checked against D evaluated by hand (dropout off) on the fakes G produced."""
     trainer = _trainer(update_order=order)
     trainer.discriminator.drop1.p = trainer.discriminator.drop2.p = 0.0
@@ -250,7 +253,9 @@ def test_update_order_decides_which_d_gives_the_adversarial_term(order):
     hook = trainer.generator.register_forward_hook(lambda m, i, o: fakes.append(o.detach()))
     metrics = trainer.step(_batches(1)[0])
     hook.remove()
-    assert not all(torch.equal(a, b) for a, b in zip(d_before.parameters(), trainer.discriminator.parameters()))
+    assert not all(
+        torch.equal(a, b) for a, b in zip(d_before.parameters(), trainer.discriminator.parameters())
+    )
     from deepsim.losses import adversarial_loss
 
     with torch.no_grad():

@@ -25,9 +25,14 @@ PAPER_PRESETS = [n for n in PRESETS if "photos" not in n]
 def test_paper_presets_train_as_the_derived_code():
     for name in PAPER_PRESETS:
         p = PRESETS[name]
-        assert (p.update_order, p.disc_padding, p.disc_init, p.upconv_bias, p.gen_init, p.weight_decay_scope) == (
-            "code", "code", "code", "zero", "code", "code"
-        ), name
+        assert (
+            p.update_order,
+            p.disc_padding,
+            p.disc_init,
+            p.upconv_bias,
+            p.gen_init,
+            p.weight_decay_scope,
+        ) == ("code", "code", "code", "zero", "code", "code"), name
         assert p.weight_decay == 4e-4 and p.lr_gamma == 0.5, name
         assert p.lr_milestones == (300_000, 500_000, 700_000, 900_000, 1_100_000), name
         assert p.mirror is False and p.disc_activation == "lrelu", name
@@ -46,8 +51,9 @@ def test_every_preset_value_names_its_source():
             assert source.split(":")[0] in SOURCES, (name, field, source)
             if field in DEFAULT_SOURCES and value != getattr(default, field):
                 assert field in PRESET_SOURCES[name], f"{name}.{field} changes the default without a source"
-    assert value_sources("invert-fc6")["lambda_feat"][1].startswith("code") and "NOT calibrated" in (
-        value_sources("invert-fc6")["lambda_feat"][1]
+    assert (
+        value_sources("invert-fc6")["lambda_feat"][1].startswith("code")
+        and "NOT calibrated" in (value_sources("invert-fc6")["lambda_feat"][1])
     )
     assert value_sources("autoencoder-photos")["lr"][1].startswith("ours")
     assert value_sources("invert-fc6")["weight_decay"] == (4e-4, DEFAULT_SOURCES["weight_decay"])
@@ -72,9 +78,22 @@ def test_old_checkpoint_resumes_with_its_own_dynamics(tmp_path):
     from deepsim.train.loop import train
 
     config = get_preset("autoencoder-photos").replace(
-        comparator="alexnet-random:conv2", batch_size=2, image_size=32, steps=2, log_every=1, sample_every=1000,
-        checkpoint_every=1000, device="cpu", out=str(tmp_path), disc_padding="padded", disc_init="torch",
-        update_order="simultaneous", weight_decay=0.0, lr_milestones=(), upconv_bias="learned", gen_init="torch",
+        comparator="alexnet-random:conv2",
+        batch_size=2,
+        image_size=32,
+        steps=2,
+        log_every=1,
+        sample_every=1000,
+        checkpoint_every=1000,
+        device="cpu",
+        out=str(tmp_path),
+        disc_padding="padded",
+        disc_init="torch",
+        update_order="simultaneous",
+        weight_decay=0.0,
+        lr_milestones=(),
+        upconv_bias="learned",
+        gen_init="torch",
         mirror=True,
     )
     train(config, progress=False)
@@ -97,17 +116,45 @@ def test_old_checkpoint_resumes_with_its_own_dynamics(tmp_path):
 
 def test_cli_flags_reach_the_config():
     args = build_parser().parse_args(
-        ["train", "--update-order", "simultaneous", "--disc-padding", "padded", "--disc-activation", "relu",
-         "--disc-init", "torch", "--upconv-bias", "learned", "--gen-init", "torch", "--weight-decay", "0",
-         "--weight-decay-scope", "all",
-         "--lr-milestones", "1000,2000", "--lr-gamma", "0.1", "--mirror"]  # fmt: skip
+        [
+            "train",
+            "--update-order",
+            "simultaneous",
+            "--disc-padding",
+            "padded",
+            "--disc-activation",
+            "relu",
+            "--disc-init",
+            "torch",
+            "--upconv-bias",
+            "learned",
+            "--gen-init",
+            "torch",
+            "--weight-decay",
+            "0",
+            "--weight-decay-scope",
+            "all",
+            "--lr-milestones",
+            "1000,2000",
+            "--lr-gamma",
+            "0.1",
+            "--mirror",
+        ]
     )
     assert (args.update_order, args.disc_padding, args.disc_activation, args.disc_init, args.upconv_bias) == (
-        "simultaneous", "padded", "relu", "torch", "learned"
+        "simultaneous",
+        "padded",
+        "relu",
+        "torch",
+        "learned",
     )
     assert args.gen_init == "torch"
     assert (args.weight_decay, args.weight_decay_scope, args.lr_milestones, args.lr_gamma, args.mirror) == (
-        0.0, "all", (1000, 2000), 0.1, True
+        0.0,
+        "all",
+        (1000, 2000),
+        0.1,
+        True,
     )
     assert build_parser().parse_args(["train", "--lr-milestones", "none", "--no-mirror"]).lr_milestones == ()
     assert build_parser().parse_args(["train", "--no-mirror"]).mirror is False

@@ -56,8 +56,11 @@ def test_batch_convention(coord_folder, mode, crop, dtype, channels_last):
     "channels_last,dtype,static", [(False, torch.float32, False), (True, torch.bfloat16, True)]
 )
 def test_gpu_pipeline_matches_cpu(coord_folder, channels_last, dtype, static):
-    """device="cuda": mixed decoding, batches on the GPU, the same pixels as the CPU pipeline (center crops)."""
-    kw = dict(batch_size=4, crop_size=48, mode="center", loader="dali", dtype=dtype, channels_last=channels_last)
+    """device="cuda": mixed decoding, batches on the GPU, the same pixels as the CPU pipeline (center
+    crops)."""
+    kw = dict(
+        batch_size=4, crop_size=48, mode="center", loader="dali", dtype=dtype, channels_last=channels_last
+    )
     cpu = build_loader(coord_folder, **kw)
     gpu = build_loader(coord_folder, device="cuda", static=static, **kw)
     a, b = next(cpu), next(gpu)
@@ -219,7 +222,7 @@ def test_missing_dali_is_a_clear_error(monkeypatch, coord_folder):
         build_loader(coord_folder, batch_size=2, loader="dali")
 
 
-# ---- EXIF orientation, read-ahead, the pipeline's output stream ---------------------------------------------
+# ---- EXIF orientation, read-ahead, the pipeline's output stream --------------------------------------------
 def write_exif_rotated_folder(folder, n=4):
     """Non-square JPEGs (4:4:4, quality 100), all but the last tagged EXIF orientation 6 (rotate 90 CW)."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -280,9 +283,12 @@ def test_file_reads_run_ahead_of_the_pipeline_off_its_thread(coord_folder, monke
     src = resolve_source(coord_folder, None)
     scan = scan_image_files(src.paths, crop_size=32, resize=None, on_bad="error")
     feed = _FileFeed(
-        scan.files, scan.sizes, 2, schedule=EpochSchedule(len(scan.files), 0, src.name),
+        scan.files,
+        scan.sizes,
+        2,
+        schedule=EpochSchedule(len(scan.files), 0, src.name),
         spec=LoaderSpec(batch_size=3, crop_size=32, seed=0),
-    )  # fmt: skip
+    )
     reads = []
     read = feed._read
     monkeypatch.setattr(feed, "_read", lambda i: (reads.append((i, threading.current_thread())), read(i))[1])

@@ -22,7 +22,9 @@ def jpeg_folder(tmp_path_factory):
     for i in range(12):
         h, w = [(72, 80), (64, 96), (90, 70)][i % 3]
         small = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
-        Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC).save(folder / f"img_{i:02d}.jpg", quality=90)
+        Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC).save(
+            folder / f"img_{i:02d}.jpg", quality=90
+        )
     Image.fromarray(rng.integers(0, 255, (70, 70), dtype=np.uint8), "L").save(folder / "gray.jpg")
     Image.fromarray(rng.integers(0, 255, (70, 70, 4), dtype=np.uint8), "CMYK").save(folder / "cmyk.jpg")
     return folder
@@ -40,7 +42,9 @@ def test_cpu_decode_equals_torch_loader_bit_for_bit_on_14_jpegs(jpeg_folder, mod
     with pytest.warns(UserWarning, match=r"cmyk\.jpg is not a baseline RGB/grayscale JPEG"):
         stream = build_loader(jpeg_folder, loader="nvjpeg", **kw)
         ours = [next(stream) for _ in range(6)]
-    assert stream.cpu_decoded == 1 and stream.skipped == 0  # the CMYK file; gray.jpg decodes on the device path
+    assert (
+        stream.cpu_decoded == 1 and stream.skipped == 0
+    )  # the CMYK file; gray.jpg decodes on the device path
     stream.close()
     theirs = _take(build_loader(jpeg_folder, loader="torch", **kw), 6)
     for a, b in zip(ours, theirs):
@@ -50,7 +54,9 @@ def test_cpu_decode_equals_torch_loader_bit_for_bit_on_14_jpegs(jpeg_folder, mod
 def test_batch_convention_and_resize_crop_close_to_pil(jpeg_folder):
     kw = dict(batch_size=4, crop_size=56, mode="resize-crop", resize_size=64, seed=2)
     with pytest.warns(UserWarning):
-        x = _take(build_loader(jpeg_folder, loader="nvjpeg", dtype=torch.bfloat16, channels_last=True, **kw), 3)
+        x = _take(
+            build_loader(jpeg_folder, loader="nvjpeg", dtype=torch.bfloat16, channels_last=True, **kw), 3
+        )
     ref = _take(build_loader(jpeg_folder, loader="torch", **kw), 3)
     for a, b in zip(x, ref):
         assert a.shape == (4, 3, 56, 56) and a.dtype == torch.bfloat16
@@ -89,11 +95,15 @@ def test_gpu_decode_matches_cpu_decode(jpeg_folder):
         cpu = _take(build_loader(jpeg_folder, loader="nvjpeg", device="cpu", **kw), 3)
     for a, b in zip(gpu, cpu):
         assert a.device.type == "cuda"
-        torch.testing.assert_close(a.cpu(), b, rtol=0, atol=4 / 127.5)  # nvJPEG vs libjpeg-turbo IDCT rounding
+        torch.testing.assert_close(
+            a.cpu(), b, rtol=0, atol=4 / 127.5
+        )  # nvJPEG vs libjpeg-turbo IDCT rounding
 
 
-# ---- the device pad, the stream protocol, the fallback copy --------------------------------------------------
-@pytest.mark.parametrize("shape, crop", [((3, 5, 7), 20), ((3, 1, 4), 6), ((3, 2, 9), 12), ((3, 10, 3), 10), ((3, 9, 9), 9)])
+# ---- the device pad, the stream protocol, the fallback copy ------------------------------------------------
+@pytest.mark.parametrize(
+    "shape, crop", [((3, 5, 7), 20), ((3, 1, 4), 6), ((3, 2, 9), 12), ((3, 10, 3), 10), ((3, 9, 9), 9)]
+)
 def test_device_pad_equals_the_torch_paths_pad(shape, crop):
     from deepsim.data.augment import pad_to
     from deepsim.data.nvjpeg import _pad
@@ -107,7 +117,9 @@ def test_pad_mode_reads_no_pixel_back_to_the_host(tmp_path, monkeypatch):
     loop), and the batches equal the torch loader's."""
     rng = np.random.default_rng(2)
     for i, (h, w) in enumerate([(20, 30), (40, 12), (50, 60)]):
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"small_{i}.jpg", quality=95)
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
+            tmp_path / f"small_{i}.jpg", quality=95
+        )
     kw = dict(batch_size=3, crop_size=48, on_bad="pad", seed=1)
     theirs = _take(build_loader(tmp_path, loader="torch", **kw), 2)
     stream = build_loader(tmp_path, loader="nvjpeg", **kw)
@@ -177,10 +189,19 @@ def test_the_batch_is_made_on_a_side_stream_that_waits_both_ways(jpeg_folder, mo
         stream._streams = DecodeStreams(torch.device("cpu"), cuda=_FakeCuda(log))
         decode = stream._decoder.decode
         monkeypatch.setattr(stream._decoder, "decode", lambda *a: (log.append("decode"), decode(*a))[1])
-        monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: log.append(f"batch recorded on {s.name}"))
+        monkeypatch.setattr(
+            torch.Tensor, "record_stream", lambda self, s: log.append(f"batch recorded on {s.name}")
+        )
         _take(stream, 2)
-    one = ["side waits on current", "enter side", "decode", "event on side", "leave side", "current waits on side",
-           "batch recorded on current"]  # fmt: skip
+    one = [
+        "side waits on current",
+        "enter side",
+        "decode",
+        "event on side",
+        "leave side",
+        "current waits on side",
+        "batch recorded on current",
+    ]
     assert log == one + ["host waits on the event"] + one
 
 

@@ -26,8 +26,8 @@ from tests.hostile_files import bomb_png, write_image
 
 @pytest.fixture(scope="module")
 def bombs(tmp_path_factory):
-    """good.png (72x80) and two bombs: 12000x12000 16-bit (valid, ~280 KB) and 20000x20000 (header + a few rows:
-    its check needs the header alone; PIL itself refuses it, with a DecompressionBombError, at open)."""
+    """good.png (72x80) and two bombs: 12000x12000 16-bit (valid, ~280 KB) and 20000x20000 (header + a few
+    rows: its check needs the header alone; PIL itself refuses it, with a DecompressionBombError, at open)."""
     folder = tmp_path_factory.mktemp("bombs")
     write_image(folder / "good.png")
     bomb_png(folder / "big.png", 12000, 12000)
@@ -45,11 +45,17 @@ def test_the_12000_bomb_is_small_on_disk_and_a_valid_png(bombs):
     assert probe_image(bombs / "big.png") == (12000, 12000, "I;16")  # no limit on a plain probe
 
 
-@pytest.mark.parametrize("name, message", [
-    ("big.png", r"big.png: image is 12000x12000 = 144000000 pixels, over the limit of 67108864 \(max_image_pixels, "
-                r"--max-image-pixels\); not decoded"),
-    ("huge.png", r"huge.png: image has 400000000 pixels, over the limit of 67108864"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        (
+            "big.png",
+            r"big.png: image is 12000x12000 = 144000000 pixels, over the limit of 67108864 "
+            r"\(max_image_pixels, --max-image-pixels\); not decoded",
+        ),
+        ("huge.png", r"huge.png: image has 400000000 pixels, over the limit of 67108864"),
+    ],
+)
 def test_read_image_refuses_from_the_header(bombs, name, message):
     with pytest.raises(ImageTooLargeError, match=message):
         read_image(bombs / name)
@@ -65,8 +71,10 @@ def test_the_limit_is_inclusive(bombs):
 
 def test_data_check_reports_too_large_without_decoding(bombs):
     report = check_images(bombs, min_size=32)
-    assert [(os.path.basename(p), n) for p, n in report.too_large] == [("big.png", 144_000_000),
-                                                                       ("huge.png", 400_000_000)]  # fmt: skip
+    assert [(os.path.basename(p), n) for p, n in report.too_large] == [
+        ("big.png", 144_000_000),
+        ("huge.png", 400_000_000),
+    ]
     assert report.ok == 1 and report.usable == 1 and report.blocking
     assert "big.png (144000000 pixels)" in format_report(report)
     raised = check_images(bombs, min_size=32, max_image_pixels=150_000_000)
@@ -93,8 +101,9 @@ def test_loaders_skip_or_name_the_bomb(bombs, cache):
         match=r"(big|huge).png: image (is 12000x12000 = 144000000|has 400000000) pixels, "
         r"over the limit of 67108864",
     ):
-        stream = build_loader(bombs, batch_size=3, crop_size=32, on_bad="error", cache=cache, mirror=False,
-                              mode="center")  # fmt: skip
+        stream = build_loader(
+            bombs, batch_size=3, crop_size=32, on_bad="error", cache=cache, mirror=False, mode="center"
+        )
         for _ in range(3):  # lazy: the error comes when the file is read
             next(stream)
 
@@ -126,9 +135,12 @@ def test_memory_stays_bounded(bombs):
     # Decoding the 12000 one takes 288 MB as 16-bit pixels (4.8 GB seen in training); the limit keeps the peak
     # resident memory of a check and of both loaders within 64 MB of what the imports took.
     result = subprocess.run(
-        [sys.executable, "-c", _MEASURE, str(bombs)], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", _MEASURE, str(bombs)],
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    )
     assert result.returncode == 0, result.stderr
     too_large, grown_mb = map(int, result.stdout.split())
     assert too_large == 2 and grown_mb < 64, f"peak RSS grew by {grown_mb} MB"

@@ -1,5 +1,6 @@
-"""The device-resident loader on the CPU: the torch loader's batches (same samples, crops, mirrors, bit-exact),
-its device-side hash equal to numpy's, mirroring statistics, padded channels, and the memory check."""
+"""The device-resident loader on the CPU: the torch loader's batches (same samples, crops, mirrors,
+bit-exact), its device-side hash equal to numpy's, mirroring statistics, padded channels, and the memory
+check."""
 
 from __future__ import annotations
 
@@ -125,10 +126,25 @@ def test_a_data_set_larger_than_the_free_memory_stops_in_one_line_naming_the_loa
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_on_cuda_a_batch_never_waits_for_the_device(stl10_coords):
-    stream = build_loader(stl10_coords, loader="resident", batch_size=8, device="cuda", seed=3, channels_last=True,
-                          dtype=torch.bfloat16, pad_channels=4)  # fmt: skip
-    reference = build_loader(stl10_coords, loader="torch", batch_size=8, seed=3, channels_last=True,
-                             dtype=torch.bfloat16, pad_channels=4)  # fmt: skip
+    stream = build_loader(
+        stl10_coords,
+        loader="resident",
+        batch_size=8,
+        device="cuda",
+        seed=3,
+        channels_last=True,
+        dtype=torch.bfloat16,
+        pad_channels=4,
+    )
+    reference = build_loader(
+        stl10_coords,
+        loader="torch",
+        batch_size=8,
+        seed=3,
+        channels_last=True,
+        dtype=torch.bfloat16,
+        pad_channels=4,
+    )
     torch.cuda.set_sync_debug_mode("error")
     try:
         batches = [next(stream) for _ in range(4)]  # 32 samples: crosses the 7-sample epochs

@@ -1,5 +1,6 @@
 """The shared epoch schedule: an epoch interrupted and resumed at another world size sees every sample exactly
-once, with every loader; W ranks of B samples read what one process of W*B reads; mirroring can be turned off."""
+once, with every loader; W ranks of B samples read what one process of W*B reads; mirroring can be turned
+off."""
 
 from __future__ import annotations
 
@@ -17,7 +18,9 @@ LOADERS = [
     pytest.param(dict(loader="torch", cache=True), id="torch-in-memory"),
     pytest.param(dict(loader="torch", cache=False), id="torch-lazy-files"),
     pytest.param(
-        dict(loader="dali"), id="dali", marks=pytest.mark.skipif(not dali_available(), reason="DALI not importable")
+        dict(loader="dali"),
+        id="dali",
+        marks=pytest.mark.skipif(not dali_available(), reason="DALI not importable"),
     ),
     pytest.param(dict(loader="nvjpeg"), id="nvjpeg"),
     pytest.param(dict(loader="resident"), id="resident"),
@@ -54,13 +57,22 @@ def _ids(batch: torch.Tensor) -> list[int]:
 
 
 def _read(source, kw, *, world, batch, steps, start):
-    """``steps`` steps of a job of ``world`` ranks x ``batch`` samples from cursor ``start``: the samples in the
-    job's order (rank 0's batch, rank 1's, ... per step), the batches in that order, and the cursor after."""
+    """``steps`` steps of a job of ``world`` ranks x ``batch`` samples from cursor ``start``: the samples in
+    the job's order (rank 0's batch, rank 1's, ... per step), the batches in that order, and the cursor
+    after."""
     streams = [
-        build_loader(source, batch_size=batch, crop_size=32, seed=7, start_sample=start, shard_id=r,
-                     num_shards=world, **kw)
+        build_loader(
+            source,
+            batch_size=batch,
+            crop_size=32,
+            seed=7,
+            start_sample=start,
+            shard_id=r,
+            num_shards=world,
+            **kw,
+        )
         for r in range(world)
-    ]  # fmt: skip
+    ]
     ids, batches = [], []
     for _ in range(steps):
         for stream in streams:

@@ -149,8 +149,8 @@ def test_every_sample_once_per_epoch(coord_folder):
 
 
 def test_two_shards_split_each_epoch_of_11_without_dropping_any(tmp_path):
-    """11 samples, 2 ranks x 5: steps 1-2 cover global positions 0-19; the first 11 (epoch 0) hold every sample
-    once, split between the ranks (nothing dropped to even out the shards)."""
+    """11 samples, 2 ranks x 5: steps 1-2 cover global positions 0-19; the first 11 (epoch 0) hold every
+    sample once, split between the ranks (nothing dropped to even out the shards)."""
     folder = write_coord_folder(tmp_path / "shards", 11, h=40, w=40)
     per_rank = []
     for shard in range(2):
@@ -266,7 +266,6 @@ def test_bad_arguments(coord_folder):
         build_loader(coord_folder, batch_size=2, loader="tf")
 
 
-
 def test_reading_images_in_threads_leaves_the_warning_filters_as_they_were(tmp_path, monkeypatch):
     """The photo preload and the loaders read images in thread pools. A per-file warnings.catch_warnings()
     there swaps the process-wide filter list from several threads at once: two reads that overlap and end
@@ -298,8 +297,10 @@ def test_reading_images_in_threads_leaves_the_warning_filters_as_they_were(tmp_p
 
     with warnings.catch_warnings():
         before = list(warnings.filters)
-        threads = [threading.Thread(target=first, name="first"),
-                   threading.Thread(target=images.read_image, args=(path,), name="second")]  # fmt: skip
+        threads = [
+            threading.Thread(target=first, name="first"),
+            threading.Thread(target=images.read_image, args=(path,), name="second"),
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:

@@ -89,12 +89,16 @@ def _slow_tree(tmp_path, n=200):
 
 
 def _signal_mid_scan(tmp_path, root, argv, sig=signal.SIGTERM):
-    """Run the CLI with slow folder listings, signal it once the scan started; (status, stderr lines, seconds)."""
+    """Run the CLI with slow folder listings, signal it once the scan started; (status, stderr lines,
+    seconds)."""
     script = SLOW_SCANDIR + f"\nfrom deepsim.cli import main\nsys.exit(main({argv!r}))\n"
     proc = subprocess.Popen(
-        [sys.executable, "-c", script, str(root)], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        [sys.executable, "-c", script, str(root)],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    )
     try:
         deadline = time.monotonic() + 120
         while not (tmp_path / "scan-started").exists():
@@ -122,11 +126,28 @@ def test_a_stop_signal_ends_data_check_mid_scan(tmp_path, sig):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_sigterm_ends_train_mid_scan(tmp_path):
-    # Before: train's stop handler only asked the loop to stop after a step; the scan went on (forever on a loop).
+    # Before: train's stop handler only asked the loop to stop after a
+    # step; the scan went on (forever on a loop).
     root = _slow_tree(tmp_path)
     out = tmp_path / "run"
-    argv = ["train", "--data", str(root), "--out", str(out), "--steps", "1", "--batch-size", "2", "--loss", "se",
-            "--device", "cpu", "--no-progress", "--image-size", "8"]  # fmt: skip
+    argv = [
+        "train",
+        "--data",
+        str(root),
+        "--out",
+        str(out),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--loss",
+        "se",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--image-size",
+        "8",
+    ]
     status, err, seconds = _signal_mid_scan(tmp_path, root, argv)
     assert status == 128 + signal.SIGTERM and seconds < 10
     assert err[-1] == "deepsim train: stopped by SIGTERM; nothing half-written was left"

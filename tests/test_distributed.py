@@ -28,21 +28,36 @@ def _free_port() -> int:
 
 def _config(out):
     return get_preset("autoencoder-photos").replace(
-        comparator="alexnet-random:conv2", batch_size=2, image_size=32, disc_padding="padded", steps=STEPS, log_every=2,
-        sample_every=1000, checkpoint_every=1000, device="cpu", out=str(out), lr=1e-3,
+        comparator="alexnet-random:conv2",
+        batch_size=2,
+        image_size=32,
+        disc_padding="padded",
+        steps=STEPS,
+        log_every=2,
+        sample_every=1000,
+        checkpoint_every=1000,
+        device="cpu",
+        out=str(out),
+        lr=1e-3,
     )
 
 
 def _worker(rank: int, world: int, port: int, out: str, compiled: bool) -> None:
     # What torchrun sets; deepsim.train.distributed.init_from_env reads it inside train().
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
     import deepsim.train.loop as loop
     from deepsim.train import compiled as compiled_module
 
-    if compiled:  # the in-graph all-reduce path; aot_eager traces the same graph without inductor's compile time
+    if (
+        compiled
+    ):  # the in-graph all-reduce path; aot_eager traces the same graph without inductor's compile time
         loop_compile = compiled_module.compile_step
 
         def compile_step(trainer, mode):
@@ -53,7 +68,9 @@ def _worker(rank: int, world: int, port: int, out: str, compiled: bool) -> None:
         compiled_module.compile_step = compile_step
     captured = {}
     build = loop.build_trainer
-    loop.build_trainer = lambda config, device, tasks=None: captured.setdefault("trainer", build(config, device, tasks))
+    loop.build_trainer = lambda config, device, tasks=None: captured.setdefault(
+        "trainer", build(config, device, tasks)
+    )
     batches = []
     real_build_loader = __import__("deepsim.data", fromlist=["build_loader"]).build_loader
 
@@ -111,7 +128,9 @@ class _Prepend:
 def _spawn(out, compiled: bool, worker=None):
     port = _free_port()
     worker = worker or _worker
-    context = mp.start_processes(worker, args=(2, port, str(out), compiled), nprocs=2, join=False, start_method="spawn")
+    context = mp.start_processes(
+        worker, args=(2, port, str(out), compiled), nprocs=2, join=False, start_method="spawn"
+    )
     import time
 
     deadline = time.monotonic() + TIMEOUT_S
@@ -126,7 +145,11 @@ def _spawn(out, compiled: bool, worker=None):
 def _stop_worker(rank: int, world: int, port: int, out: str, _compiled: bool) -> None:
     """Rank 1 alone gets SIGUSR1, while it draws step 3's batch."""
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
     import signal
@@ -178,7 +201,8 @@ def test_two_ranks_stay_identical_and_rank0_alone_writes(tmp_path, compiled):
     # rank 0 alone wrote the checkpoint and the metrics; both ranks logged the same (averaged) losses
     checkpoint = load_checkpoint(tmp_path)
     assert checkpoint["step"] == STEPS
-    # every rank's parameter fingerprint, equal; the data cursor counts both ranks' samples (2 ranks x B x steps)
+    # every rank's parameter fingerprint, equal; the data cursor counts
+    # both ranks' samples (2 ranks x B x steps)
     assert len(checkpoint["replicas"]) == 2 and checkpoint["replicas"][0] == checkpoint["replicas"][1]
     assert checkpoint["data"]["cursor"] == STEPS * 2 * 2 and checkpoint["world_size"] == 2
     for name, tensor in checkpoint["trainer"]["generator"].items():  # unwrapped keys (no "module.")
@@ -199,7 +223,11 @@ def _channels_last_worker(rank: int, world: int, port: int, out: str, _compiled:
     import warnings
 
     os.environ.update(
-        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     torch.set_num_threads(1)
     import deepsim.train.loop as loop
@@ -207,7 +235,10 @@ def _channels_last_worker(rank: int, world: int, port: int, out: str, _compiled:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         result = loop.train(_config(out).replace(steps=2, channels_last=True, compile="off"), progress=False)
-    torch.save({"step": result.step, "warnings": [str(w.message) for w in caught]}, os.path.join(out, f"rank{rank}.pt"))
+    torch.save(
+        {"step": result.step, "warnings": [str(w.message) for w in caught]},
+        os.path.join(out, f"rank{rank}.pt"),
+    )
 
 
 @pytest.mark.slow

@@ -6,7 +6,13 @@ import importlib.util
 
 import pytest
 
-MODULES = ["deepsim.perceptual", "deepsim.losses", "deepsim.metrics", "deepsim.comparators", "deepsim.kernels.lpips_distance"]
+MODULES = [
+    "deepsim.perceptual",
+    "deepsim.losses",
+    "deepsim.metrics",
+    "deepsim.comparators",
+    "deepsim.kernels.lpips_distance",
+]
 NEEDS_LPIPS = {"deepsim.perceptual.LPIPS"}  # its example reads the lin weights the lpips package ships
 
 

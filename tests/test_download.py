@@ -58,8 +58,13 @@ def test_release_is_torchvisions_stl10():
 
     release = stl10_release()
     assert (release.url, release.archive_md5, release.folder) == (STL10.url, STL10.tgz_md5, "stl10_binary")
-    assert {name for name, _ in release.files} == {"train_X.bin", "train_y.bin", "unlabeled_X.bin", "test_X.bin",
-                                                   "test_y.bin"}  # fmt: skip
+    assert {name for name, _ in release.files} == {
+        "train_X.bin",
+        "train_y.bin",
+        "unlabeled_X.bin",
+        "test_X.bin",
+        "test_y.bin",
+    }
 
 
 def test_stl10_download_lands_where_the_loader_reads(tmp_path):
@@ -134,9 +139,13 @@ def test_stl10_over_http_and_a_dropped_connection(tmp_path, http_server):
     archive, release = _stl10_archive(tmp_path)
     files["/stl10.tar.gz"] = files["/dropped.tar.gz"] = archive.read_bytes()
     cut.add("/dropped.tar.gz")
-    expected = r"/dropped.tar.gz failed after 2 attempts: received \d+ of \d+ bytes \(the connection dropped\)"
+    expected = (
+        r"/dropped.tar.gz failed after 2 attempts: received \d+ of \d+ bytes \(the connection dropped\)"
+    )
     with pytest.raises(DownloadError, match=expected):
-        download_stl10(tmp_path / "a", release=release, url=base + "/dropped.tar.gz", retries=1, retry_wait=0.01)
+        download_stl10(
+            tmp_path / "a", release=release, url=base + "/dropped.tar.gz", retries=1, retry_wait=0.01
+        )
     assert _left_in(tmp_path / "a") == []
     with pytest.raises(DownloadError, match=r"downloading http://.*/missing.tar.gz failed: HTTP Error 404"):
         download_stl10(tmp_path / "a", release=release, url=base + "/missing.tar.gz")
@@ -231,8 +240,25 @@ def test_broken_weights_download_is_a_clear_error_and_leaves_nothing(weights_sou
 
 def test_cli_download_weights_flag(weights_source, tmp_path, monkeypatch):
     _, _, cache = weights_source
-    common = ["train", "--steps", "1", "--batch-size", "2", "--image-size", "32", "--device", "cpu", "--no-progress",
-              "--no-tensorboard", "--comparator", "alexnet:conv1", "--lambda-adv", "0", "--out", str(tmp_path / "r")]  # fmt: skip
+    common = [
+        "train",
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--image-size",
+        "32",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--no-tensorboard",
+        "--comparator",
+        "alexnet:conv1",
+        "--lambda-adv",
+        "0",
+        "--out",
+        str(tmp_path / "r"),
+    ]
     assert main(common) == 2  # the one-line error naming the flag; nothing fetched
     assert not cache.exists() or list(cache.iterdir()) == []
     assert main(common + ["--download-weights"]) == 0
@@ -246,8 +272,10 @@ def test_cli_download_weights_flag(weights_source, tmp_path, monkeypatch):
     assert main(["eval", "--checkpoint", "c.pt", "--data", "photos", "--download-weights"]) == 0
     assert main(["eval", "--checkpoint", "c.pt", "--data", "photos"]) == 0
     assert seen == [True, False]
-    for command in (["invert", "x.png", "--checkpoint", "c", "--out", "o"],
-                    ["sample-preimages", "x.png", "--checkpoint", "c", "--out", "o"]):  # fmt: skip
+    for command in (
+        ["invert", "x.png", "--checkpoint", "c", "--out", "o"],
+        ["sample-preimages", "x.png", "--checkpoint", "c", "--out", "o"],
+    ):
         from deepsim.cli import build_parser
 
         assert build_parser().parse_args(command + ["--download-weights"]).download_weights is True
@@ -259,7 +287,8 @@ def test_cli_download_weights_flag(weights_source, tmp_path, monkeypatch):
 @pytest.fixture
 def stalling_server():
     """A server on 127.0.0.1 that accepts connections and then stalls: with ``head`` set, it first sends
-    those bytes (a response header and part of the body). Yields (url, head list, accepted-connection count)."""
+    those bytes (a response header and part of the body). Yields (url, head list, accepted-connection
+    count)."""
     import socket
     import threading
 
@@ -324,11 +353,16 @@ def test_a_server_that_never_accepts_hits_the_connect_timeout(tmp_path):
         fillers.append(s)
     _, release = _stl10_archive(tmp_path)
     try:
-        with pytest.raises(DownloadError, match=r"failed after 1 attempt: no connection within --connect-timeout"):
+        with pytest.raises(
+            DownloadError, match=r"failed after 1 attempt: no connection within --connect-timeout"
+        ):
             download_stl10(
-                tmp_path / "d", release=release, url=f"http://127.0.0.1:{port}/x.tar.gz", connect_timeout=0.5,
+                tmp_path / "d",
+                release=release,
+                url=f"http://127.0.0.1:{port}/x.tar.gz",
+                connect_timeout=0.5,
                 retries=0,
-            )  # fmt: skip
+            )
     finally:
         for s in fillers:
             s.close()
@@ -349,10 +383,23 @@ def test_sigterm_during_a_download_leaves_no_partial_archive(tmp_path, stalling_
     root = tmp_path / "data"
     root.mkdir()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deepsim.cli", "data", "download", "stl10", str(root), "--url", url,
-         "--read-timeout", "120"],
-        stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "deepsim.cli",
+            "data",
+            "download",
+            "stl10",
+            str(root),
+            "--url",
+            url,
+            "--read-timeout",
+            "120",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     try:
         deadline = time.monotonic() + 120
         while not any(p.stat().st_size > 0 for p in root.glob(".*/*")):  # the partial archive is on disk

@@ -226,7 +226,9 @@ def test_eval_reports_lpips_beside_the_normalized_error(tmp_path, stl10_folder):
     from deepsim.metrics import LPIPS
 
     path, generator = _autoencoder_checkpoint(tmp_path)
-    tables = evaluate_checkpoints([path], stl10_folder, batch_size=4, svm=False, lpips_backbone_weights="random")
+    tables = evaluate_checkpoints(
+        [path], stl10_folder, batch_size=4, svm=False, lpips_backbone_weights="random"
+    )
     row = tables["reconstruction"][0]
     generator.eval()
     targets = torch.cat(list(iterate_eval(stl10_folder, batch_size=10, crop_size=64, split="test")))

@@ -19,9 +19,25 @@ from deepsim.config import TrainConfig
 from deepsim.train.checkpoint import CorruptCheckpointError, load_checkpoint
 from deepsim.train.tensorfile import read_metadata, read_safetensors, write_safetensors
 
-RUN = ["--preset", "autoencoder-photos", "--data", "photos", "--comparator", "alexnet-random:conv2",
-       "--batch-size", "4", "--image-size", "40", "--sample-every", "1000", "--log-every", "1",
-       "--device", "cpu", "--no-progress"]  # fmt: skip
+RUN = [
+    "--preset",
+    "autoencoder-photos",
+    "--data",
+    "photos",
+    "--comparator",
+    "alexnet-random:conv2",
+    "--batch-size",
+    "4",
+    "--image-size",
+    "40",
+    "--sample-every",
+    "1000",
+    "--log-every",
+    "1",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +75,19 @@ def test_export_writes_the_generator_with_config_and_provenance(run, tmp_path, c
     torch.testing.assert_close(generator(x), reference(x), rtol=0, atol=0)
 
     with_d = tmp_path / "GD.safetensors"
-    assert main(["export", "--checkpoint", str(run / "checkpoint.pt"), "--out", str(with_d), "--with-discriminator"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--checkpoint",
+                str(run / "checkpoint.pt"),
+                "--out",
+                str(with_d),
+                "--with-discriminator",
+            ]
+        )
+        == 0
+    )
     assert set(read_safetensors(with_d)["trainer"]) == {"generator", "discriminator"}
 
 
@@ -68,14 +96,47 @@ def test_every_checkpoint_command_takes_an_export(run, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
     image = tmp_path / "image.png"
     Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(image)
-    assert main(["reconstruct", "--checkpoint", str(out), str(image), "--out", str(tmp_path / "rec"),
-                 "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "reconstruct",
+                "--checkpoint",
+                str(out),
+                str(image),
+                "--out",
+                str(tmp_path / "rec"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert (tmp_path / "rec" / "image_reconstruction.png").is_file()
-    assert main(["eval", "--checkpoint", str(out), "--data", "photos", "--max-images", "4", "--no-svm",
-                 "--out", str(tmp_path / "eval"), "--device", "cpu"]) == 0  # fmt: skip
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(out),
+                "--data",
+                "photos",
+                "--max-images",
+                "4",
+                "--no-svm",
+                "--out",
+                str(tmp_path / "eval"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     # a generator-only export cannot be resumed, and says so in one line
-    assert main(["train", "--resume", str(out), "--out", str(tmp_path / "r"), "--steps", "3", "--device", "cpu"]) == 2
+    assert (
+        main(["train", "--resume", str(out), "--out", str(tmp_path / "r"), "--steps", "3", "--device", "cpu"])
+        == 2
+    )
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "--training-state" in err[0]
 
@@ -85,8 +146,23 @@ def test_training_state_export_resumes_like_the_checkpoint(run, tmp_path):
     assert main(["export", "--checkpoint", str(run), "--out", str(full), "--training-state"]) == 0
     a, b = tmp_path / "a", tmp_path / "b"
     for source, out in ((run / "checkpoint.pt", a), (full, b)):
-        assert main(["train", "--resume", str(source), "--out", str(out), "--steps", "3", "--device", "cpu",
-                     "--no-progress"]) == 0  # fmt: skip
+        assert (
+            main(
+                [
+                    "train",
+                    "--resume",
+                    str(source),
+                    "--out",
+                    str(out),
+                    "--steps",
+                    "3",
+                    "--device",
+                    "cpu",
+                    "--no-progress",
+                ]
+            )
+            == 0
+        )
     ta, tb = load_checkpoint(a)["trainer"], load_checkpoint(b)["trainer"]
     for name in ta["generator"]:
         torch.testing.assert_close(ta["generator"][name], tb["generator"][name], rtol=0, atol=0)
@@ -140,17 +216,32 @@ def their_generator(layer: str, fc_width: int) -> nn.Sequential:
         add("defc5", nn.Linear(fc_width, 4096))
         layers.append(("reshape", _View()))
         channels = 256
-    for name, out, k in (("deconv5", 256, 4), ("conv5_1", 512, 3), ("deconv4", 256, 4), ("conv4_1", 256, 3),
-                         ("deconv3", 128, 4), ("conv3_1", 128, 3), ("deconv2", 64, 4), ("deconv1", 32, 4),
-                         ("deconv0", 3, 4)):  # fmt: skip
-        add(name, nn.ConvTranspose2d(channels, out, k, stride=2 if k == 4 else 1, padding=1), relu=name != "deconv0")
+    for name, out, k in (
+        ("deconv5", 256, 4),
+        ("conv5_1", 512, 3),
+        ("deconv4", 256, 4),
+        ("conv4_1", 256, 3),
+        ("deconv3", 128, 4),
+        ("conv3_1", 128, 3),
+        ("deconv2", 64, 4),
+        ("deconv1", 32, 4),
+        ("deconv0", 3, 4),
+    ):
+        add(
+            name,
+            nn.ConvTranspose2d(channels, out, k, stride=2 if k == 4 else 1, padding=1),
+            relu=name != "deconv0",
+        )
         channels = out
     model = nn.Sequential(OrderedDict(layers))
     with torch.no_grad():
         for module in model.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
-                fan_in = module.weight[0].numel() if not isinstance(module, nn.ConvTranspose2d) else (
-                    module.weight.shape[0] * module.weight[0, 0].numel() // module.stride[0] ** 2)
+                fan_in = (
+                    module.weight[0].numel()
+                    if not isinstance(module, nn.ConvTranspose2d)
+                    else (module.weight.shape[0] * module.weight[0, 0].numel() // module.stride[0] ** 2)
+                )
                 module.weight.normal_(0, (2.0 / fan_in) ** 0.5)
                 module.bias.normal_(0, 0.1)
         model.deconv0.weight.mul_(20)  # their output spans tens of Caffe units

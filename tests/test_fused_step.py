@@ -47,14 +47,21 @@ MEAN_DIFF_OF_MOVEMENT = 0.01  # summed |difference| / summed |movement|
 
 
 def autoencoder_config(device: str, batch: int = 8, size: int = 64):
-    return get_preset("autoencoder-photos").replace(batch_size=batch, image_size=size, device=device, precision="fp32")
+    return get_preset("autoencoder-photos").replace(
+        batch_size=batch, image_size=size, device=device, precision="fp32"
+    )
 
 
 def invert_fc6_config(device: str, batch: int = 4, size: int = 227, fc_width: int = 4096):
     return get_preset("invert-fc6").replace(
-        invert_network="alexnet-random", comparator="alexnet-random:pool5", batch_size=batch, image_size=size,
-        fc_width=fc_width, device=device, precision="fp32",
-    )  # fmt: skip
+        invert_network="alexnet-random",
+        comparator="alexnet-random:pool5",
+        batch_size=batch,
+        image_size=size,
+        fc_width=fc_width,
+        device=device,
+        precision="fp32",
+    )
 
 
 def make_batches(config, device, n: int = STEPS, seed: int = 3) -> list[torch.Tensor]:
@@ -66,12 +73,16 @@ def make_batches(config, device, n: int = STEPS, seed: int = 3) -> list[torch.Te
 def resume_once(trainer, folder) -> None:
     """Checkpoint ``trainer`` and load it back as a resumed run does (``map_location="cpu"``); every optimizer
     state tensor must then be on its parameter's device (a CPU step count would mix devices in the update)."""
-    path = save_checkpoint(folder / "checkpoint.pt", {"step": 1, "config": {}, "trainer": trainer.training_state()})
+    path = save_checkpoint(
+        folder / "checkpoint.pt", {"step": 1, "config": {}, "trainer": trainer.training_state()}
+    )
     trainer.load_training_state(load_checkpoint(path)["trainer"])
     for optimizer in (trainer.opt_g, trainer.opt_d):
         for p, state in optimizer.state.items():
             for key, value in state.items():
-                assert value.device == p.device, f"optimizer state {key!r} on {value.device}, its parameter on {p.device}"
+                assert value.device == p.device, (
+                    f"optimizer state {key!r} on {value.device}, its parameter on {p.device}"
+                )
 
 
 def run_steps(trainer, batches, kernels: str, seed: int = 1, resume_dir=None) -> list[dict[str, float]]:
@@ -93,8 +104,12 @@ def assert_steps_match(initial, reference, fused, ref_metrics, fused_metrics, lr
         assert m_r.keys() == m_f.keys()
         tol = STEP1_TOL if step == 1 else LATER_TOL
         for name in m_r:
-            torch.testing.assert_close(torch.tensor(m_f[name]), torch.tensor(m_r[name]), **tol,
-                                       msg=lambda m, name=name, step=step: f"step {step} {name}: {m}")  # fmt: skip
+            torch.testing.assert_close(
+                torch.tensor(m_f[name]),
+                torch.tensor(m_r[name]),
+                **tol,
+                msg=lambda m, name=name, step=step: f"step {step} {name}: {m}",
+            )
     total, close, diff_sum, moved_sum = 0, 0, 0.0, 0.0
     for (name, p_r), p_f, p_0 in zip(reference.named_parameters(), fused.parameters(), initial):
         diff = (p_r.detach() - p_f.detach()).abs().double()
@@ -105,7 +120,9 @@ def assert_steps_match(initial, reference, fused, ref_metrics, fused_metrics, lr
         moved_sum += (p_r.detach() - p_0).abs().double().sum().item()
     assert close >= CLOSE_FRACTION * total, f"{close / total:.4f} of the parameters within {CLOSE_ELEMENT}"
     assert moved_sum > 0, "the steps did not update the parameters"
-    assert diff_sum <= MEAN_DIFF_OF_MOVEMENT * moved_sum, f"|difference| = {diff_sum / moved_sum:.4f} of |movement|"
+    assert diff_sum <= MEAN_DIFF_OF_MOVEMENT * moved_sum, (
+        f"|difference| = {diff_sum / moved_sum:.4f} of |movement|"
+    )
 
 
 def compare_backends(config, device, kernels: str = "triton", tamper=None, resume_dir=None) -> None:
@@ -128,7 +145,9 @@ def compare_backends(config, device, kernels: str = "triton", tamper=None, resum
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("make_config", [autoencoder_config, invert_fc6_config], ids=["autoencoder", "invert-fc6"])
+@pytest.mark.parametrize(
+    "make_config", [autoencoder_config, invert_fc6_config], ids=["autoencoder", "invert-fc6"]
+)
 def test_fused_step_matches_reference_on_cuda(make_config, ieee_fp32, tmp_path):
     """... with the fused run resumed once from a checkpoint after its first step."""
     compare_backends(make_config("cuda"), "cuda", resume_dir=tmp_path)
@@ -166,7 +185,9 @@ def _skip_second_g_update(trainer):
     trainer.opt_g.step = skipping
 
 
-@pytest.mark.parametrize("tamper", [_scale_first_conv, _skip_second_g_update], ids=["conv-off-by-1e-3", "skipped-step"])
+@pytest.mark.parametrize(
+    "tamper", [_scale_first_conv, _skip_second_g_update], ids=["conv-off-by-1e-3", "skipped-step"]
+)
 def test_comparison_catches_a_planted_error(small_autoencoder, tamper):
     with pytest.raises(AssertionError):
         compare_backends(small_autoencoder, "cpu", kernels="reference", tamper=tamper)

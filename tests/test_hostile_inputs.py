@@ -19,8 +19,22 @@ from tests.hostile_files import bomb_png, looped_folder, write_image
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
-TRAIN = ["--steps", "1", "--batch-size", "2", "--loss", "se", "--device", "cpu", "--no-progress", "--image-size", "32",
-         "--sample-every", "1000", "--no-tensorboard"]  # fmt: skip
+TRAIN = [
+    "--steps",
+    "1",
+    "--batch-size",
+    "2",
+    "--loss",
+    "se",
+    "--device",
+    "cpu",
+    "--no-progress",
+    "--image-size",
+    "32",
+    "--sample-every",
+    "1000",
+    "--no-tensorboard",
+]
 
 
 def _tree(root: Path) -> dict[str, tuple[int, int]]:
@@ -87,7 +101,8 @@ def _nan_generator(tmp_path: Path) -> Path:
     return path
 
 
-# id -> (build(tmp_path, url) -> argv, status, the one stderr line as a regex). A build's inputs live in tmp_path.
+# id -> (build(tmp_path, url) -> argv, status, the one stderr line as
+# a regex). A build's inputs live in tmp_path.
 CASES = {
     "bomb-20000-train-error": (
         lambda t, u: ["train", "--data", str(_bomb_folder(t)), "--out", str(t / "run"), *TRAIN],
@@ -108,7 +123,7 @@ CASES = {
         ],
         2,
         r"deepsim train: error: --max-image-pixels -1: expected a positive number of pixels",
-    ),  # fmt: skip
+    ),
     "max-image-pixels-data-check": (
         lambda t, u: ["data", "check", str(_bomb_folder(t)), "--max-image-pixels", "0"],
         2,
@@ -128,9 +143,9 @@ CASES = {
             "1",
         ],
         2,
-        r"deepsim data: error: downloading http://127.0.0.1:\d+/stl10_binary.tar.gz failed after 2 attempts: no data "
-        r"for --read-timeout 0.3 s \(the server stalled\); nothing was kept in .*/stl",
-    ),  # fmt: skip
+        r"deepsim data: error: downloading http://127.0.0.1:\d+/stl10_binary.tar.gz failed after 2 attempts: "
+        r"no data for --read-timeout 0.3 s \(the server stalled\); nothing was kept in .*/stl",
+    ),
     "download-timeout-flag": (
         lambda t, u: ["data", "download", "stl10", str(t / "stl"), "--url", u, "--connect-timeout", "0"],
         2,
@@ -148,15 +163,15 @@ CASES = {
             str(t / "out.pt"),
         ],
         2,
-        r"deepsim import-caffe: error: .*/dims.caffemodel: layer 'conv1', blob 0: shape has more than 32 axes "
-        r"\(Caffe's limit\), a corrupt blob",
-    ),  # fmt: skip
+        r"deepsim import-caffe: error: .*/dims.caffemodel: layer 'conv1', blob 0: shape has more than 32 "
+        r"axes \(Caffe's limit\), a corrupt blob",
+    ),
     "caffe-nan-weights": (
         lambda t, u: ["import-caffe", str(_nan_generator(t)), "--layer", "fc6", "--out", str(t / "out.pt")],
         2,
-        r"deepsim import-caffe: error: .*/nan.caffemodel: layer 'defc6', blob 0: 1 non-finite value\(s\) \(NaN or "
-        r"infinity\), the first at flat index 53 \(nan\); expected finite weights",
-    ),  # fmt: skip
+        r"deepsim import-caffe: error: .*/nan.caffemodel: layer 'defc6', blob 0: 1 non-finite value\(s\) "
+        r"\(NaN or infinity\), the first at flat index 53 \(nan\); expected finite weights",
+    ),
 }
 
 

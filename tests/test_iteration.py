@@ -15,8 +15,9 @@ SIZE, BATCH = 40, 3  # 40: the smallest multiple of 8 the code's unpadded D take
 
 
 def _trainer(order):
-    config = get_preset("autoencoder-photos").replace(comparator="alexnet-random:conv1", batch_size=BATCH,
-                                                      image_size=SIZE, device="cpu", update_order=order)  # fmt: skip
+    config = get_preset("autoencoder-photos").replace(
+        comparator="alexnet-random:conv1", batch_size=BATCH, image_size=SIZE, device="cpu", update_order=order
+    )
     torch.manual_seed(0)
     return build_trainer(config, torch.device("cpu"))
 

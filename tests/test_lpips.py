@@ -9,7 +9,9 @@ from deepsim.kernels import lpips_distance, reference_lpips_distance, use_backen
 from deepsim.metrics import LPIPS, lpips
 from deepsim.perceptual import PerceptualLoss
 
-lpips_pkg = pytest.importorskip("lpips", reason="the exactness tests need the lpips package (pip install lpips)")
+lpips_pkg = pytest.importorskip(
+    "lpips", reason="the exactness tests need the lpips package (pip install lpips)"
+)
 torchvision = pytest.importorskip("torchvision")
 
 BACKENDS = ["reference", "triton"]  # triton: the interpreter on CPU (tests/conftest.py)
@@ -62,7 +64,9 @@ def test_normalize_flag_matches_lpips_normalize(tmp_path):
     ours, theirs = LPIPS("alex", backbone_weights=path, normalize=True), _their_lpips("alex", state)
     x, y = torch.rand(2, 3, 48, 48), torch.rand(2, 3, 48, 48)
     torch.testing.assert_close(ours(x, y), theirs(x, y, normalize=True).view(-1), rtol=1e-5, atol=0)
-    torch.testing.assert_close(lpips(x, y, normalize=True, backbone_weights=path), ours(x, y), rtol=1e-6, atol=0)
+    torch.testing.assert_close(
+        lpips(x, y, normalize=True, backbone_weights=path), ours(x, y), rtol=1e-6, atol=0
+    )
 
 
 def _lpips_formula(f0s, f1s, weights):
@@ -103,13 +107,17 @@ def test_real_side_taps_have_no_graph():
 
 
 def test_missing_lin_weights_file_is_one_line_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"lin_weights file .*nope\.pth does not exist.*pip install lpips") as e:
+    with pytest.raises(
+        FileNotFoundError, match=r"lin_weights file .*nope\.pth does not exist.*pip install lpips"
+    ) as e:
         LPIPS("alex", backbone_weights="random", lin_weights=tmp_path / "nope.pth")
     assert "\n" not in str(e.value)
 
 
 def test_missing_backbone_file_is_one_line_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"backbone_weights file .*gone\.pth does not exist.*alexnet-owt") as e:
+    with pytest.raises(
+        FileNotFoundError, match=r"backbone_weights file .*gone\.pth does not exist.*alexnet-owt"
+    ) as e:
         LPIPS("alex", backbone_weights=tmp_path / "gone.pth")
     assert "\n" not in str(e.value)
 
@@ -123,8 +131,11 @@ def test_lin_weights_load_weights_only(tmp_path):
 
 @pytest.mark.parametrize("make", ["lpips", "perceptual"])
 def test_shared_input_validation(make):
-    metric = (LPIPS("alex", backbone_weights="random") if make == "lpips"
-              else PerceptualLoss("alexnet-random:conv3", reduction="none"))  # fmt: skip
+    metric = (
+        LPIPS("alex", backbone_weights="random")
+        if make == "lpips"
+        else PerceptualLoss("alexnet-random:conv3", reduction="none")
+    )
     x = torch.rand(2, 3, 64, 64)
     cases = [
         (torch.rand(3, 64, 64), r"x: expected a 4-D batch .*unsqueeze\(0\)"),
@@ -136,7 +147,9 @@ def test_shared_input_validation(make):
         with pytest.raises(ValueError, match=message) as e:
             metric(bad, x if bad.shape == x.shape else bad)
         assert "\n" not in str(e.value)
-    with pytest.raises(ValueError, match=r"x \(2, 3, 64, 64\) and y \(2, 3, 64, 72\) must have the same shape"):
+    with pytest.raises(
+        ValueError, match=r"x \(2, 3, 64, 64\) and y \(2, 3, 64, 72\) must have the same shape"
+    ):
         metric(x, torch.rand(2, 3, 64, 72))
     out64 = metric(x.double(), x.double() * 0.5)  # float64 is cast to the comparator's dtype
     assert out64.dtype == torch.float32 and out64.shape == (2,)
@@ -152,12 +165,20 @@ def test_out_of_range_warns_once_naming_range_and_flag(normalize, bad):
     assert len([w for w in record if "far outside" in str(w.message)]) == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        LPIPS("alex", backbone_weights="random", normalize=normalize)(torch.rand(1, 3, 64, 64) * (1 if normalize else 2) - (0 if normalize else 1), torch.zeros(1, 3, 64, 64))  # fmt: skip
+        LPIPS("alex", backbone_weights="random", normalize=normalize)(
+            torch.rand(1, 3, 64, 64) * (1 if normalize else 2) - (0 if normalize else 1),
+            torch.zeros(1, 3, 64, 64),
+        )
 
 
 def test_reference_gradcheck_float64():
     torch.manual_seed(1)
-    f0 = [torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True), torch.randn(2, 5, dtype=torch.float64, requires_grad=True)]
+    f0 = [
+        torch.randn(2, 3, 2, 3, dtype=torch.float64, requires_grad=True),
+        torch.randn(2, 5, dtype=torch.float64, requires_grad=True),
+    ]
     f1 = [torch.randn_like(t, requires_grad=True) for t in f0]
     w = [torch.rand(3, dtype=torch.float64), torch.rand(5, dtype=torch.float64)]
-    assert torch.autograd.gradcheck(lambda a, b, c, d: reference_lpips_distance([a, b], [c, d], w), (*f0, *f1))
+    assert torch.autograd.gradcheck(
+        lambda a, b, c, d: reference_lpips_distance([a, b], [c, d], w), (*f0, *f1)
+    )

@@ -74,7 +74,9 @@ def test_discriminator_map_sizes(padding, first_stride, size):
     d = Discriminator(first_stride=first_stride, padding=padding)
     taps = d.conv_features(torch.randn(1, 3, size, size))
     assert [t.shape[-1] for t in taps] == MAP_SIDES[padding, first_stride, size]
-    assert [getattr(d, n).padding[0] for n in d.conv_names] == ([0] * 5 if padding == "code" else [3, 2, 1, 1, 1])
+    assert [getattr(d, n).padding[0] for n in d.conv_names] == (
+        [0] * 5 if padding == "code" else [3, 2, 1, 1, 1]
+    )
 
 
 def test_code_discriminator_names_its_smallest_input():

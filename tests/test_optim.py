@@ -39,7 +39,15 @@ def test_multistep_lr_counts_the_networks_own_steps():
     ours, theirs = _pair(1)
     gated = GatedAdam(ours, lr=1e-2, lr_milestones=(2, 4), lr_gamma=0.5)
     adam = torch.optim.Adam(theirs, lr=1e-2)
-    enabled = [True, False, True, True, False, True, True]  # 5 real steps: lrs 1, 0.5, 0.5, 0.25, 0.25 (x1e-2)
+    enabled = [
+        True,
+        False,
+        True,
+        True,
+        False,
+        True,
+        True,
+    ]  # 5 real steps: lrs 1, 0.5, 0.5, 0.25, 0.25 (x1e-2)
     done = 0
     lrs = []
     for on in enabled:
@@ -92,10 +100,15 @@ def test_decay_groups_follow_the_prototxts_decay_mult():
     assert _ids(decayed["params"]) == _ids(heads) and len(heads) == 3  # Rconv6..8 weights
     assert plain["weight_decay"] == 0.0
     frozen = [p for p in conv5.parameters() if not p.requires_grad]
-    assert frozen and not _ids(frozen) & _ids(decayed["params"] + plain["params"])  # fixed biases: not optimised
+    assert frozen and not _ids(frozen) & _ids(
+        decayed["params"] + plain["params"]
+    )  # fixed biases: not optimised
 
-    for generator in (InversionGenerator("fc6", image_size=32, fc_width=8), VariationalAutoencoder(32, 8, 8),
-                      AutoencoderGenerator()):
+    for generator in (
+        InversionGenerator("fc6", image_size=32, fc_width=8),
+        VariationalAutoencoder(32, 8, 8),
+        AutoencoderGenerator(),
+    ):
         (only,) = decay_param_groups(generator, 4e-4, "code")
         assert only["weight_decay"] == 0.0  # decay_mult 0 on every parameter of the authors' generators
     (none,) = decay_param_groups(conv5, 0.0, "code")  # no decay: one group in parameter order (old states)

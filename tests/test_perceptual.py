@@ -21,7 +21,9 @@ def test_reductions_agree_with_deepsim_feature_term():
     x, y = _images(3, 3, 64, 64), _images(3, 3, 64, 64, seed=1)
     per_image = deepsim.PerceptualLoss(SPEC, reduction="none")(x, y)
     assert per_image.shape == (3,) and (per_image > 0).all()
-    torch.testing.assert_close(deepsim.PerceptualLoss(SPEC, reduction="sum")(x, y), per_image.sum(), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        deepsim.PerceptualLoss(SPEC, reduction="sum")(x, y), per_image.sum(), rtol=1e-5, atol=0
+    )
     mean = deepsim.PerceptualLoss(SPEC)(x, y)
     torch.testing.assert_close(mean, per_image.mean(), rtol=1e-5, atol=0)
     feat = DeePSiMLoss(SPEC, lambda_adv=0).feature_loss(x, y)
@@ -50,9 +52,14 @@ def test_validation_and_range_warning():
         loss(_images(3, 64, 64), _images(3, 64, 64))
     with pytest.raises(ValueError, match=r"^y: expected 3 \(RGB\) channels"):
         loss(_images(2, 3, 64, 64), _images(2, 1, 64, 64))
-    with pytest.raises(ValueError, match=r"^x: images of 8x8 are smaller than this comparator's minimum side 31"):
+    with pytest.raises(
+        ValueError, match=r"^x: images of 8x8 are smaller than this comparator's minimum side 31"
+    ):
         loss(_images(2, 3, 8, 8), _images(2, 3, 8, 8))
-    with pytest.warns(UserWarning, match=r"x spans \[.*\], far outside the declared \[-1, 1\] \(normalize=False\); .*normalize=True"):
+    with pytest.warns(
+        UserWarning,
+        match=r"x spans \[.*\], far outside the declared \[-1, 1\] \(normalize=False\); .*normalize=True",
+    ):
         value = loss((_images(2, 3, 64, 64) + 1) * 127.5, _images(2, 3, 64, 64))
     assert torch.isfinite(value)
     with warnings.catch_warnings():
@@ -64,13 +71,17 @@ def test_validation_and_range_warning():
 
 def test_deepsim_loss_needs_logits_unless_lambda_adv_zero():
     x = _images(2, 3, 64, 64)
-    with pytest.raises(ValueError, match=r"needs the discriminator's logits .*lambda_adv=0.*deepsim.PerceptualLoss"):
+    with pytest.raises(
+        ValueError, match=r"needs the discriminator's logits .*lambda_adv=0.*deepsim.PerceptualLoss"
+    ):
         DeePSiMLoss(SPEC)(x, x)
     assert DeePSiMLoss(SPEC, lambda_adv=0)(x, x).total.item() == 0.0
     assert "Usable alone" not in DeePSiMLoss.__doc__ and "unless ``lambda_adv=0``" in DeePSiMLoss.__doc__
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lpips") is None, reason="LPIPS' lin weights come with the lpips package")
+@pytest.mark.skipif(
+    importlib.util.find_spec("lpips") is None, reason="LPIPS' lin weights come with the lpips package"
+)
 def test_deepsim_loss_lpips_feature_metric():
     from deepsim.metrics import LPIPS
 

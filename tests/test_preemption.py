@@ -50,11 +50,20 @@ def test_first_signal_is_a_request_a_repeat_within_the_window_is_the_same_reques
 def _tiny(out, **changes):
     return get_preset("autoencoder-photos").replace(
         **{
-            **dict(data="photos", comparator="alexnet-random:conv2", batch_size=4, image_size=40, log_every=5,
-                   sample_every=1000, checkpoint_every=1000, device="cpu", out=str(out)),
+            **dict(
+                data="photos",
+                comparator="alexnet-random:conv2",
+                batch_size=4,
+                image_size=40,
+                log_every=5,
+                sample_every=1000,
+                checkpoint_every=1000,
+                device="cpu",
+                out=str(out),
+            ),
             **changes,
         }
-    )  # fmt: skip
+    )
 
 
 def test_signal_at_step_7_stops_after_step_7_with_a_checkpoint_there(tmp_path, monkeypatch):
@@ -80,7 +89,9 @@ def test_signal_at_step_7_stops_after_step_7_with_a_checkpoint_there(tmp_path, m
         return stream
 
     monkeypatch.setattr(deepsim.data, "build_loader", build)
-    result = __import__("deepsim.train.loop", fromlist=["train"]).train(_tiny(tmp_path, steps=20), progress=False)
+    result = __import__("deepsim.train.loop", fromlist=["train"]).train(
+        _tiny(tmp_path, steps=20), progress=False
+    )
     assert result.stopped_by == "SIGUSR1" and result.step == 7
     payload = load_checkpoint(tmp_path)
     assert payload["step"] == 7 and payload["data"]["cursor"] == 7 * 4
@@ -89,20 +100,41 @@ def test_signal_at_step_7_stops_after_step_7_with_a_checkpoint_there(tmp_path, m
 
 @pytest.mark.slow
 def test_sigterm_mid_run_then_resume_equals_uninterrupted_run_bit_for_bit(tmp_path):
-    """A real `deepsim train` process gets SIGTERM after step >= 6 of 60: it exits with status 75 and a checkpoint
-    at the step it was in; the same command line (--resume auto) finishes the run; its final parameters, Adam
-    moments, pause state, data cursor and RNG equal those of an uninterrupted 60-step run, bit for bit."""
+    """A real `deepsim train` process gets SIGTERM after step >= 6 of 60: it exits with status 75 and a
+    checkpoint at the step it was in; the same command line (--resume auto) finishes the run; its final
+    parameters, Adam moments, pause state, data cursor and RNG equal those of an uninterrupted 60-step run,
+    bit for bit."""
     steps = "60"
-    flags = [*TINY_TRAIN_FLAGS, "--steps", steps, "--log-every", "3", "--checkpoint-every", "1000", "--resume", "auto"]
+    flags = [
+        *TINY_TRAIN_FLAGS,
+        "--steps",
+        steps,
+        "--log-every",
+        "3",
+        "--checkpoint-every",
+        "1000",
+        "--resume",
+        "auto",
+    ]
     env = subprocess_env()
     straight = subprocess.Popen(
-        deepsim_cli("train", *flags, "--out", str(tmp_path / "straight")), env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        deepsim_cli("train", *flags, "--out", str(tmp_path / "straight")),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     interrupted_cmd = deepsim_cli("train", *flags, "--out", str(tmp_path / "run"))
-    first = subprocess.Popen(interrupted_cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        interrupted_cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
-        wait_for(lambda: max(metrics_steps(tmp_path / "run"), default=0) >= 6, 300, "step 6 in metrics.jsonl", [first])
+        wait_for(
+            lambda: max(metrics_steps(tmp_path / "run"), default=0) >= 6,
+            300,
+            "step 6 in metrics.jsonl",
+            [first],
+        )
         first.send_signal(signal.SIGTERM)
         out, err = first.communicate(timeout=300)
         assert first.returncode == PREEMPTED_EXIT_CODE, err[-3000:]
@@ -145,22 +177,41 @@ _SLOW_STOP_WRITE = textwrap.dedent(
 
 
 def test_second_sigterm_exits_at_once_with_143_and_the_step_4k_checkpoint_intact(tmp_path):
-    """The first SIGTERM starts the stop checkpoint (made slow here); a second one 2 s later exits at once with
-    status 128 + 15, leaving the half-written temporary file aside and the last periodic checkpoint loadable."""
+    """The first SIGTERM starts the stop checkpoint (made slow here); a second one 2 s later exits at once
+    with status 128 + 15, leaving the half-written temporary file aside and the last periodic checkpoint
+    loadable."""
     import sys
 
     out = tmp_path / "run"
-    args = ["train", *TINY_TRAIN_FLAGS, "--steps", "200", "--log-every", "1", "--checkpoint-every", "4", "--out", str(out)]
+    args = [
+        "train",
+        *TINY_TRAIN_FLAGS,
+        "--steps",
+        "200",
+        "--log-every",
+        "1",
+        "--checkpoint-every",
+        "4",
+        "--out",
+        str(out),
+    ]
     process = subprocess.Popen(
-        [sys.executable, "-c", _SLOW_STOP_WRITE, *args], env=subprocess_env(), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [sys.executable, "-c", _SLOW_STOP_WRITE, *args],
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_for(lambda: max(metrics_steps(out), default=0) >= 5, 300, "step 5 in metrics.jsonl", [process])
         process.send_signal(signal.SIGTERM)
         first_at = time.monotonic()
-        wait_for(lambda: any(p.stat().st_size >= 4096 for p in out.glob(".checkpoint.pt.*.tmp")), 120,
-                 "the stop checkpoint's temporary file", [process])  # fmt: skip
+        wait_for(
+            lambda: any(p.stat().st_size >= 4096 for p in out.glob(".checkpoint.pt.*.tmp")),
+            120,
+            "the stop checkpoint's temporary file",
+            [process],
+        )
         time.sleep(max(0.0, REPEAT_WINDOW_S + 0.3 - (time.monotonic() - first_at)))
         process.send_signal(signal.SIGTERM)
         _, err = process.communicate(timeout=60)

@@ -1,6 +1,6 @@
-"""The README as users read it: its Python example runs as written (in a temporary folder), its quickstart is a
-clone and two commands, its `deepsim` commands parse, its sections come in reading order, it stays short, and
-every link in it and in docs/ resolves."""
+"""The README as users read it: its Python example runs as written (in a temporary folder), its quickstart is
+a clone and two commands, its `deepsim` commands parse, its sections come in reading order, it stays short,
+and every link in it and in docs/ resolves."""
 
 import re
 import shlex
@@ -40,16 +40,29 @@ def test_readme_quickstart_is_a_clone_and_two_commands():
     block = re.search(r"```bash\n(.*?)```", quick, flags=re.S).group(1)
     commands = [line.split("  #")[0].strip() for line in block.splitlines() if line.strip()]
     assert commands[0].startswith("git clone ") and commands[0].endswith("&& cd deepsim"), commands[0]
-    assert commands[1:] == ["pip install -e . && deepsim train", "pip install -e '.[test]' && python -m pytest"]
+    assert commands[1:] == [
+        "pip install -e . && deepsim train",
+        "pip install -e '.[test]' && python -m pytest",
+    ]
 
 
 def test_readme_sections_come_in_reading_order():
     """What it is, the quickstart, one measured result, then usage; benchmarks, kernels, internals after."""
     text = README.read_text()
-    order = ["## Quickstart", "## A measured result", "## Using it", "### Which commands need downloaded weights",
-             "### The command line, per task", "### Python", "## Files you did not make", "## LPIPS, fused",
-             "## Benchmarks and kernels", "## Training at scale", "## Differences from the paper and the derived code",
-             "## What is inside"]  # fmt: skip
+    order = [
+        "## Quickstart",
+        "## A measured result",
+        "## Using it",
+        "### Which commands need downloaded weights",
+        "### The command line, per task",
+        "### Python",
+        "## Files you did not make",
+        "## LPIPS, fused",
+        "## Benchmarks and kernels",
+        "## Training at scale",
+        "## Differences from the paper and the derived code",
+        "## What is inside",
+    ]
     positions = [text.index("\n" + heading) for heading in order]
     assert positions == sorted(positions), [h for h, _ in sorted(zip(order, positions), key=lambda x: x[1])]
     assert text.index("[-1, 1]") < text.index("## Quickstart") and "normalize=True" in text[: positions[0]]
@@ -78,8 +91,15 @@ def test_readme_claims_no_speed_without_a_gpu_figure():
 
 def test_readme_offline_table_names_the_random_weights():
     text = README.read_text()
-    section = text[text.index("### Which commands need downloaded weights") : text.index("### The command line")]
-    for needed in ("deepsim train --random-weights", "alexnet-random", "--download-weights", "deepsim train invert"):
+    section = text[
+        text.index("### Which commands need downloaded weights") : text.index("### The command line")
+    ]
+    for needed in (
+        "deepsim train --random-weights",
+        "alexnet-random",
+        "--download-weights",
+        "deepsim train invert",
+    ):
         assert needed in section, needed
 
 
@@ -129,7 +149,11 @@ def test_links_resolve(page):
 def test_slurm_script_is_linked_not_pasted():
     script = (ROOT / "examples" / "slurm" / "train.sbatch").read_text()
     scale = (ROOT / "docs" / "scale.md").read_text()
-    assert "(../examples/slurm/train.sbatch)" in scale and "(examples/slurm/train.sbatch)" in README.read_text()
+    assert (
+        "(../examples/slurm/train.sbatch)" in scale and "(examples/slurm/train.sbatch)" in README.read_text()
+    )
     pasted = [line for line in script.splitlines() if line.startswith("#SBATCH --")]
     for page in (README, *DOCS):
-        assert not any(line in page.read_text().splitlines() for line in pasted), f"{page.name} pastes the script"
+        assert not any(line in page.read_text().splitlines() for line in pasted), (
+            f"{page.name} pastes the script"
+        )

@@ -22,8 +22,16 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 def _config(out, **changes):
     fields = dict(
-        data="photos", comparator="alexnet-random:conv2", batch_size=4, image_size=32, disc_padding="padded", log_every=5,
-        sample_every=1000, checkpoint_every=10, device="cpu", out=str(out),
+        data="photos",
+        comparator="alexnet-random:conv2",
+        batch_size=4,
+        image_size=32,
+        disc_padding="padded",
+        log_every=5,
+        sample_every=1000,
+        checkpoint_every=10,
+        device="cpu",
+        out=str(out),
     )
     return get_preset("autoencoder-photos").replace(**{**fields, **changes})
 
@@ -46,7 +54,8 @@ def test_resume_is_bit_exact(tmp_path):
                 assert torch.equal(tensor, b[opt]["state"][index][key]), f"{opt}[{index}].{key}"
     # the metrics of the steps after the resume are the same numbers too
     assert [r for r in straight.history if r["step"] > 10] == [
-        {**r, "images_per_s": s["images_per_s"]} for r, s in zip(resumed.history, straight.history[-len(resumed.history):])
+        {**r, "images_per_s": s["images_per_s"]}
+        for r, s in zip(resumed.history, straight.history[-len(resumed.history) :])
     ]
 
 
@@ -74,7 +83,9 @@ _KILLED_WRITER = textwrap.dedent(
 def test_process_killed_while_writing_leaves_previous_checkpoint(tmp_path):
     path = tmp_path / "checkpoint.pt"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(path)], env=env, timeout=120, capture_output=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_WRITER, str(path)], env=env, timeout=120, capture_output=True
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
     stale = list(tmp_path.glob(".checkpoint.pt.*.tmp"))
     assert len(stale) == 1 and stale[0].stat().st_size > 1 << 20  # the killed writer's half-written file
@@ -102,7 +113,10 @@ def test_nan_found_at_a_log_step_stops_and_keeps_last_good_checkpoint(tmp_path, 
         return real_image_distance(fake, real, kind) * float("nan")
 
     monkeypatch.setattr(losses, "image_distance", poisoned)
-    with pytest.raises(NonFiniteLossError, match=r"step 12 \(.*Loss/G/img = nan.*last good checkpoint .*checkpoint\.pt is untouched"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"step 12 \(.*Loss/G/img = nan.*last good checkpoint .*checkpoint\.pt is untouched",
+    ):
         train(config, resume=True, progress=False)
     assert len(calls) == 3  # steps 11, 12, and 13 (queued before step 12's metrics were read); no more
     assert checkpoint.read_bytes() == before

@@ -37,7 +37,9 @@ class _Skipping:
 
 
 def test_a_queued_row_is_written_at_the_next_flush_with_speed_and_skipped(tmp_path):
-    log = RunLog(tmp_path, _config(tmp_path), start=0, world=1, is_main=True, progress=False, stream=_Skipping(3))
+    log = RunLog(
+        tmp_path, _config(tmp_path), start=0, world=1, is_main=True, progress=False, stream=_Skipping(3)
+    )
     try:
         log.flush(last_good=None)  # nothing queued: nothing written
         log.count_step()
@@ -55,10 +57,14 @@ def test_a_queued_row_is_written_at_the_next_flush_with_speed_and_skipped(tmp_pa
 
 
 def test_a_non_finite_metric_raises_naming_the_last_good_checkpoint_and_writes_no_row(tmp_path):
-    log = RunLog(tmp_path, _config(tmp_path), start=4, world=1, is_main=True, progress=False, stream=_Skipping(0))
+    log = RunLog(
+        tmp_path, _config(tmp_path), start=4, world=1, is_main=True, progress=False, stream=_Skipping(0)
+    )
     try:
         log.queue(5, _metrics(**{"Loss/G/total": float("nan"), "Loss/D/real": 0.5}))
-        with pytest.raises(NonFiniteLossError, match=r"step 5 \(Loss/G/total = nan\).*last good checkpoint old\.pt"):
+        with pytest.raises(
+            NonFiniteLossError, match=r"step 5 \(Loss/G/total = nan\).*last good checkpoint old\.pt"
+        ):
             log.flush(last_good="old.pt")
         log.queue(6, _metrics(**{"Loss/G/total": float("inf")}))
         with pytest.raises(NonFiniteLossError, match="no checkpoint was written"):
@@ -69,7 +75,15 @@ def test_a_non_finite_metric_raises_naming_the_last_good_checkpoint_and_writes_n
 
 
 def test_other_ranks_check_and_keep_rows_but_write_no_files(tmp_path):
-    log = RunLog(tmp_path, _config(tmp_path, tensorboard=True), start=0, world=1, is_main=False, progress=True, stream=_Skipping(0))
+    log = RunLog(
+        tmp_path,
+        _config(tmp_path, tensorboard=True),
+        start=0,
+        world=1,
+        is_main=False,
+        progress=True,
+        stream=_Skipping(0),
+    )
     log.queue(1, _metrics(**{"Loss/G/total": 1.0}))
     log.flush(last_good=None)
     log.samples(None, torch.zeros(1), 1)  # rank 0 only: never touches the trainer here
@@ -90,18 +104,27 @@ def test_the_checkpointer_keeps_k_records_its_own_provenance_and_tracks_the_last
     config = _config(tmp_path, loss="se", steps=3)
     torch.manual_seed(0)
     trainer = build_autoencoder_trainer(config, CPU)
-    mine = Checkpointer(tmp_path, keep=2, context=_context(), provenance={"preset": "a"}, resumed=None, say=print)
+    mine = Checkpointer(
+        tmp_path, keep=2, context=_context(), provenance={"preset": "a"}, resumed=None, say=print
+    )
     other = Checkpointer(
         tmp_path / "b", keep=1, context=_context(), provenance={"preset": "b"}, resumed=None, say=print
     )
     assert mine.last_good is None
     for step in (1, 2, 3):
-        assert mine.write(step, config=config, trainer=trainer, stream=_Stream(step * 2)) == tmp_path / CHECKPOINT_NAME
+        assert (
+            mine.write(step, config=config, trainer=trainer, stream=_Stream(step * 2))
+            == tmp_path / CHECKPOINT_NAME
+        )
     other.write(7, config=config, trainer=trainer, stream=_Stream(0))
     assert mine.last_good == tmp_path / CHECKPOINT_NAME
     assert [load_checkpoint(p)["step"] for p in find_checkpoints(tmp_path)] == [3, 2]
     payload = load_checkpoint(tmp_path)
-    assert payload["provenance"] == {"preset": "a"} and payload["data"] == {"cursor": 6} and payload["world_size"] == 1
+    assert (
+        payload["provenance"] == {"preset": "a"}
+        and payload["data"] == {"cursor": 6}
+        and payload["world_size"] == 1
+    )
     assert load_checkpoint(tmp_path / "b")["provenance"] == {"preset": "b"}
     # a new checkpointer over the same folder starts from the newest checkpoint there (what a NaN leaves)
     again = Checkpointer(tmp_path, keep=2, context=_context(), provenance={}, resumed=None, say=print)
@@ -125,4 +148,6 @@ def test_the_registry_says_which_comparators_borrow_the_discriminator():
     no_adv = TrainConfig(lambda_adv=0.0)
     assert needs_discriminator(no_adv.replace(comparator="discriminator:conv3"))
     assert not needs_discriminator(no_adv)
-    assert needs_discriminator(TrainConfig(lambda_adv=1.0)) and not needs_discriminator(TrainConfig(loss="se"))
+    assert needs_discriminator(TrainConfig(lambda_adv=1.0)) and not needs_discriminator(
+        TrainConfig(loss="se")
+    )

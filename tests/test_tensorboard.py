@@ -12,7 +12,9 @@ from deepsim.train.loop import train
 from deepsim.train.progress import TrainingProgress
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-TINY = dict(batch_size=4, image_size=32, disc_padding="padded", comparator="alexnet-random:conv2", device="cpu")
+TINY = dict(
+    batch_size=4, image_size=32, disc_padding="padded", comparator="alexnet-random:conv2", device="cpu"
+)
 
 
 def _events(folder):
@@ -41,8 +43,18 @@ def test_run_writes_scalars_images_and_hparams(tmp_path):
     board.Reload()
     tags = board.Tags()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    for key in ("Loss/G/total", "Loss/G/feat", "Loss/G/adv", "Loss/G/img", "Loss/D/real", "Loss/D/fake",
-                "Pause/r", "Pause/train_d", "Pause/train_g", "Data/skipped"):  # fmt: skip
+    for key in (
+        "Loss/G/total",
+        "Loss/G/feat",
+        "Loss/G/adv",
+        "Loss/G/img",
+        "Loss/D/real",
+        "Loss/D/fake",
+        "Pause/r",
+        "Pause/train_d",
+        "Pause/train_g",
+        "Data/skipped",
+    ):
         events = board.Scalars(key)
         assert [e.step for e in events] == [r["step"] for r in rows] == [2, 4]
         assert [e.value for e in events] == pytest.approx([r[key] for r in rows], rel=1e-6), key
@@ -63,9 +75,34 @@ def test_run_writes_scalars_images_and_hparams(tmp_path):
 
 
 def test_no_tensorboard_writes_no_events_and_the_bar_shows_images_per_s_and_eta(tmp_path, capsys):
-    code = main(["train", "--steps", "3", "--batch-size", "4", "--image-size", "32", "--disc-padding", "padded", "--comparator",
-                 "alexnet-random:conv2", "--device", "cpu", "--log-every", "1", "--sample-every", "100",
-                 "--out", str(tmp_path), "--no-tensorboard", "--channels-last", "off", "--compile", "auto"])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--steps",
+            "3",
+            "--batch-size",
+            "4",
+            "--image-size",
+            "32",
+            "--disc-padding",
+            "padded",
+            "--comparator",
+            "alexnet-random:conv2",
+            "--device",
+            "cpu",
+            "--log-every",
+            "1",
+            "--sample-every",
+            "100",
+            "--out",
+            str(tmp_path),
+            "--no-tensorboard",
+            "--channels-last",
+            "off",
+            "--compile",
+            "auto",
+        ]
+    )
     assert code == 0
     assert _events(tmp_path) == [] and (tmp_path / "metrics.jsonl").is_file()
     err = capsys.readouterr().err

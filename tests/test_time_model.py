@@ -11,11 +11,22 @@ from bench.time_model import H100, estimate
 
 
 def _row(launches=100, triton=((0.001, 0.0, 10),)):
-    kernel_list = [dict(kind="triton", name=f"triton_{i}", gb=gb, flop=flop, launches=n)
-                   for i, (gb, flop, n) in enumerate(triton)]  # fmt: skip
-    kernel_list.append(dict(kind="extern", name="convolution", launches=launches - sum(n for *_, n in triton)))
-    return dict(workload="autoencoder", kernels="auto", batch=64, status="ok", launches_per_step=launches,
-                flops_per_step=1e11, kernel_list=kernel_list)  # fmt: skip
+    kernel_list = [
+        dict(kind="triton", name=f"triton_{i}", gb=gb, flop=flop, launches=n)
+        for i, (gb, flop, n) in enumerate(triton)
+    ]
+    kernel_list.append(
+        dict(kind="extern", name="convolution", launches=launches - sum(n for *_, n in triton))
+    )
+    return dict(
+        workload="autoencoder",
+        kernels="auto",
+        batch=64,
+        status="ok",
+        launches_per_step=launches,
+        flops_per_step=1e11,
+        kernel_list=kernel_list,
+    )
 
 
 def test_estimate_is_the_sum_of_rooflines_and_launch_costs():
@@ -23,7 +34,9 @@ def test_estimate_is_the_sum_of_rooflines_and_launch_costs():
     assert e["estimated_triton_s"] == pytest.approx(10 * 0.001e9 / H100.hbm_bytes)  # memory-bound kernel
     assert e["estimated_mma_s"] == pytest.approx(1e11 / (H100.bf16_flops * 0.5))
     assert e["estimated_launch_s"] == pytest.approx(100 * H100.launch_s)
-    assert e["estimated_step_s"] == pytest.approx(e["estimated_triton_s"] + e["estimated_mma_s"] + e["estimated_launch_s"])
+    assert e["estimated_step_s"] == pytest.approx(
+        e["estimated_triton_s"] + e["estimated_mma_s"] + e["estimated_launch_s"]
+    )
     assert e["estimated_images_per_s"] == pytest.approx(64 / e["estimated_step_s"])
     assert e["target_images_per_s"] == 40_000 and "not a measurement" in e["note"]
     fewer = estimate(_row(launches=60), efficiency=0.5)
@@ -51,10 +64,14 @@ def test_step_row_gets_measured_against_estimated(tmp_path, monkeypatch):
     import bench.step as step
 
     path = tmp_path / "estimates.json"
-    path.write_text(json.dumps([dict(workload="autoencoder", kernels="auto", batch=64, estimated_step_s=0.002)]))
+    path.write_text(
+        json.dumps([dict(workload="autoencoder", kernels="auto", batch=64, estimated_step_s=0.002)])
+    )
     monkeypatch.setattr(step, "ESTIMATES", path)
     workload = types.SimpleNamespace(config=types.SimpleNamespace(task="autoencoder", batch_size=64))
     row = step._with_estimate(workload, dict(value=16_000.0))
-    assert row["measured_step_s"] == pytest.approx(0.004) and row["measured_over_estimate"] == pytest.approx(2.0)
+    assert row["measured_step_s"] == pytest.approx(0.004) and row["measured_over_estimate"] == pytest.approx(
+        2.0
+    )
     other = types.SimpleNamespace(config=types.SimpleNamespace(task="autoencoder", batch_size=2))
     assert "estimated_step_s" not in step._with_estimate(other, dict(value=1.0))

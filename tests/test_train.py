@@ -1,4 +1,5 @@
-"""End-to-end training on the bundled photos: the loss goes down, checkpoints round-trip, bad input fails clearly."""
+"""End-to-end training on the bundled photos: the loss goes down, checkpoints round-trip, bad input fails
+clearly."""
 
 import json
 
@@ -23,14 +24,26 @@ def test_short_se_run_loss_goes_down(tmp_path):
     assert np.mean(losses[-3:]) < 0.7 * np.mean(losses[:2]), losses
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 60 and "images_per_s" in rows[-1]
-    assert (tmp_path / "samples" / "step_0000000.png").is_file() and (tmp_path / "samples" / "step_0000060.png").is_file()
+    assert (tmp_path / "samples" / "step_0000000.png").is_file() and (
+        tmp_path / "samples" / "step_0000060.png"
+    ).is_file()
 
 
 def test_deepsim_run_writes_every_term_and_checkpoint(tmp_path):
-    config = get_preset("autoencoder-photos").replace(steps=6, out=str(tmp_path), comparator="alexnet-random:conv2", **TINY)
+    config = get_preset("autoencoder-photos").replace(
+        steps=6, out=str(tmp_path), comparator="alexnet-random:conv2", **TINY
+    )
     result = train(config, progress=False)
     row = result.history[-1]
-    for key in ("Loss/G/feat", "Loss/G/adv", "Loss/G/img", "Loss/D/real", "Loss/D/fake", "Pause/r", "Pause/train_d"):
+    for key in (
+        "Loss/G/feat",
+        "Loss/G/adv",
+        "Loss/G/img",
+        "Loss/D/real",
+        "Loss/D/fake",
+        "Pause/r",
+        "Pause/train_d",
+    ):
         assert key in row and np.isfinite(row[key])
     payload = load_checkpoint(tmp_path / "checkpoint.pt")
     assert payload["step"] == 6
@@ -40,7 +53,9 @@ def test_deepsim_run_writes_every_term_and_checkpoint(tmp_path):
 
 
 def test_checkpoint_round_trip_restores_training_state(tmp_path):
-    config = get_preset("autoencoder-photos").replace(steps=4, out=str(tmp_path), comparator="alexnet-random:conv2", **TINY)
+    config = get_preset("autoencoder-photos").replace(
+        steps=4, out=str(tmp_path), comparator="alexnet-random:conv2", **TINY
+    )
     train(config, progress=False)
     from deepsim.train.factory import build_trainer
 
@@ -72,7 +87,9 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         return g_input * float("nan"), target, cond
 
     monkeypatch.setattr(step_module.DeePSiMTrainer, "prepare", poisoned)
-    with pytest.raises(NonFiniteLossError, match=r"step 10 .*Loss/G/img = nan.*last good checkpoint .*checkpoint.pt"):
+    with pytest.raises(
+        NonFiniteLossError, match=r"step 10 .*Loss/G/img = nan.*last good checkpoint .*checkpoint.pt"
+    ):
         train(config, resume=True, progress=False)
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
     assert load_checkpoint(tmp_path)["step"] == 5
@@ -86,7 +103,10 @@ def test_atomic_save_keeps_old_checkpoint_when_write_fails(tmp_path, monkeypatch
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(CheckpointWriteError, match=r"disk full; the previous checkpoint .*checkpoint\.pt \(step 1\) is intact"):
+    with pytest.raises(
+        CheckpointWriteError,
+        match=r"disk full; the previous checkpoint .*checkpoint\.pt \(step 1\) is intact",
+    ):
         save_checkpoint(path, {"step": 2, "config": {}})
     monkeypatch.undo()
     assert load_checkpoint(path)["step"] == 1
@@ -105,7 +125,15 @@ def test_cli_wrong_tap_name(tmp_path, capsys):
 
 
 def test_cli_missing_weights_file(tmp_path, capsys):
-    code, err = _cli(capsys, "--comparator", "caffenet:conv3", "--comparator-weights", str(tmp_path / "nope.pt"), "--out", str(tmp_path))
+    code, err = _cli(
+        capsys,
+        "--comparator",
+        "caffenet:conv3",
+        "--comparator-weights",
+        str(tmp_path / "nope.pt"),
+        "--out",
+        str(tmp_path),
+    )
     assert code == 2 and "nope.pt does not exist" in err
 
 
@@ -125,17 +153,50 @@ def test_cli_image_smaller_than_crop(tmp_path, capsys):
 
 
 def test_cli_reconstruct(tmp_path, capsys):
-    assert main(["train", "--steps", "2", "--batch-size", "2", "--no-progress", "--loss", "se", "--out", str(tmp_path / "run")]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--steps",
+                "2",
+                "--batch-size",
+                "2",
+                "--no-progress",
+                "--loss",
+                "se",
+                "--out",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 0
+    )
     image = tmp_path / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (70, 90, 3), dtype=np.uint8)).save(image)
-    assert main(["reconstruct", "--checkpoint", str(tmp_path / "run"), str(image), "--out", str(tmp_path / "rec")]) == 0
+    assert (
+        main(
+            ["reconstruct", "--checkpoint", str(tmp_path / "run"), str(image), "--out", str(tmp_path / "rec")]
+        )
+        == 0
+    )
     out = Image.open(tmp_path / "rec" / "photo_reconstruction.png")
     assert out.size == (2 * 88, 64)
     assert "squared error per pixel" in capsys.readouterr().out
 
 
 def test_cli_missing_checkpoint(tmp_path, capsys):
-    assert main(["reconstruct", "--checkpoint", str(tmp_path / "none.pt"), str(tmp_path / "x.png"), "--out", str(tmp_path)]) == 2
+    assert (
+        main(
+            [
+                "reconstruct",
+                "--checkpoint",
+                str(tmp_path / "none.pt"),
+                str(tmp_path / "x.png"),
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 2
+    )
     assert "no checkpoint at" in capsys.readouterr().err
 
 
@@ -143,7 +204,17 @@ def test_cli_help_lists_flags(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     text = capsys.readouterr().out
-    for flag in ("--preset", "--steps", "--batch-size", "--loss", "--comparator", "--data", "--out", "--device", "--resume"):
+    for flag in (
+        "--preset",
+        "--steps",
+        "--batch-size",
+        "--loss",
+        "--comparator",
+        "--data",
+        "--out",
+        "--device",
+        "--resume",
+    ):
         assert flag in text
 
 
@@ -155,8 +226,19 @@ def test_cli_on_bad_skip_trains_past_bad_files(tmp_path, capsys):
         Image.fromarray(rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)).save(folder / f"ok_{i}.png")
     Image.fromarray(np.zeros((40, 50, 3), np.uint8)).save(folder / "tiny.png")
     (folder / "broken.jpg").write_bytes(b"not a jpeg" * 20)
-    code, err = _cli(capsys, "--data", str(folder), "--out", str(tmp_path / "run"), "--on-bad", "skip", "--loss", "se",
-                     "--log-every", "1")
+    code, err = _cli(
+        capsys,
+        "--data",
+        str(folder),
+        "--out",
+        str(tmp_path / "run"),
+        "--on-bad",
+        "skip",
+        "--loss",
+        "se",
+        "--log-every",
+        "1",
+    )
     assert code == 0, err
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["Data/skipped"] == 2

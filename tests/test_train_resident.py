@@ -1,5 +1,5 @@
-"""`deepsim train --loader resident` on the CPU: the quickstart preset trains, checkpoints the data cursor, and
-the run resumes on the torch loader exactly there."""
+"""`deepsim train --loader resident` on the CPU: the quickstart preset trains, checkpoints the data cursor,
+and the run resumes on the torch loader exactly there."""
 
 import pytest
 
@@ -40,9 +40,16 @@ def test_a_generator_that_asks_for_4_channels_trains_on_padded_batches_like_on_r
 
     monkeypatch.setattr(deepsim.data, "build_loader", build_loader)
     config = get_preset("autoencoder-photos").replace(
-        steps=2, batch_size=4, image_size=40, log_every=1, sample_every=1000, checkpoint_every=1000, device="cpu",
-        comparator="alexnet-random:conv2", loader="resident",
-    )  # fmt: skip
+        steps=2,
+        batch_size=4,
+        image_size=40,
+        log_every=1,
+        sample_every=1000,
+        checkpoint_every=1000,
+        device="cpu",
+        comparator="alexnet-random:conv2",
+        loader="resident",
+    )
     rgb = train(config.replace(out=str(tmp_path / "rgb")), progress=False)
     monkeypatch.setattr(AutoencoderGenerator, "input_channels", 4)
     padded = train(config.replace(out=str(tmp_path / "padded")), progress=False)

@@ -1,7 +1,7 @@
-"""The "Training at scale" commands (docs/scale.md), run on the CPU with gloo: two torchrun "nodes" on localhost
-(c10d rendezvous) survive a SIGKILLed worker through --max-restarts and --resume auto; the single-node command
-resumes a 2-rank run on 1 rank; the SLURM script turns SIGUSR1 before the time limit into a checkpoint and a
-requeue. Each runs real processes (slow, but part of the default run)."""
+"""The "Training at scale" commands (docs/scale.md), run on the CPU with gloo: two torchrun "nodes" on
+localhost (c10d rendezvous) survive a SIGKILLed worker through --max-restarts and --resume auto; the
+single-node command resumes a 2-rank run on 1 rank; the SLURM script turns SIGUSR1 before the time limit into
+a checkpoint and a requeue. Each runs real processes (slow, but part of the default run)."""
 
 from __future__ import annotations
 
@@ -66,9 +66,9 @@ def _assert_replicas_equal(payload: dict, world: int) -> None:
 
 @pytest.mark.slow
 def test_two_nodes_lose_a_worker_to_sigkill_and_max_restarts_1_resumes_from_the_last_checkpoint(tmp_path):
-    """docs/scale.md multi-node command, 2 nodes x 1 process: SIGKILL one worker once the step-4 checkpoint exists;
-    torchrun restarts the job, which resumes from the newest checkpoint (no step lost beyond it) and finishes
-    16 steps with equal parameters on both ranks and the data cursor at 16 x 2 x B."""
+    """docs/scale.md multi-node command, 2 nodes x 1 process: SIGKILL one worker once the step-4 checkpoint
+    exists; torchrun restarts the job, which resumes from the newest checkpoint (no step lost beyond it) and
+    finishes 16 steps with equal parameters on both ranks and the data cursor at 16 x 2 x B."""
     port = free_port()
     env, argv = readme_command("torchrun --nnodes")
     argv = replace_flag(argv, "--nproc-per-node", "1")
@@ -76,7 +76,17 @@ def test_two_nodes_lose_a_worker_to_sigkill_and_max_restarts_1_resumes_from_the_
     argv = replace_flag(argv, "--rdzv-id", f"deepsim-test-{port}")
     argv = replace_flag(argv, "--max-restarts", "1")
     out = tmp_path / "run"
-    tiny = [*TINY_TRAIN_FLAGS, "--steps", "16", "--log-every", "2", "--checkpoint-every", "4", "--out", str(out)]
+    tiny = [
+        *TINY_TRAIN_FLAGS,
+        "--steps",
+        "16",
+        "--log-every",
+        "2",
+        "--checkpoint-every",
+        "4",
+        "--out",
+        str(out),
+    ]
     cmd = torchrun(train_args_after(argv, tiny))
     logs = [tmp_path / f"node{n}.log" for n in range(2)]
     agents = [
@@ -103,7 +113,10 @@ def test_two_nodes_lose_a_worker_to_sigkill_and_max_restarts_1_resumes_from_the_
     text = _logs(logs)
     assert [a.returncode for a in agents] == [0, 0], text[-4000:]
     resumed = [int(k) for k in re.findall(r"resuming from \S+ \(step (\d+)", text)]
-    assert resumed == [newest_before_restart] and newest_before_restart >= killed_after >= 4, (resumed, text[-3000:])
+    assert resumed == [newest_before_restart] and newest_before_restart >= killed_after >= 4, (
+        resumed,
+        text[-3000:],
+    )
     final = load_checkpoint(out)
     assert final["step"] == 16 and final["world_size"] == 2 and final["data"]["cursor"] == 16 * 2 * BATCH
     _assert_replicas_equal(final, 2)
@@ -111,8 +124,8 @@ def test_two_nodes_lose_a_worker_to_sigkill_and_max_restarts_1_resumes_from_the_
 
 @pytest.mark.slow
 def test_single_node_command_resumes_a_2_rank_run_on_1_rank(tmp_path):
-    """docs/scale.md single-node command with 2 processes for 6 steps, then the same command on 1 process to step 9:
-    it resumes at step 6 and data cursor 6 x 2 x B, says so, and ends at cursor 6 x 2 x B + 3 x B."""
+    """docs/scale.md single-node command with 2 processes for 6 steps, then the same command on 1 process to
+    step 9: it resumes at step 6 and data cursor 6 x 2 x B, says so, and ends at cursor 6 x 2 x B + 3 x B."""
     out = tmp_path / "run"
     env, argv = readme_command("torchrun --standalone")
     base = [*TINY_TRAIN_FLAGS, "--log-every", "3", "--checkpoint-every", "3", "--out", str(out)]
@@ -145,20 +158,44 @@ def test_slurm_script_turns_usr1_before_the_time_limit_into_a_checkpoint_and_a_r
     shims = tmp_path / "bin"
     shims.mkdir()
     _shim(shims, "srun", 'exec "$@"')  # one node: the task is the command itself
-    _shim(shims, "scontrol", 'if [ "$1 $2" = "show hostnames" ]; then echo 127.0.0.1; else echo "$@" >> "$SCONTROL_LOG"; fi')
+    _shim(
+        shims,
+        "scontrol",
+        'if [ "$1 $2" = "show hostnames" ]; then echo 127.0.0.1; else echo "$@" >> "$SCONTROL_LOG"; fi',
+    )
     _shim(shims, "torchrun", f'exec "{sys.executable}" -m torch.distributed.run "$@"')
     out, scontrol_log, log = tmp_path / "run", tmp_path / "scontrol.log", tmp_path / "job.log"
     env = subprocess_env(
-        PATH=f"{shims}{os.pathsep}{os.environ['PATH']}", SLURM_JOB_NODELIST="node001", SLURM_NNODES="1",
-        SLURM_JOB_ID="4242", GPUS_PER_NODE="1", PRESET="autoencoder-photos", DATA="photos", OUT=str(out),
-        RDZV_PORT=str(free_port()), SCONTROL_LOG=str(scontrol_log),
-    )  # fmt: skip
-    flags = [f for i, f in enumerate(TINY_TRAIN_FLAGS) if f not in ("--preset", "--data") and
-             TINY_TRAIN_FLAGS[i - 1] not in ("--preset", "--data")]  # fmt: skip
+        PATH=f"{shims}{os.pathsep}{os.environ['PATH']}",
+        SLURM_JOB_NODELIST="node001",
+        SLURM_NNODES="1",
+        SLURM_JOB_ID="4242",
+        GPUS_PER_NODE="1",
+        PRESET="autoencoder-photos",
+        DATA="photos",
+        OUT=str(out),
+        RDZV_PORT=str(free_port()),
+        SCONTROL_LOG=str(scontrol_log),
+    )
+    flags = [
+        f
+        for i, f in enumerate(TINY_TRAIN_FLAGS)
+        if f not in ("--preset", "--data") and TINY_TRAIN_FLAGS[i - 1] not in ("--preset", "--data")
+    ]
     job = subprocess.Popen(
-        ["bash", str(ROOT / "examples" / "slurm" / "train.sbatch"), *flags, "--steps", "400", "--log-every", "2"],
-        env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
-    )  # fmt: skip
+        [
+            "bash",
+            str(ROOT / "examples" / "slurm" / "train.sbatch"),
+            *flags,
+            "--steps",
+            "400",
+            "--log-every",
+            "2",
+        ],
+        env=env,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+    )
     started = []
     try:
         wait_for(lambda: max(metrics_steps(out), default=0) >= 4, 420, "step 4 in metrics.jsonl", [job])

@@ -1,5 +1,5 @@
-"""Hostile and careless input through the CLI: each bad input is one line on stderr, exit status 2, and no file
-written or changed; a checkpoint whose pickle runs code is never executed by a command that opens it."""
+"""Hostile and careless input through the CLI: each bad input is one line on stderr, exit status 2, and no
+file written or changed; a checkpoint whose pickle runs code is never executed by a command that opens it."""
 
 from __future__ import annotations
 
@@ -15,8 +15,22 @@ from deepsim.cli import main
 from deepsim.train.checkpoint import load_checkpoint, save_checkpoint
 from tests import caffe_writer as cw
 
-RUN = ["--preset", "autoencoder-photos", "--data", "photos", "--comparator", "alexnet-random:conv2",
-       "--batch-size", "4", "--image-size", "40", "--sample-every", "1000", "--log-every", "1"]  # fmt: skip
+RUN = [
+    "--preset",
+    "autoencoder-photos",
+    "--data",
+    "photos",
+    "--comparator",
+    "alexnet-random:conv2",
+    "--batch-size",
+    "4",
+    "--image-size",
+    "40",
+    "--sample-every",
+    "1000",
+    "--log-every",
+    "1",
+]
 RUNTIME = ["--device", "cpu", "--no-progress"]
 
 
@@ -81,56 +95,166 @@ def files(tmp_path_factory):
 
 # (case, argv given the files, the text the one error line must hold)
 CASES = [
-    ("reconstruct: a checkpoint of another config",
-     lambda f: ["reconstruct", "--checkpoint", f["bad"] / "shape.pt", f["image"], "--out", f["root"] / "o1"],
-     "does not fit"),
-    ("train --resume: a checkpoint of another config",
-     lambda f: ["train", "--resume", f["bad"] / "shape.pt", "--out", f["root"] / "o2", "--steps", "3", *RUNTIME],
-     "tensor"),
-    ("train: random bytes as --comparator-weights",
-     lambda f: ["train", *RUN, "--comparator", "alexnet:conv2", "--comparator-weights", f["bad"] / "random.bin",
-                "--out", f["root"] / "o3", "--steps", "1", *RUNTIME],
-     "random.bin"),
-    ("train: a truncated --comparator-weights",
-     lambda f: ["train", *RUN, "--comparator", "alexnet:conv2", "--comparator-weights",
-                f["bad"] / "truncated_weights.pt", "--out", f["root"] / "o4", "--steps", "1", *RUNTIME],
-     "truncated_weights.pt"),
-    ("reconstruct: a checkpoint with no trainer key",
-     lambda f: ["reconstruct", "--checkpoint", f["bad"] / "no_trainer.pt", f["image"], "--out", f["root"] / "o5"],
-     "no trained generator"),
-    ("train --resume: a checkpoint with no trainer key",
-     lambda f: ["train", "--resume", f["bad"] / "no_trainer.pt", "--out", f["root"] / "o6", "--steps", "3",
-                *RUNTIME],
-     "'trainer'"),
-    ("train invert --resume <autoencoder> --loss se",
-     lambda f: ["train", "invert", "--resume", f["run"], "--out", f["run"], "--loss", "se", "--steps", "3",
-                *RUNTIME],
-     "--loss se (the checkpoint's: deepsim)"),
-    ("train without --resume into a folder holding a run",
-     lambda f: ["train", *RUN, *RUNTIME, "--steps", "4", "--out", f["run"]],
-     "--resume auto"),
-    ("train --resume another run's checkpoint into a folder holding a run",
-     lambda f: ["train", "--resume", f["other"] / "checkpoint.pt", "--out", f["run"], "--steps", "4", *RUNTIME],
-     "holds another run"),
-    ("train --resume an older checkpoint into its own folder",
-     lambda f: ["train", "--resume", f["run"] / "checkpoint.step0000001.pt", "--out", f["run"], "--steps", "4",
-                *RUNTIME],
-     "newer checkpoint, checkpoint.pt"),
-    ("export over an existing file",
-     lambda f: ["export", "--checkpoint", f["run"], "--out", f["bad"] / "exists.safetensors"],
-     "--force"),
-    ("import-caffe over an existing file",
-     lambda f: ["import-caffe", f["bad"] / "fc6.caffemodel", "--layer", "fc6", "--out", f["bad"] / "exists.pt"],
-     "--force"),
-]  # fmt: skip
+    (
+        "reconstruct: a checkpoint of another config",
+        lambda f: [
+            "reconstruct",
+            "--checkpoint",
+            f["bad"] / "shape.pt",
+            f["image"],
+            "--out",
+            f["root"] / "o1",
+        ],
+        "does not fit",
+    ),
+    (
+        "train --resume: a checkpoint of another config",
+        lambda f: [
+            "train",
+            "--resume",
+            f["bad"] / "shape.pt",
+            "--out",
+            f["root"] / "o2",
+            "--steps",
+            "3",
+            *RUNTIME,
+        ],
+        "tensor",
+    ),
+    (
+        "train: random bytes as --comparator-weights",
+        lambda f: [
+            "train",
+            *RUN,
+            "--comparator",
+            "alexnet:conv2",
+            "--comparator-weights",
+            f["bad"] / "random.bin",
+            "--out",
+            f["root"] / "o3",
+            "--steps",
+            "1",
+            *RUNTIME,
+        ],
+        "random.bin",
+    ),
+    (
+        "train: a truncated --comparator-weights",
+        lambda f: [
+            "train",
+            *RUN,
+            "--comparator",
+            "alexnet:conv2",
+            "--comparator-weights",
+            f["bad"] / "truncated_weights.pt",
+            "--out",
+            f["root"] / "o4",
+            "--steps",
+            "1",
+            *RUNTIME,
+        ],
+        "truncated_weights.pt",
+    ),
+    (
+        "reconstruct: a checkpoint with no trainer key",
+        lambda f: [
+            "reconstruct",
+            "--checkpoint",
+            f["bad"] / "no_trainer.pt",
+            f["image"],
+            "--out",
+            f["root"] / "o5",
+        ],
+        "no trained generator",
+    ),
+    (
+        "train --resume: a checkpoint with no trainer key",
+        lambda f: [
+            "train",
+            "--resume",
+            f["bad"] / "no_trainer.pt",
+            "--out",
+            f["root"] / "o6",
+            "--steps",
+            "3",
+            *RUNTIME,
+        ],
+        "'trainer'",
+    ),
+    (
+        "train invert --resume <autoencoder> --loss se",
+        lambda f: [
+            "train",
+            "invert",
+            "--resume",
+            f["run"],
+            "--out",
+            f["run"],
+            "--loss",
+            "se",
+            "--steps",
+            "3",
+            *RUNTIME,
+        ],
+        "--loss se (the checkpoint's: deepsim)",
+    ),
+    (
+        "train without --resume into a folder holding a run",
+        lambda f: ["train", *RUN, *RUNTIME, "--steps", "4", "--out", f["run"]],
+        "--resume auto",
+    ),
+    (
+        "train --resume another run's checkpoint into a folder holding a run",
+        lambda f: [
+            "train",
+            "--resume",
+            f["other"] / "checkpoint.pt",
+            "--out",
+            f["run"],
+            "--steps",
+            "4",
+            *RUNTIME,
+        ],
+        "holds another run",
+    ),
+    (
+        "train --resume an older checkpoint into its own folder",
+        lambda f: [
+            "train",
+            "--resume",
+            f["run"] / "checkpoint.step0000001.pt",
+            "--out",
+            f["run"],
+            "--steps",
+            "4",
+            *RUNTIME,
+        ],
+        "newer checkpoint, checkpoint.pt",
+    ),
+    (
+        "export over an existing file",
+        lambda f: ["export", "--checkpoint", f["run"], "--out", f["bad"] / "exists.safetensors"],
+        "--force",
+    ),
+    (
+        "import-caffe over an existing file",
+        lambda f: [
+            "import-caffe",
+            f["bad"] / "fc6.caffemodel",
+            "--layer",
+            "fc6",
+            "--out",
+            f["bad"] / "exists.pt",
+        ],
+        "--force",
+    ),
+]
 
 
 @pytest.mark.parametrize("case, argv, expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_status_2_and_changes_nothing(files, capsys, case, argv, expected):
     argv = argv(files)
-    watched = [files["run"], files["bad"], files["other"]] + [
-        files["root"] / f"o{i}" for i in range(1, 7)
-    ]
+    watched = [files["run"], files["bad"], files["other"]] + [files["root"] / f"o{i}" for i in range(1, 7)]
     before = snapshot(*watched)
     code, err, _ = run_cli(argv, capsys)
     assert code == 2, (case, err)
@@ -162,7 +286,16 @@ OPENERS = {
     "export": lambda f, c, o: ["export", "--checkpoint", c, "--out", o / "G.safetensors"],
     "train --resume FILE": lambda f, c, o: ["train", "--resume", c, "--out", o, "--steps", "3", *RUNTIME],
     "train --comparator-weights": lambda f, c, o: [
-        "train", *RUN, "--comparator", "alexnet:conv2", "--comparator-weights", c, "--out", o, "--steps", "1",
+        "train",
+        *RUN,
+        "--comparator",
+        "alexnet:conv2",
+        "--comparator-weights",
+        c,
+        "--out",
+        o,
+        "--steps",
+        "1",
         *RUNTIME,
     ],
 }
@@ -188,7 +321,9 @@ def test_train_resume_auto_does_not_run_a_pickle_in_the_folder(files, capsys, tm
     marker = tmp_path / "ran"
     _, summed, _ = _evil_files(files["run"], tmp_path, marker)
     before = snapshot(summed.parent)
-    code, err, _ = run_cli(["train", "--resume", "auto", "--out", summed.parent, "--steps", "3", *RUNTIME], capsys)
+    code, err, _ = run_cli(
+        ["train", "--resume", "auto", "--out", summed.parent, "--steps", "3", *RUNTIME], capsys
+    )
     assert not marker.exists() and code == 2 and len(err) == 1 and "--trust-checkpoint" in err[0], err
     assert snapshot(summed.parent) == before
 
@@ -197,13 +332,17 @@ def test_trust_checkpoint_opens_it_and_its_code_runs(files, capsys, tmp_path):
     """The control for the tests above: the marker is how a run of the pickle's code shows."""
     marker = tmp_path / "ran"
     plain, _, _ = _evil_files(files["run"], tmp_path, marker)
-    code, err, _ = run_cli(["reconstruct", "--checkpoint", plain, files["image"], "--out", tmp_path / "o",
-                            "--trust-checkpoint"], capsys)  # fmt: skip
+    code, err, _ = run_cli(
+        ["reconstruct", "--checkpoint", plain, files["image"], "--out", tmp_path / "o", "--trust-checkpoint"],
+        capsys,
+    )
     assert marker.exists()
     assert code == 2 and len([line for line in err if "error" in line]) == 1  # not a generator: refused after
 
 
-def test_resume_auto_reads_an_older_checkpoint_once_safely_and_continues(files, capsys, tmp_path, monkeypatch):
+def test_resume_auto_reads_an_older_checkpoint_once_safely_and_continues(
+    files, capsys, tmp_path, monkeypatch
+):
     """A checkpoint as older code wrote it (plain torch.save, no checksum, NumPy's RNG state as an array) is
     read with weights_only, once (not again to learn its step when it is rotated), and the run continues."""
     run = tmp_path / "run"
@@ -222,21 +361,39 @@ def test_resume_auto_reads_an_older_checkpoint_once_safely_and_continues(files, 
         return real_load(f, *args, **kwargs)
 
     monkeypatch.setattr(torch, "load", counting_load)
-    code, err, _ = run_cli(["train", "--resume", "auto", "--out", run, "--steps", "3", "--keep-checkpoints", "2",
-                            *RUNTIME], capsys)  # fmt: skip
+    code, err, _ = run_cli(
+        ["train", "--resume", "auto", "--out", run, "--steps", "3", "--keep-checkpoints", "2", *RUNTIME],
+        capsys,
+    )
     assert code == 0, err
     opened = [c for c in calls if c[0] == str(run / "checkpoint.pt")]
     assert opened == [(str(run / "checkpoint.pt"), True)], calls
     assert any("has no checksum" in line for line in err)
-    assert sorted(p.name for p in run.glob("checkpoint*.pt")) == ["checkpoint.pt", "checkpoint.step0000002.pt"]
+    assert sorted(p.name for p in run.glob("checkpoint*.pt")) == [
+        "checkpoint.pt",
+        "checkpoint.step0000002.pt",
+    ]
     assert load_checkpoint(run)["step"] == 3
 
 
 def test_a_preset_given_on_resume_is_a_warning_and_the_checkpoint_wins(files, capsys, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(files["run"], run)
-    code, err, _ = run_cli(["train", "--preset", "autoencoder-stl10-se", "--resume", "auto", "--out", run,
-                            "--steps", "3", *RUNTIME], capsys)  # fmt: skip
+    code, err, _ = run_cli(
+        [
+            "train",
+            "--preset",
+            "autoencoder-stl10-se",
+            "--resume",
+            "auto",
+            "--out",
+            run,
+            "--steps",
+            "3",
+            *RUNTIME,
+        ],
+        capsys,
+    )
     assert code == 0, err
     warning = [line for line in err if "warning: --preset autoencoder-stl10-se" in line]
     assert len(warning) == 1 and "preset autoencoder-photos" in warning[0], err
@@ -246,8 +403,10 @@ def test_a_preset_given_on_resume_is_a_warning_and_the_checkpoint_wins(files, ca
 def test_force_replaces_the_file_that_import_caffe_and_export_refuse(files, capsys, tmp_path):
     target = tmp_path / "fc6.pt"
     target.write_bytes(b"an earlier import")
-    code, err, _ = run_cli(["import-caffe", files["bad"] / "fc6.caffemodel", "--layer", "fc6", "--out", target,
-                            "--force"], capsys)  # fmt: skip
+    code, err, _ = run_cli(
+        ["import-caffe", files["bad"] / "fc6.caffemodel", "--layer", "fc6", "--out", target, "--force"],
+        capsys,
+    )
     assert code == 0 and load_checkpoint(target)["config"]["invert_layer"] == "fc6", err
     export = tmp_path / "G.safetensors"
     export.write_bytes(b"an earlier export")

@@ -1,7 +1,7 @@
-"""Property-based fuzzing of the files deepsim opens: valid checkpoints (checksummed, and plain torch.save with
-no checksum, which the unpickler meets directly) and safetensors exports, with bytes flipped, the file cut short
-and length fields inflated. Only deepsim's own errors come out, each example within a time bound, and memory
-stays bounded. A small budget runs by default; ``-m fuzz`` runs a larger one."""
+"""Property-based fuzzing of the files deepsim opens: valid checkpoints (checksummed, and plain torch.save
+with no checksum, which the unpickler meets directly) and safetensors exports, with bytes flipped, the file
+cut short and length fields inflated. Only deepsim's own errors come out, each example within a time bound,
+and memory stays bounded. A small budget runs by default; ``-m fuzz`` runs a larger one."""
 
 from __future__ import annotations
 
@@ -28,10 +28,21 @@ MEMORY_GROWTH_BYTES = 1 << 30  # peak RSS may grow at most this much over a whol
 
 def _payload() -> dict:
     torch.manual_seed(0)
-    generator = {"enc.weight": torch.randn(8, 3, 3, 3), "enc.bias": torch.randn(8), "dec.weight": torch.randn(8, 3, 4, 4)}
-    opt = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(8)}}, "param_groups": [{"lr": 2e-4, "params": [0]}]}
-    return {"config": TrainConfig().to_dict(), "step": 3, "trainer": {"generator": generator, "opt_g": opt},
-            "rng": rng_state()}  # fmt: skip
+    generator = {
+        "enc.weight": torch.randn(8, 3, 3, 3),
+        "enc.bias": torch.randn(8),
+        "dec.weight": torch.randn(8, 3, 4, 4),
+    }
+    opt = {
+        "state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.randn(8)}},
+        "param_groups": [{"lr": 2e-4, "params": [0]}],
+    }
+    return {
+        "config": TrainConfig().to_dict(),
+        "step": 3,
+        "trainer": {"generator": generator, "opt_g": opt},
+        "rng": rng_state(),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +51,9 @@ def originals(tmp_path_factory):
     payload = _payload()
     save_checkpoint(root / "summed.pt", payload)
     torch.save(payload, root / "plain.pt")
-    write_safetensors(root / "export.safetensors", payload, provenance={"preset": "x", "step": 3, "commit": None})
+    write_safetensors(
+        root / "export.safetensors", payload, provenance={"preset": "x", "step": 3, "commit": None}
+    )
     return {name: (root / name).read_bytes() for name in ("summed.pt", "plain.pt", "export.safetensors")}
 
 
@@ -68,7 +81,9 @@ def mutations(draw, data: bytes, name: str):
     """A mutation as a short description (kind, details); :func:`apply` makes the bytes."""
     kind = draw(st.sampled_from(["flip", "truncate", "inflate"]))
     if kind == "flip":
-        flips = draw(st.lists(st.tuples(st.integers(0, len(data) - 1), st.integers(1, 255)), min_size=1, max_size=8))
+        flips = draw(
+            st.lists(st.tuples(st.integers(0, len(data) - 1), st.integers(1, 255)), min_size=1, max_size=8)
+        )
         return kind, flips
     if kind == "truncate":
         return kind, draw(st.integers(0, len(data) - 1))
@@ -105,17 +120,25 @@ def _open_all(path, timed: bool = True) -> None:
             pass
         except ValueError as error:  # deepsim.load_generator builds a generator from what it read
             assert "generator" in str(error) or "expected" in str(error), repr(error)
-        assert not timed or time.perf_counter() - started < SECONDS_PER_FILE, f"{opener.__name__} took too long"
+        assert not timed or time.perf_counter() - started < SECONDS_PER_FILE, (
+            f"{opener.__name__} took too long"
+        )
 
 
 def _fuzz(originals, tmp_path, name: str, examples: int) -> None:
     data = originals[name]
     (tmp_path / name).write_bytes(data)
-    _open_all(tmp_path / name, timed=False)  # the unmutated file once: imports and first-call costs are not timed below
+    _open_all(
+        tmp_path / name, timed=False
+    )  # the unmutated file once: imports and first-call costs are not timed below
     start_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
-    @settings(max_examples=examples, deadline=None, database=None,
-              suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])  # fmt: skip
+    @settings(
+        max_examples=examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
     @given(mutations(data, name))
     def check(mutation):
         path = tmp_path / name

@@ -1,5 +1,6 @@
 """Helpers for the tests that run real training processes: tiny-run flags, the subprocess environment, free
-ports, the "Training at scale" commands (docs/scale.md), polling an output folder, and comparing two checkpoints bit for bit.
+ports, the "Training at scale" commands (docs/scale.md), polling an output folder, and comparing two
+checkpoints bit for bit.
 
 Import as ``from tests.training_runs import ...`` (tests/conftest.py puts the repository root on sys.path).
 """
@@ -23,11 +24,25 @@ from deepsim.train.checkpoint import read_footer
 ROOT = Path(__file__).resolve().parents[1]
 SCALE_DOC = ROOT / "docs" / "scale.md"  # the README's "Training at scale" links here for the commands
 
-# A run small enough for a loaded 2-core machine: 32x32 crops of the bundled photos, batch 4, conv2 comparator.
+# A run small enough for a loaded 2-core machine: 32x32 crops of the bundled photos, batch 4, conv2
+# comparator.
 TINY_TRAIN_FLAGS = [
-    "--preset", "autoencoder-photos", "--data", "photos", "--comparator", "alexnet-random:conv2",
-    "--batch-size", "4", "--image-size", "40", "--sample-every", "1000", "--device", "cpu", "--no-progress",
-]  # fmt: skip
+    "--preset",
+    "autoencoder-photos",
+    "--data",
+    "photos",
+    "--comparator",
+    "alexnet-random:conv2",
+    "--batch-size",
+    "4",
+    "--image-size",
+    "40",
+    "--sample-every",
+    "1000",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
@@ -75,14 +90,15 @@ def replace_flag(argv: list[str], flag: str, value: str) -> list[str]:
 
 
 def torchrun(argv: list[str]) -> list[str]:
-    """A docs/scale.md ``torchrun ...`` command as this interpreter runs it (``python -m torch.distributed.run``)."""
+    """A docs/scale.md ``torchrun ...`` command as this interpreter runs it (``python -m
+    torch.distributed.run``)."""
     assert argv[0] == "torchrun", argv
     return [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
 
 
 def train_args_after(argv: list[str], tiny: list[str]) -> list[str]:
-    """``argv`` up to ``-m deepsim.cli train``, then ``--resume auto`` (which the docs/scale.md commands use) and
-    ``tiny`` in place of the command's preset, data and output flags."""
+    """``argv`` up to ``-m deepsim.cli train``, then ``--resume auto`` (which the docs/scale.md commands use)
+    and ``tiny`` in place of the command's preset, data and output flags."""
     cut = argv.index("train") + 1
     assert argv[cut - 3 : cut] == ["-m", "deepsim.cli", "train"], argv
     assert argv[-2:] == ["--resume", "auto"], "the docs/scale.md commands resume with --resume auto"
@@ -123,7 +139,9 @@ def wait_for(condition, timeout_s: float, what: str, processes=(), interval_s: f
             return value
         for process in processes:
             if process.poll() is not None:
-                raise AssertionError(f"process {process.args[:6]} exited ({process.returncode}) before {what}")
+                raise AssertionError(
+                    f"process {process.args[:6]} exited ({process.returncode}) before {what}"
+                )
         time.sleep(interval_s)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 

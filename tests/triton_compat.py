@@ -44,5 +44,7 @@ def fix_interpreter_scalar_index() -> str | None:
         scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
 
     interpreter._patch_lang_tensor = patched
-    return (f"triton {triton.__version__} interpreter: scalar __index__ fixed for numpy {np.__version__} "
-            "(tests/triton_compat.py)")  # fmt: skip
+    return (
+        f"triton {triton.__version__} interpreter: scalar __index__ fixed for numpy {np.__version__} "
+        "(tests/triton_compat.py)"
+    )

@@ -1,7 +1,8 @@
 """Subcommands of ``deepsim`` for the VAE, the inversion and the evaluation (registered by deepsim.cli):
 
     deepsim invert --checkpoint C IMAGE... --out DIR                      input | reconstruction PNGs
-    deepsim sample-preimages --checkpoint C IMAGE... --samples S --out DIR  S pre-images per image + diversity.json
+    deepsim sample-preimages --checkpoint C IMAGE... --samples S --out DIR  S pre-images per image
+                                                                          + diversity.json
     deepsim sample-vae --checkpoint C --out F.png [--samples 64]           decoded samples from the prior
     deepsim eval --checkpoint C [C...] --data PATH [--split test] [--out DIR]  normalized error (+ STL-10 SVM)
 
@@ -17,20 +18,22 @@ __all__ = ["add_subcommands", "add_download_weights_flag", "add_trust_flag", "HA
 
 
 def add_download_weights_flag(parser) -> None:
-    """``--download-weights`` (train, invert, sample-preimages, eval): fetch missing torchvision weights (AlexNet,
-    VGG16) into torch's cache; :func:`deepsim.cli.main` runs the command inside
+    """``--download-weights`` (train, invert, sample-preimages, eval): fetch missing torchvision weights
+    (AlexNet, VGG16) into torch's cache; :func:`deepsim.cli.main` runs the command inside
     :func:`deepsim.comparators.allow_weight_downloads` when it is given."""
     parser.add_argument(
-        "--download-weights", action="store_true",
-        help="fetch torchvision's AlexNet / VGG16 weights into torch's cache when a comparator or the inverted "
-        "network needs them and they are missing (needs internet; SHA-256 checked)",
+        "--download-weights",
+        action="store_true",
+        help="fetch torchvision's AlexNet / VGG16 weights into torch's cache when a comparator or the "
+        "inverted network needs them and they are missing (needs internet; SHA-256 checked)",
     )
 
 
 def add_trust_flag(parser) -> None:
     """``--trust-checkpoint``, for every command that opens a checkpoint."""
     parser.add_argument(
-        "--trust-checkpoint", action="store_true",
+        "--trust-checkpoint",
+        action="store_true",
         help="open a checkpoint whose pickle needs more than tensors (a file from an older version, or from "
         "elsewhere): unpickling it can run any code it holds, so only for files whose origin you trust",
     )
@@ -38,6 +41,14 @@ def add_trust_flag(parser) -> None:
 
 def add_subcommands(sub) -> None:
     """Add the four subcommands to the ``deepsim`` argument parser's subparsers."""
+    _add_invert_parser(sub)
+    _add_sample_preimages_parser(sub)
+    _add_sample_vae_parser(sub)
+    _add_eval_parser(sub)
+
+
+def _add_invert_parser(sub) -> None:
+    """Add ``deepsim invert`` to the subparsers ``sub``."""
     p = sub.add_parser(
         "invert", help="reconstruct images from their AlexNet features with an 'invert' checkpoint"
     )
@@ -50,6 +61,9 @@ def add_subcommands(sub) -> None:
     add_download_weights_flag(p)
     add_trust_flag(p)
 
+
+def _add_sample_preimages_parser(sub) -> None:
+    """Add ``deepsim sample-preimages`` to the subparsers ``sub``."""
     p = sub.add_parser(
         "sample-preimages",
         help="sample pre-images of AlexNet features (noise injected beside them, --noise-dim)",
@@ -67,6 +81,9 @@ def add_subcommands(sub) -> None:
     add_download_weights_flag(p)
     add_trust_flag(p)
 
+
+def _add_sample_vae_parser(sub) -> None:
+    """Add ``deepsim sample-vae`` to the subparsers ``sub``."""
     p = sub.add_parser(
         "sample-vae", help="decode samples from the prior N(0, I) of a trained VAE into a PNG grid"
     )
@@ -80,13 +97,17 @@ def add_subcommands(sub) -> None:
     p.add_argument("--device", default="auto")
     add_trust_flag(p)
 
+
+def _add_eval_parser(sub) -> None:
+    """Add ``deepsim eval`` to the subparsers ``sub``."""
     p = sub.add_parser(
         "eval",
-        help="normalized reconstruction error on a test set (+ linear SVM on STL-10 codes); Markdown + JSON tables",
-        description="Evaluate checkpoints: the normalized Euclidean error mean ||G(x) - y|| / N (N = mean distance "
-        "over all test pairs); for several inversion checkpoints, a table per layer; for autoencoder (and VAE) "
-        "checkpoints on an STL-10 folder with labels and fold_indices.txt, a linear SVM on the codes trained on "
-        "each of the 10 training folds and tested on the test set.",
+        help="normalized reconstruction error on a test set (+ linear SVM on STL-10 codes); "
+        "Markdown + JSON tables",
+        description="Evaluate checkpoints: the normalized Euclidean error mean ||G(x) - y|| / N (N = mean "
+        "distance over all test pairs); for several inversion checkpoints, a table per layer; for "
+        "autoencoder (and VAE) checkpoints on an STL-10 folder with labels and fold_indices.txt, a linear "
+        "SVM on the codes trained on each of the 10 training folds and tested on the test set.",
     )
     p.add_argument(
         "--checkpoint", required=True, nargs="+", type=Path, help="one or more checkpoint.pt files"

@@ -49,7 +49,10 @@ def build_generator(config: TrainConfig) -> nn.Module:
         )
     if config.task == "vae":
         return VariationalAutoencoder(
-            config.image_size, config.latent_dim, config.fc_width, upconv_bias=config.upconv_bias,
+            config.image_size,
+            config.latent_dim,
+            config.fc_width,
+            upconv_bias=config.upconv_bias,
             init=config.gen_init,
         )
     if config.task == "autoencoder":
@@ -105,7 +108,9 @@ def model_from_payload(
         generator.load_state_dict(payload["trainer"]["generator"])
     except (RuntimeError, TypeError) as error:
         lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-        raise CheckpointError(f"{source} does not fit the {config.task!r} generator: {' '.join(lines[:3])}") from None
+        raise CheckpointError(
+            f"{source} does not fit the {config.task!r} generator: {' '.join(lines[:3])}"
+        ) from None
     model = Inverter(build_extractor(config), generator) if config.task == "invert" else generator
     return model.to(device).eval(), config
 

@@ -38,24 +38,34 @@ def add_subcommand(sub) -> None:
     )
     p.add_argument("caffemodel", type=Path, metavar="MODEL.caffemodel")
     p.add_argument(
-        "--layer", required=True, choices=IMPORT_LAYERS,
+        "--layer",
+        required=True,
+        choices=IMPORT_LAYERS,
         help="the inverted CaffeNet layer of a generator (conv5 = pool5), or 'caffenet' for BVLC's CaffeNet",
-    )  # fmt: skip
+    )
     p.add_argument("--out", required=True, type=Path, help="the file to write (e.g. fc6.pt)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.add_argument(
-        "--invert-network-weights", type=Path, default=None, metavar="CAFFENET.pt",
+        "--invert-network-weights",
+        type=Path,
+        default=None,
+        metavar="CAFFENET.pt",
         help="generators: the imported CaffeNet (import-caffe --layer caffenet) that deepsim invert feeds "
         "the generator from (Phi)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--mean-bgr", type=_mean, default=CAFFE_MEAN_BGR, metavar="B,G,R",
+        "--mean-bgr",
+        type=_mean,
+        default=CAFFE_MEAN_BGR,
+        metavar="B,G,R",
         help="generators: the per-channel mean the Caffe output is relative to (default: %(default)s)",
-    )  # fmt: skip
+    )
     p.add_argument(
-        "--up-to", default="fc8", choices=CAFFENET_LAYERS,
+        "--up-to",
+        default="fc8",
+        choices=CAFFENET_LAYERS,
         help="caffenet: import conv1 up to this layer (conv5 suffices for pool5 taps; default: %(default)s)",
-    )  # fmt: skip
+    )
 
 
 def run_import_caffe(args) -> int:
@@ -74,8 +84,10 @@ def run_import_caffe(args) -> int:
         f"{args.caffemodel} ({result.format} format, {result.layers} layers): {what}{width} -> {result.out}"
     )
     if result.layer == "caffenet":
-        print(f"use: --comparator caffenet:pool5 --comparator-weights {result.out}, or "
-              f"--invert-network caffenet --invert-network-weights {result.out}")  # fmt: skip
+        print(
+            f"use: --comparator caffenet:pool5 --comparator-weights {result.out}, or "
+            f"--invert-network caffenet --invert-network-weights {result.out}"
+        )
     elif result.invert_network_weights:
         print(f"use: deepsim invert --checkpoint {result.out} IMAGE... --out DIR")
     else:

@@ -60,9 +60,15 @@ UP_STACK = ("deconv5", "conv5_1", "deconv4", "conv4_1", "deconv3", "conv3_1", "d
 # BVLC's bvlc_reference_caffenet: weight blob shapes (Caffe's layout = our comparator's) and conv geometry.
 CAFFENET_LAYERS = ("conv1", "conv2", "conv3", "conv4", "conv5", "fc6", "fc7", "fc8")
 CAFFENET_WEIGHT_SHAPES = {
-    "conv1": (96, 3, 11, 11), "conv2": (256, 48, 5, 5), "conv3": (384, 256, 3, 3), "conv4": (384, 192, 3, 3),
-    "conv5": (256, 192, 3, 3), "fc6": (4096, 9216), "fc7": (4096, 4096), "fc8": (1000, 4096),
-}  # fmt: skip
+    "conv1": (96, 3, 11, 11),
+    "conv2": (256, 48, 5, 5),
+    "conv3": (384, 256, 3, 3),
+    "conv4": (384, 192, 3, 3),
+    "conv5": (256, 192, 3, 3),
+    "fc6": (4096, 9216),
+    "fc7": (4096, 4096),
+    "fc8": (1000, 4096),
+}
 _CAFFENET_CONV = {  # kernel, stride, pad, group
     "conv1": (11, 4, 0, 1),
     "conv2": (5, 1, 2, 2),
@@ -141,14 +147,30 @@ def _convert(model: CaffeModel, layer: CaffeLayer, module: nn.Module):
         if layer.type != "Deconvolution":
             raise _fail(model, layer, f"expected a Deconvolution layer for our {module}")
         stored = tuple(module.weight.shape)  # (in, out, k, k): Caffe's Deconvolution layout too
-        _check_geometry(model, layer, kernel=module.kernel_size, stride=module.stride, pad=module.padding,
-                        group=1, num_output=stored[1], target=f"our {module}")  # fmt: skip
+        _check_geometry(
+            model,
+            layer,
+            kernel=module.kernel_size,
+            stride=module.stride,
+            pad=module.padding,
+            group=1,
+            num_output=stored[1],
+            target=f"our {module}",
+        )
         return _blobs(model, layer, stored, "(Deconvolution: in, out, kh, kw)", stored[1])
     if isinstance(module, nn.Conv2d):
         out_c, in_c, kh, kw = module.weight.shape
         if layer.type == "Convolution":
-            _check_geometry(model, layer, kernel=(kh, kw), stride=module.stride, pad=module.padding,
-                            group=module.groups, num_output=out_c, target=f"our {module}")  # fmt: skip
+            _check_geometry(
+                model,
+                layer,
+                kernel=(kh, kw),
+                stride=module.stride,
+                pad=module.padding,
+                group=module.groups,
+                num_output=out_c,
+                target=f"our {module}",
+            )
             return _blobs(model, layer, (out_c, in_c, kh, kw), "(Convolution: out, in/group, kh, kw)", out_c)
         if layer.type == "Deconvolution" and module.stride == (1, 1) and module.groups == 1:
             ph, pw = module.padding

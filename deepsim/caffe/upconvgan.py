@@ -94,15 +94,7 @@ def generator_from_upconvgan(
     """
     keys = normalize_upconvgan_keys(state)
     if layer is None:
-        if "Rconv6.weight" in keys:
-            layer = "pool5"
-        else:
-            first = keys.get("defc7.weight")
-            layer = (
-                "fc8"
-                if isinstance(first, torch.Tensor) and first.ndim == 2 and first.shape[1] == 1000
-                else "fc6"
-            )
+        layer = _guess_layer(keys)
     if layer not in UPCONVGAN_LAYERS:
         raise ValueError(f"upconvGAN layer {layer!r}: expected one of {', '.join(UPCONVGAN_LAYERS)}")
     ours = UPCONVGAN_LAYERS[layer]
@@ -124,28 +116,38 @@ def generator_from_upconvgan(
     last = len(modules) - 1
     with torch.no_grad():
         for i, (name, module) in enumerate(zip(head_names + UP_STACK, modules)):
-            ours_w = tuple(module.weight.shape)
-            stride1_deconv = (
-                isinstance(module, nn.Conv2d)
-                and not isinstance(module, nn.ConvTranspose2d)
-                and name in UP_STACK
-            )
-            theirs_w = (ours_w[1], ours_w[0], *ours_w[2:]) if stride1_deconv else ours_w
-            weight = _tensor(keys, f"{name}.weight", theirs_w, source)
-            out_channels = (
-                theirs_w[1] if isinstance(module, nn.ConvTranspose2d) or stride1_deconv else theirs_w[0]
-            )
-            bias = _tensor(keys, f"{name}.bias", (out_channels,), source) if f"{name}.bias" in keys else None
-            if stride1_deconv:  # transposed conv, stride 1, padding 1 == conv with W^T flipped, padding 1
-                weight = weight.transpose(0, 1).flip(2, 3)
-            if i == last:
-                w, b = fold_output_convention(
-                    weight.numpy(), None if bias is None else bias.numpy(), mean_bgr=mean_bgr
-                )
-                weight, bias = torch.from_numpy(w), torch.from_numpy(b)
-            module.weight.copy_(weight)
-            module.bias.copy_(bias if bias is not None else torch.zeros_like(module.bias))
+            _load_layer(module, name, keys, source, mean_bgr, output=i == last)
     return generator.eval()
+
+
+def _guess_layer(keys: dict) -> str:
+    """pool5 if the dict has Rconv6, fc8 if defc7 takes 1000 inputs, else fc6."""
+    if "Rconv6.weight" in keys:
+        return "pool5"
+    first = keys.get("defc7.weight")
+    return "fc8" if isinstance(first, torch.Tensor) and first.ndim == 2 and first.shape[1] == 1000 else "fc6"
+
+
+def _load_layer(module: nn.Module, name: str, keys: dict, source: str, mean_bgr, *, output: bool) -> None:
+    """Copy their ``name`` weight and bias into ``module``; the ``output`` layer's also take our output
+    convention (from ``mean_bgr``)."""
+    ours_w = tuple(module.weight.shape)
+    stride1_deconv = (
+        isinstance(module, nn.Conv2d) and not isinstance(module, nn.ConvTranspose2d) and name in UP_STACK
+    )
+    theirs_w = (ours_w[1], ours_w[0], *ours_w[2:]) if stride1_deconv else ours_w
+    weight = _tensor(keys, f"{name}.weight", theirs_w, source)
+    out_channels = theirs_w[1] if isinstance(module, nn.ConvTranspose2d) or stride1_deconv else theirs_w[0]
+    bias = _tensor(keys, f"{name}.bias", (out_channels,), source) if f"{name}.bias" in keys else None
+    if stride1_deconv:  # transposed conv, stride 1, padding 1 == conv with W^T flipped, padding 1
+        weight = weight.transpose(0, 1).flip(2, 3)
+    if output:
+        w, b = fold_output_convention(
+            weight.numpy(), None if bias is None else bias.numpy(), mean_bgr=mean_bgr
+        )
+        weight, bias = torch.from_numpy(w), torch.from_numpy(b)
+    module.weight.copy_(weight)
+    module.bias.copy_(bias if bias is not None else torch.zeros_like(module.bias))
 
 
 def upconvgan_reference_output(images_bgr_minus_mean: torch.Tensor, mean_bgr=CAFFE_MEAN_BGR) -> torch.Tensor:

@@ -44,7 +44,8 @@ class CheckReport:
         too_large: (path, pixels) of images over ``max_image_pixels`` (not decoded; a bad image for
             ``on_bad``).
         upscaled: (path, (width, height)) of images smaller than ``min_size`` that the loader resizes up
-            first (``resize`` given: the shorter side goes to ``resize`` before the crop); usable, but blurred.
+            first (``resize`` given: the shorter side goes to ``resize`` before the crop); usable, but
+            blurred.
         grayscale, cmyk, alpha: images that decode but are converted to RGB by the loader.
         non_image: files that are not images (ignored by the loader).
         min_size: the size threshold used.
@@ -117,7 +118,8 @@ def check_images(
             use 227 for inversion without resizing).
         num_threads: decoder threads (default: min(8, cpu count)).
         max_image_pixels: images whose header declares more pixels are reported in ``too_large``, not decoded.
-        resize: the training preprocessing resizes the shorter side to this before the crop (the inversion: 256);
+        resize: the training preprocessing resizes the shorter side to this before the crop (the inversion:
+        256);
             images smaller than ``min_size`` are then reported in ``upscaled`` (usable), not ``too_small``.
 
     Returns:
@@ -214,8 +216,8 @@ def format_report(report: CheckReport, *, max_listed: int = 20) -> str:
         (
             "upscaled",
             [f"{p} ({w}x{h})" for p, (w, h) in report.upscaled],
-            f"smaller than {report.min_size}x{report.min_size}, resized up to {report.resize} before the crop "
-            "(usable, blurred)",
+            f"smaller than {report.min_size}x{report.min_size}, resized up to {report.resize} before the "
+            "crop (usable, blurred)",
         ),
         ("grayscale", report.grayscale, "converted to RGB"),
         ("cmyk", report.cmyk, "converted to RGB"),

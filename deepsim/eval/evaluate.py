@@ -174,21 +174,7 @@ def evaluate_checkpoint(
     model, config = model_from_payload(payload, device, f"checkpoint {checkpoint}")
     step = int(payload["step"])
     del payload
-    if config.task == "invert":
-        size, mode, reconstruct, encode = config.image_size, "resize-center", model.reconstruct, None
-    elif config.task == "vae":
-        size, mode = (
-            config.image_size,
-            "resize-center" if config.image_size == 227 else "center",
-        )  # as trained
-
-        def reconstruct(x):
-            return model(x)[0]  # eval mode: z = mu
-
-        def encode(x):
-            return model.encode(x)[0]
-    else:
-        size, mode, reconstruct, encode = crop_size or config.image_size, "center", model, model.encode
+    size, mode, reconstruct, encode = _task_functions(model, config, crop_size)
     batches = iterate_eval(
         data,
         batch_size=batch_size,
@@ -197,12 +183,9 @@ def evaluate_checkpoint(
         mode=mode,
         split=_default_split(data, split),
     )
-    metric, lpips_note = _lpips_metric(device, lpips_backbone_weights) if lpips else (None, "not asked for")
-    if metric is not None and size < metric.comparator.min_side:
-        metric, lpips_note = (
-            None,
-            f"{size}x{size} test images are below its minimum side {metric.comparator.min_side}",
-        )
+    metric, lpips_note = (
+        _usable_lpips(device, lpips_backbone_weights, size) if lpips else (None, "not asked for")
+    )
     row = {
         "task": config.task,
         "layer": config.invert_layer if config.task == "invert" else None,
@@ -220,19 +203,49 @@ def evaluate_checkpoint(
         result = stl10_svm_accuracy(
             encode, data, crop_size=crop, batch_size=batch_size, device=device, C=svm_C
         )
-        svm_row = {
-            "task": config.task,
-            "loss": config.loss,
-            "comparator": config.comparator if config.loss == "deepsim" else None,
-            "feature_dim": result.feature_dim,
-            "accuracy_mean": result.mean,
-            "accuracy_std": result.std,
-            "folds": len(result.fold_accuracies),
-            "fold_accuracies": result.fold_accuracies,
-            "C": result.C,
-            "checkpoint": str(checkpoint),
-        }
+        svm_row = _svm_row(config, result, checkpoint)
     return {"reconstruction": row, "svm": svm_row}
+
+
+def _task_functions(model, config, crop_size: int | None):
+    """(test image side, crop mode, x -> reconstruction, x -> code or None) of the run's task."""
+    if config.task == "invert":
+        return config.image_size, "resize-center", model.reconstruct, None
+    if config.task == "vae":
+        mode = "resize-center" if config.image_size == 227 else "center"  # as trained
+
+        def reconstruct(x):
+            return model(x)[0]  # eval mode: z = mu
+
+        def encode(x):
+            return model.encode(x)[0]
+
+        return config.image_size, mode, reconstruct, encode
+    return crop_size or config.image_size, "center", model, model.encode
+
+
+def _usable_lpips(device, backbone_weights, size: int) -> tuple[torch.nn.Module | None, str | None]:
+    """:func:`_lpips_metric`, or (None, why not) when ``size`` is below its comparator's minimum side."""
+    metric, note = _lpips_metric(device, backbone_weights)
+    if metric is not None and size < metric.comparator.min_side:
+        return None, f"{size}x{size} test images are below its minimum side {metric.comparator.min_side}"
+    return metric, note
+
+
+def _svm_row(config, result, checkpoint) -> dict:
+    """The SVM table's row of one checkpoint's :func:`stl10_svm_accuracy` result."""
+    return {
+        "task": config.task,
+        "loss": config.loss,
+        "comparator": config.comparator if config.loss == "deepsim" else None,
+        "feature_dim": result.feature_dim,
+        "accuracy_mean": result.mean,
+        "accuracy_std": result.std,
+        "folds": len(result.fold_accuracies),
+        "fold_accuracies": result.fold_accuracies,
+        "C": result.C,
+        "checkpoint": str(checkpoint),
+    }
 
 
 def _lpips_metric(device, backbone_weights) -> tuple[torch.nn.Module | None, str | None]:

@@ -144,8 +144,15 @@ def resolve_runtime(
             "or pass --no-tensorboard"
         )
     rules = _rules(
-        config, device, where, capability, world=world, tensorboard_installed=tensorboard_installed,
-        kind=kind, resident_fits=resident_fits, dali_available=dali_available,
+        config,
+        device,
+        where,
+        capability,
+        world=world,
+        tensorboard_installed=tensorboard_installed,
+        kind=kind,
+        resident_fits=resident_fits,
+        dali_available=dali_available,
     )
     chosen: dict = {}
     reasons: list[str] = []
@@ -170,7 +177,8 @@ def _rules(
     resident_fits,
     dali_available,
 ) -> dict:
-    """field -> () -> (value, why): the ``auto`` choice of each runtime field (called only for an ``auto`` one)."""
+    """field -> () -> (value, why): the ``auto`` choice of each runtime field (called only for an ``auto``
+    one)."""
     cuda = device.type == "cuda"
     bf16, tensor_cores = capability >= (8, 0), capability >= (7, 0)
     return {
@@ -258,8 +266,9 @@ def loader_trial(loader: str, device: torch.device | str) -> None:
     with tempfile.TemporaryDirectory(prefix="deepsim-loader-trial-") as folder:
         pixels = np.linspace(0, 255, 24 * 24 * 3).reshape(24, 24, 3).astype(np.uint8)
         Image.fromarray(pixels).save(Path(folder) / "trial.jpg", quality=90)
-        stream = deepsim.data.build_loader(folder, loader=loader, batch_size=1, crop_size=16, mode="center", device=device,
-                              num_workers=1)  # fmt: skip
+        stream = deepsim.data.build_loader(
+            folder, loader=loader, batch_size=1, crop_size=16, mode="center", device=device, num_workers=1
+        )
         try:
             batch = next(stream)
             if torch.device(device).type == "cuda":

@@ -111,10 +111,14 @@ class UnsafeCheckpointError(CheckpointError):
 
     def __init__(self, path: Path, needs: list[str]):
         self.path, self.needs = Path(path), needs
-        what = ", ".join(needs[:4]) + (", ..." if len(needs) > 4 else "") if needs else "objects other than tensors"
+        what = (
+            ", ".join(needs[:4]) + (", ..." if len(needs) > 4 else "")
+            if needs
+            else "objects other than tensors"
+        )
         super().__init__(
-            f"{path} was not opened: its pickle needs {what}, which could run code when unpickled; open it only "
-            "if you trust where it came from, with --trust-checkpoint (library: trust=True)"
+            f"{path} was not opened: its pickle needs {what}, which could run code when unpickled; open it "
+            "only if you trust where it came from, with --trust-checkpoint (library: trust=True)"
         )
 
 
@@ -133,7 +137,13 @@ def rng_state() -> dict:
     """Every RNG a run draws from: Python, NumPy, torch CPU and (when present) CUDA, as tensors, numbers,
     strings and tuples only (what ``torch.load(weights_only=True)`` reads)."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()
-    numpy_state = (str(kind), torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    numpy_state = (
+        str(kind),
+        torch.from_numpy(keys.astype(np.int64)),
+        int(pos),
+        int(has_gauss),
+        float(cached),
+    )
     state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -241,7 +251,11 @@ def _previous_state(path: Path) -> str:
 def _write_error(path: Path, error: OSError) -> CheckpointWriteError:
     code = errno.errorcode.get(error.errno, "") if error.errno else ""
     what = f"{error.strerror or error}" + (f" ({code})" if code else "")
-    hint = " Free some space (or choose another --out) and resume." if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""
+    hint = (
+        " Free some space (or choose another --out) and resume."
+        if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        else ""
+    )
     return CheckpointWriteError(f"could not write checkpoint {path}: {what}; {_previous_state(path)}.{hint}")
 
 
@@ -257,7 +271,8 @@ def _step_of(path: Path) -> int | None:
 
 
 def _write_with_checksum(writer: _HashingWriter, payload: dict, step: int, tmp: Path) -> None:
-    """torch.save ``payload`` through ``writer``, then write the checksum footer as the zip comment and fsync."""
+    """torch.save ``payload`` through ``writer``, then write the checksum footer as the zip comment and
+    fsync."""
     handle = writer.handle
     torch.save(payload, writer)
     handle.seek(-_EOCD.size, os.SEEK_END)
@@ -326,7 +341,9 @@ def save_checkpoint(
             try:
                 old.unlink()
             except OSError as error:
-                warnings.warn(f"could not delete old checkpoint {old}: {error}", CheckpointWarning, stacklevel=2)
+                warnings.warn(
+                    f"could not delete old checkpoint {old}: {error}", CheckpointWarning, stacklevel=2
+                )
     return path
 
 
@@ -365,8 +382,8 @@ def trust_checkpoints(trust: bool = True):
 
 
 def _legacy_globals() -> list:
-    """What checkpoints written before :func:`rng_state` stored tensors need beyond weights_only's defaults: the
-    NumPy RNG state's uint32 array (rebuilt from its raw bytes; no code of the file runs)."""
+    """What checkpoints written before :func:`rng_state` stored tensors need beyond weights_only's defaults:
+    the NumPy RNG state's uint32 array (rebuilt from its raw bytes; no code of the file runs)."""
     return [_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
 
 
@@ -376,7 +393,9 @@ def _unsafe_globals(path: Path) -> list[str]:
     allowed = {f"{g.__module__}.{g.__name__}" for g in _legacy_globals()}
     allowed |= {"numpy.core.multiarray._reconstruct", "numpy._core.multiarray._reconstruct"}
     try:
-        return [name for name in torch.serialization.get_unsafe_globals_in_checkpoint(path) if name not in allowed]
+        return [
+            name for name in torch.serialization.get_unsafe_globals_in_checkpoint(path) if name not in allowed
+        ]
     except Exception:  # noqa: BLE001 - not a readable zip/pickle: the caller reports it as corrupt
         return []
 
@@ -406,14 +425,24 @@ def safe_torch_load(path, map_location="cpu", *, trust: bool | None = None, mmap
         if not trust and needs:
             raise UnsafeCheckpointError(path, needs) from None
         if not trust:  # no global to blame: a damaged pickle, or opcodes a weights-only pickle never has
-            raise CorruptCheckpointError(path, f"its pickle cannot be read safely ({_unpickler_reason(error)})") from None
+            raise CorruptCheckpointError(
+                path, f"its pickle cannot be read safely ({_unpickler_reason(error)})"
+            ) from None
     except Exception as error:  # noqa: BLE001 - any other failure to read means the same thing to the user
-        raise CorruptCheckpointError(path, f"it cannot be read ({type(error).__name__}: {_first_line(error)})") from None
-    warnings.warn(f"{path}: fully unpickled (--trust-checkpoint): any code its pickle holds has run", CheckpointWarning, stacklevel=2)
+        raise CorruptCheckpointError(
+            path, f"it cannot be read ({type(error).__name__}: {_first_line(error)})"
+        ) from None
+    warnings.warn(
+        f"{path}: fully unpickled (--trust-checkpoint): any code its pickle holds has run",
+        CheckpointWarning,
+        stacklevel=2,
+    )
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
     except Exception as error:  # noqa: BLE001
-        raise CorruptCheckpointError(path, f"it cannot be read ({type(error).__name__}: {_first_line(error)})") from None
+        raise CorruptCheckpointError(
+            path, f"it cannot be read ({type(error).__name__}: {_first_line(error)})"
+        ) from None
 
 
 def _unpickler_reason(error: BaseException) -> str:
@@ -452,7 +481,9 @@ def _read_verified(path: Path, map_location) -> dict:
     footer = read_footer(path)
     if footer is None:
         if not _plain_zip_end(path):  # not even a complete zip: cut short, or not a checkpoint at all
-            raise CorruptCheckpointError(path, "truncated or not a checkpoint (no zip end record, no checksum)")
+            raise CorruptCheckpointError(
+                path, "truncated or not a checkpoint (no zip end record, no checksum)"
+            )
     else:
         digest = hashlib.sha256()
         with open(path, "rb") as handle:
@@ -462,7 +493,8 @@ def _read_verified(path: Path, map_location) -> dict:
                 remaining -= len(chunk)
         if digest.hexdigest() != footer.sha256:
             raise CorruptCheckpointError(
-                path, "checksum mismatch (the file's SHA-256 differs from the one recorded when it was written)"
+                path,
+                "checksum mismatch (the file's SHA-256 differs from the one recorded when it was written)",
             )
     payload = _unpickle(path, map_location)
     if not isinstance(payload, dict) or "config" not in payload or "step" not in payload:
@@ -477,7 +509,9 @@ def _read_verified(path: Path, map_location) -> dict:
     return payload
 
 
-def load_latest(folder: str | os.PathLike, map_location="cpu") -> tuple[Path, dict, list[tuple[Path, str]]] | None:
+def load_latest(
+    folder: str | os.PathLike, map_location="cpu"
+) -> tuple[Path, dict, list[tuple[Path, str]]] | None:
     """The newest checkpoint in ``folder`` that passes its checksum.
 
     Returns:
@@ -495,7 +529,8 @@ def load_latest(folder: str | os.PathLike, map_location="cpu") -> tuple[Path, di
             skipped.append((candidate, error.reason))
     if skipped:
         raise CorruptCheckpointError(
-            Path(folder), "every checkpoint in it is damaged: " + "; ".join(f"{p.name}: {why}" for p, why in skipped)
+            Path(folder),
+            "every checkpoint in it is damaged: " + "; ".join(f"{p.name}: {why}" for p, why in skipped),
         )
     return None
 
@@ -538,7 +573,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", *, trust: bool 
 
 
 def quarantine(path: str | os.PathLike) -> Path:
-    """Rename a corrupt checkpoint to ``<name>.corrupt`` (kept for inspection, never loaded or counted again)."""
+    """Rename a corrupt checkpoint to ``<name>.corrupt`` (kept for inspection, never loaded or counted
+    again)."""
     path = Path(path)
     target, n = path.with_name(path.name + ".corrupt"), 1
     while target.exists():
@@ -586,9 +622,9 @@ def _refuse_mixing(out: Path, chosen: Path) -> None:
         newest = next(iter(find_checkpoints(out)), None)
         if newest is not None and newest.resolve() != chosen.resolve():
             raise CheckpointError(
-                f"--resume {chosen}: {out} holds a newer checkpoint, {newest.name}, which continuing there would "
-                "rotate away; resume it into a fresh --out (or --resume auto to continue the newest); nothing in "
-                "it was changed"
+                f"--resume {chosen}: {out} holds a newer checkpoint, {newest.name}, which continuing there "
+                "would rotate away; resume it into a fresh --out (or --resume auto to continue the newest); "
+                "nothing in it was changed"
             )
         return
     held = _held(out)
@@ -599,7 +635,9 @@ def _refuse_mixing(out: Path, chosen: Path) -> None:
         )
 
 
-def _choose_resume(resume, out: Path, say: Callable[[str], None]) -> tuple[tuple[str, str | None], dict | None]:
+def _choose_resume(
+    resume, out: Path, say: Callable[[str], None]
+) -> tuple[tuple[str, str | None], dict | None]:
     """Rank 0's pick: (("path", file) | ("fresh", None), its payload if read)."""
     explicit = not isinstance(resume, bool) and resume != "auto"
     if explicit and Path(resume).is_file():
@@ -634,11 +672,12 @@ def select_resume(
         out: the run's ``--out`` folder.
         say: prints one line (rank 0): the fallback past corrupt files (renamed ``*.corrupt``), a fresh start.
 
-    Rank 0 picks the file and broadcasts its path, so every rank loads the same checkpoint even if another file
-    appears meanwhile. The payload's ``"_source"`` names the file (for errors; never written back).
+    Rank 0 picks the file and broadcasts its path, so every rank loads the same checkpoint even if another
+    file appears meanwhile. The payload's ``"_source"`` names the file (for errors; never written back).
 
     Raises:
-        CheckpointError: no checkpoint where one is needed, every one is corrupt, or resuming into ``out`` would
+        CheckpointError: no checkpoint where one is needed, every one is corrupt, or resuming into ``out``
+        would
             rotate away another run's files or newer checkpoints.
     """
     payload, choice = None, ("fresh", None)
@@ -668,8 +707,9 @@ def resumable_config(payload: dict, source) -> TrainConfig:
         missing = [f"trainer.{k}" for k in ("generator", "opt_g") if k not in payload["trainer"]]
     if missing:
         raise CheckpointError(
-            f"checkpoint {source} cannot be resumed: it has no {', '.join(repr(m) for m in missing)} (training "
-            "state); an imported or exported generator trains no further (deepsim export --training-state keeps it)"
+            f"checkpoint {source} cannot be resumed: it has no {', '.join(repr(m) for m in missing)} "
+            "(training state); an imported or exported generator trains no further (deepsim export "
+            "--training-state keeps it)"
         )
     try:
         return TrainConfig.from_dict(payload["config"])
@@ -703,7 +743,9 @@ class Checkpointer:
     ):
         self.path, self.keep, self.context = out / CHECKPOINT_NAME, keep, context
         self.provenance, self.say = provenance, say
-        self.last_good = next(iter(find_checkpoints(out)), None)  # the newest one already there (what a NaN leaves)
+        self.last_good = next(
+            iter(find_checkpoints(out)), None
+        )  # the newest one already there (what a NaN leaves)
         # the file resumed from and its step: replacing it needs no second read of it
         self._resumed = None
         if resumed and "_source" in resumed:
@@ -731,7 +773,10 @@ class Checkpointer:
         if replicas is not None:
             payload["replicas"] = replicas
             if len(set(replicas)) > 1:
-                self.say(f"warning: the ranks' parameters differ at step {step} (fingerprints per rank: {replicas})")
+                self.say(
+                    f"warning: the ranks' parameters differ at step {step} (fingerprints per rank: "
+                    f"{replicas})"
+                )
         resumed, self._resumed = self._resumed, None
         replaced = resumed[1] if resumed and resumed[0] == self.path.resolve() else None
         self.last_good = save_checkpoint(self.path, payload, keep=self.keep, replaced_step=replaced)

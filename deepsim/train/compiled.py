@@ -45,8 +45,15 @@ class CompiledStep:
             ``combo_kernels`` option: e.g. the bf16 casts of the weights under autocast); default: on CUDA.
     """
 
-    def __init__(self, trainer, mode: str = "default", *, fullgraph: bool = True, backend: str = "inductor",
-                 combo_kernels: bool | None = None):  # fmt: skip
+    def __init__(
+        self,
+        trainer,
+        mode: str = "default",
+        *,
+        fullgraph: bool = True,
+        backend: str = "inductor",
+        combo_kernels: bool | None = None,
+    ):
         if mode not in COMPILE_MODES + ("eager",):
             raise ValueError(f"--compile {mode!r}: expected one of off, {', '.join(COMPILE_MODES)}")
         self.trainer, self.mode = trainer, mode
@@ -117,7 +124,8 @@ class CompiledStep:
 
 
 def compile_step(trainer, mode: str = "default") -> CompiledStep:
-    """The trainer's iteration compiled with ``torch.compile(mode=mode, fullgraph=True)``; see the module doc."""
+    """The trainer's iteration compiled with ``torch.compile(mode=mode, fullgraph=True)``; see the module
+    doc."""
     return CompiledStep(trainer, mode)
 
 
@@ -130,4 +138,8 @@ def count_graph_breaks(trainer, batch: torch.Tensor) -> tuple[int, int, list[str
     torch._dynamo.reset()
     with _trace_autograd():
         explanation = torch._dynamo.explain(step.iteration)(batch)
-    return explanation.graph_count, explanation.graph_break_count, [str(r.reason) for r in explanation.break_reasons]
+    return (
+        explanation.graph_count,
+        explanation.graph_break_count,
+        [str(r.reason) for r in explanation.break_reasons],
+    )

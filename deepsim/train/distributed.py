@@ -95,7 +95,7 @@ def rank_world() -> tuple[int, int]:
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" -> cuda when available, else cpu; anything else is checked."""
+    """ "auto" -> cuda when available, else cpu; anything else is checked."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -105,12 +105,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _device_for(local_rank: int, requested: str) -> torch.device:
-    """The device of this process: ``cuda:LOCAL_RANK`` when CUDA is asked for (or "auto" finds it), else cpu."""
+    """The device of this process: ``cuda:LOCAL_RANK`` when CUDA is asked for (or "auto" finds it), else
+    cpu."""
     if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
     if requested.startswith("cuda") or requested == "auto":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {requested}: CUDA is not available on this machine (use --device cpu)")
+            raise ValueError(
+                f"--device {requested}: CUDA is not available on this machine (use --device cpu)"
+            )
         if torch.cuda.device_count() <= local_rank:
             raise ValueError(
                 f"LOCAL_RANK={local_rank} but this node has {torch.cuda.device_count()} GPU(s): "
@@ -120,7 +123,9 @@ def _device_for(local_rank: int, requested: str) -> torch.device:
     return torch.device(requested)
 
 
-def init_from_env(device: str = "auto", *, backend: str | None = None, timeout_s: float = 1800) -> DistributedContext:
+def init_from_env(
+    device: str = "auto", *, backend: str | None = None, timeout_s: float = 1800
+) -> DistributedContext:
     """Start the process group from torchrun's variables (if set) and pick this process's device.
 
     Args:
@@ -141,7 +146,9 @@ def init_from_env(device: str = "auto", *, backend: str | None = None, timeout_s
         return DistributedContext(0, 1, 0, resolve_device(device), False)
     missing = [v for v in TORCHRUN_VARS if v not in os.environ]
     if missing:
-        raise ValueError(f"WORLD_SIZE is set but {', '.join(missing)} is not: start distributed runs with torchrun")
+        raise ValueError(
+            f"WORLD_SIZE is set but {', '.join(missing)} is not: start distributed runs with torchrun"
+        )
     target = _device_for(local_rank, device)
     if target.type == "cuda":
         torch.cuda.set_device(target)
@@ -183,8 +190,9 @@ def broadcast_object(obj, src: int = 0):
 
 
 def _fingerprint(modules, device: torch.device) -> torch.Tensor:
-    """An int64 0-dim tensor that changes with any bit of the modules' parameters and buffers: the bit patterns
-    of each tensor summed (wrapping), weighted by the tensor's place. Equal replicas give equal values."""
+    """An int64 0-dim tensor that changes with any bit of the modules' parameters and buffers: the bit
+    patterns of each tensor summed (wrapping), weighted by the tensor's place. Equal replicas give equal
+    values."""
     bits_of = {8: torch.int64, 4: torch.int32, 2: torch.int16, 1: torch.int8}
     total = torch.zeros((), dtype=torch.int64, device=device)
     place = 0

@@ -59,13 +59,17 @@ def needs_discriminator(config: TrainConfig) -> bool:
 def build_discriminator(config: TrainConfig, feature_dim: int | None = None) -> Discriminator:
     """D as the config describes it (first stride, padding, activation, initialisation; feature branch)."""
     return Discriminator(
-        first_stride=config.disc_first_stride, feature_dim=feature_dim, padding=config.disc_padding,
-        activation=config.disc_activation, init=config.disc_init,
+        first_stride=config.disc_first_stride,
+        feature_dim=feature_dim,
+        padding=config.disc_padding,
+        activation=config.disc_activation,
+        init=config.disc_init,
     )
 
 
 def trainer_options(config: TrainConfig) -> dict:
-    """The :class:`DeePSiMTrainer` keyword arguments of a config: solver, pause rule, precision, update order."""
+    """The :class:`DeePSiMTrainer` keyword arguments of a config: solver, pause rule, precision, update
+    order."""
     return dict(
         lr=config.lr,
         betas=(config.beta1, config.beta2),

@@ -53,9 +53,21 @@ __all__ = ["train", "TrainResult", "NonFiniteLossError", "RUNTIME_FIELDS", "RESU
 
 # Fields a resumed run takes from the command line; all others come from the checkpoint's config.
 RUNTIME_FIELDS = {
-    "steps", "out", "device", "log_every", "sample_every", "checkpoint_every", "num_workers", "compile", "loader", "on_bad",
+    "steps",
+    "out",
+    "device",
+    "log_every",
+    "sample_every",
+    "checkpoint_every",
+    "num_workers",
+    "compile",
+    "loader",
+    "on_bad",
     "max_image_pixels",
-    "channels_last", "tensorboard", "keep_checkpoints", "stop_signals",
+    "channels_last",
+    "tensorboard",
+    "keep_checkpoints",
+    "stop_signals",
 }
 # Fields a resumed run takes from the command line only when they were given there (``resume_overrides``):
 # the per-rank batch size, to keep the global batch when resuming on another number of GPUs.
@@ -68,7 +80,9 @@ class TrainResult:
     out: Path
     checkpoint: Path | None
     history: list[dict] = field(default_factory=list)  # the metrics rows written to metrics.jsonl
-    stopped_by: str | None = None  # "SIGTERM" etc. when a stop signal ended the run early (checkpoint written)
+    stopped_by: str | None = (
+        None  # "SIGTERM" etc. when a stop signal ended the run early (checkpoint written)
+    )
 
 
 def train(
@@ -88,8 +102,8 @@ def train(
         resume: False: start fresh. ``"auto"``: from the newest valid checkpoint in ``config.out`` if there is
             one, else fresh (one command line for the first start and every restart). True: from the newest
             valid checkpoint in ``config.out`` (an error if there is none). A path: that file, or the newest
-            valid one in that folder (:func:`~deepsim.train.checkpoint.select_resume`). The run's config is the
-            checkpoint's, except :data:`RUNTIME_FIELDS` (and ``resume_overrides``), taken from ``config``.
+            valid one in that folder (:func:`~deepsim.train.checkpoint.select_resume`). The run's config is
+            the checkpoint's, except :data:`RUNTIME_FIELDS` (and ``resume_overrides``), taken from ``config``.
         progress: show a progress bar (rank 0).
         tasks: the task table (task -> trainer builder), e.g. :data:`deepsim.tasks.TASKS`; None: the
             autoencoder only.
@@ -99,10 +113,12 @@ def train(
         provenance: recorded in every checkpoint (``{"preset": ...}``; the code's commit is added); a resumed
             run keeps the checkpoint's preset.
         announce: ``announce(config, line)`` on rank 0 once the ``"auto"`` runtime fields are resolved
-            (:func:`deepsim.train.auto.resolve_runtime`): the resolved config, one line naming the path and why.
+            (:func:`deepsim.train.auto.resolve_runtime`): the resolved config, one line naming the path and
+            why.
 
     Returns:
-        :class:`TrainResult`; ``stopped_by`` is set when a stop signal ended the run early (after a checkpoint).
+        :class:`TrainResult`; ``stopped_by`` is set when a stop signal ended the run early (after a
+        checkpoint).
 
     Raises:
         NonFiniteLossError: a loss became NaN/inf (the last good checkpoint stays as it was).
@@ -117,20 +133,39 @@ def train(
             refuse_existing_run(Path(config.out), context)
         if payload is not None:
             config = _resumed_config(
-                config, payload, resume=resume, given=resume_overrides, provenance=provenance, context=context,
+                config,
+                payload,
+                resume=resume,
+                given=resume_overrides,
+                provenance=provenance,
+                context=context,
                 tasks=tasks,
             )
         _check_weight_files(config)
         config, auto_fields = _resolve_runtime(config, context, announce)
         if config.keep_checkpoints < 1:
             raise ValueError(f"--keep-checkpoints {config.keep_checkpoints}: expected at least 1")
-        run_provenance = {**(provenance or {}), **((payload or {}).get("provenance") or {}), "commit": source_commit()}
-        # an auto-chosen compile that fails falls back to eager; not with world > 1 (the eager step's gradients
-        # are averaged by DDP, which the compiled path does not wrap)
+        run_provenance = {
+            **(provenance or {}),
+            **((payload or {}).get("provenance") or {}),
+            "commit": source_commit(),
+        }
+        # an auto-chosen compile that fails falls back to eager; not with world > 1 (the eager step's
+        # gradients are averaged by DDP, which the compiled path does not wrap)
         fallback = "compile" in auto_fields and context.world == 1
-        with StopSignals(config.stop_signals) as stopper:  # from here on a stop signal is a request, not a kill
-            return _run(config, payload=payload, context=context, tasks=tasks, stopper=stopper,
-                        provenance=run_provenance, progress=progress, compile_fallback=fallback)
+        with StopSignals(
+            config.stop_signals
+        ) as stopper:  # from here on a stop signal is a request, not a kill
+            return _run(
+                config,
+                payload=payload,
+                context=context,
+                tasks=tasks,
+                stopper=stopper,
+                provenance=run_provenance,
+                progress=progress,
+                compile_fallback=fallback,
+            )
     finally:
         distributed.cleanup(context)
 
@@ -146,9 +181,11 @@ def _resolve_runtime(config: TrainConfig, context, announce) -> tuple[TrainConfi
     return config, auto_fields
 
 
-def _resumed_config(config: TrainConfig, payload: dict, *, resume, given, provenance, context, tasks) -> TrainConfig:
-    """The checkpoint's config with :data:`RUNTIME_FIELDS` (and the overridable fields ``given``) from ``config``;
-    conflicting flags and a checkpoint that does not fit its generator are one-line errors."""
+def _resumed_config(
+    config: TrainConfig, payload: dict, *, resume, given, provenance, context, tasks
+) -> TrainConfig:
+    """The checkpoint's config with :data:`RUNTIME_FIELDS` (and the overridable fields ``given``) from
+    ``config``; conflicting flags and a checkpoint that does not fit its generator are one-line errors."""
     saved = resumable_config(payload, resume if not isinstance(resume, bool) else config.out)
     _check_conflicts(config, saved, given, payload.get("_source", "the checkpoint"))
     _warn_preset(given, provenance, payload, context)
@@ -163,15 +200,18 @@ def _resumed_config(config: TrainConfig, payload: dict, *, resume, given, proven
 def _check_conflicts(config: TrainConfig, saved: TrainConfig, given, source) -> None:
     """A flag given on the command line that the resumed run would ignore is an error naming both values."""
     ignored = sorted(set(given) - RUNTIME_FIELDS - RESUME_OVERRIDABLE - {"preset"})
-    clashes = [(n, getattr(config, n), getattr(saved, n)) for n in ignored if getattr(config, n) != getattr(saved, n)]
+    clashes = [
+        (n, getattr(config, n), getattr(saved, n)) for n in ignored if getattr(config, n) != getattr(saved, n)
+    ]
     if clashes:
         names = {"task": "task", "invert_layer": "--layer"}
         flags = "; ".join(
-            f"{names.get(n, '--' + n.replace('_', '-'))} {mine} (the checkpoint's: {theirs})" for n, mine, theirs in clashes
+            f"{names.get(n, '--' + n.replace('_', '-'))} {mine} (the checkpoint's: {theirs})"
+            for n, mine, theirs in clashes
         )
         raise CheckpointError(
-            f"{flags}: resuming {source} continues its run as it was configured; drop the flag to continue it, "
-            "or start a new run with a fresh --out"
+            f"{flags}: resuming {source} continues its run as it was configured; drop the flag to continue "
+            "it, or start a new run with a fresh --out"
         )
 
 
@@ -187,13 +227,14 @@ def _check_weight_files(config: TrainConfig) -> None:
 
 
 def _warn_preset(given, provenance: dict | None, payload: dict, context) -> None:
-    """``--preset`` on a resumed run: the checkpoint's config wins (the preset was only its starting point)."""
+    """``--preset`` on a resumed run: the checkpoint's config wins (the preset was only its starting
+    point)."""
     mine = (provenance or {}).get("preset")
     theirs = (payload.get("provenance") or {}).get("preset")
     if "preset" in set(given) and context.is_main and mine and theirs and mine != theirs:
         _say(
-            f"warning: --preset {mine}: resuming {payload.get('_source')} continues its own config (it started "
-            f"from preset {theirs}); the preset is not applied"
+            f"warning: --preset {mine}: resuming {payload.get('_source')} continues its own config (it "
+            f"started from preset {theirs}); the preset is not applied"
         )
 
 
@@ -212,12 +253,15 @@ def _check_fits(config: TrainConfig, payload: dict, tasks) -> None:
     source = payload.get("_source", "the checkpoint")
     for name, tensor in expected.items():
         if name not in saved:
-            raise CheckpointError(f"checkpoint {source} does not fit its {config.task!r} generator: no tensor {name}")
+            raise CheckpointError(
+                f"checkpoint {source} does not fit its {config.task!r} generator: no tensor {name}"
+            )
         got = getattr(saved[name], "shape", None)
         if got != tensor.shape:
             raise CheckpointError(
                 f"checkpoint {source} does not fit its {config.task!r} generator: tensor {name} has shape "
-                f"{tuple(got) if got is not None else type(saved[name]).__name__}, the config builds {tuple(tensor.shape)}"
+                f"{tuple(got) if got is not None else type(saved[name]).__name__}, the config builds "
+                f"{tuple(tensor.shape)}"
             )
 
 
@@ -228,7 +272,11 @@ def source_commit() -> str | None:
         return None
     try:
         done = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=False
+            ["git", "-C", str(root), "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
         )
     except (OSError, subprocess.SubprocessError):
         return None
@@ -261,7 +309,8 @@ def _prepare_trainer(config: TrainConfig, payload, context, tasks, compile_fallb
             trainer.load_training_state(payload["trainer"])
         except (RuntimeError, KeyError) as error:
             raise CheckpointError(
-                f"checkpoint {payload.get('_source', '')} does not fit this run: {str(error).strip().splitlines()[0]}"
+                f"checkpoint {payload.get('_source', '')} does not fit this run: "
+                f"{str(error).strip().splitlines()[0]}"
             ) from None
         start = int(payload["step"])
         set_rng_state(payload["rng"])
@@ -290,10 +339,21 @@ def _pad_channels(trainer, loader: str) -> int:
 def _training_stream(config: TrainConfig, trainer, context, cursor: int):
     """This rank's shard of the training data, from the global sample ``cursor`` on."""
     return deepsim.data.build_loader(
-        config.data, batch_size=config.batch_size, crop_size=config.image_size, mode=data_mode(config),
-        mirror=config.mirror, loader=config.loader, device=context.device, seed=config.seed, start_sample=cursor,
-        shard_id=context.rank, num_shards=context.world, num_workers=config.num_workers,
-        channels_last=config.channels_last, on_bad=config.on_bad, pad_channels=_pad_channels(trainer, config.loader),
+        config.data,
+        batch_size=config.batch_size,
+        crop_size=config.image_size,
+        mode=data_mode(config),
+        mirror=config.mirror,
+        loader=config.loader,
+        device=context.device,
+        seed=config.seed,
+        start_sample=cursor,
+        shard_id=context.rank,
+        num_shards=context.world,
+        num_workers=config.num_workers,
+        channels_last=config.channels_last,
+        on_bad=config.on_bad,
+        pad_channels=_pad_channels(trainer, config.loader),
         max_image_pixels=config.max_image_pixels,
     )
 
@@ -301,8 +361,15 @@ def _training_stream(config: TrainConfig, trainer, context, cursor: int):
 def _sample_batch(config: TrainConfig, device: torch.device) -> torch.Tensor:
     """The 8 fixed images the sample grids show (their own seed: the same on every resume)."""
     stream = deepsim.data.build_loader(
-        config.data, batch_size=8, crop_size=config.image_size, mode=data_mode(config), mirror=config.mirror,
-        loader="torch", device=device, seed=config.seed + 7919, on_bad=config.on_bad,
+        config.data,
+        batch_size=8,
+        crop_size=config.image_size,
+        mode=data_mode(config),
+        mirror=config.mirror,
+        loader="torch",
+        device=device,
+        seed=config.seed + 7919,
+        on_bad=config.on_bad,
         max_image_pixels=config.max_image_pixels,
     )
     batch = next(stream)
@@ -318,8 +385,8 @@ def _start_folder(config: TrainConfig, *, payload, stream, cursor: int, world: i
     saved_data = (payload or {}).get("data")
     if saved_data and saved_data.get("num_samples") != stream.num_samples:
         _say(
-            f"warning: the checkpoint's dataset had {saved_data.get('num_samples')} samples, {config.data} has "
-            f"{stream.num_samples} now: the data continues at sample cursor {cursor} of a different order"
+            f"warning: the checkpoint's dataset had {saved_data.get('num_samples')} samples, {config.data} "
+            f"has {stream.num_samples} now: the data continues at sample cursor {cursor} of a different order"
         )
     if payload is not None and payload.get("world_size", world) != world:
         _say(
@@ -352,7 +419,9 @@ def _run(
         _start_folder(config, payload=payload, stream=stream, cursor=cursor, world=world)
     log = RunLog(out, config, start=start, world=world, is_main=is_main, progress=progress, stream=stream)
     # world > 1: this rank's stop request (0/1) rides on the metrics all-reduce
-    stop_flags = (torch.zeros((), device=context.device), torch.ones((), device=context.device)) if world > 1 else None
+    stop_flags = (
+        (torch.zeros((), device=context.device), torch.ones((), device=context.device)) if world > 1 else None
+    )
     step, stopped_by = start, None
     try:
         if start == 0:
@@ -368,7 +437,9 @@ def _run(
             last = step == config.steps
             checkpoint_due = step % config.checkpoint_every == 0 or last or stop
             if step % config.log_every == 0 or checkpoint_due:
-                log.queue(step, metrics, None if stop_flags is None else stop_flags[stopper.requested is not None])
+                log.queue(
+                    step, metrics, None if stop_flags is None else stop_flags[stopper.requested is not None]
+                )
                 if checkpoint_due:  # a checkpoint is only written after its step's losses were checked
                     log.flush(last_good=checkpoints.last_good)
                     stop = stop or log.stop_agreed
@@ -387,4 +458,6 @@ def _run(
     finally:
         log.close()
         stream.close()
-    return TrainResult(step=step, out=out, checkpoint=checkpoints.last_good, history=log.history, stopped_by=stopped_by)
+    return TrainResult(
+        step=step, out=out, checkpoint=checkpoints.last_good, history=log.history, stopped_by=stopped_by
+    )

@@ -1,5 +1,5 @@
-"""GatedAdam: Adam whose step is switched on or off by a device tensor, for the pause rule without a host sync;
-with Caffe's coupled weight decay and multistep learning-rate policy computed on the device."""
+"""GatedAdam: Adam whose step is switched on or off by a device tensor, for the pause rule without a host
+sync; with Caffe's coupled weight decay and multistep learning-rate policy computed on the device."""
 
 from __future__ import annotations
 
@@ -49,9 +49,15 @@ class GatedAdam(torch.optim.Optimizer):
         if weight_decay < 0 or lr_gamma <= 0:
             raise ValueError(f"GatedAdam: invalid weight_decay {weight_decay} or lr_gamma {lr_gamma}")
         if list(lr_milestones) != sorted(lr_milestones) or any(m <= 0 for m in lr_milestones):
-            raise ValueError(f"GatedAdam: lr_milestones must be increasing positive step counts, got {lr_milestones}")
+            raise ValueError(
+                f"GatedAdam: lr_milestones must be increasing positive step counts, got {lr_milestones}"
+            )
         defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, lr_milestones=tuple(lr_milestones),
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            lr_milestones=tuple(lr_milestones),
             lr_gamma=lr_gamma,
         )
         super().__init__(params, defaults)
@@ -121,10 +127,19 @@ class GatedAdam(torch.optim.Optimizer):
                 continue
             ps = [p for p, _ in chosen]
             gated_adam_update(
-                ps, [g for _, g in chosen], [self.state[p]["step"] for p in ps], [self.state[p]["exp_avg"] for p in ps],
-                [self.state[p]["exp_avg_sq"] for p in ps], enabled,
-                lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
-                weight_decay=group["weight_decay"], lr_milestones=group["lr_milestones"], lr_gamma=group["lr_gamma"],
+                ps,
+                [g for _, g in chosen],
+                [self.state[p]["step"] for p in ps],
+                [self.state[p]["exp_avg"] for p in ps],
+                [self.state[p]["exp_avg_sq"] for p in ps],
+                enabled,
+                lr=group["lr"],
+                beta1=group["betas"][0],
+                beta2=group["betas"][1],
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                lr_milestones=group["lr_milestones"],
+                lr_gamma=group["lr_gamma"],
             )
 
     @torch.no_grad()
@@ -137,14 +152,16 @@ def decay_param_groups(module: torch.nn.Module, weight_decay: float, scope: str 
     """The trainable parameters of ``module`` as optimizer groups: decayed (``weight_decay``) and not (0).
 
     Args:
-        module: a network; frozen parameters (``requires_grad=False``, e.g. fixed up-conv biases) are left out.
+        module: a network; frozen parameters (``requires_grad=False``, e.g. fixed up-conv biases) are left
+        out.
         weight_decay: the solver's L2 coefficient (Caffe's weight_decay).
         scope: "code": the parameters the derived code decays (Caffe's decay_mult 1), as the network's
             ``code_decayed_parameters()`` lists them (a network without that method: none); "all": every one.
 
     Returns:
         a list of parameter-group dicts (empty groups left out) for :class:`GatedAdam`; one group, in
-        parameter order, when ``weight_decay`` is 0 (the layout of optimizer states saved before weight decay).
+        parameter order, when ``weight_decay`` is 0 (the layout of optimizer states saved before weight
+        decay).
     """
     if scope not in WEIGHT_DECAY_SCOPES:
         raise ValueError(f"weight decay scope {scope!r}: expected one of {', '.join(WEIGHT_DECAY_SCOPES)}")
@@ -177,8 +194,20 @@ def multistep_factor(step: torch.Tensor, milestones: tuple[int, ...], gamma: flo
 
 
 def gated_adam_update(
-    params, grads, steps, exp_avgs, exp_avg_sqs, enabled, *, lr, beta1, beta2, eps,
-    weight_decay: float = 0.0, lr_milestones: tuple[int, ...] = (), lr_gamma: float = 1.0,
+    params,
+    grads,
+    steps,
+    exp_avgs,
+    exp_avg_sqs,
+    enabled,
+    *,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    weight_decay: float = 0.0,
+    lr_milestones: tuple[int, ...] = (),
+    lr_gamma: float = 1.0,
 ) -> None:
     """The GatedAdam update on lists of tensors, in place, with ``torch._foreach_*`` ops (one launch per op
     for all parameters in eager mode; under torch.compile inductor fuses the lot into a few kernels).

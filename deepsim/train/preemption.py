@@ -100,7 +100,11 @@ class StopSignals:
                 f"{PREEMPTED_EXIT_CODE} (a second signal exits at once)"
             )
         elif now - self._first_at >= REPEAT_WINDOW_S:
-            left = f"the checkpoint {self.checkpoint} is intact" if self.checkpoint else "this run wrote no checkpoint"
+            left = (
+                f"the checkpoint {self.checkpoint} is intact"
+                if self.checkpoint
+                else "this run wrote no checkpoint"
+            )
             self._say(f"second signal ({name}): exiting now without a new checkpoint; {left}")
             os._exit(128 + signum)
         # else: the same request delivered twice (terminal + torchrun, or scheduler + torchrun): ignored

@@ -13,7 +13,10 @@ from tqdm import tqdm
 
 __all__ = ["TrainingProgress", "BAR_FORMAT"]
 
-BAR_FORMAT = "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps [{elapsed}, {images_per_s} img/s, ETA {remaining}{postfix}]"
+BAR_FORMAT = (
+    "{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps [{elapsed}, {images_per_s} img/s, ETA "
+    "{remaining}{postfix}]"
+)
 
 
 class TrainingProgress(tqdm):

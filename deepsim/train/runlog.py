@@ -35,9 +35,13 @@ class PendingMetrics:
     and ``stop`` (this rank's 0/1 stop request) rides along under :data:`STOP_METRIC`.
     """
 
-    def __init__(self, step: int, metrics: dict[str, torch.Tensor], world: int, stop: torch.Tensor | None = None):
+    def __init__(
+        self, step: int, metrics: dict[str, torch.Tensor], world: int, stop: torch.Tensor | None = None
+    ):
         self.step, self.names = step, list(metrics)
-        values = torch.stack([metrics[n].float() for n in self.names])  # a new tensor: safe from CUDA-graph reuse
+        values = torch.stack(
+            [metrics[n].float() for n in self.names]
+        )  # a new tensor: safe from CUDA-graph reuse
         if world > 1:  # every rank logs (and checks) the same averages, so all stop together on a NaN
             if stop is not None:  # this rank's stop request (0/1) rides along: > 0 after the mean = some rank
                 values, self.names = torch.cat([values, stop.reshape(1)]), self.names + [STOP_METRIC]
@@ -57,7 +61,8 @@ class PendingMetrics:
 
 
 def save_grid(trainer, sample_batch: torch.Tensor, path: Path) -> torch.Tensor:
-    """Inputs (top rows) beside reconstructions (bottom rows), as one PNG; returns the grid (3, H, W) in [0, 1]."""
+    """Inputs (top rows) beside reconstructions (bottom rows), as one PNG; returns the grid (3, H, W) in
+    [0, 1]."""
     was_training = trainer.training
     trainer.eval()
     with torch.no_grad():
@@ -95,9 +100,15 @@ class RunLog:
         self.stop_agreed = False  # world > 1: some rank asked to stop, as the last all-reduced metrics said
         self.pending: PendingMetrics | None = None
         self.window_start, self.window_steps = time.perf_counter(), 0
-        self.board = TensorBoardWriter(out, config, start_step=start) if is_main and config.tensorboard else None
+        self.board = (
+            TensorBoardWriter(out, config, start_step=start) if is_main and config.tensorboard else None
+        )
         self.file = (out / "metrics.jsonl").open("a") if is_main else None
-        self.bar = TrainingProgress(config.steps, start, images_per_step=self.images_per_step) if progress and is_main else None
+        self.bar = (
+            TrainingProgress(config.steps, start, images_per_step=self.images_per_step)
+            if progress and is_main
+            else None
+        )
 
     def count_step(self) -> None:
         """One more step in the images/s window."""
@@ -128,10 +139,14 @@ class RunLog:
         row = {"step": entry.step, **values}
         bad = [n for n, v in values.items() if not math.isfinite(v)]
         if bad:
-            where = f"the last good checkpoint {last_good} is untouched" if last_good else "no checkpoint was written"
+            where = (
+                f"the last good checkpoint {last_good} is untouched"
+                if last_good
+                else "no checkpoint was written"
+            )
             raise NonFiniteLossError(
-                f"non-finite loss at step {entry.step} ({', '.join(f'{n} = {row[n]}' for n in bad)}); training stopped, "
-                f"{where}. Lower the learning rate or the loss weights, or check the data."
+                f"non-finite loss at step {entry.step} ({', '.join(f'{n} = {row[n]}' for n in bad)}); "
+                f"training stopped, {where}. Lower the learning rate or the loss weights, or check the data."
             )
         elapsed = time.perf_counter() - self.window_start
         row["images_per_s"] = self.window_steps * self.images_per_step / max(elapsed, 1e-9)
@@ -153,7 +168,8 @@ class RunLog:
             )
 
     def samples(self, trainer, batch: torch.Tensor, step: int) -> None:
-        """The sample grid of ``step`` (rank 0): ``samples/step_NNNNNNN.png`` and TensorBoard's ``samples``."""
+        """The sample grid of ``step`` (rank 0): ``samples/step_NNNNNNN.png`` and TensorBoard's
+        ``samples``."""
         if not self.is_main:
             return
         grid = save_grid(trainer, batch, self.out / "samples" / f"step_{step:07d}.png")

@@ -8,10 +8,11 @@ Two update orders (``update_order``):
   G's adversarial term, its gradient and the L_adv entering the pause ratio r all come from the updated D.
 * ``"simultaneous"``: every loss from the same, pre-update D; both updates at the end.
 
-In both, the pause rule's flags set after iteration t gate iteration t + 1 (:class:`~deepsim.losses.PauseRule`).
-:func:`run_iteration` writes the iteration once; a :class:`GradientBackend` supplies the gradients and the
-updates (eager: ``backward`` + ``GatedAdam.step``; the compiled step: ``autograd.grad`` + ``GatedAdam.apply``).
-D's passes on the reals and on the detached fakes are one pass over both (docs/compiled_step.md).
+In both, the pause rule's flags set after iteration t gate iteration t + 1
+(:class:`~deepsim.losses.PauseRule`). :func:`run_iteration` writes the iteration once; a
+:class:`GradientBackend` supplies the gradients and the updates (eager: ``backward`` + ``GatedAdam.step``; the
+compiled step: ``autograd.grad`` + ``GatedAdam.apply``). D's passes on the reals and on the detached fakes are
+one pass over both (docs/compiled_step.md).
 """
 
 from __future__ import annotations
@@ -28,9 +29,15 @@ from deepsim.losses import DeePSiMLoss, DiscriminatorLoss, GeneratorLoss, PauseR
 from deepsim.train.optim import GatedAdam, decay_param_groups
 
 __all__ = [
-    "DeePSiMTrainer", "StepLosses", "Fakes", "UPDATE_ORDERS", "GradientBackend", "EagerGradients",
-    "run_iteration", "detached_losses",
-]  # fmt: skip
+    "DeePSiMTrainer",
+    "StepLosses",
+    "Fakes",
+    "UPDATE_ORDERS",
+    "GradientBackend",
+    "EagerGradients",
+    "run_iteration",
+    "detached_losses",
+]
 
 UPDATE_ORDERS = ("code", "simultaneous")
 
@@ -158,7 +165,9 @@ class DeePSiMTrainer(nn.Module):
         with self._autocast(fakes.fake.device.type), record_function("Gmain"):
             d_fake_for_g = None
             if self.uses_discriminator:
-                with discriminator.no_sync() if hasattr(discriminator, "no_sync") else contextlib.nullcontext():
+                with (
+                    discriminator.no_sync() if hasattr(discriminator, "no_sync") else contextlib.nullcontext()
+                ):
                     d_fake_for_g = discriminator(fakes.fake, fakes.condition)
             g_loss = self.loss(fakes.fake, fakes.target, d_fake_for_g)
             g_total = g_loss.total + sum(fakes.extra.values()) if fakes.extra else g_loss.total
@@ -182,7 +191,9 @@ class DeePSiMTrainer(nn.Module):
         averaged = reduce(torch.stack(values))
         return averaged[0], averaged[1], averaged[2]
 
-    def step_metrics(self, losses: StepLosses, pause: tuple | None, pause_inputs: tuple | None) -> dict[str, torch.Tensor]:
+    def step_metrics(
+        self, losses: StepLosses, pause: tuple | None, pause_inputs: tuple | None
+    ) -> dict[str, torch.Tensor]:
         """The metrics dict of one step (detached 0-dim device tensors). ``pause`` = (train_d, train_g, r):
         the gates this step ran under and the ratio it measured."""
         metrics = {
@@ -245,7 +256,11 @@ class DeePSiMTrainer(nn.Module):
         if self.uses_discriminator:
             state["discriminator"] = self.discriminator.state_dict()
             state["opt_d"] = self.opt_d.state_dict()
-        if self.loss.comparator is not None and not self.loss.comparator.frozen and not self.loss.comparator.uses_network:
+        if (
+            self.loss.comparator is not None
+            and not self.loss.comparator.frozen
+            and not self.loss.comparator.uses_network
+        ):
             state["comparator"] = self.loss.comparator.state_dict()
         return state
 
@@ -255,7 +270,9 @@ class DeePSiMTrainer(nn.Module):
         self.pause.load_state_dict(state["pause"])
         if self.uses_discriminator:
             if "discriminator" not in state:
-                raise ValueError("checkpoint has no discriminator, but this run trains one (was it an 'se'/'l1' run?)")
+                raise ValueError(
+                    "checkpoint has no discriminator, but this run trains one (was it an 'se'/'l1' run?)"
+                )
             self.discriminator.load_state_dict(state["discriminator"])
             self.opt_d.load_state_dict(state["opt_d"])
         if "comparator" in state:
@@ -306,7 +323,9 @@ class EagerGradients:
         self.optimizers[network].step(enabled)
 
 
-def run_iteration(trainer: DeePSiMTrainer, batch: torch.Tensor, backend: GradientBackend) -> dict[str, torch.Tensor]:
+def run_iteration(
+    trainer: DeePSiMTrainer, batch: torch.Tensor, backend: GradientBackend
+) -> dict[str, torch.Tensor]:
     """One training iteration of ``trainer`` in its ``update_order`` (module docstring), with the gradients
     and updates of ``backend``. Returns the metrics (detached 0-dim device tensors)."""
     if not trainer.uses_discriminator:

@@ -24,9 +24,9 @@ from deepsim.config import TrainConfig
 
 __all__ = ["TensorBoardWriter", "SCALAR_TAGS"]
 
-# metrics.jsonl key -> TensorBoard tag, where they differ (other keys are used as they are; "step" is the x axis)
-# The learning rates are the step's own device values (GatedAdam.current_lr: base lr x the multistep factor),
-# read with the other metrics, so a milestone shows where it happened and no extra host sync is made.
+# metrics.jsonl key -> TensorBoard tag, where they differ (other keys are used as they are; "step" is the x
+# axis) The learning rates are the step's own device values (GatedAdam.current_lr: base lr x the multistep
+# factor), read with the other metrics, so a milestone shows where it happened and no extra host sync is made.
 SCALAR_TAGS = {"images_per_s": "Speed/images_per_s", "Opt/lr_g": "LR/G", "Opt/lr_d": "LR/D"}
 # Metrics listed in the HParams tab beside the config values.
 _HPARAM_METRICS = ("Loss/G/total", "Loss/G/feat", "Loss/G/adv", "Loss/G/img", "Loss/D/real", "Loss/D/fake")
@@ -52,7 +52,8 @@ class TensorBoardWriter:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        # A resumed run logs from start_step + 1: events the interrupted run wrote past its checkpoint are hidden.
+        # A resumed run logs from start_step + 1: events the interrupted
+        # run wrote past its checkpoint are hidden.
         self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=start_step + 1 if start_step else None)
         values = config.to_dict()
         experiment, session_start, _ = hparams(

@@ -1,8 +1,9 @@
 """Checkpoints as safetensors (``deepsim export``): no pickle, so opening one runs no code.
 
 A payload (the dict :func:`deepsim.train.checkpoint.save_checkpoint` writes) becomes one safetensors file:
-every tensor in the file's tensor table, named by its path in the payload (``trainer.generator.head.0.weight``),
-and everything else as JSON in the metadata (docs/files.md has the layout):
+every tensor in the file's tensor table, named by its path in the payload
+(``trainer.generator.head.0.weight``), and everything else as JSON in the metadata (docs/files.md has the
+layout):
 
     deepsim.format      "deepsim-safetensors-v1"
     deepsim.payload     the payload with each tensor replaced by {"$tensor": name}
@@ -25,7 +26,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["FORMAT", "is_safetensors", "read_safetensors", "read_metadata", "write_safetensors", "encode", "decode"]
+__all__ = [
+    "FORMAT",
+    "is_safetensors",
+    "read_safetensors",
+    "read_metadata",
+    "write_safetensors",
+    "encode",
+    "decode",
+]
 
 FORMAT = "deepsim-safetensors-v1"
 _MAX_HEADER = 100 << 20  # the safetensors library's own limit on the JSON header
@@ -205,7 +214,9 @@ def read_safetensors(path: str | os.PathLike) -> dict:
             raise _corrupt(path, f"format {metadata['deepsim.format']!r}, expected {FORMAT!r}")
         return {"state_dict": tensors}
     if metadata.get("deepsim.sha256") != _digest(tensors, metadata):
-        raise _corrupt(path, "checksum mismatch (the file's SHA-256 differs from the one recorded when written)")
+        raise _corrupt(
+            path, "checksum mismatch (the file's SHA-256 differs from the one recorded when written)"
+        )
     try:
         skeleton = json.loads(metadata.get("deepsim.payload", ""))
         payload = decode(skeleton, tensors)

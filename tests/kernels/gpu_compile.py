@@ -31,7 +31,9 @@ from triton.compiler import ASTSource  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
-FLOAT_ARGS = {"alpha", "mask_alpha", "scale", "wscale", "gscale"} | {f"{k}scale{i}" for k in "wg" for i in range(8)}
+FLOAT_ARGS = {"alpha", "mask_alpha", "scale", "wscale", "gscale"} | {
+    f"{k}scale{i}" for k in "wg" for i in range(8)
+}
 
 
 def _kernel(module: str, name: str):
@@ -59,7 +61,9 @@ def _signature(fn, pointer: str, constexprs: dict, overrides: dict | None = None
     return sig
 
 
-def compile_kernel(fn, pointer: str, constexprs: dict, *, num_warps=4, num_stages=3, overrides=None, target=HOPPER):
+def compile_kernel(
+    fn, pointer: str, constexprs: dict, *, num_warps=4, num_stages=3, overrides=None, target=HOPPER
+):
     fn = getattr(fn, "fn", fn) if not isinstance(fn, triton.runtime.jit.JITFunction) else fn
     src = ASTSource(fn=fn, signature=_signature(fn, pointer, constexprs, overrides), constexprs=constexprs)
     compiled = triton.compile(src, target=target, options={"num_warps": num_warps, "num_stages": num_stages})
@@ -85,7 +89,12 @@ def _conv_jobs(all_configs: bool):
         "up 128->64 k4s2": geometry(True, 64, 128, 8, 8, 64, 4, 4, 2, 1),
     }
     torch_dtypes = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-    for dtype, precision, size in (("fp32", "tf32", 4), ("fp32", "ieee", 4), ("fp16", "ieee", 2), ("bf16", "ieee", 2)):
+    for dtype, precision, size in (
+        ("fp32", "tf32", 4),
+        ("fp32", "ieee", 4),
+        ("fp16", "ieee", 2),
+        ("bf16", "ieee", 2),
+    ):
         if dtype == "bf16" and not all_configs:
             continue
         configs = config_list(torch_dtypes[dtype], precision)
@@ -96,18 +105,29 @@ def _conv_jobs(all_configs: bool):
                 constexprs = constexprs_of(g, cfg, has_bias=True, precision=precision, w_k_stride=w_k_stride)
 
                 def run(constexprs=constexprs, cfg=cfg, dtype=dtype, g=g):
-                    facts = compile_conv_kernel(tuple(sorted(constexprs.items())), dtype, g.C_out % 16 == 0,
-                                                cfg.num_warps, cfg.num_stages)
+                    facts = compile_conv_kernel(
+                        tuple(sorted(constexprs.items())),
+                        dtype,
+                        g.C_out % 16 == 0,
+                        cfg.num_warps,
+                        cfg.num_stages,
+                    )
                     if facts["spill_bytes"]:
                         raise RuntimeError(f"spills {facts['spill_bytes']} bytes")
                     return facts["shared_bytes"]
 
                 yield f"_conv_igemm_lrelu_kernel {dtype} {precision} {name} {cfg.name}", run
-    g, cfg = geoms["up 128->64 k4s2"], eligible(geoms["up 128->64 k4s2"], 2, config_list(torch.bfloat16, "ieee"))[0]
+    g, cfg = (
+        geoms["up 128->64 k4s2"],
+        eligible(geoms["up 128->64 k4s2"], 2, config_list(torch.bfloat16, "ieee"))[0],
+    )
     constexprs = constexprs_of(g, cfg, has_bias=False, precision="ieee", index_64=True)
-    yield (f"_conv_igemm_lrelu_kernel bf16 int64 indices no bias {cfg.name}",
-           lambda: compile_conv_kernel(tuple(sorted(constexprs.items())), "bf16", True, cfg.num_warps,
-                                       cfg.num_stages)["shared_bytes"])
+    yield (
+        f"_conv_igemm_lrelu_kernel bf16 int64 indices no bias {cfg.name}",
+        lambda: compile_conv_kernel(
+            tuple(sorted(constexprs.items())), "bf16", True, cfg.num_warps, cfg.num_stages
+        )["shared_bytes"],
+    )
 
 
 def jobs(all_configs: bool):
@@ -121,34 +141,90 @@ def jobs(all_configs: bool):
     fd = importlib.import_module("deepsim.kernels.feature_distance")
     pw = importlib.import_module("deepsim.kernels.pairwise_distance")
     for dtype, pointer in DTYPES.items():
-        for name in ("_bias_lrelu_fwd_kernel", "_lrelu_bias_grad_kernel"):  # BLOCK_M x BLOCK_C as launched at C >= 64
+        for name in (
+            "_bias_lrelu_fwd_kernel",
+            "_lrelu_bias_grad_kernel",
+        ):  # BLOCK_M x BLOCK_C as launched at C >= 64
             flags = dict(HAS_BIAS=True) if "fwd" in name else dict(WRITE_GRAD_PRE=True, BIAS_GRAD=True)
-            yield (f"{name} {dtype}", plain(getattr(bias_act, name), pointer, dict(BLOCK_M=64, BLOCK_C=64, **flags), {},
-                                            {"partial_ptr": "*fp32"} if "grad" in name else None))
+            yield (
+                f"{name} {dtype}",
+                plain(
+                    getattr(bias_act, name),
+                    pointer,
+                    dict(BLOCK_M=64, BLOCK_C=64, **flags),
+                    {},
+                    {"partial_ptr": "*fp32"} if "grad" in name else None,
+                ),
+            )
         for layers in (1, 8):
             partial = {"partial_ptr": "*fp32"}
-            yield (f"_feature_distance_fwd_kernel {dtype} layers={layers}",
-                   plain(fd._feature_distance_fwd_kernel, pointer,
-                         dict(NUM_LAYERS=layers, COMPUTE_GRAD=True, BLOCK=fd._BLOCK, ITERS=8), {}, partial))
+            yield (
+                f"_feature_distance_fwd_kernel {dtype} layers={layers}",
+                plain(
+                    fd._feature_distance_fwd_kernel,
+                    pointer,
+                    dict(NUM_LAYERS=layers, COMPUTE_GRAD=True, BLOCK=fd._BLOCK, ITERS=8),
+                    {},
+                    partial,
+                ),
+            )
         for layers in (1, 8):
-            yield (f"_feature_distance_bwd_kernel {dtype} layers={layers}",
-                   plain(fd._feature_distance_bwd_kernel, pointer, dict(NUM_LAYERS=layers, BLOCK=fd._BLOCK, ITERS=8), {},
-                         {"grad_loss_ptr": "*fp32"}))
+            yield (
+                f"_feature_distance_bwd_kernel {dtype} layers={layers}",
+                plain(
+                    fd._feature_distance_bwd_kernel,
+                    pointer,
+                    dict(NUM_LAYERS=layers, BLOCK=fd._BLOCK, ITERS=8),
+                    {},
+                    {"grad_loss_ptr": "*fp32"},
+                ),
+            )
     lp = importlib.import_module("deepsim.kernels.lpips_distance")
     for dtype, pointer in (("fp32", "*fp32"), ("bf16", "*bf16")):  # 5 taps: every slot (LPIPS' launch)
         for taps in (5,):
-            for direction, fn, flags in (("fwd", lp._lpips_fwd_kernel, {}),
-                                         ("bwd", lp._lpips_bwd_kernel, dict(NEED0=True, NEED1=True))):  # fmt: skip
+            for direction, fn, flags in (
+                ("fwd", lp._lpips_fwd_kernel, {}),
+                ("bwd", lp._lpips_bwd_kernel, dict(NEED0=True, NEED1=True)),
+            ):
                 over = {p.name: "fp32" for p in fn.params if p.name == "eps2" or p.name.startswith("invp_")}
-                over.update({p.name: pointer for p in fn.params if p.name.split("_")[0] in ("f0", "f1", "g0", "g1")})
-                over.update({p.name: "*fp32" for p in fn.params if p.name.startswith("w_") or p.name in ("partial_ptr", "gout_ptr")})
-                yield (f"_lpips_{direction}_kernel {dtype} taps={taps}",
-                       plain(fn, pointer, dict(NUM_TAPS=taps, BLOCK_C=lp._BLOCK_C, BLOCK_P=lp._BLOCK_P, **flags), {}, over))
-    yield ("_channel_sum_kernel", plain(bias_act._channel_sum_kernel, "*fp32", dict(BLOCK_R=64, BLOCK_C=64), {}, None))
-    yield ("_feature_distance_sum_kernel", plain(fd._feature_distance_sum_kernel, "*fp32", dict(BLOCK=fd._SUM_BLOCK), {}, None))
-    yield ("_mean_pairwise_distance_fwd_kernel",
-           plain(pw._mean_pairwise_distance_fwd_kernel, "*fp32", dict(BLOCK_M=pw._BLOCK_M, BLOCK_D=pw._BLOCK_D), {},
-                 {"partial_ptr": "*fp32"}))
+                over.update(
+                    {p.name: pointer for p in fn.params if p.name.split("_")[0] in ("f0", "f1", "g0", "g1")}
+                )
+                over.update(
+                    {
+                        p.name: "*fp32"
+                        for p in fn.params
+                        if p.name.startswith("w_") or p.name in ("partial_ptr", "gout_ptr")
+                    }
+                )
+                yield (
+                    f"_lpips_{direction}_kernel {dtype} taps={taps}",
+                    plain(
+                        fn,
+                        pointer,
+                        dict(NUM_TAPS=taps, BLOCK_C=lp._BLOCK_C, BLOCK_P=lp._BLOCK_P, **flags),
+                        {},
+                        over,
+                    ),
+                )
+    yield (
+        "_channel_sum_kernel",
+        plain(bias_act._channel_sum_kernel, "*fp32", dict(BLOCK_R=64, BLOCK_C=64), {}, None),
+    )
+    yield (
+        "_feature_distance_sum_kernel",
+        plain(fd._feature_distance_sum_kernel, "*fp32", dict(BLOCK=fd._SUM_BLOCK), {}, None),
+    )
+    yield (
+        "_mean_pairwise_distance_fwd_kernel",
+        plain(
+            pw._mean_pairwise_distance_fwd_kernel,
+            "*fp32",
+            dict(BLOCK_M=pw._BLOCK_M, BLOCK_D=pw._BLOCK_D),
+            {},
+            {"partial_ptr": "*fp32"},
+        ),
+    )
 
 
 def main(argv=None) -> int:
@@ -163,7 +239,10 @@ def main(argv=None) -> int:
             print(f"ok    {label}  shared={shared} B  {time.perf_counter() - start:.1f}s", flush=True)
         except Exception as error:  # noqa: BLE001 - report every kernel, then fail
             failures += 1
-            print(f"FAIL  {label}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", flush=True)
+            print(
+                f"FAIL  {label}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}",
+                flush=True,
+            )
     print(f"{failures} failed")
     return 1 if failures else 0
 

@@ -83,8 +83,11 @@ def test_full_size_layer(device):
     y_ref = K.reference_bias_lrelu(x, b, 0.3)
     assert_close(y, y_ref, 1e-6, 1e-6, "output")
     grad_out = torch.randn(y.shape, generator=g).to(device).contiguous(memory_format=torch.channels_last)
-    for name, got, want in zip(("grad_conv_out", "grad_bias"), torch.autograd.grad(y, (x, b), grad_out),
-                               torch.autograd.grad(y_ref, (x, b), grad_out)):  # fmt: skip
+    for name, got, want in zip(
+        ("grad_conv_out", "grad_bias"),
+        torch.autograd.grad(y, (x, b), grad_out),
+        torch.autograd.grad(y_ref, (x, b), grad_out),
+    ):
         assert_close(got, want, 1e-4, 1e-5, name)
 
 

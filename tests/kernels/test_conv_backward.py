@@ -18,9 +18,15 @@ from ._common import DEVICES, INTERPRET, K, assert_close
 # (op, reference, x shape, weight shape, stride, padding): small shapes with odd sizes.
 OPS = {
     "conv_lrelu": (K.conv_lrelu, K.reference_conv_lrelu, (2, 3, 7, 6), (5, 3, 3, 3), 2, 1),
-    "conv_transpose_lrelu": (K.conv_transpose_lrelu, K.reference_conv_transpose_lrelu, (2, 5, 3, 4),
-                             (5, 3, 4, 4), 2, 1),
-}  # fmt: skip
+    "conv_transpose_lrelu": (
+        K.conv_transpose_lrelu,
+        K.reference_conv_transpose_lrelu,
+        (2, 5, 3, 4),
+        (5, 3, 4, 4),
+        2,
+        1,
+    ),
+}
 # (x needs grad, W needs grad, bias: None | "frozen" | "trained"); at least one gradient is asked for.
 NEEDS = [
     (x, w, b)
@@ -126,8 +132,18 @@ def test_backward_op_returns_distinct_tensors(device, op):
 # 32x32 input) at batch 64, fp32, channels_last, against aten's autograd of the reference. In the
 # interpreter the mask pass + aten implementation (the Triton dgrad / wgrad at this size would take
 # minutes there; tests/kernels/test_conv_backward_triton.py covers them on small shapes), on CUDA both.
-@pytest.mark.parametrize("impl", ["cudnn", pytest.param("triton", marks=pytest.mark.skipif(
-    not torch.cuda.is_available(), reason="interpreter: too slow at full size"))])  # fmt: skip
+@pytest.mark.parametrize(
+    "impl",
+    [
+        "cudnn",
+        pytest.param(
+            "triton",
+            marks=pytest.mark.skipif(
+                not torch.cuda.is_available(), reason="interpreter: too slow at full size"
+            ),
+        ),
+    ],
+)
 @pytest.mark.parametrize("device", DEVICES)
 def test_backward_at_full_layer_size(device, impl):
     g = torch.Generator().manual_seed(4)
@@ -140,8 +156,9 @@ def test_backward_at_full_layer_size(device, impl):
     grads_ref = torch.autograd.grad(y_ref, (x, w, b), grad_out)
     out = y_ref.detach().contiguous(memory_format=torch.channels_last)
     with K.use_backend("triton"):
-        grads = torch.ops.deepsim.conv_lrelu_backward(grad_out, out, x.detach(), w.detach(), True, 2, 2, 0.3,
-                                                      [True, True, True], impl, impl)  # fmt: skip
+        grads = torch.ops.deepsim.conv_lrelu_backward(
+            grad_out, out, x.detach(), w.detach(), True, 2, 2, 0.3, [True, True, True], impl, impl
+        )
     for name, got, want in zip(("grad_x", "grad_weight", "grad_bias"), grads, grads_ref):
         assert got.shape == want.shape
         assert_close(got, want, 2e-3, 1e-4, name)

@@ -28,15 +28,23 @@ SHAPES = [
     (True, (2, 5, 3, 4), (5, 3, 4, 4), 2, 1),
     (True, (1, 16, 4, 3), (16, 9, 3, 3), 1, 1),
 ]
-SHAPE_IDS = [f"{'up' if t else 'conv'}-{'x'.join(map(str, xs))}-k{ws[2]}x{ws[3]}s{s}p{p}" for t, xs, ws, s, p in SHAPES]
+SHAPE_IDS = [
+    f"{'up' if t else 'conv'}-{'x'.join(map(str, xs))}-k{ws[2]}x{ws[3]}s{s}p{p}" for t, xs, ws, s, p in SHAPES
+]
 # (x needs grad, W needs grad, bias: None | "frozen" | "trained"); at least one gradient asked for.
-NEEDS = [(x, w, b) for x, w, b in itertools.product((True, False), (True, False), (None, "frozen", "trained"))
-         if x or w or b == "trained"]  # fmt: skip
+NEEDS = [
+    (x, w, b)
+    for x, w, b in itertools.product((True, False), (True, False), (None, "frozen", "trained"))
+    if x or w or b == "trained"
+]
 
 
 def _fn(transposed):
-    return (K.conv_transpose_lrelu, K.reference_conv_transpose_lrelu) if transposed else (
-        K.conv_lrelu, K.reference_conv_lrelu)  # fmt: skip
+    return (
+        (K.conv_transpose_lrelu, K.reference_conv_transpose_lrelu)
+        if transposed
+        else (K.conv_lrelu, K.reference_conv_lrelu)
+    )
 
 
 def _inputs(device, shape, needs, dtype=torch.float32, channels_last=False, seed=0):
@@ -48,13 +56,19 @@ def _inputs(device, shape, needs, dtype=torch.float32, channels_last=False, seed
     if channels_last:
         x, w = x.to(memory_format=torch.channels_last), w.to(memory_format=torch.channels_last)
     c_out = ws[1] if transposed else ws[0]
-    b = None if bias is None else torch.randn(c_out, generator=g).to(device, dtype).requires_grad_(bias == "trained")
+    b = (
+        None
+        if bias is None
+        else torch.randn(c_out, generator=g).to(device, dtype).requires_grad_(bias == "trained")
+    )
     return x.requires_grad_(need_x), w.requires_grad_(need_w), b
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-@pytest.mark.parametrize("needs", NEEDS, ids=lambda n: f"x{'+' if n[0] else '-'}w{'+' if n[1] else '-'}b-{n[2]}")
+@pytest.mark.parametrize(
+    "needs", NEEDS, ids=lambda n: f"x{'+' if n[0] else '-'}w{'+' if n[1] else '-'}b-{n[2]}"
+)
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 def test_triton_backward_matches_pytorch(device, shape, needs, channels_last):
     """Every requested gradient of the Triton path (dgrad and wgrad kernels) matches autograd of the
@@ -73,7 +87,9 @@ def test_triton_backward_matches_pytorch(device, shape, needs, channels_last):
         assert g.shape == e.shape
         assert_close(g, e, 1e-4, 1e-4, f"gradient of {tuple(t.shape)}")
         if t.dim() == 4:
-            assert g.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            assert g.is_contiguous(
+                memory_format=torch.channels_last if channels_last else torch.contiguous_format
+            )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -121,7 +137,19 @@ def test_no_aten_convolution_in_triton_backward(impl, transposed):
     op = T.conv_transpose_lrelu_backward if transposed else L.conv_lrelu_backward
     log = _AtenLog()
     with K.use_backend("triton"), log:
-        op(torch.randn_like(out), out, x.detach(), w.detach(), True, s, p, 0.3, [True, True, True], impl, impl)
+        op(
+            torch.randn_like(out),
+            out,
+            x.detach(),
+            w.detach(),
+            True,
+            s,
+            p,
+            0.3,
+            [True, True, True],
+            impl,
+            impl,
+        )
     convs = [n for n in log.names if "convolution" in n]
     assert (convs == []) == (impl == "triton"), convs
 
@@ -155,8 +183,11 @@ def test_double_backward_names_the_op_and_the_fix(transposed):
     _, _, _, s, p = shape
     with K.use_backend("triton"):
         (gx,) = torch.autograd.grad(fn(x, w, b, s, p, 0.3).square().sum(), x, create_graph=True)
-        with pytest.raises(RuntimeError, match=r"(conv_lrelu|conv_transpose_lrelu): double backward.*"
-                                               r"DEEPSIM_KERNELS=reference"):  # fmt: skip
+        with pytest.raises(
+            RuntimeError,
+            match=r"(conv_lrelu|conv_transpose_lrelu): double backward.*"
+            r"DEEPSIM_KERNELS=reference",
+        ):
             gx.sum().backward()
     with K.use_backend("reference"):  # the fix the message names works
         (gx,) = torch.autograd.grad(fn(x, w, b, s, p, 0.3).square().sum(), x, create_graph=True)
@@ -170,17 +201,27 @@ def test_string_padding_and_fp64():
     w = torch.randn(4, 3, 3, 3)
     with K.use_backend("triton"):
         for padding, expect in (("valid", 0), ("same", 1)):
-            assert_close(K.conv_lrelu(x, w, None, 1, padding), K.reference_conv_lrelu(x, w, None, 1, expect),
-                         1e-4, 1e-4, padding)  # fmt: skip
+            assert_close(
+                K.conv_lrelu(x, w, None, 1, padding),
+                K.reference_conv_lrelu(x, w, None, 1, expect),
+                1e-4,
+                1e-4,
+                padding,
+            )
         with pytest.raises(ValueError, match="conv_lrelu: padding='same' needs stride 1"):
             K.conv_lrelu(x, w, None, 2, "same")
         with pytest.raises(ValueError, match="conv_lrelu: padding='full'"):
             K.conv_lrelu(x, w, None, 1, "full")
         with pytest.raises(ValueError, match="conv_transpose_lrelu: padding='valid'"):
             K.conv_transpose_lrelu(x, torch.randn(3, 4, 3, 3), None, 1, "valid")
-        with pytest.raises(ValueError, match="float64 is not supported by the triton path.*DEEPSIM_KERNELS=reference"):
+        with pytest.raises(
+            ValueError, match="float64 is not supported by the triton path.*DEEPSIM_KERNELS=reference"
+        ):
             K.conv_lrelu(x.double(), w.double(), None, 1, 1)
-    with K.use_backend("cudnn"), pytest.raises(ValueError, match="float64 is not supported by the cudnn path"):
+    with (
+        K.use_backend("cudnn"),
+        pytest.raises(ValueError, match="float64 is not supported by the cudnn path"),
+    ):
         K.conv_lrelu(x.double(), w.double(), None, 1, 1)
     y = K.conv_lrelu(x.double(), w.double(), None, 1, 1)  # auto: fp64 takes the reference
     assert y.dtype == torch.float64
@@ -192,8 +233,13 @@ def test_output_size_formula_lives_in_one_place():
     root = pathlib.Path(__file__).resolve().parents[2]
     patterns = [r"\+ 2 \* \w+ - \w+\) // \w+ \+ 1", r"- 1\) \* \w+ - 2 \* \w+ \+ \w+"]
     files = [*sorted((root / "kernels").glob("*.py")), root / "bench" / "roofline.py"]
-    offenders = [f.name for f in files if f.name != "_conv_shape.py"
-                 for pat in patterns if re.search(pat, f.read_text())]  # fmt: skip
+    offenders = [
+        f.name
+        for f in files
+        if f.name != "_conv_shape.py"
+        for pat in patterns
+        if re.search(pat, f.read_text())
+    ]
     assert offenders == []
     assert re.search(patterns[0], (root / "kernels" / "_conv_shape.py").read_text())
 
@@ -222,11 +268,26 @@ def _opinfo_samples():
                 return v if isinstance(v, (int, str)) else (v[0] if len(set(v)) == 1 else None)
 
             stride, padding = one(kw.get("stride", 1)), one(kw.get("padding", 0))
-            fits = (sample.input.dim() == 4 and kw.get("groups", 1) == 1 and one(kw.get("dilation", 1)) == 1
-                    and one(kw.get("output_padding", 0)) == 0 and stride is not None and padding is not None)  # fmt: skip
+            fits = (
+                sample.input.dim() == 4
+                and kw.get("groups", 1) == 1
+                and one(kw.get("dilation", 1)) == 1
+                and one(kw.get("output_padding", 0)) == 0
+                and stride is not None
+                and padding is not None
+            )
             if fits:
-                cases.append(pytest.param(transposed, sample.input, weight, bias, stride, padding,
-                                          id=f"{info.name.split('.')[-1]}-{i}"))  # fmt: skip
+                cases.append(
+                    pytest.param(
+                        transposed,
+                        sample.input,
+                        weight,
+                        bias,
+                        stride,
+                        padding,
+                        id=f"{info.name.split('.')[-1]}-{i}",
+                    )
+                )
     return cases
 
 
@@ -242,11 +303,19 @@ def test_opinfo_samples(transposed, x, w, b, stride, padding):
     ref_inputs = [t.detach().clone().requires_grad_() for t in inputs]
     with K.use_backend("triton"):
         y = fn(inputs[0], inputs[1], inputs[2] if b is not None else None, stride, padding, 0.2)
-    y_ref = ref(ref_inputs[0], ref_inputs[1], ref_inputs[2] if b is not None else None, stride,
-                padding if isinstance(padding, int) else {"valid": 0}.get(padding, padding), 0.2)  # fmt: skip
+    y_ref = ref(
+        ref_inputs[0],
+        ref_inputs[1],
+        ref_inputs[2] if b is not None else None,
+        stride,
+        padding if isinstance(padding, int) else {"valid": 0}.get(padding, padding),
+        0.2,
+    )
     assert_close(y, y_ref, 1e-4, 1e-4, "output")
     grad_out = torch.randn(y_ref.shape, generator=torch.Generator().manual_seed(3))
-    for g, e in zip(torch.autograd.grad(y, inputs, grad_out), torch.autograd.grad(y_ref, ref_inputs, grad_out)):
+    for g, e in zip(
+        torch.autograd.grad(y, inputs, grad_out), torch.autograd.grad(y_ref, ref_inputs, grad_out)
+    ):
         assert_close(g, e, 1e-4, 1e-4, "gradient")
 
 
@@ -257,9 +326,11 @@ def test_opinfo_samples(transposed, x, w, b, stride, padding):
 @pytest.mark.cuda
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("shape", SHAPES + [(False, (8, 3, 64, 64), (32, 3, 5, 5), 2, 2),
-                                            (True, (8, 64, 16, 16), (64, 32, 4, 4), 2, 1)],
-                         ids=SHAPE_IDS + ["conv-3ch-k5s2", "up-64-k4s2"])  # fmt: skip
+@pytest.mark.parametrize(
+    "shape",
+    SHAPES + [(False, (8, 3, 64, 64), (32, 3, 5, 5), 2, 2), (True, (8, 64, 16, 16), (64, 32, 4, 4), 2, 1)],
+    ids=SHAPE_IDS + ["conv-3ch-k5s2", "up-64-k4s2"],
+)
 def test_every_config_of_every_kernel_on_cuda(shape, dtype):
     """Each forward / dgrad config (GPU_CONFIGS) and each wgrad config (WGRAD_CONFIGS), forced, gives the
     reference's output and gradients (relative L2 error) on the card."""

@@ -31,7 +31,11 @@ BY_NAME = {(layer.network, layer.name): layer.geom for layer in LAYERS}
 def _inputs(geom, dtype, device, channels_last=True, bias=True, seed=0):
     torch.manual_seed(seed)
     x = torch.randn(geom.N, geom.C_in, geom.H, geom.W, device=device).to(dtype)
-    shape = (geom.C_in, geom.C_out, geom.KH, geom.KW) if geom.transposed else (geom.C_out, geom.C_in, geom.KH, geom.KW)
+    shape = (
+        (geom.C_in, geom.C_out, geom.KH, geom.KW)
+        if geom.transposed
+        else (geom.C_out, geom.C_in, geom.KH, geom.KW)
+    )
     w = (torch.randn(shape, device=device) / (geom.C_in * geom.KH * geom.KW) ** 0.5).to(dtype)
     b = torch.randn(geom.C_out, device=device).to(dtype) if bias else None
     if channels_last:
@@ -132,8 +136,13 @@ def test_nchw_caller_gets_nchw_output_and_grads():
     """NCHW x and weight: converted for the kernel, the output converted back (same values)."""
     geom = C.ConvGeometry(False, 2, 16, 6, 5, 8, 3, 3, 1, 1)
     _check_forward(geom, torch.float32, DEVICE, channels_last=False, grads=True)
-    _check_forward(dataclasses.replace(geom, transposed=True, stride=2), torch.float32, DEVICE,
-                   channels_last=False, grads=True)  # fmt: skip
+    _check_forward(
+        dataclasses.replace(geom, transposed=True, stride=2),
+        torch.float32,
+        DEVICE,
+        channels_last=False,
+        grads=True,
+    )
 
 
 @needs_triton
@@ -179,8 +188,13 @@ def test_kernel_sees_weights_after_in_place_optimizer_step(channels_last):
         version = conv.weight._version
         conv.weight.data.mul_(-0.5)
         assert conv.weight._version == version
-        assert_close(K.conv_lrelu(x, conv.weight, conv.bias, 1, 1, 0.3), _expected(conv, x), 1e-4, 1e-4,
-                     "output after a write that kept _version")  # fmt: skip
+        assert_close(
+            K.conv_lrelu(x, conv.weight, conv.bias, 1, 1, 0.3),
+            _expected(conv, x),
+            1e-4,
+            1e-4,
+            "output after a write that kept _version",
+        )
 
 
 @needs_triton
@@ -233,14 +247,17 @@ def test_efficiency_of_known_cases():
     assert up.taps == (2, 2) and up.classes == 4 and up.k == 512 and up.m == 64 * 8 * 8
     assert C.issued_mma_efficiency(up, cfg) == 1.0  # no structural zero is multiplied
     first = C.ConvGeometry(False, 64, 3, 227, 227, 32, 7, 7, 4, 0)  # K = 147
-    assert C.issued_mma_efficiency(first, C.ConvConfig(128, 32, 16, 4, 5)) == pytest.approx(147 / 160 * 200704 / 200704)
+    assert C.issued_mma_efficiency(first, C.ConvConfig(128, 32, 16, 4, 5)) == pytest.approx(
+        147 / 160 * 200704 / 200704
+    )
     assert C.issued_mma_efficiency(first, C.ConvConfig(128, 32, 64, 4, 4)) == pytest.approx(147 / 192)
     tail = C.ConvGeometry(False, 1, 64, 3, 3, 40, 3, 3, 1, 1)  # M = 9, C_out = 40
     assert C.issued_mma_efficiency(tail, cfg) == pytest.approx((9 * 40 * 576) / (128 * 64 * 576))
 
 
 def test_every_eligible_config_meets_the_bar_on_every_layer():
-    """The tuner only times eligible configs, so any pick meets 0.85: the up-convs and 3-channel layers too."""
+    """The tuner only times eligible configs, so any pick meets 0.85: the up-convs and 3-channel layers
+    too."""
     kinds = set()
     for layer in LAYERS:
         configs = C.eligible_configs(layer.geom, 2, C.GPU_CONFIGS)
@@ -325,7 +342,10 @@ def test_tuner_times_candidates_once_per_bucket():
     timed = len(timer.timed)
     _choose(dataclasses.replace(geom, N=1), timer)
     assert len(timer.timed) == timed > len(candidates)
-    assert {key[1] for key in C.tuned_configs()} == {geom.tuning_key(), dataclasses.replace(geom, N=1).tuning_key()}
+    assert {key[1] for key in C.tuned_configs()} == {
+        geom.tuning_key(),
+        dataclasses.replace(geom, N=1).tuning_key(),
+    }
 
 
 @pytest.mark.usefixtures("clean_tuner")

@@ -64,8 +64,25 @@ def _check(op, ref, device, dtype, atol, rtol, N, C_in, H, W, C_out, k, s, p, cl
 @pytest.mark.parametrize("dtype, atol, rtol", DTYPES)
 @pytest.mark.parametrize("N, C_in, H, W, C_out, k, s, p, cl, bias", CONV_SHAPES)
 def test_conv_lrelu_matches_reference(device, dtype, atol, rtol, N, C_in, H, W, C_out, k, s, p, cl, bias):
-    _check(K.conv_lrelu, K.reference_conv_lrelu, device, dtype, atol, rtol,
-           N, C_in, H, W, C_out, k, s, p, cl, bias, transposed=False)  # fmt: skip
+    _check(
+        K.conv_lrelu,
+        K.reference_conv_lrelu,
+        device,
+        dtype,
+        atol,
+        rtol,
+        N,
+        C_in,
+        H,
+        W,
+        C_out,
+        k,
+        s,
+        p,
+        cl,
+        bias,
+        transposed=False,
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -74,8 +91,25 @@ def test_conv_lrelu_matches_reference(device, dtype, atol, rtol, N, C_in, H, W, 
 def test_conv_transpose_lrelu_matches_reference(
     device, dtype, atol, rtol, N, C_in, H, W, C_out, k, s, p, cl, bias
 ):
-    _check(K.conv_transpose_lrelu, K.reference_conv_transpose_lrelu, device, dtype, atol, rtol,
-           N, C_in, H, W, C_out, k, s, p, cl, bias, transposed=True)  # fmt: skip
+    _check(
+        K.conv_transpose_lrelu,
+        K.reference_conv_transpose_lrelu,
+        device,
+        dtype,
+        atol,
+        rtol,
+        N,
+        C_in,
+        H,
+        W,
+        C_out,
+        k,
+        s,
+        p,
+        cl,
+        bias,
+        transposed=True,
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -143,8 +177,10 @@ def test_autocast_runs_the_fused_ops_in_the_autocast_dtype(device):
     x = torch.randn(2, 3, 6, 6, device=device, requires_grad=True)
     w = torch.randn(4, 3, 3, 3, device=device, requires_grad=True)
     wt = torch.randn(3, 4, 4, 4, device=device, requires_grad=True)
-    for op, ref, weight in [(K.conv_lrelu, K.reference_conv_lrelu, w),
-                            (K.conv_transpose_lrelu, K.reference_conv_transpose_lrelu, wt)]:  # fmt: skip
+    for op, ref, weight in [
+        (K.conv_lrelu, K.reference_conv_lrelu, w),
+        (K.conv_transpose_lrelu, K.reference_conv_transpose_lrelu, wt),
+    ]:
         with torch.autocast(device, dtype=dtype):
             with K.use_backend("triton"):
                 y = op(x, weight, None, 2, 1)

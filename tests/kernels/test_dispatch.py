@@ -66,8 +66,12 @@ def backward_timer(monkeypatch, timer):
 
     class PartTimer:
         def __init__(self):
-            self.ms = {("dgrad", "triton"): 1.0, ("dgrad", "cudnn"): 2.0, ("wgrad", "triton"): 3.0,
-                       ("wgrad", "cudnn"): 2.0}  # fmt: skip
+            self.ms = {
+                ("dgrad", "triton"): 1.0,
+                ("dgrad", "cudnn"): 2.0,
+                ("wgrad", "triton"): 3.0,
+                ("wgrad", "cudnn"): 2.0,
+            }
             self.calls = []
 
         def __call__(self, step):
@@ -142,7 +146,7 @@ def test_key_buckets_m_and_separates_layouts(cache_file, timer):
     assert keys[0].startswith("conv_lrelu|M<=256|") and keys[1].startswith("conv_lrelu|M<=64|")
     assert keys[2].endswith("|fp32|channels_last|bias")
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the dtype the conv computes in
-        key = dispatch.decision_key("conv_lrelu", *_conv()[:2], True, 1, 1)  # fmt: skip
+        key = dispatch.decision_key("conv_lrelu", *_conv()[:2], True, 1, 1)
     assert key[-3:] == ("bf16", "contiguous", True)
 
 
@@ -353,8 +357,11 @@ def test_a_triton_candidate_that_mismatches_cudnn_is_excluded(cache_file, backwa
     monkeypatch.setattr(dispatch, "_relative_error", fake_error)
     backward_timer.ms[("wgrad", "triton")] = 1.0  # Triton would win every part on time
     x, w, b = _conv()
-    with pytest.warns(RuntimeWarning, match=rf"conv_lrelu Triton {part} excluded for x 2x3x6x6 w 4x3x3x3 s1 p1"
-                                            r".*relative error 0.5 > 0.001"):  # fmt: skip
+    with pytest.warns(
+        RuntimeWarning,
+        match=rf"conv_lrelu Triton {part} excluded for x 2x3x6x6 w 4x3x3x3 s1 p1"
+        r".*relative error 0.5 > 0.001",
+    ):
         y = K.conv_lrelu(x, w, b, 1, 1)
     row = dispatch.decisions()[0]
     assert list(row["excluded"]) == [part]

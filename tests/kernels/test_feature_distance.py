@@ -109,7 +109,8 @@ def test_mean_pairwise_distance_identical_rows_and_errors():
 
 
 def test_feature_distance_mixed_layouts():
-    """A transposed (non-contiguous) fake and a real in another layout: same values, grads in fake's layout."""
+    """A transposed (non-contiguous) fake and a real in another layout: same values, grads in fake's
+    layout."""
     torch.manual_seed(4)
     fake = torch.randn(5, 3, device=DEVICE).t().requires_grad_()  # (3, 5), strides (1, 3)
     real = torch.randn(3, 5, device=DEVICE)
@@ -162,8 +163,18 @@ def test_feature_distance_cuda_graph_capture():
 
 def _taps(n, dtypes=(torch.float32,)):
     """n comparator-tap-like layers: varied sizes (some spanning several programs), cycling dtypes/layouts."""
-    shapes = [(2, 3, 5, 5), (2, 7), (1, 4, 33, 17), (2, 1, 1, 1), (2, 6, 4, 4), (3, 11), (2, 2, 30, 20),
-              (2, 5, 3, 3), (4, 9), (2, 8, 2, 2)]  # fmt: skip
+    shapes = [
+        (2, 3, 5, 5),
+        (2, 7),
+        (1, 4, 33, 17),
+        (2, 1, 1, 1),
+        (2, 6, 4, 4),
+        (3, 11),
+        (2, 2, 30, 20),
+        (2, 5, 3, 3),
+        (4, 9),
+        (2, 8, 2, 2),
+    ]
     fakes, reals = [], []
     for i in range(n):
         s = shapes[i % len(shapes)]
@@ -226,8 +237,11 @@ def test_feature_distance_mixed_dtypes(num_layers):
 def test_feature_distance_empty_layer():
     """A zero-element layer among others contributes nothing and gets an empty gradient."""
     torch.manual_seed(12)
-    fakes = [torch.randn(2, 3, device=DEVICE, requires_grad=True), torch.randn(0, 4, device=DEVICE,
-             requires_grad=True), torch.randn(2, 5, device=DEVICE, requires_grad=True)]  # fmt: skip
+    fakes = [
+        torch.randn(2, 3, device=DEVICE, requires_grad=True),
+        torch.randn(0, 4, device=DEVICE, requires_grad=True),
+        torch.randn(2, 5, device=DEVICE, requires_grad=True),
+    ]
     reals = [torch.randn_like(f) for f in fakes]
     with K.use_backend("triton"):
         loss = K.feature_distance(fakes, reals, [1.0, 2.0, 3.0])

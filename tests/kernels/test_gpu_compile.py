@@ -40,7 +40,9 @@ def test_static_report_on_every_network_layer():
     """bf16, channels_last, batch 64, every conv / up-conv layer of G (autoencoder, fc6), D (64 and 227 px,
     padded and unpadded): no spills, wgmma and asynchronous loads in every kernel the tuner may run, and
     issued-MMA efficiency >= 0.85 for each of those configs."""
-    rows = static_report(batch=64, dtype="bf16", kernels=("forward",))  # the backward: test_static_backward.py
+    rows = static_report(
+        batch=64, dtype="bf16", kernels=("forward",)
+    )  # the backward: test_static_backward.py
     assert len(rows) >= 30
     for row in rows:
         where = f"{row['network']} {row['layer']} ({row['shape']})"

@@ -13,7 +13,9 @@ TAP_SETS = [
     pytest.param([(2, 5, 3, 7), (2, 40, 9, 9), (2, 3, 1, 1)], False, id="odd-sizes"),
     pytest.param([(3, 7, 11, 13)], False, id="one-tap-multi-block"),
     pytest.param([(2, 4, 2, 2), (2, 6)], False, id="2d-tap"),
-    pytest.param([(1, 3, 2, 3)] * 4 + [(1, 5, 3, 1), (1, 2, 1, 4), (1, 9, 2, 2)], False, id="7-taps-2-launches"),
+    pytest.param(
+        [(1, 3, 2, 3)] * 4 + [(1, 5, 3, 1), (1, 2, 1, 4), (1, 9, 2, 2)], False, id="7-taps-2-launches"
+    ),
     pytest.param([(2, 5, 3, 3), (2, 33, 4, 2)], True, id="channels_last"),
 ]
 
@@ -28,7 +30,9 @@ def test_lpips_distance_matches_reference(device, dtype, atol, rtol, shapes, cha
 
     def make(s):
         t = torch.randn(s, device=device).relu()  # ReLU: zeros as in real taps
-        if dtype == torch.float16:  # an all-zero position's gradient (~1/eps) does not fit fp16 (docs/lpips.md)
+        if (
+            dtype == torch.float16
+        ):  # an all-zero position's gradient (~1/eps) does not fit fp16 (docs/lpips.md)
             t = t + 1e-2
         t = t.to(dtype)
         return t.to(memory_format=torch.channels_last) if channels_last and t.dim() == 4 else t
@@ -71,7 +75,9 @@ def test_lpips_distance_zero_features_finite():
         d = K.lpips_distance([f0], [f1], [torch.ones(4, device=DEVICE)])
     (g,) = torch.autograd.grad(d.sum(), [f0])
     assert torch.isfinite(g).all() and torch.isfinite(d).all()
-    torch.testing.assert_close(d.cpu(), torch.tensor([1.0 / 9, 0.0]))  # |0 - unit vector|^2 = 1 at 1 of 9 positions
+    torch.testing.assert_close(
+        d.cpu(), torch.tensor([1.0 / 9, 0.0])
+    )  # |0 - unit vector|^2 = 1 at 1 of 9 positions
 
 
 def test_lpips_distance_rejects_bad_input():
@@ -85,12 +91,17 @@ def test_lpips_distance_rejects_bad_input():
 def test_lpips_distance_traces_under_compile():
     """The custom op's fake implementation and autograd: fullgraph compile (aot_eager) matches eager."""
     torch.manual_seed(5)
-    f0s = [torch.rand(2, 5, 3, 4, device=DEVICE, requires_grad=True), torch.rand(2, 7, 2, 2, device=DEVICE, requires_grad=True)]
+    f0s = [
+        torch.rand(2, 5, 3, 4, device=DEVICE, requires_grad=True),
+        torch.rand(2, 7, 2, 2, device=DEVICE, requires_grad=True),
+    ]
     f1s = [torch.rand(2, 5, 3, 4, device=DEVICE), torch.rand(2, 7, 2, 2, device=DEVICE)]
     w = [torch.rand(5, device=DEVICE), torch.rand(7, device=DEVICE)]
     with K.use_backend("triton"):
         eager = K.lpips_distance(f0s, f1s, w)
-        compiled = torch.compile(lambda a, b: K.lpips_distance([a, b], f1s, w), backend="aot_eager", fullgraph=True)
+        compiled = torch.compile(
+            lambda a, b: K.lpips_distance([a, b], f1s, w), backend="aot_eager", fullgraph=True
+        )
         out = compiled(*f0s)
     torch.testing.assert_close(out, eager)
     for g, g_eager in zip(torch.autograd.grad(out.sum(), f0s), torch.autograd.grad(eager.sum(), f0s)):

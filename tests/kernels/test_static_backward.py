@@ -52,9 +52,9 @@ def test_wgrad_splits_fill_two_waves_and_candidates_meet_the_bar():
 
     for config in B.wgrad_candidates(geom, torch.bfloat16, "ieee"):
         assert B.wgrad_efficiency(geom, config) >= C.MIN_EFFICIENCY
-    assert len(C.GPU_CONFIGS) and all(
-        c.block_m * c.block_n <= 128 * 128 for c in C.GPU_CONFIGS
-    ), "tiles above 128x128 take the forward kernel over 240 registers"
+    assert len(C.GPU_CONFIGS) and all(c.block_m * c.block_n <= 128 * 128 for c in C.GPU_CONFIGS), (
+        "tiles above 128x128 take the forward kernel over 240 registers"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -78,27 +78,37 @@ def test_every_kernel_on_every_layer_meets_the_hard_bars(rows):
 
 
 def _misses(rows, test):
-    return [f"{r['network']} {r['layer']} {r['kernel']} {c['config']}" for r in rows for c in r["configs"]
-            if not test(c)]  # fmt: skip
+    return [
+        f"{r['network']} {r['layer']} {r['kernel']} {c['config']}"
+        for r in rows
+        for c in r["configs"]
+        if not test(c)
+    ]
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="not yet: dgrad of strided convs (taps / classes), C_out = 3 dgrads, "
-                   "wgrad of K-padded 3-channel layers fall under 0.85 (see bench/RESULTS.md)")  # fmt: skip
+@pytest.mark.xfail(
+    strict=True,
+    reason="not yet: dgrad of strided convs (taps / classes), C_out = 3 dgrads, "
+    "wgrad of K-padded 3-channel layers fall under 0.85 (see bench/RESULTS.md)",
+)
 def test_efficiency_at_least_085_on_every_kernel(rows):
     assert _misses(rows, lambda c: c["efficiency"] >= 0.85) == []
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="not yet: no persistent / stream-K schedule; most forward grids are "
-                   "under 2 waves on 132 SMs")  # fmt: skip
+@pytest.mark.xfail(
+    strict=True,
+    reason="not yet: no persistent / stream-K schedule; most forward grids are under 2 waves on 132 SMs",
+)
 def test_two_waves_or_persistent_on_every_kernel(rows):
     assert _misses(rows, lambda c: c["waves"] >= 2) == []
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="not yet: wgrad tiles with fewer than 64 rows of D lower to mma, not "
-                   "wgmma")  # fmt: skip
+@pytest.mark.xfail(
+    strict=True, reason="not yet: wgrad tiles with fewer than 64 rows of D lower to mma, not wgmma"
+)
 def test_wgmma_in_every_kernel(rows):
     assert _misses(rows, lambda c: c["wgmma"] > 0) == []
 
@@ -129,8 +139,14 @@ def test_a_first_layer_padded_to_4_channels_loads_x_asynchronously():
     import sys
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-c", _PADDED_FIRST_LAYER], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=static._repo_root())  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", _PADDED_FIRST_LAYER],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=static._repo_root(),
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     facts = json.loads(done.stdout.strip().splitlines()[-1])
     three, four = facts["3"], facts["4"]

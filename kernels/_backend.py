@@ -116,6 +116,11 @@ def use_backend(name: str):
         _override.pop()
 
 
+def can_launch(t: torch.Tensor) -> bool:
+    """Inside the custom ops: Triton where it can run (CUDA, or CPU under TRITON_INTERPRET=1)."""
+    return HAS_TRITON and (t.is_cuda or INTERPRET)
+
+
 def register_op(name: str, fn, *, fake, setup_context=None, backward=None, schema=None):
     """Register ``deepsim::<name>`` once (re-importing the package under another name must not fail)."""
     if hasattr(torch.ops.deepsim, name):
@@ -125,3 +130,13 @@ def register_op(name: str, fn, *, fake, setup_context=None, backward=None, schem
     if backward is not None:
         op.register_autograd(backward, setup_context=setup_context)
     return op
+
+
+def register_autograd_ops(name: str, forward, forward_fake, backward, backward_fake, function):
+    """``deepsim::<name>_backward`` (no autograd of its own), then ``deepsim::<name>`` with ``function``'s
+    setup_context and backward; returns (forward op, backward op)."""
+    backward_op = register_op(f"{name}_backward", backward, fake=backward_fake)
+    forward_op = register_op(
+        name, forward, fake=forward_fake, setup_context=function.setup_context, backward=function.backward
+    )
+    return forward_op, backward_op

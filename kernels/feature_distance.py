@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ._backend import HAS_TRITON, INTERPRET, backend, register_op, tl, triton
+from ._backend import INTERPRET, backend, can_launch, register_autograd_ops, tl, triton
+from ._layout import in_layout_of, is_dense
 
 __all__ = [
     "feature_distance",
@@ -28,30 +29,15 @@ MAX_LAYERS = 8  # layers per forward launch (kernel argument slots); more layers
 
 
 @triton.jit
-def _chunk(
-    fake_ptr,
-    real_ptr,
-    grad_ptr,
-    numel,
-    wscale,
-    gscale,
-    block_start,
-    pid,
-    COMPUTE_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr,
-    ITERS: tl.constexpr,
-):
-    # This program's contribution from one layer slot: chunk (pid - block_start) of the layer when
-    # block_start <= pid < block_start + cdiv(numel, BLOCK * ITERS), else 0 (its loop runs zero times).
-    # wscale = w_l / denom, gscale = 2 w_l / denom:
+def _chunk(layer, pid, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    # This program's contribution from one layer = (fake, real, grad, numel, wscale, gscale, block_start):
+    # chunk (pid - block_start) of the layer when block_start <= pid < block_start + cdiv(numel, BLOCK *
+    # ITERS), else 0 (its loop runs zero times). wscale = w_l / denom, gscale = 2 w_l / denom:
     #   contribution = wscale * sum (f - r)^2          (fp32 accumulation)
     #   grad_f       = gscale * (f - r)                (= d contribution / d f; stored in the fakes' dtype)
-    local = pid - block_start
-    nblocks = (numel + (BLOCK * ITERS - 1)) // (BLOCK * ITERS)
-    active = (local >= 0) & (local < nblocks)
-    start = local.to(tl.int64) * (BLOCK * ITERS)
+    fake_ptr, real_ptr, grad_ptr, numel, wscale, gscale, block_start = layer
+    active, start, iters = _owned(pid, numel, block_start, BLOCK, ITERS)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    iters = tl.where(active, ITERS, 0)  # a slot that does not own this program runs no iteration at all
     for i in range(0, iters):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         mask = active & (offs < numel)
@@ -65,186 +51,27 @@ def _chunk(
 
 
 @triton.jit
+def _owned(pid, numel, block_start, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    # Whether pid owns a chunk of a layer whose chunks are programs [block_start, + cdiv(numel, BLOCK *
+    # ITERS)), the chunk's first element, and its iteration count (0 when it owns none).
+    local = pid - block_start
+    nblocks = (numel + (BLOCK * ITERS - 1)) // (BLOCK * ITERS)
+    active = (local >= 0) & (local < nblocks)
+    return active, local.to(tl.int64) * (BLOCK * ITERS), tl.where(active, ITERS, 0)
+
+
+@triton.jit
 def _feature_distance_fwd_kernel(
-    partial_ptr,
-    fake_ptr0,
-    real_ptr0,
-    grad_ptr0,
-    numel0,
-    wscale0,
-    gscale0,
-    block_start0,
-    fake_ptr1,
-    real_ptr1,
-    grad_ptr1,
-    numel1,
-    wscale1,
-    gscale1,
-    block_start1,
-    fake_ptr2,
-    real_ptr2,
-    grad_ptr2,
-    numel2,
-    wscale2,
-    gscale2,
-    block_start2,
-    fake_ptr3,
-    real_ptr3,
-    grad_ptr3,
-    numel3,
-    wscale3,
-    gscale3,
-    block_start3,
-    fake_ptr4,
-    real_ptr4,
-    grad_ptr4,
-    numel4,
-    wscale4,
-    gscale4,
-    block_start4,
-    fake_ptr5,
-    real_ptr5,
-    grad_ptr5,
-    numel5,
-    wscale5,
-    gscale5,
-    block_start5,
-    fake_ptr6,
-    real_ptr6,
-    grad_ptr6,
-    numel6,
-    wscale6,
-    gscale6,
-    block_start6,
-    fake_ptr7,
-    real_ptr7,
-    grad_ptr7,
-    numel7,
-    wscale7,
-    gscale7,
-    block_start7,
-    NUM_LAYERS: tl.constexpr,
-    COMPUTE_GRAD: tl.constexpr,
-    BLOCK: tl.constexpr,
-    ITERS: tl.constexpr,
+    partial_ptr, layers, COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr
 ):
-    # Up to MAX_LAYERS layers in one launch, each passed as its own kernel arguments (no device-side table).
-    # Program pid handles one chunk of exactly one layer: layer l owns programs
-    # [block_start_l, block_start_l + cdiv(numel_l, BLOCK * ITERS)). Slots >= NUM_LAYERS are not compiled;
-    # every compiled slot's code is reached by every program, but only the owning layer's slot iterates.
+    # Up to MAX_LAYERS layers in one launch, a tuple of kernel arguments each (no device-side table); layer
+    # l owns programs [block_start_l, block_start_l + cdiv(numel_l, BLOCK * ITERS)). Every layer's code is
+    # reached by every program, but only the owning layer's loop iterates.
     # partial[pid] = that program's (weighted) partial sum.
     pid = tl.program_id(0)
-    acc = _chunk(
-        fake_ptr0,
-        real_ptr0,
-        grad_ptr0,
-        numel0,
-        wscale0,
-        gscale0,
-        block_start0,
-        pid,
-        COMPUTE_GRAD,
-        BLOCK,
-        ITERS,
-    )
-    if NUM_LAYERS > 1:
-        acc += _chunk(
-            fake_ptr1,
-            real_ptr1,
-            grad_ptr1,
-            numel1,
-            wscale1,
-            gscale1,
-            block_start1,
-            pid,
-            COMPUTE_GRAD,
-            BLOCK,
-            ITERS,
-        )
-    if NUM_LAYERS > 2:
-        acc += _chunk(
-            fake_ptr2,
-            real_ptr2,
-            grad_ptr2,
-            numel2,
-            wscale2,
-            gscale2,
-            block_start2,
-            pid,
-            COMPUTE_GRAD,
-            BLOCK,
-            ITERS,
-        )
-    if NUM_LAYERS > 3:
-        acc += _chunk(
-            fake_ptr3,
-            real_ptr3,
-            grad_ptr3,
-            numel3,
-            wscale3,
-            gscale3,
-            block_start3,
-            pid,
-            COMPUTE_GRAD,
-            BLOCK,
-            ITERS,
-        )
-    if NUM_LAYERS > 4:
-        acc += _chunk(
-            fake_ptr4,
-            real_ptr4,
-            grad_ptr4,
-            numel4,
-            wscale4,
-            gscale4,
-            block_start4,
-            pid,
-            COMPUTE_GRAD,
-            BLOCK,
-            ITERS,
-        )
-    if NUM_LAYERS > 5:
-        acc += _chunk(
-            fake_ptr5,
-            real_ptr5,
-            grad_ptr5,
-            numel5,
-            wscale5,
-            gscale5,
-            block_start5,
-            pid,
-            COMPUTE_GRAD,
-            BLOCK,
-            ITERS,
-        )
-    if NUM_LAYERS > 6:
-        acc += _chunk(
-            fake_ptr6,
-            real_ptr6,
-            grad_ptr6,
-            numel6,
-            wscale6,
-            gscale6,
-            block_start6,
-            pid,
-            COMPUTE_GRAD,
-            BLOCK,
-            ITERS,
-        )
-    if NUM_LAYERS > 7:
-        acc += _chunk(
-            fake_ptr7,
-            real_ptr7,
-            grad_ptr7,
-            numel7,
-            wscale7,
-            gscale7,
-            block_start7,
-            pid,
-            COMPUTE_GRAD,
-            BLOCK,
-            ITERS,
-        )
+    acc = _chunk(layers[0], pid, COMPUTE_GRAD, BLOCK, ITERS)
+    for l in tl.static_range(1, len(layers)):
+        acc += _chunk(layers[l], pid, COMPUTE_GRAD, BLOCK, ITERS)
     tl.store(partial_ptr + pid, acc)
 
 
@@ -259,14 +86,11 @@ def _feature_distance_sum_kernel(partial_ptr, out_ptr, n, scale, BLOCK: tl.const
 
 
 @triton.jit
-def _scale_chunk(saved_ptr, grad_ptr, numel, block_start, g, pid, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    # This program's chunk (pid - block_start) of one layer slot, when it owns it (else no iteration):
-    #   grad_fake = saved * g      (saved = dL/dfake from the forward, g = dL_total/dL; fp32 multiply)
-    local = pid - block_start
-    nblocks = (numel + (BLOCK * ITERS - 1)) // (BLOCK * ITERS)
-    active = (local >= 0) & (local < nblocks)
-    start = local.to(tl.int64) * (BLOCK * ITERS)
-    iters = tl.where(active, ITERS, 0)
+def _scale_chunk(layer, g, pid, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+    # This program's chunk of one layer = (saved, grad, numel, block_start), when it owns it (else no
+    # iteration): grad_fake = saved * g (saved = dL/dfake from the forward, g = dL_total/dL; fp32 multiply)
+    saved_ptr, grad_ptr, numel, block_start = layer
+    active, start, iters = _owned(pid, numel, block_start, BLOCK, ITERS)
     for i in range(0, iters):
         offs = start + i * BLOCK + tl.arange(0, BLOCK)
         mask = offs < numel
@@ -275,64 +99,14 @@ def _scale_chunk(saved_ptr, grad_ptr, numel, block_start, g, pid, BLOCK: tl.cons
 
 
 @triton.jit
-def _feature_distance_bwd_kernel(
-    grad_loss_ptr,
-    saved_ptr0,
-    grad_ptr0,
-    numel0,
-    block_start0,
-    saved_ptr1,
-    grad_ptr1,
-    numel1,
-    block_start1,
-    saved_ptr2,
-    grad_ptr2,
-    numel2,
-    block_start2,
-    saved_ptr3,
-    grad_ptr3,
-    numel3,
-    block_start3,
-    saved_ptr4,
-    grad_ptr4,
-    numel4,
-    block_start4,
-    saved_ptr5,
-    grad_ptr5,
-    numel5,
-    block_start5,
-    saved_ptr6,
-    grad_ptr6,
-    numel6,
-    block_start6,
-    saved_ptr7,
-    grad_ptr7,
-    numel7,
-    block_start7,
-    NUM_LAYERS: tl.constexpr,
-    BLOCK: tl.constexpr,
-    ITERS: tl.constexpr,
-):
+def _feature_distance_bwd_kernel(grad_loss_ptr, layers, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     # dL_total/dfake_l = (dL/dfake_l, saved by the forward) * dL_total/dL, for up to MAX_LAYERS layers in
-    # one launch, laid out as in the forward: layer l owns programs [block_start_l, + cdiv(numel_l, BLOCK *
-    # ITERS)); every argument is a scalar or a pointer (no device-side table), so the launch is graph-safe.
+    # one launch, laid out as in the forward; every argument is a scalar or a pointer (no device-side
+    # table), so the launch is graph-safe.
     pid = tl.program_id(0)
     g = tl.load(grad_loss_ptr).to(tl.float32)
-    _scale_chunk(saved_ptr0, grad_ptr0, numel0, block_start0, g, pid, BLOCK, ITERS)
-    if NUM_LAYERS > 1:
-        _scale_chunk(saved_ptr1, grad_ptr1, numel1, block_start1, g, pid, BLOCK, ITERS)
-    if NUM_LAYERS > 2:
-        _scale_chunk(saved_ptr2, grad_ptr2, numel2, block_start2, g, pid, BLOCK, ITERS)
-    if NUM_LAYERS > 3:
-        _scale_chunk(saved_ptr3, grad_ptr3, numel3, block_start3, g, pid, BLOCK, ITERS)
-    if NUM_LAYERS > 4:
-        _scale_chunk(saved_ptr4, grad_ptr4, numel4, block_start4, g, pid, BLOCK, ITERS)
-    if NUM_LAYERS > 5:
-        _scale_chunk(saved_ptr5, grad_ptr5, numel5, block_start5, g, pid, BLOCK, ITERS)
-    if NUM_LAYERS > 6:
-        _scale_chunk(saved_ptr6, grad_ptr6, numel6, block_start6, g, pid, BLOCK, ITERS)
-    if NUM_LAYERS > 7:
-        _scale_chunk(saved_ptr7, grad_ptr7, numel7, block_start7, g, pid, BLOCK, ITERS)
+    for l in tl.static_range(len(layers)):
+        _scale_chunk(layers[l], g, pid, BLOCK, ITERS)
 
 
 def deterministic_sum(partials: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -351,6 +125,11 @@ def _dense_pair(f: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return f, r
 
 
+def _groups(n: int):
+    """Layer indices in launch groups of up to MAX_LAYERS, in layer order."""
+    return (range(g0, min(g0 + MAX_LAYERS, n)) for g0 in range(0, n, MAX_LAYERS))
+
+
 def feature_distance_forward(
     fakes: Sequence[torch.Tensor],
     reals: Sequence[torch.Tensor],
@@ -365,46 +144,28 @@ def feature_distance_forward(
     device = fakes[0].device
     pairs = [_dense_pair(f, r) for f, r in zip(fakes, reals)]  # each layer keeps its own dtype
     grads = [torch.empty_like(f) for f, _ in pairs] if compute_grad else []  # pairs keep dense f's strides
-    chunk = _BLOCK * _ITERS
-    progs = [triton.cdiv(f.numel(), chunk) for f, _ in pairs]
+    progs = [triton.cdiv(f.numel(), _BLOCK * _ITERS) for f, _ in pairs]
     if sum(progs) == 0:
         return torch.zeros((), device=device, dtype=torch.float32), grads
     partials = torch.empty(sum(progs), device=device, dtype=torch.float32)
     base = 0
-    for g0 in range(0, len(pairs), MAX_LAYERS):
-        layers = range(g0, min(g0 + MAX_LAYERS, len(pairs)))
-        nprog = sum(progs[i] for i in layers)
-        if nprog == 0:
-            continue
-        args, start = [], 0
-        f0 = next(pairs[i][0] for i in layers if progs[i])
-        dummy = [f0, f0, f0, 0, 0.0, 0.0, 0]  # valid pointers, numel 0: never active
-        for i in layers:
-            f, r = pairs[i]
-            w = weights[i]
-            if progs[i] == 0:  # empty layer (its storage pointer may be null): a dummy slot
-                args += dummy
+    for group in _groups(len(pairs)):
+        layers, start = [], 0
+        for i in group:
+            if progs[i] == 0:  # an empty layer (its storage pointer may be null) takes no part
                 continue
-            args += [f, r, grads[i] if compute_grad else f, f.numel(), w / denom, 2.0 * w / denom, start]
+            f, r = pairs[i]
+            w = weights[i] / denom
+            layers.append((f, r, grads[i] if compute_grad else f, f.numel(), w, 2.0 * w, start))
             start += progs[i]
-        args += dummy * (MAX_LAYERS - len(layers))  # unused slots; not compiled (NUM_LAYERS guards them)
-        _feature_distance_fwd_kernel[(nprog,)](
-            partials[base:],
-            *args,
-            NUM_LAYERS=len(layers),
-            COMPUTE_GRAD=compute_grad,
-            BLOCK=_BLOCK,
-            ITERS=_ITERS,
+        if start == 0:
+            continue
+        _feature_distance_fwd_kernel[(start,)](
+            partials[base:], tuple(layers), COMPUTE_GRAD=compute_grad, BLOCK=_BLOCK, ITERS=_ITERS
         )
-        base += nprog
-    loss = deterministic_sum(partials)
-    # Non-dense fakes were computed through a contiguous copy; hand back empty_like(fake) layouts (the fake
-    # implementation's promise to torch.compile).
-    grads = [
-        g if g.stride() == torch.empty_like(f).stride() else torch.empty_like(f).copy_(g)
-        for g, f in zip(grads, fakes)
-    ]
-    return loss, grads
+        base += start
+    # Non-dense fakes were computed through a contiguous copy: hand back empty_like(fake) layouts.
+    return deterministic_sum(partials), [in_layout_of(g, f) for g, f in zip(grads, fakes)]
 
 
 def feature_distance_backward(saved: Sequence[torch.Tensor], grad_loss: torch.Tensor) -> list[torch.Tensor]:
@@ -412,44 +173,23 @@ def feature_distance_backward(saved: Sequence[torch.Tensor], grad_loss: torch.Te
 
     One launch for up to MAX_LAYERS layers (so one for <= 8 taps; more: successive launches of 8), laid
     out like the forward; graph-safe (scalar and pointer arguments only, no host table)."""
-    if not (HAS_TRITON and (grad_loss.is_cuda or INTERPRET)):
+    if not can_launch(grad_loss):
         return [s * grad_loss.to(s.dtype) for s in saved]
     grad_loss = grad_loss.to(torch.float32)
     grads = [torch.empty_like(s) for s in saved]
-    chunk = _BLOCK * _ITERS
-    for g0 in range(0, len(saved), MAX_LAYERS):
-        layers = range(g0, min(g0 + MAX_LAYERS, len(saved)))
-        args, start = [], 0
-        for i in layers:
+    for group in _groups(len(saved)):
+        layers, start = [], 0
+        for i in group:
             s = saved[i]
-            if s.numel() == 0 or not _is_dense(s):  # empty (pointer may be null) or odd layout: a dummy slot
-                args += [grad_loss, grad_loss, 0, 0]
-                continue
-            args += [s, grads[i], s.numel(), start]
-            start += triton.cdiv(s.numel(), chunk)
-        if start == 0:
-            continue
-        args += [grad_loss, grad_loss, 0, 0] * (MAX_LAYERS - len(layers))  # unused slots, not compiled
-        _feature_distance_bwd_kernel[(start,)](
-            grad_loss, *args, NUM_LAYERS=len(layers), BLOCK=_BLOCK, ITERS=_ITERS
-        )
+            if s.numel() and is_dense(s):  # empty (pointer may be null) or odd layout: below
+                layers.append((s, grads[i], s.numel(), start))
+                start += triton.cdiv(s.numel(), _BLOCK * _ITERS)
+        if start:
+            _feature_distance_bwd_kernel[(start,)](grad_loss, tuple(layers), BLOCK=_BLOCK, ITERS=_ITERS)
     for i, s in enumerate(saved):  # the forward saves dense gradients; anything else: a torch multiply
-        if s.numel() and not _is_dense(s):
+        if s.numel() and not is_dense(s):
             grads[i] = s * grad_loss.to(s.dtype)
     return grads
-
-
-def _is_dense(t: torch.Tensor) -> bool:
-    """t's elements fill its storage span with no gap or overlap (some permutation of a contiguous tensor),
-    so empty_like(t) has t's strides and one flat index walks both alike."""
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -463,7 +203,7 @@ def _fwd_impl(
     denom: float,
     compute_grad: bool,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    if HAS_TRITON and (fakes[0].is_cuda or INTERPRET):
+    if can_launch(fakes[0]):
         return feature_distance_forward(fakes, reals, weights, denom, compute_grad)
     loss = fakes[0].new_zeros((), dtype=torch.float32)
     grads = []
@@ -508,13 +248,8 @@ class FeatureDistanceFunction(torch.autograd.Function):
         return grads, [None] * ctx.num_layers, None, None, None
 
 
-_backward_op = register_op("feature_distance_backward", _bwd_impl, fake=_bwd_fake)
-_forward_op = register_op(
-    "feature_distance",
-    _fwd_impl,
-    fake=_fwd_fake,
-    setup_context=FeatureDistanceFunction.setup_context,
-    backward=FeatureDistanceFunction.backward,
+_forward_op, _backward_op = register_autograd_ops(
+    "feature_distance", _fwd_impl, _fwd_fake, _bwd_impl, _bwd_fake, FeatureDistanceFunction
 )
 
 

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 
 import torch
 
-from ._backend import HAS_TRITON, INTERPRET, backend, register_op, tl, triton
+from ._backend import backend, can_launch, register_autograd_ops, tl, triton
+from ._layout import in_layout_of, is_dense
 
 __all__ = [
     "lpips_distance",
@@ -37,15 +38,18 @@ def _tile(f_ptr, base, offs_c, C, pofs, pmask, sc):
 
 
 @triton.jit
-def _where(pid, prog_start, ntiles, nblk, C):
-    # Which (image b, position block j) of this slot program pid owns; cc = C when it owns one, else 0 (its
-    # channel loops then run no iteration).
-    local = pid - prog_start
+def _position_block(pid, geo, BLOCK_P: tl.constexpr):
+    # The (image b, position block j) of a tap that program pid owns, geo = (C, P, sb, sc, sp, nblk, ntiles,
+    # start): tap programs [start, start + ntiles). cc = C when it owns one, else 0 (its channel loops then
+    # run no iteration); base = b's offset, pofs / pmask the block's position offsets and mask.
+    C, P, sb, sc, sp, nblk, ntiles, start = geo
+    local = pid - start
     active = (local >= 0) & (local < ntiles)
     local = tl.where(active, local, 0)
     b = local // nblk
     j = local - b * nblk
-    return active, b, j, tl.where(active, C, 0)
+    offs_p = j * BLOCK_P + tl.arange(0, BLOCK_P)
+    return active, b, j, tl.where(active, C, 0), b.to(tl.int64) * sb, offs_p.to(tl.int64) * sp, offs_p < P
 
 
 @triton.jit
@@ -63,33 +67,11 @@ def _norms(f0_ptr, f1_ptr, base, cc, C, pofs, pmask, sc, eps2, BLOCK_C: tl.const
 
 
 @triton.jit
-def _fwd_slot(
-    partial_ptr,
-    ncols,
-    pid,
-    eps2,
-    f0_ptr,
-    f1_ptr,
-    w_ptr,
-    C,
-    P,
-    sb,
-    sc,
-    sp,
-    nblk,
-    ntiles,
-    prog_start,
-    col_start,
-    inv_p,
-    BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    # partial[b, col_start + j] = 1/P * sum_{p in block j} sum_c w_c (n0_c - n1_c)^2, when this slot owns pid.
-    active, b, j, cc = _where(pid, prog_start, ntiles, nblk, C)
-    offs_p = j * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = offs_p < P
-    pofs = offs_p.to(tl.int64) * sp
-    base = b.to(tl.int64) * sb
+def _fwd_tap(partial_ptr, ncols, pid, eps2, tap, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    # partial[b, col + j] = 1/P * sum_{p in block j} sum_c w_c (n0_c - n1_c)^2, when this tap owns pid.
+    f0_ptr, f1_ptr, w_ptr, geo, col, inv_p = tap
+    C, sc = geo[0], geo[3]
+    active, b, j, cc, base, pofs, pmask = _position_block(pid, geo, BLOCK_P)
     r0, r1 = _norms(f0_ptr, f1_ptr, base, cc, C, pofs, pmask, sc, eps2, BLOCK_C, BLOCK_P)
     acc = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for c0 in range(0, cc, BLOCK_C):
@@ -100,244 +82,54 @@ def _fwd_slot(
             - _tile(f1_ptr, base, offs_c, C, pofs, pmask, sc) * r1[None, :]
         )
         acc += tl.sum(w[:, None] * d * d, axis=0)
-    tl.store(partial_ptr + b.to(tl.int64) * ncols + col_start + j, tl.sum(acc, axis=0) * inv_p, mask=active)
+    tl.store(partial_ptr + b.to(tl.int64) * ncols + col + j, tl.sum(acc, axis=0) * inv_p, mask=active)
 
 
 @triton.jit
-def _lpips_fwd_kernel(
-    partial_ptr,
-    ncols,
-    eps2,
-    f0_0,
-    f1_0,
-    w_0,
-    C_0,
-    P_0,
-    sb_0,
-    sc_0,
-    sp_0,
-    nblk_0,
-    ntiles_0,
-    start_0,
-    col_0,
-    invp_0,
-    f0_1,
-    f1_1,
-    w_1,
-    C_1,
-    P_1,
-    sb_1,
-    sc_1,
-    sp_1,
-    nblk_1,
-    ntiles_1,
-    start_1,
-    col_1,
-    invp_1,
-    f0_2,
-    f1_2,
-    w_2,
-    C_2,
-    P_2,
-    sb_2,
-    sc_2,
-    sp_2,
-    nblk_2,
-    ntiles_2,
-    start_2,
-    col_2,
-    invp_2,
-    f0_3,
-    f1_3,
-    w_3,
-    C_3,
-    P_3,
-    sb_3,
-    sc_3,
-    sp_3,
-    nblk_3,
-    ntiles_3,
-    start_3,
-    col_3,
-    invp_3,
-    f0_4,
-    f1_4,
-    w_4,
-    C_4,
-    P_4,
-    sb_4,
-    sc_4,
-    sp_4,
-    nblk_4,
-    ntiles_4,
-    start_4,
-    col_4,
-    invp_4,
-    NUM_TAPS: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    # Tap l owns programs [start_l, start_l + B * nblk_l); slots >= NUM_TAPS are not compiled.
+def _lpips_fwd_kernel(partial_ptr, ncols, eps2, taps, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    # taps[l] = (f0, f1, w, geo, col, 1/P): tap l owns programs [start_l, start_l + B * nblk_l) (geo, see
+    # _position_block) and writes partial[:, col_l:col_l + nblk_l].
     pid = tl.program_id(0)
-    _fwd_slot(
-        partial_ptr,
-        ncols,
-        pid,
-        eps2,
-        f0_0,
-        f1_0,
-        w_0,
-        C_0,
-        P_0,
-        sb_0,
-        sc_0,
-        sp_0,
-        nblk_0,
-        ntiles_0,
-        start_0,
-        col_0,
-        invp_0,
-        BLOCK_C,
-        BLOCK_P,
-    )
-    if NUM_TAPS > 1:
-        _fwd_slot(
-            partial_ptr,
-            ncols,
-            pid,
-            eps2,
-            f0_1,
-            f1_1,
-            w_1,
-            C_1,
-            P_1,
-            sb_1,
-            sc_1,
-            sp_1,
-            nblk_1,
-            ntiles_1,
-            start_1,
-            col_1,
-            invp_1,
-            BLOCK_C,
-            BLOCK_P,
-        )
-    if NUM_TAPS > 2:
-        _fwd_slot(
-            partial_ptr,
-            ncols,
-            pid,
-            eps2,
-            f0_2,
-            f1_2,
-            w_2,
-            C_2,
-            P_2,
-            sb_2,
-            sc_2,
-            sp_2,
-            nblk_2,
-            ntiles_2,
-            start_2,
-            col_2,
-            invp_2,
-            BLOCK_C,
-            BLOCK_P,
-        )
-    if NUM_TAPS > 3:
-        _fwd_slot(
-            partial_ptr,
-            ncols,
-            pid,
-            eps2,
-            f0_3,
-            f1_3,
-            w_3,
-            C_3,
-            P_3,
-            sb_3,
-            sc_3,
-            sp_3,
-            nblk_3,
-            ntiles_3,
-            start_3,
-            col_3,
-            invp_3,
-            BLOCK_C,
-            BLOCK_P,
-        )
-    if NUM_TAPS > 4:
-        _fwd_slot(
-            partial_ptr,
-            ncols,
-            pid,
-            eps2,
-            f0_4,
-            f1_4,
-            w_4,
-            C_4,
-            P_4,
-            sb_4,
-            sc_4,
-            sp_4,
-            nblk_4,
-            ntiles_4,
-            start_4,
-            col_4,
-            invp_4,
-            BLOCK_C,
-            BLOCK_P,
-        )
+    for l in tl.static_range(len(taps)):
+        _fwd_tap(partial_ptr, ncols, pid, eps2, taps[l], BLOCK_C, BLOCK_P)
 
 
 @triton.jit
-def _bwd_slot(
+def _normalized(f0_ptr, f1_ptr, w_ptr, base, offs_c, C, pofs, pmask, sc, r0, r1):
+    # n0, n1 and g = 2 w (n0 - n1) on one (BLOCK_C, BLOCK_P) tile.
+    w = tl.load(w_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
+    n0 = _tile(f0_ptr, base, offs_c, C, pofs, pmask, sc) * r0[None, :]
+    n1 = _tile(f1_ptr, base, offs_c, C, pofs, pmask, sc) * r1[None, :]
+    return n0, n1, 2.0 * w[:, None] * (n0 - n1)
+
+
+@triton.jit
+def _bwd_tap(
     gout_ptr,
     pid,
     eps2,
-    f0_ptr,
-    f1_ptr,
-    g0_ptr,
-    g1_ptr,
-    w_ptr,
-    C,
-    P,
-    sb,
-    sc,
-    sp,
-    nblk,
-    ntiles,
-    prog_start,
-    inv_p,
+    tap,
     NEED0: tl.constexpr,
     NEED1: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
     # grad0 = s r0 (g - n0 <g, n0>), grad1 = s r1 (n1 <g, n1> - g), g = 2 w (n0 - n1), s = gout[b] / P.
-    active, b, j, cc = _where(pid, prog_start, ntiles, nblk, C)
-    offs_p = j * BLOCK_P + tl.arange(0, BLOCK_P)
-    pmask = offs_p < P
-    pofs = offs_p.to(tl.int64) * sp
-    base = b.to(tl.int64) * sb
+    f0_ptr, f1_ptr, g0_ptr, g1_ptr, w_ptr, geo, inv_p = tap
+    C, sc = geo[0], geo[3]
+    active, b, j, cc, base, pofs, pmask = _position_block(pid, geo, BLOCK_P)
     r0, r1 = _norms(f0_ptr, f1_ptr, base, cc, C, pofs, pmask, sc, eps2, BLOCK_C, BLOCK_P)
     dot0 = tl.zeros((BLOCK_P,), dtype=tl.float32)
     dot1 = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for c0 in range(0, cc, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        w = tl.load(w_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
-        n0 = _tile(f0_ptr, base, offs_c, C, pofs, pmask, sc) * r0[None, :]
-        n1 = _tile(f1_ptr, base, offs_c, C, pofs, pmask, sc) * r1[None, :]
-        g = 2.0 * w[:, None] * (n0 - n1)
+        n0, n1, g = _normalized(f0_ptr, f1_ptr, w_ptr, base, offs_c, C, pofs, pmask, sc, r0, r1)
         dot0 += tl.sum(g * n0, axis=0)
         dot1 += tl.sum(g * n1, axis=0)
     s = tl.load(gout_ptr + b).to(tl.float32) * inv_p
     for c0 in range(0, cc, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
-        w = tl.load(w_ptr + offs_c, mask=offs_c < C, other=0.0).to(tl.float32)
-        n0 = _tile(f0_ptr, base, offs_c, C, pofs, pmask, sc) * r0[None, :]
-        n1 = _tile(f1_ptr, base, offs_c, C, pofs, pmask, sc) * r1[None, :]
-        g = 2.0 * w[:, None] * (n0 - n1)
+        n0, n1, g = _normalized(f0_ptr, f1_ptr, w_ptr, base, offs_c, C, pofs, pmask, sc, r0, r1)
         m = (offs_c < C)[:, None] & pmask[None, :]
         offs = base + offs_c.to(tl.int64)[:, None] * sc + pofs[None, :]
         if NEED0:
@@ -352,203 +144,16 @@ def _bwd_slot(
 def _lpips_bwd_kernel(
     gout_ptr,
     eps2,
-    f0_0,
-    f1_0,
-    g0_0,
-    g1_0,
-    w_0,
-    C_0,
-    P_0,
-    sb_0,
-    sc_0,
-    sp_0,
-    nblk_0,
-    ntiles_0,
-    start_0,
-    invp_0,
-    f0_1,
-    f1_1,
-    g0_1,
-    g1_1,
-    w_1,
-    C_1,
-    P_1,
-    sb_1,
-    sc_1,
-    sp_1,
-    nblk_1,
-    ntiles_1,
-    start_1,
-    invp_1,
-    f0_2,
-    f1_2,
-    g0_2,
-    g1_2,
-    w_2,
-    C_2,
-    P_2,
-    sb_2,
-    sc_2,
-    sp_2,
-    nblk_2,
-    ntiles_2,
-    start_2,
-    invp_2,
-    f0_3,
-    f1_3,
-    g0_3,
-    g1_3,
-    w_3,
-    C_3,
-    P_3,
-    sb_3,
-    sc_3,
-    sp_3,
-    nblk_3,
-    ntiles_3,
-    start_3,
-    invp_3,
-    f0_4,
-    f1_4,
-    g0_4,
-    g1_4,
-    w_4,
-    C_4,
-    P_4,
-    sb_4,
-    sc_4,
-    sp_4,
-    nblk_4,
-    ntiles_4,
-    start_4,
-    invp_4,
-    NUM_TAPS: tl.constexpr,
+    taps,
     NEED0: tl.constexpr,
     NEED1: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    # Laid out as the forward: tap l owns programs [start_l, start_l + B * nblk_l).
+    # taps[l] = (f0, f1, grad0, grad1, w, geo, 1/P), laid out as the forward.
     pid = tl.program_id(0)
-    _bwd_slot(
-        gout_ptr,
-        pid,
-        eps2,
-        f0_0,
-        f1_0,
-        g0_0,
-        g1_0,
-        w_0,
-        C_0,
-        P_0,
-        sb_0,
-        sc_0,
-        sp_0,
-        nblk_0,
-        ntiles_0,
-        start_0,
-        invp_0,
-        NEED0,
-        NEED1,
-        BLOCK_C,
-        BLOCK_P,
-    )
-    if NUM_TAPS > 1:
-        _bwd_slot(
-            gout_ptr,
-            pid,
-            eps2,
-            f0_1,
-            f1_1,
-            g0_1,
-            g1_1,
-            w_1,
-            C_1,
-            P_1,
-            sb_1,
-            sc_1,
-            sp_1,
-            nblk_1,
-            ntiles_1,
-            start_1,
-            invp_1,
-            NEED0,
-            NEED1,
-            BLOCK_C,
-            BLOCK_P,
-        )
-    if NUM_TAPS > 2:
-        _bwd_slot(
-            gout_ptr,
-            pid,
-            eps2,
-            f0_2,
-            f1_2,
-            g0_2,
-            g1_2,
-            w_2,
-            C_2,
-            P_2,
-            sb_2,
-            sc_2,
-            sp_2,
-            nblk_2,
-            ntiles_2,
-            start_2,
-            invp_2,
-            NEED0,
-            NEED1,
-            BLOCK_C,
-            BLOCK_P,
-        )
-    if NUM_TAPS > 3:
-        _bwd_slot(
-            gout_ptr,
-            pid,
-            eps2,
-            f0_3,
-            f1_3,
-            g0_3,
-            g1_3,
-            w_3,
-            C_3,
-            P_3,
-            sb_3,
-            sc_3,
-            sp_3,
-            nblk_3,
-            ntiles_3,
-            start_3,
-            invp_3,
-            NEED0,
-            NEED1,
-            BLOCK_C,
-            BLOCK_P,
-        )
-    if NUM_TAPS > 4:
-        _bwd_slot(
-            gout_ptr,
-            pid,
-            eps2,
-            f0_4,
-            f1_4,
-            g0_4,
-            g1_4,
-            w_4,
-            C_4,
-            P_4,
-            sb_4,
-            sc_4,
-            sp_4,
-            nblk_4,
-            ntiles_4,
-            start_4,
-            invp_4,
-            NEED0,
-            NEED1,
-            BLOCK_C,
-            BLOCK_P,
-        )
+    for l in tl.static_range(len(taps)):
+        _bwd_tap(gout_ptr, pid, eps2, taps[l], NEED0, NEED1, BLOCK_C, BLOCK_P)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -561,31 +166,28 @@ def _as_maps(f0: torch.Tensor, f1: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     if f0.dim() == 2:
         f0, f1 = f0[:, :, None, None], f1[:, :, None, None]
     _, _, _, w = f0.shape
-    if f0.stride(2) != w * f0.stride(3) or not _dense(f0):
+    if f0.stride(2) != w * f0.stride(3) or not is_dense(f0):
         f0 = f0.contiguous()
     if f1.stride() != f0.stride():
         f1 = torch.empty_like(f0).copy_(f1)
     return f0, f1
 
 
-def _dense(t: torch.Tensor) -> bool:
-    expected = 1
-    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
-        if size == 1:
-            continue
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _slot(f0, prog_start):
-    """Per-tap kernel arguments shared by both directions: (C, P, strides, nblk, ntiles, 1/P), programs."""
-    b, c, h, wd = f0.shape
-    p = h * wd
-    nblk = triton.cdiv(p, _BLOCK_P)
-    ntiles = b * nblk if c and p else 0
-    return [c, p, f0.stride(0), f0.stride(1), f0.stride(3), max(nblk, 1), ntiles, prog_start], ntiles, nblk
+def _launches(maps):
+    """Per launch (a group of up to MAX_TAPS taps): its program count and, for each of its taps that owns
+    programs, (tap index, geo); geo = (C, P, strides, nblk, ntiles, first program), see _position_block."""
+    for g0 in range(0, len(maps), MAX_TAPS):
+        taps, start = [], 0
+        for i in range(g0, min(g0 + MAX_TAPS, len(maps))):
+            f = maps[i][0]
+            b, c, h, w = f.shape
+            nblk = triton.cdiv(h * w, _BLOCK_P)
+            ntiles = b * nblk if c and h * w else 0
+            if ntiles:
+                taps.append((i, (c, h * w, f.stride(0), f.stride(1), f.stride(3), nblk, ntiles, start)))
+            start += ntiles
+        if start:
+            yield start, taps
 
 
 def lpips_distance_forward(
@@ -593,35 +195,24 @@ def lpips_distance_forward(
 ) -> torch.Tensor:
     """D (B,) fp32 in one launch per group of up to MAX_TAPS taps, plus one fixed-order row sum."""
     maps = [_as_maps(a, b) for a, b in zip(f0s, f1s)]
-    batch = maps[0][0].shape[0]
     device = maps[0][0].device
-    ncols = sum(triton.cdiv(a.shape[2] * a.shape[3], _BLOCK_P) for a, _ in maps)
-    partial = torch.zeros(batch, max(ncols, 1), device=device, dtype=torch.float32)
-    col = 0
-    for g0 in range(0, len(maps), MAX_TAPS):
-        taps = range(g0, min(g0 + MAX_TAPS, len(maps)))
-        args, start = [], 0
-        for i in taps:
-            a, b = maps[i]
-            w = weights[i].to(device=device, dtype=torch.float32).contiguous()
-            slot, ntiles, nblk = _slot(a, start)
-            p = a.shape[2] * a.shape[3]
-            args += [a, b, w, *slot, col, 1.0 / max(p, 1)]
-            start += ntiles
-            col += nblk
-        if start == 0:
-            continue
-        a0, b0 = maps[g0]
-        w0 = weights[g0].to(device=device, dtype=torch.float32)
-        args += [a0, b0, w0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 0.0] * (MAX_TAPS - len(taps))  # unused, not compiled
-        _lpips_fwd_kernel[(start,)](
-            partial,
-            partial.shape[1],
-            float(eps) ** 2,
-            *args,
-            NUM_TAPS=len(taps),
-            BLOCK_C=_BLOCK_C,
-            BLOCK_P=_BLOCK_P,
+    cols = [0]  # tap l's partial sums: columns cols[l]:cols[l + 1], one per position block
+    for a, _ in maps:
+        cols.append(cols[-1] + triton.cdiv(a.shape[2] * a.shape[3], _BLOCK_P))
+    partial = torch.zeros(maps[0][0].shape[0], max(cols[-1], 1), device=device, dtype=torch.float32)
+    for programs, taps in _launches(maps):
+        args = tuple(
+            (
+                *maps[i],
+                weights[i].to(device=device, dtype=torch.float32).contiguous(),
+                geo,
+                cols[i],
+                1.0 / geo[1],
+            )
+            for i, geo in taps
+        )
+        _lpips_fwd_kernel[(programs,)](
+            partial, partial.shape[1], float(eps) ** 2, args, BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P
         )
     return partial.sum(1)
 
@@ -642,37 +233,20 @@ def lpips_distance_backward(
     gout = grad_out.to(device=device, dtype=torch.float32).contiguous()
     grads0 = [torch.empty_like(a) for a, _ in maps] if need0 else []
     grads1 = [torch.empty_like(a) for a, _ in maps] if need1 else []
-    for g0 in range(0, len(maps), MAX_TAPS):
-        taps = range(g0, min(g0 + MAX_TAPS, len(maps)))
-        args, start = [], 0
-        for i in taps:
+    for programs, taps in _launches(maps):
+        args = []
+        for i, geo in taps:
             a, b = maps[i]
             w = weights[i].to(device=device, dtype=torch.float32).contiguous()
-            slot, ntiles, _ = _slot(a, start)
-            p = a.shape[2] * a.shape[3]
-            args += [a, b, grads0[i] if need0 else a, grads1[i] if need1 else a, w, *slot, 1.0 / max(p, 1)]
-            start += ntiles
-        if start == 0:
-            continue
-        a0, b0 = maps[g0]
-        w0 = weights[g0].to(device=device, dtype=torch.float32)
-        args += [a0, b0, a0, a0, w0, 0, 0, 0, 0, 0, 1, 0, 0, 0.0] * (MAX_TAPS - len(taps))
-        _lpips_bwd_kernel[(start,)](
-            gout,
-            float(eps) ** 2,
-            *args,
-            NUM_TAPS=len(taps),
-            NEED0=need0,
-            NEED1=need1,
-            BLOCK_C=_BLOCK_C,
-            BLOCK_P=_BLOCK_P,
+            args.append((a, b, grads0[i] if need0 else a, grads1[i] if need1 else a, w, geo, 1.0 / geo[1]))
+        _lpips_bwd_kernel[(programs,)](
+            gout, float(eps) ** 2, tuple(args), NEED0=need0, NEED1=need1, BLOCK_C=_BLOCK_C, BLOCK_P=_BLOCK_P
         )
-    out = []
-    for grads, feats in ((grads0, f0s), (grads1, f1s)):
-        for g, f in zip(grads, feats):
-            g = g.reshape(f.shape) if f.dim() == 2 else g
-            out.append(g if g.stride() == torch.empty_like(f).stride() else torch.empty_like(f).copy_(g))
-    return out
+    return [
+        in_layout_of(g.reshape(f.shape) if f.dim() == 2 else g, f)
+        for grads, feats in ((grads0, f0s), (grads1, f1s))
+        for g, f in zip(grads, feats)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -697,14 +271,10 @@ def reference_lpips_distance(f0s, f1s, weights, eps: float = DEFAULT_EPS) -> tor
     return total
 
 
-def _can_launch(t: torch.Tensor) -> bool:
-    return HAS_TRITON and (t.is_cuda or INTERPRET)
-
-
 def _fwd_impl(
     f0s: list[torch.Tensor], f1s: list[torch.Tensor], weights: list[torch.Tensor], eps: float
 ) -> torch.Tensor:
-    if _can_launch(f0s[0]):
+    if can_launch(f0s[0]):
         return lpips_distance_forward(f0s, f1s, weights, eps)
     with torch.no_grad():
         return reference_lpips_distance(f0s, f1s, weights, eps).float()
@@ -723,7 +293,7 @@ def _bwd_impl(
     need0: bool,
     need1: bool,
 ) -> list[torch.Tensor]:
-    if _can_launch(f0s[0]):
+    if can_launch(f0s[0]):
         return lpips_distance_backward(f0s, f1s, weights, grad_out, eps, need0, need1)
     with torch.enable_grad():
         a = [f.detach().requires_grad_(need0) for f in f0s]
@@ -768,13 +338,8 @@ class LpipsDistanceFunction(torch.autograd.Function):
         return g0, g1, none, None
 
 
-_backward_op = register_op("lpips_distance_backward", _bwd_impl, fake=_bwd_fake)
-_forward_op = register_op(
-    "lpips_distance",
-    _fwd_impl,
-    fake=_fwd_fake,
-    setup_context=LpipsDistanceFunction.setup_context,
-    backward=LpipsDistanceFunction.backward,
+_forward_op, _backward_op = register_autograd_ops(
+    "lpips_distance", _fwd_impl, _fwd_fake, _bwd_impl, _bwd_fake, LpipsDistanceFunction
 )
 
 

@@ -31,9 +31,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 DTYPES = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
-FLOAT_ARGS = {"alpha", "mask_alpha", "scale", "wscale", "gscale"} | {
-    f"{k}scale{i}" for k in "wg" for i in range(8)
-}
+FLOAT_ARGS = {"alpha", "mask_alpha", "scale"}
 
 
 def _kernel(module: str, name: str):
@@ -51,7 +49,7 @@ def _signature(fn, pointer: str, constexprs: dict, overrides: dict | None = None
             sig[p.name] = overrides[p.name]
         elif p.name.endswith("_ptr") or "_ptr" in p.name:
             sig[p.name] = pointer
-        elif p.name.rstrip("01234567") in {"wscale", "gscale"} or p.name in FLOAT_ARGS:
+        elif p.name in FLOAT_ARGS:
             sig[p.name] = "fp32"
         else:
             sig[p.name] = "i32"
@@ -156,57 +154,45 @@ def jobs(all_configs: bool):
                     {"partial_ptr": "*fp32"} if "grad" in name else None,
                 ),
             )
-        for layers in (1, 8):
-            partial = {"partial_ptr": "*fp32"}
+        for layers in (1, 8):  # one layer = (fake, real, grad, numel, wscale, gscale, first program)
+            layer = (pointer, pointer, pointer, "i32", "fp32", "fp32", "i32")
             yield (
                 f"_feature_distance_fwd_kernel {dtype} layers={layers}",
                 plain(
                     fd._feature_distance_fwd_kernel,
                     pointer,
-                    dict(NUM_LAYERS=layers, COMPUTE_GRAD=True, BLOCK=fd._BLOCK, ITERS=8),
+                    dict(COMPUTE_GRAD=True, BLOCK=fd._BLOCK, ITERS=8),
                     {},
-                    partial,
+                    {"partial_ptr": "*fp32", "layers": (layer,) * layers},
                 ),
             )
-        for layers in (1, 8):
             yield (
                 f"_feature_distance_bwd_kernel {dtype} layers={layers}",
                 plain(
                     fd._feature_distance_bwd_kernel,
                     pointer,
-                    dict(NUM_LAYERS=layers, BLOCK=fd._BLOCK, ITERS=8),
+                    dict(BLOCK=fd._BLOCK, ITERS=8),
                     {},
-                    {"grad_loss_ptr": "*fp32"},
+                    {"grad_loss_ptr": "*fp32", "layers": ((pointer, pointer, "i32", "i32"),) * layers},
                 ),
             )
     lp = importlib.import_module("deepsim.kernels.lpips_distance")
-    for dtype, pointer in (("fp32", "*fp32"), ("bf16", "*bf16")):  # 5 taps: every slot (LPIPS' launch)
-        for taps in (5,):
-            for direction, fn, flags in (
-                ("fwd", lp._lpips_fwd_kernel, {}),
-                ("bwd", lp._lpips_bwd_kernel, dict(NEED0=True, NEED1=True)),
-            ):
-                over = {p.name: "fp32" for p in fn.params if p.name == "eps2" or p.name.startswith("invp_")}
-                over.update(
-                    {p.name: pointer for p in fn.params if p.name.split("_")[0] in ("f0", "f1", "g0", "g1")}
-                )
-                over.update(
-                    {
-                        p.name: "*fp32"
-                        for p in fn.params
-                        if p.name.startswith("w_") or p.name in ("partial_ptr", "gout_ptr")
-                    }
-                )
-                yield (
-                    f"_lpips_{direction}_kernel {dtype} taps={taps}",
-                    plain(
-                        fn,
-                        pointer,
-                        dict(NUM_TAPS=taps, BLOCK_C=lp._BLOCK_C, BLOCK_P=lp._BLOCK_P, **flags),
-                        {},
-                        over,
-                    ),
-                )
+    geo = ("i32",) * 8  # (C, P, strides, position blocks, programs, first program)
+    for dtype, pointer in (("fp32", "*fp32"), ("bf16", "*bf16")):  # 5 taps (LPIPS' launch)
+        for direction, fn, flags, tap in (
+            ("fwd", lp._lpips_fwd_kernel, {}, (pointer, pointer, "*fp32", geo, "i32", "fp32")),
+            (
+                "bwd",
+                lp._lpips_bwd_kernel,
+                dict(NEED0=True, NEED1=True),
+                (pointer,) * 4 + ("*fp32", geo, "fp32"),
+            ),
+        ):
+            over = {"eps2": "fp32", "partial_ptr": "*fp32", "gout_ptr": "*fp32", "taps": (tap,) * 5}
+            yield (
+                f"_lpips_{direction}_kernel {dtype} taps=5",
+                plain(fn, pointer, dict(BLOCK_C=lp._BLOCK_C, BLOCK_P=lp._BLOCK_P, **flags), {}, over),
+            )
     yield (
         "_channel_sum_kernel",
         plain(bias_act._channel_sum_kernel, "*fp32", dict(BLOCK_R=64, BLOCK_C=64), {}, None),

@@ -132,11 +132,19 @@ def register_op(name: str, fn, *, fake, setup_context=None, backward=None, schem
     return op
 
 
-def register_autograd_ops(name: str, forward, forward_fake, backward, backward_fake, function):
+def register_autograd_ops(
+    name: str, forward, forward_fake, backward, backward_fake, function, schemas=(None, None)
+):
     """``deepsim::<name>_backward`` (no autograd of its own), then ``deepsim::<name>`` with ``function``'s
-    setup_context and backward; returns (forward op, backward op)."""
-    backward_op = register_op(f"{name}_backward", backward, fake=backward_fake)
+    setup_context and backward; ``schemas``: theirs, (forward, backward), where not inferred from the type
+    hints. Returns (forward op, backward op)."""
+    backward_op = register_op(f"{name}_backward", backward, fake=backward_fake, schema=schemas[1])
     forward_op = register_op(
-        name, forward, fake=forward_fake, setup_context=function.setup_context, backward=function.backward
+        name,
+        forward,
+        fake=forward_fake,
+        setup_context=function.setup_context,
+        backward=function.backward,
+        schema=schemas[0],
     )
     return forward_op, backward_op

@@ -6,12 +6,13 @@ Design notes: docs/kernels.md.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from ._backend import HAS_TRITON, INTERPRET, register_op
+from ._backend import can_launch, register_op
 from ._conv_backward import conv_dgrad, conv_wgrad
 from ._conv_configs import ConvGeometry
 from ._conv_igemm import conv_igemm_forward
@@ -23,7 +24,7 @@ from .dispatch import backward_impls, conv_path
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 IMPLS = ("triton", "cudnn")  # per-gradient implementations of the backward
 
-__all__ = ["as_int", "conv_out_size", "memory_format_of"]
+__all__ = ["LReluConvOp", "as_int", "conv_out_size", "memory_format_of"]
 
 
 def memory_format_of(t: torch.Tensor) -> torch.memory_format:
@@ -38,11 +39,6 @@ def empty_conv_output(x: torch.Tensor, c_out: int, oh: int, ow: int) -> torch.Te
     return torch.empty(
         (x.shape[0], c_out, oh, ow), dtype=x.dtype, device=x.device, memory_format=memory_format_of(x)
     )
-
-
-def use_triton_impl(t: torch.Tensor) -> bool:
-    """Inside the custom ops: Triton where it can run (CUDA, or CPU under TRITON_INTERPRET=1)."""
-    return HAS_TRITON and (t.is_cuda or INTERPRET)
 
 
 def check_conv_args(x, weight, bias, alpha, op: str, c_in_dim: int):
@@ -91,19 +87,6 @@ def conv_forward(
     return conv_igemm_forward(x, weight, bias, geom, alpha, out)
 
 
-def forward_impl(x, weight, bias, stride, padding, alpha, *, transposed: bool, reference: Callable):
-    """The forward custom op's body: Triton where it runs, the reference elsewhere."""
-    if use_triton_impl(x):
-        return conv_forward(x, weight, bias, stride, padding, alpha, transposed=transposed)
-    out = reference(x, weight, bias, stride, padding, alpha)
-    return out.contiguous(memory_format=memory_format_of(x))
-
-
-def forward_fake(x, weight, stride, padding, *, transposed: bool) -> torch.Tensor:
-    geom = geometry(x.shape, weight.shape, stride, padding, transposed)
-    return empty_conv_output(x, geom.C_out, *geom.out_size)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Backward
 
@@ -136,45 +119,40 @@ def conv_lrelu_grads(
     Triton pass for grad_pre (and grad_b) and then aten.convolution_backward. Where Triton cannot run,
     both are the aten path (with the PyTorch reference of the mask pass).
     """
-
     need_x, need_w = bool(output_mask[0]), bool(output_mask[1])
     need_b = bool(output_mask[2]) and has_bias
-    triton_ok = use_triton_impl(grad_out)
-    tri_x = need_x and triton_ok and dgrad == "triton"
-    tri_w = need_w and triton_ok and wgrad == "triton"
+    tri_x = need_x and can_launch(grad_out) and dgrad == "triton"
+    tri_w = need_w and can_launch(grad_out) and wgrad == "triton"
     geom = geometry(x.shape, weight.shape, stride, padding, transposed)
-    gx = gw = gb = None
-    if tri_x:
-        gx = conv_dgrad(grad_out, out, weight, geom, alpha)
+    gx = conv_dgrad(grad_out, out, weight, geom, alpha) if tri_x else None
+    gw = gb = None
     if tri_w:  # a conv's bias gradient comes out of the wgrad reduction
         gw, gb = conv_wgrad(grad_out, out, x, geom, alpha, need_b and not transposed)
-    aten_x, aten_w = need_x and not tri_x, need_w and not tri_w
-    need_b_pass = need_b and gb is None
-    if aten_x or aten_w or need_b_pass:
-        grad_pre, gb_pass = lrelu_bias_grads(grad_out, out, alpha, aten_x or aten_w, need_b_pass)
-        gb = gb_pass if need_b_pass else gb
-        if aten_x or aten_w:
-            ax, aw, _ = torch.ops.aten.convolution_backward(
-                grad_pre,
-                x,
-                weight,
-                None,
-                [stride] * 2,
-                [padding] * 2,
-                [1, 1],
-                transposed,
-                [0, 0],
-                1,
-                [aten_x, aten_w, False],
-            )
-            gx = ax if aten_x else gx
-            gw = aw if aten_w else gw
+    aten_x, aten_w, pass_b = need_x and not tri_x, need_w and not tri_w, need_b and gb is None
+    if aten_x or aten_w or pass_b:
+        ax, aw, pb = _mask_pass_grads(grad_out, out, x, weight, alpha, geom, (aten_x, aten_w, pass_b))
+        gx, gw, gb = (ax if aten_x else gx), (aw if aten_w else gw), (pb if pass_b else gb)
     # Fixed layouts (x's and weight's memory format), as the fake implementation promises torch.compile.
     return (
         gx.contiguous(memory_format=memory_format_of(x)) if need_x else _nothing(out),
         gw.contiguous(memory_format=memory_format_of(weight)) if need_w else _nothing(out),
         gb.to(weight.dtype) if need_b else _nothing(out),
     )
+
+
+def _mask_pass_grads(grad_out, out, x, weight, alpha: float, geom: ConvGeometry, need: tuple[bool, ...]):
+    """(grad_x, grad_W, grad_b), each where ``need`` asks for it (else None): one Triton pass writes
+    grad_pre (and grad_b), then aten.convolution_backward."""
+    need_x, need_w, need_b = need
+    grad_pre, gb = lrelu_bias_grads(grad_out, out, alpha, need_x or need_w, need_b)
+    if not (need_x or need_w):
+        return None, None, gb
+    s, p = [geom.stride] * 2, [geom.padding] * 2
+    mask = [need_x, need_w, False]
+    gx, gw, _ = torch.ops.aten.convolution_backward(
+        grad_pre, x, weight, None, s, p, [1, 1], geom.transposed, [0, 0], 1, mask
+    )
+    return gx, gw, gb
 
 
 def _empty_in_layout_of(t: torch.Tensor) -> torch.Tensor:
@@ -192,84 +170,59 @@ def conv_lrelu_grads_fake(out, x, weight, has_bias: bool, output_mask: list[bool
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Autograd plumbing shared by ConvLReluFunction and ConvTransposeLReluFunction (inputs: x, W, b, stride,
-# padding, alpha, dgrad, wgrad). Saved for backward: x (for grad_W), W (for grad_x) and out (the slope).
+# One op: custom ops, autograd Function, the dispatcher's paths and the public call
+
+_CALL = "Tensor x, Tensor weight, Tensor? bias, SymInt stride, SymInt padding, float alpha"
+_IMPLS = 'str dgrad="triton", str wgrad="triton"'
+_FORWARD_SCHEMA = f"({_CALL}, {_IMPLS}) -> Tensor"
+_BACKWARD_SCHEMA = (
+    "(Tensor grad_out, Tensor out, Tensor x, Tensor weight, bool has_bias, SymInt stride, SymInt padding, "
+    f"float alpha, bool[] output_mask, {_IMPLS}) -> (Tensor, Tensor, Tensor)"
+)
 
 
-def save_for_lrelu_backward(ctx, inputs, output) -> None:
-    x, weight, bias, stride, padding, alpha, dgrad, wgrad = inputs
-    ctx.save_for_backward(x, weight, output)
-    ctx.conf = (bias is not None, stride, padding, alpha, dgrad, wgrad)
+class LReluConvOp:
+    """conv_lrelu (or conv_transpose_lrelu, when ``transposed``) but for its formula, ``reference``:
+    ``deepsim::<op>`` and ``deepsim::<op>_backward``, the autograd Function (``function``, named
+    ``function_name``), the launchers, the dispatcher's paths (``run``) and the public call (``__call__``).
+    The autograd inputs are (x, W, b, stride, padding, alpha, dgrad, wgrad); saved: x, W and out (the
+    LReLU slope is read from sign(out); no pre-activation)."""
 
-
-def lrelu_conv_backward(ctx, grad_out, backward_op):
-    """Gradients for (x, W, b, stride, padding, alpha, dgrad, wgrad) through the registered
-    ``backward_op``."""
-    x, weight, out = ctx.saved_tensors
-    has_bias, stride, padding, alpha, dgrad, wgrad = ctx.conf
-    mask = [bool(m) for m in ctx.needs_input_grad[:3]]
-    gx, gw, gb = backward_op(grad_out, out, x, weight, has_bias, stride, padding, alpha, mask, dgrad, wgrad)
-    return (
-        gx if mask[0] else None,
-        gw if mask[1] else None,
-        gb if mask[2] and has_bias else None,
-        None,
-        None,
-        None,
-        None,
-        None,
-    )
-
-
-def _no_double_backward(op: str):
-    """(setup_context, backward) for a backward op: differentiating it again is an error naming the op."""
-
-    def setup_context(ctx, inputs, output):
-        pass
-
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            f"{op}: double backward (a gradient of its gradient) is not implemented on the Triton path; "
-            "run with DEEPSIM_KERNELS=reference (or use_backend('reference')) for higher-order gradients"
+    def __init__(self, transposed: bool, reference: Callable, function_name: str, module: str):
+        self.transposed, self.reference, self.name = transposed, reference, op_name(transposed)
+        self.backward_op = register_op(
+            f"{self.name}_backward",
+            self.backward,
+            fake=self._backward_fake,
+            setup_context=_no_double_backward_setup,
+            backward=self._no_double_backward,
+            schema=_BACKWARD_SCHEMA,
         )
-
-    return setup_context, backward
-
-
-def register_backward_op(transposed: bool):
-    """``deepsim::<op>_backward``: (grad_out, out, x, W, has_bias, stride, padding, alpha, output_mask,
-    dgrad, wgrad) -> (grad_x, grad_W, grad_b); differentiating it raises a clear error."""
-    op = op_name(transposed)
-
-    def impl(
-        grad_out: torch.Tensor,
-        out: torch.Tensor,
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        has_bias: bool,
-        stride: int,
-        padding: int,
-        alpha: float,
-        output_mask: list[bool],
-        dgrad: str = "triton",
-        wgrad: str = "triton",
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return conv_lrelu_grads(
-            grad_out,
-            out,
-            x,
-            weight,
-            has_bias,
-            stride,
-            padding,
-            alpha,
-            output_mask,
-            transposed=transposed,
-            dgrad=dgrad,
-            wgrad=wgrad,
+        self.function = _autograd_function(self, function_name, module)
+        self.forward_op = register_op(
+            self.name,
+            self.function.forward,
+            fake=self._forward_fake,
+            setup_context=self.function.setup_context,
+            backward=self.function.backward,
+            schema=_FORWARD_SCHEMA,
         )
+        self.run = functools.partial(run_path, op=self)  # the dispatcher's run(path, x, W, b, s, p, alpha)
+        self.run.backward_op = self.backward_op  # it times and checks dgrad / wgrad through it
 
-    def fake(
+    def forward(self, x, weight, bias, stride: int, padding: int, alpha: float) -> torch.Tensor:
+        """Launch the fused kernel: x (N, C_in, H, W), weight (C_out, C_in, KH, KW), or (C_in, C_out, KH,
+        KW) for the up-conv -> (N, C_out, OH, OW) (``_conv_shape.conv_out_size``), in x's memory format
+        and dtype (weight and bias must have x's dtype).
+
+        Fastest with channels_last x and weight (no copies; see ``_conv_packing``). On CUDA the first call
+        of a shape (batch bucketed) times the eligible tile configs (``_conv_configs``): make it before any
+        CUDA-graph capture.
+        """
+        return conv_forward(x, weight, bias, stride, padding, alpha, transposed=self.transposed)
+
+    def backward(
+        self,
         grad_out,
         out,
         x,
@@ -282,89 +235,107 @@ def register_backward_op(transposed: bool):
         dgrad="triton",
         wgrad="triton",
     ):
-        return conv_lrelu_grads_fake(out, x, weight, has_bias, output_mask, transposed=transposed)
+        """(grad_x, grad_weight, grad_bias); an unneeded one (output_mask False) comes back as an empty
+        tensor. ``dgrad`` / ``wgrad``: "triton" or "cudnn" (see ``_conv_common.conv_lrelu_grads``)."""
+        args = (grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask)
+        return conv_lrelu_grads(*args, transposed=self.transposed, dgrad=dgrad, wgrad=wgrad)
 
-    setup_context, backward = _no_double_backward(op)
-    return register_op(f"{op}_backward", impl, fake=fake, setup_context=setup_context, backward=backward)
+    def _backward_fake(self, grad_out, out, x, weight, has_bias, stride, padding, alpha, output_mask, *impls):
+        return conv_lrelu_grads_fake(out, x, weight, has_bias, output_mask, transposed=self.transposed)
 
-
-def register_forward_op(transposed: bool, reference: Callable, function: type):
-    """``deepsim::<op>``: (x, W, b, stride, padding, alpha, dgrad, wgrad) -> out, with ``function``'s
-    setup_context and backward (``dgrad`` / ``wgrad`` name the backward's implementations)."""
-
-    def impl(
-        x: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        stride: int,
-        padding: int,
-        alpha: float,
-        dgrad: str = "triton",
-        wgrad: str = "triton",
-    ) -> torch.Tensor:
-        return forward_impl(
-            x, weight, bias, stride, padding, alpha, transposed=transposed, reference=reference
+    def _no_double_backward(self, ctx, *grads):
+        raise RuntimeError(
+            f"{self.name}: double backward (a gradient of its gradient) is not implemented on the "
+            "Triton path; run with DEEPSIM_KERNELS=reference (or use_backend('reference')) for higher-order "
+            "gradients"
         )
 
-    def fake(x, weight, bias, stride, padding, alpha, dgrad="triton", wgrad="triton"):
-        return forward_fake(x, weight, stride, padding, transposed=transposed)
+    def forward_impl(self, x, weight, bias, stride, padding, alpha) -> torch.Tensor:
+        """The forward custom op's body: Triton where it runs, the reference elsewhere."""
+        if can_launch(x):
+            return self.forward(x, weight, bias, stride, padding, alpha)
+        out = self.reference(x, weight, bias, stride, padding, alpha)
+        return out.contiguous(memory_format=memory_format_of(x))
 
-    return register_op(
-        op_name(transposed), impl, fake=fake, setup_context=function.setup_context, backward=function.backward
+    def _forward_fake(self, x, weight, bias, stride, padding, alpha, *impls) -> torch.Tensor:
+        geom = geometry(x.shape, weight.shape, stride, padding, self.transposed)
+        return empty_conv_output(x, geom.C_out, *geom.out_size)
+
+    def __call__(self, x, weight, bias, stride, padding, alpha) -> torch.Tensor:
+        """Check and normalise the arguments of the public op, ask the dispatcher for the path, run it."""
+        op = self.name
+        check_conv_args(x, weight, bias, float(alpha), op, 0 if self.transposed else 1)
+        stride = as_int(stride, "stride")
+        if stride < 1:
+            raise ValueError(f"{op}: stride={stride} must be >= 1")
+        kernel = (int(weight.shape[2]), int(weight.shape[3]))
+        padding = normalize_padding(padding, kernel, stride, op, self.transposed)
+        alpha = float(alpha)
+        path = conv_path(op, x, weight, bias, stride, padding, alpha, self.run)
+        if path != "triton":
+            return self.run(path, x, weight, bias, stride, padding, alpha)
+        dgrad, wgrad = backward_impls(op, x, weight, bias, stride, padding)
+        return self.run(path, x, weight, bias, stride, padding, alpha, dgrad=dgrad, wgrad=wgrad)
+
+
+def _no_double_backward_setup(ctx, inputs, output) -> None:
+    pass
+
+
+def _autograd_function(op: LReluConvOp, name: str, module: str) -> type[torch.autograd.Function]:
+    """``op``'s autograd Function, ``<module>.<name>``; the custom op ``deepsim::<op>`` reuses its
+    setup_context and backward."""
+
+    class Function(torch.autograd.Function):
+        @staticmethod
+        def forward(x, weight, bias, stride, padding, alpha, dgrad="triton", wgrad="triton"):
+            return op.forward_impl(x, weight, bias, stride, padding, alpha)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            x, weight, bias, stride, padding, alpha, dgrad, wgrad = inputs
+            ctx.save_for_backward(x, weight, output)
+            ctx.conf = (bias is not None, stride, padding, alpha, dgrad, wgrad)
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            x, weight, out = ctx.saved_tensors
+            has_bias, stride, padding, alpha, dgrad, wgrad = ctx.conf
+            mask = [bool(m) for m in ctx.needs_input_grad[:3]]
+            grads = op.backward_op(
+                grad_out, out, x, weight, has_bias, stride, padding, alpha, mask, dgrad, wgrad
+            )
+            wanted = (mask[0], mask[1], mask[2] and has_bias)
+            return (*(g if w else None for g, w in zip(grads, wanted)), None, None, None, None, None)
+
+    Function.__name__ = Function.__qualname__ = name
+    Function.__module__ = module
+    Function.__doc__ = (
+        f"Autograd for the fused ``{op.name}``; the custom op ``deepsim::{op.name}`` reuses its "
+        "setup_context and backward. Inputs (x, W, b, stride, padding, alpha, dgrad, wgrad). Saved: x, W "
+        "and out. No pre-activation."
     )
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The dispatcher's paths and the public call
+    return Function
 
 
 def run_path(
-    path: str,
-    x,
-    weight,
-    bias,
-    stride: int,
-    padding: int,
-    alpha: float,
-    *,
-    transposed: bool,
-    reference: Callable,
-    fused_op,
-    dgrad: str = "triton",
-    wgrad: str = "triton",
+    path: str, x, weight, bias, stride, padding, alpha, dgrad="triton", wgrad="triton", *, op: LReluConvOp
 ) -> torch.Tensor:
     """One of the dispatcher's forward paths (kernels/dispatch.py), with autograd: "triton" (the fused
     custom op, whose backward runs ``dgrad`` / ``wgrad``), "cudnn" (aten conv without bias + the Triton
     bias+LReLU epilogue; aten backward) or "reference" (eager)."""
     if path == "reference":
-        return reference(x, weight, bias, stride, padding, alpha)
+        return op.reference(x, weight, bias, stride, padding, alpha)
     if torch.is_autocast_enabled(x.device.type):  # custom ops skip autocast: cast as F.conv2d would
         x = x.to(torch.get_autocast_dtype(x.device.type))
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(
-            f"{op_name(transposed)}: dtype {x.dtype} is not supported by the {path} path "
+            f"{op.name}: dtype {x.dtype} is not supported by the {path} path "
             "(fp32, fp16, bf16); use DEEPSIM_KERNELS=reference"
         )
     weight = weight.to(x.dtype)
     bias = bias.to(x.dtype) if bias is not None else None
     if path == "cudnn":
-        aten = F.conv_transpose2d if transposed else F.conv2d
+        aten = F.conv_transpose2d if op.transposed else F.conv2d
         return bias_lrelu(aten(x, weight, None, stride=stride, padding=padding), bias, alpha)
-    return fused_op(x, weight, bias, stride, padding, alpha, dgrad, wgrad)
-
-
-def public_call(x, weight, bias, stride, padding, alpha, *, transposed: bool, run: Callable) -> torch.Tensor:
-    """Check and normalise the arguments of a public conv op, ask the dispatcher for the path, run it."""
-
-    op = op_name(transposed)
-    check_conv_args(x, weight, bias, float(alpha), op, 0 if transposed else 1)
-    stride = as_int(stride, "stride")
-    if stride < 1:
-        raise ValueError(f"{op}: stride={stride} must be >= 1")
-    padding = normalize_padding(padding, (int(weight.shape[2]), int(weight.shape[3])), stride, op, transposed)
-    alpha = float(alpha)
-    path = conv_path(op, x, weight, bias, stride, padding, alpha, run)
-    if path != "triton":
-        return run(path, x, weight, bias, stride, padding, alpha)
-    dgrad, wgrad = backward_impls(op, x, weight, bias, stride, padding)
-    return run(path, x, weight, bias, stride, padding, alpha, dgrad=dgrad, wgrad=wgrad)
+    return op.forward_op(x, weight, bias, stride, padding, alpha, dgrad, wgrad)

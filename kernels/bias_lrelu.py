@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._backend import HAS_TRITON, INTERPRET, register_op, tl, triton
+from ._backend import INTERPRET, can_launch, register_autograd_ops, tl, triton
 
 __all__ = [
     "bias_lrelu",
@@ -135,10 +135,6 @@ def _blocks(C: int) -> tuple[int, int]:
     return _TILE // block_c, block_c
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    return HAS_TRITON and (t.is_cuda or INTERPRET)
-
-
 def _check_4d(t: torch.Tensor, name: str) -> None:
     if t.dim() != 4:
         raise ValueError(f"bias_lrelu: {name} must be 4-D (N, C, H, W), got shape {tuple(t.shape)}")
@@ -190,7 +186,7 @@ def lrelu_bias_grads(
     """
     if not (need_grad_pre or need_grad_bias):
         return None, None
-    if not _use_triton(out):
+    if not can_launch(out):
         grad_pre, grad_bias = reference_lrelu_bias_grads(grad_out, out, alpha)
         return (grad_pre if need_grad_pre else None), (grad_bias if need_grad_bias else None)
     out = _dense(out)
@@ -249,7 +245,7 @@ def _format_of(t: torch.Tensor) -> torch.memory_format:
 
 
 def _fwd_impl(conv_out: torch.Tensor, bias: torch.Tensor | None, alpha: float) -> torch.Tensor:
-    if _use_triton(conv_out):
+    if can_launch(conv_out):
         return bias_lrelu_forward(conv_out, bias, alpha)
     return reference_bias_lrelu(conv_out, bias, alpha).contiguous(memory_format=_format_of(conv_out))
 
@@ -303,13 +299,8 @@ class BiasLReluFunction(torch.autograd.Function):
         return (grad_pre if need_pre else None), (grad_bias if need_bias else None), None
 
 
-_backward_op = register_op("bias_lrelu_backward", _bwd_impl, fake=_bwd_fake)
-_forward_op = register_op(
-    "bias_lrelu",
-    _fwd_impl,
-    fake=_fwd_fake,
-    setup_context=BiasLReluFunction.setup_context,
-    backward=BiasLReluFunction.backward,
+_forward_op, _backward_op = register_autograd_ops(
+    "bias_lrelu", _fwd_impl, _fwd_fake, _bwd_impl, _bwd_fake, BiasLReluFunction
 )
 
 

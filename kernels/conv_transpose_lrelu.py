@@ -6,22 +6,9 @@ Design notes: docs/kernels.md.
 
 from __future__ import annotations
 
-import functools
-
-import torch
 import torch.nn.functional as F
 
-from ._conv_common import (
-    conv_forward,
-    conv_lrelu_grads,
-    forward_impl,
-    lrelu_conv_backward,
-    public_call,
-    register_backward_op,
-    register_forward_op,
-    run_path,
-    save_for_lrelu_backward,
-)
+from ._conv_common import LReluConvOp
 
 __all__ = [
     "conv_transpose_lrelu",
@@ -32,77 +19,15 @@ __all__ = [
 ]
 
 
-def conv_transpose_lrelu_forward(x, weight, bias, stride: int, padding: int, alpha: float) -> torch.Tensor:
-    """Launch the fused kernel. x (N, C_in, H, W), weight (C_in, C_out, KH, KW) -> (N, C_out, OH, OW)
-    (sizes: ``_conv_shape.conv_out_size``), in x's memory format and dtype. Tuning as for
-    ``conv_lrelu_forward``."""
-    return conv_forward(x, weight, bias, stride, padding, alpha, transposed=True)
-
-
-def conv_transpose_lrelu_backward(
-    grad_out,
-    out,
-    x,
-    weight,
-    has_bias: bool,
-    stride: int,
-    padding: int,
-    alpha: float,
-    output_mask: list[bool],
-    dgrad: str = "triton",
-    wgrad: str = "triton",
-):
-    """(grad_x, grad_weight, grad_bias); an unneeded one (output_mask False) comes back as an empty tensor."""
-    return conv_lrelu_grads(
-        grad_out,
-        out,
-        x,
-        weight,
-        has_bias,
-        stride,
-        padding,
-        alpha,
-        output_mask,
-        transposed=True,
-        dgrad=dgrad,
-        wgrad=wgrad,
-    )
-
-
-class ConvTransposeLReluFunction(torch.autograd.Function):
-    """Autograd for the fused up-conv; ``deepsim::conv_transpose_lrelu`` reuses setup_context and backward.
-
-    Inputs (x, W, b, stride, padding, alpha, dgrad, wgrad). Saved: x, W and out. No pre-activation.
-    """
-
-    @staticmethod
-    def forward(x, weight, bias, stride, padding, alpha, dgrad="triton", wgrad="triton"):
-        return forward_impl(
-            x, weight, bias, stride, padding, alpha, transposed=True, reference=reference_conv_transpose_lrelu
-        )
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        save_for_lrelu_backward(ctx, inputs, output)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return lrelu_conv_backward(ctx, grad_out, _backward_op)
-
-
 def reference_conv_transpose_lrelu(x, weight, bias=None, stride=1, padding=0, alpha=0.3):
     """Plain PyTorch: leaky_relu(conv_transpose2d(x, weight, bias), alpha). The CPU path and the oracle."""
     return F.leaky_relu(F.conv_transpose2d(x, weight, bias, stride=stride, padding=padding), alpha)
 
 
-_backward_op = register_backward_op(True)
-_forward_op = register_forward_op(True, reference_conv_transpose_lrelu, ConvTransposeLReluFunction)
-_run_path = functools.partial(
-    run_path, transposed=True, reference=reference_conv_transpose_lrelu, fused_op=_forward_op
-)
-
-
-_run_path.backward_op = _backward_op  # the dispatcher times and checks dgrad / wgrad through it
+_OP = LReluConvOp(True, reference_conv_transpose_lrelu, "ConvTransposeLReluFunction", __name__)
+# The launchers: x (N, C_in, H, W), weight (C_in, C_out, KH, KW) -> (N, C_out, (H-1)*S - 2*P + KH, ...).
+conv_transpose_lrelu_forward, conv_transpose_lrelu_backward = _OP.forward, _OP.backward
+ConvTransposeLReluFunction = _OP.function  # deepsim::conv_transpose_lrelu shares its autograd
 
 
 def conv_transpose_lrelu(x, weight, bias=None, stride=1, padding=0, alpha=0.3):
@@ -121,4 +46,4 @@ def conv_transpose_lrelu(x, weight, bias=None, stride=1, padding=0, alpha=0.3):
 
     Paths as for ``conv_lrelu``. Double backward: reference only.
     """
-    return public_call(x, weight, bias, stride, padding, alpha, transposed=True, run=_run_path)
+    return _OP(x, weight, bias, stride, padding, alpha)

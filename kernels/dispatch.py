@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch import Tensor
 
 from . import dispatch_cache
 from ._backend import HAS_TRITON, backend, requested_backend
@@ -420,14 +421,7 @@ def _decide(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> str:
 
 
 def choose(
-    op: str,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: int,
-    padding: int,
-    alpha: float,
-    run: Run,
+    op: str, x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int, alpha: float, run: Run
 ) -> str:
     """The faster path ("triton" or "cudnn") for this call's key, timing it on the first call (see the
     module doc). ``run(path, x, weight, bias, stride, padding, alpha)`` runs one path with autograd."""
@@ -453,14 +447,7 @@ def backward_impls(
 
 
 def conv_path(
-    op: str,
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    stride: int,
-    padding: int,
-    alpha: float,
-    run: Run,
+    op: str, x: Tensor, weight: Tensor, bias: Tensor | None, stride: int, padding: int, alpha: float, run: Run
 ) -> str:
     """The path a public conv op takes for this call: "triton", "cudnn" or "reference".
 

@@ -196,13 +196,7 @@ def feature_distance_backward(saved: Sequence[torch.Tensor], grad_loss: torch.Te
 # torch.library custom op + autograd
 
 
-def _fwd_impl(
-    fakes: list[torch.Tensor],
-    reals: list[torch.Tensor],
-    weights: list[float],
-    denom: float,
-    compute_grad: bool,
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _fwd_impl(fakes, reals, weights, denom, compute_grad):
     if can_launch(fakes[0]):
         return feature_distance_forward(fakes, reals, weights, denom, compute_grad)
     loss = fakes[0].new_zeros((), dtype=torch.float32)
@@ -218,10 +212,6 @@ def _fwd_impl(
 def _fwd_fake(fakes, reals, weights, denom, compute_grad):
     loss = fakes[0].new_empty((), dtype=torch.float32)
     return loss, ([torch.empty_like(f) for f in fakes] if compute_grad else [])
-
-
-def _bwd_impl(saved: list[torch.Tensor], grad_loss: torch.Tensor) -> list[torch.Tensor]:
-    return feature_distance_backward(saved, grad_loss)
 
 
 def _bwd_fake(saved, grad_loss):
@@ -249,7 +239,17 @@ class FeatureDistanceFunction(torch.autograd.Function):
 
 
 _forward_op, _backward_op = register_autograd_ops(
-    "feature_distance", _fwd_impl, _fwd_fake, _bwd_impl, _bwd_fake, FeatureDistanceFunction
+    "feature_distance",
+    _fwd_impl,
+    _fwd_fake,
+    feature_distance_backward,
+    _bwd_fake,
+    FeatureDistanceFunction,
+    schemas=(
+        "(Tensor[] fakes, Tensor[] reals, float[] weights, float denom, bool compute_grad)"
+        " -> (Tensor, Tensor[])",
+        "(Tensor[] saved, Tensor grad_loss) -> Tensor[]",
+    ),
 )
 
 

@@ -271,9 +271,7 @@ def reference_lpips_distance(f0s, f1s, weights, eps: float = DEFAULT_EPS) -> tor
     return total
 
 
-def _fwd_impl(
-    f0s: list[torch.Tensor], f1s: list[torch.Tensor], weights: list[torch.Tensor], eps: float
-) -> torch.Tensor:
+def _fwd_impl(f0s, f1s, weights, eps):
     if can_launch(f0s[0]):
         return lpips_distance_forward(f0s, f1s, weights, eps)
     with torch.no_grad():
@@ -284,15 +282,7 @@ def _fwd_fake(f0s, f1s, weights, eps):
     return f0s[0].new_empty((f0s[0].shape[0],), dtype=torch.float32)
 
 
-def _bwd_impl(
-    f0s: list[torch.Tensor],
-    f1s: list[torch.Tensor],
-    weights: list[torch.Tensor],
-    grad_out: torch.Tensor,
-    eps: float,
-    need0: bool,
-    need1: bool,
-) -> list[torch.Tensor]:
+def _bwd_impl(f0s, f1s, weights, grad_out, eps, need0, need1):
     if can_launch(f0s[0]):
         return lpips_distance_backward(f0s, f1s, weights, grad_out, eps, need0, need1)
     with torch.enable_grad():
@@ -338,8 +328,18 @@ class LpipsDistanceFunction(torch.autograd.Function):
         return g0, g1, none, None
 
 
+_TAPS = "Tensor[] f0s, Tensor[] f1s, Tensor[] weights"
 _forward_op, _backward_op = register_autograd_ops(
-    "lpips_distance", _fwd_impl, _fwd_fake, _bwd_impl, _bwd_fake, LpipsDistanceFunction
+    "lpips_distance",
+    _fwd_impl,
+    _fwd_fake,
+    _bwd_impl,
+    _bwd_fake,
+    LpipsDistanceFunction,
+    schemas=(
+        f"({_TAPS}, float eps) -> Tensor",
+        f"({_TAPS}, Tensor grad_out, float eps, bool need0, bool need1) -> Tensor[]",
+    ),
 )
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._backend import HAS_TRITON, INTERPRET, backend, register_op, tl, triton
+from ._backend import INTERPRET, backend, can_launch, register_op, tl, triton
 from .feature_distance import deterministic_sum
 
 __all__ = ["mean_pairwise_distance", "reference_mean_pairwise_distance", "mean_pairwise_distance_forward"]
@@ -69,7 +69,7 @@ def mean_pairwise_distance_forward(x: torch.Tensor) -> torch.Tensor:
 
 
 def _fwd_impl(x: torch.Tensor) -> torch.Tensor:
-    if HAS_TRITON and (x.is_cuda or INTERPRET):
+    if can_launch(x):
         return mean_pairwise_distance_forward(x)
     return reference_mean_pairwise_distance(x)
 

@@ -7,7 +7,6 @@ Design notes: docs/kernels.md.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -182,14 +181,15 @@ _BACKWARD_SCHEMA = (
 
 
 class LReluConvOp:
-    """conv_lrelu (or conv_transpose_lrelu, when ``transposed``) but for its formula, ``reference``:
-    ``deepsim::<op>`` and ``deepsim::<op>_backward``, the autograd Function (``function``, named
-    ``function_name``), the launchers, the dispatcher's paths (``run``) and the public call (``__call__``).
+    """conv_lrelu (or conv_transpose_lrelu, when ``transposed``): the PyTorch reference, ``deepsim::<op>``
+    and ``deepsim::<op>_backward``, the autograd Function (``function``, named ``function_name``), the
+    launchers, the dispatcher's paths (``run``) and the public call (``__call__``).
     The autograd inputs are (x, W, b, stride, padding, alpha, dgrad, wgrad); saved: x, W and out (the
     LReLU slope is read from sign(out); no pre-activation)."""
 
-    def __init__(self, transposed: bool, reference: Callable, function_name: str, module: str):
-        self.transposed, self.reference, self.name = transposed, reference, op_name(transposed)
+    def __init__(self, transposed: bool, function_name: str, module: str):
+        self.transposed, self.name = transposed, op_name(transposed)
+        self.aten = F.conv_transpose2d if transposed else F.conv2d  # the reference's conv, and cuDNN's
         self.backward_op = register_op(
             f"{self.name}_backward",
             self.backward,
@@ -209,6 +209,11 @@ class LReluConvOp:
         )
         self.run = functools.partial(run_path, op=self)  # the dispatcher's run(path, x, W, b, s, p, alpha)
         self.run.backward_op = self.backward_op  # it times and checks dgrad / wgrad through it
+
+    def reference(self, x, weight, bias=None, stride=1, padding=0, alpha=0.3) -> torch.Tensor:
+        """Plain PyTorch: leaky_relu(conv2d(x, weight, bias, stride, padding), alpha), conv_transpose2d for
+        the up-conv. The CPU path and the test oracle."""
+        return F.leaky_relu(self.aten(x, weight, bias, stride=stride, padding=padding), alpha)
 
     def forward(self, x, weight, bias, stride: int, padding: int, alpha: float) -> torch.Tensor:
         """Launch the fused kernel: x (N, C_in, H, W), weight (C_out, C_in, KH, KW), or (C_in, C_out, KH,
@@ -336,6 +341,5 @@ def run_path(
     weight = weight.to(x.dtype)
     bias = bias.to(x.dtype) if bias is not None else None
     if path == "cudnn":
-        aten = F.conv_transpose2d if op.transposed else F.conv2d
-        return bias_lrelu(aten(x, weight, None, stride=stride, padding=padding), bias, alpha)
+        return bias_lrelu(op.aten(x, weight, None, stride=stride, padding=padding), bias, alpha)
     return op.forward_op(x, weight, bias, stride, padding, alpha, dgrad, wgrad)

@@ -5,8 +5,6 @@ Design notes: docs/kernels.md.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from ._conv_common import LReluConvOp
 
 __all__ = [
@@ -18,12 +16,9 @@ __all__ = [
 ]
 
 
-def reference_conv_lrelu(x, weight, bias=None, stride=1, padding=0, alpha=0.3):
-    """Plain PyTorch: leaky_relu(conv2d(x, weight, bias), alpha). The CPU path and the test oracle."""
-    return F.leaky_relu(F.conv2d(x, weight, bias, stride=stride, padding=padding), alpha)
-
-
-_OP = LReluConvOp(False, reference_conv_lrelu, "ConvLReluFunction", __name__)
+_OP = LReluConvOp(False, "ConvLReluFunction", __name__)
+# The reference, leaky_relu(conv2d(x, weight, bias, stride, padding), alpha): the CPU path, the oracle.
+reference_conv_lrelu = _OP.reference
 # The launchers: x (N, C_in, H, W), weight (C_out, C_in, KH, KW) -> (N, C_out, OH, OW).
 conv_lrelu_forward, conv_lrelu_backward = _OP.forward, _OP.backward
 ConvLReluFunction = _OP.function  # deepsim::conv_lrelu shares its autograd

@@ -6,8 +6,6 @@ Design notes: docs/kernels.md.
 
 from __future__ import annotations
 
-import torch.nn.functional as F
-
 from ._conv_common import LReluConvOp
 
 __all__ = [
@@ -19,12 +17,9 @@ __all__ = [
 ]
 
 
-def reference_conv_transpose_lrelu(x, weight, bias=None, stride=1, padding=0, alpha=0.3):
-    """Plain PyTorch: leaky_relu(conv_transpose2d(x, weight, bias), alpha). The CPU path and the oracle."""
-    return F.leaky_relu(F.conv_transpose2d(x, weight, bias, stride=stride, padding=padding), alpha)
-
-
-_OP = LReluConvOp(True, reference_conv_transpose_lrelu, "ConvTransposeLReluFunction", __name__)
+_OP = LReluConvOp(True, "ConvTransposeLReluFunction", __name__)
+# The reference, leaky_relu(conv_transpose2d(x, weight, bias, stride, padding), alpha): CPU path, oracle.
+reference_conv_transpose_lrelu = _OP.reference
 # The launchers: x (N, C_in, H, W), weight (C_in, C_out, KH, KW) -> (N, C_out, (H-1)*S - 2*P + KH, ...).
 conv_transpose_lrelu_forward, conv_transpose_lrelu_backward = _OP.forward, _OP.backward
 ConvTransposeLReluFunction = _OP.function  # deepsim::conv_transpose_lrelu shares its autograd

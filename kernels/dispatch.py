@@ -300,6 +300,20 @@ def _check_candidates(op, x, weight, bias, stride, padding, alpha, run: Run, dty
     return excluded, args
 
 
+def _time_backward(backward_op, part: str, args: tuple, has_bias: bool, ms: dict) -> str:
+    """Time ``part`` (dgrad or wgrad) of each implementation into ms["<part>_<impl>"]; the faster one
+    ("triton" only where it ran and beat cuDNN, or cuDNN failed)."""
+    for impl in PATHS:
+        try:
+            ms[f"{part}_{impl}"] = float(
+                _backward_timer(_backward_step(backward_op, part, impl, args, has_bias))
+            )
+        except Exception:  # noqa: BLE001 - a failing implementation loses
+            ms[f"{part}_{impl}"] = None
+    triton_ms, cudnn_ms = ms[f"{part}_triton"], ms[f"{part}_cudnn"]
+    return "triton" if triton_ms is not None and (cudnn_ms is None or triton_ms < cudnn_ms) else DEFAULT_PATH
+
+
 def _measure(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> Decision:
     shape = _shape_text(x, weight, stride, padding)
     excluded, bwd_args = _check_candidates(op, x, weight, bias, stride, padding, alpha, run, key[12])
@@ -327,24 +341,11 @@ def _measure(key, op, x, weight, bias, stride, padding, alpha, run: Run) -> Deci
     note = "; ".join(f"{p} failed: {type(e).__name__}: {e}" for p, e in errors.items())
     if errors:
         _warn_once(f"fail {key}", f"deepsim dispatch: {note} (for {key_text(key)}); using {choice}")
-    impls = {}
-    for part in PARTS[1:]:
-        impls[part] = DEFAULT_PATH
-        if bwd_args is None or part in excluded:
-            continue
-        part_ms = {}
-        for impl in PATHS:
-            try:
-                part_ms[impl] = float(
-                    _backward_timer(_backward_step(run.backward_op, part, impl, bwd_args, bias is not None))
-                )
-            except Exception:  # noqa: BLE001 - a failing implementation loses
-                part_ms[impl] = None
-            ms[f"{part}_{impl}"] = part_ms[impl]
-        if part_ms.get("triton") is not None and (
-            part_ms.get("cudnn") is None or part_ms["triton"] < part_ms["cudnn"]
-        ):
-            impls[part] = "triton"
+    impls = {part: DEFAULT_PATH for part in PARTS[1:]}
+    if bwd_args is not None:
+        for part in PARTS[1:]:
+            if part not in excluded:
+                impls[part] = _time_backward(run.backward_op, part, bwd_args, bias is not None, ms)
     return Decision(
         op,
         key_text(key),

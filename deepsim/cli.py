@@ -345,11 +345,8 @@ def _overrides(args, task: str) -> dict:
     return overrides
 
 
-def _cmd_train(args) -> int:
-    from deepsim.train.loop import train
-    from deepsim.train.preemption import PREEMPTED_EXIT_CODE
-
-    task_given = args.task is not None
+def _train_config(args) -> tuple[TrainConfig, str, dict, str]:
+    """(config, preset name, the fields the command line set, the offline note or "") of ``deepsim train``."""
     if args.task is None:
         args.task = get_preset(args.preset).task if args.preset else "autoencoder"
     preset = args.preset or default_preset(args.task, args.invert_layer)
@@ -359,18 +356,15 @@ def _cmd_train(args) -> int:
     if args.random_weights:
         before = config
         config, offline = with_random_weights(config)
-        overrides.update(
-            {
-                k: getattr(config, k)
-                for k in ("comparator", "invert_network")
-                if getattr(config, k) != getattr(before, k)
-            }
-        )
-    fresh = not args.resume or (args.resume == "auto" and not any(Path(config.out).glob("checkpoint*.pt")))
-    if fresh:  # a resumed run takes the checkpoint's config: the loop checks that one
-        check_weights(config, downloads=args.download_weights)
+        changed = [k for k in ("comparator", "invert_network") if getattr(config, k) != getattr(before, k)]
+        overrides.update({k: getattr(config, k) for k in changed})
+    return config, preset, overrides, offline
 
-    def announce(config, runtime: str) -> None:  # the run's first lines: the path taken and why, then the run
+
+def _announcer(offline: str):
+    """The run's first lines on stderr: the path taken and why, then the run."""
+
+    def announce(config, runtime: str) -> None:
         size, keep = checkpoint_bytes(config), config.keep_checkpoints
         disk = f"checkpoint about {_size(size)}, {_size(size * keep)} on disk with --keep-checkpoints {keep}"
         print(
@@ -384,17 +378,34 @@ def _cmd_train(args) -> int:
             file=sys.stderr,
         )
 
+    return announce
+
+
+def _cmd_train(args) -> int:
+    from deepsim.train.loop import train
+
+    task_given = args.task is not None
+    config, preset, overrides, offline = _train_config(args)
+    fresh = not args.resume or (args.resume == "auto" and not any(Path(config.out).glob("checkpoint*.pt")))
+    if fresh:  # a resumed run takes the checkpoint's config: the loop checks that one
+        check_weights(config, downloads=args.download_weights)
+    given = set(overrides) | ({"task"} if task_given else set()) | ({"preset"} if args.preset else set())
     result = train(
         config,
         resume=args.resume,
         progress=not args.no_progress,
         tasks=TASKS,
-        resume_overrides=set(overrides)
-        | ({"task"} if task_given else set())
-        | ({"preset"} if args.preset else set()),
-        announce=announce,
+        resume_overrides=given,
+        announce=_announcer(offline),
         provenance={"preset": preset},
     )
+    return _train_finished(result, config)
+
+
+def _train_finished(result, config: TrainConfig) -> int:
+    """Report a finished (or signal-stopped) run on rank 0; the exit status."""
+    from deepsim.train.preemption import PREEMPTED_EXIT_CODE
+
     if result.stopped_by:  # a stop signal: the checkpoint is written; run the same command to continue
         if int(os.environ.get("RANK", "0")) == 0:
             print(

@@ -44,6 +44,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from deepsim.applications.commands import picked
 from deepsim.config import (
     FIELD_INFO,
     GROUPS,
@@ -311,14 +312,8 @@ def _add_export_parser(sub) -> None:
 def _cmd_export(args) -> int:
     from deepsim.export import export_checkpoint
 
-    result = export_checkpoint(
-        args.checkpoint,
-        args.out,
-        with_discriminator=args.with_discriminator,
-        training_state=args.training_state,
-        layer=args.layer,
-        force=args.force,
-    )
+    options = picked(args, "with_discriminator", "training_state", "layer", "force")
+    result = export_checkpoint(args.checkpoint, args.out, **options)
     print(f"{args.checkpoint} -> {result.out}: {result.description}")
     return 0
 
@@ -439,14 +434,8 @@ def _cmd_reconstruct(args) -> int:
 def _cmd_data_download(args) -> int:
     from deepsim.data.download import download_stl10
 
-    folder = download_stl10(
-        args.dir,
-        url=args.url,
-        keep_archive=args.keep_archive,
-        connect_timeout=args.connect_timeout,
-        read_timeout=args.read_timeout,
-        retries=args.retries,
-    )
+    options = picked(args, "url", "keep_archive", "connect_timeout", "read_timeout", "retries")
+    folder = download_stl10(args.dir, **options)
     print(f"STL-10 in {folder} (checksums verified); train on it with --data {folder}")
     return 0
 
@@ -585,12 +574,7 @@ def _cmd_calibrate(args) -> int:
     report = calibrate_lambda_feat(
         args.comparator,
         args.reference,
-        data=args.data,
-        comparator_weights=args.comparator_weights,
-        reference_weights=args.reference_weights,
-        images=args.images,
-        size=args.size,
-        batch_size=args.batch_size,
+        **picked(args, "data", "comparator_weights", "reference_weights", "images", "size", "batch_size"),
         perturbations=[p.strip() for p in args.perturbations.split(",") if p.strip()],
         reference_lambda_feat=args.reference_lambda_feat,
         device=resolve_device(args.device),

@@ -151,19 +151,10 @@ def calibrate_lambda_feat(
         ComparatorWeightsError: a missing or unfit weights file (named).
         DataError: an unreadable data source.
     """
-
-    unknown = [p for p in perturbations if p not in PERTURBATIONS]
-    if unknown or not perturbations:
-        raise ValueError(f"perturbations {list(perturbations)}: expected some of {', '.join(PERTURBATIONS)}")
-    if images < 1 or batch_size < 1:
-        raise ValueError(f"images={images}, batch_size={batch_size}: both must be >= 1")
+    _check_counts(perturbations, images, batch_size)
     device = torch.device(device)
-    if isinstance(comparator, str):
-        comparator = Comparator(comparator, weights=comparator_weights)
-    if isinstance(reference, str):
-        reference = Comparator(reference, weights=reference_weights)
-    comparator, reference = comparator.to(device).eval(), reference.to(device).eval()
-
+    comparator = _built(comparator, comparator_weights, device)
+    reference = _built(reference, reference_weights, device)
     batches = iterate_eval(
         data,
         batch_size=batch_size,
@@ -178,15 +169,25 @@ def calibrate_lambda_feat(
     return _report(comparator.spec, reference.spec, sums, seen, size, reference_lambda_feat)
 
 
+def _check_counts(perturbations: Sequence[str], images: int, batch_size: int) -> None:
+    """ValueError for an unknown (or no) perturbation, or fewer than one image or one image a batch."""
+    unknown = [p for p in perturbations if p not in PERTURBATIONS]
+    if unknown or not perturbations:
+        raise ValueError(f"perturbations {list(perturbations)}: expected some of {', '.join(PERTURBATIONS)}")
+    if images < 1 or batch_size < 1:
+        raise ValueError(f"images={images}, batch_size={batch_size}: both must be >= 1")
+
+
+def _built(comparator: str | Comparator, weights: str | None, device: torch.device) -> Comparator:
+    """A spec built with its weights file (a built Comparator as it is), on ``device`` in eval mode."""
+    if isinstance(comparator, str):
+        comparator = Comparator(comparator, weights=weights)
+    return comparator.to(device).eval()
+
+
 def _report(comparator: str, reference: str, sums, seen: int, size: int, reference_lambda_feat: float):
     """The :class:`CalibrationReport` of the summed distances; a zero comparator sum is a ValueError."""
-    report = CalibrationReport(
-        comparator=comparator,
-        reference=reference,
-        images=seen,
-        size=size,
-        reference_lambda_feat=reference_lambda_feat,
-    )
+    report = CalibrationReport(comparator, reference, seen, size, reference_lambda_feat)
     for name, (ref_sum, cmp_sum) in sums.items():
         if cmp_sum <= 0:
             raise ValueError(f"calibrate: comparator {comparator} gives distance 0 under '{name}'")

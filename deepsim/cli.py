@@ -44,6 +44,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from deepsim.applications.commands import picked
 from deepsim.config import (
     FIELD_INFO,
     GROUPS,
@@ -311,14 +312,8 @@ def _add_export_parser(sub) -> None:
 def _cmd_export(args) -> int:
     from deepsim.export import export_checkpoint
 
-    result = export_checkpoint(
-        args.checkpoint,
-        args.out,
-        with_discriminator=args.with_discriminator,
-        training_state=args.training_state,
-        layer=args.layer,
-        force=args.force,
-    )
+    options = picked(args, "with_discriminator", "training_state", "layer", "force")
+    result = export_checkpoint(args.checkpoint, args.out, **options)
     print(f"{args.checkpoint} -> {result.out}: {result.description}")
     return 0
 
@@ -345,11 +340,8 @@ def _overrides(args, task: str) -> dict:
     return overrides
 
 
-def _cmd_train(args) -> int:
-    from deepsim.train.loop import train
-    from deepsim.train.preemption import PREEMPTED_EXIT_CODE
-
-    task_given = args.task is not None
+def _train_config(args) -> tuple[TrainConfig, str, dict, str]:
+    """(config, preset name, the fields the command line set, the offline note or "") of ``deepsim train``."""
     if args.task is None:
         args.task = get_preset(args.preset).task if args.preset else "autoencoder"
     preset = args.preset or default_preset(args.task, args.invert_layer)
@@ -359,18 +351,15 @@ def _cmd_train(args) -> int:
     if args.random_weights:
         before = config
         config, offline = with_random_weights(config)
-        overrides.update(
-            {
-                k: getattr(config, k)
-                for k in ("comparator", "invert_network")
-                if getattr(config, k) != getattr(before, k)
-            }
-        )
-    fresh = not args.resume or (args.resume == "auto" and not any(Path(config.out).glob("checkpoint*.pt")))
-    if fresh:  # a resumed run takes the checkpoint's config: the loop checks that one
-        check_weights(config, downloads=args.download_weights)
+        changed = [k for k in ("comparator", "invert_network") if getattr(config, k) != getattr(before, k)]
+        overrides.update({k: getattr(config, k) for k in changed})
+    return config, preset, overrides, offline
 
-    def announce(config, runtime: str) -> None:  # the run's first lines: the path taken and why, then the run
+
+def _announcer(offline: str):
+    """The run's first lines on stderr: the path taken and why, then the run."""
+
+    def announce(config, runtime: str) -> None:
         size, keep = checkpoint_bytes(config), config.keep_checkpoints
         disk = f"checkpoint about {_size(size)}, {_size(size * keep)} on disk with --keep-checkpoints {keep}"
         print(
@@ -384,17 +373,34 @@ def _cmd_train(args) -> int:
             file=sys.stderr,
         )
 
+    return announce
+
+
+def _cmd_train(args) -> int:
+    from deepsim.train.loop import train
+
+    task_given = args.task is not None
+    config, preset, overrides, offline = _train_config(args)
+    fresh = not args.resume or (args.resume == "auto" and not any(Path(config.out).glob("checkpoint*.pt")))
+    if fresh:  # a resumed run takes the checkpoint's config: the loop checks that one
+        check_weights(config, downloads=args.download_weights)
+    given = set(overrides) | ({"task"} if task_given else set()) | ({"preset"} if args.preset else set())
     result = train(
         config,
         resume=args.resume,
         progress=not args.no_progress,
         tasks=TASKS,
-        resume_overrides=set(overrides)
-        | ({"task"} if task_given else set())
-        | ({"preset"} if args.preset else set()),
-        announce=announce,
+        resume_overrides=given,
+        announce=_announcer(offline),
         provenance={"preset": preset},
     )
+    return _train_finished(result, config)
+
+
+def _train_finished(result, config: TrainConfig) -> int:
+    """Report a finished (or signal-stopped) run on rank 0; the exit status."""
+    from deepsim.train.preemption import PREEMPTED_EXIT_CODE
+
     if result.stopped_by:  # a stop signal: the checkpoint is written; run the same command to continue
         if int(os.environ.get("RANK", "0")) == 0:
             print(
@@ -428,14 +434,8 @@ def _cmd_reconstruct(args) -> int:
 def _cmd_data_download(args) -> int:
     from deepsim.data.download import download_stl10
 
-    folder = download_stl10(
-        args.dir,
-        url=args.url,
-        keep_archive=args.keep_archive,
-        connect_timeout=args.connect_timeout,
-        read_timeout=args.read_timeout,
-        retries=args.retries,
-    )
+    options = picked(args, "url", "keep_archive", "connect_timeout", "read_timeout", "retries")
+    folder = download_stl10(args.dir, **options)
     print(f"STL-10 in {folder} (checksums verified); train on it with --data {folder}")
     return 0
 
@@ -574,12 +574,7 @@ def _cmd_calibrate(args) -> int:
     report = calibrate_lambda_feat(
         args.comparator,
         args.reference,
-        data=args.data,
-        comparator_weights=args.comparator_weights,
-        reference_weights=args.reference_weights,
-        images=args.images,
-        size=args.size,
-        batch_size=args.batch_size,
+        **picked(args, "data", "comparator_weights", "reference_weights", "images", "size", "batch_size"),
         perturbations=[p.strip() for p in args.perturbations.split(",") if p.strip()],
         reference_lambda_feat=args.reference_lambda_feat,
         device=resolve_device(args.device),

@@ -77,43 +77,34 @@ class FieldInfo:
     """
 
     name: str
-    flag: str | None
-    help: str | None
-    choices: tuple | str | None
-    auto: bool
-    group: str | None
-    tasks: tuple[str, ...]
-    source: str | None
-    parse: object
-    cli: dict
+    flag: str | None = None
+    help: str | None = None
+    choices: tuple | str | None = None
+    auto: bool = False
+    group: str | None = None
+    tasks: tuple[str, ...] = TASK_NAMES
+    source: str | None = None
+    parse: object = None
+    cli: dict = dataclasses.field(default_factory=dict)
 
 
-def _f(
-    default,
-    *,
-    source=None,
-    help=None,
-    choices=None,
-    auto=False,
-    group=None,
-    tasks=TASK_NAMES,
-    flag=True,
-    parse=None,
-    cli=None,
-):
-    """A dataclass field with its facts in the metadata; ``flag=False`` marks it internal (no CLI flag)."""
-    meta = dict(
-        source=source,
-        help=help,
-        choices=choices,
-        auto=auto,
-        group=group,
-        tasks=tuple(tasks),
-        flag=flag,
-        parse=parse,
-        cli=cli or {},
-    )
+def _f(default, help=None, *, group=None, flag=True, tasks=TASK_NAMES, **facts):
+    """A dataclass field with its facts (:class:`FieldInfo`'s attributes but the name) in the metadata;
+    ``flag=True``: the flag is the field's name. The helpers below name the group (``_internal``: no flag)."""
+    meta = dict(facts, help=help, group=group, flag=flag, tasks=tuple(tasks))
     return dataclasses.field(default=default, metadata={"deepsim": meta})
+
+
+def _grouped(group: str):
+    return lambda default, help=None, **facts: _f(default, help, group=group, **facts)
+
+
+_data, _model, _loss = _grouped("data"), _grouped("model"), _grouped("loss")
+_optim, _runtime, _output = _grouped("optimisation"), _grouped("runtime"), _grouped("output")
+
+
+def _internal(default, **facts):
+    return _f(default, flag=False, **facts)
 
 
 def _milestones(text: str) -> tuple[int, ...]:
@@ -148,303 +139,237 @@ class TrainConfig:
     Each field's help, choices, CLI group, tasks and source live in its metadata (:func:`field_info`)."""
 
     # --- what is trained
-    task: str = _f("autoencoder", source="paper: the autoencoder, the first application", flag=False)
-    image_size: int = _f(
-        64,
-        source="paper: 64x64 crops (autoencoder)",
-        group="data",
-        help="training crop side (autoencoder: 64)",
-    )  # inversion: 227
-    code_channels: int = _f(8, source="paper: an 8-channel code 8x smaller than the input", flag=False)
-    invert_layer: str = _f(
+    task: str = _internal("autoencoder", source="paper: the autoencoder, the first application")
+    # the inversion presets: 227
+    image_size: int = _data(
+        64, "training crop side (autoencoder: 64)", source="paper: 64x64 crops (autoencoder)"
+    )
+    code_channels: int = _internal(8, source="paper: an 8-channel code 8x smaller than the input")
+    invert_layer: str = _model(
         "fc6",
+        "invert: the AlexNet layer to invert",
         source="ours: fc6 as default (paper: conv5, fc6, fc7, fc8)",
-        group="model",
         tasks=_INV,
         flag="layer",
         choices="deepsim.applications.inversion:LAYER_TAPS",
-        help="invert: the AlexNet layer to invert",
     )
-    noise_dim: int = _f(
+    noise_dim: int = _model(
         0,
+        "invert: K noise values beside the features (extra channels for conv5), for pre-image sampling",
         source="ours: no noise (paper: noise for pre-image sampling)",
-        group="model",
         tasks=_INV,
-        help="invert: K noise values beside the features (extra channels for conv5), for pre-image sampling",
     )
-    invert_network: str = _f(
+    invert_network: str = _model(
         "alexnet",
-        group="model",
-        tasks=_INV,
+        "invert: the fixed AlexNet whose features are inverted",
         source="ours: torchvision's AlexNet (paper/code: CaffeNet; --invert-network caffenet)",
-        choices="deepsim.applications.inversion:INVERTIBLE_NETWORKS",
-        help="invert: the fixed AlexNet whose features are inverted",
-    )
-    invert_network_weights: str | None = _f(
-        None,
-        source="ours",
-        group="model",
         tasks=_INV,
-        help="invert: weights file of that network (default: torchvision's cache)",
+        choices="deepsim.applications.inversion:INVERTIBLE_NETWORKS",
     )
-    fc_width: int = _f(
+    invert_network_weights: str | None = _model(
+        None, "invert: weights file of that network (default: torchvision's cache)", source="ours", tasks=_INV
+    )
+    fc_width: int = _model(
         4096,
+        "invert/vae: width of the generator's FC layers (paper: 4096)",
         source="code: FC 4096 in the generators",
-        group="model",
         tasks=_GEN,
-        help="invert/vae: width of the generator's FC layers (paper: 4096)",
     )
-    latent_dim: int = _f(
-        4096,
-        source="ours: the fc6 size the decoder takes (open)",
-        group="model",
-        tasks=_VAE,
-        help="vae: latent size",
+    latent_dim: int = _model(
+        4096, "vae: latent size", source="ours: the fc6 size the decoder takes (open)", tasks=_VAE
     )
-    lambda_kl: float = _f(
-        1.0,
-        source="ours: a per-sample KL sum, weight 1 (open)",
-        group="loss",
-        tasks=_VAE,
-        help="vae: weight of the KL term",
+    lambda_kl: float = _loss(
+        1.0, "vae: weight of the KL term", source="ours: a per-sample KL sum, weight 1 (open)", tasks=_VAE
     )
 
     # --- the loss
-    loss: str = _f(
+    loss: str = _loss(
         "deepsim",
+        "DeePSiM, or the image-space baselines se / l1",
         source="paper: the DeePSiM loss",
-        group="loss",
         choices=("deepsim", "se", "l1"),
-        help="DeePSiM, or the image-space baselines se / l1",
     )
-    comparator: str = _f(
+    comparator: str = _loss(
         "alexnet-random:conv3",
-        group="loss",
+        "comparator spec '<arch>:<tap>[=w],...', e.g. alexnet:conv3, exemplar:conv3, alexnet-random:conv3",
         source="paper: comparator 3, AlexNet with random weights, at CONV3 (autoencoder)",
-        help="comparator spec '<arch>:<tap>[=w],...', e.g. alexnet:conv3, exemplar:conv3, "
-        "alexnet-random:conv3",
     )
-    comparator_weights: str | None = _f(
+    comparator_weights: str | None = _loss(
         None,
+        "weights file for the comparator (default: torchvision's cache for alexnet/vgg16)",
         source="ours",
-        group="loss",
-        help="weights file for the comparator (default: torchvision's cache for alexnet/vgg16)",
     )
-    lambda_feat: float = _f(
+    lambda_feat: float = _loss(
         0.01 * CAFFE_TO_DEEPSIM["feat"],
+        "weight of the comparator feature term (scale convention: deepsim.losses)",
         source=_NOT_CALIBRATED,
-        group="loss",
-        help="weight of the comparator feature term (scale convention: deepsim.losses)",
     )
-    lambda_adv: float = _f(100.0, source="code: 100", group="loss", help="weight of the adversarial term")
-    lambda_img: float = _f(
-        2e-6 * CAFFE_TO_DEEPSIM["img"],
-        source="code: Caffe's 2e-6",
-        group="loss",
-        help="weight of the image-space term",
+    lambda_adv: float = _loss(100.0, "weight of the adversarial term", source="code: 100")
+    lambda_img: float = _loss(
+        2e-6 * CAFFE_TO_DEEPSIM["img"], "weight of the image-space term", source="code: Caffe's 2e-6"
     )
-    image_distance: str = _f("se", source="paper: squared Euclidean", flag=False)  # "se" (paper) or "l1"
-    feature_metric: str = _f(
-        "squared",
-        flag=False,  # "squared" (paper) or "lpips" (ours: comparator unused)
-        source="paper: squared Euclidean feature distance (lpips: ours, not the paper's)",
+    # "se" (the paper) or "l1"
+    image_distance: str = _internal("se", source="paper: squared Euclidean")
+    # "squared" (paper) or "lpips" (ours: comparator unused)
+    feature_metric: str = _internal(
+        "squared", source="paper: squared Euclidean feature distance (lpips: ours, not the paper's)"
     )
-    pause_d_below: float = _f(0.1, source="code: r < 0.1 stops D (paper: 0.1)", flag=False)  # r = L_D / L_adv
-    pause_d_resume_above: float = _f(0.5, source="code: r > 0.5 resumes D", flag=False)
-    pause_g_above: float = _f(10.0, source="code: r > 10 stops G", flag=False)
-    disc_first_stride: int = _f(
-        2, source="paper: stride 2 for the autoencoder", flag=False
-    )  # 4 at 227 (code)
+    # the pause rule's ratio r = L_D / L_adv
+    pause_d_below: float = _internal(0.1, source="code: r < 0.1 stops D (paper: 0.1)")
+    pause_d_resume_above: float = _internal(0.5, source="code: r > 0.5 resumes D")
+    pause_g_above: float = _internal(10.0, source="code: r > 10 stops G")
+    # 4 at 227 (code: the inversion presets)
+    disc_first_stride: int = _internal(2, source="paper: stride 2 for the autoencoder")
 
     # --- training as the authors trained: the derived Caffe code's dynamics (README "Differences from the
     # paper and the derived code"; defaults = the code, the other
     # value = the earlier behaviour or the paper's)
-    update_order: str = _f(
+    update_order: str = _optim(
         "code",
-        source="code: D first, G's adversarial term from the updated D",
-        group="optimisation",
-        choices="deepsim.train.step:UPDATE_ORDERS",
-        help="code: D updates first and G's adversarial term comes from the updated D (derived "
+        "code: D updates first and G's adversarial term comes from the updated D (derived "
         "code); simultaneous: both from the same D",
+        source="code: D first, G's adversarial term from the updated D",
+        choices="deepsim.train.step:UPDATE_ORDERS",
     )
-    disc_padding: str = _f(
+    disc_padding: str = _model(
         "code",
+        "D's convs: code (unpadded, 227 -> 56-52-25-23-11) or padded (k // 2)",
         source="code: unpadded convs",
-        group="model",
         choices="deepsim.networks:DISC_PADDINGS",
-        help="D's convs: code (unpadded, 227 -> 56-52-25-23-11) or padded (k // 2)",
     )
-    disc_activation: str = _f(
+    disc_activation: str = _model(
         "lrelu",
+        "D's nonlinearity: lrelu (0.3, the paper) or relu (the derived code)",
         source="paper: LReLU 0.3 in all networks (code: ReLU in D)",
-        group="model",
         choices="deepsim.networks:DISC_ACTIVATIONS",
-        help="D's nonlinearity: lrelu (0.3, the paper) or relu (the derived code)",
     )
-    disc_init: str = _f(
+    disc_init: str = _model(
         "code",
-        group="model",
-        choices="deepsim.networks:DISC_INITS",
+        "D's initialisation: code (MSRA, coefficient 0.1 on conv1/fc1/fc2, zero biases) or torch",
         source="code: MSRA, coefficient 0.1 on Dconv1/Dfc6/Dfc7 (our reading of the coefficient)",
-        help="D's initialisation: code (MSRA, coefficient 0.1 on conv1/fc1/fc2, zero biases) or torch",
+        choices="deepsim.networks:DISC_INITS",
     )
-    upconv_bias: str = _f(
+    upconv_bias: str = _model(
         "zero",
+        "invert/vae up-conv biases: zero (fixed, the authors' generators) or learned",
         source="code: Deconvolution biases fixed at 0 (lr_mult 0)",
-        group="model",
         tasks=_GEN,
         choices="deepsim.applications.generators:UPCONV_BIASES",
-        help="invert/vae up-conv biases: zero (fixed, the authors' generators) or learned",
     )
-    gen_init: str = _f(
+    gen_init: str = _model(
         "code",
-        group="model",
+        "invert/vae generator initialisation: code (MSRA with the prototxt's coefficients) or torch",
+        source="code: MSRA, 1 on FC, 1.8 on 4x4 deconvs, 0.9 on 3x3 (ours: 1 on conv5's convs)",
         tasks=_GEN,
         choices="deepsim.applications.generators:GENERATOR_INITS",
-        source="code: MSRA, 1 on FC, 1.8 on 4x4 deconvs, 0.9 on 3x3 (ours: 1 on conv5's convs)",
-        help="invert/vae generator initialisation: code (MSRA with the prototxt's coefficients) or torch",
     )
-    weight_decay: float = _f(
+    weight_decay: float = _optim(
         4e-4,
+        "L2 weight decay added to the gradient before Adam (derived code: 4e-4)",
         source="code: solver weight_decay 4e-4, coupled",
-        group="optimisation",
-        help="L2 weight decay added to the gradient before Adam (derived code: 4e-4)",
     )
-    weight_decay_scope: str = _f(
+    weight_decay_scope: str = _optim(
         "code",
+        "which parameters decay: code (the prototxts' decay_mult: D, conv5's convs) or all",
         source="code: decay_mult of the prototxts (D; G's conv5 convs)",
-        group="optimisation",
         choices="deepsim.train.optim:WEIGHT_DECAY_SCOPES",
-        help="which parameters decay: code (the prototxts' decay_mult: D, conv5's convs) or all",
     )
-    lr_milestones: tuple[int, ...] = _f(
+    lr_milestones: tuple[int, ...] = _optim(
         (300_000, 500_000, 700_000, 900_000, 1_100_000),
-        group="optimisation",
-        source="code: multistep at 300k, 500k, 700k, 900k, 1.1M",
-        parse=_milestones,
-        help="steps (each network's own) at which the lr is multiplied by "
+        "steps (each network's own) at which the lr is multiplied by "
         "--lr-gamma, comma-separated, or 'none' (derived code: 300000,500000,"
         "700000,900000,1100000)",
+        source="code: multistep at 300k, 500k, 700k, 900k, 1.1M",
+        parse=_milestones,
     )
-    lr_gamma: float = _f(
-        0.5,
-        source="code: gamma 0.5",
-        group="optimisation",
-        help="lr factor at each milestone (derived code: 0.5)",
-    )
-    mirror: bool = _f(
+    lr_gamma: float = _optim(0.5, "lr factor at each milestone (derived code: 0.5)", source="code: gamma 0.5")
+    mirror: bool = _data(
         False,
+        "random horizontal mirroring of the training crops (the derived code does not mirror)",
         source="code: no mirroring",
-        group="data",
         cli={"action": "bool"},
-        help="random horizontal mirroring of the training crops (the derived code does not mirror)",
     )
 
     # --- optimisation (paper: Adam, lr 2e-4, betas 0.9/0.999, batch 64)
-    lr: float = _f(
-        2e-4,
-        source="paper: Adam 2e-4 (code: base_lr 2e-4)",
-        group="optimisation",
-        help="Adam learning rate (paper: 2e-4)",
+    lr: float = _optim(
+        2e-4, "Adam learning rate (paper: 2e-4)", source="paper: Adam 2e-4 (code: base_lr 2e-4)"
     )
-    beta1: float = _f(0.9, source="paper: 0.9 (code: momentum 0.9)", flag=False)
-    beta2: float = _f(0.999, source="paper: 0.999 (code: momentum2 0.999)", flag=False)
-    batch_size: int = _f(64, source="paper: 64", group="optimisation", help="images per step (paper: 64)")
-    steps: int = _f(
-        500_000,
-        source="paper: 500k to 1M iterations",
-        group="optimisation",
-        help="number of training iterations",
-    )
+    beta1: float = _internal(0.9, source="paper: 0.9 (code: momentum 0.9)")
+    beta2: float = _internal(0.999, source="paper: 0.999 (code: momentum2 0.999)")
+    batch_size: int = _optim(64, "images per step (paper: 64)", source="paper: 64")
+    steps: int = _optim(500_000, "number of training iterations", source="paper: 500k to 1M iterations")
 
     # --- data
-    data: str = _f(
+    data: str = _data(
         "photos",
+        "'photos' (bundled sample photographs), a folder of images, or an STL-10 binary folder",
         source="ours: the bundled photos",
-        group="data",
-        help="'photos' (bundled sample photographs), a folder of images, or an STL-10 binary folder",
     )
-    loader: str = _f(
+    loader: str = _data(
         "auto",
-        group="data",
-        choices="deepsim.train.auto:RUNTIME_CHOICES.loader",
-        auto=True,
-        help="data loader: torch (PIL in DataLoader workers), dali (NVIDIA DALI), nvjpeg (torchvision "
+        "data loader: torch (PIL in DataLoader workers), dali (NVIDIA DALI), nvjpeg (torchvision "
         "JPEG decode on the device) or resident (the decoded data set on the device); auto: resident "
         "for STL-10 and the photos on CUDA when they fit, else dali or nvjpeg, torch on the CPU",
+        choices="deepsim.train.auto:RUNTIME_CHOICES.loader",
+        auto=True,
     )
-    num_workers: int = _f(0, group="data", help="DataLoader worker processes (torch loader)")
-    on_bad: str = _f(
+    num_workers: int = _data(0, "DataLoader worker processes (torch loader)")
+    on_bad: str = _data(
         "error",
-        group="data",
-        choices="deepsim.data.sampling:ON_BAD",
-        help="a corrupt, too-small or too-large image: error (stop, naming the file), skip (count and "
+        "a corrupt, too-small or too-large image: error (stop, naming the file), skip (count and "
         "go on), pad (pad small ones)",
+        choices="deepsim.data.sampling:ON_BAD",
     )
-    max_image_pixels: int = _f(8192 * 8192, group="data", help=MAX_IMAGE_PIXELS_HELP)  # deepsim.data.images
+    # checked by deepsim.data.images
+    max_image_pixels: int = _data(8192 * 8192, MAX_IMAGE_PIXELS_HELP)
 
     # --- running
-    out: str = _f(
+    out: str = _output(
         "runs/deepsim",
-        group="output",
-        help="output folder: checkpoint.pt (+ the previous ones), metrics.jsonl, config.json, "
+        "output folder: checkpoint.pt (+ the previous ones), metrics.jsonl, config.json, "
         "samples/*.png; one that already holds a run is refused without --resume",
     )
-    device: str = _f("auto", group="runtime", help="auto | cpu | cuda | cuda:N")
-    seed: int = _f(0, group="runtime", help="seed for initialisation, data order and augmentation")
-    precision: str = _f(
+    device: str = _runtime("auto", "auto | cpu | cuda | cuda:N")
+    seed: int = _runtime(0, "seed for initialisation, data order and augmentation")
+    precision: str = _runtime(
         "auto",
-        group="runtime",
+        "fp32, tf32 (CUDA matmuls) or bf16 autocast; auto: bf16 on CUDA (sm_80+), fp32 on the CPU",
         choices="deepsim.train.auto:RUNTIME_CHOICES.precision",
         auto=True,
-        help="fp32, tf32 (CUDA matmuls) or bf16 autocast; auto: bf16 on CUDA (sm_80+), fp32 on the CPU",
     )
-    compile: str = _f(
+    compile: str = _runtime(
         "auto",
-        group="runtime",
+        "torch.compile the training step; auto: reduce-overhead (CUDA graphs) on CUDA, off on the CPU",
         choices="deepsim.train.auto:RUNTIME_CHOICES.compile",
         auto=True,
-        help="torch.compile the training step; auto: reduce-overhead (CUDA graphs) on CUDA, off on the CPU",
     )
-    channels_last: bool | str = _f(
+    channels_last: bool | str = _runtime(
         "auto",
-        group="runtime",
-        cli={
-            "nargs": "?",
-            "const": "on",
-            "choices": ["auto", "on", "off"],
-            "default": None,
-            "action": "on-off-auto",
-        },
-        help="G, D, C and the batches in channels_last (NHWC) memory format (faster "
+        "G, D, C and the batches in channels_last (NHWC) memory format (faster "
         "convolutions on tensor cores); auto: on for CUDA, off on the CPU",
+        cli=dict(nargs="?", const="on", choices=["auto", "on", "off"], default=None, action="on-off-auto"),
     )
-    log_every: int = _f(
-        10, group="output", help="read metrics from the device every N steps"
-    )  # the only host syncs
-    sample_every: int = _f(
-        200, group="output", help="write a PNG grid of inputs and reconstructions every N steps"
+    # the metrics reads are the loop's only host syncs
+    log_every: int = _output(10, "read metrics from the device every N steps")
+    sample_every: int = _output(200, "write a PNG grid of inputs and reconstructions every N steps")
+    checkpoint_every: int = _output(
+        500, "write checkpoint.pt every N steps (and at the end, and on a stop signal)"
     )
-    checkpoint_every: int = _f(
-        500, group="output", help="write checkpoint.pt every N steps (and at the end, and on a stop signal)"
-    )
-    tensorboard: bool | str = _f(
+    tensorboard: bool | str = _output(
         "auto",
-        group="output",
-        cli={"action": "bool"},
-        help="TensorBoard event files beside metrics.jsonl (default: on when the "
+        "TensorBoard event files beside metrics.jsonl (default: on when the "
         "tensorboard package is installed)",
+        cli={"action": "bool"},
     )
-    keep_checkpoints: int = _f(
+    keep_checkpoints: int = _output(
         2,
-        group="output",
-        help="keep the K newest checkpoints (checkpoint.pt, checkpoint.step<N>.pt...): a "
+        "keep the K newest checkpoints (checkpoint.pt, checkpoint.step<N>.pt...): a "
         "corrupt newest one falls back",
     )
-    stop_signals: str = _f(
+    # handled by deepsim.train.preemption
+    stop_signals: str = _runtime(
         "SIGTERM,SIGINT,SIGUSR1",
-        group="runtime",  # deepsim.train.preemption
-        help="signals that stop training cleanly: finish the step, write a checkpoint, exit "
+        "signals that stop training cleanly: finish the step, write a checkpoint, exit "
         "with status 75 ('' = none)",
     )
 
@@ -489,6 +414,12 @@ def _preset(**kw) -> TrainConfig:
     return TrainConfig(**kw)
 
 
+# The quickstarts' cadence: the bundled photos, mirrored (ours: 15 photos need the variety), on a CPU.
+_QUICKSTART = dict(mirror=True, log_every=10, sample_every=100, checkpoint_every=200)
+# ILSVRC-2012 at the inversion's resolution (code): 227x227 crops, D with first stride 4, comparator pool5.
+_AT_227 = dict(image_size=227, disc_first_stride=4, comparator="alexnet:pool5", data="imagenet/train")
+
+
 # Presets set what an experiment is (task, data, loss, weights, schedule). They leave the runtime fields
 # (compile, precision, loader, channels_last, tensorboard) at "auto", which deepsim.train.auto resolves per
 # device; a preset that sets one of them explicitly wins over "auto", and a CLI flag wins over the preset.
@@ -509,10 +440,7 @@ PRESETS: dict[str, TrainConfig] = {
         lr=1e-3,
         lambda_adv=1.0,
         lambda_feat=0.5,
-        mirror=True,
-        log_every=10,
-        sample_every=100,
-        checkpoint_every=200,
+        **_QUICKSTART,
         out="runs/autoencoder-photos",
     ),
     # The paper's autoencoder experiments (paper): STL-10 unlabeled (data="stl10_binary": the STL-10 binary
@@ -555,10 +483,7 @@ PRESETS: dict[str, TrainConfig] = {
         fc_width=1024,
         batch_size=16,
         steps=400,
-        mirror=True,
-        log_every=10,
-        sample_every=100,
-        checkpoint_every=200,
+        **_QUICKSTART,
         out="runs/vae-photos",
     ),
     # The VAE at the inversion's resolution: ILSVRC-2012 train (data="imagenet/train", pass --data PATH),
@@ -567,16 +492,7 @@ PRESETS: dict[str, TrainConfig] = {
     # feature branch, comparator AlexNet pool5 (as the inversion; code), DeePSiM weights of the code
     # (lambda_feat NOT calibrated for torchvision's AlexNet, as for the inversion below). Open, ours: the
     # encoder (VAEEncoder: 227 -> 114 -> 57 -> 29 -> 15 -> 8 -> 4), latent 4096, lambda_kl 1.
-    "vae-imagenet": _preset(
-        task="vae",
-        image_size=227,
-        disc_first_stride=4,
-        latent_dim=4096,
-        lambda_kl=1.0,
-        comparator="alexnet:pool5",
-        data="imagenet/train",
-        out="runs/vae-imagenet",
-    ),
+    "vae-imagenet": _preset(task="vae", latent_dim=4096, lambda_kl=1.0, **_AT_227, out="runs/vae-imagenet"),
 }
 
 
@@ -594,14 +510,11 @@ def _invert_preset(layer: str) -> TrainConfig:
         task="invert",
         invert_layer=layer,
         invert_network="alexnet",
-        image_size=227,
-        disc_first_stride=4,
-        comparator="alexnet:pool5",
         batch_size=64,
         lambda_feat=0.01 * CAFFE_TO_DEEPSIM["feat"],
         lambda_adv=100.0,
         lambda_img=2e-6 * CAFFE_TO_DEEPSIM["img"],
-        data="imagenet/train",
+        **_AT_227,
         out=f"runs/invert-{layer}",
     )
 
@@ -618,18 +531,7 @@ def field_info(name_or_field) -> FieldInfo:
     f = name_or_field if isinstance(name_or_field, dataclasses.Field) else _FIELDS[name_or_field]
     meta = f.metadata["deepsim"]
     flag = f.name if meta["flag"] is True else (meta["flag"] or None)
-    return FieldInfo(
-        f.name,
-        flag,
-        meta["help"],
-        meta["choices"],
-        meta["auto"],
-        meta["group"],
-        meta["tasks"],
-        meta["source"],
-        meta["parse"],
-        meta["cli"],
-    )
+    return FieldInfo(f.name, **{**meta, "flag": flag})
 
 
 def field_choices(info: FieldInfo) -> tuple | None:
@@ -658,6 +560,10 @@ DEFAULT_SOURCES: dict[str, str] = {name: i.source for name, i in FIELD_INFO.item
 _STL10 = "paper: STL-10 unlabeled"
 _QUICK = "ours: quickstart, a few minutes on a CPU"
 _IMAGENET = "paper: ILSVRC-2012 train"
+_AT_227_SOURCES = {
+    "image_size": "code: 227x227 crops, generator 256 cropped to 227",
+    "disc_first_stride": "code: stride 4 at 227",
+}
 PRESET_SOURCES: dict[str, dict[str, str]] = {
     "autoencoder-photos": {
         "steps": _QUICK,
@@ -689,8 +595,7 @@ PRESET_SOURCES: dict[str, dict[str, str]] = {
     },
     "vae-imagenet": {
         "task": "paper: VAE with DeePSiM",
-        "image_size": "code: 227x227 crops, generator 256 cropped to 227",
-        "disc_first_stride": "code: stride 4 at 227",
+        **_AT_227_SOURCES,
         "comparator": "code: pool5 (ours: torchvision's layout)",
         "data": _IMAGENET,
     },
@@ -698,8 +603,7 @@ PRESET_SOURCES: dict[str, dict[str, str]] = {
         f"invert-{layer}": {
             "task": "paper: inverting AlexNet",
             "invert_layer": f"paper: {layer}",
-            "image_size": "code: 227x227 crops, generator 256 cropped to 227",
-            "disc_first_stride": "code: stride 4 at 227",
+            **_AT_227_SOURCES,
             "comparator": "code: pool5 (the code used CaffeNet; ours: torchvision's layout)",
             "data": _IMAGENET,
         }

@@ -112,16 +112,25 @@ def export_checkpoint(
             trainer["discriminator"] = _state_of(payload, "discriminator", source)
             contents = "the generator and the discriminator"
         written = {"config": payload["config"], "step": payload["step"], "trainer": trainer}
-        for key in ("provenance", "caffe_import"):
-            if key in payload:
-                written[key] = payload[key]
+        written.update({key: payload[key] for key in ("provenance", "caffe_import") if key in payload})
+    provenance = _export_provenance(payload, source, contents)
+    write_safetensors(out, written, provenance=provenance, force=force)
+    task = provenance["task"] or "?"
+    return ExportResult(
+        out, f"{contents} of the {task} run at step {payload['step']} (safetensors)", provenance
+    )
+
+
+def _export_provenance(payload: dict, source: Path, contents: str) -> dict:
+    """The export's metadata: the run's preset, step, commit and task, what it holds, where it was read
+    from (the source file's SHA-256 from its footer when that is the step exported) and this commit."""
     config = payload["config"] if isinstance(payload.get("config"), dict) else {}
     trained = payload.get("provenance") if isinstance(payload.get("provenance"), dict) else {}
     read_from = source if source.is_file() else next(iter(find_checkpoints(source)), None)
     footer = read_footer(read_from) if read_from is not None else None
     if footer is not None and footer.step != int(payload["step"]):  # a folder whose newest was skipped
         footer = None
-    provenance = {
+    return {
         "preset": trained.get("preset"),
         "step": int(payload["step"]),
         "commit": trained.get("commit"),
@@ -131,11 +140,6 @@ def export_checkpoint(
         "source_sha256": footer.sha256 if footer is not None else None,
         "export_commit": source_commit(),
     }
-    write_safetensors(out, written, provenance=provenance, force=force)
-    task = config.get("task", "?")
-    return ExportResult(
-        out, f"{contents} of the {task} run at step {payload['step']} (safetensors)", provenance
-    )
 
 
 def load_generator(

@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from deepsim.cli import main
-from deepsim.config import get_preset
 from deepsim.train.checkpoint import (
     CheckpointError,
     CheckpointWarning,
@@ -24,7 +23,7 @@ from deepsim.train.checkpoint import (
     save_checkpoint,
 )
 from deepsim.train.loop import train
-from tests.training_runs import subprocess_env
+from tests.training_runs import TINY_TRAIN_FLAGS, subprocess_env, tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -100,22 +99,7 @@ def test_checkpoint_without_checksum_loads_with_a_warning(tmp_path):
 
 
 def _tiny(out, **changes):
-    return get_preset("autoencoder-photos").replace(
-        **{
-            **dict(
-                data="photos",
-                comparator="alexnet-random:conv2",
-                batch_size=4,
-                image_size=40,
-                log_every=5,
-                sample_every=1000,
-                checkpoint_every=5,
-                device="cpu",
-                out=str(out),
-            ),
-            **changes,
-        }
-    )
+    return tiny_config(out, **{"checkpoint_every": 5, **changes})
 
 
 @pytest.mark.parametrize("how", ["truncated", "flipped"])
@@ -211,25 +195,13 @@ def test_full_disk_at_the_step_10_checkpoint_stops_the_run_with_exit_2_and_step_
     code = main(
         [
             "train",
-            "--preset",
-            "autoencoder-photos",
-            "--comparator",
-            "alexnet-random:conv2",
-            "--batch-size",
-            "4",
-            "--image-size",
-            "40",
+            *TINY_TRAIN_FLAGS,
             "--steps",
             "12",
             "--checkpoint-every",
             "5",
             "--log-every",
             "5",
-            "--sample-every",
-            "1000",
-            "--device",
-            "cpu",
-            "--no-progress",
             "--out",
             str(tmp_path),
         ]

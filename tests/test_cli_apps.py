@@ -11,29 +11,11 @@ from PIL import Image
 
 from deepsim.cli import main
 
-SMALL = [
-    "--no-progress",
-    "--device",
-    "cpu",
-    "--batch-size",
-    "2",
-    "--fc-width",
-    "64",
-    "--sample-every",
-    "100",
-    "--log-every",
-    "1",
-    "--checkpoint-every",
-    "100",
-]
-INVERT = SMALL + [
-    "--invert-network",
-    "alexnet-random",
-    "--comparator",
-    "alexnet-random:pool5",
-    "--image-size",
-    "64",
-]
+SMALL = (
+    "--no-progress --device cpu --batch-size 2 --fc-width 64 --sample-every 100 --log-every 1 "
+    "--checkpoint-every 100"
+).split()
+INVERT = SMALL + "--invert-network alexnet-random --comparator alexnet-random:pool5 --image-size 64".split()
 
 
 def make_photos(folder, n=8, size=256):
@@ -50,80 +32,28 @@ def photos(tmp_path_factory):
     return make_photos(tmp_path_factory.mktemp("photos"))
 
 
+def _trained(out, photos, *flags: str):
+    """``out`` after ``deepsim train FLAGS`` for 2 steps on ``photos``."""
+    assert main(["train", *flags, "--steps", "2", "--data", str(photos), "--out", str(out)]) == 0
+    return out
+
+
 @pytest.fixture(scope="module")
 def vae_run(tmp_path_factory, photos):
-    out = tmp_path_factory.mktemp("vae")
-    code = main(
-        [
-            "train",
-            "vae",
-            "--steps",
-            "2",
-            "--data",
-            str(photos),
-            "--out",
-            str(out),
-            "--image-size",
-            "32",
-            "--disc-padding",
-            "padded",
-            "--latent-dim",
-            "16",
-            "--lambda-kl",
-            "0.5",
-        ]
-        + SMALL
-    )
-    assert code == 0
-    return out
+    vae = ["--image-size", "32", "--disc-padding", "padded", "--latent-dim", "16", "--lambda-kl", "0.5"]
+    return _trained(tmp_path_factory.mktemp("vae"), photos, "vae", *vae, *SMALL)
 
 
 @pytest.fixture(scope="module")
 def fc8_run(tmp_path_factory, photos):
     out = tmp_path_factory.mktemp("invert-fc8")
-    code = main(
-        [
-            "train",
-            "invert",
-            "--layer",
-            "fc8",
-            "--steps",
-            "2",
-            "--noise-dim",
-            "4",
-            "--data",
-            str(photos),
-            "--out",
-            str(out),
-        ]
-        + INVERT
-    )
-    assert code == 0
-    return out
+    return _trained(out, photos, "invert", "--layer", "fc8", "--noise-dim", "4", *INVERT)
 
 
 @pytest.fixture(scope="module")
 def conv5_no_adv_run(tmp_path_factory, photos):
     out = tmp_path_factory.mktemp("invert-conv5")
-    code = main(
-        [
-            "train",
-            "invert",
-            "--layer",
-            "conv5",
-            "--steps",
-            "2",
-            "--lambda-adv",
-            "0",
-            "--data",
-            str(photos),
-            "--out",
-            str(out),
-        ]
-        + INVERT
-    )
-    assert code == 0
-    return out
+    return _trained(out, photos, "invert", "--layer", "conv5", "--lambda-adv", "0", *INVERT)
 
 
 def read_rows(path):

@@ -18,6 +18,7 @@ from deepsim.config import (
     get_preset,
     value_sources,
 )
+from tests.training_runs import tiny_config
 
 PAPER_PRESETS = [n for n in PRESETS if "photos" not in n]
 
@@ -77,16 +78,13 @@ def test_old_checkpoint_resumes_with_its_own_dynamics(tmp_path):
     from deepsim.train.checkpoint import load_checkpoint, save_checkpoint
     from deepsim.train.loop import train
 
-    config = get_preset("autoencoder-photos").replace(
-        comparator="alexnet-random:conv2",
+    config = tiny_config(
+        tmp_path,
         batch_size=2,
         image_size=32,
         steps=2,
         log_every=1,
-        sample_every=1000,
         checkpoint_every=1000,
-        device="cpu",
-        out=str(tmp_path),
         disc_padding="padded",
         disc_init="torch",
         update_order="simultaneous",

@@ -130,24 +130,8 @@ def test_sigterm_ends_train_mid_scan(tmp_path):
     # step; the scan went on (forever on a loop).
     root = _slow_tree(tmp_path)
     out = tmp_path / "run"
-    argv = [
-        "train",
-        "--data",
-        str(root),
-        "--out",
-        str(out),
-        "--steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--loss",
-        "se",
-        "--device",
-        "cpu",
-        "--no-progress",
-        "--image-size",
-        "8",
-    ]
+    tiny = "--steps 1 --batch-size 2 --loss se --device cpu --no-progress --image-size 8".split()
+    argv = ["train", "--data", str(root), "--out", str(out), *tiny]
     status, err, seconds = _signal_mid_scan(tmp_path, root, argv)
     assert status == 128 + signal.SIGTERM and seconds < 10
     assert err[-1] == "deepsim train: stopped by SIGTERM; nothing half-written was left"

@@ -4,7 +4,6 @@ fingerprints and the global data cursor), and the checkpoint resumes with world 
 
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -12,18 +11,13 @@ import torch.multiprocessing as mp
 
 from deepsim.config import get_preset
 from deepsim.train.checkpoint import load_checkpoint
+from tests.training_runs import free_port
 
 STEPS = 4
 TIMEOUT_S = 150
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(out):
@@ -42,16 +36,15 @@ def _config(out):
     )
 
 
-def _worker(rank: int, world: int, port: int, out: str, compiled: bool) -> None:
-    # What torchrun sets; deepsim.train.distributed.init_from_env reads it inside train().
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
+def _as_torchrun_rank(rank: int, world: int, port: int) -> None:
+    """What torchrun sets (deepsim.train.distributed.init_from_env reads it inside train()); one thread."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
+
+
+def _worker(rank: int, world: int, port: int, out: str, compiled: bool) -> None:
+    _as_torchrun_rank(rank, world, port)
     import deepsim.train.loop as loop
     from deepsim.train import compiled as compiled_module
 
@@ -126,7 +119,7 @@ class _Prepend:
 
 
 def _spawn(out, compiled: bool, worker=None):
-    port = _free_port()
+    port = free_port()
     worker = worker or _worker
     context = mp.start_processes(
         worker, args=(2, port, str(out), compiled), nprocs=2, join=False, start_method="spawn"
@@ -144,14 +137,7 @@ def _spawn(out, compiled: bool, worker=None):
 
 def _stop_worker(rank: int, world: int, port: int, out: str, _compiled: bool) -> None:
     """Rank 1 alone gets SIGUSR1, while it draws step 3's batch."""
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    _as_torchrun_rank(rank, world, port)
     import signal
 
     import deepsim.data
@@ -222,14 +208,7 @@ def _channels_last_worker(rank: int, world: int, port: int, out: str, _compiled:
     """Two eager DDP steps with channels_last; every warning (Python's and the reducer's) is written down."""
     import warnings
 
-    os.environ.update(
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-    )
-    torch.set_num_threads(1)
+    _as_torchrun_rank(rank, world, port)
     import deepsim.train.loop as loop
 
     with warnings.catch_warnings(record=True) as caught:

@@ -18,26 +18,9 @@ from deepsim.cli import main
 from deepsim.config import TrainConfig
 from deepsim.train.checkpoint import CorruptCheckpointError, load_checkpoint
 from deepsim.train.tensorfile import read_metadata, read_safetensors, write_safetensors
+from tests.training_runs import TINY_TRAIN_FLAGS
 
-RUN = [
-    "--preset",
-    "autoencoder-photos",
-    "--data",
-    "photos",
-    "--comparator",
-    "alexnet-random:conv2",
-    "--batch-size",
-    "4",
-    "--image-size",
-    "40",
-    "--sample-every",
-    "1000",
-    "--log-every",
-    "1",
-    "--device",
-    "cpu",
-    "--no-progress",
-]
+RUN = [*TINY_TRAIN_FLAGS, "--log-every", "1"]
 
 
 @pytest.fixture(scope="module")

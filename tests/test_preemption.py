@@ -11,7 +11,6 @@ import time
 
 import pytest
 
-from deepsim.config import get_preset
 from deepsim.train.checkpoint import load_checkpoint
 from deepsim.train.preemption import PREEMPTED_EXIT_CODE, REPEAT_WINDOW_S, StopSignals, parse_signals
 from tests.training_runs import (
@@ -21,6 +20,7 @@ from tests.training_runs import (
     metrics_steps,
     run,
     subprocess_env,
+    tiny_config,
     wait_for,
 )
 
@@ -48,22 +48,7 @@ def test_first_signal_is_a_request_a_repeat_within_the_window_is_the_same_reques
 
 
 def _tiny(out, **changes):
-    return get_preset("autoencoder-photos").replace(
-        **{
-            **dict(
-                data="photos",
-                comparator="alexnet-random:conv2",
-                batch_size=4,
-                image_size=40,
-                log_every=5,
-                sample_every=1000,
-                checkpoint_every=1000,
-                device="cpu",
-                out=str(out),
-            ),
-            **changes,
-        }
-    )
+    return tiny_config(out, **{"checkpoint_every": 1000, **changes})
 
 
 def test_signal_at_step_7_stops_after_step_7_with_a_checkpoint_there(tmp_path, monkeypatch):

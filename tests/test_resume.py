@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from deepsim.config import get_preset
 from deepsim.train.checkpoint import load_checkpoint, save_checkpoint
 from deepsim.train.loop import NonFiniteLossError, train
+from tests.training_runs import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,19 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def _config(out, **changes):
-    fields = dict(
-        data="photos",
-        comparator="alexnet-random:conv2",
-        batch_size=4,
-        image_size=32,
-        disc_padding="padded",
-        log_every=5,
-        sample_every=1000,
-        checkpoint_every=10,
-        device="cpu",
-        out=str(out),
-    )
-    return get_preset("autoencoder-photos").replace(**{**fields, **changes})
+    return tiny_config(out, **{"image_size": 32, "disc_padding": "padded", "checkpoint_every": 10, **changes})
 
 
 def test_resume_is_bit_exact(tmp_path):

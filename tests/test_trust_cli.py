@@ -14,24 +14,10 @@ from PIL import Image
 from deepsim.cli import main
 from deepsim.train.checkpoint import load_checkpoint, save_checkpoint
 from tests import caffe_writer as cw
+from tests.training_runs import TINY_RUN_FLAGS, TINY_RUNTIME_FLAGS
 
-RUN = [
-    "--preset",
-    "autoencoder-photos",
-    "--data",
-    "photos",
-    "--comparator",
-    "alexnet-random:conv2",
-    "--batch-size",
-    "4",
-    "--image-size",
-    "40",
-    "--sample-every",
-    "1000",
-    "--log-every",
-    "1",
-]
-RUNTIME = ["--device", "cpu", "--no-progress"]
+RUN = [*TINY_RUN_FLAGS, "--log-every", "1"]
+RUNTIME = TINY_RUNTIME_FLAGS
 
 
 def snapshot(*folders):

@@ -19,30 +19,35 @@ from pathlib import Path
 
 import torch
 
+from deepsim.config import TrainConfig, get_preset
 from deepsim.train.checkpoint import read_footer
 
 ROOT = Path(__file__).resolve().parents[1]
 SCALE_DOC = ROOT / "docs" / "scale.md"  # the README's "Training at scale" links here for the commands
 
-# A run small enough for a loaded 2-core machine: 32x32 crops of the bundled photos, batch 4, conv2
-# comparator.
-TINY_TRAIN_FLAGS = [
-    "--preset",
-    "autoencoder-photos",
-    "--data",
-    "photos",
-    "--comparator",
-    "alexnet-random:conv2",
-    "--batch-size",
-    "4",
-    "--image-size",
-    "40",
-    "--sample-every",
-    "1000",
-    "--device",
-    "cpu",
-    "--no-progress",
-]
+# A run small enough for a loaded 2-core machine: 40x40 crops of the bundled photos, batch 4, conv2
+# comparator (TINY_RUN_FLAGS), on the CPU without a progress bar (TINY_RUNTIME_FLAGS).
+TINY_RUN_FLAGS = (
+    "--preset autoencoder-photos --data photos --comparator alexnet-random:conv2 --batch-size 4 "
+    "--image-size 40 --sample-every 1000"
+).split()
+TINY_RUNTIME_FLAGS = ["--device", "cpu", "--no-progress"]
+TINY_TRAIN_FLAGS = [*TINY_RUN_FLAGS, *TINY_RUNTIME_FLAGS]
+
+
+def tiny_config(out, **changes) -> TrainConfig:
+    """The in-process counterpart of TINY_TRAIN_FLAGS (metrics every 5 steps), writing to ``out``."""
+    tiny = dict(
+        data="photos",
+        comparator="alexnet-random:conv2",
+        batch_size=4,
+        image_size=40,
+        log_every=5,
+        sample_every=1000,
+        device="cpu",
+        out=str(out),
+    )
+    return get_preset("autoencoder-photos").replace(**{**tiny, **changes})
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:

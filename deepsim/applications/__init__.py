@@ -11,14 +11,8 @@ Library entry points: :func:`build_trainer` (the builder :data:`deepsim.tasks.TA
 tasks other than "autoencoder"), :func:`load_model`, and the networks in :mod:`.generators`.
 """
 
-from .factory import (
-    APPLICATION_TASKS,
-    build_extractor,
-    build_generator,
-    build_trainer,
-    load_model,
-    model_from_payload,
-)
+from . import factory
+from .factory import *  # noqa: F403 - factory.__all__ is part of the package's
 from .generators import (
     LAYER_FEATURE_SHAPES,
     InversionGenerator,
@@ -33,12 +27,7 @@ from .tools import invert_files, sample_preimages, sample_vae_prior
 from .vae import VAETrainer
 
 __all__ = [
-    "APPLICATION_TASKS",
-    "build_trainer",
-    "build_generator",
-    "build_extractor",
-    "load_model",
-    "model_from_payload",
+    *factory.__all__,
     "LAYER_FEATURE_SHAPES",
     "LAYER_TAPS",
     "UpConvDecoder",

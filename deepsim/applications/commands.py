@@ -14,29 +14,32 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["add_subcommands", "add_download_weights_flag", "add_trust_flag", "HANDLERS"]
+__all__ = ["add_subcommands", "add_download_weights_flag", "add_trust_flag", "picked", "HANDLERS"]
+
+
+def picked(args, *names: str) -> dict:
+    """``{name: args.<name>}``: the keyword arguments a library call takes as they were parsed."""
+    return {name: getattr(args, name) for name in names}
 
 
 def add_download_weights_flag(parser) -> None:
     """``--download-weights`` (train, invert, sample-preimages, eval): fetch missing torchvision weights
     (AlexNet, VGG16) into torch's cache; :func:`deepsim.cli.main` runs the command inside
     :func:`deepsim.comparators.allow_weight_downloads` when it is given."""
-    parser.add_argument(
-        "--download-weights",
-        action="store_true",
-        help="fetch torchvision's AlexNet / VGG16 weights into torch's cache when a comparator or the "
-        "inverted network needs them and they are missing (needs internet; SHA-256 checked)",
+    help = (
+        "fetch torchvision's AlexNet / VGG16 weights into torch's cache when a comparator or the "
+        "inverted network needs them and they are missing (needs internet; SHA-256 checked)"
     )
+    parser.add_argument("--download-weights", action="store_true", help=help)
 
 
 def add_trust_flag(parser) -> None:
     """``--trust-checkpoint``, for every command that opens a checkpoint."""
-    parser.add_argument(
-        "--trust-checkpoint",
-        action="store_true",
-        help="open a checkpoint whose pickle needs more than tensors (a file from an older version, or from "
-        "elsewhere): unpickling it can run any code it holds, so only for files whose origin you trust",
+    help = (
+        "open a checkpoint whose pickle needs more than tensors (a file from an older version, or from "
+        "elsewhere): unpickling it can run any code it holds, so only for files whose origin you trust"
     )
+    parser.add_argument("--trust-checkpoint", action="store_true", help=help)
 
 
 def add_subcommands(sub) -> None:
@@ -182,10 +185,7 @@ def _cmd_eval(args) -> int:
         args.checkpoint,
         args.data,
         out=out,
-        split=args.split,
-        batch_size=args.batch_size,
-        max_images=args.max_images,
-        crop_size=args.crop_size,
+        **picked(args, "split", "batch_size", "max_images", "crop_size"),
         svm=not args.no_svm,
         svm_C=args.svm_c,
         device=resolve_device(args.device),

@@ -7,6 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from deepsim.applications.commands import picked
 from deepsim.comparators import CAFFE_MEAN_BGR
 
 from .convert import CAFFENET_LAYERS
@@ -69,15 +70,8 @@ def add_subcommand(sub) -> None:
 
 
 def run_import_caffe(args) -> int:
-    result = import_caffemodel(
-        args.caffemodel,
-        args.layer,
-        args.out,
-        invert_network_weights=args.invert_network_weights,
-        mean_bgr=args.mean_bgr,
-        up_to=args.up_to,
-        force=args.force,
-    )
+    options = picked(args, "invert_network_weights", "mean_bgr", "up_to", "force")
+    result = import_caffemodel(args.caffemodel, args.layer, args.out, **options)
     what = f"CaffeNet conv1..{args.up_to}" if result.layer == "caffenet" else f"the {result.layer} generator"
     width = f", FC width {result.fc_width}" if result.fc_width else ""
     print(

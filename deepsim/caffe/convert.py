@@ -128,66 +128,59 @@ def _check_geometry(model, layer, *, kernel, stride, pad, group, num_output, tar
 def _convert(model: CaffeModel, layer: CaffeLayer, module: nn.Module):
     """(weight, bias or None) for ``module`` from ``layer``, in the module's own layout."""
     if isinstance(module, nn.Linear):
-        if layer.type != "InnerProduct":
-            raise _fail(model, layer, f"expected an InnerProduct layer for our {module}")
-        out_f, in_f = module.weight.shape
-        param = layer.inner_product
-        transpose = bool(param and param.transpose)
-        if param is not None and param.axis != 1:
-            raise _fail(
-                model, layer, f"InnerProduct axis {param.axis}; only axis 1 (flatten all but the batch) maps"
-            )
-        if param is not None and param.num_output not in (None, out_f):
-            raise _fail(model, layer, f"num_output {param.num_output} in the file, but our layer has {out_f}")
-        stored = (in_f, out_f) if transpose else (out_f, in_f)
-        layout = "(InnerProduct with transpose: in, out)" if transpose else "(InnerProduct: out, in)"
-        w, b = _blobs(model, layer, stored, layout, out_f)
-        return (np.ascontiguousarray(w.T) if transpose else w), b
+        return _convert_linear(model, layer, module)
     if isinstance(module, nn.ConvTranspose2d):
-        if layer.type != "Deconvolution":
-            raise _fail(model, layer, f"expected a Deconvolution layer for our {module}")
-        stored = tuple(module.weight.shape)  # (in, out, k, k): Caffe's Deconvolution layout too
-        _check_geometry(
-            model,
-            layer,
-            kernel=module.kernel_size,
-            stride=module.stride,
-            pad=module.padding,
-            group=1,
-            num_output=stored[1],
-            target=f"our {module}",
-        )
-        return _blobs(model, layer, stored, "(Deconvolution: in, out, kh, kw)", stored[1])
+        return _convert_deconv(model, layer, module)
     if isinstance(module, nn.Conv2d):
-        out_c, in_c, kh, kw = module.weight.shape
-        if layer.type == "Convolution":
-            _check_geometry(
-                model,
-                layer,
-                kernel=(kh, kw),
-                stride=module.stride,
-                pad=module.padding,
-                group=module.groups,
-                num_output=out_c,
-                target=f"our {module}",
-            )
-            return _blobs(model, layer, (out_c, in_c, kh, kw), "(Convolution: out, in/group, kh, kw)", out_c)
-        if layer.type == "Deconvolution" and module.stride == (1, 1) and module.groups == 1:
-            ph, pw = module.padding
-            _check_geometry(
-                model,
-                layer,
-                kernel=(kh, kw),
-                stride=(1, 1),
-                pad=(kh - 1 - ph, kw - 1 - pw),
-                group=1,
-                num_output=out_c,
-                target=f"our {module} (as a stride-1 deconvolution)",
-            )
-            w, b = _blobs(model, layer, (in_c, out_c, kh, kw), "(Deconvolution: in, out, kh, kw)", out_c)
-            return np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]), b
-        raise _fail(model, layer, f"a {layer.type} layer does not map to our {module}")
+        return _convert_conv(model, layer, module)
     raise TypeError(f"no Caffe mapping for {type(module).__name__}")
+
+
+def _convert_linear(model: CaffeModel, layer: CaffeLayer, module: nn.Linear):
+    """An InnerProduct layer (optionally stored transposed) -> our Linear's (out, in) weight and bias."""
+    if layer.type != "InnerProduct":
+        raise _fail(model, layer, f"expected an InnerProduct layer for our {module}")
+    out_f, in_f = module.weight.shape
+    param = layer.inner_product
+    transpose = bool(param and param.transpose)
+    if param is not None and param.axis != 1:
+        raise _fail(
+            model, layer, f"InnerProduct axis {param.axis}; only axis 1 (flatten all but the batch) maps"
+        )
+    if param is not None and param.num_output not in (None, out_f):
+        raise _fail(model, layer, f"num_output {param.num_output} in the file, but our layer has {out_f}")
+    stored = (in_f, out_f) if transpose else (out_f, in_f)
+    layout = "(InnerProduct with transpose: in, out)" if transpose else "(InnerProduct: out, in)"
+    w, b = _blobs(model, layer, stored, layout, out_f)
+    return (np.ascontiguousarray(w.T) if transpose else w), b
+
+
+def _convert_deconv(model: CaffeModel, layer: CaffeLayer, module: nn.ConvTranspose2d):
+    """A Deconvolution layer -> our ConvTranspose2d: the same (in, out, kh, kw) layout, copied."""
+    if layer.type != "Deconvolution":
+        raise _fail(model, layer, f"expected a Deconvolution layer for our {module}")
+    stored = tuple(module.weight.shape)  # (in, out, k, k): Caffe's Deconvolution layout too
+    geometry = dict(kernel=module.kernel_size, stride=module.stride, pad=module.padding, group=1)
+    _check_geometry(model, layer, **geometry, num_output=stored[1], target=f"our {module}")
+    return _blobs(model, layer, stored, "(Deconvolution: in, out, kh, kw)", stored[1])
+
+
+def _convert_conv(model: CaffeModel, layer: CaffeLayer, module: nn.Conv2d):
+    """A Convolution layer (copied) or a stride-1 Deconvolution (transposed and flipped, see the module
+    docstring) -> our Conv2d."""
+    out_c, in_c, kh, kw = module.weight.shape
+    if layer.type == "Convolution":
+        geometry = dict(kernel=(kh, kw), stride=module.stride, pad=module.padding, group=module.groups)
+        _check_geometry(model, layer, **geometry, num_output=out_c, target=f"our {module}")
+        return _blobs(model, layer, (out_c, in_c, kh, kw), "(Convolution: out, in/group, kh, kw)", out_c)
+    if layer.type == "Deconvolution" and module.stride == (1, 1) and module.groups == 1:
+        ph, pw = module.padding
+        geometry = dict(kernel=(kh, kw), stride=(1, 1), pad=(kh - 1 - ph, kw - 1 - pw), group=1)
+        target = f"our {module} (as a stride-1 deconvolution)"
+        _check_geometry(model, layer, **geometry, num_output=out_c, target=target)
+        w, b = _blobs(model, layer, (in_c, out_c, kh, kw), "(Deconvolution: in, out, kh, kw)", out_c)
+        return np.ascontiguousarray(w.transpose(1, 0, 2, 3)[:, :, ::-1, ::-1]), b
+    raise _fail(model, layer, f"a {layer.type} layer does not map to our {module}")
 
 
 def _check_activation(model: CaffeModel, layer: CaffeLayer, alpha: float | None) -> None:
@@ -302,16 +295,9 @@ def caffenet_from_caffemodel(model: CaffeModel, *, up_to: str = "fc8") -> dict[s
             if layer.type != "Convolution":
                 raise _fail(model, layer, "expected a Convolution layer (BVLC CaffeNet)")
             k, s, p, g = _CAFFENET_CONV[name]
-            _check_geometry(
-                model,
-                layer,
-                kernel=(k, k),
-                stride=(s, s),
-                pad=(p, p),
-                group=g,
-                num_output=shape[0],
-                target="BVLC CaffeNet (our caffenet comparator)",
-            )
+            geometry = dict(kernel=(k, k), stride=(s, s), pad=(p, p), group=g)
+            target = "BVLC CaffeNet (our caffenet comparator)"
+            _check_geometry(model, layer, **geometry, num_output=shape[0], target=target)
             weight, bias = _blobs(model, layer, shape, "(Convolution: out, in/group, kh, kw)", shape[0])
         else:
             if layer.type != "InnerProduct":

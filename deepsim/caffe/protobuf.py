@@ -145,22 +145,23 @@ def iter_fields(
 
 def packed_floats(data: bytes, span: tuple[int, int]) -> np.ndarray:
     """A packed ``repeated float`` (little-endian float32s) -> float32 array (a read-only view)."""
-    start, end = span
-    if (end - start) % 4:
-        raise WireFormatError(
-            f"packed floats at byte {start}: {end - start} bytes is not a multiple of 4", start
-        )
-    return np.frombuffer(data, "<f4", count=(end - start) // 4, offset=start)
+    return _packed(data, span, "<f4", "floats")
 
 
 def packed_doubles(data: bytes, span: tuple[int, int]) -> np.ndarray:
     """A packed ``repeated double`` -> float64 array (a read-only view)."""
+    return _packed(data, span, "<f8", "doubles")
+
+
+def _packed(data: bytes, span: tuple[int, int], dtype: str, what: str) -> np.ndarray:
+    """The fixed-width values of ``dtype`` in ``span``; a span that is not a whole number of them raises."""
     start, end = span
-    if (end - start) % 8:
+    width = np.dtype(dtype).itemsize
+    if (end - start) % width:
         raise WireFormatError(
-            f"packed doubles at byte {start}: {end - start} bytes is not a multiple of 8", start
+            f"packed {what} at byte {start}: {end - start} bytes is not a multiple of {width}", start
         )
-    return np.frombuffer(data, "<f8", count=(end - start) // 8, offset=start)
+    return np.frombuffer(data, dtype, count=(end - start) // width, offset=start)
 
 
 def packed_varints(data: bytes, span: tuple[int, int]) -> list[int]:

@@ -70,17 +70,13 @@ def build_loader(
         ``stream.state_dict()`` is its position for a checkpoint; ``stream.close()`` stops its workers.
 
     Raises:
-        DataError: bad arguments, empty folder, unreadable, too-small or too-large file with
-            ``on_bad="error"``.
+        DataError: bad arguments, empty folder, unreadable, too-small or too-large file (``on_bad="error"``).
         Interrupted: a stop signal (SIGINT, SIGTERM, SIGHUP) arrived while the source was scanned.
     """
     if loader not in LOADERS:
         raise DataError(f"loader={loader!r}: expected one of {', '.join(LOADERS)}")
     spec = LoaderSpec.from_arguments(locals()).validate()  # every field of it is an argument here
-    if pad_channels not in (3, 4, 8) or (pad_channels > 3 and loader == "nvjpeg"):
-        raise DataError(
-            f"pad_channels={pad_channels} with loader={loader!r}: expected 3, 4 or 8 (3 for nvjpeg)"
-        )
+    _check_pad_channels(pad_channels, loader)
     with interruptible():  # a long scan of the source ends on a stop signal
         if loader == "torch":
             return build_torch_loader(source, spec, cache=cache, cache_bytes=cache_bytes)
@@ -89,3 +85,11 @@ def build_loader(
         if loader == "nvjpeg":
             return build_nvjpeg_loader(source, spec)
         return build_resident_loader(source, spec)
+
+
+def _check_pad_channels(pad_channels: int, loader: str) -> None:
+    """DataError for a channel count the loader cannot deliver (3, 4 or 8; nvjpeg: 3)."""
+    if pad_channels not in (3, 4, 8) or (pad_channels > 3 and loader == "nvjpeg"):
+        raise DataError(
+            f"pad_channels={pad_channels} with loader={loader!r}: expected 3, 4 or 8 (3 for nvjpeg)"
+        )

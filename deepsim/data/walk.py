@@ -41,39 +41,49 @@ def walk_files(folder: os.PathLike | str) -> Iterator[pathlib.Path]:
                 entries = sorted(listing, key=lambda e: e.name)
         except OSError:
             continue
-        subdirs = []
-        # Real folders first, then links: a link to a folder that is also here does not take its place.
-        for entry in sorted(entries, key=lambda e: e.is_symlink()):
-            try:
-                is_dir = entry.is_dir()
-            except OSError:
-                is_dir = False
-            if not is_dir:
-                continue
-            real = os.path.realpath(entry.path)
-            if real in seen_dirs:
-                continue
-            tree = anchor
-            if entry.is_symlink() and not _inside(real, anchor):
-                if anchor != root_real:  # already one hop out of the folder
-                    continue
-                tree = real
-            seen_dirs.add(real)
-            subdirs.append((entry.name, pathlib.Path(entry.path), tree))
-        for entry in entries:
-            try:
-                if entry.is_dir():
-                    continue
-                mode = os.stat(entry.path).st_mode
-            except FileNotFoundError:  # a broken link
-                mode = stat.S_IFREG
-            except OSError:
-                continue
-            if not stat.S_ISREG(mode):
-                continue
-            real = os.path.realpath(entry.path)
-            if real in seen_files:
-                continue
-            seen_files.add(real)
-            yield pathlib.Path(entry.path)
+        subdirs = list(_new_subfolders(entries, anchor, root_real, seen_dirs))
+        yield from _new_files(entries, seen_files)
         stack.extend((p, tree) for _, p, tree in sorted(subdirs, key=lambda s: s[0], reverse=True))
+
+
+def _new_subfolders(entries, anchor: str, root_real: str, seen_dirs: set):
+    """(name, path, real path of its tree) of each folder among ``entries`` not walked yet (added to
+    ``seen_dirs``); a link that leaves ``anchor`` starts its own tree, unless already one hop out."""
+    # Real folders first, then links: a link to a folder that is also here does not take its place.
+    for entry in sorted(entries, key=lambda e: e.is_symlink()):
+        try:
+            is_dir = entry.is_dir()
+        except OSError:
+            is_dir = False
+        if not is_dir:
+            continue
+        real = os.path.realpath(entry.path)
+        if real in seen_dirs:
+            continue
+        tree = anchor
+        if entry.is_symlink() and not _inside(real, anchor):
+            if anchor != root_real:  # already one hop out of the folder
+                continue
+            tree = real
+        seen_dirs.add(real)
+        yield entry.name, pathlib.Path(entry.path), tree
+
+
+def _new_files(entries, seen_files: set) -> Iterator[pathlib.Path]:
+    """The regular files (and broken links) among ``entries`` not listed yet (added to ``seen_files``)."""
+    for entry in entries:
+        try:
+            if entry.is_dir():
+                continue
+            mode = os.stat(entry.path).st_mode
+        except FileNotFoundError:  # a broken link
+            mode = stat.S_IFREG
+        except OSError:
+            continue
+        if not stat.S_ISREG(mode):
+            continue
+        real = os.path.realpath(entry.path)
+        if real in seen_files:
+            continue
+        seen_files.add(real)
+        yield pathlib.Path(entry.path)

@@ -175,26 +175,13 @@ def evaluate_checkpoint(
     step = int(payload["step"])
     del payload
     size, mode, reconstruct, encode = _task_functions(model, config, crop_size)
-    batches = iterate_eval(
-        data,
-        batch_size=batch_size,
-        crop_size=size,
-        device=device,
-        mode=mode,
-        split=_default_split(data, split),
-    )
+    split = _default_split(data, split)
+    batches = iterate_eval(data, batch_size=batch_size, crop_size=size, device=device, mode=mode, split=split)
     metric, lpips_note = (
         _usable_lpips(device, lpips_backbone_weights, size) if lpips else (None, "not asked for")
     )
-    row = {
-        "task": config.task,
-        "layer": config.invert_layer if config.task == "invert" else None,
-        "loss": config.loss,
-        "comparator": config.comparator if config.loss == "deepsim" else None,
-        "step": step,
-        **reconstruction_error(reconstruct, batches, max_images=max_images, lpips_metric=metric),
-        "checkpoint": str(checkpoint),
-    }
+    errors = reconstruction_error(reconstruct, batches, max_images=max_images, lpips_metric=metric)
+    row = {**_run_fields(config, layer=True), "step": step, **errors, "checkpoint": str(checkpoint)}
     if metric is None:
         row["lpips_note"] = lpips_note
     svm_row = None
@@ -205,6 +192,16 @@ def evaluate_checkpoint(
         )
         svm_row = _svm_row(config, result, checkpoint)
     return {"reconstruction": row, "svm": svm_row}
+
+
+def _run_fields(config, *, layer: bool) -> dict:
+    """A table row's first columns: the run's task (and inverted layer), loss and comparator."""
+    fields = {"task": config.task}
+    if layer:
+        fields["layer"] = config.invert_layer if config.task == "invert" else None
+    fields["loss"] = config.loss
+    fields["comparator"] = config.comparator if config.loss == "deepsim" else None
+    return fields
 
 
 def _task_functions(model, config, crop_size: int | None):
@@ -235,9 +232,7 @@ def _usable_lpips(device, backbone_weights, size: int) -> tuple[torch.nn.Module 
 def _svm_row(config, result, checkpoint) -> dict:
     """The SVM table's row of one checkpoint's :func:`stl10_svm_accuracy` result."""
     return {
-        "task": config.task,
-        "loss": config.loss,
-        "comparator": config.comparator if config.loss == "deepsim" else None,
+        **_run_fields(config, layer=False),
         "feature_dim": result.feature_dim,
         "accuracy_mean": result.mean,
         "accuracy_std": result.std,

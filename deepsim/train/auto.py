@@ -136,13 +136,7 @@ def resolve_runtime(
     cuda = device.type == "cuda"
     capability = (cuda_capability or torch.cuda.get_device_capability(device)) if cuda else (0, 0)
     where = f"CUDA device, sm_{capability[0]}{capability[1]}" if cuda else f"{device.type} device"
-    if tensorboard_installed is None:
-        tensorboard_installed = tensorboard_available()
-    if config.tensorboard is True and not tensorboard_installed:
-        raise ValueError(
-            "--tensorboard: the tensorboard package is not installed (pip install 'deepsim[tensorboard]'), "
-            "or pass --no-tensorboard"
-        )
+    tensorboard_installed = _tensorboard_installed(config, tensorboard_installed)
     rules = _rules(
         config,
         device,
@@ -154,6 +148,24 @@ def resolve_runtime(
         resident_fits=resident_fits,
         dali_available=dali_available,
     )
+    return _apply(config, rules)
+
+
+def _tensorboard_installed(config: TrainConfig, installed: bool | None) -> bool:
+    """Whether the tensorboard package is there (None: look it up); a ValueError when ``config`` asks for
+    TensorBoard without it."""
+    if installed is None:
+        installed = tensorboard_available()
+    if config.tensorboard is True and not installed:
+        raise ValueError(
+            "--tensorboard: the tensorboard package is not installed (pip install 'deepsim[tensorboard]'), "
+            "or pass --no-tensorboard"
+        )
+    return installed
+
+
+def _apply(config: TrainConfig, rules: dict) -> tuple[TrainConfig, list[str]]:
+    """``config`` with each ``"auto"`` field replaced by its rule's choice, and one reason per field."""
     chosen: dict = {}
     reasons: list[str] = []
     for name, rule in rules.items():

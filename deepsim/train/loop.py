@@ -95,30 +95,26 @@ def train(
     announce: Callable[[TrainConfig, str], None] | None = None,
     provenance: dict | None = None,
 ) -> TrainResult:
-    """Train as ``config`` says.
+    """Train as ``config`` says (restarts, stop signals, data cursor: docs/scale.md).
 
     Args:
         config: the run (a preset with fields replaced).
-        resume: False: start fresh. ``"auto"``: from the newest valid checkpoint in ``config.out`` if there is
-            one, else fresh (one command line for the first start and every restart). True: from the newest
-            valid checkpoint in ``config.out`` (an error if there is none). A path: that file, or the newest
-            valid one in that folder (:func:`~deepsim.train.checkpoint.select_resume`). The run's config is
-            the checkpoint's, except :data:`RUNTIME_FIELDS` (and ``resume_overrides``), taken from ``config``.
+        resume: False: start fresh; ``"auto"``: from the newest valid checkpoint in ``config.out``, else
+            fresh; True: from that checkpoint (an error if there is none); a path: that file, or the newest
+            valid one in that folder (:func:`~deepsim.train.checkpoint.select_resume`). A resumed run's
+            config is the checkpoint's, but for :data:`RUNTIME_FIELDS` (and ``resume_overrides``).
         progress: show a progress bar (rank 0).
         tasks: the task table (task -> trainer builder), e.g. :data:`deepsim.tasks.TASKS`; None: the
             autoencoder only.
-        resume_overrides: the fields ``config`` sets on purpose (the CLI passes the flags given on its command
-            line): those in :data:`RESUME_OVERRIDABLE` replace the checkpoint's value; any other one that
-            differs from the checkpoint's (not a :data:`RUNTIME_FIELDS` one) is an error naming both values.
+        resume_overrides: the fields set on purpose (the CLI's flags): those in :data:`RESUME_OVERRIDABLE`
+            replace the checkpoint's value; any other one that differs from it is an error naming both.
+        announce: ``announce(config, line)`` on rank 0 once the ``"auto"`` runtime fields are resolved
+            (:func:`deepsim.train.auto.resolve_runtime`): the resolved config, a line naming the path and why.
         provenance: recorded in every checkpoint (``{"preset": ...}``; the code's commit is added); a resumed
             run keeps the checkpoint's preset.
-        announce: ``announce(config, line)`` on rank 0 once the ``"auto"`` runtime fields are resolved
-            (:func:`deepsim.train.auto.resolve_runtime`): the resolved config, one line naming the path and
-            why.
 
     Returns:
-        :class:`TrainResult`; ``stopped_by`` is set when a stop signal ended the run early (after a
-        checkpoint).
+        :class:`TrainResult`; ``stopped_by`` is set when a stop signal ended the run (checkpoint written).
 
     Raises:
         NonFiniteLossError: a loss became NaN/inf (the last good checkpoint stays as it was).
@@ -132,42 +128,26 @@ def train(
         if not resume:
             refuse_existing_run(Path(config.out), context)
         if payload is not None:
-            config = _resumed_config(
-                config,
-                payload,
-                resume=resume,
-                given=resume_overrides,
-                provenance=provenance,
-                context=context,
-                tasks=tasks,
-            )
+            config = _resumed_config(config, payload, resume, resume_overrides, provenance, context, tasks)
         _check_weight_files(config)
         config, auto_fields = _resolve_runtime(config, context, announce)
         if config.keep_checkpoints < 1:
             raise ValueError(f"--keep-checkpoints {config.keep_checkpoints}: expected at least 1")
-        run_provenance = {
-            **(provenance or {}),
-            **((payload or {}).get("provenance") or {}),
-            "commit": source_commit(),
-        }
+        run_provenance = _run_provenance(provenance, payload)
         # an auto-chosen compile that fails falls back to eager; not with world > 1 (the eager step's
         # gradients are averaged by DDP, which the compiled path does not wrap)
         fallback = "compile" in auto_fields and context.world == 1
-        with StopSignals(
-            config.stop_signals
-        ) as stopper:  # from here on a stop signal is a request, not a kill
-            return _run(
-                config,
-                payload=payload,
-                context=context,
-                tasks=tasks,
-                stopper=stopper,
-                provenance=run_provenance,
-                progress=progress,
-                compile_fallback=fallback,
-            )
+        # from here on a stop signal is a request, not a kill
+        with StopSignals(config.stop_signals) as stopper:
+            return _run(config, payload, context, tasks, stopper, run_provenance, progress, fallback)
     finally:
         distributed.cleanup(context)
+
+
+def _run_provenance(provenance: dict | None, payload: dict | None) -> dict:
+    """What every checkpoint records: the caller's provenance, a resumed checkpoint's (its preset wins) and
+    this code's commit."""
+    return {**(provenance or {}), **((payload or {}).get("provenance") or {}), "commit": source_commit()}
 
 
 def _resolve_runtime(config: TrainConfig, context, announce) -> tuple[TrainConfig, set[str]]:
@@ -182,7 +162,7 @@ def _resolve_runtime(config: TrainConfig, context, announce) -> tuple[TrainConfi
 
 
 def _resumed_config(
-    config: TrainConfig, payload: dict, *, resume, given, provenance, context, tasks
+    config: TrainConfig, payload: dict, resume, given, provenance, context, tasks
 ) -> TrainConfig:
     """The checkpoint's config with :data:`RUNTIME_FIELDS` (and the overridable fields ``given``) from
     ``config``; conflicting flags and a checkpoint that does not fit its generator are one-line errors."""
@@ -397,7 +377,6 @@ def _start_folder(config: TrainConfig, *, payload, stream, cursor: int, world: i
 
 def _run(
     config: TrainConfig,
-    *,
     payload: dict | None,
     context: distributed.DistributedContext,
     tasks,
@@ -418,10 +397,7 @@ def _run(
     if is_main:
         _start_folder(config, payload=payload, stream=stream, cursor=cursor, world=world)
     log = RunLog(out, config, start=start, world=world, is_main=is_main, progress=progress, stream=stream)
-    # world > 1: this rank's stop request (0/1) rides on the metrics all-reduce
-    stop_flags = (
-        (torch.zeros((), device=context.device), torch.ones((), device=context.device)) if world > 1 else None
-    )
+    stop_flags = _stop_flags(context)
     step, stopped_by = start, None
     try:
         if start == 0:
@@ -437,9 +413,8 @@ def _run(
             last = step == config.steps
             checkpoint_due = step % config.checkpoint_every == 0 or last or stop
             if step % config.log_every == 0 or checkpoint_due:
-                log.queue(
-                    step, metrics, None if stop_flags is None else stop_flags[stopper.requested is not None]
-                )
+                stop_flag = None if stop_flags is None else stop_flags[stopper.requested is not None]
+                log.queue(step, metrics, stop_flag)
                 if checkpoint_due:  # a checkpoint is only written after its step's losses were checked
                     log.flush(last_good=checkpoints.last_good)
                     stop = stop or log.stop_agreed
@@ -449,10 +424,7 @@ def _run(
             if checkpoint_due:
                 stopper.checkpoint = checkpoints.write(step, config=config, trainer=trainer, stream=stream)
             if stop and not last:
-                stopped_by = stopper.requested or "a stop signal on another rank"
-                distributed.barrier()  # no rank exits (and gets torchrun to kill the others) before the write
-                if is_main:
-                    _say(f"stopped by {stopped_by} at step {step}: checkpoint {checkpoints.last_good}")
+                stopped_by = _stopped(stopper, step, checkpoints.last_good, is_main)
                 break
         log.flush(last_good=checkpoints.last_good)
     finally:
@@ -461,3 +433,19 @@ def _run(
     return TrainResult(
         step=step, out=out, checkpoint=checkpoints.last_good, history=log.history, stopped_by=stopped_by
     )
+
+
+def _stop_flags(context: distributed.DistributedContext) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """world > 1: the tensors (0, 1) by which this rank's stop request rides on the metrics all-reduce."""
+    if context.world > 1:
+        return torch.zeros((), device=context.device), torch.ones((), device=context.device)
+    return None
+
+
+def _stopped(stopper: StopSignals, step: int, checkpoint: Path | None, is_main: bool) -> str:
+    """What stopped the run, once every rank has written its checkpoint (said on rank 0)."""
+    stopped_by = stopper.requested or "a stop signal on another rank"
+    distributed.barrier()  # no rank exits (and gets torchrun to kill the others) before the write
+    if is_main:
+        _say(f"stopped by {stopped_by} at step {step}: checkpoint {checkpoint}")
+    return stopped_by

@@ -52,14 +52,8 @@ class GatedAdam(torch.optim.Optimizer):
             raise ValueError(
                 f"GatedAdam: lr_milestones must be increasing positive step counts, got {lr_milestones}"
             )
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            lr_milestones=tuple(lr_milestones),
-            lr_gamma=lr_gamma,
-        )
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        defaults.update(lr_milestones=tuple(lr_milestones), lr_gamma=lr_gamma)  # the schedule (see above)
         super().__init__(params, defaults)
         for group in self.param_groups:
             for p in group["params"]:

@@ -15,6 +15,9 @@ given batch, channels_last:
     ``cp.async.bulk.tensor`` (TMA) and ``ld.global`` (synchronous loads: the epilogue's bias, plus, in the
     3-channel first layers, the gathers of x, whose 6-byte bf16 pixels no async copy can move; their
     weights still arrive by cp.async).
+A wgrad row's programs are the split grid the launcher builds from the compiled kernel's resident CTAs
+(``wgrad_splits``); a layer with no Triton wgrad config meeting the bars (``wgrad_candidates`` empty: the
+3-channel first layers) is a row with no configs, printed as "cuDNN (no config meets the bars)".
 Layer shapes are derived from the real modules (forward hooks on a meta-device run), so a change of the
 networks shows up here. What this proves: the efficiency bar, that wgmma and asynchronous loads are
 emitted, and that nothing spills. What it cannot: speed, which needs a GPU (bench/kernels.py).

@@ -141,3 +141,31 @@ def test_resident_ctas_is_the_static_reports_count():
 
     for regs, warps, smem in [(128, 4, 64 * 1024), (255, 8, 16 * 1024), (240, 4, 16 * 1024), (56, 4, 36864)]:
         assert B.resident_ctas(regs, warps, smem) == static.ctas_per_sm(regs, warps, smem)
+
+
+# Channels that are a multiple of the column tile (32 and 64): the kernel's other column path, one tap
+# per tile (a scalar tap, the Q mask per row), for conv (Q = x) and up-conv (Q = grad_pre).
+TAP_SHAPES = [
+    (False, (2, 32, 5, 4), (6, 32, 3, 2), 1, 1),
+    (False, (1, 64, 5, 5), (7, 64, 2, 2), 2, 0),
+    (True, (1, 5, 3, 3), (5, 32, 3, 3), 2, 1),
+    (True, (2, 3, 3, 2), (3, 64, 2, 2), 1, 0),
+]
+
+
+@needs_interpreter
+@pytest.mark.parametrize(
+    "config", B.WGRAD_INTERPRETER_CONFIGS + B.WGRAD_INTERPRETER_SWAPPED, ids=lambda c: c.name
+)
+@pytest.mark.parametrize("shape", TAP_SHAPES, ids=lambda s: f"{'up' if s[0] else 'conv'}-{s[1][1]}x{s[2][1]}")
+def test_wgrad_tiles_within_one_tap(shape, config):
+    transposed, _, ws, s, p = shape
+    x, w, b = _inputs("cpu", shape, (True, True, "trained"), channels_last=True)
+    fn, ref = _fn(transposed)
+    with C.force_config(config, ops=WGRAD_OPS), K.use_backend("triton"):
+        y = fn(x, w, b, s, p, 0.3)
+        grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+        got = torch.autograd.grad(y, (w, b), grad_out)
+    want = torch.autograd.grad(ref(x, w, b, s, p, 0.3), (w, b), grad_out)
+    for name, g, e in zip(("grad_W", "grad_b"), got, want):
+        assert_close(g, e, 1e-4, 1e-4, name)

@@ -15,6 +15,9 @@ given batch, channels_last:
     ``cp.async.bulk.tensor`` (TMA) and ``ld.global`` (synchronous loads: the epilogue's bias, plus, in the
     3-channel first layers, the gathers of x, whose 6-byte bf16 pixels no async copy can move; their
     weights still arrive by cp.async).
+A wgrad row's programs are the split grid the launcher builds from the compiled kernel's resident CTAs
+(``wgrad_splits``); a layer with no Triton wgrad config meeting the bars (``wgrad_candidates`` empty: the
+3-channel first layers) is a row with no configs, printed as "cuDNN (no config meets the bars)".
 Layer shapes are derived from the real modules (forward hooks on a meta-device run), so a change of the
 networks shows up here. What this proves: the efficiency bar, that wgmma and asynchronous loads are
 emitted, and that nothing spills. What it cannot: speed, which needs a GPU (bench/kernels.py).
@@ -47,6 +50,7 @@ from deepsim.kernels._conv_backward import (
     wgrad_efficiency,
     wgrad_problem,
     wgrad_splits,
+    wgrad_tile,
 )
 from deepsim.kernels._conv_configs import (
     SM_COUNT,
@@ -263,6 +267,7 @@ def sass_per_wgmma(sass: str) -> float | None:
 
 
 KERNELS = ("forward", "dgrad", "wgrad")
+CUDNN_ROW = "cuDNN (no config meets the bars)"  # a row whose kernel never runs: nothing to score
 REGISTERS_PER_SM, SHARED_PER_SM, MAX_CTAS_PER_SM = 65536, 228 * 1024, 32  # H100 / H200 (sm_90)
 
 
@@ -311,22 +316,31 @@ def _kernel_configs(kind: str, g: ConvGeometry, dtype: str):
             )
         return kg, out
     p = wgrad_problem(g)
-    for c in wgrad_candidates(g, TORCH_DTYPES[dtype], precision):
+
+    def compiled(c):
         ce = wgrad_constexprs(g, c, bias=not g.transposed, precision=precision)
-        splits, _ = wgrad_splits(g, c)
-        tiles = -(-p["R"] // c.block_m) * -(-p["KCOLS"] // c.block_n)
-        rows, cols = (c.block_m, 2 * c.block_n) if g.transposed else (2 * c.block_m, c.block_n)  # + the mask
-        l2 = element * (rows + cols) / (2 * c.block_m * c.block_n)
+        r16 = p["R"] % 16 == 0
+        return compile_wgrad_kernel(tuple(sorted(ce.items())), dtype, r16, c.num_warps, c.num_stages)
+
+    def ctas(c):  # the launcher's count: resident CTAs of the compiled kernel
+        facts = compiled(c)
+        return ctas_per_sm(facts["registers"], c.num_warps, facts["shared_bytes"])
+
+    for c in wgrad_candidates(g, TORCH_DTYPES[dtype], precision, ctas):
+        block_r, block_c, _ = wgrad_tile(c)
+        tiles = -(-p["R"] // block_r) * -(-p["KCOLS"] // block_c)
+        # elements read per K row: the R side and the KCOLS side, the masked one twice (with the mask)
+        r_reads, c_reads = (block_r, 2 * block_c) if g.transposed else (2 * block_r, block_c)
+        l2 = element * (r_reads + c_reads) / (2 * block_r * block_c)
         out.append(
             (
                 c,
                 wgrad_efficiency(g, c),
-                tiles * splits,
+                # the launcher sizes the split grid from the compiled kernel's resident CTAs: so here
+                lambda facts, c=c, tiles=tiles: tiles * wgrad_splits(g, c, ctas(c))[0],
                 l2,
-                p["C"] % c.block_n == 0,
-                lambda ce=ce, c=c: compile_wgrad_kernel(
-                    tuple(sorted(ce.items())), dtype, p["R"] % 16 == 0, c.num_warps, c.num_stages
-                ),
+                p["C"] % block_c == 0,
+                lambda c=c: compiled(c),
             )
         )
     return g, out
@@ -341,6 +355,7 @@ def layer_report(layer: Layer, dtype: str = "bf16", kernel: str = "forward") -> 
     for config, efficiency, programs, l2, within, compile_it in candidates:
         facts = compile_it()
         ctas = ctas_per_sm(facts["registers"], config.num_warps, facts["shared_bytes"])
+        programs = programs(facts) if callable(programs) else programs
         configs.append(
             dict(
                 config=config.name,
@@ -353,7 +368,7 @@ def layer_report(layer: Layer, dtype: str = "bf16", kernel: str = "forward") -> 
                 **facts,
             )
         )
-    return dict(
+    row = dict(
         network=layer.network,
         layer=layer.name,
         shape=layer.shape,
@@ -363,6 +378,12 @@ def layer_report(layer: Layer, dtype: str = "bf16", kernel: str = "forward") -> 
         K=g.KH * g.KW * g.C_in,
         classes=kg.classes,
         configs=configs,
+    )
+    if not configs:  # no Triton config meets the bars (wgrad_candidates): that part runs on cuDNN
+        return dict(row, backend=CUDNN_ROW)
+    return dict(
+        row,
+        backend="triton",
         min_efficiency=min(c["efficiency"] for c in configs),
         max_registers=max(c["registers"] for c in configs),
         spill_bytes=sum(c["spill_bytes"] for c in configs),
@@ -422,6 +443,12 @@ def format_table(rows: list[dict]) -> str:
     )
     lines = [head, "-" * len(head)]
     for r in rows:
+        if not r["configs"]:
+            lines.append(
+                f"{r['network']:<18} {r['layer']:<16} {r['shape']:<34} {r.get('kernel', 'forward'):<7} "
+                f"{0:>7} {r.get('backend', CUDNN_ROW)}"
+            )
+            continue
         cp_async = min(c["cp_async"] for c in r["configs"])
         ld_global = max(c["ld_global"] for c in r["configs"])
         ctas = min(c["ctas_per_sm"] for c in r["configs"])

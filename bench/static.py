@@ -59,6 +59,7 @@ from deepsim.kernels._conv_configs import (
     eligible_configs,
     issued_mma_efficiency,
 )
+from deepsim.kernels._conv_dgrad_fold import fold_gemm_configs, fold_gemm_geometry, uses_fold
 from deepsim.kernels._conv_igemm import _conv_igemm_lrelu_kernel, grid_size, kernel_constexprs
 from deepsim.kernels._conv_packing import conv_weight_row_stride
 
@@ -86,6 +87,7 @@ class Layer:
     network: str
     name: str
     geom: ConvGeometry
+    input_needs_grad: bool = True  # False: training never runs this layer's dgrad (output_mask[0] False)
 
     @property
     def shape(self) -> str:
@@ -96,18 +98,20 @@ class Layer:
 
 
 def _networks(batch: int):
-    """(network label, module builder, input builder), all on the meta device."""
+    """(network label, module builder, input builder), all on the meta device. The inputs require grad
+    where training differentiates through them: D sees G's images; G's inputs (a photo, fc6 features) do
+    not, so the dgrad of a layer that reads them directly never runs."""
 
-    def image(side):
-        return lambda: (torch.empty(batch, 3, side, side, device="meta"),)
+    def image(side, needs_grad=False):
+        return lambda: (torch.empty(batch, 3, side, side, device="meta", requires_grad=needs_grad),)
 
     return [
         ("G autoencoder 64px", AutoencoderGenerator, image(64)),
         # D in both layouts (config disc_padding): "code" (unpadded convs, the default) and "padded"
-        ("D 64px", lambda: Discriminator(first_stride=2, padding="padded"), image(64)),
-        ("D 227px", lambda: Discriminator(first_stride=4, padding="padded"), image(227)),
-        ("D 64px unpadded", lambda: Discriminator(first_stride=2, padding="code"), image(64)),
-        ("D 227px unpadded", lambda: Discriminator(first_stride=4, padding="code"), image(227)),
+        ("D 64px", lambda: Discriminator(first_stride=2, padding="padded"), image(64, True)),
+        ("D 227px", lambda: Discriminator(first_stride=4, padding="padded"), image(227, True)),
+        ("D 64px unpadded", lambda: Discriminator(first_stride=2, padding="code"), image(64, True)),
+        ("D 227px unpadded", lambda: Discriminator(first_stride=4, padding="code"), image(227, True)),
         (
             "G fc6 227px",
             lambda: InversionGenerator("fc6", image_size=227),
@@ -139,10 +143,10 @@ def network_layers(batch: int = BATCH) -> list[Layer]:
                         raise RuntimeError(
                             f"{network} {name}: geometry {geom.out_size} != {tuple(out.shape)}"
                         )
-                    layers.append(Layer(network, name, geom))
+                    layers.append(Layer(network, name, geom, bool(args[0].requires_grad)))
 
                 handles.append(module.register_forward_hook(hook))
-        with use_backend("reference"), torch.no_grad():
+        with use_backend("reference"):  # autograd on: which inputs require grad is part of the result
             model(*inputs())
         for h in handles:
             h.remove()
@@ -287,10 +291,11 @@ def _kernel_configs(kind: str, g: ConvGeometry, dtype: str):
     precision = "tf32" if dtype == "fp32" else "ieee"  # fp32: PyTorch's default cuDNN setting
     out = []
     if kind in ("forward", "dgrad"):
-        kg = g if kind == "forward" else dgrad_geometry(g)
+        fold = kind == "dgrad" and uses_fold(g)  # the GEMM of GEMM + fold (the fold: no MMA)
+        kg = g if kind == "forward" else fold_gemm_geometry(g) if fold else dgrad_geometry(g)
         w_k_stride = kg.k if kg.transposed else conv_weight_row_stride(kg.k, element)
-        lister = config_list if kind == "forward" else dgrad_config_list
-        for c in eligible_configs(kg, element, lister(TORCH_DTYPES[dtype], precision)):
+        configs = (config_list if kind == "forward" else dgrad_config_list)(TORCH_DTYPES[dtype], precision)
+        for c in eligible_configs(kg, element, fold_gemm_configs(configs, kg) if fold else configs):
             ce = kernel_constexprs(
                 kg,
                 c,
@@ -350,6 +355,17 @@ def layer_report(layer: Layer, dtype: str = "bf16", kernel: str = "forward") -> 
     """One row: the layer, one of its kernels (forward, dgrad, wgrad), the configs the tuner may pick with
     efficiency, compiled facts, occupancy and waves, and their worst case."""
     g = layer.geom
+    head = dict(
+        network=layer.network,
+        layer=layer.name,
+        shape=layer.shape,
+        dtype=dtype,
+        kernel=kernel,
+        M=g.N * g.out_size[0] * g.out_size[1],
+        K=g.KH * g.KW * g.C_in,
+    )
+    if kernel == "dgrad" and not layer.input_needs_grad:
+        return dict(head, classes=0, configs=[], note="not run: the input needs no gradient")
     kg, candidates = _kernel_configs(kernel, g, dtype)
     configs = []
     for config, efficiency, programs, l2, within, compile_it in candidates:
@@ -368,19 +384,10 @@ def layer_report(layer: Layer, dtype: str = "bf16", kernel: str = "forward") -> 
                 **facts,
             )
         )
-    row = dict(
-        network=layer.network,
-        layer=layer.name,
-        shape=layer.shape,
-        dtype=dtype,
-        kernel=kernel,
-        M=g.N * g.out_size[0] * g.out_size[1],
-        K=g.KH * g.KW * g.C_in,
-        classes=kg.classes,
-        configs=configs,
-    )
+    note = f"GEMM N={kg.C_out} + fold" if kernel == "dgrad" and uses_fold(g) else ""
+    row = dict(head, classes=kg.classes, configs=configs, note=note)
     if not configs:  # no Triton config meets the bars (wgrad_candidates): that part runs on cuDNN
-        return dict(row, backend=CUDNN_ROW)
+        return dict(row, backend=CUDNN_ROW, note=CUDNN_ROW)
     return dict(
         row,
         backend="triton",
@@ -445,8 +452,8 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         if not r["configs"]:
             lines.append(
-                f"{r['network']:<18} {r['layer']:<16} {r['shape']:<34} {r.get('kernel', 'forward'):<7} "
-                f"{0:>7} {r.get('backend', CUDNN_ROW)}"
+                f"{r['network']:<18} {r['layer']:<16} {r['shape']:<34} {r['kernel']:<7} "
+                f"{0:>7} {r.get('note') or r.get('backend', CUDNN_ROW)}"
             )
             continue
         cp_async = min(c["cp_async"] for c in r["configs"])
@@ -459,6 +466,7 @@ def format_table(rows: list[dict]) -> str:
             f"{r['max_shared_bytes'] / 1024:>7.0f} {'yes' if r['wgmma'] else 'NO':>5} "
             f"{'yes' if r['async_loads'] else 'NO':>5} {f'{cp_async}/{ld_global}':>11} {ctas:>6} "
             f"{r['min_waves']:>6.2f} {r['max_l2_bytes_per_flop']:>9.4f} {r['max_sass_per_wgmma']:>10.1f}"
+            + (f"  {r['note']}" if r.get("note") else "")
         )
     return "\n".join(lines)
 

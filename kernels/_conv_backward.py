@@ -23,6 +23,7 @@ from ._conv_configs import (
     eligible_configs,
     forced_config,
 )
+from ._conv_dgrad_fold import conv_fold, fold_gemm_configs, fold_gemm_geometry, fold_gemm_weight, uses_fold
 from ._conv_igemm import INDEX_64_NUMEL, conv_igemm_forward, input_precision
 from ._conv_packing import activation_operand
 from ._conv_shape import conv_out_size
@@ -75,9 +76,29 @@ def conv_dgrad(
     if grad_out.numel() == 0:
         return grad_x.zero_()
     op = "dgrad_conv_transpose" if geom.transposed else "dgrad_conv"  # named after the forward op
-    configs = eligible_configs(
-        dg, out.element_size(), dgrad_config_list(out.dtype, input_precision(out.dtype))
-    )
+    configs = dgrad_config_list(out.dtype, input_precision(out.dtype))
+    if uses_fold(geom):  # few input channels: dcol = grad_pre @ W (a 1x1 conv, mask on load), then fold
+        gg = fold_gemm_geometry(geom)
+        col = torch.empty(
+            (gg.N, gg.C_out, gg.H, gg.W),
+            dtype=out.dtype,
+            device=out.device,
+            memory_format=torch.channels_last,
+        )
+        configs = eligible_configs(gg, out.element_size(), fold_gemm_configs(configs, gg))
+        conv_igemm_forward(
+            grad_out.to(out.dtype),
+            fold_gemm_weight(weight),
+            None,
+            gg,
+            alpha,
+            col,
+            mask=out,
+            op=op,
+            configs=configs,
+        )
+        return conv_fold(col, geom, grad_x)
+    configs = eligible_configs(dg, out.element_size(), configs)
     return conv_igemm_forward(
         grad_out.to(out.dtype), weight, None, dg, alpha, grad_x, mask=out, op=op, configs=configs
     )

@@ -74,6 +74,18 @@ class ConvGeometry:
         """GEMM reduction length per class: taps x C_in, flattened."""
         return self.taps[0] * self.taps[1] * self.C_in
 
+    def class_k(self) -> list[int]:
+        """Reduction length of each GEMM: ``k`` for a conv; for an up-conv, per parity class
+        (ph, pw) = divmod(cls, S), its own taps only (kh = (ph + P) % S + S * j < KH), times C_in."""
+        if not self.transposed:
+            return [self.k]
+        s, p = self.stride, self.padding
+
+        def taps(k, phase):
+            return -(-(k - (phase + p) % s) // s) if (phase + p) % s < k else 0
+
+        return [taps(self.KH, c // s) * taps(self.KW, c % s) * self.C_in for c in range(s * s)]
+
     def useful_flops(self) -> int:
         if self.transposed:
             return 2 * self.N * self.H * self.W * self.C_in * self.C_out * self.KH * self.KW
@@ -178,8 +190,8 @@ def issued_mma_efficiency(geom: ConvGeometry, config: ConvConfig) -> float:
     """Useful conv FLOPs / FLOPs issued by the grid's MMAs (docs/kernels.md, kernels/_conv_configs.py)."""
     m_tiles = -(-geom.m // config.block_m)
     n_tiles = -(-geom.C_out // config.block_n)
-    k_steps = -(-geom.k // config.block_k)
-    issued = 2 * geom.classes * m_tiles * config.block_m * n_tiles * config.block_n * k_steps * config.block_k
+    k_steps = sum(-(-k // config.block_k) for k in geom.class_k())  # each class: its own taps
+    issued = 2 * m_tiles * config.block_m * n_tiles * config.block_n * k_steps * config.block_k
     return geom.useful_flops() / issued
 
 

@@ -78,13 +78,11 @@ def _conv_igemm_lrelu_kernel(
 ):
     # MASK_A (the dgrad): x is grad_out and m the saved forward output of the same shape; the A operand is
     # x * (1 if m > 0 else mask_alpha), the LReLU mask applied as it is loaded. LRELU False: no activation.
-    # Reduction length of one GEMM (a conv, or one parity class of an up-conv): TH * TW taps x C_in.
-    K_TOTAL: tl.constexpr = TH * TW * C_IN
     n_tiles = tl.cdiv(C_OUT, BLOCK_N)
     pid = tl.program_id(0)
     pid_n = pid % n_tiles  # column tiles fastest: neighbouring programs share their A rows in L2
     pid_m = pid // n_tiles
-    if TRANSPOSED:  # parity class (ph, pw) of this program; its taps kh = KH0 + S * (TH - 1 - th)
+    if TRANSPOSED:  # parity class (ph, pw) of this program; its taps kh = KH0 + S * (TH - 1 - th) < KH
         cls = tl.program_id(1)
         ph = cls // STRIDE
         pw = cls % STRIDE
@@ -92,6 +90,13 @@ def _conv_igemm_lrelu_kernel(
         kw0 = (pw + PAD) % STRIDE
         pad_h = TH - 1 - (ph + PAD) // STRIDE  # ih = r - pad_h + th
         pad_w = TW - 1 - (pw + PAD) // STRIDE
+        # The class's own taps only: th in [TH - taps_h, TH) (kh < KH), likewise tw; none is padded.
+        taps_h = (KH - kh0 + STRIDE - 1) // STRIDE
+        taps_w = (KW - kw0 + STRIDE - 1) // STRIDE
+        th_lo = TH - taps_h
+        tw_lo = TW - taps_w
+        k_total = taps_h * taps_w * C_IN  # reduction length of this class's GEMM
+        k_iters = (k_total + BLOCK_K - 1) // BLOCK_K
         in_step = 1
         out_step = STRIDE
     else:
@@ -99,6 +104,11 @@ def _conv_igemm_lrelu_kernel(
         pw = 0
         pad_h = PAD
         pad_w = PAD
+        taps_w: tl.constexpr = TW
+        th_lo = 0
+        tw_lo = 0
+        k_total: tl.constexpr = TH * TW * C_IN
+        k_iters: tl.constexpr = (TH * TW * C_IN + BLOCK_K - 1) // BLOCK_K
         in_step = STRIDE
         out_step = 1
 
@@ -119,15 +129,14 @@ def _conv_igemm_lrelu_kernel(
     co_ok = offs_n < C_OUT
     offs_k = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    K_ITERS: tl.constexpr = (K_TOTAL + BLOCK_K - 1) // BLOCK_K
-    for it in range(0, K_ITERS):
+    for it in range(0, k_iters):
         k0 = it * BLOCK_K
         if C_IN % BLOCK_K == 0:
             # The K tile lies inside one tap: tap and channel offset are scalars, the mask is per row.
             CHUNKS: tl.constexpr = C_IN // BLOCK_K
             tap = it // CHUNKS
-            th = tap // TW
-            tw = tap % TW
+            th = th_lo + tap // taps_w
+            tw = tw_lo + tap % taps_w
             ci = (it % CHUNKS) * BLOCK_K + offs_k  # (BLOCK_K,)
             ih = ih0 + th
             iw = iw0 + tw
@@ -143,7 +152,7 @@ def _conv_igemm_lrelu_kernel(
                 kh = kh0 + STRIDE * (TH - 1 - th)
                 kw = kw0 + STRIDE * (TW - 1 - tw)
                 w_row = (ci * KH + kh) * KW + kw  # (C_in, KH, KW, C_out) storage
-                b_ok = co_ok[None, :] & (kh < KH) & (kw < KW)
+                b_ok = co_ok[None, :]
                 b_ptrs = w_ptr + (w_row * C_OUT)[:, None] + offs_n[None, :]
             else:
                 b_ok = co_ok[None, :]
@@ -152,11 +161,11 @@ def _conv_igemm_lrelu_kernel(
         else:
             # Small C_in: one K tile spans several taps, (tap, ci) per column.
             k = k0 + offs_k
-            k_ok = k < K_TOTAL
+            k_ok = k < k_total
             tap = k // C_IN
             ci = k % C_IN
-            th = tap // TW
-            tw = tap % TW
+            th = th_lo + tap // taps_w
+            tw = tw_lo + tap % taps_w
             ih = ih0[:, None] + th[None, :]
             iw = iw0[:, None] + tw[None, :]
             a_ok = row_ok[:, None] & k_ok[None, :] & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
@@ -171,7 +180,7 @@ def _conv_igemm_lrelu_kernel(
                 kh = kh0 + STRIDE * (TH - 1 - th)
                 kw = kw0 + STRIDE * (TW - 1 - tw)
                 w_row = (ci * KH + kh) * KW + kw
-                b_ok = (k_ok & (kh < KH) & (kw < KW))[:, None] & co_ok[None, :]
+                b_ok = k_ok[:, None] & co_ok[None, :]
                 b_ptrs = w_ptr + (w_row * C_OUT)[:, None] + offs_n[None, :]
             else:
                 # Rows are zero-padded to W_K_STRIDE (16-byte multiple): masking at the padded length keeps

@@ -29,7 +29,15 @@ from ._conv_packing import activation_operand
 from ._conv_shape import conv_out_size
 from .bias_lrelu import lrelu_bias_grads
 
-__all__ = ["conv_dgrad", "conv_wgrad", "dgrad_geometry", "wgrad_splits", "WgradConfig", "WGRAD_CONFIGS"]
+__all__ = [
+    "conv_dgrad",
+    "conv_wgrad",
+    "dgrad_geometry",
+    "wgrad_runs_triton",
+    "wgrad_splits",
+    "WgradConfig",
+    "WGRAD_CONFIGS",
+]
 
 
 def dgrad_geometry(geom: ConvGeometry) -> ConvGeometry:
@@ -398,6 +406,13 @@ def wgrad_constexprs(
     )
 
 
+def wgrad_runs_triton(geom: ConvGeometry, dtype: torch.dtype) -> bool:
+    """Whether ``conv_wgrad`` runs the Triton kernel for ``geom`` (a candidate meets the bars, or a config
+    is forced) rather than cuDNN after the mask pass."""
+    op = "wgrad_conv_transpose" if geom.transposed else "wgrad_conv"
+    return bool(wgrad_candidates(geom, dtype, input_precision(dtype))) or forced_config(op) is not None
+
+
 def conv_wgrad(
     grad_out: torch.Tensor,
     out: torch.Tensor,
@@ -422,10 +437,10 @@ def conv_wgrad(
     grad_b = torch.empty(p["R"], dtype=torch.float32, device=out.device) if need_bias else None
     if p["K"] == 0 or grad_w.numel() == 0:
         return grad_w.zero_(), (grad_b.zero_() if grad_b is not None else None)
+    if not wgrad_runs_triton(geom, out.dtype):
+        return _cudnn_wgrad(grad_out, out, x, geom, alpha, need_bias, grad_w)
     op = "wgrad_conv_transpose" if geom.transposed else "wgrad_conv"
     precision = input_precision(out.dtype)
-    if not wgrad_candidates(geom, out.dtype, precision) and forced_config(op) is None:
-        return _cudnn_wgrad(grad_out, out, x, geom, alpha, need_bias, grad_w)
     o = _wgrad_operands(grad_out, out, x, geom)
     state = {}
 

@@ -107,6 +107,9 @@ def test_every_network_wgrad_is_wgmma_shaped_efficient_or_on_cudnn(monkeypatch):
         candidates = B.wgrad_candidates(geom, torch.bfloat16, "ieee")
         if not candidates:
             on_cudnn.add(where)
+        assert B.wgrad_runs_triton(geom, torch.bfloat16) == bool(candidates), where
+        with C.force_config(B.WGRAD_CONFIGS[0], ops=WGRAD_OPS):
+            assert B.wgrad_runs_triton(geom, torch.bfloat16), where  # a forced config always runs
         r = B.wgrad_problem(geom)["R"]
         for c in candidates:
             assert c.block_m >= 64 and B.wgrad_efficiency(geom, c) >= C.MIN_EFFICIENCY, (where, c.name)

@@ -56,11 +56,13 @@ from deepsim.kernels._conv_configs import (
     SM_COUNT,
     ConvGeometry,
     config_list,
+    ctas_per_sm,
     eligible_configs,
+    estimated_ctas_per_sm,
     issued_mma_efficiency,
 )
 from deepsim.kernels._conv_dgrad_fold import fold_gemm_configs, fold_gemm_geometry, uses_fold
-from deepsim.kernels._conv_igemm import _conv_igemm_lrelu_kernel, grid_size, kernel_constexprs
+from deepsim.kernels._conv_igemm import _conv_igemm_lrelu_kernel, kernel_constexprs, num_tiles
 from deepsim.kernels._conv_packing import conv_weight_row_stride
 
 from deepsim.applications.generators import InversionGenerator
@@ -77,6 +79,7 @@ PTX_COUNTS = {
     "cp_async": r"\bcp\.async\.c[ag]\.shared\.global\b",
     "tma": r"\bcp\.async\.bulk\.tensor\b",
     "ld_global": r"\bld\.global\b",
+    "nctaid": r"%nctaid\.x\b",  # reads the grid size: a persistent kernel looping over its tiles
 }
 
 
@@ -272,16 +275,6 @@ def sass_per_wgmma(sass: str) -> float | None:
 
 KERNELS = ("forward", "dgrad", "wgrad")
 CUDNN_ROW = "cuDNN (no config meets the bars)"  # a row whose kernel never runs: nothing to score
-REGISTERS_PER_SM, SHARED_PER_SM, MAX_CTAS_PER_SM = 65536, 228 * 1024, 32  # H100 / H200 (sm_90)
-
-
-def ctas_per_sm(registers: int, num_warps: int, shared_bytes: int) -> int:
-    """Resident CTAs per SM allowed by registers (allocated per warp in units of 256) and shared memory
-    (plus 1 KB reserved per CTA)."""
-    per_warp = -(-registers * 32 // 256) * 256
-    by_regs = REGISTERS_PER_SM // (per_warp * num_warps)
-    by_smem = SHARED_PER_SM // (shared_bytes + 1024)
-    return max(0, min(by_regs, by_smem, MAX_CTAS_PER_SM))
 
 
 def _kernel_configs(kind: str, g: ConvGeometry, dtype: str):
@@ -304,14 +297,13 @@ def _kernel_configs(kind: str, g: ConvGeometry, dtype: str):
                 w_k_stride=w_k_stride,
                 dgrad=kind == "dgrad",
             )
-            tiles, classes = grid_size(kg, c)
             a_reads = 2 if kind == "dgrad" else 1  # the dgrad reads out beside grad_out (the mask)
             l2 = element * (a_reads * c.block_m + c.block_n) / (2 * c.block_m * c.block_n)
             out.append(
                 (
                     c,
                     issued_mma_efficiency(kg, c),
-                    tiles * classes,
+                    num_tiles(kg, c),
                     l2,
                     kg.C_in % c.block_k == 0,
                     lambda ce=ce, c=c, kg=kg: compile_conv_kernel(
@@ -367,18 +359,27 @@ def layer_report(layer: Layer, dtype: str = "bf16", kernel: str = "forward") -> 
     if kernel == "dgrad" and not layer.input_needs_grad:
         return dict(head, classes=0, configs=[], note="not run: the input needs no gradient")
     kg, candidates = _kernel_configs(kernel, g, dtype)
+    element = torch.empty((), dtype=TORCH_DTYPES[dtype]).element_size()
     configs = []
-    for config, efficiency, programs, l2, within, compile_it in candidates:
+    for config, efficiency, tiles, l2, within, compile_it in candidates:
         facts = compile_it()
         ctas = ctas_per_sm(facts["registers"], config.num_warps, facts["shared_bytes"])
-        programs = programs(facts) if callable(programs) else programs
+        tiles = tiles(facts) if callable(tiles) else tiles  # the wgrad's splits follow its residency
+        persistent = facts["nctaid"] > 0  # the kernel loops over tiles (the forward / dgrad one)
+        programs = min(tiles, SM_COUNT * max(ctas, 1)) if persistent else tiles
+        estimate = estimated_ctas_per_sm(config, element, 2 if kernel == "dgrad" else 1)
+        first = min(tiles, SM_COUNT * estimate)
         configs.append(
             dict(
                 config=config.name,
                 efficiency=efficiency,
+                tiles=tiles,
                 programs=programs,
+                persistent=persistent,
+                tiles_per_program=-(-tiles // programs),
+                first_launch_programs=first if persistent else tiles,  # before the kernel's own figures
                 ctas_per_sm=ctas,
-                waves=programs / (SM_COUNT * max(ctas, 1)),
+                waves=tiles / (SM_COUNT * max(ctas, 1)),
                 l2_bytes_per_flop=l2,
                 k_tiles="within a tap" if within else "across taps",
                 **facts,
@@ -398,6 +399,8 @@ def layer_report(layer: Layer, dtype: str = "bf16", kernel: str = "forward") -> 
         wgmma=all(c["wgmma"] > 0 for c in configs),
         async_loads=all(c["cp_async"] + c["tma"] > 0 for c in configs),
         min_waves=min(c["waves"] for c in configs),
+        persistent=all(c["persistent"] for c in configs),
+        max_tiles_per_program=max(c["tiles_per_program"] for c in configs),
         max_l2_bytes_per_flop=max(c["l2_bytes_per_flop"] for c in configs),
         max_sass_per_wgmma=max((c["sass_per_wgmma"] or 0.0) for c in configs),
     )
@@ -446,7 +449,7 @@ def format_table(rows: list[dict]) -> str:
     head = (
         f"{'network':<18} {'layer':<16} {'shape':<34} {'kernel':<7} {'configs':>7} {'eff min':>7} "
         f"{'regs':>4} {'spill':>5} {'smem KB':>7} {'wgmma':>5} {'async':>5} {'cp.async/ld':>11} "
-        f"{'CTA/SM':>6} {'waves':>6} {'L2 B/FLOP':>9} {'SASS/wgmma':>10}"
+        f"{'CTA/SM':>6} {'waves':>6} {'persist':>7} {'tiles/prog':>10} {'L2 B/FLOP':>9} {'SASS/wgmma':>10}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -465,7 +468,9 @@ def format_table(rows: list[dict]) -> str:
             f"{r['spill_bytes']:>5} "
             f"{r['max_shared_bytes'] / 1024:>7.0f} {'yes' if r['wgmma'] else 'NO':>5} "
             f"{'yes' if r['async_loads'] else 'NO':>5} {f'{cp_async}/{ld_global}':>11} {ctas:>6} "
-            f"{r['min_waves']:>6.2f} {r['max_l2_bytes_per_flop']:>9.4f} {r['max_sass_per_wgmma']:>10.1f}"
+            f"{r['min_waves']:>6.2f} {'yes' if r['persistent'] else 'no':>7} "
+            f"{r['max_tiles_per_program']:>10} "
+            f"{r['max_l2_bytes_per_flop']:>9.4f} {r['max_sass_per_wgmma']:>10.1f}"
             + (f"  {r['note']}" if r.get("note") else "")
         )
     return "\n".join(lines)

@@ -186,6 +186,27 @@ def config_list(dtype: torch.dtype, precision: str) -> list[ConvConfig]:
     return FMA_CONFIGS if dtype == torch.float32 and precision == "ieee" else GPU_CONFIGS
 
 
+MAX_REGISTERS = 240  # the register bar of every config (tests/kernels/test_static_backward.py)
+REGISTERS_PER_SM, SHARED_PER_SM, MAX_CTAS_PER_SM = 65536, 228 * 1024, 32  # H100 / H200 (sm_90)
+
+
+def ctas_per_sm(registers: int, num_warps: int, shared_bytes: int) -> int:
+    """Resident CTAs per SM allowed by registers (allocated per warp in units of 256) and shared memory
+    (plus 1 KB reserved per CTA). The persistent launcher and bench/static.py both count with it."""
+    per_warp = -(-registers * 32 // 256) * 256
+    by_regs = REGISTERS_PER_SM // (per_warp * num_warps)
+    by_smem = SHARED_PER_SM // (shared_bytes + 1024)
+    return max(0, min(by_regs, by_smem, MAX_CTAS_PER_SM))
+
+
+def estimated_ctas_per_sm(config: ConvConfig, element_size: int, a_tiles: int = 1) -> int:
+    """``ctas_per_sm`` before the kernel is compiled: MAX_REGISTERS per thread (the bar, an upper bound)
+    and the pipeline buffers of ``a_tiles`` A tiles (2 for the dgrad: grad_out and the mask) and one B
+    tile per stage, at least 1. Once compiled, the launcher counts with the kernel's own figures."""
+    smem = config.num_stages * (a_tiles * config.block_m + config.block_n) * config.block_k * element_size
+    return max(1, ctas_per_sm(MAX_REGISTERS, config.num_warps, smem))
+
+
 def issued_mma_efficiency(geom: ConvGeometry, config: ConvConfig) -> float:
     """Useful conv FLOPs / FLOPs issued by the grid's MMAs (docs/kernels.md, kernels/_conv_configs.py)."""
     m_tiles = -(-geom.m // config.block_m)

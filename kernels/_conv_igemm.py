@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ._backend import INTERPRET, tl, triton
-from ._conv_configs import ConvConfig, ConvGeometry, choose_config
+from ._conv_configs import ConvConfig, ConvGeometry, choose_config, ctas_per_sm, estimated_ctas_per_sm
 from ._conv_packing import activation_operand, conv_weight_operand, is_nhwc, upconv_weight_operand
 
 
@@ -41,8 +41,11 @@ def input_precision(dtype: torch.dtype) -> str:
 _RUNTIME_SIZES = ["N", "H", "W", "OH", "OW", "ROWS_H", "ROWS_W", "STRIDE", "PAD"]
 
 
-@triton.jit(do_not_specialize=_RUNTIME_SIZES)
-def _conv_igemm_lrelu_kernel(
+@triton.jit
+def _igemm_tile(
+    pid_m,
+    pid_n,
+    cls,
     x_ptr,
     w_ptr,
     b_ptr,
@@ -78,12 +81,8 @@ def _conv_igemm_lrelu_kernel(
 ):
     # MASK_A (the dgrad): x is grad_out and m the saved forward output of the same shape; the A operand is
     # x * (1 if m > 0 else mask_alpha), the LReLU mask applied as it is loaded. LRELU False: no activation.
-    n_tiles = tl.cdiv(C_OUT, BLOCK_N)
-    pid = tl.program_id(0)
-    pid_n = pid % n_tiles  # column tiles fastest: neighbouring programs share their A rows in L2
-    pid_m = pid // n_tiles
-    if TRANSPOSED:  # parity class (ph, pw) of this program; its taps kh = KH0 + S * (TH - 1 - th) < KH
-        cls = tl.program_id(1)
+    # One output tile: rows pid_m of parity class cls (0 for a conv), columns pid_n.
+    if TRANSPOSED:  # parity class (ph, pw) of this tile; its taps kh = KH0 + S * (TH - 1 - th) < KH
         ph = cls // STRIDE
         pw = cls % STRIDE
         kh0 = (ph + PAD) % STRIDE
@@ -201,6 +200,91 @@ def _conv_igemm_lrelu_kernel(
     tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & co_ok[None, :])
 
 
+@triton.jit(do_not_specialize=_RUNTIME_SIZES)
+def _conv_igemm_lrelu_kernel(
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    out_ptr,
+    m_ptr,
+    N,
+    H,
+    W,
+    OH,
+    OW,
+    ROWS_H,
+    ROWS_W,
+    C_OUT,
+    STRIDE,
+    PAD,
+    alpha,
+    mask_alpha,
+    C_IN: tl.constexpr,
+    KH: tl.constexpr,
+    KW: tl.constexpr,
+    TRANSPOSED: tl.constexpr,
+    TH: tl.constexpr,
+    TW: tl.constexpr,
+    W_K_STRIDE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    INDEX_64: tl.constexpr,
+    MASK_A: tl.constexpr,
+    LRELU: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    # A persistent schedule: the grid is at most the CTAs that are resident at once (persistent_programs)
+    # and each program loops over the tiles program_id, program_id + num_programs, ... Tile order: columns
+    # fastest (neighbouring programs share their A rows in L2), then rows, then parity classes.
+    n_tiles = tl.cdiv(C_OUT, BLOCK_N)
+    per_class = tl.cdiv(N * ROWS_H * ROWS_W, BLOCK_M) * n_tiles
+    if TRANSPOSED:
+        num_tiles = per_class * STRIDE * STRIDE
+    else:
+        num_tiles = per_class
+    for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
+        pid = tile % per_class
+        _igemm_tile(
+            pid // n_tiles,
+            pid % n_tiles,
+            tile // per_class,
+            x_ptr,
+            w_ptr,
+            b_ptr,
+            out_ptr,
+            m_ptr,
+            N,
+            H,
+            W,
+            OH,
+            OW,
+            ROWS_H,
+            ROWS_W,
+            C_OUT,
+            STRIDE,
+            PAD,
+            alpha,
+            mask_alpha,
+            C_IN,
+            KH,
+            KW,
+            TRANSPOSED,
+            TH,
+            TW,
+            W_K_STRIDE,
+            HAS_BIAS,
+            INPUT_PRECISION,
+            INDEX_64,
+            MASK_A,
+            LRELU,
+            BLOCK_M,
+            BLOCK_N,
+            BLOCK_K,
+        )
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Launch
 
@@ -257,10 +341,79 @@ def runtime_sizes(geom: ConvGeometry) -> dict:
     )
 
 
-def grid_size(geom: ConvGeometry, config: ConvConfig) -> tuple[int, int]:
-    """(M tiles x C_out tiles, parity classes)."""
-    tiles = triton.cdiv(geom.m, config.block_m) * triton.cdiv(geom.C_out, config.block_n)
-    return tiles, geom.classes
+def num_tiles(geom: ConvGeometry, config: ConvConfig) -> int:
+    """Output tiles of the GEMM(s): M tiles x C_out tiles x parity classes."""
+    return triton.cdiv(geom.m, config.block_m) * triton.cdiv(geom.C_out, config.block_n) * geom.classes
+
+
+INTERPRETER_PROGRAMS = 3  # the interpreter's resident CTAs: tests run several tiles per program
+_compiled_ctas: dict[tuple, int] = {}  # (constexprs, warps, stages, dtype, device) -> CTAs per SM, compiled
+
+
+def grid_size(geom: ConvGeometry, config: ConvConfig, sm_count: int, ctas: int) -> tuple[int]:
+    """The persistent grid: min(tiles, SMs x resident CTAs per SM); each program loops over its tiles."""
+    return (max(1, min(num_tiles(geom, config), sm_count * ctas)),)
+
+
+def sm_count(device: torch.device) -> int:
+    if INTERPRET or device.type != "cuda":
+        return INTERPRETER_PROGRAMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _operands(x, weight, bias, geom: ConvGeometry, mask, out) -> dict:
+    """The kernel's tensors (channels_last activations and output, the weight operand) and flags."""
+    x_op = activation_operand(x)
+    if geom.transposed:
+        w_op, w_k_stride = upconv_weight_operand(weight), geom.k
+    else:
+        w_op, w_k_stride = conv_weight_operand(weight)
+    out_op = out if is_nhwc(out) else torch.empty_like(out, memory_format=torch.channels_last)
+    return dict(
+        x=x_op,
+        w=w_op,
+        b=bias.contiguous() if bias is not None else w_op,  # w_op: a dummy pointer, never read
+        out=out_op,
+        m=activation_operand(mask) if mask is not None else x_op,  # likewise
+        w_k_stride=w_k_stride,
+        index_64=max(x_op.numel(), out_op.numel()) >= INDEX_64_NUMEL,
+    )
+
+
+def _launch(ops: dict, geom: ConvGeometry, config: ConvConfig, alpha, precision, has_bias, dgrad) -> None:
+    """One persistent launch. Resident CTAs: the compiled kernel's own registers and shared memory once
+    it has run on the device, else the conservative ``estimated_ctas_per_sm``."""
+    x = ops["x"]
+    constexprs = kernel_constexprs(
+        geom,
+        config,
+        has_bias=has_bias,
+        precision=precision,
+        w_k_stride=ops["w_k_stride"],
+        index_64=ops["index_64"],
+        dgrad=dgrad,
+    )
+    key = (tuple(constexprs.items()), config.num_warps, config.num_stages, x.dtype, str(x.device))
+    ctas = _compiled_ctas.get(key) or (
+        1 if INTERPRET else estimated_ctas_per_sm(config, x.element_size(), 2 if dgrad else 1)
+    )
+    grid = grid_size(geom, config, sm_count(x.device), ctas)
+    kernel = _conv_igemm_lrelu_kernel[grid](
+        x,
+        ops["w"],
+        ops["b"],
+        ops["out"],
+        ops["m"],
+        **runtime_sizes(geom),
+        alpha=float(alpha),
+        mask_alpha=float(alpha),
+        **constexprs,
+        num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    n_regs = getattr(kernel, "n_regs", None)
+    if key not in _compiled_ctas and not INTERPRET and n_regs:
+        _compiled_ctas[key] = max(1, ctas_per_sm(n_regs, config.num_warps, kernel.metadata.shared))
 
 
 def conv_igemm_forward(
@@ -285,45 +438,16 @@ def conv_igemm_forward(
         bias: (C_out,) or None.
         out: (N, C_out, OH, OW) in x's dtype; written directly when channels_last, else through an NHWC
             buffer and one copy.
+        op: the tuner's key (default from ``geom``); configs: candidates (default the eligible ones).
     """
-    x_op = activation_operand(x)
-    m_op = activation_operand(mask) if mask is not None else x_op  # x_op: a dummy pointer, never read
-    if geom.transposed:
-        w_op, w_k_stride = upconv_weight_operand(weight), geom.k
-    else:
-        w_op, w_k_stride = conv_weight_operand(weight)
-    out_op = out if is_nhwc(out) else torch.empty_like(out, memory_format=torch.channels_last)
-    b = bias.contiguous() if bias is not None else w_op  # w_op: a dummy pointer, never read without bias
+    ops = _operands(x, weight, bias, geom, mask, out)
     precision = input_precision(x.dtype)
-    index_64 = max(x_op.numel(), out_op.numel()) >= INDEX_64_NUMEL
-
-    def launch(config: ConvConfig) -> None:
-        constexprs = kernel_constexprs(
-            geom,
-            config,
-            has_bias=bias is not None,
-            precision=precision,
-            w_k_stride=w_k_stride,
-            index_64=index_64,
-            dgrad=mask is not None,
-        )
-        _conv_igemm_lrelu_kernel[grid_size(geom, config)](
-            x_op,
-            w_op,
-            b,
-            out_op,
-            m_op,
-            **runtime_sizes(geom),
-            alpha=float(alpha),
-            mask_alpha=float(alpha),
-            **constexprs,
-            num_warps=config.num_warps,
-            num_stages=config.num_stages,
-        )
-
-    if op is None:
-        op = "conv_transpose" if geom.transposed else "conv"
-    launch(choose_config(op, geom, x_op, precision, launch, candidates=configs))
-    if out_op is not out:
-        out.copy_(out_op)
+    args = (alpha, precision, bias is not None, mask is not None)
+    op = op or ("conv_transpose" if geom.transposed else "conv")
+    config = choose_config(
+        op, geom, ops["x"], precision, lambda c: _launch(ops, geom, c, *args), candidates=configs
+    )
+    _launch(ops, geom, config, *args)
+    if ops["out"] is not out:
+        out.copy_(ops["out"])
     return out

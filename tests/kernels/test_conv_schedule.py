@@ -1,0 +1,110 @@
+"""The schedule of the forward / dgrad kernel (kernels/_conv_igemm.py): exact taps per parity class in the
+issued-MMA count, the persistent grid (arithmetic and, in the interpreter, results independent of the
+number of programs), and on every network layer (slow: compiles for sm_90) a persistent or >= 2-wave
+schedule on the forward and the dgrad, with a first launch that never asks for more CTAs than are resident.
+"""
+
+import importlib
+
+import pytest
+import torch
+
+from bench import static
+
+from ._common import DEVICES, K
+
+C = importlib.import_module(f"{K.__name__}._conv_configs")
+B = importlib.import_module(f"{K.__name__}._conv_backward")
+G = importlib.import_module(f"{K.__name__}._conv_igemm")
+
+
+@pytest.mark.parametrize("k, s, p", [(3, 2, 1), (5, 2, 2), (7, 4, 3), (4, 2, 1), (1, 2, 0), (3, 4, 0)])
+def test_parity_classes_issue_exactly_their_own_taps(k, s, p):
+    """Summed over the S x S classes, the taps are the kernel's KH x KW, each once (none padded)."""
+    geom = C.ConvGeometry(True, 2, 64, 9, 9, 32, k, k, s, p)
+    assert sum(geom.class_k()) == k * k * 64
+    config = C.ConvConfig(64, 32, 64, 4, 2)  # C_in % BLOCK_K == 0: no K padding, so the count is exact
+    useful = geom.useful_flops()
+    rows = -(-geom.m // 64) * 64
+    assert C.issued_mma_efficiency(geom, config) == pytest.approx(useful / (2 * rows * 32 * k * k * 64))
+
+
+def test_strided_conv_dgrads_reach_full_efficiency():
+    """The dgrads of G's and D's k3 s2 and k5 s2 convs (0.5625 and 0.694 with padded classes)."""
+    for geom in (
+        C.ConvGeometry(False, 64, 64, 16, 16, 128, 3, 3, 2, 1),
+        C.ConvGeometry(False, 64, 32, 32, 32, 64, 5, 5, 2, 2),
+        C.ConvGeometry(False, 64, 256, 16, 16, 256, 3, 3, 2, 1),
+    ):
+        dg = B.dgrad_geometry(geom)
+        best = max(C.issued_mma_efficiency(dg, c) for c in C.GPU_CONFIGS)
+        assert best == pytest.approx(1.0)
+
+
+def test_persistent_grid_is_bounded_by_resident_ctas():
+    geom = C.ConvGeometry(False, 64, 64, 32, 32, 128, 3, 3, 1, 1)
+    config = C.GPU_CONFIGS[0]
+    tiles = G.num_tiles(geom, config)
+    assert tiles == 64 * 32 * 32 // 128 * 1
+    assert G.grid_size(geom, config, 132, 1) == (132,)
+    assert G.grid_size(geom, config, 132, 2) == (264,)
+    assert G.grid_size(geom, config, 10_000, 2) == (tiles,)
+    for c in C.GPU_CONFIGS:  # the estimate counts with the register bar: never above the compiled count
+        for a_tiles in (1, 2):
+            est = C.estimated_ctas_per_sm(c, 2, a_tiles)
+            smem = c.num_stages * (a_tiles * c.block_m + c.block_n) * c.block_k * 2
+            assert 1 <= est <= max(1, C.ctas_per_sm(C.MAX_REGISTERS, c.num_warps, smem))
+            assert est <= C.ctas_per_sm(C.MAX_REGISTERS, c.num_warps, 0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("transposed", [False, True], ids=["conv", "up"])
+def test_results_do_not_depend_on_the_number_of_programs(device, transposed, monkeypatch):
+    """Forward and dgrad with 1, 3 and 7 programs (several tiles each, classes folded into the tile index):
+    the same bits, and the reference's values."""
+    g = torch.Generator().manual_seed(0)
+    if transposed:
+        x, w = torch.randn(2, 16, 5, 6, generator=g), torch.randn(16, 8, 4, 4, generator=g) / 4
+        fn, ref = K.conv_transpose_lrelu, K.reference_conv_transpose_lrelu
+    else:
+        x, w = torch.randn(2, 16, 11, 9, generator=g), torch.randn(24, 16, 3, 3, generator=g) / 4
+        fn, ref = K.conv_lrelu, K.reference_conv_lrelu
+    x, w = x.to(device).requires_grad_(), w.to(device)
+    results = []
+    for programs in (1, 3, 7):
+        monkeypatch.setattr(G, "INTERPRETER_PROGRAMS", programs)
+        with K.use_backend("triton"):
+            y = fn(x, w, None, 2, 1, 0.2)
+            (gx,) = torch.autograd.grad(y, x, torch.ones_like(y) - 0.5 * (y > 0))
+        results.append((y.detach(), gx))
+    for y, gx in results[1:]:
+        assert torch.equal(y, results[0][0]) and torch.equal(gx, results[0][1])
+    xr = x.detach().float().requires_grad_()
+    yr = ref(xr, w.float(), None, 2, 1, 0.2)
+    (want,) = torch.autograd.grad(yr, xr, torch.ones_like(yr) - 0.5 * (yr > 0))
+    torch.testing.assert_close(results[0][0].float(), yr.detach(), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(results[0][1].float(), want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return static.static_report(batch=64, dtype="bf16", kernels=("forward", "dgrad"))
+
+
+@pytest.mark.slow
+def test_forward_and_dgrad_are_persistent_or_two_waves(rows):
+    """Every config of the forward and the dgrad on every layer: persistent (its PTX reads the grid size
+    and the grid is at most the resident CTAs) or >= 2 waves; the first launch (before the kernel's own
+    register count is known) asks for no more programs than the compiled kernel keeps resident."""
+    misses = []
+    for r in rows:
+        for c in r["configs"]:
+            what = f"{r['network']} {r['layer']} {r['kernel']} {c['config']}"
+            resident = static.SM_COUNT * c["ctas_per_sm"]
+            if not (c["waves"] >= 2 or (c["persistent"] and c["programs"] <= resident)):
+                misses.append(what)
+            if c["persistent"]:
+                assert c["first_launch_programs"] <= resident, f"{what}: first launch oversubscribes"
+                assert c["tiles_per_program"] == -(-c["tiles"] // c["programs"]), what
+    assert misses == []
+    assert any(c["tiles_per_program"] > 1 for r in rows for c in r["configs"])

@@ -172,7 +172,15 @@ def compile_conv_kernel(
     runtime sizes unspecialized (as the kernel declares).
     """
     divisible = ("C_OUT",) if c_out_divisible_by_16 else ()
-    return compile_kernel(_conv_igemm_lrelu_kernel, constexprs, dtype, num_warps, num_stages, divisible)
+    return compile_kernel(
+        _conv_igemm_lrelu_kernel,
+        constexprs,
+        dtype,
+        num_warps,
+        num_stages,
+        divisible,
+        int_pointers=("cls_ptr",),  # the int32 class table
+    )
 
 
 @functools.cache
@@ -201,6 +209,7 @@ def compile_kernel(
     num_stages: int,
     divisible: tuple = (),
     fp32_pointers: tuple = (),
+    int_pointers: tuple = (),
 ) -> dict:
     # lazy, optional dependency: triton may be absent
     import triton
@@ -212,7 +221,13 @@ def compile_kernel(
         if p.is_constexpr:
             signature[p.name] = "constexpr"
         elif p.name.endswith("_ptr"):
-            signature[p.name] = "*fp32" if p.name in fp32_pointers else POINTER_TYPES[dtype]
+            signature[p.name] = (
+                "*fp32"
+                if p.name in fp32_pointers
+                else "*i32"
+                if p.name in int_pointers
+                else POINTER_TYPES[dtype]
+            )
             attrs[(i,)] = [["tt.divisibility", 16]]
         else:
             signature[p.name] = "fp32" if "alpha" in p.name else "i32"

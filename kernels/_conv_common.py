@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from ._backend import can_launch, register_op
-from ._conv_backward import conv_dgrad, conv_wgrad
+from ._conv_backward import conv_dgrad, conv_wgrad, wgrad_runs_triton
 from ._conv_configs import ConvGeometry
 from ._conv_igemm import conv_igemm_forward
 from ._conv_shape import as_int, conv_out_size, normalize_padding
@@ -120,9 +120,10 @@ def conv_lrelu_grads(
     """
     need_x, need_w = bool(output_mask[0]), bool(output_mask[1])
     need_b = bool(output_mask[2]) and has_bias
-    tri_x = need_x and can_launch(grad_out) and dgrad == "triton"
-    tri_w = need_w and can_launch(grad_out) and wgrad == "triton"
     geom = geometry(x.shape, weight.shape, stride, padding, transposed)
+    tri_x = need_x and can_launch(grad_out) and dgrad == "triton"
+    # A wgrad no Triton config serves (the 3-channel first layers) shares the aten path's one mask pass.
+    tri_w = need_w and can_launch(grad_out) and wgrad == "triton" and wgrad_runs_triton(geom, out.dtype)
     gx = conv_dgrad(grad_out, out, weight, geom, alpha) if tri_x else None
     gw = gb = None
     if tri_w:  # a conv's bias gradient comes out of the wgrad reduction

@@ -6,6 +6,8 @@ Design notes: docs/kernels.md.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,29 +64,26 @@ class ConvGeometry:
 
     @property
     def classes(self) -> int:
-        return self.stride * self.stride if self.transposed else 1
+        """GEMMs of the decomposition (``gemm_classes``): 1 for a conv."""
+        return len(gemm_classes(self))
 
     @property
     def m(self) -> int:
-        """GEMM rows per class."""
+        """GEMM rows of a conv; for an up-conv, of its largest parity class (ceil(OH/S) x ceil(OW/S))."""
         return self.N * self.rows[0] * self.rows[1]
 
     @property
     def k(self) -> int:
-        """GEMM reduction length per class: taps x C_in, flattened."""
+        """GEMM reduction length of a conv, taps x C_in; for an up-conv, of its largest parity class."""
         return self.taps[0] * self.taps[1] * self.C_in
 
     def class_k(self) -> list[int]:
-        """Reduction length of each GEMM: ``k`` for a conv; for an up-conv, per parity class
-        (ph, pw) = divmod(cls, S), its own taps only (kh = (ph + P) % S + S * j < KH), times C_in."""
-        if not self.transposed:
-            return [self.k]
-        s, p = self.stride, self.padding
+        """Reduction length of each GEMM of ``gemm_classes``, in their order."""
+        return [c.taps_h * c.taps_w * self.C_in for c in gemm_classes(self)]
 
-        def taps(k, phase):
-            return -(-(k - (phase + p) % s) // s) if (phase + p) % s < k else 0
-
-        return [taps(self.KH, c // s) * taps(self.KW, c % s) * self.C_in for c in range(s * s)]
+    def class_m(self) -> list[int]:
+        """Rows of each GEMM of ``gemm_classes``, in their order."""
+        return [self.N * c.rows_h * c.rows_w for c in gemm_classes(self)]
 
     def useful_flops(self) -> int:
         if self.transposed:
@@ -109,6 +108,70 @@ class ConvGeometry:
             self.output_padding,
             bucket,
         )
+
+
+CLASS_FIELDS = 11  # int32 fields per class in the kernel's class table (GemmClass.fields)
+
+
+@dataclass(frozen=True)
+class GemmClass:
+    """One GEMM of an up-conv: output rows oh = ph + S * r for r in [r0h, r0h + rows_h) (columns likewise),
+    each reading exactly the taps th in [th0, th0 + taps_h) x [tw0, tw0 + taps_w) of the kernel's flipped
+    tap grid (kernels/_conv_igemm.py): its parity class's taps, less those whose input row or column lies
+    outside the input (a border row of the output). ``taps_h * taps_w == 0``: rows no input reaches (zeros).
+    """
+
+    ph: int
+    pw: int
+    r0h: int
+    rows_h: int
+    r0w: int
+    rows_w: int
+    th0: int
+    taps_h: int
+    tw0: int
+    taps_w: int
+
+    def fields(self, first_m_tile: int) -> list[int]:
+        """The kernel's class-table row: these fields, then the class's first M tile."""
+        return [*dataclasses.astuple(self), first_m_tile]
+
+
+def _row_segments(out: int, size: int, k: int, stride: int, padding: int) -> list[tuple]:
+    """Per output phase ph (oh = ph + S * r) of one dimension of an up-conv: runs of rows r with the same
+    valid tap range, as (ph, r0, rows, t0, taps); an interior run, and one run per border row."""
+    t = -(-k // stride)
+    runs = []
+    for ph in range(min(stride, out)):
+        k0 = (ph + padding) % stride
+        phase_taps = -(-(k - k0) // stride) if k0 < k else 0
+        pad = t - 1 - (ph + padding) // stride  # input row = r - pad + th
+        for r in range(-(-(out - ph) // stride)):
+            lo, hi = max(t - phase_taps, pad - r), min(t - 1, size - 1 + pad - r)
+            key = (lo, hi - lo + 1) if hi >= lo else (0, 0)
+            last = runs[-1] if runs else None
+            if last and last[0] == ph and last[3:] == key and last[1] + last[2] == r:
+                runs[-1] = (ph, last[1], last[2] + 1, *key)
+            else:
+                runs.append((ph, r, 1, *key))
+    return runs
+
+
+@functools.cache
+def gemm_classes(geom: ConvGeometry) -> tuple[GemmClass, ...]:
+    """The GEMMs the kernel runs for ``geom``: one for a conv; for an up-conv (and so a conv's dgrad) one per
+    parity class and border run of rows and columns, each with its exact taps (docs/kernels.md)."""
+    th, tw = geom.taps
+    if not geom.transposed:
+        return (GemmClass(0, 0, 0, geom.rows[0], 0, geom.rows[1], 0, th, 0, tw),)
+    (oh, ow), s, p = geom.out_size, geom.stride, geom.padding
+    rows = _row_segments(oh, geom.H, geom.KH, s, p)
+    cols = _row_segments(ow, geom.W, geom.KW, s, p)
+    return tuple(
+        GemmClass(ph, pw, r0h, nh, r0w, nw, th0, kh, tw0, kw)
+        for ph, r0h, nh, th0, kh in rows
+        for pw, r0w, nw, tw0, kw in cols
+    )
 
 
 @dataclass(frozen=True)
@@ -208,12 +271,19 @@ def estimated_ctas_per_sm(config: ConvConfig, element_size: int, a_tiles: int = 
 
 
 def issued_mma_efficiency(geom: ConvGeometry, config: ConvConfig) -> float:
-    """Useful conv FLOPs / FLOPs issued by the grid's MMAs (docs/kernels.md, kernels/_conv_configs.py)."""
-    m_tiles = -(-geom.m // config.block_m)
-    n_tiles = -(-geom.C_out // config.block_n)
-    k_steps = sum(-(-k // config.block_k) for k in geom.class_k())  # each class: its own taps
-    issued = 2 * m_tiles * config.block_m * n_tiles * config.block_n * k_steps * config.block_k
-    return geom.useful_flops() / issued
+    """Nominal conv FLOPs (``useful_flops``) / FLOPs issued by the grid's MMAs (docs/kernels.md). Above 1
+    where the GEMM classes skip taps that read only padding (the border rows of an up-conv or a dgrad)."""
+    n_cols = -(-geom.C_out // config.block_n) * config.block_n
+    issued = sum(
+        -(-m // config.block_m) * config.block_m * -(-k // config.block_k) * config.block_k
+        for m, k in zip(geom.class_m(), geom.class_k())
+    )
+    return geom.useful_flops() / (2 * issued * n_cols) if issued else 1.0  # 1.0: no MMA to issue
+
+
+def m_tiles(geom: ConvGeometry, config: ConvConfig) -> int:
+    """M tiles over all GEMM classes (each class's rows padded to whole tiles)."""
+    return sum(-(-m // config.block_m) for m in geom.class_m())
 
 
 def static_score(geom: ConvGeometry, config: ConvConfig) -> float:
@@ -223,7 +293,7 @@ def static_score(geom: ConvGeometry, config: ConvConfig) -> float:
     loaded element, relative to a 128 x 128 tile (capped at 1). K depth: a 16-wide K step (one wgmma per
     loop trip, so the loop's bookkeeping weighs) counts half; 32 and more count fully.
     """
-    programs = geom.classes * -(-geom.m // config.block_m) * -(-geom.C_out // config.block_n)
+    programs = m_tiles(geom, config) * -(-geom.C_out // config.block_n)
     waves = math.ceil(programs / SM_COUNT)
     reuse = min(1.0, config.block_m * config.block_n / (config.block_m + config.block_n) / 64)
     depth = min(1.0, config.block_k / 32)

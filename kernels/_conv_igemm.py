@@ -9,7 +9,18 @@ from __future__ import annotations
 import torch
 
 from ._backend import INTERPRET, tl, triton
-from ._conv_configs import ConvConfig, ConvGeometry, choose_config, ctas_per_sm, estimated_ctas_per_sm
+from ._conv_configs import (
+    CLASS_FIELDS as _CLASS_FIELDS,
+)
+from ._conv_configs import (
+    ConvConfig,
+    ConvGeometry,
+    choose_config,
+    ctas_per_sm,
+    estimated_ctas_per_sm,
+    gemm_classes,
+    m_tiles,
+)
 from ._conv_packing import activation_operand, conv_weight_operand, is_nhwc, upconv_weight_operand
 
 
@@ -38,7 +49,8 @@ def input_precision(dtype: torch.dtype) -> str:
 # stride, tiles); sizes, C_out, stride and padding are runtime arguments, so one compile serves every batch
 # and image size and every layer with the same C_in and kernel (the divisions by them run once per tile).
 # C_out keeps Triton's divisible-by-16 specialization, which the vectorized weight loads and stores use.
-_RUNTIME_SIZES = ["N", "H", "W", "OH", "OW", "ROWS_H", "ROWS_W", "STRIDE", "PAD"]
+CLASS_FIELDS = tl.constexpr(_CLASS_FIELDS)  # int32 fields per row of the class table (GemmClass.fields)
+_RUNTIME_SIZES = ["N", "H", "W", "OH", "OW", "ROWS_H", "ROWS_W", "STRIDE", "PAD", "M_TILES", "CLASS_TABLE"]
 
 
 @triton.jit
@@ -51,6 +63,7 @@ def _igemm_tile(
     b_ptr,
     out_ptr,
     m_ptr,
+    cls_ptr,
     N,
     H,
     W,
@@ -82,18 +95,22 @@ def _igemm_tile(
     # MASK_A (the dgrad): x is grad_out and m the saved forward output of the same shape; the A operand is
     # x * (1 if m > 0 else mask_alpha), the LReLU mask applied as it is loaded. LRELU False: no activation.
     # One output tile: rows pid_m of parity class cls (0 for a conv), columns pid_n.
-    if TRANSPOSED:  # parity class (ph, pw) of this tile; its taps kh = KH0 + S * (TH - 1 - th) < KH
-        ph = cls // STRIDE
-        pw = cls % STRIDE
+    if TRANSPOSED:  # GEMM class cls (GemmClass): its parity (ph, pw), rows and exact taps
+        row = cls_ptr + cls * CLASS_FIELDS
+        ph = tl.load(row)
+        pw = tl.load(row + 1)
+        r0h = tl.load(row + 2)
+        rows_w = tl.load(row + 5)
+        r0w = tl.load(row + 4)
+        class_rows = tl.load(row + 3) * rows_w
+        th_lo = tl.load(row + 6)  # taps th in [th_lo, th_lo + taps_h): kh = KH0 + S * (TH - 1 - th)
+        taps_h = tl.load(row + 7)
+        tw_lo = tl.load(row + 8)
+        taps_w = tl.load(row + 9)
         kh0 = (ph + PAD) % STRIDE
         kw0 = (pw + PAD) % STRIDE
         pad_h = TH - 1 - (ph + PAD) // STRIDE  # ih = r - pad_h + th
         pad_w = TW - 1 - (pw + PAD) // STRIDE
-        # The class's own taps only: th in [TH - taps_h, TH) (kh < KH), likewise tw; none is padded.
-        taps_h = (KH - kh0 + STRIDE - 1) // STRIDE
-        taps_w = (KW - kw0 + STRIDE - 1) // STRIDE
-        th_lo = TH - taps_h
-        tw_lo = TW - taps_w
         k_total = taps_h * taps_w * C_IN  # reduction length of this class's GEMM
         k_iters = (k_total + BLOCK_K - 1) // BLOCK_K
         in_step = 1
@@ -101,6 +118,10 @@ def _igemm_tile(
     else:
         ph = 0
         pw = 0
+        r0h = 0
+        r0w = 0
+        rows_w = ROWS_W
+        class_rows = ROWS_H * ROWS_W
         pad_h = PAD
         pad_w = PAD
         taps_w: tl.constexpr = TW
@@ -111,15 +132,17 @@ def _igemm_tile(
         in_step = STRIDE
         out_step = 1
 
-    # Rows of this tile: (n, r, c) on the ROWS_H x ROWS_W grid (the output, or one parity class of it).
+    # Rows of this tile: (n, r, c), r in [r0h, r0h + rows_h), c likewise (the output, or one GEMM class).
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = offs_m // (ROWS_H * ROWS_W)
-    rc = offs_m % (ROWS_H * ROWS_W)
-    oh = (rc // ROWS_W) * out_step + ph
-    ow = (rc % ROWS_W) * out_step + pw
+    n = offs_m // class_rows
+    rc = offs_m % class_rows
+    r = r0h + rc // rows_w
+    c = r0w + rc % rows_w
+    oh = r * out_step + ph
+    ow = c * out_step + pw
     row_ok = (n < N) & (oh < OH) & (ow < OW)
-    ih0 = (rc // ROWS_W) * in_step - pad_h
-    iw0 = (rc % ROWS_W) * in_step - pad_w
+    ih0 = r * in_step - pad_h
+    iw0 = c * in_step - pad_w
     if INDEX_64:
         n = n.to(tl.int64)
     pix0 = (n * H + ih0) * W + iw0  # NHWC pixel index of tap (0, 0); may be out of range (masked)
@@ -207,6 +230,7 @@ def _conv_igemm_lrelu_kernel(
     b_ptr,
     out_ptr,
     m_ptr,
+    cls_ptr,
     N,
     H,
     W,
@@ -217,6 +241,8 @@ def _conv_igemm_lrelu_kernel(
     C_OUT,
     STRIDE,
     PAD,
+    M_TILES,
+    CLASS_TABLE,
     alpha,
     mask_alpha,
     C_IN: tl.constexpr,
@@ -237,24 +263,30 @@ def _conv_igemm_lrelu_kernel(
 ):
     # A persistent schedule: the grid is at most the CTAs that are resident at once (persistent_programs)
     # and each program loops over the tiles program_id, program_id + num_programs, ... Tile order: columns
-    # fastest (neighbouring programs share their A rows in L2), then rows, then parity classes.
+    # fastest (neighbouring programs share their A rows in L2), then rows, then GEMM classes.
     n_tiles = tl.cdiv(C_OUT, BLOCK_N)
-    per_class = tl.cdiv(N * ROWS_H * ROWS_W, BLOCK_M) * n_tiles
-    if TRANSPOSED:
-        num_tiles = per_class * STRIDE * STRIDE
+    if TRANSPOSED:  # M tiles of every class, in class order
+        num_tiles = M_TILES * n_tiles
     else:
-        num_tiles = per_class
+        num_tiles = tl.cdiv(N * ROWS_H * ROWS_W, BLOCK_M) * n_tiles
     for tile in range(tl.program_id(0), num_tiles, tl.num_programs(0)):
-        pid = tile % per_class
+        m_tile = tile // n_tiles
+        if TRANSPOSED:  # the class of this M tile (the table's tile entries follow its class rows)
+            cls = tl.load(cls_ptr + CLASS_TABLE + m_tile)
+            pid_m = m_tile - tl.load(cls_ptr + cls * CLASS_FIELDS + CLASS_FIELDS - 1)
+        else:
+            cls = 0
+            pid_m = m_tile
         _igemm_tile(
-            pid // n_tiles,
-            pid % n_tiles,
-            tile // per_class,
+            pid_m,
+            tile % n_tiles,
+            cls,
             x_ptr,
             w_ptr,
             b_ptr,
             out_ptr,
             m_ptr,
+            cls_ptr,
             N,
             H,
             W,
@@ -324,8 +356,9 @@ def kernel_constexprs(
     )
 
 
-def runtime_sizes(geom: ConvGeometry) -> dict:
-    """The kernel's runtime size arguments: N, H, W, OH, OW, ROWS_H, ROWS_W, C_OUT, STRIDE, PAD."""
+def runtime_sizes(geom: ConvGeometry, config: ConvConfig) -> dict:
+    """The kernel's runtime size arguments: N, H, W, OH, OW, ROWS_H, ROWS_W, C_OUT, STRIDE, PAD, and for
+    the class table M_TILES (M tiles of all classes) and CLASS_TABLE (where its tile entries start)."""
     (oh, ow), (rows_h, rows_w) = geom.out_size, geom.rows
     return dict(
         N=geom.N,
@@ -338,12 +371,47 @@ def runtime_sizes(geom: ConvGeometry) -> dict:
         C_OUT=geom.C_out,
         STRIDE=geom.stride,
         PAD=geom.padding,
+        M_TILES=m_tiles(geom, config),
+        CLASS_TABLE=geom.classes * CLASS_FIELDS,
     )
 
 
 def num_tiles(geom: ConvGeometry, config: ConvConfig) -> int:
-    """Output tiles of the GEMM(s): M tiles x C_out tiles x parity classes."""
-    return triton.cdiv(geom.m, config.block_m) * triton.cdiv(geom.C_out, config.block_n) * geom.classes
+    """Output tiles of the GEMM(s): M tiles of every class x C_out tiles."""
+    return m_tiles(geom, config) * triton.cdiv(geom.C_out, config.block_n)
+
+
+def class_table(geom: ConvGeometry, block_m: int) -> list[int]:
+    """The kernel's int32 class table: one row per GEMM class (``GemmClass.fields``, ending with the
+    class's first M tile), then the class of each M tile."""
+    rows, owners, first = [], [], 0
+    for i, c in enumerate(gemm_classes(geom)):
+        rows += c.fields(first)
+        tiles = -(-(geom.N * c.rows_h * c.rows_w) // block_m)
+        owners += [i] * tiles
+        first += tiles
+    return rows + owners
+
+
+_class_tables: dict[tuple, torch.Tensor] = {}  # (geometry, BLOCK_M, device) -> the table on the device
+_captured_tables: list[torch.Tensor] = []  # tables first built inside a CUDA-graph capture (kept alive)
+
+
+def class_table_on(geom: ConvGeometry, block_m: int, device: torch.device) -> torch.Tensor:
+    """``class_table`` as an int32 tensor on ``device``, built once per shape and tile height. Inside a
+    CUDA-graph capture a missing table is copied from pinned memory by the graph itself (not cached)."""
+    key = (geom, block_m, str(device))
+    table = _class_tables.get(key)
+    if table is not None:
+        return table
+    host = torch.tensor(class_table(geom, block_m), dtype=torch.int32)
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        host = host.pin_memory()
+        table = torch.empty_like(host, device=device).copy_(host, non_blocking=True)
+        _captured_tables.extend((host, table))
+        return table
+    table = _class_tables[key] = host.to(device)
+    return table
 
 
 INTERPRETER_PROGRAMS = 3  # the interpreter's resident CTAs: tests run several tiles per program
@@ -404,7 +472,8 @@ def _launch(ops: dict, geom: ConvGeometry, config: ConvConfig, alpha, precision,
         ops["b"],
         ops["out"],
         ops["m"],
-        **runtime_sizes(geom),
+        class_table_on(geom, config.block_m, x.device),
+        **runtime_sizes(geom, config),
         alpha=float(alpha),
         mask_alpha=float(alpha),
         **constexprs,

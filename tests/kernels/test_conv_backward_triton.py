@@ -27,6 +27,7 @@ SHAPES = [
     (False, (2, 4, 5, 6), (3, 4, 2, 3), 1, 0),
     (True, (2, 5, 3, 4), (5, 3, 4, 4), 2, 1),
     (True, (1, 16, 4, 3), (16, 9, 3, 3), 1, 1),
+    (False, (1, 16, 9, 8), (8, 16, 3, 3), 2, 0),  # valid and strided: border classes, output_padding
 ]
 SHAPE_IDS = [
     f"{'up' if t else 'conv'}-{'x'.join(map(str, xs))}-k{ws[2]}x{ws[3]}s{s}p{p}" for t, xs, ws, s, p in SHAPES

@@ -243,9 +243,13 @@ def test_cuda_graph_replay_reads_current_weights():
 
 def test_efficiency_of_known_cases():
     cfg = C.ConvConfig(128, 64, 64, 4, 4)
-    up = C.ConvGeometry(True, 64, 128, 8, 8, 64, 4, 4, 2, 1)  # k4 s2 p1: 4 classes of 2x2 taps
-    assert up.taps == (2, 2) and up.classes == 4 and up.k == 512 and up.m == 64 * 8 * 8
-    assert C.issued_mma_efficiency(up, cfg) == 1.0  # no structural zero is multiplied
+    up = C.ConvGeometry(True, 64, 128, 8, 8, 64, 4, 4, 2, 1)  # k4 s2 p1: 4 parity classes of 2x2 taps
+    assert up.taps == (2, 2) and up.k == 512 and up.m == 64 * 8 * 8
+    # ... each split into an interior run of 7 rows with 2 taps and a border row with 1 (its other tap reads
+    # padding): 4 x 2 x 2 classes; per dimension 2 phases x (7 x 2 + 1) = 30 row-taps, not 8 x 4 = 32
+    assert up.classes == 16 and sorted(set(up.class_k())) == [128, 256, 512]
+    assert C.issued_mma_efficiency(up, C.ConvConfig(64, 64, 64, 4, 4)) == pytest.approx((32 / 30) ** 2)
+    assert C.issued_mma_efficiency(up, cfg) < (32 / 30) ** 2  # 128-row tiles pad the 64-row corner classes
     first = C.ConvGeometry(False, 64, 3, 227, 227, 32, 7, 7, 4, 0)  # K = 147
     assert C.issued_mma_efficiency(first, C.ConvConfig(128, 32, 16, 4, 5)) == pytest.approx(
         147 / 160 * 200704 / 200704

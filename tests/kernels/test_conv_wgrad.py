@@ -172,3 +172,43 @@ def test_wgrad_tiles_within_one_tap(shape, config):
     want = torch.autograd.grad(ref(x, w, b, s, p, 0.3), (w, b), grad_out)
     for name, g, e in zip(("grad_W", "grad_b"), got, want):
         assert_close(g, e, 1e-4, 1e-4, name)
+
+
+@needs_interpreter
+def test_a_wgrad_on_cudnn_shares_the_one_mask_pass(monkeypatch):
+    """dgrad on cuDNN, wgrad asked of Triton where no config serves it (as the 3-channel first layers on
+    the H100 list): one mask pass feeds aten's dgrad and wgrad together, not one pass each."""
+    common = importlib.import_module(f"{K.__name__}._conv_common")
+    x, w, b = _inputs("cpu", SHAPES[0], (True, True, "trained"))
+    _, _, _, s, p = SHAPES[0]
+    calls = []
+    for module in (common, B):  # the mask pass, wherever it is called from
+        passes = module.lrelu_bias_grads
+        monkeypatch.setattr(
+            module, "lrelu_bias_grads", lambda *a, passes=passes, **k: calls.append(1) or passes(*a, **k)
+        )
+    want = torch.autograd.grad(K.reference_conv_lrelu(x, w, b, s, p, 0.3).sum(), (x, w, b))
+    for empty in (False, True):
+        calls.clear()
+        with monkeypatch.context() as m:
+            if empty:
+                m.setattr(B, "wgrad_candidates", lambda *args, **kwargs: [])
+            with K.use_backend("triton"):
+                out = K.reference_conv_lrelu(x, w, b, s, p, 0.3).detach()
+                got = common.conv_lrelu_grads(
+                    torch.ones_like(out),
+                    out,
+                    x.detach(),
+                    w.detach(),
+                    True,
+                    s,
+                    p,
+                    0.3,
+                    [True, True, True],
+                    transposed=False,
+                    dgrad="cudnn",
+                    wgrad="triton",
+                )
+        assert len(calls) == 1, (empty, len(calls))
+        for name, g, e in zip(("grad_x", "grad_W", "grad_b"), got, want):
+            assert_close(g, e, 1e-4, 1e-4, f"{name} (no wgrad config: {empty})")

@@ -44,7 +44,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from deepsim.applications.commands import picked
+from deepsim.applications.commands import add_max_image_pixels_flag, picked
 from deepsim.config import (
     FIELD_INFO,
     GROUPS,
@@ -210,6 +210,7 @@ def _add_reconstruct_parser(sub) -> None:
         "--size", type=int, default=None, help="resize the shorter side to SIZE first (default: as is)"
     )
     p.add_argument("--device", default="auto")
+    add_max_image_pixels_flag(p)
     _add_trust_flag(p)
 
 
@@ -237,7 +238,7 @@ def _add_data_parser(sub) -> None:
         "resizing the shorter side to 256: smaller images are resized up, reported as upscaled)",
     )
     q.add_argument("--json", action="store_true", help="print the report as JSON")
-    q.add_argument("--max-image-pixels", type=int, default=None, help=MAX_IMAGE_PIXELS_HELP)
+    add_max_image_pixels_flag(q, MAX_IMAGE_PIXELS_HELP)
     q = data_sub.add_parser(
         "download",
         help="download a dataset (checksums verified); STL-10 lands in DIR/stl10_binary",
@@ -424,9 +425,8 @@ def _train_finished(result, config: TrainConfig) -> int:
 def _cmd_reconstruct(args) -> int:
     from deepsim.reconstruct import reconstruct_files
 
-    for path, error in reconstruct_files(
-        args.checkpoint, args.images, args.out, size=args.size, device=args.device
-    ):
+    options = picked(args, "size", "device", "max_image_pixels")
+    for path, error in reconstruct_files(args.checkpoint, args.images, args.out, **options):
         print(f"{path}: squared error per pixel {error:.5f}")
     return 0
 
@@ -443,12 +443,11 @@ def _cmd_data_download(args) -> int:
 def _cmd_data_check(args) -> int:
     from deepsim.data.check import check_images, format_report
 
-    max_pixels = TrainConfig.max_image_pixels if args.max_image_pixels is None else args.max_image_pixels
     min_size = args.min_size if args.min_size is not None else crop_size(args.task) if args.task else 64
     report = check_images(
         args.path if args.path == "photos" else Path(args.path),
         min_size=min_size,
-        max_image_pixels=max_pixels,
+        max_image_pixels=args.max_image_pixels,
         resize=resize_side(args.task) if args.task else None,
     )
     print(

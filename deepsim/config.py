@@ -119,10 +119,18 @@ def _milestones(text: str) -> tuple[int, ...]:
         ) from None
 
 
+_MAX_IMAGE_PIXELS_DEFAULT = (
+    "(default: 8192x8192 = 67108864: training resizes to 256 px, so more only costs memory, up to 0.5 GiB a "
+    "decode at the limit; camera photos and ImageNet pass; PIL refuses above 178956970 whatever this says)"
+)
 MAX_IMAGE_PIXELS_HELP = (
-    "an image whose header declares more pixels is a bad image (--on-bad decides), never decoded (default: "
-    "8192x8192 = 67108864: training resizes to 256 px, so more only costs memory, up to 0.5 GiB a decode at "
-    "the limit; camera photos and ImageNet pass; PIL refuses above 178956970 whatever this says)"
+    "an image whose header declares more pixels is a bad image (--on-bad decides), never decoded "
+    + _MAX_IMAGE_PIXELS_DEFAULT
+)
+# reconstruct, invert, sample-preimages: no --on-bad, each image named is one the user asked for
+MAX_IMAGE_PIXELS_COMMAND_HELP = (
+    "an image whose header declares more pixels is an error naming it, never decoded "
+    + _MAX_IMAGE_PIXELS_DEFAULT
 )
 _NOT_CALIBRATED = (
     "code: Caffe's 0.01 for CaffeNet; NOT calibrated for torchvision's AlexNet (deepsim calibrate)"

@@ -11,7 +11,7 @@ from torchvision.utils import save_image
 
 from deepsim.applications.factory import model_from_payload
 from deepsim.config import TrainConfig
-from deepsim.data.images import read_image
+from deepsim.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels, read_image
 from deepsim.train.checkpoint import load_checkpoint
 from deepsim.train.factory import resolve_device
 
@@ -38,24 +38,32 @@ def image_to_tensor(pixels: np.ndarray) -> torch.Tensor:
 
 
 def reconstruct_files(
-    checkpoint, images, out, *, size: int | None = None, device="auto"
+    checkpoint,
+    images,
+    out,
+    *,
+    size: int | None = None,
+    device="auto",
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Iterator[tuple[Path, float]]:
     """Write ``<name>_reconstruction.png`` (input left, reconstruction right) for each image; yields
     (output path, mean squared error per pixel on the [-1, 1] scale). Images are centre-cropped to a
-    multiple of 8 (the code is 8x smaller than the image)."""
+    multiple of 8 (the code is 8x smaller than the image); one over ``max_image_pixels``
+    (``--max-image-pixels``) raises ``ImageTooLargeError`` naming it, before it is decoded."""
 
+    check_max_pixels(max_image_pixels)
     device = resolve_device(device)
     generator, _ = load_generator(checkpoint, device)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     for path in images:
-        pixels = read_image(path, resize_shorter=size)
+        pixels = read_image(path, resize_shorter=size, max_pixels=max_image_pixels)
         h, w = (pixels.shape[0] // 8) * 8, (pixels.shape[1] // 8) * 8
         if h == 0 or w == 0:
             raise ValueError(
                 f"{path}: image of {pixels.shape[1]}x{pixels.shape[0]} pixels is smaller than 8x8"
             )
         top, left = (pixels.shape[0] - h) // 2, (pixels.shape[1] - w) // 2
+        out.mkdir(parents=True, exist_ok=True)  # after the first image is read: a bad one writes nothing
         x = image_to_tensor(pixels[top : top + h, left : left + w]).to(device)
         with torch.no_grad():
             y = generator(x).clamp(-1, 1)

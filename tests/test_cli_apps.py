@@ -183,6 +183,23 @@ def test_sample_preimages_command(fc8_run, photos, tmp_path, capsys):
     assert "mean diversity" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", ["invert", "sample-preimages"])
+def test_max_image_pixels_is_the_limit_of_invert_and_sample_preimages(
+    command, fc8_run, photos, tmp_path, capsys
+):
+    image = sorted(photos.glob("*.jpg"))[0]  # 256 x 256 = 65536 pixels
+    samples = ["--samples", "2"] if command == "sample-preimages" else []
+    argv = [command, "--checkpoint", str(fc8_run), str(image), "--device", "cpu", *samples]
+    capsys.readouterr()
+    assert main([*argv, "--out", str(tmp_path / "over"), "--max-image-pixels", "65535"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"deepsim {command}: error: {image}: image is 256x256"), err
+    assert "over the limit of 65535 (max_image_pixels, --max-image-pixels)" in err[0]
+    assert not (tmp_path / "over").exists()
+    assert main([*argv, "--out", str(tmp_path / "at"), "--max-image-pixels", "65536"]) == 0
+    assert len(list((tmp_path / "at").glob("photo0_*.png"))) == 1
+
+
 def test_sample_preimages_without_noise_gives_zero_diversity(conv5_no_adv_run, photos, tmp_path):
     out = tmp_path / "pre0"
     image = str(sorted(photos.glob("*.jpg"))[0])

@@ -3,6 +3,8 @@ pixels exactly; non-JPEG files fall back to the CPU reader (counted, warned once
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -76,6 +78,36 @@ def test_truncated_jpeg_is_named_or_substituted(tmp_path):
         assert next(stream).shape == (4, 3, 64, 64)
     assert stream.skipped == 1 and stream.ignored == 1 and stream.cpu_decoded == 0
     stream.close()
+
+
+def _four_pngs(folder):
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((80, 80, 3), 40 * i, np.uint8)).save(folder / f"img_{i}.png")
+    return folder
+
+
+def _grow_after_the_scan(stream, path, side):
+    """Replace ``path`` (already scanned by ``stream``'s builder) by a ``side`` x ``side`` PNG."""
+    grown = path.with_suffix(".tmp")
+    Image.fromarray(np.zeros((side, side, 3), np.uint8)).save(grown, format="PNG")
+    os.replace(grown, path)
+    return stream
+
+
+@pytest.mark.filterwarnings("ignore:loader='nvjpeg'")
+def test_the_cpu_fallback_refuses_what_the_runs_pixel_limit_refuses(tmp_path):
+    """A PNG (decoded by the CPU fallback) that grows past the run's max_image_pixels after the pre-scan is
+    refused by the fallback too, naming the run's limit (not read_image's default)."""
+    kw = dict(loader="nvjpeg", batch_size=4, crop_size=64, max_image_pixels=100 * 100)
+    folder = _four_pngs(tmp_path / "error")
+    stream = _grow_after_the_scan(build_loader(folder, **kw), folder / "img_2.png", 120)
+    with pytest.raises(DataError, match=r"img_2\.png: cannot be decoded \(.*over the limit of 10000 "):
+        _take(stream, 2)
+    folder = _four_pngs(tmp_path / "skip")
+    stream = _grow_after_the_scan(build_loader(folder, on_bad="skip", **kw), folder / "img_1.png", 120)
+    assert all(x.shape == (4, 3, 64, 64) for x in _take(stream, 2))
+    assert stream.skipped == 1 and stream.cpu_decoded == 3
 
 
 def test_stl10_is_an_error_that_points_at_the_other_loaders(tmp_path):

@@ -94,6 +94,23 @@ CASES = [
         "does not fit",
     ),
     (
+        "reconstruct: an image over --max-image-pixels",
+        lambda f: (
+            ["reconstruct", "--checkpoint", f["run"], f["image"], "--out", f["root"] / "o7"]
+            + ["--max-image-pixels", "100"]
+        ),
+        "image.png: image is 48x48 = 2304 pixels, over the limit of 100 (max_image_pixels, "
+        "--max-image-pixels); not decoded",
+    ),
+    (
+        "reconstruct: a bad --max-image-pixels",
+        lambda f: (
+            ["reconstruct", "--checkpoint", f["run"], f["image"], "--out", f["root"] / "o7"]
+            + ["--max-image-pixels", "0"]
+        ),
+        "--max-image-pixels 0: expected a positive number of pixels",
+    ),
+    (
         "train --resume: a checkpoint of another config",
         lambda f: [
             "train",
@@ -240,13 +257,20 @@ CASES = [
 @pytest.mark.parametrize("case, argv, expected", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_status_2_and_changes_nothing(files, capsys, case, argv, expected):
     argv = argv(files)
-    watched = [files["run"], files["bad"], files["other"]] + [files["root"] / f"o{i}" for i in range(1, 7)]
+    watched = [files["run"], files["bad"], files["other"]] + [files["root"] / f"o{i}" for i in range(1, 8)]
     before = snapshot(*watched)
     code, err, _ = run_cli(argv, capsys)
     assert code == 2, (case, err)
     assert len(err) == 1, (case, err)
     assert ": error: " in err[0] and expected in err[0], (case, err)
     assert snapshot(*watched) == before, case
+
+
+def test_reconstruct_takes_the_limit_of_max_image_pixels(files, capsys, tmp_path):
+    argv = ["reconstruct", "--checkpoint", files["run"], files["image"], "--out", tmp_path / "o"]
+    code, err, out = run_cli([*argv, "--max-image-pixels", str(48 * 48)], capsys)  # at the limit: read
+    assert code == 0 and not err and "squared error per pixel" in out
+    assert (tmp_path / "o" / "image_reconstruction.png").is_file()
 
 
 def _evil_files(run, root, marker):

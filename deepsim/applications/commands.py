@@ -14,7 +14,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-__all__ = ["add_subcommands", "add_download_weights_flag", "add_trust_flag", "picked", "HANDLERS"]
+from deepsim.config import MAX_IMAGE_PIXELS_COMMAND_HELP, TrainConfig
+
+__all__ = [
+    "add_subcommands",
+    "add_download_weights_flag",
+    "add_max_image_pixels_flag",
+    "add_trust_flag",
+    "picked",
+    "HANDLERS",
+]
 
 
 def picked(args, *names: str) -> dict:
@@ -42,6 +51,12 @@ def add_trust_flag(parser) -> None:
     parser.add_argument("--trust-checkpoint", action="store_true", help=help)
 
 
+def add_max_image_pixels_flag(parser, help: str = MAX_IMAGE_PIXELS_COMMAND_HELP) -> None:
+    """``--max-image-pixels`` (``deepsim train``'s TrainConfig field, for the other commands that read
+    images): the header pixel limit of :func:`deepsim.data.images.read_image`, train's default."""
+    parser.add_argument("--max-image-pixels", type=int, default=TrainConfig.max_image_pixels, help=help)
+
+
 def add_subcommands(sub) -> None:
     """Add the four subcommands to the ``deepsim`` argument parser's subparsers."""
     _add_invert_parser(sub)
@@ -61,6 +76,7 @@ def _add_invert_parser(sub) -> None:
     )
     p.add_argument("--out", required=True, type=Path, help="folder for <name>_inversion.png (input left)")
     p.add_argument("--device", default="auto")
+    add_max_image_pixels_flag(p)
     add_download_weights_flag(p)
     add_trust_flag(p)
 
@@ -81,6 +97,7 @@ def _add_sample_preimages_parser(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the noise draws")
     p.add_argument("--device", default="auto")
+    add_max_image_pixels_flag(p)
     add_download_weights_flag(p)
     add_trust_flag(p)
 
@@ -144,7 +161,8 @@ def _add_eval_parser(sub) -> None:
 def _cmd_invert(args) -> int:
     from deepsim.applications.tools import invert_files
 
-    for path, error in invert_files(args.checkpoint, args.images, args.out, device=args.device):
+    options = picked(args, "device", "max_image_pixels")
+    for path, error in invert_files(args.checkpoint, args.images, args.out, **options):
         print(f"{path}: squared error per pixel {error:.5f}")
     return 0
 
@@ -152,9 +170,8 @@ def _cmd_invert(args) -> int:
 def _cmd_sample_preimages(args) -> int:
     from deepsim.applications.tools import sample_preimages
 
-    report = sample_preimages(
-        args.checkpoint, args.images, args.out, samples=args.samples, seed=args.seed, device=args.device
-    )
+    options = picked(args, "samples", "seed", "device", "max_image_pixels")
+    report = sample_preimages(args.checkpoint, args.images, args.out, **options)
     for name, value in report["images"].items():
         print(f"{name}: diversity (mean pairwise distance of {report['samples']} samples) {value:.4f}")
     print(f"mean diversity {report['mean_diversity']:.4f} -> {Path(args.out) / 'diversity.json'}")

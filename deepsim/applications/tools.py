@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torchvision.utils import make_grid, save_image
 
-from deepsim.data.images import read_image
+from deepsim.data.images import DEFAULT_MAX_IMAGE_PIXELS, check_max_pixels, read_image
 from deepsim.metrics import mean_pairwise_distance
 from deepsim.train.factory import resolve_device
 
@@ -22,13 +22,19 @@ __all__ = ["load_image", "invert_files", "sample_preimages", "sample_vae_prior",
 RESIZE_SHORTER = 256  # ImageNet preprocessing (code): shorter side 256, then the centre 227 crop
 
 
-def load_image(path: str | Path, size: int, resize_shorter: int = RESIZE_SHORTER) -> torch.Tensor:
+def load_image(
+    path: str | Path,
+    size: int,
+    resize_shorter: int = RESIZE_SHORTER,
+    *,
+    max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+) -> torch.Tensor:
     """An image file -> (1, 3, size, size) in [-1, 1]: shorter side resized to ``resize_shorter``, centre
-    crop."""
+    crop; an image of more than ``max_pixels`` pixels is refused before decoding (:func:`read_image`)."""
 
     if size > resize_shorter:
         resize_shorter = size
-    pixels = read_image(path, resize_shorter=resize_shorter)  # (H, W, 3) uint8
+    pixels = read_image(path, resize_shorter=resize_shorter, max_pixels=max_pixels)  # (H, W, 3) uint8
     top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
     crop = np.ascontiguousarray(pixels[top : top + size, left : left + size])
     return torch.from_numpy(crop).permute(2, 0, 1)[None].float().div(127.5).sub(1)
@@ -54,18 +60,21 @@ def invert_files(
     out: str | Path,
     *,
     device: str | torch.device = "auto",
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> Iterator[tuple[Path, float]]:
     """Reconstruct images from their AlexNet features with a trained inversion checkpoint.
 
     Each image is preprocessed like the evaluation set (shorter side 256, centre crop of the run's image
     size), then ``<out>/<stem>_inversion.png`` holds the input (left) and the reconstruction (right); noise,
     if the generator takes any, is 0. Yields (output path, mean squared error per pixel on the [-1, 1] scale).
+    An image over ``max_image_pixels`` (``--max-image-pixels``) raises ``ImageTooLargeError`` naming it.
     """
+    check_max_pixels(max_image_pixels)
     model, config, device = _inverter(checkpoint, device)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     for path in images:
-        x = load_image(path, config.image_size).to(device)
+        x = load_image(path, config.image_size, max_pixels=max_image_pixels).to(device)
+        out.mkdir(parents=True, exist_ok=True)  # after the first image is read: a bad one writes nothing
         y = model.reconstruct(x).clamp(-1, 1)
         target = out / f"{Path(path).stem}_inversion.png"
         save_image(_to_unit(torch.cat([x, y], dim=3)), target)
@@ -84,6 +93,7 @@ def sample_preimages(
     samples: int = 8,
     seed: int = 0,
     device: str | torch.device = "auto",
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> PreimageReport:
     """Draw ``samples`` pre-images per image (same features, different noise) and measure their diversity.
 
@@ -91,17 +101,18 @@ def sample_preimages(
     ``<out>/diversity.json``. Diversity = the mean Euclidean distance over all distinct pairs of one image's
     samples (:func:`deepsim.metrics.mean_pairwise_distance`, images in [-1, 1] flattened); 0 when the
     generator takes no noise (``noise_dim`` 0). The paper notes it stays small: nothing in the loss asks for
-    it.
+    it. An image over ``max_image_pixels`` (``--max-image-pixels``) raises ``ImageTooLargeError`` naming it.
     """
     if samples < 2:
         raise ValueError(f"--samples {samples}: the diversity needs at least 2 samples per image")
+    check_max_pixels(max_image_pixels)
     model, config, device = _inverter(checkpoint, device)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     rng = torch.Generator().manual_seed(seed)
     per_image: dict[str, float] = {}
     for path in images:
-        x = load_image(path, config.image_size).to(device)
+        x = load_image(path, config.image_size, max_pixels=max_image_pixels).to(device)
+        out.mkdir(parents=True, exist_ok=True)  # after the first image is read: a bad one writes nothing
         draws = model.sample(x, samples, generator=rng)[0]  # (S, 3, H, W)
         per_image[Path(path).name] = float(mean_pairwise_distance(draws.flatten(1).float()))
         grid = make_grid(_to_unit(torch.cat([x, draws])), nrow=samples + 1, padding=2)
@@ -114,6 +125,7 @@ def sample_preimages(
         images=per_image,
         mean_diversity=float(np.mean(list(per_image.values()))) if per_image else float("nan"),
     )
+    out.mkdir(parents=True, exist_ok=True)
     (out / "diversity.json").write_text(json.dumps(report, indent=2))
     return report
 

@@ -22,7 +22,7 @@ import torch
 from .augment import crop_params
 from .convention import to_model_batch
 from .errors import DataError
-from .images import ImageReadError, read_image, scan_image_files
+from .images import DEFAULT_MAX_IMAGE_PIXELS, ImageReadError, read_image, scan_image_files
 from .sampling import EpochSchedule, ScheduledStream
 from .sources import resolve_source
 from .spec import LoaderSpec
@@ -118,12 +118,22 @@ class DeviceJpegDecoder:
     call, everything else (and any JPEG the device refuses) with the torch path's CPU reader; a file that
     decodes nowhere is named (``on_bad="error"``) or substituted by the next good sample.
 
+    ``max_pixels`` is the CPU reader's pixel limit (:func:`read_image`): the run's, as in the pre-scan.
+
     Attributes:
         bad: files that failed to decode; cpu: indices of the files decoded on the CPU.
     """
 
-    def __init__(self, files: list[str], modes: list[str], device: torch.device, on_bad: str):
-        self.files, self.device, self.on_bad = files, device, on_bad
+    def __init__(
+        self,
+        files: list[str],
+        modes: list[str],
+        device: torch.device,
+        on_bad: str,
+        *,
+        max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+    ):
+        self.files, self.device, self.on_bad, self.max_pixels = files, device, on_bad, max_pixels
         self.on_device = [m in _DEVICE_MODES for m in modes]
         self.bad: set[str] = set()
         self.cpu: set[int] = set()
@@ -143,7 +153,7 @@ class DeviceJpegDecoder:
             return decode_jpeg(datas, mode=ImageReadMode.RGB, device=self.device)
 
     def _decode_cpu(self, i: int) -> torch.Tensor:
-        hwc = read_image(self.files[i])  # raises ImageReadError naming the file
+        hwc = read_image(self.files[i], max_pixels=self.max_pixels)  # ImageReadError names the file
         if not self._warned:
             self._warned = True
             warnings.warn(
@@ -296,7 +306,8 @@ def build_nvjpeg_loader(
         raise DataError(
             f"{src.name}: all {len(src.paths)} image files are unusable (corrupt or smaller than the crop)"
         )
-    decoder = DeviceJpegDecoder(scan.files, scan.modes, torch.device(spec.device), spec.on_bad)
+    device = torch.device(spec.device)
+    decoder = DeviceJpegDecoder(scan.files, scan.modes, device, spec.on_bad, max_pixels=spec.max_image_pixels)
     schedule = EpochSchedule(len(scan.files), spec.seed, src.name)
     return NvjpegBatchStream(
         decoder, scan.sizes, schedule, spec, skipped=scan.bad, ignored=len(src.non_images), source=src.name

@@ -404,9 +404,16 @@ def layer_report(layer: Layer, dtype: str = "bf16", kernel: str = "forward") -> 
     row = dict(head, classes=kg.classes, configs=configs, note=note)
     if not configs:  # no Triton config meets the bars (wgrad_candidates): that part runs on cuDNN
         return dict(row, backend=CUDNN_ROW, note=CUDNN_ROW)
+    return dict(row, backend="triton", **_worst_and_pick(configs))
+
+
+def _worst_and_pick(configs: list[dict]) -> dict:
+    """A row's summary: the worst case over its configs, and the pick's (the first: best static score)."""
+    pick = configs[0]
     return dict(
-        row,
-        backend="triton",
+        pick=pick["config"],
+        pick_l2_bytes_per_flop=pick["l2_bytes_per_flop"],
+        pick_sass_per_wgmma=pick["sass_per_wgmma"] or 0.0,
         min_efficiency=min(c["efficiency"] for c in configs),
         max_registers=max(c["registers"] for c in configs),
         spill_bytes=sum(c["spill_bytes"] for c in configs),
@@ -460,11 +467,13 @@ def _repo_root() -> str:
 
 
 def format_table(rows: list[dict]) -> str:
-    """A fixed-width table, one line per layer and kernel (worst case over its eligible configs)."""
+    """A fixed-width table, one line per layer and kernel: the worst case over its eligible configs, then
+    the pick (the first candidate) with its L2 bytes per MMA FLOP and SASS per wgmma."""
     head = (
         f"{'network':<18} {'layer':<16} {'shape':<34} {'kernel':<7} {'configs':>7} {'eff min':>7} "
         f"{'regs':>4} {'spill':>5} {'smem KB':>7} {'wgmma':>5} {'async':>5} {'cp.async/ld':>11} "
-        f"{'CTA/SM':>6} {'waves':>6} {'persist':>7} {'tiles/prog':>10} {'L2 B/FLOP':>9} {'SASS/wgmma':>10}"
+        f"{'CTA/SM':>6} {'waves':>6} {'persist':>7} {'tiles/prog':>10} {'L2 B/FLOP':>9} {'SASS/wgmma':>10} "
+        f"{'pick':<18} {'pick L2':>7} {'pick SASS':>9}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -485,7 +494,8 @@ def format_table(rows: list[dict]) -> str:
             f"{'yes' if r['async_loads'] else 'NO':>5} {f'{cp_async}/{ld_global}':>11} {ctas:>6} "
             f"{r['min_waves']:>6.2f} {'yes' if r['persistent'] else 'no':>7} "
             f"{r['max_tiles_per_program']:>10} "
-            f"{r['max_l2_bytes_per_flop']:>9.4f} {r['max_sass_per_wgmma']:>10.1f}"
+            f"{r['max_l2_bytes_per_flop']:>9.4f} {r['max_sass_per_wgmma']:>10.1f} "
+            f"{r['pick']:<18} {r['pick_l2_bytes_per_flop']:>7.4f} {r['pick_sass_per_wgmma']:>9.1f}"
             + (f"  {r['note']}" if r.get("note") else "")
         )
     return "\n".join(lines)

@@ -57,13 +57,15 @@ def dgrad_geometry(geom: ConvGeometry) -> ConvGeometry:
 
 
 def dgrad_config_list(dtype: torch.dtype, precision: str) -> list[ConvConfig]:
-    """The forward kernel's configs for a dgrad: the same, except 4-warp 128-row tiles run with 8 warps
-    (the mask multiply on the A operand takes them over 240 registers)."""
+    """The forward kernel's configs for a dgrad: the same but the ``large`` tiles (with grad_out and the
+    mask in shared memory they spill, pass 240 registers or 227 KB), and 4-warp 128-row tiles run with 8
+    warps (the mask multiply on the A operand takes them over 240 registers)."""
     return [
         dataclasses.replace(c, num_warps=8)
         if c.block_m >= 128 and c.block_n >= 64 and c.num_warps == 4
         else c
         for c in config_list(dtype, precision)
+        if not c.large
     ]
 
 

@@ -198,6 +198,11 @@ class ConvConfig:
             num_stages=self.num_stages,
         )
 
+    @property
+    def large(self) -> bool:
+        """A 256-row or 256-column tile."""
+        return max(self.block_m, self.block_n) > 128
+
     def shared_memory_bytes(self, element_size: int) -> int:
         """Pipeline buffers: num_stages copies of the A (BM x BK) and B (BK x BN) tiles."""
         return self.num_stages * (self.block_m + self.block_n) * self.block_k * element_size
@@ -205,7 +210,10 @@ class ConvConfig:
 
 # The H100 list. Every shape of the networks (C_in 3..512, C_out 32..512, M = N*OH*OW from 1024 up) finds
 # eligible configs here; BLOCK_K = 16 / 32 serve K = 72 (8-channel 3x3), 75 (3-channel 5x5) and 147
-# (3-channel 7x7), whose K a 64-wide step would pad by 25 to 33 %.
+# (3-channel 7x7), whose K a 64-wide step would pad by 25 to 33 %. The 256-row and 256-column tiles (fewer
+# L2 bytes per MMA FLOP) keep <= 64 fp32 accumulators per thread with 8 or 16 warps (16: at most 128
+# registers per thread); across taps (small C_in) some spill or pass 240 registers, so they only run with
+# the K tile inside one tap (``fits``).
 GPU_CONFIGS = [
     ConvConfig(bm, bn, bk, w, s)
     for bm, bn, bk, w, s in [
@@ -220,6 +228,12 @@ GPU_CONFIGS = [
         (128, 128, 16, 8, 5),
         (128, 64, 16, 4, 5),
         (128, 32, 16, 4, 5),
+        (256, 128, 64, 16, 4),
+        (128, 256, 64, 16, 4),
+        (256, 64, 64, 8, 4),
+        (256, 64, 32, 8, 5),
+        (256, 32, 64, 8, 4),
+        (256, 32, 32, 8, 5),
     ]
 ]
 # fp32 without TF32 has no tensor-core MMA: Triton lowers the dot to FMAs with both operands in registers,
@@ -262,12 +276,18 @@ def ctas_per_sm(registers: int, num_warps: int, shared_bytes: int) -> int:
     return max(0, min(by_regs, by_smem, MAX_CTAS_PER_SM))
 
 
+def register_cap(num_warps: int) -> int:
+    """Registers per thread a CTA of ``num_warps`` warps can compile to: the bar, or what one CTA's threads
+    get of the SM's registers if that is less (128 at 16 warps)."""
+    return min(MAX_REGISTERS, REGISTERS_PER_SM // (32 * num_warps))
+
+
 def estimated_ctas_per_sm(config: ConvConfig, element_size: int, a_tiles: int = 1) -> int:
-    """``ctas_per_sm`` before the kernel is compiled: MAX_REGISTERS per thread (the bar, an upper bound)
-    and the pipeline buffers of ``a_tiles`` A tiles (2 for the dgrad: grad_out and the mask) and one B
-    tile per stage, at least 1. Once compiled, the launcher counts with the kernel's own figures."""
+    """``ctas_per_sm`` before the kernel is compiled: ``register_cap`` registers per thread (an upper
+    bound) and the pipeline buffers of ``a_tiles`` A tiles (2 for the dgrad: grad_out and the mask) and
+    one B tile per stage, at least 1. Once compiled, the launcher counts with the kernel's own figures."""
     smem = config.num_stages * (a_tiles * config.block_m + config.block_n) * config.block_k * element_size
-    return max(1, ctas_per_sm(MAX_REGISTERS, config.num_warps, smem))
+    return max(1, ctas_per_sm(register_cap(config.num_warps), config.num_warps, smem))
 
 
 def issued_mma_efficiency(geom: ConvGeometry, config: ConvConfig) -> float:
@@ -289,32 +309,40 @@ def m_tiles(geom: ConvGeometry, config: ConvConfig) -> int:
 def static_score(geom: ConvGeometry, config: ConvConfig) -> float:
     """A heuristic rank (higher first), not a measurement: efficiency x wave fill x tile reuse x K depth.
 
-    Wave fill: programs / (whole waves of SM_COUNT programs). Tile reuse: BM*BN / (BM+BN), the MACs per
-    loaded element, relative to a 128 x 128 tile (capped at 1). K depth: a 16-wide K step (one wgmma per
-    loop trip, so the loop's bookkeeping weighs) counts half; 32 and more count fully.
+    Wave fill: tiles / (whole waves of SM_COUNT tiles). Tile reuse: BM*BN / (BM+BN), the MACs per loaded
+    element (the inverse of L2 bytes per MMA FLOP), relative to a 128 x 128 tile: 4/3 for 256 x 128, so a
+    large tile ranks first where it fills the SMs as well (on few tiles, halving them costs more). K depth:
+    a 16-wide K step (one wgmma per loop trip, so the loop's bookkeeping weighs) counts half; 32 and more
+    count fully.
     """
     programs = m_tiles(geom, config) * -(-geom.C_out // config.block_n)
     waves = math.ceil(programs / SM_COUNT)
-    reuse = min(1.0, config.block_m * config.block_n / (config.block_m + config.block_n) / 64)
+    reuse = config.block_m * config.block_n / (config.block_m + config.block_n) / 64
     depth = min(1.0, config.block_k / 32)
     return issued_mma_efficiency(geom, config) * (programs / (waves * SM_COUNT)) * reuse * depth
 
 
+def fits(geom: ConvGeometry, config: ConvConfig, element_size: int = 2) -> bool:
+    """Shared memory within SHARED_MEMORY_LIMIT, and a ``large`` tile only where the K tile lies inside one
+    tap (C_in % BLOCK_K == 0): across taps, the per-column tap arithmetic of a 256-row or 256-column tile
+    spills on some layers (16 warps: 128 registers) or passes 240 registers (8 warps, 3 channels)."""
+    within_tap = geom.C_in % config.block_k == 0
+    shared_ok = config.shared_memory_bytes(element_size) <= SHARED_MEMORY_LIMIT
+    return shared_ok and (within_tap or not config.large)
+
+
 def is_eligible(geom: ConvGeometry, config: ConvConfig, element_size: int = 2) -> bool:
-    """Meets the efficiency bar and fits the shared-memory limit."""
-    return (
-        issued_mma_efficiency(geom, config) >= MIN_EFFICIENCY
-        and config.shared_memory_bytes(element_size) <= SHARED_MEMORY_LIMIT
-    )
+    """Meets the efficiency bar and ``fits``."""
+    return issued_mma_efficiency(geom, config) >= MIN_EFFICIENCY and fits(geom, config, element_size)
 
 
 def eligible_configs(geom: ConvGeometry, element_size: int = 2, configs=None) -> list[ConvConfig]:
     """Configs the tuner may pick for ``geom`` out of ``configs`` (default: ``config_list`` for 16-bit
-    types): efficiency >= MIN_EFFICIENCY and shared memory within SHARED_MEMORY_LIMIT, best static score
+    types): efficiency >= MIN_EFFICIENCY and ``fits`` (shared memory, large tiles), best static score
     first, at most MAX_CANDIDATES; never empty (if no config qualifies, the most efficient one that fits,
     alone)."""
     configs = config_list(torch.bfloat16, "ieee") if configs is None else configs
-    fitting = [c for c in configs if c.shared_memory_bytes(element_size) <= SHARED_MEMORY_LIMIT] or configs
+    fitting = [c for c in configs if fits(geom, c, element_size)] or configs
     good = [c for c in fitting if is_eligible(geom, c, element_size)]
     if not good:
         return [max(fitting, key=lambda c: (issued_mma_efficiency(geom, c), static_score(geom, c)))]

@@ -70,7 +70,7 @@ def compile_kernel(
 
 def _conv_jobs(all_configs: bool):
     """The conv forward kernel (conv_lrelu and conv_transpose_lrelu) in fp32 (TF32 and IEEE) and fp16, on a
-    layer of each K path and an up-conv: the static pick, or every config that fits with --all-configs.
+    layer of each K path and an up-conv: the static pick, or with --all-configs every config that ``fits``.
     bf16 on every network layer and every eligible config is bench/static.py's report (test_static_report)."""
     from bench.static import compile_conv_kernel
 
@@ -79,7 +79,7 @@ def _conv_jobs(all_configs: bool):
     eligible = _kernel("_conv_configs", "eligible_configs")
     constexprs_of = _kernel("_conv_igemm", "kernel_constexprs")
     row_stride = _kernel("_conv_packing", "conv_weight_row_stride")
-    limit = _kernel("_conv_configs", "SHARED_MEMORY_LIMIT")
+    fits = _kernel("_conv_configs", "fits")
     geoms = {
         "conv 128->256 k3": geometry(False, 64, 128, 16, 16, 256, 3, 3, 1, 1),
         "conv 3->32 k7s4": geometry(False, 64, 3, 227, 227, 32, 7, 7, 4, 0),
@@ -97,7 +97,7 @@ def _conv_jobs(all_configs: bool):
             continue
         configs = config_list(torch_dtypes[dtype], precision)
         for name, g in geoms.items():
-            fitting = [c for c in configs if c.shared_memory_bytes(size) <= limit]
+            fitting = [c for c in configs if fits(g, c, size)]  # shared memory, large tiles
             for cfg in fitting if all_configs else eligible(g, size, configs)[:1]:
                 w_k_stride = g.k if g.transposed else row_stride(g.k, size)
                 constexprs = constexprs_of(g, cfg, has_bias=True, precision=precision, w_k_stride=w_k_stride)

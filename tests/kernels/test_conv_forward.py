@@ -288,6 +288,52 @@ def test_eligible_configs_keep_the_best_when_none_qualifies():
     assert C.issued_mma_efficiency(narrow, configs[0]) == best < C.MIN_EFFICIENCY
 
 
+def _l2_bytes_per_flop(config, element=2):
+    return element * (config.block_m + config.block_n) / (2 * config.block_m * config.block_n)
+
+
+# The layers whose static pick is a 256 x 128 (or 128 x 256) tile: many tiles, C_out >= 128, C_in a
+# multiple of 64 (the K tile inside one tap).
+LARGE_TILE_LAYERS = (
+    [("G fc6 227px", f"decoder.layers.{i}") for i in (2, 3, 4, 5)]
+    + [("D 227px", f"conv{i}") for i in (3, 4, 5)]
+    + [("D 64px", "conv4")]
+)
+
+
+def test_large_tiles_cut_the_forward_l2_bytes_where_they_fill_the_sms():
+    """With the 256-row / 256-column tiles the static pick's L2 bytes per MMA FLOP never rises on a network
+    layer, and drops where a large tile fills the SMs as well (a 128 x 128 tile: 1/64 B/FLOP in bf16)."""
+    small = [c for c in C.GPU_CONFIGS if not c.large]
+    dropped = set()
+    for layer in LAYERS:
+        before = C.eligible_configs(layer.geom, 2, small)[0]
+        after = C.eligible_configs(layer.geom, 2, C.GPU_CONFIGS)[0]
+        assert _l2_bytes_per_flop(after) <= _l2_bytes_per_flop(before), f"{layer} {after.name}"
+        if _l2_bytes_per_flop(after) < _l2_bytes_per_flop(before):
+            dropped.add((layer.network, layer.name))
+    for key in LARGE_TILE_LAYERS:
+        pick = C.eligible_configs(BY_NAME[key], 2, C.GPU_CONFIGS)[0]
+        assert pick.large and _l2_bytes_per_flop(pick) < 1 / 64, f"{key}: {pick.name}"
+    assert set(LARGE_TILE_LAYERS) <= dropped
+    few = C.ConvGeometry(False, 64, 128, 8, 8, 128, 3, 3, 1, 1)  # 32 tiles of 128 x 128: half the SMs idle
+    assert not C.eligible_configs(few, 2, C.GPU_CONFIGS)[0].large
+
+
+def test_large_tiles_only_with_the_k_tile_inside_a_tap():
+    """Across taps (C_in % BLOCK_K != 0) a 256-row tile spills at 16 warps: ``fits`` keeps it out; the dgrad
+    list has no large tile at all (its two A tiles)."""
+    big = C.ConvConfig(256, 128, 64, 16, 4)
+    assert C.fits(C.ConvGeometry(False, 64, 128, 16, 16, 128, 3, 3, 1, 1), big)
+    assert not C.fits(C.ConvGeometry(False, 64, 32, 32, 32, 128, 5, 5, 1, 2), big)  # 32 % 64 != 0
+    assert not C.fits(C.ConvGeometry(False, 64, 128, 16, 16, 128, 3, 3, 1, 1), big, element_size=4)
+    for config in C.GPU_CONFIGS:  # 64 fp32 accumulators per thread at most
+        assert config.block_m * config.block_n <= 64 * 32 * config.num_warps, config.name
+    B = importlib.import_module(K.__name__ + "._conv_backward")
+    dgrad = B.dgrad_config_list(torch.bfloat16, "ieee")
+    assert dgrad and not any(c.large for c in dgrad)
+
+
 def test_shared_memory_limit_prunes_fp32_tiles():
     geom = C.ConvGeometry(False, 64, 256, 16, 16, 256, 3, 3, 1, 1)
     big = C.ConvConfig(128, 256, 64, 8, 3)  # 288 KB of fp32 pipeline buffers

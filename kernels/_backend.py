@@ -42,7 +42,11 @@ except Exception as exc:  # noqa: BLE001 - any import failure means "no triton"
             return -(-a // b)
 
     class _TlStub:
-        constexpr = object
+        @staticmethod
+        def constexpr(value=None):
+            """Stands in for the annotation ``x: tl.constexpr`` and for a constant ``tl.constexpr(v)``."""
+            return value
+
         float32 = float16 = bfloat16 = None
 
     triton = _TritonStub()
